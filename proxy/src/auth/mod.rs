@@ -1,0 +1,201 @@
+//! dbproxy's own users and how a client proves it is one of them.
+//!
+//! dbproxy knows each user's password, so it can verify `mysql_native_password` and
+//! `caching_sha2_password` answers itself (always the fast path of the latter) and switch
+//! a client to the plugin a user requires.
+
+use crate::config::{UserAuthPlugin, UserConfig};
+use crate::mysql::auth::Plugin;
+use crate::mysql::backend::Credentials;
+use crate::mysql::consts::errcode;
+use crate::mysql::wire::ErrPacket;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A proxy user.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    password: String,
+    plugin: UserAuthPlugin,
+    /// Whom dbproxy logs in as on this user's behalf.
+    pub backend: Arc<Credentials>,
+}
+
+/// The user list, by name.
+#[derive(Debug, Default)]
+pub struct Users {
+    by_name: HashMap<Vec<u8>, Arc<User>>,
+}
+
+impl Users {
+    pub fn new(cfg: &[UserConfig]) -> Self {
+        let by_name = cfg
+            .iter()
+            .map(|u| {
+                let user = User {
+                    name: u.name.clone(),
+                    password: u.password.clone(),
+                    plugin: u.auth_plugin,
+                    backend: Arc::new(Credentials {
+                        user: u.backend_user().to_string(),
+                        password: u.backend_password.clone(),
+                    }),
+                };
+                (u.name.as_bytes().to_vec(), Arc::new(user))
+            })
+            .collect();
+        Users { by_name }
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<Arc<User>> {
+        self.by_name.get(name).cloned()
+    }
+}
+
+/// The next move in a client's authentication.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send an AuthSwitchRequest for this plugin and verify the answer with [`verify`].
+    Switch(Plugin),
+    /// Authenticated. With `caching_sha2_password` the client first gets "fast auth ok".
+    Accept(Plugin),
+    Deny,
+}
+
+/// Decides on a client's first answer: verify it, or switch the client to the plugin the
+/// user requires. An unknown user goes through the same steps (no user enumeration).
+pub fn first_answer(
+    user: Option<&User>,
+    client_plugin: Option<&[u8]>,
+    can_switch: bool,
+    nonce: &[u8],
+    answer: &[u8],
+) -> Decision {
+    let offered = match client_plugin {
+        Some(name) => Plugin::from_name(name),
+        None => Some(Plugin::Native),
+    };
+    let required = match user.map(|u| u.plugin) {
+        Some(UserAuthPlugin::MysqlNativePassword) => Plugin::Native,
+        Some(UserAuthPlugin::CachingSha2Password) => Plugin::CachingSha2,
+        _ => offered.unwrap_or(Plugin::Native),
+    };
+    // Clients whose plugin differs from the one announced send an empty first answer and
+    // expect a switch that hands them the nonce for their plugin.
+    let empty_needs_switch = answer.is_empty() && user.is_none_or(|u| !u.password.is_empty());
+    if !can_switch || (offered == Some(required) && !empty_needs_switch) {
+        return verify(user, required, nonce, answer);
+    }
+    Decision::Switch(required)
+}
+
+/// Verifies an answer computed with `plugin`.
+pub fn verify(user: Option<&User>, plugin: Plugin, nonce: &[u8], answer: &[u8]) -> Decision {
+    match user {
+        Some(u) if plugin.verify(u.password.as_bytes(), nonce, answer) => Decision::Accept(plugin),
+        _ => Decision::Deny,
+    }
+}
+
+/// ER_ACCESS_DENIED_ERROR, worded as MariaDB words it.
+pub fn access_denied(user: &[u8], host: &str, used_password: bool) -> ErrPacket {
+    ErrPacket::new(
+        errcode::ER_ACCESS_DENIED_ERROR,
+        "28000",
+        format!(
+            "Access denied for user '{}'@'{}' (using password: {})",
+            String::from_utf8_lossy(user),
+            host,
+            if used_password { "YES" } else { "NO" }
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(plugin: UserAuthPlugin) -> Users {
+        Users::new(&[UserConfig {
+            name: "app".into(),
+            password: "s3cret".into(),
+            backend_user: None,
+            backend_password: "db".into(),
+            auth_plugin: plugin,
+        }])
+    }
+
+    const NONCE: &[u8] = b"abcdefghij0123456789";
+
+    #[test]
+    fn accepts_either_plugin_by_default() {
+        let us = users(UserAuthPlugin::Any);
+        let u = us.get(b"app").unwrap();
+        assert_eq!(u.backend.user, "app");
+        for p in [Plugin::Native, Plugin::CachingSha2] {
+            let a = p.scramble(b"s3cret", NONCE);
+            assert_eq!(
+                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &a),
+                Decision::Accept(p)
+            );
+            let bad = p.scramble(b"wrong", NONCE);
+            assert_eq!(
+                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &bad),
+                Decision::Deny
+            );
+        }
+    }
+
+    #[test]
+    fn switches_to_the_required_or_a_known_plugin() {
+        let us = users(UserAuthPlugin::CachingSha2Password);
+        let u = us.get(b"app").unwrap();
+        let a = Plugin::Native.scramble(b"s3cret", NONCE);
+        assert_eq!(
+            first_answer(Some(&u), Some(b"mysql_native_password"), true, NONCE, &a),
+            Decision::Switch(Plugin::CachingSha2)
+        );
+        let any = users(UserAuthPlugin::Any);
+        let u = any.get(b"app").unwrap();
+        assert_eq!(
+            first_answer(Some(&u), Some(b"client_ed25519"), true, NONCE, b"x"),
+            Decision::Switch(Plugin::Native)
+        );
+    }
+
+    #[test]
+    fn empty_first_answer_gets_a_switch() {
+        let us = users(UserAuthPlugin::Any);
+        let u = us.get(b"app").unwrap();
+        assert_eq!(
+            first_answer(Some(&u), Some(b"caching_sha2_password"), true, NONCE, b""),
+            Decision::Switch(Plugin::CachingSha2)
+        );
+        assert_eq!(
+            first_answer(None, Some(b"caching_sha2_password"), true, NONCE, b""),
+            Decision::Switch(Plugin::CachingSha2)
+        );
+        assert_eq!(
+            first_answer(Some(&u), Some(b"caching_sha2_password"), false, NONCE, b""),
+            Decision::Deny
+        );
+    }
+
+    #[test]
+    fn unknown_user_is_denied_like_a_wrong_password() {
+        let us = users(UserAuthPlugin::Any);
+        assert!(us.get(b"nobody").is_none());
+        let a = Plugin::Native.scramble(b"s3cret", NONCE);
+        assert_eq!(
+            first_answer(None, Some(b"mysql_native_password"), true, NONCE, &a),
+            Decision::Deny
+        );
+        let e = access_denied(b"nobody", "127.0.0.1", true);
+        assert_eq!(
+            e.message,
+            "Access denied for user 'nobody'@'127.0.0.1' (using password: YES)"
+        );
+        assert_eq!(e.code, 1045);
+    }
+}

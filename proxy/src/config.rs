@@ -1,0 +1,439 @@
+//! The TOML configuration: schema, defaults, and validation whose messages name the key.
+
+use serde::{Deserialize, Deserializer};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+/// A configuration that could not be loaded; the message names the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default)]
+    pub target_groups: Vec<TargetGroupConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+/// I/O backend of the data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// io_uring when it can be set up, else epoll (one log line says so).
+    #[default]
+    Auto,
+    Uring,
+    Epoll,
+}
+
+/// `[proxy]`: process-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Worker threads, each with its own runtime, listeners and pools; 0 = one per core.
+    pub workers: usize,
+    pub io: IoMode,
+    /// A client idle this long between commands is disconnected.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_client_timeout: Duration,
+    /// A client must finish logging in within this time.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    pub max_client_connections: usize,
+    /// Largest command a client may send (all continuation packets together).
+    #[serde(deserialize_with = "de_size")]
+    pub max_allowed_packet: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            workers: 0,
+            io: IoMode::Auto,
+            idle_client_timeout: Duration::from_secs(30 * 60),
+            handshake_timeout: Duration::from_secs(10),
+            max_client_connections: 10_000,
+            max_allowed_packet: 1 << 30,
+        }
+    }
+}
+
+/// Endpoint role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    ReadWrite,
+    ReadOnly,
+}
+
+/// `[[endpoints]]`: an address clients connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub name: String,
+    pub listen: String,
+    pub target_group: String,
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// `[[target_groups]]`: the databases behind an endpoint and their pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGroupConfig {
+    pub name: String,
+    pub targets: Vec<String>,
+    /// Backend connections, all cores together.
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "d_max_idle")]
+    pub max_idle_connections: usize,
+    #[serde(default = "d_borrow_timeout", deserialize_with = "de_duration")]
+    pub connection_borrow_timeout: Duration,
+    #[serde(default = "d_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Runs on every new backend connection, and again after each reset.
+    #[serde(default)]
+    pub init_query: String,
+}
+
+fn d_max_connections() -> usize {
+    100
+}
+fn d_max_idle() -> usize {
+    50
+}
+fn d_borrow_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Client authentication plugin a user must log in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UserAuthPlugin {
+    /// Whichever of mysql_native_password and caching_sha2_password the client offers.
+    #[default]
+    Any,
+    MysqlNativePassword,
+    CachingSha2Password,
+}
+
+/// `[[users]]`: who may log in to dbproxy, and as whom dbproxy logs in to the database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+    #[serde(default)]
+    pub backend_user: Option<String>,
+    pub backend_password: String,
+    #[serde(default)]
+    pub auth_plugin: UserAuthPlugin,
+}
+
+impl UserConfig {
+    /// The database user (defaults to the proxy user's name).
+    pub fn backend_user(&self) -> &str {
+        self.backend_user.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// Parses "30m", "120s", "500ms", "1h", "2d" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. \"30s\", \"5m\")"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        u => {
+            return Err(format!(
+                "invalid duration unit {u:?} in {s:?} (ms, s, m, h, d)"
+            ))
+        }
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// Parses "64M", "1G", "512K" or a bare number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (use e.g. \"64M\")"))?;
+    let mul = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        u => return Err(format!("invalid size unit {u:?} in {s:?} (K, M, G)")),
+    };
+    Ok(n.saturating_mul(mul))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(Duration::from_secs(n)),
+        NumOrStr::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(n),
+        NumOrStr::Str(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Resolves "host:port" to its addresses.
+pub fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = target
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {target:?} (want host:port): {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{target:?} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: p.clone(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "config".into(),
+            message: e.to_string(),
+        })?;
+        let errors = cfg.validate();
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// Every problem, each prefixed with its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.proxy.max_client_connections == 0 {
+            errs.push("proxy.max_client_connections: must be at least 1".into());
+        }
+        if self.proxy.max_allowed_packet < 1024 {
+            errs.push("proxy.max_allowed_packet: must be at least 1K".into());
+        }
+        if self.proxy.handshake_timeout.is_zero() {
+            errs.push("proxy.handshake_timeout: must be more than 0".into());
+        }
+        if self.endpoints.is_empty() {
+            errs.push("endpoints: at least one [[endpoints]] is needed".into());
+        }
+        if self.target_groups.is_empty() {
+            errs.push("target_groups: at least one [[target_groups]] is needed".into());
+        }
+        if self.users.is_empty() {
+            errs.push("users: at least one [[users]] is needed".into());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let k = format!("endpoints[{i}]");
+            if self.endpoints[..i].iter().any(|o| o.name == e.name) {
+                errs.push(format!("{k}.name: {:?} is used twice", e.name));
+            }
+            if e.listen.parse::<SocketAddr>().is_err() {
+                errs.push(format!(
+                    "{k}.listen: {:?} is not an ip:port address",
+                    e.listen
+                ));
+            }
+            if !self.target_groups.iter().any(|g| g.name == e.target_group) {
+                errs.push(format!(
+                    "{k}.target_group: no target group named {:?}",
+                    e.target_group
+                ));
+            }
+            if e.role == Role::ReadOnly {
+                errs.push(format!(
+                    "{k}.role: read_only endpoints are not supported yet"
+                ));
+            }
+        }
+        for (i, g) in self.target_groups.iter().enumerate() {
+            let k = format!("target_groups[{i}]");
+            if self.target_groups[..i].iter().any(|o| o.name == g.name) {
+                errs.push(format!("{k}.name: {:?} is used twice", g.name));
+            }
+            if g.targets.is_empty() {
+                errs.push(format!("{k}.targets: at least one host:port is needed"));
+            }
+            for (j, t) in g.targets.iter().enumerate() {
+                if let Err(e) = resolve(t) {
+                    errs.push(format!("{k}.targets[{j}]: {e}"));
+                }
+            }
+            if g.max_connections == 0 {
+                errs.push(format!("{k}.max_connections: must be at least 1"));
+            }
+            if g.max_idle_connections > g.max_connections {
+                errs.push(format!(
+                    "{k}.max_idle_connections: must not exceed max_connections ({})",
+                    g.max_connections
+                ));
+            }
+            if g.connect_timeout.is_zero() {
+                errs.push(format!("{k}.connect_timeout: must be more than 0"));
+            }
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            let k = format!("users[{i}]");
+            if u.name.is_empty() {
+                errs.push(format!("{k}.name: must not be empty"));
+            }
+            if self.users[..i].iter().any(|o| o.name == u.name) {
+                errs.push(format!("{k}.name: {:?} is used twice", u.name));
+            }
+        }
+        errs
+    }
+
+    /// The target group named `name`.
+    pub fn target_group(&self, name: &str) -> Option<&TargetGroupConfig> {
+        self.target_groups.iter().find(|g| g.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+[proxy]
+workers = 0
+io = "auto"
+idle_client_timeout = "30m"
+max_client_connections = 10000
+
+[[endpoints]]
+name = "default"
+listen = "127.0.0.1:6033"
+target_group = "default"
+role = "read_write"
+
+[[target_groups]]
+name = "default"
+targets = ["127.0.0.1:3306"]
+max_connections = 100
+max_idle_connections = 50
+connection_borrow_timeout = "120s"
+init_query = ""
+
+[[users]]
+name = "app"
+password = "app-secret"
+backend_user = "app"
+backend_password = "db-secret"
+"#;
+
+    #[test]
+    fn the_documented_contract_parses() {
+        let c = Config::parse(CONTRACT).unwrap();
+        assert_eq!(c.proxy.idle_client_timeout, Duration::from_secs(1800));
+        assert_eq!(
+            c.target_groups[0].connection_borrow_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(c.users[0].backend_user(), "app");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = CONTRACT
+            .replace("target_group = \"default\"", "target_group = \"nope\"")
+            .replace("max_idle_connections = 50", "max_idle_connections = 500")
+            .replace("127.0.0.1:6033", "localhost");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("endpoints[0].target_group"), "{err}");
+        assert!(
+            err.contains("target_groups[0].max_idle_connections"),
+            "{err}"
+        );
+        assert!(err.contains("endpoints[0].listen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        let err = Config::parse(&CONTRACT.replace("workers = 0", "wrokers = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wrokers"), "{err}");
+        let err = Config::parse(&CONTRACT.replace("\"30m\"", "\"30 parsecs\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("idle_client_timeout") || err.contains("duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
+        assert!(parse_duration("m").is_err());
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert!(parse_size("1T").is_err());
+    }
+}

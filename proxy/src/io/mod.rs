@@ -1,0 +1,214 @@
+//! The only code that touches sockets. Both drivers move owned buffers (the io_uring
+//! shape), so the session loop is written once, generic over [`Driver`].
+
+pub mod epoll;
+pub mod uring;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use crate::mysql::Header;
+
+/// A byte buffer with a read cursor: `data[start..]` is unread; spare capacity after
+/// `data.len()` is where the next read lands.
+#[derive(Debug, Default)]
+pub struct Buf {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl Buf {
+    pub fn with_capacity(n: usize) -> Self {
+        Buf {
+            data: Vec::with_capacity(n),
+            start: 0,
+        }
+    }
+
+    /// Unread bytes.
+    pub fn filled(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len() - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks `n` unread bytes as used.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Makes room for at least `n` more bytes after the unread ones.
+    pub fn reserve(&mut self, n: usize) {
+        if self.data.capacity() - self.data.len() >= n {
+            return;
+        }
+        if self.start > 0 {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        self.data.reserve(n);
+    }
+
+    /// Gives large buffers back to the allocator once they are empty.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.is_empty() && self.data.capacity() > keep {
+            self.data = Vec::with_capacity(keep);
+            self.start = 0;
+        }
+    }
+
+    /// Appends bytes (used for packets dbproxy writes itself).
+    pub fn extend(&mut self, b: &[u8]) {
+        self.reserve(b.len());
+        self.data.extend_from_slice(b);
+    }
+
+    fn take_vec(&mut self) -> (Vec<u8>, usize) {
+        (
+            std::mem::take(&mut self.data),
+            std::mem::take(&mut self.start),
+        )
+    }
+
+    fn put_vec(&mut self, data: Vec<u8>, start: usize) {
+        self.data = data;
+        self.start = start;
+    }
+}
+
+/// A connected TCP stream.
+pub trait Stream: Sized + 'static {
+    /// Reads once into `buf`'s spare capacity (reserve first); `Ok(0)` is end of stream.
+    /// If the future is dropped before completion the buffer's content is lost, so the
+    /// caller must close the stream then.
+    fn read(&mut self, buf: &mut Buf) -> impl Future<Output = io::Result<usize>>;
+
+    /// Writes the first `n` unread bytes of `buf` and consumes them.
+    fn write(&mut self, buf: &mut Buf, n: usize) -> impl Future<Output = io::Result<()>>;
+
+    fn raw_fd(&self) -> RawFd;
+}
+
+/// An I/O driver: how to accept, connect and spawn on the current worker thread.
+pub trait Driver: 'static {
+    type Stream: Stream;
+    type Listener: 'static;
+
+    /// The name used in logs and config (`uring`, `epoll`).
+    const NAME: &'static str;
+
+    /// Wraps a bound, listening, non-blocking std listener.
+    fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener>;
+
+    fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
+
+    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>>;
+}
+
+/// Whether a connection that sits idle is still usable: the peer has not closed it and
+/// sent nothing unasked. One non-blocking `recv(MSG_PEEK)`.
+pub fn idle_socket_is_healthy(fd: RawFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: fd is an open socket owned by the caller; the buffer is valid for 1 byte.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return e.kind() == io::ErrorKind::WouldBlock;
+    }
+    false
+}
+
+/// Reads until `buf` starts with a complete physical packet and returns its header; the
+/// packet stays in `buf`. `limit` bounds the payload length accepted.
+pub async fn read_packet<S: Stream>(s: &mut S, buf: &mut Buf, limit: usize) -> io::Result<Header> {
+    loop {
+        if let Some(h) = Header::parse(buf.filled()) {
+            if h.len > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    PacketTooLarge(h.len),
+                ));
+            }
+            if buf.len() >= h.total() {
+                return Ok(h);
+            }
+            buf.reserve(h.total() - buf.len());
+        } else {
+            buf.reserve(4096);
+        }
+        if s.read(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Writes one logical packet built by dbproxy.
+pub async fn write_packet<S: Stream>(s: &mut S, seq: u8, payload: &[u8]) -> io::Result<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    let next = crate::mysql::packet::write_packet(&mut out, seq, payload);
+    let mut b = Buf {
+        data: out,
+        start: 0,
+    };
+    let n = b.len();
+    s.write(&mut b, n).await?;
+    Ok(next)
+}
+
+/// A peer announced a packet larger than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("packet of {0} bytes is larger than allowed")]
+pub struct PacketTooLarge(pub usize);
+
+/// Builds a listening socket with SO_REUSEPORT so that every worker can bind the address.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buf_cursor() {
+        let mut b = Buf::with_capacity(8);
+        b.extend(b"hello");
+        b.consume(2);
+        assert_eq!(b.filled(), b"llo");
+        b.reserve(100);
+        assert_eq!(b.filled(), b"llo");
+        b.consume(10);
+        assert!(b.is_empty());
+        b.shrink(4);
+        assert!(b.data.capacity() <= 4);
+    }
+}

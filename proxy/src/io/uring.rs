@@ -1,0 +1,68 @@
+//! The io_uring driver: tokio-uring, one ring per worker thread.
+
+use super::{Buf, Driver, Stream};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use tokio_uring::buf::BoundedBuf;
+
+/// tokio-uring driver.
+pub struct Uring;
+
+/// A tokio-uring TCP stream.
+pub struct UringStream(tokio_uring::net::TcpStream);
+
+impl Stream for UringStream {
+    async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
+        if buf.data.capacity() == buf.data.len() {
+            buf.reserve(4096);
+        }
+        let (data, start) = buf.take_vec();
+        let len = data.len();
+        let cap = data.capacity();
+        let (res, slice) = self.0.read(data.slice(len..cap)).await;
+        buf.put_vec(slice.into_inner(), start);
+        res
+    }
+
+    async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
+        let (data, start) = buf.take_vec();
+        let (res, slice) = self.0.write_all(data.slice(start..start + n)).await;
+        buf.put_vec(slice.into_inner(), start);
+        res?;
+        buf.consume(n);
+        Ok(())
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Driver for Uring {
+    type Stream = UringStream;
+    type Listener = tokio_uring::net::TcpListener;
+    const NAME: &'static str = "uring";
+
+    fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
+        Ok(tokio_uring::net::TcpListener::from_std(l))
+    }
+
+    async fn accept(l: &Self::Listener) -> io::Result<(UringStream, SocketAddr)> {
+        let (s, peer) = l.accept().await?;
+        s.set_nodelay(true)?;
+        Ok((UringStream(s), peer))
+    }
+
+    async fn connect(addr: SocketAddr) -> io::Result<UringStream> {
+        let s = tokio_uring::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(UringStream(s))
+    }
+}
+
+/// Whether an io_uring instance can be set up here (kernels, seccomp profiles and
+/// containers may refuse it).
+pub fn available() -> Result<(), io::Error> {
+    io_uring::IoUring::new(8).map(|_| ())
+}

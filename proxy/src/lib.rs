@@ -1,0 +1,10 @@
+//! dbproxy: a MySQL/MariaDB connection proxy that authenticates clients itself and serves
+//! them over a pool of warm backend connections.
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod io;
+pub mod mysql;
+pub mod pool;
+pub mod runtime;

@@ -1,0 +1,229 @@
+//! dbproxy as a client: logging in to a backend (HandshakeResponse41 or COM_CHANGE_USER),
+//! following auth switches and `caching_sha2_password` fast authentication.
+
+use super::auth::{self, Plugin};
+use super::consts::cap;
+use super::handshake::{parse_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake};
+use super::wire::ErrPacket;
+use super::ProtocolError;
+
+/// Why a backend login failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("backend refused the login: {0}")]
+    Refused(ErrPacket),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// What to do after a server packet during login.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginStep {
+    /// Send this payload (next sequence id) and wait for the server's answer.
+    Send(Vec<u8>),
+    /// Wait for the next server packet.
+    Wait,
+    /// Logged in (the server sent OK).
+    Done,
+}
+
+/// The backend credentials dbproxy logs in with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+/// One login exchange in progress.
+#[derive(Debug)]
+pub struct Login {
+    password: Vec<u8>,
+    nonce: Vec<u8>,
+    plugin: Plugin,
+}
+
+fn connect_attrs() -> Vec<(Vec<u8>, Vec<u8>)> {
+    vec![
+        (b"_client_name".to_vec(), b"dbproxy".to_vec()),
+        (
+            b"_client_version".to_vec(),
+            env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
+        ),
+        (b"program_name".to_vec(), b"dbproxy".to_vec()),
+    ]
+}
+
+impl Login {
+    /// Answers a server greeting. `wanted` are the capabilities asked for; the result holds
+    /// the login, the HandshakeResponse41 payload and the capabilities actually negotiated.
+    pub fn start(
+        hs: &ServerHandshake,
+        creds: &Credentials,
+        wanted: u32,
+        collation: u8,
+    ) -> (Login, Vec<u8>, u32) {
+        let caps = wanted & (hs.capabilities | cap::LONG_PASSWORD);
+        let plugin = Plugin::from_name(hs.auth_plugin.as_bytes()).unwrap_or(Plugin::Native);
+        let login = Login {
+            password: creds.password.as_bytes().to_vec(),
+            nonce: hs.nonce.clone(),
+            plugin,
+        };
+        let response = HandshakeResponse {
+            capabilities: caps,
+            max_packet: 1 << 30,
+            collation,
+            user: creds.user.as_bytes().to_vec(),
+            auth_response: plugin.scramble(&login.password, &login.nonce),
+            database: None,
+            auth_plugin: Some(plugin.name().as_bytes().to_vec()),
+            attrs: connect_attrs(),
+        };
+        (login, response.encode(), caps)
+    }
+
+    /// A COM_CHANGE_USER back to `creds` with no default database, answering the nonce of
+    /// the connection's original greeting: resets the whole session.
+    pub fn change_user(
+        nonce: &[u8],
+        creds: &Credentials,
+        caps: u32,
+        collation: u8,
+    ) -> (Login, Vec<u8>) {
+        let plugin = Plugin::Native;
+        let login = Login {
+            password: creds.password.as_bytes().to_vec(),
+            nonce: nonce.to_vec(),
+            plugin,
+        };
+        let cu = ChangeUser {
+            user: creds.user.as_bytes().to_vec(),
+            auth_response: plugin.scramble(&login.password, &login.nonce),
+            database: None,
+            collation: Some(u16::from(collation)),
+            auth_plugin: Some(plugin.name().as_bytes().to_vec()),
+            attrs: connect_attrs(),
+        };
+        (login, cu.encode(caps))
+    }
+
+    /// Feeds a server packet of the login exchange.
+    pub fn on_packet(&mut self, payload: &[u8]) -> Result<LoginStep, LoginError> {
+        match payload.first() {
+            Some(0x00) => Ok(LoginStep::Done),
+            Some(0xff) => Err(LoginError::Refused(ErrPacket::parse(payload)?)),
+            Some(0xfe) => {
+                let (name, data) = parse_auth_switch(payload)?;
+                let plugin = Plugin::from_name(&name).ok_or_else(|| {
+                    let name = String::from_utf8_lossy(&name).into_owned();
+                    let why = if name == auth::CLEAR {
+                        "mysql_clear_password (it would send the password in clear text without TLS)".to_string()
+                    } else {
+                        format!("the backend authentication plugin {name}")
+                    };
+                    ProtocolError::Unsupported(why)
+                })?;
+                self.plugin = plugin;
+                self.nonce = data;
+                Ok(LoginStep::Send(
+                    plugin.scramble(&self.password, &self.nonce),
+                ))
+            }
+            Some(0x01) if self.plugin == Plugin::CachingSha2 => match payload.get(1) {
+                Some(&auth::SHA2_FAST_AUTH_OK) => Ok(LoginStep::Wait),
+                Some(&auth::SHA2_FULL_AUTH) => Err(ProtocolError::Unsupported(
+                    "caching_sha2_password full authentication (needs TLS to the backend); \
+                     log in once directly to fill the server's cache, or use mysql_native_password"
+                        .into(),
+                )
+                .into()),
+                _ => Err(ProtocolError::Malformed("unexpected caching_sha2_password data").into()),
+            },
+            _ => Err(ProtocolError::Malformed("unexpected packet during backend login").into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greeting(plugin: &str) -> ServerHandshake {
+        ServerHandshake {
+            version: "5.5.5-10.11.6-MariaDB".into(),
+            connection_id: 1,
+            nonce: b"01234567890123456789".to_vec(),
+            capabilities: cap::PROXY_OFFERS & !cap::LONG_PASSWORD,
+            collation: 45,
+            status: 2,
+            auth_plugin: plugin.into(),
+        }
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            user: "app".into(),
+            password: "pw".into(),
+        }
+    }
+
+    #[test]
+    fn native_login() {
+        let hs = greeting(auth::NATIVE);
+        let (mut l, payload, caps) =
+            Login::start(&hs, &creds(), cap::BACKEND_BASE | cap::DEPRECATE_EOF, 45);
+        let r = HandshakeResponse::parse(&payload).unwrap();
+        assert_eq!(r.user, b"app");
+        assert!(Plugin::Native.verify(b"pw", &hs.nonce, &r.auth_response));
+        assert!(caps & cap::DEPRECATE_EOF != 0);
+        assert!(
+            caps & cap::LONG_PASSWORD != 0,
+            "no MariaDB extended capabilities"
+        );
+        assert_eq!(
+            l.on_packet(&crate::mysql::wire::ok_packet(2)).unwrap(),
+            LoginStep::Done
+        );
+    }
+
+    #[test]
+    fn switch_to_sha2_then_fast_auth() {
+        let (mut l, _, _) = Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 45);
+        let switch = crate::mysql::handshake::encode_auth_switch(
+            auth::CACHING_SHA2,
+            b"abcdefghijabcdefghij",
+        );
+        match l.on_packet(&switch).unwrap() {
+            LoginStep::Send(a) => {
+                assert!(Plugin::CachingSha2.verify(b"pw", b"abcdefghijabcdefghij", &a))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.on_packet(&[0x01, 0x03]).unwrap(), LoginStep::Wait);
+        assert!(matches!(
+            l.on_packet(&[0x01, 0x04]),
+            Err(LoginError::Protocol(ProtocolError::Unsupported(_)))
+        ));
+    }
+
+    #[test]
+    fn refusals_and_unsupported_plugins() {
+        let (mut l, _, _) = Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 45);
+        let err = ErrPacket::new(1045, "28000", "Access denied").encode();
+        assert!(matches!(l.on_packet(&err), Err(LoginError::Refused(e)) if e.code == 1045));
+        let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");
+        assert!(l.on_packet(&clear).is_err());
+        assert!(l.on_packet(&[]).is_err());
+    }
+
+    #[test]
+    fn change_user_packet() {
+        let caps = cap::BACKEND_BASE;
+        let (_, p) = Login::change_user(b"01234567890123456789", &creds(), caps, 33);
+        let cu = ChangeUser::parse(&p, caps).unwrap();
+        assert_eq!(cu.user, b"app");
+        assert_eq!(cu.database, None);
+        assert_eq!(cu.collation, Some(33));
+        assert!(Plugin::Native.verify(b"pw", b"01234567890123456789", &cu.auth_response));
+    }
+}

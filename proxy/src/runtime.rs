@@ -1,0 +1,307 @@
+//! Worker threads: one runtime per core, SO_REUSEPORT listeners on every worker, per-core
+//! pools; the io backend is chosen here (io_uring, or epoll as the fallback).
+
+use crate::auth::Users;
+use crate::config::{Config, IoMode};
+use crate::io::epoll::Epoll;
+use crate::io::uring::{self, Uring};
+use crate::io::{reuseport_listener, Driver};
+use crate::mysql::consts::cap;
+use crate::pool::backend::BackendConn;
+use crate::pool::{CorePool, GroupShared};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why dbproxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} (endpoint '{endpoint}'): {source}")]
+    Listen {
+        endpoint: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("io = \"uring\" but io_uring cannot be set up here: {0}")]
+    UringUnavailable(std::io::Error),
+    #[error("cannot start worker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// State every worker shares: configuration, users, target groups, counters.
+pub struct ProxyShared {
+    pub config: Config,
+    pub users: Users,
+    pub groups: HashMap<String, Arc<GroupShared>>,
+    /// Client connections open now.
+    pub clients: AtomicUsize,
+    next_id: AtomicU32,
+    shutdown: AtomicBool,
+    shutdown_notify: tokio::sync::Notify,
+}
+
+impl ProxyShared {
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let mut groups = HashMap::new();
+        for g in &config.target_groups {
+            let first = g.targets.first().ok_or_else(|| {
+                StartError::Config(format!("target group '{}' has no targets", g.name))
+            })?;
+            let addr = *crate::config::resolve(first)
+                .map_err(StartError::Config)?
+                .first()
+                .ok_or_else(|| StartError::Config(format!("target {first} resolves to nothing")))?;
+            groups.insert(g.name.clone(), GroupShared::new(g, addr));
+        }
+        Ok(Arc::new(ProxyShared {
+            users: Users::new(&config.users),
+            config,
+            groups,
+            clients: AtomicUsize::new(0),
+            // Far from the backend's own thread ids, so that a KILL with a proxy id sent
+            // straight to the backend cannot hit another client's connection.
+            next_id: AtomicU32::new(0x4000_0000),
+            shutdown: AtomicBool::new(false),
+            shutdown_notify: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// A connection id for a client's greeting.
+    pub fn next_connection_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks every worker to stop accepting and close its idle backend connections.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.shutdown_notify.notify_waiters();
+    }
+
+    async fn wait_shutdown(&self) {
+        loop {
+            let n = self.shutdown_notify.notified();
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+        }
+    }
+}
+
+/// The io backend chosen for this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoBackend {
+    Uring,
+    Epoll,
+}
+
+/// Resolves `io = auto|uring|epoll` against what this host allows.
+pub fn choose_io(mode: IoMode) -> Result<IoBackend, StartError> {
+    match mode {
+        IoMode::Epoll => Ok(IoBackend::Epoll),
+        IoMode::Uring => uring::available()
+            .map(|_| IoBackend::Uring)
+            .map_err(StartError::UringUnavailable),
+        IoMode::Auto => match uring::available() {
+            Ok(()) => Ok(IoBackend::Uring),
+            Err(e) => {
+                tracing::warn!("io_uring cannot be set up here ({e}); using epoll");
+                Ok(IoBackend::Epoll)
+            }
+        },
+    }
+}
+
+/// A running proxy: its worker threads.
+pub struct Running {
+    pub shared: Arc<ProxyShared>,
+    pub io: IoBackend,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes idle backend connections (COM_QUIT), waits for workers.
+    pub fn stop(self, grace: Duration) {
+        self.shared.shut_down();
+        let deadline = std::time::Instant::now() + grace;
+        for t in self.threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Starts the workers. Listeners are bound here so that bind errors stop the start.
+pub fn start(config: Config) -> Result<Running, StartError> {
+    let io = choose_io(config.proxy.io)?;
+    let workers = match config.proxy.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let shared = ProxyShared::new(config)?;
+    learn_server_profiles(&shared);
+    let mut per_worker = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut ls = Vec::new();
+        for e in &shared.config.endpoints {
+            let addr: SocketAddr = e
+                .listen
+                .parse()
+                .map_err(|_| StartError::Config(format!("bad listen address {}", e.listen)))?;
+            let l = reuseport_listener(addr).map_err(|source| StartError::Listen {
+                endpoint: e.name.clone(),
+                addr,
+                source,
+            })?;
+            ls.push((e.target_group.clone(), l));
+        }
+        per_worker.push(ls);
+    }
+    let mut threads = Vec::with_capacity(workers);
+    for (i, ls) in per_worker.into_iter().enumerate() {
+        let sh = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dbproxy-w{i}"))
+            .spawn(move || match io {
+                IoBackend::Uring => run_uring(sh, ls),
+                IoBackend::Epoll => run_epoll(sh, ls),
+            })
+            .map_err(StartError::Thread)?;
+        threads.push(t);
+    }
+    for e in &shared.config.endpoints {
+        tracing::info!(endpoint = %e.name, listen = %e.listen, io = ?io, workers, "dbproxy listening");
+    }
+    Ok(Running {
+        shared,
+        io,
+        threads,
+    })
+}
+
+fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpListener)>) {
+    let mut b = tokio_uring::builder();
+    b.entries(1024);
+    match tokio_uring::Runtime::new(&b) {
+        Ok(rt) => rt.block_on(worker::<Uring>(shared, listeners)),
+        Err(e) => tracing::error!("worker cannot start its io_uring runtime: {e}"),
+    }
+}
+
+fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpListener)>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("worker cannot start its runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, worker::<Epoll>(shared, listeners));
+}
+
+/// One worker: its pools, its accept loops, until shutdown.
+async fn worker<D: Driver>(
+    shared: Arc<ProxyShared>,
+    listeners: Vec<(String, std::net::TcpListener)>,
+) {
+    let mut pools: HashMap<String, Rc<CorePool<D>>> = HashMap::new();
+    for (name, g) in &shared.groups {
+        let pool = CorePool::<D>::new(g.clone());
+        tokio::task::spawn_local(pool.clone().maintain());
+        pools.insert(name.clone(), pool);
+    }
+    let mut accepts = Vec::new();
+    for (group, l) in listeners {
+        let listener = match D::listener(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot register listener: {e}");
+                continue;
+            }
+        };
+        let Some(pool) = pools.get(&group).cloned() else {
+            continue;
+        };
+        let sh = shared.clone();
+        accepts.push(tokio::task::spawn_local(async move {
+            loop {
+                match D::accept(&listener).await {
+                    Ok((stream, peer)) => {
+                        tokio::task::spawn_local(crate::conn::serve::<D>(
+                            sh.clone(),
+                            pool.clone(),
+                            stream,
+                            peer,
+                        ));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    shared.wait_shutdown().await;
+    for a in accepts {
+        a.abort();
+    }
+    for pool in pools.values() {
+        pool.close_idle().await;
+    }
+}
+
+/// Logs in once to each target group's writer to learn the version and capabilities
+/// clients are greeted with. A backend that is down now is learned at its first use.
+fn learn_server_profiles(shared: &Arc<ProxyShared>) {
+    let Some(user) = shared.config.users.first() else {
+        return;
+    };
+    let creds = Arc::new(crate::mysql::backend::Credentials {
+        user: user.backend_user().to_string(),
+        password: user.backend_password.clone(),
+    });
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    for g in shared.groups.values() {
+        let res = rt.block_on(async {
+            tokio::time::timeout(g.connect_timeout, async {
+                let s = Epoll::connect(g.writer).await?;
+                let (conn, profile) =
+                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 45).await?;
+                conn.quit().await;
+                Ok::<_, crate::pool::backend::BackendError>(profile)
+            })
+            .await
+        });
+        match res {
+            Ok(Ok(p)) => {
+                tracing::info!(group = %g.name, version = %p.version, "backend reached");
+                *g.profile.write() = p;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group = %g.name, "backend {} not usable yet: {e}", g.writer)
+            }
+            Err(_) => {
+                tracing::warn!(group = %g.name, "backend {} did not answer within connect_timeout", g.writer)
+            }
+        }
+    }
+}
