@@ -2,7 +2,7 @@
 //! and this core's pool.
 
 use crate::auth::{self, Decision, User};
-use crate::io::{read_packet, write_packet, Buf, Driver, PacketTooLarge, Stream};
+use crate::io::{read_packet, read_packet_by, write_packet, Buf, Driver, PacketTooLarge, Stream};
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, may_change_database, Disposition, ResponseKind};
 use crate::mysql::consts::{cap, com, errcode, status};
@@ -70,19 +70,9 @@ pub async fn serve<D: Driver>(
         tracing::warn!(%peer, "refused a client: max_client_connections reached");
         return;
     }
-    let timeout = shared.config.proxy.handshake_timeout;
-    let (mut session, seq) = match tokio::time::timeout(
-        timeout,
-        login::<D>(shared.clone(), pool, client, peer, conn_id),
-    )
-    .await
-    {
-        Ok(Some(s)) => s,
-        Ok(None) => return,
-        Err(_) => {
-            tracing::info!(%peer, "client did not log in within handshake_timeout ({timeout:?})");
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + shared.config.proxy.handshake_timeout;
+    let Some((mut session, seq)) = login::<D>(shared.clone(), pool, client, peer, conn_id, deadline).await else {
+        return;
     };
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
     // the handshake timeout.
@@ -106,6 +96,7 @@ async fn login<D: Driver>(
     mut client: D::Stream,
     peer: SocketAddr,
     conn_id: u32,
+    deadline: tokio::time::Instant,
 ) -> Option<(Session<D>, u8)> {
     let nonce = new_nonce();
     let profile = pool.shared.profile.read().clone();
@@ -123,8 +114,13 @@ async fn login<D: Driver>(
         .await
         .ok()?;
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
-    let h = match read_packet(&mut client, &mut cbuf, HANDSHAKE_LIMIT).await {
+    let h = match read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline)).await {
         Ok(h) => h,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            let t = shared.config.proxy.handshake_timeout;
+            tracing::info!(%peer, "client did not log in within handshake_timeout ({t:?})");
+            return None;
+        }
         Err(e) => {
             tracing::debug!(%peer, "client left during the handshake: {e}");
             if e.kind() == io::ErrorKind::InvalidData {
@@ -176,7 +172,7 @@ async fn login<D: Driver>(
         write_packet(&mut client, seq, &encode_auth_switch(plugin.name(), &nonce))
             .await
             .ok()?;
-        let h = read_packet(&mut client, &mut cbuf, HANDSHAKE_LIMIT)
+        let h = read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline))
             .await
             .ok()?;
         let answer = &cbuf.filled()[4..h.total()];
@@ -243,7 +239,7 @@ impl<D: Driver> Session<D> {
 
     fn key(&self) -> PoolKey {
         PoolKey {
-            backend_user: Rc::from(self.user.backend.user.as_str()),
+            backend: self.user.backend.clone(),
             behaviour: self.caps & cap::BEHAVIOUR,
             collation: self.collation,
         }
@@ -258,7 +254,7 @@ impl<D: Driver> Session<D> {
         let key = self.key();
         let mut conn = self
             .pool
-            .borrow(&key, &self.user.backend, self.db.as_deref())
+            .borrow(&key, self.db.as_deref())
             .await
             .map_err(|e| {
                 tracing::warn!(peer = %self.peer, "{e}");
@@ -283,7 +279,7 @@ impl<D: Driver> Session<D> {
                     return Err(server_err);
                 }
                 Err(e) => {
-                    self.pool.discard(conn);
+                    self.pool.discard(conn, "failed while selecting the database");
                     return Err(ErrPacket::new(
                         errcode::PROXY_BACKEND_UNAVAILABLE,
                         "08S01",
@@ -299,26 +295,22 @@ impl<D: Driver> Session<D> {
     async fn run(mut self) {
         let idle = self.shared.config.proxy.idle_client_timeout;
         loop {
-            let h = match tokio::time::timeout(
-                idle,
-                read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD),
-            )
-            .await
-            {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    if e.kind() != io::ErrorKind::UnexpectedEof {
-                        tracing::debug!(peer = %self.peer, "client read failed: {e}");
-                    }
-                    break;
-                }
-                Err(_) => {
+            let deadline = tokio::time::Instant::now() + idle;
+            let h = match read_packet_by(&mut self.client, &mut self.cbuf, MAX_PAYLOAD, Some(deadline)).await {
+                Ok(h) => h,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     let e = ErrPacket::new(
                         errcode::ER_CLIENT_INTERACTION_TIMEOUT,
                         "HY000",
                         "The client was disconnected by the server because of inactivity (dbproxy idle_client_timeout)",
                     );
                     let _ = write_packet(&mut self.client, 0, &e.encode()).await;
+                    break;
+                }
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        tracing::debug!(peer = %self.peer, "client read failed: {e}");
+                    }
                     break;
                 }
             };
@@ -469,12 +461,12 @@ impl<D: Driver> Session<D> {
                 Ok(tracker)
             }
             Err(RelayError::Client(e)) => {
-                self.pool.discard(b);
+                self.pool.discard(b, &format!("the client left mid-response: {e}"));
                 Err(SessionEnd::Client(e))
             }
             Err(RelayError::Backend(why)) => {
                 tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost: {why}");
-                self.pool.discard(b);
+                self.pool.discard(b, "state unknown after an error");
                 let e = ErrPacket::new(
                     errcode::PROXY_BACKEND_LOST,
                     "08S01",
@@ -560,7 +552,7 @@ impl<D: Driver> Session<D> {
 
     fn drop_backend(&mut self) {
         if let Some(b) = self.backend.take() {
-            self.pool.discard(b);
+            self.pool.discard(b, "state unknown after an error");
         }
     }
 

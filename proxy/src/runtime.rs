@@ -284,8 +284,9 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         let res = rt.block_on(async {
             tokio::time::timeout(g.connect_timeout, async {
                 let s = Epoll::connect(g.writer).await?;
+                let deadline = tokio::time::Instant::now() + g.connect_timeout;
                 let (conn, profile) =
-                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 45).await?;
+                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 45, deadline).await?;
                 conn.quit().await;
                 Ok::<_, crate::pool::backend::BackendError>(profile)
             })

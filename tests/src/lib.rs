@@ -1,1 +1,401 @@
+//! Test harness: a throwaway MariaDB per test (mariadb-install-db into a temp dir, its own
+//! port and socket), dbproxy started from its binary in front of it, and real clients.
+//!
+//! Every child process is spawned from one long-lived thread with PR_SET_PDEATHSIG, so a
+//! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The io drivers every integration test runs against.
+pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
+
+/// Password of the proxy user `app`.
+pub const APP_PASSWORD: &str = "app-secret";
+/// Password of the database user `app` (only dbproxy knows it).
+pub const DB_PASSWORD: &str = "db-secret";
+
+type SpawnReq = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as the process.
+pub fn spawn(cmd: Command) -> Child {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnReq>>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnReq>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: prctl is async-signal-safe; it only sets this child's death signal.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (rtx, rrx) = mpsc::channel();
+    let desc = format!("{cmd:?}");
+    tx.lock().unwrap().send((cmd, rtx)).unwrap();
+    rrx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start {desc}: {e}"))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A MariaDB server of the test's own.
+pub struct MariaDb {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl MariaDb {
+    /// Installs and starts a server with user `app` (password [`DB_PASSWORD`]).
+    pub fn start() -> MariaDb {
+        Self::start_with(&[])
+    }
+
+    /// Same, with extra mariadbd options.
+    pub fn start_with(extra: &[&str]) -> MariaDb {
+        let dir = tempfile::Builder::new().prefix("dbproxy-test-").tempdir().unwrap();
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--skip-test-db")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if is_root() {
+            install.arg("--user=root");
+        }
+        let out = install.output().expect("mariadb-install-db (apt-get install mariadb-server)");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = MariaDb {
+            port: free_port(),
+            dir,
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        db.run_server();
+        db.root_sql(&format!(
+            "DELETE FROM mysql.global_priv WHERE User=''; FLUSH PRIVILEGES; \
+             CREATE USER app@'%' IDENTIFIED BY '{DB_PASSWORD}'; GRANT ALL ON *.* TO app@'%'; \
+             CREATE DATABASE shop; CREATE DATABASE shop2;"
+        ));
+        db
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("mysqld.sock")
+    }
+
+    fn run_server(&mut self) {
+        let d = self.dir.path();
+        let mut cmd = Command::new("mariadbd");
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--pid-file={}", d.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--skip-name-resolve")
+            .arg("--max-allowed-packet=64M")
+            .arg("--innodb-buffer-pool-size=64M")
+            .arg("--innodb-log-file-size=48M")
+            .arg("--max-connections=1000")
+            .arg("--local-infile=1")
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        self.child = Some(spawn(cmd));
+        let sock = self.socket();
+        wait_until("mariadbd to accept connections", Duration::from_secs(60), || {
+            Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", sock.display()))
+                .args(["-uroot", "-e", "SELECT 1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+    }
+
+    /// Runs SQL as root over the Unix socket and returns tab-separated output.
+    pub fn root_sql(&self, sql: &str) -> String {
+        let out = Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-uroot", "-N", "-B", "-e", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "root SQL failed: {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A global status counter (e.g. `Connections`, `Threads_connected`).
+    pub fn status(&self, name: &str) -> u64 {
+        let out = self.root_sql(&format!("SHOW GLOBAL STATUS LIKE '{name}'"));
+        out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no status {name}: {out}"))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.run_server();
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// dbproxy running from its binary in front of a [`MariaDb`].
+pub struct Proxy {
+    pub port: u16,
+    pub io: String,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The dbproxy binary (built by `cargo xtask test`; `DBPROXY_BIN` overrides).
+pub fn dbproxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DBPROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let bin = target.join("debug").join("dbproxy");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p proxy` first (cargo xtask test does)", bin.display());
+    let built = bin.metadata().and_then(|m| m.modified()).unwrap();
+    let newest = newest_mtime(&root.join("proxy/src"));
+    assert!(built >= newest, "{} is older than proxy/src: run `cargo build -p proxy` (cargo xtask test does)", bin.display());
+    bin
+}
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let t = if p.is_dir() { newest_mtime(&p) } else { e.metadata().and_then(|m| m.modified()).unwrap() };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+impl Proxy {
+    /// Starts dbproxy with the `io` driver; `group_extra` lines go into the target group.
+    pub fn start(db: &MariaDb, io: &str, group_extra: &str) -> Proxy {
+        Self::start_full(db, io, "", group_extra)
+    }
+
+    /// Same, with extra `[proxy]` lines too.
+    pub fn start_full(db: &MariaDb, io: &str, proxy_extra: &str, group_extra: &str) -> Proxy {
+        let dir = tempfile::Builder::new().prefix("dbproxy-conf-").tempdir().unwrap();
+        let port = free_port();
+        let config = format!(
+            r#"[proxy]
+workers = 2
+io = "{io}"
+{proxy_extra}
+
+[[endpoints]]
+name = "default"
+listen = "127.0.0.1:{port}"
+target_group = "default"
+
+[[target_groups]]
+name = "default"
+targets = ["127.0.0.1:{db_port}"]
+{group_extra}
+
+[[users]]
+name = "app"
+password = "{APP_PASSWORD}"
+backend_password = "{DB_PASSWORD}"
+
+[[users]]
+name = "sha2user"
+password = "sha2-secret"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+auth_plugin = "caching_sha2_password"
+
+[[users]]
+name = "nativeuser"
+password = "native-secret"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+auth_plugin = "mysql_native_password"
+"#,
+            db_port = db.port
+        );
+        let path = dir.path().join("dbproxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.path().join("dbproxy.log");
+        let mut cmd = Command::new(dbproxy_bin());
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .env("DBPROXY_LOG", std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = spawn(cmd);
+        let mut p = Proxy { port, io: io.to_string(), child: Some(child), log, _dir: dir };
+        wait_until("dbproxy to listen", Duration::from_secs(30), || {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("dbproxy exited with {st}: {}", std::fs::read_to_string(&p.log).unwrap_or_default());
+                }
+            }
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        p
+    }
+
+    /// What dbproxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Stops with SIGTERM (a clean shutdown) and returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the `mariadb` command-line client against 127.0.0.1:`port`.
+pub fn mariadb_cli(port: u16, user: &str, password: &str, args: &[&str], sql: &str) -> Output {
+    Command::new("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
+        .arg(format!("-p{password}"))
+        .args(args)
+        .args(["-e", sql])
+        .output()
+        .unwrap()
+}
+
+/// Same, feeding `input` on standard input instead of `-e`.
+pub fn mariadb_cli_stdin(port: u16, user: &str, password: &str, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new("mariadb")
+        .arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
+        .arg(format!("-p{password}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// A mysql-crate connection URL. `prefer_socket` is off: with it the crate asks the
+/// server for `@@socket` and reconnects there, which would bypass dbproxy on this host.
+pub fn url(port: u16, user: &str, password: &str, db: &str) -> String {
+    format!("mysql://{user}:{password}@127.0.0.1:{port}/{db}?prefer_socket=false")
+}
+
+/// Connects with the mysql crate's default settings.
+pub fn connect(port: u16, user: &str, password: &str, db: &str) -> mysql::Result<mysql::Conn> {
+    let opts = mysql::Opts::from_url(&url(port, user, password, db)).unwrap();
+    mysql::Conn::new(opts)
+}
+
+/// Reads whatever arrives on a raw socket until EOF, error or `timeout`.
+pub fn read_some(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return (out, false)
+            }
+            Err(_) => return (out, true),
+        }
+    }
+}

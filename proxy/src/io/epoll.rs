@@ -48,6 +48,15 @@ impl Driver for Epoll {
         Ok((EpollStream(s), peer))
     }
 
+    fn detach(s: EpollStream) -> io::Result<std::net::TcpStream> {
+        s.0.into_std()
+    }
+
+    fn attach(s: std::net::TcpStream) -> io::Result<EpollStream> {
+        s.set_nonblocking(true)?;
+        Ok(EpollStream(tokio::net::TcpStream::from_std(s)?))
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<EpollStream> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;

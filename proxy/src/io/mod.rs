@@ -115,6 +115,12 @@ pub trait Driver: 'static {
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
 
     fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>>;
+
+    /// Takes a stream off this thread's reactor so that another worker can adopt it.
+    fn detach(s: Self::Stream) -> io::Result<std::net::TcpStream>;
+
+    /// Adopts a stream detached by another worker.
+    fn attach(s: std::net::TcpStream) -> io::Result<Self::Stream>;
 }
 
 /// Whether a connection that sits idle is still usable: the peer has not closed it and
@@ -140,13 +146,21 @@ pub fn idle_socket_is_healthy(fd: RawFd) -> bool {
 /// Reads until `buf` starts with a complete physical packet and returns its header; the
 /// packet stays in `buf`. `limit` bounds the payload length accepted.
 pub async fn read_packet<S: Stream>(s: &mut S, buf: &mut Buf, limit: usize) -> io::Result<Header> {
+    read_packet_by(s, buf, limit, None).await
+}
+
+/// [`read_packet`] that gives up at `deadline` with `ErrorKind::TimedOut`; the stream is
+/// shut down then and must be dropped.
+pub async fn read_packet_by<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    limit: usize,
+    deadline: Option<tokio::time::Instant>,
+) -> io::Result<Header> {
     loop {
         if let Some(h) = Header::parse(buf.filled()) {
             if h.len > limit {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    PacketTooLarge(h.len),
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, PacketTooLarge(h.len)));
             }
             if buf.len() >= h.total() {
                 return Ok(h);
@@ -155,10 +169,37 @@ pub async fn read_packet<S: Stream>(s: &mut S, buf: &mut Buf, limit: usize) -> i
         } else {
             buf.reserve(4096);
         }
-        if s.read(buf).await? == 0 {
+        if read_by(s, buf, deadline).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// One read that gives up at `deadline`. A read in flight is not simply dropped (an
+/// io_uring read would keep the descriptor open until the peer sends something): the
+/// socket's receive side is shut down, which completes the read; the stream can still
+/// send (a last error packet) and must then be dropped.
+pub async fn read_by<S: Stream>(s: &mut S, buf: &mut Buf, deadline: Option<tokio::time::Instant>) -> io::Result<usize> {
+    let Some(deadline) = deadline else {
+        return s.read(buf).await;
+    };
+    let fd = s.raw_fd();
+    let read = s.read(buf);
+    tokio::pin!(read);
+    tokio::select! {
+        r = &mut read => r,
+        _ = tokio::time::sleep_until(deadline) => {
+            shutdown(fd);
+            let _ = read.await;
+            Err(io::ErrorKind::TimedOut.into())
+        }
+    }
+}
+
+/// Shuts a socket's receive side down (its owner still holds the descriptor).
+pub fn shutdown(fd: RawFd) {
+    // SAFETY: fd belongs to a live stream of the caller.
+    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
 }
 
 /// Writes one logical packet built by dbproxy.

@@ -54,6 +54,24 @@ impl Driver for Uring {
         Ok((UringStream(s), peer))
     }
 
+    fn detach(s: UringStream) -> io::Result<std::net::TcpStream> {
+        // tokio-uring has no into_std: keep a duplicate descriptor and let the ring close
+        // its own.
+        let fd = s.0.as_raw_fd();
+        // SAFETY: fd is open (owned by `s`); dup returns a new descriptor or -1.
+        let dup = unsafe { libc::dup(fd) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(s);
+        // SAFETY: `dup` is a fresh descriptor we own.
+        Ok(unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+    }
+
+    fn attach(s: std::net::TcpStream) -> io::Result<UringStream> {
+        Ok(UringStream(tokio_uring::net::TcpStream::from_std(s)))
+    }
+
     async fn connect(addr: SocketAddr) -> io::Result<UringStream> {
         let s = tokio_uring::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;

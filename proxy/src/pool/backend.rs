@@ -1,7 +1,8 @@
 //! One backend connection: opening and logging in, simple commands, and the reset that
 //! makes it fit for the next client.
 
-use crate::io::{read_packet, write_packet, Buf, Stream};
+use crate::io::{read_packet_by, write_packet, Buf, Stream};
+use tokio::time::Instant as Deadline;
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
@@ -72,6 +73,23 @@ pub struct BackendConn<S> {
 /// Receive buffer kept by an idle backend connection.
 pub const BACKEND_BUF: usize = 16 * 1024;
 
+impl<S> BackendConn<S> {
+    /// The same connection over another stream type (moving it between workers).
+    pub fn map_stream<T>(self, f: impl FnOnce(S) -> io::Result<T>) -> io::Result<BackendConn<T>> {
+        Ok(BackendConn {
+            stream: f(self.stream)?,
+            buf: self.buf,
+            caps: self.caps,
+            collation: self.collation,
+            thread_id: self.thread_id,
+            database: self.database,
+            creds: self.creds,
+            nonce: self.nonce,
+            created: self.created,
+        })
+    }
+}
+
 impl<S: Stream> BackendConn<S> {
     /// Logs in on a freshly connected stream.
     pub async fn login(
@@ -79,9 +97,10 @@ impl<S: Stream> BackendConn<S> {
         creds: Arc<Credentials>,
         wanted_caps: u32,
         collation: u8,
+        deadline: Deadline,
     ) -> Result<(Self, ServerProfile), BackendError> {
         let mut buf = Buf::with_capacity(BACKEND_BUF);
-        let h = read_packet(&mut stream, &mut buf, MAX_PAYLOAD).await?;
+        let h = read_packet_by(&mut stream, &mut buf, MAX_PAYLOAD, Some(deadline)).await?;
         let payload = &buf.filled()[4..h.total()];
         if payload.first() == Some(&0xff) {
             let e = ErrPacket::parse(payload)?;
@@ -108,13 +127,13 @@ impl<S: Stream> BackendConn<S> {
             nonce: hs.nonce,
             created: Instant::now(),
         };
-        conn.finish_login(&mut login).await?;
+        conn.finish_login(&mut login, Some(deadline)).await?;
         Ok((conn, profile))
     }
 
-    async fn finish_login(&mut self, login: &mut Login) -> Result<(), BackendError> {
+    async fn finish_login(&mut self, login: &mut Login, deadline: Option<Deadline>) -> Result<(), BackendError> {
         loop {
-            let h = read_packet(&mut self.stream, &mut self.buf, MAX_PAYLOAD).await?;
+            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, deadline).await?;
             let step = login.on_packet(&self.buf.filled()[4..h.total()]);
             self.buf.consume(h.total());
             match step? {
@@ -138,7 +157,7 @@ impl<S: Stream> BackendConn<S> {
         let mut tracker = ResponseTracker::new(kind, self.caps);
         let mut err = None;
         loop {
-            let h = read_packet(&mut self.stream, &mut self.buf, MAX_PAYLOAD).await?;
+            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, None).await?;
             let p = &self.buf.filled()[4..h.total()];
             if p.first() == Some(&0xff) && err.is_none() {
                 err = Some(ErrPacket::parse(p)?);
@@ -199,7 +218,7 @@ impl<S: Stream> BackendConn<S> {
         let (mut login, p) =
             Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
         write_packet(&mut self.stream, 0, &p).await?;
-        self.finish_login(&mut login).await?;
+        self.finish_login(&mut login, None).await?;
         self.database = Database::None;
         Ok(())
     }

@@ -1,9 +1,12 @@
 //! Per-core backend pools under one budget per target group.
 //!
 //! Each worker thread owns a [`CorePool`] per target group: idle connections keyed by
-//! (backend user, behaviour capabilities, collation), and the local borrowers waiting for
-//! them. The `max_connections` budget is a semaphore shared by all cores; a borrower that
-//! finds the budget spent asks the other cores to close idle connections they can spare.
+//! [`PoolKey`], and the local borrowers waiting for them. The `max_connections` budget is a
+//! semaphore shared by all cores. A borrower that finds the budget spent and nothing idle
+//! on its own core registers with the group; other cores then hand it a matching idle
+//! connection (the socket moves between threads) or, failing that, close an idle one of
+//! another key so that the budget frees up. Connections are only ever touched by the
+//! worker that holds them.
 
 pub mod backend;
 
@@ -12,7 +15,7 @@ use crate::io::{idle_socket_is_healthy, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
 use backend::{BackendConn, BackendError, Database, ServerProfile};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -28,17 +31,14 @@ pub enum BorrowError {
     #[error("timed out after {0:?} waiting for a free database connection in target group '{1}'")]
     Timeout(Duration, String),
     #[error("cannot open a database connection to {addr} (target group '{group}'): {source}")]
-    Connect {
-        addr: SocketAddr,
-        group: String,
-        source: BackendError,
-    },
+    Connect { addr: SocketAddr, group: String, source: BackendError },
 }
 
 /// What a pooled connection was negotiated for: only clients that match may use it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub backend_user: Rc<str>,
+    /// The backend login (user and password).
+    pub backend: Arc<Credentials>,
     /// The client's `cap::BEHAVIOUR` bits.
     pub behaviour: u32,
     pub collation: u8,
@@ -50,9 +50,21 @@ pub struct GroupStats {
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     pub borrowed: AtomicU64,
+    pub moved_between_cores: AtomicU64,
     pub borrow_timeouts: AtomicU64,
     pub connect_errors: AtomicU64,
     pub reset_errors: AtomicU64,
+}
+
+/// A connection on its way from one worker to another.
+type Detached = Pooled<std::net::TcpStream>;
+
+/// A borrower on some core that found the budget spent.
+struct Starving {
+    key: PoolKey,
+    tx: oneshot::Sender<Detached>,
+    /// A core already closed an idle connection of another key to free the budget for it.
+    freed: bool,
 }
 
 /// State of a target group shared by all cores.
@@ -63,11 +75,9 @@ pub struct GroupShared {
     pub max_connections: usize,
     pub max_idle: usize,
     pub idle_total: AtomicUsize,
-    /// Borrowers (any core) waiting because the budget is spent.
-    pub starving: AtomicUsize,
-    /// Idle connections other cores were asked to close.
-    pub evict_debt: AtomicUsize,
-    pub evict: Notify,
+    starving: Mutex<VecDeque<Starving>>,
+    /// Wakes every core's maintenance task when a borrower starts starving.
+    starving_notify: Notify,
     pub borrow_timeout: Duration,
     pub connect_timeout: Duration,
     pub init_query: String,
@@ -84,9 +94,8 @@ impl GroupShared {
             max_connections: cfg.max_connections,
             max_idle: cfg.max_idle_connections,
             idle_total: AtomicUsize::new(0),
-            starving: AtomicUsize::new(0),
-            evict_debt: AtomicUsize::new(0),
-            evict: Notify::new(),
+            starving: Mutex::new(VecDeque::new()),
+            starving_notify: Notify::new(),
             borrow_timeout: cfg.connection_borrow_timeout,
             connect_timeout: cfg.connect_timeout,
             init_query: cfg.init_query.clone(),
@@ -99,21 +108,45 @@ impl GroupShared {
     pub fn open_connections(&self) -> usize {
         self.max_connections - self.budget.available_permits()
     }
+
+    /// Hands `conn` to a starving borrower of the same key on another core, if any.
+    /// Gives it back otherwise.
+    fn offer_to_starving(&self, mut conn: Detached) -> Option<Detached> {
+        let mut q = self.starving.lock();
+        q.retain(|s| !s.tx.is_closed());
+        while let Some(i) = q.iter().position(|s| s.key == conn.key) {
+            let Some(s) = q.remove(i) else { break };
+            match s.tx.send(conn) {
+                Ok(()) => {
+                    self.stats.moved_between_cores.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Err(back) => conn = back,
+            }
+        }
+        Some(conn)
+    }
+
+    /// Whether a borrower matching `pred` is starving with nobody having freed budget for
+    /// it yet; if so it is marked as served.
+    fn claim_starving(&self, pred: impl Fn(&PoolKey) -> bool) -> bool {
+        let mut q = self.starving.lock();
+        q.retain(|s| !s.tx.is_closed());
+        match q.iter_mut().find(|s| !s.freed && pred(&s.key)) {
+            Some(s) => {
+                s.freed = true;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A backend connection with its share of the budget.
 pub struct Pooled<S> {
     pub conn: BackendConn<S>,
     pub key: PoolKey,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl<S: Stream> Pooled<S> {
-    /// Says goodbye to the backend, then gives the budget back.
-    pub async fn quit(self) {
-        let Pooled { conn, _permit, .. } = self;
-        conn.quit().await;
-    }
+    permit: OwnedSemaphorePermit,
 }
 
 impl<S> std::ops::Deref for Pooled<S> {
@@ -129,6 +162,21 @@ impl<S> std::ops::DerefMut for Pooled<S> {
     }
 }
 
+impl<S: Stream> Pooled<S> {
+    /// Says goodbye to the backend, then gives the budget back.
+    pub async fn quit(self) {
+        let Pooled { conn, permit, .. } = self;
+        conn.quit().await;
+        drop(permit);
+    }
+}
+
+impl<S> Pooled<S> {
+    fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Pooled<T>> {
+        Ok(Pooled { conn: self.conn.map_stream(f)?, key: self.key, permit: self.permit })
+    }
+}
+
 /// One core's pool for one target group.
 pub struct CorePool<D: Driver> {
     pub shared: Arc<GroupShared>,
@@ -136,34 +184,17 @@ pub struct CorePool<D: Driver> {
     waiters: RefCell<HashMap<PoolKey, VecDeque<oneshot::Sender<Pooled<D::Stream>>>>>,
 }
 
-/// Decrements a counter when dropped (a waiter that gives up or is cancelled).
-struct CountGuard<'a>(&'a AtomicUsize);
-impl Drop for CountGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl<D: Driver> CorePool<D> {
     pub fn new(shared: Arc<GroupShared>) -> Rc<Self> {
-        Rc::new(CorePool {
-            shared,
-            idle: RefCell::default(),
-            waiters: RefCell::default(),
-        })
+        Rc::new(CorePool { shared, idle: RefCell::default(), waiters: RefCell::default() })
     }
 
-    /// Hands out a connection for `key` whose default database is `db`; waits up to the
-    /// group's `connection_borrow_timeout`. On `Ok(Err(e))` the connection was fine but the
-    /// server refused `db` (the connection went back to the pool).
-    pub async fn borrow(
-        self: &Rc<Self>,
-        key: &PoolKey,
-        creds: &Arc<Credentials>,
-        db: Option<&[u8]>,
-    ) -> Result<Pooled<D::Stream>, BorrowError> {
+    /// Hands out a connection for `key` whose default database is `db` if one is idle, or
+    /// with no default database when `db` is `None`; a connection on another database is
+    /// switched by the caller. Waits up to the group's `connection_borrow_timeout`.
+    pub async fn borrow(self: &Rc<Self>, key: &PoolKey, db: Option<&[u8]>) -> Result<Pooled<D::Stream>, BorrowError> {
         let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
-        let mut conn = self.acquire(key, creds, db, deadline).await?;
+        let mut conn = self.acquire(key, db, deadline).await?;
         self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
         if db.is_none() && conn.database != Database::None {
             // Clear the default database another client left: a session reset.
@@ -183,21 +214,13 @@ impl<D: Driver> CorePool<D> {
     }
 
     fn connect_error(&self, source: BackendError) -> BorrowError {
-        self.shared
-            .stats
-            .connect_errors
-            .fetch_add(1, Ordering::Relaxed);
-        BorrowError::Connect {
-            addr: self.shared.writer,
-            group: self.shared.name.clone(),
-            source,
-        }
+        self.shared.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        BorrowError::Connect { addr: self.shared.writer, group: self.shared.name.clone(), source }
     }
 
     async fn acquire(
         self: &Rc<Self>,
         key: &PoolKey,
-        creds: &Arc<Credentials>,
         db: Option<&[u8]>,
         deadline: tokio::time::Instant,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
@@ -206,48 +229,73 @@ impl<D: Driver> CorePool<D> {
                 return Ok(c);
             }
             if let Ok(permit) = self.shared.budget.clone().try_acquire_owned() {
-                return self.open(key, creds, permit).await;
+                return self.open(key, permit).await;
             }
             // The budget is spent: close an idle connection of another key on this core.
-            if self.evict_one_local() {
+            if self.evict_one_local(None) {
                 continue;
             }
-            let (tx, rx) = oneshot::channel();
-            self.waiters
-                .borrow_mut()
-                .entry(key.clone())
-                .or_default()
-                .push_back(tx);
-            self.shared.starving.fetch_add(1, Ordering::AcqRel);
-            let _starving = CountGuard(&self.shared.starving);
-            self.shared.evict_debt.fetch_add(1, Ordering::AcqRel);
-            self.shared.evict.notify_waiters();
+            // Wait for a connection from this core, one moved from another core, or budget.
+            let (tx, mut rx) = oneshot::channel();
+            self.waiters.borrow_mut().entry(key.clone()).or_default().push_back(tx);
+            let (rtx, mut rrx) = oneshot::channel();
+            self.shared.starving.lock().push_back(Starving { key: key.clone(), tx: rtx, freed: false });
+            self.shared.starving_notify.notify_waiters();
             let budget = self.shared.budget.clone();
-            let got = tokio::time::timeout_at(deadline, async {
+            let first = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
-                    c = rx => c.ok().map(Ok),
-                    p = budget.acquire_owned() => p.ok().map(Err),
+                    biased;
+                    Ok(c) = &mut rx => Some(Got::Local(c)),
+                    Ok(c) = &mut rrx => Some(Got::Moved(c)),
+                    p = budget.acquire_owned() => p.ok().map(Got::Budget),
+                    else => None,
                 }
             })
             .await;
-            let _ = self
-                .shared
-                .evict_debt
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1));
-            match got {
-                Ok(Some(Ok(conn))) => return Ok(conn),
-                Ok(Some(Err(permit))) => return self.open(key, creds, permit).await,
-                Ok(None) => continue,
-                Err(_) => {
-                    self.shared
-                        .stats
-                        .borrow_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(BorrowError::Timeout(
-                        self.shared.borrow_timeout,
-                        self.shared.name.clone(),
-                    ));
+            // A connection may have been handed over while another branch won: never drop
+            // one on the floor.
+            rx.close();
+            rrx.close();
+            let mut got: Vec<Got<D::Stream>> = first.ok().flatten().into_iter().collect();
+            got.extend(rx.try_recv().ok().map(Got::Local));
+            got.extend(rrx.try_recv().ok().map(Got::Moved));
+            let mut chosen = None;
+            for g in got {
+                let conn = match g {
+                    Got::Local(c) => Some(c),
+                    Got::Moved(c) => match c.map_stream(D::attach) {
+                        Ok(c) if idle_socket_is_healthy(c.stream.raw_fd()) => Some(c),
+                        Ok(c) => {
+                            self.discard(c, "moved from another core but no longer healthy");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot adopt a connection from another core: {e}");
+                            None
+                        }
+                    },
+                    Got::Budget(p) => {
+                        if chosen.is_none() {
+                            chosen = Some(Err(p));
+                        }
+                        None
+                    }
+                };
+                if let Some(c) = conn {
+                    match chosen {
+                        Some(Ok(_)) => self.checkin(c),
+                        _ => chosen = Some(Ok(c)),
+                    }
                 }
+            }
+            match chosen {
+                Some(Ok(conn)) => return Ok(conn),
+                Some(Err(permit)) => return self.open(key, permit).await,
+                None if tokio::time::Instant::now() >= deadline => {
+                    self.shared.stats.borrow_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(BorrowError::Timeout(self.shared.borrow_timeout, self.shared.name.clone()));
+                }
+                None => {}
             }
         }
     }
@@ -258,10 +306,7 @@ impl<D: Driver> CorePool<D> {
         let list = idle.get_mut(key)?;
         let want = db.map_or(Database::None, |d| Database::Known(d.to_vec()));
         while !list.is_empty() {
-            let i = list
-                .iter()
-                .rposition(|c| c.database == want)
-                .unwrap_or(list.len() - 1);
+            let i = list.iter().rposition(|c| c.database == want).unwrap_or(list.len() - 1);
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
             if idle_socket_is_healthy(c.stream.raw_fd()) {
@@ -273,10 +318,15 @@ impl<D: Driver> CorePool<D> {
         None
     }
 
-    fn evict_one_local(&self) -> bool {
+    /// Closes one idle connection (of any key but `keep`), freeing its budget.
+    fn evict_one_local(&self, keep: Option<&PoolKey>) -> bool {
         let mut idle = self.idle.borrow_mut();
-        for list in idle.values_mut() {
+        for (k, list) in idle.iter_mut() {
+            if Some(k) == keep {
+                continue;
+            }
             if let Some(c) = list.pop() {
+                tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "closing an idle connection to free the budget");
                 self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
                 self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
                 tokio::task::spawn_local(c.quit());
@@ -286,44 +336,35 @@ impl<D: Driver> CorePool<D> {
         false
     }
 
-    async fn open(
-        &self,
-        key: &PoolKey,
-        creds: &Arc<Credentials>,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<Pooled<D::Stream>, BorrowError> {
+    async fn open(&self, key: &PoolKey, permit: OwnedSemaphorePermit) -> Result<Pooled<D::Stream>, BorrowError> {
         let sh = &self.shared;
+        let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
             let stream = D::connect(sh.writer).await?;
             let wanted = cap::BACKEND_BASE | key.behaviour;
             let (mut conn, profile) =
-                BackendConn::login(stream, creds.clone(), wanted, key.collation).await?;
+                BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline).await?;
             if !sh.init_query.is_empty() {
                 conn.query(&sh.init_query).await?;
             }
             Ok::<_, BackendError>((conn, profile))
         };
-        let res = match tokio::time::timeout(sh.connect_timeout, attempt).await {
+        // The reads inside give up at `deadline` themselves; this bounds the connect too.
+        let res = match tokio::time::timeout_at(deadline + Duration::from_secs(1), attempt).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within connect_timeout ({:?})",
-                    sh.connect_timeout
-                ),
+                format!("no answer within connect_timeout ({:?})", sh.connect_timeout),
             ))),
         };
         match res {
             Ok((conn, profile)) => {
+                tracing::debug!(group = %sh.name, thread_id = conn.thread_id, open = sh.open_connections(), "opened a backend connection");
                 sh.stats.opened.fetch_add(1, Ordering::Relaxed);
                 if *sh.profile.read() != profile {
                     *sh.profile.write() = profile;
                 }
-                Ok(Pooled {
-                    conn,
-                    key: key.clone(),
-                    _permit: permit,
-                })
+                Ok(Pooled { conn, key: key.clone(), permit })
             }
             Err(e) => Err(self.connect_error(e)),
         }
@@ -338,10 +379,7 @@ impl<D: Driver> CorePool<D> {
             match conn.reset(&init).await {
                 Ok(()) => pool.checkin(conn),
                 Err(e) => {
-                    pool.shared
-                        .stats
-                        .reset_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    pool.shared.stats.reset_errors.fetch_add(1, Ordering::Relaxed);
                     pool.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(group = %pool.shared.name, thread_id = conn.thread_id, "closing a backend connection that failed to reset: {e}");
                 }
@@ -350,59 +388,94 @@ impl<D: Driver> CorePool<D> {
     }
 
     /// Drops a connection whose state is unknown (broken, or abandoned mid-response).
-    pub fn discard(&self, conn: Pooled<D::Stream>) {
+    pub fn discard(&self, conn: Pooled<D::Stream>, why: &str) {
+        tracing::debug!(group = %self.shared.name, thread_id = conn.thread_id, "closing a backend connection: {why}");
         self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
         drop(conn);
     }
 
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
-        // A waiter on this core for the same key gets it directly.
+        // 1. A borrower on this core for the same key.
         loop {
-            let tx = self
-                .waiters
-                .borrow_mut()
-                .get_mut(&conn.key)
-                .and_then(|q| q.pop_front());
+            let tx = self.waiters.borrow_mut().get_mut(&conn.key).and_then(|q| q.pop_front());
             let Some(tx) = tx else { break };
             match tx.send(conn) {
                 Ok(()) => return,
                 Err(back) => conn = back,
             }
         }
+        // 2. A starving borrower of the same key on another core.
+        let conn = match self.move_to_starving(conn) {
+            Some(c) => c,
+            None => return,
+        };
+        // 3. A starving borrower of another key: free the budget for it.
         let sh = &self.shared;
-        let spare = sh.starving.load(Ordering::Acquire) > 0;
-        if spare || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle {
+        if sh.claim_starving(|k| *k != conn.key) || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle {
+            tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection (budget wanted elsewhere or max_idle_connections reached)");
             sh.stats.closed.fetch_add(1, Ordering::Relaxed);
             tokio::task::spawn_local(conn.quit());
             return;
         }
         sh.idle_total.fetch_add(1, Ordering::AcqRel);
-        self.idle
-            .borrow_mut()
-            .entry(conn.key.clone())
-            .or_default()
-            .push(conn);
+        self.idle.borrow_mut().entry(conn.key.clone()).or_default().push(conn);
     }
 
-    /// Background duty of a core: close idle connections other cores' borrowers need the
-    /// budget for, and drop idle connections the backend has closed.
+    /// Offers a connection to another core's starving borrower; `Some` gives it back.
+    fn move_to_starving(&self, conn: Pooled<D::Stream>) -> Option<Pooled<D::Stream>> {
+        if self.shared.starving.lock().iter().all(|s| s.key != conn.key || s.tx.is_closed()) {
+            return Some(conn);
+        }
+        let detached = match conn.map_stream(D::detach) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("cannot move a connection between cores: {e}");
+                return None;
+            }
+        };
+        let back = self.shared.offer_to_starving(detached)?;
+        match back.map_stream(D::attach) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("cannot take back a connection: {e}");
+                None
+            }
+        }
+    }
+
+    /// Background duty of a core: serve other cores' starving borrowers from this core's
+    /// idle connections, and drop idle connections the backend has closed.
     pub async fn maintain(self: Rc<Self>) {
         loop {
-            let notified = self.shared.evict.notified();
+            let notified = self.shared.starving_notify.notified();
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
-            while self
-                .shared
-                .evict_debt
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
-                .is_ok()
-            {
-                if !self.evict_one_local() {
-                    self.shared.evict_debt.fetch_add(1, Ordering::AcqRel);
-                    break;
-                }
-            }
+            self.serve_starving();
             self.prune_dead();
         }
+    }
+
+    fn serve_starving(&self) {
+        let wanted: Vec<PoolKey> = {
+            let mut q = self.shared.starving.lock();
+            q.retain(|s| !s.tx.is_closed());
+            q.iter().map(|s| s.key.clone()).collect()
+        };
+        for key in wanted {
+            let idle = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
+            if let Some(c) = idle {
+                self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
+                if let Some(back) = self.move_to_starving(c) {
+                    self.shared.idle_total.fetch_add(1, Ordering::AcqRel);
+                    self.idle.borrow_mut().entry(back.key.clone()).or_default().push(back);
+                }
+            } else if self.has_idle_except(&key) && self.shared.claim_starving(|k| *k == key) {
+                self.evict_one_local(Some(&key));
+            }
+        }
+    }
+
+    fn has_idle_except(&self, key: &PoolKey) -> bool {
+        self.idle.borrow().iter().any(|(k, l)| k != key && !l.is_empty())
     }
 
     fn prune_dead(&self) {
@@ -413,10 +486,7 @@ impl<D: Driver> CorePool<D> {
             let gone = before - list.len();
             if gone > 0 {
                 self.shared.idle_total.fetch_sub(gone, Ordering::AcqRel);
-                self.shared
-                    .stats
-                    .closed
-                    .fetch_add(gone as u64, Ordering::Relaxed);
+                self.shared.stats.closed.fetch_add(gone as u64, Ordering::Relaxed);
             }
         }
         idle.retain(|_, l| !l.is_empty());
@@ -424,15 +494,8 @@ impl<D: Driver> CorePool<D> {
 
     /// Closes every idle connection on this core (shutdown).
     pub async fn close_idle(&self) {
-        let all: Vec<_> = self
-            .idle
-            .borrow_mut()
-            .drain()
-            .flat_map(|(_, l)| l)
-            .collect();
-        self.shared
-            .idle_total
-            .fetch_sub(all.len(), Ordering::AcqRel);
+        let all: Vec<_> = self.idle.borrow_mut().drain().flat_map(|(_, l)| l).collect();
+        self.shared.idle_total.fetch_sub(all.len(), Ordering::AcqRel);
         for c in all {
             c.quit().await;
         }
@@ -442,4 +505,10 @@ impl<D: Driver> CorePool<D> {
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum()
     }
+}
+
+enum Got<S> {
+    Local(Pooled<S>),
+    Moved(Detached),
+    Budget(OwnedSemaphorePermit),
 }
