@@ -71,7 +71,9 @@ pub async fn serve<D: Driver>(
         return;
     }
     let deadline = tokio::time::Instant::now() + shared.config.proxy.handshake_timeout;
-    let Some((mut session, seq)) = login::<D>(shared.clone(), pool, client, peer, conn_id, deadline).await else {
+    let Some((mut session, seq)) =
+        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline).await
+    else {
         return;
     };
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
@@ -279,7 +281,8 @@ impl<D: Driver> Session<D> {
                     return Err(server_err);
                 }
                 Err(e) => {
-                    self.pool.discard(conn, "failed while selecting the database");
+                    self.pool
+                        .discard(conn, "failed while selecting the database");
                     return Err(ErrPacket::new(
                         errcode::PROXY_BACKEND_UNAVAILABLE,
                         "08S01",
@@ -296,7 +299,14 @@ impl<D: Driver> Session<D> {
         let idle = self.shared.config.proxy.idle_client_timeout;
         loop {
             let deadline = tokio::time::Instant::now() + idle;
-            let h = match read_packet_by(&mut self.client, &mut self.cbuf, MAX_PAYLOAD, Some(deadline)).await {
+            let h = match read_packet_by(
+                &mut self.client,
+                &mut self.cbuf,
+                MAX_PAYLOAD,
+                Some(deadline),
+            )
+            .await
+            {
                 Ok(h) => h,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     let e = ErrPacket::new(
@@ -461,7 +471,8 @@ impl<D: Driver> Session<D> {
                 Ok(tracker)
             }
             Err(RelayError::Client(e)) => {
-                self.pool.discard(b, &format!("the client left mid-response: {e}"));
+                self.pool
+                    .discard(b, &format!("the client left mid-response: {e}"));
                 Err(SessionEnd::Client(e))
             }
             Err(RelayError::Backend(why)) => {
@@ -520,7 +531,7 @@ impl<D: Driver> Session<D> {
             let want = Header::parse(b.conn.buf.filled()).map_or(4096, |h| {
                 h.total().saturating_sub(b.conn.buf.len()).max(4096)
             });
-            b.conn.buf.reserve(want.min(MAX_PAYLOAD + 4).max(4096));
+            b.conn.buf.reserve(want.clamp(4096, MAX_PAYLOAD + 4));
             match b.conn.stream.read(&mut b.conn.buf).await {
                 Ok(0) => {
                     return Err(RelayError::Backend(

@@ -45,12 +45,18 @@ pub fn spawn(cmd: Command) -> Child {
     let (rtx, rrx) = mpsc::channel();
     let desc = format!("{cmd:?}");
     tx.lock().unwrap().send((cmd, rtx)).unwrap();
-    rrx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start {desc}: {e}"))
+    rrx.recv()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"))
 }
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -82,9 +88,16 @@ impl MariaDb {
 
     /// Same, with extra mariadbd options.
     pub fn start_with(extra: &[&str]) -> MariaDb {
-        let dir = tempfile::Builder::new().prefix("dbproxy-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("dbproxy-test-")
+            .tempdir()
+            .unwrap();
+        // Each server gets its own tmpdir rather than a shared /tmp.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
         let mut install = Command::new("mariadb-install-db");
         install
+            .env("TMPDIR", &tmp)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .arg("--auth-root-authentication-method=normal")
@@ -94,7 +107,9 @@ impl MariaDb {
         if is_root() {
             install.arg("--user=root");
         }
-        let out = install.output().expect("mariadb-install-db (apt-get install mariadb-server)");
+        let out = install
+            .output()
+            .expect("mariadb-install-db (apt-get install mariadb-server)");
         assert!(
             out.status.success(),
             "mariadb-install-db failed: {}\n{}",
@@ -129,6 +144,7 @@ impl MariaDb {
             .arg(format!("--port={}", self.port))
             .arg(format!("--pid-file={}", d.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg("--bind-address=127.0.0.1")
             .arg("--skip-name-resolve")
             .arg("--max-allowed-packet=64M")
@@ -144,17 +160,21 @@ impl MariaDb {
         }
         self.child = Some(spawn(cmd));
         let sock = self.socket();
-        wait_until("mariadbd to accept connections", Duration::from_secs(60), || {
-            Command::new("mariadb")
-                .arg("--no-defaults")
-                .arg(format!("--socket={}", sock.display()))
-                .args(["-uroot", "-e", "SELECT 1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        });
+        wait_until(
+            "mariadbd to accept connections",
+            Duration::from_secs(60),
+            || {
+                Command::new("mariadb")
+                    .arg("--no-defaults")
+                    .arg(format!("--socket={}", sock.display()))
+                    .args(["-uroot", "-e", "SELECT 1"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            },
+        );
     }
 
     /// Runs SQL as root over the Unix socket and returns tab-separated output.
@@ -165,14 +185,21 @@ impl MariaDb {
             .args(["-uroot", "-N", "-B", "-e", sql])
             .output()
             .unwrap();
-        assert!(out.status.success(), "root SQL failed: {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "root SQL failed: {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     /// A global status counter (e.g. `Connections`, `Threads_connected`).
     pub fn status(&self, name: &str) -> u64 {
         let out = self.root_sql(&format!("SHOW GLOBAL STATUS LIKE '{name}'"));
-        out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no status {name}: {out}"))
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no status {name}: {out}"))
     }
 
     /// SIGKILL, as a crash would.
@@ -211,12 +238,22 @@ pub fn dbproxy_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let bin = target.join("debug").join("dbproxy");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p proxy` first (cargo xtask test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p proxy` first (cargo xtask test does)",
+        bin.display()
+    );
     let built = bin.metadata().and_then(|m| m.modified()).unwrap();
     let newest = newest_mtime(&root.join("proxy/src"));
-    assert!(built >= newest, "{} is older than proxy/src: run `cargo build -p proxy` (cargo xtask test does)", bin.display());
+    assert!(
+        built >= newest,
+        "{} is older than proxy/src: run `cargo build -p proxy` (cargo xtask test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -224,7 +261,11 @@ fn newest_mtime(dir: &Path) -> std::time::SystemTime {
     let mut newest = std::time::UNIX_EPOCH;
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
-        let t = if p.is_dir() { newest_mtime(&p) } else { e.metadata().and_then(|m| m.modified()).unwrap() };
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).unwrap()
+        };
         newest = newest.max(t);
     }
     newest
@@ -238,7 +279,10 @@ impl Proxy {
 
     /// Same, with extra `[proxy]` lines too.
     pub fn start_full(db: &MariaDb, io: &str, proxy_extra: &str, group_extra: &str) -> Proxy {
-        let dir = tempfile::Builder::new().prefix("dbproxy-conf-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("dbproxy-conf-")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let config = format!(
             r#"[proxy]
@@ -283,15 +327,27 @@ auth_plugin = "mysql_native_password"
         let mut cmd = Command::new(dbproxy_bin());
         cmd.args(["run", "--config"])
             .arg(&path)
-            .env("DBPROXY_LOG", std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "DBPROXY_LOG",
+                std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = spawn(cmd);
-        let mut p = Proxy { port, io: io.to_string(), child: Some(child), log, _dir: dir };
+        let mut p = Proxy {
+            port,
+            io: io.to_string(),
+            child: Some(child),
+            log,
+            _dir: dir,
+        };
         wait_until("dbproxy to listen", Duration::from_secs(30), || {
             if let Some(c) = p.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("dbproxy exited with {st}: {}", std::fs::read_to_string(&p.log).unwrap_or_default());
+                    panic!(
+                        "dbproxy exited with {st}: {}",
+                        std::fs::read_to_string(&p.log).unwrap_or_default()
+                    );
                 }
             }
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -350,7 +406,13 @@ pub fn mariadb_cli(port: u16, user: &str, password: &str, args: &[&str], sql: &s
 }
 
 /// Same, feeding `input` on standard input instead of `-e`.
-pub fn mariadb_cli_stdin(port: u16, user: &str, password: &str, args: &[&str], input: &[u8]) -> Output {
+pub fn mariadb_cli_stdin(
+    port: u16,
+    user: &str,
+    password: &str,
+    args: &[&str],
+    input: &[u8],
+) -> Output {
     let mut child = Command::new("mariadb")
         .arg("--no-defaults")
         .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
@@ -371,12 +433,14 @@ pub fn mariadb_cli_stdin(port: u16, user: &str, password: &str, args: &[&str], i
     out
 }
 
+#[cfg(feature = "client")]
 /// A mysql-crate connection URL. `prefer_socket` is off: with it the crate asks the
 /// server for `@@socket` and reconnects there, which would bypass dbproxy on this host.
 pub fn url(port: u16, user: &str, password: &str, db: &str) -> String {
     format!("mysql://{user}:{password}@127.0.0.1:{port}/{db}?prefer_socket=false")
 }
 
+#[cfg(feature = "client")]
 /// Connects with the mysql crate's default settings.
 pub fn connect(port: u16, user: &str, password: &str, db: &str) -> mysql::Result<mysql::Conn> {
     let opts = mysql::Opts::from_url(&url(port, user, password, db)).unwrap();
@@ -392,7 +456,10 @@ pub fn read_some(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
         match s.read(&mut buf) {
             Ok(0) => return (out, true),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 return (out, false)
             }
             Err(_) => return (out, true),

@@ -27,10 +27,14 @@ fn database_killed_mid_query_then_restarted() {
         let noticed = killed_at.elapsed();
         println!("[{io}] client saw the failure {noticed:?} after the kill: {r:?}");
         assert!(r.is_err(), "[{io}] the query cannot succeed");
-        assert!(noticed < Duration::from_secs(5), "[{io}] the client hung ({noticed:?})");
+        assert!(
+            noticed < Duration::from_secs(5),
+            "[{io}] the client hung ({noticed:?})"
+        );
         // While the database is down, new clients get a clear error, not a hang.
         // (The mysql crate runs queries while connecting, so the error may come from either.)
-        let err = connect(proxy.port, "app", APP_PASSWORD, "").and_then(|mut c| c.query_drop("SELECT 1"));
+        let err =
+            connect(proxy.port, "app", APP_PASSWORD, "").and_then(|mut c| c.query_drop("SELECT 1"));
         match err {
             Err(mysql::Error::MySqlError(e)) => assert_eq!(e.code, 9502, "[{io}] {e:?}"),
             other => panic!("[{io}] expected 9502, got {:?}", other.map(|_| ())),
@@ -61,8 +65,12 @@ fn assert_healthy(port: u16) {
 fn bad_clients_get_errors_and_others_are_unaffected() {
     let db = MariaDb::start();
     for io in DRIVERS {
-        let proxy =
-            Proxy::start_full(&db, io, "handshake_timeout = \"1s\"\nmax_allowed_packet = \"1M\"", "");
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "handshake_timeout = \"1s\"\nmax_allowed_packet = \"1M\"",
+            "",
+        );
         // A client in the middle of a long session, to prove it is unaffected.
         let mut bystander = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
         bystander.query_drop("SELECT 1").unwrap();
@@ -70,9 +78,13 @@ fn bad_clients_get_errors_and_others_are_unaffected() {
         // Garbage instead of a handshake response: an error packet, then closed.
         let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
         read_greeting(&mut s);
-        s.write_all(b"\x10\x00\x00\x01GET / HTTP/1.1\r\n\r\n").unwrap();
+        s.write_all(b"\x10\x00\x00\x01GET / HTTP/1.1\r\n\r\n")
+            .unwrap();
         let (reply, closed) = read_some(&mut s, Duration::from_secs(3));
-        assert!(reply.len() > 5 && reply[4] == 0xff, "[{io}] garbage: {reply:?}");
+        assert!(
+            reply.len() > 5 && reply[4] == 0xff,
+            "[{io}] garbage: {reply:?}"
+        );
         assert_eq!(u16::from_le_bytes([reply[5], reply[6]]), 1043);
         assert!(closed, "[{io}] closed after garbage");
 
@@ -91,7 +103,10 @@ fn bad_clients_get_errors_and_others_are_unaffected() {
             s.write_all(partial).unwrap();
             let (_, closed) = read_some(&mut s, Duration::from_secs(5));
             assert!(closed, "[{io}] a silent client must be closed");
-            assert!(t0.elapsed() >= Duration::from_millis(900), "[{io}] closed before the timeout");
+            assert!(
+                t0.elapsed() >= Duration::from_millis(900),
+                "[{io}] closed before the timeout"
+            );
         }
 
         // An oversized command after login: ER_NET_PACKET_TOO_LARGE, then closed.
@@ -101,7 +116,10 @@ fn bad_clients_get_errors_and_others_are_unaffected() {
             Err(mysql::Error::MySqlError(e)) => assert_eq!(e.code, 1153, "[{io}] {e:?}"),
             other => panic!("[{io}] expected 1153, got {other:?}"),
         }
-        assert!(c.query_drop("SELECT 1").is_err(), "[{io}] closed after an oversized packet");
+        assert!(
+            c.query_drop("SELECT 1").is_err(),
+            "[{io}] closed after an oversized packet"
+        );
 
         // A packet header announcing more than 16 MiB - 1 cannot exist; a garbage command
         // byte gets "unknown command" and the session goes on.
@@ -109,13 +127,18 @@ fn bad_clients_get_errors_and_others_are_unaffected() {
         assert!(c.query_drop("SELECT 1").is_ok());
 
         // Many half-open connections at once do not disturb the others.
-        let idle: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(("127.0.0.1", proxy.port)).unwrap()).collect();
+        let idle: Vec<TcpStream> = (0..50)
+            .map(|_| TcpStream::connect(("127.0.0.1", proxy.port)).unwrap())
+            .collect();
         assert_healthy(proxy.port);
         drop(idle);
 
         let v: Option<i32> = bystander.query_first("SELECT 3").unwrap();
         assert_eq!(v, Some(3), "[{io}] the bystander is unaffected");
-        assert!(proxy.log().contains("handshake_timeout"), "[{io}] silent clients are logged");
+        assert!(
+            proxy.log().contains("handshake_timeout"),
+            "[{io}] silent clients are logged"
+        );
     }
 }
 
@@ -127,7 +150,10 @@ fn idle_clients_are_disconnected_with_an_error() {
         let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
         c.query_drop("SELECT 1").unwrap();
         std::thread::sleep(Duration::from_millis(1500));
-        assert!(c.query_drop("SELECT 1").is_err(), "[{io}] an idle client is disconnected");
+        assert!(
+            c.query_drop("SELECT 1").is_err(),
+            "[{io}] an idle client is disconnected"
+        );
         // Its backend connection went back to the pool: one connection serves the next one.
         let mut d = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
         d.query_drop("SELECT 1").unwrap();
@@ -166,7 +192,10 @@ fn unknown_commands_are_refused_and_the_session_goes_on() {
         }
         send(&mut s, 0, b"\x03SELECT 1");
         let (reply, _) = read_some(&mut s, Duration::from_millis(500));
-        assert!(reply.len() > 20, "[{io}] a result set after the refusals: {reply:?}");
+        assert!(
+            reply.len() > 20,
+            "[{io}] a result set after the refusals: {reply:?}"
+        );
     }
 }
 

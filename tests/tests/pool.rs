@@ -8,12 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn monitor(db: &MariaDb) -> mysql::Conn {
-    let opts = mysql::OptsBuilder::new().user(Some("root")).socket(Some(db.socket().to_str().unwrap()));
+    let opts = mysql::OptsBuilder::new()
+        .user(Some("root"))
+        .socket(Some(db.socket().to_str().unwrap()));
     mysql::Conn::new(opts).unwrap()
 }
 
 fn status(c: &mut mysql::Conn, name: &str) -> u64 {
-    let row: Option<(String, u64)> = c.query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'")).unwrap();
+    let row: Option<(String, u64)> = c
+        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+        .unwrap();
     row.unwrap().1
 }
 
@@ -23,7 +27,8 @@ fn storm(port: u16, clients: usize, rounds: usize) {
         .map(|i| {
             std::thread::spawn(move || {
                 for r in 0..rounds {
-                    let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap_or_else(|e| panic!("client {i}: {e}"));
+                    let mut c = connect(port, "app", APP_PASSWORD, "shop")
+                        .unwrap_or_else(|e| panic!("client {i}: {e}"));
                     let v: Option<u64> = c.query_first(format!("SELECT {i} * 1000 + {r}")).unwrap();
                     assert_eq!(v, Some((i * 1000 + r) as u64));
                 }
@@ -40,7 +45,11 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
     let db = MariaDb::start();
     let max = 20u64;
     for io in DRIVERS {
-        let proxy = Proxy::start(&db, io, &format!("max_connections = {max}\nmax_idle_connections = {max}"));
+        let proxy = Proxy::start(
+            &db,
+            io,
+            &format!("max_connections = {max}\nmax_idle_connections = {max}"),
+        );
         let mut mon = monitor(&db);
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
@@ -69,12 +78,29 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
         );
         if after != before {
             let log = proxy.log();
-            let _ = std::fs::write(std::env::temp_dir().join(format!("dbproxy-storm-{io}.log")), &log);
-            let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("logged in")).take(40).collect();
-            println!("dbproxy log (last lines, newest first):\n{}", tail.join("\n"));
+            let _ = std::fs::write(
+                std::env::temp_dir().join(format!("dbproxy-storm-{io}.log")),
+                &log,
+            );
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("logged in"))
+                .take(40)
+                .collect();
+            println!(
+                "dbproxy log (last lines, newest first):\n{}",
+                tail.join("\n")
+            );
         }
-        assert_eq!(after, before, "[{io}] the database saw new connections after warm-up");
-        assert!(peak.load(Ordering::Relaxed) <= max + monitors, "[{io}] Threads_connected exceeded max_connections");
+        assert_eq!(
+            after, before,
+            "[{io}] the database saw new connections after warm-up"
+        );
+        assert!(
+            peak.load(Ordering::Relaxed) <= max + monitors,
+            "[{io}] Threads_connected exceeded max_connections"
+        );
     }
 }
 
@@ -82,7 +108,11 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
 fn borrow_timeout_gives_a_clear_error() {
     let db = MariaDb::start();
     for io in DRIVERS {
-        let proxy = Proxy::start(&db, io, "max_connections = 4\nmax_idle_connections = 4\nconnection_borrow_timeout = \"2s\"");
+        let proxy = Proxy::start(
+            &db,
+            io,
+            "max_connections = 4\nmax_idle_connections = 4\nconnection_borrow_timeout = \"2s\"",
+        );
         let mut holders: Vec<mysql::Conn> = (0..4)
             .map(|_| {
                 let mut c = connect(proxy.port, "app", APP_PASSWORD, "").unwrap();
@@ -93,17 +123,26 @@ fn borrow_timeout_gives_a_clear_error() {
             .collect();
         // The mysql crate runs queries while connecting: the error may come from either.
         let t0 = Instant::now();
-        let err = connect(proxy.port, "app", APP_PASSWORD, "").and_then(|mut c| c.query_drop("SELECT 1")).unwrap_err();
+        let err = connect(proxy.port, "app", APP_PASSWORD, "")
+            .and_then(|mut c| c.query_drop("SELECT 1"))
+            .unwrap_err();
         let waited = t0.elapsed();
         match err {
             mysql::Error::MySqlError(e) => {
                 assert_eq!(e.code, 9501, "[{io}] {e:?}");
-                assert!(e.message.contains("timed out") && e.message.contains("default"), "{}", e.message);
+                assert!(
+                    e.message.contains("timed out") && e.message.contains("default"),
+                    "{}",
+                    e.message
+                );
             }
             other => panic!("[{io}] expected a borrow timeout error, got {other:?}"),
         }
         println!("[{io}] 5th client waited {waited:?} before the error");
-        assert!(waited >= Duration::from_millis(1500), "[{io}] it must wait for the timeout first");
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "[{io}] it must wait for the timeout first"
+        );
         // A client gets served as soon as a connection frees up.
         holders.pop();
         let mut fifth = connect(proxy.port, "app", APP_PASSWORD, "").unwrap();
@@ -124,17 +163,27 @@ fn backend_sessions_are_reset_between_clients() {
         let mut a = connect(proxy.port, "app", APP_PASSWORD, "").unwrap();
         let first_id: Option<u64> = a.query_first("SELECT CONNECTION_ID()").unwrap();
         a.query_drop("USE shop2").unwrap();
-        a.query_drop("SET @leak = 1, SESSION sql_mode = 'ANSI'").unwrap();
-        a.query_drop("CREATE TEMPORARY TABLE shop.tmp_leak (x INT)").unwrap();
+        a.query_drop("SET @leak = 1, SESSION sql_mode = 'ANSI'")
+            .unwrap();
+        a.query_drop("CREATE TEMPORARY TABLE shop.tmp_leak (x INT)")
+            .unwrap();
         drop(a);
         let mut b = connect(proxy.port, "app", APP_PASSWORD, "").unwrap();
-        let row: (Option<u64>, Option<String>, Option<i64>, String, u64) =
-            b.query_first("SELECT CONNECTION_ID(), DATABASE(), @leak, @@sql_mode, @@wait_timeout").unwrap().unwrap();
-        assert_eq!(row.0, first_id, "[{io}] the same backend connection was reused");
+        let row: (Option<u64>, Option<String>, Option<i64>, String, u64) = b
+            .query_first("SELECT CONNECTION_ID(), DATABASE(), @leak, @@sql_mode, @@wait_timeout")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            row.0, first_id,
+            "[{io}] the same backend connection was reused"
+        );
         assert_eq!(row.1, None, "[{io}] default database reset");
         assert_eq!(row.2, None, "[{io}] user variable reset");
         assert_ne!(row.3, "ANSI", "[{io}] sql_mode reset");
         assert_eq!(row.4, 4321, "[{io}] init_query ran again after the reset");
-        assert!(b.query_drop("SELECT * FROM shop.tmp_leak").is_err(), "[{io}] temporary table dropped");
+        assert!(
+            b.query_drop("SELECT * FROM shop.tmp_leak").is_err(),
+            "[{io}] temporary table dropped"
+        );
     }
 }

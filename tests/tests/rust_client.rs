@@ -16,12 +16,18 @@ const SETUP: &str = "CREATE TABLE shop.types (
     (3, 0, 0, 0, 0, 0, 0, '', '', '', '1000-01-01', '1000-01-01 00:00:00', '00:00:00', 1901, b'0', 'a', '[]');";
 
 fn rows_text(c: &mut Conn, sql: &str) -> Vec<Vec<Value>> {
-    c.query_iter(sql).unwrap().map(|r| r.unwrap().unwrap()).collect()
+    c.query_iter(sql)
+        .unwrap()
+        .map(|r| r.unwrap().unwrap())
+        .collect()
 }
 
 fn rows_binary(c: &mut Conn, sql: &str, params: Vec<Value>) -> Vec<Vec<Value>> {
     let stmt = c.prep(sql).unwrap();
-    c.exec_iter(&stmt, params).unwrap().map(|r| r.unwrap().unwrap()).collect()
+    c.exec_iter(&stmt, params)
+        .unwrap()
+        .map(|r| r.unwrap().unwrap())
+        .collect()
 }
 
 #[test]
@@ -37,11 +43,16 @@ fn text_and_binary_results_equal_direct() {
         assert_eq!(t.len(), 3);
         assert_eq!(t, rows_text(&mut direct, q), "[{io}] text protocol");
         assert!(t[1][1..].iter().all(|v| *v == Value::NULL));
-        let pq = "SELECT * FROM types WHERE id >= ? AND (vc = ? OR vc IS NULL OR ? IS NULL) ORDER BY id";
+        let pq =
+            "SELECT * FROM types WHERE id >= ? AND (vc = ? OR vc IS NULL OR ? IS NULL) ORDER BY id";
         let params = vec![Value::Int(1), Value::Bytes("héllo".into()), Value::NULL];
         let b = rows_binary(&mut c, pq, params.clone());
         assert_eq!(b.len(), 3);
-        assert_eq!(b, rows_binary(&mut direct, pq, params), "[{io}] binary protocol");
+        assert_eq!(
+            b,
+            rows_binary(&mut direct, pq, params),
+            "[{io}] binary protocol"
+        );
         // Many executions of one statement, and a statement closed and re-prepared.
         let stmt = c.prep("SELECT ? + 1").unwrap();
         for i in 0..200i64 {
@@ -73,13 +84,21 @@ fn transactions_commit_and_rollback() {
         let mut t = c.start_transaction(mysql::TxOpts::default()).unwrap();
         t.query_drop("INSERT INTO tx VALUES (1), (2)").unwrap();
         t.rollback().unwrap();
-        assert_eq!(db.root_sql("SELECT COUNT(*) FROM shop.tx").trim(), "0", "[{io}] rolled back");
+        assert_eq!(
+            db.root_sql("SELECT COUNT(*) FROM shop.tx").trim(),
+            "0",
+            "[{io}] rolled back"
+        );
         let mut t = c.start_transaction(mysql::TxOpts::default()).unwrap();
         t.exec_drop("INSERT INTO tx VALUES (?)", (3,)).unwrap();
         // Not visible to others before the commit.
         assert_eq!(db.root_sql("SELECT COUNT(*) FROM shop.tx").trim(), "0");
         t.commit().unwrap();
-        assert_eq!(db.root_sql("SELECT COUNT(*) FROM shop.tx").trim(), "1", "[{io}] committed");
+        assert_eq!(
+            db.root_sql("SELECT COUNT(*) FROM shop.tx").trim(),
+            "1",
+            "[{io}] committed"
+        );
         // A client that leaves with an open transaction has it rolled back.
         c.query_drop("BEGIN").unwrap();
         c.query_drop("INSERT INTO tx VALUES (4)").unwrap();
@@ -95,10 +114,19 @@ fn login_plugins_and_wrong_password() {
     let db = MariaDb::start();
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "");
-        for (user, pw) in [("app", APP_PASSWORD), ("sha2user", "sha2-secret"), ("nativeuser", "native-secret")] {
-            let mut c = connect(proxy.port, user, pw, "shop").unwrap_or_else(|e| panic!("[{io}] {user}: {e}"));
+        for (user, pw) in [
+            ("app", APP_PASSWORD),
+            ("sha2user", "sha2-secret"),
+            ("nativeuser", "native-secret"),
+        ] {
+            let mut c = connect(proxy.port, user, pw, "shop")
+                .unwrap_or_else(|e| panic!("[{io}] {user}: {e}"));
             let who: Option<String> = c.query_first("SELECT CURRENT_USER()").unwrap();
-            assert_eq!(who.as_deref(), Some("app@%"), "[{io}] {user} uses the backend user");
+            assert_eq!(
+                who.as_deref(),
+                Some("app@%"),
+                "[{io}] {user} uses the backend user"
+            );
         }
         for (user, pw) in [("app", "nope"), ("sha2user", "nope"), ("ghost", "nope")] {
             match connect(proxy.port, user, pw, "") {
@@ -124,10 +152,18 @@ fn change_user_is_authenticated_by_the_proxy() {
             .with_pass(Some("native-secret".into()))
             .with_db_name(Some("shop2".into()));
         c.change_user(opts).unwrap();
-        let (d, m): (Option<String>, Option<i64>) = c.query_first("SELECT DATABASE(), @marker").unwrap().unwrap();
+        let (d, m): (Option<String>, Option<i64>) = c
+            .query_first("SELECT DATABASE(), @marker")
+            .unwrap()
+            .unwrap();
         assert_eq!(d.as_deref(), Some("shop2"), "[{io}]");
-        assert_eq!(m, None, "[{io}] session state does not survive a change of user");
-        let bad = mysql::ChangeUserOpts::default().with_user(Some("app".into())).with_pass(Some("wrong".into()));
+        assert_eq!(
+            m, None,
+            "[{io}] session state does not survive a change of user"
+        );
+        let bad = mysql::ChangeUserOpts::default()
+            .with_user(Some("app".into()))
+            .with_pass(Some("wrong".into()));
         assert!(c.change_user(bad).is_err(), "[{io}] wrong password refused");
     }
 }

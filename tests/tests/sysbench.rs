@@ -5,7 +5,12 @@ use std::process::Command;
 
 fn sysbench(port: u16, password: &str, args: &[&str]) -> std::process::Output {
     Command::new("sysbench")
-        .args(["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=app", "--mysql-db=shop"])
+        .args([
+            "--db-driver=mysql",
+            "--mysql-host=127.0.0.1",
+            "--mysql-user=app",
+            "--mysql-db=shop",
+        ])
         .arg(format!("--mysql-port={port}"))
         .arg(format!("--mysql-password={password}"))
         .args(["--tables=4", "--table-size=10000"])
@@ -15,28 +20,56 @@ fn sysbench(port: u16, password: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn field(out: &str, name: &str) -> String {
-    out.lines().find(|l| l.trim_start().starts_with(name)).map(|l| l.trim().to_string()).unwrap_or_default()
+    out.lines()
+        .find(|l| l.trim_start().starts_with(name))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[test]
 fn oltp_read_write_prepared_16_threads_no_errors() {
     let db = MariaDb::start();
     let prep = sysbench(db.port, DB_PASSWORD, &["oltp_read_write", "prepare"]);
-    assert!(prep.status.success(), "{}", String::from_utf8_lossy(&prep.stderr));
+    assert!(
+        prep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
     let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| "30".into());
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "max_connections = 32\nmax_idle_connections = 32");
         let out = sysbench(
             proxy.port,
             APP_PASSWORD,
-            &["oltp_read_write", "run", "--threads=16", &format!("--time={secs}"), "--db-ps-mode=auto"],
+            &[
+                "oltp_read_write",
+                "run",
+                "--threads=16",
+                &format!("--time={secs}"),
+                "--db-ps-mode=auto",
+            ],
         );
         let text = String::from_utf8_lossy(&out.stdout);
         let err = String::from_utf8_lossy(&out.stderr);
-        println!("[{io}] {} | {} | {}", field(&text, "transactions:"), field(&text, "queries:"), field(&text, "ignored errors:"));
-        assert!(out.status.success(), "[{io}] sysbench failed: {err}\n{text}");
-        assert!(!text.contains("FATAL") && !err.contains("FATAL"), "[{io}] {err}");
-        let tx: u64 = field(&text, "transactions:").split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        println!(
+            "[{io}] {} | {} | {}",
+            field(&text, "transactions:"),
+            field(&text, "queries:"),
+            field(&text, "ignored errors:")
+        );
+        assert!(
+            out.status.success(),
+            "[{io}] sysbench failed: {err}\n{text}"
+        );
+        assert!(
+            !text.contains("FATAL") && !err.contains("FATAL"),
+            "[{io}] {err}"
+        );
+        let tx: u64 = field(&text, "transactions:")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         assert!(tx > 0, "[{io}] no transactions ran: {text}");
         // Deadlocks between sysbench's own threads are retried by sysbench ("ignored
         // errors"); anything else makes it fail above.

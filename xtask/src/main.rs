@@ -1,1 +1,301 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own commands.
+//!
+//! - `demo`: a throwaway MariaDB (unless `--target` names one) and dbproxy in front of it
+//!   on 127.0.0.1:6033, until Ctrl-C.
+//! - `test`: installs what the tests need, then fmt, clippy, unit and integration tests
+//!   (the integration tests run every scenario on both io drivers).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 demo [--target HOST:PORT --backend-user U --backend-password P] [--listen ADDR]\n          \
+                 run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C\n  \
+                 test    install prerequisites, then fmt, clippy, unit and integration tests"
+            );
+            Err("no command".into())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result {
+    eprintln!("xtask: {what}");
+    let st = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot run: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("{what}: failed ({st})"))
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Installs Debian packages that provide the missing commands (idempotent).
+fn ensure_apt(needed: &[(&str, &str)]) -> Result {
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} with apt-get", missing.join(" "));
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo", "-n"] };
+    let apt = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.push("apt-get");
+        all.extend_from_slice(args);
+        let mut c = Command::new(all[0]);
+        c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run("apt-get update", &mut apt(&["update", "-qq"]))?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter().copied());
+    run("apt-get install", &mut apt(&args))
+}
+
+fn ensure_rust_components() -> Result {
+    for (probe, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let ok = cargo()
+            .args([probe, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            run(
+                &format!("rustup component add {component}"),
+                Command::new("rustup").args(["component", "add", component]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+const DB_TOOLS: [(&str, &str); 3] = [
+    ("mariadbd", "mariadb-server"),
+    ("mariadb-install-db", "mariadb-server"),
+    ("mariadb", "mariadb-client"),
+];
+
+fn test(args: &[String]) -> Result {
+    if let Some(a) = args.first() {
+        return Err(format!("test takes no arguments (got {a})"));
+    }
+    let mut needed = DB_TOOLS.to_vec();
+    needed.push(("sysbench", "sysbench"));
+    ensure_apt(&needed)?;
+    ensure_rust_components()?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "build dbproxy",
+        cargo().args(["build", "-p", "proxy", "--bin", "dbproxy"]),
+    )?;
+    run(
+        "unit tests",
+        cargo().args(["test", "--workspace", "--lib", "--bins"]),
+    )?;
+    run(
+        "integration tests (uring and epoll)",
+        cargo().args(["test", "-p", "proxy-tests", "--tests"]),
+    )?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct DemoArgs {
+    target: Option<String>,
+    backend_user: String,
+    backend_password: String,
+    listen: String,
+}
+
+fn parse_demo_args(args: &[String]) -> Result<DemoArgs> {
+    let mut d = DemoArgs {
+        target: None,
+        backend_user: "app".into(),
+        backend_password: proxy_tests::DB_PASSWORD.into(),
+        listen: "127.0.0.1:6033".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--target" => d.target = Some(val()?),
+            "--backend-user" => d.backend_user = val()?,
+            "--backend-password" => d.backend_password = val()?,
+            "--listen" => d.listen = val()?,
+            other => return Err(format!("unknown demo option {other}")),
+        }
+    }
+    Ok(d)
+}
+
+fn demo(args: &[String]) -> Result {
+    let opts = parse_demo_args(args)?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut throwaway = None;
+    let target = match &opts.target {
+        Some(t) => t.clone(),
+        None => {
+            if !have("mariadbd") {
+                eprintln!("xtask: no mariadbd found; installing MariaDB from Debian's packages");
+            }
+            ensure_apt(&DB_TOOLS)?;
+            eprintln!("xtask: starting a throwaway MariaDB in a temporary directory");
+            let db = proxy_tests::MariaDb::start();
+            let t = format!("127.0.0.1:{}", db.port);
+            throwaway = Some(db);
+            t
+        }
+    };
+    run(
+        "build dbproxy (release)",
+        cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),
+    )?;
+    let dir = std::env::temp_dir().join(format!("dbproxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config = dir.join("dbproxy.toml");
+    let text = format!(
+        r#"[proxy]
+workers = 0
+io = "auto"
+
+[[endpoints]]
+name = "default"
+listen = "{listen}"
+target_group = "default"
+
+[[target_groups]]
+name = "default"
+targets = ["{target}"]
+max_connections = 20
+max_idle_connections = 20
+
+[[users]]
+name = "app"
+password = "app-secret"
+backend_user = "{user}"
+backend_password = "{password}"
+"#,
+        listen = opts.listen,
+        user = opts.backend_user,
+        password = opts.backend_password,
+    );
+    std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("release/dbproxy");
+    let mut proxy = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .spawn()
+        .map_err(|e| format!("cannot start dbproxy: {e}"))?;
+    let (host, port) = opts
+        .listen
+        .rsplit_once(':')
+        .unwrap_or(("127.0.0.1", "6033"));
+    eprintln!(
+        "\nxtask: dbproxy is running in front of {target}; config in {}",
+        config.display()
+    );
+    if throwaway.is_some() {
+        eprintln!("xtask: the throwaway MariaDB has databases shop and shop2");
+    }
+    eprintln!("\n    mariadb -h {host} -P {port} -u app -papp-secret shop\n");
+    eprintln!("xtask: press Ctrl-C to stop and clean up");
+    let status = loop {
+        if STOP.load(Ordering::SeqCst) {
+            break None;
+        }
+        if let Ok(Some(st)) = proxy.try_wait() {
+            break Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if status.is_none() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(proxy.id() as i32, libc::SIGTERM) };
+        let _ = proxy.wait();
+    }
+    drop(throwaway);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("xtask: stopped and cleaned up");
+    match status {
+        Some(st) if !st.success() => Err(format!("dbproxy exited with {st}")),
+        _ => Ok(()),
+    }
+}

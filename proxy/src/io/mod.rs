@@ -160,7 +160,10 @@ pub async fn read_packet_by<S: Stream>(
     loop {
         if let Some(h) = Header::parse(buf.filled()) {
             if h.len > limit {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, PacketTooLarge(h.len)));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    PacketTooLarge(h.len),
+                ));
             }
             if buf.len() >= h.total() {
                 return Ok(h);
@@ -179,7 +182,11 @@ pub async fn read_packet_by<S: Stream>(
 /// io_uring read would keep the descriptor open until the peer sends something): the
 /// socket's receive side is shut down, which completes the read; the stream can still
 /// send (a last error packet) and must then be dropped.
-pub async fn read_by<S: Stream>(s: &mut S, buf: &mut Buf, deadline: Option<tokio::time::Instant>) -> io::Result<usize> {
+pub async fn read_by<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    deadline: Option<tokio::time::Instant>,
+) -> io::Result<usize> {
     let Some(deadline) = deadline else {
         return s.read(buf).await;
     };

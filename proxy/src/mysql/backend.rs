@@ -42,7 +42,7 @@ pub struct Login {
     plugin: Plugin,
 }
 
-fn connect_attrs() -> Vec<(Vec<u8>, Vec<u8>)> {
+fn connect_attrs() -> crate::mysql::handshake::Attrs {
     vec![
         (b"_client_name".to_vec(), b"dbproxy".to_vec()),
         (

@@ -96,8 +96,11 @@ pub struct HandshakeResponse {
     pub database: Option<Vec<u8>>,
     pub auth_plugin: Option<Vec<u8>>,
     /// Connection attributes as (key, value) pairs.
-    pub attrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub attrs: Attrs,
 }
+
+/// Connection attributes: (key, value) pairs.
+pub type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Length of an SSLRequest packet (a truncated HandshakeResponse41 with `CLIENT_SSL`).
 pub const SSL_REQUEST_LEN: usize = 32;
@@ -180,7 +183,7 @@ impl HandshakeResponse {
     }
 }
 
-fn parse_attrs(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ProtocolError> {
+fn parse_attrs(mut data: &[u8]) -> Result<Attrs, ProtocolError> {
     let mut attrs = Vec::new();
     while !data.is_empty() {
         let mut r = Reader::new(data);
@@ -192,7 +195,7 @@ fn parse_attrs(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ProtocolError
     Ok(attrs)
 }
 
-fn put_attrs(out: &mut Vec<u8>, attrs: &[(Vec<u8>, Vec<u8>)]) {
+fn put_attrs(out: &mut Vec<u8>, attrs: &Attrs) {
     let mut body = Vec::new();
     for (k, v) in attrs {
         put_lenenc_bytes(&mut body, k);
@@ -238,7 +241,7 @@ pub struct ChangeUser {
     /// Collation id (two bytes on the wire); `None` when the client sent none.
     pub collation: Option<u16>,
     pub auth_plugin: Option<Vec<u8>>,
-    pub attrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub attrs: Attrs,
 }
 
 impl ChangeUser {

@@ -2,7 +2,6 @@
 //! makes it fit for the next client.
 
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
-use tokio::time::Instant as Deadline;
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
@@ -13,6 +12,7 @@ use crate::mysql::{ProtocolError, MAX_PAYLOAD};
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::time::Instant as Deadline;
 
 /// Why a backend connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +131,11 @@ impl<S: Stream> BackendConn<S> {
         Ok((conn, profile))
     }
 
-    async fn finish_login(&mut self, login: &mut Login, deadline: Option<Deadline>) -> Result<(), BackendError> {
+    async fn finish_login(
+        &mut self,
+        login: &mut Login,
+        deadline: Option<Deadline>,
+    ) -> Result<(), BackendError> {
         loop {
             let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, deadline).await?;
             let step = login.on_packet(&self.buf.filled()[4..h.total()]);

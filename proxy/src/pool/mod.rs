@@ -31,7 +31,11 @@ pub enum BorrowError {
     #[error("timed out after {0:?} waiting for a free database connection in target group '{1}'")]
     Timeout(Duration, String),
     #[error("cannot open a database connection to {addr} (target group '{group}'): {source}")]
-    Connect { addr: SocketAddr, group: String, source: BackendError },
+    Connect {
+        addr: SocketAddr,
+        group: String,
+        source: BackendError,
+    },
 }
 
 /// What a pooled connection was negotiated for: only clients that match may use it.
@@ -118,7 +122,9 @@ impl GroupShared {
             let Some(s) = q.remove(i) else { break };
             match s.tx.send(conn) {
                 Ok(()) => {
-                    self.stats.moved_between_cores.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .moved_between_cores
+                        .fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
                 Err(back) => conn = back,
@@ -173,26 +179,41 @@ impl<S: Stream> Pooled<S> {
 
 impl<S> Pooled<S> {
     fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Pooled<T>> {
-        Ok(Pooled { conn: self.conn.map_stream(f)?, key: self.key, permit: self.permit })
+        Ok(Pooled {
+            conn: self.conn.map_stream(f)?,
+            key: self.key,
+            permit: self.permit,
+        })
     }
 }
+
+/// A borrower on this core waiting for a connection of its key.
+type Waiter<S> = oneshot::Sender<Pooled<S>>;
 
 /// One core's pool for one target group.
 pub struct CorePool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<HashMap<PoolKey, Vec<Pooled<D::Stream>>>>,
-    waiters: RefCell<HashMap<PoolKey, VecDeque<oneshot::Sender<Pooled<D::Stream>>>>>,
+    waiters: RefCell<HashMap<PoolKey, VecDeque<Waiter<D::Stream>>>>,
 }
 
 impl<D: Driver> CorePool<D> {
     pub fn new(shared: Arc<GroupShared>) -> Rc<Self> {
-        Rc::new(CorePool { shared, idle: RefCell::default(), waiters: RefCell::default() })
+        Rc::new(CorePool {
+            shared,
+            idle: RefCell::default(),
+            waiters: RefCell::default(),
+        })
     }
 
     /// Hands out a connection for `key` whose default database is `db` if one is idle, or
     /// with no default database when `db` is `None`; a connection on another database is
     /// switched by the caller. Waits up to the group's `connection_borrow_timeout`.
-    pub async fn borrow(self: &Rc<Self>, key: &PoolKey, db: Option<&[u8]>) -> Result<Pooled<D::Stream>, BorrowError> {
+    pub async fn borrow(
+        self: &Rc<Self>,
+        key: &PoolKey,
+        db: Option<&[u8]>,
+    ) -> Result<Pooled<D::Stream>, BorrowError> {
         let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
         let mut conn = self.acquire(key, db, deadline).await?;
         self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
@@ -214,8 +235,15 @@ impl<D: Driver> CorePool<D> {
     }
 
     fn connect_error(&self, source: BackendError) -> BorrowError {
-        self.shared.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-        BorrowError::Connect { addr: self.shared.writer, group: self.shared.name.clone(), source }
+        self.shared
+            .stats
+            .connect_errors
+            .fetch_add(1, Ordering::Relaxed);
+        BorrowError::Connect {
+            addr: self.shared.writer,
+            group: self.shared.name.clone(),
+            source,
+        }
     }
 
     async fn acquire(
@@ -237,9 +265,17 @@ impl<D: Driver> CorePool<D> {
             }
             // Wait for a connection from this core, one moved from another core, or budget.
             let (tx, mut rx) = oneshot::channel();
-            self.waiters.borrow_mut().entry(key.clone()).or_default().push_back(tx);
+            self.waiters
+                .borrow_mut()
+                .entry(key.clone())
+                .or_default()
+                .push_back(tx);
             let (rtx, mut rrx) = oneshot::channel();
-            self.shared.starving.lock().push_back(Starving { key: key.clone(), tx: rtx, freed: false });
+            self.shared.starving.lock().push_back(Starving {
+                key: key.clone(),
+                tx: rtx,
+                freed: false,
+            });
             self.shared.starving_notify.notify_waiters();
             let budget = self.shared.budget.clone();
             let first = tokio::time::timeout_at(deadline, async {
@@ -292,8 +328,14 @@ impl<D: Driver> CorePool<D> {
                 Some(Ok(conn)) => return Ok(conn),
                 Some(Err(permit)) => return self.open(key, permit).await,
                 None if tokio::time::Instant::now() >= deadline => {
-                    self.shared.stats.borrow_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return Err(BorrowError::Timeout(self.shared.borrow_timeout, self.shared.name.clone()));
+                    self.shared
+                        .stats
+                        .borrow_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(BorrowError::Timeout(
+                        self.shared.borrow_timeout,
+                        self.shared.name.clone(),
+                    ));
                 }
                 None => {}
             }
@@ -306,7 +348,10 @@ impl<D: Driver> CorePool<D> {
         let list = idle.get_mut(key)?;
         let want = db.map_or(Database::None, |d| Database::Known(d.to_vec()));
         while !list.is_empty() {
-            let i = list.iter().rposition(|c| c.database == want).unwrap_or(list.len() - 1);
+            let i = list
+                .iter()
+                .rposition(|c| c.database == want)
+                .unwrap_or(list.len() - 1);
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
             if idle_socket_is_healthy(c.stream.raw_fd()) {
@@ -336,14 +381,19 @@ impl<D: Driver> CorePool<D> {
         false
     }
 
-    async fn open(&self, key: &PoolKey, permit: OwnedSemaphorePermit) -> Result<Pooled<D::Stream>, BorrowError> {
+    async fn open(
+        &self,
+        key: &PoolKey,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Pooled<D::Stream>, BorrowError> {
         let sh = &self.shared;
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
             let stream = D::connect(sh.writer).await?;
             let wanted = cap::BACKEND_BASE | key.behaviour;
             let (mut conn, profile) =
-                BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline).await?;
+                BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline)
+                    .await?;
             if !sh.init_query.is_empty() {
                 conn.query(&sh.init_query).await?;
             }
@@ -354,7 +404,10 @@ impl<D: Driver> CorePool<D> {
             Ok(r) => r,
             Err(_) => Err(BackendError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within connect_timeout ({:?})", sh.connect_timeout),
+                format!(
+                    "no answer within connect_timeout ({:?})",
+                    sh.connect_timeout
+                ),
             ))),
         };
         match res {
@@ -364,7 +417,11 @@ impl<D: Driver> CorePool<D> {
                 if *sh.profile.read() != profile {
                     *sh.profile.write() = profile;
                 }
-                Ok(Pooled { conn, key: key.clone(), permit })
+                Ok(Pooled {
+                    conn,
+                    key: key.clone(),
+                    permit,
+                })
             }
             Err(e) => Err(self.connect_error(e)),
         }
@@ -379,7 +436,10 @@ impl<D: Driver> CorePool<D> {
             match conn.reset(&init).await {
                 Ok(()) => pool.checkin(conn),
                 Err(e) => {
-                    pool.shared.stats.reset_errors.fetch_add(1, Ordering::Relaxed);
+                    pool.shared
+                        .stats
+                        .reset_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     pool.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(group = %pool.shared.name, thread_id = conn.thread_id, "closing a backend connection that failed to reset: {e}");
                 }
@@ -397,7 +457,11 @@ impl<D: Driver> CorePool<D> {
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
         // 1. A borrower on this core for the same key.
         loop {
-            let tx = self.waiters.borrow_mut().get_mut(&conn.key).and_then(|q| q.pop_front());
+            let tx = self
+                .waiters
+                .borrow_mut()
+                .get_mut(&conn.key)
+                .and_then(|q| q.pop_front());
             let Some(tx) = tx else { break };
             match tx.send(conn) {
                 Ok(()) => return,
@@ -411,19 +475,31 @@ impl<D: Driver> CorePool<D> {
         };
         // 3. A starving borrower of another key: free the budget for it.
         let sh = &self.shared;
-        if sh.claim_starving(|k| *k != conn.key) || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle {
+        if sh.claim_starving(|k| *k != conn.key)
+            || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle
+        {
             tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection (budget wanted elsewhere or max_idle_connections reached)");
             sh.stats.closed.fetch_add(1, Ordering::Relaxed);
             tokio::task::spawn_local(conn.quit());
             return;
         }
         sh.idle_total.fetch_add(1, Ordering::AcqRel);
-        self.idle.borrow_mut().entry(conn.key.clone()).or_default().push(conn);
+        self.idle
+            .borrow_mut()
+            .entry(conn.key.clone())
+            .or_default()
+            .push(conn);
     }
 
     /// Offers a connection to another core's starving borrower; `Some` gives it back.
     fn move_to_starving(&self, conn: Pooled<D::Stream>) -> Option<Pooled<D::Stream>> {
-        if self.shared.starving.lock().iter().all(|s| s.key != conn.key || s.tx.is_closed()) {
+        if self
+            .shared
+            .starving
+            .lock()
+            .iter()
+            .all(|s| s.key != conn.key || s.tx.is_closed())
+        {
             return Some(conn);
         }
         let detached = match conn.map_stream(D::detach) {
@@ -466,7 +542,11 @@ impl<D: Driver> CorePool<D> {
                 self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
                 if let Some(back) = self.move_to_starving(c) {
                     self.shared.idle_total.fetch_add(1, Ordering::AcqRel);
-                    self.idle.borrow_mut().entry(back.key.clone()).or_default().push(back);
+                    self.idle
+                        .borrow_mut()
+                        .entry(back.key.clone())
+                        .or_default()
+                        .push(back);
                 }
             } else if self.has_idle_except(&key) && self.shared.claim_starving(|k| *k == key) {
                 self.evict_one_local(Some(&key));
@@ -475,7 +555,10 @@ impl<D: Driver> CorePool<D> {
     }
 
     fn has_idle_except(&self, key: &PoolKey) -> bool {
-        self.idle.borrow().iter().any(|(k, l)| k != key && !l.is_empty())
+        self.idle
+            .borrow()
+            .iter()
+            .any(|(k, l)| k != key && !l.is_empty())
     }
 
     fn prune_dead(&self) {
@@ -486,7 +569,10 @@ impl<D: Driver> CorePool<D> {
             let gone = before - list.len();
             if gone > 0 {
                 self.shared.idle_total.fetch_sub(gone, Ordering::AcqRel);
-                self.shared.stats.closed.fetch_add(gone as u64, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .closed
+                    .fetch_add(gone as u64, Ordering::Relaxed);
             }
         }
         idle.retain(|_, l| !l.is_empty());
@@ -494,8 +580,15 @@ impl<D: Driver> CorePool<D> {
 
     /// Closes every idle connection on this core (shutdown).
     pub async fn close_idle(&self) {
-        let all: Vec<_> = self.idle.borrow_mut().drain().flat_map(|(_, l)| l).collect();
-        self.shared.idle_total.fetch_sub(all.len(), Ordering::AcqRel);
+        let all: Vec<_> = self
+            .idle
+            .borrow_mut()
+            .drain()
+            .flat_map(|(_, l)| l)
+            .collect();
+        self.shared
+            .idle_total
+            .fetch_sub(all.len(), Ordering::AcqRel);
         for c in all {
             c.quit().await;
         }
