@@ -189,7 +189,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 
 fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpListener)>) {
     let mut b = tokio_uring::builder();
-    b.entries(1024);
+    b.entries(uring::RING_ENTRIES);
     match tokio_uring::Runtime::new(&b) {
         Ok(rt) => rt.block_on(worker::<Uring>(shared, listeners)),
         Err(e) => tracing::error!("worker cannot start its io_uring runtime: {e}"),

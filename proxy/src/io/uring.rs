@@ -79,8 +79,11 @@ impl Driver for Uring {
     }
 }
 
-/// Whether an io_uring instance can be set up here (kernels, seccomp profiles and
-/// containers may refuse it).
+/// Submission queue entries of each worker's ring.
+pub const RING_ENTRIES: u32 = 1024;
+
+/// Whether an io_uring instance of the workers' size can be set up here (kernels, seccomp
+/// profiles, containers and memlock limits may refuse it).
 pub fn available() -> Result<(), io::Error> {
-    io_uring::IoUring::new(8).map(|_| ())
+    io_uring::IoUring::new(RING_ENTRIES).map(|_| ())
 }

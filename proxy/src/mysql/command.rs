@@ -67,16 +67,27 @@ pub fn classify(command: u8) -> Disposition {
 }
 
 /// Whether a command may change the connection's default database in a way dbproxy cannot
-/// see from the reply: COM_QUERY text that could contain `USE` (checked conservatively:
-/// any occurrence of the letters "use", case-insensitive).
+/// see from the reply: COM_QUERY text that could contain a `USE` statement, checked
+/// conservatively (the word `use` anywhere, even inside a string or a comment).
 pub fn may_change_database(payload: &[u8]) -> bool {
     match payload.first() {
-        Some(&com::QUERY) => payload[1..]
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(b"use")),
+        Some(&com::QUERY) => contains_word(&payload[1..], b"use"),
         Some(&com::DROP_DB) => true,
         _ => false,
     }
+}
+
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// Whether `word` occurs (ASCII case-insensitively) as a whole word in `text`.
+fn contains_word(text: &[u8], word: &[u8]) -> bool {
+    text.windows(word.len()).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(word)
+            && (i == 0 || !is_ident_byte(text[i - 1]))
+            && text.get(i + word.len()).is_none_or(|&b| !is_ident_byte(b))
+    })
 }
 
 #[cfg(test)]
@@ -102,7 +113,11 @@ mod tests {
     fn database_change_detection() {
         assert!(may_change_database(b"\x03USE shop"));
         assert!(may_change_database(b"\x03select 1; use `x`"));
-        assert!(may_change_database(b"\x03SELECT user()")); // conservative
+        assert!(may_change_database(b"\x03/*!40000 USE`x`*/"));
+        assert!(may_change_database(b"\x03SELECT 'use'")); // conservative
+        assert!(!may_change_database(
+            b"\x03SELECT user(), reuse, users FROM t"
+        ));
         assert!(!may_change_database(b"\x03SELECT 1"));
         assert!(!may_change_database(b"\x02shop"));
         assert!(!may_change_database(b""));
