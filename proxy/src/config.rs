@@ -31,6 +31,16 @@ pub struct Config {
     pub target_groups: Vec<TargetGroupConfig>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the metrics endpoint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// ip:port for `GET /metrics` (Prometheus text format); empty = off.
+    pub listen: String,
 }
 
 /// I/O backend of the data path.
@@ -114,6 +124,18 @@ pub struct TargetGroupConfig {
     /// Runs on every new backend connection, and again after each reset.
     #[serde(default)]
     pub init_query: String,
+    /// RDS Proxy's session pinning filters.
+    #[serde(default)]
+    pub session_pinning_filters: Vec<PinningFilter>,
+}
+
+/// A session pinning filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinningFilter {
+    /// SET statements (user variables, `SET TRANSACTION`) do not pin; the client accepts
+    /// that their effect may not follow it to the next backend connection.
+    ExcludeVariableSets,
 }
 
 fn d_max_connections() -> usize {
@@ -277,6 +299,9 @@ impl Config {
         }
         if self.proxy.handshake_timeout.is_zero() {
             errs.push("proxy.handshake_timeout: must be more than 0".into());
+        }
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
+            errs.push(format!("admin.listen: {:?} is not an ip:port address", self.admin.listen));
         }
         if self.endpoints.is_empty() {
             errs.push("endpoints: at least one [[endpoints]] is needed".into());

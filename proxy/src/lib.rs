@@ -1,6 +1,7 @@
 //! dbproxy: a MySQL/MariaDB connection proxy that authenticates clients itself and serves
 //! them over a pool of warm backend connections.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod conn;

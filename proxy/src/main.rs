@@ -29,6 +29,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a running dbproxy's metrics (pins by reason, pool, clients).
+    Status {
+        /// The `[admin] listen` address of the running dbproxy.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status { admin } => match proxy::admin::fetch(&admin) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot read {admin}: {e}");
                 ExitCode::FAILURE
             }
         },

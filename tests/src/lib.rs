@@ -50,6 +50,19 @@ pub fn spawn(cmd: Command) -> Child {
         .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"))
 }
 
+/// Raises this process's open-files limit to the hard limit (tests open thousands of
+/// client connections).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain rlimit calls with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -226,6 +239,8 @@ impl Drop for MariaDb {
 /// dbproxy running from its binary in front of a [`MariaDb`].
 pub struct Proxy {
     pub port: u16,
+    /// The admin endpoint's port (`GET /metrics`).
+    pub admin: u16,
     pub io: String,
     child: Option<Child>,
     log: PathBuf,
@@ -284,11 +299,15 @@ impl Proxy {
             .tempdir()
             .unwrap();
         let port = free_port();
+        let admin = free_port();
         let config = format!(
             r#"[proxy]
 workers = 2
 io = "{io}"
 {proxy_extra}
+
+[admin]
+listen = "127.0.0.1:{admin}"
 
 [[endpoints]]
 name = "default"
@@ -336,6 +355,7 @@ auth_plugin = "mysql_native_password"
         let child = spawn(cmd);
         let mut p = Proxy {
             port,
+            admin,
             io: io.to_string(),
             child: Some(child),
             log,
@@ -353,6 +373,34 @@ auth_plugin = "mysql_native_password"
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         p
+    }
+
+    /// The metrics text from the admin endpoint.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+
+    /// One metric's value: `name` with its labels, e.g.
+    /// `dbproxy_pins_total{target_group="default",reason="cursor"}`.
+    pub fn metric(&self, series: &str) -> i64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+    }
+
+    /// `dbproxy_pins_total` for `reason` in the default target group.
+    pub fn pins_started(&self, reason: &str) -> i64 {
+        self.metric(&format!("dbproxy_pins_total{{target_group=\"default\",reason=\"{reason}\"}}"))
+    }
+
+    /// `dbproxy_pinned_clients` for `reason` in the default target group.
+    pub fn pinned_now(&self, reason: &str) -> i64 {
+        self.metric(&format!("dbproxy_pinned_clients{{target_group=\"default\",reason=\"{reason}\"}}"))
     }
 
     /// What dbproxy logged so far.

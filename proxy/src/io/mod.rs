@@ -27,9 +27,19 @@ impl Buf {
         }
     }
 
+    /// A buffer holding `data`, all unread.
+    pub fn from_vec(data: Vec<u8>) -> Self {
+        Buf { data, start: 0 }
+    }
+
     /// Unread bytes.
     pub fn filled(&self) -> &[u8] {
         &self.data[self.start..]
+    }
+
+    /// Unread bytes, for patching in place.
+    pub fn filled_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..]
     }
 
     pub fn len(&self) -> usize {

@@ -9,7 +9,10 @@ pub mod command;
 pub mod consts;
 pub mod handshake;
 pub mod packet;
+pub mod pins;
 pub mod response;
+pub mod session;
+pub mod stmt;
 pub mod wire;
 
 pub use packet::{Header, MAX_PAYLOAD};

@@ -56,6 +56,8 @@ pub struct ResponseTracker {
     done_after_continuation: bool,
     status: Option<u16>,
     last_seq: u8,
+    /// The packet fed last was an OK packet (command OK, or an OK-style terminator).
+    last_ok: bool,
 }
 
 impl ResponseTracker {
@@ -79,12 +81,19 @@ impl ResponseTracker {
             done_after_continuation: false,
             status: None,
             last_seq: 0,
+            last_ok: false,
         }
     }
 
     /// Status flags of the last OK/EOF seen (ERR packets carry none).
     pub fn status(&self) -> Option<u16> {
         self.status
+    }
+
+    /// Whether the packet fed last was an OK packet (with the OK layout that carries
+    /// affected rows, insert id, status, info and session state).
+    pub fn last_ok(&self) -> bool {
+        self.last_ok
     }
 
     /// Sequence id of the last packet fed.
@@ -104,6 +113,7 @@ impl ResponseTracker {
     /// Feeds one physical packet (header and its whole payload).
     pub fn feed(&mut self, header: Header, payload: &[u8]) -> Result<Step, ProtocolError> {
         self.last_seq = header.seq;
+        self.last_ok = false;
         if self.continuing {
             self.continuing = header.continues();
             if !self.continuing && self.done_after_continuation {
@@ -168,10 +178,14 @@ impl ResponseTracker {
                         self.status = Some(f);
                     }
                 }
+                self.last_ok = first == Some(0x00) && len >= 7;
                 self.done()
             }
             State::First => match first {
-                Some(0x00) | Some(0xfe) => self.end_of_result(payload),
+                Some(0x00) | Some(0xfe) => {
+                    self.last_ok = first == Some(0x00) || self.deprecate_eof;
+                    self.end_of_result(payload)
+                }
                 Some(0xff) => self.done(),
                 Some(0xfb) if self.kind == ResponseKind::Query => {
                     self.state = State::Done;
@@ -220,6 +234,7 @@ impl ResponseTracker {
                 if first == Some(0xff) {
                     self.done()
                 } else if self.is_terminator(len, payload) {
+                    self.last_ok = self.deprecate_eof;
                     self.end_of_result(payload)
                 } else {
                     Step::More
@@ -526,6 +541,29 @@ mod tests {
             assert_eq!(feed_all(&mut t, &[p]), vec![Step::Done]);
             assert!(t.is_done());
         }
+    }
+
+    #[test]
+    fn ok_packets_are_recognised() {
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        let ok = ok_packet(2);
+        t.feed(Header { len: ok.len(), seq: 1 }, &ok).unwrap();
+        assert!(t.last_ok());
+        let mut t = ResponseTracker::new(ResponseKind::Single, EOF_CAPS);
+        t.feed(Header { len: ok.len(), seq: 1 }, &ok).unwrap();
+        assert!(t.last_ok());
+        // An EOF terminator is not an OK packet; an OK-style terminator is.
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        let steps = feed_all(&mut t, &[vec![1], coldef(), eof(2), vec![1, b'x'], eof(2)]);
+        assert_eq!(steps.last(), Some(&Step::Done));
+        assert!(!t.last_ok());
+        let mut t = ResponseTracker::new(ResponseKind::Query, DEP_CAPS);
+        feed_all(&mut t, &[vec![1], coldef(), vec![1, b'x'], ok_fe(2)]);
+        assert!(t.last_ok());
+        // The OK_stmt of a prepare is not an OK packet.
+        let mut t = ResponseTracker::new(ResponseKind::Prepare, DEP_CAPS);
+        feed_all(&mut t, &[vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]);
+        assert!(!t.last_ok());
     }
 
     #[test]

@@ -8,7 +8,10 @@ use crate::mysql::consts::com;
 use crate::mysql::handshake::ServerHandshake;
 use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::wire::ErrPacket;
+use crate::mysql::session::{changes, parse_ok, Change, Replay, SessionState};
+use crate::mysql::stmt::{parse_prepare_ok, BackendStmts};
 use crate::mysql::{ProtocolError, MAX_PAYLOAD};
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,15 +28,6 @@ pub enum BackendError {
     Protocol(#[from] ProtocolError),
     #[error("backend answered: {0}")]
     Server(ErrPacket),
-}
-
-/// What dbproxy knows of the backend's current default database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Database {
-    None,
-    Known(Vec<u8>),
-    /// A command may have changed it without dbproxy seeing the new name.
-    Unknown,
 }
 
 /// What a backend announced in its greeting; clients are offered the same.
@@ -64,7 +58,12 @@ pub struct BackendConn<S> {
     pub collation: u8,
     /// The backend's connection (thread) id.
     pub thread_id: u32,
-    pub database: Database,
+    /// The session as the server reported it through session tracking.
+    pub state: SessionState,
+    /// Variable values right after a reset (tracking switched on, `init_query` run).
+    pub baseline: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Binary-protocol statements prepared on this connection.
+    pub stmts: BackendStmts,
     pub creds: Arc<Credentials>,
     nonce: Vec<u8>,
     pub created: Instant,
@@ -72,6 +71,14 @@ pub struct BackendConn<S> {
 
 /// Receive buffer kept by an idle backend connection.
 pub const BACKEND_BUF: usize = 16 * 1024;
+
+/// Prepared statements kept per backend connection.
+pub const STMT_CACHE: usize = 256;
+
+/// Run first on every backend session: the server then reports in its OK packets every
+/// change of a system variable, of the default schema, and of other session state.
+pub const TRACKING_SQL: &str = "SET SESSION session_track_schema = ON, session_track_state_change = ON, \
+     session_track_system_variables = '*'";
 
 impl<S> BackendConn<S> {
     /// The same connection over another stream type (moving it between workers).
@@ -82,7 +89,9 @@ impl<S> BackendConn<S> {
             caps: self.caps,
             collation: self.collation,
             thread_id: self.thread_id,
-            database: self.database,
+            state: self.state,
+            baseline: self.baseline,
+            stmts: self.stmts,
             creds: self.creds,
             nonce: self.nonce,
             created: self.created,
@@ -122,7 +131,9 @@ impl<S: Stream> BackendConn<S> {
             caps,
             collation,
             thread_id: hs.connection_id,
-            database: Database::None,
+            state: SessionState::default(),
+            baseline: BTreeMap::new(),
+            stmts: BackendStmts::new(STMT_CACHE),
             creds,
             nonce: hs.nonce,
             created: Instant::now(),
@@ -167,6 +178,9 @@ impl<S: Stream> BackendConn<S> {
                 err = Some(ErrPacket::parse(p)?);
             }
             let step = tracker.feed(h, p)?;
+            if tracker.last_ok() {
+                apply_ok(&mut self.state, p, self.caps)?;
+            }
             self.buf.consume(h.total());
             match step {
                 Step::Done => break,
@@ -192,54 +206,119 @@ impl<S: Stream> BackendConn<S> {
             .map_err(BackendError::Server)
     }
 
-    /// Makes `db` the default database (`None`: no default database).
-    /// `Ok(Err(e))`: the server refused (e.g. unknown database); nothing changed.
-    pub async fn use_database(
-        &mut self,
-        db: Option<&[u8]>,
-    ) -> Result<Result<(), ErrPacket>, BackendError> {
-        match db {
-            Some(name) => {
-                if self.database == Database::Known(name.to_vec()) {
-                    return Ok(Ok(()));
-                }
-                let mut p = Vec::with_capacity(name.len() + 1);
-                p.push(com::INIT_DB);
-                p.extend_from_slice(name);
-                let r = self.command(&p, ResponseKind::Single).await?;
-                if r.is_ok() {
-                    self.database = Database::Known(name.to_vec());
-                }
-                Ok(r)
-            }
-            None if self.database == Database::None => Ok(Ok(())),
-            None => self.change_user().await.map(Ok),
+    /// Makes `db` the default database. `Ok(Err(e))`: the server refused (e.g. unknown
+    /// database); nothing changed.
+    pub async fn use_database(&mut self, name: &[u8]) -> Result<Result<(), ErrPacket>, BackendError> {
+        if self.state.schema.as_deref() == Some(name) {
+            return Ok(Ok(()));
         }
+        let mut p = Vec::with_capacity(name.len() + 1);
+        p.push(com::INIT_DB);
+        p.extend_from_slice(name);
+        let r = self.command(&p, ResponseKind::Single).await?;
+        if r.is_ok() {
+            self.state.schema = Some(name.to_vec());
+        }
+        Ok(r)
     }
 
-    /// COM_CHANGE_USER to the same backend user with no database: a full session reset.
-    pub async fn change_user(&mut self) -> Result<(), BackendError> {
-        let (mut login, p) =
-            Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
-        write_packet(&mut self.stream, 0, &p).await?;
-        self.finish_login(&mut login, None).await?;
-        self.database = Database::None;
-        Ok(())
-    }
-
-    /// Clears everything a client left behind (transaction, locks, variables, temporary
-    /// tables, prepared statements), then runs `init_query` again.
-    pub async fn reset(&mut self, init_query: &str) -> Result<(), BackendError> {
-        if self.database == Database::Unknown {
-            self.change_user().await?;
-        } else {
-            self.command(&[com::RESET_CONNECTION], ResponseKind::Single)
-                .await?
-                .map_err(BackendError::Server)?;
-        }
+    /// Switches session tracking on and runs `init_query`; what they set is the baseline.
+    pub async fn init_session(&mut self, init_query: &str) -> Result<(), BackendError> {
+        self.query(TRACKING_SQL).await?;
         if !init_query.is_empty() {
             self.query(init_query).await?;
         }
+        self.baseline = self.state.vars.clone();
+        Ok(())
+    }
+
+    /// COM_CHANGE_USER to the same backend user with no database: a full session reset.
+    pub async fn change_user(&mut self, init_query: &str) -> Result<(), BackendError> {
+        let (mut login, p) = Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
+        write_packet(&mut self.stream, 0, &p).await?;
+        self.finish_login(&mut login, None).await?;
+        self.state = SessionState::default();
+        self.stmts.clear();
+        self.init_session(init_query).await
+    }
+
+    /// Clears everything a client left behind (transaction, locks, variables, temporary
+    /// tables, prepared statements), then sets the session up again. The default database
+    /// stays (MariaDB keeps it across COM_RESET_CONNECTION).
+    pub async fn reset(&mut self, init_query: &str) -> Result<(), BackendError> {
+        self.command(&[com::RESET_CONNECTION], ResponseKind::Single).await?.map_err(BackendError::Server)?;
+        self.state.vars.clear();
+        self.stmts.clear();
+        self.init_session(init_query).await
+    }
+
+    /// Brings this session to a client's state. `Ok(Err(e))`: the server refused a step
+    /// (e.g. the client's database was dropped meanwhile).
+    pub async fn replay(&mut self, plan: &Replay, client_vars: &BTreeMap<Vec<u8>, Vec<u8>>, client_schema: Option<&[u8]>, init_query: &str) -> Result<Result<(), ErrPacket>, BackendError> {
+        let mut plan = plan.clone();
+        tracing::debug!(thread_id = self.thread_id, ?plan, "replaying a client's session state");
+        if plan.reset {
+            self.change_user(init_query).await?;
+            plan = crate::mysql::session::plan_replay(client_schema, client_vars, &self.state, &self.baseline);
+        }
+        if let Some(set) = &plan.set {
+            let mut p = Vec::with_capacity(set.len() + 1);
+            p.push(com::QUERY);
+            p.extend_from_slice(set.as_bytes());
+            if let Err(e) = self.command(&p, ResponseKind::Query).await? {
+                return Ok(Err(e));
+            }
+        }
+        if let Some(db) = &plan.init_db {
+            return self.use_database(db).await;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Prepares `sql` on this connection (binary protocol) and caches it; returns the
+    /// backend statement id. `Ok(Err(e))`: the server refused the statement.
+    pub async fn prepare(&mut self, sql: &Arc<[u8]>) -> Result<Result<u32, ErrPacket>, BackendError> {
+        if let Some(s) = self.stmts.get_mut(sql) {
+            return Ok(Ok(s.id));
+        }
+        let mut p = Vec::with_capacity(sql.len() + 1);
+        p.push(com::STMT_PREPARE);
+        p.extend_from_slice(sql);
+        write_packet(&mut self.stream, 0, &p).await?;
+        let mut tracker = ResponseTracker::new(ResponseKind::Prepare, self.caps);
+        let mut result = None;
+        loop {
+            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, None).await?;
+            let p = &self.buf.filled()[4..h.total()];
+            if result.is_none() {
+                result = Some(match p.first() {
+                    Some(0xff) => Err(ErrPacket::parse(p)?),
+                    _ => Ok(parse_prepare_ok(p)?),
+                });
+            }
+            let step = tracker.feed(h, p)?;
+            self.buf.consume(h.total());
+            if step == Step::Done {
+                break;
+            }
+        }
+        match result {
+            Some(Ok((id, _columns, params))) => {
+                if let Some(close) = self.stmts.insert(sql.clone(), id, params) {
+                    self.close_statement(close).await?;
+                }
+                Ok(Ok(id))
+            }
+            Some(Err(e)) => Ok(Err(e)),
+            None => Err(ProtocolError::Malformed("empty reply to COM_STMT_PREPARE").into()),
+        }
+    }
+
+    /// COM_STMT_CLOSE (the server sends no reply).
+    pub async fn close_statement(&mut self, id: u32) -> Result<(), BackendError> {
+        let mut p = vec![com::STMT_CLOSE];
+        p.extend_from_slice(&id.to_le_bytes());
+        write_packet(&mut self.stream, 0, &p).await?;
         Ok(())
     }
 
@@ -247,4 +326,20 @@ impl<S: Stream> BackendConn<S> {
     pub async fn quit(mut self) {
         let _ = write_packet(&mut self.stream, 0, &[com::QUIT]).await;
     }
+}
+
+/// Applies the session-tracking information of an OK packet to `state`. Returns whether
+/// the server reported a state change that no tracked schema or variable explains.
+pub fn apply_ok(state: &mut SessionState, payload: &[u8], caps: u32) -> Result<bool, ProtocolError> {
+    let ok = parse_ok(payload, caps)?;
+    let Some(range) = ok.state else { return Ok(false) };
+    let mut explained = false;
+    let mut changed = false;
+    for c in changes(&payload[range])? {
+        match c {
+            Change::StateChanged => changed = true,
+            other => explained |= state.apply(&other),
+        }
+    }
+    Ok(changed && !explained)
 }

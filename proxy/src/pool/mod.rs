@@ -10,17 +10,18 @@
 
 pub mod backend;
 
-use crate::config::TargetGroupConfig;
+use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{idle_socket_is_healthy, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
-use backend::{BackendConn, BackendError, Database, ServerProfile};
+use crate::mysql::pins::PinReason;
+use backend::{BackendConn, BackendError, ServerProfile};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
@@ -51,6 +52,10 @@ pub struct PoolKey {
 /// Counters a target group keeps (read by status and metrics).
 #[derive(Debug, Default)]
 pub struct GroupStats {
+    /// Pins started, by reason (index: `PinReason::index`).
+    pub pins_started: [AtomicU64; PinReason::ALL.len()],
+    /// Clients pinned now, by reason.
+    pub pins_active: [AtomicI64; PinReason::ALL.len()],
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     pub borrowed: AtomicU64,
@@ -58,6 +63,17 @@ pub struct GroupStats {
     pub borrow_timeouts: AtomicU64,
     pub connect_errors: AtomicU64,
     pub reset_errors: AtomicU64,
+}
+
+impl GroupStats {
+    pub fn pin_started(&self, r: PinReason) {
+        self.pins_started[r.index()].fetch_add(1, Ordering::Relaxed);
+        self.pins_active[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pin_ended(&self, r: PinReason) {
+        self.pins_active[r.index()].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection on its way from one worker to another.
@@ -85,6 +101,8 @@ pub struct GroupShared {
     pub borrow_timeout: Duration,
     pub connect_timeout: Duration,
     pub init_query: String,
+    /// `session_pinning_filters = ["exclude_variable_sets"]`: SET statements never pin.
+    pub exclude_variable_sets: bool,
     pub profile: RwLock<ServerProfile>,
     pub stats: GroupStats,
 }
@@ -103,6 +121,7 @@ impl GroupShared {
             borrow_timeout: cfg.connection_borrow_timeout,
             connect_timeout: cfg.connect_timeout,
             init_query: cfg.init_query.clone(),
+            exclude_variable_sets: cfg.session_pinning_filters.contains(&PinningFilter::ExcludeVariableSets),
             profile: RwLock::new(ServerProfile::default()),
             stats: GroupStats::default(),
         })
@@ -206,32 +225,18 @@ impl<D: Driver> CorePool<D> {
         })
     }
 
-    /// Hands out a connection for `key` whose default database is `db` if one is idle, or
-    /// with no default database when `db` is `None`; a connection on another database is
-    /// switched by the caller. Waits up to the group's `connection_borrow_timeout`.
+    /// Hands out a connection for `key`, preferring an idle one whose default database is
+    /// `db`; the caller brings its session state over. Waits up to the group's
+    /// `connection_borrow_timeout`.
     pub async fn borrow(
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
         let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
-        let mut conn = self.acquire(key, db, deadline).await?;
+        let conn = self.acquire(key, db, deadline).await?;
         self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
-        if db.is_none() && conn.database != Database::None {
-            // Clear the default database another client left: a session reset.
-            if let Err(e) = self.prepare_clean(&mut conn).await {
-                return Err(self.connect_error(e));
-            }
-        }
         Ok(conn)
-    }
-
-    async fn prepare_clean(&self, conn: &mut Pooled<D::Stream>) -> Result<(), BackendError> {
-        conn.change_user().await?;
-        if !self.shared.init_query.is_empty() {
-            conn.query(&self.shared.init_query).await?;
-        }
-        Ok(())
     }
 
     fn connect_error(&self, source: BackendError) -> BorrowError {
@@ -346,11 +351,10 @@ impl<D: Driver> CorePool<D> {
     fn take_idle(&self, key: &PoolKey, db: Option<&[u8]>) -> Option<Pooled<D::Stream>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
-        let want = db.map_or(Database::None, |d| Database::Known(d.to_vec()));
         while !list.is_empty() {
             let i = list
                 .iter()
-                .rposition(|c| c.database == want)
+                .rposition(|c| c.state.schema.as_deref() == db)
                 .unwrap_or(list.len() - 1);
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
@@ -390,13 +394,11 @@ impl<D: Driver> CorePool<D> {
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
             let stream = D::connect(sh.writer).await?;
-            let wanted = cap::BACKEND_BASE | key.behaviour;
+            let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
             let (mut conn, profile) =
                 BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline)
                     .await?;
-            if !sh.init_query.is_empty() {
-                conn.query(&sh.init_query).await?;
-            }
+            conn.init_session(&sh.init_query).await?;
             Ok::<_, BackendError>((conn, profile))
         };
         // The reads inside give up at `deadline` themselves; this bounds the connect too.
@@ -427,8 +429,15 @@ impl<D: Driver> CorePool<D> {
         }
     }
 
-    /// Takes a connection back from a client that is done with it: reset in the
-    /// background, then handed to a waiter or kept idle.
+    /// Takes a connection back at a transaction boundary, its session state known: handed
+    /// to a waiter or kept idle as it is (the next borrower replays its own state).
+    pub fn checkin_clean(&self, conn: Pooled<D::Stream>) {
+        self.checkin(conn);
+    }
+
+    /// Takes a connection back from a client that left something behind (a transaction,
+    /// locks, temporary tables, user variables): reset in the background, then handed to
+    /// a waiter or kept idle.
     pub fn release(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
         let pool = self.clone();
         tokio::task::spawn_local(async move {
