@@ -301,7 +301,10 @@ impl Config {
             errs.push("proxy.handshake_timeout: must be more than 0".into());
         }
         if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
-            errs.push(format!("admin.listen: {:?} is not an ip:port address", self.admin.listen));
+            errs.push(format!(
+                "admin.listen: {:?} is not an ip:port address",
+                self.admin.listen
+            ));
         }
         if self.endpoints.is_empty() {
             errs.push("endpoints: at least one [[endpoints]] is needed".into());

@@ -17,7 +17,9 @@ use crate::mysql::packet::{complete_packet, write_packet as frame, Header};
 use crate::mysql::pins::{classify_sql, PinReason, Pins, SqlEffects};
 use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::session::{changes, parse_ok, plan_replay, strip_session_track, Change};
-use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute, ClientStmts};
+use crate::mysql::stmt::{
+    self, execute_opens_cursor, parse_prepare_ok, rewrite_execute, ClientStmts,
+};
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{BorrowError, CorePool, PoolKey, Pooled};
@@ -185,7 +187,9 @@ async fn login<D: Driver>(
         status: status::AUTOCOMMIT,
         auth_plugin: Plugin::Native.name().into(),
     };
-    write_packet(&mut client, 0, &greeting.encode()).await.ok()?;
+    write_packet(&mut client, 0, &greeting.encode())
+        .await
+        .ok()?;
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
     let h = match read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline)).await {
         Ok(h) => h,
@@ -219,7 +223,11 @@ async fn login<D: Driver>(
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%peer, "bad handshake from client: {e}");
-            let err = ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", format!("Bad handshake: {e}"));
+            let err = ErrPacket::new(
+                errcode::ER_HANDSHAKE_ERROR,
+                "08S01",
+                format!("Bad handshake: {e}"),
+            );
             let _ = write_packet(&mut client, seq, &err.encode()).await;
             return None;
         }
@@ -282,7 +290,10 @@ impl<D: Driver> Session<D> {
             }
             self.maybe_release();
         }
-        if write_packet(&mut self.client, seq, &ok_packet(self.status)).await.is_err() {
+        if write_packet(&mut self.client, seq, &ok_packet(self.status))
+            .await
+            .is_err()
+        {
             self.finish();
             return false;
         }
@@ -305,23 +316,34 @@ impl<D: Driver> Session<D> {
             return Ok(());
         }
         let key = self.key();
-        let mut conn = self.pool.borrow(&key, self.db.as_deref()).await.map_err(|e| {
-            tracing::warn!(peer = %self.peer, "{e}");
-            match e {
-                BorrowError::Timeout(..) => {
-                    ErrPacket::new(errcode::PROXY_BORROW_TIMEOUT, "HY000", format!("(dbproxy) {e}"))
+        let mut conn = self
+            .pool
+            .borrow(&key, self.db.as_deref())
+            .await
+            .map_err(|e| {
+                tracing::warn!(peer = %self.peer, "{e}");
+                match e {
+                    BorrowError::Timeout(..) => ErrPacket::new(
+                        errcode::PROXY_BORROW_TIMEOUT,
+                        "HY000",
+                        format!("(dbproxy) {e}"),
+                    ),
+                    BorrowError::Connect { .. } => ErrPacket::new(
+                        errcode::PROXY_BACKEND_UNAVAILABLE,
+                        "08S01",
+                        format!("(dbproxy) {e}"),
+                    ),
                 }
-                BorrowError::Connect { .. } => {
-                    ErrPacket::new(errcode::PROXY_BACKEND_UNAVAILABLE, "08S01", format!("(dbproxy) {e}"))
-                }
-            }
-        })?;
+            })?;
         if replay {
             let plan = plan_replay(self.db.as_deref(), &self.vars, &conn.state, &conn.baseline);
             tracing::trace!(thread_id = conn.thread_id, backend = ?conn.state, client_db = ?self.db, ?plan, "borrowed");
             if !plan.is_empty() {
                 let init = self.pool.shared.init_query.clone();
-                match conn.replay(&plan, &self.vars, self.db.as_deref(), &init).await {
+                match conn
+                    .replay(&plan, &self.vars, self.db.as_deref(), &init)
+                    .await
+                {
                     Ok(Ok(())) => {}
                     Ok(Err(server_err)) => {
                         self.pool.checkin_clean(conn);
@@ -344,7 +366,9 @@ impl<D: Driver> Session<D> {
 
     /// Whether the client may give its backend connection back now.
     fn releasable(&self) -> bool {
-        self.status & status::IN_TRANS == 0 && self.status & status::AUTOCOMMIT != 0 && !self.pins.is_pinned()
+        self.status & status::IN_TRANS == 0
+            && self.status & status::AUTOCOMMIT != 0
+            && !self.pins.is_pinned()
     }
 
     /// Returns the backend connection at a transaction boundary with nothing pinned.
@@ -360,7 +384,14 @@ impl<D: Driver> Session<D> {
         let idle = self.shared.config.proxy.idle_client_timeout;
         loop {
             let deadline = tokio::time::Instant::now() + idle;
-            let h = match read_packet_by(&mut self.client, &mut self.cbuf, MAX_PAYLOAD, Some(deadline)).await {
+            let h = match read_packet_by(
+                &mut self.client,
+                &mut self.cbuf,
+                MAX_PAYLOAD,
+                Some(deadline),
+            )
+            .await
+            {
                 Ok(h) => h,
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     let e = ErrPacket::new(
@@ -381,7 +412,10 @@ impl<D: Driver> Session<D> {
             let command = self.cbuf.filled().get(4).copied();
             let outcome = match (command, command.map(classify)) {
                 (None, _) | (_, None) => match self.discard_command(h).await {
-                    Ok(()) => self.reply_err(h.seq, malformed("empty command packet")).await,
+                    Ok(()) => {
+                        self.reply_err(h.seq, malformed("empty command packet"))
+                            .await
+                    }
                     Err(e) => Err(e),
                 },
                 (_, Some(Disposition::Quit)) => break,
@@ -444,10 +478,14 @@ impl<D: Driver> Session<D> {
     }
 
     async fn reply_ok(&mut self, seq: u8) -> Result<(), SessionEnd> {
-        write_packet(&mut self.client, seq.wrapping_add(1), &ok_packet(self.status))
-            .await
-            .map(drop)
-            .map_err(SessionEnd::Client)
+        write_packet(
+            &mut self.client,
+            seq.wrapping_add(1),
+            &ok_packet(self.status),
+        )
+        .await
+        .map(drop)
+        .map_err(SessionEnd::Client)
     }
 
     /// Reads and drops a command the client sent (with its continuation packets).
@@ -457,7 +495,9 @@ impl<D: Driver> Session<D> {
             if !h.continues() {
                 return Ok(());
             }
-            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD).await.map_err(SessionEnd::Client)?;
+            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+                .await
+                .map_err(SessionEnd::Client)?;
         }
     }
 
@@ -473,7 +513,9 @@ impl<D: Driver> Session<D> {
             if !h.continues() {
                 return Ok(payload);
             }
-            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD).await.map_err(SessionEnd::Client)?;
+            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+                .await
+                .map_err(SessionEnd::Client)?;
         }
     }
 
@@ -485,12 +527,20 @@ impl<D: Driver> Session<D> {
         );
         self.drop_backend();
         let _ = self.reply_err(seq, e).await;
-        SessionEnd::Client(io::Error::new(io::ErrorKind::InvalidData, PacketTooLarge(total)))
+        SessionEnd::Client(io::Error::new(
+            io::ErrorKind::InvalidData,
+            PacketTooLarge(total),
+        ))
     }
 
     /// Forwards one command and relays its response; `replay`: the command depends on the
     /// session state (all but COM_PING and COM_STATISTICS).
-    async fn forward(&mut self, h: Header, kind: ResponseKind, replay: bool) -> Result<(), SessionEnd> {
+    async fn forward(
+        &mut self,
+        h: Header,
+        kind: ResponseKind,
+        replay: bool,
+    ) -> Result<(), SessionEnd> {
         if let Err(e) = self.ensure_backend(replay).await {
             self.discard_command(h).await?;
             return self.reply_err(h.seq, e).await;
@@ -500,7 +550,10 @@ impl<D: Driver> Session<D> {
             com::QUERY => classify_sql(&payload[1..]),
             // COM_SET_OPTION changes the connection's multi-statement option, which
             // session tracking does not report.
-            com::SET_OPTION => SqlEffects { starts: vec![PinReason::Unclassified], ..Default::default() },
+            com::SET_OPTION => SqlEffects {
+                starts: vec![PinReason::Unclassified],
+                ..Default::default()
+            },
             _ => SqlEffects::default(),
         };
         self.send_command(h).await?;
@@ -518,7 +571,8 @@ impl<D: Driver> Session<D> {
         let stats = &self.pool.shared.stats;
         let mut e = effects.clone();
         if self.pool.shared.exclude_variable_sets {
-            e.starts.retain(|r| !matches!(r, PinReason::UserVariable | PinReason::NextTransaction));
+            e.starts
+                .retain(|r| !matches!(r, PinReason::UserVariable | PinReason::NextTransaction));
         }
         if effects.touches_tracking || (outcome.unexplained_change && effects.starts.is_empty()) {
             e.starts.push(PinReason::Unclassified);
@@ -533,7 +587,8 @@ impl<D: Driver> Session<D> {
         if outcome.last_insert_id != 0 && self.pins.start(PinReason::LastInsertId) {
             stats.pin_started(PinReason::LastInsertId);
         }
-        let in_transaction = self.status & status::IN_TRANS != 0 || self.status & status::AUTOCOMMIT == 0;
+        let in_transaction =
+            self.status & status::IN_TRANS != 0 || self.status & status::AUTOCOMMIT == 0;
         if in_transaction {
             if self.pins.start(PinReason::Transaction) {
                 stats.pin_started(PinReason::Transaction);
@@ -613,7 +668,9 @@ impl<D: Driver> Session<D> {
         };
         let mut tracker = ResponseTracker::new(kind, b.caps);
         let mut outcome = Outcome::default();
-        let res = self.relay_with(&mut b, &mut tracker, &mut outcome, prepare.as_deref_mut()).await;
+        let res = self
+            .relay_with(&mut b, &mut tracker, &mut outcome, prepare.as_deref_mut())
+            .await;
         match res {
             Ok(()) => {
                 b.conn.buf.shrink(crate::pool::backend::BACKEND_BUF);
@@ -622,7 +679,8 @@ impl<D: Driver> Session<D> {
                 }
                 if let Some(id) = prepare.and_then(|p| p.close.take()) {
                     if let Err(e) = b.close_statement(id).await {
-                        self.pool.discard(b, &format!("closing a statement failed: {e}"));
+                        self.pool
+                            .discard(b, &format!("closing a statement failed: {e}"));
                         return Ok(outcome);
                     }
                 }
@@ -630,7 +688,8 @@ impl<D: Driver> Session<D> {
                 Ok(outcome)
             }
             Err(RelayError::Client(e)) => {
-                self.pool.discard(b, &format!("the client left mid-response: {e}"));
+                self.pool
+                    .discard(b, &format!("the client left mid-response: {e}"));
                 Err(SessionEnd::Client(e))
             }
             Err(RelayError::Backend(why)) => {
@@ -641,7 +700,12 @@ impl<D: Driver> Session<D> {
                     "08S01",
                     format!("(dbproxy) lost the database connection during the query: {why}"),
                 );
-                let _ = write_packet(&mut self.client, tracker.last_seq().wrapping_add(1), &e.encode()).await;
+                let _ = write_packet(
+                    &mut self.client,
+                    tracker.last_seq().wrapping_add(1),
+                    &e.encode(),
+                )
+                .await;
                 Err(SessionEnd::Backend(why))
             }
         }
@@ -666,7 +730,9 @@ impl<D: Driver> Session<D> {
                     break;
                 };
                 let (start, p0, end) = (scanned, scanned + 4, scanned + h.total());
-                step = tracker.feed(h, &b.conn.buf.filled()[p0..end]).map_err(|e| RelayError::Backend(e.to_string()))?;
+                step = tracker
+                    .feed(h, &b.conn.buf.filled()[p0..end])
+                    .map_err(|e| RelayError::Backend(e.to_string()))?;
                 outcome.failed = b.conn.buf.filled().get(p0) == Some(&0xff);
                 scanned = end;
                 if let Some(cap) = prepare.as_deref_mut() {
@@ -681,10 +747,12 @@ impl<D: Driver> Session<D> {
                 }
                 if tracker.last_ok() {
                     let payload = &b.conn.buf.filled()[p0..end];
-                    let ok = parse_ok(payload, b.caps).map_err(|e| RelayError::Backend(e.to_string()))?;
+                    let ok = parse_ok(payload, b.caps)
+                        .map_err(|e| RelayError::Backend(e.to_string()))?;
                     outcome.last_insert_id = ok.last_insert_id;
                     if let Some(range) = ok.state.clone() {
-                        let list = changes(&payload[range]).map_err(|e| RelayError::Backend(e.to_string()))?;
+                        let list = changes(&payload[range])
+                            .map_err(|e| RelayError::Backend(e.to_string()))?;
                         let mut explained = false;
                         let mut changed = false;
                         for c in &list {
@@ -720,10 +788,17 @@ impl<D: Driver> Session<D> {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
                         let n = ob.len();
-                        self.client.write(&mut ob, n).await.map_err(RelayError::Client)?;
+                        self.client
+                            .write(&mut ob, n)
+                            .await
+                            .map_err(RelayError::Client)?;
                         b.conn.buf.consume(scanned);
                     }
-                    None => self.client.write(&mut b.conn.buf, scanned).await.map_err(RelayError::Client)?,
+                    None => self
+                        .client
+                        .write(&mut b.conn.buf, scanned)
+                        .await
+                        .map_err(RelayError::Client)?,
                 }
             }
             match step {
@@ -740,11 +815,16 @@ impl<D: Driver> Session<D> {
                 }
                 Step::More => {}
             }
-            let want = Header::parse(b.conn.buf.filled())
-                .map_or(4096, |h| h.total().saturating_sub(b.conn.buf.len()).max(4096));
+            let want = Header::parse(b.conn.buf.filled()).map_or(4096, |h| {
+                h.total().saturating_sub(b.conn.buf.len()).max(4096)
+            });
             b.conn.buf.reserve(want.clamp(4096, MAX_PAYLOAD + 4));
             match b.conn.stream.read(&mut b.conn.buf).await {
-                Ok(0) => return Err(RelayError::Backend("the database closed the connection".into())),
+                Ok(0) => {
+                    return Err(RelayError::Backend(
+                        "the database closed the connection".into(),
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(RelayError::Backend(e.to_string())),
             }
@@ -754,7 +834,9 @@ impl<D: Driver> Session<D> {
     /// LOAD DATA LOCAL INFILE: the client streams the file as packets ended by an empty one.
     async fn relay_infile(&mut self, b: &mut Pooled<D::Stream>) -> Result<(), RelayError> {
         loop {
-            let h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD).await.map_err(RelayError::Client)?;
+            let h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+                .await
+                .map_err(RelayError::Client)?;
             b.conn
                 .stream
                 .write(&mut self.cbuf, h.total())
@@ -811,8 +893,14 @@ impl<D: Driver> Session<D> {
         let payload = self.take_command(h).await?;
         let sql: Arc<[u8]> = Arc::from(&payload[1..]);
         self.send_built(&payload, h.seq).await?;
-        let mut capture = PrepareCapture { sql, client_id: None, close: None };
-        let outcome = self.relay_response(ResponseKind::Prepare, Some(&mut capture)).await?;
+        let mut capture = PrepareCapture {
+            sql,
+            client_id: None,
+            close: None,
+        };
+        let outcome = self
+            .relay_response(ResponseKind::Prepare, Some(&mut capture))
+            .await?;
         self.after_command(&SqlEffects::default(), &outcome);
         Ok(())
     }
@@ -830,9 +918,17 @@ impl<D: Driver> Session<D> {
     }
 
     /// Makes sure the backend has the client's statement `cid` prepared; its backend id.
-    async fn backend_statement(&mut self, cid: u32, seq: u8) -> Result<Result<u32, ErrPacket>, SessionEnd> {
+    async fn backend_statement(
+        &mut self,
+        cid: u32,
+        seq: u8,
+    ) -> Result<Result<u32, ErrPacket>, SessionEnd> {
         let Some(sql) = self.stmts.get(cid).map(|s| s.sql.clone()) else {
-            return Ok(Err(ErrPacket::new(1243, "HY000", "Unknown prepared statement handler")));
+            return Ok(Err(ErrPacket::new(
+                1243,
+                "HY000",
+                "Unknown prepared statement handler",
+            )));
         };
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
@@ -855,7 +951,13 @@ impl<D: Driver> Session<D> {
             return self.reply_err(h.seq, e).await;
         }
         if let Err(e) = self.backend_statement(cid, h.seq).await? {
-            self.after_command(&SqlEffects::default(), &Outcome { failed: true, ..Default::default() });
+            self.after_command(
+                &SqlEffects::default(),
+                &Outcome {
+                    failed: true,
+                    ..Default::default()
+                },
+            );
             return self.reply_err(h.seq, e).await;
         }
         let rewritten = {
@@ -863,7 +965,9 @@ impl<D: Driver> Session<D> {
                 return Err(SessionEnd::Backend("no backend connection".into()));
             };
             let Some(bs) = b.conn.stmts.get_mut(&cs.sql) else {
-                return Err(SessionEnd::Backend("statement vanished from the backend cache".into()));
+                return Err(SessionEnd::Backend(
+                    "statement vanished from the backend cache".into(),
+                ));
             };
             rewrite_execute(&payload, cs, bs)
         };
@@ -890,13 +994,18 @@ impl<D: Driver> Session<D> {
     /// the backend that holds the statement's long data or cursor.
     async fn statement_command(&mut self, h: Header) -> Result<(), SessionEnd> {
         let command = self.cbuf.filled()[4];
-        let cid = match self.client_statement(&self.cbuf.filled()[4..h.total()], "mysqld_stmt_fetch") {
-            Ok(c) => c,
-            Err(e) => {
-                self.discard_command(h).await?;
-                return if command == com::STMT_SEND_LONG_DATA { Ok(()) } else { self.reply_err(h.seq, e).await };
-            }
-        };
+        let cid =
+            match self.client_statement(&self.cbuf.filled()[4..h.total()], "mysqld_stmt_fetch") {
+                Ok(c) => c,
+                Err(e) => {
+                    self.discard_command(h).await?;
+                    return if command == com::STMT_SEND_LONG_DATA {
+                        Ok(())
+                    } else {
+                        self.reply_err(h.seq, e).await
+                    };
+                }
+            };
         if command == com::STMT_RESET {
             if self.cursor == Some(cid) {
                 self.cursor = None;
@@ -928,13 +1037,21 @@ impl<D: Driver> Session<D> {
         }
         if let Err(e) = self.ensure_backend(true).await {
             self.discard_command(h).await?;
-            return if command == com::STMT_SEND_LONG_DATA { Ok(()) } else { self.reply_err(h.seq, e).await };
+            return if command == com::STMT_SEND_LONG_DATA {
+                Ok(())
+            } else {
+                self.reply_err(h.seq, e).await
+            };
         }
         let bid = match self.backend_statement(cid, h.seq).await? {
             Ok(id) => id,
             Err(e) => {
                 self.discard_command(h).await?;
-                return if command == com::STMT_SEND_LONG_DATA { Ok(()) } else { self.reply_err(h.seq, e).await };
+                return if command == com::STMT_SEND_LONG_DATA {
+                    Ok(())
+                } else {
+                    self.reply_err(h.seq, e).await
+                };
             }
         };
         stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
@@ -945,7 +1062,10 @@ impl<D: Driver> Session<D> {
         }
         self.send_command(h).await?;
         let outcome = self.relay_response(ResponseKind::Fetch, None).await?;
-        if outcome.failed || self.status & status::LAST_ROW_SENT != 0 || self.status & status::CURSOR_EXISTS == 0 {
+        if outcome.failed
+            || self.status & status::LAST_ROW_SENT != 0
+            || self.status & status::CURSOR_EXISTS == 0
+        {
             self.cursor = None;
             self.end_pin(PinReason::Cursor);
         }
@@ -955,7 +1075,9 @@ impl<D: Driver> Session<D> {
 
     /// COM_STMT_CLOSE: the client's statement goes; the backends keep theirs cached.
     async fn close_statement(&mut self, h: Header) -> Result<(), SessionEnd> {
-        let id = stmt::stmt_id(&self.cbuf.filled()[4..h.total()]).ok().and_then(|i| self.stmts.resolve(i));
+        let id = stmt::stmt_id(&self.cbuf.filled()[4..h.total()])
+            .ok()
+            .and_then(|i| self.stmts.resolve(i));
         self.discard_command(h).await?;
         let Some(cid) = id else { return Ok(()) };
         if self.long_data == Some(cid) {
@@ -987,7 +1109,8 @@ impl<D: Driver> Session<D> {
     async fn change_user(&mut self, h: Header) -> Result<bool, SessionEnd> {
         if h.continues() {
             self.discard_command(h).await?;
-            self.reply_err(h.seq, malformed("COM_CHANGE_USER too large")).await?;
+            self.reply_err(h.seq, malformed("COM_CHANGE_USER too large"))
+                .await?;
             return Ok(false);
         }
         let parsed = ChangeUser::parse(&self.cbuf.filled()[4..h.total()], self.caps);
@@ -1041,7 +1164,9 @@ impl<D: Driver> Session<D> {
             }
             self.maybe_release();
         }
-        write_packet(&mut self.client, seq, &ok_packet(self.status)).await.map_err(SessionEnd::Client)?;
+        write_packet(&mut self.client, seq, &ok_packet(self.status))
+            .await
+            .map_err(SessionEnd::Client)?;
         Ok(true)
     }
 }
@@ -1052,5 +1177,9 @@ enum RelayError {
 }
 
 fn malformed(what: &str) -> ErrPacket {
-    ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", format!("Malformed packet: {what}"))
+    ErrPacket::new(
+        errcode::ER_HANDSHAKE_ERROR,
+        "08S01",
+        format!("Malformed packet: {what}"),
+    )
 }

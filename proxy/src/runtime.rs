@@ -150,14 +150,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let shared = ProxyShared::new(config)?;
     learn_server_profiles(&shared);
     if !shared.config.admin.listen.is_empty() {
-        let addr: SocketAddr = shared
-            .config
-            .admin
-            .listen
-            .parse()
-            .map_err(|_| StartError::Config(format!("bad admin.listen {}", shared.config.admin.listen)))?;
-        crate::admin::start(addr, shared.clone())
-            .map_err(|source| StartError::Listen { endpoint: "admin".into(), addr, source })?;
+        let addr: SocketAddr = shared.config.admin.listen.parse().map_err(|_| {
+            StartError::Config(format!("bad admin.listen {}", shared.config.admin.listen))
+        })?;
+        crate::admin::start(addr, shared.clone()).map_err(|source| StartError::Listen {
+            endpoint: "admin".into(),
+            addr,
+            source,
+        })?;
     }
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -321,13 +321,23 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
 /// Raises the open-files limit to its hard maximum: every client and backend connection
 /// is a descriptor, and the usual soft limit of 1024 is far below what a proxy needs.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-files limit");
+                tracing::debug!(
+                    from = lim.rlim_cur,
+                    to = lim.rlim_max,
+                    "raised the open-files limit"
+                );
             }
         }
     }

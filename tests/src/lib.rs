@@ -53,7 +53,10 @@ pub fn spawn(cmd: Command) -> Child {
 /// Raises this process's open-files limit to the hard limit (tests open thousands of
 /// client connections).
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain rlimit calls with a valid pointer.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -302,7 +305,7 @@ impl Proxy {
         let admin = free_port();
         let config = format!(
             r#"[proxy]
-workers = 2
+{workers}
 io = "{io}"
 {proxy_extra}
 
@@ -338,7 +341,12 @@ backend_user = "app"
 backend_password = "{DB_PASSWORD}"
 auth_plugin = "mysql_native_password"
 "#,
-            db_port = db.port
+            db_port = db.port,
+            workers = if proxy_extra.contains("workers") {
+                ""
+            } else {
+                "workers = 2"
+            },
         );
         let path = dir.path().join("dbproxy.toml");
         std::fs::write(&path, config).unwrap();
@@ -381,7 +389,9 @@ auth_plugin = "mysql_native_password"
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
     }
 
     /// One metric's value: `name` with its labels, e.g.
@@ -395,12 +405,16 @@ auth_plugin = "mysql_native_password"
 
     /// `dbproxy_pins_total` for `reason` in the default target group.
     pub fn pins_started(&self, reason: &str) -> i64 {
-        self.metric(&format!("dbproxy_pins_total{{target_group=\"default\",reason=\"{reason}\"}}"))
+        self.metric(&format!(
+            "dbproxy_pins_total{{target_group=\"default\",reason=\"{reason}\"}}"
+        ))
     }
 
     /// `dbproxy_pinned_clients` for `reason` in the default target group.
     pub fn pinned_now(&self, reason: &str) -> i64 {
-        self.metric(&format!("dbproxy_pinned_clients{{target_group=\"default\",reason=\"{reason}\"}}"))
+        self.metric(&format!(
+            "dbproxy_pinned_clients{{target_group=\"default\",reason=\"{reason}\"}}"
+        ))
     }
 
     /// What dbproxy logged so far.
@@ -434,6 +448,15 @@ auth_plugin = "mysql_native_password"
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!(
+                "--- dbproxy ({}) log, newest first ---\n{}",
+                self.io,
+                tail.join("\n")
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -47,7 +47,11 @@ fn database_killed_mid_query_then_restarted() {
         // A client that was idle (outside a transaction, so holding no backend connection)
         // goes on as if nothing happened: its next query gets a fresh connection.
         let v: Option<String> = idle.query_first("SELECT DATABASE()").unwrap();
-        assert_eq!(v.as_deref(), Some("shop"), "[{io}] the idle client keeps its session");
+        assert_eq!(
+            v.as_deref(),
+            Some("shop"),
+            "[{io}] the idle client keeps its session"
+        );
     }
 }
 

@@ -14,21 +14,23 @@ use std::time::Duration;
 pub fn start(addr: SocketAddr, shared: Arc<ProxyShared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    std::thread::Builder::new().name("dbproxy-admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(s) => {
-                    if let Err(e) = serve(s, &shared) {
-                        tracing::debug!("admin request failed: {e}");
+    std::thread::Builder::new()
+        .name("dbproxy-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        if let Err(e) = serve(s, &shared) {
+                            tracing::debug!("admin request failed: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
             }
-        }
-    })?;
+        })?;
     tracing::info!(listen = %local, "admin endpoint: GET /metrics");
     Ok(local)
 }
@@ -52,26 +54,87 @@ fn serve(mut s: TcpStream, shared: &ProxyShared) -> std::io::Result<()> {
     s.flush()
 }
 
+/// A per-target-group series: name, type, help, how to read it.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::pool::GroupShared) -> u64,
+);
+
 /// The metrics in Prometheus' text format.
 pub fn render(shared: &ProxyShared) -> String {
     let mut o = String::new();
     let gauge = |o: &mut String, name: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
     };
-    gauge(&mut o, "dbproxy_client_connections", "Client connections open now.");
-    let _ = writeln!(o, "dbproxy_client_connections {}", shared.clients.load(Ordering::Relaxed));
+    gauge(
+        &mut o,
+        "dbproxy_client_connections",
+        "Client connections open now.",
+    );
+    let _ = writeln!(
+        o,
+        "dbproxy_client_connections {}",
+        shared.clients.load(Ordering::Relaxed)
+    );
     let mut groups: Vec<_> = shared.groups.values().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
-    let series: [(&str, &str, &str, fn(&crate::pool::GroupShared) -> u64); 9] = [
-        ("dbproxy_backend_connections", "gauge", "Backend connections open now (idle and in use).", |g| g.open_connections() as u64),
-        ("dbproxy_backend_connections_idle", "gauge", "Idle backend connections.", |g| g.idle_total.load(Ordering::Relaxed) as u64),
-        ("dbproxy_backend_connections_opened_total", "counter", "Backend connections opened.", |g| g.stats.opened.load(Ordering::Relaxed)),
-        ("dbproxy_backend_connections_closed_total", "counter", "Backend connections closed.", |g| g.stats.closed.load(Ordering::Relaxed)),
-        ("dbproxy_borrows_total", "counter", "Backend connections handed to clients.", |g| g.stats.borrowed.load(Ordering::Relaxed)),
-        ("dbproxy_borrow_timeouts_total", "counter", "Clients that waited connection_borrow_timeout in vain.", |g| g.stats.borrow_timeouts.load(Ordering::Relaxed)),
-        ("dbproxy_backend_connect_errors_total", "counter", "Failed attempts to open a backend connection.", |g| g.stats.connect_errors.load(Ordering::Relaxed)),
-        ("dbproxy_backend_reset_errors_total", "counter", "Backend connections closed because a reset failed.", |g| g.stats.reset_errors.load(Ordering::Relaxed)),
-        ("dbproxy_connections_moved_between_cores_total", "counter", "Idle connections handed from one core to another.", |g| g.stats.moved_between_cores.load(Ordering::Relaxed)),
+    let series: [Series; 9] = [
+        (
+            "dbproxy_backend_connections",
+            "gauge",
+            "Backend connections open now (idle and in use).",
+            |g| g.open_connections() as u64,
+        ),
+        (
+            "dbproxy_backend_connections_idle",
+            "gauge",
+            "Idle backend connections.",
+            |g| g.idle_total.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "dbproxy_backend_connections_opened_total",
+            "counter",
+            "Backend connections opened.",
+            |g| g.stats.opened.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_backend_connections_closed_total",
+            "counter",
+            "Backend connections closed.",
+            |g| g.stats.closed.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_borrows_total",
+            "counter",
+            "Backend connections handed to clients.",
+            |g| g.stats.borrowed.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_borrow_timeouts_total",
+            "counter",
+            "Clients that waited connection_borrow_timeout in vain.",
+            |g| g.stats.borrow_timeouts.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_backend_connect_errors_total",
+            "counter",
+            "Failed attempts to open a backend connection.",
+            |g| g.stats.connect_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_backend_reset_errors_total",
+            "counter",
+            "Backend connections closed because a reset failed.",
+            |g| g.stats.reset_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_connections_moved_between_cores_total",
+            "counter",
+            "Idle connections handed from one core to another.",
+            |g| g.stats.moved_between_cores.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -79,18 +142,37 @@ pub fn render(shared: &ProxyShared) -> String {
             let _ = writeln!(o, "{name}{{target_group=\"{}\"}} {}", g.name, get(g));
         }
     }
-    let _ = writeln!(o, "# HELP dbproxy_pins_total Pins started, by reason.\n# TYPE dbproxy_pins_total counter");
+    let _ = writeln!(
+        o,
+        "# HELP dbproxy_pins_total Pins started, by reason.\n# TYPE dbproxy_pins_total counter"
+    );
     for g in &groups {
         for r in PinReason::ALL {
             let n = g.stats.pins_started[r.index()].load(Ordering::Relaxed);
-            let _ = writeln!(o, "dbproxy_pins_total{{target_group=\"{}\",reason=\"{}\"}} {n}", g.name, r.name());
+            let _ = writeln!(
+                o,
+                "dbproxy_pins_total{{target_group=\"{}\",reason=\"{}\"}} {n}",
+                g.name,
+                r.name()
+            );
         }
     }
-    gauge(&mut o, "dbproxy_pinned_clients", "Clients pinned now, by reason.");
+    gauge(
+        &mut o,
+        "dbproxy_pinned_clients",
+        "Clients pinned now, by reason.",
+    );
     for g in &groups {
         for r in PinReason::ALL {
-            let n = g.stats.pins_active[r.index()].load(Ordering::Relaxed).max(0);
-            let _ = writeln!(o, "dbproxy_pinned_clients{{target_group=\"{}\",reason=\"{}\"}} {n}", g.name, r.name());
+            let n = g.stats.pins_active[r.index()]
+                .load(Ordering::Relaxed)
+                .max(0);
+            let _ = writeln!(
+                o,
+                "dbproxy_pinned_clients{{target_group=\"{}\",reason=\"{}\"}} {n}",
+                g.name,
+                r.name()
+            );
         }
     }
     o
@@ -105,6 +187,9 @@ pub fn fetch(addr: &str) -> std::io::Result<String> {
     s.read_to_string(&mut resp)?;
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_string()),
-        _ => Err(std::io::Error::other(format!("unexpected answer from {addr}: {}", resp.lines().next().unwrap_or("")))),
+        _ => Err(std::io::Error::other(format!(
+            "unexpected answer from {addr}: {}",
+            resp.lines().next().unwrap_or("")
+        ))),
     }
 }

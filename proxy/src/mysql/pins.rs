@@ -74,7 +74,10 @@ impl PinReason {
 
     /// Reasons that last for one more statement only.
     pub fn is_next_statement(self) -> bool {
-        matches!(self, PinReason::FoundRows | PinReason::LastInsertId | PinReason::NextTransaction)
+        matches!(
+            self,
+            PinReason::FoundRows | PinReason::LastInsertId | PinReason::NextTransaction
+        )
     }
 }
 
@@ -104,7 +107,9 @@ fn tokens(sql: &[u8]) -> Vec<Vec<u8>> {
                     i += 1;
                 }
             }
-            b'-' if sql.get(i + 1) == Some(&b'-') && sql.get(i + 2).is_none_or(|b| b.is_ascii_whitespace()) => {
+            b'-' if sql.get(i + 1) == Some(&b'-')
+                && sql.get(i + 2).is_none_or(|b| b.is_ascii_whitespace()) =>
+            {
                 while i < sql.len() && sql[i] != b'\n' {
                     i += 1;
                 }
@@ -143,11 +148,20 @@ fn tokens(sql: &[u8]) -> Vec<Vec<u8>> {
                     i += 1;
                 }
                 i += 1;
-                out.push(if q == b'`' { b"`".to_vec() } else { b"'".to_vec() });
+                out.push(if q == b'`' {
+                    b"`".to_vec()
+                } else {
+                    b"'".to_vec()
+                });
             }
             c if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 => {
                 let s = i;
-                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_' || sql[i] == b'$' || sql[i] >= 0x80) {
+                while i < sql.len()
+                    && (sql[i].is_ascii_alphanumeric()
+                        || sql[i] == b'_'
+                        || sql[i] == b'$'
+                        || sql[i] >= 0x80)
+                {
                     i += 1;
                 }
                 out.push(sql[s..i].to_ascii_uppercase());
@@ -181,8 +195,12 @@ pub fn classify_sql(sql: &[u8]) -> SqlEffects {
         }
         if start {
             match t {
-                b"LOCK" if matches!(next(1), Some(b"TABLE" | b"TABLES")) => e.starts.push(PinReason::LockTables),
-                b"UNLOCK" if matches!(next(1), Some(b"TABLE" | b"TABLES")) => e.unlock_tables = true,
+                b"LOCK" if matches!(next(1), Some(b"TABLE" | b"TABLES")) => {
+                    e.starts.push(PinReason::LockTables)
+                }
+                b"UNLOCK" if matches!(next(1), Some(b"TABLE" | b"TABLES")) => {
+                    e.unlock_tables = true
+                }
                 b"PREPARE" => e.starts.push(PinReason::TextPrepare),
                 b"SET" => {
                     in_set = true;
@@ -195,7 +213,9 @@ pub fn classify_sql(sql: &[u8]) -> SqlEffects {
             start = false;
         }
         match t {
-            b"TEMPORARY" if i > 0 && toks[i - 1] == b"CREATE" => e.starts.push(PinReason::TemporaryTable),
+            b"TEMPORARY" if i > 0 && toks[i - 1] == b"CREATE" => {
+                e.starts.push(PinReason::TemporaryTable)
+            }
             b"SQL_CALC_FOUND_ROWS" => e.starts.push(PinReason::FoundRows),
             b"GET_LOCK" if next(1) == Some(b"(") => e.get_locks += 1,
             b"RELEASE_LOCK" if next(1) == Some(b"(") => e.release_locks += 1,
@@ -252,11 +272,19 @@ impl Pins {
 
     /// Applies a statement's effects once its reply arrived (`ok`: it did not fail).
     /// Returns the reasons that started and ended.
-    pub fn after_statement(&mut self, e: &SqlEffects, ok: bool) -> (Vec<PinReason>, Vec<PinReason>) {
+    pub fn after_statement(
+        &mut self,
+        e: &SqlEffects,
+        ok: bool,
+    ) -> (Vec<PinReason>, Vec<PinReason>) {
         let mut started = Vec::new();
         let mut ended = Vec::new();
         // One-statement pins from before this statement end now.
-        for r in PinReason::ALL.iter().copied().filter(|r| r.is_next_statement()) {
+        for r in PinReason::ALL
+            .iter()
+            .copied()
+            .filter(|r| r.is_next_statement())
+        {
             if !e.starts.contains(&r) && self.end(r) {
                 ended.push(r);
             }
@@ -277,7 +305,9 @@ impl Pins {
                 ended.push(PinReason::LockTables);
             }
             self.get_locks = self.get_locks.saturating_sub(e.release_locks);
-            if (e.release_all_locks || (e.release_locks > 0 && self.get_locks == 0)) && self.end(PinReason::GetLock) {
+            if (e.release_all_locks || (e.release_locks > 0 && self.get_locks == 0))
+                && self.end(PinReason::GetLock)
+            {
                 self.get_locks = 0;
                 ended.push(PinReason::GetLock);
             }
@@ -301,10 +331,19 @@ mod tests {
         assert!(classify_sql(b"unlock tables").unlock_tables);
         assert_eq!(classify_sql(b"SELECT GET_LOCK('a', 1)").get_locks, 1);
         assert!(classify_sql(b"DO RELEASE_ALL_LOCKS()").release_all_locks);
-        assert_eq!(starts("CREATE TEMPORARY TABLE t (x INT)"), vec![TemporaryTable]);
+        assert_eq!(
+            starts("CREATE TEMPORARY TABLE t (x INT)"),
+            vec![TemporaryTable]
+        );
         assert_eq!(starts("PREPARE s FROM 'SELECT 1'"), vec![TextPrepare]);
-        assert_eq!(starts("SELECT SQL_CALC_FOUND_ROWS * FROM t LIMIT 1"), vec![FoundRows]);
-        assert_eq!(starts("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), vec![NextTransaction]);
+        assert_eq!(
+            starts("SELECT SQL_CALC_FOUND_ROWS * FROM t LIMIT 1"),
+            vec![FoundRows]
+        );
+        assert_eq!(
+            starts("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            vec![NextTransaction]
+        );
         assert_eq!(starts("SET @v = 1"), vec![UserVariable]);
         assert_eq!(starts("SET sql_mode='ANSI', @x:=2"), vec![UserVariable]);
         assert_eq!(starts("SELECT @n := @n + 1 FROM t"), vec![UserVariable]);
@@ -324,7 +363,10 @@ mod tests {
         ] {
             assert_eq!(classify_sql(sql.as_bytes()), SqlEffects::default(), "{sql}");
         }
-        assert_eq!(starts("/*!40000 LOCK TABLES t WRITE */"), vec![PinReason::LockTables]);
+        assert_eq!(
+            starts("/*!40000 LOCK TABLES t WRITE */"),
+            vec![PinReason::LockTables]
+        );
     }
 
     #[test]
@@ -338,7 +380,10 @@ mod tests {
         assert_eq!(e, vec![PinReason::LockTables]);
         assert!(!p.is_pinned());
 
-        p.after_statement(&classify_sql(b"SELECT GET_LOCK('a',1), GET_LOCK('b',1)"), true);
+        p.after_statement(
+            &classify_sql(b"SELECT GET_LOCK('a',1), GET_LOCK('b',1)"),
+            true,
+        );
         p.after_statement(&classify_sql(b"SELECT RELEASE_LOCK('a')"), true);
         assert!(p.has(PinReason::GetLock));
         p.after_statement(&classify_sql(b"SELECT RELEASE_LOCK('b')"), true);

@@ -547,10 +547,24 @@ mod tests {
     fn ok_packets_are_recognised() {
         let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
         let ok = ok_packet(2);
-        t.feed(Header { len: ok.len(), seq: 1 }, &ok).unwrap();
+        t.feed(
+            Header {
+                len: ok.len(),
+                seq: 1,
+            },
+            &ok,
+        )
+        .unwrap();
         assert!(t.last_ok());
         let mut t = ResponseTracker::new(ResponseKind::Single, EOF_CAPS);
-        t.feed(Header { len: ok.len(), seq: 1 }, &ok).unwrap();
+        t.feed(
+            Header {
+                len: ok.len(),
+                seq: 1,
+            },
+            &ok,
+        )
+        .unwrap();
         assert!(t.last_ok());
         // An EOF terminator is not an OK packet; an OK-style terminator is.
         let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);

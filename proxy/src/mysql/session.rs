@@ -55,7 +55,15 @@ pub fn parse_ok(payload: &[u8], caps: u32) -> Result<OkPacket, ProtocolError> {
     } else {
         None
     };
-    Ok(OkPacket { affected_rows, last_insert_id, status, warnings, tail: at, info, state })
+    Ok(OkPacket {
+        affected_rows,
+        last_insert_id,
+        status,
+        warnings,
+        tail: at,
+        info,
+        state,
+    })
 }
 
 /// One session-tracking entry.
@@ -160,7 +168,10 @@ pub fn plan_replay(
     baseline: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Replay {
     let mut sets: Vec<String> = Vec::new();
-    let names = client_vars.keys().chain(backend.vars.keys()).chain(baseline.keys());
+    let names = client_vars
+        .keys()
+        .chain(backend.vars.keys())
+        .chain(baseline.keys());
     let mut seen = std::collections::BTreeSet::new();
     for name in names {
         if !seen.insert(name) {
@@ -173,6 +184,20 @@ pub fn plan_replay(
                 None => "DEFAULT".to_string(),
             };
             sets.push(format!("{} = {}", sql_ident(name), value));
+        }
+    }
+    // Setting character_set_connection also resets collation_connection to that character
+    // set's default; put the collation the client expects back after it.
+    let want_collation = client_vars
+        .get(&b"collation_connection"[..])
+        .or_else(|| baseline.get(&b"collation_connection"[..]));
+    if let Some(c) = want_collation {
+        if sets
+            .iter()
+            .any(|s| s.starts_with("character_set_connection "))
+            && !sets.iter().any(|s| s.starts_with("collation_connection "))
+        {
+            sets.push(format!("collation_connection = {}", sql_value(c)));
         }
     }
     let reset = client_schema.is_none() && backend.schema.is_some();
@@ -190,7 +215,9 @@ pub fn plan_replay(
 /// A variable name for SQL: only names made of identifier characters are written bare.
 fn sql_ident(name: &[u8]) -> String {
     let s = String::from_utf8_lossy(name);
-    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    {
         s.into_owned()
     } else {
         format!("`{}`", s.replace('`', "``"))
@@ -202,7 +229,9 @@ fn sql_ident(name: &[u8]) -> String {
 fn sql_value(v: &[u8]) -> String {
     let s = String::from_utf8_lossy(v);
     let numeric = !s.is_empty()
-        && s.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (b == b'-' && i == 0) || b == b'.')
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (b == b'-' && i == 0) || b == b'.')
         && s.bytes().any(|b| b.is_ascii_digit());
     if numeric || s == "NULL" {
         s.into_owned()
@@ -233,19 +262,29 @@ mod tests {
     // After `USE shop`.
     const USE_OK: &[u8] = b"\x00\x00\x00\x02\x40\x00\x00\x00\x0a\x01\x05\x04shop\x02\x01\x31";
     // After an UPDATE: info, no state.
-    const UPDATE_OK: &[u8] = b"\x00\x00\x00\x01\x80\x00\x00\x28Rows matched: 4  Changed: 0  Warnings: 0";
+    const UPDATE_OK: &[u8] =
+        b"\x00\x00\x00\x01\x80\x00\x00\x28Rows matched: 4  Changed: 0  Warnings: 0";
 
     #[test]
     fn parses_real_ok_packets() {
         let ok = parse_ok(SET_NAMES_OK, CAPS).unwrap();
         let ch = changes(&SET_NAMES_OK[ok.state.clone().unwrap()]).unwrap();
-        assert_eq!(ch[0], Change::SystemVariable(b"character_set_connection", b"latin1"));
+        assert_eq!(
+            ch[0],
+            Change::SystemVariable(b"character_set_connection", b"latin1")
+        );
         assert_eq!(ch.len(), 4);
         assert_eq!(ch[3], Change::StateChanged);
         let ok = parse_ok(USE_OK, CAPS).unwrap();
-        assert_eq!(changes(&USE_OK[ok.state.unwrap()]).unwrap()[0], Change::Schema(b"shop"));
+        assert_eq!(
+            changes(&USE_OK[ok.state.unwrap()]).unwrap()[0],
+            Change::Schema(b"shop")
+        );
         let ok = parse_ok(UPDATE_OK, CAPS).unwrap();
-        assert_eq!(&UPDATE_OK[ok.info.clone()], b"Rows matched: 4  Changed: 0  Warnings: 0");
+        assert_eq!(
+            &UPDATE_OK[ok.info.clone()],
+            b"Rows matched: 4  Changed: 0  Warnings: 0"
+        );
         assert_eq!(ok.status, 0x8001);
         assert!(ok.state.is_none());
     }
@@ -267,8 +306,12 @@ mod tests {
     #[test]
     fn replay_sets_restores_and_selects() {
         let mut backend = SessionState::default();
-        backend.vars.insert(b"time_zone".to_vec(), b"+01:00".to_vec());
-        backend.vars.insert(b"wait_timeout".to_vec(), b"100".to_vec());
+        backend
+            .vars
+            .insert(b"time_zone".to_vec(), b"+01:00".to_vec());
+        backend
+            .vars
+            .insert(b"wait_timeout".to_vec(), b"100".to_vec());
         backend.schema = Some(b"a".to_vec());
         let mut baseline = BTreeMap::new();
         baseline.insert(b"wait_timeout".to_vec(), b"4321".to_vec());
@@ -281,9 +324,39 @@ mod tests {
         );
         assert_eq!(r.init_db.as_deref(), Some(&b"b"[..]));
         assert!(!r.reset);
-        let same = plan_replay(Some(b"a"), &BTreeMap::new(), &SessionState { schema: Some(b"a".to_vec()), vars: baseline.clone() }, &baseline);
+        let same = plan_replay(
+            Some(b"a"),
+            &BTreeMap::new(),
+            &SessionState {
+                schema: Some(b"a".to_vec()),
+                vars: baseline.clone(),
+            },
+            &baseline,
+        );
         assert!(same.is_empty());
         assert!(plan_replay(None, &BTreeMap::new(), &backend, &baseline).reset);
+    }
+
+    #[test]
+    fn connection_collation_follows_its_character_set() {
+        let mut baseline = BTreeMap::new();
+        baseline.insert(b"character_set_connection".to_vec(), b"utf8mb4".to_vec());
+        baseline.insert(
+            b"collation_connection".to_vec(),
+            b"utf8mb4_unicode_ci".to_vec(),
+        );
+        let mut backend = SessionState {
+            schema: None,
+            vars: baseline.clone(),
+        };
+        backend
+            .vars
+            .insert(b"character_set_connection".to_vec(), b"latin1".to_vec());
+        let r = plan_replay(None, &BTreeMap::new(), &backend, &baseline);
+        assert_eq!(
+            r.set.as_deref(),
+            Some("SET SESSION character_set_connection = 'utf8mb4', collation_connection = 'utf8mb4_unicode_ci'")
+        );
     }
 
     #[test]

@@ -37,7 +37,15 @@ impl ClientStmts {
             self.next_id = self.next_id.wrapping_add(1).max(1);
         }
         let id = self.next_id;
-        self.map.insert(id, ClientStmt { sql, params, columns, types: None });
+        self.map.insert(
+            id,
+            ClientStmt {
+                sql,
+                params,
+                columns,
+                types: None,
+            },
+        );
         self.last = Some(id);
         id
     }
@@ -96,16 +104,19 @@ pub struct BackendStmts {
 
 impl BackendStmts {
     pub fn new(capacity: usize) -> Self {
-        BackendStmts { by_sql: HashMap::new(), tick: 0, capacity: capacity.max(1) }
+        BackendStmts {
+            by_sql: HashMap::new(),
+            tick: 0,
+            capacity: capacity.max(1),
+        }
     }
 
     pub fn get_mut(&mut self, sql: &[u8]) -> Option<&mut BackendStmt> {
         self.tick += 1;
         let t = self.tick;
-        self.by_sql.get_mut(sql).map(|s| {
-            s.last_use = t;
-            s
-        })
+        let s = self.by_sql.get_mut(sql)?;
+        s.last_use = t;
+        Some(s)
     }
 
     /// Records a statement; returns backend ids to close: a duplicate of one already
@@ -118,12 +129,24 @@ impl BackendStmts {
         }
         let mut evicted = None;
         if self.by_sql.len() >= self.capacity {
-            let oldest = self.by_sql.iter().min_by_key(|(_, s)| s.last_use).map(|(k, _)| k.clone());
+            let oldest = self
+                .by_sql
+                .iter()
+                .min_by_key(|(_, s)| s.last_use)
+                .map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 evicted = self.by_sql.remove(&k).map(|s| s.id);
             }
         }
-        self.by_sql.insert(sql, BackendStmt { id, params, types: None, last_use: self.tick });
+        self.by_sql.insert(
+            sql,
+            BackendStmt {
+                id,
+                params,
+                types: None,
+                last_use: self.tick,
+            },
+        );
         evicted
     }
 
@@ -173,8 +196,10 @@ fn bound_flag(payload: &[u8], params: u16) -> Result<Option<(usize, u8)>, Protoc
     if params == 0 {
         return Ok(None);
     }
-    let at = 1 + 4 + 1 + 4 + (usize::from(params) + 7) / 8;
-    let flag = *payload.get(at).ok_or(ProtocolError::Truncated("new-params-bound flag"))?;
+    let at = 1 + 4 + 1 + 4 + usize::from(params).div_ceil(8);
+    let flag = *payload
+        .get(at)
+        .ok_or(ProtocolError::Truncated("new-params-bound flag"))?;
     Ok(Some((at, flag)))
 }
 
@@ -196,7 +221,9 @@ pub fn rewrite_execute(
     match bound_flag(payload, client.params)? {
         Some((at, 1)) => {
             let n = 2 * usize::from(client.params);
-            let types = payload.get(at + 1..at + 1 + n).ok_or(ProtocolError::Truncated("parameter types"))?;
+            let types = payload
+                .get(at + 1..at + 1 + n)
+                .ok_or(ProtocolError::Truncated("parameter types"))?;
             client.types = Some(types.to_vec());
             backend.types = Some(types.to_vec());
             out = payload.to_vec();
@@ -227,7 +254,7 @@ mod tests {
         p.extend_from_slice(&id.to_le_bytes());
         p.push(0);
         p.extend_from_slice(&1u32.to_le_bytes());
-        p.extend(std::iter::repeat_n(0u8, (usize::from(params) + 7) / 8));
+        p.extend(std::iter::repeat_n(0u8, usize::from(params).div_ceil(8)));
         p.push(u8::from(bound));
         if bound {
             for _ in 0..params {
@@ -258,14 +285,28 @@ mod tests {
         assert_eq!(s.insert(q("b"), 2, 0), None);
         s.get_mut(b"a");
         assert_eq!(s.insert(q("c"), 3, 0), Some(2));
-        assert_eq!(s.insert(q("a"), 9, 0), Some(9), "a duplicate prepare is closed");
+        assert_eq!(
+            s.insert(q("a"), 9, 0),
+            Some(9),
+            "a duplicate prepare is closed"
+        );
         assert_eq!(s.get_mut(b"a").map(|x| x.id), Some(1));
     }
 
     #[test]
     fn execute_gets_the_backend_id_and_types_when_needed() {
-        let mut client = ClientStmt { sql: Arc::from(&b"SELECT ?"[..]), params: 1, columns: 1, types: None };
-        let mut b1 = BackendStmt { id: 77, params: 1, types: None, last_use: 0 };
+        let mut client = ClientStmt {
+            sql: Arc::from(&b"SELECT ?"[..]),
+            params: 1,
+            columns: 1,
+            types: None,
+        };
+        let mut b1 = BackendStmt {
+            id: 77,
+            params: 1,
+            types: None,
+            last_use: 0,
+        };
         let first = execute(5, 1, true, &7i64.to_le_bytes());
         let out = rewrite_execute(&first, &mut client, &mut b1).unwrap();
         assert_eq!(stmt_id(&out).unwrap(), 77);
@@ -276,9 +317,18 @@ mod tests {
         let out = rewrite_execute(&later, &mut client, &mut b1).unwrap();
         assert_eq!(out.len(), later.len());
         // The same on a backend that never saw the types: they are put in.
-        let mut b2 = BackendStmt { id: 3, params: 1, types: None, last_use: 0 };
+        let mut b2 = BackendStmt {
+            id: 3,
+            params: 1,
+            types: None,
+            last_use: 0,
+        };
         let out = rewrite_execute(&later, &mut client, &mut b2).unwrap();
-        assert_eq!(out, { let mut e = execute(3, 1, true, &8i64.to_le_bytes()); e[1..5].copy_from_slice(&3u32.to_le_bytes()); e });
+        assert_eq!(out, {
+            let mut e = execute(3, 1, true, &8i64.to_le_bytes());
+            e[1..5].copy_from_slice(&3u32.to_le_bytes());
+            e
+        });
         assert!(rewrite_execute(&later[..10], &mut client, &mut b2).is_err());
     }
 

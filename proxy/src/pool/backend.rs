@@ -7,9 +7,9 @@ use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
 use crate::mysql::handshake::ServerHandshake;
 use crate::mysql::response::{ResponseTracker, Step};
-use crate::mysql::wire::ErrPacket;
 use crate::mysql::session::{changes, parse_ok, Change, Replay, SessionState};
 use crate::mysql::stmt::{parse_prepare_ok, BackendStmts};
+use crate::mysql::wire::ErrPacket;
 use crate::mysql::{ProtocolError, MAX_PAYLOAD};
 use std::collections::BTreeMap;
 use std::io;
@@ -75,9 +75,19 @@ pub const BACKEND_BUF: usize = 16 * 1024;
 /// Prepared statements kept per backend connection.
 pub const STMT_CACHE: usize = 256;
 
+/// The character set variables come from the handshake, not from the global defaults that
+/// `SET ... = DEFAULT` restores: assigning them their own values makes session tracking
+/// report them, so they enter the baseline.
+pub const CHARSET_BASELINE_SQL: &str =
+    "SET SESSION character_set_client = @@session.character_set_client, \
+     character_set_connection = @@session.character_set_connection, \
+     character_set_results = @@session.character_set_results, \
+     collation_connection = @@session.collation_connection";
+
 /// Run first on every backend session: the server then reports in its OK packets every
 /// change of a system variable, of the default schema, and of other session state.
-pub const TRACKING_SQL: &str = "SET SESSION session_track_schema = ON, session_track_state_change = ON, \
+pub const TRACKING_SQL: &str =
+    "SET SESSION session_track_schema = ON, session_track_state_change = ON, \
      session_track_system_variables = '*'";
 
 impl<S> BackendConn<S> {
@@ -208,7 +218,10 @@ impl<S: Stream> BackendConn<S> {
 
     /// Makes `db` the default database. `Ok(Err(e))`: the server refused (e.g. unknown
     /// database); nothing changed.
-    pub async fn use_database(&mut self, name: &[u8]) -> Result<Result<(), ErrPacket>, BackendError> {
+    pub async fn use_database(
+        &mut self,
+        name: &[u8],
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
         if self.state.schema.as_deref() == Some(name) {
             return Ok(Ok(()));
         }
@@ -225,6 +238,7 @@ impl<S: Stream> BackendConn<S> {
     /// Switches session tracking on and runs `init_query`; what they set is the baseline.
     pub async fn init_session(&mut self, init_query: &str) -> Result<(), BackendError> {
         self.query(TRACKING_SQL).await?;
+        self.query(CHARSET_BASELINE_SQL).await?;
         if !init_query.is_empty() {
             self.query(init_query).await?;
         }
@@ -234,7 +248,8 @@ impl<S: Stream> BackendConn<S> {
 
     /// COM_CHANGE_USER to the same backend user with no database: a full session reset.
     pub async fn change_user(&mut self, init_query: &str) -> Result<(), BackendError> {
-        let (mut login, p) = Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
+        let (mut login, p) =
+            Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
         write_packet(&mut self.stream, 0, &p).await?;
         self.finish_login(&mut login, None).await?;
         self.state = SessionState::default();
@@ -246,7 +261,9 @@ impl<S: Stream> BackendConn<S> {
     /// tables, prepared statements), then sets the session up again. The default database
     /// stays (MariaDB keeps it across COM_RESET_CONNECTION).
     pub async fn reset(&mut self, init_query: &str) -> Result<(), BackendError> {
-        self.command(&[com::RESET_CONNECTION], ResponseKind::Single).await?.map_err(BackendError::Server)?;
+        self.command(&[com::RESET_CONNECTION], ResponseKind::Single)
+            .await?
+            .map_err(BackendError::Server)?;
         self.state.vars.clear();
         self.stmts.clear();
         self.init_session(init_query).await
@@ -254,12 +271,27 @@ impl<S: Stream> BackendConn<S> {
 
     /// Brings this session to a client's state. `Ok(Err(e))`: the server refused a step
     /// (e.g. the client's database was dropped meanwhile).
-    pub async fn replay(&mut self, plan: &Replay, client_vars: &BTreeMap<Vec<u8>, Vec<u8>>, client_schema: Option<&[u8]>, init_query: &str) -> Result<Result<(), ErrPacket>, BackendError> {
+    pub async fn replay(
+        &mut self,
+        plan: &Replay,
+        client_vars: &BTreeMap<Vec<u8>, Vec<u8>>,
+        client_schema: Option<&[u8]>,
+        init_query: &str,
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
         let mut plan = plan.clone();
-        tracing::debug!(thread_id = self.thread_id, ?plan, "replaying a client's session state");
+        tracing::debug!(
+            thread_id = self.thread_id,
+            ?plan,
+            "replaying a client's session state"
+        );
         if plan.reset {
             self.change_user(init_query).await?;
-            plan = crate::mysql::session::plan_replay(client_schema, client_vars, &self.state, &self.baseline);
+            plan = crate::mysql::session::plan_replay(
+                client_schema,
+                client_vars,
+                &self.state,
+                &self.baseline,
+            );
         }
         if let Some(set) = &plan.set {
             let mut p = Vec::with_capacity(set.len() + 1);
@@ -277,7 +309,10 @@ impl<S: Stream> BackendConn<S> {
 
     /// Prepares `sql` on this connection (binary protocol) and caches it; returns the
     /// backend statement id. `Ok(Err(e))`: the server refused the statement.
-    pub async fn prepare(&mut self, sql: &Arc<[u8]>) -> Result<Result<u32, ErrPacket>, BackendError> {
+    pub async fn prepare(
+        &mut self,
+        sql: &Arc<[u8]>,
+    ) -> Result<Result<u32, ErrPacket>, BackendError> {
         if let Some(s) = self.stmts.get_mut(sql) {
             return Ok(Ok(s.id));
         }
@@ -330,9 +365,15 @@ impl<S: Stream> BackendConn<S> {
 
 /// Applies the session-tracking information of an OK packet to `state`. Returns whether
 /// the server reported a state change that no tracked schema or variable explains.
-pub fn apply_ok(state: &mut SessionState, payload: &[u8], caps: u32) -> Result<bool, ProtocolError> {
+pub fn apply_ok(
+    state: &mut SessionState,
+    payload: &[u8],
+    caps: u32,
+) -> Result<bool, ProtocolError> {
     let ok = parse_ok(payload, caps)?;
-    let Some(range) = ok.state else { return Ok(false) };
+    let Some(range) = ok.state else {
+        return Ok(false);
+    };
     let mut explained = false;
     let mut changed = false;
     for c in changes(&payload[range])? {

@@ -121,7 +121,9 @@ impl GroupShared {
             borrow_timeout: cfg.connection_borrow_timeout,
             connect_timeout: cfg.connect_timeout,
             init_query: cfg.init_query.clone(),
-            exclude_variable_sets: cfg.session_pinning_filters.contains(&PinningFilter::ExcludeVariableSets),
+            exclude_variable_sets: cfg
+                .session_pinning_filters
+                .contains(&PinningFilter::ExcludeVariableSets),
             profile: RwLock::new(ServerProfile::default()),
             stats: GroupStats::default(),
         })

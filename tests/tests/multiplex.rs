@@ -1,0 +1,719 @@
+//! Transaction-level multiplexing: many clients on few backend connections, session state
+//! that follows each client, prepared statements that never pin, and pins that start,
+//! hold and end when they should.
+
+use mysql::prelude::*;
+use mysql::Conn;
+use proxy_tests::*;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+fn monitor(db: &MariaDb) -> Conn {
+    let opts = mysql::OptsBuilder::new()
+        .user(Some("root"))
+        .socket(Some(db.socket().to_str().unwrap()));
+    Conn::new(opts).unwrap()
+}
+
+fn global_status(c: &mut Conn, name: &str) -> u64 {
+    let row: Option<(String, u64)> = c
+        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+        .unwrap();
+    row.unwrap().1
+}
+
+/// Samples Threads_connected until dropped; the peak is read at the end.
+struct Peak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    t: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Peak {
+    fn start(db: &MariaDb) -> Peak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), peak.clone());
+        let mut m = monitor(db);
+        let t = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(
+                    global_status(&mut m, "Threads_connected"),
+                    Ordering::Relaxed,
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Peak {
+            stop,
+            peak,
+            t: Some(t),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            t.join().unwrap();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+fn conn_id(c: &mut Conn) -> u64 {
+    c.query_first("SELECT CONNECTION_ID()").unwrap().unwrap()
+}
+
+#[test]
+fn two_thousand_clients_on_twenty_backend_connections() {
+    raise_fd_limit();
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.mx (client INT, v INT, KEY (client)) ENGINE=InnoDB");
+    let clients = 2000;
+    for io in DRIVERS {
+        db.root_sql("DELETE FROM shop.mx");
+        let proxy = Proxy::start(&db, io, "max_connections = 20\nmax_idle_connections = 20");
+        let peak = Peak::start(&db);
+        let all_connected = Arc::new(Barrier::new(clients));
+        let port = proxy.port;
+        let threads: Vec<_> = (0..clients)
+            .map(|i| {
+                let barrier = all_connected.clone();
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        let mut c = connect(port, "app", APP_PASSWORD, "shop")
+                            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+                        barrier.wait(); // all 2000 are connected at once from here on
+                        for r in 0..3u64 {
+                            let v: Option<u64> =
+                                c.query_first(format!("SELECT {i} * 10 + {r}")).unwrap();
+                            assert_eq!(v, Some(i as u64 * 10 + r));
+                        }
+                        c.query_drop("BEGIN").unwrap();
+                        c.exec_drop("INSERT INTO mx VALUES (?, ?)", (i, 1)).unwrap();
+                        c.exec_drop("INSERT INTO mx VALUES (?, ?)", (i, 2)).unwrap();
+                        let n: Option<u64> = c
+                            .exec_first("SELECT SUM(v) FROM mx WHERE client = ?", (i,))
+                            .unwrap();
+                        assert_eq!(n, Some(3), "client {i} sees its own uncommitted rows");
+                        c.query_drop("COMMIT").unwrap();
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let peak = peak.finish();
+        let rows = db.root_sql("SELECT COUNT(*), COUNT(DISTINCT client), SUM(v) FROM shop.mx");
+        assert_eq!(
+            rows.trim(),
+            format!("{}\t{clients}\t{}", clients * 2, clients * 3),
+            "[{io}]"
+        );
+        let opened =
+            proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
+        println!("[{io}] {clients} concurrent clients: backend connections opened {opened}, peak Threads_connected {peak}");
+        assert!(opened <= 20, "[{io}] opened {opened} backend connections");
+        assert!(peak <= 20 + 1, "[{io}] Threads_connected peaked at {peak}");
+    }
+}
+
+#[test]
+fn session_state_follows_the_client_and_never_leaks() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        // One worker: one pool, so that the clients compete for the same connections.
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "workers = 1",
+            "max_connections = 3\nmax_idle_connections = 3",
+        );
+        let mut a = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut b = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        // C works in A's database, so that it takes the connections A would prefer.
+        let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop2").unwrap();
+        let defaults: (String, String, Option<String>, String) = b
+            .query_first("SELECT @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
+            .unwrap()
+            .unwrap();
+        a.query_drop("SET SESSION sql_mode = 'ANSI_QUOTES'")
+            .unwrap();
+        a.query_drop("SET time_zone = '+05:30'").unwrap();
+        a.query_drop("USE shop2").unwrap();
+        a.query_drop("SET NAMES latin1").unwrap();
+        let mut ids = HashSet::new();
+        for i in 0..40 {
+            // Now and then another client holds a connection in a transaction, so that A
+            // lands on a different one.
+            if i % 3 == 0 {
+                c.query_drop("BEGIN").unwrap();
+                c.query_drop("SELECT 1").unwrap();
+            }
+            let (id, mode, tz, dbname, cs): (u64, String, String, Option<String>, String) = a
+                .query_first("SELECT CONNECTION_ID(), @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
+                .unwrap()
+                .unwrap();
+            ids.insert(id);
+            assert_eq!(
+                (mode.as_str(), tz.as_str(), dbname.as_deref(), cs.as_str()),
+                ("ANSI_QUOTES", "+05:30", Some("shop2"), "latin1"),
+                "[{io}] A, round {i}"
+            );
+            let seen: (String, String, Option<String>, String) = b
+                .query_first("SELECT @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                seen, defaults,
+                "[{io}] B sees nothing of A's state, round {i}"
+            );
+            if i % 3 == 0 {
+                c.query_drop("COMMIT").unwrap();
+            }
+        }
+        println!("[{io}] A was served by {} backend connections", ids.len());
+        assert!(ids.len() >= 2, "[{io}] A never changed backend connection");
+
+        // A user variable holds for its client (which stays on its connection) and is
+        // never visible to another.
+        let before = proxy.pins_started("user_variable");
+        let mut d = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        d.query_drop("SET @v = 1").unwrap();
+        let d_id = conn_id(&mut d);
+        for _ in 0..10 {
+            let v: Option<i64> = d.query_first("SELECT @v").unwrap();
+            assert_eq!(v, Some(1), "[{io}]");
+            let other: Option<Option<i64>> = b.query_first("SELECT @v").unwrap();
+            assert_eq!(other, Some(None), "[{io}] B never sees D's @v");
+            assert_eq!(conn_id(&mut d), d_id);
+        }
+        assert_eq!(proxy.pins_started("user_variable"), before + 1);
+        wait_for(
+            || proxy.pinned_now("user_variable") == 1,
+            &format!("[{io}] user_variable pin held"),
+        );
+        drop(d);
+        wait_for(
+            || proxy.pinned_now("user_variable") == 0,
+            "[{io}] the pin ends with the session",
+        );
+        let other: Option<Option<i64>> = b.query_first("SELECT @v").unwrap();
+        assert_eq!(other, Some(None), "[{io}] the connection D used was reset");
+    }
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}");
+}
+
+#[test]
+fn prepared_statements_never_pin_and_are_not_re_prepared_in_a_storm() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 4\nmax_idle_connections = 4");
+        let mut mon = monitor(&db);
+        let prepares_before = global_status(&mut mon, "Com_stmt_prepare");
+        let stop = Arc::new(AtomicBool::new(false));
+        let others: Vec<_> = (0..4)
+            .map(|k| {
+                let stop = stop.clone();
+                let port = proxy.port;
+                std::thread::spawn(move || {
+                    let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let v: Option<u64> = c.exec_first("SELECT ? * 2", (n,)).unwrap();
+                        assert_eq!(v, Some(n * 2));
+                        let w: Option<u64> = c.query_first(format!("SELECT {k} + {n}")).unwrap();
+                        assert_eq!(w, Some(k + n));
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        // The crate's own statement cache (32 by default) would close statements we keep.
+        let opts = mysql::Opts::from_url(&format!(
+            "{}&stmt_cache_size=64",
+            url(proxy.port, "app", APP_PASSWORD, "shop")
+        ))
+        .unwrap();
+        let mut c = Conn::new(opts).unwrap();
+        let stmts: Vec<_> = (0..50)
+            .map(|k| {
+                c.prep(format!("SELECT ? + {k}, CONCAT(?, '-{k}')"))
+                    .unwrap()
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for i in 0..10_000u64 {
+            let k = (i * 7) % 50;
+            let (sum, s): (u64, String) = c
+                .exec_first(&stmts[k as usize], (i, format!("x{i}")))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (sum, s),
+                (i + k, format!("x{i}-{k}")),
+                "[{io}] execution {i}"
+            );
+            if i % 1000 == 0 {
+                ids.insert(conn_id(&mut c));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in others {
+            t.join().unwrap();
+        }
+        let prepares = global_status(&mut mon, "Com_stmt_prepare") - prepares_before;
+        println!("[{io}] 50 statements × 10,000 executions on {} backend connections; backend prepares {prepares}", ids.len());
+        for reason in [
+            "cursor",
+            "long_data",
+            "unclassified",
+            "transaction",
+            "user_variable",
+        ] {
+            assert_eq!(
+                proxy.pins_started(reason),
+                0,
+                "[{io}] prepared statements pinned ({reason})"
+            );
+        }
+        assert!(ids.len() >= 2, "[{io}] the client was never moved");
+        // Each backend prepares each statement at most once (plus the others' one).
+        assert!(
+            prepares <= 4 * 51 + 4,
+            "[{io}] re-prepare storm: {prepares} prepares"
+        );
+        // Closing and preparing again works; an unknown id is refused.
+        for s in stmts {
+            c.close(s).unwrap();
+        }
+        let v: Option<u64> = c.exec_first("SELECT ? + 1", (1,)).unwrap();
+        assert_eq!(v, Some(2));
+    }
+}
+
+#[test]
+fn last_insert_id_is_right_for_100_clients_on_4_connections() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.ai (id BIGINT AUTO_INCREMENT PRIMARY KEY, marker VARCHAR(32)) ENGINE=InnoDB");
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 4\nmax_idle_connections = 4");
+        let port = proxy.port;
+        let threads: Vec<_> = (0..100)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+                    for r in 0..5 {
+                        let marker = format!("{i}-{r}");
+                        c.exec_drop("INSERT INTO ai (marker) VALUES (?)", (&marker,))
+                            .unwrap();
+                        let id: u64 = c.query_first("SELECT LAST_INSERT_ID()").unwrap().unwrap();
+                        let m: Option<String> = c
+                            .exec_first("SELECT marker FROM ai WHERE id = ?", (id,))
+                            .unwrap();
+                        assert_eq!(
+                            m.as_deref(),
+                            Some(marker.as_str()),
+                            "LAST_INSERT_ID() of client {i}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        wait_for(
+            || proxy.pins_started("last_insert_id") >= 500,
+            &format!("[{io}] last_insert_id pins counted"),
+        );
+        wait_for(
+            || proxy.pinned_now("last_insert_id") == 0,
+            &format!("[{io}] one statement only"),
+        );
+    }
+}
+
+/// Runs `hold` on a pinned client while another client works, checking the pinned client
+/// keeps its connection; returns the pinned client's connection id.
+fn holds(proxy: &Proxy, pinned: &mut Conn, other: &mut Conn, reason: &str, io: &str) -> u64 {
+    let id = conn_id(pinned);
+    // Pins are counted right after the reply goes out: wait for the count, not the reply.
+    wait_for(
+        || proxy.pinned_now(reason) == 1,
+        &format!("[{io}] {reason} pin started"),
+    );
+    for _ in 0..5 {
+        other.query_drop("SELECT 1").unwrap();
+        assert_eq!(conn_id(pinned), id, "[{io}] {reason} pin holds");
+    }
+    id
+}
+
+#[test]
+fn each_pin_starts_holds_and_ends() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.p (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO shop.p VALUES (1),(2),(3)");
+    for io in DRIVERS {
+        db.root_sql("DELETE FROM shop.p WHERE id > 3");
+        let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let mut a = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut other = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let ended = |reason: &str| {
+            wait_for(
+                || proxy.pinned_now(reason) == 0,
+                &format!("[{io}] {reason} pin ended"),
+            );
+        };
+
+        a.query_drop("BEGIN").unwrap();
+        holds(&proxy, &mut a, &mut other, "transaction", io);
+        a.query_drop("COMMIT").unwrap();
+        ended("transaction");
+
+        a.query_drop("SET autocommit = 0").unwrap();
+        holds(&proxy, &mut a, &mut other, "transaction", io);
+        a.query_drop("SET autocommit = 1").unwrap();
+        ended("transaction");
+
+        a.query_drop("LOCK TABLES p READ").unwrap();
+        holds(&proxy, &mut a, &mut other, "lock_tables", io);
+        a.query_drop("UNLOCK TABLES").unwrap();
+        ended("lock_tables");
+
+        let got: Option<i64> = a.query_first("SELECT GET_LOCK('dbproxy-test', 5)").unwrap();
+        assert_eq!(got, Some(1));
+        holds(&proxy, &mut a, &mut other, "get_lock", io);
+        let free: Option<i64> = other
+            .query_first("SELECT IS_FREE_LOCK('dbproxy-test')")
+            .unwrap();
+        assert_eq!(free, Some(0), "[{io}] the lock is held by A's connection");
+        a.query_drop("DO RELEASE_LOCK('dbproxy-test')").unwrap();
+        ended("get_lock");
+
+        a.query_drop("SELECT SQL_CALC_FOUND_ROWS id FROM p LIMIT 1")
+            .unwrap();
+        wait_for(
+            || proxy.pinned_now("found_rows") == 1,
+            &format!("[{io}] found_rows pin started"),
+        );
+        let n: Option<i64> = a.query_first("SELECT FOUND_ROWS()").unwrap();
+        assert_eq!(n, Some(3), "[{io}] FOUND_ROWS() on the same connection");
+        ended("found_rows");
+
+        a.query_drop("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .unwrap();
+        wait_for(
+            || proxy.pinned_now("next_transaction") == 1,
+            &format!("[{io}] next_transaction pin started"),
+        );
+        let iso: Option<String> = a.query_first("SELECT @@tx_isolation").unwrap();
+        assert!(iso.is_some());
+        ended("next_transaction");
+
+        let before = proxy.pins_started("load_data");
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("p.csv");
+        std::fs::write(&csv, "10\n11\n").unwrap();
+        let out = mariadb_cli(
+            proxy.port,
+            "app",
+            APP_PASSWORD,
+            &["--local-infile=1", "shop"],
+            &format!("LOAD DATA LOCAL INFILE '{}' INTO TABLE p", csv.display()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(
+            || proxy.pins_started("load_data") == before + 1,
+            &format!("[{io}] load_data counted"),
+        );
+        ended("load_data");
+
+        // Session-long pins end only with the session (and the connection is reset then).
+        for (sql, reason) in [
+            ("CREATE TEMPORARY TABLE tmp_pin (x INT)", "temporary_table"),
+            ("PREPARE s1 FROM 'SELECT 1'", "text_prepare"),
+            ("SET SESSION session_track_schema = OFF", "unclassified"),
+        ] {
+            let mut s = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+            s.query_drop(sql).unwrap();
+            holds(&proxy, &mut s, &mut other, reason, io);
+            drop(s);
+            ended(reason);
+        }
+        // Whichever connection the pinned sessions used was reset: no temporary table.
+        for _ in 0..3 {
+            let mut s = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+            assert!(
+                s.query_drop("SELECT * FROM tmp_pin").is_err(),
+                "[{io}] temporary table left behind"
+            );
+        }
+    }
+}
+
+#[test]
+fn cursor_and_long_data_pins_with_the_raw_protocol() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let mut raw = RawClient::login(proxy.port);
+        let (sid, _) = raw.prepare("SELECT seq FROM shop.seq_1_to_10");
+        raw.execute(sid, 1, &[]); // CURSOR_TYPE_READ_ONLY: no rows yet
+        wait_for(
+            || proxy.pinned_now("cursor") == 1,
+            &format!("[{io}] cursor pin started"),
+        );
+        let mut rows = 0;
+        loop {
+            let (n, last) = raw.fetch(sid, 3);
+            rows += n;
+            if last {
+                break;
+            }
+            assert_eq!(proxy.pinned_now("cursor"), 1, "[{io}] cursor pin holds");
+        }
+        assert_eq!(rows, 10, "[{io}] all rows came through the cursor");
+        wait_for(
+            || proxy.pinned_now("cursor") == 0,
+            &format!("[{io}] cursor pin ended"),
+        );
+
+        let (sid2, params) = raw.prepare("SELECT CAST(LENGTH(?) AS CHAR)");
+        assert_eq!(params, 1);
+        raw.send_long_data(sid2, 0, &[b'x'; 1000]);
+        raw.send_long_data(sid2, 0, &[b'y'; 500]);
+        wait_for(
+            || proxy.pinned_now("long_data") == 1,
+            &format!("[{io}] long data pin started"),
+        );
+        let v = raw.execute_one_value(sid2, 0xfe); // MYSQL_TYPE_STRING, value from long data
+        assert_eq!(
+            v, b"1500",
+            "[{io}] long data reached the backend that executes"
+        );
+        wait_for(
+            || proxy.pinned_now("long_data") == 0,
+            &format!("[{io}] long data pin ended"),
+        );
+    }
+}
+
+#[test]
+fn a_client_that_vanishes_mid_transaction_is_rolled_back() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.v (id INT PRIMARY KEY) ENGINE=InnoDB");
+    for io in DRIVERS {
+        db.root_sql("DELETE FROM shop.v");
+        let proxy = Proxy::start(&db, io, "max_connections = 1\nmax_idle_connections = 1");
+        let mut raw = RawClient::login(proxy.port);
+        raw.query("BEGIN");
+        raw.query("INSERT INTO shop.v VALUES (1)");
+        drop(raw); // TCP close, no COM_QUIT
+        let mut b = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let (n, in_tx): (i64, i64) = b
+            .query_first("SELECT COUNT(*), @@in_transaction FROM v")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (n, in_tx),
+            (0, 0),
+            "[{io}] rolled back, and the connection is clean"
+        );
+    }
+}
+
+#[test]
+fn exclude_variable_sets_filter() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start(
+            &db,
+            io,
+            "session_pinning_filters = [\"exclude_variable_sets\"]",
+        );
+        let mut a = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        a.query_drop("SET @v = 1").unwrap();
+        a.query_drop("SELECT 1").unwrap(); // the session handled the SET completely by now
+        assert_eq!(
+            proxy.pins_started("user_variable"),
+            0,
+            "[{io}] SET @v does not pin with the filter"
+        );
+        assert_eq!(proxy.pinned_now("user_variable"), 0);
+    }
+}
+
+/// A hand-rolled client for what connectors rarely do (cursors, long data, vanishing).
+struct RawClient {
+    s: std::net::TcpStream,
+}
+
+impl RawClient {
+    fn login(port: u16) -> RawClient {
+        use sha1::{Digest, Sha1};
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = RawClient { s };
+        let (_, g) = c.read();
+        let v = g.iter().position(|&b| b == 0).unwrap();
+        let mut nonce = g[v + 5..v + 13].to_vec();
+        let i = v + 13 + 1 + 2 + 1 + 2 + 2 + 1 + 10;
+        nonce.extend_from_slice(&g[i..i + 12]);
+        let s1 = Sha1::digest(APP_PASSWORD.as_bytes());
+        let s2 = Sha1::digest(s1);
+        let mut h = Sha1::new();
+        h.update(&nonce);
+        h.update(s2);
+        let mix = h.finalize();
+        let answer: Vec<u8> = s1.iter().zip(mix.iter()).map(|(a, b)| a ^ b).collect();
+        // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | TRANSACTIONS | MULTI_RESULTS | PS_MULTI_RESULTS
+        let caps: u32 = 0x200 | 0x8000 | 0x80000 | 0x2000 | 0x20000 | 0x40000 | 1;
+        let mut p = caps.to_le_bytes().to_vec();
+        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        p.push(45);
+        p.extend_from_slice(&[0; 23]);
+        p.extend_from_slice(b"app\0");
+        p.push(20);
+        p.extend_from_slice(&answer);
+        p.extend_from_slice(b"mysql_native_password\0");
+        c.write(1, &p);
+        let (_, ok) = c.read();
+        assert_eq!(ok[0], 0, "raw login: {ok:?}");
+        c
+    }
+
+    fn write(&mut self, seq: u8, payload: &[u8]) {
+        use std::io::Write;
+        let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+        out.push(seq);
+        out.extend_from_slice(payload);
+        self.s.write_all(&out).unwrap();
+    }
+
+    fn read(&mut self) -> (u8, Vec<u8>) {
+        use std::io::Read;
+        let mut h = [0u8; 4];
+        self.s.read_exact(&mut h).unwrap();
+        let n = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
+        let mut p = vec![0; n];
+        self.s.read_exact(&mut p).unwrap();
+        (h[3], p)
+    }
+
+    /// Reads packets up to an EOF/OK/ERR terminator (EOF-style, as negotiated).
+    fn read_until_eof(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let (_, p) = self.read();
+            let end = p[0] == 0xff || (p[0] == 0xfe && p.len() < 9);
+            out.push(p);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    fn query(&mut self, sql: &str) {
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        self.write(0, &p);
+        let (_, r) = self.read();
+        assert_eq!(r[0], 0, "{sql}: {r:?}");
+    }
+
+    /// COM_STMT_PREPARE; returns (statement id, parameter count).
+    fn prepare(&mut self, sql: &str) -> (u32, u16) {
+        let mut p = vec![0x16];
+        p.extend_from_slice(sql.as_bytes());
+        self.write(0, &p);
+        let (_, ok) = self.read();
+        assert_eq!(ok[0], 0, "prepare {sql}: {ok:?}");
+        let id = u32::from_le_bytes([ok[1], ok[2], ok[3], ok[4]]);
+        let cols = u16::from_le_bytes([ok[5], ok[6]]);
+        let params = u16::from_le_bytes([ok[7], ok[8]]);
+        if params > 0 {
+            self.read_until_eof();
+        }
+        if cols > 0 {
+            self.read_until_eof();
+        }
+        (id, params)
+    }
+
+    /// COM_STMT_EXECUTE without parameters; with a cursor flag the reply is metadata only.
+    fn execute(&mut self, id: u32, flags: u8, _params: &[u8]) {
+        let mut p = vec![0x17];
+        p.extend_from_slice(&id.to_le_bytes());
+        p.push(flags);
+        p.extend_from_slice(&1u32.to_le_bytes());
+        self.write(0, &p);
+        let (_, first) = self.read();
+        assert_ne!(first[0], 0xff, "execute: {first:?}");
+        self.read_until_eof(); // column definitions + EOF (cursor: no rows follow)
+    }
+
+    /// COM_STMT_FETCH; returns (rows, whether the last row was sent).
+    fn fetch(&mut self, id: u32, rows: u32) -> (usize, bool) {
+        let mut p = vec![0x1c];
+        p.extend_from_slice(&id.to_le_bytes());
+        p.extend_from_slice(&rows.to_le_bytes());
+        self.write(0, &p);
+        let packets = self.read_until_eof();
+        let eof = packets.last().unwrap();
+        assert_eq!(eof[0], 0xfe, "fetch: {eof:?}");
+        let status = u16::from_le_bytes([eof[3], eof[4]]);
+        (packets.len() - 1, status & 0x80 != 0)
+    }
+
+    fn send_long_data(&mut self, id: u32, param: u16, data: &[u8]) {
+        let mut p = vec![0x18];
+        p.extend_from_slice(&id.to_le_bytes());
+        p.extend_from_slice(&param.to_le_bytes());
+        p.extend_from_slice(data);
+        self.write(0, &p);
+    }
+
+    /// Executes a one-parameter statement whose value came as long data; the single text
+    /// value of the single row.
+    fn execute_one_value(&mut self, id: u32, param_type: u8) -> Vec<u8> {
+        let mut p = vec![0x17];
+        p.extend_from_slice(&id.to_le_bytes());
+        p.push(0);
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.push(0); // null bitmap
+        p.push(1); // types follow
+        p.extend_from_slice(&[param_type, 0]);
+        self.write(0, &p);
+        let (_, first) = self.read();
+        assert_ne!(
+            first[0],
+            0xff,
+            "execute: {}",
+            String::from_utf8_lossy(&first)
+        );
+        self.read_until_eof(); // column definitions
+        let rows = self.read_until_eof();
+        let row = &rows[0];
+        // Binary row: 0x00, null bitmap (1 byte for 1 column), then a length-encoded string.
+        let n = usize::from(row[2]);
+        row[3..3 + n].to_vec()
+    }
+}
