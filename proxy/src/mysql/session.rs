@@ -224,31 +224,30 @@ fn sql_ident(name: &[u8]) -> String {
     }
 }
 
-/// A value as the server printed it, written back so that the server reads the same value:
-/// numbers bare, NULL as NULL, anything else as a quoted string.
+/// A value as the server printed it, written back so that the server reads the same value
+/// whatever the session's sql_mode (ANSI_QUOTES, NO_BACKSLASH_ESCAPES): numbers bare, NULL
+/// as NULL, plain text in single quotes, anything else as a hex string literal.
 fn sql_value(v: &[u8]) -> String {
-    let s = String::from_utf8_lossy(v);
-    let numeric = !s.is_empty()
-        && s.bytes()
+    let numeric = !v.is_empty()
+        && v.iter()
             .enumerate()
-            .all(|(i, b)| b.is_ascii_digit() || (b == b'-' && i == 0) || b == b'.')
-        && s.bytes().any(|b| b.is_ascii_digit());
-    if numeric || s == "NULL" {
-        s.into_owned()
-    } else {
-        let mut q = String::with_capacity(s.len() + 2);
-        q.push('\'');
-        for c in s.chars() {
-            match c {
-                '\'' => q.push_str("''"),
-                '\\' => q.push_str("\\\\"),
-                '\0' => q.push_str("\\0"),
-                c => q.push(c),
-            }
-        }
-        q.push('\'');
-        q
+            .all(|(i, &b)| b.is_ascii_digit() || (b == b'-' && i == 0) || b == b'.')
+        && v.iter().any(u8::is_ascii_digit);
+    if numeric || v == b"NULL" {
+        return String::from_utf8_lossy(v).into_owned();
     }
+    if v.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\'' && b != b'\\')
+    {
+        return format!("'{}'", String::from_utf8_lossy(v));
+    }
+    let mut hex = String::with_capacity(3 + 2 * v.len());
+    hex.push_str("X'");
+    for b in v {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex.push('\'');
+    hex
 }
 
 #[cfg(test)]
@@ -320,7 +319,7 @@ mod tests {
         let r = plan_replay(Some(b"b"), &client, &backend, &baseline);
         assert_eq!(
             r.set.as_deref(),
-            Some("SET SESSION sql_mode = 'ANSI_QUOTES,O''K', time_zone = DEFAULT, wait_timeout = 4321")
+            Some("SET SESSION sql_mode = X'414e53495f51554f5445532c4f274b', time_zone = DEFAULT, wait_timeout = 4321")
         );
         assert_eq!(r.init_db.as_deref(), Some(&b"b"[..]));
         assert!(!r.reset);
@@ -365,7 +364,7 @@ mod tests {
         assert_eq!(sql_value(b"-1.5"), "-1.5");
         assert_eq!(sql_value(b"OFF"), "'OFF'");
         assert_eq!(sql_value(b"+01:00"), "'+01:00'");
-        assert_eq!(sql_value(b"a\\b"), "'a\\\\b'");
+        assert_eq!(sql_value(b"a\\b"), "X'615c62'");
         assert_eq!(sql_value(b""), "''");
         assert_eq!(sql_ident(b"weird`name"), "`weird``name`");
     }
