@@ -33,6 +33,27 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub guard: GuardConfig,
+}
+
+/// `[guard]`: the kernel guard (eBPF) that lets only dbproxy reach the database.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    /// Where to enforce: every process in this cgroup (and below) is covered. Empty: the
+    /// cgroup2 root, i.e. the whole host.
+    pub attach_cgroup: String,
+    /// dbproxy moves itself here at start. Empty: `<cgroup2 root>/dbproxy`.
+    pub proxy_cgroup: String,
+    /// Further cgroups (paths) whose processes may reach the database (break-glass).
+    pub allowed_cgroups: Vec<String>,
+    /// bpffs directory where links and maps are pinned; empty = none (the guard detaches
+    /// when dbproxy exits).
+    pub pin_path: String,
+    /// Ports protected on every address, in addition to the targets' own addresses.
+    pub protect_ports: Vec<u16>,
 }
 
 /// `[admin]`: the metrics endpoint.

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod guard;
 pub mod io;
 pub mod mysql;
 pub mod pool;

@@ -18,6 +18,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum GuardAction {
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    Detach {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the proxy until SIGINT or SIGTERM.
     Run {
@@ -28,6 +40,12 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The kernel guard: `status` shows what is attached and protected, `detach` removes
+    /// pinned links and maps.
+    Guard {
+        #[command(subcommand)]
+        action: GuardAction,
     },
     /// Print a running dbproxy's metrics (pins by reason, pool, clients).
     Status {
@@ -44,6 +62,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::CheckConfig { config } => match Config::load(&config) {
@@ -56,6 +75,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Guard { action } => {
+            let (config, detach) = match action {
+                GuardAction::Status { config } => (config, false),
+                GuardAction::Detach { config } => (config, true),
+            };
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let r = if detach {
+                proxy::guard::detach(&cfg.guard)
+            } else {
+                proxy::guard::status(&cfg.guard)
+            };
+            match r {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status { admin } => match proxy::admin::fetch(&admin) {
             Ok(text) => {
                 print!("{text}");

@@ -3,6 +3,7 @@
 
 use crate::auth::Users;
 use crate::config::{Config, IoMode};
+use crate::guard::{Guard, GuardStats};
 use crate::io::epoll::Epoll;
 use crate::io::uring::{self, Uring};
 use crate::io::{reuseport_listener, Driver};
@@ -31,6 +32,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("{0}")]
     Config(String),
+    #[error("guard: {0}")]
+    Guard(#[from] crate::guard::GuardError),
 }
 
 /// State every worker shares: configuration, users, target groups, counters.
@@ -38,6 +41,8 @@ pub struct ProxyShared {
     pub config: Config,
     pub users: Users,
     pub groups: HashMap<String, Arc<GroupShared>>,
+    /// The kernel guard's counters, when it runs.
+    pub guard: Option<Arc<GuardStats>>,
     /// Client connections open now.
     pub clients: AtomicUsize,
     next_id: AtomicU32,
@@ -46,7 +51,7 @@ pub struct ProxyShared {
 }
 
 impl ProxyShared {
-    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+    pub fn new(config: Config, guard: Option<Arc<GuardStats>>) -> Result<Arc<Self>, StartError> {
         let mut groups = HashMap::new();
         for g in &config.target_groups {
             let first = g.targets.first().ok_or_else(|| {
@@ -62,6 +67,7 @@ impl ProxyShared {
             users: Users::new(&config.users),
             config,
             groups,
+            guard,
             clients: AtomicUsize::new(0),
             // Far from the backend's own thread ids, so that a KILL with a proxy id sent
             // straight to the backend cannot hit another client's connection.
@@ -122,6 +128,8 @@ pub struct Running {
     pub shared: Arc<ProxyShared>,
     pub io: IoBackend,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Detaches on drop (unless pinned).
+    _guard: Option<Guard>,
 }
 
 impl Running {
@@ -147,7 +155,19 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         n => n,
     };
     raise_fd_limit();
-    let shared = ProxyShared::new(config)?;
+    // The guard first: dbproxy moves into its own cgroup before it opens any connection.
+    let guard = if config.guard.enabled {
+        let mut targets = Vec::new();
+        for g in &config.target_groups {
+            for t in &g.targets {
+                targets.extend(crate::config::resolve(t).map_err(StartError::Config)?);
+            }
+        }
+        Some(Guard::start(&config.guard, &targets)?)
+    } else {
+        None
+    };
+    let shared = ProxyShared::new(config, guard.as_ref().map(|g| g.stats.clone()))?;
     learn_server_profiles(&shared);
     if !shared.config.admin.listen.is_empty() {
         let addr: SocketAddr = shared.config.admin.listen.parse().map_err(|_| {
@@ -195,6 +215,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         shared,
         io,
         threads,
+        _guard: guard,
     })
 }
 

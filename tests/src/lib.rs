@@ -244,6 +244,8 @@ pub struct Proxy {
     pub port: u16,
     /// The admin endpoint's port (`GET /metrics`).
     pub admin: u16,
+    /// The configuration file it runs with.
+    pub config: PathBuf,
     pub io: String,
     child: Option<Child>,
     log: PathBuf,
@@ -297,6 +299,17 @@ impl Proxy {
 
     /// Same, with extra `[proxy]` lines too.
     pub fn start_full(db: &MariaDb, io: &str, proxy_extra: &str, group_extra: &str) -> Proxy {
+        Self::start_custom(db, io, proxy_extra, group_extra, "")
+    }
+
+    /// Same, with `sections` (e.g. a `[guard]` table) appended to the configuration.
+    pub fn start_custom(
+        db: &MariaDb,
+        io: &str,
+        proxy_extra: &str,
+        group_extra: &str,
+        sections: &str,
+    ) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("dbproxy-conf-")
             .tempdir()
@@ -340,6 +353,8 @@ password = "native-secret"
 backend_user = "app"
 backend_password = "{DB_PASSWORD}"
 auth_plugin = "mysql_native_password"
+
+{sections}
 "#,
             db_port = db.port,
             workers = if proxy_extra.contains("workers") {
@@ -351,36 +366,49 @@ auth_plugin = "mysql_native_password"
         let path = dir.path().join("dbproxy.toml");
         std::fs::write(&path, config).unwrap();
         let log = dir.path().join("dbproxy.log");
+        let mut p = Proxy {
+            port,
+            admin,
+            config: path.clone(),
+            io: io.to_string(),
+            child: None,
+            log,
+            _dir: dir,
+        };
+        p.launch();
+        p
+    }
+
+    /// Starts the process (again) with the same configuration and waits until it listens.
+    pub fn launch(&mut self) {
         let mut cmd = Command::new(dbproxy_bin());
         cmd.args(["run", "--config"])
-            .arg(&path)
+            .arg(&self.config)
             .env(
                 "DBPROXY_LOG",
                 std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = spawn(cmd);
-        let mut p = Proxy {
-            port,
-            admin,
-            io: io.to_string(),
-            child: Some(child),
-            log,
-            _dir: dir,
-        };
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            );
+        self.child = Some(spawn(cmd));
+        let port = self.port;
         wait_until("dbproxy to listen", Duration::from_secs(30), || {
-            if let Some(c) = p.child.as_mut() {
+            if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     panic!(
                         "dbproxy exited with {st}: {}",
-                        std::fs::read_to_string(&p.log).unwrap_or_default()
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
                     );
                 }
             }
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        p
     }
 
     /// The metrics text from the admin endpoint.
@@ -425,6 +453,14 @@ auth_plugin = "mysql_native_password"
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Stops with SIGTERM (a clean shutdown) and returns the exit status.

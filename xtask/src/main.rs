@@ -15,13 +15,15 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("build-ebpf") => build_ebpf(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  demo [--target HOST:PORT --backend-user U --backend-password P] [--listen ADDR]\n          \
                  run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C\n  \
-                 test    install prerequisites, then fmt, clippy, unit and integration tests"
+                 test    install prerequisites, then fmt, clippy, unit and integration tests\n  \
+                 build-ebpf\n          build the kernel guard's eBPF object (installs its toolchain if missing)"
             );
             Err("no command".into())
         }
@@ -62,7 +64,11 @@ fn run(what: &str, cmd: &mut Command) -> Result {
     }
 }
 
+/// Whether a command is on PATH (or, for an absolute path, whether the file exists).
 fn have(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return std::path::Path::new(cmd).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
         .status()
@@ -122,14 +128,85 @@ const DB_TOOLS: [(&str, &str); 3] = [
     ("mariadb", "mariadb-client"),
 ];
 
+/// LLVM major version rustc uses here; bpf-linker must link the same.
+const LLVM: &str = "22";
+const BPF_LINKER: &str = "0.13.0";
+
+/// Installs what building the eBPF object needs (idempotent): LLVM, rust-src, bpf-linker.
+fn ensure_ebpf_toolchain() -> Result {
+    let llvm_config = format!("/usr/lib/llvm-{LLVM}/bin/llvm-config");
+    let llvm_dev = format!("llvm-{LLVM}-dev");
+    ensure_apt(&[
+        (llvm_config.as_str(), llvm_dev.as_str()),
+        ("/usr/include/zlib.h", "zlib1g-dev"),
+        ("/usr/include/zstd.h", "libzstd-dev"),
+    ])?;
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("rustc: {e}"))?;
+    let src = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim())
+        .join("lib/rustlib/src/rust/library");
+    if !src.exists() {
+        run(
+            "rustup component add rust-src",
+            Command::new("rustup").args(["component", "add", "rust-src"]),
+        )?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    if !linker.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER)) {
+        run(
+            &format!("cargo install bpf-linker@{BPF_LINKER} (LLVM {LLVM})"),
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER}"),
+                    "--locked",
+                    "--no-default-features",
+                ])
+                .args(["--features", &format!("llvm-{LLVM}")])
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM}")),
+        )?;
+    }
+    Ok(())
+}
+
+/// Builds proxy-ebpf for bpfel-unknown-none (stable toolchain, RUSTC_BOOTSTRAP for
+/// build-std); dbproxy's build embeds the object.
+fn build_ebpf() -> Result {
+    ensure_ebpf_toolchain()?;
+    let mut c = cargo();
+    c.current_dir(root().join("proxy-ebpf"))
+        .args(["build", "--release"])
+        .env("RUSTC_BOOTSTRAP", "1");
+    run("build the eBPF object (proxy-ebpf)", &mut c)
+}
+
+fn ebpf_cargo() -> Command {
+    let mut c = cargo();
+    c.current_dir(root().join("proxy-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1");
+    c
+}
+
 fn test(args: &[String]) -> Result {
     if let Some(a) = args.first() {
         return Err(format!("test takes no arguments (got {a})"));
     }
     let mut needed = DB_TOOLS.to_vec();
     needed.push(("sysbench", "sysbench"));
+    needed.push(("bpftool", "bpftool"));
     ensure_apt(&needed)?;
     ensure_rust_components()?;
+    build_ebpf()?;
+    run(
+        "cargo fmt --check (proxy-ebpf)",
+        ebpf_cargo().args(["fmt", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings (proxy-ebpf)",
+        ebpf_cargo().args(["clippy", "--release", "--", "-D", "warnings"]),
+    )?;
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -221,6 +298,7 @@ fn demo(args: &[String]) -> Result {
             t
         }
     };
+    build_ebpf()?;
     run(
         "build dbproxy (release)",
         cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),

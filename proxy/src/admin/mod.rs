@@ -142,6 +142,24 @@ pub fn render(shared: &ProxyShared) -> String {
             let _ = writeln!(o, "{name}{{target_group=\"{}\"}} {}", g.name, get(g));
         }
     }
+    if let Some(g) = &shared.guard {
+        let _ = writeln!(o, "# HELP dbproxy_guard_denials_total connect() calls to the database the kernel refused.\n# TYPE dbproxy_guard_denials_total counter");
+        let _ = writeln!(
+            o,
+            "dbproxy_guard_denials_total {}",
+            g.denials.load(Ordering::Relaxed)
+        );
+        gauge(
+            &mut o,
+            "dbproxy_guard_protected_destinations",
+            "Destinations the kernel guard protects.",
+        );
+        let _ = writeln!(
+            o,
+            "dbproxy_guard_protected_destinations {}",
+            g.protected.load(Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP dbproxy_pins_total Pins started, by reason.\n# TYPE dbproxy_pins_total counter"

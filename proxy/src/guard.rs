@@ -1,0 +1,498 @@
+//! The kernel guard: dbproxy's eBPF connect4/connect6 programs, attached to a cgroup, make
+//! the kernel refuse connect() to the database from any process outside dbproxy's cgroup.
+//!
+//! At start dbproxy moves itself into its own cgroup, loads the programs (embedded at build
+//! time), fills the maps with every target of every target group and the allowed cgroups,
+//! attaches at the configured cgroup and reads denial events. With `pin_path`, links and
+//! maps are pinned in bpffs: the guard outlives dbproxy, and a restarted dbproxy takes the
+//! pinned links over without a moment in which the database is open.
+
+use crate::config::GuardConfig;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
+use proxy_common::{DenyEvent, Dest4, Dest6, PRESENT};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The eBPF object, embedded by build.rs (empty when it was not built).
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+const MAPS: [&str; 5] = ["PROTECTED4", "PROTECTED6", "ALLOWED", "EVENTS", "DENIED"];
+const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+
+/// Why the guard could not start; dbproxy then refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("the guard needs {0}; run dbproxy as root or grant it (e.g. systemd AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN)")]
+    MissingCapability(String),
+    #[error("this dbproxy was built without the guard's eBPF object: run `cargo xtask build-ebpf`, then rebuild dbproxy")]
+    NoObject,
+    #[error("no cgroup2 filesystem is mounted (see /proc/mounts); set guard.attach_cgroup")]
+    NoCgroup2,
+    #[error("{path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(String),
+    #[error("attaching to {path} failed: {why}")]
+    Attach { path: PathBuf, why: String },
+    #[error("guard maps: {0}")]
+    Map(String),
+}
+
+/// Counters the guard keeps (read by metrics).
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    pub denials: AtomicU64,
+    pub protected: AtomicU64,
+}
+
+/// A running guard. Dropping it detaches the programs unless their links are pinned.
+pub struct Guard {
+    pub stats: Arc<GuardStats>,
+    pub attach_cgroup: PathBuf,
+    pub proxy_cgroup_id: u64,
+    _ebpf: Ebpf,
+    _links: Vec<Attached>,
+}
+
+/// An attachment held for the guard's lifetime (dropping an owned link detaches it).
+#[allow(dead_code)]
+enum Attached {
+    Owned(FdLink),
+    Pinned(PinnedLink),
+}
+
+/// The first cgroup2 mount point.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The cgroup id the kernel reports for tasks in the cgroup at `path` (its inode number).
+pub fn cgroup_id(path: &Path) -> Result<u64, GuardError> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| GuardError::Cgroup {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Effective capabilities missing for the guard, named.
+fn missing_capabilities() -> Vec<&'static str> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
+        })
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_NET_ADMIN (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_SYS_ADMIN) {
+        // Moving into a cgroup and attaching cgroup programs need it on most kernels.
+        missing.push("CAP_SYS_ADMIN");
+    }
+    missing
+}
+
+/// Resolved cgroup paths: (attach point, dbproxy's own cgroup).
+pub fn cgroup_paths(cfg: &GuardConfig) -> Result<(PathBuf, PathBuf), GuardError> {
+    let mount = cgroup2_mount();
+    let attach = match cfg.attach_cgroup.as_str() {
+        "" => mount.clone().ok_or(GuardError::NoCgroup2)?,
+        p => PathBuf::from(p),
+    };
+    let proxy = match cfg.proxy_cgroup.as_str() {
+        "" => mount.ok_or(GuardError::NoCgroup2)?.join("dbproxy"),
+        p => PathBuf::from(p),
+    };
+    Ok((attach, proxy))
+}
+
+/// Moves this process (all its threads) into the cgroup at `path`, creating it.
+fn enter_cgroup(path: &Path) -> Result<(), GuardError> {
+    let err = |source| GuardError::Cgroup {
+        path: path.into(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    std::fs::write(path.join("cgroup.procs"), std::process::id().to_string()).map_err(err)
+}
+
+/// The destinations to protect: every target address, plus any address on `ports`.
+fn destinations(
+    targets: &[SocketAddr],
+    ports: &[u16],
+) -> (HashSet<(u32, u16)>, HashSet<([u32; 4], u16)>) {
+    let mut v4 = HashSet::new();
+    let mut v6 = HashSet::new();
+    for t in targets {
+        let port = t.port().to_be();
+        match t.ip() {
+            IpAddr::V4(a) => {
+                v4.insert((u32::from_ne_bytes(a.octets()), port));
+            }
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(m) => {
+                    v4.insert((u32::from_ne_bytes(m.octets()), port));
+                }
+                None => {
+                    let o = a.octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    v6.insert(([w(0), w(4), w(8), w(12)], port));
+                }
+            },
+        }
+    }
+    for p in ports {
+        v4.insert((0, p.to_be()));
+        v6.insert(([0; 4], p.to_be()));
+    }
+    (v4, v6)
+}
+
+fn map_err(e: impl std::fmt::Display) -> GuardError {
+    GuardError::Map(e.to_string())
+}
+
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<BpfHashMap<&'a mut MapData, K, V>, GuardError> {
+    let m = ebpf
+        .map_mut(name)
+        .ok_or_else(|| GuardError::Map(format!("map {name} missing from the object")))?;
+    BpfHashMap::try_from(m).map_err(map_err)
+}
+
+/// Makes a map hold exactly `want` (pinned maps keep what an earlier run put there).
+fn sync_map<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut BpfHashMap<&mut MapData, K, u8>,
+    want: &HashSet<K>,
+) -> Result<(), GuardError> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(k))
+        .collect();
+    for k in stale {
+        map.remove(&k).map_err(map_err)?;
+    }
+    for k in want {
+        map.insert(*k, PRESENT, 0).map_err(map_err)?;
+    }
+    Ok(())
+}
+
+impl Guard {
+    /// Starts the guard for `targets` (the resolved addresses of every target group).
+    pub fn start(cfg: &GuardConfig, targets: &[SocketAddr]) -> Result<Guard, GuardError> {
+        let missing = missing_capabilities();
+        if !missing.is_empty() {
+            return Err(GuardError::MissingCapability(missing.join(" and ")));
+        }
+        if OBJECT.is_empty() {
+            return Err(GuardError::NoObject);
+        }
+        let (attach, proxy) = cgroup_paths(cfg)?;
+        enter_cgroup(&proxy)?;
+        let own = cgroup_id(&proxy)?;
+        let mut allowed: HashSet<u64> = HashSet::from([own]);
+        for c in &cfg.allowed_cgroups {
+            allowed.insert(cgroup_id(Path::new(c))?);
+        }
+        let pin = (!cfg.pin_path.is_empty()).then(|| PathBuf::from(&cfg.pin_path));
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = match &pin {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| GuardError::Cgroup {
+                    path: dir.clone(),
+                    source,
+                })?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| GuardError::Load(e.to_string()))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("guard: eBPF log unavailable: {e}");
+                None
+            }
+        };
+
+        let (v4, v6) = destinations(targets, &cfg.protect_ports);
+        let want4: HashSet<Dest4> = v4
+            .iter()
+            .map(|&(addr, port)| Dest4 { addr, port, pad: 0 })
+            .collect();
+        let want6: HashSet<Dest6> = v6
+            .iter()
+            .map(|&(addr, port)| Dest6 { addr, port, pad: 0 })
+            .collect();
+        sync_map(&mut hash_map::<Dest4, u8>(&mut ebpf, "PROTECTED4")?, &want4)?;
+        sync_map(&mut hash_map::<Dest6, u8>(&mut ebpf, "PROTECTED6")?, &want6)?;
+        sync_map(&mut hash_map::<u64, u8>(&mut ebpf, "ALLOWED")?, &allowed)?;
+
+        let cgroup = std::fs::File::open(&attach).map_err(|source| GuardError::Cgroup {
+            path: attach.clone(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let link_pin = pin.as_ref().map(|d| d.join(format!("link_{name}")));
+            if let Some(p) = &link_pin {
+                if let Ok(l) = PinnedLink::from_pin(p) {
+                    tracing::info!(program = name, pin = %p.display(), "guard: took over the pinned link");
+                    links.push(Attached::Pinned(l));
+                    continue;
+                }
+            }
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| GuardError::Load(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| GuardError::Load(format!("{name}: {e}")))?;
+            prog.load()
+                .map_err(|e| GuardError::Load(format!("{name}: {e}")))?;
+            let attach_err = |why: String| GuardError::Attach {
+                path: attach.clone(),
+                why,
+            };
+            let id = prog
+                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| attach_err(format!("{name}: {e}")))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{name}: {e}")))?;
+            let fd_link = FdLink::try_from(link).map_err(|e| attach_err(format!("{name}: {e}")))?;
+            match link_pin {
+                Some(p) => {
+                    let pinned = fd_link
+                        .pin(&p)
+                        .map_err(|e| attach_err(format!("pinning {}: {e}", p.display())))?;
+                    links.push(Attached::Pinned(pinned));
+                }
+                None => links.push(Attached::Owned(fd_link)),
+            }
+        }
+
+        let stats = Arc::new(GuardStats::default());
+        stats
+            .protected
+            .store((want4.len() + want6.len()) as u64, Ordering::Relaxed);
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| GuardError::Map("map EVENTS missing".into()))?;
+        let ring = RingBuf::try_from(events).map_err(map_err)?;
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("dbproxy-guard".into())
+            .spawn(move || read_events(ring, logger, &s))
+            .map_err(|e| GuardError::Load(format!("cannot start the event thread: {e}")))?;
+        tracing::info!(
+            attach = %attach.display(),
+            proxy_cgroup = %proxy.display(),
+            cgroup_id = own,
+            protected = want4.len() + want6.len(),
+            pinned = pin.is_some(),
+            "guard: only dbproxy's cgroup may connect to the database"
+        );
+        Ok(Guard {
+            stats,
+            attach_cgroup: attach,
+            proxy_cgroup_id: own,
+            _ebpf: ebpf,
+            _links: links,
+        })
+    }
+}
+
+/// Logs and counts denial events; drains the eBPF log too.
+fn read_events(
+    mut ring: RingBuf<MapData>,
+    mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    stats: &GuardStats,
+) {
+    loop {
+        let mut fds = vec![libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(l) = &logger {
+            fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: fds is a valid array of pollfd for the call's duration.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<DenyEvent>() {
+                continue;
+            }
+            // SAFETY: the program writes whole DenyEvent records; read unaligned.
+            let e: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            stats.denials.fetch_add(1, Ordering::Relaxed);
+            let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+            let comm = String::from_utf8_lossy(&e.comm[..comm_len]);
+            let dest = match e.family {
+                4 => SocketAddr::new(
+                    IpAddr::from([e.addr[0], e.addr[1], e.addr[2], e.addr[3]]),
+                    u16::from_be(e.port),
+                ),
+                _ => SocketAddr::new(IpAddr::from(e.addr), u16::from_be(e.port)),
+            };
+            tracing::warn!(pid = e.pid, comm = %comm, cgroup_id = e.cgroup_id, destination = %dest, "guard: refused a connect() to the database");
+        }
+        if let Some(l) = logger.as_mut() {
+            l.flush();
+        }
+    }
+}
+
+/// What `dbproxy guard status` prints.
+pub fn status(cfg: &GuardConfig) -> Result<String, GuardError> {
+    let (attach, proxy) = cgroup_paths(cfg)?;
+    let mut out = format!(
+        "attach cgroup: {}\nproxy cgroup:  {}\n",
+        attach.display(),
+        proxy.display()
+    );
+    if cfg.pin_path.is_empty() {
+        out.push_str("pin_path is empty: the guard is attached only while dbproxy runs (metrics: dbproxy_guard_*)\n");
+        return Ok(out);
+    }
+    let dir = PathBuf::from(&cfg.pin_path);
+    for name in PROGRAMS {
+        let p = dir.join(format!("link_{name}"));
+        let state = if PinnedLink::from_pin(&p).is_ok() {
+            "attached (pinned)"
+        } else {
+            "not attached"
+        };
+        out.push_str(&format!("{name}: {state}\n"));
+    }
+    if let Ok(data) = MapData::from_pin(dir.join("PROTECTED4")) {
+        if let Ok(m) = BpfHashMap::<_, Dest4, u8>::try_from(Map::HashMap(data)) {
+            for k in m.keys().filter_map(Result::ok) {
+                let ip = std::net::Ipv4Addr::from(k.addr.to_ne_bytes());
+                out.push_str(&format!("protected: {ip}:{}\n", u16::from_be(k.port)));
+            }
+        }
+    }
+    if let Ok(data) = MapData::from_pin(dir.join("PROTECTED6")) {
+        if let Ok(m) = BpfHashMap::<_, Dest6, u8>::try_from(Map::HashMap(data)) {
+            for k in m.keys().filter_map(Result::ok) {
+                let mut b = [0u8; 16];
+                for (i, w) in k.addr.iter().enumerate() {
+                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                out.push_str(&format!(
+                    "protected: [{}]:{}\n",
+                    std::net::Ipv6Addr::from(b),
+                    u16::from_be(k.port)
+                ));
+            }
+        }
+    }
+    if let Ok(data) = MapData::from_pin(dir.join("ALLOWED")) {
+        if let Ok(m) = BpfHashMap::<_, u64, u8>::try_from(Map::HashMap(data)) {
+            for k in m.keys().filter_map(Result::ok) {
+                out.push_str(&format!("allowed cgroup id: {k}\n"));
+            }
+        }
+    }
+    if let Ok(data) = MapData::from_pin(dir.join("DENIED")) {
+        if let Ok(m) = PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(data)) {
+            if let Ok(v) = m.get(&0, 0) {
+                out.push_str(&format!("refused connects: {}\n", v.iter().sum::<u64>()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `dbproxy guard detach`: removes the pinned links (detaching the programs) and maps.
+pub fn detach(cfg: &GuardConfig) -> Result<String, GuardError> {
+    if cfg.pin_path.is_empty() {
+        return Ok(
+            "pin_path is empty: nothing is pinned; the guard detaches when dbproxy exits\n".into(),
+        );
+    }
+    let dir = PathBuf::from(&cfg.pin_path);
+    let mut out = String::new();
+    let names = PROGRAMS
+        .iter()
+        .map(|n| format!("link_{n}"))
+        .chain(MAPS.iter().map(|m| m.to_string()));
+    for name in names {
+        let p = dir.join(&name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => out.push_str(&format!("removed {}\n", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(GuardError::Cgroup { path: p, source }),
+        }
+    }
+    if out.is_empty() {
+        out.push_str("nothing pinned\n");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_cover_targets_mapped_addresses_and_ports() {
+        let t: Vec<SocketAddr> = vec![
+            "127.0.0.1:3306".parse().unwrap(),
+            "[::1]:3307".parse().unwrap(),
+            "[::ffff:10.0.0.1]:3308".parse().unwrap(),
+        ];
+        let (v4, v6) = destinations(&t, &[4000]);
+        assert!(v4.contains(&(u32::from_ne_bytes([127, 0, 0, 1]), 3306u16.to_be())));
+        assert!(
+            v4.contains(&(u32::from_ne_bytes([10, 0, 0, 1]), 3308u16.to_be())),
+            "mapped goes to v4"
+        );
+        assert!(v4.contains(&(0, 4000u16.to_be())));
+        assert!(v6.contains(&([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])], 3307u16.to_be())));
+        assert!(v6.contains(&([0; 4], 4000u16.to_be())));
+        assert_eq!((v4.len(), v6.len()), (3, 2));
+    }
+}

@@ -1,0 +1,351 @@
+//! The kernel guard, attached only to cgroups these tests create under the cgroup2 mount
+//! (never the root), removed afterwards.
+
+use proxy_tests::*;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// A cgroup of the test's own, with `proxy` and `client` children; removed on drop.
+struct TestCgroup {
+    root: PathBuf,
+}
+
+impl TestCgroup {
+    fn new(tag: &str) -> TestCgroup {
+        assert!(
+            is_root(),
+            "the guard tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+        );
+        let mount = cgroup2_mount().expect("a cgroup2 mount (see /proc/mounts)");
+        let root = mount.join(format!("dbproxy-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(root.join("client")).unwrap();
+        TestCgroup { root }
+    }
+
+    fn proxy(&self) -> PathBuf {
+        self.root.join("proxy")
+    }
+
+    fn client(&self) -> PathBuf {
+        self.root.join("client")
+    }
+
+    /// Program names attached to this cgroup, as bpftool lists them.
+    fn attached(&self) -> String {
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.root)
+            .output()
+            .expect("bpftool (apt-get install bpftool)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let _ = std::fs::remove_dir(self.root.join("client"));
+            let _ = std::fs::remove_dir(self.root.join("proxy"));
+            if std::fs::remove_dir(&self.root).is_ok() || !self.root.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("could not remove {}", self.root.display());
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// Runs `cmd` inside `cgroup`; returns its pid and output.
+fn run_in(cgroup: &Path, mut cmd: Command) -> (u32, Output) {
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: only async-signal-safe calls (open/write/close through std on a raw path) in
+    // the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            std::fs::write(&procs, std::process::id().to_string())?;
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+fn cli(port: u16, host: &str, user: &str, pw: &str) -> Command {
+    let mut c = Command::new("mariadb");
+    c.args([
+        "--no-defaults",
+        "-h",
+        host,
+        "-P",
+        &port.to_string(),
+        "-u",
+        user,
+        &format!("-p{pw}"),
+        "-N",
+        "-e",
+        "SELECT 42",
+    ]);
+    c
+}
+
+/// A raw connect() from Python: prints "ok" or the OS error.
+fn py_connect(host: &str, port: u16) -> Command {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close(); print('ok')\nexcept OSError as e: print(e)",
+        host,
+        &port.to_string(),
+    ]);
+    c
+}
+
+fn guard_section(cg: &TestCgroup, db_port: u16, extra: &str) -> String {
+    format!(
+        "[guard]\nenabled = true\nattach_cgroup = \"{}\"\nproxy_cgroup = \"{}\"\nprotect_ports = [{db_port}]\n{extra}\n",
+        cg.root.display(),
+        cg.proxy().display()
+    )
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}");
+}
+
+#[test]
+fn only_dbproxy_reaches_the_database() {
+    let db = MariaDb::start_with(&["--bind-address=127.0.0.1,::1"]);
+    for io in DRIVERS {
+        let cg = TestCgroup::new(io);
+        let mut proxy = Proxy::start_custom(&db, io, "", "", &guard_section(&cg, db.port, ""));
+        let attached = cg.attached();
+        assert!(
+            attached.contains("connect4") && attached.contains("connect6"),
+            "[{io}] {attached}"
+        );
+
+        // Straight to MariaDB from the client cgroup: refused by connect() itself, over
+        // IPv4, IPv6 and an IPv4-mapped IPv6 address.
+        let (pid, out) = run_in(&cg.client(), cli(db.port, "127.0.0.1", "app", DB_PASSWORD));
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Can't connect") && err.contains("(1)"),
+            "[{io}] EPERM expected: {err}"
+        );
+        for host in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let (_, out) = run_in(&cg.client(), py_connect(host, db.port));
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains("Operation not permitted"),
+                "[{io}] {host}: {said}"
+            );
+        }
+        // The same client through dbproxy works (and so do dbproxy's own io_uring or epoll
+        // connects to the database, from its cgroup).
+        let (_, out) = run_in(
+            &cg.client(),
+            cli(proxy.port, "127.0.0.1", "app", APP_PASSWORD),
+        );
+        assert!(
+            out.status.success(),
+            "[{io}] through dbproxy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+        // An unprotected port is untouched.
+        let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", proxy.admin));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "[{io}] unprotected port"
+        );
+        // A process in dbproxy's cgroup (as a forked child of dbproxy would be) may connect.
+        let (_, out) = run_in(&cg.proxy(), cli(db.port, "127.0.0.1", "app", DB_PASSWORD));
+        assert!(
+            out.status.success(),
+            "[{io}] dbproxy's cgroup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // The denial was logged with the right pid and comm, and counted.
+        wait_for(
+            || proxy.log().contains(&format!("pid={pid} comm=mariadb")),
+            &format!("[{io}] denial of pid {pid} logged:\n{}", proxy.log()),
+        );
+        wait_for(
+            || proxy.metric("dbproxy_guard_denials_total") >= 4,
+            &format!("[{io}] denials counted"),
+        );
+
+        // A clean exit detaches; so does kill -9 (the links die with the process).
+        proxy.stop();
+        wait_for(
+            || !cg.attached().contains("connect4"),
+            &format!("[{io}] detached after exit"),
+        );
+        proxy.launch();
+        assert!(cg.attached().contains("connect4"));
+        proxy.kill9();
+        wait_for(
+            || !cg.attached().contains("connect4"),
+            &format!("[{io}] detached after kill -9"),
+        );
+        let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", db.port));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "[{io}] open again once detached"
+        );
+    }
+}
+
+/// A bpffs of the test's own.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("dbproxy-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t bpf");
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn pinned_guard_survives_a_restart_without_an_open_window() {
+    let db = MariaDb::start();
+    let fs = Bpffs::mount();
+    let cg = TestCgroup::new("pinned");
+    let pin = fs.0.join("dbproxy");
+    let section = guard_section(&cg, db.port, &format!("pin_path = \"{}\"", pin.display()));
+    let mut proxy = Proxy::start_custom(&db, "uring", "", "", &section);
+    proxy.kill9();
+    // dbproxy is gone, the guard is not: no window in which the database is open.
+    assert!(cg.attached().contains("connect4"), "pinned links survive");
+    let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", db.port));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Operation not permitted"));
+    // A restarted dbproxy takes the pinned links over and serves clients.
+    proxy.launch();
+    wait_for(
+        || proxy.log().contains("took over the pinned link"),
+        "took over",
+    );
+    let (_, out) = run_in(
+        &cg.client(),
+        cli(proxy.port, "127.0.0.1", "app", APP_PASSWORD),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = Command::new(dbproxy_bin())
+        .args(["guard", "status", "--config"])
+        .arg(&proxy.config)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("connect4: attached (pinned)") && status.contains(&format!(":{}", db.port)),
+        "{status}"
+    );
+    proxy.stop();
+    assert!(
+        cg.attached().contains("connect4"),
+        "a clean exit keeps pinned links"
+    );
+    // `dbproxy guard detach` removes them.
+    let out = Command::new(dbproxy_bin())
+        .args(["guard", "detach", "--config"])
+        .arg(&proxy.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        || !cg.attached().contains("connect4"),
+        "detached by `dbproxy guard detach`",
+    );
+    let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", db.port));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn guard_without_privileges_refuses_to_start() {
+    // As an unprivileged user (nobody), dbproxy must refuse rather than run unguarded.
+    let db = MariaDb::start();
+    let cg = TestCgroup::new("unpriv");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:{}\"\ntarget_group = \"g\"\n\n[[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:{}\"]\n\n[[users]]\nname = \"u\"\npassword = \"p\"\nbackend_password = \"p\"\n\n{}",
+            free_port(),
+            db.port,
+            guard_section(&cg, db.port, "")
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(dir.path()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(dir.path(), perms).unwrap();
+    let mut cmd = Command::new(dbproxy_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .uid(65534)
+        .gid(65534);
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "an unprivileged dbproxy must not run with the guard enabled"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CAP_BPF") || err.contains("CAP_SYS_ADMIN"),
+        "names the capability: {err}"
+    );
+    assert!(!cg.attached().contains("connect4"));
+}
