@@ -145,33 +145,39 @@ fn enter_cgroup(path: &Path) -> Result<(), GuardError> {
 }
 
 /// The destinations to protect: every target address, plus any address on `ports`.
-fn destinations(
-    targets: &[SocketAddr],
-    ports: &[u16],
-) -> (HashSet<(u32, u16)>, HashSet<([u32; 4], u16)>) {
+fn destinations(targets: &[SocketAddr], ports: &[u16]) -> (HashSet<Dest4>, HashSet<Dest6>) {
+    let d4 = |addr: u32, port: u16| Dest4 {
+        addr,
+        port: port.to_be(),
+        pad: 0,
+    };
+    let d6 = |addr: [u32; 4], port: u16| Dest6 {
+        addr,
+        port: port.to_be(),
+        pad: 0,
+    };
     let mut v4 = HashSet::new();
     let mut v6 = HashSet::new();
     for t in targets {
-        let port = t.port().to_be();
         match t.ip() {
             IpAddr::V4(a) => {
-                v4.insert((u32::from_ne_bytes(a.octets()), port));
+                v4.insert(d4(u32::from_ne_bytes(a.octets()), t.port()));
             }
             IpAddr::V6(a) => match a.to_ipv4_mapped() {
                 Some(m) => {
-                    v4.insert((u32::from_ne_bytes(m.octets()), port));
+                    v4.insert(d4(u32::from_ne_bytes(m.octets()), t.port()));
                 }
                 None => {
                     let o = a.octets();
                     let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    v6.insert(([w(0), w(4), w(8), w(12)], port));
+                    v6.insert(d6([w(0), w(4), w(8), w(12)], t.port()));
                 }
             },
         }
     }
-    for p in ports {
-        v4.insert((0, p.to_be()));
-        v6.insert(([0; 4], p.to_be()));
+    for &p in ports {
+        v4.insert(d4(0, p));
+        v6.insert(d6([0; 4], p));
     }
     (v4, v6)
 }
@@ -252,15 +258,7 @@ impl Guard {
             }
         };
 
-        let (v4, v6) = destinations(targets, &cfg.protect_ports);
-        let want4: HashSet<Dest4> = v4
-            .iter()
-            .map(|&(addr, port)| Dest4 { addr, port, pad: 0 })
-            .collect();
-        let want6: HashSet<Dest6> = v6
-            .iter()
-            .map(|&(addr, port)| Dest6 { addr, port, pad: 0 })
-            .collect();
+        let (want4, want6) = destinations(targets, &cfg.protect_ports);
         sync_map(&mut hash_map::<Dest4, u8>(&mut ebpf, "PROTECTED4")?, &want4)?;
         sync_map(&mut hash_map::<Dest6, u8>(&mut ebpf, "PROTECTED6")?, &want6)?;
         sync_map(&mut hash_map::<u64, u8>(&mut ebpf, "ALLOWED")?, &allowed)?;
@@ -485,14 +483,25 @@ mod tests {
             "[::ffff:10.0.0.1]:3308".parse().unwrap(),
         ];
         let (v4, v6) = destinations(&t, &[4000]);
-        assert!(v4.contains(&(u32::from_ne_bytes([127, 0, 0, 1]), 3306u16.to_be())));
-        assert!(
-            v4.contains(&(u32::from_ne_bytes([10, 0, 0, 1]), 3308u16.to_be())),
-            "mapped goes to v4"
-        );
-        assert!(v4.contains(&(0, 4000u16.to_be())));
-        assert!(v6.contains(&([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])], 3307u16.to_be())));
-        assert!(v6.contains(&([0; 4], 4000u16.to_be())));
+        let d4 = |o: [u8; 4], p: u16| Dest4 {
+            addr: u32::from_ne_bytes(o),
+            port: p.to_be(),
+            pad: 0,
+        };
+        assert!(v4.contains(&d4([127, 0, 0, 1], 3306)));
+        assert!(v4.contains(&d4([10, 0, 0, 1], 3308)), "mapped goes to v4");
+        assert!(v4.contains(&d4([0, 0, 0, 0], 4000)));
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        assert!(v6.contains(&Dest6 {
+            addr: [0, 0, 0, one],
+            port: 3307u16.to_be(),
+            pad: 0
+        }));
+        assert!(v6.contains(&Dest6 {
+            addr: [0; 4],
+            port: 4000u16.to_be(),
+            pad: 0
+        }));
         assert_eq!((v4.len(), v6.len()), (3, 2));
     }
 }
