@@ -865,14 +865,19 @@ impl<D: Driver> Session<D> {
         SessionEnd::Backend(why.to_string())
     }
 
-    /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
-    /// stays, as with MariaDB); a backend connection it held is reset in the background.
-    async fn reset_connection(&mut self, h: Header) -> Result<(), SessionEnd> {
-        self.discard_command(h).await?;
+    /// Drops the session state dbproxy keeps for the client (variables, statements).
+    fn forget_session(&mut self) {
         self.vars.clear();
         self.stmts = ClientStmts::default();
         self.cursor = None;
         self.long_data = None;
+    }
+
+    /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
+    /// stays, as with MariaDB); a backend connection it held is reset in the background.
+    async fn reset_connection(&mut self, h: Header) -> Result<(), SessionEnd> {
+        self.discard_command(h).await?;
+        self.forget_session();
         for r in self.pins.active().to_vec() {
             self.end_pin(r);
         }
@@ -998,12 +1003,7 @@ impl<D: Driver> Session<D> {
             match self.client_statement(&self.cbuf.filled()[4..h.total()], "mysqld_stmt_fetch") {
                 Ok(c) => c,
                 Err(e) => {
-                    self.discard_command(h).await?;
-                    return if command == com::STMT_SEND_LONG_DATA {
-                        Ok(())
-                    } else {
-                        self.reply_err(h.seq, e).await
-                    };
+                    return self.refuse_statement_command(h, command, e).await;
                 }
             };
         if command == com::STMT_RESET {
@@ -1036,22 +1036,12 @@ impl<D: Driver> Session<D> {
             return self.reply_err(h.seq, e).await;
         }
         if let Err(e) = self.ensure_backend(true).await {
-            self.discard_command(h).await?;
-            return if command == com::STMT_SEND_LONG_DATA {
-                Ok(())
-            } else {
-                self.reply_err(h.seq, e).await
-            };
+            return self.refuse_statement_command(h, command, e).await;
         }
         let bid = match self.backend_statement(cid, h.seq).await? {
             Ok(id) => id,
             Err(e) => {
-                self.discard_command(h).await?;
-                return if command == com::STMT_SEND_LONG_DATA {
-                    Ok(())
-                } else {
-                    self.reply_err(h.seq, e).await
-                };
+                return self.refuse_statement_command(h, command, e).await;
             }
         };
         stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
@@ -1071,6 +1061,22 @@ impl<D: Driver> Session<D> {
         }
         self.after_command(&SqlEffects::default(), &outcome);
         Ok(())
+    }
+
+    /// Refuses a statement command: COM_STMT_SEND_LONG_DATA has no reply in the protocol
+    /// (the execute that follows fails instead), the others get the error.
+    async fn refuse_statement_command(
+        &mut self,
+        h: Header,
+        command: u8,
+        e: ErrPacket,
+    ) -> Result<(), SessionEnd> {
+        self.discard_command(h).await?;
+        if command == com::STMT_SEND_LONG_DATA {
+            Ok(())
+        } else {
+            self.reply_err(h.seq, e).await
+        }
     }
 
     /// COM_STMT_CLOSE: the client's statement goes; the backends keep theirs cached.
@@ -1149,10 +1155,7 @@ impl<D: Driver> Session<D> {
         self.finish();
         self.user = user;
         self.db = cu.database;
-        self.vars.clear();
-        self.stmts = ClientStmts::default();
-        self.cursor = None;
-        self.long_data = None;
+        self.forget_session();
         if let Some(c) = cu.collation {
             self.collation = c as u8;
         }

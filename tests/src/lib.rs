@@ -554,6 +554,37 @@ pub fn connect(port: u16, user: &str, password: &str, db: &str) -> mysql::Result
     mysql::Conn::new(opts)
 }
 
+#[cfg(feature = "client")]
+/// A root connection over the server's Unix socket, for status counters.
+pub fn monitor(db: &MariaDb) -> mysql::Conn {
+    let opts = mysql::OptsBuilder::new()
+        .user(Some("root"))
+        .socket(Some(db.socket().to_str().unwrap()));
+    mysql::Conn::new(opts).unwrap()
+}
+
+#[cfg(feature = "client")]
+/// A global status counter read over a monitoring connection.
+pub fn global_status(c: &mut mysql::Conn, name: &str) -> u64 {
+    use mysql::prelude::Queryable;
+    let row: Option<(String, u64)> = c
+        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+        .unwrap();
+    row.unwrap().1
+}
+
+/// Polls `f` for up to 5 s; panics with `what` if it never holds. (Counters dbproxy updates
+/// right after a reply goes out are read this way.)
+pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}");
+}
+
 /// Reads whatever arrives on a raw socket until EOF, error or `timeout`.
 pub fn read_some(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
     s.set_read_timeout(Some(timeout)).unwrap();

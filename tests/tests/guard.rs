@@ -128,16 +128,6 @@ fn guard_section(cg: &TestCgroup, db_port: u16, extra: &str) -> String {
     )
 }
 
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what}");
-}
-
 #[test]
 fn only_dbproxy_reaches_the_database() {
     let db = MariaDb::start_with(&["--bind-address=127.0.0.1,::1"]);

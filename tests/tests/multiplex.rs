@@ -10,20 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-fn monitor(db: &MariaDb) -> Conn {
-    let opts = mysql::OptsBuilder::new()
-        .user(Some("root"))
-        .socket(Some(db.socket().to_str().unwrap()));
-    Conn::new(opts).unwrap()
-}
-
-fn global_status(c: &mut Conn, name: &str) -> u64 {
-    let row: Option<(String, u64)> = c
-        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
-        .unwrap();
-    row.unwrap().1
-}
-
 /// Samples Threads_connected until dropped; the peak is read at the end.
 struct Peak {
     stop: Arc<AtomicBool>,
@@ -205,16 +191,6 @@ fn session_state_follows_the_client_and_never_leaks() {
         let other: Option<Option<i64>> = b.query_first("SELECT @v").unwrap();
         assert_eq!(other, Some(None), "[{io}] the connection D used was reset");
     }
-}
-
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{what}");
 }
 
 #[test]

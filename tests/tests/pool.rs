@@ -7,20 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn monitor(db: &MariaDb) -> mysql::Conn {
-    let opts = mysql::OptsBuilder::new()
-        .user(Some("root"))
-        .socket(Some(db.socket().to_str().unwrap()));
-    mysql::Conn::new(opts).unwrap()
-}
-
-fn status(c: &mut mysql::Conn, name: &str) -> u64 {
-    let row: Option<(String, u64)> = c
-        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
-        .unwrap();
-    row.unwrap().1
-}
-
 /// `clients` threads, each connecting, querying and disconnecting `rounds` times.
 fn storm(port: u16, clients: usize, rounds: usize) {
     let threads: Vec<_> = (0..clients)
@@ -58,16 +44,19 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
             let mut m = monitor(&db);
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(status(&mut m, "Threads_connected"), Ordering::Relaxed);
+                    peak.fetch_max(
+                        global_status(&mut m, "Threads_connected"),
+                        Ordering::Relaxed,
+                    );
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })
         };
         storm(proxy.port, 300, 1); // warm-up
-        let before = status(&mut mon, "Connections");
+        let before = global_status(&mut mon, "Connections");
         let t0 = Instant::now();
         storm(proxy.port, 300, 5);
-        let after = status(&mut mon, "Connections");
+        let after = global_status(&mut mon, "Connections");
         stop.store(true, Ordering::Relaxed);
         sampler.join().unwrap();
         let monitors = 2; // the sampler's and this thread's own connections

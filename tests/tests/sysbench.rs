@@ -26,58 +26,10 @@ fn field(out: &str, name: &str) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn oltp_read_write_prepared_16_threads_no_errors() {
-    let db = MariaDb::start();
-    let prep = sysbench(db.port, DB_PASSWORD, &["oltp_read_write", "prepare"]);
-    assert!(
-        prep.status.success(),
-        "{}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
-    let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| "30".into());
-    for io in DRIVERS {
-        let proxy = Proxy::start(&db, io, "max_connections = 32\nmax_idle_connections = 32");
-        let out = sysbench(
-            proxy.port,
-            APP_PASSWORD,
-            &[
-                "oltp_read_write",
-                "run",
-                "--threads=16",
-                &format!("--time={secs}"),
-                "--db-ps-mode=auto",
-            ],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let err = String::from_utf8_lossy(&out.stderr);
-        println!(
-            "[{io}] {} | {} | {}",
-            field(&text, "transactions:"),
-            field(&text, "queries:"),
-            field(&text, "ignored errors:")
-        );
-        assert!(
-            out.status.success(),
-            "[{io}] sysbench failed: {err}\n{text}"
-        );
-        assert!(
-            !text.contains("FATAL") && !err.contains("FATAL"),
-            "[{io}] {err}"
-        );
-        let tx: u64 = field(&text, "transactions:")
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        assert!(tx > 0, "[{io}] no transactions ran: {text}");
-        // Deadlocks between sysbench's own threads are retried by sysbench ("ignored
-        // errors"); anything else makes it fail above.
-    }
-}
-
-#[test]
-fn oltp_read_write_prepared_256_threads_on_16_connections() {
+/// oltp_read_write with prepared statements through dbproxy on both drivers: sysbench
+/// must finish without errors (deadlocks between its own threads it retries itself, as
+/// "ignored errors"), with at most `max_connections` backend connections.
+fn read_write(threads: u32, max_connections: u32, default_secs: &str) {
     raise_fd_limit();
     let db = MariaDb::start();
     let prep = sysbench(db.port, DB_PASSWORD, &["oltp_read_write", "prepare"]);
@@ -86,16 +38,19 @@ fn oltp_read_write_prepared_256_threads_on_16_connections() {
         "{}",
         String::from_utf8_lossy(&prep.stderr)
     );
-    let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| "20".into());
+    let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| default_secs.into());
     for io in DRIVERS {
-        let proxy = Proxy::start(&db, io, "max_connections = 16\nmax_idle_connections = 16");
+        let pool = format!(
+            "max_connections = {max_connections}\nmax_idle_connections = {max_connections}"
+        );
+        let proxy = Proxy::start(&db, io, &pool);
         let out = sysbench(
             proxy.port,
             APP_PASSWORD,
             &[
                 "oltp_read_write",
                 "run",
-                "--threads=256",
+                &format!("--threads={threads}"),
                 &format!("--time={secs}"),
                 "--db-ps-mode=auto",
             ],
@@ -105,7 +60,7 @@ fn oltp_read_write_prepared_256_threads_on_16_connections() {
         let opened =
             proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
         println!(
-            "[{io}] 256 threads on {opened} backend connections: {} | {} | {}",
+            "[{io}] {threads} threads on {opened} backend connections: {} | {} | {}",
             field(&text, "transactions:"),
             field(&text, "queries:"),
             field(&text, "ignored errors:")
@@ -118,7 +73,10 @@ fn oltp_read_write_prepared_256_threads_on_16_connections() {
             !text.contains("FATAL") && !err.contains("FATAL"),
             "[{io}] {err}"
         );
-        assert!(opened <= 16, "[{io}] {opened} backend connections");
+        assert!(
+            opened <= i64::from(max_connections),
+            "[{io}] {opened} backend connections"
+        );
         let tx: u64 = field(&text, "transactions:")
             .split_whitespace()
             .nth(1)
@@ -126,4 +84,14 @@ fn oltp_read_write_prepared_256_threads_on_16_connections() {
             .unwrap_or(0);
         assert!(tx > 0, "[{io}] no transactions ran: {text}");
     }
+}
+
+#[test]
+fn oltp_read_write_prepared_16_threads_no_errors() {
+    read_write(16, 32, "30");
+}
+
+#[test]
+fn oltp_read_write_prepared_256_threads_on_16_connections() {
+    read_write(256, 16, "20");
 }
