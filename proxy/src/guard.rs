@@ -30,7 +30,7 @@ const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
 /// Why the guard could not start; dbproxy then refuses to start.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
-    #[error("the guard needs {0}; run dbproxy as root or grant it (e.g. systemd AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN)")]
+    #[error("the guard needs {0}; run dbproxy as root or grant it (e.g. systemd AmbientCapabilities=CAP_BPF CAP_NET_ADMIN)")]
     MissingCapability(String),
     #[error("this dbproxy was built without the guard's eBPF object: run `cargo xtask build-ebpf`, then rebuild dbproxy")]
     NoObject,
@@ -112,10 +112,6 @@ fn missing_capabilities() -> Vec<&'static str> {
     }
     if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_NET_ADMIN (or CAP_SYS_ADMIN)");
-    }
-    if !has(CAP_SYS_ADMIN) {
-        // Moving into a cgroup and attaching cgroup programs need it on most kernels.
-        missing.push("CAP_SYS_ADMIN");
     }
     missing
 }
