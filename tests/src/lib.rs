@@ -218,6 +218,11 @@ impl MariaDb {
             .unwrap_or_else(|| panic!("no status {name}: {out}"))
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -5,6 +5,8 @@
 //! - `test`: installs what the tests need, then fmt, clippy, unit and integration tests
 //!   (the integration tests run every scenario on both io drivers).
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +18,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -23,7 +26,8 @@ fn main() -> ExitCode {
                  demo [--target HOST:PORT --backend-user U --backend-password P] [--listen ADDR]\n          \
                  run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C\n  \
                  test    install prerequisites, then fmt, clippy, unit and integration tests\n  \
-                 build-ebpf\n          build the kernel guard's eBPF object (installs its toolchain if missing)"
+                 build-ebpf\n          build the kernel guard's eBPF object (installs its toolchain if missing)\n  \
+                 bench [--quick]\n          sysbench and connection benchmarks: direct MariaDB, dbproxy, HAProxy"
             );
             Err("no command".into())
         }

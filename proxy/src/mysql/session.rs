@@ -167,6 +167,19 @@ pub fn plan_replay(
     backend: &SessionState,
     baseline: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Replay {
+    // The common case: nothing to do (same schema, no variable differs).
+    if client_schema == backend.schema.as_deref()
+        && client_vars
+            .iter()
+            .all(|(k, v)| backend.vars.get(k) == Some(v))
+        && backend
+            .vars
+            .iter()
+            .all(|(k, v)| client_vars.get(k).or_else(|| baseline.get(k)) == Some(v))
+        && baseline.keys().all(|k| backend.vars.contains_key(k))
+    {
+        return Replay::default();
+    }
     let mut sets: Vec<String> = Vec::new();
     let names = client_vars
         .keys()

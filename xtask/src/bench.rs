@@ -1,0 +1,592 @@
+//! `cargo xtask bench [--quick]`: sysbench and connection benchmarks of dbproxy side by side
+//! with direct MariaDB (and HAProxy in TCP mode when installed), interleaved in one run, with
+//! the CPU each server used; a table with ratios to direct, `target/bench/report.{json,md,png}`.
+
+use crate::{cargo, ensure_apt, have, root, run, Result, DB_TOOLS};
+use proxy_tests::{free_port, spawn, MariaDb, APP_PASSWORD, DB_PASSWORD};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One server clients can be pointed at.
+struct Target {
+    name: &'static str,
+    port: u16,
+    password: &'static str,
+}
+
+/// One measured figure of one target.
+struct Cell {
+    value: f64,
+    /// CPU seconds used by mariadbd and by the target's own process during the run.
+    db_cpu: f64,
+    proxy_cpu: Option<f64>,
+}
+
+/// One benchmark, all targets.
+struct Row {
+    name: String,
+    unit: &'static str,
+    cells: Vec<Option<Cell>>,
+}
+
+enum Kind {
+    Sysbench {
+        script: &'static str,
+        threads: u32,
+        ps: bool,
+    },
+    Storm {
+        workers: u32,
+    },
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sysbench(port: u16, password: &str, args: &[String]) -> String {
+    let out = Command::new("sysbench")
+        .args([
+            "--db-driver=mysql",
+            "--mysql-host=127.0.0.1",
+            "--mysql-user=app",
+            "--mysql-db=shop",
+        ])
+        .arg(format!("--mysql-port={port}"))
+        .arg(format!("--mysql-password={password}"))
+        .args(["--tables=4", "--table-size=10000"])
+        .args(args)
+        .output();
+    match out {
+        Ok(o) => {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        }
+        Err(e) => format!("sysbench: {e}"),
+    }
+}
+
+/// "(X per sec.)" of the sysbench line starting with `name`.
+fn per_sec(out: &str, name: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(name))?;
+    let inner = line.split('(').nth(1)?;
+    inner.split_whitespace().next()?.parse().ok()
+}
+
+const STORM_LUA: &str = r#"
+function thread_init()
+  drv = sysbench.sql.driver()
+end
+function event()
+  local con = drv:connect()
+  con:query("SELECT 1")
+  con:disconnect()
+end
+"#;
+
+fn wait_listening(port: u16, what: &str) -> Result {
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} did not start listening on {port}"))
+}
+
+/// Logs in with mysql_native_password on a raw socket and pings; the socket stays open.
+fn idle_client(port: u16, user: &str, password: &str) -> std::io::Result<TcpStream> {
+    use sha1::{Digest, Sha1};
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let read = |s: &mut TcpStream| -> std::io::Result<Vec<u8>> {
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h)?;
+        let n = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
+        let mut p = vec![0; n];
+        s.read_exact(&mut p)?;
+        Ok(p)
+    };
+    let g = read(&mut s)?;
+    let bad = || std::io::Error::other("unexpected greeting");
+    let v = g.iter().skip(1).position(|&b| b == 0).ok_or_else(bad)? + 1;
+    let mut nonce = g.get(v + 5..v + 13).ok_or_else(bad)?.to_vec();
+    let i = v + 13 + 1 + 2 + 1 + 2 + 2 + 1 + 10;
+    nonce.extend_from_slice(g.get(i..i + 12).ok_or_else(bad)?);
+    let s1 = Sha1::digest(password.as_bytes());
+    let s2 = Sha1::digest(s1);
+    let mut h = Sha1::new();
+    h.update(&nonce);
+    h.update(s2);
+    let mix = h.finalize();
+    let caps: u32 = 0x200 | 0x8000 | 0x80000 | 0x2000 | 1;
+    let mut p = caps.to_le_bytes().to_vec();
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(user.as_bytes());
+    p.push(0);
+    p.push(20);
+    p.extend(s1.iter().zip(mix.iter()).map(|(a, b)| a ^ b));
+    p.extend_from_slice(b"mysql_native_password\0");
+    let mut pkt = (p.len() as u32).to_le_bytes()[..3].to_vec();
+    pkt.push(1);
+    pkt.extend_from_slice(&p);
+    s.write_all(&pkt)?;
+    if read(&mut s)?.first() != Some(&0) {
+        return Err(std::io::Error::other("login refused"));
+    }
+    s.write_all(&[1, 0, 0, 0, 0x0e])?; // COM_PING
+    if read(&mut s)?.first() != Some(&0) {
+        return Err(std::io::Error::other("ping failed"));
+    }
+    Ok(s)
+}
+
+fn spawn_quiet(mut cmd: Command, log: &Path) -> std::result::Result<Child, String> {
+    let f = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    cmd.stdout(Stdio::null()).stderr(f);
+    Ok(spawn(cmd))
+}
+
+fn raise_fd_limit() {
+    proxy_tests::raise_fd_limit();
+}
+
+pub fn bench(args: &[String]) -> Result {
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(a) = args.iter().find(|a| *a != "--quick") {
+        return Err(format!("bench takes only --quick (got {a})"));
+    }
+    let mut needed = DB_TOOLS.to_vec();
+    needed.push(("sysbench", "sysbench"));
+    needed.push((
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ));
+    ensure_apt(&needed)?;
+    run(
+        "build dbproxy (release)",
+        cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),
+    )?;
+    raise_fd_limit();
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+
+    eprintln!("xtask: starting MariaDB");
+    let db = MariaDb::start_with(&["--innodb-buffer-pool-size=256M", "--max-connections=4000"]);
+    let db_pid = db.pid().ok_or("mariadbd has no pid")?;
+    let prep = sysbench(
+        db.port,
+        DB_PASSWORD,
+        &["oltp_read_write".into(), "prepare".into()],
+    );
+    if !prep.contains("Creating table") {
+        return Err(format!("sysbench prepare failed: {prep}"));
+    }
+
+    let proxy_port = free_port();
+    let admin_port = free_port();
+    let cfg = work.path().join("dbproxy.toml");
+    let config = format!(
+        "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
+         [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{proxy_port}\"\ntarget_group = \"db\"\n\n\
+         [[target_groups]]\nname = \"db\"\ntargets = [\"127.0.0.1:{}\"]\nmax_connections = 64\nmax_idle_connections = 64\n\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n",
+        db.port
+    );
+    std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+    let bin = root().join("target/release/dbproxy");
+    let mut pcmd = Command::new(&bin);
+    pcmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("DBPROXY_LOG", "warn");
+    let proxy = spawn_quiet(pcmd, &work.path().join("dbproxy.log"))?;
+    wait_listening(proxy_port, "dbproxy")?;
+
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            port: db.port,
+            password: DB_PASSWORD,
+        },
+        Target {
+            name: "dbproxy",
+            port: proxy_port,
+            password: APP_PASSWORD,
+        },
+    ];
+    let mut pids: Vec<Option<u32>> = vec![None, Some(proxy.id())];
+    let mut haproxy = None;
+    if have("haproxy") {
+        let port = free_port();
+        let hcfg = work.path().join("haproxy.cfg");
+        let text = format!(
+            "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server db 127.0.0.1:{} maxconn 8000\n",
+            db.port
+        );
+        std::fs::write(&hcfg, text).map_err(|e| e.to_string())?;
+        let mut hcmd = Command::new("haproxy");
+        hcmd.args(["-db", "-f"]).arg(&hcfg);
+        let h = spawn_quiet(hcmd, &work.path().join("haproxy.log"))?;
+        wait_listening(port, "haproxy")?;
+        pids.push(Some(h.id()));
+        targets.push(Target {
+            name: "haproxy",
+            port,
+            password: DB_PASSWORD,
+        });
+        haproxy = Some(h);
+    } else {
+        eprintln!("xtask: haproxy is not installed; comparing with direct MariaDB only");
+    }
+
+    let secs = if quick { 8 } else { 20 };
+    let mut kinds: Vec<(String, Kind)> = Vec::new();
+    let threads: &[u32] = if quick { &[1, 64] } else { &[1, 8, 64] };
+    for &t in threads {
+        kinds.push((
+            format!("oltp_point_select {t} thr, prepared"),
+            Kind::Sysbench {
+                script: "oltp_point_select",
+                threads: t,
+                ps: true,
+            },
+        ));
+        if !quick {
+            kinds.push((
+                format!("oltp_point_select {t} thr, not prepared"),
+                Kind::Sysbench {
+                    script: "oltp_point_select",
+                    threads: t,
+                    ps: false,
+                },
+            ));
+        }
+    }
+    for &t in if quick { &[8u32][..] } else { &[1, 8, 64][..] } {
+        kinds.push((
+            format!("oltp_read_only {t} thr, prepared"),
+            Kind::Sysbench {
+                script: "oltp_read_only",
+                threads: t,
+                ps: true,
+            },
+        ));
+        if !quick {
+            kinds.push((
+                format!("oltp_read_only {t} thr, not prepared"),
+                Kind::Sysbench {
+                    script: "oltp_read_only",
+                    threads: t,
+                    ps: false,
+                },
+            ));
+        }
+    }
+    kinds.push((
+        "oltp_read_write 16 thr, prepared".into(),
+        Kind::Sysbench {
+            script: "oltp_read_write",
+            threads: 16,
+            ps: true,
+        },
+    ));
+    for w in [1, 8] {
+        kinds.push((
+            format!("connect storm, {w} workers"),
+            Kind::Storm { workers: w },
+        ));
+    }
+    let lua = work.path().join("storm.lua");
+    std::fs::write(&lua, STORM_LUA).map_err(|e| e.to_string())?;
+
+    let mut rows = Vec::new();
+    for (name, kind) in &kinds {
+        eprintln!("xtask: {name}");
+        let mut cells = Vec::new();
+        for (t, pid) in targets.iter().zip(&pids) {
+            let mut args: Vec<String> = vec![format!("--time={secs}")];
+            let (unit, field) = match kind {
+                Kind::Sysbench {
+                    script,
+                    threads,
+                    ps,
+                } => {
+                    args.push(format!("--threads={threads}"));
+                    args.push(format!(
+                        "--db-ps-mode={}",
+                        if *ps { "auto" } else { "disable" }
+                    ));
+                    args.push((*script).into());
+                    ("qps", "queries:")
+                }
+                Kind::Storm { workers } => {
+                    args.push(format!("--threads={workers}"));
+                    args.push(lua.display().to_string());
+                    ("connects/s", "transactions:")
+                }
+            };
+            args.push("run".into());
+            let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+            let out = sysbench(t.port, t.password, &args);
+            let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+            let cell = per_sec(&out, field).map(|value| Cell {
+                value,
+                db_cpu: db1 - db0,
+                proxy_cpu: p0.zip(p1).map(|(a, b)| b - a),
+            });
+            if cell.is_none() {
+                eprintln!(
+                    "xtask: {name} on {} failed:\n{}",
+                    t.name,
+                    out.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+                );
+            }
+            cells.push(cell);
+            let _ = unit;
+        }
+        let unit = match kind {
+            Kind::Sysbench { .. } => "qps",
+            Kind::Storm { .. } => "connects/s",
+        };
+        rows.push(Row {
+            name: name.clone(),
+            unit,
+            cells,
+        });
+    }
+
+    // Mostly idle clients: backend connections used and dbproxy memory per client.
+    let idle_n = if quick { 2000 } else { 10_000 };
+    eprintln!("xtask: {idle_n} mostly idle clients through dbproxy");
+    let rss0 = rss_kib(proxy.id());
+    let mut idle = Vec::with_capacity(idle_n);
+    let t0 = Instant::now();
+    for _ in 0..idle_n {
+        match idle_client(proxy_port, "app", APP_PASSWORD) {
+            Ok(s) => idle.push(s),
+            Err(e) => {
+                eprintln!("xtask: idle client {} failed: {e}", idle.len());
+                break;
+            }
+        }
+    }
+    let login_secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss1 = rss_kib(proxy.id());
+    let backends = metric(
+        admin_port,
+        "dbproxy_backend_connections{target_group=\"db\"}",
+    )
+    .unwrap_or(-1.0);
+    let per_client = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / idle.len().max(1) as f64;
+    let idle_line = format!(
+        "{} idle clients (each logged in and pinged once): dbproxy RSS {} KiB -> {} KiB = {:.0} bytes per client; backend connections open {}; logins took {:.1} s",
+        idle.len(),
+        rss0,
+        rss1,
+        per_client,
+        backends,
+        login_secs
+    );
+    drop(idle);
+
+    let report = render(&rows, &targets, &idle_line, quick);
+    println!("{report}");
+    std::fs::write(out_dir.join("report.md"), &report).map_err(|e| e.to_string())?;
+    std::fs::write(
+        out_dir.join("report.json"),
+        json(&rows, &targets, &idle_line, per_client, backends),
+    )
+    .map_err(|e| e.to_string())?;
+    if let Err(e) = chart(&rows, &targets, &out_dir.join("report.png")) {
+        eprintln!("xtask: chart not drawn: {e}");
+    }
+    eprintln!("xtask: wrote {}/report.{{md,json,png}}", out_dir.display());
+    drop(haproxy);
+    drop(proxy);
+    drop(db);
+    Ok(())
+}
+
+fn metric(admin: u16, series: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
+    let mut o = format!(
+        "# dbproxy benchmark ({})\n\nEach figure: the target's rate, its ratio to direct, and CPU seconds used by mariadbd / by the proxy process during that run.\n\n| benchmark |",
+        if quick { "quick" } else { "full" }
+    );
+    for t in targets {
+        o.push_str(&format!(" {} |", t.name));
+    }
+    o.push_str("\n|---|");
+    for _ in targets {
+        o.push_str("---|");
+    }
+    o.push('\n');
+    for r in rows {
+        o.push_str(&format!("| {} ({}) |", r.name, r.unit));
+        let direct = r.cells.first().and_then(|c| c.as_ref()).map(|c| c.value);
+        for c in &r.cells {
+            match c {
+                Some(c) => {
+                    let ratio = direct.map(|d| c.value / d).unwrap_or(f64::NAN);
+                    let cpu = match c.proxy_cpu {
+                        Some(p) => format!("db {:.1}s / proxy {:.1}s", c.db_cpu, p),
+                        None => format!("db {:.1}s", c.db_cpu),
+                    };
+                    o.push_str(&format!(" {:.0} ({ratio:.2}) {cpu} |", c.value));
+                }
+                None => o.push_str(" failed |"),
+            }
+        }
+        o.push('\n');
+    }
+    o.push_str(&format!("\n{idle}\n"));
+    o
+}
+
+fn json(rows: &[Row], targets: &[Target], idle: &str, per_client: f64, backends: f64) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut o = String::from("{\n  \"benchmarks\": [\n");
+    for (i, r) in rows.iter().enumerate() {
+        o.push_str(&format!(
+            "    {{\"name\": \"{}\", \"unit\": \"{}\", \"results\": {{",
+            esc(&r.name),
+            r.unit
+        ));
+        let parts: Vec<String> = targets
+            .iter()
+            .zip(&r.cells)
+            .map(|(t, c)| match c {
+                Some(c) => format!(
+                    "\"{}\": {{\"value\": {:.1}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
+                    t.name,
+                    c.value,
+                    c.db_cpu,
+                    c.proxy_cpu.map_or("null".into(), |p| format!("{p:.2}"))
+                ),
+                None => format!("\"{}\": null", t.name),
+            })
+            .collect();
+        o.push_str(&parts.join(", "));
+        o.push_str(if i + 1 < rows.len() { "}},\n" } else { "}}\n" });
+    }
+    o.push_str(&format!(
+        "  ],\n  \"idle_clients\": {{\"summary\": \"{}\", \"rss_bytes_per_client\": {per_client:.0}, \"backend_connections\": {backends}}}\n}}\n",
+        esc(idle)
+    ));
+    o
+}
+
+/// Bars of each benchmark's ratio to direct, one colour per target.
+fn chart(rows: &[Row], targets: &[Target], path: &PathBuf) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .map_err(|e| e.to_string())?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| "cannot load the font".to_string())?;
+    let root = BitMapBackend::new(path, (1400, 120 + 60 * rows.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let max = rows
+        .iter()
+        .flat_map(|r| {
+            let d = r.cells.first().and_then(|c| c.as_ref()).map(|c| c.value);
+            r.cells
+                .iter()
+                .filter_map(move |c| Some(c.as_ref()?.value / d?))
+        })
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let n = rows.len() as f64;
+    let mut ch = ChartBuilder::on(&root)
+        .caption(
+            "dbproxy: ratio to direct MariaDB (higher is better)",
+            ("sans-serif", 26),
+        )
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(420)
+        .build_cartesian_2d(0.0..max, -0.5..n - 0.5)
+        .map_err(|e| e.to_string())?;
+    let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    ch.configure_mesh()
+        .y_labels(rows.len())
+        .y_label_formatter(&|y| {
+            // Row i is centred on y = n - 1 - i.
+            let i = n - 1.0 - y.round();
+            if (y - y.round()).abs() < 0.01 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("ratio to direct")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let colors = [
+        RGBColor(120, 120, 120),
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+    ];
+    let h = 0.8 / targets.len() as f64;
+    for (ti, t) in targets.iter().enumerate() {
+        let color = colors[ti % colors.len()];
+        let bars: Vec<Rectangle<(f64, f64)>> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(ri, r)| {
+                let d = r.cells.first()?.as_ref()?.value;
+                let v = r.cells.get(ti)?.as_ref()?.value / d;
+                let y0 = n - 1.0 - ri as f64 - 0.4 + ti as f64 * h;
+                Some(Rectangle::new(
+                    [(0.0, y0), (v, y0 + h * 0.9)],
+                    color.filled(),
+                ))
+            })
+            .collect();
+        ch.draw_series(bars)
+            .map_err(|e| e.to_string())?
+            .label(t.name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
