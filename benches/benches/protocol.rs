@@ -66,6 +66,52 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
+    let mut g = c.benchmark_group("classification");
+    g.throughput(Throughput::Elements(1));
+    let q = b"SELECT c FROM sbtest1 WHERE id = 4711 /* point select */";
+    g.bench_function("command byte", |b| {
+        b.iter(|| proxy::mysql::command::classify(black_box(0x03)))
+    });
+    g.bench_function("pins of a SELECT", |b| {
+        b.iter(|| proxy::mysql::pins::classify_sql(black_box(q)))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("replay planning");
+    g.throughput(Throughput::Elements(1));
+    let mut baseline = std::collections::BTreeMap::new();
+    for (k, v) in [
+        ("character_set_client", "utf8mb4"),
+        ("collation_connection", "utf8mb4_general_ci"),
+        ("session_track_schema", "ON"),
+    ] {
+        baseline.insert(k.as_bytes().to_vec(), v.as_bytes().to_vec());
+    }
+    let backend = proxy::mysql::session::SessionState {
+        schema: Some(b"shop".to_vec()),
+        vars: baseline.clone(),
+    };
+    let none = std::collections::BTreeMap::new();
+    g.bench_function("same state (nothing to do)", |b| {
+        b.iter(|| {
+            proxy::mysql::session::plan_replay(Some(b"shop"), black_box(&none), &backend, &baseline)
+        })
+    });
+    let mut client = std::collections::BTreeMap::new();
+    client.insert(b"sql_mode".to_vec(), b"ANSI_QUOTES".to_vec());
+    client.insert(b"time_zone".to_vec(), b"+05:30".to_vec());
+    g.bench_function("two variables and the schema differ", |b| {
+        b.iter(|| {
+            proxy::mysql::session::plan_replay(
+                Some(b"shop2"),
+                black_box(&client),
+                &backend,
+                &baseline,
+            )
+        })
+    });
+    g.finish();
+
     let nonce = proxy::mysql::auth::new_nonce();
     let answer = proxy::mysql::auth::Plugin::Native.scramble(b"app-secret", &nonce);
     c.bench_function("verify mysql_native_password", |b| {

@@ -40,13 +40,21 @@ pub enum BorrowError {
 }
 
 /// What a pooled connection was negotiated for: only clients that match may use it.
-#[derive(Debug, Clone, Eq, Hash)]
+#[derive(Debug, Clone, Eq)]
 pub struct PoolKey {
     /// The backend login (user and password).
     pub backend: Arc<Credentials>,
     /// The client's `cap::BEHAVIOUR` bits.
     pub behaviour: u32,
     pub collation: u8,
+}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.backend.hash(h);
+        self.behaviour.hash(h);
+        self.collation.hash(h);
+    }
 }
 
 impl PartialEq for PoolKey {
