@@ -16,7 +16,9 @@ use crate::mysql::handshake::{encode_auth_switch, ChangeUser, HandshakeResponse,
 use crate::mysql::packet::{complete_packet, write_packet as frame, Header};
 use crate::mysql::pins::{classify_sql, PinReason, Pins, SqlEffects};
 use crate::mysql::response::{ResponseTracker, Step};
-use crate::mysql::session::{changes, parse_ok, plan_replay, strip_session_track, Change};
+use crate::mysql::session::{
+    changes, parse_ok, plan_replay, replayable, strip_session_track, Change,
+};
 use crate::mysql::stmt::{
     self, execute_opens_cursor, parse_prepare_ok, rewrite_execute, ClientStmts,
 };
@@ -57,6 +59,8 @@ struct Outcome {
     unexplained_change: bool,
     /// The insert id of the last OK packet.
     last_insert_id: u64,
+    /// The client set a variable that cannot follow it to another connection.
+    not_replayable: bool,
 }
 
 /// A COM_STMT_PREPARE in flight: its SQL, and the id dbproxy gives the client.
@@ -574,7 +578,10 @@ impl<D: Driver> Session<D> {
             e.starts
                 .retain(|r| !matches!(r, PinReason::UserVariable | PinReason::NextTransaction));
         }
-        if effects.touches_tracking || (outcome.unexplained_change && effects.starts.is_empty()) {
+        if effects.touches_tracking
+            || outcome.not_replayable
+            || (outcome.unexplained_change && effects.starts.is_empty())
+        {
             e.starts.push(PinReason::Unclassified);
         }
         let (started, ended) = self.pins.after_statement(&e, !outcome.failed);
@@ -758,10 +765,11 @@ impl<D: Driver> Session<D> {
                         for c in &list {
                             match c {
                                 Change::StateChanged => changed = true,
-                                Change::SystemVariable(n, v) => {
+                                Change::SystemVariable(n, v) if replayable(n) => {
                                     self.vars.insert(n.to_ascii_lowercase(), v.to_vec());
                                     explained = true;
                                 }
+                                Change::SystemVariable(..) => outcome.not_replayable = true,
                                 Change::Schema(s) => {
                                     self.db = Some(s.to_vec()).filter(|s| !s.is_empty());
                                     explained = true;

@@ -693,3 +693,56 @@ impl RawClient {
         row[3..3 + n].to_vec()
     }
 }
+
+#[test]
+fn awkward_session_variables_follow_or_pin_the_client() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.aw (id INT AUTO_INCREMENT PRIMARY KEY, v INT) ENGINE=InnoDB");
+    for io in DRIVERS {
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "workers = 1",
+            "max_connections = 3\nmax_idle_connections = 3",
+        );
+        let mut e = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut b = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        // A NULL character set and an empty sql_mode survive being replayed elsewhere.
+        e.query_drop("SET character_set_results = NULL, sql_mode = ''")
+            .unwrap();
+        let mut ids = HashSet::new();
+        for i in 0..12 {
+            if i % 2 == 0 {
+                c.query_drop("BEGIN").unwrap();
+                c.query_drop("SELECT 1").unwrap();
+            }
+            let (id, cs, mode): (u64, Option<String>, String) = e
+                .query_first("SELECT CONNECTION_ID(), @@character_set_results, @@sql_mode")
+                .unwrap()
+                .unwrap();
+            ids.insert(id);
+            assert_eq!((cs, mode.as_str()), (None, ""), "[{io}] round {i}");
+            let seen: (Option<String>, String) = b
+                .query_first("SELECT @@character_set_results, @@sql_mode")
+                .unwrap()
+                .unwrap();
+            assert!(
+                seen.0.is_some() && !seen.1.is_empty(),
+                "[{io}] B keeps its own: {seen:?}"
+            );
+            if i % 2 == 0 {
+                c.query_drop("COMMIT").unwrap();
+            }
+        }
+        assert!(ids.len() >= 2, "[{io}] E never moved");
+        // A one-shot variable pins the client, so that its next INSERT uses it.
+        let mut f = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        f.query_drop("SET insert_id = 4242").unwrap();
+        c.query_drop("SELECT 1").unwrap();
+        f.query_drop("INSERT INTO aw (v) VALUES (1)").unwrap();
+        let id: Option<u64> = f.query_first("SELECT LAST_INSERT_ID()").unwrap();
+        assert_eq!(id, Some(4242), "[{io}]");
+        db.root_sql("DELETE FROM shop.aw");
+    }
+}

@@ -116,6 +116,15 @@ pub fn strip_session_track(payload: &[u8], ok: &OkPacket) -> Vec<u8> {
     out
 }
 
+/// Variables that act once (on the next statement) or cannot be set back: a client that
+/// sets one is pinned instead of having it replayed elsewhere.
+pub fn replayable(name: &[u8]) -> bool {
+    !matches!(
+        name.to_ascii_lowercase().as_slice(),
+        b"insert_id" | b"rand_seed1" | b"rand_seed2" | b"last_gtid" | b"pseudo_thread_id"
+    ) && !name.to_ascii_lowercase().starts_with(b"session_track_")
+}
+
 /// Session state as the server reports it: the default schema and every system variable
 /// reported changed, by name, with the value as the server printed it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,6 +202,10 @@ pub fn plan_replay(
         let want = client_vars.get(name).or_else(|| baseline.get(name));
         if want != backend.vars.get(name) {
             let value = match want {
+                // The server reports a NULL character set as an empty value.
+                Some(v) if v.is_empty() && name.starts_with(b"character_set_") => {
+                    "NULL".to_string()
+                }
                 Some(v) => sql_value(v),
                 None => "DEFAULT".to_string(),
             };
@@ -369,6 +382,21 @@ mod tests {
             r.set.as_deref(),
             Some("SET SESSION character_set_connection = 'utf8mb4', collation_connection = 'utf8mb4_unicode_ci'")
         );
+    }
+
+    #[test]
+    fn null_character_sets_and_one_shot_variables() {
+        let mut client = BTreeMap::new();
+        client.insert(b"character_set_results".to_vec(), Vec::new());
+        client.insert(b"sql_mode".to_vec(), Vec::new());
+        let r = plan_replay(None, &client, &SessionState::default(), &BTreeMap::new());
+        assert_eq!(
+            r.set.as_deref(),
+            Some("SET SESSION character_set_results = NULL, sql_mode = ''")
+        );
+        assert!(!replayable(b"insert_id"));
+        assert!(!replayable(b"SESSION_TRACK_SCHEMA"));
+        assert!(replayable(b"time_zone"));
     }
 
     #[test]
