@@ -4,6 +4,8 @@
 //! Every child process is spawned from one long-lived thread with PR_SET_PDEATHSIG, so a
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
+pub mod raw;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

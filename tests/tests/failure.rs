@@ -1,6 +1,7 @@
 //! Failures: the database dying mid-query, and clients that send garbage or nothing.
 
 use mysql::prelude::*;
+use proxy_tests::raw::RawClient;
 use proxy_tests::*;
 use std::io::Write;
 use std::net::TcpStream;
@@ -171,33 +172,18 @@ fn unknown_commands_are_refused_and_the_session_goes_on() {
     let db = MariaDb::start();
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "");
-        // Log in by hand with mysql_native_password, then send COM_BINLOG_DUMP and 0xee.
-        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-        let g = read_greeting(&mut s);
-        let nonce = greeting_nonce(&g[4..]);
-        let answer = native_scramble(APP_PASSWORD.as_bytes(), &nonce);
-        let mut p = Vec::new();
-        let caps: u32 = 0x0000_0200 | 0x0000_8000 | 0x0008_0000; // PROTOCOL_41, SECURE_CONNECTION, PLUGIN_AUTH
-        p.extend_from_slice(&caps.to_le_bytes());
-        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-        p.push(45);
-        p.extend_from_slice(&[0; 23]);
-        p.extend_from_slice(b"app\0");
-        p.push(20);
-        p.extend_from_slice(&answer);
-        p.extend_from_slice(b"mysql_native_password\0");
-        send(&mut s, 1, &p);
-        let (ok, _) = read_some(&mut s, Duration::from_millis(500));
-        assert_eq!(ok.get(4), Some(&0), "[{io}] login: {ok:?}");
+        // Log in by hand, then send COM_BINLOG_DUMP and 0xee.
+        let mut raw = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        let s = &mut raw.s;
         for cmd in [0x12u8, 0xee] {
-            send(&mut s, 0, &[cmd, 0, 0, 0, 0]);
-            let (reply, closed) = read_some(&mut s, Duration::from_millis(500));
+            send(s, 0, &[cmd, 0, 0, 0, 0]);
+            let (reply, closed) = read_some(s, Duration::from_millis(500));
             assert!(!closed);
             assert_eq!(reply.get(4), Some(&0xff), "[{io}] {cmd:#x}: {reply:?}");
             assert_eq!(u16::from_le_bytes([reply[5], reply[6]]), 1047);
         }
-        send(&mut s, 0, b"\x03SELECT 1");
-        let (reply, _) = read_some(&mut s, Duration::from_millis(500));
+        send(s, 0, b"\x03SELECT 1");
+        let (reply, _) = read_some(s, Duration::from_millis(500));
         assert!(
             reply.len() > 20,
             "[{io}] a result set after the refusals: {reply:?}"
@@ -210,24 +196,4 @@ fn send(s: &mut TcpStream, seq: u8, payload: &[u8]) {
     out.push(seq);
     out.extend_from_slice(payload);
     s.write_all(&out).unwrap();
-}
-
-fn greeting_nonce(p: &[u8]) -> Vec<u8> {
-    let ver_end = p.iter().position(|&b| b == 0).unwrap();
-    let mut i = ver_end + 1 + 4;
-    let mut nonce = p[i..i + 8].to_vec();
-    i += 8 + 1 + 2 + 1 + 2 + 2 + 1 + 10;
-    nonce.extend_from_slice(&p[i..i + 12]);
-    nonce
-}
-
-fn native_scramble(password: &[u8], nonce: &[u8]) -> Vec<u8> {
-    use sha1::{Digest, Sha1};
-    let stage1 = Sha1::digest(password);
-    let stage2 = Sha1::digest(stage1);
-    let mut h = Sha1::new();
-    h.update(nonce);
-    h.update(stage2);
-    let mix = h.finalize();
-    stage1.iter().zip(mix.iter()).map(|(a, b)| a ^ b).collect()
 }

@@ -4,6 +4,7 @@
 
 use mysql::prelude::*;
 use mysql::Conn;
+use proxy_tests::raw::RawClient;
 use proxy_tests::*;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -450,7 +451,7 @@ fn cursor_and_long_data_pins_with_the_raw_protocol() {
     let db = MariaDb::start();
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
-        let mut raw = RawClient::login(proxy.port);
+        let mut raw = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
         let (sid, _) = raw.prepare("SELECT seq FROM shop.seq_1_to_10");
         raw.execute(sid, 1, &[]); // CURSOR_TYPE_READ_ONLY: no rows yet
         wait_for(
@@ -499,7 +500,7 @@ fn a_client_that_vanishes_mid_transaction_is_rolled_back() {
     for io in DRIVERS {
         db.root_sql("DELETE FROM shop.v");
         let proxy = Proxy::start(&db, io, "max_connections = 1\nmax_idle_connections = 1");
-        let mut raw = RawClient::login(proxy.port);
+        let mut raw = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
         raw.query("BEGIN");
         raw.query("INSERT INTO shop.v VALUES (1)");
         drop(raw); // TCP close, no COM_QUIT
@@ -534,163 +535,6 @@ fn exclude_variable_sets_filter() {
             "[{io}] SET @v does not pin with the filter"
         );
         assert_eq!(proxy.pinned_now("user_variable"), 0);
-    }
-}
-
-/// A hand-rolled client for what connectors rarely do (cursors, long data, vanishing).
-struct RawClient {
-    s: std::net::TcpStream,
-}
-
-impl RawClient {
-    fn login(port: u16) -> RawClient {
-        use sha1::{Digest, Sha1};
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut c = RawClient { s };
-        let (_, g) = c.read();
-        let v = g.iter().position(|&b| b == 0).unwrap();
-        let mut nonce = g[v + 5..v + 13].to_vec();
-        let i = v + 13 + 1 + 2 + 1 + 2 + 2 + 1 + 10;
-        nonce.extend_from_slice(&g[i..i + 12]);
-        let s1 = Sha1::digest(APP_PASSWORD.as_bytes());
-        let s2 = Sha1::digest(s1);
-        let mut h = Sha1::new();
-        h.update(&nonce);
-        h.update(s2);
-        let mix = h.finalize();
-        let answer: Vec<u8> = s1.iter().zip(mix.iter()).map(|(a, b)| a ^ b).collect();
-        // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | TRANSACTIONS | MULTI_RESULTS | PS_MULTI_RESULTS
-        let caps: u32 = 0x200 | 0x8000 | 0x80000 | 0x2000 | 0x20000 | 0x40000 | 1;
-        let mut p = caps.to_le_bytes().to_vec();
-        p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-        p.push(45);
-        p.extend_from_slice(&[0; 23]);
-        p.extend_from_slice(b"app\0");
-        p.push(20);
-        p.extend_from_slice(&answer);
-        p.extend_from_slice(b"mysql_native_password\0");
-        c.write(1, &p);
-        let (_, ok) = c.read();
-        assert_eq!(ok[0], 0, "raw login: {ok:?}");
-        c
-    }
-
-    fn write(&mut self, seq: u8, payload: &[u8]) {
-        use std::io::Write;
-        let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
-        out.push(seq);
-        out.extend_from_slice(payload);
-        self.s.write_all(&out).unwrap();
-    }
-
-    fn read(&mut self) -> (u8, Vec<u8>) {
-        use std::io::Read;
-        let mut h = [0u8; 4];
-        self.s.read_exact(&mut h).unwrap();
-        let n = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
-        let mut p = vec![0; n];
-        self.s.read_exact(&mut p).unwrap();
-        (h[3], p)
-    }
-
-    /// Reads packets up to an EOF/OK/ERR terminator (EOF-style, as negotiated).
-    fn read_until_eof(&mut self) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        loop {
-            let (_, p) = self.read();
-            let end = p[0] == 0xff || (p[0] == 0xfe && p.len() < 9);
-            out.push(p);
-            if end {
-                return out;
-            }
-        }
-    }
-
-    fn query(&mut self, sql: &str) {
-        let mut p = vec![0x03];
-        p.extend_from_slice(sql.as_bytes());
-        self.write(0, &p);
-        let (_, r) = self.read();
-        assert_eq!(r[0], 0, "{sql}: {r:?}");
-    }
-
-    /// COM_STMT_PREPARE; returns (statement id, parameter count).
-    fn prepare(&mut self, sql: &str) -> (u32, u16) {
-        let mut p = vec![0x16];
-        p.extend_from_slice(sql.as_bytes());
-        self.write(0, &p);
-        let (_, ok) = self.read();
-        assert_eq!(ok[0], 0, "prepare {sql}: {ok:?}");
-        let id = u32::from_le_bytes([ok[1], ok[2], ok[3], ok[4]]);
-        let cols = u16::from_le_bytes([ok[5], ok[6]]);
-        let params = u16::from_le_bytes([ok[7], ok[8]]);
-        if params > 0 {
-            self.read_until_eof();
-        }
-        if cols > 0 {
-            self.read_until_eof();
-        }
-        (id, params)
-    }
-
-    /// COM_STMT_EXECUTE without parameters; with a cursor flag the reply is metadata only.
-    fn execute(&mut self, id: u32, flags: u8, _params: &[u8]) {
-        let mut p = vec![0x17];
-        p.extend_from_slice(&id.to_le_bytes());
-        p.push(flags);
-        p.extend_from_slice(&1u32.to_le_bytes());
-        self.write(0, &p);
-        let (_, first) = self.read();
-        assert_ne!(first[0], 0xff, "execute: {first:?}");
-        self.read_until_eof(); // column definitions + EOF (cursor: no rows follow)
-    }
-
-    /// COM_STMT_FETCH; returns (rows, whether the last row was sent).
-    fn fetch(&mut self, id: u32, rows: u32) -> (usize, bool) {
-        let mut p = vec![0x1c];
-        p.extend_from_slice(&id.to_le_bytes());
-        p.extend_from_slice(&rows.to_le_bytes());
-        self.write(0, &p);
-        let packets = self.read_until_eof();
-        let eof = packets.last().unwrap();
-        assert_eq!(eof[0], 0xfe, "fetch: {eof:?}");
-        let status = u16::from_le_bytes([eof[3], eof[4]]);
-        (packets.len() - 1, status & 0x80 != 0)
-    }
-
-    fn send_long_data(&mut self, id: u32, param: u16, data: &[u8]) {
-        let mut p = vec![0x18];
-        p.extend_from_slice(&id.to_le_bytes());
-        p.extend_from_slice(&param.to_le_bytes());
-        p.extend_from_slice(data);
-        self.write(0, &p);
-    }
-
-    /// Executes a one-parameter statement whose value came as long data; the single text
-    /// value of the single row.
-    fn execute_one_value(&mut self, id: u32, param_type: u8) -> Vec<u8> {
-        let mut p = vec![0x17];
-        p.extend_from_slice(&id.to_le_bytes());
-        p.push(0);
-        p.extend_from_slice(&1u32.to_le_bytes());
-        p.push(0); // null bitmap
-        p.push(1); // types follow
-        p.extend_from_slice(&[param_type, 0]);
-        self.write(0, &p);
-        let (_, first) = self.read();
-        assert_ne!(
-            first[0],
-            0xff,
-            "execute: {}",
-            String::from_utf8_lossy(&first)
-        );
-        self.read_until_eof(); // column definitions
-        let rows = self.read_until_eof();
-        let row = &rows[0];
-        // Binary row: 0x00, null bitmap (1 byte for 1 column), then a length-encoded string.
-        let n = usize::from(row[2]);
-        row[3..3 + n].to_vec()
     }
 }
 

@@ -3,6 +3,7 @@
 //! the CPU each server used; a table with ratios to direct, `target/bench/report.{json,md,png}`.
 
 use crate::{cargo, ensure_apt, have, root, run, Result, DB_TOOLS};
+use proxy_tests::raw::RawClient;
 use proxy_tests::{free_port, spawn, MariaDb, APP_PASSWORD, DB_PASSWORD};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -116,53 +117,14 @@ fn wait_listening(port: u16, what: &str) -> Result {
     Err(format!("{what} did not start listening on {port}"))
 }
 
-/// Logs in with mysql_native_password on a raw socket and pings; the socket stays open.
-fn idle_client(port: u16, user: &str, password: &str) -> std::io::Result<TcpStream> {
-    use sha1::{Digest, Sha1};
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let read = |s: &mut TcpStream| -> std::io::Result<Vec<u8>> {
-        let mut h = [0u8; 4];
-        s.read_exact(&mut h)?;
-        let n = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
-        let mut p = vec![0; n];
-        s.read_exact(&mut p)?;
-        Ok(p)
-    };
-    let g = read(&mut s)?;
-    let bad = || std::io::Error::other("unexpected greeting");
-    let v = g.iter().skip(1).position(|&b| b == 0).ok_or_else(bad)? + 1;
-    let mut nonce = g.get(v + 5..v + 13).ok_or_else(bad)?.to_vec();
-    let i = v + 13 + 1 + 2 + 1 + 2 + 2 + 1 + 10;
-    nonce.extend_from_slice(g.get(i..i + 12).ok_or_else(bad)?);
-    let s1 = Sha1::digest(password.as_bytes());
-    let s2 = Sha1::digest(s1);
-    let mut h = Sha1::new();
-    h.update(&nonce);
-    h.update(s2);
-    let mix = h.finalize();
-    let caps: u32 = 0x200 | 0x8000 | 0x80000 | 0x2000 | 1;
-    let mut p = caps.to_le_bytes().to_vec();
-    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
-    p.push(45);
-    p.extend_from_slice(&[0; 23]);
-    p.extend_from_slice(user.as_bytes());
-    p.push(0);
-    p.push(20);
-    p.extend(s1.iter().zip(mix.iter()).map(|(a, b)| a ^ b));
-    p.extend_from_slice(b"mysql_native_password\0");
-    let mut pkt = (p.len() as u32).to_le_bytes()[..3].to_vec();
-    pkt.push(1);
-    pkt.extend_from_slice(&p);
-    s.write_all(&pkt)?;
-    if read(&mut s)?.first() != Some(&0) {
-        return Err(std::io::Error::other("login refused"));
+/// Logs in on a raw socket and pings once; the connection stays open.
+fn idle_client(port: u16, user: &str, password: &str) -> std::io::Result<RawClient> {
+    let mut c = RawClient::login(port, user, password)?;
+    c.try_write(0, &[0x0e])?; // COM_PING
+    match c.try_read()?.1.first() {
+        Some(0) => Ok(c),
+        _ => Err(std::io::Error::other("ping failed")),
     }
-    s.write_all(&[1, 0, 0, 0, 0x0e])?; // COM_PING
-    if read(&mut s)?.first() != Some(&0) {
-        return Err(std::io::Error::other("ping failed"));
-    }
-    Ok(s)
 }
 
 fn spawn_quiet(mut cmd: Command, log: &Path) -> std::result::Result<Child, String> {
