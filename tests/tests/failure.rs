@@ -21,7 +21,13 @@ fn database_killed_mid_query_then_restarted() {
             let r = c.query_drop("SELECT SLEEP(30)");
             (r, started.elapsed())
         });
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill once the query is running on the server.
+        wait_for(
+            || {
+                db.root_sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = 'SELECT SLEEP(30)'").trim() == "1"
+            },
+            &format!("[{io}] the query to start"),
+        );
         let killed_at = Instant::now();
         db.kill();
         let (r, _) = running.join().unwrap();
@@ -156,7 +162,11 @@ fn idle_clients_are_disconnected_with_an_error() {
         let proxy = Proxy::start_full(&db, io, "idle_client_timeout = \"1s\"", "");
         let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
         c.query_drop("SELECT 1").unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
+        // The proxy closes the client once idle_client_timeout passes.
+        wait_for(
+            || proxy.metric("dbproxy_client_connections") == 0,
+            &format!("[{io}] idle client closed"),
+        );
         assert!(
             c.query_drop("SELECT 1").is_err(),
             "[{io}] an idle client is disconnected"
