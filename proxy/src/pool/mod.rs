@@ -112,6 +112,9 @@ pub struct GroupShared {
     pub max_idle: usize,
     pub idle_total: AtomicUsize,
     starving: Mutex<VecDeque<Starving>>,
+    /// Entries in `starving` (stale ones included until the next clean-up): lets a
+    /// check-in skip the lock in the common case where nobody starves.
+    starving_len: AtomicUsize,
     /// Wakes every core's maintenance task when a borrower starts starving.
     starving_notify: Notify,
     pub borrow_timeout: Duration,
@@ -133,6 +136,7 @@ impl GroupShared {
             max_idle: cfg.max_idle_connections,
             idle_total: AtomicUsize::new(0),
             starving: Mutex::new(VecDeque::new()),
+            starving_len: AtomicUsize::new(0),
             starving_notify: Notify::new(),
             borrow_timeout: cfg.connection_borrow_timeout,
             connect_timeout: cfg.connect_timeout,
@@ -150,13 +154,26 @@ impl GroupShared {
         self.max_connections - self.budget.available_permits()
     }
 
+    /// Whether any borrower may be starving (cheap; no lock).
+    fn anyone_starving(&self) -> bool {
+        self.starving_len.load(Ordering::Acquire) > 0
+    }
+
+    /// Locks the starving queue, dropping borrowers that gave up; the count follows.
+    fn starving_queue(&self) -> parking_lot::MutexGuard<'_, VecDeque<Starving>> {
+        let mut q = self.starving.lock();
+        q.retain(|s| !s.tx.is_closed());
+        self.starving_len.store(q.len(), Ordering::Release);
+        q
+    }
+
     /// Hands `conn` to a starving borrower of the same key on another core, if any.
     /// Gives it back otherwise.
     fn offer_to_starving(&self, mut conn: Detached) -> Option<Detached> {
-        let mut q = self.starving.lock();
-        q.retain(|s| !s.tx.is_closed());
+        let mut q = self.starving_queue();
         while let Some(i) = q.iter().position(|s| s.key == conn.key) {
             let Some(s) = q.remove(i) else { break };
+            self.starving_len.store(q.len(), Ordering::Release);
             match s.tx.send(conn) {
                 Ok(()) => {
                     self.stats
@@ -173,8 +190,10 @@ impl GroupShared {
     /// Whether a borrower matching `pred` is starving with nobody having freed budget for
     /// it yet; if so it is marked as served.
     fn claim_starving(&self, pred: impl Fn(&PoolKey) -> bool) -> bool {
-        let mut q = self.starving.lock();
-        q.retain(|s| !s.tx.is_closed());
+        if !self.anyone_starving() {
+            return false;
+        }
+        let mut q = self.starving_queue();
         match q.iter_mut().find(|s| !s.freed && pred(&s.key)) {
             Some(s) => {
                 s.freed = true;
@@ -304,11 +323,15 @@ impl<D: Driver> CorePool<D> {
                 .or_default()
                 .push_back(tx);
             let (rtx, mut rrx) = oneshot::channel();
-            self.shared.starving.lock().push_back(Starving {
-                key: key.clone(),
-                tx: rtx,
-                freed: false,
-            });
+            {
+                let mut q = self.shared.starving.lock();
+                q.push_back(Starving {
+                    key: key.clone(),
+                    tx: rtx,
+                    freed: false,
+                });
+                self.shared.starving_len.store(q.len(), Ordering::Release);
+            }
             self.shared.starving_notify.notify_waiters();
             let budget = self.shared.budget.clone();
             let first = tokio::time::timeout_at(deadline, async {
@@ -534,12 +557,12 @@ impl<D: Driver> CorePool<D> {
 
     /// Offers a connection to another core's starving borrower; `Some` gives it back.
     fn move_to_starving(&self, conn: Pooled<D::Stream>) -> Option<Pooled<D::Stream>> {
-        if self
-            .shared
-            .starving
-            .lock()
-            .iter()
-            .all(|s| s.key != conn.key || s.tx.is_closed())
+        if !self.shared.anyone_starving()
+            || self
+                .shared
+                .starving_queue()
+                .iter()
+                .all(|s| s.key != conn.key)
         {
             return Some(conn);
         }
@@ -573,9 +596,11 @@ impl<D: Driver> CorePool<D> {
 
     fn serve_starving(&self) {
         let wanted: Vec<PoolKey> = {
-            let mut q = self.shared.starving.lock();
-            q.retain(|s| !s.tx.is_closed());
-            q.iter().map(|s| s.key.clone()).collect()
+            self.shared
+                .starving_queue()
+                .iter()
+                .map(|s| s.key.clone())
+                .collect()
         };
         for key in wanted {
             let idle = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
