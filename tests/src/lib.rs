@@ -77,12 +77,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Polls `f` every 20 ms until it holds or `timeout` passes; whether it held.
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Polls `f` until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(poll_until(timeout, f), "timed out waiting for {what}");
 }
 
 fn is_root() -> bool {
@@ -582,14 +593,56 @@ pub fn global_status(c: &mut mysql::Conn, name: &str) -> u64 {
 
 /// Polls `f` for up to 5 s; panics with `what` if it never holds. (Counters dbproxy updates
 /// right after a reply goes out are read this way.)
-pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
+pub fn wait_for(f: impl FnMut() -> bool, what: &str) {
+    wait_until(what, Duration::from_secs(5), f);
+}
+
+#[cfg(feature = "client")]
+/// Samples MariaDB's `Threads_connected` on a thread of its own until [`ThreadsPeak::finish`].
+pub struct ThreadsPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    t: Option<std::thread::JoinHandle<u64>>,
+}
+
+#[cfg(feature = "client")]
+impl ThreadsPeak {
+    pub fn start(db: &MariaDb) -> ThreadsPeak {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let mut m = monitor(db);
+        let t = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::Relaxed) {
+                peak = peak.max(global_status(&mut m, "Threads_connected"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        ThreadsPeak { stop, t: Some(t) }
     }
-    panic!("{what}");
+
+    /// The highest value seen (the sampler's own connection included).
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.t.take().map(|t| t.join().unwrap()).unwrap_or(0)
+    }
+}
+
+/// sysbench with the mysql driver against 127.0.0.1:`port` as `app`, on the `shop` tables
+/// the tests and benchmarks prepare (4 × 10,000 rows); add the test's own arguments.
+pub fn sysbench_command(port: u16, password: &str) -> Command {
+    let mut c = Command::new("sysbench");
+    c.args([
+        "--db-driver=mysql",
+        "--mysql-host=127.0.0.1",
+        "--mysql-user=app",
+        "--mysql-db=shop",
+    ])
+    .arg(format!("--mysql-port={port}"))
+    .arg(format!("--mysql-password={password}"))
+    .args(["--tables=4", "--table-size=10000"]);
+    c
 }
 
 /// Reads whatever arrives on a raw socket until EOF, error or `timeout`.

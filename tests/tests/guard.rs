@@ -45,15 +45,15 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        for _ in 0..100 {
+        // A cgroup is removable once its last process has been reaped.
+        let removed = poll_until(Duration::from_secs(5), || {
             let _ = std::fs::remove_dir(self.root.join("client"));
             let _ = std::fs::remove_dir(self.root.join("proxy"));
-            if std::fs::remove_dir(&self.root).is_ok() || !self.root.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            std::fs::remove_dir(&self.root).is_ok() || !self.root.exists()
+        });
+        if !removed {
+            eprintln!("could not remove {}", self.root.display());
         }
-        eprintln!("could not remove {}", self.root.display());
     }
 }
 

@@ -7,45 +7,19 @@ use mysql::Conn;
 use proxy_tests::raw::RawClient;
 use proxy_tests::*;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
-/// Samples Threads_connected until dropped; the peak is read at the end.
-struct Peak {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    t: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Peak {
-    fn start(db: &MariaDb) -> Peak {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let (s, p) = (stop.clone(), peak.clone());
-        let mut m = monitor(db);
-        let t = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(
-                    global_status(&mut m, "Threads_connected"),
-                    Ordering::Relaxed,
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Peak {
-            stop,
-            peak,
-            t: Some(t),
-        }
+/// Runs `f` while, if `hold`, client `c` keeps a connection in a transaction, so that the
+/// clients in `f` land on other connections.
+fn holding_a_connection(c: &mut Conn, hold: bool, f: impl FnOnce()) {
+    if hold {
+        c.query_drop("BEGIN").unwrap();
+        c.query_drop("SELECT 1").unwrap();
     }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.t.take() {
-            t.join().unwrap();
-        }
-        self.peak.load(Ordering::Relaxed)
+    f();
+    if hold {
+        c.query_drop("COMMIT").unwrap();
     }
 }
 
@@ -62,7 +36,7 @@ fn two_thousand_clients_on_twenty_backend_connections() {
     for io in DRIVERS {
         db.root_sql("DELETE FROM shop.mx");
         let proxy = Proxy::start(&db, io, "max_connections = 20\nmax_idle_connections = 20");
-        let peak = Peak::start(&db);
+        let peak = ThreadsPeak::start(&db);
         let all_connected = Arc::new(Barrier::new(clients));
         let port = proxy.port;
         let threads: Vec<_> = (0..clients)
@@ -137,31 +111,28 @@ fn session_state_follows_the_client_and_never_leaks() {
         for i in 0..40 {
             // Now and then another client holds a connection in a transaction, so that A
             // lands on a different one.
-            if i % 3 == 0 {
-                c.query_drop("BEGIN").unwrap();
-                c.query_drop("SELECT 1").unwrap();
-            }
-            let (id, mode, tz, dbname, cs): (u64, String, String, Option<String>, String) = a
-                .query_first("SELECT CONNECTION_ID(), @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
-                .unwrap()
-                .unwrap();
-            ids.insert(id);
-            assert_eq!(
-                (mode.as_str(), tz.as_str(), dbname.as_deref(), cs.as_str()),
-                ("ANSI_QUOTES", "+05:30", Some("shop2"), "latin1"),
-                "[{io}] A, round {i}"
-            );
-            let seen: (String, String, Option<String>, String) = b
-                .query_first("SELECT @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
-                .unwrap()
-                .unwrap();
-            assert_eq!(
-                seen, defaults,
-                "[{io}] B sees nothing of A's state, round {i}"
-            );
-            if i % 3 == 0 {
-                c.query_drop("COMMIT").unwrap();
-            }
+            holding_a_connection(&mut c, i % 3 == 0, || {
+                let (id, mode, tz, dbname, cs): (u64, String, String, Option<String>, String) = a
+                    .query_first("SELECT CONNECTION_ID(), @@sql_mode, @@time_zone, DATABASE(), @@character_set_client")
+                    .unwrap()
+                    .unwrap();
+                ids.insert(id);
+                assert_eq!(
+                    (mode.as_str(), tz.as_str(), dbname.as_deref(), cs.as_str()),
+                    ("ANSI_QUOTES", "+05:30", Some("shop2"), "latin1"),
+                    "[{io}] A, round {i}"
+                );
+                let seen: (String, String, Option<String>, String) = b
+                    .query_first(
+                        "SELECT @@sql_mode, @@time_zone, DATABASE(), @@character_set_client",
+                    )
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    seen, defaults,
+                    "[{io}] B sees nothing of A's state, round {i}"
+                );
+            });
         }
         println!("[{io}] A was served by {} backend connections", ids.len());
         assert!(ids.len() >= 2, "[{io}] A never changed backend connection");
@@ -557,27 +528,22 @@ fn awkward_session_variables_follow_or_pin_the_client() {
             .unwrap();
         let mut ids = HashSet::new();
         for i in 0..12 {
-            if i % 2 == 0 {
-                c.query_drop("BEGIN").unwrap();
-                c.query_drop("SELECT 1").unwrap();
-            }
-            let (id, cs, mode): (u64, Option<String>, String) = e
-                .query_first("SELECT CONNECTION_ID(), @@character_set_results, @@sql_mode")
-                .unwrap()
-                .unwrap();
-            ids.insert(id);
-            assert_eq!((cs, mode.as_str()), (None, ""), "[{io}] round {i}");
-            let seen: (Option<String>, String) = b
-                .query_first("SELECT @@character_set_results, @@sql_mode")
-                .unwrap()
-                .unwrap();
-            assert!(
-                seen.0.is_some() && !seen.1.is_empty(),
-                "[{io}] B keeps its own: {seen:?}"
-            );
-            if i % 2 == 0 {
-                c.query_drop("COMMIT").unwrap();
-            }
+            holding_a_connection(&mut c, i % 2 == 0, || {
+                let (id, cs, mode): (u64, Option<String>, String) = e
+                    .query_first("SELECT CONNECTION_ID(), @@character_set_results, @@sql_mode")
+                    .unwrap()
+                    .unwrap();
+                ids.insert(id);
+                assert_eq!((cs, mode.as_str()), (None, ""), "[{io}] round {i}");
+                let seen: (Option<String>, String) = b
+                    .query_first("SELECT @@character_set_results, @@sql_mode")
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    seen.0.is_some() && !seen.1.is_empty(),
+                    "[{io}] B keeps its own: {seen:?}"
+                );
+            });
         }
         assert!(ids.len() >= 2, "[{io}] E never moved");
         // A one-shot variable pins the client, so that its next INSERT uses it.

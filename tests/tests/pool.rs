@@ -3,8 +3,6 @@
 
 use mysql::prelude::*;
 use proxy_tests::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `clients` threads, each connecting, querying and disconnecting `rounds` times.
@@ -37,33 +35,18 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
             &format!("max_connections = {max}\nmax_idle_connections = {max}"),
         );
         let mut mon = monitor(&db);
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let sampler = {
-            let (stop, peak) = (stop.clone(), peak.clone());
-            let mut m = monitor(&db);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(
-                        global_status(&mut m, "Threads_connected"),
-                        Ordering::Relaxed,
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
+        let peak = ThreadsPeak::start(&db);
         storm(proxy.port, 300, 1); // warm-up
         let before = global_status(&mut mon, "Connections");
         let t0 = Instant::now();
         storm(proxy.port, 300, 5);
         let after = global_status(&mut mon, "Connections");
-        stop.store(true, Ordering::Relaxed);
-        sampler.join().unwrap();
+        let peak = peak.finish();
         let monitors = 2; // the sampler's and this thread's own connections
         println!(
             "[{io}] 1500 client connections in {:?}; backend Connections {before} -> {after}; peak Threads_connected {}",
             t0.elapsed(),
-            peak.load(Ordering::Relaxed)
+            peak
         );
         if after != before {
             let log = proxy.log();
@@ -87,7 +70,7 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
             "[{io}] the database saw new connections after warm-up"
         );
         assert!(
-            peak.load(Ordering::Relaxed) <= max + monitors,
+            peak <= max + monitors,
             "[{io}] Threads_connected exceeded max_connections"
         );
     }

@@ -1,19 +1,9 @@
 //! sysbench through dbproxy.
 
 use proxy_tests::*;
-use std::process::Command;
 
 fn sysbench(port: u16, password: &str, args: &[&str]) -> std::process::Output {
-    Command::new("sysbench")
-        .args([
-            "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            "--mysql-user=app",
-            "--mysql-db=shop",
-        ])
-        .arg(format!("--mysql-port={port}"))
-        .arg(format!("--mysql-password={password}"))
-        .args(["--tables=4", "--table-size=10000"])
+    sysbench_command(port, password)
         .args(args)
         .output()
         .expect("sysbench (apt-get install sysbench)")

@@ -4,7 +4,9 @@
 
 use crate::{cargo, ensure_apt, have, root, run, Result, DB_TOOLS};
 use proxy_tests::raw::RawClient;
-use proxy_tests::{free_port, spawn, MariaDb, APP_PASSWORD, DB_PASSWORD};
+use proxy_tests::{
+    free_port, poll_until, spawn, sysbench_command, MariaDb, APP_PASSWORD, DB_PASSWORD,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -69,19 +71,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn sysbench(port: u16, password: &str, args: &[String]) -> String {
-    let out = Command::new("sysbench")
-        .args([
-            "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            "--mysql-user=app",
-            "--mysql-db=shop",
-        ])
-        .arg(format!("--mysql-port={port}"))
-        .arg(format!("--mysql-password={password}"))
-        .args(["--tables=4", "--table-size=10000"])
-        .args(args)
-        .output();
-    match out {
+    match sysbench_command(port, password).args(args).output() {
         Ok(o) => {
             String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
         }
@@ -108,13 +98,13 @@ end
 "#;
 
 fn wait_listening(port: u16, what: &str) -> Result {
-    for _ in 0..300 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if poll_until(Duration::from_secs(15), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }) {
+        Ok(())
+    } else {
+        Err(format!("{what} did not start listening on {port}"))
     }
-    Err(format!("{what} did not start listening on {port}"))
 }
 
 /// Logs in on a raw socket and pings once; the connection stays open.

@@ -347,14 +347,10 @@ backend_password = "{password}"
         .spawn()
         .map_err(|e| format!("cannot start dbproxy: {e}"))?;
     // Tell the user to connect only once dbproxy listens.
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&opts.listen).is_ok()
+    proxy_tests::poll_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&opts.listen).is_ok()
             || proxy.try_wait().ok().flatten().is_some()
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     let (host, port) = opts
         .listen
         .rsplit_once(':')
