@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Why no backend connection could be handed out.
@@ -47,23 +47,61 @@ pub struct PoolKey {
     /// The client's `cap::BEHAVIOUR` bits.
     pub behaviour: u32,
     pub collation: u8,
+    /// Hash of the fields above, computed once: a key is looked up several times per
+    /// statement, and hashing the credentials each time showed in profiles.
+    hash: u64,
+}
+
+impl PoolKey {
+    pub fn new(backend: Arc<Credentials>, behaviour: u32, collation: u8) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        backend.hash(&mut h);
+        behaviour.hash(&mut h);
+        collation.hash(&mut h);
+        PoolKey {
+            backend,
+            behaviour,
+            collation,
+            hash: h.finish(),
+        }
+    }
 }
 
 impl std::hash::Hash for PoolKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.backend.hash(h);
-        self.behaviour.hash(h);
-        self.collation.hash(h);
+        h.write_u64(self.hash);
     }
 }
 
 impl PartialEq for PoolKey {
     fn eq(&self, o: &Self) -> bool {
-        self.behaviour == o.behaviour
+        self.hash == o.hash
+            && self.behaviour == o.behaviour
             && self.collation == o.collation
             && (Arc::ptr_eq(&self.backend, &o.backend) || self.backend == o.backend)
     }
 }
+
+/// Hasher of maps keyed by [`PoolKey`]: the key carries its hash already.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+type KeyMap<V> = HashMap<PoolKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// Counters a target group keeps (read by status and metrics).
 #[derive(Debug, Default)]
@@ -205,12 +243,28 @@ impl GroupShared {
 }
 
 /// A backend connection with its share of the budget.
+///
+/// The connection is boxed: a `Pooled` moves through several futures and collections per
+/// borrow, and moving the whole connection state each time showed in profiles.
 pub struct Pooled<S> {
-    pub conn: BackendConn<S>,
+    pub conn: Box<BackendConn<S>>,
     pub key: PoolKey,
     permit: OwnedSemaphorePermit,
-    /// When it last went idle.
-    idle_since: Instant,
+    /// When it last went idle ([`coarse_now`]).
+    idle_since: Duration,
+}
+
+/// Monotonic time at the kernel tick's resolution (a few ms): cheap enough to read on
+/// every check-in, precise enough for idleness measured in tenths of seconds.
+fn coarse_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write; CLOCK_MONOTONIC_COARSE always exists on
+    // Linux, and on failure ts stays zero (the liveness check then runs).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// A connection idle for less than this is handed out without a liveness check: one
@@ -237,7 +291,7 @@ impl<S: Stream> Pooled<S> {
     /// Says goodbye to the backend, then gives the budget back.
     pub async fn quit(self) {
         let Pooled { conn, permit, .. } = self;
-        conn.quit().await;
+        (*conn).quit().await;
         drop(permit);
     }
 }
@@ -245,7 +299,7 @@ impl<S: Stream> Pooled<S> {
 impl<S> Pooled<S> {
     fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Pooled<T>> {
         Ok(Pooled {
-            conn: self.conn.map_stream(f)?,
+            conn: Box::new((*self.conn).map_stream(f)?),
             key: self.key,
             permit: self.permit,
             idle_since: self.idle_since,
@@ -259,8 +313,8 @@ type Waiter<S> = oneshot::Sender<Pooled<S>>;
 /// One core's pool for one target group.
 pub struct CorePool<D: Driver> {
     pub shared: Arc<GroupShared>,
-    idle: RefCell<HashMap<PoolKey, Vec<Pooled<D::Stream>>>>,
-    waiters: RefCell<HashMap<PoolKey, VecDeque<Waiter<D::Stream>>>>,
+    idle: RefCell<KeyMap<Vec<Pooled<D::Stream>>>>,
+    waiters: RefCell<KeyMap<VecDeque<Waiter<D::Stream>>>>,
 }
 
 impl<D: Driver> CorePool<D> {
@@ -280,8 +334,13 @@ impl<D: Driver> CorePool<D> {
         key: &PoolKey,
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
-        let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
-        let conn = self.acquire(key, db, deadline).await?;
+        let conn = match self.take_idle(key, db) {
+            Some(c) => c,
+            None => {
+                let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
+                self.acquire(key, db, deadline).await?
+            }
+        };
         self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
         Ok(conn)
     }
@@ -409,7 +468,7 @@ impl<D: Driver> CorePool<D> {
                 .unwrap_or(list.len() - 1);
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
-            if c.idle_since.elapsed() < CHECK_AFTER_IDLE
+            if coarse_now().saturating_sub(c.idle_since) < CHECK_AFTER_IDLE
                 || idle_socket_is_healthy(c.stream.raw_fd())
             {
                 return Some(c);
@@ -473,10 +532,10 @@ impl<D: Driver> CorePool<D> {
                     *sh.profile.write() = profile;
                 }
                 Ok(Pooled {
-                    conn,
                     key: key.clone(),
                     permit,
-                    idle_since: Instant::now(),
+                    conn: Box::new(conn),
+                    idle_since: coarse_now(),
                 })
             }
             Err(e) => Err(self.connect_error(e)),
@@ -518,7 +577,7 @@ impl<D: Driver> CorePool<D> {
     }
 
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
-        conn.idle_since = Instant::now();
+        conn.idle_since = coarse_now();
         // 1. A borrower on this core for the same key.
         loop {
             let tx = self
