@@ -13,7 +13,7 @@ use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
 use crate::mysql::consts::{cap, com, errcode, status};
 use crate::mysql::handshake::{encode_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake};
-use crate::mysql::packet::{complete_packet, write_packet as frame, Header};
+use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::pins::{classify_sql, PinReason, Pins, SqlEffects};
 use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::session::{
@@ -77,12 +77,18 @@ struct Session<D: Driver> {
     pool: Rc<CorePool<D>>,
     client: D::Stream,
     cbuf: Buf,
+    /// Reused for the payload of commands dbproxy reads whole and for the packets it
+    /// builds for the backend, so that no statement allocates.
+    cmd: Vec<u8>,
+    built: Vec<u8>,
     peer: SocketAddr,
     /// Capabilities agreed with the client.
     caps: u32,
     collation: u8,
     nonce: [u8; 20],
     user: Arc<User>,
+    /// The pool key of `user`, `caps` and `collation`.
+    key: PoolKey,
     /// The client's default database.
     db: Option<Vec<u8>>,
     /// System variables the client changed, as the server reported them.
@@ -168,6 +174,15 @@ async fn authenticate<S: Stream>(
         }
         _ => Ok(Err((seq, used_password))),
     }
+}
+
+/// The pool key of a login: its backend credentials and what it negotiated.
+fn pool_key(user: &User, caps: u32, collation: u8) -> PoolKey {
+    PoolKey::new(
+        user.backend.clone(),
+        caps & cap::BEHAVIOUR & !cap::SESSION_TRACK,
+        collation,
+    )
 }
 
 /// The connection phase: greeting, authentication, optional default database.
@@ -261,10 +276,13 @@ async fn login<D: Driver>(
         }
     };
     let s = Session {
+        key: pool_key(&user, caps, resp.collation),
         shared,
         pool,
         client,
         cbuf,
+        cmd: Vec::new(),
+        built: Vec::new(),
         peer,
         caps,
         collation: resp.collation,
@@ -305,24 +323,15 @@ impl<D: Driver> Session<D> {
         true
     }
 
-    fn key(&self) -> PoolKey {
-        PoolKey {
-            backend: self.user.backend.clone(),
-            behaviour: self.caps & cap::BEHAVIOUR & !cap::SESSION_TRACK,
-            collation: self.collation,
-        }
-    }
-
     /// Makes sure this session holds a backend connection; with `replay`, one whose session
     /// state is the client's. The error is the packet to send to the client.
     async fn ensure_backend(&mut self, replay: bool) -> Result<(), ErrPacket> {
         if self.backend.is_some() {
             return Ok(());
         }
-        let key = self.key();
         let mut conn = self
             .pool
-            .borrow(&key, self.db.as_deref())
+            .borrow(&self.key, self.db.as_deref())
             .await
             .map_err(|e| {
                 tracing::warn!(peer = %self.peer, "{e}");
@@ -453,6 +462,11 @@ impl<D: Driver> Session<D> {
                 break;
             }
             self.cbuf.shrink(CLIENT_BUF);
+            for v in [&mut self.cmd, &mut self.built] {
+                if v.capacity() > CLIENT_BUF {
+                    *v = Vec::new();
+                }
+            }
         }
         self.finish();
     }
@@ -506,8 +520,10 @@ impl<D: Driver> Session<D> {
     }
 
     /// The whole payload of a command (all its packets), consumed from the client buffer.
+    /// Give the vector back to `self.cmd` once done with it.
     async fn take_command(&mut self, mut h: Header) -> Result<Vec<u8>, SessionEnd> {
-        let mut payload = Vec::with_capacity(h.len);
+        let mut payload = std::mem::take(&mut self.cmd);
+        payload.clear();
         loop {
             payload.extend_from_slice(&self.cbuf.filled()[4..h.total()]);
             self.cbuf.consume(h.total());
@@ -647,16 +663,27 @@ impl<D: Driver> Session<D> {
         }
     }
 
-    /// Sends a command dbproxy built (a rewritten one) to the backend.
-    async fn send_built(&mut self, payload: &[u8], seq: u8) -> Result<(), SessionEnd> {
+    /// An empty vector to build a command in, [`HEADER_LEN`] bytes reserved for its header;
+    /// hand it to [`Self::send_built`].
+    fn start_built(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.built);
+        out.clear();
+        out.resize(HEADER_LEN, 0);
+        out
+    }
+
+    /// Sends a command dbproxy built (a rewritten one, from [`Self::start_built`]) to the
+    /// backend; `seq` is the client's sequence id, for the error it may get.
+    async fn send_built(&mut self, mut out: Vec<u8>, seq: u8) -> Result<(), SessionEnd> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        let mut out = Vec::with_capacity(payload.len() + 4);
-        frame(&mut out, 0, payload);
+        seal(&mut out, 0);
         let mut buf = Buf::from_vec(out);
         let n = buf.len();
-        if let Err(e) = b.conn.stream.write(&mut buf, n).await {
+        let res = b.conn.stream.write(&mut buf, n).await;
+        self.built = buf.into_vec();
+        if let Err(e) = res {
             return Err(self.backend_lost(seq, &e.to_string()).await);
         }
         Ok(())
@@ -905,7 +932,10 @@ impl<D: Driver> Session<D> {
         }
         let payload = self.take_command(h).await?;
         let sql: Arc<[u8]> = Arc::from(&payload[1..]);
-        self.send_built(&payload, h.seq).await?;
+        let mut out = self.start_built();
+        out.extend_from_slice(&payload);
+        self.cmd = payload;
+        self.send_built(out, h.seq).await?;
         let mut capture = PrepareCapture {
             sql,
             client_id: None,
@@ -973,6 +1003,7 @@ impl<D: Driver> Session<D> {
             );
             return self.reply_err(h.seq, e).await;
         }
+        let mut out = self.start_built();
         let rewritten = {
             let (Some(b), Some(cs)) = (self.backend.as_mut(), self.stmts.get_mut(cid)) else {
                 return Err(SessionEnd::Backend("no backend connection".into()));
@@ -982,14 +1013,14 @@ impl<D: Driver> Session<D> {
                     "statement vanished from the backend cache".into(),
                 ));
             };
-            rewrite_execute(&payload, cs, bs)
+            rewrite_execute(&payload, cs, bs, &mut out)
         };
-        let rewritten = match rewritten {
-            Ok(r) => r,
-            Err(e) => return self.reply_err(h.seq, malformed(&e.to_string())).await,
-        };
+        if let Err(e) = rewritten {
+            return self.reply_err(h.seq, malformed(&e.to_string())).await;
+        }
         let cursor = execute_opens_cursor(&payload);
-        self.send_built(&rewritten, h.seq).await?;
+        self.cmd = payload;
+        self.send_built(out, h.seq).await?;
         let outcome = self.relay_response(ResponseKind::Execute, None).await?;
         if self.long_data == Some(cid) {
             self.long_data = None;
@@ -1167,6 +1198,7 @@ impl<D: Driver> Session<D> {
         if let Some(c) = cu.collation {
             self.collation = c as u8;
         }
+        self.key = pool_key(&self.user, self.caps, self.collation);
         self.status = status::AUTOCOMMIT;
         if self.db.is_some() {
             if let Err(e) = self.ensure_backend(true).await {

@@ -32,6 +32,11 @@ impl Buf {
         Buf { data, start: 0 }
     }
 
+    /// The underlying vector (unread bytes from `start` on), to reuse its allocation.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.data
+    }
+
     /// Unread bytes.
     pub fn filled(&self) -> &[u8] {
         &self.data[self.start..]

@@ -59,9 +59,37 @@ pub fn write_packet(out: &mut Vec<u8>, mut seq: u8, payload: &[u8]) -> u8 {
     }
 }
 
+/// Frames a payload built in place: `out` holds [`HEADER_LEN`] reserved bytes and then the
+/// payload; they become the packet(s) of sequence id `seq` (split, rarely, when the
+/// payload is too large for one packet).
+pub fn seal(out: &mut Vec<u8>, seq: u8) {
+    let n = out.len().saturating_sub(HEADER_LEN);
+    if out.len() >= HEADER_LEN && n < MAX_PAYLOAD {
+        out[..3].copy_from_slice(&(n as u32).to_le_bytes()[..3]);
+        out[3] = seq;
+        return;
+    }
+    let payload = out.split_off(HEADER_LEN.min(out.len()));
+    out.clear();
+    write_packet(out, seq, &payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seal_frames_like_write_packet() {
+        for len in [0, 5, MAX_PAYLOAD - 1, MAX_PAYLOAD, MAX_PAYLOAD + 7] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut built = vec![0u8; HEADER_LEN];
+            built.extend_from_slice(&payload);
+            seal(&mut built, 3);
+            let mut framed = Vec::new();
+            write_packet(&mut framed, 3, &payload);
+            assert!(built == framed, "length {len}");
+        }
+    }
 
     #[test]
     fn header_round_trip() {

@@ -211,43 +211,59 @@ pub fn execute_opens_cursor(payload: &[u8]) -> bool {
 /// Rewrites a client's COM_STMT_EXECUTE for a backend statement: the backend's id, and
 /// the parameter types when the client leaves them out (it sent them on an earlier
 /// execute, perhaps to another backend) and the backend statement last saw other ones.
-/// Updates the types remembered on both sides.
+/// Appends the rewritten payload to `out`; updates the types remembered on both sides.
 pub fn rewrite_execute(
     payload: &[u8],
     client: &mut ClientStmt,
     backend: &mut BackendStmt,
-) -> Result<Vec<u8>, ProtocolError> {
-    let mut out;
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let start = out.len();
     match bound_flag(payload, client.params)? {
         Some((at, 1)) => {
             let n = 2 * usize::from(client.params);
             let types = payload
                 .get(at + 1..at + 1 + n)
                 .ok_or(ProtocolError::Truncated("parameter types"))?;
-            client.types = Some(types.to_vec());
-            backend.types = Some(types.to_vec());
-            out = payload.to_vec();
+            if client.types.as_deref() != Some(types) {
+                client.types = Some(types.to_vec());
+            }
+            if backend.types.as_deref() != Some(types) {
+                backend.types = Some(types.to_vec());
+            }
+            out.extend_from_slice(payload);
         }
         Some((at, _)) => match &client.types {
             Some(types) if backend.types.as_ref() != Some(types) => {
-                out = Vec::with_capacity(payload.len() + types.len());
+                out.reserve(payload.len() + types.len());
                 out.extend_from_slice(&payload[..at]);
                 out.push(1);
                 out.extend_from_slice(types);
                 out.extend_from_slice(&payload[at + 1..]);
                 backend.types = Some(types.clone());
             }
-            _ => out = payload.to_vec(),
+            _ => out.extend_from_slice(payload),
         },
-        None => out = payload.to_vec(),
+        None => out.extend_from_slice(payload),
     }
-    patch_stmt_id(&mut out, backend.id);
-    Ok(out)
+    patch_stmt_id(&mut out[start..], backend.id);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rewritten(
+        payload: &[u8],
+        client: &mut ClientStmt,
+        backend: &mut BackendStmt,
+    ) -> Result<Vec<u8>, ProtocolError> {
+        let mut out = b"kept".to_vec();
+        rewrite_execute(payload, client, backend, &mut out)?;
+        assert_eq!(&out[..4], b"kept", "appends after what is there");
+        Ok(out.split_off(4))
+    }
 
     fn execute(id: u32, params: u16, bound: bool, values: &[u8]) -> Vec<u8> {
         let mut p = vec![0x17];
@@ -308,13 +324,13 @@ mod tests {
             last_use: 0,
         };
         let first = execute(5, 1, true, &7i64.to_le_bytes());
-        let out = rewrite_execute(&first, &mut client, &mut b1).unwrap();
+        let out = rewritten(&first, &mut client, &mut b1).unwrap();
         assert_eq!(stmt_id(&out).unwrap(), 77);
         assert_eq!(out.len(), first.len());
         assert_eq!(client.types.as_deref(), Some(&[0x08, 0x00][..]));
         // A later execute without types on a backend that has them: only the id changes.
         let later = execute(5, 1, false, &8i64.to_le_bytes());
-        let out = rewrite_execute(&later, &mut client, &mut b1).unwrap();
+        let out = rewritten(&later, &mut client, &mut b1).unwrap();
         assert_eq!(out.len(), later.len());
         // The same on a backend that never saw the types: they are put in.
         let mut b2 = BackendStmt {
@@ -323,13 +339,13 @@ mod tests {
             types: None,
             last_use: 0,
         };
-        let out = rewrite_execute(&later, &mut client, &mut b2).unwrap();
+        let out = rewritten(&later, &mut client, &mut b2).unwrap();
         assert_eq!(out, {
             let mut e = execute(3, 1, true, &8i64.to_le_bytes());
             e[1..5].copy_from_slice(&3u32.to_le_bytes());
             e
         });
-        assert!(rewrite_execute(&later[..10], &mut client, &mut b2).is_err());
+        assert!(rewritten(&later[..10], &mut client, &mut b2).is_err());
     }
 
     #[test]
