@@ -422,6 +422,7 @@ impl<D: Driver> Session<D> {
                     break;
                 }
             };
+            let _active = crate::io::Active::enter();
             let command = self.cbuf.filled().get(4).copied();
             let outcome = match (command, command.map(classify)) {
                 (None, _) | (_, None) => match self.discard_command(h).await {

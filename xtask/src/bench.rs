@@ -23,6 +23,10 @@ struct Target {
 /// One measured figure of one target.
 struct Cell {
     value: f64,
+    /// Operations done (queries, or connects) during the run.
+    ops: f64,
+    /// Connections MariaDB accepted during the run.
+    db_connections: u64,
     /// CPU seconds used by mariadbd and by the target's own process during the run.
     db_cpu: f64,
     proxy_cpu: Option<f64>,
@@ -77,6 +81,21 @@ fn sysbench(port: u16, password: &str, args: &[String]) -> String {
         }
         Err(e) => format!("sysbench: {e}"),
     }
+}
+
+/// MariaDB's `Connections` counter (read over its socket; the reading connects too).
+fn db_connections(db: &MariaDb) -> u64 {
+    db.root_sql("SHOW GLOBAL STATUS LIKE 'Connections'")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The count at the start of the sysbench line starting with `name`.
+fn total(out: &str, name: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// "(X per sec.)" of the sysbench line starting with `name`.
@@ -304,11 +323,16 @@ pub fn bench(args: &[String]) -> Result {
                 }
             };
             args.push("run".into());
+            let conns0 = db_connections(&db);
             let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
             let out = sysbench(t.port, t.password, &args);
             let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+            // The second reading's own connection is counted too.
+            let conns = db_connections(&db).saturating_sub(conns0 + 1);
             let cell = per_sec(&out, field).map(|value| Cell {
                 value,
+                ops: total(&out, field).unwrap_or(0.0),
+                db_connections: conns,
                 db_cpu: db1 - db0,
                 proxy_cpu: p0.zip(p1).map(|(a, b)| b - a),
             });
@@ -368,7 +392,7 @@ pub fn bench(args: &[String]) -> Result {
     );
     drop(idle);
 
-    let report = render(&rows, &targets, &idle_line, quick);
+    let report = render(&rows, &targets, &idle_line, quick) + &goals(&rows, per_client);
     println!("{report}");
     std::fs::write(out_dir.join("report.md"), &report).map_err(|e| e.to_string())?;
     std::fs::write(
@@ -397,7 +421,7 @@ fn metric(admin: u16, series: &str) -> Option<f64> {
 
 fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
     let mut o = format!(
-        "# dbproxy benchmark ({})\n\nEach figure: the target's rate, its ratio to direct, and CPU seconds used by mariadbd / by the proxy process during that run.\n\n| benchmark |",
+        "# dbproxy benchmark ({})\n\nEach figure: the target's rate (its ratio to direct); CPU time mariadbd and the proxy process used per operation (query or connect) during that run; connections MariaDB accepted during that run.\n\n| benchmark |",
         if quick { "quick" } else { "full" }
     );
     for t in targets {
@@ -415,11 +439,15 @@ fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
             match c {
                 Some(c) => {
                     let ratio = direct.map(|d| c.value / d).unwrap_or(f64::NAN);
+                    let us = |cpu: f64| 1e6 * cpu / c.ops.max(1.0);
                     let cpu = match c.proxy_cpu {
-                        Some(p) => format!("db {:.1}s / proxy {:.1}s", c.db_cpu, p),
-                        None => format!("db {:.1}s", c.db_cpu),
+                        Some(p) => format!("db {:.0} µs, proxy {:.0} µs", us(c.db_cpu), us(p)),
+                        None => format!("db {:.0} µs", us(c.db_cpu)),
                     };
-                    o.push_str(&format!(" {:.0} ({ratio:.2}) {cpu} |", c.value));
+                    o.push_str(&format!(
+                        " {:.0} ({ratio:.2}); {cpu}; {} db conn. |",
+                        c.value, c.db_connections
+                    ));
                 }
                 None => o.push_str(" failed |"),
             }
@@ -427,6 +455,66 @@ fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
         o.push('\n');
     }
     o.push_str(&format!("\n{idle}\n"));
+    o
+}
+
+/// The goals, each with what this run measured (dbproxy against direct).
+fn goals(rows: &[Row], per_client: f64) -> String {
+    let ratio = |row: &str, f: &dyn Fn(&Cell) -> f64| -> Option<f64> {
+        let r = rows.iter().find(|r| r.name == row)?;
+        let d = r.cells.first()?.as_ref()?;
+        let p = r.cells.get(1)?.as_ref()?;
+        Some(f(p) / f(d))
+    };
+    let rate = |c: &Cell| c.value;
+    let db_per_op = |c: &Cell| c.db_cpu / c.ops.max(1.0);
+    let mut lines = vec![
+        (
+            "oltp_point_select 64 thr, prepared: at least 0.85 of direct".to_string(),
+            ratio("oltp_point_select 64 thr, prepared", &rate),
+            0.85,
+            true,
+        ),
+        (
+            "oltp_point_select 1 thr, prepared: at least 0.8 of direct".to_string(),
+            ratio("oltp_point_select 1 thr, prepared", &rate),
+            0.8,
+            true,
+        ),
+    ];
+    for w in [1, 8] {
+        let row = format!("connect storm, {w} workers");
+        lines.push((
+            format!("{row}: at least 1.5x direct connects/s"),
+            ratio(&row, &rate),
+            1.5,
+            true,
+        ));
+        lines.push((
+            format!("{row}: database CPU per connect at most 0.1 of direct"),
+            ratio(&row, &db_per_op),
+            0.1,
+            false,
+        ));
+    }
+    let mut o = String::from("\n## Goals (dbproxy against direct, this run)\n\n| goal | measured | met |\n|---|---|---|\n");
+    for (goal, v, bound, at_least) in lines {
+        match v {
+            Some(v) => {
+                let met = if at_least { v >= bound } else { v <= bound };
+                o.push_str(&format!(
+                    "| {goal} | {v:.2} | {} |\n",
+                    if met { "yes" } else { "no" }
+                ));
+            }
+            None => o.push_str(&format!("| {goal} | not measured | no |\n")),
+        }
+    }
+    o.push_str(&format!(
+        "| at most 10 KiB of RSS per idle client | {:.1} KiB | {} |\n",
+        per_client / 1024.0,
+        if per_client <= 10240.0 { "yes" } else { "no" }
+    ));
     o
 }
 
@@ -444,9 +532,11 @@ fn json(rows: &[Row], targets: &[Target], idle: &str, per_client: f64, backends:
             .zip(&r.cells)
             .map(|(t, c)| match c {
                 Some(c) => format!(
-                    "\"{}\": {{\"value\": {:.1}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
+                    "\"{}\": {{\"value\": {:.1}, \"ops\": {:.0}, \"db_connections\": {}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
                     t.name,
                     c.value,
+                    c.ops,
+                    c.db_connections,
                     c.db_cpu,
                     c.proxy_cpu.map_or("null".into(), |p| format!("{p:.2}"))
                 ),

@@ -26,6 +26,15 @@ impl Stream for UringStream {
     }
 
     async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
+        let mut n = n;
+        if super::alone() {
+            let sent = super::send_now(self.raw_fd(), &buf.filled()[..n])?;
+            buf.consume(sent);
+            n -= sent;
+            if n == 0 {
+                return Ok(());
+            }
+        }
         let (data, start) = buf.take_vec();
         let (res, slice) = self.0.write_all(data.slice(start..start + n)).await;
         buf.put_vec(slice.into_inner(), start);
