@@ -6,7 +6,7 @@
 //! command); the measured loop never touches the server.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use proxy::config::Config;
+use proxy::config::{BackendAddr, Config};
 use proxy::io::epoll::Epoll;
 use proxy::mysql::backend::Credentials;
 use proxy::mysql::consts::{cap, status};
@@ -77,7 +77,7 @@ fn checkout_checkin(c: &mut Criterion) {
          [[users]]\nname = \"app\"\npassword = \"p\"\nbackend_password = \"p\"\n"
     ))
     .expect("bench config");
-    let group = GroupShared::new(&cfg.target_groups[0], addr);
+    let group = GroupShared::new(&cfg.target_groups[0], BackendAddr::Tcp(addr));
     let key = PoolKey::new(
         Arc::new(Credentials {
             user: "app".into(),

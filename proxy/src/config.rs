@@ -1,5 +1,6 @@
 //! The TOML configuration: schema, defaults, and validation whose messages name the key.
 
+pub use crate::io::BackendAddr;
 use serde::{Deserialize, Deserializer};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -265,6 +266,20 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// Where a target is reached: `"host:port"` (each address it resolves to) or
+/// `"unix:/path/to/mysqld.sock"` (a database on this host, through its Unix socket).
+pub fn parse_target(target: &str) -> Result<Vec<BackendAddr>, String> {
+    if let Some(path) = target.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{target:?}: a Unix socket target needs an absolute path (unix:/run/mysqld/mysqld.sock)"
+            ));
+        }
+        return Ok(vec![BackendAddr::Unix(path.into())]);
+    }
+    Ok(resolve(target)?.into_iter().map(BackendAddr::Tcp).collect())
+}
+
 /// Resolves "host:port" to its addresses.
 pub fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
     let addrs: Vec<SocketAddr> = target
@@ -365,10 +380,12 @@ impl Config {
                 errs.push(format!("{k}.name: {:?} is used twice", g.name));
             }
             if g.targets.is_empty() {
-                errs.push(format!("{k}.targets: at least one host:port is needed"));
+                errs.push(format!(
+                    "{k}.targets: at least one host:port (or unix:/path) is needed"
+                ));
             }
             for (j, t) in g.targets.iter().enumerate() {
-                if let Err(e) = resolve(t) {
+                if let Err(e) = parse_target(t) {
                     errs.push(format!("{k}.targets[{j}]: {e}"));
                 }
             }
@@ -474,6 +491,28 @@ backend_password = "db-secret"
             err.contains("idle_client_timeout") || err.contains("duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn targets_are_host_port_or_unix_paths() {
+        assert_eq!(
+            parse_target("unix:/run/mysqld/mysqld.sock").unwrap(),
+            [BackendAddr::Unix("/run/mysqld/mysqld.sock".into())]
+        );
+        assert_eq!(
+            parse_target("127.0.0.1:3306").unwrap(),
+            [BackendAddr::Tcp("127.0.0.1:3306".parse().unwrap())]
+        );
+        assert!(parse_target("unix:mysqld.sock")
+            .unwrap_err()
+            .contains("absolute path"));
+        let err = Config::parse(&CONTRACT.replace(
+            "targets = [\"127.0.0.1:3306\"]",
+            "targets = [\"unix:relative.sock\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("targets[0]"), "{err}");
     }
 
     #[test]

@@ -57,9 +57,10 @@ impl ProxyShared {
             let first = g.targets.first().ok_or_else(|| {
                 StartError::Config(format!("target group '{}' has no targets", g.name))
             })?;
-            let addr = *crate::config::resolve(first)
+            let addr = crate::config::parse_target(first)
                 .map_err(StartError::Config)?
-                .first()
+                .into_iter()
+                .next()
                 .ok_or_else(|| StartError::Config(format!("target {first} resolves to nothing")))?;
             groups.insert(g.name.clone(), GroupShared::new(g, addr));
         }
@@ -160,7 +161,13 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let mut targets = Vec::new();
         for g in &config.target_groups {
             for t in &g.targets {
-                targets.extend(crate::config::resolve(t).map_err(StartError::Config)?);
+                // The guard hooks connect() on IP sockets; Unix socket targets are
+                // protected by their file permissions.
+                let addrs = crate::config::parse_target(t).map_err(StartError::Config)?;
+                targets.extend(addrs.into_iter().filter_map(|a| match a {
+                    crate::io::BackendAddr::Tcp(a) => Some(a),
+                    crate::io::BackendAddr::Unix(_) => None,
+                }));
             }
         }
         Some(Guard::start(&config.guard, &targets)?)
@@ -315,7 +322,7 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
     for g in shared.groups.values() {
         let res = rt.block_on(async {
             tokio::time::timeout(g.connect_timeout, async {
-                let s = Epoll::connect(g.writer).await?;
+                let s = Epoll::connect(&g.writer).await?;
                 let deadline = tokio::time::Instant::now() + g.connect_timeout;
                 let (conn, profile) =
                     BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 45, deadline).await?;

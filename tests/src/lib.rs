@@ -350,7 +350,7 @@ target_group = "default"
 
 [[target_groups]]
 name = "default"
-targets = ["127.0.0.1:{db_port}"]
+{targets}
 {group_extra}
 
 [[users]]
@@ -374,7 +374,11 @@ auth_plugin = "mysql_native_password"
 
 {sections}
 "#,
-            db_port = db.port,
+            targets = if group_extra.contains("targets =") {
+                String::new()
+            } else {
+                format!("targets = [\"127.0.0.1:{}\"]", db.port)
+            },
             workers = if proxy_extra.contains("workers") {
                 ""
             } else {

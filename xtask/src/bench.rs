@@ -182,14 +182,14 @@ pub fn bench(args: &[String]) -> Result {
     let proxy_port = free_port();
     let admin_port = free_port();
     let cfg = work.path().join("dbproxy.toml");
-    let config = format!(
+    let config: String = format!(
         "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
          [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{proxy_port}\"\ntarget_group = \"db\"\n\n\
          [[target_groups]]\nname = \"db\"\ntargets = [\"127.0.0.1:{}\"]\nmax_connections = 64\nmax_idle_connections = 64\n\n\
          [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n",
         db.port
     );
-    std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+    std::fs::write(&cfg, &config).map_err(|e| e.to_string())?;
     let bin = root().join("target/release/dbproxy");
     let mut pcmd = Command::new(&bin);
     pcmd.args(["run", "--config"])
@@ -197,6 +197,29 @@ pub fn bench(args: &[String]) -> Result {
         .env("DBPROXY_LOG", "warn");
     let proxy = spawn_quiet(pcmd, &work.path().join("dbproxy.log"))?;
     wait_listening(proxy_port, "dbproxy")?;
+    // The same through MariaDB's Unix socket, as when dbproxy runs on the database host.
+    let unix_port = free_port();
+    let unix_cfg = work.path().join("dbproxy-unix.toml");
+    let text = config
+        .replace(
+            &format!("127.0.0.1:{proxy_port}"),
+            &format!("127.0.0.1:{unix_port}"),
+        )
+        .replace(
+            &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"),
+            "",
+        )
+        .replace(
+            &format!("\"127.0.0.1:{}\"", db.port),
+            &format!("\"unix:{}\"", db.socket().display()),
+        );
+    std::fs::write(&unix_cfg, text).map_err(|e| e.to_string())?;
+    let mut ucmd = Command::new(&bin);
+    ucmd.args(["run", "--config"])
+        .arg(&unix_cfg)
+        .env("DBPROXY_LOG", "warn");
+    let unix_proxy = spawn_quiet(ucmd, &work.path().join("dbproxy-unix.log"))?;
+    wait_listening(unix_port, "dbproxy (unix socket backend)")?;
 
     let mut targets = vec![
         Target {
@@ -209,8 +232,13 @@ pub fn bench(args: &[String]) -> Result {
             port: proxy_port,
             password: APP_PASSWORD,
         },
+        Target {
+            name: "dbproxy, unix socket to db",
+            port: unix_port,
+            password: APP_PASSWORD,
+        },
     ];
-    let mut pids: Vec<Option<u32>> = vec![None, Some(proxy.id())];
+    let mut pids: Vec<Option<u32>> = vec![None, Some(proxy.id()), Some(unix_proxy.id())];
     let mut haproxy = None;
     if have("haproxy") {
         let port = free_port();
@@ -405,6 +433,7 @@ pub fn bench(args: &[String]) -> Result {
     }
     eprintln!("xtask: wrote {}/report.{{md,json,png}}", out_dir.display());
     drop(haproxy);
+    drop(unix_proxy);
     drop(proxy);
     drop(db);
     Ok(())
@@ -602,6 +631,7 @@ fn chart(rows: &[Row], targets: &[Target], path: &PathBuf) -> std::result::Resul
     let colors = [
         RGBColor(120, 120, 120),
         RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
         RGBColor(255, 127, 14),
     ];
     let h = 0.8 / targets.len() as f64;

@@ -103,7 +103,31 @@ impl Buf {
     }
 }
 
-/// A connected TCP stream.
+/// Where a backend listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    Tcp(SocketAddr),
+    /// A database on this host, through its Unix socket: no TCP stack on that leg.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAddr::Tcp(a) => a.fmt(f),
+            BackendAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A stream taken off one worker's reactor, to be adopted by another.
+#[derive(Debug)]
+pub enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// A connected stream (TCP, or a Unix socket to a local backend).
 pub trait Stream: Sized + 'static {
     /// Reads once into `buf`'s spare capacity (reserve first); `Ok(0)` is end of stream.
     /// If the future is dropped before completion the buffer's content is lost, so the
@@ -129,13 +153,13 @@ pub trait Driver: 'static {
 
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
 
-    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>>;
+    fn connect(addr: &BackendAddr) -> impl Future<Output = io::Result<Self::Stream>>;
 
     /// Takes a stream off this thread's reactor so that another worker can adopt it.
-    fn detach(s: Self::Stream) -> io::Result<std::net::TcpStream>;
+    fn detach(s: Self::Stream) -> io::Result<Detached>;
 
     /// Adopts a stream detached by another worker.
-    fn attach(s: std::net::TcpStream) -> io::Result<Self::Stream>;
+    fn attach(s: Detached) -> io::Result<Self::Stream>;
 }
 
 /// Whether a connection that sits idle is still usable: the peer has not closed it and

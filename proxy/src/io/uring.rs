@@ -1,16 +1,20 @@
 //! The io_uring driver: tokio-uring, one ring per worker thread.
 
-use super::{Buf, Driver, Stream};
+use super::{BackendAddr, Buf, Detached, Driver, Stream};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use tokio_uring::buf::BoundedBuf;
+use tokio_uring::net::{TcpStream, UnixStream};
 
 /// tokio-uring driver.
 pub struct Uring;
 
-/// A tokio-uring TCP stream.
-pub struct UringStream(tokio_uring::net::TcpStream);
+/// A tokio-uring stream.
+pub enum UringStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
 
 impl Stream for UringStream {
     async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
@@ -20,7 +24,10 @@ impl Stream for UringStream {
         let (data, start) = buf.take_vec();
         let len = data.len();
         let cap = data.capacity();
-        let (res, slice) = self.0.read(data.slice(len..cap)).await;
+        let (res, slice) = match self {
+            UringStream::Tcp(s) => s.read(data.slice(len..cap)).await,
+            UringStream::Unix(s) => s.read(data.slice(len..cap)).await,
+        };
         buf.put_vec(slice.into_inner(), start);
         res
     }
@@ -36,7 +43,11 @@ impl Stream for UringStream {
             }
         }
         let (data, start) = buf.take_vec();
-        let (res, slice) = self.0.write_all(data.slice(start..start + n)).await;
+        let slice = data.slice(start..start + n);
+        let (res, slice) = match self {
+            UringStream::Tcp(s) => s.write_all(slice).await,
+            UringStream::Unix(s) => s.write_all(slice).await,
+        };
         buf.put_vec(slice.into_inner(), start);
         res?;
         buf.consume(n);
@@ -44,7 +55,10 @@ impl Stream for UringStream {
     }
 
     fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        match self {
+            UringStream::Tcp(s) => s.as_raw_fd(),
+            UringStream::Unix(s) => s.as_raw_fd(),
+        }
     }
 }
 
@@ -60,31 +74,46 @@ impl Driver for Uring {
     async fn accept(l: &Self::Listener) -> io::Result<(UringStream, SocketAddr)> {
         let (s, peer) = l.accept().await?;
         s.set_nodelay(true)?;
-        Ok((UringStream(s), peer))
+        Ok((UringStream::Tcp(s), peer))
     }
 
-    fn detach(s: UringStream) -> io::Result<std::net::TcpStream> {
+    fn detach(s: UringStream) -> io::Result<Detached> {
         // tokio-uring has no into_std: keep a duplicate descriptor and let the ring close
         // its own.
-        let fd = s.0.as_raw_fd();
+        let fd = s.raw_fd();
         // SAFETY: fd is open (owned by `s`); dup returns a new descriptor or -1.
         let dup = unsafe { libc::dup(fd) };
         if dup < 0 {
             return Err(io::Error::last_os_error());
         }
+        let unix = matches!(s, UringStream::Unix(_));
         drop(s);
-        // SAFETY: `dup` is a fresh descriptor we own.
-        Ok(unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+        // SAFETY: `dup` is a fresh descriptor we own, of the kind `s` was.
+        Ok(unsafe {
+            if unix {
+                Detached::Unix(std::os::unix::net::UnixStream::from_raw_fd(dup))
+            } else {
+                Detached::Tcp(std::net::TcpStream::from_raw_fd(dup))
+            }
+        })
     }
 
-    fn attach(s: std::net::TcpStream) -> io::Result<UringStream> {
-        Ok(UringStream(tokio_uring::net::TcpStream::from_std(s)))
+    fn attach(s: Detached) -> io::Result<UringStream> {
+        Ok(match s {
+            Detached::Tcp(s) => UringStream::Tcp(TcpStream::from_std(s)),
+            Detached::Unix(s) => UringStream::Unix(UnixStream::from_std(s)),
+        })
     }
 
-    async fn connect(addr: SocketAddr) -> io::Result<UringStream> {
-        let s = tokio_uring::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        Ok(UringStream(s))
+    async fn connect(addr: &BackendAddr) -> io::Result<UringStream> {
+        match addr {
+            BackendAddr::Tcp(a) => {
+                let s = TcpStream::connect(*a).await?;
+                s.set_nodelay(true)?;
+                Ok(UringStream::Tcp(s))
+            }
+            BackendAddr::Unix(p) => Ok(UringStream::Unix(UnixStream::connect(p).await?)),
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 pub mod backend;
 
 use crate::config::{PinningFilter, TargetGroupConfig};
-use crate::io::{idle_socket_is_healthy, Driver, Stream};
+use crate::io::{idle_socket_is_healthy, BackendAddr, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
 use crate::mysql::pins::PinReason;
@@ -19,7 +19,6 @@ use backend::{BackendConn, BackendError, ServerProfile};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,7 +32,7 @@ pub enum BorrowError {
     Timeout(Duration, String),
     #[error("cannot open a database connection to {addr} (target group '{group}'): {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: BackendAddr,
         group: String,
         source: BackendError,
     },
@@ -131,7 +130,7 @@ impl GroupStats {
 }
 
 /// A connection on its way from one worker to another.
-type Detached = Pooled<std::net::TcpStream>;
+type Detached = Pooled<crate::io::Detached>;
 
 /// A borrower on some core that found the budget spent.
 struct Starving {
@@ -144,7 +143,7 @@ struct Starving {
 /// State of a target group shared by all cores.
 pub struct GroupShared {
     pub name: String,
-    pub writer: SocketAddr,
+    pub writer: BackendAddr,
     pub budget: Arc<Semaphore>,
     pub max_connections: usize,
     pub max_idle: usize,
@@ -165,7 +164,7 @@ pub struct GroupShared {
 }
 
 impl GroupShared {
-    pub fn new(cfg: &TargetGroupConfig, writer: SocketAddr) -> Arc<Self> {
+    pub fn new(cfg: &TargetGroupConfig, writer: BackendAddr) -> Arc<Self> {
         Arc::new(GroupShared {
             name: cfg.name.clone(),
             writer,
@@ -351,7 +350,7 @@ impl<D: Driver> CorePool<D> {
             .connect_errors
             .fetch_add(1, Ordering::Relaxed);
         BorrowError::Connect {
-            addr: self.shared.writer,
+            addr: self.shared.writer.clone(),
             group: self.shared.name.clone(),
             source,
         }
@@ -505,7 +504,7 @@ impl<D: Driver> CorePool<D> {
         let sh = &self.shared;
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
-            let stream = D::connect(sh.writer).await?;
+            let stream = D::connect(&sh.writer).await?;
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
             let (mut conn, profile) =
                 BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline)
