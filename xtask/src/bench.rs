@@ -22,7 +22,10 @@ struct Target {
 
 /// One measured figure of one target.
 struct Cell {
+    /// Mean rate over the rounds.
     value: f64,
+    /// Rate of each round.
+    rounds: Vec<f64>,
     /// Operations done (queries, or connects) during the run.
     ops: f64,
     /// Connections MariaDB accepted during the run.
@@ -45,8 +48,11 @@ enum Kind {
         threads: u32,
         ps: bool,
     },
-    Storm {
+    /// A sysbench Lua script (a file written to the work directory), `workers` threads.
+    Lua {
+        file: &'static str,
         workers: u32,
+        unit: &'static str,
     },
 }
 
@@ -104,6 +110,24 @@ fn per_sec(out: &str, name: &str) -> Option<f64> {
     let inner = line.split('(').nth(1)?;
     inner.split_whitespace().next()?.parse().ok()
 }
+
+/// The row of [`SELECT1_LUA`].
+const SELECT1_ROW: &str = "SELECT 1 on an open connection, 8 workers";
+
+/// The same query on connections that stay open: what a connect storm's query costs the
+/// database without the connect.
+const SELECT1_LUA: &str = r#"
+function thread_init()
+  drv = sysbench.sql.driver()
+  con = drv:connect()
+end
+function event()
+  con:query("SELECT 1")
+end
+function thread_done()
+  con:disconnect()
+end
+"#;
 
 const STORM_LUA: &str = r#"
 function thread_init()
@@ -264,7 +288,8 @@ pub fn bench(args: &[String]) -> Result {
         eprintln!("xtask: haproxy is not installed; comparing with direct MariaDB only");
     }
 
-    let secs = if quick { 8 } else { 20 };
+    // Full: three interleaved rounds of 10 s per figure; quick: one of 8 s.
+    let (rounds, secs) = if quick { (1, 8) } else { (3, 10) };
     let mut kinds: Vec<(String, Kind)> = Vec::new();
     let threads: &[u32] = if quick { &[1, 64] } else { &[1, 8, 64] };
     for &t in threads {
@@ -318,66 +343,100 @@ pub fn bench(args: &[String]) -> Result {
     for w in [1, 8] {
         kinds.push((
             format!("connect storm, {w} workers"),
-            Kind::Storm { workers: w },
+            Kind::Lua {
+                file: "storm.lua",
+                workers: w,
+                unit: "connects/s",
+            },
         ));
     }
-    let lua = work.path().join("storm.lua");
-    std::fs::write(&lua, STORM_LUA).map_err(|e| e.to_string())?;
+    kinds.push((
+        SELECT1_ROW.into(),
+        Kind::Lua {
+            file: "select1.lua",
+            workers: 8,
+            unit: "qps",
+        },
+    ));
+    for (file, text) in [("storm.lua", STORM_LUA), ("select1.lua", SELECT1_LUA)] {
+        std::fs::write(work.path().join(file), text).map_err(|e| e.to_string())?;
+    }
 
     let mut rows = Vec::new();
     for (name, kind) in &kinds {
         eprintln!("xtask: {name}");
-        let mut cells = Vec::new();
-        for (t, pid) in targets.iter().zip(&pids) {
-            let mut args: Vec<String> = vec![format!("--time={secs}")];
-            let (unit, field) = match kind {
-                Kind::Sysbench {
-                    script,
-                    threads,
-                    ps,
-                } => {
-                    args.push(format!("--threads={threads}"));
-                    args.push(format!(
-                        "--db-ps-mode={}",
-                        if *ps { "auto" } else { "disable" }
-                    ));
-                    args.push((*script).into());
-                    ("qps", "queries:")
-                }
-                Kind::Storm { workers } => {
-                    args.push(format!("--threads={workers}"));
-                    args.push(lua.display().to_string());
-                    ("connects/s", "transactions:")
-                }
-            };
-            args.push("run".into());
-            let conns0 = db_connections(&db);
-            let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
-            let out = sysbench(t.port, t.password, &args);
-            let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
-            // The second reading's own connection is counted too.
-            let conns = db_connections(&db).saturating_sub(conns0 + 1);
-            let cell = per_sec(&out, field).map(|value| Cell {
-                value,
-                ops: total(&out, field).unwrap_or(0.0),
-                db_connections: conns,
-                db_cpu: db1 - db0,
-                proxy_cpu: p0.zip(p1).map(|(a, b)| b - a),
-            });
-            if cell.is_none() {
-                eprintln!(
-                    "xtask: {name} on {} failed:\n{}",
-                    t.name,
-                    out.lines().rev().take(5).collect::<Vec<_>>().join("\n")
-                );
-            }
-            cells.push(cell);
-            let _ = unit;
-        }
-        let unit = match kind {
-            Kind::Sysbench { .. } => "qps",
-            Kind::Storm { .. } => "connects/s",
+        let (unit, field, mut args) = match kind {
+            Kind::Sysbench {
+                script,
+                threads,
+                ps,
+            } => (
+                "qps",
+                "queries:",
+                vec![
+                    format!("--threads={threads}"),
+                    format!("--db-ps-mode={}", if *ps { "auto" } else { "disable" }),
+                    (*script).to_string(),
+                ],
+            ),
+            Kind::Lua {
+                file,
+                workers,
+                unit,
+            } => (
+                *unit,
+                "transactions:",
+                vec![
+                    format!("--threads={workers}"),
+                    work.path().join(file).display().to_string(),
+                ],
+            ),
         };
+        args.insert(0, format!("--time={secs}"));
+        args.push("run".into());
+        // Rounds interleave the targets, so that a drift of the machine's speed (it is
+        // shared) spreads over all of them; a cell sums its rounds.
+        let mut cells: Vec<Option<Cell>> = targets.iter().map(|_| None).collect();
+        let mut failed = vec![false; targets.len()];
+        for _ in 0..rounds {
+            for (i, (t, pid)) in targets.iter().zip(&pids).enumerate() {
+                if failed[i] {
+                    continue;
+                }
+                let conns0 = db_connections(&db);
+                let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                let out = sysbench(t.port, t.password, &args);
+                let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                // The second reading's own connection is counted too.
+                let conns = db_connections(&db).saturating_sub(conns0 + 1);
+                let Some(value) = per_sec(&out, field) else {
+                    eprintln!(
+                        "xtask: {name} on {} failed:\n{}",
+                        t.name,
+                        out.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+                    );
+                    failed[i] = true;
+                    cells[i] = None;
+                    continue;
+                };
+                let c = cells[i].get_or_insert(Cell {
+                    value: 0.0,
+                    rounds: Vec::new(),
+                    ops: 0.0,
+                    db_connections: 0,
+                    db_cpu: 0.0,
+                    proxy_cpu: pid.map(|_| 0.0),
+                });
+                c.rounds.push(value);
+                c.value = c.rounds.iter().sum::<f64>() / c.rounds.len() as f64;
+                c.ops += total(&out, field).unwrap_or(0.0);
+                c.db_connections += conns;
+                c.db_cpu += db1 - db0;
+                if let (Some(acc), Some(a), Some(b)) = (c.proxy_cpu.as_mut(), p0, p1) {
+                    *acc += b - a;
+                }
+            }
+        }
         rows.push(Row {
             name: name.clone(),
             unit,
@@ -473,8 +532,17 @@ fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
                         Some(p) => format!("db {:.0} µs, proxy {:.0} µs", us(c.db_cpu), us(p)),
                         None => format!("db {:.0} µs", us(c.db_cpu)),
                     };
+                    let spread = if c.rounds.len() > 1 {
+                        let (lo, hi) = c
+                            .rounds
+                            .iter()
+                            .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+                        format!(" ±{:.0}%", 50.0 * (hi - lo) / c.value.max(1.0))
+                    } else {
+                        String::new()
+                    };
                     o.push_str(&format!(
-                        " {:.0} ({ratio:.2}); {cpu}; {} db conn. |",
+                        " {:.0}{spread} ({ratio:.2}); {cpu}; {} db conn. |",
                         c.value, c.db_connections
                     ));
                 }
@@ -561,9 +629,14 @@ fn json(rows: &[Row], targets: &[Target], idle: &str, per_client: f64, backends:
             .zip(&r.cells)
             .map(|(t, c)| match c {
                 Some(c) => format!(
-                    "\"{}\": {{\"value\": {:.1}, \"ops\": {:.0}, \"db_connections\": {}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
+                    "\"{}\": {{\"value\": {:.1}, \"rounds\": [{}], \"ops\": {:.0}, \"db_connections\": {}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
                     t.name,
                     c.value,
+                    c.rounds
+                        .iter()
+                        .map(|v| format!("{v:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     c.ops,
                     c.db_connections,
                     c.db_cpu,
