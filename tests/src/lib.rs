@@ -490,17 +490,15 @@ auth_plugin = "mysql_native_password"
         let mut c = self.child.take()?;
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let mut status = None;
+        if !poll_until(Duration::from_secs(10), || {
+            status = c.try_wait().ok().flatten();
+            status.is_some()
+        }) {
+            let _ = c.kill();
+            return c.wait().ok();
         }
+        status
     }
 }
 

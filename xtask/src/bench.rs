@@ -203,47 +203,41 @@ pub fn bench(args: &[String]) -> Result {
         return Err(format!("sysbench prepare failed: {prep}"));
     }
 
-    let proxy_port = free_port();
-    let admin_port = free_port();
-    let cfg = work.path().join("dbproxy.toml");
-    let config: String = format!(
-        "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
-         [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{proxy_port}\"\ntarget_group = \"db\"\n\n\
-         [[target_groups]]\nname = \"db\"\ntargets = [\"127.0.0.1:{}\"]\nmax_connections = 64\nmax_idle_connections = 64\n\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n",
-        db.port
-    );
-    std::fs::write(&cfg, &config).map_err(|e| e.to_string())?;
-    let bin = root().join("target/release/dbproxy");
-    let mut pcmd = Command::new(&bin);
-    pcmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("DBPROXY_LOG", "warn");
-    let proxy = spawn_quiet(pcmd, &work.path().join("dbproxy.log"))?;
-    wait_listening(proxy_port, "dbproxy")?;
-    // The same through MariaDB's Unix socket, as when dbproxy runs on the database host.
-    let unix_port = free_port();
-    let unix_cfg = work.path().join("dbproxy-unix.toml");
-    let text = config
-        .replace(
-            &format!("127.0.0.1:{proxy_port}"),
-            &format!("127.0.0.1:{unix_port}"),
-        )
-        .replace(
-            &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"),
-            "",
-        )
-        .replace(
-            &format!("\"127.0.0.1:{}\"", db.port),
-            &format!("\"unix:{}\"", db.socket().display()),
+    // One dbproxy over TCP to MariaDB, one through its Unix socket (as when dbproxy runs on
+    // the database host); only the first serves the admin endpoint.
+    let start_dbproxy = |name: &str, port: u16, admin: Option<u16>, target: String| {
+        let admin = admin
+            .map(|a| format!("[admin]\nlisten = \"127.0.0.1:{a}\"\n\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n\n{admin}\
+             [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\ntarget_group = \"db\"\n\n\
+             [[target_groups]]\nname = \"db\"\ntargets = [\"{target}\"]\nmax_connections = 64\nmax_idle_connections = 64\n\n\
+             [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n"
         );
-    std::fs::write(&unix_cfg, text).map_err(|e| e.to_string())?;
-    let mut ucmd = Command::new(&bin);
-    ucmd.args(["run", "--config"])
-        .arg(&unix_cfg)
-        .env("DBPROXY_LOG", "warn");
-    let unix_proxy = spawn_quiet(ucmd, &work.path().join("dbproxy-unix.log"))?;
-    wait_listening(unix_port, "dbproxy (unix socket backend)")?;
+        let cfg = work.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(root().join("target/release/dbproxy"));
+        cmd.args(["run", "--config"])
+            .arg(&cfg)
+            .env("DBPROXY_LOG", "warn");
+        let child = spawn_quiet(cmd, &work.path().join(format!("{name}.log")))?;
+        wait_listening(port, name)?;
+        Ok::<_, String>(child)
+    };
+    let (proxy_port, admin_port, unix_port) = (free_port(), free_port(), free_port());
+    let proxy = start_dbproxy(
+        "dbproxy",
+        proxy_port,
+        Some(admin_port),
+        format!("127.0.0.1:{}", db.port),
+    )?;
+    let unix_proxy = start_dbproxy(
+        "dbproxy-unix",
+        unix_port,
+        None,
+        format!("unix:{}", db.socket().display()),
+    )?;
 
     let mut targets = vec![
         Target {
@@ -460,7 +454,13 @@ pub fn bench(args: &[String]) -> Result {
         }
     }
     let login_secs = t0.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(500));
+    // Every client dbproxy accepted is counted before its memory is read.
+    let settled = poll_until(Duration::from_secs(10), || {
+        metric(admin_port, "dbproxy_client_connections") == Some(idle.len() as f64)
+    });
+    if !settled {
+        eprintln!("xtask: dbproxy did not report {} clients", idle.len());
+    }
     let rss1 = rss_kib(proxy.id());
     let backends = metric(
         admin_port,
