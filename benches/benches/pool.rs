@@ -77,7 +77,7 @@ fn checkout_checkin(c: &mut Criterion) {
          [[users]]\nname = \"app\"\npassword = \"p\"\nbackend_password = \"p\"\n"
     ))
     .expect("bench config");
-    let group = GroupShared::new(&cfg.target_groups[0], BackendAddr::Tcp(addr));
+    let group = GroupShared::new(&cfg.target_groups[0], BackendAddr::Tcp(addr), false);
     let key = PoolKey::new(
         Arc::new(Credentials {
             user: "app".into(),

@@ -72,44 +72,55 @@ fn benches(c: &mut Criterion) {
     g.bench_function("command byte", |b| {
         b.iter(|| proxy::mysql::command::classify(black_box(0x03)))
     });
-    g.bench_function("pins of a SELECT", |b| {
-        b.iter(|| proxy::mysql::pins::classify_sql(black_box(q)))
+    g.bench_function("analysis of a point SELECT", |b| {
+        b.iter(|| proxy::session::sql::analyze(black_box(q)))
+    });
+    let upsert = b"INSERT INTO t (id, v) VALUES (?, ?) ON DUPLICATE KEY UPDATE v = VALUES(v)";
+    g.bench_function("analysis of an INSERT", |b| {
+        b.iter(|| proxy::session::sql::analyze(black_box(upsert)))
     });
     g.finish();
 
+    use proxy::session::state::{plan, BackendSession, ClientState, Needs};
+    use proxy::session::uservars::UserValue;
     let mut g = c.benchmark_group("replay planning");
     g.throughput(Throughput::Elements(1));
-    let mut baseline = std::collections::BTreeMap::new();
+    let mut backend = BackendSession::default();
     for (k, v) in [
         ("character_set_client", "utf8mb4"),
         ("collation_connection", "utf8mb4_general_ci"),
         ("session_track_schema", "ON"),
     ] {
-        baseline.insert(k.as_bytes().to_vec(), v.as_bytes().to_vec());
+        backend
+            .baseline
+            .insert(k.as_bytes().to_vec(), v.as_bytes().to_vec());
     }
-    let backend = proxy::mysql::session::SessionState {
+    backend.vars = backend.baseline.clone();
+    backend.schema = Some(b"shop".to_vec());
+    let same = ClientState {
         schema: Some(b"shop".to_vec()),
-        vars: baseline.clone(),
+        ..Default::default()
     };
-    let none = std::collections::BTreeMap::new();
     g.bench_function("same state (nothing to do)", |b| {
-        b.iter(|| {
-            proxy::mysql::session::plan_replay(Some(b"shop"), black_box(&none), &backend, &baseline)
-        })
+        b.iter(|| plan(black_box(&same), &backend, Needs::default(), true))
     });
-    let mut client = std::collections::BTreeMap::new();
-    client.insert(b"sql_mode".to_vec(), b"ANSI_QUOTES".to_vec());
-    client.insert(b"time_zone".to_vec(), b"+05:30".to_vec());
-    g.bench_function("two variables and the schema differ", |b| {
-        b.iter(|| {
-            proxy::mysql::session::plan_replay(
-                Some(b"shop2"),
-                black_box(&client),
-                &backend,
-                &baseline,
-            )
-        })
-    });
+    let mut client = ClientState {
+        schema: Some(b"shop2".to_vec()),
+        ..Default::default()
+    };
+    client
+        .vars
+        .insert(b"sql_mode".to_vec(), b"ANSI_QUOTES".to_vec());
+    client
+        .vars
+        .insert(b"time_zone".to_vec(), b"+05:30".to_vec());
+    client
+        .user_vars
+        .insert(b"tenant".to_vec(), UserValue::Int(b"42".to_vec()));
+    g.bench_function(
+        "two variables, a user variable and the schema differ",
+        |b| b.iter(|| plan(black_box(&client), &backend, Needs::default(), true)),
+    );
     g.finish();
 
     let nonce = proxy::mysql::auth::new_nonce();

@@ -93,6 +93,10 @@ pub struct ProxyConfig {
     /// Largest command a client may send (all continuation packets together).
     #[serde(deserialize_with = "de_size")]
     pub max_allowed_packet: u64,
+    /// For tests: at every check-in without a reset, check that the backend session is what
+    /// dbproxy recorded of it (variables, user variables, schema, locks, temporary tables);
+    /// a connection that differs is logged and closed. Costs several queries per check-in.
+    pub verify_checkin: bool,
 }
 
 impl Default for ProxyConfig {
@@ -104,6 +108,7 @@ impl Default for ProxyConfig {
             handshake_timeout: Duration::from_secs(10),
             max_client_connections: 10_000,
             max_allowed_packet: 1 << 30,
+            verify_checkin: false,
         }
     }
 }

@@ -1,32 +1,34 @@
-//! The client session loop: glue between the client socket, the protocol core, the users
-//! and this core's pool.
+//! The driver of one client connection: it owns the client socket and the backend lease,
+//! feeds the sans-IO login machine and session (`crate::session`), and relays responses.
 //!
-//! A client holds a backend connection only while it needs one: from a command to the end
-//! of the response that leaves it outside a transaction with nothing pinned. Its session
-//! state (default database, system variables) is kept here, learnt from the server's
-//! session tracking, and replayed on whichever backend connection serves it next; its
-//! prepared statements are kept here too and prepared lazily on each backend.
+//! A client holds a backend connection only while it needs one: from a command to the end of
+//! the response that leaves it outside a transaction with nothing pinned. Before a borrowed
+//! connection serves the client, the session's replay plan gives it the client's state; after
+//! a statement, what session tracking does not report is read back in the same round trip
+//! (a query pipelined after the statement); before the connection goes back, the client's
+//! warning list is read and one-shots meant for it alone are cleared.
 
-use crate::auth::{self, Decision, User};
 use crate::io::{read_packet, read_packet_by, write_packet, Buf, Driver, PacketTooLarge, Stream};
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
-use crate::mysql::consts::{cap, com, errcode, status};
-use crate::mysql::handshake::{encode_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake};
+use crate::mysql::consts::{cap, com, errcode};
+use crate::mysql::handshake::ChangeUser;
 use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
-use crate::mysql::pins::{classify_sql, PinReason, Pins, SqlEffects};
-use crate::mysql::response::{ResponseTracker, Step};
-use crate::mysql::session::{
-    changes, parse_ok, plan_replay, replayable, strip_session_track, Change,
-};
-use crate::mysql::stmt::{
-    self, execute_opens_cursor, parse_prepare_ok, rewrite_execute, ClientStmts,
-};
-use crate::mysql::wire::{ok_packet, ErrPacket};
+use crate::mysql::response::{End, ResponseTracker, Step};
+use crate::mysql::resultset::TextResult;
+use crate::mysql::session::{changes, parse_ok, strip_session_track};
+use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
+use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{BorrowError, CorePool, PoolKey, Pooled};
 use crate::runtime::ProxyShared;
-use std::collections::BTreeMap;
+use crate::session::diag::{patched_row, Answer};
+use crate::session::login::{AuthStep, Authentication, Login, Profile, Step as LoginStep};
+use crate::session::pins::PinReason;
+use crate::session::sql::{analyze, SqlInfo};
+use crate::session::state::{Needs, Replay};
+use crate::session::stmts::StmtKey;
+use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -49,30 +51,18 @@ enum SessionEnd {
     Backend(String),
 }
 
-/// What a relayed response showed.
-#[derive(Debug, Default)]
-struct Outcome {
-    /// The response ended with an ERR packet.
-    failed: bool,
-    /// The server reported a session state change that no tracked variable or schema
-    /// explains.
-    unexplained_change: bool,
-    /// The insert id of the last OK packet.
-    last_insert_id: u64,
-    /// The client set a variable that cannot follow it to another connection.
-    not_replayable: bool,
-}
-
-/// A COM_STMT_PREPARE in flight: its SQL, and the id dbproxy gives the client.
+/// A COM_STMT_PREPARE in flight: the statement's key and analysis, and what the reply said.
 struct PrepareCapture {
-    sql: Arc<[u8]>,
+    key: Arc<StmtKey>,
+    info: Arc<SqlInfo>,
     client_id: Option<u32>,
     /// A backend statement to close once the response is through (duplicate or evicted).
     close: Option<u32>,
+    warnings: u16,
 }
 
 /// One client connection.
-struct Session<D: Driver> {
+struct Conn<D: Driver> {
     shared: Arc<ProxyShared>,
     pool: Rc<CorePool<D>>,
     client: D::Stream,
@@ -82,24 +72,11 @@ struct Session<D: Driver> {
     cmd: Vec<u8>,
     built: Vec<u8>,
     peer: SocketAddr,
-    /// Capabilities agreed with the client.
-    caps: u32,
-    collation: u8,
     nonce: [u8; 20],
-    user: Arc<User>,
-    /// The pool key of `user`, `caps` and `collation`.
+    /// The pool key of the client's user, capabilities and collation.
     key: PoolKey,
-    /// The client's default database.
-    db: Option<Vec<u8>>,
-    /// System variables the client changed, as the server reported them.
-    vars: BTreeMap<Vec<u8>, Vec<u8>>,
+    s: ClientSession,
     backend: Option<Pooled<D::Stream>>,
-    status: u16,
-    pins: Pins,
-    stmts: ClientStmts,
-    /// The client statement with an open cursor, and one with long data sent.
-    cursor: Option<u32>,
-    long_data: Option<u32>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -119,17 +96,17 @@ pub async fn serve<D: Driver>(
         return;
     }
     let deadline = tokio::time::Instant::now() + shared.config.proxy.handshake_timeout;
-    let Some((mut session, seq)) =
+    let Some((mut conn, seq)) =
         login::<D>(shared.clone(), pool, client, peer, conn_id, deadline).await
     else {
         return;
     };
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
     // the handshake timeout.
-    if !session.connected(seq).await {
+    if !conn.connected(seq).await {
         return;
     }
-    session.run().await;
+    conn.run().await;
 }
 
 struct ClientCount<'a>(&'a ProxyShared);
@@ -139,53 +116,17 @@ impl Drop for ClientCount<'_> {
     }
 }
 
-/// A client's proof of identity: first answer, possibly an auth switch, and the verdict.
-/// `Ok(Ok((user, seq)))`: accepted, `seq` is the next sequence id. `Ok(Err(seq))`: denied
-/// (the caller sends the error at `seq`).
-#[allow(clippy::too_many_arguments)]
-async fn authenticate<S: Stream>(
-    client: &mut S,
-    cbuf: &mut Buf,
-    mut seq: u8,
-    user: Option<Arc<User>>,
-    plugin: Option<&[u8]>,
-    answer: &[u8],
-    nonce: &[u8; 20],
-    can_switch: bool,
-    deadline: Option<tokio::time::Instant>,
-) -> io::Result<Result<(Arc<User>, u8), (u8, bool)>> {
-    let mut decision = auth::first_answer(user.as_deref(), plugin, can_switch, nonce, answer);
-    let mut used_password = !answer.is_empty();
-    if let Decision::Switch(plugin) = decision {
-        write_packet(client, seq, &encode_auth_switch(plugin.name(), nonce)).await?;
-        let h = read_packet_by(client, cbuf, HANDSHAKE_LIMIT, deadline).await?;
-        let answer = &cbuf.filled()[4..h.total()];
-        used_password = !answer.is_empty();
-        decision = auth::verify(user.as_deref(), plugin, nonce, answer);
-        cbuf.consume(h.total());
-        seq = h.seq.wrapping_add(1);
-    }
-    match (decision, user) {
-        (Decision::Accept(plugin), Some(u)) => {
-            if plugin == Plugin::CachingSha2 {
-                seq = write_packet(client, seq, &[0x01, SHA2_FAST_AUTH_OK]).await?;
-            }
-            Ok(Ok((u, seq)))
-        }
-        _ => Ok(Err((seq, used_password))),
-    }
-}
-
 /// The pool key of a login: its backend credentials and what it negotiated.
-fn pool_key(user: &User, caps: u32, collation: u8) -> PoolKey {
+fn pool_key(s: &ClientSession) -> PoolKey {
     PoolKey::new(
-        user.backend.clone(),
-        caps & cap::BEHAVIOUR & !cap::SESSION_TRACK,
-        collation,
+        s.user.backend.clone(),
+        s.caps & cap::BEHAVIOUR & !cap::SESSION_TRACK,
+        s.collation,
     )
 }
 
-/// The connection phase: greeting, authentication, optional default database.
+/// The connection phase, driving the login machine. Returns the connection and the
+/// sequence id of the final OK.
 async fn login<D: Driver>(
     shared: Arc<ProxyShared>,
     pool: Rc<CorePool<D>>,
@@ -193,145 +134,127 @@ async fn login<D: Driver>(
     peer: SocketAddr,
     conn_id: u32,
     deadline: tokio::time::Instant,
-) -> Option<(Session<D>, u8)> {
+) -> Option<(Conn<D>, u8)> {
     let nonce = new_nonce();
-    let profile = pool.shared.profile.read().clone();
-    let offered = cap::PROXY_OFFERS & (profile.capabilities | cap::LONG_PASSWORD);
-    let greeting = ServerHandshake {
-        version: profile.version,
-        connection_id: conn_id,
-        nonce: nonce.to_vec(),
-        capabilities: offered,
-        collation: profile.collation,
-        status: status::AUTOCOMMIT,
-        auth_plugin: Plugin::Native.name().into(),
+    let profile = {
+        let p = pool.shared.profile.read();
+        Profile {
+            version: p.version.clone(),
+            capabilities: p.capabilities,
+            collation: p.collation,
+        }
     };
-    write_packet(&mut client, 0, &greeting.encode())
-        .await
-        .ok()?;
+    let (mut machine, greeting) = Login::start(&profile, conn_id, nonce, peer.ip().to_string());
+    write_packet(&mut client, 0, &greeting).await.ok()?;
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
-    let h = match read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline)).await {
-        Ok(h) => h,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-            let t = shared.config.proxy.handshake_timeout;
-            tracing::info!(%peer, "client did not log in within handshake_timeout ({t:?})");
-            return None;
-        }
-        Err(e) => {
-            tracing::debug!(%peer, "client left during the handshake: {e}");
-            if e.kind() == io::ErrorKind::InvalidData {
-                let err = ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake");
-                let _ = write_packet(&mut client, 2, &err.encode()).await;
+    loop {
+        let h = match read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline)).await
+        {
+            Ok(h) => h,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                let t = shared.config.proxy.handshake_timeout;
+                tracing::info!(%peer, "client did not log in within handshake_timeout ({t:?})");
+                return None;
             }
-            return None;
+            Err(e) => {
+                tracing::debug!(%peer, "client left during the handshake: {e}");
+                if e.kind() == io::ErrorKind::InvalidData {
+                    let err = ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake");
+                    let _ = write_packet(&mut client, 2, &err.encode()).await;
+                }
+                return None;
+            }
+        };
+        let step = machine.on_packet(&shared.users, h.seq, &cbuf.filled()[4..h.total()]);
+        cbuf.consume(h.total());
+        match step {
+            LoginStep::Send { seq, payload } => {
+                write_packet(&mut client, seq, &payload).await.ok()?;
+            }
+            LoginStep::Refused { seq, err, log } => {
+                tracing::info!(%peer, "{log}");
+                let _ = write_packet(&mut client, seq, &err.encode()).await;
+                return None;
+            }
+            LoginStep::Accepted(a) => {
+                let (preamble, ok_seq) = a.preamble();
+                if let Some((seq, p)) = preamble {
+                    write_packet(&mut client, seq, &p).await.ok()?;
+                }
+                let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
+                s.exclude_variable_sets = pool.shared.exclude_variable_sets;
+                let conn = Conn {
+                    key: pool_key(&s),
+                    shared,
+                    pool,
+                    client,
+                    cbuf,
+                    cmd: Vec::new(),
+                    built: Vec::new(),
+                    peer,
+                    nonce,
+                    s,
+                    backend: None,
+                };
+                return Some((conn, ok_seq));
+            }
         }
-    };
-    let parsed = HandshakeResponse::parse(&cbuf.filled()[4..h.total()]);
-    cbuf.consume(h.total());
-    let seq = h.seq.wrapping_add(1);
-    let resp = match parsed {
-        Ok(r) if r.capabilities & cap::COMPRESS != 0 => {
-            let e = ErrPacket::new(
-                errcode::ER_HANDSHAKE_ERROR,
-                "08S01",
-                "Bad handshake: dbproxy does not support compression",
-            );
-            let _ = write_packet(&mut client, seq, &e.encode()).await;
-            return None;
-        }
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(%peer, "bad handshake from client: {e}");
-            let err = ErrPacket::new(
-                errcode::ER_HANDSHAKE_ERROR,
-                "08S01",
-                format!("Bad handshake: {e}"),
-            );
-            let _ = write_packet(&mut client, seq, &err.encode()).await;
-            return None;
-        }
-    };
-    let caps = resp.capabilities & offered;
-    let user = shared.users.get(&resp.user);
-    let verdict = authenticate(
-        &mut client,
-        &mut cbuf,
-        seq,
-        user,
-        resp.auth_plugin.as_deref(),
-        &resp.auth_response,
-        &nonce,
-        caps & cap::PLUGIN_AUTH != 0,
-        Some(deadline),
-    )
-    .await
-    .ok()?;
-    let (user, seq) = match verdict {
-        Ok(ok) => ok,
-        Err((seq, used_password)) => {
-            tracing::info!(%peer, user = %String::from_utf8_lossy(&resp.user), "access denied");
-            let e = auth::access_denied(&resp.user, &peer.ip().to_string(), used_password);
-            let _ = write_packet(&mut client, seq, &e.encode()).await;
-            return None;
-        }
-    };
-    let s = Session {
-        key: pool_key(&user, caps, resp.collation),
-        shared,
-        pool,
-        client,
-        cbuf,
-        cmd: Vec::new(),
-        built: Vec::new(),
-        peer,
-        caps,
-        collation: resp.collation,
-        nonce,
-        user,
-        db: resp.database,
-        vars: BTreeMap::new(),
-        backend: None,
-        status: status::AUTOCOMMIT,
-        pins: Pins::default(),
-        stmts: ClientStmts::default(),
-        cursor: None,
-        long_data: None,
-    };
-    Some((s, seq))
+    }
 }
 
-impl<D: Driver> Session<D> {
+impl<D: Driver> Conn<D> {
     /// Ends the connection phase: OK, or the error that refuses the client's database.
     async fn connected(&mut self, seq: u8) -> bool {
-        if self.db.is_some() {
+        if self.s.state.schema.is_some() {
             // Like MariaDB, refuse the login when the database does not exist.
-            if let Err(e) = self.ensure_backend(true).await {
+            if let Err(e) = self.ensure_backend(Needs::default(), true).await {
                 let _ = write_packet(&mut self.client, seq, &e.encode()).await;
                 self.finish();
                 return false;
             }
-            self.maybe_release();
+            if self.maybe_release().await.is_err() {
+                self.finish();
+                return false;
+            }
         }
-        if write_packet(&mut self.client, seq, &ok_packet(self.status))
+        if write_packet(&mut self.client, seq, &ok_packet(self.s.status))
             .await
             .is_err()
         {
             self.finish();
             return false;
         }
-        tracing::debug!(peer = %self.peer, user = %self.user.name, "client logged in");
+        tracing::debug!(peer = %self.peer, user = %self.s.user.name, "client logged in");
         true
     }
 
-    /// Makes sure this session holds a backend connection; with `replay`, one whose session
-    /// state is the client's. The error is the packet to send to the client.
-    async fn ensure_backend(&mut self, replay: bool) -> Result<(), ErrPacket> {
-        if self.backend.is_some() {
-            return Ok(());
+    fn count(&self, c: PinChanges) {
+        let stats = &self.pool.shared.stats;
+        for r in c.started {
+            stats.pin_started(r);
         }
-        let mut conn = self
+        for r in c.ended {
+            stats.pin_ended(r);
+        }
+    }
+
+    /// Makes sure this session holds a backend connection; with `replay`, one whose
+    /// session state is the client's (for a statement that `needs`). The error is the
+    /// packet to send to the client.
+    async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
+        if let Some(b) = self.backend.as_ref() {
+            if !replay {
+                return Ok(());
+            }
+            let plan = self.s.replay(&b.conn.session, needs, false);
+            if plan.is_empty() {
+                return Ok(());
+            }
+            return self.run_replay(plan, needs).await;
+        }
+        let conn = self
             .pool
-            .borrow(&self.key, self.db.as_deref())
+            .borrow(&self.key, self.s.state.schema.as_deref())
             .await
             .map_err(|e| {
                 tracing::warn!(peer = %self.peer, "{e}");
@@ -348,49 +271,82 @@ impl<D: Driver> Session<D> {
                     ),
                 }
             })?;
-        if replay {
-            let plan = plan_replay(self.db.as_deref(), &self.vars, &conn.state, &conn.baseline);
-            tracing::trace!(thread_id = conn.thread_id, backend = ?conn.state, client_db = ?self.db, ?plan, "borrowed");
-            if !plan.is_empty() {
-                let init = self.pool.shared.init_query.clone();
-                match conn
-                    .replay(&plan, &self.vars, self.db.as_deref(), &init)
-                    .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(server_err)) => {
-                        self.pool.checkin_clean(conn);
-                        return Err(server_err);
-                    }
-                    Err(e) => {
-                        self.pool.discard(conn, "failed while restoring a session");
-                        return Err(ErrPacket::new(
-                            errcode::PROXY_BACKEND_UNAVAILABLE,
-                            "08S01",
-                            format!("(dbproxy) database connection failed: {e}"),
-                        ));
-                    }
-                }
-            }
-        }
+        self.s.moved();
+        let plan = if replay {
+            self.s.replay(&conn.conn.session, needs, true)
+        } else {
+            Replay::default()
+        };
+        tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
         self.backend = Some(conn);
+        if !plan.is_empty() {
+            self.run_replay(plan, needs).await?;
+        }
         Ok(())
     }
 
-    /// Whether the client may give its backend connection back now.
-    fn releasable(&self) -> bool {
-        self.status & status::IN_TRANS == 0
-            && self.status & status::AUTOCOMMIT != 0
-            && !self.pins.is_pinned()
-    }
-
-    /// Returns the backend connection at a transaction boundary with nothing pinned.
-    fn maybe_release(&mut self) {
-        if self.releasable() {
-            if let Some(conn) = self.backend.take() {
-                self.pool.checkin_clean(conn);
+    async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Result<(), ErrPacket> {
+        let Some(mut b) = self.backend.take() else {
+            return Err(unavailable("no database connection"));
+        };
+        self.s.backend_used();
+        let init = self.pool.shared.init_query.clone();
+        let s = &self.s;
+        match b
+            .conn
+            .replay(plan, |bs| s.replay(bs, needs, true), &init)
+            .await
+        {
+            Ok(Ok(())) => {
+                self.backend = Some(b);
+                Ok(())
+            }
+            Ok(Err(server_err)) => {
+                // Half a replay may have run: the connection is reset before anyone reuses it.
+                self.pool.release(b);
+                Err(server_err)
+            }
+            Err(e) => {
+                self.pool.discard(b, "failed while restoring a session");
+                Err(unavailable(&format!("database connection failed: {e}")))
             }
         }
+    }
+
+    /// Gives the backend connection back at a transaction boundary with nothing pinned,
+    /// after reading the client's warning list and clearing one-shots meant for it alone.
+    async fn maybe_release(&mut self) -> Result<(), SessionEnd> {
+        if !self.s.releasable() {
+            return Ok(());
+        }
+        let Some(mut b) = self.backend.take() else {
+            return Ok(());
+        };
+        let steps = self.s.release(&b.conn.session);
+        if !steps.is_empty() {
+            let mut warnings = None;
+            let res: Result<(), crate::pool::backend::BackendError> = async {
+                if steps.capture_warnings {
+                    if let Ok(w) = b.conn.query_result("SHOW WARNINGS").await? {
+                        warnings = Some(w);
+                    }
+                }
+                for stmt in &steps.statements {
+                    b.conn.query(stmt).await?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
+                self.pool.discard(b, "failed while giving it back");
+                self.s.moved();
+                return Ok(());
+            }
+            self.s.released(&mut b.conn.session, warnings.as_ref());
+        }
+        self.pool.checkin_clean(b);
+        Ok(())
     }
 
     async fn run(mut self) {
@@ -423,7 +379,13 @@ impl<D: Driver> Session<D> {
                 }
             };
             let _active = crate::io::Active::enter();
-            let command = self.cbuf.filled().get(4).copied();
+            // An empty packet has no command byte (what follows it in the buffer is the
+            // next packet's header, not this command).
+            let command = if h.len == 0 {
+                None
+            } else {
+                self.cbuf.filled().get(4).copied()
+            };
             let outcome = match (command, command.map(classify)) {
                 (None, _) | (_, None) => match self.discard_command(h).await {
                     Ok(()) => {
@@ -446,6 +408,7 @@ impl<D: Driver> Session<D> {
                         Err(e) => Err(e),
                     }
                 }
+                (Some(com::QUERY), _) => self.query(h).await,
                 (Some(com::RESET_CONNECTION), _) => self.reset_connection(h).await,
                 (Some(com::STMT_PREPARE), _) => self.prepare(h).await,
                 (Some(com::STMT_EXECUTE), _) => self.execute(h).await,
@@ -473,15 +436,18 @@ impl<D: Driver> Session<D> {
     }
 
     /// The session is over: its backend connection goes back, reset if the client left
-    /// anything behind.
+    /// anything behind (a transaction, pins, one-shots meant for it).
     fn finish(&mut self) {
-        let clean = self.releasable();
-        for r in self.pins.active().to_vec() {
-            self.pins.end(r);
-            self.pool.shared.stats.pin_ended(r);
-        }
+        let clean = self.s.releasable();
+        let ended = self.s.pins.clear();
+        self.count(PinChanges {
+            started: Vec::new(),
+            ended,
+        });
         if let Some(conn) = self.backend.take() {
-            if clean {
+            let one_shots =
+                conn.conn.session.insert_id_pending || conn.conn.session.next_transaction_pending;
+            if clean && !one_shots {
                 self.pool.checkin_clean(conn);
             } else {
                 self.pool.release(conn);
@@ -500,7 +466,7 @@ impl<D: Driver> Session<D> {
         write_packet(
             &mut self.client,
             seq.wrapping_add(1),
-            &ok_packet(self.status),
+            &ok_packet(self.s.status),
         )
         .await
         .map(drop)
@@ -554,6 +520,144 @@ impl<D: Driver> Session<D> {
         ))
     }
 
+    /// A command that failed before reaching the server: the error goes to the client.
+    async fn refuse(&mut self, seq: u8, e: ErrPacket) -> Result<(), SessionEnd> {
+        let c = self.s.command_refused();
+        self.count(c);
+        self.reply_err(seq, e).await
+    }
+
+    /// COM_QUERY: analysed, answered from the client's own diagnostics when the connection
+    /// does not have them, and followed by a read-back when it changes what session
+    /// tracking does not report.
+    async fn query(&mut self, h: Header) -> Result<(), SessionEnd> {
+        let info = analyze(&self.cbuf.filled()[5..h.total()]);
+        let needs = Needs {
+            last_insert_id: info.readers.last_insert_id,
+        };
+        if let Err(e) = self.ensure_backend(needs, true).await {
+            self.discard_command(h).await?;
+            return self.refuse(h.seq, e).await;
+        }
+        let answer = if info.readers.diagnostics_any() && !h.continues() {
+            self.s.diag.answer(&self.cbuf.filled()[5..h.total()], &info)
+        } else {
+            Answer::Forward
+        };
+        let text: Vec<u8> = if info.next_transaction {
+            self.cbuf.filled()[5..h.total()].to_vec()
+        } else {
+            Vec::new()
+        };
+        // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
+        let read_back = ReadBack::for_statement(&info);
+        let pipelined = read_back.as_ref().filter(|_| !info.load_data);
+        let rewritten = matches!(answer, Answer::Rewrite(_));
+        let (outcome, tracked) = match answer {
+            Answer::Forward => {
+                self.send_command(h).await?;
+                self.send_read_back(pipelined, h.seq).await?;
+                self.relay_response(ResponseKind::Query, &info, None)
+                    .await?
+            }
+            Answer::Rewrite(sql) => {
+                self.discard_command(h).await?;
+                self.send_query(&sql, h.seq).await?;
+                self.send_read_back(pipelined, h.seq).await?;
+                self.relay_response(ResponseKind::Query, &info, None)
+                    .await?
+            }
+            Answer::PatchRow(values) => {
+                self.send_command(h).await?;
+                self.send_read_back(pipelined, h.seq).await?;
+                self.relay_buffered(h.seq, |r, caps| {
+                    if r.rows.len() == 1 {
+                        r.with_rows(vec![patched_row(&values)], caps)
+                    } else {
+                        r.with_rows(r.rows.clone(), caps)
+                    }
+                })
+                .await?
+            }
+            Answer::Splice { query, rows } => {
+                self.discard_command(h).await?;
+                self.send_query(query.as_bytes(), h.seq).await?;
+                self.relay_buffered(h.seq, |r, caps| r.with_rows(rows, caps))
+                    .await?
+            }
+        };
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let changes = self
+            .s
+            .after_statement(&info, &text, outcome, tracked, &mut b.conn.session);
+        self.count(changes);
+        if rewritten {
+            self.s.diag.counts_stale();
+        }
+        if let Some(rb) = &read_back {
+            if info.load_data {
+                self.send_read_back(Some(rb), h.seq).await?;
+            }
+            self.learn_read_back(rb).await?;
+        }
+        self.note_temp_tables(&info);
+        self.maybe_release().await
+    }
+
+    /// Writes a pipelined read-back query to the backend.
+    async fn send_read_back(&mut self, rb: Option<&ReadBack>, seq: u8) -> Result<(), SessionEnd> {
+        match rb {
+            Some(rb) => self.send_query(rb.sql.as_bytes(), seq).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the answer to a read-back sent earlier and learns from it.
+    async fn learn_read_back(&mut self, rb: &ReadBack) -> Result<(), SessionEnd> {
+        let Some(mut b) = self.backend.take() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        match b.conn.read_text_result().await {
+            Ok(answer) => {
+                let c = self
+                    .s
+                    .learn_read_back(rb, answer.as_ref(), &mut b.conn.session);
+                self.count(c);
+                self.backend = Some(b);
+                Ok(())
+            }
+            Err(e) => {
+                // The client has its answer, but what its statement left in the session is
+                // lost with the connection: end the session rather than go on without it.
+                tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost after a statement: {e}");
+                self.pool
+                    .discard(b, "lost while reading session state back");
+                Err(SessionEnd::Backend(e.to_string()))
+            }
+        }
+    }
+
+    /// Remembers the temporary tables a statement creates (the test-only check-in
+    /// verification looks for them on connections checked in clean).
+    fn note_temp_tables(&self, info: &SqlInfo) {
+        if !self.pool.shared.verify_checkin || info.temp_tables.is_empty() {
+            return;
+        }
+        let mut names = self.pool.shared.temp_tables.lock();
+        for t in &info.temp_tables {
+            if t.contains(&b'.') {
+                names.insert(t.clone());
+            } else if let Some(db) = &self.s.state.schema {
+                let mut n =
+                    format!("`{}`.", String::from_utf8_lossy(db).replace('`', "``")).into_bytes();
+                n.extend_from_slice(t);
+                names.insert(n);
+            }
+        }
+    }
+
     /// Forwards one command and relays its response; `replay`: the command depends on the
     /// session state (all but COM_PING and COM_STATISTICS).
     async fn forward(
@@ -562,77 +666,26 @@ impl<D: Driver> Session<D> {
         kind: ResponseKind,
         replay: bool,
     ) -> Result<(), SessionEnd> {
-        if let Err(e) = self.ensure_backend(replay).await {
+        if let Err(e) = self.ensure_backend(Needs::default(), replay).await {
             self.discard_command(h).await?;
-            return self.reply_err(h.seq, e).await;
+            return self.refuse(h.seq, e).await;
         }
-        let payload = &self.cbuf.filled()[4..h.total()];
-        let effects = match payload[0] {
-            com::QUERY => classify_sql(&payload[1..]),
-            // COM_SET_OPTION changes the connection's multi-statement option, which
-            // session tracking does not report.
-            com::SET_OPTION => SqlEffects {
-                starts: vec![PinReason::Unclassified],
-                ..Default::default()
-            },
-            _ => SqlEffects::default(),
-        };
+        let mut info = SqlInfo::default();
+        if self.cbuf.filled().get(4) == Some(&com::SET_OPTION) {
+            // COM_SET_OPTION changes the connection's multi-statement option, which session
+            // tracking does not report.
+            info.starts.push(PinReason::Unclassified);
+        }
         self.send_command(h).await?;
-        if kind == ResponseKind::None {
-            return Ok(());
-        }
-        let outcome = self.relay_response(kind, None).await?;
-        self.after_command(&effects, &outcome);
-        Ok(())
-    }
-
-    /// Updates pins and the transaction state after a response, and gives the backend
-    /// connection back when nothing holds the client to it.
-    fn after_command(&mut self, effects: &SqlEffects, outcome: &Outcome) {
-        let stats = &self.pool.shared.stats;
-        let mut e = effects.clone();
-        if self.pool.shared.exclude_variable_sets {
-            e.starts
-                .retain(|r| !matches!(r, PinReason::UserVariable | PinReason::NextTransaction));
-        }
-        if effects.touches_tracking
-            || outcome.not_replayable
-            || (outcome.unexplained_change && effects.starts.is_empty())
-        {
-            e.starts.push(PinReason::Unclassified);
-        }
-        let (started, ended) = self.pins.after_statement(&e, !outcome.failed);
-        for r in started {
-            stats.pin_started(r);
-        }
-        for r in ended {
-            stats.pin_ended(r);
-        }
-        if outcome.last_insert_id != 0 && self.pins.start(PinReason::LastInsertId) {
-            stats.pin_started(PinReason::LastInsertId);
-        }
-        let in_transaction =
-            self.status & status::IN_TRANS != 0 || self.status & status::AUTOCOMMIT == 0;
-        if in_transaction {
-            if self.pins.start(PinReason::Transaction) {
-                stats.pin_started(PinReason::Transaction);
-            }
-        } else if self.pins.end(PinReason::Transaction) {
-            stats.pin_ended(PinReason::Transaction);
-        }
-        self.maybe_release();
-    }
-
-    fn start_pin(&mut self, r: PinReason) {
-        if self.pins.start(r) {
-            self.pool.shared.stats.pin_started(r);
-        }
-    }
-
-    fn end_pin(&mut self, r: PinReason) {
-        if self.pins.end(r) {
-            self.pool.shared.stats.pin_ended(r);
-        }
+        let (outcome, tracked) = self.relay_response(kind, &info, None).await?;
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let changes = self
+            .s
+            .after_command(&info, outcome, tracked, &mut b.conn.session);
+        self.count(changes);
+        self.maybe_release().await
     }
 
     /// Sends the command packet(s) in `cbuf` to the backend, enforcing max_allowed_packet.
@@ -664,6 +717,14 @@ impl<D: Driver> Session<D> {
         }
     }
 
+    /// Sends a COM_QUERY dbproxy wrote (a rewritten statement or a read-back).
+    async fn send_query(&mut self, sql: &[u8], seq: u8) -> Result<(), SessionEnd> {
+        let mut out = self.start_built();
+        out.push(com::QUERY);
+        out.extend_from_slice(sql);
+        self.send_built(out, seq).await
+    }
+
     /// An empty vector to build a command in, [`HEADER_LEN`] bytes reserved for its header;
     /// hand it to [`Self::send_built`].
     fn start_built(&mut self) -> Vec<u8> {
@@ -673,8 +734,8 @@ impl<D: Driver> Session<D> {
         out
     }
 
-    /// Sends a command dbproxy built (a rewritten one, from [`Self::start_built`]) to the
-    /// backend; `seq` is the client's sequence id, for the error it may get.
+    /// Sends a command dbproxy built (from [`Self::start_built`]) to the backend; `seq` is
+    /// the client's sequence id, for the error it may get.
     async fn send_built(&mut self, mut out: Vec<u8>, seq: u8) -> Result<(), SessionEnd> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
@@ -690,37 +751,122 @@ impl<D: Driver> Session<D> {
         Ok(())
     }
 
+    /// Reads a small response whole, changes it with `transform`, and sends it to the client.
+    async fn relay_buffered(
+        &mut self,
+        seq: u8,
+        transform: impl FnOnce(&TextResult, u32) -> crate::mysql::resultset::Packets,
+    ) -> Result<(Outcome, Tracked), SessionEnd> {
+        let Some(mut b) = self.backend.take() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let packets = match b.conn.read_response(ResponseKind::Query).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.pool.discard(b, "state unknown after an error");
+                return Err(self.client_told_backend_lost(seq, &e.to_string()).await);
+            }
+        };
+        let caps = b.caps;
+        self.backend = Some(b);
+        let (out, outcome) = match packets {
+            Ok(p) => match TextResult::parse(&p.0, caps) {
+                Ok(r) => {
+                    let out = transform(&r, caps);
+                    let rows = out.0.len() as u64;
+                    let status = out.0.last().and_then(|t| terminator_status(t, caps));
+                    let n = rows.saturating_sub(
+                        r.raw_columns.len() as u64 + 2 + u64::from(caps & cap::DEPRECATE_EOF == 0),
+                    );
+                    (
+                        out.0,
+                        Outcome {
+                            ending: End::Rows {
+                                rows: n,
+                                warnings: 0,
+                            },
+                            status,
+                        },
+                    )
+                }
+                Err(_) => {
+                    let status = p.0.last().and_then(|t| terminator_status(t, caps));
+                    (
+                        p.0,
+                        Outcome {
+                            ending: End::Ok {
+                                affected: 0,
+                                warnings: 0,
+                            },
+                            status,
+                        },
+                    )
+                }
+            },
+            Err(e) => (
+                vec![e.encode()],
+                Outcome {
+                    ending: End::Err,
+                    status: None,
+                },
+            ),
+        };
+        let mut bytes = Vec::new();
+        let mut seq = 1u8;
+        for p in &out {
+            seq = frame(&mut bytes, seq, p);
+        }
+        let mut buf = Buf::from_vec(bytes);
+        let n = buf.len();
+        self.client
+            .write(&mut buf, n)
+            .await
+            .map_err(SessionEnd::Client)?;
+        Ok((outcome, Tracked::default()))
+    }
+
     /// Relays the backend's response to the client: bytes unchanged except OK packets for
     /// clients without session tracking and the statement id of OK_stmt, complete packets
-    /// written in batches.
+    /// written in batches. Session tracking is learnt on the way.
     async fn relay_response(
         &mut self,
         kind: ResponseKind,
+        info: &SqlInfo,
         mut prepare: Option<&mut PrepareCapture>,
-    ) -> Result<Outcome, SessionEnd> {
+    ) -> Result<(Outcome, Tracked), SessionEnd> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
         let mut tracker = ResponseTracker::new(kind, b.caps);
-        let mut outcome = Outcome::default();
+        let mut tracked = Tracked::default();
         let res = self
-            .relay_with(&mut b, &mut tracker, &mut outcome, prepare.as_deref_mut())
+            .relay_with(
+                &mut b,
+                &mut tracker,
+                info,
+                &mut tracked,
+                prepare.as_deref_mut(),
+            )
             .await;
         match res {
             Ok(()) => {
                 b.conn.buf.shrink(crate::pool::backend::BACKEND_BUF);
-                if let Some(flags) = tracker.status() {
-                    self.status = flags;
-                }
                 if let Some(id) = prepare.and_then(|p| p.close.take()) {
-                    if let Err(e) = b.close_statement(id).await {
+                    if let Err(e) = b.conn.close_statement(id).await {
                         self.pool
                             .discard(b, &format!("closing a statement failed: {e}"));
-                        return Ok(outcome);
+                        return Err(SessionEnd::Backend(e.to_string()));
                     }
                 }
                 self.backend = Some(b);
-                Ok(outcome)
+                let outcome = Outcome {
+                    ending: tracker.end().unwrap_or(End::Ok {
+                        affected: 0,
+                        warnings: 0,
+                    }),
+                    status: tracker.status(),
+                };
+                Ok((outcome, tracked))
             }
             Err(RelayError::Client(e)) => {
                 self.pool
@@ -750,10 +896,11 @@ impl<D: Driver> Session<D> {
         &mut self,
         b: &mut Pooled<D::Stream>,
         tracker: &mut ResponseTracker,
-        outcome: &mut Outcome,
+        info: &SqlInfo,
+        tracked: &mut Tracked,
         mut prepare: Option<&mut PrepareCapture>,
     ) -> Result<(), RelayError> {
-        let strip = self.caps & cap::SESSION_TRACK == 0;
+        let strip = !self.s.wants_tracking();
         loop {
             // Walk the complete packets already buffered; `out` holds a rewritten copy once
             // a packet had to change size.
@@ -768,49 +915,43 @@ impl<D: Driver> Session<D> {
                 step = tracker
                     .feed(h, &b.conn.buf.filled()[p0..end])
                     .map_err(|e| RelayError::Backend(e.to_string()))?;
-                outcome.failed = b.conn.buf.filled().get(p0) == Some(&0xff);
                 scanned = end;
                 if let Some(cap) = prepare.as_deref_mut() {
                     if cap.client_id.is_none() && b.conn.buf.filled().get(p0) == Some(&0) {
-                        let (id, columns, params) = parse_prepare_ok(&b.conn.buf.filled()[p0..end])
-                            .map_err(|e| RelayError::Backend(e.to_string()))?;
-                        let cid = self.stmts.add(cap.sql.clone(), params, columns);
+                        let p = &b.conn.buf.filled()[p0..end];
+                        let (id, columns, params) =
+                            parse_prepare_ok(p).map_err(|e| RelayError::Backend(e.to_string()))?;
+                        cap.warnings = p
+                            .get(10..12)
+                            .map_or(0, |w| u16::from_le_bytes([w[0], w[1]]));
+                        let cid =
+                            self.s
+                                .stmts
+                                .add(cap.key.clone(), cap.info.clone(), params, columns);
                         cap.client_id = Some(cid);
-                        cap.close = b.conn.stmts.insert(cap.sql.clone(), id, params);
+                        cap.close = b.conn.stmts.insert(cap.key.clone(), id, params);
                         stmt::patch_stmt_id(&mut b.conn.buf.filled_mut()[p0..end], cid);
                     }
                 }
                 if tracker.last_ok() {
-                    let payload = &b.conn.buf.filled()[p0..end];
-                    let ok = parse_ok(payload, b.caps)
+                    let conn = &mut *b.conn;
+                    let payload = &conn.buf.filled()[p0..end];
+                    let ok = parse_ok(payload, conn.caps)
                         .map_err(|e| RelayError::Backend(e.to_string()))?;
-                    outcome.last_insert_id = ok.last_insert_id;
                     if let Some(range) = ok.state.clone() {
-                        let list = changes(&payload[range])
-                            .map_err(|e| RelayError::Backend(e.to_string()))?;
-                        let mut explained = false;
-                        let mut changed = false;
-                        for c in &list {
-                            match c {
-                                Change::StateChanged => changed = true,
-                                Change::SystemVariable(n, v) if replayable(n) => {
-                                    self.vars.insert(n.to_ascii_lowercase(), v.to_vec());
-                                    explained = true;
-                                }
-                                Change::SystemVariable(..) => outcome.not_replayable = true,
-                                Change::Schema(s) => {
-                                    self.db = Some(s.to_vec()).filter(|s| !s.is_empty());
-                                    explained = true;
-                                }
-                                Change::Other(_) => {}
-                            }
-                            b.conn.state.apply(c);
-                        }
-                        outcome.unexplained_change |= changed && !explained;
+                        let list = payload
+                            .get(range)
+                            .map(changes)
+                            .transpose()
+                            .map_err(|e| RelayError::Backend(e.to_string()))?
+                            .unwrap_or_default();
+                        let t = self.s.learn_tracking(info, &list, &mut conn.session);
+                        tracked.unexplained |= t.unexplained;
+                        tracked.not_replayable |= t.not_replayable;
                     }
                     if strip && payload.len() > ok.tail {
                         let plain = strip_session_track(payload, &ok);
-                        let o = out.get_or_insert_with(|| b.conn.buf.filled()[..start].to_vec());
+                        let o = out.get_or_insert_with(|| conn.buf.filled()[..start].to_vec());
                         frame(o, h.seq, &plain);
                         continue;
                     }
@@ -892,6 +1033,10 @@ impl<D: Driver> Session<D> {
 
     async fn backend_lost(&mut self, seq: u8, why: &str) -> SessionEnd {
         self.drop_backend();
+        self.client_told_backend_lost(seq, why).await
+    }
+
+    async fn client_told_backend_lost(&mut self, seq: u8, why: &str) -> SessionEnd {
         let e = ErrPacket::new(
             errcode::PROXY_BACKEND_LOST,
             "08S01",
@@ -901,58 +1046,60 @@ impl<D: Driver> Session<D> {
         SessionEnd::Backend(why.to_string())
     }
 
-    /// Drops the session state dbproxy keeps for the client (variables, statements).
-    fn forget_session(&mut self) {
-        self.vars.clear();
-        self.stmts = ClientStmts::default();
-        self.cursor = None;
-        self.long_data = None;
-    }
-
     /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
     /// stays, as with MariaDB); a backend connection it held is reset in the background.
     async fn reset_connection(&mut self, h: Header) -> Result<(), SessionEnd> {
         self.discard_command(h).await?;
-        self.forget_session();
-        for r in self.pins.active().to_vec() {
-            self.end_pin(r);
-        }
+        let ended = self.s.reset(self.s.state.schema.clone());
+        self.count(PinChanges {
+            started: Vec::new(),
+            ended,
+        });
         if let Some(conn) = self.backend.take() {
             self.pool.release(conn);
         }
-        self.status = status::AUTOCOMMIT;
         self.reply_ok(h.seq).await
     }
 
     /// COM_STMT_PREPARE: prepared on the backend serving it; the client gets an id of
-    /// dbproxy's, valid on every backend.
+    /// dbproxy's, valid on every backend. The statement's key holds the context it is
+    /// prepared in (schema, sql_mode, character sets).
     async fn prepare(&mut self, h: Header) -> Result<(), SessionEnd> {
-        if let Err(e) = self.ensure_backend(true).await {
+        if let Err(e) = self.ensure_backend(Needs::default(), true).await {
             self.discard_command(h).await?;
-            return self.reply_err(h.seq, e).await;
+            return self.refuse(h.seq, e).await;
         }
         let payload = self.take_command(h).await?;
-        let sql: Arc<[u8]> = Arc::from(&payload[1..]);
+        let sql: Arc<[u8]> = Arc::from(payload.get(1..).unwrap_or_default());
+        let info = Arc::new(analyze(&sql));
+        let key = StmtKey::new(self.s.state.stmt_context(), sql);
         let mut out = self.start_built();
         out.extend_from_slice(&payload);
         self.cmd = payload;
         self.send_built(out, h.seq).await?;
         let mut capture = PrepareCapture {
-            sql,
+            key,
+            info,
             client_id: None,
             close: None,
+            warnings: 0,
         };
-        let outcome = self
-            .relay_response(ResponseKind::Prepare, Some(&mut capture))
+        let (outcome, _) = self
+            .relay_response(
+                ResponseKind::Prepare,
+                &SqlInfo::default(),
+                Some(&mut capture),
+            )
             .await?;
-        self.after_command(&SqlEffects::default(), &outcome);
-        Ok(())
+        let c = self.s.after_prepare(outcome.failed(), capture.warnings);
+        self.count(c);
+        self.maybe_release().await
     }
 
     /// The client's statement a COM_STMT_* payload names, or the error for an unknown id.
     fn client_statement(&self, payload: &[u8], what: &str) -> Result<u32, ErrPacket> {
         let id = stmt::stmt_id(payload).unwrap_or(0);
-        self.stmts.resolve(id).ok_or_else(|| {
+        self.s.stmts.resolve(id).ok_or_else(|| {
             ErrPacket::new(
                 1243,
                 "HY000",
@@ -967,7 +1114,7 @@ impl<D: Driver> Session<D> {
         cid: u32,
         seq: u8,
     ) -> Result<Result<u32, ErrPacket>, SessionEnd> {
-        let Some(sql) = self.stmts.get(cid).map(|s| s.sql.clone()) else {
+        let Some(key) = self.s.stmts.get(cid).map(|s| s.key.clone()) else {
             return Ok(Err(ErrPacket::new(
                 1243,
                 "HY000",
@@ -977,86 +1124,152 @@ impl<D: Driver> Session<D> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        match b.prepare(&sql).await {
-            Ok(r) => Ok(r),
+        match b.conn.prepare(&key).await {
+            Ok(r) => {
+                self.s.backend_used();
+                Ok(r)
+            }
             Err(e) => Err(self.backend_lost(seq, &e.to_string()).await),
         }
     }
 
-    /// COM_STMT_EXECUTE: on whichever backend serves it, the statement prepared there if
-    /// needed, the id (and parameter types if needed) rewritten.
+    /// COM_STMT_EXECUTE: on whichever backend serves it, the statement prepared there (in
+    /// its context) if needed, the id (and parameter types if needed) rewritten; what the
+    /// statement's text does (classified at prepare time) applies as for a text query.
     async fn execute(&mut self, h: Header) -> Result<(), SessionEnd> {
         let payload = self.take_command(h).await?;
         let cid = match self.client_statement(&payload, "mysqld_stmt_execute") {
             Ok(c) => c,
-            Err(e) => return self.reply_err(h.seq, e).await,
+            Err(e) => {
+                self.cmd = payload;
+                return self.refuse(h.seq, e).await;
+            }
         };
-        if let Err(e) = self.ensure_backend(true).await {
-            return self.reply_err(h.seq, e).await;
+        let Some((key, info)) = self
+            .s
+            .stmts
+            .get(cid)
+            .map(|s| (s.key.clone(), s.info.clone()))
+        else {
+            self.cmd = payload;
+            return self.refuse(h.seq, malformed("statement vanished")).await;
+        };
+        let needs = Needs {
+            last_insert_id: info.readers.last_insert_id,
+        };
+        if let Err(e) = self.ensure_backend(needs, true).await {
+            self.cmd = payload;
+            return self.refuse(h.seq, e).await;
+        }
+        if info.readers.diagnostics_any() && self.s.diag.answer(&key.sql, &info) != Answer::Forward
+        {
+            // The connection's diagnostics are not the client's, and a binary-protocol
+            // answer cannot be rewritten: refuse rather than show another client's.
+            self.cmd = payload;
+            let e = ErrPacket::new(
+                errcode::ER_UNKNOWN_COM_ERROR,
+                "HY000",
+                "(dbproxy) a prepared statement that reads ROW_COUNT(), FOUND_ROWS() or warnings must run right after the statement it asks about; use the text protocol for it",
+            );
+            return self.refuse(h.seq, e).await;
         }
         if let Err(e) = self.backend_statement(cid, h.seq).await? {
-            self.after_command(
-                &SqlEffects::default(),
-                &Outcome {
-                    failed: true,
-                    ..Default::default()
-                },
-            );
-            return self.reply_err(h.seq, e).await;
+            self.cmd = payload;
+            return self.refuse(h.seq, e).await;
         }
         let mut out = self.start_built();
         let rewritten = {
-            let (Some(b), Some(cs)) = (self.backend.as_mut(), self.stmts.get_mut(cid)) else {
+            let (Some(b), Some(cs)) = (self.backend.as_mut(), self.s.stmts.get_mut(cid)) else {
                 return Err(SessionEnd::Backend("no backend connection".into()));
             };
-            let Some(bs) = b.conn.stmts.get_mut(&cs.sql) else {
+            let Some(bs) = b.conn.stmts.get_mut(&cs.key) else {
                 return Err(SessionEnd::Backend(
                     "statement vanished from the backend cache".into(),
                 ));
             };
-            rewrite_execute(&payload, cs, bs, &mut out)
+            rewrite_execute(
+                &payload,
+                cs.params,
+                &mut cs.types,
+                &mut bs.types,
+                bs.id,
+                &mut out,
+            )
         };
         if let Err(e) = rewritten {
-            return self.reply_err(h.seq, malformed(&e.to_string())).await;
+            self.cmd = payload;
+            return self.refuse(h.seq, malformed(&e.to_string())).await;
         }
         let cursor = execute_opens_cursor(&payload);
         self.cmd = payload;
         self.send_built(out, h.seq).await?;
-        let outcome = self.relay_response(ResponseKind::Execute, None).await?;
-        if self.long_data == Some(cid) {
-            self.long_data = None;
+        let read_back = ReadBack::for_statement(&info).filter(|_| !cursor);
+        self.send_read_back(read_back.as_ref(), h.seq).await?;
+        let (outcome, tracked) = self
+            .relay_response(ResponseKind::Execute, &info, None)
+            .await?;
+        if self.s.long_data == Some(cid) {
+            self.s.long_data = None;
             self.end_pin(PinReason::LongData);
         }
-        if cursor && !outcome.failed && self.status & status::CURSOR_EXISTS != 0 {
-            self.cursor = Some(cid);
+        if cursor
+            && !outcome.failed()
+            && outcome.status.unwrap_or(0) & crate::mysql::consts::status::CURSOR_EXISTS != 0
+        {
+            self.s.cursor = Some(cid);
             self.start_pin(PinReason::Cursor);
         }
-        self.after_command(&SqlEffects::default(), &outcome);
-        Ok(())
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let text = if info.next_transaction {
+            key.sql.to_vec()
+        } else {
+            Vec::new()
+        };
+        let changes = self
+            .s
+            .after_statement(&info, &text, outcome, tracked, &mut b.conn.session);
+        self.count(changes);
+        if let Some(rb) = &read_back {
+            self.learn_read_back(rb).await?;
+        }
+        self.note_temp_tables(&info);
+        self.maybe_release().await
+    }
+
+    fn start_pin(&mut self, r: PinReason) {
+        if self.s.pins.start(r) {
+            self.pool.shared.stats.pin_started(r);
+        }
+    }
+
+    fn end_pin(&mut self, r: PinReason) {
+        if self.s.pins.end(r) {
+            self.pool.shared.stats.pin_ended(r);
+        }
     }
 
     /// COM_STMT_SEND_LONG_DATA, COM_STMT_FETCH and COM_STMT_RESET: the id rewritten for
     /// the backend that holds the statement's long data or cursor.
     async fn statement_command(&mut self, h: Header) -> Result<(), SessionEnd> {
-        let command = self.cbuf.filled()[4];
+        let command = self.cbuf.filled().get(4).copied().unwrap_or(0);
         let cid =
             match self.client_statement(&self.cbuf.filled()[4..h.total()], "mysqld_stmt_fetch") {
                 Ok(c) => c,
-                Err(e) => {
-                    return self.refuse_statement_command(h, command, e).await;
-                }
+                Err(e) => return self.refuse_statement_command(h, command, e).await,
             };
         if command == com::STMT_RESET {
-            if self.cursor == Some(cid) {
-                self.cursor = None;
+            if self.s.cursor == Some(cid) {
+                self.s.cursor = None;
                 self.end_pin(PinReason::Cursor);
             }
-            if self.long_data == Some(cid) {
-                self.long_data = None;
+            if self.s.long_data == Some(cid) {
+                self.s.long_data = None;
                 self.end_pin(PinReason::LongData);
             }
-            let on_backend = match (self.backend.as_mut(), self.stmts.get(cid)) {
-                (Some(b), Some(cs)) => b.conn.stmts.get_mut(&cs.sql).map(|s| s.id),
+            let on_backend = match (self.backend.as_mut(), self.s.stmts.get(cid)) {
+                (Some(b), Some(cs)) => b.conn.stmts.get_mut(&cs.key).map(|s| s.id),
                 _ => None,
             };
             let Some(bid) = on_backend else {
@@ -1066,41 +1279,58 @@ impl<D: Driver> Session<D> {
             };
             stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
             self.send_command(h).await?;
-            let outcome = self.relay_response(ResponseKind::Single, None).await?;
-            self.after_command(&SqlEffects::default(), &outcome);
-            return Ok(());
+            let (outcome, tracked) = self
+                .relay_response(ResponseKind::Single, &SqlInfo::default(), None)
+                .await?;
+            return self.after_command(outcome, tracked).await;
         }
-        if command == com::STMT_FETCH && self.cursor != Some(cid) {
+        if command == com::STMT_FETCH && self.s.cursor != Some(cid) {
             self.discard_command(h).await?;
             let e = ErrPacket::new(1421, "HY000", "The statement has no open cursor");
             return self.reply_err(h.seq, e).await;
         }
-        if let Err(e) = self.ensure_backend(true).await {
+        if let Err(e) = self.ensure_backend(Needs::default(), true).await {
             return self.refuse_statement_command(h, command, e).await;
         }
         let bid = match self.backend_statement(cid, h.seq).await? {
             Ok(id) => id,
-            Err(e) => {
-                return self.refuse_statement_command(h, command, e).await;
-            }
+            Err(e) => return self.refuse_statement_command(h, command, e).await,
         };
         stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
         if command == com::STMT_SEND_LONG_DATA {
-            self.long_data = Some(cid);
+            self.s.long_data = Some(cid);
             self.start_pin(PinReason::LongData);
             return self.send_command(h).await;
         }
         self.send_command(h).await?;
-        let outcome = self.relay_response(ResponseKind::Fetch, None).await?;
-        if outcome.failed
-            || self.status & status::LAST_ROW_SENT != 0
-            || self.status & status::CURSOR_EXISTS == 0
+        let (outcome, tracked) = self
+            .relay_response(ResponseKind::Fetch, &SqlInfo::default(), None)
+            .await?;
+        let st = outcome.status.unwrap_or(0);
+        if outcome.failed()
+            || st & crate::mysql::consts::status::LAST_ROW_SENT != 0
+            || st & crate::mysql::consts::status::CURSOR_EXISTS == 0
         {
-            self.cursor = None;
+            self.s.cursor = None;
             self.end_pin(PinReason::Cursor);
         }
-        self.after_command(&SqlEffects::default(), &outcome);
-        Ok(())
+        self.after_command(outcome, tracked).await
+    }
+
+    /// After a command that is not a statement of the client's own (fetch, reset, ...).
+    async fn after_command(
+        &mut self,
+        outcome: Outcome,
+        tracked: Tracked,
+    ) -> Result<(), SessionEnd> {
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let changes =
+            self.s
+                .after_command(&SqlInfo::default(), outcome, tracked, &mut b.conn.session);
+        self.count(changes);
+        self.maybe_release().await
     }
 
     /// Refuses a statement command: COM_STMT_SEND_LONG_DATA has no reply in the protocol
@@ -1115,7 +1345,7 @@ impl<D: Driver> Session<D> {
         if command == com::STMT_SEND_LONG_DATA {
             Ok(())
         } else {
-            self.reply_err(h.seq, e).await
+            self.refuse(h.seq, e).await
         }
     }
 
@@ -1123,30 +1353,30 @@ impl<D: Driver> Session<D> {
     async fn close_statement(&mut self, h: Header) -> Result<(), SessionEnd> {
         let id = stmt::stmt_id(&self.cbuf.filled()[4..h.total()])
             .ok()
-            .and_then(|i| self.stmts.resolve(i));
+            .and_then(|i| self.s.stmts.resolve(i));
         self.discard_command(h).await?;
         let Some(cid) = id else { return Ok(()) };
-        if self.long_data == Some(cid) {
-            self.long_data = None;
+        if self.s.long_data == Some(cid) {
+            self.s.long_data = None;
             self.end_pin(PinReason::LongData);
         }
-        if self.cursor == Some(cid) {
+        if self.s.cursor == Some(cid) {
             // Close the server-side cursor with a reset of the backend statement.
-            let sql = self.stmts.get(cid).map(|s| s.sql.clone());
-            if let (Some(b), Some(sql)) = (self.backend.as_mut(), sql) {
-                if let Some(bid) = b.conn.stmts.get_mut(&sql).map(|s| s.id) {
+            let key = self.s.stmts.get(cid).map(|s| s.key.clone());
+            if let (Some(b), Some(key)) = (self.backend.as_mut(), key) {
+                if let Some(bid) = b.conn.stmts.get_mut(&key).map(|s| s.id) {
                     let mut p = vec![com::STMT_RESET];
                     p.extend_from_slice(&bid.to_le_bytes());
-                    if b.command(&p, ResponseKind::Single).await.is_err() {
+                    if b.conn.command(&p, ResponseKind::Single).await.is_err() {
                         self.drop_backend();
                     }
                 }
             }
-            self.cursor = None;
+            self.s.cursor = None;
             self.end_pin(PinReason::Cursor);
-            self.maybe_release();
+            self.maybe_release().await?;
         }
-        self.stmts.remove(cid);
+        self.s.stmts.remove(cid);
         Ok(())
     }
 
@@ -1159,7 +1389,7 @@ impl<D: Driver> Session<D> {
                 .await?;
             return Ok(false);
         }
-        let parsed = ChangeUser::parse(&self.cbuf.filled()[4..h.total()], self.caps);
+        let parsed = ChangeUser::parse(&self.cbuf.filled()[4..h.total()], self.s.caps);
         self.cbuf.consume(h.total());
         let cu = match parsed {
             Ok(cu) => cu,
@@ -1168,47 +1398,58 @@ impl<D: Driver> Session<D> {
                 return Ok(false);
             }
         };
-        let user = self.shared.users.get(&cu.user);
-        let nonce = self.nonce;
-        let verdict = authenticate(
-            &mut self.client,
-            &mut self.cbuf,
-            h.seq.wrapping_add(1),
-            user,
+        let ip = self.peer.ip().to_string();
+        let (mut auth, mut step) = Authentication::start(
+            &self.shared.users,
+            &cu.user,
             cu.auth_plugin.as_deref(),
             &cu.auth_response,
-            &nonce,
-            self.caps & cap::PLUGIN_AUTH != 0,
-            None,
-        )
-        .await
-        .map_err(SessionEnd::Client)?;
-        let (user, seq) = match verdict {
-            Ok(ok) => ok,
-            Err((seq, used_password)) => {
-                let e = auth::access_denied(&cu.user, &self.peer.ip().to_string(), used_password);
-                let _ = write_packet(&mut self.client, seq, &e.encode()).await;
-                return Ok(false);
+            self.nonce,
+            self.s.caps & cap::PLUGIN_AUTH != 0,
+            &ip,
+        );
+        let mut seq = h.seq.wrapping_add(1);
+        let (user, plugin) = loop {
+            match step {
+                AuthStep::Switch(p) => {
+                    write_packet(&mut self.client, seq, &p)
+                        .await
+                        .map_err(SessionEnd::Client)?;
+                    let h = read_packet(&mut self.client, &mut self.cbuf, HANDSHAKE_LIMIT)
+                        .await
+                        .map_err(SessionEnd::Client)?;
+                    step = auth.answer(&self.cbuf.filled()[4..h.total()], &ip);
+                    self.cbuf.consume(h.total());
+                    seq = h.seq.wrapping_add(1);
+                }
+                AuthStep::Accept { user, plugin } => break (user, plugin),
+                AuthStep::Deny(e) => {
+                    let _ = write_packet(&mut self.client, seq, &e.encode()).await;
+                    return Ok(false);
+                }
             }
         };
+        if plugin == Plugin::CachingSha2 {
+            seq = write_packet(&mut self.client, seq, &[0x01, SHA2_FAST_AUTH_OK])
+                .await
+                .map_err(SessionEnd::Client)?;
+        }
         // A new session: whatever the old one held is reset and returned.
         self.finish();
-        self.user = user;
-        self.db = cu.database;
-        self.forget_session();
+        self.s.reset(cu.database);
+        self.s.user = user;
         if let Some(c) = cu.collation {
-            self.collation = c as u8;
+            self.s.collation = c as u8;
         }
-        self.key = pool_key(&self.user, self.caps, self.collation);
-        self.status = status::AUTOCOMMIT;
-        if self.db.is_some() {
-            if let Err(e) = self.ensure_backend(true).await {
+        self.key = pool_key(&self.s);
+        if self.s.state.schema.is_some() {
+            if let Err(e) = self.ensure_backend(Needs::default(), true).await {
                 let _ = write_packet(&mut self.client, seq, &e.encode()).await;
                 return Ok(false);
             }
-            self.maybe_release();
+            self.maybe_release().await?;
         }
-        write_packet(&mut self.client, seq, &ok_packet(self.status))
+        write_packet(&mut self.client, seq, &ok_packet(self.s.status))
             .await
             .map_err(SessionEnd::Client)?;
         Ok(true)
@@ -1225,5 +1466,13 @@ fn malformed(what: &str) -> ErrPacket {
         errcode::ER_HANDSHAKE_ERROR,
         "08S01",
         format!("Malformed packet: {what}"),
+    )
+}
+
+fn unavailable(why: &str) -> ErrPacket {
+    ErrPacket::new(
+        errcode::PROXY_BACKEND_UNAVAILABLE,
+        "08S01",
+        format!("(dbproxy) {why}"),
     )
 }

@@ -10,3 +10,4 @@ pub mod io;
 pub mod mysql;
 pub mod pool;
 pub mod runtime;
+pub mod session;

@@ -62,7 +62,10 @@ impl ProxyShared {
                 .into_iter()
                 .next()
                 .ok_or_else(|| StartError::Config(format!("target {first} resolves to nothing")))?;
-            groups.insert(g.name.clone(), GroupShared::new(g, addr));
+            groups.insert(
+                g.name.clone(),
+                GroupShared::new(g, addr, config.proxy.verify_checkin),
+            );
         }
         Ok(Arc::new(ProxyShared {
             users: Users::new(&config.users),

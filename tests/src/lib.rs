@@ -181,6 +181,8 @@ impl MariaDb {
             .arg("--innodb-log-file-size=48M")
             .arg("--max-connections=1000")
             .arg("--local-infile=1")
+            // dbproxy's test-only check-in verification lists a connection's locks here.
+            .arg("--plugin-load-add=metadata_lock_info")
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -337,6 +339,7 @@ impl Proxy {
         let config = format!(
             r#"[proxy]
 {workers}
+{verify}
 io = "{io}"
 {proxy_extra}
 
@@ -383,6 +386,11 @@ auth_plugin = "mysql_native_password"
                 ""
             } else {
                 "workers = 2"
+            },
+            verify = if proxy_extra.contains("verify_checkin") {
+                ""
+            } else {
+                "verify_checkin = true"
             },
         );
         let path = dir.path().join("dbproxy.toml");
@@ -467,6 +475,31 @@ auth_plugin = "mysql_native_password"
         ))
     }
 
+    /// Check-ins verified and check-ins whose backend session differed from dbproxy's
+    /// record (`verify_checkin`, on for every dbproxy the tests start).
+    pub fn checkin_verification(&self) -> (i64, i64) {
+        (
+            self.metric("dbproxy_checkins_verified_total{target_group=\"default\"}"),
+            self.metric("dbproxy_checkin_violations_total{target_group=\"default\"}"),
+        )
+    }
+
+    /// Panics when a check-in was found different from dbproxy's record of it.
+    pub fn assert_clean_checkins(&self) {
+        let log = self.log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("check-in verification failed"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "[{}] {} dirty check-in(s):\n{}",
+            self.io,
+            bad.len(),
+            bad.join("\n")
+        );
+    }
+
     /// What dbproxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -516,6 +549,10 @@ impl Drop for Proxy {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            // Every test checks, on its way out, that no check-in was dirty.
+            self.assert_clean_checkins();
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The admin endpoint: Prometheus metrics over plain HTTP, off the data path (its own
 //! thread, blocking std sockets, one short request at a time).
 
-use crate::mysql::pins::PinReason;
+use crate::pool::BORROW_WAIT_BUCKETS;
 use crate::runtime::ProxyShared;
+use crate::session::pins::PinReason;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -80,7 +81,7 @@ pub fn render(shared: &ProxyShared) -> String {
     );
     let mut groups: Vec<_> = shared.groups.values().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
-    let series: [Series; 9] = [
+    let series: [Series; 11] = [
         (
             "dbproxy_backend_connections",
             "gauge",
@@ -135,6 +136,18 @@ pub fn render(shared: &ProxyShared) -> String {
             "Idle connections handed from one core to another.",
             |g| g.stats.moved_between_cores.load(Ordering::Relaxed),
         ),
+        (
+            "dbproxy_checkins_verified_total",
+            "counter",
+            "Check-ins whose backend session was verified against dbproxy's record (verify_checkin).",
+            |g| g.stats.checkins_verified.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_checkin_violations_total",
+            "counter",
+            "Check-ins whose backend session differed from dbproxy's record (verify_checkin).",
+            |g| g.stats.checkin_violations.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -158,6 +171,31 @@ pub fn render(shared: &ProxyShared) -> String {
             o,
             "dbproxy_guard_protected_destinations {}",
             g.protected.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP dbproxy_borrow_wait_seconds How long clients waited for a backend connection.\n# TYPE dbproxy_borrow_wait_seconds histogram"
+    );
+    for g in &groups {
+        let mut cumulative = 0;
+        for (i, n) in g.stats.borrow_waits.iter().enumerate() {
+            cumulative += n.load(Ordering::Relaxed);
+            let le = BORROW_WAIT_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                o,
+                "dbproxy_borrow_wait_seconds_bucket{{target_group=\"{}\",le=\"{le}\"}} {cumulative}",
+                g.name
+            );
+        }
+        let _ = writeln!(
+            o,
+            "dbproxy_borrow_wait_seconds_sum{{target_group=\"{}\"}} {}\ndbproxy_borrow_wait_seconds_count{{target_group=\"{}\"}} {cumulative}",
+            g.name,
+            g.stats.borrow_wait_us.load(Ordering::Relaxed) as f64 / 1e6,
+            g.name
         );
     }
     let _ = writeln!(

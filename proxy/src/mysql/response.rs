@@ -43,6 +43,17 @@ enum State {
     Done,
 }
 
+/// How a response ended: what ROW_COUNT(), FOUND_ROWS() and the warning count follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An OK packet: affected rows and warnings.
+    Ok { affected: u64, warnings: u16 },
+    /// A result set's terminator: rows in that (last) result set, warnings.
+    Rows { rows: u64, warnings: u16 },
+    /// An ERR packet.
+    Err,
+}
+
 /// Tracks one response.
 #[derive(Debug, Clone)]
 pub struct ResponseTracker {
@@ -58,6 +69,9 @@ pub struct ResponseTracker {
     last_seq: u8,
     /// The packet fed last was an OK packet (command OK, or an OK-style terminator).
     last_ok: bool,
+    /// Rows of the result set being read.
+    rows: u64,
+    end: Option<End>,
 }
 
 impl ResponseTracker {
@@ -82,7 +96,47 @@ impl ResponseTracker {
             status: None,
             last_seq: 0,
             last_ok: false,
+            rows: 0,
+            end: None,
         }
+    }
+
+    /// How the response (or, while it goes on, its last result) ended.
+    pub fn end(&self) -> Option<End> {
+        self.end
+    }
+
+    /// Notes an OK packet (0x00, or 0xFE with DEPRECATE_EOF) or an EOF that ends a result.
+    fn note_end(&mut self, payload: &[u8], rows: bool) {
+        let warnings =
+            if payload.first() == Some(&0xfe) && (!self.deprecate_eof || payload.len() < 7) {
+                // EOF: 0xFE, warnings(2), status(2)
+                payload
+                    .get(1..3)
+                    .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+            } else {
+                let mut r = Reader::new(payload.get(1..).unwrap_or_default());
+                let affected = r.lenenc("affected rows").ok().flatten().unwrap_or(0);
+                let _ = r.lenenc("last insert id");
+                let _ = r.u16("status");
+                let warnings = r.u16("warnings").unwrap_or(0);
+                if !rows {
+                    self.end = Some(End::Ok { affected, warnings });
+                    return;
+                }
+                warnings
+            };
+        self.end = Some(if rows {
+            End::Rows {
+                rows: self.rows,
+                warnings,
+            }
+        } else {
+            End::Ok {
+                affected: 0,
+                warnings,
+            }
+        });
     }
 
     /// Status flags of the last OK/EOF seen (ERR packets carry none).
@@ -179,14 +233,23 @@ impl ResponseTracker {
                     }
                 }
                 self.last_ok = first == Some(0x00) && len >= 7;
+                match first {
+                    Some(0x00) => self.note_end(payload, false),
+                    Some(0xff) => self.end = Some(End::Err),
+                    _ => {}
+                }
                 self.done()
             }
             State::First => match first {
                 Some(0x00) | Some(0xfe) => {
                     self.last_ok = first == Some(0x00) || self.deprecate_eof;
+                    self.note_end(payload, false);
                     self.end_of_result(payload)
                 }
-                Some(0xff) => self.done(),
+                Some(0xff) => {
+                    self.end = Some(End::Err);
+                    self.done()
+                }
                 Some(0xfb) if self.kind == ResponseKind::Query => {
                     self.state = State::Done;
                     Step::LocalInfile
@@ -196,6 +259,7 @@ impl ResponseTracker {
                     if n == 0 {
                         return Err(ProtocolError::Malformed("result set with zero columns"));
                     }
+                    self.rows = 0;
                     self.state = State::Columns(n);
                     Step::More
                 }
@@ -203,6 +267,7 @@ impl ResponseTracker {
             },
             State::Columns(left) => {
                 if first == Some(0xff) {
+                    self.end = Some(End::Err);
                     return Ok(self.done());
                 }
                 self.state = match left - 1 {
@@ -217,13 +282,17 @@ impl ResponseTracker {
                     let flags = terminator_status(payload, self.caps).unwrap_or(0);
                     self.status = Some(flags);
                     if self.kind == ResponseKind::Execute && flags & status::CURSOR_EXISTS != 0 {
+                        self.note_end(payload, true);
                         self.done()
                     } else {
                         self.state = State::Rows;
                         Step::More
                     }
                 }
-                Some(0xff) => self.done(),
+                Some(0xff) => {
+                    self.end = Some(End::Err);
+                    self.done()
+                }
                 _ => {
                     return Err(ProtocolError::Malformed(
                         "expected EOF after column definitions",
@@ -232,11 +301,14 @@ impl ResponseTracker {
             },
             State::Rows => {
                 if first == Some(0xff) {
+                    self.end = Some(End::Err);
                     self.done()
                 } else if self.is_terminator(len, payload) {
                     self.last_ok = self.deprecate_eof;
+                    self.note_end(payload, true);
                     self.end_of_result(payload)
                 } else {
+                    self.rows += 1;
                     Step::More
                 }
             }
@@ -248,7 +320,10 @@ impl ResponseTracker {
                     let params = r.u16("parameter count")?;
                     self.after_params_or_columns(params, columns)
                 }
-                Some(0xff) => self.done(),
+                Some(0xff) => {
+                    self.end = Some(End::Err);
+                    self.done()
+                }
                 _ => {
                     return Err(ProtocolError::Malformed(
                         "expected OK or ERR to COM_STMT_PREPARE",
@@ -371,6 +446,53 @@ mod tests {
         assert_eq!(steps.last(), Some(&Step::Done));
         assert!(steps[..steps.len() - 1].iter().all(|s| *s == Step::More));
         assert_eq!(t.status(), Some(2));
+        assert_eq!(
+            t.end(),
+            Some(End::Rows {
+                rows: 2,
+                warnings: 0
+            })
+        );
+    }
+
+    #[test]
+    fn endings_carry_rows_affected_and_warnings() {
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        // OK: 3 affected rows, insert id 0, status 2, 1 warning.
+        feed_all(&mut t, &[vec![0, 3, 0, 2, 0, 1, 0]]);
+        assert_eq!(
+            t.end(),
+            Some(End::Ok {
+                affected: 3,
+                warnings: 1
+            })
+        );
+        let mut t = ResponseTracker::new(ResponseKind::Query, DEP_CAPS);
+        let mut term = ok_fe(2);
+        term[5] = 2; // two warnings
+        feed_all(&mut t, &[vec![1], coldef(), b"\x011".to_vec(), term]);
+        assert_eq!(
+            t.end(),
+            Some(End::Rows {
+                rows: 1,
+                warnings: 2
+            })
+        );
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        let mut e = eof(2);
+        e[1] = 4;
+        feed_all(&mut t, &[vec![1], coldef(), eof(2), e]);
+        assert_eq!(
+            t.end(),
+            Some(End::Rows {
+                rows: 0,
+                warnings: 4
+            })
+        );
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        let err = crate::mysql::wire::ErrPacket::new(1064, "42000", "syntax").encode();
+        feed_all(&mut t, &[err]);
+        assert_eq!(t.end(), Some(End::Err));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! One backend connection: opening and logging in, simple commands, and the reset that
-//! makes it fit for the next client.
+//! One backend connection: opening and logging in, simple commands, replaying a client's
+//! session, preparing statements in their context, the reset that makes it fit for any
+//! client, and (for tests) checking that dbproxy's record of its session is the truth.
 
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
@@ -7,10 +8,13 @@ use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
 use crate::mysql::handshake::ServerHandshake;
 use crate::mysql::response::{ResponseTracker, Step};
-use crate::mysql::session::{changes, parse_ok, Change, Replay, SessionState};
-use crate::mysql::stmt::{parse_prepare_ok, BackendStmts};
+use crate::mysql::resultset::{Packets, TextResult};
+use crate::mysql::session::{changes, parse_ok};
+use crate::mysql::stmt::parse_prepare_ok;
 use crate::mysql::wire::ErrPacket;
 use crate::mysql::{ProtocolError, MAX_PAYLOAD};
+use crate::session::state::{self, BackendSession, Replay};
+use crate::session::stmts::{BackendStmts, StmtContext, StmtKey, CONTEXT_VARS};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
@@ -58,19 +62,26 @@ pub struct BackendConn<S> {
     pub collation: u8,
     /// The backend's connection (thread) id.
     pub thread_id: u32,
-    /// The session as the server reported it through session tracking.
-    pub state: SessionState,
-    /// Variable values right after a reset (tracking switched on, `init_query` run).
-    pub baseline: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// What the session holds, as dbproxy knows it.
+    pub session: BackendSession,
     /// Binary-protocol statements prepared on this connection.
     pub stmts: BackendStmts,
     pub creds: Arc<Credentials>,
     nonce: Vec<u8>,
     pub created: Instant,
+    /// Every session variable right after the connection was set up (only kept when the
+    /// check-in verification is on).
+    pub snapshot: Option<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The record's fingerprint at the last full comparison of the session variables that
+    /// passed, and the check-ins verified since (check-in verification).
+    verified: Option<(u64, u32)>,
 }
 
 /// Receive buffer kept by an idle backend connection.
 pub const BACKEND_BUF: usize = 16 * 1024;
+
+/// The check-in verification compares every session variable at least this often.
+pub const FULL_CHECK_EVERY: u32 = 16;
 
 /// Prepared statements kept per backend connection.
 pub const STMT_CACHE: usize = 256;
@@ -99,12 +110,13 @@ impl<S> BackendConn<S> {
             caps: self.caps,
             collation: self.collation,
             thread_id: self.thread_id,
-            state: self.state,
-            baseline: self.baseline,
+            session: self.session,
             stmts: self.stmts,
             creds: self.creds,
             nonce: self.nonce,
             created: self.created,
+            snapshot: self.snapshot,
+            verified: self.verified,
         })
     }
 }
@@ -141,12 +153,13 @@ impl<S: Stream> BackendConn<S> {
             caps,
             collation,
             thread_id: hs.connection_id,
-            state: SessionState::default(),
-            baseline: BTreeMap::new(),
+            session: BackendSession::default(),
             stmts: BackendStmts::new(STMT_CACHE),
             creds,
             nonce: hs.nonce,
             created: Instant::now(),
+            snapshot: None,
+            verified: None,
         };
         conn.finish_login(&mut login, Some(deadline)).await?;
         Ok((conn, profile))
@@ -171,15 +184,15 @@ impl<S: Stream> BackendConn<S> {
         }
     }
 
-    /// Sends a one-packet command and reads its whole response, discarding result rows.
-    /// `Ok(Err(e))` is the server's ERR: the connection itself is fine.
-    pub async fn command(
+    /// Reads a whole response to a command of `kind` into memory (small responses only:
+    /// dbproxy's own queries and the answers it rewrites), applying its session tracking
+    /// to this connection's record. `Ok(Err(e))` is the server's ERR.
+    pub async fn read_response(
         &mut self,
-        payload: &[u8],
         kind: ResponseKind,
-    ) -> Result<Result<(), ErrPacket>, BackendError> {
-        write_packet(&mut self.stream, 0, payload).await?;
+    ) -> Result<Result<Packets, ErrPacket>, BackendError> {
         let mut tracker = ResponseTracker::new(kind, self.caps);
+        let mut packets = Vec::new();
         let mut err = None;
         loop {
             let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, None).await?;
@@ -189,8 +202,9 @@ impl<S: Stream> BackendConn<S> {
             }
             let step = tracker.feed(h, p)?;
             if tracker.last_ok() {
-                apply_ok(&mut self.state, p, self.caps)?;
+                apply_ok(&mut self.session, p, self.caps)?;
             }
+            packets.push(p.to_vec());
             self.buf.consume(h.total());
             match step {
                 Step::Done => break,
@@ -203,26 +217,54 @@ impl<S: Stream> BackendConn<S> {
             }
         }
         self.buf.shrink(BACKEND_BUF);
-        Ok(err.map_or(Ok(()), Err))
+        Ok(err.map_or(Ok(Packets(packets)), Err))
+    }
+
+    /// Sends a one-packet command and reads its whole response, discarding result rows.
+    /// `Ok(Err(e))` is the server's ERR: the connection itself is fine.
+    pub async fn command(
+        &mut self,
+        payload: &[u8],
+        kind: ResponseKind,
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
+        write_packet(&mut self.stream, 0, payload).await?;
+        Ok(self.read_response(kind).await?.map(drop))
     }
 
     /// Runs a query; an ERR reply is an error.
     pub async fn query(&mut self, sql: &str) -> Result<(), BackendError> {
-        let mut p = Vec::with_capacity(sql.len() + 1);
-        p.push(com::QUERY);
-        p.extend_from_slice(sql.as_bytes());
-        self.command(&p, ResponseKind::Query)
+        self.command(&query_packet(sql), ResponseKind::Query)
             .await?
             .map_err(BackendError::Server)
     }
 
-    /// Makes `db` the default database. `Ok(Err(e))`: the server refused (e.g. unknown
+    /// Runs a query that returns one result set and takes it apart. `Ok(Err(e))`: the
+    /// server's ERR.
+    pub async fn query_result(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
+        write_packet(&mut self.stream, 0, &query_packet(sql)).await?;
+        self.read_text_result().await
+    }
+
+    /// Reads the response to a query already sent (a pipelined read-back) as one result set.
+    pub async fn read_text_result(
+        &mut self,
+    ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
+        Ok(match self.read_response(ResponseKind::Query).await? {
+            Ok(p) => Ok(TextResult::parse(&p.0, self.caps)?),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Makes `name` the default database. `Ok(Err(e))`: the server refused (e.g. unknown
     /// database); nothing changed.
     pub async fn use_database(
         &mut self,
         name: &[u8],
     ) -> Result<Result<(), ErrPacket>, BackendError> {
-        if self.state.schema.as_deref() == Some(name) {
+        if self.session.schema.as_deref() == Some(name) {
             return Ok(Ok(()));
         }
         let mut p = Vec::with_capacity(name.len() + 1);
@@ -230,19 +272,27 @@ impl<S: Stream> BackendConn<S> {
         p.extend_from_slice(name);
         let r = self.command(&p, ResponseKind::Single).await?;
         if r.is_ok() {
-            self.state.schema = Some(name.to_vec());
+            self.session.schema = Some(name.to_vec());
         }
         Ok(r)
     }
 
     /// Switches session tracking on and runs `init_query`; what they set is the baseline.
-    pub async fn init_session(&mut self, init_query: &str) -> Result<(), BackendError> {
+    /// With `snapshot`, also records every session variable (for the check-in verification).
+    pub async fn init_session(
+        &mut self,
+        init_query: &str,
+        snapshot: bool,
+    ) -> Result<(), BackendError> {
         self.query(TRACKING_SQL).await?;
         self.query(CHARSET_BASELINE_SQL).await?;
         if !init_query.is_empty() {
             self.query(init_query).await?;
         }
-        self.baseline = self.state.vars.clone();
+        self.session.baseline = self.session.vars.clone();
+        if snapshot {
+            self.snapshot = Some(self.session_variables().await?);
+        }
         Ok(())
     }
 
@@ -252,9 +302,10 @@ impl<S: Stream> BackendConn<S> {
             Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
         write_packet(&mut self.stream, 0, &p).await?;
         self.finish_login(&mut login, None).await?;
-        self.state = SessionState::default();
+        self.session.reset(false);
         self.stmts.clear();
-        self.init_session(init_query).await
+        let snapshot = self.snapshot.is_some();
+        self.init_session(init_query, snapshot).await
     }
 
     /// Clears everything a client left behind (transaction, locks, variables, temporary
@@ -264,21 +315,21 @@ impl<S: Stream> BackendConn<S> {
         self.command(&[com::RESET_CONNECTION], ResponseKind::Single)
             .await?
             .map_err(BackendError::Server)?;
-        self.state.vars.clear();
+        self.session.reset(true);
         self.stmts.clear();
-        self.init_session(init_query).await
+        let snapshot = self.snapshot.is_some();
+        self.init_session(init_query, snapshot).await
     }
 
-    /// Brings this session to a client's state. `Ok(Err(e))`: the server refused a step
-    /// (e.g. the client's database was dropped meanwhile).
+    /// Runs a replay plan; `replan` plans again after a reset (which clears everything).
+    /// `Ok(Err(e))`: the server refused a step (e.g. the client's database was dropped).
     pub async fn replay(
         &mut self,
-        plan: &Replay,
-        client_vars: &BTreeMap<Vec<u8>, Vec<u8>>,
-        client_schema: Option<&[u8]>,
+        plan: Replay,
+        replan: impl Fn(&BackendSession) -> Replay,
         init_query: &str,
     ) -> Result<Result<(), ErrPacket>, BackendError> {
-        let mut plan = plan.clone();
+        let mut plan = plan;
         tracing::debug!(
             thread_id = self.thread_id,
             ?plan,
@@ -286,67 +337,100 @@ impl<S: Stream> BackendConn<S> {
         );
         if plan.reset {
             self.change_user(init_query).await?;
-            plan = crate::mysql::session::plan_replay(
-                client_schema,
-                client_vars,
-                &self.state,
-                &self.baseline,
-            );
+            plan = replan(&self.session);
         }
         if let Some(set) = &plan.set {
-            let mut p = Vec::with_capacity(set.len() + 1);
+            if let Err(e) = self
+                .command(&query_packet(set), ResponseKind::Query)
+                .await?
+            {
+                return Ok(Err(e));
+            }
+        }
+        if let Some(tx) = &plan.next_transaction {
+            let mut p = Vec::with_capacity(tx.len() + 1);
             p.push(com::QUERY);
-            p.extend_from_slice(set.as_bytes());
+            p.extend_from_slice(tx);
             if let Err(e) = self.command(&p, ResponseKind::Query).await? {
                 return Ok(Err(e));
             }
         }
+        plan.done(&mut self.session);
         if let Some(db) = &plan.init_db {
             return self.use_database(db).await;
         }
         Ok(Ok(()))
     }
 
-    /// Prepares `sql` on this connection (binary protocol) and caches it; returns the
-    /// backend statement id. `Ok(Err(e))`: the server refused the statement.
+    /// Makes sure the statement `key` is prepared here, in the context its client prepared
+    /// it in (default schema, sql_mode, character sets); returns the backend id. The
+    /// connection goes back to the context it had (a connection without a default schema
+    /// keeps the one it had to select). `Ok(Err(e))`: the server refused.
     pub async fn prepare(
         &mut self,
-        sql: &Arc<[u8]>,
+        key: &Arc<StmtKey>,
     ) -> Result<Result<u32, ErrPacket>, BackendError> {
-        if let Some(s) = self.stmts.get_mut(sql) {
+        if let Some(s) = self.stmts.get_mut(key) {
             return Ok(Ok(s.id));
         }
-        let mut p = Vec::with_capacity(sql.len() + 1);
+        let Some(switch) = state::context_switch(&key.context, &self.session) else {
+            return self.prepare_here(key).await;
+        };
+        let back = StmtContext {
+            schema: self.session.schema.clone(),
+            vars: CONTEXT_VARS.map(|n| self.session.var(n).map(<[u8]>::to_vec)),
+        };
+        if let Err(e) = self.switch_context(switch).await? {
+            return Ok(Err(e));
+        }
+        let result = self.prepare_here(key).await?;
+        if let Some(switch) = state::context_switch(&back, &self.session) {
+            if let Err(e) = self.switch_context(switch).await? {
+                return Ok(Err(e));
+            }
+        }
+        Ok(result)
+    }
+
+    async fn switch_context(
+        &mut self,
+        (set, db): (Option<String>, Option<Vec<u8>>),
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
+        if let Some(set) = set {
+            if let Err(e) = self
+                .command(&query_packet(&set), ResponseKind::Query)
+                .await?
+            {
+                return Ok(Err(e));
+            }
+        }
+        match db {
+            Some(db) => self.use_database(&db).await,
+            None => Ok(Ok(())),
+        }
+    }
+
+    async fn prepare_here(
+        &mut self,
+        key: &Arc<StmtKey>,
+    ) -> Result<Result<u32, ErrPacket>, BackendError> {
+        let mut p = Vec::with_capacity(key.sql.len() + 1);
         p.push(com::STMT_PREPARE);
-        p.extend_from_slice(sql);
+        p.extend_from_slice(&key.sql);
         write_packet(&mut self.stream, 0, &p).await?;
-        let mut tracker = ResponseTracker::new(ResponseKind::Prepare, self.caps);
-        let mut result = None;
-        loop {
-            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, None).await?;
-            let p = &self.buf.filled()[4..h.total()];
-            if result.is_none() {
-                result = Some(match p.first() {
-                    Some(0xff) => Err(ErrPacket::parse(p)?),
-                    _ => Ok(parse_prepare_ok(p)?),
-                });
-            }
-            let step = tracker.feed(h, p)?;
-            self.buf.consume(h.total());
-            if step == Step::Done {
-                break;
-            }
+        let packets = match self.read_response(ResponseKind::Prepare).await? {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let first = packets
+            .0
+            .first()
+            .ok_or(ProtocolError::Malformed("empty reply to COM_STMT_PREPARE"))?;
+        let (id, _columns, params) = parse_prepare_ok(first)?;
+        if let Some(close) = self.stmts.insert(key.clone(), id, params) {
+            self.close_statement(close).await?;
         }
-        match result {
-            Some(Ok((id, _columns, params))) => {
-                if let Some(close) = self.stmts.insert(sql.clone(), id, params) {
-                    self.close_statement(close).await?;
-                }
-                Ok(Ok(id))
-            }
-            Some(Err(e)) => Ok(Err(e)),
-            None => Err(ProtocolError::Malformed("empty reply to COM_STMT_PREPARE").into()),
-        }
+        Ok(Ok(id))
     }
 
     /// COM_STMT_CLOSE (the server sends no reply).
@@ -361,26 +445,256 @@ impl<S: Stream> BackendConn<S> {
     pub async fn quit(mut self) {
         let _ = write_packet(&mut self.stream, 0, &[com::QUIT]).await;
     }
+
+    /// Every session variable, lowercased name -> value.
+    async fn session_variables(&mut self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, BackendError> {
+        let r = self
+            .query_result(
+                "SELECT LOWER(VARIABLE_NAME), VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES",
+            )
+            .await?
+            .map_err(BackendError::Server)?;
+        let mut out = BTreeMap::new();
+        for row in &r.rows {
+            let v = crate::mysql::resultset::parse_text_row(row, 2)?;
+            if let [Some(n), v] = v.as_slice() {
+                out.insert(n.to_vec(), v.unwrap_or_default().to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Test-only: checks that the session is what dbproxy recorded of it. Every time: the
+    /// schema, no transaction, LAST_INSERT_ID(), no pending insert_id, the user variables,
+    /// no locks of any kind, none of `temp_tables`; every session variable (about 600, the
+    /// costly part) whenever dbproxy's record of the connection changed since the last full
+    /// comparison, and on every [`FULL_CHECK_EVERY`]th check-in otherwise. `Ok(Err(why))`:
+    /// the session differs from the record.
+    pub async fn verify(
+        &mut self,
+        temp_tables: &[Vec<u8>],
+    ) -> Result<Result<(), String>, BackendError> {
+        const VOLATILE: [&str; 10] = [
+            "timestamp",
+            "last_insert_id",
+            "identity",
+            "warning_count",
+            "error_count",
+            "rand_seed1",
+            "rand_seed2",
+            "last_gtid",
+            "in_transaction",
+            "insert_id",
+        ];
+        let sql = "SELECT DATABASE(), @@in_transaction, LAST_INSERT_ID(), @@session.insert_id, \
+             (SELECT COUNT(*) FROM information_schema.USER_VARIABLES), \
+             (SELECT COUNT(*) FROM information_schema.METADATA_LOCK_INFO WHERE THREAD_ID = CONNECTION_ID())";
+        let r = match self.query_result(sql).await? {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "cannot verify (is the metadata_lock_info plugin loaded?): {e}"
+                )))
+            }
+        };
+        let row = r
+            .rows
+            .first()
+            .ok_or(ProtocolError::Truncated("verification row"))?;
+        let v = crate::mysql::resultset::parse_text_row(row, 6)?;
+        let col = |i: usize| v.get(i).copied().flatten();
+        let mut problems = Vec::new();
+        if col(0) != self.session.schema.as_deref() {
+            problems.push(format!(
+                "schema is {:?}, recorded {:?}",
+                col(0).map(String::from_utf8_lossy),
+                self.session.schema.as_deref().map(String::from_utf8_lossy)
+            ));
+        }
+        if col(1) != Some(b"0") {
+            problems.push("a transaction is open".into());
+        }
+        let lid = col(2).unwrap_or(b"0");
+        if lid != self.session.last_insert_id.to_string().as_bytes() {
+            problems.push(format!(
+                "LAST_INSERT_ID() is {}, recorded {}",
+                String::from_utf8_lossy(lid),
+                self.session.last_insert_id
+            ));
+        }
+        if col(3).is_some_and(|v| v != b"0") {
+            problems.push("an insert_id is pending".into());
+        }
+        if col(5).is_some_and(|v| v != b"0") {
+            problems.push(format!(
+                "{} metadata lock(s) held",
+                String::from_utf8_lossy(col(5).unwrap_or_default())
+            ));
+        }
+        if col(4).is_some_and(|v| v != b"0") || !self.session.user_vars.is_empty() {
+            if let Err(p) = self.verify_user_variables().await? {
+                problems.push(p);
+            }
+        }
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.session.vars.hash(&mut h);
+            self.session.baseline.hash(&mut h);
+            h.finish()
+        };
+        let (last, since) = self.verified.unwrap_or((0, u32::MAX));
+        if last != fingerprint || since >= FULL_CHECK_EVERY {
+            let before = problems.len();
+            let now = self.session_variables().await?;
+            if let Some(snapshot) = &self.snapshot {
+                for (name, value) in &now {
+                    if VOLATILE.iter().any(|v| v.as_bytes() == name.as_slice()) {
+                        continue;
+                    }
+                    let want = self
+                        .session
+                        .vars
+                        .get(name)
+                        .or_else(|| self.session.baseline.get(name))
+                        .or_else(|| snapshot.get(name));
+                    if want.is_some_and(|w| !same_value(w, value)) {
+                        problems.push(format!(
+                            "@@{} is {:?}, recorded {:?}",
+                            String::from_utf8_lossy(name),
+                            String::from_utf8_lossy(value),
+                            want.map(|w| String::from_utf8_lossy(w).into_owned())
+                        ));
+                    }
+                }
+            }
+            if problems.len() == before {
+                self.verified = Some((fingerprint, 0));
+            }
+        } else {
+            self.verified = Some((fingerprint, since + 1));
+        }
+        for t in temp_tables {
+            let sql = format!("SHOW CREATE TABLE {}", String::from_utf8_lossy(t));
+            if let Ok(r) = self.query_result(&sql).await? {
+                let temporary = r.rows.iter().any(|row| {
+                    row.windows(22)
+                        .any(|w| w.eq_ignore_ascii_case(b"CREATE TEMPORARY TABLE"))
+                });
+                if temporary {
+                    problems.push(format!(
+                        "temporary table {} exists",
+                        String::from_utf8_lossy(t)
+                    ));
+                }
+            }
+        }
+        Ok(if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        })
+    }
+
+    /// Test-only: the user variables the server has, read back with their types, against
+    /// the record.
+    async fn verify_user_variables(&mut self) -> Result<Result<(), String>, BackendError> {
+        use crate::session::uservars::{
+            parse_value, push_read_back, same, UserVars, COLUMNS_PER_VAR,
+        };
+        let names = self
+            .query_result("SELECT VARIABLE_NAME FROM information_schema.USER_VARIABLES")
+            .await?
+            .map_err(BackendError::Server)?;
+        let names: Vec<Vec<u8>> = names
+            .rows
+            .iter()
+            .filter_map(|r| crate::mysql::resultset::parse_text_row(r, 1).ok())
+            .filter_map(|v| v.first().copied().flatten().map(|n| n.to_ascii_lowercase()))
+            .collect();
+        let mut server = UserVars::new();
+        if !names.is_empty() {
+            let mut sql = String::from("SELECT ");
+            for n in &names {
+                push_read_back(&mut sql, n);
+            }
+            let r = self
+                .query_result(&sql)
+                .await?
+                .map_err(BackendError::Server)?;
+            let row = r
+                .rows
+                .first()
+                .ok_or(ProtocolError::Truncated("user variables"))?;
+            let values = crate::mysql::resultset::parse_text_row(row, r.columns.len())?;
+            for (i, n) in names.iter().enumerate() {
+                let at = i * COLUMNS_PER_VAR;
+                let (Some(col), Some(cols)) =
+                    (r.columns.get(at), values.get(at..at + COLUMNS_PER_VAR))
+                else {
+                    continue;
+                };
+                match parse_value(col, cols) {
+                    Ok(v) => {
+                        server.insert(n.clone(), v);
+                    }
+                    Err(e) => {
+                        return Ok(Err(format!(
+                            "user variable @{}: {e}",
+                            String::from_utf8_lossy(n)
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(if same(&server, &self.session.user_vars) {
+            Ok(())
+        } else {
+            Err(format!(
+                "user variables are {server:?}, recorded {:?}",
+                self.session.user_vars
+            ))
+        })
+    }
 }
 
-/// Applies the session-tracking information of an OK packet to `state`. Returns whether
-/// the server reported a state change that no tracked schema or variable explains.
+/// Two renderings of a variable's value that mean the same (session tracking prints some
+/// values differently from `information_schema`).
+fn same_value(a: &[u8], b: &[u8]) -> bool {
+    if a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    let boolish = |v: &[u8]| match v.to_ascii_uppercase().as_slice() {
+        b"ON" | b"1" => Some(true),
+        b"OFF" | b"0" => Some(false),
+        _ => None,
+    };
+    matches!((boolish(a), boolish(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn query_packet(sql: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(sql.len() + 1);
+    p.push(com::QUERY);
+    p.extend_from_slice(sql.as_bytes());
+    p
+}
+
+/// Applies the session-tracking information of an OK packet of dbproxy's own statements
+/// to `session`.
 pub fn apply_ok(
-    state: &mut SessionState,
+    session: &mut BackendSession,
     payload: &[u8],
     caps: u32,
-) -> Result<bool, ProtocolError> {
+) -> Result<(), ProtocolError> {
     let ok = parse_ok(payload, caps)?;
     let Some(range) = ok.state else {
-        return Ok(false);
+        return Ok(());
     };
-    let mut explained = false;
-    let mut changed = false;
-    for c in changes(&payload[range])? {
-        match c {
-            Change::StateChanged => changed = true,
-            other => explained |= state.apply(&other),
-        }
+    let data = payload
+        .get(range)
+        .ok_or(ProtocolError::Truncated("session state"))?;
+    for c in changes(data)? {
+        session.apply(&c);
     }
-    Ok(changed && !explained)
+    Ok(())
 }

@@ -14,7 +14,7 @@ use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{idle_socket_is_healthy, BackendAddr, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
-use crate::mysql::pins::PinReason;
+use crate::session::pins::PinReason;
 use backend::{BackendConn, BackendError, ServerProfile};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
@@ -116,9 +116,31 @@ pub struct GroupStats {
     pub borrow_timeouts: AtomicU64,
     pub connect_errors: AtomicU64,
     pub reset_errors: AtomicU64,
+    /// Check-ins whose session was not what dbproxy recorded (test-only verification).
+    pub checkin_violations: AtomicU64,
+    /// Check-ins verified (test-only verification).
+    pub checkins_verified: AtomicU64,
+    /// Borrows by how long the client waited (upper bounds in [`BORROW_WAIT_BUCKETS`]; the
+    /// last counts the rest), and the total wait in microseconds.
+    pub borrow_waits: [AtomicU64; BORROW_WAIT_BUCKETS.len() + 1],
+    pub borrow_wait_us: AtomicU64,
 }
 
+/// Upper bounds (seconds) of the borrow-wait histogram's buckets.
+pub const BORROW_WAIT_BUCKETS: [f64; 5] = [0.001, 0.01, 0.1, 1.0, 10.0];
+
 impl GroupStats {
+    /// Counts a borrow that waited `wait` (no clock is read for borrows that did not wait).
+    pub fn borrow_waited(&self, wait: Duration) {
+        let secs = wait.as_secs_f64();
+        let i = BORROW_WAIT_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BORROW_WAIT_BUCKETS.len());
+        self.borrow_waits[i].fetch_add(1, Ordering::Relaxed);
+        self.borrow_wait_us
+            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+    }
     pub fn pin_started(&self, r: PinReason) {
         self.pins_started[r.index()].fetch_add(1, Ordering::Relaxed);
         self.pins_active[r.index()].fetch_add(1, Ordering::Relaxed);
@@ -157,14 +179,19 @@ pub struct GroupShared {
     pub borrow_timeout: Duration,
     pub connect_timeout: Duration,
     pub init_query: String,
-    /// `session_pinning_filters = ["exclude_variable_sets"]`: SET statements never pin.
+    /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could not
+    /// be read back do not pin.
     pub exclude_variable_sets: bool,
+    /// `[proxy] verify_checkin` (for tests): check every clean check-in against the record.
+    pub verify_checkin: bool,
+    /// Names of temporary tables clients created (the verification looks for them).
+    pub temp_tables: Mutex<std::collections::BTreeSet<Vec<u8>>>,
     pub profile: RwLock<ServerProfile>,
     pub stats: GroupStats,
 }
 
 impl GroupShared {
-    pub fn new(cfg: &TargetGroupConfig, writer: BackendAddr) -> Arc<Self> {
+    pub fn new(cfg: &TargetGroupConfig, writer: BackendAddr, verify_checkin: bool) -> Arc<Self> {
         Arc::new(GroupShared {
             name: cfg.name.clone(),
             writer,
@@ -181,6 +208,8 @@ impl GroupShared {
             exclude_variable_sets: cfg
                 .session_pinning_filters
                 .contains(&PinningFilter::ExcludeVariableSets),
+            verify_checkin,
+            temp_tables: Mutex::new(Default::default()),
             profile: RwLock::new(ServerProfile::default()),
             stats: GroupStats::default(),
         })
@@ -334,10 +363,16 @@ impl<D: Driver> CorePool<D> {
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
         let conn = match self.take_idle(key, db) {
-            Some(c) => c,
+            Some(c) => {
+                self.shared.stats.borrow_waits[0].fetch_add(1, Ordering::Relaxed);
+                c
+            }
             None => {
-                let deadline = tokio::time::Instant::now() + self.shared.borrow_timeout;
-                self.acquire(key, db, deadline).await?
+                let start = tokio::time::Instant::now();
+                let deadline = start + self.shared.borrow_timeout;
+                let got = self.acquire(key, db, deadline).await;
+                self.shared.stats.borrow_waited(start.elapsed());
+                got?
             }
         };
         self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
@@ -463,7 +498,7 @@ impl<D: Driver> CorePool<D> {
         while !list.is_empty() {
             let i = list
                 .iter()
-                .rposition(|c| c.state.schema.as_deref() == db)
+                .rposition(|c| c.session.schema.as_deref() == db)
                 .unwrap_or(list.len() - 1);
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
@@ -509,7 +544,7 @@ impl<D: Driver> CorePool<D> {
             let (mut conn, profile) =
                 BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline)
                     .await?;
-            conn.init_session(&sh.init_query).await?;
+            conn.init_session(&sh.init_query, sh.verify_checkin).await?;
             Ok::<_, BackendError>((conn, profile))
         };
         // The reads inside give up at `deadline` themselves; this bounds the connect too.
@@ -542,9 +577,34 @@ impl<D: Driver> CorePool<D> {
     }
 
     /// Takes a connection back at a transaction boundary, its session state known: handed
-    /// to a waiter or kept idle as it is (the next borrower replays its own state).
-    pub fn checkin_clean(&self, conn: Pooled<D::Stream>) {
-        self.checkin(conn);
+    /// to a waiter or kept idle as it is (the next borrower replays its own state). With
+    /// the test-only `verify_checkin`, the session is first checked against the record;
+    /// a connection that differs is logged, counted and closed.
+    pub fn checkin_clean(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
+        if !self.shared.verify_checkin {
+            self.checkin(conn);
+            return;
+        }
+        let pool = self.clone();
+        tokio::task::spawn_local(async move {
+            let names: Vec<Vec<u8>> = pool.shared.temp_tables.lock().iter().cloned().collect();
+            let stats = &pool.shared.stats;
+            match conn.verify(&names).await {
+                Ok(Ok(())) => {
+                    stats.checkins_verified.fetch_add(1, Ordering::Relaxed);
+                    pool.checkin(conn);
+                }
+                Ok(Err(why)) => {
+                    stats.checkin_violations.fetch_add(1, Ordering::Relaxed);
+                    stats.closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(group = %pool.shared.name, thread_id = conn.thread_id, "check-in verification failed: {why}");
+                }
+                Err(e) => {
+                    stats.closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(group = %pool.shared.name, thread_id = conn.thread_id, "check-in verification could not run: {e}");
+                }
+            }
+        });
     }
 
     /// Takes a connection back from a client that left something behind (a transaction,

@@ -1,0 +1,759 @@
+//! Per-statement state a client reads about its own previous statements: ROW_COUNT(),
+//! FOUND_ROWS(), the warning list (SHOW WARNINGS, SHOW ERRORS, GET DIAGNOSTICS) and its
+//! counts (`@@warning_count`, `@@error_count`).
+//!
+//! MariaDB keeps these per connection; a multiplexed client moves between connections, and a
+//! connection serves many clients. dbproxy keeps them per client instead, learnt from the wire
+//! as each response goes by (MariaDB 10.11's rules, checked against the server):
+//! - ROW_COUNT() is the affected rows of an OK, -1 after a result set or an error;
+//! - FOUND_ROWS() is the number of rows a SELECT, SHOW or DESCRIBE sent (0 for
+//!   `SELECT ... INTO`); other statements and failed ones leave it; SQL_CALC_FOUND_ROWS is
+//!   read back;
+//! - the warning list holds the conditions of the last statement that raised any, and is
+//!   cleared by a statement that names a table and raises none; it is read back
+//!   (`SHOW WARNINGS`) when the client gives its connection up.
+//!
+//! While the connection a client holds still has the client's own values, readers go to the
+//! server unchanged; otherwise dbproxy answers them from what it kept ([`Diag::answer`]).
+
+use super::sql::{self, Kind, SqlInfo, Tok, Tokens};
+use crate::mysql::resultset::{encode_text_row, parse_text_row, TextResult};
+
+/// One condition of a warning list, as `SHOW WARNINGS` returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub level: Vec<u8>,
+    pub code: Vec<u8>,
+    pub message: Vec<u8>,
+    /// The row as the server sent it.
+    pub raw: Vec<u8>,
+}
+
+impl Condition {
+    fn is_error(&self) -> bool {
+        self.level.eq_ignore_ascii_case(b"Error")
+    }
+}
+
+/// Where the client's warning list is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum List {
+    #[default]
+    Empty,
+    /// On the backend connection the client holds (its last statement raised conditions
+    /// there); read back before the connection goes.
+    OnBackend { count: u64 },
+    /// Read back from the connection the client gave up.
+    Captured {
+        conditions: Vec<Condition>,
+        count: u64,
+    },
+}
+
+/// How the client's last statement ended, as the relay saw it.
+pub use crate::mysql::response::End as Ending;
+
+/// The per-statement state dbproxy keeps for a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diag {
+    pub row_count: i64,
+    pub found_rows: u64,
+    pub list: List,
+    /// The connection the client holds has the client's ROW_COUNT() and FOUND_ROWS().
+    counts_fresh: bool,
+    /// The connection the client holds has the client's warning list.
+    list_fresh: bool,
+}
+
+impl Default for Diag {
+    fn default() -> Self {
+        // A new session: ROW_COUNT() -1, FOUND_ROWS() 0 (MariaDB 10.11).
+        Diag {
+            row_count: -1,
+            found_rows: 0,
+            list: List::Empty,
+            counts_fresh: false,
+            list_fresh: false,
+        }
+    }
+}
+
+/// What to do with a statement that reads per-statement state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The connection has the client's own values: forward it unchanged.
+    Forward,
+    /// Forward this statement text instead (reader calls replaced by the client's values).
+    Rewrite(Vec<u8>),
+    /// Forward the statement unchanged, then replace the values of its single row.
+    PatchRow(Vec<Vec<u8>>),
+    /// Send `query` (its column definitions are the ones the client must see) and put
+    /// these rows before its terminator.
+    Splice {
+        query: &'static str,
+        rows: Vec<Vec<u8>>,
+    },
+}
+
+impl Diag {
+    /// The client's statement ran on the connection it holds and ended so.
+    pub fn after_statement(&mut self, info: &SqlInfo, ending: Ending) {
+        self.row_count = match ending {
+            Ending::Ok { affected, .. } => i64::try_from(affected).unwrap_or(i64::MAX),
+            Ending::Rows { .. } | Ending::Err => -1,
+        };
+        if info.found_rows == sql::FoundRows::Sent {
+            match ending {
+                Ending::Rows { rows, .. } => self.found_rows = rows,
+                Ending::Ok { .. } => self.found_rows = 0,
+                Ending::Err => {}
+            }
+        }
+        let raised = match ending {
+            Ending::Ok { warnings, .. } | Ending::Rows { warnings, .. } => u64::from(warnings),
+            Ending::Err => 1,
+        };
+        if raised > 0 {
+            self.list = List::OnBackend { count: raised };
+            self.list_fresh = true;
+        } else if info.uses_tables {
+            self.list = List::Empty;
+            self.list_fresh = true;
+        }
+        self.counts_fresh = true;
+    }
+
+    /// After COM_STMT_PREPARE: a failure or warnings become the warning list; what the
+    /// server leaves in ROW_COUNT()/FOUND_ROWS() is not modelled.
+    pub fn after_prepare(&mut self, failed: bool, warnings: u16) {
+        let raised = if failed { 1 } else { u64::from(warnings) };
+        if raised > 0 {
+            self.list = List::OnBackend { count: raised };
+            self.list_fresh = true;
+        }
+        self.counts_fresh = false;
+    }
+
+    /// FOUND_ROWS() read back after the statement (SQL_CALC_FOUND_ROWS and the like).
+    pub fn set_found_rows(&mut self, n: u64) {
+        self.found_rows = n;
+    }
+
+    /// dbproxy ran a statement of its own on the connection (a read-back or a replay): the
+    /// connection's ROW_COUNT() and FOUND_ROWS() are no longer the client's. (dbproxy's own
+    /// statements name no table and raise nothing, so the warning list stays.)
+    pub fn backend_used(&mut self) {
+        self.counts_fresh = false;
+    }
+
+    /// dbproxy answered a statement in a way whose ROW_COUNT()/FOUND_ROWS() differ from
+    /// what the client's statement would have left.
+    pub fn counts_stale(&mut self) {
+        self.counts_fresh = false;
+    }
+
+    /// The client now holds another connection.
+    pub fn moved(&mut self) {
+        self.counts_fresh = false;
+        self.list_fresh = false;
+        if let List::OnBackend { .. } = self.list {
+            // Not captured (the connection broke): nothing left to show.
+            self.list = List::Empty;
+        }
+    }
+
+    /// The warning list lives on the connection the client is about to give up.
+    pub fn needs_capture(&self) -> bool {
+        matches!(self.list, List::OnBackend { .. })
+    }
+
+    /// The list as `SHOW WARNINGS` returned it on the connection being given up.
+    pub fn captured(&mut self, result: &TextResult) {
+        let count = match self.list {
+            List::OnBackend { count } => count,
+            _ => 0,
+        };
+        let mut conditions = Vec::with_capacity(result.rows.len());
+        for raw in &result.rows {
+            if let Ok(v) = parse_text_row(raw, 3) {
+                conditions.push(Condition {
+                    level: v[0].unwrap_or_default().to_vec(),
+                    code: v[1].unwrap_or_default().to_vec(),
+                    message: v[2].unwrap_or_default().to_vec(),
+                    raw: raw.clone(),
+                });
+            }
+        }
+        let count = count.max(conditions.len() as u64);
+        self.list = List::Captured { conditions, count };
+    }
+
+    /// `@@warning_count` as the client would read it.
+    pub fn warning_count(&self) -> u64 {
+        match &self.list {
+            List::Empty => 0,
+            List::OnBackend { count } | List::Captured { count, .. } => *count,
+        }
+    }
+
+    /// `@@error_count` as the client would read it.
+    pub fn error_count(&self) -> u64 {
+        match &self.list {
+            List::Empty => 0,
+            List::OnBackend { .. } => 1,
+            List::Captured { conditions, .. } => {
+                conditions.iter().filter(|c| c.is_error()).count() as u64
+            }
+        }
+    }
+
+    fn conditions(&self) -> &[Condition] {
+        match &self.list {
+            List::Captured { conditions, .. } => conditions,
+            _ => &[],
+        }
+    }
+
+    /// Decides how to serve a COM_QUERY `sql` that reads per-statement state.
+    pub fn answer(&self, sql: &[u8], info: &SqlInfo) -> Answer {
+        let r = info.readers;
+        let counts_ok = !(r.row_count || r.found_rows) || self.counts_fresh;
+        let list_ok = !(r.counts || r.list || r.diagnostics) || self.list_fresh;
+        if counts_ok && list_ok {
+            return Answer::Forward;
+        }
+        let toks: Vec<Tok> = Tokens::new(sql)
+            .filter(|t| t.kind != Kind::Punct(b';'))
+            .collect();
+        if let Some(cols) = pure_readers(sql, &toks) {
+            return Answer::PatchRow(cols.iter().map(|c| self.value(*c)).collect());
+        }
+        if let Some(a) = self.show_list(sql, &toks) {
+            return a;
+        }
+        if let Some(a) = self.show_count(sql, &toks) {
+            return a;
+        }
+        if let Some(a) = self.get_diagnostics(sql, &toks) {
+            return a;
+        }
+        Answer::Rewrite(self.rewrite(sql))
+    }
+
+    fn value(&self, r: ReaderKind) -> Vec<u8> {
+        match r {
+            ReaderKind::RowCount => self.row_count.to_string(),
+            ReaderKind::FoundRows => self.found_rows.to_string(),
+            ReaderKind::WarningCount => self.warning_count().to_string(),
+            ReaderKind::ErrorCount => self.error_count().to_string(),
+        }
+        .into_bytes()
+    }
+
+    /// `SHOW WARNINGS|ERRORS [LIMIT [offset,] count | LIMIT count OFFSET offset]`.
+    fn show_list(&self, sql: &[u8], t: &[Tok]) -> Option<Answer> {
+        let w = |i: usize, s: &str| word(sql, t.get(i), s);
+        if !w(0, "SHOW") {
+            return None;
+        }
+        let errors = if w(1, "WARNINGS") {
+            false
+        } else if w(1, "ERRORS") {
+            true
+        } else {
+            return None;
+        };
+        let num = |i: usize| -> Option<usize> {
+            let x = t.get(i).filter(|x| x.kind == Kind::Word)?;
+            std::str::from_utf8(&sql[x.start..x.end]).ok()?.parse().ok()
+        };
+        let (offset, count) = match t.len() {
+            2 => (0, usize::MAX),
+            4 if w(2, "LIMIT") => (0, num(3)?),
+            6 if w(2, "LIMIT") && t.get(4).is_some_and(|x| x.kind == Kind::Punct(b',')) => {
+                (num(3)?, num(5)?)
+            }
+            6 if w(2, "LIMIT") && w(4, "OFFSET") => (num(5)?, num(3)?),
+            _ => return None,
+        };
+        let rows = self
+            .conditions()
+            .iter()
+            .filter(|c| !errors || c.is_error())
+            .skip(offset)
+            .take(count)
+            .map(|c| c.raw.clone())
+            .collect();
+        Some(Answer::Splice {
+            query: if errors {
+                "SHOW ERRORS LIMIT 0"
+            } else {
+                "SHOW WARNINGS LIMIT 0"
+            },
+            rows,
+        })
+    }
+
+    /// `SHOW COUNT(*) WARNINGS|ERRORS`: the server names its column `@@session.warning_count`
+    /// (or `error_count`).
+    fn show_count(&self, sql: &[u8], t: &[Tok]) -> Option<Answer> {
+        let w = |i: usize, s: &str| word(sql, t.get(i), s);
+        if !(w(0, "SHOW") && w(1, "COUNT") && t.len() == 6) {
+            return None;
+        }
+        let (name, n) = if w(5, "WARNINGS") {
+            ("warning_count", self.warning_count())
+        } else if w(5, "ERRORS") {
+            ("error_count", self.error_count())
+        } else {
+            return None;
+        };
+        Some(Answer::Rewrite(
+            format!("SELECT CAST({n} AS UNSIGNED) AS `@@session.{name}`").into_bytes(),
+        ))
+    }
+
+    /// `GET [CURRENT] DIAGNOSTICS @v = NUMBER | ROW_COUNT, ...` and
+    /// `GET [CURRENT] DIAGNOSTICS CONDITION n @v = MYSQL_ERRNO | MESSAGE_TEXT, ...`, as a `SET`
+    /// of the values. Other condition items are NULL (dbproxy does not keep them).
+    fn get_diagnostics(&self, sql: &[u8], t: &[Tok]) -> Option<Answer> {
+        let w = |i: usize, s: &str| word(sql, t.get(i), s);
+        if !w(0, "GET") {
+            return None;
+        }
+        let mut i = if w(1, "DIAGNOSTICS") {
+            2
+        } else if w(1, "CURRENT") && w(2, "DIAGNOSTICS") {
+            3
+        } else {
+            return None;
+        };
+        let mut condition = None;
+        if w(i, "CONDITION") {
+            let x = t.get(i + 1)?;
+            let n: usize = std::str::from_utf8(&sql[x.start..x.end])
+                .ok()?
+                .parse()
+                .ok()?;
+            condition = Some(self.conditions().get(n.checked_sub(1)?));
+            i += 2;
+        }
+        let mut sets = Vec::new();
+        while i < t.len() {
+            let target = t.get(i)?;
+            if !matches!(t.get(i + 1)?.kind, Kind::Punct(b'=')) {
+                return None;
+            }
+            let item = t.get(i + 2)?;
+            let item = &sql[item.start..item.end];
+            let value = match condition {
+                None if item.eq_ignore_ascii_case(b"NUMBER") => self.conditions().len().to_string(),
+                None if item.eq_ignore_ascii_case(b"ROW_COUNT") => self.row_count.to_string(),
+                None => return None,
+                Some(Some(c)) if item.eq_ignore_ascii_case(b"MYSQL_ERRNO") => {
+                    String::from_utf8_lossy(&c.code).into_owned()
+                }
+                Some(Some(c)) if item.eq_ignore_ascii_case(b"MESSAGE_TEXT") => {
+                    let mut s = String::from("X'");
+                    for b in &c.message {
+                        s.push_str(&format!("{b:02x}"));
+                    }
+                    s.push('\'');
+                    s
+                }
+                Some(_) => "NULL".into(),
+            };
+            sets.push(format!(
+                "{} = {value}",
+                String::from_utf8_lossy(&sql[target.start..target.end])
+            ));
+            i += 3;
+            if i < t.len() {
+                if t[i].kind != Kind::Punct(b',') {
+                    return None;
+                }
+                i += 1;
+            }
+        }
+        (!sets.is_empty()).then(|| Answer::Rewrite(format!("SET {}", sets.join(", ")).into_bytes()))
+    }
+
+    /// The statement with every reader replaced by the client's value; a select item that
+    /// contained one and had no alias gets its original text as alias, so that the column
+    /// keeps the name the server would have given it.
+    fn rewrite(&self, sql: &[u8]) -> Vec<u8> {
+        let toks: Vec<Tok> = Tokens::new(sql).collect();
+        let mut replace: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+        let mut i = 0;
+        while i < toks.len() {
+            if let Some((kind, len)) = reader_at(sql, &toks, i) {
+                let v = self.value(kind);
+                let mut lit = Vec::with_capacity(v.len() + 2);
+                lit.push(b'(');
+                lit.extend_from_slice(&v);
+                lit.push(b')');
+                replace.push((toks[i].start, toks[i + len - 1].end, lit));
+                i += len;
+            } else {
+                i += 1;
+            }
+        }
+        let aliases = unaliased_items_with_readers(sql, &toks);
+        let mut out = Vec::with_capacity(sql.len() + 32);
+        let mut at = 0;
+        let mut edits: Vec<(usize, usize, Vec<u8>)> = replace;
+        for (start, end) in aliases {
+            let mut alias = b" AS `".to_vec();
+            alias.extend(sql[start..end].iter().flat_map(|&b| {
+                if b == b'`' {
+                    vec![b'`', b'`']
+                } else {
+                    vec![b]
+                }
+            }));
+            alias.push(b'`');
+            edits.push((end, end, alias));
+        }
+        edits.sort_by_key(|e| (e.0, e.1));
+        for (start, end, text) in edits {
+            if start < at {
+                continue;
+            }
+            out.extend_from_slice(&sql[at..start]);
+            out.extend_from_slice(&text);
+            at = end;
+        }
+        out.extend_from_slice(&sql[at..]);
+        out
+    }
+}
+
+/// The values of a row for [`Answer::PatchRow`].
+pub fn patched_row(values: &[Vec<u8>]) -> Vec<u8> {
+    encode_text_row(values.iter().map(|v| Some(v.as_slice())))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReaderKind {
+    RowCount,
+    FoundRows,
+    WarningCount,
+    ErrorCount,
+}
+
+fn word(sql: &[u8], t: Option<&Tok>, w: &str) -> bool {
+    t.is_some_and(|t| {
+        t.kind == Kind::Word && sql[t.start..t.end].eq_ignore_ascii_case(w.as_bytes())
+    })
+}
+
+/// A reader starting at token `i`: its kind and how many tokens it spans.
+fn reader_at(sql: &[u8], t: &[Tok], i: usize) -> Option<(ReaderKind, usize)> {
+    let x = t.get(i)?;
+    match x.kind {
+        Kind::Word => {
+            let call =
+                t.get(i + 1)?.kind == Kind::Punct(b'(') && t.get(i + 2)?.kind == Kind::Punct(b')');
+            if !call {
+                return None;
+            }
+            let w = &sql[x.start..x.end];
+            if w.eq_ignore_ascii_case(b"ROW_COUNT") {
+                Some((ReaderKind::RowCount, 3))
+            } else if w.eq_ignore_ascii_case(b"FOUND_ROWS") {
+                Some((ReaderKind::FoundRows, 3))
+            } else {
+                None
+            }
+        }
+        Kind::SysVar => {
+            let n = sql::sys_var_name(sql, *x);
+            if n.eq_ignore_ascii_case(b"warning_count") {
+                Some((ReaderKind::WarningCount, 1))
+            } else if n.eq_ignore_ascii_case(b"error_count") {
+                Some((ReaderKind::ErrorCount, 1))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `SELECT reader [[AS] alias], ... [FROM DUAL]`: the reader of each column.
+fn pure_readers(sql: &[u8], t: &[Tok]) -> Option<Vec<ReaderKind>> {
+    if !word(sql, t.first(), "SELECT") {
+        return None;
+    }
+    let mut end = t.len();
+    if end >= 3 && word(sql, t.get(end - 2), "FROM") && word(sql, t.get(end - 1), "DUAL") {
+        end -= 2;
+    }
+    let mut out = Vec::new();
+    let mut i = 1;
+    loop {
+        let (kind, len) = reader_at(sql, t, i)?;
+        out.push(kind);
+        i += len;
+        if word(sql, t.get(i), "AS") {
+            i += 1;
+        }
+        if i < end && matches!(t[i].kind, Kind::Word | Kind::Ident | Kind::Str) {
+            i += 1;
+        }
+        if i == end {
+            return Some(out);
+        }
+        if t.get(i)?.kind != Kind::Punct(b',') {
+            return None;
+        }
+        i += 1;
+    }
+}
+
+/// Spans of the top-level select items (of any SELECT at nesting depth 0) that contain a
+/// reader and have no alias.
+fn unaliased_items_with_readers(sql: &[u8], t: &[Tok]) -> Vec<(usize, usize)> {
+    const ENDS: [&str; 12] = [
+        "FROM",
+        "INTO",
+        "WHERE",
+        "GROUP",
+        "HAVING",
+        "ORDER",
+        "LIMIT",
+        "UNION",
+        "WINDOW",
+        "FOR",
+        "LOCK",
+        "PROCEDURE",
+    ];
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut in_list = false;
+    let mut item_start: Option<usize> = None;
+    let mut has_reader = false;
+    let close = |from: usize, to: usize, has_reader: bool, out: &mut Vec<(usize, usize)>| {
+        if !has_reader || to <= from {
+            return;
+        }
+        let items = &t[from..to];
+        let aliased = match items {
+            [.., a, _] if word(sql, Some(a), "AS") => true,
+            [.., prev, last] => {
+                matches!(last.kind, Kind::Word | Kind::Ident | Kind::Str)
+                    && matches!(
+                        prev.kind,
+                        Kind::Punct(b')') | Kind::SysVar | Kind::Word | Kind::Ident | Kind::Str
+                    )
+            }
+            _ => false,
+        };
+        if !aliased {
+            out.push((items[0].start, items[items.len() - 1].end));
+        }
+    };
+    let mut i = 0;
+    while i < t.len() {
+        let x = t[i];
+        match x.kind {
+            Kind::Punct(b'(') => depth += 1,
+            Kind::Punct(b')') => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && word(sql, Some(&x), "SELECT") {
+            in_list = true;
+            item_start = Some(i + 1);
+            has_reader = false;
+            i += 1;
+            continue;
+        }
+        if in_list && depth == 0 {
+            let ends_list =
+                x.kind == Kind::Punct(b';') || ENDS.iter().any(|e| word(sql, Some(&x), e));
+            if x.kind == Kind::Punct(b',') || ends_list {
+                if let Some(s) = item_start {
+                    close(s, i, has_reader, &mut out);
+                }
+                item_start = Some(i + 1);
+                has_reader = false;
+                if ends_list {
+                    in_list = false;
+                    item_start = None;
+                }
+                i += 1;
+                continue;
+            }
+        }
+        if in_list && reader_at(sql, t, i).is_some() {
+            has_reader = true;
+        }
+        i += 1;
+    }
+    if in_list {
+        if let Some(s) = item_start {
+            close(s, t.len(), has_reader, &mut out);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mysql::resultset::ColumnDef;
+    use crate::session::sql::analyze;
+
+    fn after(d: &mut Diag, sql: &str, e: Ending) {
+        d.after_statement(&analyze(sql.as_bytes()), e);
+    }
+
+    fn ok(affected: u64, warnings: u16) -> Ending {
+        Ending::Ok { affected, warnings }
+    }
+
+    fn rows(rows: u64, warnings: u16) -> Ending {
+        Ending::Rows { rows, warnings }
+    }
+
+    fn warnings_result(rows: &[(&str, &str, &str)]) -> TextResult {
+        let def = |n: &str| ColumnDef {
+            schema: vec![],
+            table: vec![],
+            org_table: vec![],
+            name: n.as_bytes().to_vec(),
+            org_name: vec![],
+            charset: 45,
+            length: 28,
+            column_type: 253,
+            flags: 1,
+            decimals: 39,
+        };
+        let cols = vec![def("Level"), def("Code"), def("Message")];
+        TextResult {
+            raw_columns: cols.iter().map(ColumnDef::encode).collect(),
+            columns: cols,
+            rows: rows
+                .iter()
+                .map(|(l, c, m)| {
+                    encode_text_row([Some(l.as_bytes()), Some(c.as_bytes()), Some(m.as_bytes())])
+                })
+                .collect(),
+            terminator: vec![0xfe, 0, 0, 2, 0],
+        }
+    }
+
+    #[test]
+    fn follows_mariadb_rules() {
+        let mut d = Diag::default();
+        after(&mut d, "INSERT INTO t VALUES (1),(2)", ok(2, 0));
+        assert_eq!(d.row_count, 2);
+        after(&mut d, "SELECT * FROM t LIMIT 2", rows(2, 0));
+        assert_eq!((d.row_count, d.found_rows), (-1, 2));
+        after(&mut d, "SET @a = 1", ok(0, 0));
+        assert_eq!((d.row_count, d.found_rows), (0, 2));
+        after(&mut d, "SELECT 1 INTO @k", ok(1, 0));
+        assert_eq!((d.row_count, d.found_rows), (1, 0));
+        after(&mut d, "SELECT bad", Ending::Err);
+        assert_eq!((d.row_count, d.found_rows), (-1, 0));
+        assert_eq!(d.list, List::OnBackend { count: 1 });
+        assert!(d.needs_capture());
+        d.captured(&warnings_result(&[(
+            "Error",
+            "1054",
+            "Unknown column 'bad'",
+        )]));
+        assert_eq!((d.warning_count(), d.error_count()), (1, 1));
+        // A table-less statement without conditions keeps the list; one naming a table
+        // clears it.
+        after(&mut d, "SELECT 1", rows(1, 0));
+        assert_eq!(d.warning_count(), 1);
+        after(&mut d, "SELECT * FROM t", rows(3, 0));
+        assert_eq!(d.list, List::Empty);
+        after(&mut d, "SELECT CAST('x' AS INT)", rows(1, 1));
+        assert_eq!(d.list, List::OnBackend { count: 1 });
+        d.moved();
+        assert_eq!(
+            d.list,
+            List::Empty,
+            "an uncaptured list does not survive a move"
+        );
+    }
+
+    #[test]
+    fn fresh_connections_forward_readers() {
+        let mut d = Diag::default();
+        after(&mut d, "SELECT CAST('x' AS INT)", rows(1, 1));
+        let q = b"SHOW WARNINGS";
+        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        let q = b"SELECT ROW_COUNT()";
+        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        d.backend_used();
+        assert_eq!(
+            d.answer(q, &analyze(q)),
+            Answer::PatchRow(vec![b"-1".to_vec()])
+        );
+        let q = b"SHOW WARNINGS";
+        assert_eq!(
+            d.answer(q, &analyze(q)),
+            Answer::Forward,
+            "the list is still there"
+        );
+    }
+
+    #[test]
+    fn answers_after_a_move() {
+        let mut d = Diag::default();
+        after(
+            &mut d,
+            "SELECT CAST('x' AS INT), CAST('y' AS INT)",
+            rows(1, 2),
+        );
+        d.captured(&warnings_result(&[
+            ("Warning", "1292", "Truncated 'x'"),
+            ("Error", "1", "e"),
+        ]));
+        d.moved();
+        let a = |q: &str| d.answer(q.as_bytes(), &analyze(q.as_bytes()));
+        assert_eq!(
+            a("select @@warning_count, @@ERROR_COUNT AS e, ROW_COUNT() rc, FOUND_ROWS() FROM DUAL"),
+            Answer::PatchRow(vec![b"2".to_vec(), b"1".to_vec(), b"-1".to_vec(), b"1".to_vec()])
+        );
+        match a("SHOW WARNINGS LIMIT 1, 5") {
+            Answer::Splice { query, rows } => {
+                assert_eq!(query, "SHOW WARNINGS LIMIT 0");
+                assert_eq!(rows.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        match a("show errors") {
+            Answer::Splice { query, rows } => {
+                assert_eq!(query, "SHOW ERRORS LIMIT 0");
+                assert_eq!(rows.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            a("SHOW COUNT(*) WARNINGS"),
+            Answer::Rewrite(b"SELECT CAST(2 AS UNSIGNED) AS `@@session.warning_count`".to_vec())
+        );
+        assert_eq!(
+            a("GET DIAGNOSTICS @n = NUMBER, @r = ROW_COUNT"),
+            Answer::Rewrite(b"SET @n = 2, @r = -1".to_vec())
+        );
+        assert_eq!(
+            a("GET DIAGNOSTICS CONDITION 1 @c = MYSQL_ERRNO, @m = MESSAGE_TEXT, @s = RETURNED_SQLSTATE"),
+            Answer::Rewrite(b"SET @c = 1292, @m = X'5472756e636174656420277827', @s = NULL".to_vec())
+        );
+        assert_eq!(
+            a("SELECT ROW_COUNT() + 1, FOUND_ROWS() AS f, @@warning_count w FROM t"),
+            Answer::Rewrite(
+                b"SELECT (-1) + 1 AS `ROW_COUNT() + 1`, (1) AS f, (2) w FROM t".to_vec()
+            )
+        );
+        assert_eq!(
+            a("INSERT INTO log VALUES (ROW_COUNT())"),
+            Answer::Rewrite(b"INSERT INTO log VALUES ((-1))".to_vec())
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! The connection phase as a state machine: the driver writes the greeting, feeds every
+//! packet the client sends, and writes what the machine says. Authentication (a first
+//! answer, perhaps an auth switch, a verdict) is shared with COM_CHANGE_USER. A TLS upgrade
+//! (SSLRequest) will slot in between the greeting and the handshake response.
+
+use crate::auth::{self, Decision, User, Users};
+use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK};
+use crate::mysql::consts::{cap, errcode, status};
+use crate::mysql::handshake::{encode_auth_switch, HandshakeResponse, ServerHandshake};
+use crate::mysql::wire::ErrPacket;
+use std::sync::Arc;
+
+/// What the driver does next.
+#[derive(Debug)]
+pub enum Step {
+    /// Write `payload` with sequence id `seq`, then feed the client's next packet.
+    Send { seq: u8, payload: Vec<u8> },
+    /// Authenticated; see [`Accepted`].
+    Accepted(Accepted),
+    /// Write `err` with sequence id `seq`, then close. `log` says why, for the log.
+    Refused {
+        seq: u8,
+        err: ErrPacket,
+        log: String,
+    },
+}
+
+/// A client that proved who it is.
+#[derive(Debug)]
+pub struct Accepted {
+    pub user: Arc<User>,
+    /// Capabilities agreed (what the client asked, limited to what dbproxy offered).
+    pub caps: u32,
+    pub collation: u8,
+    pub database: Option<Vec<u8>>,
+    /// With caching_sha2_password the client first gets "fast auth OK" at `seq`, and the
+    /// final OK (or error) follows at `seq + 1`; otherwise it comes at `seq`.
+    pub fast_auth_ok: bool,
+    pub seq: u8,
+}
+
+impl Accepted {
+    /// The packets to send before the final OK, and the OK's sequence id.
+    pub fn preamble(&self) -> (Option<(u8, Vec<u8>)>, u8) {
+        if self.fast_auth_ok {
+            (
+                Some((self.seq, vec![0x01, SHA2_FAST_AUTH_OK])),
+                self.seq.wrapping_add(1),
+            )
+        } else {
+            (None, self.seq)
+        }
+    }
+}
+
+/// Proof of identity: a first answer, perhaps an auth switch, the verdict.
+#[derive(Debug)]
+pub struct Authentication {
+    user_name: Vec<u8>,
+    user: Option<Arc<User>>,
+    nonce: [u8; 20],
+    used_password: bool,
+    /// Waiting for the answer to an AuthSwitchRequest for this plugin.
+    switched: Option<Plugin>,
+}
+
+/// An authentication's outcome so far.
+#[derive(Debug)]
+pub enum AuthStep {
+    /// Send this AuthSwitchRequest and feed the answer to [`Authentication::answer`].
+    Switch(Vec<u8>),
+    Accept {
+        user: Arc<User>,
+        plugin: Plugin,
+    },
+    /// Access denied, worded as MariaDB words it.
+    Deny(ErrPacket),
+}
+
+impl Authentication {
+    /// Starts with the client's first answer. `can_switch`: the client speaks PLUGIN_AUTH.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        users: &Users,
+        user_name: &[u8],
+        plugin: Option<&[u8]>,
+        answer: &[u8],
+        nonce: [u8; 20],
+        can_switch: bool,
+        peer_ip: &str,
+    ) -> (Authentication, AuthStep) {
+        let user = users.get(user_name);
+        let mut a = Authentication {
+            user_name: user_name.to_vec(),
+            user,
+            nonce,
+            used_password: !answer.is_empty(),
+            switched: None,
+        };
+        let d = auth::first_answer(a.user.as_deref(), plugin, can_switch, &nonce, answer);
+        let step = a.decide(d, peer_ip);
+        (a, step)
+    }
+
+    /// The answer to the AuthSwitchRequest.
+    pub fn answer(&mut self, answer: &[u8], peer_ip: &str) -> AuthStep {
+        self.used_password = !answer.is_empty();
+        let Some(plugin) = self.switched.take() else {
+            return AuthStep::Deny(self.denied(peer_ip));
+        };
+        let d = auth::verify(self.user.as_deref(), plugin, &self.nonce, answer);
+        self.decide(d, peer_ip)
+    }
+
+    fn decide(&mut self, d: Decision, peer_ip: &str) -> AuthStep {
+        match (d, &self.user) {
+            (Decision::Switch(p), _) if self.switched.is_none() => {
+                self.switched = Some(p);
+                AuthStep::Switch(encode_auth_switch(p.name(), &self.nonce))
+            }
+            (Decision::Accept(plugin), Some(u)) => AuthStep::Accept {
+                user: u.clone(),
+                plugin,
+            },
+            _ => AuthStep::Deny(self.denied(peer_ip)),
+        }
+    }
+
+    fn denied(&self, peer_ip: &str) -> ErrPacket {
+        auth::access_denied(&self.user_name, peer_ip, self.used_password)
+    }
+
+    pub fn user_name(&self) -> &[u8] {
+        &self.user_name
+    }
+}
+
+/// The connection phase.
+#[derive(Debug)]
+pub struct Login {
+    nonce: [u8; 20],
+    offered: u32,
+    peer_ip: String,
+    state: LoginState,
+}
+
+#[derive(Debug)]
+enum LoginState {
+    /// Waiting for the HandshakeResponse.
+    Response,
+    /// Waiting for the answer to an auth switch.
+    Switched {
+        auth: Authentication,
+        resp: HandshakeResponse,
+        caps: u32,
+    },
+    Over,
+}
+
+/// What dbproxy tells clients about itself in the greeting.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub version: String,
+    /// What the backend offers (dbproxy offers the part of it it supports).
+    pub capabilities: u32,
+    pub collation: u8,
+}
+
+impl Login {
+    /// Starts a login; the greeting to write at sequence id 0 comes with it.
+    pub fn start(
+        profile: &Profile,
+        connection_id: u32,
+        nonce: [u8; 20],
+        peer_ip: String,
+    ) -> (Login, Vec<u8>) {
+        let offered = cap::PROXY_OFFERS & (profile.capabilities | cap::LONG_PASSWORD);
+        let greeting = ServerHandshake {
+            version: profile.version.clone(),
+            connection_id,
+            nonce: nonce.to_vec(),
+            capabilities: offered,
+            collation: profile.collation,
+            status: status::AUTOCOMMIT,
+            auth_plugin: Plugin::Native.name().into(),
+        };
+        (
+            Login {
+                nonce,
+                offered,
+                peer_ip,
+                state: LoginState::Response,
+            },
+            greeting.encode(),
+        )
+    }
+
+    /// The nonce of the greeting (COM_CHANGE_USER reuses it).
+    pub fn nonce(&self) -> [u8; 20] {
+        self.nonce
+    }
+
+    /// Feeds one packet from the client (`seq`: its sequence id).
+    pub fn on_packet(&mut self, users: &Users, seq: u8, payload: &[u8]) -> Step {
+        let reply_seq = seq.wrapping_add(1);
+        match std::mem::replace(&mut self.state, LoginState::Over) {
+            LoginState::Response => {
+                let resp = match HandshakeResponse::parse(payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Step::Refused {
+                            seq: reply_seq,
+                            err: ErrPacket::new(
+                                errcode::ER_HANDSHAKE_ERROR,
+                                "08S01",
+                                format!("Bad handshake: {e}"),
+                            ),
+                            log: format!("bad handshake from client: {e}"),
+                        }
+                    }
+                };
+                if resp.capabilities & cap::COMPRESS != 0 {
+                    return Step::Refused {
+                        seq: reply_seq,
+                        err: ErrPacket::new(
+                            errcode::ER_HANDSHAKE_ERROR,
+                            "08S01",
+                            "Bad handshake: dbproxy does not support compression",
+                        ),
+                        log: "client asked for compression".into(),
+                    };
+                }
+                let caps = resp.capabilities & self.offered;
+                let (auth, step) = Authentication::start(
+                    users,
+                    &resp.user,
+                    resp.auth_plugin.as_deref(),
+                    &resp.auth_response,
+                    self.nonce,
+                    caps & cap::PLUGIN_AUTH != 0,
+                    &self.peer_ip,
+                );
+                self.after_auth(step, auth, resp, caps, reply_seq)
+            }
+            LoginState::Switched {
+                mut auth,
+                resp,
+                caps,
+            } => {
+                let step = auth.answer(payload, &self.peer_ip);
+                self.after_auth(step, auth, resp, caps, reply_seq)
+            }
+            LoginState::Over => Step::Refused {
+                seq: reply_seq,
+                err: ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake"),
+                log: "packet after the login ended".into(),
+            },
+        }
+    }
+
+    fn after_auth(
+        &mut self,
+        step: AuthStep,
+        auth: Authentication,
+        resp: HandshakeResponse,
+        caps: u32,
+        seq: u8,
+    ) -> Step {
+        match step {
+            AuthStep::Switch(payload) => {
+                self.state = LoginState::Switched { auth, resp, caps };
+                Step::Send { seq, payload }
+            }
+            AuthStep::Accept { user, plugin } => Step::Accepted(Accepted {
+                user,
+                caps,
+                collation: resp.collation,
+                database: resp.database,
+                fast_auth_ok: plugin == Plugin::CachingSha2,
+                seq,
+            }),
+            AuthStep::Deny(err) => Step::Refused {
+                seq,
+                err,
+                log: format!(
+                    "access denied for {}",
+                    String::from_utf8_lossy(auth.user_name())
+                ),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{UserAuthPlugin, UserConfig};
+
+    fn users() -> Users {
+        Users::new(&[UserConfig {
+            name: "app".into(),
+            password: "pw".into(),
+            backend_user: None,
+            backend_password: "db".into(),
+            auth_plugin: UserAuthPlugin::CachingSha2Password,
+        }])
+    }
+
+    fn profile() -> Profile {
+        Profile {
+            version: "5.5.5-10.11.6-MariaDB".into(),
+            capabilities: cap::PROXY_OFFERS,
+            collation: 45,
+        }
+    }
+
+    fn response(plugin: Plugin, nonce: &[u8], password: &str) -> Vec<u8> {
+        HandshakeResponse {
+            capabilities: cap::PROXY_OFFERS,
+            user: b"app".to_vec(),
+            auth_response: plugin.scramble(password.as_bytes(), nonce),
+            database: Some(b"shop".to_vec()),
+            auth_plugin: Some(plugin.name().as_bytes().to_vec()),
+            collation: 33,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    #[test]
+    fn switch_then_accept_with_fast_auth() {
+        let nonce = [7u8; 20];
+        let (mut l, greeting) = Login::start(&profile(), 5, nonce, "127.0.0.1".into());
+        assert!(ServerHandshake::parse(&greeting).is_ok());
+        // The client answers for mysql_native_password; the user requires caching_sha2.
+        let step = l.on_packet(&users(), 1, &response(Plugin::Native, &nonce, "pw"));
+        let Step::Send { seq, payload } = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((seq, payload[0]), (2, 0xfe));
+        let answer = Plugin::CachingSha2.scramble(b"pw", &nonce);
+        match l.on_packet(&users(), 3, &answer) {
+            Step::Accepted(a) => {
+                assert_eq!(a.database.as_deref(), Some(&b"shop"[..]));
+                assert_eq!(a.collation, 33);
+                assert_eq!(a.preamble(), (Some((4, vec![1, 3])), 5));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_password_and_garbage_are_refused() {
+        let nonce = [9u8; 20];
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into());
+        let step = l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "nope"));
+        match step {
+            Step::Refused { seq, err, .. } => {
+                assert_eq!(seq, 2);
+                assert_eq!(err.code, 1045);
+                assert!(err
+                    .message
+                    .contains("'app'@'10.0.0.1' (using password: YES)"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into());
+        assert!(matches!(
+            l.on_packet(&users(), 1, b"\x01\x02"),
+            Step::Refused { .. }
+        ));
+        assert!(matches!(
+            l.on_packet(&users(), 3, b"again"),
+            Step::Refused { .. }
+        ));
+    }
+}

@@ -1,0 +1,719 @@
+//! The client session, sans-IO: what a client's commands need from a backend connection,
+//! what dbproxy learns from the responses, and the decision at the end of every response
+//! (keep the connection, or give it back and what to do first). The driver (`conn.rs`) owns
+//! the sockets and feeds this module; nothing here does I/O.
+//!
+//! Rooms: `sql` (what a statement's text does), `pins`, `state` (session state, backend
+//! records, replay plans), `uservars`, `diag` (ROW_COUNT(), FOUND_ROWS(), warnings),
+//! `stmts` (prepared statements), `login` (the connection phase).
+
+pub mod diag;
+pub mod login;
+pub mod pins;
+pub mod sql;
+pub mod state;
+pub mod stmts;
+pub mod uservars;
+
+use crate::auth::User;
+use crate::mysql::consts::{cap, status};
+use crate::mysql::resultset::TextResult;
+use crate::mysql::session::Change;
+use crate::mysql::wire::ErrPacket;
+use diag::{Diag, Ending};
+use pins::{PinReason, Pins};
+use sql::{FoundRows, SqlInfo};
+use state::{BackendSession, ClientState, Needs, Replay, VarKind};
+use std::sync::Arc;
+use stmts::ClientStmts;
+use uservars::UserValue;
+
+/// Pins that started and ended with an event (the driver counts them).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinChanges {
+    pub started: Vec<PinReason>,
+    pub ended: Vec<PinReason>,
+}
+
+impl PinChanges {
+    fn merge(&mut self, (s, e): (Vec<PinReason>, Vec<PinReason>)) {
+        self.started.extend(s);
+        self.ended.extend(e);
+    }
+}
+
+/// A query dbproxy pipelines after a client's statement, on the same connection, to learn
+/// what session tracking does not report: user variables, LAST_INSERT_ID(), FOUND_ROWS().
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBack {
+    pub sql: String,
+    last_insert_id: bool,
+    found_rows: bool,
+    collation: bool,
+    vars: Vec<Vec<u8>>,
+}
+
+impl ReadBack {
+    /// What a statement needs read back, if anything.
+    pub fn for_statement(info: &SqlInfo) -> Option<ReadBack> {
+        let vars = if info.assigns_user_vars {
+            info.user_vars.clone()
+        } else {
+            Vec::new()
+        };
+        let last_insert_id = info.changes_last_insert_id;
+        let found_rows = info.found_rows == FoundRows::ReadBack;
+        let collation = info.charset_change;
+        if vars.is_empty() && !last_insert_id && !found_rows && !collation {
+            return None;
+        }
+        let mut sql = String::from("SELECT ");
+        let mut items: Vec<&str> = Vec::new();
+        if last_insert_id {
+            items.push("LAST_INSERT_ID()");
+        }
+        if found_rows {
+            items.push("FOUND_ROWS()");
+        }
+        if collation {
+            items.push("@@session.collation_connection");
+        }
+        sql.push_str(&items.join(", "));
+        for v in &vars {
+            uservars::push_read_back(&mut sql, v);
+        }
+        Some(ReadBack {
+            sql,
+            last_insert_id,
+            found_rows,
+            collation,
+            vars,
+        })
+    }
+}
+
+/// How a client's statement went, as the relay saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// Status flags of the last OK/EOF (None after an ERR).
+    pub status: Option<u16>,
+}
+
+impl Outcome {
+    pub fn failed(&self) -> bool {
+        self.ending == Ending::Err
+    }
+}
+
+/// What session tracking said in a response.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tracked {
+    /// The server reported a state change no variable or schema entry explains.
+    pub unexplained: bool,
+    /// The client set a variable that cannot follow it.
+    pub not_replayable: bool,
+}
+
+/// What to run on a connection before it goes back to the pool.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Read the client's warning list back first (`SHOW WARNINGS`).
+    pub capture_warnings: bool,
+    /// Then these statements (clearing one-shots meant for this client only).
+    pub statements: Vec<String>,
+}
+
+impl Release {
+    pub fn is_empty(&self) -> bool {
+        !self.capture_warnings && self.statements.is_empty()
+    }
+}
+
+/// The session state of one client.
+pub struct ClientSession {
+    pub user: Arc<User>,
+    /// Capabilities agreed with the client.
+    pub caps: u32,
+    pub collation: u8,
+    pub state: ClientState,
+    pub diag: Diag,
+    pub pins: Pins,
+    pub stmts: ClientStmts,
+    /// Status flags as the client last saw them.
+    pub status: u16,
+    /// The client statement with an open cursor, and one with long data sent.
+    pub cursor: Option<u32>,
+    pub long_data: Option<u32>,
+    /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could
+    /// not be read back do not pin.
+    pub exclude_variable_sets: bool,
+}
+
+impl ClientSession {
+    pub fn new(user: Arc<User>, caps: u32, collation: u8, schema: Option<Vec<u8>>) -> Self {
+        ClientSession {
+            user,
+            caps,
+            collation,
+            state: ClientState {
+                schema,
+                ..Default::default()
+            },
+            diag: Diag::default(),
+            pins: Pins::default(),
+            stmts: ClientStmts::default(),
+            status: status::AUTOCOMMIT,
+            cursor: None,
+            long_data: None,
+            exclude_variable_sets: false,
+        }
+    }
+
+    /// Whether the client may give its backend connection back now: outside a transaction,
+    /// autocommit on, nothing pinned.
+    pub fn releasable(&self) -> bool {
+        self.status & status::IN_TRANS == 0
+            && self.status & status::AUTOCOMMIT != 0
+            && !self.pins.is_pinned()
+    }
+
+    /// The client starts afresh (COM_RESET_CONNECTION keeps the schema, COM_CHANGE_USER
+    /// sets its own). Returns the pins that ended.
+    pub fn reset(&mut self, schema: Option<Vec<u8>>) -> Vec<PinReason> {
+        self.state = ClientState {
+            schema,
+            ..Default::default()
+        };
+        self.diag = Diag::default();
+        self.stmts = ClientStmts::default();
+        self.status = status::AUTOCOMMIT;
+        self.cursor = None;
+        self.long_data = None;
+        self.pins.clear()
+    }
+
+    /// The statements that give `backend` this client's session before a statement that
+    /// needs `needs`; `fresh`: the client just got this connection.
+    pub fn replay(&self, backend: &BackendSession, needs: Needs, fresh: bool) -> Replay {
+        state::plan(&self.state, backend, needs, fresh)
+    }
+
+    /// A replay (or anything else of dbproxy's) ran on the connection the client holds.
+    pub fn backend_used(&mut self) {
+        self.diag.backend_used();
+    }
+
+    /// The client now holds a connection it did not hold for its previous statement.
+    pub fn moved(&mut self) {
+        self.diag.moved();
+    }
+
+    /// Learns from the session-tracking entries of an OK packet of the client's own
+    /// statement `info`, on `backend`.
+    pub fn learn_tracking(
+        &mut self,
+        info: &SqlInfo,
+        changes: &[Change<'_>],
+        backend: &mut BackendSession,
+    ) -> Tracked {
+        let mut t = Tracked::default();
+        let mut changed = false;
+        let mut explained = false;
+        for c in changes {
+            match c {
+                Change::StateChanged => changed = true,
+                Change::Other(_) => {}
+                Change::Schema(s) => {
+                    self.state.schema = Some(s.to_vec()).filter(|s| !s.is_empty());
+                    backend.schema = self.state.schema.clone();
+                    explained = true;
+                }
+                Change::SystemVariable(n, v) => {
+                    let name = n.to_ascii_lowercase();
+                    if info.statement_vars.contains(&name) {
+                        // SET STATEMENT ... FOR: the server reports the temporary value and
+                        // restores the old one silently.
+                        explained = true;
+                        continue;
+                    }
+                    match state::var_kind(&name) {
+                        VarKind::Session => {
+                            if name == b"timestamp" && info.timestamp_default {
+                                // The server reports the old value; the clock runs again.
+                                self.state.vars.remove(&name);
+                                backend.vars.remove(&name);
+                            } else {
+                                self.state.vars.insert(name.clone(), v.to_vec());
+                                backend.vars.insert(name, v.to_vec());
+                            }
+                            explained = true;
+                        }
+                        VarKind::LastInsertId => {
+                            let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
+                            self.state.last_insert_id = id;
+                            backend.last_insert_id = id;
+                            explained = true;
+                        }
+                        VarKind::InsertId => {
+                            let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
+                            self.state.insert_id = (id != 0).then_some(id);
+                            backend.insert_id_pending = id != 0;
+                            explained = true;
+                        }
+                        VarKind::NotReplayable => t.not_replayable = true,
+                    }
+                }
+            }
+        }
+        t.unexplained = changed && (info.opaque || !(explained || info.explains_change));
+        t
+    }
+
+    /// Learns from the answer to a [`ReadBack`]; an error or an odd answer pins (the values
+    /// stay on that connection then).
+    pub fn learn_read_back(
+        &mut self,
+        rb: &ReadBack,
+        answer: Result<&TextResult, &ErrPacket>,
+        backend: &mut BackendSession,
+    ) -> PinChanges {
+        self.diag.backend_used();
+        let mut changes = PinChanges::default();
+        let learnt = answer
+            .map_err(|e| e.to_string())
+            .and_then(|r| self.apply_read_back(rb, r, backend));
+        if let Err(why) = learnt {
+            tracing::debug!("read-back failed, pinning: {why}");
+            let reason = if rb.vars.is_empty() {
+                PinReason::Unclassified
+            } else {
+                PinReason::UserVariable
+            };
+            if !(reason == PinReason::UserVariable && self.exclude_variable_sets)
+                && self.pins.start(reason)
+            {
+                changes.started.push(reason);
+            }
+        }
+        changes
+    }
+
+    fn apply_read_back(
+        &mut self,
+        rb: &ReadBack,
+        r: &TextResult,
+        backend: &mut BackendSession,
+    ) -> Result<(), String> {
+        let [row] = r.rows.as_slice() else {
+            return Err("not one row".into());
+        };
+        let values = crate::mysql::resultset::parse_text_row(row, r.columns.len())
+            .map_err(|e| e.to_string())?;
+        let mut at = 0;
+        let num = |v: Option<&[u8]>| -> Result<u64, String> {
+            std::str::from_utf8(v.unwrap_or(b"0"))
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| "a number".to_string())
+        };
+        if rb.last_insert_id {
+            let id = num(values.get(at).copied().flatten())?;
+            self.state.last_insert_id = id;
+            backend.last_insert_id = id;
+            at += 1;
+        }
+        if rb.found_rows {
+            self.diag
+                .set_found_rows(num(values.get(at).copied().flatten())?);
+            at += 1;
+        }
+        if rb.collation {
+            let c = values
+                .get(at)
+                .copied()
+                .flatten()
+                .ok_or("no collation_connection")?
+                .to_vec();
+            self.state
+                .vars
+                .insert(b"collation_connection".to_vec(), c.clone());
+            backend.vars.insert(b"collation_connection".to_vec(), c);
+            at += 1;
+        }
+        for name in &rb.vars {
+            let cols = values
+                .get(at..at + uservars::COLUMNS_PER_VAR)
+                .ok_or("too few columns")?;
+            let col = r.columns.get(at).ok_or("too few column definitions")?;
+            let v = uservars::parse_value(col, cols).map_err(|e| e.to_string())?;
+            if v == UserValue::Null {
+                self.state.user_vars.remove(name);
+                backend.user_vars.remove(name);
+            } else {
+                self.state.user_vars.insert(name.clone(), v.clone());
+                backend.user_vars.insert(name.clone(), v);
+            }
+            at += uservars::COLUMNS_PER_VAR;
+        }
+        Ok(())
+    }
+
+    /// Applies a statement's effects once its response is through: pins, transaction state,
+    /// diagnostics, one-shots. `text`: the statement's SQL (empty for commands without
+    /// one); `tracked`: what its session tracking said.
+    pub fn after_statement(
+        &mut self,
+        info: &SqlInfo,
+        text: &[u8],
+        outcome: Outcome,
+        tracked: Tracked,
+        backend: &mut BackendSession,
+    ) -> PinChanges {
+        let mut changes = PinChanges::default();
+        if let Some(s) = outcome.status {
+            self.status = s;
+        }
+        self.diag.after_statement(info, outcome.ending);
+        changes.merge(self.pins.after_statement(info, !outcome.failed()));
+        let mut unclassified =
+            info.touches_tracking || tracked.not_replayable || tracked.unexplained;
+        if !outcome.failed() {
+            if info.inserts {
+                // The insert consumed a pending `SET insert_id`.
+                self.state.insert_id = None;
+                backend.insert_id_pending = false;
+            }
+            if info.next_transaction {
+                if info.multi {
+                    // Its text cannot be told apart from the other statements' to repeat it.
+                    unclassified = true;
+                } else {
+                    self.state.next_transaction = Some(text.to_vec());
+                    backend.next_transaction_pending = true;
+                }
+            }
+        }
+        let started_transaction =
+            self.status & status::IN_TRANS != 0 || (info.uses_tables && !outcome.failed());
+        if started_transaction && !info.next_transaction {
+            // A transaction started (explicitly, or an autocommit statement on a table):
+            // pending characteristics were used (checked: MariaDB 10.11).
+            self.state.next_transaction = None;
+            backend.next_transaction_pending = false;
+        }
+        if unclassified && self.pins.start(PinReason::Unclassified) {
+            changes.started.push(PinReason::Unclassified);
+        }
+        self.transaction_pin(&mut changes);
+        changes
+    }
+
+    /// After a command that is not a statement of the client's (COM_PING, COM_INIT_DB,
+    /// COM_STMT_FETCH, ...): pins and transaction state as for a statement; dbproxy does not
+    /// model what such commands leave in ROW_COUNT()/FOUND_ROWS(), so the connection's are
+    /// no longer taken for the client's.
+    pub fn after_command(
+        &mut self,
+        info: &SqlInfo,
+        outcome: Outcome,
+        tracked: Tracked,
+        backend: &mut BackendSession,
+    ) -> PinChanges {
+        let mut changes = PinChanges::default();
+        if let Some(s) = outcome.status {
+            self.status = s;
+        }
+        self.diag.counts_stale();
+        changes.merge(self.pins.after_statement(info, !outcome.failed()));
+        if (tracked.not_replayable || tracked.unexplained)
+            && self.pins.start(PinReason::Unclassified)
+        {
+            changes.started.push(PinReason::Unclassified);
+        }
+        if self.status & status::IN_TRANS != 0 {
+            self.state.next_transaction = None;
+            backend.next_transaction_pending = false;
+        }
+        self.transaction_pin(&mut changes);
+        changes
+    }
+
+    /// After COM_STMT_PREPARE: a failed prepare, or one with warnings, leaves its
+    /// conditions in the warning list.
+    pub fn after_prepare(&mut self, failed: bool, warnings: u16) -> PinChanges {
+        self.diag.after_prepare(failed, warnings);
+        let mut changes = PinChanges::default();
+        self.transaction_pin(&mut changes);
+        changes
+    }
+
+    /// A failed command that never reached the server (unknown statement id, no backend).
+    pub fn command_refused(&mut self) -> PinChanges {
+        let mut changes = PinChanges::default();
+        self.transaction_pin(&mut changes);
+        changes
+    }
+
+    fn transaction_pin(&mut self, changes: &mut PinChanges) {
+        let in_transaction =
+            self.status & status::IN_TRANS != 0 || self.status & status::AUTOCOMMIT == 0;
+        if in_transaction {
+            if self.pins.start(PinReason::Transaction) {
+                changes.started.push(PinReason::Transaction);
+            }
+        } else if self.pins.end(PinReason::Transaction) {
+            changes.ended.push(PinReason::Transaction);
+        }
+    }
+
+    /// What to do on `backend` before giving it back.
+    pub fn release(&self, backend: &BackendSession) -> Release {
+        let mut r = Release {
+            capture_warnings: self.diag.needs_capture(),
+            statements: Vec::new(),
+        };
+        if backend.insert_id_pending {
+            r.statements.push("SET insert_id = 0".into());
+        }
+        if backend.next_transaction_pending {
+            r.statements.push(state::neutral_next_transaction(backend));
+        }
+        r
+    }
+
+    /// The release steps ran.
+    pub fn released(&mut self, backend: &mut BackendSession, warnings: Option<&TextResult>) {
+        if let Some(w) = warnings {
+            self.diag.captured(w);
+        }
+        backend.insert_id_pending = false;
+        backend.next_transaction_pending = false;
+    }
+
+    /// Whether the client negotiated session tracking itself (otherwise dbproxy strips it
+    /// from OK packets).
+    pub fn wants_tracking(&self) -> bool {
+        self.caps & cap::SESSION_TRACK != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{UserAuthPlugin, UserConfig};
+    use crate::mysql::resultset::{encode_text_row, ColumnDef};
+    use crate::session::sql::analyze;
+
+    fn session() -> ClientSession {
+        let users = crate::auth::Users::new(&[UserConfig {
+            name: "app".into(),
+            password: "pw".into(),
+            backend_user: None,
+            backend_password: "db".into(),
+            auth_plugin: UserAuthPlugin::Any,
+        }]);
+        ClientSession::new(
+            users.get(b"app").unwrap(),
+            cap::PROTOCOL_41,
+            45,
+            Some(b"shop".to_vec()),
+        )
+    }
+
+    fn col(name: &str, t: u8, flags: u16) -> ColumnDef {
+        ColumnDef {
+            schema: vec![],
+            table: vec![],
+            org_table: vec![],
+            name: name.as_bytes().to_vec(),
+            org_name: vec![],
+            charset: 63,
+            length: 21,
+            column_type: t,
+            flags,
+            decimals: 0,
+        }
+    }
+
+    fn result(cols: Vec<ColumnDef>, row: Vec<Option<&[u8]>>) -> TextResult {
+        TextResult {
+            raw_columns: cols.iter().map(ColumnDef::encode).collect(),
+            columns: cols,
+            rows: vec![encode_text_row(row)],
+            terminator: vec![0xfe, 0, 0, 2, 0],
+        }
+    }
+
+    fn ok(affected: u64) -> Outcome {
+        Outcome {
+            ending: Ending::Ok {
+                affected,
+                warnings: 0,
+            },
+            status: Some(status::AUTOCOMMIT),
+        }
+    }
+
+    #[test]
+    fn read_back_learns_user_variables_and_last_insert_id() {
+        let mut s = session();
+        let mut b = BackendSession::default();
+        let info = analyze(b"INSERT INTO t (v) VALUES (@x := 5)");
+        let rb = ReadBack::for_statement(&info).unwrap();
+        assert_eq!(
+            rb.sql,
+            "SELECT LAST_INSERT_ID(), @`x`, HEX(@`x`), CHARSET(@`x`), COLLATION(@`x`)"
+        );
+        let bin = Some(&b"binary"[..]);
+        let r = result(
+            vec![
+                col("LAST_INSERT_ID()", 8, 161),
+                col("@`x`", 8, 128),
+                col("h", 253, 0),
+                col("c", 253, 0),
+                col("k", 253, 0),
+            ],
+            vec![Some(b"41"), Some(b"5"), Some(b"5"), bin, bin],
+        );
+        assert_eq!(
+            s.learn_read_back(&rb, Ok(&r), &mut b),
+            PinChanges::default()
+        );
+        assert_eq!(s.state.last_insert_id, 41);
+        assert_eq!(b.last_insert_id, 41);
+        assert_eq!(
+            s.state.user_vars.get(&b"x"[..]),
+            Some(&UserValue::Int(b"5".to_vec()))
+        );
+        assert_eq!(b.user_vars, s.state.user_vars);
+        // A read-back that failed pins the client to the connection that has the values.
+        let e = ErrPacket::new(1, "HY000", "x");
+        let c = s.learn_read_back(&rb, Err(&e), &mut b);
+        assert_eq!(c.started, vec![PinReason::UserVariable]);
+        assert!(ReadBack::for_statement(&analyze(b"SELECT @x")).is_none());
+        assert!(ReadBack::for_statement(&analyze(b"SELECT 1")).is_none());
+    }
+
+    #[test]
+    fn tracking_learns_and_ignores_what_it_must() {
+        let mut s = session();
+        let mut b = BackendSession::default();
+        let set = analyze(b"SET time_zone = '+01:00'");
+        let t = s.learn_tracking(
+            &set,
+            &[
+                Change::SystemVariable(b"time_zone", b"+01:00"),
+                Change::StateChanged,
+            ],
+            &mut b,
+        );
+        assert_eq!(t, Tracked::default());
+        assert_eq!(
+            s.state.vars.get(&b"time_zone"[..]).map(Vec::as_slice),
+            Some(&b"+01:00"[..])
+        );
+        let stmt = analyze(b"SET STATEMENT sql_mode='' FOR SELECT 1");
+        s.learn_tracking(
+            &stmt,
+            &[
+                Change::SystemVariable(b"sql_mode", b""),
+                Change::StateChanged,
+            ],
+            &mut b,
+        );
+        assert!(!s.state.vars.contains_key(&b"sql_mode"[..]));
+        let ts = analyze(b"SET timestamp = DEFAULT");
+        s.state
+            .vars
+            .insert(b"timestamp".to_vec(), b"5.000000".to_vec());
+        s.learn_tracking(
+            &ts,
+            &[Change::SystemVariable(b"timestamp", b"5.000000")],
+            &mut b,
+        );
+        assert!(!s.state.vars.contains_key(&b"timestamp"[..]));
+        let call = analyze(b"CALL p()");
+        assert!(
+            s.learn_tracking(&call, &[Change::StateChanged], &mut b)
+                .unexplained
+        );
+        let tmp = analyze(b"CREATE TEMPORARY TABLE t (x INT)");
+        assert!(
+            !s.learn_tracking(&tmp, &[Change::StateChanged], &mut b)
+                .unexplained
+        );
+        let odd = analyze(b"DO 1");
+        assert!(
+            s.learn_tracking(&odd, &[Change::StateChanged], &mut b)
+                .unexplained
+        );
+        let track = analyze(b"SET pseudo_thread_id = 5");
+        assert!(
+            s.learn_tracking(
+                &track,
+                &[Change::SystemVariable(b"pseudo_thread_id", b"5")],
+                &mut b
+            )
+            .not_replayable
+        );
+    }
+
+    #[test]
+    fn one_shots_follow_the_client_and_never_stay_behind() {
+        let mut s = session();
+        let mut b = BackendSession::default();
+        let set = analyze(b"SET insert_id = 500");
+        s.learn_tracking(
+            &set,
+            &[Change::SystemVariable(b"insert_id", b"500")],
+            &mut b,
+        );
+        s.after_statement(&set, b"", ok(0), Tracked::default(), &mut b);
+        assert_eq!(s.state.insert_id, Some(500));
+        // Given back before the insert: cleared there, replayed on the next connection.
+        assert_eq!(
+            s.release(&b).statements,
+            vec!["SET insert_id = 0".to_string()]
+        );
+        s.released(&mut b, None);
+        let other = BackendSession::default();
+        assert_eq!(
+            s.replay(&other, Needs::default(), true).set.as_deref(),
+            Some("SET insert_id = 500")
+        );
+        let ins = analyze(b"INSERT INTO t (v) VALUES (1)");
+        s.after_statement(&ins, b"", ok(1), Tracked::default(), &mut b);
+        assert_eq!(s.state.insert_id, None);
+
+        let text = b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE";
+        s.after_statement(&analyze(text), text, ok(0), Tracked::default(), &mut b);
+        assert!(b.next_transaction_pending);
+        assert!(s.release(&b).statements[0]
+            .starts_with("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"));
+        s.released(&mut b, None);
+        let r = s.replay(&b, Needs::default(), true);
+        assert_eq!(
+            r.next_transaction.as_deref(),
+            Some(&b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"[..])
+        );
+        r.done(&mut b);
+        let begin = analyze(b"BEGIN");
+        s.after_statement(
+            &begin,
+            b"BEGIN",
+            Outcome {
+                ending: Ending::Ok {
+                    affected: 0,
+                    warnings: 0,
+                },
+                status: Some(status::AUTOCOMMIT | status::IN_TRANS),
+            },
+            Tracked::default(),
+            &mut b,
+        );
+        assert_eq!(s.state.next_transaction, None);
+        assert!(!b.next_transaction_pending);
+        assert!(s.pins.has(PinReason::Transaction));
+    }
+}
