@@ -116,7 +116,7 @@ fn benches(c: &mut Criterion) {
         .insert(b"time_zone".to_vec(), b"+05:30".to_vec());
     client
         .user_vars
-        .insert(b"tenant".to_vec(), UserValue::Int(b"42".to_vec()));
+        .insert(b"tenant".to_vec(), UserValue::int("42"));
     g.bench_function(
         "two variables, a user variable and the schema differ",
         |b| b.iter(|| plan(black_box(&client), &backend, Needs::default(), true)),

@@ -242,47 +242,98 @@ impl<D: Driver> Conn<D> {
     /// session state is the client's (for a statement that `needs`). The error is the
     /// packet to send to the client.
     async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
-        if let Some(b) = self.backend.as_ref() {
+        match self.ensure_backend_ahead(needs, replay).await? {
+            Some(plan) => self.run_replay(plan, needs).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::ensure_backend`], except that a replay the server cannot refuse is returned
+    /// to be sent ahead of the client's statement (see [`Self::send_ahead`]) instead of
+    /// costing a round trip of its own.
+    async fn ensure_backend_ahead(
+        &mut self,
+        needs: Needs,
+        replay: bool,
+    ) -> Result<Option<Replay>, ErrPacket> {
+        let plan = if let Some(b) = self.backend.as_ref() {
             if !replay {
-                return Ok(());
+                return Ok(None);
             }
-            let plan = self.s.replay(&b.conn.session, needs, false);
-            if plan.is_empty() {
-                return Ok(());
-            }
-            return self.run_replay(plan, needs).await;
-        }
-        let conn = self
-            .pool
-            .borrow(&self.key, self.s.state.schema.as_deref())
-            .await
-            .map_err(|e| {
-                tracing::warn!(peer = %self.peer, "{e}");
-                match e {
-                    BorrowError::Timeout(..) => ErrPacket::new(
-                        errcode::PROXY_BORROW_TIMEOUT,
-                        "HY000",
-                        format!("(dbproxy) {e}"),
-                    ),
-                    BorrowError::Connect { .. } => ErrPacket::new(
-                        errcode::PROXY_BACKEND_UNAVAILABLE,
-                        "08S01",
-                        format!("(dbproxy) {e}"),
-                    ),
-                }
-            })?;
-        self.s.moved();
-        let plan = if replay {
-            self.s.replay(&conn.conn.session, needs, true)
+            self.s.replay(&b.conn.session, needs, false)
         } else {
-            Replay::default()
+            let conn = self
+                .pool
+                .borrow(&self.key, self.s.state.schema.as_deref())
+                .await
+                .map_err(|e| {
+                    tracing::warn!(peer = %self.peer, "{e}");
+                    match e {
+                        BorrowError::Timeout(..) => ErrPacket::new(
+                            errcode::PROXY_BORROW_TIMEOUT,
+                            "HY000",
+                            format!("(dbproxy) {e}"),
+                        ),
+                        BorrowError::Connect { .. } => ErrPacket::new(
+                            errcode::PROXY_BACKEND_UNAVAILABLE,
+                            "08S01",
+                            format!("(dbproxy) {e}"),
+                        ),
+                    }
+                })?;
+            self.s.moved();
+            let plan = if replay {
+                self.s.replay(&conn.conn.session, needs, true)
+            } else {
+                Replay::default()
+            };
+            tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
+            self.backend = Some(conn);
+            plan
         };
-        tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
-        self.backend = Some(conn);
-        if !plan.is_empty() {
-            self.run_replay(plan, needs).await?;
+        if plan.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        if plan.pipelinable() {
+            self.s.backend_used();
+            return Ok(Some(plan));
+        }
+        self.run_replay(plan, needs).await?;
+        Ok(None)
+    }
+
+    /// Writes a replay that goes ahead of the client's statement; read its answer with
+    /// [`Self::finish_ahead`] before the statement's.
+    async fn send_ahead(&mut self, plan: Option<&Replay>, seq: u8) -> Result<(), SessionEnd> {
+        match plan.and_then(|p| p.set.as_ref()) {
+            Some(set) => {
+                let set = set.clone();
+                self.send_query(set.as_bytes(), seq).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the answer to a replay sent ahead and records what it set.
+    async fn finish_ahead(&mut self, plan: Option<Replay>, seq: u8) -> Result<(), SessionEnd> {
+        let Some(plan) = plan else { return Ok(()) };
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        match b.conn.read_response(ResponseKind::Query).await {
+            Ok(Ok(_)) => {
+                plan.done(&mut b.conn.session);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                // Not expected (user variables, last_insert_id and insert_id are always
+                // accepted); the connection's state is unknown now: reset before reuse.
+                tracing::error!(peer = %self.peer, thread_id = b.thread_id, "a replay sent ahead was refused: {e}");
+                self.start_pin(PinReason::Unclassified);
+                Ok(())
+            }
+            Err(e) => Err(self.backend_lost(seq, &e.to_string()).await),
+        }
     }
 
     async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Result<(), ErrPacket> {
@@ -327,7 +378,13 @@ impl<D: Driver> Conn<D> {
             let mut warnings = None;
             let res: Result<(), crate::pool::backend::BackendError> = async {
                 if steps.capture_warnings {
-                    if let Ok(w) = b.conn.query_result("SHOW WARNINGS").await? {
+                    let w = b.conn.query_result("SHOW WARNINGS").await?;
+                    tracing::debug!(
+                        thread_id = b.thread_id,
+                        rows = w.as_ref().map_or(0, |w| w.rows.len()),
+                        "warnings captured"
+                    );
+                    if let Ok(w) = w {
                         warnings = Some(w);
                     }
                 }
@@ -533,30 +590,42 @@ impl<D: Driver> Conn<D> {
     async fn query(&mut self, h: Header) -> Result<(), SessionEnd> {
         let info = analyze(&self.cbuf.filled()[5..h.total()]);
         let needs = Needs {
-            last_insert_id: info.readers.last_insert_id,
+            last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
         };
-        if let Err(e) = self.ensure_backend(needs, true).await {
-            self.discard_command(h).await?;
-            return self.refuse(h.seq, e).await;
-        }
-        let answer = if info.readers.diagnostics_any() && !h.continues() {
+        let ahead = match self.ensure_backend_ahead(needs, true).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.discard_command(h).await?;
+                return self.refuse(h.seq, e).await;
+            }
+        };
+        let mut answer = if info.readers.diagnostics_any() && !h.continues() {
             self.s.diag.answer(&self.cbuf.filled()[5..h.total()], &info)
         } else {
             Answer::Forward
         };
+        if answer == Answer::Capture {
+            if let Err(e) = self.capture_warnings(h.seq).await {
+                self.discard_command(h).await?;
+                return Err(e);
+            }
+            answer = self.s.diag.answer(&self.cbuf.filled()[5..h.total()], &info);
+        }
         let text: Vec<u8> = if info.next_transaction {
             self.cbuf.filled()[5..h.total()].to_vec()
         } else {
             Vec::new()
         };
         // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
-        let read_back = ReadBack::for_statement(&info);
+        let read_back = self.s.read_back(&info);
         let pipelined = read_back.as_ref().filter(|_| !info.load_data);
         let rewritten = matches!(answer, Answer::Rewrite(_));
+        self.send_ahead(ahead.as_ref(), h.seq).await?;
         let (outcome, tracked) = match answer {
             Answer::Forward => {
                 self.send_command(h).await?;
                 self.send_read_back(pipelined, h.seq).await?;
+                self.finish_ahead(ahead, h.seq).await?;
                 self.relay_response(ResponseKind::Query, &info, None)
                     .await?
             }
@@ -564,12 +633,14 @@ impl<D: Driver> Conn<D> {
                 self.discard_command(h).await?;
                 self.send_query(&sql, h.seq).await?;
                 self.send_read_back(pipelined, h.seq).await?;
+                self.finish_ahead(ahead, h.seq).await?;
                 self.relay_response(ResponseKind::Query, &info, None)
                     .await?
             }
             Answer::PatchRow(values) => {
                 self.send_command(h).await?;
                 self.send_read_back(pipelined, h.seq).await?;
+                self.finish_ahead(ahead, h.seq).await?;
                 self.relay_buffered(h.seq, |r, caps| {
                     if r.rows.len() == 1 {
                         r.with_rows(vec![patched_row(&values)], caps)
@@ -579,9 +650,18 @@ impl<D: Driver> Conn<D> {
                 })
                 .await?
             }
+            Answer::Capture => {
+                // Captured above; a second request cannot happen.
+                self.send_command(h).await?;
+                self.send_read_back(pipelined, h.seq).await?;
+                self.finish_ahead(ahead, h.seq).await?;
+                self.relay_response(ResponseKind::Query, &info, None)
+                    .await?
+            }
             Answer::Splice { query, rows } => {
                 self.discard_command(h).await?;
                 self.send_query(query.as_bytes(), h.seq).await?;
+                self.finish_ahead(ahead, h.seq).await?;
                 self.relay_buffered(h.seq, |r, caps| r.with_rows(rows, caps))
                     .await?
             }
@@ -604,6 +684,25 @@ impl<D: Driver> Conn<D> {
         }
         self.note_temp_tables(&info);
         self.maybe_release().await
+    }
+
+    /// Reads the client's warning list from the connection it holds (`SHOW WARNINGS` leaves
+    /// the list and the counts as they are).
+    async fn capture_warnings(&mut self, seq: u8) -> Result<(), SessionEnd> {
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        match b.conn.query_result("SHOW WARNINGS").await {
+            Ok(Ok(w)) => {
+                self.s.diag.captured(&w);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %self.peer, "SHOW WARNINGS failed: {e}");
+                Ok(())
+            }
+            Err(e) => Err(self.backend_lost(seq, &e.to_string()).await),
+        }
     }
 
     /// Writes a pipelined read-back query to the backend.
@@ -1091,7 +1190,9 @@ impl<D: Driver> Conn<D> {
                 Some(&mut capture),
             )
             .await?;
-        let c = self.s.after_prepare(outcome.failed(), capture.warnings);
+        let c = self
+            .s
+            .after_prepare(&capture.info, outcome.failed(), capture.warnings);
         self.count(c);
         self.maybe_release().await
     }
@@ -1155,12 +1256,15 @@ impl<D: Driver> Conn<D> {
             return self.refuse(h.seq, malformed("statement vanished")).await;
         };
         let needs = Needs {
-            last_insert_id: info.readers.last_insert_id,
+            last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
         };
-        if let Err(e) = self.ensure_backend(needs, true).await {
-            self.cmd = payload;
-            return self.refuse(h.seq, e).await;
-        }
+        let ahead = match self.ensure_backend_ahead(needs, true).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.cmd = payload;
+                return self.refuse(h.seq, e).await;
+            }
+        };
         if info.readers.diagnostics_any() && self.s.diag.answer(&key.sql, &info) != Answer::Forward
         {
             // The connection's diagnostics are not the client's, and a binary-protocol
@@ -1174,8 +1278,23 @@ impl<D: Driver> Conn<D> {
             return self.refuse(h.seq, e).await;
         }
         if let Err(e) = self.backend_statement(cid, h.seq).await? {
+            // The server refused to prepare the statement here (its table is gone, a READ
+            // ONLY transaction is pending, ...): to the client that is its execute failing,
+            // with the server's error in its warning list.
             self.cmd = payload;
-            return self.refuse(h.seq, e).await;
+            let Some(b) = self.backend.as_mut() else {
+                return Err(SessionEnd::Backend("no backend connection".into()));
+            };
+            let failed = Outcome {
+                ending: End::Err,
+                status: None,
+            };
+            let changes =
+                self.s
+                    .after_statement(&info, b"", failed, Tracked::default(), &mut b.conn.session);
+            self.count(changes);
+            self.reply_err(h.seq, e).await?;
+            return self.maybe_release().await;
         }
         let mut out = self.start_built();
         let rewritten = {
@@ -1202,9 +1321,11 @@ impl<D: Driver> Conn<D> {
         }
         let cursor = execute_opens_cursor(&payload);
         self.cmd = payload;
+        self.send_ahead(ahead.as_ref(), h.seq).await?;
         self.send_built(out, h.seq).await?;
-        let read_back = ReadBack::for_statement(&info).filter(|_| !cursor);
+        let read_back = self.s.read_back(&info).filter(|_| !cursor);
         self.send_read_back(read_back.as_ref(), h.seq).await?;
+        self.finish_ahead(ahead, h.seq).await?;
         let (outcome, tracked) = self
             .relay_response(ResponseKind::Execute, &info, None)
             .await?;

@@ -334,10 +334,31 @@ fn each_pin_starts_holds_and_ends() {
         a.query_drop("COMMIT").unwrap();
         ended("transaction");
 
+        // Autocommit off: a transaction opens with the next statement on a table and holds
+        // until COMMIT; in between the client keeps no connection (autocommit is replayed).
         a.query_drop("SET autocommit = 0").unwrap();
+        assert_eq!(proxy.pinned_now("transaction"), 0, "[{io}]");
+        a.query_drop("INSERT INTO p VALUES (50)").unwrap();
         holds(&proxy, &mut a, &mut other, "transaction", io);
-        a.query_drop("SET autocommit = 1").unwrap();
+        let seen: Option<i64> = other
+            .query_first("SELECT COUNT(*) FROM p WHERE id = 50")
+            .unwrap();
+        assert_eq!(seen, Some(0), "[{io}] uncommitted");
+        a.query_drop("ROLLBACK").unwrap();
         ended("transaction");
+        holding_a_connection(&mut other, true, || {
+            let ac: Option<i64> = a.query_first("SELECT @@autocommit").unwrap();
+            assert_eq!(
+                ac,
+                Some(0),
+                "[{io}] autocommit stays off on another connection"
+            );
+            a.query_drop("INSERT INTO p VALUES (51)").unwrap();
+        });
+        holds(&proxy, &mut a, &mut other, "transaction", io);
+        a.query_drop("COMMIT").unwrap();
+        ended("transaction");
+        a.query_drop("SET autocommit = 1").unwrap();
 
         a.query_drop("LOCK TABLES p READ").unwrap();
         holds(&proxy, &mut a, &mut other, "lock_tables", io);

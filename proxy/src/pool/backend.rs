@@ -347,7 +347,7 @@ impl<S: Stream> BackendConn<S> {
                 return Ok(Err(e));
             }
         }
-        if let Some(tx) = &plan.next_transaction {
+        for tx in &plan.next_transaction {
             let mut p = Vec::with_capacity(tx.len() + 1);
             p.push(com::QUERY);
             p.extend_from_slice(tx);

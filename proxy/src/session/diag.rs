@@ -59,8 +59,10 @@ pub struct Diag {
     pub row_count: i64,
     pub found_rows: u64,
     pub list: List,
-    /// The connection the client holds has the client's ROW_COUNT() and FOUND_ROWS().
-    counts_fresh: bool,
+    /// The connection the client holds has the client's ROW_COUNT() (every statement sets
+    /// it) and FOUND_ROWS() (only SELECT, SHOW and DESCRIBE set it).
+    row_count_fresh: bool,
+    found_rows_fresh: bool,
     /// The connection the client holds has the client's warning list.
     list_fresh: bool,
 }
@@ -72,7 +74,8 @@ impl Default for Diag {
             row_count: -1,
             found_rows: 0,
             list: List::Empty,
-            counts_fresh: false,
+            row_count_fresh: false,
+            found_rows_fresh: false,
             list_fresh: false,
         }
     }
@@ -93,11 +96,18 @@ pub enum Answer {
         query: &'static str,
         rows: Vec<Vec<u8>>,
     },
+    /// The answer needs the conditions, which are still on the connection: read them
+    /// (`SHOW WARNINGS`, [`Diag::captured`]) and ask again.
+    Capture,
 }
 
 impl Diag {
     /// The client's statement ran on the connection it holds and ended so.
     pub fn after_statement(&mut self, info: &SqlInfo, ending: Ending) {
+        if info.readers.diagnostics && ending != Ending::Err {
+            // GET DIAGNOSTICS reads the diagnostics area and leaves it, ROW_COUNT() included.
+            return;
+        }
         self.row_count = match ending {
             Ending::Ok { affected, .. } => i64::try_from(affected).unwrap_or(i64::MAX),
             Ending::Rows { .. } | Ending::Err => -1,
@@ -120,18 +130,27 @@ impl Diag {
             self.list = List::Empty;
             self.list_fresh = true;
         }
-        self.counts_fresh = true;
+        self.row_count_fresh = true;
+        if info.found_rows != sql::FoundRows::Unchanged && ending != Ending::Err {
+            self.found_rows_fresh = true;
+        }
     }
 
     /// After COM_STMT_PREPARE: a failure or warnings become the warning list; what the
     /// server leaves in ROW_COUNT()/FOUND_ROWS() is not modelled.
-    pub fn after_prepare(&mut self, failed: bool, warnings: u16) {
+    /// `uses_tables`: the statement prepared names a table (preparing it opens the table,
+    /// which clears the list like a statement would; checked: MariaDB 10.11).
+    pub fn after_prepare(&mut self, failed: bool, warnings: u16, uses_tables: bool) {
         let raised = if failed { 1 } else { u64::from(warnings) };
         if raised > 0 {
             self.list = List::OnBackend { count: raised };
             self.list_fresh = true;
+        } else if uses_tables {
+            self.list = List::Empty;
+            self.list_fresh = true;
         }
-        self.counts_fresh = false;
+        self.row_count_fresh = false;
+        self.found_rows_fresh = false;
     }
 
     /// FOUND_ROWS() read back after the statement (SQL_CALC_FOUND_ROWS and the like).
@@ -143,18 +162,21 @@ impl Diag {
     /// connection's ROW_COUNT() and FOUND_ROWS() are no longer the client's. (dbproxy's own
     /// statements name no table and raise nothing, so the warning list stays.)
     pub fn backend_used(&mut self) {
-        self.counts_fresh = false;
+        self.row_count_fresh = false;
+        self.found_rows_fresh = false;
     }
 
     /// dbproxy answered a statement in a way whose ROW_COUNT()/FOUND_ROWS() differ from
     /// what the client's statement would have left.
     pub fn counts_stale(&mut self) {
-        self.counts_fresh = false;
+        self.row_count_fresh = false;
+        self.found_rows_fresh = false;
     }
 
     /// The client now holds another connection.
     pub fn moved(&mut self) {
-        self.counts_fresh = false;
+        self.row_count_fresh = false;
+        self.found_rows_fresh = false;
         self.list_fresh = false;
         if let List::OnBackend { .. } = self.list {
             // Not captured (the connection broke): nothing left to show.
@@ -167,7 +189,8 @@ impl Diag {
         matches!(self.list, List::OnBackend { .. })
     }
 
-    /// The list as `SHOW WARNINGS` returned it on the connection being given up.
+    /// The list as `SHOW WARNINGS` returned it (on the connection being given up, or on
+    /// the one the client holds, for an answer that needs the conditions).
     pub fn captured(&mut self, result: &TextResult) {
         let count = match self.list {
             List::OnBackend { count } => count,
@@ -217,7 +240,9 @@ impl Diag {
     /// Decides how to serve a COM_QUERY `sql` that reads per-statement state.
     pub fn answer(&self, sql: &[u8], info: &SqlInfo) -> Answer {
         let r = info.readers;
-        let counts_ok = !(r.row_count || r.found_rows) || self.counts_fresh;
+        // GET DIAGNOSTICS reads ROW_COUNT as well as the conditions.
+        let counts_ok = (!(r.row_count || r.diagnostics) || self.row_count_fresh)
+            && (!r.found_rows || self.found_rows_fresh);
         let list_ok = !(r.counts || r.list || r.diagnostics) || self.list_fresh;
         if counts_ok && list_ok {
             return Answer::Forward;
@@ -330,6 +355,9 @@ impl Diag {
         };
         let mut condition = None;
         if w(i, "CONDITION") {
+            if let List::OnBackend { .. } = self.list {
+                return Some(Answer::Capture);
+            }
             let x = t.get(i + 1)?;
             let n: usize = std::str::from_utf8(&sql[x.start..x.end])
                 .ok()?
@@ -347,7 +375,7 @@ impl Diag {
             let item = t.get(i + 2)?;
             let item = &sql[item.start..item.end];
             let value = match condition {
-                None if item.eq_ignore_ascii_case(b"NUMBER") => self.conditions().len().to_string(),
+                None if item.eq_ignore_ascii_case(b"NUMBER") => self.warning_count().to_string(),
                 None if item.eq_ignore_ascii_case(b"ROW_COUNT") => self.row_count.to_string(),
                 None => return None,
                 Some(Some(c)) if item.eq_ignore_ascii_case(b"MYSQL_ERRNO") => {
@@ -688,10 +716,27 @@ mod tests {
         assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
         let q = b"SELECT ROW_COUNT()";
         assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        // A read-back SELECT changes FOUND_ROWS() on the connection; a SET of the client's
+        // afterwards sets ROW_COUNT() again but leaves FOUND_ROWS() as the read-back did.
+        d.backend_used();
+        d.after_statement(
+            &analyze(b"SET @a = 1"),
+            Ending::Ok {
+                affected: 0,
+                warnings: 0,
+            },
+        );
+        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        let f = b"SELECT FOUND_ROWS()";
+        assert_eq!(
+            d.answer(f, &analyze(f)),
+            Answer::PatchRow(vec![b"1".to_vec()])
+        );
         d.backend_used();
         assert_eq!(
             d.answer(q, &analyze(q)),
-            Answer::PatchRow(vec![b"-1".to_vec()])
+            Answer::PatchRow(vec![b"0".to_vec()]),
+            "the SET's ROW_COUNT()"
         );
         let q = b"SHOW WARNINGS";
         assert_eq!(

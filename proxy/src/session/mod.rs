@@ -26,7 +26,6 @@ use sql::{FoundRows, SqlInfo};
 use state::{BackendSession, ClientState, Needs, Replay, VarKind};
 use std::sync::Arc;
 use stmts::ClientStmts;
-use uservars::UserValue;
 
 /// Pins that started and ended with an event (the driver counts them).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -50,12 +49,14 @@ pub struct ReadBack {
     last_insert_id: bool,
     found_rows: bool,
     collation: bool,
+    insert_id: bool,
     vars: Vec<Vec<u8>>,
 }
 
 impl ReadBack {
-    /// What a statement needs read back, if anything.
-    pub fn for_statement(info: &SqlInfo) -> Option<ReadBack> {
+    /// What a statement needs read back, if anything; `insert_id_pending`: the client has
+    /// a `SET insert_id` waiting, which only an insert that generates a value consumes.
+    pub fn for_statement(info: &SqlInfo, insert_id_pending: bool) -> Option<ReadBack> {
         let vars = if info.assigns_user_vars {
             info.user_vars.clone()
         } else {
@@ -64,7 +65,8 @@ impl ReadBack {
         let last_insert_id = info.changes_last_insert_id;
         let found_rows = info.found_rows == FoundRows::ReadBack;
         let collation = info.charset_change;
-        if vars.is_empty() && !last_insert_id && !found_rows && !collation {
+        let insert_id = insert_id_pending && info.inserts;
+        if vars.is_empty() && !last_insert_id && !found_rows && !collation && !insert_id {
             return None;
         }
         let mut sql = String::from("SELECT ");
@@ -78,6 +80,9 @@ impl ReadBack {
         if collation {
             items.push("@@session.collation_connection");
         }
+        if insert_id {
+            items.push("@@session.insert_id");
+        }
         sql.push_str(&items.join(", "));
         for v in &vars {
             uservars::push_read_back(&mut sql, v);
@@ -87,6 +92,7 @@ impl ReadBack {
             last_insert_id,
             found_rows,
             collation,
+            insert_id,
             vars,
         })
     }
@@ -170,12 +176,12 @@ impl ClientSession {
         }
     }
 
-    /// Whether the client may give its backend connection back now: outside a transaction,
-    /// autocommit on, nothing pinned.
+    /// Whether the client may give its backend connection back now: no transaction open
+    /// (the server's IN_TRANS flag; with autocommit off the next statement on a table opens
+    /// one, on whichever connection serves it, autocommit being replayed like any
+    /// variable), nothing pinned.
     pub fn releasable(&self) -> bool {
-        self.status & status::IN_TRANS == 0
-            && self.status & status::AUTOCOMMIT != 0
-            && !self.pins.is_pinned()
+        self.status & status::IN_TRANS == 0 && !self.pins.is_pinned()
     }
 
     /// The client starts afresh (COM_RESET_CONNECTION keeps the schema, COM_CHANGE_USER
@@ -266,7 +272,8 @@ impl ClientSession {
                 }
             }
         }
-        t.unexplained = changed && (info.opaque || !(explained || info.explains_change));
+        let explained_by_text = info.explains_change || info.assigns_user_vars;
+        t.unexplained = changed && (info.opaque || !(explained || explained_by_text));
         t
     }
 
@@ -341,13 +348,21 @@ impl ClientSession {
             backend.vars.insert(b"collation_connection".to_vec(), c);
             at += 1;
         }
+        if rb.insert_id {
+            if num(values.get(at).copied().flatten())? == 0 {
+                // The insert generated a value: the pending insert_id was used.
+                self.state.insert_id = None;
+                backend.insert_id_pending = false;
+            }
+            at += 1;
+        }
         for name in &rb.vars {
             let cols = values
                 .get(at..at + uservars::COLUMNS_PER_VAR)
                 .ok_or("too few columns")?;
             let col = r.columns.get(at).ok_or("too few column definitions")?;
             let v = uservars::parse_value(col, cols).map_err(|e| e.to_string())?;
-            if v == UserValue::Null {
+            if v.is_unset() {
                 self.state.user_vars.remove(name);
                 backend.user_vars.remove(name);
             } else {
@@ -378,20 +393,13 @@ impl ClientSession {
         changes.merge(self.pins.after_statement(info, !outcome.failed()));
         let mut unclassified =
             info.touches_tracking || tracked.not_replayable || tracked.unexplained;
-        if !outcome.failed() {
-            if info.inserts {
-                // The insert consumed a pending `SET insert_id`.
-                self.state.insert_id = None;
-                backend.insert_id_pending = false;
-            }
-            if info.next_transaction {
-                if info.multi {
-                    // Its text cannot be told apart from the other statements' to repeat it.
-                    unclassified = true;
-                } else {
-                    self.state.next_transaction = Some(text.to_vec());
-                    backend.next_transaction_pending = true;
-                }
+        if !outcome.failed() && info.next_transaction {
+            if info.multi {
+                // Its text cannot be told apart from the other statements' to repeat it.
+                unclassified = true;
+            } else {
+                self.state.next_transaction.push(text.to_vec());
+                backend.next_transaction_pending = true;
             }
         }
         let started_transaction =
@@ -399,7 +407,7 @@ impl ClientSession {
         if started_transaction && !info.next_transaction {
             // A transaction started (explicitly, or an autocommit statement on a table):
             // pending characteristics were used (checked: MariaDB 10.11).
-            self.state.next_transaction = None;
+            self.state.next_transaction.clear();
             backend.next_transaction_pending = false;
         }
         if unclassified && self.pins.start(PinReason::Unclassified) {
@@ -432,7 +440,7 @@ impl ClientSession {
             changes.started.push(PinReason::Unclassified);
         }
         if self.status & status::IN_TRANS != 0 {
-            self.state.next_transaction = None;
+            self.state.next_transaction.clear();
             backend.next_transaction_pending = false;
         }
         self.transaction_pin(&mut changes);
@@ -441,8 +449,8 @@ impl ClientSession {
 
     /// After COM_STMT_PREPARE: a failed prepare, or one with warnings, leaves its
     /// conditions in the warning list.
-    pub fn after_prepare(&mut self, failed: bool, warnings: u16) -> PinChanges {
-        self.diag.after_prepare(failed, warnings);
+    pub fn after_prepare(&mut self, info: &SqlInfo, failed: bool, warnings: u16) -> PinChanges {
+        self.diag.after_prepare(failed, warnings, info.uses_tables);
         let mut changes = PinChanges::default();
         self.transaction_pin(&mut changes);
         changes
@@ -456,9 +464,7 @@ impl ClientSession {
     }
 
     fn transaction_pin(&mut self, changes: &mut PinChanges) {
-        let in_transaction =
-            self.status & status::IN_TRANS != 0 || self.status & status::AUTOCOMMIT == 0;
-        if in_transaction {
+        if self.status & status::IN_TRANS != 0 {
             if self.pins.start(PinReason::Transaction) {
                 changes.started.push(PinReason::Transaction);
             }
@@ -491,6 +497,11 @@ impl ClientSession {
         backend.next_transaction_pending = false;
     }
 
+    /// What to read back after the statement `info`, in the same round trip.
+    pub fn read_back(&self, info: &SqlInfo) -> Option<ReadBack> {
+        ReadBack::for_statement(info, self.state.insert_id.is_some())
+    }
+
     /// Whether the client negotiated session tracking itself (otherwise dbproxy strips it
     /// from OK packets).
     pub fn wants_tracking(&self) -> bool {
@@ -504,6 +515,7 @@ mod tests {
     use crate::config::{UserAuthPlugin, UserConfig};
     use crate::mysql::resultset::{encode_text_row, ColumnDef};
     use crate::session::sql::analyze;
+    use crate::session::uservars::UserValue;
 
     fn session() -> ClientSession {
         let users = crate::auth::Users::new(&[UserConfig {
@@ -560,7 +572,7 @@ mod tests {
         let mut s = session();
         let mut b = BackendSession::default();
         let info = analyze(b"INSERT INTO t (v) VALUES (@x := 5)");
-        let rb = ReadBack::for_statement(&info).unwrap();
+        let rb = ReadBack::for_statement(&info, false).unwrap();
         assert_eq!(
             rb.sql,
             "SELECT LAST_INSERT_ID(), @`x`, HEX(@`x`), CHARSET(@`x`), COLLATION(@`x`)"
@@ -582,17 +594,14 @@ mod tests {
         );
         assert_eq!(s.state.last_insert_id, 41);
         assert_eq!(b.last_insert_id, 41);
-        assert_eq!(
-            s.state.user_vars.get(&b"x"[..]),
-            Some(&UserValue::Int(b"5".to_vec()))
-        );
+        assert_eq!(s.state.user_vars.get(&b"x"[..]), Some(&UserValue::int("5")));
         assert_eq!(b.user_vars, s.state.user_vars);
         // A read-back that failed pins the client to the connection that has the values.
         let e = ErrPacket::new(1, "HY000", "x");
         let c = s.learn_read_back(&rb, Err(&e), &mut b);
         assert_eq!(c.started, vec![PinReason::UserVariable]);
-        assert!(ReadBack::for_statement(&analyze(b"SELECT @x")).is_none());
-        assert!(ReadBack::for_statement(&analyze(b"SELECT 1")).is_none());
+        assert!(ReadBack::for_statement(&analyze(b"SELECT @x"), false).is_none());
+        assert!(ReadBack::for_statement(&analyze(b"SELECT 1"), true).is_none());
     }
 
     #[test]
@@ -636,6 +645,11 @@ mod tests {
         let call = analyze(b"CALL p()");
         assert!(
             s.learn_tracking(&call, &[Change::StateChanged], &mut b)
+                .unexplained
+        );
+        let diag = analyze(b"GET DIAGNOSTICS @n = NUMBER");
+        assert!(
+            !s.learn_tracking(&diag, &[Change::StateChanged], &mut b)
                 .unexplained
         );
         let tmp = analyze(b"CREATE TEMPORARY TABLE t (x INT)");
@@ -682,9 +696,30 @@ mod tests {
             s.replay(&other, Needs::default(), true).set.as_deref(),
             Some("SET insert_id = 500")
         );
+        // An insert with an explicit id does not use it; one that generates a value does.
+        // Only the server knows which: @@session.insert_id is read back.
         let ins = analyze(b"INSERT INTO t (v) VALUES (1)");
+        let rb = s.read_back(&ins).unwrap();
+        assert_eq!(rb.sql, "SELECT LAST_INSERT_ID(), @@session.insert_id");
+        let answer = |lid: &'static [u8], pending: &'static [u8]| {
+            result(
+                vec![
+                    col("LAST_INSERT_ID()", 8, 161),
+                    col("@@session.insert_id", 8, 160),
+                ],
+                vec![Some(lid), Some(pending)],
+            )
+        };
         s.after_statement(&ins, b"", ok(1), Tracked::default(), &mut b);
+        s.learn_read_back(&rb, Ok(&answer(b"0", b"500")), &mut b);
+        assert_eq!(
+            s.state.insert_id,
+            Some(500),
+            "an explicit id left it pending"
+        );
+        s.learn_read_back(&rb, Ok(&answer(b"500", b"0")), &mut b);
         assert_eq!(s.state.insert_id, None);
+        assert_eq!(s.state.last_insert_id, 500);
 
         let text = b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE";
         s.after_statement(&analyze(text), text, ok(0), Tracked::default(), &mut b);
@@ -694,8 +729,8 @@ mod tests {
         s.released(&mut b, None);
         let r = s.replay(&b, Needs::default(), true);
         assert_eq!(
-            r.next_transaction.as_deref(),
-            Some(&b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"[..])
+            r.next_transaction,
+            vec![b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE".to_vec()]
         );
         r.done(&mut b);
         let begin = analyze(b"BEGIN");
@@ -712,7 +747,7 @@ mod tests {
             Tracked::default(),
             &mut b,
         );
-        assert_eq!(s.state.next_transaction, None);
+        assert!(s.state.next_transaction.is_empty());
         assert!(!b.next_transaction_pending);
         assert!(s.pins.has(PinReason::Transaction));
     }

@@ -427,8 +427,10 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
             return FoundRows::Unchanged;
         }
         if w(1, "COUNT") {
+            // SHOW COUNT(*) WARNINGS is `SELECT @@session.warning_count`: FOUND_ROWS() becomes
+            // 1, where SHOW WARNINGS leaves it (checked: MariaDB 10.11).
             info.readers.counts = true;
-            return FoundRows::Unchanged;
+            return FoundRows::Sent;
         }
         found = FoundRows::Sent;
         info.uses_tables = true;

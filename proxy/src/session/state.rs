@@ -115,8 +115,9 @@ pub struct ClientState {
     pub last_insert_id: u64,
     /// A `SET insert_id` not consumed yet (its value).
     pub insert_id: Option<u64>,
-    /// A `SET TRANSACTION ...` statement not consumed yet (its text).
-    pub next_transaction: Option<Vec<u8>>,
+    /// `SET TRANSACTION ...` statements not consumed yet (their texts, in order: each may
+    /// set another characteristic of the next transaction).
+    pub next_transaction: Vec<Vec<u8>>,
 }
 
 impl ClientState {
@@ -139,8 +140,10 @@ pub struct Replay {
     pub set: Option<String>,
     /// A default database to select.
     pub init_db: Option<Vec<u8>>,
-    /// A `SET TRANSACTION` to repeat.
-    pub next_transaction: Option<Vec<u8>>,
+    /// `SET TRANSACTION` statements to repeat.
+    pub next_transaction: Vec<Vec<u8>>,
+    /// The SET assigns system variables (which the server may refuse).
+    system: bool,
     /// Variables the plan sets back to DEFAULT: their new values join the baseline.
     defaulted: Vec<Vec<u8>>,
     /// What the connection will hold once the plan ran (apply with [`Replay::done`]).
@@ -154,7 +157,19 @@ impl Replay {
         !self.reset
             && self.set.is_none()
             && self.init_db.is_none()
-            && self.next_transaction.is_none()
+            && self.next_transaction.is_empty()
+    }
+
+    /// Whether the plan can be sent ahead of the client's statement without waiting for its
+    /// answer: one SET of assignments the server cannot refuse (user variables,
+    /// last_insert_id, insert_id). Anything that may fail (system variables, a schema, a
+    /// reset) must succeed before the client's statement runs.
+    pub fn pipelinable(&self) -> bool {
+        self.set.is_some()
+            && !self.system
+            && !self.reset
+            && self.init_db.is_none()
+            && self.next_transaction.is_empty()
     }
 
     /// Records on `backend` what the plan set that session tracking does not report.
@@ -175,7 +190,7 @@ impl Replay {
         if self.insert_id {
             backend.insert_id_pending = true;
         }
-        if self.next_transaction.is_some() {
+        if !self.next_transaction.is_empty() {
             backend.next_transaction_pending = true;
         }
     }
@@ -184,7 +199,8 @@ impl Replay {
 /// What the statement about to run needs of the connection beyond the session state.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Needs {
-    /// It reads LAST_INSERT_ID().
+    /// It reads LAST_INSERT_ID(), or may change it (its value is read back afterwards, which
+    /// is only the client's if the connection had the client's value before).
     pub last_insert_id: bool,
 }
 
@@ -202,13 +218,14 @@ pub fn plan(client: &ClientState, backend: &BackendSession, needs: Needs, full: 
             };
         }
         r.defaulted = system_variables(client, backend, &mut sets);
+        r.system = !sets.is_empty();
         let u = uservars::diff(&client.user_vars, &backend.user_vars);
         if !u.is_empty() {
             sets.extend(u);
             let mut now = client.user_vars.clone();
             for (k, v) in &backend.user_vars {
-                if *v != uservars::UserValue::Null && !now.contains_key(k) {
-                    now.insert(k.clone(), uservars::UserValue::Null);
+                if !v.is_unset() && !now.contains_key(k) {
+                    now.insert(k.clone(), uservars::UserValue::unset());
                 }
             }
             r.user_vars = Some(now);
@@ -217,10 +234,8 @@ pub fn plan(client: &ClientState, backend: &BackendSession, needs: Needs, full: 
             Some(s) if backend.schema.as_deref() != Some(s) => Some(s.clone()),
             _ => None,
         };
-        if let Some(tx) = &client.next_transaction {
-            if !backend.next_transaction_pending {
-                r.next_transaction = Some(tx.clone());
-            }
+        if !backend.next_transaction_pending {
+            r.next_transaction = client.next_transaction.clone();
         }
     }
     if needs.last_insert_id && backend.last_insert_id != client.last_insert_id {
@@ -411,6 +426,7 @@ mod tests {
         );
         assert_eq!(r.init_db.as_deref(), Some(&b"b"[..]));
         assert!(!r.reset);
+        assert!(!r.pipelinable(), "system variables may be refused");
         // Once set to DEFAULT (and reported so), time_zone is at the baseline: not again.
         let mut after = b.clone();
         after.vars.insert(b"time_zone".to_vec(), b"SYSTEM".to_vec());
@@ -439,25 +455,23 @@ mod tests {
     #[test]
     fn user_variables_last_insert_id_and_one_shots() {
         let mut b = backend();
-        b.user_vars
-            .insert(b"other".to_vec(), UserValue::Int(b"7".to_vec()));
+        b.user_vars.insert(b"other".to_vec(), UserValue::int("7"));
         b.last_insert_id = 9;
         let mut c = ClientState::default();
-        c.user_vars
-            .insert(b"me".to_vec(), UserValue::Int(b"1".to_vec()));
+        c.user_vars.insert(b"me".to_vec(), UserValue::int("1"));
         c.last_insert_id = 42;
         c.insert_id = Some(77);
-        c.next_transaction = Some(b"SET TRANSACTION READ ONLY".to_vec());
+        c.next_transaction = vec![
+            b"SET TRANSACTION READ ONLY".to_vec(),
+            b"SET TRANSACTION ISOLATION LEVEL READ COMMITTED".to_vec(),
+        ];
         // LAST_INSERT_ID() is replayed only for a statement that reads it.
         let r = plan(&c, &b, Needs::default(), true);
         assert_eq!(
             r.set.as_deref(),
-            Some("SET @`me` = 1, @`other` = NULL, insert_id = 77")
+            Some("SET @`me` = 1, @`other` = CAST(NULL AS BINARY), insert_id = 77")
         );
-        assert_eq!(
-            r.next_transaction.as_deref(),
-            Some(&b"SET TRANSACTION READ ONLY"[..])
-        );
+        assert_eq!(r.next_transaction, c.next_transaction);
         let mut after = b.clone();
         r.done(&mut after);
         assert!(uservars::same(&after.user_vars, &c.user_vars));

@@ -6,24 +6,53 @@
 use crate::mysql::resultset::{column_type, ColumnDef};
 use std::collections::BTreeMap;
 
-/// A user variable's value, with the type MariaDB keeps for it.
+/// The type MariaDB keeps for a user variable (also when its value is NULL).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserValue {
-    Null,
-    Int(Vec<u8>),
-    UInt(Vec<u8>),
-    Decimal(Vec<u8>),
-    Double(Vec<u8>),
-    /// A string: its bytes in its own character set, and its collation (`binary` for binary
-    /// strings).
+pub enum Ty {
+    Int,
+    UInt,
+    Decimal,
+    Double,
+    /// A string in `charset` with `collation` (`binary`/`binary` for binary strings).
     Str {
-        bytes: Vec<u8>,
         charset: Vec<u8>,
         collation: Vec<u8>,
     },
 }
 
-/// User variables by lowercased name. A variable set to NULL and one never set read the same.
+/// A user variable: its type and value (`None`: NULL; numbers as the server printed them,
+/// strings as bytes in their own character set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserValue {
+    pub ty: Ty,
+    pub value: Option<Vec<u8>>,
+}
+
+impl UserValue {
+    /// What a variable never set reads as (and one set to plain NULL: a binary NULL).
+    pub fn unset() -> UserValue {
+        UserValue {
+            ty: Ty::Str {
+                charset: b"binary".to_vec(),
+                collation: b"binary".to_vec(),
+            },
+            value: None,
+        }
+    }
+
+    pub fn int(v: &str) -> UserValue {
+        UserValue {
+            ty: Ty::Int,
+            value: Some(v.as_bytes().to_vec()),
+        }
+    }
+
+    pub fn is_unset(&self) -> bool {
+        *self == UserValue::unset()
+    }
+}
+
+/// User variables by lowercased name; a missing one reads as [`UserValue::unset`].
 pub type UserVars = BTreeMap<Vec<u8>, UserValue>;
 
 /// Why a read-back could not be used.
@@ -75,9 +104,6 @@ pub fn parse_value(col: &ColumnDef, values: &[Option<&[u8]>]) -> Result<UserValu
     let [v, hex, charset, collation] = values else {
         return Err(ReadBackError::Shape("four columns per variable"));
     };
-    let Some(v) = v else {
-        return Ok(UserValue::Null);
-    };
     let number = |v: &[u8]| -> Result<Vec<u8>, ReadBackError> {
         if !v.is_empty()
             && v.iter()
@@ -88,34 +114,42 @@ pub fn parse_value(col: &ColumnDef, values: &[Option<&[u8]>]) -> Result<UserValu
             Err(ReadBackError::Value("a number that is not one"))
         }
     };
-    Ok(match col.column_type {
+    let ty = match col.column_type {
         column_type::LONGLONG
         | column_type::LONG
         | column_type::INT24
         | column_type::SHORT
         | column_type::TINY => {
             if col.is_unsigned() {
-                UserValue::UInt(number(v)?)
+                Ty::UInt
             } else {
-                UserValue::Int(number(v)?)
+                Ty::Int
             }
         }
-        column_type::NEWDECIMAL | column_type::DECIMAL => UserValue::Decimal(number(v)?),
-        column_type::DOUBLE | column_type::FLOAT => UserValue::Double(number(v)?),
+        column_type::NEWDECIMAL | column_type::DECIMAL => Ty::Decimal,
+        column_type::DOUBLE | column_type::FLOAT => Ty::Double,
         _ => {
-            let (Some(hex), Some(charset), Some(collation)) = (hex, charset, collation) else {
-                return Err(ReadBackError::Value("a string without bytes or collation"));
+            let (Some(charset), Some(collation)) = (charset, collation) else {
+                return Err(ReadBackError::Value("a string without character set"));
             };
             if !is_plain_name(charset) || !is_plain_name(collation) {
                 return Err(ReadBackError::Value("character set or collation name"));
             }
-            UserValue::Str {
-                bytes: unhex(hex).ok_or(ReadBackError::Value("hex digits"))?,
+            Ty::Str {
                 charset: charset.to_vec(),
                 collation: collation.to_vec(),
             }
         }
-    })
+    };
+    let value = match (v, &ty) {
+        (None, _) => None,
+        (Some(_), Ty::Str { .. }) => {
+            let hex = hex.ok_or(ReadBackError::Value("a string without its bytes"))?;
+            Some(unhex(hex).ok_or(ReadBackError::Value("hex digits"))?)
+        }
+        (Some(v), _) => Some(number(v)?),
+    };
+    Ok(UserValue { ty, value })
 }
 
 impl UserValue {
@@ -123,20 +157,27 @@ impl UserValue {
     /// session's sql_mode and character sets.
     pub fn sql(&self) -> String {
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        match self {
-            UserValue::Null => "NULL".into(),
-            UserValue::Int(v) => text(v),
-            UserValue::UInt(v) => format!("CAST({} AS UNSIGNED)", text(v)),
-            UserValue::Decimal(v) if v.contains(&b'.') => text(v),
+        match (&self.ty, &self.value) {
+            (Ty::Int, Some(v)) => text(v),
+            (Ty::Int, None) => "CAST(NULL AS SIGNED)".into(),
+            (Ty::UInt, Some(v)) => format!("CAST({} AS UNSIGNED)", text(v)),
+            (Ty::UInt, None) => "CAST(NULL AS UNSIGNED)".into(),
+            (Ty::Decimal, Some(v)) if v.contains(&b'.') => text(v),
             // A decimal without a fractional part would read back as an integer literal.
-            UserValue::Decimal(v) => format!("CAST({} AS DECIMAL(65,0))", text(v)),
-            UserValue::Double(v) if v.iter().any(|b| matches!(b, b'e' | b'E')) => text(v),
-            UserValue::Double(v) => format!("{}E0", text(v)),
-            UserValue::Str {
-                bytes,
-                charset,
-                collation,
-            } => {
+            (Ty::Decimal, Some(v)) => format!("CAST({} AS DECIMAL(65,0))", text(v)),
+            (Ty::Decimal, None) => "CAST(NULL AS DECIMAL(65,0))".into(),
+            (Ty::Double, Some(v)) if v.iter().any(|b| matches!(b, b'e' | b'E')) => text(v),
+            (Ty::Double, Some(v)) => format!("{}E0", text(v)),
+            (Ty::Double, None) => "CAST(NULL AS DOUBLE)".into(),
+            (Ty::Str { charset, .. }, None) if charset.as_slice() == b"binary" => {
+                "CAST(NULL AS BINARY)".into()
+            }
+            (Ty::Str { charset, collation }, None) => format!(
+                "CAST(NULL AS CHAR CHARACTER SET {}) COLLATE {}",
+                text(charset),
+                text(collation)
+            ),
+            (Ty::Str { charset, collation }, Some(bytes)) => {
                 let mut s = String::with_capacity(16 + 2 * bytes.len());
                 s.push('_');
                 s.push_str(&text(charset));
@@ -155,29 +196,30 @@ impl UserValue {
     }
 }
 
-/// The assignments (`@v = ...`) that turn `backend`'s user variables into `client`'s;
-/// variables the client does not have are set to NULL (MariaDB cannot unset them).
+/// The assignments (`@v = ...`) that turn `backend`'s user variables into `client`'s. A
+/// variable the client never set is made a binary NULL (MariaDB cannot unset one; a binary
+/// NULL reads as a variable never set does).
 pub fn diff(client: &UserVars, backend: &UserVars) -> Vec<String> {
+    let unset = UserValue::unset();
     let mut out = Vec::new();
     for (name, want) in client {
-        let have = backend.get(name).unwrap_or(&UserValue::Null);
-        if have != want {
+        if backend.get(name).unwrap_or(&unset) != want {
             out.push(format!("{} = {}", var_ref(name), want.sql()));
         }
     }
     for (name, have) in backend {
-        if *have != UserValue::Null && !client.contains_key(name) {
-            out.push(format!("{} = NULL", var_ref(name)));
+        if !have.is_unset() && !client.contains_key(name) {
+            out.push(format!("{} = {}", var_ref(name), unset.sql()));
         }
     }
     out
 }
 
-/// Whether two sets of user variables read the same (NULL and absent are equal).
+/// Whether two sets of user variables read the same (a binary NULL reads as unset).
 pub fn same(a: &UserVars, b: &UserVars) -> bool {
-    let null = UserValue::Null;
-    a.iter().all(|(k, v)| b.get(k).unwrap_or(&null) == v)
-        && b.iter().all(|(k, v)| a.get(k).unwrap_or(&null) == v)
+    let unset = UserValue::unset();
+    a.iter().all(|(k, v)| b.get(k).unwrap_or(&unset) == v)
+        && b.iter().all(|(k, v)| a.get(k).unwrap_or(&unset) == v)
 }
 
 #[cfg(test)]
@@ -210,19 +252,19 @@ mod tests {
         let bin = Some(&b"binary"[..]);
         assert_eq!(
             parse(8, 128, [Some(b"-5"), Some(b"FFFFFFFFFFFFFFFB"), bin, bin]).unwrap(),
-            UserValue::Int(b"-5".to_vec())
+            UserValue::int("-5")
         );
         let u = parse(8, 128 | UNSIGNED_FLAG, [Some(b"1"), Some(b"1"), bin, bin]).unwrap();
         assert_eq!(u.sql(), "CAST(1 AS UNSIGNED)");
         let d = parse(246, 128, [Some(b"1.50"), Some(b"2"), bin, bin]).unwrap();
         assert_eq!(d.sql(), "1.50");
-        assert_eq!(
-            UserValue::Decimal(b"5".to_vec()).sql(),
-            "CAST(5 AS DECIMAL(65,0))"
-        );
+        let whole = UserValue {
+            ty: Ty::Decimal,
+            value: Some(b"5".to_vec()),
+        };
+        assert_eq!(whole.sql(), "CAST(5 AS DECIMAL(65,0))");
         let f = parse(5, 128, [Some(b"-0.00000000025"), Some(b"0"), bin, bin]).unwrap();
         assert_eq!(f.sql(), "-0.00000000025E0");
-        assert_eq!(UserValue::Double(b"1e300".to_vec()).sql(), "1e300");
         let s = parse(
             251,
             0,
@@ -237,9 +279,25 @@ mod tests {
         assert_eq!(s.sql(), "_utf8mb4 X'c3a9' COLLATE utf8mb4_unicode_ci");
         let b = parse(251, 128, [Some(b"\x00?"), Some(b"00FF"), bin, bin]).unwrap();
         assert_eq!(b.sql(), "_binary X'00ff'");
+    }
+
+    #[test]
+    fn nulls_keep_their_types_and_unset_is_a_binary_null() {
+        let bin = Some(&b"binary"[..]);
+        let fresh = parse(251, 128, [None, None, bin, bin]).unwrap();
+        assert!(fresh.is_unset());
+        assert_eq!(fresh.sql(), "CAST(NULL AS BINARY)");
+        let int_null = parse(8, 128, [None, None, bin, bin]).unwrap();
+        assert_eq!(int_null.sql(), "CAST(NULL AS SIGNED)");
+        let text_null = parse(
+            251,
+            0,
+            [None, None, Some(b"utf8mb4"), Some(b"utf8mb4_unicode_ci")],
+        )
+        .unwrap();
         assert_eq!(
-            parse(251, 128, [None, None, bin, bin]).unwrap(),
-            UserValue::Null
+            text_null.sql(),
+            "CAST(NULL AS CHAR CHARACTER SET utf8mb4) COLLATE utf8mb4_unicode_ci"
         );
     }
 
@@ -262,15 +320,18 @@ mod tests {
             "SELECT @`a`, HEX(@`a`), CHARSET(@`a`), COLLATION(@`a`), @`we``ird`, HEX(@`we``ird`), CHARSET(@`we``ird`), COLLATION(@`we``ird`)"
         );
         let mut client = UserVars::new();
-        client.insert(b"a".to_vec(), UserValue::Int(b"1".to_vec()));
-        client.insert(b"n".to_vec(), UserValue::Null);
+        client.insert(b"a".to_vec(), UserValue::int("1"));
+        client.insert(b"n".to_vec(), UserValue::unset());
         let mut backend = UserVars::new();
-        backend.insert(b"b".to_vec(), UserValue::Int(b"2".to_vec()));
-        backend.insert(b"c".to_vec(), UserValue::Null);
-        assert_eq!(diff(&client, &backend), vec!["@`a` = 1", "@`b` = NULL"]);
+        backend.insert(b"b".to_vec(), UserValue::int("2"));
+        backend.insert(b"c".to_vec(), UserValue::unset());
+        assert_eq!(
+            diff(&client, &backend),
+            vec!["@`a` = 1", "@`b` = CAST(NULL AS BINARY)"]
+        );
         assert!(!same(&client, &backend));
-        backend.insert(b"a".to_vec(), UserValue::Int(b"1".to_vec()));
-        backend.insert(b"b".to_vec(), UserValue::Null);
+        backend.insert(b"a".to_vec(), UserValue::int("1"));
+        backend.insert(b"b".to_vec(), UserValue::unset());
         assert!(same(&client, &backend));
         assert!(diff(&client, &backend).is_empty());
     }
