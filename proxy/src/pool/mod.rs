@@ -160,6 +160,8 @@ struct Starving {
     tx: oneshot::Sender<Detached>,
     /// A core already closed an idle connection of another key to free the budget for it.
     freed: bool,
+    /// When it started waiting ([`coarse_now`]).
+    since: Duration,
 }
 
 /// State of a target group shared by all cores.
@@ -253,6 +255,17 @@ impl GroupShared {
         Some(conn)
     }
 
+    /// When the longest-waiting starving borrower of `key` started waiting.
+    fn oldest_starving(&self, key: &PoolKey) -> Option<Duration> {
+        if !self.anyone_starving() {
+            return None;
+        }
+        self.starving_queue()
+            .iter()
+            .find(|s| s.key == *key)
+            .map(|s| s.since)
+    }
+
     /// Whether a borrower matching `pred` is starving with nobody having freed budget for
     /// it yet; if so it is marked as served.
     fn claim_starving(&self, pred: impl Fn(&PoolKey) -> bool) -> bool {
@@ -336,7 +349,8 @@ impl<S> Pooled<S> {
 }
 
 /// A borrower on this core waiting for a connection of its key.
-type Waiter<S> = oneshot::Sender<Pooled<S>>;
+/// A borrower on this core waiting for a connection of its key, and since when.
+type Waiter<S> = (Duration, oneshot::Sender<Pooled<S>>);
 
 /// One core's pool for one target group.
 pub struct CorePool<D: Driver> {
@@ -409,12 +423,13 @@ impl<D: Driver> CorePool<D> {
                 continue;
             }
             // Wait for a connection from this core, one moved from another core, or budget.
+            let since = coarse_now();
             let (tx, mut rx) = oneshot::channel();
             self.waiters
                 .borrow_mut()
                 .entry(key.clone())
                 .or_default()
-                .push_back(tx);
+                .push_back((since, tx));
             let (rtx, mut rrx) = oneshot::channel();
             {
                 let mut q = self.shared.starving.lock();
@@ -422,6 +437,7 @@ impl<D: Driver> CorePool<D> {
                     key: key.clone(),
                     tx: rtx,
                     freed: false,
+                    since,
                 });
                 self.shared.starving_len.store(q.len(), Ordering::Release);
             }
@@ -637,25 +653,42 @@ impl<D: Driver> CorePool<D> {
 
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
         conn.idle_since = coarse_now();
-        // 1. A borrower on this core for the same key.
+        // 1. Whoever of the same key has waited longest: a borrower on another core that
+        //    starves since before this core's first waiter gets it moved over (serving this
+        //    core first could starve the other for as long as this one stays busy).
+        if let Some(remote) = self.shared.oldest_starving(&conn.key) {
+            let local = self
+                .waiters
+                .borrow()
+                .get(&conn.key)
+                .and_then(|q| q.iter().find(|(_, tx)| !tx.is_closed()).map(|(t, _)| *t));
+            if local.is_none_or(|l| remote < l) {
+                conn = match self.move_to_starving(conn) {
+                    Some(c) => c,
+                    None => return,
+                };
+            }
+        }
+        // 2. A borrower on this core for the same key.
         loop {
             let tx = self
                 .waiters
                 .borrow_mut()
                 .get_mut(&conn.key)
-                .and_then(|q| q.pop_front());
+                .and_then(|q| q.pop_front())
+                .map(|(_, tx)| tx);
             let Some(tx) = tx else { break };
             match tx.send(conn) {
                 Ok(()) => return,
                 Err(back) => conn = back,
             }
         }
-        // 2. A starving borrower of the same key on another core.
+        // 3. A starving borrower of the same key on another core.
         let conn = match self.move_to_starving(conn) {
             Some(c) => c,
             None => return,
         };
-        // 3. A starving borrower of another key: free the budget for it.
+        // 4. A starving borrower of another key: free the budget for it.
         let sh = &self.shared;
         if sh.claim_starving(|k| *k != conn.key)
             || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle
