@@ -15,7 +15,7 @@ use crate::mysql::consts::{cap, com, errcode};
 use crate::mysql::handshake::ChangeUser;
 use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
-use crate::mysql::resultset::TextResult;
+use crate::mysql::resultset::{encode_binary_row, parse_text_row, TextResult};
 use crate::mysql::session::{changes, parse_ok, strip_session_track};
 use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
@@ -641,7 +641,7 @@ impl<D: Driver> Conn<D> {
                 self.send_command(h).await?;
                 self.send_read_back(pipelined, h.seq).await?;
                 self.finish_ahead(ahead, h.seq).await?;
-                self.relay_buffered(h.seq, |r, caps| {
+                self.relay_buffered(ResponseKind::Query, h.seq, |r, caps| {
                     if r.rows.len() == 1 {
                         r.with_rows(vec![patched_row(&values)], caps)
                     } else {
@@ -662,8 +662,10 @@ impl<D: Driver> Conn<D> {
                 self.discard_command(h).await?;
                 self.send_query(query.as_bytes(), h.seq).await?;
                 self.finish_ahead(ahead, h.seq).await?;
-                self.relay_buffered(h.seq, |r, caps| r.with_rows(rows, caps))
-                    .await?
+                self.relay_buffered(ResponseKind::Query, h.seq, |r, caps| {
+                    r.with_rows(rows, caps)
+                })
+                .await?
             }
         };
         let Some(b) = self.backend.as_mut() else {
@@ -853,13 +855,14 @@ impl<D: Driver> Conn<D> {
     /// Reads a small response whole, changes it with `transform`, and sends it to the client.
     async fn relay_buffered(
         &mut self,
+        kind: ResponseKind,
         seq: u8,
         transform: impl FnOnce(&TextResult, u32) -> crate::mysql::resultset::Packets,
     ) -> Result<(Outcome, Tracked), SessionEnd> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        let packets = match b.conn.read_response(ResponseKind::Query).await {
+        let packets = match b.conn.read_response(kind).await {
             Ok(p) => p,
             Err(e) => {
                 self.pool.discard(b, "state unknown after an error");
@@ -1265,18 +1268,6 @@ impl<D: Driver> Conn<D> {
                 return self.refuse(h.seq, e).await;
             }
         };
-        if info.readers.diagnostics_any() && self.s.diag.answer(&key.sql, &info) != Answer::Forward
-        {
-            // The connection's diagnostics are not the client's, and a binary-protocol
-            // answer cannot be rewritten: refuse rather than show another client's.
-            self.cmd = payload;
-            let e = ErrPacket::new(
-                errcode::ER_UNKNOWN_COM_ERROR,
-                "HY000",
-                "(dbproxy) a prepared statement that reads ROW_COUNT(), FOUND_ROWS() or warnings must run right after the statement it asks about; use the text protocol for it",
-            );
-            return self.refuse(h.seq, e).await;
-        }
         if let Err(e) = self.backend_statement(cid, h.seq).await? {
             // The server refused to prepare the statement here (its table is gone, a READ
             // ONLY transaction is pending, ...): to the client that is its execute failing,
@@ -1295,6 +1286,27 @@ impl<D: Driver> Conn<D> {
             self.count(changes);
             self.reply_err(h.seq, e).await?;
             return self.maybe_release().await;
+        }
+        // Decided after the lazy prepare above, which changes the connection's ROW_COUNT().
+        let mut answer = if info.readers.diagnostics_any() {
+            self.s.diag.answer(&key.sql, &info)
+        } else {
+            Answer::Forward
+        };
+        if answer == Answer::Capture {
+            self.capture_warnings(h.seq).await?;
+            answer = self.s.diag.answer(&key.sql, &info);
+        }
+        if let Answer::Rewrite(_) | Answer::Capture = answer {
+            // The connection's diagnostics are not the client's, and a prepared statement's
+            // text cannot be rewritten: refuse rather than show another client's.
+            self.cmd = payload;
+            let e = ErrPacket::new(
+                errcode::ER_UNKNOWN_COM_ERROR,
+                "HY000",
+                "(dbproxy) a prepared statement that reads ROW_COUNT(), FOUND_ROWS() or warnings inside an expression, or GET DIAGNOSTICS, must run right after the statement it asks about; use the text protocol for it",
+            );
+            return self.refuse(h.seq, e).await;
         }
         let mut out = self.start_built();
         let rewritten = {
@@ -1326,9 +1338,38 @@ impl<D: Driver> Conn<D> {
         let read_back = self.s.read_back(&info).filter(|_| !cursor);
         self.send_read_back(read_back.as_ref(), h.seq).await?;
         self.finish_ahead(ahead, h.seq).await?;
-        let (outcome, tracked) = self
-            .relay_response(ResponseKind::Execute, &info, None)
-            .await?;
+        // Readers of per-statement state the connection does not have for this client: the
+        // statement runs for its column definitions, its rows are the client's values.
+        let (outcome, tracked) = match answer {
+            Answer::PatchRow(values) => {
+                self.relay_buffered(ResponseKind::Execute, h.seq, |r, caps| {
+                    let vals: Vec<Option<&[u8]>> =
+                        values.iter().map(|v| Some(v.as_slice())).collect();
+                    match (r.rows.len(), encode_binary_row(&r.columns, &vals)) {
+                        (1, Ok(row)) => r.with_rows(vec![row], caps),
+                        _ => r.with_rows(r.rows.clone(), caps),
+                    }
+                })
+                .await?
+            }
+            Answer::Splice { rows, .. } => {
+                self.relay_buffered(ResponseKind::Execute, h.seq, |r, caps| {
+                    let rows = rows
+                        .iter()
+                        .filter_map(|t| {
+                            let v = parse_text_row(t, r.columns.len()).ok()?;
+                            encode_binary_row(&r.columns, &v).ok()
+                        })
+                        .collect();
+                    r.with_rows(rows, caps)
+                })
+                .await?
+            }
+            _ => {
+                self.relay_response(ResponseKind::Execute, &info, None)
+                    .await?
+            }
+        };
         if self.s.long_data == Some(cid) {
             self.s.long_data = None;
             self.end_pin(PinReason::LongData);

@@ -197,10 +197,15 @@ fn generate(
             29 => q(format!("INSERT INTO d1.ai (client) VALUES ({i})")),
             30 => q(format!("INSERT INTO d1.ai (id, client) VALUES ({}, {i})", 1_000_000 + n * 20 + i as u64)),
             31 => q(rng.pick(&["SELECT LAST_INSERT_ID()", "SELECT LAST_INSERT_ID(7)", "SELECT @@identity"]).into()),
-            32 => Step::Prepare(match rng.below(4) {
+            32 => Step::Prepare(match rng.below(8) {
                 0 => "SELECT owner FROM orders WHERE id = ?".into(),
                 1 => "SET @p = ?".into(),
                 2 => "SELECT @p, @a, DATABASE()".into(),
+                // Readers of per-statement state, answered in the binary protocol.
+                3 => "SELECT ROW_COUNT(), FOUND_ROWS() AS f".into(),
+                4 => "SHOW WARNINGS".into(),
+                5 => "SHOW COUNT(*) WARNINGS".into(),
+                6 => "SELECT @@warning_count, @@error_count".into(),
                 _ => format!("INSERT INTO d1.t{i} (v) VALUES (?)"),
             }),
 

@@ -117,6 +117,104 @@ pub fn encode_text_row<'a>(values: impl IntoIterator<Item = Option<&'a [u8]>>) -
     out
 }
 
+/// Bytes a binary-protocol value of `column_type` takes when it has a fixed size.
+fn fixed_size(column_type: u8) -> Option<usize> {
+    Some(match column_type {
+        column_type::TINY => 1,
+        column_type::SHORT | column_type::YEAR => 2,
+        column_type::LONG | column_type::INT24 | column_type::FLOAT => 4,
+        column_type::LONGLONG | column_type::DOUBLE => 8,
+        column_type::NULL => 0,
+        _ => return None,
+    })
+}
+
+/// The values of a binary-protocol row (`None` for NULL), as their raw encodings.
+pub fn parse_binary_row<'a>(
+    payload: &'a [u8],
+    columns: &[ColumnDef],
+) -> Result<Vec<Option<&'a [u8]>>, ProtocolError> {
+    let mut r = Reader::new(payload);
+    if r.u8("binary row header")? != 0 {
+        return Err(ProtocolError::Malformed("binary row header"));
+    }
+    let bitmap = r.take((columns.len() + 7 + 2) / 8, "NULL bitmap")?;
+    let mut out = Vec::with_capacity(columns.len());
+    for (i, c) in columns.iter().enumerate() {
+        let bit = i + 2;
+        if bitmap
+            .get(bit / 8)
+            .is_some_and(|b| b & (1 << (bit % 8)) != 0)
+        {
+            out.push(None);
+            continue;
+        }
+        let v = match fixed_size(c.column_type) {
+            Some(n) => r.take(n, "binary value")?,
+            None => {
+                // Strings, decimals, dates and times: a length then the bytes.
+                let rest = r.rest();
+                let n = Reader::new(rest).lenenc_int("value length")?;
+                let mut len = Vec::new();
+                put_lenenc(&mut len, n);
+                let n = usize::try_from(n).map_err(|_| ProtocolError::Truncated("value"))?;
+                r.take(len.len() + n, "binary value")?
+            }
+        };
+        out.push(Some(v));
+    }
+    Ok(out)
+}
+
+/// A binary-protocol row for `columns` from text-protocol values (numbers in decimal,
+/// everything else as bytes), as a server would send it.
+pub fn encode_binary_row(
+    columns: &[ColumnDef],
+    values: &[Option<&[u8]>],
+) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = vec![0u8];
+    let mut bitmap = vec![0u8; (columns.len() + 7 + 2) / 8];
+    let mut body = Vec::new();
+    for (i, c) in columns.iter().enumerate() {
+        let Some(v) = values.get(i).copied().flatten() else {
+            let bit = i + 2;
+            bitmap[bit / 8] |= 1 << (bit % 8);
+            continue;
+        };
+        let text = std::str::from_utf8(v).map_err(|_| ProtocolError::Malformed("number"))?;
+        let int = || -> Result<[u8; 8], ProtocolError> {
+            let n = if c.is_unsigned() {
+                text.parse::<u64>().map(u64::to_le_bytes)
+            } else {
+                text.parse::<i64>().map(i64::to_le_bytes)
+            };
+            n.map_err(|_| ProtocolError::Malformed("integer"))
+        };
+        match c.column_type {
+            column_type::TINY => body.extend_from_slice(&int()?[..1]),
+            column_type::SHORT | column_type::YEAR => body.extend_from_slice(&int()?[..2]),
+            column_type::LONG | column_type::INT24 => body.extend_from_slice(&int()?[..4]),
+            column_type::LONGLONG => body.extend_from_slice(&int()?),
+            column_type::DOUBLE => body.extend_from_slice(
+                &text
+                    .parse::<f64>()
+                    .map_err(|_| ProtocolError::Malformed("double"))?
+                    .to_le_bytes(),
+            ),
+            column_type::FLOAT => body.extend_from_slice(
+                &text
+                    .parse::<f32>()
+                    .map_err(|_| ProtocolError::Malformed("float"))?
+                    .to_le_bytes(),
+            ),
+            _ => put_lenenc_bytes(&mut body, v),
+        }
+    }
+    out.extend_from_slice(&bitmap);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
 /// A response read whole (small ones only: read-backs and answers dbproxy builds), as
 /// logical packet payloads in order, sequence ids dropped.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -239,5 +337,49 @@ mod tests {
         assert_eq!(empty.0.len(), 4);
         assert!(TextResult::parse(&sample()[..2], 0).is_err());
         assert!(TextResult::parse(&[vec![0xff, 1, 0]], 0).is_err());
+    }
+
+    #[test]
+    fn binary_rows() {
+        let col = |t: u8, flags: u16| ColumnDef {
+            schema: vec![],
+            table: vec![],
+            org_table: vec![],
+            name: b"c".to_vec(),
+            org_name: vec![],
+            charset: 63,
+            length: 21,
+            column_type: t,
+            flags,
+            decimals: 0,
+        };
+        let cols = [
+            col(column_type::LONGLONG, 0),
+            col(253, 0),
+            col(column_type::LONG, UNSIGNED_FLAG),
+            col(column_type::DOUBLE, 0),
+            col(253, 0),
+        ];
+        let row = encode_binary_row(
+            &cols,
+            &[
+                Some(b"-1"),
+                Some(b"Warning"),
+                Some(b"1292"),
+                Some(b"0.5"),
+                None,
+            ],
+        )
+        .unwrap();
+        // Header, bitmap (NULL: column 4 -> bit 6), -1 as 8 bytes, "Warning", 1292, 0.5.
+        assert_eq!(row[..2], [0, 0x40]);
+        let v = parse_binary_row(&row, &cols).unwrap();
+        assert_eq!(v[0], Some(&(-1i64).to_le_bytes()[..]));
+        assert_eq!(v[1], Some(&b"\x07Warning"[..]));
+        assert_eq!(v[2], Some(&1292u32.to_le_bytes()[..]));
+        assert_eq!(v[3], Some(&0.5f64.to_le_bytes()[..]));
+        assert_eq!(v[4], None);
+        assert!(parse_binary_row(&row[..5], &cols).is_err());
+        assert!(encode_binary_row(&cols, &[Some(b"x")]).is_err());
     }
 }

@@ -319,23 +319,21 @@ impl Diag {
         })
     }
 
-    /// `SHOW COUNT(*) WARNINGS|ERRORS`: the server names its column `@@session.warning_count`
-    /// (or `error_count`).
+    /// `SHOW COUNT(*) WARNINGS|ERRORS`: forwarded for its column definition (the server names
+    /// it `@@session.warning_count`), its one value the client's.
     fn show_count(&self, sql: &[u8], t: &[Tok]) -> Option<Answer> {
         let w = |i: usize, s: &str| word(sql, t.get(i), s);
         if !(w(0, "SHOW") && w(1, "COUNT") && t.len() == 6) {
             return None;
         }
-        let (name, n) = if w(5, "WARNINGS") {
-            ("warning_count", self.warning_count())
+        let n = if w(5, "WARNINGS") {
+            self.warning_count()
         } else if w(5, "ERRORS") {
-            ("error_count", self.error_count())
+            self.error_count()
         } else {
             return None;
         };
-        Some(Answer::Rewrite(
-            format!("SELECT CAST({n} AS UNSIGNED) AS `@@session.{name}`").into_bytes(),
-        ))
+        Some(Answer::PatchRow(vec![n.to_string().into_bytes()]))
     }
 
     /// `GET [CURRENT] DIAGNOSTICS @v = NUMBER | ROW_COUNT, ...` and
@@ -780,7 +778,7 @@ mod tests {
         }
         assert_eq!(
             a("SHOW COUNT(*) WARNINGS"),
-            Answer::Rewrite(b"SELECT CAST(2 AS UNSIGNED) AS `@@session.warning_count`".to_vec())
+            Answer::PatchRow(vec![b"2".to_vec()])
         );
         assert_eq!(
             a("GET DIAGNOSTICS @n = NUMBER, @r = ROW_COUNT"),
