@@ -703,3 +703,85 @@ pub fn read_some(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
         }
     }
 }
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Python the client tests run: a venv in `target/pyenv` made by `cargo xtask test`
+/// (Debian's python3 with its python3-pymysql, and mysql-connector-python from PyPI);
+/// `DBPROXY_TEST_PYTHON` overrides.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("DBPROXY_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = workspace().join("target/pyenv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask test` makes it (python3-venv, python3-pymysql, mysql-connector-python)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `tests/python/<script>` with `args`; its standard output, or a panic with both
+/// streams when it fails.
+pub fn run_python(script: &str, args: &[String]) -> String {
+    let out = Command::new(python())
+        .arg(workspace().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Debian's MariaDB Connector/J (`libmariadb-java`).
+pub const CONNECTOR_J: &str = "/usr/share/java/mariadb-java-client.jar";
+
+/// Compiles `tests/java/<class>.java` against Connector/J and runs it with `args`; its
+/// standard output, or a panic with both streams when it fails.
+pub fn run_java(class: &str, args: &[String]) -> String {
+    assert!(
+        Path::new(CONNECTOR_J).exists(),
+        "{CONNECTOR_J} is missing: `cargo xtask test` installs libmariadb-java"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let src = workspace().join("tests/java").join(format!("{class}.java"));
+    let javac = Command::new("javac")
+        .args(["-cp", CONNECTOR_J, "-d"])
+        .arg(dir.path())
+        .arg(&src)
+        .output()
+        .expect("javac (default-jdk-headless; `cargo xtask test` installs it)");
+    assert!(
+        javac.status.success(),
+        "javac {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let cp = format!("{}:{CONNECTOR_J}", dir.path().display());
+    let out = Command::new("java")
+        .args(["-cp", &cp, class])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{class} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

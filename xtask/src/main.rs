@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                  run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C\n  \
                  test    install prerequisites, then fmt, clippy, unit and integration tests\n  \
                  build-ebpf\n          build the kernel guard's eBPF object (installs its toolchain if missing)\n  \
-                 bench [--quick]\n          sysbench and connection benchmarks: direct MariaDB, dbproxy, HAProxy"
+                 bench [--quick] [--baseline <dbproxy binary>]\n          sysbench and connection benchmarks: direct MariaDB, dbproxy, HAProxy\n          (and another dbproxy build, e.g. the previous commit's, in the same run)"
             );
             Err("no command".into())
         }
@@ -132,6 +132,57 @@ const DB_TOOLS: [(&str, &str); 3] = [
     ("mariadb", "mariadb-client"),
 ];
 
+/// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool (guard
+/// tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a JDK.
+const CLIENT_TOOLS: [(&str, &str); 6] = [
+    ("sysbench", "sysbench"),
+    ("bpftool", "bpftool"),
+    (
+        "/usr/lib/python3/dist-packages/pymysql/__init__.py",
+        "python3-pymysql",
+    ),
+    ("/usr/share/doc/python3-venv", "python3-venv"),
+    ("/usr/share/java/mariadb-java-client.jar", "libmariadb-java"),
+    ("javac", "default-jdk-headless"),
+];
+
+/// mysql-connector-python for the tests, from PyPI (pinned).
+const CONNECTOR_PYTHON: &str = "mysql-connector-python==26.10.0";
+
+/// Makes `target/pyenv`: a venv of Debian's python3 that also sees python3-pymysql, with
+/// mysql-connector-python installed (idempotent).
+fn ensure_python_clients() -> Result {
+    let venv = root().join("target/pyenv");
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import mysql.connector, pymysql"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready() {
+        return Ok(());
+    }
+    run(
+        "python3 -m venv target/pyenv",
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv", "--system-site-packages"])
+            .arg(&venv),
+    )?;
+    run(
+        &format!("pip install {CONNECTOR_PYTHON}"),
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", CONNECTOR_PYTHON]),
+    )?;
+    if ready() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} cannot import mysql.connector and pymysql",
+            python.display()
+        ))
+    }
+}
+
 /// LLVM major version rustc uses here; bpf-linker must link the same.
 const LLVM: &str = "22";
 const BPF_LINKER: &str = "0.13.0";
@@ -198,10 +249,10 @@ fn test(args: &[String]) -> Result {
         return Err(format!("test takes no arguments (got {a})"));
     }
     let mut needed = DB_TOOLS.to_vec();
-    needed.push(("sysbench", "sysbench"));
-    needed.push(("bpftool", "bpftool"));
+    needed.extend(CLIENT_TOOLS);
     ensure_apt(&needed)?;
     ensure_rust_components()?;
+    ensure_python_clients()?;
     build_ebpf()?;
     run(
         "cargo fmt --check (proxy-ebpf)",
