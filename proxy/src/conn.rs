@@ -15,7 +15,7 @@ use crate::mysql::consts::{cap, com, errcode};
 use crate::mysql::handshake::ChangeUser;
 use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
-use crate::mysql::resultset::{encode_binary_row, parse_text_row, TextResult};
+use crate::mysql::resultset::{encode_binary_row, parse_text_row, Packets, TextResult};
 use crate::mysql::session::{changes, parse_ok, strip_session_track};
 use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
@@ -616,76 +616,91 @@ impl<D: Driver> Conn<D> {
         } else {
             Vec::new()
         };
-        // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
         let read_back = self.s.read_back(&info);
-        let pipelined = read_back.as_ref().filter(|_| !info.load_data);
+        let statement = Statement {
+            info: &info,
+            text: &text,
+            kind: ResponseKind::Query,
+            answer,
+            read_back,
+        };
+        self.run_statement(h.seq, statement, ahead, Send::Client(h))
+            .await?;
+        self.maybe_release().await
+    }
+
+    /// Sends a client's statement (after a replay sent ahead of it, before a read-back
+    /// pipelined behind it), relays the answer the session chose, and learns from it. The
+    /// backend connection stays held; the caller gives it back.
+    async fn run_statement(
+        &mut self,
+        seq: u8,
+        st: Statement<'_>,
+        ahead: Option<Replay>,
+        send: Send,
+    ) -> Result<Outcome, SessionEnd> {
+        let Statement {
+            info,
+            text,
+            kind,
+            answer,
+            read_back,
+        } = st;
         let rewritten = matches!(answer, Answer::Rewrite(_));
-        self.send_ahead(ahead.as_ref(), h.seq).await?;
+        // A text statement the session rewrote, or answers from `SHOW WARNINGS LIMIT 0`, is
+        // sent instead of the client's.
+        let send = match (&answer, send) {
+            (Answer::Rewrite(sql), Send::Client(h)) => Send::Query(h, sql.clone()),
+            (Answer::Splice { query, .. }, Send::Client(h)) => {
+                Send::Query(h, query.as_bytes().to_vec())
+            }
+            (_, send) => send,
+        };
+        // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
+        let pipelined = !info.load_data && !matches!(answer, Answer::Splice { .. });
+        self.send_ahead(ahead.as_ref(), seq).await?;
+        match send {
+            Send::Client(h) => self.send_command(h).await?,
+            Send::Built(out) => self.send_built(out, seq).await?,
+            Send::Query(h, sql) => {
+                self.discard_command(h).await?;
+                self.send_query(&sql, seq).await?;
+            }
+        }
+        if pipelined {
+            self.send_read_back(read_back.as_ref(), seq).await?;
+        }
+        self.finish_ahead(ahead, seq).await?;
+        let binary = kind == ResponseKind::Execute;
         let (outcome, tracked) = match answer {
-            Answer::Forward => {
-                self.send_command(h).await?;
-                self.send_read_back(pipelined, h.seq).await?;
-                self.finish_ahead(ahead, h.seq).await?;
-                self.relay_response(ResponseKind::Query, &info, None)
-                    .await?
-            }
-            Answer::Rewrite(sql) => {
-                self.discard_command(h).await?;
-                self.send_query(&sql, h.seq).await?;
-                self.send_read_back(pipelined, h.seq).await?;
-                self.finish_ahead(ahead, h.seq).await?;
-                self.relay_response(ResponseKind::Query, &info, None)
-                    .await?
-            }
             Answer::PatchRow(values) => {
-                self.send_command(h).await?;
-                self.send_read_back(pipelined, h.seq).await?;
-                self.finish_ahead(ahead, h.seq).await?;
-                self.relay_buffered(ResponseKind::Query, h.seq, |r, caps| {
-                    if r.rows.len() == 1 {
-                        r.with_rows(vec![patched_row(&values)], caps)
-                    } else {
-                        r.with_rows(r.rows.clone(), caps)
-                    }
-                })
-                .await?
-            }
-            Answer::Capture => {
-                // Captured above; a second request cannot happen.
-                self.send_command(h).await?;
-                self.send_read_back(pipelined, h.seq).await?;
-                self.finish_ahead(ahead, h.seq).await?;
-                self.relay_response(ResponseKind::Query, &info, None)
+                self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps))
                     .await?
             }
-            Answer::Splice { query, rows } => {
-                self.discard_command(h).await?;
-                self.send_query(query.as_bytes(), h.seq).await?;
-                self.finish_ahead(ahead, h.seq).await?;
-                self.relay_buffered(ResponseKind::Query, h.seq, |r, caps| {
-                    r.with_rows(rows, caps)
-                })
-                .await?
+            Answer::Splice { rows, .. } => {
+                self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps))
+                    .await?
             }
+            _ => self.relay_response(kind, info, None).await?,
         };
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
         let changes = self
             .s
-            .after_statement(&info, &text, outcome, tracked, &mut b.conn.session);
+            .after_statement(info, text, outcome, tracked, &mut b.conn.session);
         self.count(changes);
         if rewritten {
             self.s.diag.counts_stale();
         }
         if let Some(rb) = &read_back {
-            if info.load_data {
-                self.send_read_back(Some(rb), h.seq).await?;
+            if !pipelined {
+                self.send_read_back(Some(rb), seq).await?;
             }
             self.learn_read_back(rb).await?;
         }
-        self.note_temp_tables(&info);
-        self.maybe_release().await
+        self.note_temp_tables(info);
+        Ok(outcome)
     }
 
     /// Reads the client's warning list from the connection it holds (`SHOW WARNINGS` leaves
@@ -857,7 +872,7 @@ impl<D: Driver> Conn<D> {
         &mut self,
         kind: ResponseKind,
         seq: u8,
-        transform: impl FnOnce(&TextResult, u32) -> crate::mysql::resultset::Packets,
+        transform: impl FnOnce(&TextResult, u32) -> Packets,
     ) -> Result<(Outcome, Tracked), SessionEnd> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
@@ -1333,43 +1348,23 @@ impl<D: Driver> Conn<D> {
         }
         let cursor = execute_opens_cursor(&payload);
         self.cmd = payload;
-        self.send_ahead(ahead.as_ref(), h.seq).await?;
-        self.send_built(out, h.seq).await?;
-        let read_back = self.s.read_back(&info).filter(|_| !cursor);
-        self.send_read_back(read_back.as_ref(), h.seq).await?;
-        self.finish_ahead(ahead, h.seq).await?;
-        // Readers of per-statement state the connection does not have for this client: the
-        // statement runs for its column definitions, its rows are the client's values.
-        let (outcome, tracked) = match answer {
-            Answer::PatchRow(values) => {
-                self.relay_buffered(ResponseKind::Execute, h.seq, |r, caps| {
-                    let vals: Vec<Option<&[u8]>> =
-                        values.iter().map(|v| Some(v.as_slice())).collect();
-                    match (r.rows.len(), encode_binary_row(&r.columns, &vals)) {
-                        (1, Ok(row)) => r.with_rows(vec![row], caps),
-                        _ => r.with_rows(r.rows.clone(), caps),
-                    }
-                })
-                .await?
-            }
-            Answer::Splice { rows, .. } => {
-                self.relay_buffered(ResponseKind::Execute, h.seq, |r, caps| {
-                    let rows = rows
-                        .iter()
-                        .filter_map(|t| {
-                            let v = parse_text_row(t, r.columns.len()).ok()?;
-                            encode_binary_row(&r.columns, &v).ok()
-                        })
-                        .collect();
-                    r.with_rows(rows, caps)
-                })
-                .await?
-            }
-            _ => {
-                self.relay_response(ResponseKind::Execute, &info, None)
-                    .await?
-            }
+        let text = if info.next_transaction {
+            key.sql.to_vec()
+        } else {
+            Vec::new()
         };
+        // A cursor leaves its statement open: nothing may run after it.
+        let read_back = self.s.read_back(&info).filter(|_| !cursor);
+        let statement = Statement {
+            info: &info,
+            text: &text,
+            kind: ResponseKind::Execute,
+            answer,
+            read_back,
+        };
+        let outcome = self
+            .run_statement(h.seq, statement, ahead, Send::Built(out))
+            .await?;
         if self.s.long_data == Some(cid) {
             self.s.long_data = None;
             self.end_pin(PinReason::LongData);
@@ -1381,22 +1376,6 @@ impl<D: Driver> Conn<D> {
             self.s.cursor = Some(cid);
             self.start_pin(PinReason::Cursor);
         }
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionEnd::Backend("no backend connection".into()));
-        };
-        let text = if info.next_transaction {
-            key.sql.to_vec()
-        } else {
-            Vec::new()
-        };
-        let changes = self
-            .s
-            .after_statement(&info, &text, outcome, tracked, &mut b.conn.session);
-        self.count(changes);
-        if let Some(rb) = &read_back {
-            self.learn_read_back(rb).await?;
-        }
-        self.note_temp_tables(&info);
         self.maybe_release().await
     }
 
@@ -1621,6 +1600,56 @@ impl<D: Driver> Conn<D> {
 enum RelayError {
     Client(io::Error),
     Backend(String),
+}
+
+/// A client's statement as [`Conn::run_statement`] serves it.
+struct Statement<'a> {
+    info: &'a SqlInfo,
+    /// Its text, when the session keeps it (a `SET TRANSACTION` to repeat).
+    text: &'a [u8],
+    kind: ResponseKind,
+    answer: Answer,
+    read_back: Option<ReadBack>,
+}
+
+/// What goes to the backend for a client's statement.
+enum Send {
+    /// The client's command packets, as they are in the client buffer.
+    Client(Header),
+    /// A command dbproxy built (a rewritten COM_STMT_EXECUTE).
+    Built(Vec<u8>),
+    /// This query text instead of the client's command (which is dropped).
+    Query(Header, Vec<u8>),
+}
+
+/// The single row of a reader's result, its values the client's.
+fn patch_row(r: &TextResult, values: &[Vec<u8>], binary: bool, caps: u32) -> Packets {
+    let row = if binary {
+        let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_slice())).collect();
+        encode_binary_row(&r.columns, &vals).ok()
+    } else {
+        Some(patched_row(values))
+    };
+    match (r.rows.len(), row) {
+        (1, Some(row)) => r.with_rows(vec![row], caps),
+        _ => r.with_rows(r.rows.clone(), caps),
+    }
+}
+
+/// The result with the client's own conditions as rows (text rows as `SHOW WARNINGS` gave
+/// them, converted for the binary protocol).
+fn splice_rows(r: &TextResult, rows: &[Vec<u8>], binary: bool, caps: u32) -> Packets {
+    let rows = if binary {
+        rows.iter()
+            .filter_map(|t| {
+                let v = parse_text_row(t, r.columns.len()).ok()?;
+                encode_binary_row(&r.columns, &v).ok()
+            })
+            .collect()
+    } else {
+        rows.to_vec()
+    };
+    r.with_rows(rows, caps)
 }
 
 fn malformed(what: &str) -> ErrPacket {

@@ -385,11 +385,38 @@ impl ClientSession {
         tracked: Tracked,
         backend: &mut BackendSession,
     ) -> PinChanges {
+        self.diag.after_statement(info, outcome.ending);
+        self.apply(info, text, outcome, tracked, backend)
+    }
+
+    /// After a command that is not a statement of the client's (COM_PING, COM_INIT_DB,
+    /// COM_STMT_FETCH, ...): pins and transaction state as for a statement; dbproxy does not
+    /// model what such commands leave in ROW_COUNT()/FOUND_ROWS(), so the connection's are
+    /// no longer taken for the client's.
+    pub fn after_command(
+        &mut self,
+        info: &SqlInfo,
+        outcome: Outcome,
+        tracked: Tracked,
+        backend: &mut BackendSession,
+    ) -> PinChanges {
+        self.diag.counts_stale();
+        self.apply(info, b"", outcome, tracked, backend)
+    }
+
+    /// Pins, transaction state and one-shots after a response.
+    fn apply(
+        &mut self,
+        info: &SqlInfo,
+        text: &[u8],
+        outcome: Outcome,
+        tracked: Tracked,
+        backend: &mut BackendSession,
+    ) -> PinChanges {
         let mut changes = PinChanges::default();
         if let Some(s) = outcome.status {
             self.status = s;
         }
-        self.diag.after_statement(info, outcome.ending);
         changes.merge(self.pins.after_statement(info, !outcome.failed()));
         let mut unclassified =
             info.touches_tracking || tracked.not_replayable || tracked.unexplained;
@@ -412,36 +439,6 @@ impl ClientSession {
         }
         if unclassified && self.pins.start(PinReason::Unclassified) {
             changes.started.push(PinReason::Unclassified);
-        }
-        self.transaction_pin(&mut changes);
-        changes
-    }
-
-    /// After a command that is not a statement of the client's (COM_PING, COM_INIT_DB,
-    /// COM_STMT_FETCH, ...): pins and transaction state as for a statement; dbproxy does not
-    /// model what such commands leave in ROW_COUNT()/FOUND_ROWS(), so the connection's are
-    /// no longer taken for the client's.
-    pub fn after_command(
-        &mut self,
-        info: &SqlInfo,
-        outcome: Outcome,
-        tracked: Tracked,
-        backend: &mut BackendSession,
-    ) -> PinChanges {
-        let mut changes = PinChanges::default();
-        if let Some(s) = outcome.status {
-            self.status = s;
-        }
-        self.diag.counts_stale();
-        changes.merge(self.pins.after_statement(info, !outcome.failed()));
-        if (tracked.not_replayable || tracked.unexplained)
-            && self.pins.start(PinReason::Unclassified)
-        {
-            changes.started.push(PinReason::Unclassified);
-        }
-        if self.status & status::IN_TRANS != 0 {
-            self.state.next_transaction.clear();
-            backend.next_transaction_pending = false;
         }
         self.transaction_pin(&mut changes);
         changes
