@@ -736,10 +736,15 @@ pub fn run_python(script: &str, args: &[String]) -> String {
         .args(args)
         .output()
         .unwrap();
+    stdout_of(script, out)
+}
+
+/// A program's standard output; a panic with both streams when it failed.
+fn stdout_of(what: &str, out: Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{script} failed ({}):\n{stdout}\n{}",
+        "{what} failed ({}):\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -776,12 +781,17 @@ pub fn run_java(class: &str, args: &[String]) -> String {
         .args(args)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{class} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(class, out)
+}
+
+/// Two tenants, each with a database `tenant1`/`tenant2` holding `orders` rows with the same
+/// ids and owners of their own (`...-t1`, `...-t2`).
+pub fn create_tenants(db: &MariaDb) {
+    db.root_sql(
+        "CREATE DATABASE tenant1; CREATE DATABASE tenant2; \
+         CREATE TABLE tenant1.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
+         CREATE TABLE tenant2.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
+         INSERT INTO tenant1.orders VALUES (1, 'alice-t1'), (2, 'bob-t1'), (3, 'eve-t1'); \
+         INSERT INTO tenant2.orders VALUES (1, 'carol-t2'), (2, 'dave-t2'), (3, 'frank-t2');",
     );
-    stdout
 }

@@ -7,13 +7,7 @@ use proxy_tests::*;
 #[test]
 fn mysql_connector_python_tenants_read_only_their_own_rows() {
     let db = MariaDb::start();
-    db.root_sql(
-        "CREATE DATABASE tenant1; CREATE DATABASE tenant2; \
-         CREATE TABLE tenant1.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
-         CREATE TABLE tenant2.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
-         INSERT INTO tenant1.orders VALUES (1, 'alice-t1'), (2, 'bob-t1'), (3, 'eve-t1'); \
-         INSERT INTO tenant2.orders VALUES (1, 'carol-t2'), (2, 'dave-t2'), (3, 'frank-t2');",
-    );
+    create_tenants(&db);
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
         let out = run_python("tenants.py", &[proxy.port.to_string(), "1000".into()]);

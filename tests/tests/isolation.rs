@@ -9,16 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-fn tenants(db: &MariaDb) {
-    db.root_sql(
-        "CREATE DATABASE tenant1; CREATE DATABASE tenant2; \
-         CREATE TABLE tenant1.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
-         CREATE TABLE tenant2.orders (id INT PRIMARY KEY, owner VARCHAR(20)) ENGINE=InnoDB; \
-         INSERT INTO tenant1.orders VALUES (1, 'alice-t1'), (2, 'bob-t1'), (3, 'eve-t1'); \
-         INSERT INTO tenant2.orders VALUES (1, 'carol-t2'), (2, 'dave-t2'), (3, 'frank-t2');",
-    );
-}
-
 fn open(port: u16, db: &str) -> Conn {
     connect(port, "app", APP_PASSWORD, db).unwrap()
 }
@@ -26,7 +16,7 @@ fn open(port: u16, db: &str) -> Conn {
 #[test]
 fn two_tenants_read_only_their_own_rows_with_the_binary_protocol() {
     let db = MariaDb::start();
-    tenants(&db);
+    create_tenants(&db);
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
         let mut t1 = open(proxy.port, "tenant1");
