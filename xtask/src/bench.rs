@@ -171,9 +171,26 @@ fn raise_fd_limit() {
 }
 
 pub fn bench(args: &[String]) -> Result {
-    let quick = args.iter().any(|a| a == "--quick");
-    if let Some(a) = args.iter().find(|a| *a != "--quick") {
-        return Err(format!("bench takes only --quick (got {a})"));
+    let mut quick = false;
+    let mut baseline: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--baseline" => {
+                let p = it.next().ok_or("--baseline needs a dbproxy binary")?;
+                let p = PathBuf::from(p);
+                if !p.exists() {
+                    return Err(format!("--baseline {}: no such file", p.display()));
+                }
+                baseline = Some(p);
+            }
+            other => {
+                return Err(format!(
+                    "bench takes --quick and --baseline <dbproxy binary> (got {other})"
+                ))
+            }
+        }
     }
     let mut needed = DB_TOOLS.to_vec();
     needed.push(("sysbench", "sysbench"));
@@ -205,7 +222,8 @@ pub fn bench(args: &[String]) -> Result {
 
     // One dbproxy over TCP to MariaDB, one through its Unix socket (as when dbproxy runs on
     // the database host); only the first serves the admin endpoint.
-    let start_dbproxy = |name: &str, port: u16, admin: Option<u16>, target: String| {
+    let release = root().join("target/release/dbproxy");
+    let start_dbproxy = |bin: &Path, name: &str, port: u16, admin: Option<u16>, target: String| {
         let admin = admin
             .map(|a| format!("[admin]\nlisten = \"127.0.0.1:{a}\"\n\n"))
             .unwrap_or_default();
@@ -217,7 +235,7 @@ pub fn bench(args: &[String]) -> Result {
         );
         let cfg = work.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(root().join("target/release/dbproxy"));
+        let mut cmd = Command::new(bin);
         cmd.args(["run", "--config"])
             .arg(&cfg)
             .env("DBPROXY_LOG", "warn");
@@ -227,12 +245,14 @@ pub fn bench(args: &[String]) -> Result {
     };
     let (proxy_port, admin_port, unix_port) = (free_port(), free_port(), free_port());
     let proxy = start_dbproxy(
+        &release,
         "dbproxy",
         proxy_port,
         Some(admin_port),
         format!("127.0.0.1:{}", db.port),
     )?;
     let unix_proxy = start_dbproxy(
+        &release,
         "dbproxy-unix",
         unix_port,
         None,
@@ -257,6 +277,27 @@ pub fn bench(args: &[String]) -> Result {
         },
     ];
     let mut pids: Vec<Option<u32>> = vec![None, Some(proxy.id()), Some(unix_proxy.id())];
+    // Another build of dbproxy (e.g. the previous commit's) measured in the same run.
+    let baseline_proxy = match &baseline {
+        Some(bin) => {
+            let port = free_port();
+            let p = start_dbproxy(
+                bin,
+                "dbproxy-baseline",
+                port,
+                None,
+                format!("127.0.0.1:{}", db.port),
+            )?;
+            pids.push(Some(p.id()));
+            targets.push(Target {
+                name: "dbproxy, baseline build",
+                port,
+                password: APP_PASSWORD,
+            });
+            Some(p)
+        }
+        None => None,
+    };
     let mut haproxy = None;
     if have("haproxy") {
         let port = free_port();
@@ -492,6 +533,7 @@ pub fn bench(args: &[String]) -> Result {
     }
     eprintln!("xtask: wrote {}/report.{{md,json,png}}", out_dir.display());
     drop(haproxy);
+    drop(baseline_proxy);
     drop(unix_proxy);
     drop(proxy);
     drop(db);
