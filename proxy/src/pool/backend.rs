@@ -446,11 +446,13 @@ impl<S: Stream> BackendConn<S> {
         let _ = write_packet(&mut self.stream, 0, &[com::QUIT]).await;
     }
 
-    /// Every session variable, lowercased name -> value.
+    /// Every session variable, lowercased name -> value (global-only ones, which any
+    /// client may change, left out).
     async fn session_variables(&mut self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, BackendError> {
         let r = self
             .query_result(
-                "SELECT LOWER(VARIABLE_NAME), VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES",
+                "SELECT LOWER(VARIABLE_NAME), SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
+                 WHERE VARIABLE_SCOPE <> 'GLOBAL'",
             )
             .await?
             .map_err(BackendError::Server)?;
@@ -474,7 +476,10 @@ impl<S: Stream> BackendConn<S> {
         &mut self,
         temp_tables: &[Vec<u8>],
     ) -> Result<Result<(), String>, BackendError> {
-        const VOLATILE: [&str; 10] = [
+        // Values that move on their own, or mirror a global (the two replication ones).
+        const VOLATILE: [&str; 12] = [
+            "max_relay_log_size",
+            "sql_slave_skip_counter",
             "timestamp",
             "last_insert_id",
             "identity",
