@@ -11,12 +11,12 @@
 use crate::io::{read_packet, read_packet_by, write_packet, Buf, Driver, PacketTooLarge, Stream};
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
-use crate::mysql::consts::{cap, com, errcode};
+use crate::mysql::consts::{cap, com, errcode, status};
 use crate::mysql::handshake::ChangeUser;
 use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
 use crate::mysql::resultset::{encode_binary_row, parse_text_row, Packets, TextResult};
-use crate::mysql::session::{changes, parse_ok, strip_session_track};
+use crate::mysql::session::{changes, parse_ok, strip_session_track, Change};
 use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
@@ -231,6 +231,7 @@ impl<D: Driver> Conn<D> {
     fn count(&self, c: PinChanges) {
         let stats = &self.pool.shared.stats;
         for r in c.started {
+            tracing::debug!(peer = %self.peer, reason = r.name(), "client pinned");
             stats.pin_started(r);
         }
         for r in c.ended {
@@ -600,7 +601,11 @@ impl<D: Driver> Conn<D> {
             }
         };
         let mut answer = if info.readers.diagnostics_any() && !h.continues() {
-            self.s.diag.answer(&self.cbuf.filled()[5..h.total()], &info)
+            self.s.diag.answer(
+                &self.cbuf.filled()[5..h.total()],
+                &info,
+                &self.s.state.user_vars,
+            )
         } else {
             Answer::Forward
         };
@@ -609,7 +614,11 @@ impl<D: Driver> Conn<D> {
                 self.discard_command(h).await?;
                 return Err(e);
             }
-            answer = self.s.diag.answer(&self.cbuf.filled()[5..h.total()], &info);
+            answer = self.s.diag.answer(
+                &self.cbuf.filled()[5..h.total()],
+                &info,
+                &self.s.state.user_vars,
+            );
         }
         let text: Vec<u8> = if info.next_transaction {
             self.cbuf.filled()[5..h.total()].to_vec()
@@ -657,7 +666,9 @@ impl<D: Driver> Conn<D> {
             (_, send) => send,
         };
         // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
-        let pipelined = !info.load_data && !matches!(answer, Answer::Splice { .. });
+        let pipelined = !info.load_data
+            && !matches!(answer, Answer::Splice { .. })
+            && !read_back.as_ref().is_some_and(ReadBack::names_tables);
         self.send_ahead(ahead.as_ref(), seq).await?;
         match send {
             Send::Client(h) => self.send_command(h).await?,
@@ -694,13 +705,27 @@ impl<D: Driver> Conn<D> {
             self.s.diag.counts_stale();
         }
         if let Some(rb) = &read_back {
-            if !pipelined {
-                self.send_read_back(Some(rb), seq).await?;
+            if pipelined {
+                self.learn_read_back(rb).await?;
+            } else {
+                self.read_back_now(rb, seq).await?;
             }
-            self.learn_read_back(rb).await?;
+        }
+        if let Some(rb) = self.s.coupled_read_back() {
+            self.read_back_now(&rb, seq).await?;
         }
         self.note_temp_tables(info);
         Ok(outcome)
+    }
+
+    /// Sends a read-back on its own (not pipelined) and learns from it, keeping the
+    /// client's warnings if the read-back would clear them.
+    async fn read_back_now(&mut self, rb: &ReadBack, seq: u8) -> Result<(), SessionEnd> {
+        if rb.names_tables() && self.s.diag.needs_capture() {
+            self.capture_warnings(seq).await?;
+        }
+        self.send_read_back(Some(rb), seq).await?;
+        self.learn_read_back(rb).await
     }
 
     /// Reads the client's warning list from the connection it holds (`SHOW WARNINGS` leaves
@@ -975,6 +1000,14 @@ impl<D: Driver> Conn<D> {
                         return Err(SessionEnd::Backend(e.to_string()));
                     }
                 }
+                // Only for text queries: executing a prepared statement outside the schema
+                // it was prepared in flags the switch there and back on every execute.
+                if tracker.untold_change() && kind == ResponseKind::Query {
+                    let t =
+                        self.s
+                            .learn_tracking(info, &[Change::StateChanged], &mut b.conn.session);
+                    tracked.unexplained |= t.unexplained;
+                }
                 self.backend = Some(b);
                 let outcome = Outcome {
                     ending: tracker.end().unwrap_or(End::Ok {
@@ -1055,14 +1088,23 @@ impl<D: Driver> Conn<D> {
                     let payload = &conn.buf.filled()[p0..end];
                     let ok = parse_ok(payload, conn.caps)
                         .map_err(|e| RelayError::Backend(e.to_string()))?;
-                    if let Some(range) = ok.state.clone() {
-                        let list = payload
-                            .get(range)
+                    if ok.status & status::SESSION_STATE_CHANGED != 0 {
+                        let list = ok
+                            .state
+                            .clone()
+                            .and_then(|range| payload.get(range))
                             .map(changes)
                             .transpose()
                             .map_err(|e| RelayError::Backend(e.to_string()))?
                             .unwrap_or_default();
-                        let t = self.s.learn_tracking(info, &list, &mut conn.session);
+                        // A change flagged but not described counts as unexplained.
+                        let told = [Change::StateChanged];
+                        let list = if list.is_empty() {
+                            &told[..]
+                        } else {
+                            &list[..]
+                        };
+                        let t = self.s.learn_tracking(info, list, &mut conn.session);
                         tracked.unexplained |= t.unexplained;
                         tracked.not_replayable |= t.not_replayable;
                     }
@@ -1304,13 +1346,13 @@ impl<D: Driver> Conn<D> {
         }
         // Decided after the lazy prepare above, which changes the connection's ROW_COUNT().
         let mut answer = if info.readers.diagnostics_any() {
-            self.s.diag.answer(&key.sql, &info)
+            self.s.diag.answer(&key.sql, &info, &self.s.state.user_vars)
         } else {
             Answer::Forward
         };
         if answer == Answer::Capture {
             self.capture_warnings(h.seq).await?;
-            answer = self.s.diag.answer(&key.sql, &info);
+            answer = self.s.diag.answer(&key.sql, &info, &self.s.state.user_vars);
         }
         if let Answer::Rewrite(_) | Answer::Capture = answer {
             // The connection's diagnostics are not the client's, and a prepared statement's

@@ -72,6 +72,8 @@ pub struct ResponseTracker {
     /// Rows of the result set being read.
     rows: u64,
     end: Option<End>,
+    /// A terminator flagged a session state change it cannot describe (a classic EOF).
+    untold_change: bool,
 }
 
 impl ResponseTracker {
@@ -98,7 +100,14 @@ impl ResponseTracker {
             last_ok: false,
             rows: 0,
             end: None,
+            untold_change: false,
         }
+    }
+
+    /// Whether an EOF terminator flagged SESSION_STATE_CHANGED (a stored function changed
+    /// the session during a SELECT): without DEPRECATE_EOF, EOF packets cannot say what.
+    pub fn untold_change(&self) -> bool {
+        self.untold_change
     }
 
     /// How the response (or, while it goes on, its last result) ended.
@@ -202,6 +211,9 @@ impl ResponseTracker {
         let flags = terminator_status(payload, self.caps);
         if let Some(f) = flags {
             self.status = Some(f);
+            if !self.last_ok && f & status::SESSION_STATE_CHANGED != 0 {
+                self.untold_change = true;
+            }
         }
         if flags.is_some_and(more_results) {
             self.state = State::First;
@@ -493,6 +505,30 @@ mod tests {
         let err = crate::mysql::wire::ErrPacket::new(1064, "42000", "syntax").encode();
         feed_all(&mut t, &[err]);
         assert_eq!(t.end(), Some(End::Err));
+    }
+
+    #[test]
+    fn an_eof_flagging_a_state_change_is_an_untold_change() {
+        let changed = status::AUTOCOMMIT | status::SESSION_STATE_CHANGED;
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        feed_all(
+            &mut t,
+            &[vec![1], coldef(), eof(2), b"\x011".to_vec(), eof(2)],
+        );
+        assert!(!t.untold_change());
+        let mut t = ResponseTracker::new(ResponseKind::Query, EOF_CAPS);
+        feed_all(
+            &mut t,
+            &[vec![1], coldef(), eof(2), b"\x011".to_vec(), eof(changed)],
+        );
+        assert!(t.untold_change());
+        // An OK-style terminator describes its changes itself.
+        let mut t = ResponseTracker::new(ResponseKind::Query, DEP_CAPS);
+        feed_all(
+            &mut t,
+            &[vec![1], coldef(), b"\x011".to_vec(), ok_fe(changed)],
+        );
+        assert!(!t.untold_change());
     }
 
     #[test]

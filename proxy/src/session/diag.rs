@@ -17,6 +17,7 @@
 //! server unchanged; otherwise dbproxy answers them from what it kept ([`Diag::answer`]).
 
 use super::sql::{self, Kind, SqlInfo, Tok, Tokens};
+use super::uservars::UserVars;
 use crate::mysql::resultset::{encode_text_row, parse_text_row, TextResult};
 
 /// One condition of a warning list, as `SHOW WARNINGS` returned it.
@@ -160,10 +161,17 @@ impl Diag {
 
     /// dbproxy ran a statement of its own on the connection (a read-back or a replay): the
     /// connection's ROW_COUNT() and FOUND_ROWS() are no longer the client's. (dbproxy's own
-    /// statements name no table and raise nothing, so the warning list stays.)
+    /// statements raise nothing and name no table, so the warning list stays; the one
+    /// read-back that reads information_schema runs after the list was captured.)
     pub fn backend_used(&mut self) {
         self.row_count_fresh = false;
         self.found_rows_fresh = false;
+    }
+
+    /// dbproxy ran a query that names a table (after capturing the list): the connection's
+    /// warning list is empty, no longer the client's.
+    pub fn list_cleared(&mut self) {
+        self.list_fresh = false;
     }
 
     /// dbproxy answered a statement in a way whose ROW_COUNT()/FOUND_ROWS() differ from
@@ -238,10 +246,15 @@ impl Diag {
     }
 
     /// Decides how to serve a COM_QUERY `sql` that reads per-statement state.
-    pub fn answer(&self, sql: &[u8], info: &SqlInfo) -> Answer {
+    /// `user_vars`: the client's, for a `GET DIAGNOSTICS CONDITION @n`.
+    pub fn answer(&self, sql: &[u8], info: &SqlInfo, user_vars: &UserVars) -> Answer {
         let r = info.readers;
-        // GET DIAGNOSTICS reads ROW_COUNT as well as the conditions.
-        let counts_ok = (!(r.row_count || r.diagnostics) || self.row_count_fresh)
+        // GET DIAGNOSTICS reads the conditions, and ROW_COUNT when it asks for that item.
+        let diagnostics_row_count = r.diagnostics
+            && Tokens::new(sql).any(|t| {
+                t.kind == Kind::Word && sql[t.start..t.end].eq_ignore_ascii_case(b"ROW_COUNT")
+            });
+        let counts_ok = (!(r.row_count || diagnostics_row_count) || self.row_count_fresh)
             && (!r.found_rows || self.found_rows_fresh);
         let list_ok = !(r.counts || r.list || r.diagnostics) || self.list_fresh;
         if counts_ok && list_ok {
@@ -259,7 +272,7 @@ impl Diag {
         if let Some(a) = self.show_count(sql, &toks) {
             return a;
         }
-        if let Some(a) = self.get_diagnostics(sql, &toks) {
+        if let Some(a) = self.get_diagnostics(sql, &toks, user_vars) {
             return a;
         }
         Answer::Rewrite(self.rewrite(sql))
@@ -339,7 +352,7 @@ impl Diag {
     /// `GET [CURRENT] DIAGNOSTICS @v = NUMBER | ROW_COUNT, ...` and
     /// `GET [CURRENT] DIAGNOSTICS CONDITION n @v = MYSQL_ERRNO | MESSAGE_TEXT, ...`, as a `SET`
     /// of the values. Other condition items are NULL (dbproxy does not keep them).
-    fn get_diagnostics(&self, sql: &[u8], t: &[Tok]) -> Option<Answer> {
+    fn get_diagnostics(&self, sql: &[u8], t: &[Tok], user_vars: &UserVars) -> Option<Answer> {
         let w = |i: usize, s: &str| word(sql, t.get(i), s);
         if !w(0, "GET") {
             return None;
@@ -356,22 +369,75 @@ impl Diag {
             if let List::OnBackend { .. } = self.list {
                 return Some(Answer::Capture);
             }
-            let x = t.get(i + 1)?;
-            let n: usize = std::str::from_utf8(&sql[x.start..x.end])
-                .ok()?
-                .parse()
-                .ok()?;
-            condition = Some(self.conditions().get(n.checked_sub(1)?));
-            i += 2;
+            // The number runs up to the first `@target =`.
+            let end = (i + 1..t.len()).find(|&k| {
+                t[k].kind == Kind::UserVar
+                    && t.get(k + 1).is_some_and(|x| x.kind == Kind::Punct(b'='))
+            })?;
+            let (first, last) = (t.get(i + 1)?, t.get(end.checked_sub(1)?)?);
+            if end == i + 1 {
+                return None;
+            }
+            let number = &t[i + 1..end];
+            let text = &sql[first.start..last.end];
+            // MariaDB takes a literal (integer, decimal, string) or a user variable here; a
+            // bare name is evaluated as a column (an error); anything else is a syntax error.
+            // Errors go to the server as written: they read nothing.
+            let as_number =
+                |s: &[u8]| -> Option<f64> { std::str::from_utf8(s).ok()?.trim().parse().ok() };
+            let n: Option<f64> = match number {
+                [x] if x.kind == Kind::Str => as_number(&text[1..text.len().saturating_sub(1)]),
+                [x] if x.kind == Kind::UserVar => {
+                    // The client's own variable (NULL, or never set: no condition).
+                    let name = sql::user_var_name(sql, *x);
+                    user_vars
+                        .get(&name)
+                        .and_then(|v| v.value.as_deref())
+                        .map(|v| as_number(v).unwrap_or(0.0))
+                }
+                [x] if x.kind == Kind::Word && text.eq_ignore_ascii_case(b"NULL") => None,
+                [x] if x.kind == Kind::Word && text[0].is_ascii_digit() => {
+                    std::str::from_utf8(text).ok()?.parse().ok()
+                }
+                [a, dot, b]
+                    if a.kind == Kind::Word
+                        && dot.kind == Kind::Punct(b'.')
+                        && b.kind == Kind::Word =>
+                {
+                    std::str::from_utf8(text).ok()?.parse().ok()
+                }
+                _ => return None,
+            };
+            let n = n
+                .map(|n| n.round())
+                .filter(|n| *n >= 1.0 && *n <= u32::MAX as f64);
+            condition = Some(n.and_then(|n| self.conditions().get(n as usize - 1)));
+            i = end;
         }
+        // A condition the client does not have: the server would assign nothing (and append
+        // an "Invalid condition number" condition, which dbproxy does not reproduce).
+        let no_condition = condition == Some(None);
         let mut sets = Vec::new();
         while i < t.len() {
-            let target = t.get(i)?;
+            // Outside stored programs only user variables can be assigned; anything else goes
+            // to the server as written, for its own error.
+            let target = t.get(i).filter(|x| x.kind == Kind::UserVar)?;
             if !matches!(t.get(i + 1)?.kind, Kind::Punct(b'=')) {
                 return None;
             }
             let item = t.get(i + 2)?;
             let item = &sql[item.start..item.end];
+            let known = |names: &[&str]| {
+                names
+                    .iter()
+                    .any(|n| item.eq_ignore_ascii_case(n.as_bytes()))
+            };
+            // Unknown item names are the server's syntax error: sent as written.
+            if condition.is_some() && !known(&CONDITION_ITEMS)
+                || condition.is_none() && !known(&["NUMBER", "ROW_COUNT"])
+            {
+                return None;
+            }
             let value = match condition {
                 None if item.eq_ignore_ascii_case(b"NUMBER") => self.warning_count().to_string(),
                 None if item.eq_ignore_ascii_case(b"ROW_COUNT") => self.row_count.to_string(),
@@ -400,6 +466,9 @@ impl Diag {
                 }
                 i += 1;
             }
+        }
+        if no_condition {
+            return Some(Answer::Rewrite(b"DO 0".to_vec()));
         }
         (!sets.is_empty()).then(|| Answer::Rewrite(format!("SET {}", sets.join(", ")).into_bytes()))
     }
@@ -453,6 +522,24 @@ impl Diag {
         out
     }
 }
+
+/// Condition information items of `GET DIAGNOSTICS CONDITION n` (MariaDB 10.11).
+const CONDITION_ITEMS: [&str; 14] = [
+    "CLASS_ORIGIN",
+    "SUBCLASS_ORIGIN",
+    "CONSTRAINT_CATALOG",
+    "CONSTRAINT_SCHEMA",
+    "CONSTRAINT_NAME",
+    "CATALOG_NAME",
+    "SCHEMA_NAME",
+    "TABLE_NAME",
+    "COLUMN_NAME",
+    "CURSOR_NAME",
+    "MESSAGE_TEXT",
+    "MYSQL_ERRNO",
+    "RETURNED_SQLSTATE",
+    "ROW_NUMBER",
+];
 
 /// The values of a row for [`Answer::PatchRow`].
 pub fn patched_row(values: &[Vec<u8>]) -> Vec<u8> {
@@ -711,9 +798,9 @@ mod tests {
         let mut d = Diag::default();
         after(&mut d, "SELECT CAST('x' AS INT)", rows(1, 1));
         let q = b"SHOW WARNINGS";
-        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        assert_eq!(d.answer(q, &analyze(q), &UserVars::new()), Answer::Forward);
         let q = b"SELECT ROW_COUNT()";
-        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        assert_eq!(d.answer(q, &analyze(q), &UserVars::new()), Answer::Forward);
         // A read-back SELECT changes FOUND_ROWS() on the connection; a SET of the client's
         // afterwards sets ROW_COUNT() again but leaves FOUND_ROWS() as the read-back did.
         d.backend_used();
@@ -724,21 +811,21 @@ mod tests {
                 warnings: 0,
             },
         );
-        assert_eq!(d.answer(q, &analyze(q)), Answer::Forward);
+        assert_eq!(d.answer(q, &analyze(q), &UserVars::new()), Answer::Forward);
         let f = b"SELECT FOUND_ROWS()";
         assert_eq!(
-            d.answer(f, &analyze(f)),
+            d.answer(f, &analyze(f), &UserVars::new()),
             Answer::PatchRow(vec![b"1".to_vec()])
         );
         d.backend_used();
         assert_eq!(
-            d.answer(q, &analyze(q)),
+            d.answer(q, &analyze(q), &UserVars::new()),
             Answer::PatchRow(vec![b"0".to_vec()]),
             "the SET's ROW_COUNT()"
         );
         let q = b"SHOW WARNINGS";
         assert_eq!(
-            d.answer(q, &analyze(q)),
+            d.answer(q, &analyze(q), &UserVars::new()),
             Answer::Forward,
             "the list is still there"
         );
@@ -757,7 +844,16 @@ mod tests {
             ("Error", "1", "e"),
         ]));
         d.moved();
-        let a = |q: &str| d.answer(q.as_bytes(), &analyze(q.as_bytes()));
+        let mut vars = UserVars::new();
+        vars.insert(
+            b"two".to_vec(),
+            crate::session::uservars::UserValue::int("2"),
+        );
+        vars.insert(
+            b"none".to_vec(),
+            crate::session::uservars::UserValue::unset(),
+        );
+        let a = |q: &str| d.answer(q.as_bytes(), &analyze(q.as_bytes()), &vars);
         assert_eq!(
             a("select @@warning_count, @@ERROR_COUNT AS e, ROW_COUNT() rc, FOUND_ROWS() FROM DUAL"),
             Answer::PatchRow(vec![b"2".to_vec(), b"1".to_vec(), b"-1".to_vec(), b"1".to_vec()])
@@ -787,6 +883,34 @@ mod tests {
         assert_eq!(
             a("GET DIAGNOSTICS CONDITION 1 @c = MYSQL_ERRNO, @m = MESSAGE_TEXT, @s = RETURNED_SQLSTATE"),
             Answer::Rewrite(b"SET @c = 1292, @m = X'5472756e636174656420277827', @s = NULL".to_vec())
+        );
+        assert_eq!(
+            a("GET DIAGNOSTICS CONDITION 1 @x = INVALID"),
+            Answer::Rewrite(b"GET DIAGNOSTICS CONDITION 1 @x = INVALID".to_vec()),
+            "an unknown item: the server's syntax error"
+        );
+        assert_eq!(
+            a("GET DIAGNOSTICS CONDITION 9 @x = MYSQL_ERRNO"),
+            Answer::Rewrite(b"DO 0".to_vec())
+        );
+        // The condition number in the client's own user variable.
+        assert_eq!(
+            a("GET DIAGNOSTICS CONDITION @two @x = MYSQL_ERRNO"),
+            Answer::Rewrite(b"SET @x = 1".to_vec())
+        );
+        for unset in ["@none", "@never_set", "'7'"] {
+            assert_eq!(
+                a(&format!(
+                    "GET DIAGNOSTICS CONDITION {unset} @x = MYSQL_ERRNO"
+                )),
+                Answer::Rewrite(b"DO 0".to_vec()),
+                "{unset}"
+            );
+        }
+        assert_eq!(
+            a("GET DIAGNOSTICS @@v = NUMBER"),
+            Answer::Rewrite(b"GET DIAGNOSTICS @@v = NUMBER".to_vec()),
+            "not a user variable: the server's syntax error"
         );
         assert_eq!(
             a("SELECT ROW_COUNT() + 1, FOUND_ROWS() AS f, @@warning_count w FROM t"),

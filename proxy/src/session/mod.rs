@@ -42,7 +42,8 @@ impl PinChanges {
 }
 
 /// A query dbproxy pipelines after a client's statement, on the same connection, to learn
-/// what session tracking does not report: user variables, LAST_INSERT_ID(), FOUND_ROWS().
+/// what session tracking does not report: user variables, LAST_INSERT_ID(), FOUND_ROWS(),
+/// variables set as `@@name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadBack {
     pub sql: String,
@@ -51,9 +52,57 @@ pub struct ReadBack {
     collation: bool,
     insert_id: bool,
     vars: Vec<Vec<u8>>,
+    /// Session variables, read as the server prints them (as session tracking would).
+    sys_vars: Vec<Vec<u8>>,
+    timestamp_default: bool,
+    /// Reads variables coupled to those a statement changed: what it learns needs no
+    /// further read-back.
+    coupled: bool,
+}
+
+/// How a read-back reads a session variable: as `@@session.name` where the variable exists
+/// on every MariaDB and prints as session tracking does (character sets, collations,
+/// engines), else from information_schema (NULL when the server has no such variable, and
+/// ON/OFF as tracking prints them), which costs more and clears the warning list.
+fn read_expr(name: &[u8]) -> String {
+    let n = String::from_utf8_lossy(name);
+    if name.starts_with(b"character_set_")
+        || name.starts_with(b"collation_")
+        || name.ends_with(b"storage_engine")
+    {
+        format!("@@session.{n}")
+    } else {
+        format!(
+            "(SELECT SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
+             WHERE VARIABLE_NAME = '{}' AND VARIABLE_SCOPE <> 'GLOBAL')",
+            n.to_ascii_uppercase()
+        )
+    }
 }
 
 impl ReadBack {
+    /// The query reads a table (information_schema), which clears the server's warning
+    /// list: the client's list is captured before it is sent, so it is not pipelined.
+    pub fn names_tables(&self) -> bool {
+        self.sys_vars.iter().any(|n| read_expr(n).starts_with('('))
+    }
+
+    /// Reads `names` (session variables) back after the statement that changed them.
+    fn variables(names: Vec<Vec<u8>>) -> ReadBack {
+        let items: Vec<String> = names.iter().map(|n| read_expr(n)).collect();
+        ReadBack {
+            sql: format!("SELECT {}", items.join(", ")),
+            last_insert_id: false,
+            found_rows: false,
+            collation: false,
+            insert_id: false,
+            vars: Vec::new(),
+            sys_vars: names,
+            timestamp_default: false,
+            coupled: true,
+        }
+    }
+
     /// What a statement needs read back, if anything; `insert_id_pending`: the client has
     /// a `SET insert_id` waiting, which only an insert that generates a value consumes.
     pub fn for_statement(info: &SqlInfo, insert_id_pending: bool) -> Option<ReadBack> {
@@ -66,7 +115,19 @@ impl ReadBack {
         let found_rows = info.found_rows == FoundRows::ReadBack;
         let collation = info.charset_change;
         let insert_id = insert_id_pending && info.inserts;
-        if vars.is_empty() && !last_insert_id && !found_rows && !collation && !insert_id {
+        let sys_vars: Vec<Vec<u8>> = info
+            .untracked_vars
+            .iter()
+            .filter(|n| n.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_'))
+            .cloned()
+            .collect();
+        if vars.is_empty()
+            && sys_vars.is_empty()
+            && !last_insert_id
+            && !found_rows
+            && !collation
+            && !insert_id
+        {
             return None;
         }
         let mut sql = String::from("SELECT ");
@@ -83,6 +144,8 @@ impl ReadBack {
         if insert_id {
             items.push("@@session.insert_id");
         }
+        let reads: Vec<String> = sys_vars.iter().map(|n| read_expr(n)).collect();
+        items.extend(reads.iter().map(String::as_str));
         sql.push_str(&items.join(", "));
         for v in &vars {
             uservars::push_read_back(&mut sql, v);
@@ -94,9 +157,15 @@ impl ReadBack {
             collation,
             insert_id,
             vars,
+            sys_vars,
+            timestamp_default: info.timestamp_default,
+            coupled: false,
         })
     }
 }
+
+/// Why a read-back pins when it set a variable that cannot follow the client.
+const NOT_REPLAYABLE: &str = "a variable that cannot follow the client was set";
 
 /// How a client's statement went, as the relay saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +223,8 @@ pub struct ClientSession {
     /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could
     /// not be read back do not pin.
     pub exclude_variable_sets: bool,
+    /// Variables learnt since [`ClientSession::coupled_read_back`] last ran.
+    learnt: Vec<Vec<u8>>,
 }
 
 impl ClientSession {
@@ -173,6 +244,7 @@ impl ClientSession {
             cursor: None,
             long_data: None,
             exclude_variable_sets: false,
+            learnt: Vec::new(),
         }
     }
 
@@ -196,6 +268,7 @@ impl ClientSession {
         self.status = status::AUTOCOMMIT;
         self.cursor = None;
         self.long_data = None;
+        self.learnt.clear();
         self.pins.clear()
     }
 
@@ -243,31 +316,10 @@ impl ClientSession {
                         explained = true;
                         continue;
                     }
-                    match state::var_kind(&name) {
-                        VarKind::Session => {
-                            if name == b"timestamp" && info.timestamp_default {
-                                // The server reports the old value; the clock runs again.
-                                self.state.vars.remove(&name);
-                                backend.vars.remove(&name);
-                            } else {
-                                self.state.vars.insert(name.clone(), v.to_vec());
-                                backend.vars.insert(name, v.to_vec());
-                            }
-                            explained = true;
-                        }
-                        VarKind::LastInsertId => {
-                            let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
-                            self.state.last_insert_id = id;
-                            backend.last_insert_id = id;
-                            explained = true;
-                        }
-                        VarKind::InsertId => {
-                            let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
-                            self.state.insert_id = (id != 0).then_some(id);
-                            backend.insert_id_pending = id != 0;
-                            explained = true;
-                        }
-                        VarKind::NotReplayable => t.not_replayable = true,
+                    if self.learn_variable(name, v, info.timestamp_default, backend) {
+                        explained = true;
+                    } else {
+                        t.not_replayable = true;
                     }
                 }
             }
@@ -275,6 +327,44 @@ impl ClientSession {
         let explained_by_text = info.explains_change || info.assigns_user_vars;
         t.unexplained = changed && (info.opaque || !(explained || explained_by_text));
         t
+    }
+
+    /// Learns a session variable's value as the server printed it (`name` lowercased);
+    /// false: the variable cannot follow the client.
+    fn learn_variable(
+        &mut self,
+        name: Vec<u8>,
+        v: &[u8],
+        timestamp_default: bool,
+        backend: &mut BackendSession,
+    ) -> bool {
+        if !self.learnt.contains(&name) {
+            self.learnt.push(name.clone());
+        }
+        match state::var_kind(&name) {
+            VarKind::Session => {
+                if name == b"timestamp" && timestamp_default {
+                    // The server reports the old value; the clock runs again.
+                    self.state.vars.remove(&name);
+                    backend.vars.remove(&name);
+                } else {
+                    self.state.vars.insert(name.clone(), v.to_vec());
+                    backend.vars.insert(name, v.to_vec());
+                }
+            }
+            VarKind::LastInsertId => {
+                let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
+                self.state.last_insert_id = id;
+                backend.last_insert_id = id;
+            }
+            VarKind::InsertId => {
+                let id = String::from_utf8_lossy(v).trim().parse().unwrap_or(0);
+                self.state.insert_id = (id != 0).then_some(id);
+                backend.insert_id_pending = id != 0;
+            }
+            VarKind::NotReplayable => return false,
+        }
+        true
     }
 
     /// Learns from the answer to a [`ReadBack`]; an error or an odd answer pins (the values
@@ -286,13 +376,19 @@ impl ClientSession {
         backend: &mut BackendSession,
     ) -> PinChanges {
         self.diag.backend_used();
+        if rb.names_tables() {
+            self.diag.list_cleared();
+        }
         let mut changes = PinChanges::default();
         let learnt = answer
             .map_err(|e| e.to_string())
             .and_then(|r| self.apply_read_back(rb, r, backend));
+        if rb.coupled {
+            self.learnt.clear();
+        }
         if let Err(why) = learnt {
             tracing::debug!("read-back failed, pinning: {why}");
-            let reason = if rb.vars.is_empty() {
+            let reason = if rb.vars.is_empty() || why == NOT_REPLAYABLE {
                 PinReason::Unclassified
             } else {
                 PinReason::UserVariable
@@ -342,10 +438,7 @@ impl ClientSession {
                 .flatten()
                 .ok_or("no collation_connection")?
                 .to_vec();
-            self.state
-                .vars
-                .insert(b"collation_connection".to_vec(), c.clone());
-            backend.vars.insert(b"collation_connection".to_vec(), c);
+            self.learn_variable(b"collation_connection".to_vec(), &c, false, backend);
             at += 1;
         }
         if rb.insert_id {
@@ -353,6 +446,14 @@ impl ClientSession {
                 // The insert generated a value: the pending insert_id was used.
                 self.state.insert_id = None;
                 backend.insert_id_pending = false;
+            }
+            at += 1;
+        }
+        let mut replayable = true;
+        for name in &rb.sys_vars {
+            // NULL: no such session variable (the statement failed).
+            if let Some(v) = values.get(at).copied().flatten() {
+                replayable &= self.learn_variable(name.clone(), v, rb.timestamp_default, backend);
             }
             at += 1;
         }
@@ -371,7 +472,11 @@ impl ClientSession {
             }
             at += uservars::COLUMNS_PER_VAR;
         }
-        Ok(())
+        if replayable {
+            Ok(())
+        } else {
+            Err(NOT_REPLAYABLE.into())
+        }
     }
 
     /// Applies a statement's effects once its response is through: pins, transaction state,
@@ -499,6 +604,22 @@ impl ClientSession {
         ReadBack::for_statement(info, self.state.insert_id.is_some())
     }
 
+    /// After a statement and its read-back were learnt: the variables MariaDB changed along
+    /// with those it reported (see [`state::coupled`]) and did not report, to read back.
+    pub fn coupled_read_back(&mut self) -> Option<ReadBack> {
+        let learnt = std::mem::take(&mut self.learnt);
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for n in &learnt {
+            for c in state::coupled(n) {
+                let c = c.as_bytes().to_vec();
+                if !learnt.contains(&c) && !names.contains(&c) {
+                    names.push(c);
+                }
+            }
+        }
+        (!names.is_empty()).then(|| ReadBack::variables(names))
+    }
+
     /// Whether the client negotiated session tracking itself (otherwise dbproxy strips it
     /// from OK packets).
     pub fn wants_tracking(&self) -> bool {
@@ -599,6 +720,115 @@ mod tests {
         assert_eq!(c.started, vec![PinReason::UserVariable]);
         assert!(ReadBack::for_statement(&analyze(b"SELECT @x"), false).is_none());
         assert!(ReadBack::for_statement(&analyze(b"SELECT 1"), true).is_none());
+    }
+
+    #[test]
+    fn variables_changed_silently_with_a_reported_one_are_read_back() {
+        let mut s = session();
+        let mut b = BackendSession::default();
+        let info = analyze(b"SET storage_engine = MEMORY, long_query_time = 3");
+        s.learn_tracking(
+            &info,
+            &[
+                Change::SystemVariable(b"storage_engine", b"MEMORY"),
+                Change::SystemVariable(b"long_query_time", b"3.000000"),
+            ],
+            &mut b,
+        );
+        let rb = s.coupled_read_back().unwrap();
+        assert_eq!(
+            rb.sql,
+            "SELECT @@session.default_storage_engine, \
+             (SELECT SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
+             WHERE VARIABLE_NAME = 'LOG_SLOW_QUERY_TIME' AND VARIABLE_SCOPE <> 'GLOBAL')"
+        );
+        assert!(rb.names_tables());
+        let r = result(
+            vec![col("a", 253, 0), col("b", 253, 0)],
+            vec![Some(b"MEMORY"), Some(b"3.000000")],
+        );
+        assert_eq!(
+            s.learn_read_back(&rb, Ok(&r), &mut b),
+            PinChanges::default()
+        );
+        for (n, v) in [
+            ("storage_engine", "MEMORY"),
+            ("default_storage_engine", "MEMORY"),
+            ("long_query_time", "3.000000"),
+            ("log_slow_query_time", "3.000000"),
+        ] {
+            assert_eq!(s.state.vars.get(n.as_bytes()), Some(&v.as_bytes().to_vec()));
+        }
+        assert_eq!(b.vars, s.state.vars);
+        // What the read-back learnt needs nothing more; a server without the other name
+        // answers NULL, which leaves the record as it is.
+        assert!(s.coupled_read_back().is_none());
+        s.learn_tracking(
+            &analyze(b"SET tx_isolation = 'READ-COMMITTED'"),
+            &[Change::SystemVariable(b"tx_isolation", b"READ-COMMITTED")],
+            &mut b,
+        );
+        let rb = s.coupled_read_back().unwrap();
+        let r = result(vec![col("a", 253, 0)], vec![None]);
+        s.learn_read_back(&rb, Ok(&r), &mut b);
+        assert!(!s.state.vars.contains_key(&b"transaction_isolation"[..]));
+        // SET NAMES: the collation is read back with the statement, nothing after it.
+        let info = analyze(b"SET NAMES latin1");
+        s.learn_tracking(
+            &info,
+            &[Change::SystemVariable(
+                b"character_set_connection",
+                b"latin1",
+            )],
+            &mut b,
+        );
+        let rb = ReadBack::for_statement(&info, false).unwrap();
+        let r = result(vec![col("a", 253, 0)], vec![Some(b"latin1_swedish_ci")]);
+        s.learn_read_back(&rb, Ok(&r), &mut b);
+        assert!(s.coupled_read_back().is_none());
+        // The database's character set is reset by every USE: setting it pins.
+        let c = s.learn_tracking(
+            &analyze(b"SET character_set_database = cp1251"),
+            &[Change::SystemVariable(b"character_set_database", b"cp1251")],
+            &mut b,
+        );
+        assert!(c.not_replayable);
+    }
+
+    #[test]
+    fn read_back_learns_variables_set_without_a_scope() {
+        let mut s = session();
+        let mut b = BackendSession::default();
+        let info = analyze(b"SET @@sql_mode = 'ANSI', @@timestamp = DEFAULT");
+        let rb = ReadBack::for_statement(&info, false).unwrap();
+        assert_eq!(
+            rb.sql,
+            "SELECT (SELECT SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
+             WHERE VARIABLE_NAME = 'SQL_MODE' AND VARIABLE_SCOPE <> 'GLOBAL'), \
+             (SELECT SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
+             WHERE VARIABLE_NAME = 'TIMESTAMP' AND VARIABLE_SCOPE <> 'GLOBAL')"
+        );
+        s.state
+            .vars
+            .insert(b"timestamp".to_vec(), b"5.000000".to_vec());
+        let r = result(
+            vec![col("a", 253, 0), col("b", 253, 0)],
+            vec![Some(b"ANSI"), Some(b"1800000000.000001")],
+        );
+        assert_eq!(
+            s.learn_read_back(&rb, Ok(&r), &mut b),
+            PinChanges::default()
+        );
+        assert_eq!(s.state.vars.get(&b"sql_mode"[..]), Some(&b"ANSI".to_vec()));
+        assert_eq!(b.vars, s.state.vars);
+        // The clock runs again: no timestamp to replay.
+        assert!(!s.state.vars.contains_key(&b"timestamp"[..]));
+        // One that cannot follow the client pins.
+        let info = analyze(b"SET @@pseudo_thread_id = 5");
+        let rb = ReadBack::for_statement(&info, false).unwrap();
+        let r = result(vec![col("a", 253, 0)], vec![Some(b"5")]);
+        let c = s.learn_read_back(&rb, Ok(&r), &mut b);
+        assert_eq!(c.started, vec![PinReason::Unclassified]);
     }
 
     #[test]

@@ -336,6 +336,9 @@ pub struct SqlInfo {
     /// Changes `character_set_connection` (`SET NAMES`, `SET CHARACTER SET`, ...): MariaDB
     /// changes `collation_connection` with it without reporting it, so it is read back.
     pub charset_change: bool,
+    /// Session variables assigned as `@@name` (no scope): MariaDB applies them but leaves
+    /// them out of session tracking (see MDEV-31751), so they are read back.
+    pub untracked_vars: Vec<Vec<u8>>,
     /// `SET timestamp = DEFAULT | 0`: the clock runs again (the server reports a stale value).
     pub timestamp_default: bool,
     /// Sets `session_track_*` itself: dbproxy's view of the session would go blind.
@@ -419,7 +422,13 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
         return set_statement(sql, t, info, depth);
     }
     if first("SELECT") || first("WITH") || w(0, "DESC") || w(0, "DESCRIBE") {
-        found = FoundRows::Sent;
+        found = if limit_with_offset(sql, t) {
+            // FOUND_ROWS() counts the rows skipped too, as far as there were rows
+            // (checked: MariaDB 10.11).
+            FoundRows::ReadBack
+        } else {
+            FoundRows::Sent
+        };
     }
     if w(0, "SHOW") {
         if w(1, "WARNINGS") || w(1, "ERRORS") {
@@ -574,6 +583,29 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
     found
 }
 
+/// The statement's own `LIMIT` (outside parentheses) has an offset: `LIMIT a, b` or
+/// `LIMIT b OFFSET a`.
+fn limit_with_offset(sql: &[u8], t: &[Tok]) -> bool {
+    let mut depth = 0i32;
+    let mut in_limit = false;
+    for x in t {
+        match x.kind {
+            Kind::Punct(b'(') => depth += 1,
+            Kind::Punct(b')') => depth -= 1,
+            Kind::Punct(b',') if depth == 0 && in_limit => return true,
+            Kind::Word if depth == 0 => {
+                if is(sql, Some(x), "LIMIT") {
+                    in_limit = true;
+                } else if in_limit && is(sql, Some(x), "OFFSET") {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 /// What any statement's tokens may hold wherever they are: lock functions, readers of
 /// per-statement state, `:=`, `INTO @v`, table names. Returns whether SQL_CALC_FOUND_ROWS
 /// was seen.
@@ -668,6 +700,7 @@ fn merge(info: &mut SqlInfo, sub: SqlInfo) {
     info.changes_last_insert_id |= sub.changes_last_insert_id;
     info.inserts |= sub.inserts;
     info.statement_vars.extend(sub.statement_vars);
+    info.untracked_vars.extend(sub.untracked_vars);
     info.next_transaction |= sub.next_transaction;
     info.timestamp_default |= sub.timestamp_default;
     info.charset_change |= sub.charset_change;
@@ -757,6 +790,7 @@ fn set_statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> Found
     let mut depth_paren = 0i32;
     let mut expect_target = true;
     let mut global = false;
+    let (mut targets, mut one_shots) = (0u32, 0u32);
     let mut i = 1;
     while i < t.len() {
         let x = t[i];
@@ -779,6 +813,7 @@ fn set_statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> Found
                     continue;
                 }
                 expect_target = false;
+                targets += 1;
                 let name: Option<Vec<u8>> = match x.kind {
                     Kind::UserVar => {
                         info.assigns_user_vars = true;
@@ -788,7 +823,29 @@ fn set_statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> Found
                     Kind::SysVar => {
                         let raw = &sql[x.start + 2..x.end];
                         global = raw.len() > 7 && raw[..7].eq_ignore_ascii_case(b"global.");
-                        Some(sys_var_name(sql, x).to_ascii_lowercase())
+                        let name = sys_var_name(sql, x).to_ascii_lowercase();
+                        if name.is_empty() {
+                            // `@@`quoted``: not worth following.
+                            info.starts.push(PinReason::Unclassified);
+                        } else if name.len() == raw.len() && !name.contains(&b'.') {
+                            // (`@@cache.key_buffer_size`: a key cache, global.)
+                            // `@@name`: applied, not reported.
+                            if matches!(
+                                name.as_slice(),
+                                b"tx_isolation"
+                                    | b"tx_read_only"
+                                    | b"transaction_isolation"
+                                    | b"transaction_read_only"
+                            ) {
+                                // MariaDB 10.11: like SET TRANSACTION, for the next
+                                // transaction only.
+                                one_shots += 1;
+                            }
+                            if !info.untracked_vars.contains(&name) {
+                                info.untracked_vars.push(name.clone());
+                            }
+                        }
+                        Some(name)
                     }
                     Kind::Word => Some(sql[x.start..x.end].to_ascii_lowercase()),
                     _ => None,
@@ -818,6 +875,14 @@ fn set_statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> Found
         }
         i += 1;
     }
+    if one_shots > 0 {
+        if one_shots == targets {
+            info.next_transaction = true;
+        } else {
+            // Repeating the text for the next transaction would repeat the rest too.
+            info.starts.push(PinReason::Unclassified);
+        }
+    }
     scan(sql, t, info);
     collect_user_vars(sql, t, info);
     FoundRows::Unchanged
@@ -830,6 +895,32 @@ mod tests {
 
     fn starts(sql: &str) -> Vec<PinReason> {
         analyze(sql.as_bytes()).starts
+    }
+
+    #[test]
+    fn unscoped_system_variables_are_untracked() {
+        let i = analyze(b"SET @@sql_mode = 'ANSI', time_zone = '+01:00', @@Wait_Timeout = 5");
+        assert_eq!(
+            i.untracked_vars,
+            vec![b"sql_mode".to_vec(), b"wait_timeout".to_vec()]
+        );
+        assert!(i.starts.is_empty());
+        for tracked in [
+            "SET @@session.sql_mode = 'ANSI'",
+            "SET @@LOCAL.sql_mode = 'ANSI'",
+            "SET @@global.sql_mode = 'ANSI'",
+            "SET SESSION sql_mode = 'ANSI'",
+            "SET sql_mode = @@sql_mode",
+            "SET @@default.key_buffer_size = 8388608",
+            "SELECT @@sql_mode",
+        ] {
+            assert!(
+                analyze(tracked.as_bytes()).untracked_vars.is_empty(),
+                "{tracked}"
+            );
+        }
+        let nested = analyze(b"EXECUTE IMMEDIATE 'SET @@time_zone = ''+02:00'''");
+        assert_eq!(nested.untracked_vars, vec![b"time_zone".to_vec()]);
     }
 
     #[test]
@@ -977,6 +1068,15 @@ mod tests {
     fn found_rows_and_last_insert_id() {
         let f = |s: &str| analyze(s.as_bytes()).found_rows;
         assert_eq!(f("SELECT * FROM t"), FoundRows::Sent);
+        assert_eq!(f("SELECT * FROM t LIMIT 2"), FoundRows::Sent);
+        assert_eq!(f("SELECT * FROM t LIMIT 2, 1"), FoundRows::ReadBack);
+        assert_eq!(f("SELECT * FROM t LIMIT 1 OFFSET 3"), FoundRows::ReadBack);
+        assert_eq!(f("SELECT * FROM t LIMIT ?, ?"), FoundRows::ReadBack);
+        assert_eq!(
+            f("SELECT * FROM (SELECT * FROM t LIMIT 2, 2) d LIMIT 5"),
+            FoundRows::Sent
+        );
+        assert_eq!(f("SELECT a, b FROM t LIMIT 5"), FoundRows::Sent);
         assert_eq!(f("(SELECT 1) UNION (SELECT 2)"), FoundRows::Sent);
         assert_eq!(f("WITH x AS (SELECT 1) SELECT * FROM x"), FoundRows::Sent);
         assert_eq!(f("SHOW TABLES"), FoundRows::Sent);
@@ -1011,6 +1111,13 @@ mod tests {
         let i = analyze(b"SET STATEMENT sql_mode='' FOR CREATE TEMPORARY TABLE t (x INT)");
         assert_eq!(i.starts, vec![TemporaryTable]);
         assert!(analyze(b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").next_transaction);
+        // MariaDB 10.11: `@@tx_isolation` without a scope is for the next transaction.
+        let i = analyze(b"SET @@tx_isolation = 'SERIALIZABLE', @@tx_read_only = 1");
+        assert!(i.next_transaction && i.starts.is_empty());
+        assert!(!analyze(b"SET @@session.tx_isolation = 'SERIALIZABLE'").next_transaction);
+        let mixed = analyze(b"SET @@tx_isolation = 'SERIALIZABLE', sql_mode = ''");
+        assert!(!mixed.next_transaction);
+        assert_eq!(mixed.starts, vec![Unclassified]);
         assert!(!analyze(b"SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE").next_transaction);
         assert!(analyze(b"SET NAMES latin1").charset_change);
         assert!(analyze(b"set character set utf8mb4").charset_change);

@@ -33,8 +33,58 @@ pub fn var_kind(name: &[u8]) -> VarKind {
         b"rand_seed1" | b"rand_seed2" | b"last_gtid" | b"pseudo_thread_id" | b"gtid_seq_no" => {
             VarKind::NotReplayable
         }
+        // The server sets these from the default schema at every USE, silently: a value
+        // the client assigned would not survive the replay's USE.
+        b"character_set_database" | b"collation_database" => VarKind::NotReplayable,
         n if n.starts_with(b"session_track_") => VarKind::NotReplayable,
         _ => VarKind::Session,
+    }
+}
+
+/// Variables MariaDB changes along with `name` without reporting them: the other name of
+/// an alias (`storage_engine` is `default_storage_engine`), a character set and its
+/// collation, and variables derived from it (`max_join_size` clears `sql_big_selects`).
+/// They are read back whenever `name` is reported changed and they are not.
+pub fn coupled(name: &[u8]) -> &'static [&'static str] {
+    match name {
+        b"character_set_connection" => &["collation_connection"],
+        b"collation_connection" => &["character_set_connection"],
+        b"character_set_server" => &["collation_server"],
+        b"collation_server" => &["character_set_server"],
+        b"storage_engine" => &["default_storage_engine"],
+        b"default_storage_engine" => &["storage_engine"],
+        b"long_query_time" => &["log_slow_query_time"],
+        b"log_slow_query_time" => &["long_query_time"],
+        b"min_examined_row_limit" => &["log_slow_min_examined_row_limit"],
+        b"log_slow_min_examined_row_limit" => &["min_examined_row_limit"],
+        b"old_alter_table" => &["alter_algorithm"],
+        b"alter_algorithm" => &["old_alter_table"],
+        b"tmp_table_size" => &["tmp_memory_table_size"],
+        b"tmp_memory_table_size" => &["tmp_table_size"],
+        b"slow_query_log" => &["log_slow_query"],
+        b"log_slow_query" => &["slow_query_log"],
+        b"max_insert_delayed_threads" => &["max_delayed_threads"],
+        b"max_delayed_threads" => &["max_insert_delayed_threads"],
+        b"log_queries_not_using_indexes" => &["log_slow_filter"],
+        b"log_slow_filter" => &["log_queries_not_using_indexes"],
+        b"max_join_size" => &["sql_big_selects"],
+        b"tx_isolation" => &["transaction_isolation"],
+        b"transaction_isolation" => &["tx_isolation"],
+        b"tx_read_only" => &["transaction_read_only"],
+        b"transaction_read_only" => &["tx_read_only"],
+        _ => &[],
+    }
+}
+
+/// Variables that assigning `name` resets to values that depend on the new one only in
+/// part (a character set's default collation, `sql_big_selects` cleared by any
+/// `max_join_size`): a replay that sets `name` sets them again after it.
+fn resets(name: &[u8]) -> &'static [&'static str] {
+    match name {
+        b"character_set_connection" => &["collation_connection"],
+        b"character_set_server" => &["collation_server"],
+        b"max_join_size" => &["sql_big_selects"],
+        _ => &[],
     }
 }
 
@@ -297,13 +347,23 @@ fn system_variables(
         assigned.push(name.clone());
         sets.push(format!("SESSION {} = {}", sql_ident(name), value));
     }
-    // Setting character_set_connection also resets collation_connection to that character
-    // set's default; put the collation the client expects back after it.
-    let cc = b"collation_connection".to_vec();
-    if assigned.iter().any(|n| n == b"character_set_connection") && !assigned.contains(&cc) {
-        if let Some(c) = want(&cc) {
-            sets.push(format!("SESSION collation_connection = {}", sql_value(c)));
+    // Setting a variable changes those coupled to it (character_set_connection resets
+    // collation_connection, max_join_size clears sql_big_selects): put the values the
+    // client expects back after it.
+    let mut coupled_sets = Vec::new();
+    for name in &assigned {
+        for c in resets(name) {
+            let c = c.as_bytes().to_vec();
+            if assigned.contains(&c) || coupled_sets.iter().any(|(n, _)| *n == c) {
+                continue;
+            }
+            if let Some(v) = want(&c) {
+                coupled_sets.push((c, v));
+            }
         }
+    }
+    for (name, v) in coupled_sets {
+        sets.push(format!("SESSION {} = {}", sql_ident(&name), sql_value(v)));
     }
     defaulted
 }
@@ -495,6 +555,39 @@ mod tests {
             true
         )
         .is_empty());
+    }
+
+    #[test]
+    fn a_variable_that_changes_another_is_followed_by_it() {
+        let mut b = BackendSession::default();
+        b.vars.insert(b"max_join_size".to_vec(), b"1000".to_vec());
+        b.vars.insert(b"sql_big_selects".to_vec(), b"ON".to_vec());
+        let mut c = ClientState::default();
+        c.vars.insert(b"max_join_size".to_vec(), b"2000".to_vec());
+        c.vars.insert(b"sql_big_selects".to_vec(), b"ON".to_vec());
+        // Setting max_join_size clears sql_big_selects on the server: set it again after.
+        let r = plan(&c, &b, Needs::default(), true);
+        assert_eq!(
+            r.set.as_deref(),
+            Some("SET SESSION max_join_size = 2000, SESSION sql_big_selects = 'ON'")
+        );
+        // Two names of one variable carry one value: both are set, in either order.
+        c.vars.clear();
+        b.vars.clear();
+        b.vars
+            .insert(b"default_storage_engine".to_vec(), b"Aria".to_vec());
+        b.vars.insert(b"storage_engine".to_vec(), b"Aria".to_vec());
+        c.vars
+            .insert(b"default_storage_engine".to_vec(), b"MEMORY".to_vec());
+        c.vars
+            .insert(b"storage_engine".to_vec(), b"MEMORY".to_vec());
+        let r = plan(&c, &b, Needs::default(), true);
+        assert_eq!(
+            r.set.as_deref(),
+            Some(
+                "SET SESSION default_storage_engine = 'MEMORY', SESSION storage_engine = 'MEMORY'"
+            )
+        );
     }
 
     #[test]
