@@ -134,8 +134,10 @@ fn generate(
     let q = |s: String| Step::Query(s);
     loop {
         let step = match rng.below(40) {
+            // Every way to name a session variable; MariaDB tracks some of them only.
             0 => q(format!(
-                "SET SESSION sql_mode = '{}'",
+                "SET {}sql_mode = '{}'",
+                rng.pick(&["SESSION ", "", "@@", "@@session.", "LOCAL "]),
                 rng.pick(&[
                     "",
                     "ANSI_QUOTES",
@@ -143,9 +145,31 @@ fn generate(
                     "PIPES_AS_CONCAT,NO_BACKSLASH_ESCAPES",
                 ])
             )),
-            1 => q(format!("SET time_zone = '+0{}:00'", rng.below(9))),
-            2 => q(rng.pick(&["SET NAMES latin1", "SET NAMES utf8mb4", "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci"]).into()),
-            3 => q("SELECT @@sql_mode, @@time_zone, @@character_set_client, @@collation_connection, @@character_set_results".into()),
+            1 => q(format!(
+                "SET {}time_zone = '+0{}:00'",
+                rng.pick(&["", "@@", "@@local."]),
+                rng.below(9)
+            )),
+            2 => q(rng
+                .pick(&[
+                    "SET NAMES latin1",
+                    "SET NAMES utf8mb4",
+                    "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci",
+                    // Variables that change others the server does not report.
+                    "SET collation_connection = latin1_bin",
+                    "SET character_set_connection = utf8mb3",
+                    "SET storage_engine = MEMORY",
+                    "SET default_storage_engine = Aria",
+                    "SET max_join_size = 1000000",
+                    "SET sql_big_selects = 1",
+                ])
+                .into()),
+            3 => q(
+                "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@collation_connection, \
+                    @@character_set_connection, @@character_set_results, @@storage_engine, \
+                    @@default_storage_engine, @@max_join_size, @@sql_big_selects"
+                    .into(),
+            ),
             4 => q(format!("USE {}", rng.pick(&["d1", "d2"]))),
             5 => q("SELECT DATABASE()".into()),
             6 => q(format!("SET @a = {}", rng.below(1000) as i64 - 500)),
@@ -156,7 +180,9 @@ fn generate(
             11 => q("SELECT @a, @b, @c, @d, @e, @f, @p, @a + 1, CHARSET(@c)".into()),
             12 if i < 2 => {
                 c.temp = true;
-                q(format!("CREATE TEMPORARY TABLE IF NOT EXISTS d1.tmp{i} (x INT)"))
+                q(format!(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS d1.tmp{i} (x INT)"
+                ))
             }
             13 if c.temp => q(format!("INSERT INTO d1.tmp{i} VALUES ({n})")),
             14 if c.temp => q(format!("SELECT COUNT(*), SUM(x) FROM d1.tmp{i}")),
@@ -168,11 +194,28 @@ fn generate(
                 c.in_tx = false;
                 q(rng.pick(&["COMMIT", "ROLLBACK"]).into())
             }
-            17 => q(format!("INSERT INTO d1.t{i} (v) VALUES ({})", rng.below(50))),
-            18 => q(format!("UPDATE d1.t{i} SET v = v + 1 WHERE v < {}", rng.below(60))),
-            19 => q(format!("SELECT v FROM d1.t{i} ORDER BY id LIMIT 2")),
-            20 => q(format!("SELECT SQL_CALC_FOUND_ROWS v FROM d1.t{i} ORDER BY id LIMIT 1")),
-            21 => q(rng.pick(&["SELECT FOUND_ROWS()", "SELECT ROW_COUNT()", "SELECT ROW_COUNT(), FOUND_ROWS() AS f"]).into()),
+            17 => q(format!(
+                "INSERT INTO d1.t{i} (v) VALUES ({})",
+                rng.below(50)
+            )),
+            18 => q(format!(
+                "UPDATE d1.t{i} SET v = v + 1 WHERE v < {}",
+                rng.below(60)
+            )),
+            19 => q(format!(
+                "SELECT v FROM d1.t{i} ORDER BY id LIMIT {}",
+                rng.pick(&["2", "1, 2", "1 OFFSET 3", "50, 1"])
+            )),
+            20 => q(format!(
+                "SELECT SQL_CALC_FOUND_ROWS v FROM d1.t{i} ORDER BY id LIMIT 1"
+            )),
+            21 => q(rng
+                .pick(&[
+                    "SELECT FOUND_ROWS()",
+                    "SELECT ROW_COUNT()",
+                    "SELECT ROW_COUNT(), FOUND_ROWS() AS f",
+                ])
+                .into()),
             22 if !c.lock && !c.in_tx && pinned < MAX_PINNED => {
                 c.lock = true;
                 q(format!("SELECT GET_LOCK('lk{i}', 0)"))
@@ -183,7 +226,13 @@ fn generate(
             }
             24 => q(format!("SELECT IS_FREE_LOCK('lk{i}')")),
             25 => q(format!("SELECT CAST('w{i}-{n}' AS INT)")),
-            26 => q(rng.pick(&["SELECT 1/0", "SELECT nosuchcolumn", "DROP TABLE IF EXISTS d1.nosuch"]).into()),
+            26 => q(rng
+                .pick(&[
+                    "SELECT 1/0",
+                    "SELECT nosuchcolumn",
+                    "DROP TABLE IF EXISTS d1.nosuch",
+                ])
+                .into()),
             27 => q(rng
                 .pick(&[
                     "SHOW WARNINGS",
@@ -193,10 +242,21 @@ fn generate(
                     "SHOW WARNINGS LIMIT 1",
                 ])
                 .into()),
-            28 => q(rng.pick(&["SELECT 1", "SELECT * FROM d1.orders WHERE 0", "DO 1"]).into()),
+            28 => q(rng
+                .pick(&["SELECT 1", "SELECT * FROM d1.orders WHERE 0", "DO 1"])
+                .into()),
             29 => q(format!("INSERT INTO d1.ai (client) VALUES ({i})")),
-            30 => q(format!("INSERT INTO d1.ai (id, client) VALUES ({}, {i})", 1_000_000 + n * 20 + i as u64)),
-            31 => q(rng.pick(&["SELECT LAST_INSERT_ID()", "SELECT LAST_INSERT_ID(7)", "SELECT @@identity"]).into()),
+            30 => q(format!(
+                "INSERT INTO d1.ai (id, client) VALUES ({}, {i})",
+                1_000_000 + n * 20 + i as u64
+            )),
+            31 => q(rng
+                .pick(&[
+                    "SELECT LAST_INSERT_ID()",
+                    "SELECT LAST_INSERT_ID(7)",
+                    "SELECT @@identity",
+                ])
+                .into()),
             32 => Step::Prepare(match rng.below(8) {
                 0 => "SELECT owner FROM orders WHERE id = ?".into(),
                 1 => "SET @p = ?".into(),
@@ -214,7 +274,15 @@ fn generate(
                 // Every prepared statement takes at most one parameter.
                 Step::Execute(k, vec![Value::Int((rng.below(3) + 1) as i64)])
             }
-            35 if !c.in_tx => q(rng.pick(&["SET TRANSACTION READ ONLY", "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"]).into()),
+            35 if !c.in_tx => q(rng
+                .pick(&[
+                    "SET TRANSACTION READ ONLY",
+                    "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    // MariaDB 10.11: the next transaction only, like SET TRANSACTION.
+                    "SET @@tx_read_only = 1",
+                    "SET @@tx_isolation = 'READ-COMMITTED'",
+                ])
+                .into()),
             36 if !c.in_tx && pinned < MAX_PINNED => {
                 // A transaction whose write shows whether it is read only.
                 c.in_tx = true;
@@ -325,10 +393,21 @@ fn sixteen_clients_answer_as_if_each_had_its_own_connection() {
                     let path = std::env::temp_dir().join("dbproxy-differential-failure.tsv");
                     let _ = std::fs::write(&path, all.join("\n"));
                     eprintln!("the whole run: {}", path.display());
+                    let pinned: Vec<String> = proxy
+                        .metrics()
+                        .lines()
+                        .filter(|l| {
+                            (l.starts_with("dbproxy_pinned_clients")
+                                || l.starts_with("dbproxy_backend_conn"))
+                                && !l.ends_with(" 0")
+                        })
+                        .map(String::from)
+                        .collect();
                     panic!(
-                        "[{io}] seed {seed:#x} step {n}, client {i}: {text}\n  direct: {want:?}\n  dbproxy: {got:?}\nclient {i}'s last steps, newest first:\n{}\nlast steps, newest first:\n{}",
+                        "[{io}] seed {seed:#x} step {n}, client {i}: {text}\n  direct: {want:?}\n  dbproxy: {got:?}\nclient {i}'s last steps, newest first:\n{}\nlast steps, newest first:\n{}\npinned now:\n{}",
                         own.join("\n"),
-                        recent.join("\n")
+                        recent.join("\n"),
+                        pinned.join("\n")
                     );
                 }
             }

@@ -1,9 +1,10 @@
 //! Isolation between clients that share backend connections: prepared statements bound to
 //! their own schema and sql_mode, warnings that belong to the client that raised them, and
-//! LAST_INSERT_ID() for an autocommit insert loop that never holds a connection while idle.
+//! LAST_INSERT_ID() for an autocommit insert loop that never holds a connection while idle,
+//! and session changes the server does not describe.
 
 use mysql::prelude::*;
-use mysql::Conn;
+use mysql::{Conn, Row};
 use proxy_tests::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -330,6 +331,8 @@ fn procedures_statement_variables_and_the_clock_follow_mariadb() {
             let mut c = open(proxy.port, "shop");
             let before = proxy.pins_started("unclassified");
             c.query_drop(call).unwrap();
+            // dbproxy counts after relaying the answer; the next command waits for that.
+            c.query_drop("DO 1").unwrap();
             assert_eq!(
                 proxy.pins_started("unclassified"),
                 before + 1,
@@ -340,5 +343,121 @@ fn procedures_statement_variables_and_the_clock_follow_mariadb() {
                 assert!(v.is_some(), "[{io}] {check} after {call}");
             });
         }
+    }
+}
+
+#[test]
+fn variables_the_server_does_not_report_still_follow_their_client() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE DATABASE other; CREATE TABLE shop.w (x INT) ENGINE=InnoDB");
+    connect(db.port, "app", DB_PASSWORD, "other")
+        .unwrap()
+        .query_drop(
+            "CREATE FUNCTION set_tz() RETURNS INT \
+             BEGIN SET SESSION time_zone = '+07:00'; RETURN 1; END",
+        )
+        .unwrap();
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let mut holder = open(proxy.port, "shop");
+        let mut a = open(proxy.port, "shop");
+        let mut b = open(proxy.port, "shop");
+        let vars = |c: &mut Conn| -> (String, String) {
+            c.query_first("SELECT @@sql_mode, @@time_zone")
+                .unwrap()
+                .unwrap()
+        };
+        let defaults = vars(&mut b);
+        // `SET @@name` (no scope): MariaDB 10.11 applies it but leaves it out of session
+        // tracking. Whichever connection serves `a` next has it; no other client sees it.
+        a.query_drop("SET @@sql_mode = 'ANSI_QUOTES', time_zone = '+03:00'")
+            .unwrap();
+        a.query_drop("SET @@time_zone = '+04:00'").unwrap();
+        holder.query_drop("BEGIN").unwrap();
+        holder.query_drop("SELECT 1").unwrap();
+        assert_eq!(vars(&mut b), defaults, "[{io}] on the connection `a` left");
+        holder.query_drop("COMMIT").unwrap();
+        b.query_drop("BEGIN").unwrap();
+        b.query_drop("SELECT 1").unwrap();
+        assert_eq!(
+            vars(&mut a),
+            ("ANSI_QUOTES".to_string(), "+04:00".to_string()),
+            "[{io}] after moving"
+        );
+        b.query_drop("COMMIT").unwrap();
+        assert_eq!(proxy.pins_started("unclassified"), 0, "[{io}]");
+        a.query_drop("SET SESSION sql_mode = DEFAULT, time_zone = DEFAULT")
+            .unwrap();
+
+        // `SET @@tx_read_only = 1` is for the next transaction only, like SET TRANSACTION:
+        // it must reach `a`'s next transaction and nobody else's.
+        holder.query_drop("BEGIN").unwrap();
+        holder.query_drop("SELECT 1").unwrap();
+        a.query_drop("SET @@tx_read_only = 1").unwrap();
+        b.query_drop("BEGIN").unwrap();
+        b.query_drop("INSERT INTO w VALUES (1)")
+            .unwrap_or_else(|e| panic!("[{io}] `a`'s read-only transaction leaked: {e}"));
+        b.query_drop("COMMIT").unwrap();
+        holder.query_drop("COMMIT").unwrap();
+        a.query_drop("BEGIN").unwrap();
+        let e = a.query_drop("INSERT INTO w VALUES (2)").unwrap_err();
+        assert!(e.to_string().contains("1792"), "[{io}] {e}");
+        a.query_drop("ROLLBACK").unwrap();
+        a.query_drop("BEGIN").unwrap();
+        a.query_drop("INSERT INTO w VALUES (3)").unwrap();
+        a.query_drop("COMMIT").unwrap();
+
+        // Two names of one variable, and variables that change others silently: the server
+        // reports only the one assigned. `a` finds them all as it left them, on either
+        // connection, and no check-in differs from dbproxy's record.
+        let coupled = "SELECT @@storage_engine, @@default_storage_engine, @@sql_big_selects, \
+             @@max_join_size, @@character_set_connection, @@collation_connection, \
+             @@long_query_time, @@log_slow_query_time";
+        let seen = |c: &mut Conn| -> String {
+            let r: Row = c.query_first(coupled).unwrap().unwrap();
+            (0..r.len())
+                .map(|i| r.get::<String, _>(i).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let fresh = seen(&mut b);
+        for sql in [
+            "SET storage_engine = MEMORY",
+            "SET default_storage_engine = Aria",
+            "SET max_join_size = 1000",
+            "SET sql_big_selects = 1",
+            "SET max_join_size = 2000",
+            "SET collation_connection = latin1_bin",
+            "SET character_set_connection = utf8mb3",
+            "SET long_query_time = 3",
+            "SET log_slow_query_time = 5",
+        ] {
+            a.query_drop(sql).unwrap();
+        }
+        let want = "Aria Aria 0 2000 utf8mb3 utf8mb3_general_ci 5.000000 5.000000";
+        for holding in [&mut holder, &mut b] {
+            holding.query_drop("BEGIN").unwrap();
+            holding.query_drop("SELECT 1").unwrap();
+            assert_eq!(
+                seen(&mut a),
+                want,
+                "[{io}] while another client holds a connection"
+            );
+            holding.query_drop("COMMIT").unwrap();
+        }
+        assert_eq!(seen(&mut b), fresh, "[{io}] another client");
+        assert_eq!(seen(&mut holder), fresh, "[{io}] another client");
+        proxy.assert_clean_checkins();
+
+        // A stored function in another schema changing the session during a SELECT: the
+        // result's EOF only says "changed" (the routine switched schemas), so the client
+        // keeps its connection, and nobody else sees the change.
+        let before = proxy.pins_started("unclassified");
+        let one: Option<i64> = a.query_first("SELECT other.set_tz()").unwrap();
+        assert_eq!(one, Some(1));
+        assert_eq!(vars(&mut a).1, "+07:00", "[{io}]");
+        assert_eq!(proxy.pins_started("unclassified"), before + 1, "[{io}]");
+        assert_eq!(vars(&mut b), defaults, "[{io}]");
+        assert_eq!(vars(&mut holder), defaults, "[{io}]");
     }
 }
