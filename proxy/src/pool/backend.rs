@@ -476,10 +476,13 @@ impl<S: Stream> BackendConn<S> {
         &mut self,
         temp_tables: &[Vec<u8>],
     ) -> Result<Result<(), String>, BackendError> {
-        // Values that move on their own, or mirror a global (the two replication ones).
-        const VOLATILE: [&str; 12] = [
+        // Values that move on their own, mirror a global (the two replication ones), or
+        // follow the schema (the database's character set and collation: USE sets them).
+        const VOLATILE: [&str; 14] = [
             "max_relay_log_size",
             "sql_slave_skip_counter",
+            "character_set_database",
+            "collation_database",
             "timestamp",
             "last_insert_id",
             "identity",
