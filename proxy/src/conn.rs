@@ -8,7 +8,11 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
-use crate::io::{read_packet, read_packet_by, write_packet, Buf, Driver, PacketTooLarge, Stream};
+use crate::clients::{ClientSlot, Registration};
+use crate::io::{
+    read_packet, read_packet_by, read_packet_until, read_watching_peer, write_packet, Buf, Driver,
+    PacketTooLarge, Stream,
+};
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
 use crate::mysql::consts::{cap, com, errcode, status};
@@ -20,9 +24,11 @@ use crate::mysql::session::{changes, parse_ok, strip_session_track, Change};
 use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
-use crate::pool::{BorrowError, CorePool, PoolKey, Pooled};
+use crate::pool::backend::query_packet;
+use crate::pool::{side_connection, BorrowError, CorePool, PoolKey, Pooled};
 use crate::runtime::ProxyShared;
 use crate::session::diag::{patched_row, Answer};
+use crate::session::kill::{self, Kill, Target as KillTarget};
 use crate::session::login::{AuthStep, Authentication, Login, Profile, Step as LoginStep};
 use crate::session::pins::PinReason;
 use crate::session::sql::{analyze, SqlInfo};
@@ -77,6 +83,25 @@ struct Conn<D: Driver> {
     key: PoolKey,
     s: ClientSession,
     backend: Option<Pooled<D::Stream>>,
+    /// This session in the process-wide registry (KILL finds it there).
+    reg: Registration,
+    /// A command is being served: if the session ends now, its backend connection is in
+    /// an unknown state (maybe mid-statement) and is discarded, its thread killed.
+    busy: bool,
+}
+
+/// Every exit path, a panic included, gives the backend connection back and ends the
+/// client's pins.
+impl<D: Driver> Drop for Conn<D> {
+    fn drop(&mut self) {
+        if self.busy {
+            if let Some(b) = self.backend.take() {
+                self.pool
+                    .discard(b, "the session ended in the middle of a command");
+            }
+        }
+        self.finish();
+    }
 }
 
 /// Serves one accepted client connection to its end.
@@ -183,7 +208,10 @@ async fn login<D: Driver>(
                 }
                 let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
                 s.exclude_variable_sets = pool.shared.exclude_variable_sets;
+                let slot = ClientSlot::new(conn_id, &s.user.name, &pool.shared.name);
                 let conn = Conn {
+                    reg: shared.sessions.register(slot),
+                    busy: false,
                     key: pool_key(&s),
                     shared,
                     pool,
@@ -209,11 +237,9 @@ impl<D: Driver> Conn<D> {
             // Like MariaDB, refuse the login when the database does not exist.
             if let Err(e) = self.ensure_backend(Needs::default(), true).await {
                 let _ = write_packet(&mut self.client, seq, &e.encode()).await;
-                self.finish();
                 return false;
             }
             if self.maybe_release().await.is_err() {
-                self.finish();
                 return false;
             }
         }
@@ -221,7 +247,6 @@ impl<D: Driver> Conn<D> {
             .await
             .is_err()
         {
-            self.finish();
             return false;
         }
         tracing::debug!(peer = %self.peer, user = %self.s.user.name, "client logged in");
@@ -263,7 +288,7 @@ impl<D: Driver> Conn<D> {
             }
             self.s.replay(&b.conn.session, needs, false)
         } else {
-            let conn = self
+            let mut conn = self
                 .pool
                 .borrow(&self.key, self.s.state.schema.as_deref())
                 .await
@@ -282,6 +307,7 @@ impl<D: Driver> Conn<D> {
                         ),
                     }
                 })?;
+            conn.hold(&self.reg.slot);
             self.s.moved();
             let plan = if replay {
                 self.s.replay(&conn.conn.session, needs, true)
@@ -409,17 +435,23 @@ impl<D: Driver> Conn<D> {
 
     async fn run(mut self) {
         let idle = self.shared.config.proxy.idle_client_timeout;
-        loop {
+        let slot = self.reg.slot.clone();
+        while !slot.is_killed() {
             let deadline = tokio::time::Instant::now() + idle;
-            let h = match read_packet_by(
+            let h = match read_packet_until(
                 &mut self.client,
                 &mut self.cbuf,
                 MAX_PAYLOAD,
                 Some(deadline),
+                slot.killed(),
             )
             .await
             {
                 Ok(h) => h,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    tracing::debug!(peer = %self.peer, "session killed");
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     let e = ErrPacket::new(
                         errcode::ER_CLIENT_INTERACTION_TIMEOUT,
@@ -437,6 +469,7 @@ impl<D: Driver> Conn<D> {
                 }
             };
             let _active = crate::io::Active::enter();
+            self.busy = true;
             // An empty packet has no command byte (what follows it in the buffer is the
             // next packet's header, not this command).
             let command = if h.len == 0 {
@@ -467,6 +500,27 @@ impl<D: Driver> Conn<D> {
                     }
                 }
                 (Some(com::QUERY), _) => self.query(h).await,
+                (Some(com::PROCESS_KILL), _) => {
+                    let id = self.cbuf.filled().get(5..9).filter(|_| h.len == 5);
+                    let id = id.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    match (self.discard_command(h).await, id) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), None) => {
+                            self.reply_err(h.seq, malformed("COM_PROCESS_KILL")).await
+                        }
+                        (Ok(()), Some(id)) => {
+                            let target = KillTarget::Thread(u64::from(id));
+                            self.kill(
+                                h.seq,
+                                Kill {
+                                    query_only: false,
+                                    target,
+                                },
+                            )
+                            .await
+                        }
+                    }
+                }
                 (Some(com::RESET_CONNECTION), _) => self.reset_connection(h).await,
                 (Some(com::STMT_PREPARE), _) => self.prepare(h).await,
                 (Some(com::STMT_EXECUTE), _) => self.execute(h).await,
@@ -474,6 +528,15 @@ impl<D: Driver> Conn<D> {
                     self.statement_command(h).await
                 }
                 (Some(com::STMT_CLOSE), _) => self.close_statement(h).await,
+                // A client without a backend connection is answered by dbproxy: pools validate
+                // connections with pings and must not wait for a saturated pool. (MariaDB
+                // keeps the warning list and counts across a ping; so does dbproxy.)
+                (Some(com::PING), _) if self.backend.is_none() => {
+                    match self.discard_command(h).await {
+                        Ok(()) => self.reply_ok(h.seq).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 (Some(com::PING | com::STATISTICS), Some(Disposition::Forward(kind))) => {
                     self.forward(h, kind, false).await
                 }
@@ -483,6 +546,7 @@ impl<D: Driver> Conn<D> {
                 tracing::debug!(peer = %self.peer, "session ends: {e}");
                 break;
             }
+            self.busy = false;
             self.cbuf.shrink(CLIENT_BUF);
             for v in [&mut self.cmd, &mut self.built] {
                 if v.capacity() > CLIENT_BUF {
@@ -490,7 +554,6 @@ impl<D: Driver> Conn<D> {
                 }
             }
         }
-        self.finish();
     }
 
     /// The session is over: its backend connection goes back, reset if the client left
@@ -589,6 +652,10 @@ impl<D: Driver> Conn<D> {
     /// does not have them, and followed by a read-back when it changes what session
     /// tracking does not report.
     async fn query(&mut self, h: Header) -> Result<(), SessionEnd> {
+        if let Some(k) = kill::parse(&self.cbuf.filled()[5..h.total()]) {
+            self.discard_command(h).await?;
+            return self.kill(h.seq, k).await;
+        }
         let info = analyze(&self.cbuf.filled()[5..h.total()]);
         let needs = Needs {
             last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
@@ -636,6 +703,121 @@ impl<D: Driver> Conn<D> {
         self.run_statement(h.seq, statement, ahead, Send::Client(h))
             .await?;
         self.maybe_release().await
+    }
+
+    /// `KILL [QUERY | CONNECTION] id` and COM_PROCESS_KILL, with the id of a client's
+    /// greeting: the statement running for that client is killed where it runs (the
+    /// backend connection stays and serves others), and for a connection kill the client
+    /// is closed. Only the same dbproxy user's clients may be killed.
+    async fn kill(&mut self, seq: u8, k: Kill) -> Result<(), SessionEnd> {
+        let refuse = |code, state, msg: String| ErrPacket::new(code, state, msg);
+        let id = match k.target {
+            KillTarget::Thread(id) => id,
+            KillTarget::Own => u64::from(self.reg.slot.id),
+            KillTarget::QueryId(q) => {
+                let e = refuse(
+                    errcode::ER_NO_SUCH_QUERY,
+                    "HY000",
+                    format!("Unknown query id: {q}"),
+                );
+                return self.reply_err(seq, e).await;
+            }
+            KillTarget::User | KillTarget::Other => {
+                let e = refuse(
+                    errcode::ER_NOT_SUPPORTED_YET,
+                    "42000",
+                    "(dbproxy) KILL takes a connection id (from the greeting or CONNECTION_ID())"
+                        .into(),
+                );
+                return self.reply_err(seq, e).await;
+            }
+        };
+        let Some(target) = self.shared.sessions.get(id) else {
+            let e = refuse(
+                errcode::ER_NO_SUCH_THREAD,
+                "HY000",
+                format!("Unknown thread id: {id}"),
+            );
+            return self.reply_err(seq, e).await;
+        };
+        if target.user() != self.s.user.name {
+            let e = refuse(
+                errcode::ER_KILL_DENIED_ERROR,
+                "HY000",
+                format!("You are not owner of thread {id}"),
+            );
+            return self.reply_err(seq, e).await;
+        }
+        self.s.diag.after_statement(
+            &SqlInfo::default(),
+            End::Ok {
+                affected: 0,
+                warnings: 0,
+            },
+        );
+        if target.id == self.reg.slot.id {
+            // As MariaDB: the KILL itself is what gets interrupted.
+            if k.query_only {
+                let e = refuse(
+                    errcode::ER_QUERY_INTERRUPTED,
+                    "70100",
+                    "Query execution was interrupted".into(),
+                );
+                return self.reply_err(seq, e).await;
+            }
+            self.reg.slot.kill();
+            let e = refuse(
+                errcode::ER_CONNECTION_KILLED,
+                "70100",
+                "Connection was killed".into(),
+            );
+            return self.reply_err(seq, e).await;
+        }
+        self.kill_statement_of(&target).await;
+        if !k.query_only {
+            target.kill();
+        }
+        tracing::info!(peer = %self.peer, target = id, query_only = k.query_only, "KILL");
+        self.reply_ok(seq).await
+    }
+
+    /// Kills the statement running for `target` now, if any, from a connection of its own
+    /// (the pool may be saturated by the very statement to kill). The query id is read
+    /// while the lease is unchanged, so only that statement can be hit: once it ended, its
+    /// id names nothing.
+    async fn kill_statement_of(&self, target: &ClientSlot) {
+        let before = target.serving();
+        let Some(thread) = before.thread_id else {
+            return;
+        };
+        let Some(group) = self.shared.groups.get(&target.group) else {
+            return;
+        };
+        let mut c = match side_connection::<D>(group, self.s.user.backend.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, "KILL: cannot open a connection to the database: {e}");
+                return;
+            }
+        };
+        let sql =
+            format!("SELECT QUERY_ID FROM information_schema.PROCESSLIST WHERE ID = {thread}");
+        let query_id = match c.query_result(&sql).await {
+            Ok(Ok(r)) => r
+                .rows
+                .first()
+                .and_then(|row| parse_text_row(row, 1).ok())
+                .and_then(|v| v.first().copied().flatten().map(<[u8]>::to_vec))
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok()),
+            _ => None,
+        };
+        if let Some(q) = query_id.filter(|_| target.serving() == before) {
+            let kill = query_packet(&format!("KILL QUERY ID {q}"));
+            if let Ok(Err(e)) = c.command(&kill, ResponseKind::Query).await {
+                tracing::debug!(peer = %self.peer, "KILL QUERY ID {q}: {e}");
+            }
+        }
+        c.quit().await;
     }
 
     /// Sends a client's statement (after a replay sent ahead of it, before a read-back
@@ -1155,7 +1337,14 @@ impl<D: Driver> Conn<D> {
                 h.total().saturating_sub(b.conn.buf.len()).max(4096)
             });
             b.conn.buf.reserve(want.clamp(4096, MAX_PAYLOAD + 4));
-            match b.conn.stream.read(&mut b.conn.buf).await {
+            // A client that hangs up while its statement runs (a long SELECT SLEEP, a lock
+            // wait) is noticed at once: the statement is killed with the connection.
+            let conn = &mut *b.conn;
+            let read = read_watching_peer(conn.stream.read(&mut conn.buf), self.client.raw_fd());
+            let read = read.await.map_err(|gone| {
+                RelayError::Client(io::Error::new(io::ErrorKind::ConnectionAborted, gone))
+            })?;
+            match read {
                 Ok(0) => {
                     return Err(RelayError::Backend(
                         "the database closed the connection".into(),
@@ -1620,6 +1809,7 @@ impl<D: Driver> Conn<D> {
         // A new session: whatever the old one held is reset and returned.
         self.finish();
         self.s.reset(cu.database);
+        self.reg.slot.set_user(&user.name);
         self.s.user = user;
         if let Some(c) = cu.collation {
             self.s.collation = c as u8;

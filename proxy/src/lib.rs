@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod conn;
 pub mod guard;

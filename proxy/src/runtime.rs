@@ -45,6 +45,8 @@ pub struct ProxyShared {
     pub guard: Option<Arc<GuardStats>>,
     /// Client connections open now.
     pub clients: AtomicUsize,
+    /// Client sessions by greeting id (KILL).
+    pub sessions: Arc<crate::clients::Clients>,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
@@ -73,6 +75,7 @@ impl ProxyShared {
             groups,
             guard,
             clients: AtomicUsize::new(0),
+            sessions: Arc::default(),
             // Far from the backend's own thread ids, so that a KILL with a proxy id sent
             // straight to the backend cannot hit another client's connection.
             next_id: AtomicU32::new(0x4000_0000),

@@ -330,6 +330,17 @@ impl Proxy {
         group_extra: &str,
         sections: &str,
     ) -> Proxy {
+        Self::start_at(db.port, io, proxy_extra, group_extra, sections)
+    }
+
+    /// Same, in front of whatever listens on `target_port` (a stand-in server).
+    pub fn start_at(
+        target_port: u16,
+        io: &str,
+        proxy_extra: &str,
+        group_extra: &str,
+        sections: &str,
+    ) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("dbproxy-conf-")
             .tempdir()
@@ -380,7 +391,7 @@ auth_plugin = "mysql_native_password"
             targets = if group_extra.contains("targets =") {
                 String::new()
             } else {
-                format!("targets = [\"127.0.0.1:{}\"]", db.port)
+                format!("targets = [\"127.0.0.1:{target_port}\"]")
             },
             workers = if proxy_extra.contains("workers") {
                 ""

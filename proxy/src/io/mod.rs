@@ -182,6 +182,47 @@ pub fn idle_socket_is_healthy(fd: RawFd) -> bool {
     false
 }
 
+/// Whether the peer of a connected socket has hung up (closed or shut down its sending
+/// side), whatever it sent before that: `poll` with POLLRDHUP, no waiting.
+pub fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: p is one valid pollfd; a zero timeout does not block.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// How often a read from the database that is taking long checks on the client.
+pub const PEER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The client hung up while dbproxy waited on the database for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the client hung up while its statement ran")]
+pub struct PeerGone;
+
+/// Awaits `read` (from the database, on behalf of the client on `peer`) and, every
+/// [`PEER_CHECK`] it waits, checks that the client is still there. On [`PeerGone`] the
+/// read is dropped unfinished: the stream it came from must be closed.
+pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
+    read: F,
+    peer: RawFd,
+) -> Result<io::Result<usize>, PeerGone> {
+    tokio::pin!(read);
+    loop {
+        tokio::select! {
+            r = &mut read => return Ok(r),
+            _ = tokio::time::sleep(PEER_CHECK) => {
+                if peer_hung_up(peer) {
+                    return Err(PeerGone);
+                }
+            }
+        }
+    }
+}
+
 /// Reads until `buf` starts with a complete physical packet and returns its header; the
 /// packet stays in `buf`. `limit` bounds the payload length accepted.
 pub async fn read_packet<S: Stream>(s: &mut S, buf: &mut Buf, limit: usize) -> io::Result<Header> {
@@ -196,6 +237,19 @@ pub async fn read_packet_by<S: Stream>(
     limit: usize,
     deadline: Option<tokio::time::Instant>,
 ) -> io::Result<Header> {
+    read_packet_until(s, buf, limit, deadline, std::future::pending()).await
+}
+
+/// [`read_packet_by`] that also gives up, with `ErrorKind::Interrupted`, once `stop`
+/// resolves (the session was killed); the stream is shut down then and must be dropped.
+pub async fn read_packet_until<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    limit: usize,
+    deadline: Option<tokio::time::Instant>,
+    stop: impl Future<Output = ()>,
+) -> io::Result<Header> {
+    tokio::pin!(stop);
     loop {
         if let Some(h) = Header::parse(buf.filled()) {
             if h.len > limit {
@@ -211,7 +265,7 @@ pub async fn read_packet_by<S: Stream>(
         } else {
             buf.reserve(4096);
         }
-        if read_by(s, buf, deadline).await? == 0 {
+        if read_by(s, buf, deadline, stop.as_mut()).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
@@ -225,21 +279,25 @@ pub async fn read_by<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
     deadline: Option<tokio::time::Instant>,
+    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> io::Result<usize> {
-    let Some(deadline) = deadline else {
-        return s.read(buf).await;
-    };
     let fd = s.raw_fd();
     let read = s.read(buf);
     tokio::pin!(read);
-    tokio::select! {
-        r = &mut read => r,
-        _ = tokio::time::sleep_until(deadline) => {
-            shutdown(fd);
-            let _ = read.await;
-            Err(io::ErrorKind::TimedOut.into())
+    let timeout = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
         }
-    }
+    };
+    let kind = tokio::select! {
+        r = &mut read => return r,
+        _ = timeout => io::ErrorKind::TimedOut,
+        _ = stop => io::ErrorKind::Interrupted,
+    };
+    shutdown(fd);
+    let _ = read.await;
+    Err(kind.into())
 }
 
 thread_local! {

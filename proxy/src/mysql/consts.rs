@@ -125,7 +125,13 @@ pub mod errcode {
     pub const ER_HANDSHAKE_ERROR: u16 = 1043;
     pub const ER_ACCESS_DENIED_ERROR: u16 = 1045;
     pub const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+    pub const ER_NO_SUCH_THREAD: u16 = 1094;
+    pub const ER_KILL_DENIED_ERROR: u16 = 1095;
     pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+    pub const ER_QUERY_INTERRUPTED: u16 = 1317;
+    pub const ER_CONNECTION_KILLED: u16 = 1927;
+    pub const ER_NO_SUCH_QUERY: u16 = 1957;
+    pub const ER_NOT_SUPPORTED_YET: u16 = 1235;
     pub const ER_NOT_SUPPORTED_AUTH_MODE: u16 = 1251;
     pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
     /// No backend connection became free within `connection_borrow_timeout`.

@@ -680,7 +680,7 @@ fn same_value(a: &[u8], b: &[u8]) -> bool {
     matches!((boolish(a), boolish(b)), (Some(x), Some(y)) if x == y)
 }
 
-fn query_packet(sql: &str) -> Vec<u8> {
+pub fn query_packet(sql: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(sql.len() + 1);
     p.push(com::QUERY);
     p.extend_from_slice(sql.as_bytes());

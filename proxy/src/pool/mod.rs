@@ -10,6 +10,7 @@
 
 pub mod backend;
 
+use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{idle_socket_is_healthy, BackendAddr, Driver, Stream};
 use crate::mysql::backend::Credentials;
@@ -293,6 +294,9 @@ pub struct Pooled<S> {
     permit: OwnedSemaphorePermit,
     /// When it last went idle ([`coarse_now`]).
     idle_since: Duration,
+    /// The client it serves (for KILL), from [`Pooled::hold`] until the pool takes the
+    /// connection back.
+    holder: Option<Arc<ClientSlot>>,
 }
 
 /// Monotonic time at the kernel tick's resolution (a few ms): cheap enough to read on
@@ -338,17 +342,88 @@ impl<S: Stream> Pooled<S> {
 }
 
 impl<S> Pooled<S> {
+    /// Records that `client` holds this connection now.
+    pub fn hold(&mut self, client: &Arc<ClientSlot>) {
+        client.serve(self.conn.thread_id);
+        self.holder = Some(client.clone());
+    }
+
+    /// The pool has the connection back: nobody holds it.
+    fn unhold(&mut self) {
+        if let Some(c) = self.holder.take() {
+            c.unserve();
+        }
+    }
+
     fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Pooled<T>> {
         Ok(Pooled {
             conn: Box::new((*self.conn).map_stream(f)?),
             key: self.key,
             permit: self.permit,
             idle_since: self.idle_since,
+            holder: self.holder,
         })
     }
 }
 
-/// A borrower on this core waiting for a connection of its key.
+/// Opens a backend connection of its own, outside `max_connections` and the pool (a KILL
+/// must get through when every pooled connection is busy); the caller quits it.
+pub async fn side_connection<D: Driver>(
+    group: &GroupShared,
+    creds: Arc<Credentials>,
+) -> Result<BackendConn<D::Stream>, BackendError> {
+    let deadline = tokio::time::Instant::now() + group.connect_timeout;
+    let open = async {
+        let stream = D::connect(&group.writer).await?;
+        BackendConn::login(
+            stream,
+            creds,
+            cap::BACKEND_BASE,
+            DEFAULT_COLLATION,
+            deadline,
+        )
+        .await
+    };
+    match tokio::time::timeout_at(deadline + Duration::from_secs(1), open).await {
+        Ok(r) => r.map(|(c, _)| c),
+        Err(_) => Err(BackendError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within connect_timeout",
+        ))),
+    }
+}
+
+/// `KILL CONNECTION thread_id` from a side connection; a thread that ended already is fine.
+pub async fn kill_thread<D: Driver>(group: &GroupShared, creds: Arc<Credentials>, thread_id: u32) {
+    let sql = format!("KILL CONNECTION {thread_id}");
+    let r = match side_connection::<D>(group, creds).await {
+        Ok(mut c) => {
+            let r = c
+                .command(
+                    &backend::query_packet(&sql),
+                    crate::mysql::command::ResponseKind::Query,
+                )
+                .await;
+            c.quit().await;
+            r
+        }
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.code == crate::mysql::consts::errcode::ER_NO_SUCH_THREAD => {}
+        Ok(Err(e)) => {
+            tracing::warn!(group = %group.name, thread_id, "could not kill a backend thread: {e}")
+        }
+        Err(e) => {
+            tracing::warn!(group = %group.name, thread_id, "could not kill a backend thread: {e}")
+        }
+    }
+}
+
+/// utf8mb4_general_ci: side connections send ASCII only.
+const DEFAULT_COLLATION: u8 = 45;
+
 /// A borrower on this core waiting for a connection of its key, and since when.
 type Waiter<S> = (Duration, oneshot::Sender<Pooled<S>>);
 
@@ -586,6 +661,7 @@ impl<D: Driver> CorePool<D> {
                     permit,
                     conn: Box::new(conn),
                     idle_since: coarse_now(),
+                    holder: None,
                 })
             }
             Err(e) => Err(self.connect_error(e)),
@@ -597,6 +673,7 @@ impl<D: Driver> CorePool<D> {
     /// the test-only `verify_checkin`, the session is first checked against the record;
     /// a connection that differs is logged, counted and closed.
     pub fn checkin_clean(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
+        conn.unhold();
         if !self.shared.verify_checkin {
             self.checkin(conn);
             return;
@@ -627,6 +704,7 @@ impl<D: Driver> CorePool<D> {
     /// locks, temporary tables, user variables): reset in the background, then handed to
     /// a waiter or kept idle.
     pub fn release(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
+        conn.unhold();
         let pool = self.clone();
         tokio::task::spawn_local(async move {
             let init = pool.shared.init_query.clone();
@@ -644,11 +722,18 @@ impl<D: Driver> CorePool<D> {
         });
     }
 
-    /// Drops a connection whose state is unknown (broken, or abandoned mid-response).
-    pub fn discard(&self, conn: Pooled<D::Stream>, why: &str) {
+    /// Drops a connection whose state is unknown (broken, or abandoned mid-response). A
+    /// statement may still run there (the server does not notice a closed socket while it
+    /// sleeps or waits on a lock): the server thread is killed from a connection of its
+    /// own, so nothing the client started outlives it.
+    pub fn discard(&self, mut conn: Pooled<D::Stream>, why: &str) {
+        conn.unhold();
         tracing::debug!(group = %self.shared.name, thread_id = conn.thread_id, "closing a backend connection: {why}");
         self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+        let (creds, thread_id) = (conn.key.backend.clone(), conn.thread_id);
         drop(conn);
+        let group = self.shared.clone();
+        tokio::task::spawn_local(async move { kill_thread::<D>(&group, creds, thread_id).await });
     }
 
     fn checkin(&self, mut conn: Pooled<D::Stream>) {

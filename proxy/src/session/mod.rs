@@ -8,6 +8,7 @@
 //! `stmts` (prepared statements), `login` (the connection phase).
 
 pub mod diag;
+pub mod kill;
 pub mod login;
 pub mod pins;
 pub mod sql;

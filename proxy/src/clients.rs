@@ -1,0 +1,163 @@
+//! Client sessions by the connection id of their greeting, for KILL: whose client an id
+//! is, which backend connection serves it at this moment, and a way to end it.
+//!
+//! The pool records which client holds a backend connection (on borrow) and forgets it
+//! (on check-in, release or discard), so the record cannot outlive the lease. Every change
+//! bumps a sequence number: a KILL that looked the thread up, then asked the server which
+//! query runs there, can tell whether the lease stayed the same in between.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The backend connection serving a client, as of one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    /// Bumped by every change of lease.
+    pub seq: u64,
+    /// The backend's thread id, while the client holds a connection.
+    pub thread_id: Option<u32>,
+}
+
+/// One client session.
+#[derive(Debug)]
+pub struct ClientSlot {
+    /// The connection id of its greeting.
+    pub id: u32,
+    /// The dbproxy user it is logged in as (COM_CHANGE_USER changes it).
+    user: Mutex<String>,
+    /// Its target group.
+    pub group: String,
+    serving: Mutex<Serving>,
+    killed: AtomicBool,
+    kill: Notify,
+}
+
+impl ClientSlot {
+    pub fn new(id: u32, user: &str, group: &str) -> Arc<Self> {
+        Arc::new(ClientSlot {
+            id,
+            user: Mutex::new(user.to_string()),
+            group: group.to_string(),
+            serving: Mutex::new(Serving {
+                seq: 0,
+                thread_id: None,
+            }),
+            killed: AtomicBool::new(false),
+            kill: Notify::new(),
+        })
+    }
+
+    pub fn user(&self) -> String {
+        self.user.lock().clone()
+    }
+
+    pub fn set_user(&self, user: &str) {
+        *self.user.lock() = user.to_string();
+    }
+
+    /// The client now holds the backend connection `thread_id`.
+    pub fn serve(&self, thread_id: u32) {
+        let mut s = self.serving.lock();
+        s.seq += 1;
+        s.thread_id = Some(thread_id);
+    }
+
+    /// The client gave its backend connection up.
+    pub fn unserve(&self) {
+        let mut s = self.serving.lock();
+        s.seq += 1;
+        s.thread_id = None;
+    }
+
+    pub fn serving(&self) -> Serving {
+        *self.serving.lock()
+    }
+
+    /// KILL CONNECTION: the session ends at its next chance.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        // A permit is stored if the session is not waiting right now.
+        self.kill.notify_one();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the session is killed.
+    pub async fn killed(&self) {
+        while !self.is_killed() {
+            self.kill.notified().await;
+        }
+    }
+}
+
+/// Every client session of this process, by id.
+#[derive(Debug, Default)]
+pub struct Clients {
+    by_id: Mutex<HashMap<u32, Arc<ClientSlot>>>,
+}
+
+impl Clients {
+    /// Registers a session until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, slot: Arc<ClientSlot>) -> Registration {
+        self.by_id.lock().insert(slot.id, slot.clone());
+        Registration {
+            clients: self.clone(),
+            slot,
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ClientSlot>> {
+        let id = u32::try_from(id).ok()?;
+        self.by_id.lock().get(&id).cloned()
+    }
+}
+
+/// A registered session; unregisters on drop.
+#[derive(Debug)]
+pub struct Registration {
+    clients: Arc<Clients>,
+    pub slot: Arc<ClientSlot>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.clients.by_id.lock().remove(&self.slot.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_sequenced_and_registrations_end_with_their_guard() {
+        let clients = Arc::new(Clients::default());
+        let slot = ClientSlot::new(7, "app", "default");
+        let reg = clients.register(slot.clone());
+        assert_eq!(clients.get(7).map(|s| s.id), Some(7));
+        assert!(clients.get(8).is_none());
+        assert_eq!(slot.user(), "app");
+        slot.set_user("other");
+        assert_eq!(slot.user(), "other");
+        assert!(clients.get(u64::MAX).is_none());
+        let before = slot.serving();
+        slot.serve(41);
+        let during = slot.serving();
+        assert_eq!(during.thread_id, Some(41));
+        assert!(during.seq > before.seq);
+        slot.unserve();
+        slot.serve(41);
+        // Same thread again, but not the same lease.
+        assert_ne!(slot.serving(), during);
+        assert!(!slot.is_killed());
+        slot.kill();
+        assert!(slot.is_killed());
+        drop(reg);
+        assert!(clients.get(7).is_none());
+    }
+}
