@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+/// The first greeting id: far above the database's own thread ids, so that an id tells
+/// which of the two it is.
+pub const FIRST_ID: u32 = 0x4000_0000;
+
 /// The backend connection serving a client, as of one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Serving {
@@ -115,6 +119,17 @@ impl Clients {
         let id = u32::try_from(id).ok()?;
         self.by_id.lock().get(&id).cloned()
     }
+
+    /// The client of target group `group` that holds the backend connection `thread_id`
+    /// (what `CONNECTION_ID()` said to it), if any holds it now.
+    pub fn holding(&self, group: &str, thread_id: u64) -> Option<Arc<ClientSlot>> {
+        let thread_id = u32::try_from(thread_id).ok()?;
+        self.by_id
+            .lock()
+            .values()
+            .find(|s| s.group == group && s.serving().thread_id == Some(thread_id))
+            .cloned()
+    }
 }
 
 /// A registered session; unregisters on drop.
@@ -149,6 +164,8 @@ mod tests {
         slot.serve(41);
         let during = slot.serving();
         assert_eq!(during.thread_id, Some(41));
+        assert_eq!(clients.holding("default", 41).map(|s| s.id), Some(7));
+        assert!(clients.holding("other", 41).is_none());
         assert!(during.seq > before.seq);
         slot.unserve();
         slot.serve(41);

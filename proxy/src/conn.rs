@@ -8,7 +8,7 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
-use crate::clients::{ClientSlot, Registration};
+use crate::clients::{ClientSlot, Registration, FIRST_ID};
 use crate::io::{
     read_packet, read_packet_by, read_packet_until, read_watching_peer, write_packet, Buf, Driver,
     PacketTooLarge, Stream,
@@ -732,7 +732,15 @@ impl<D: Driver> Conn<D> {
                 return self.reply_err(seq, e).await;
             }
         };
-        let Some(target) = self.shared.sessions.get(id) else {
+        // A greeting id, or a database thread id (what CONNECTION_ID() answers): then the
+        // client that holds that connection now (a pooled connection nobody holds runs
+        // nothing of anyone's and is not the client's to kill).
+        let target = if id >= u64::from(FIRST_ID) {
+            self.shared.sessions.get(id)
+        } else {
+            self.shared.sessions.holding(&self.pool.shared.name, id)
+        };
+        let Some(target) = target else {
             let e = refuse(
                 errcode::ER_NO_SUCH_THREAD,
                 "HY000",

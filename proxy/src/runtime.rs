@@ -78,7 +78,7 @@ impl ProxyShared {
             sessions: Arc::default(),
             // Far from the backend's own thread ids, so that a KILL with a proxy id sent
             // straight to the backend cannot hit another client's connection.
-            next_id: AtomicU32::new(0x4000_0000),
+            next_id: AtomicU32::new(crate::clients::FIRST_ID),
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
         }))

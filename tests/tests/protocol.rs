@@ -101,6 +101,22 @@ fn ctrl_c_and_kill_with_the_greeting_id_stop_the_statement() {
         let v: Option<i64> = a.query_first("SELECT 5").unwrap();
         assert_eq!(v, Some(5), "[{io}] KILL QUERY keeps the connection");
 
+        // KILL QUERY with what CONNECTION_ID() answered: the database thread id of the
+        // connection serving the client (here, for its whole transaction).
+        a.query_drop("BEGIN").unwrap();
+        let thread: u64 = a.query_first("SELECT CONNECTION_ID()").unwrap().unwrap();
+        let worker = std::thread::spawn(move || {
+            let r = a.query_drop("SELECT SLEEP(60)");
+            (a, r)
+        });
+        wait_until("SLEEP to run", Duration::from_secs(20), || {
+            running(&db, "SELECT SLEEP(60)") == 1
+        });
+        b.query_drop(format!("KILL QUERY {thread}")).unwrap();
+        let (mut a, _) = worker.join().unwrap();
+        assert_eq!(running(&db, "SELECT SLEEP(60)"), 0, "[{io}]");
+        a.query_drop("ROLLBACK").unwrap();
+
         // KILL CONNECTION: the client is closed, even while idle.
         b.query_drop(format!("KILL CONNECTION {id}")).unwrap();
         assert!(
