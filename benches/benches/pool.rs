@@ -42,6 +42,7 @@ fn serve(mut s: TcpStream, id: u32) -> Option<()> {
         connection_id: id,
         nonce: vec![b'n'; 20],
         capabilities: cap::PROXY_OFFERS,
+        ext_capabilities: 0,
         collation: 45,
         status: status::AUTOCOMMIT,
         auth_plugin: "mysql_native_password".into(),
@@ -84,6 +85,7 @@ fn checkout_checkin(c: &mut Criterion) {
             password: "p".into(),
         }),
         cap::MULTI_STATEMENTS | cap::MULTI_RESULTS,
+        0,
         45,
     );
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -21,7 +21,9 @@ use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header,
 use crate::mysql::response::{End, ResponseTracker, Step};
 use crate::mysql::resultset::{encode_binary_row, parse_text_row, Packets, TextResult};
 use crate::mysql::session::{changes, parse_ok, strip_session_track, Change};
-use crate::mysql::stmt::{self, execute_opens_cursor, parse_prepare_ok, rewrite_execute};
+use crate::mysql::stmt::{
+    self, execute_opens_cursor, parse_prepare_ok, rewrite_bulk, rewrite_execute,
+};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::backend::query_packet;
@@ -146,6 +148,7 @@ fn pool_key(s: &ClientSession) -> PoolKey {
     PoolKey::new(
         s.user.backend.clone(),
         s.caps & cap::BEHAVIOUR & !cap::SESSION_TRACK,
+        s.ext_caps,
         s.collation,
     )
 }
@@ -166,6 +169,7 @@ async fn login<D: Driver>(
         Profile {
             version: p.version.clone(),
             capabilities: p.capabilities,
+            ext_capabilities: p.ext_capabilities,
             collation: p.collation,
         }
     };
@@ -207,6 +211,7 @@ async fn login<D: Driver>(
                     write_packet(&mut client, seq, &p).await.ok()?;
                 }
                 let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
+                s.ext_caps = a.ext_caps;
                 s.exclude_variable_sets = pool.shared.exclude_variable_sets;
                 let slot = ClientSlot::new(conn_id, &s.user.name, &pool.shared.name);
                 let conn = Conn {
@@ -523,7 +528,7 @@ impl<D: Driver> Conn<D> {
                 }
                 (Some(com::RESET_CONNECTION), _) => self.reset_connection(h).await,
                 (Some(com::STMT_PREPARE), _) => self.prepare(h).await,
-                (Some(com::STMT_EXECUTE), _) => self.execute(h).await,
+                (Some(com::STMT_EXECUTE | com::STMT_BULK_EXECUTE), _) => self.execute(h).await,
                 (Some(com::STMT_SEND_LONG_DATA | com::STMT_FETCH | com::STMT_RESET), _) => {
                     self.statement_command(h).await
                 }
@@ -1572,20 +1577,26 @@ impl<D: Driver> Conn<D> {
                     "statement vanished from the backend cache".into(),
                 ));
             };
-            rewrite_execute(
-                &payload,
-                cs.params,
-                &mut cs.types,
-                &mut bs.types,
-                bs.id,
-                &mut out,
-            )
+            if payload.first() == Some(&com::STMT_BULK_EXECUTE) {
+                // The server keeps the bulk's types: what it has now is not known here.
+                bs.types = None;
+                rewrite_bulk(&payload, bs.id, &mut out)
+            } else {
+                rewrite_execute(
+                    &payload,
+                    cs.params,
+                    &mut cs.types,
+                    &mut bs.types,
+                    bs.id,
+                    &mut out,
+                )
+            }
         };
         if let Err(e) = rewritten {
             self.cmd = payload;
             return self.refuse(h.seq, malformed(&e.to_string())).await;
         }
-        let cursor = execute_opens_cursor(&payload);
+        let cursor = payload.first() == Some(&com::STMT_EXECUTE) && execute_opens_cursor(&payload);
         self.cmd = payload;
         let text = if info.next_transaction {
             key.sql.to_vec()

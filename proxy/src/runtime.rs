@@ -331,7 +331,8 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
                 let s = Epoll::connect(&g.writer).await?;
                 let deadline = tokio::time::Instant::now() + g.connect_timeout;
                 let (conn, profile) =
-                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 45, deadline).await?;
+                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 0, 45, deadline)
+                        .await?;
                 conn.quit().await;
                 Ok::<_, crate::pool::backend::BackendError>(profile)
             })

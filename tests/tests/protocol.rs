@@ -433,3 +433,57 @@ fn random_malformed_packets_never_take_a_session_down_uncleanly() {
         );
     }
 }
+
+/// `Com_stmt_execute` of the server, read directly.
+fn executes(db: &MariaDb) -> u64 {
+    global_status(&mut monitor(db), "Com_stmt_execute")
+}
+
+#[test]
+fn mariadb_extended_capabilities_pass_through() {
+    let db = MariaDb::start();
+    db.root_sql(
+        "CREATE TABLE shop.js (j JSON, p POINT); \
+         INSERT INTO shop.js VALUES ('{\"a\": 1}', POINT(1, 2)); \
+         CREATE TABLE shop.bulk (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=InnoDB",
+    );
+    let metadata = |port: u16, password: &str| {
+        let out = mariadb_cli(
+            port,
+            "app",
+            password,
+            &["--column-type-info", "-t"],
+            "SELECT j, p FROM shop.js",
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .filter(|l| l.starts_with("Type:") || l.starts_with("Field"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let direct = metadata(db.port, DB_PASSWORD);
+    assert!(
+        direct.iter().any(|l| l.contains("format=json")),
+        "MariaDB's own answer: {direct:?}"
+    );
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 4\nmax_idle_connections = 4");
+        // Extended column metadata (JSON's format, a geometry's type) reaches the client.
+        assert_eq!(metadata(proxy.port, APP_PASSWORD), direct, "[{io}]");
+
+        // A Connector/J batch goes to the server as one COM_STMT_BULK_EXECUTE (MariaDB
+        // counts it as a single execute), as it does direct.
+        db.root_sql("DELETE FROM shop.bulk");
+        let before = executes(&db);
+        let args = [proxy.port.to_string(), "10000".into(), APP_PASSWORD.into()];
+        let out = run_java("BulkBatch", &args);
+        assert_eq!(out.trim(), "OK 10000", "[{io}]");
+        assert_eq!(executes(&db) - before, 1, "[{io}] executes for one batch");
+    }
+    // The same batch direct, for comparison.
+    db.root_sql("DELETE FROM shop.bulk");
+    let before = executes(&db);
+    let args = [db.port.to_string(), "10000".into(), DB_PASSWORD.into()];
+    assert_eq!(run_java("BulkBatch", &args).trim(), "OK 10000");
+    assert_eq!(executes(&db) - before, 1, "direct");
+}

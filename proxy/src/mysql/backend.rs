@@ -54,15 +54,26 @@ fn connect_attrs() -> crate::mysql::handshake::Attrs {
 }
 
 impl Login {
-    /// Answers a server greeting. `wanted` are the capabilities asked for; the result holds
-    /// the login, the HandshakeResponse41 payload and the capabilities actually negotiated.
+    /// Answers a server greeting. `wanted` and `wanted_ext` (MariaDB's extended ones) are
+    /// the capabilities asked for; the result holds the login, the HandshakeResponse41
+    /// payload and the capabilities actually negotiated (both kinds).
     pub fn start(
         hs: &ServerHandshake,
         creds: &Credentials,
         wanted: u32,
+        wanted_ext: u32,
         collation: u8,
-    ) -> (Login, Vec<u8>, u32) {
-        let caps = wanted & (hs.capabilities | cap::LONG_PASSWORD);
+    ) -> (Login, Vec<u8>, u32, u32) {
+        let mut caps = wanted & (hs.capabilities | cap::LONG_PASSWORD);
+        // Extended capabilities need a MariaDB server and CLIENT_MYSQL (bit 0) cleared.
+        let ext = if hs.capabilities & cap::LONG_PASSWORD == 0 {
+            wanted_ext & hs.ext_capabilities
+        } else {
+            0
+        };
+        if ext != 0 {
+            caps &= !cap::LONG_PASSWORD;
+        }
         let plugin = Plugin::from_name(hs.auth_plugin.as_bytes()).unwrap_or(Plugin::Native);
         let login = Login {
             password: creds.password.as_bytes().to_vec(),
@@ -71,6 +82,7 @@ impl Login {
         };
         let response = HandshakeResponse {
             capabilities: caps,
+            ext_capabilities: ext,
             max_packet: 1 << 30,
             collation,
             user: creds.user.as_bytes().to_vec(),
@@ -79,7 +91,7 @@ impl Login {
             auth_plugin: Some(plugin.name().as_bytes().to_vec()),
             attrs: connect_attrs(),
         };
-        (login, response.encode(), caps)
+        (login, response.encode(), caps, ext)
     }
 
     /// A COM_CHANGE_USER back to `creds` with no default database, answering the nonce of
@@ -154,6 +166,7 @@ mod tests {
             connection_id: 1,
             nonce: b"01234567890123456789".to_vec(),
             capabilities: cap::PROXY_OFFERS & !cap::LONG_PASSWORD,
+            ext_capabilities: 0,
             collation: 45,
             status: 2,
             auth_plugin: plugin.into(),
@@ -170,8 +183,8 @@ mod tests {
     #[test]
     fn native_login() {
         let hs = greeting(auth::NATIVE);
-        let (mut l, payload, caps) =
-            Login::start(&hs, &creds(), cap::BACKEND_BASE | cap::DEPRECATE_EOF, 45);
+        let (mut l, payload, caps, _) =
+            Login::start(&hs, &creds(), cap::BACKEND_BASE | cap::DEPRECATE_EOF, 0, 45);
         let r = HandshakeResponse::parse(&payload).unwrap();
         assert_eq!(r.user, b"app");
         assert!(Plugin::Native.verify(b"pw", &hs.nonce, &r.auth_response));
@@ -188,7 +201,8 @@ mod tests {
 
     #[test]
     fn switch_to_sha2_then_fast_auth() {
-        let (mut l, _, _) = Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 45);
+        let (mut l, _, _, _) =
+            Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 0, 45);
         let switch = crate::mysql::handshake::encode_auth_switch(
             auth::CACHING_SHA2,
             b"abcdefghijabcdefghij",
@@ -208,7 +222,8 @@ mod tests {
 
     #[test]
     fn refusals_and_unsupported_plugins() {
-        let (mut l, _, _) = Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 45);
+        let (mut l, _, _, _) =
+            Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 0, 45);
         let err = ErrPacket::new(1045, "28000", "Access denied").encode();
         assert!(matches!(l.on_packet(&err), Err(LoginError::Refused(e)) if e.code == 1045));
         let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");

@@ -79,6 +79,21 @@ pub mod cap {
         | CONNECT_ATTRS;
 }
 
+/// MariaDB's extended capabilities (`MARIADB_CLIENT_*`, bits 32 and up of the capability
+/// flags): four bytes of the handshake that MySQL leaves as filler, read only when
+/// `CLIENT_MYSQL` (bit 0) is clear.
+pub mod ext {
+    pub const PROGRESS: u32 = 1;
+    pub const STMT_BULK_OPERATIONS: u32 = 1 << 2;
+    pub const EXTENDED_METADATA: u32 = 1 << 3;
+    pub const CACHE_METADATA: u32 = 1 << 4;
+
+    /// What dbproxy can offer (further limited by what the backend offers). Not
+    /// CACHE_METADATA: with it, statement responses come without column definitions that
+    /// dbproxy needs when it answers for a client.
+    pub const PROXY_OFFERS: u32 = PROGRESS | STMT_BULK_OPERATIONS | EXTENDED_METADATA;
+}
+
 /// Server status flags (`SERVER_STATUS_*`).
 pub mod status {
     pub const IN_TRANS: u16 = 1;

@@ -13,6 +13,8 @@ pub struct ServerHandshake {
     /// The nonce (20 bytes from a MySQL or MariaDB server).
     pub nonce: Vec<u8>,
     pub capabilities: u32,
+    /// MariaDB's extended capabilities (only without `CLIENT_MYSQL`).
+    pub ext_capabilities: u32,
     pub collation: u8,
     pub status: u16,
     pub auth_plugin: String,
@@ -34,7 +36,13 @@ impl ServerHandshake {
         out.extend_from_slice(&self.status.to_le_bytes());
         out.extend_from_slice(&((self.capabilities >> 16) as u16).to_le_bytes());
         out.push(21);
-        out.extend_from_slice(&[0u8; 10]);
+        out.extend_from_slice(&[0u8; 6]);
+        let ext = if self.capabilities & cap::LONG_PASSWORD == 0 {
+            self.ext_capabilities
+        } else {
+            0
+        };
+        out.extend_from_slice(&ext.to_le_bytes());
         out.extend_from_slice(&nonce[8..]);
         out.push(0);
         put_nul(&mut out, self.auth_plugin.as_bytes());
@@ -57,12 +65,17 @@ impl ServerHandshake {
         let mut collation = 0;
         let mut status = 0;
         let mut auth_plugin = String::new();
+        let mut ext_capabilities = 0;
         if !r.is_empty() {
             collation = r.u8("character set")?;
             status = r.u16("status flags")?;
             capabilities |= u32::from(r.u16("capabilities (upper)")?) << 16;
             let data_len = usize::from(r.u8("auth data length")?);
-            r.take(10, "reserved")?;
+            r.take(6, "reserved")?;
+            let ext = r.u32("extended capabilities")?;
+            if capabilities & cap::LONG_PASSWORD == 0 {
+                ext_capabilities = ext;
+            }
             if capabilities & cap::SECURE_CONNECTION != 0 {
                 let n = data_len.saturating_sub(8).max(13);
                 let part2 = r.take(n.min(r.rest().len()), "auth data part 2")?;
@@ -78,6 +91,7 @@ impl ServerHandshake {
             connection_id,
             nonce,
             capabilities,
+            ext_capabilities,
             collation,
             status,
             auth_plugin,
@@ -89,6 +103,8 @@ impl ServerHandshake {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HandshakeResponse {
     pub capabilities: u32,
+    /// MariaDB's extended capabilities (only without `CLIENT_MYSQL`).
+    pub ext_capabilities: u32,
     pub max_packet: u32,
     pub collation: u8,
     pub user: Vec<u8>,
@@ -116,7 +132,13 @@ impl HandshakeResponse {
         }
         let max_packet = r.u32("max packet size")?;
         let collation = r.u8("character set")?;
-        r.take(23, "filler")?;
+        r.take(19, "filler")?;
+        let ext = r.u32("extended capabilities")?;
+        let ext_capabilities = if capabilities & cap::LONG_PASSWORD == 0 {
+            ext
+        } else {
+            0
+        };
         if payload.len() == SSL_REQUEST_LEN && capabilities & cap::SSL != 0 {
             return Err(ProtocolError::Unsupported("TLS (SSLRequest)".into()));
         }
@@ -146,6 +168,7 @@ impl HandshakeResponse {
         };
         Ok(HandshakeResponse {
             capabilities,
+            ext_capabilities,
             max_packet,
             collation,
             user,
@@ -162,7 +185,13 @@ impl HandshakeResponse {
         out.extend_from_slice(&caps.to_le_bytes());
         out.extend_from_slice(&self.max_packet.to_le_bytes());
         out.push(self.collation);
-        out.extend_from_slice(&[0u8; 23]);
+        out.extend_from_slice(&[0u8; 19]);
+        let ext = if caps & cap::LONG_PASSWORD == 0 {
+            self.ext_capabilities
+        } else {
+            0
+        };
+        out.extend_from_slice(&ext.to_le_bytes());
         put_nul(&mut out, &self.user);
         if caps & cap::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
             put_lenenc_bytes(&mut out, &self.auth_response);
@@ -298,6 +327,7 @@ impl ChangeUser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mysql::consts::ext;
 
     #[test]
     fn server_handshake_round_trip() {
@@ -306,6 +336,7 @@ mod tests {
             connection_id: 42,
             nonce: b"ABCDEFGHIJKLMNOPQRST".to_vec(),
             capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             collation: 45,
             status: 2,
             auth_plugin: "mysql_native_password".into(),
@@ -341,6 +372,8 @@ mod tests {
                 | cap::PLUGIN_AUTH_LENENC_CLIENT_DATA
                 | cap::CONNECT_WITH_DB
                 | cap::CONNECT_ATTRS,
+            // CLIENT_MYSQL clear: MariaDB's extended capabilities travel in the filler.
+            ext_capabilities: ext::EXTENDED_METADATA | ext::STMT_BULK_OPERATIONS,
             max_packet: 1 << 24,
             collation: 33,
             user: b"app".to_vec(),

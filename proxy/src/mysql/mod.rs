@@ -60,12 +60,14 @@ mod robustness {
             connection_id: 1,
             nonce: b"01234567890123456789".to_vec(),
             capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             collation: 45,
             status: 2,
             auth_plugin: "mysql_native_password".into(),
         };
         let resp = HandshakeResponse {
             capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             user: b"app".to_vec(),
             auth_response: vec![1; 20],
             database: Some(b"db".to_vec()),
@@ -111,7 +113,7 @@ mod robustness {
             let _ = terminator_status(&data, cap::DEPRECATE_EOF);
             let _ = terminator_status(&data, 0);
             let hs = ServerHandshake::parse(&seeds[0]).unwrap();
-            let (mut login, _, _) = Login::start(&hs, &creds, cap::BACKEND_BASE, 45);
+            let (mut login, _, _, _) = Login::start(&hs, &creds, cap::BACKEND_BASE, 0, 45);
             let _ = login.on_packet(&data);
             for kind in [
                 ResponseKind::Query,

@@ -185,6 +185,11 @@ impl ResponseTracker {
             }
             return Ok(Step::More);
         }
+        if payload.starts_with(&[0xff, 0xff, 0xff]) {
+            // A MariaDB progress report (MARIADB_CLIENT_PROGRESS): error code 0xFFFF in the
+            // middle of a response, which goes on after it.
+            return Ok(Step::More);
+        }
         let step = self.interpret(header.len, payload)?;
         if header.continues() {
             self.continuing = true;
@@ -438,6 +443,16 @@ mod tests {
 
     fn coldef() -> Vec<u8> {
         b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00".to_vec()
+    }
+
+    #[test]
+    fn progress_reports_do_not_end_a_response() {
+        let mut t = ResponseTracker::new(ResponseKind::Query, DEP_CAPS);
+        // 0xFF, error code 0xFFFF, then stage, max stage, progress, and the stage's name.
+        let progress = b"\xff\xff\xff\x01\x01\x02\x10\x27\x00\x04copy".to_vec();
+        let steps = feed_all(&mut t, &[progress.clone(), progress, ok_packet(2)]);
+        assert_eq!(steps, vec![Step::More, Step::More, Step::Done]);
+        assert!(matches!(t.end(), Some(End::Ok { .. })));
     }
 
     #[test]

@@ -47,6 +47,11 @@ impl ColumnDef {
         let org_table = r.lenenc_bytes("org_table")?.to_vec();
         let name = r.lenenc_bytes("name")?.to_vec();
         let org_name = r.lenenc_bytes("org_name")?.to_vec();
+        // The fixed fields are the last 13 bytes (length 0x0c and 12 bytes); MariaDB's
+        // extended metadata (MARIADB_CLIENT_EXTENDED_METADATA) sits before them.
+        if r.rest().len() != 13 {
+            r.lenenc_bytes("extended metadata")?;
+        }
         r.lenenc_int("fixed fields length")?;
         let charset = r.u16("character set")?;
         let length = r.u32("column length")?;
@@ -311,6 +316,27 @@ mod tests {
             encode_text_row([Some(&b"-1"[..])]),
             vec![0xfe, 0, 0, 2, 0],
         ]
+    }
+
+    #[test]
+    fn column_definition_with_mariadb_extended_metadata() {
+        let plain = sample()[1].clone();
+        // The same definition with `format=json` between the names and the fixed fields.
+        let names_end = plain.len() - 13;
+        let mut ext = plain[..names_end].to_vec();
+        ext.extend_from_slice(b"\x06\x01\x04json");
+        ext.extend_from_slice(&plain[names_end..]);
+        assert_eq!(
+            ColumnDef::parse(&ext).unwrap(),
+            ColumnDef::parse(&plain).unwrap()
+        );
+        let mut empty = plain[..names_end].to_vec();
+        empty.push(0);
+        empty.extend_from_slice(&plain[names_end..]);
+        assert_eq!(
+            ColumnDef::parse(&empty).unwrap(),
+            ColumnDef::parse(&plain).unwrap()
+        );
     }
 
     #[test]

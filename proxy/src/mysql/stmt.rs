@@ -96,6 +96,31 @@ pub fn rewrite_execute(
     Ok(())
 }
 
+/// COM_STMT_BULK_EXECUTE's flag for "parameter types follow".
+const BULK_SEND_TYPES: u16 = 128;
+
+/// Rewrites a client's COM_STMT_BULK_EXECUTE (MariaDB) for backend statement `backend_id`.
+/// Only with its parameter types, as MariaDB's connectors send it: without them the server
+/// would take the types of the last execute on that connection, perhaps another client's.
+pub fn rewrite_bulk(
+    payload: &[u8],
+    backend_id: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let flags = payload
+        .get(5..7)
+        .ok_or(ProtocolError::Truncated("bulk execute flags"))?;
+    if u16::from_le_bytes([flags[0], flags[1]]) & BULK_SEND_TYPES == 0 {
+        return Err(ProtocolError::Unsupported(
+            "COM_STMT_BULK_EXECUTE without parameter types".into(),
+        ));
+    }
+    let start = out.len();
+    out.extend_from_slice(payload);
+    patch_stmt_id(&mut out[start..], backend_id);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +139,21 @@ mod tests {
         }
         p.extend_from_slice(values);
         p
+    }
+
+    #[test]
+    fn bulk_executes_get_the_backend_id_and_need_their_types() {
+        let mut p = vec![
+            0xfa, 7, 0, 0, 0, 128, 0, 0x08, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let mut out = b"kept".to_vec();
+        rewrite_bulk(&p, 42, &mut out).unwrap();
+        assert_eq!(&out[..4], b"kept");
+        assert_eq!(&out[4..9], &[0xfa, 42, 0, 0, 0]);
+        assert_eq!(&out[9..], &p[5..]);
+        p[5] = 0;
+        assert!(rewrite_bulk(&p, 42, &mut Vec::new()).is_err());
+        assert!(rewrite_bulk(&p[..6], 42, &mut Vec::new()).is_err());
     }
 
     fn rewritten(

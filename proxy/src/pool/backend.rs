@@ -39,6 +39,8 @@ pub enum BackendError {
 pub struct ServerProfile {
     pub version: String,
     pub capabilities: u32,
+    /// MariaDB's extended capabilities (none from a MySQL server).
+    pub ext_capabilities: u32,
     pub collation: u8,
 }
 
@@ -47,6 +49,7 @@ impl Default for ServerProfile {
         ServerProfile {
             version: "5.5.5-10.11.0-MariaDB-dbproxy".into(),
             capabilities: crate::mysql::consts::cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             collation: 45,
         }
     }
@@ -58,6 +61,8 @@ pub struct BackendConn<S> {
     pub buf: Buf,
     /// Capabilities negotiated with the backend.
     pub caps: u32,
+    /// MariaDB's extended capabilities negotiated with the backend.
+    pub ext_caps: u32,
     /// Collation sent at login; resets return to it.
     pub collation: u8,
     /// The backend's connection (thread) id.
@@ -108,6 +113,7 @@ impl<S> BackendConn<S> {
             stream: f(self.stream)?,
             buf: self.buf,
             caps: self.caps,
+            ext_caps: self.ext_caps,
             collation: self.collation,
             thread_id: self.thread_id,
             session: self.session,
@@ -127,6 +133,7 @@ impl<S: Stream> BackendConn<S> {
         mut stream: S,
         creds: Arc<Credentials>,
         wanted_caps: u32,
+        wanted_ext: u32,
         collation: u8,
         deadline: Deadline,
     ) -> Result<(Self, ServerProfile), BackendError> {
@@ -142,15 +149,18 @@ impl<S: Stream> BackendConn<S> {
         let profile = ServerProfile {
             version: hs.version.clone(),
             capabilities: hs.capabilities,
+            ext_capabilities: hs.ext_capabilities,
             collation: hs.collation,
         };
-        let (mut login, response, caps) = Login::start(&hs, &creds, wanted_caps, collation);
+        let (mut login, response, caps, ext_caps) =
+            Login::start(&hs, &creds, wanted_caps, wanted_ext, collation);
         let seq = h.seq.wrapping_add(1);
         write_packet(&mut stream, seq, &response).await?;
         let mut conn = BackendConn {
             stream,
             buf,
             caps,
+            ext_caps,
             collation,
             thread_id: hs.connection_id,
             session: BackendSession::default(),

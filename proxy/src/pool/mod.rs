@@ -46,6 +46,9 @@ pub struct PoolKey {
     pub backend: Arc<Credentials>,
     /// The client's `cap::BEHAVIOUR` bits.
     pub behaviour: u32,
+    /// MariaDB's extended capabilities the client negotiated (each changes what the
+    /// server sends or accepts).
+    pub ext: u32,
     pub collation: u8,
     /// Hash of the fields above, computed once: a key is looked up several times per
     /// statement, and hashing the credentials each time showed in profiles.
@@ -53,15 +56,17 @@ pub struct PoolKey {
 }
 
 impl PoolKey {
-    pub fn new(backend: Arc<Credentials>, behaviour: u32, collation: u8) -> Self {
+    pub fn new(backend: Arc<Credentials>, behaviour: u32, ext: u32, collation: u8) -> Self {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         backend.hash(&mut h);
         behaviour.hash(&mut h);
+        ext.hash(&mut h);
         collation.hash(&mut h);
         PoolKey {
             backend,
             behaviour,
+            ext,
             collation,
             hash: h.finish(),
         }
@@ -78,6 +83,7 @@ impl PartialEq for PoolKey {
     fn eq(&self, o: &Self) -> bool {
         self.hash == o.hash
             && self.behaviour == o.behaviour
+            && self.ext == o.ext
             && self.collation == o.collation
             && (Arc::ptr_eq(&self.backend, &o.backend) || self.backend == o.backend)
     }
@@ -379,6 +385,7 @@ pub async fn side_connection<D: Driver>(
             stream,
             creds,
             cap::BACKEND_BASE,
+            0,
             DEFAULT_COLLATION,
             deadline,
         )
@@ -632,9 +639,15 @@ impl<D: Driver> CorePool<D> {
         let attempt = async {
             let stream = D::connect(&sh.writer).await?;
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
-            let (mut conn, profile) =
-                BackendConn::login(stream, key.backend.clone(), wanted, key.collation, deadline)
-                    .await?;
+            let (mut conn, profile) = BackendConn::login(
+                stream,
+                key.backend.clone(),
+                wanted,
+                key.ext,
+                key.collation,
+                deadline,
+            )
+            .await?;
             conn.init_session(&sh.init_query, sh.verify_checkin).await?;
             Ok::<_, BackendError>((conn, profile))
         };

@@ -5,7 +5,7 @@
 
 use crate::auth::{self, Decision, User, Users};
 use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK};
-use crate::mysql::consts::{cap, errcode, status};
+use crate::mysql::consts::{cap, errcode, ext, status};
 use crate::mysql::handshake::{encode_auth_switch, HandshakeResponse, ServerHandshake};
 use crate::mysql::wire::ErrPacket;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ pub struct Accepted {
     pub user: Arc<User>,
     /// Capabilities agreed (what the client asked, limited to what dbproxy offered).
     pub caps: u32,
+    /// MariaDB's extended capabilities agreed.
+    pub ext_caps: u32,
     pub collation: u8,
     pub database: Option<Vec<u8>>,
     /// With caching_sha2_password the client first gets "fast auth OK" at `seq`, and the
@@ -140,6 +142,7 @@ impl Authentication {
 pub struct Login {
     nonce: [u8; 20],
     offered: u32,
+    offered_ext: u32,
     peer_ip: String,
     state: LoginState,
 }
@@ -163,6 +166,8 @@ pub struct Profile {
     pub version: String,
     /// What the backend offers (dbproxy offers the part of it it supports).
     pub capabilities: u32,
+    /// MariaDB's extended capabilities the backend offers.
+    pub ext_capabilities: u32,
     pub collation: u8,
 }
 
@@ -174,12 +179,19 @@ impl Login {
         nonce: [u8; 20],
         peer_ip: String,
     ) -> (Login, Vec<u8>) {
-        let offered = cap::PROXY_OFFERS & (profile.capabilities | cap::LONG_PASSWORD);
+        let mut offered = cap::PROXY_OFFERS & (profile.capabilities | cap::LONG_PASSWORD);
+        // In front of MariaDB, dbproxy presents itself as MariaDB (CLIENT_MYSQL cleared) and
+        // offers the extended capabilities it relays.
+        let offered_ext = ext::PROXY_OFFERS & profile.ext_capabilities;
+        if offered_ext != 0 {
+            offered &= !cap::LONG_PASSWORD;
+        }
         let greeting = ServerHandshake {
             version: profile.version.clone(),
             connection_id,
             nonce: nonce.to_vec(),
             capabilities: offered,
+            ext_capabilities: offered_ext,
             collation: profile.collation,
             status: status::AUTOCOMMIT,
             auth_plugin: Plugin::Native.name().into(),
@@ -188,6 +200,7 @@ impl Login {
             Login {
                 nonce,
                 offered,
+                offered_ext,
                 peer_ip,
                 state: LoginState::Response,
             },
@@ -274,6 +287,7 @@ impl Login {
             AuthStep::Accept { user, plugin } => Step::Accepted(Accepted {
                 user,
                 caps,
+                ext_caps: resp.ext_capabilities & self.offered_ext,
                 collation: resp.collation,
                 database: resp.database,
                 fast_auth_ok: plugin == Plugin::CachingSha2,
@@ -310,6 +324,7 @@ mod tests {
         Profile {
             version: "5.5.5-10.11.6-MariaDB".into(),
             capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             collation: 45,
         }
     }
@@ -317,6 +332,7 @@ mod tests {
     fn response(plugin: Plugin, nonce: &[u8], password: &str) -> Vec<u8> {
         HandshakeResponse {
             capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
             user: b"app".to_vec(),
             auth_response: plugin.scramble(password.as_bytes(), nonce),
             database: Some(b"shop".to_vec()),
@@ -345,6 +361,33 @@ mod tests {
                 assert_eq!(a.collation, 33);
                 assert_eq!(a.preamble(), (Some((4, vec![1, 3])), 5));
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn mariadb_extended_capabilities_are_offered_and_agreed() {
+        let nonce = [3u8; 20];
+        let mut p = profile();
+        p.capabilities &= !cap::LONG_PASSWORD;
+        p.ext_capabilities = ext::PROGRESS | ext::CACHE_METADATA | ext::EXTENDED_METADATA;
+        let (mut l, greeting) = Login::start(&p, 5, nonce, "127.0.0.1".into());
+        let hs = ServerHandshake::parse(&greeting).unwrap();
+        // dbproxy presents itself as MariaDB, and never offers metadata caching.
+        assert_eq!(hs.capabilities & cap::LONG_PASSWORD, 0);
+        assert_eq!(hs.ext_capabilities, ext::PROGRESS | ext::EXTENDED_METADATA);
+        let mut r = HandshakeResponse::parse(&response(Plugin::CachingSha2, &nonce, "pw")).unwrap();
+        r.capabilities &= !cap::LONG_PASSWORD;
+        r.ext_capabilities =
+            ext::EXTENDED_METADATA | ext::CACHE_METADATA | ext::STMT_BULK_OPERATIONS;
+        match l.on_packet(&users(), 1, &r.encode()) {
+            Step::Accepted(a) => assert_eq!(a.ext_caps, ext::EXTENDED_METADATA),
+            other => panic!("{other:?}"),
+        }
+        // A client that says CLIENT_MYSQL gets none.
+        let (mut l, _) = Login::start(&p, 5, nonce, "127.0.0.1".into());
+        match l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "pw")) {
+            Step::Accepted(a) => assert_eq!(a.ext_caps, 0),
             other => panic!("{other:?}"),
         }
     }

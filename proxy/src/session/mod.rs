@@ -211,6 +211,8 @@ pub struct ClientSession {
     pub user: Arc<User>,
     /// Capabilities agreed with the client.
     pub caps: u32,
+    /// MariaDB's extended capabilities agreed with the client.
+    pub ext_caps: u32,
     pub collation: u8,
     pub state: ClientState,
     pub diag: Diag,
@@ -233,6 +235,7 @@ impl ClientSession {
         ClientSession {
             user,
             caps,
+            ext_caps: 0,
             collation,
             state: ClientState {
                 schema,
