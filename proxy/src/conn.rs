@@ -485,8 +485,13 @@ impl<D: Driver> Conn<D> {
             let outcome = match (command, command.map(classify)) {
                 (None, _) | (_, None) => match self.discard_command(h).await {
                     Ok(()) => {
-                        self.reply_err(h.seq, malformed("empty command packet"))
-                            .await
+                        // As MariaDB: an empty packet is an unknown command.
+                        let e = ErrPacket::new(
+                            errcode::ER_UNKNOWN_COM_ERROR,
+                            "08S01",
+                            "Unknown command",
+                        );
+                        self.reply_err(h.seq, e).await
                     }
                     Err(e) => Err(e),
                 },
@@ -1903,11 +1908,12 @@ fn splice_rows(r: &TextResult, rows: &[Vec<u8>], binary: bool, caps: u32) -> Pac
     r.with_rows(rows, caps)
 }
 
+/// A command packet too short or inconsistent for its command, as MariaDB words it.
 fn malformed(what: &str) -> ErrPacket {
     ErrPacket::new(
-        errcode::ER_HANDSHAKE_ERROR,
-        "08S01",
-        format!("Malformed packet: {what}"),
+        errcode::ER_MALFORMED_PACKET,
+        "HY000",
+        format!("Malformed communication packet (dbproxy: {what})"),
     )
 }
 

@@ -379,6 +379,16 @@ fn random_malformed_packets_never_take_a_session_down_uncleanly() {
             "",
         );
         let mut bystander = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        // An empty packet and a command in one write: MariaDB's "Unknown command" for the
+        // first, the answer for the second.
+        let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        c.s.write_all(b"\x00\x00\x00\x00\x09\x00\x00\x00\x03SELECT 1")
+            .unwrap();
+        let (_, e) = c.try_read().unwrap();
+        assert_eq!(e.get(..3), Some(&[0xff, 0x17, 0x04][..]), "[{io}] {e:?}");
+        let (_, ok) = c.try_read().unwrap();
+        assert_eq!(ok.first(), Some(&0), "[{io}] the next command: {ok:?}");
+        drop(c);
         for seed in 1..=150u64 {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
             let Ok(mut c) = RawClient::login(proxy.port, "app", APP_PASSWORD) else {

@@ -147,6 +147,7 @@ pub mod errcode {
     pub const ER_CONNECTION_KILLED: u16 = 1927;
     pub const ER_NO_SUCH_QUERY: u16 = 1957;
     pub const ER_NOT_SUPPORTED_YET: u16 = 1235;
+    pub const ER_MALFORMED_PACKET: u16 = 1835;
     pub const ER_NOT_SUPPORTED_AUTH_MODE: u16 = 1251;
     pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
     /// No backend connection became free within `connection_borrow_timeout`.
