@@ -495,10 +495,18 @@ impl<D: Driver> Conn<D> {
                     }
                     Err(e) => Err(e),
                 },
-                (_, Some(Disposition::Quit)) => break,
+                (_, Some(Disposition::Quit)) => {
+                    // Nothing in flight: the connection goes back as the session left it.
+                    self.busy = false;
+                    break;
+                }
                 (_, Some(Disposition::ChangeUser)) => match self.change_user(h).await {
                     Ok(true) => Ok(()),
-                    Ok(false) => break,
+                    Ok(false) => {
+                        // Refused (and told) before anything reached the backend.
+                        self.busy = false;
+                        break;
+                    }
                     Err(e) => Err(e),
                 },
                 (Some(c), Some(Disposition::Refuse)) => {
