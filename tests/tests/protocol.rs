@@ -165,6 +165,25 @@ fn ctrl_c_and_kill_with_the_greeting_id_stop_the_statement() {
 }
 
 #[test]
+fn connector_j_query_timeout_stops_the_statement() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let out = run_java(
+            "QueryTimeout",
+            &[proxy.port.to_string(), APP_PASSWORD.into()],
+        );
+        let ms: u64 = out
+            .trim()
+            .strip_prefix("OK ")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("[{io}] Connector/J: {out}"));
+        assert!(ms < 30_000, "[{io}] the statement ran on ({ms} ms)");
+        assert_eq!(running(&db, "SELECT SLEEP(60)"), 0, "[{io}]");
+    }
+}
+
+#[test]
 fn a_client_that_hangs_up_mid_statement_leaves_nothing_running() {
     let db = MariaDb::start();
     for io in DRIVERS {
