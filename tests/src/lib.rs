@@ -17,6 +17,32 @@ use std::time::{Duration, Instant};
 /// The io drivers every integration test runs against.
 pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
 
+/// A small deterministic generator (xorshift) for the randomised tests: a seed replays a
+/// failure exactly.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform enough below `n` (> 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
 /// Password of the proxy user `app`.
 pub const APP_PASSWORD: &str = "app-secret";
 /// Password of the database user `app` (only dbproxy knows it).

@@ -18,22 +18,6 @@ const CLIENTS: usize = 16;
 /// temporary tables for good. The proxy has 8 backend connections.
 const MAX_PINNED: usize = 3;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
-
 /// What the test knows of a client, to keep the number of pinned clients bounded.
 #[derive(Default)]
 struct Client {

@@ -323,22 +323,6 @@ fn write(s: &mut TcpStream, seq: u8, p: &[u8]) -> Option<()> {
     s.write_all(&out).ok()
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// One random packet after login: a command, maybe malformed, maybe with a wrong sequence
 /// id or a header that lies about its length.
 fn random_packet(rng: &mut Rng) -> Vec<u8> {
@@ -371,7 +355,7 @@ fn random_packet(rng: &mut Rng) -> Vec<u8> {
         _ => b"\x0e".to_vec(),
     };
     let seq = if rng.below(10) == 0 {
-        rng.next() as u8
+        rng.next_u64() as u8
     } else {
         0
     };
