@@ -14,6 +14,7 @@ use proxy::mysql::handshake::ServerHandshake;
 use proxy::mysql::packet::write_packet;
 use proxy::mysql::wire::ok_packet;
 use proxy::pool::{CorePool, GroupShared, PoolKey};
+use proxy::topology::{Route, Topology};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -78,7 +79,8 @@ fn checkout_checkin(c: &mut Criterion) {
          [[users]]\nname = \"app\"\npassword = \"p\"\nbackend_password = \"p\"\n"
     ))
     .expect("bench config");
-    let group = GroupShared::new(&cfg.target_groups[0], BackendAddr::Tcp(addr), false);
+    let topology = Topology::with_writer("g", &addr.to_string(), BackendAddr::Tcp(addr));
+    let group = GroupShared::new(&cfg.target_groups[0], topology, Route::Writer, false);
     let key = PoolKey::new(
         Arc::new(Credentials {
             user: "app".into(),

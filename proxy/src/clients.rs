@@ -23,6 +23,8 @@ pub struct Serving {
     pub seq: u64,
     /// The backend's thread id, while the client holds a connection.
     pub thread_id: Option<u32>,
+    /// The target (index in its group's topology) of that connection.
+    pub target: usize,
 }
 
 /// One client session.
@@ -48,6 +50,7 @@ impl ClientSlot {
             serving: Mutex::new(Serving {
                 seq: 0,
                 thread_id: None,
+                target: 0,
             }),
             killed: AtomicBool::new(false),
             kill: Notify::new(),
@@ -62,11 +65,12 @@ impl ClientSlot {
         *self.user.lock() = user.to_string();
     }
 
-    /// The client now holds the backend connection `thread_id`.
-    pub fn serve(&self, thread_id: u32) {
+    /// The client now holds the backend connection `thread_id` to `target`.
+    pub fn serve(&self, thread_id: u32, target: usize) {
         let mut s = self.serving.lock();
         s.seq += 1;
         s.thread_id = Some(thread_id);
+        s.target = target;
     }
 
     /// The client gave its backend connection up.
@@ -161,14 +165,14 @@ mod tests {
         assert_eq!(slot.user(), "other");
         assert!(clients.get(u64::MAX).is_none());
         let before = slot.serving();
-        slot.serve(41);
+        slot.serve(41, 0);
         let during = slot.serving();
         assert_eq!(during.thread_id, Some(41));
         assert_eq!(clients.holding("default", 41).map(|s| s.id), Some(7));
         assert!(clients.holding("other", 41).is_none());
         assert!(during.seq > before.seq);
         slot.unserve();
-        slot.serve(41);
+        slot.serve(41, 0);
         // Same thread again, but not the same lease.
         assert_ne!(slot.serving(), during);
         assert!(!slot.is_killed());

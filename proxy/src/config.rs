@@ -154,6 +154,25 @@ pub struct TargetGroupConfig {
     /// RDS Proxy's session pinning filters.
     #[serde(default)]
     pub session_pinning_filters: Vec<PinningFilter>,
+    /// How often the monitor checks each target (sub-second allowed).
+    #[serde(default = "d_health_interval", deserialize_with = "de_duration")]
+    pub health_check_interval: Duration,
+    /// Failed checks in a row that mark a target down (a refused or reset connection
+    /// marks it down at once).
+    #[serde(default = "d_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Readers further behind are skipped by read-only endpoints (a stopped replica counts
+    /// as too far behind); empty = no limit.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_replication_lag: Option<Duration>,
+    /// Where a read-only endpoint goes when no reader is fit.
+    #[serde(default)]
+    pub reader_fallback: crate::topology::ReaderFallback,
+    /// The monitor's login; defaults to the first user's backend credentials.
+    #[serde(default)]
+    pub monitor_user: Option<String>,
+    #[serde(default)]
+    pub monitor_password: Option<String>,
 }
 
 /// A session pinning filter.
@@ -176,6 +195,12 @@ fn d_borrow_timeout() -> Duration {
 }
 fn d_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn d_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_failure_threshold() -> u32 {
+    2
 }
 
 /// Client authentication plugin a user must log in with.
@@ -264,6 +289,16 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
 }
 
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(Some(Duration::from_secs(n))),
+        NumOrStr::Str(s) if s.trim().is_empty() => Ok(None),
+        NumOrStr::Str(s) => parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumOrStr::deserialize(d)? {
         NumOrStr::Num(n) => Ok(n),
@@ -283,6 +318,18 @@ pub fn parse_target(target: &str) -> Result<Vec<BackendAddr>, String> {
         return Ok(vec![BackendAddr::Unix(path.into())]);
     }
     Ok(resolve(target)?.into_iter().map(BackendAddr::Tcp).collect())
+}
+
+/// Checks a target's form without resolving it: a name that does not resolve now is
+/// checked again at every health check (DNS may be back, or point elsewhere, later).
+pub fn check_target(target: &str) -> Result<(), String> {
+    if target.starts_with("unix:") {
+        return parse_target(target).map(drop);
+    }
+    match target.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{target:?} is not host:port (or unix:/path)")),
+    }
 }
 
 /// Resolves "host:port" to its addresses.
@@ -373,11 +420,6 @@ impl Config {
                     e.target_group
                 ));
             }
-            if e.role == Role::ReadOnly {
-                errs.push(format!(
-                    "{k}.role: read_only endpoints are not supported yet"
-                ));
-            }
         }
         for (i, g) in self.target_groups.iter().enumerate() {
             let k = format!("target_groups[{i}]");
@@ -390,8 +432,11 @@ impl Config {
                 ));
             }
             for (j, t) in g.targets.iter().enumerate() {
-                if let Err(e) = parse_target(t) {
+                if let Err(e) = check_target(t) {
                     errs.push(format!("{k}.targets[{j}]: {e}"));
+                }
+                if g.targets[..j].contains(t) {
+                    errs.push(format!("{k}.targets[{j}]: {t:?} is listed twice"));
                 }
             }
             if g.max_connections == 0 {
@@ -405,6 +450,17 @@ impl Config {
             }
             if g.connect_timeout.is_zero() {
                 errs.push(format!("{k}.connect_timeout: must be more than 0"));
+            }
+            if g.health_check_interval < Duration::from_millis(50) {
+                errs.push(format!("{k}.health_check_interval: must be at least 50ms"));
+            }
+            if g.failure_threshold == 0 {
+                errs.push(format!("{k}.failure_threshold: must be at least 1"));
+            }
+            if g.monitor_user.is_some() != g.monitor_password.is_some() {
+                errs.push(format!(
+                    "{k}.monitor_user: give both monitor_user and monitor_password, or neither"
+                ));
             }
         }
         for (i, u) in self.users.iter().enumerate() {
@@ -466,6 +522,50 @@ backend_password = "db-secret"
             Duration::from_secs(120)
         );
         assert_eq!(c.users[0].backend_user(), "app");
+    }
+
+    /// The configuration the README shows is a valid one, key for key.
+    #[test]
+    fn the_readme_configuration_parses() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block in the README");
+        let c = Config::parse(block).unwrap_or_else(|e| panic!("README configuration: {e}"));
+        let g = &c.target_groups[0];
+        assert_eq!(g.health_check_interval, Duration::from_secs(1));
+        assert_eq!(g.failure_threshold, 2);
+        assert_eq!(g.max_replication_lag, None);
+        assert_eq!(g.reader_fallback, crate::topology::ReaderFallback::Writer);
+    }
+
+    #[test]
+    fn topology_keys_are_checked() {
+        let c = Config::parse(&CONTRACT.replace(
+            "init_query = \"\"",
+            "init_query = \"\"\nmax_replication_lag = \"10s\"\nreader_fallback = \"wait\"\nhealth_check_interval = \"250ms\"",
+        ))
+        .unwrap();
+        let g = &c.target_groups[0];
+        assert_eq!(g.max_replication_lag, Some(Duration::from_secs(10)));
+        assert_eq!(g.health_check_interval, Duration::from_millis(250));
+        let err = Config::parse(&CONTRACT.replace(
+            "init_query = \"\"",
+            "init_query = \"\"\nhealth_check_interval = \"10ms\"\nfailure_threshold = 0\nmonitor_user = \"m\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in ["health_check_interval", "failure_threshold", "monitor_user"] {
+            assert!(err.contains(key), "{err}");
+        }
+        let err = Config::parse(&CONTRACT.replace("127.0.0.1:3306", "db.internal"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("targets[0]"), "{err}");
+        // A name that does not resolve now is checked again at every health check.
+        assert!(Config::parse(&CONTRACT.replace("127.0.0.1:3306", "db.invalid:3306")).is_ok());
     }
 
     #[test]

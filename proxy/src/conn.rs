@@ -8,10 +8,11 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
+use crate::backend_conn::query_packet;
 use crate::clients::{ClientSlot, Registration, FIRST_ID};
 use crate::io::{
     read_packet, read_packet_by, read_packet_until, read_watching_peer, write_packet, Buf, Driver,
-    PacketTooLarge, Stream,
+    GaveUp, PacketTooLarge, Stream,
 };
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
@@ -26,7 +27,6 @@ use crate::mysql::stmt::{
 };
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
-use crate::pool::backend::query_packet;
 use crate::pool::{side_connection, BorrowError, CorePool, PoolKey, Pooled};
 use crate::runtime::ProxyShared;
 use crate::session::diag::{patched_row, Answer};
@@ -37,6 +37,7 @@ use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
 use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
+use crate::topology::Route;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -57,6 +58,34 @@ enum SessionEnd {
     /// The backend broke mid-command; the client got an error packet and is closed.
     #[error("backend: {0}")]
     Backend(String),
+    /// The backend connection failed during a command; the client got an error packet for
+    /// it and the session goes on (its state replayed on the next connection).
+    #[error("backend connection lost: {0}")]
+    Lost(String),
+    /// The backend connection failed after the client got its answer (while dbproxy read
+    /// the session state back): the session goes on; a transaction or pins it had are
+    /// gone, which its next command is told.
+    #[error("backend connection lost after a statement: {0}")]
+    LostAfter(String),
+    /// The command never ran (its connection failed before it was sent, or the writer
+    /// refused it as read-only): it is served again once the topology allows.
+    #[error("command to be sent again")]
+    Retry,
+}
+
+/// A command up to this size is kept until its response starts, so that it can be sent
+/// again when it did not run (failover, switchover).
+const RETRY_KEEP: usize = 64 * 1024;
+
+/// Times one command is sent again before its error goes to the client.
+const RETRIES: u32 = 5;
+
+/// Why a session could not be restored on a connection.
+enum ReplayError {
+    /// The server refused a statement of the replay (the client gets its error).
+    Refused(ErrPacket),
+    /// The connection failed.
+    Broken(String),
 }
 
 /// A COM_STMT_PREPARE in flight: the statement's key and analysis, and what the reply said.
@@ -90,6 +119,13 @@ struct Conn<D: Driver> {
     /// A command is being served: if the session ends now, its backend connection is in
     /// an unknown state (maybe mid-statement) and is discarded, its thread killed.
     busy: bool,
+    /// The command being served, kept while it may be sent again (see [`SessionEnd::Retry`]);
+    /// `retryable` says whether it was kept.
+    retry: Vec<u8>,
+    retryable: bool,
+    /// An error the client's next command gets instead of running: its transaction was
+    /// lost after its previous statement was answered.
+    pending: Option<ErrPacket>,
 }
 
 /// Every exit path, a panic included, gives the backend connection back and ends the
@@ -213,7 +249,7 @@ async fn login<D: Driver>(
                 let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
                 s.ext_caps = a.ext_caps;
                 s.exclude_variable_sets = pool.shared.exclude_variable_sets;
-                let slot = ClientSlot::new(conn_id, &s.user.name, &pool.shared.name);
+                let slot = ClientSlot::new(conn_id, &s.user.name, &pool.shared.id);
                 let conn = Conn {
                     reg: shared.sessions.register(slot),
                     busy: false,
@@ -228,6 +264,9 @@ async fn login<D: Driver>(
                     nonce,
                     s,
                     backend: None,
+                    retry: Vec::new(),
+                    retryable: false,
+                    pending: None,
                 };
                 return Some((conn, ok_seq));
             }
@@ -274,7 +313,13 @@ impl<D: Driver> Conn<D> {
     /// packet to send to the client.
     async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
         match self.ensure_backend_ahead(needs, replay).await? {
-            Some(plan) => self.run_replay(plan, needs).await,
+            Some(plan) => match self.run_replay(plan, needs).await {
+                Ok(()) => Ok(()),
+                Err(ReplayError::Refused(e)) => Err(e),
+                Err(ReplayError::Broken(why)) => {
+                    Err(unavailable(&format!("database connection failed: {why}")))
+                }
+            },
             None => Ok(()),
         }
     }
@@ -287,51 +332,69 @@ impl<D: Driver> Conn<D> {
         needs: Needs,
         replay: bool,
     ) -> Result<Option<Replay>, ErrPacket> {
-        let plan = if let Some(b) = self.backend.as_ref() {
-            if !replay {
+        // A connection borrowed just now that fails while the session is restored has run
+        // nothing of the client's: another one is borrowed (the pool waits for the monitor's
+        // verdict on its target first).
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let fresh = self.backend.is_none();
+            let plan = if let Some(b) = self.backend.as_ref() {
+                if !replay {
+                    return Ok(None);
+                }
+                self.s.replay(&b.conn.session, needs, false)
+            } else {
+                let mut conn = self
+                    .pool
+                    .borrow(&self.key, self.s.state.schema.as_deref())
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(peer = %self.peer, "{e}");
+                        match e {
+                            BorrowError::Timeout(..) => ErrPacket::new(
+                                errcode::PROXY_BORROW_TIMEOUT,
+                                "HY000",
+                                format!("(dbproxy) {e}"),
+                            ),
+                            BorrowError::Connect { .. } | BorrowError::Unavailable { .. } => {
+                                ErrPacket::new(
+                                    errcode::PROXY_BACKEND_UNAVAILABLE,
+                                    "08S01",
+                                    format!("(dbproxy) {e}"),
+                                )
+                            }
+                        }
+                    })?;
+                conn.hold(&self.reg.slot);
+                self.s.moved();
+                let plan = if replay {
+                    self.s.replay(&conn.conn.session, needs, true)
+                } else {
+                    Replay::default()
+                };
+                tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
+                self.backend = Some(conn);
+                plan
+            };
+            if plan.is_empty() {
                 return Ok(None);
             }
-            self.s.replay(&b.conn.session, needs, false)
-        } else {
-            let mut conn = self
-                .pool
-                .borrow(&self.key, self.s.state.schema.as_deref())
-                .await
-                .map_err(|e| {
-                    tracing::warn!(peer = %self.peer, "{e}");
-                    match e {
-                        BorrowError::Timeout(..) => ErrPacket::new(
-                            errcode::PROXY_BORROW_TIMEOUT,
-                            "HY000",
-                            format!("(dbproxy) {e}"),
-                        ),
-                        BorrowError::Connect { .. } => ErrPacket::new(
-                            errcode::PROXY_BACKEND_UNAVAILABLE,
-                            "08S01",
-                            format!("(dbproxy) {e}"),
-                        ),
-                    }
-                })?;
-            conn.hold(&self.reg.slot);
-            self.s.moved();
-            let plan = if replay {
-                self.s.replay(&conn.conn.session, needs, true)
-            } else {
-                Replay::default()
-            };
-            tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
-            self.backend = Some(conn);
-            plan
-        };
-        if plan.is_empty() {
-            return Ok(None);
+            if plan.pipelinable() {
+                self.s.backend_used();
+                return Ok(Some(plan));
+            }
+            match self.run_replay(plan, needs).await {
+                Ok(()) => return Ok(None),
+                Err(ReplayError::Broken(why)) if fresh && attempts < 3 => {
+                    tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
+                }
+                Err(ReplayError::Broken(why)) => {
+                    return Err(unavailable(&format!("database connection failed: {why}")))
+                }
+                Err(ReplayError::Refused(e)) => return Err(e),
+            }
         }
-        if plan.pipelinable() {
-            self.s.backend_used();
-            return Ok(Some(plan));
-        }
-        self.run_replay(plan, needs).await?;
-        Ok(None)
     }
 
     /// Writes a replay that goes ahead of the client's statement; read its answer with
@@ -368,9 +431,9 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Result<(), ErrPacket> {
+    async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Result<(), ReplayError> {
         let Some(mut b) = self.backend.take() else {
-            return Err(unavailable("no database connection"));
+            return Err(ReplayError::Broken("no database connection".into()));
         };
         self.s.backend_used();
         let init = self.pool.shared.init_query.clone();
@@ -387,11 +450,11 @@ impl<D: Driver> Conn<D> {
             Ok(Err(server_err)) => {
                 // Half a replay may have run: the connection is reset before anyone reuses it.
                 self.pool.release(b);
-                Err(server_err)
+                Err(ReplayError::Refused(server_err))
             }
             Err(e) => {
-                self.pool.discard(b, "failed while restoring a session");
-                Err(unavailable(&format!("database connection failed: {e}")))
+                self.pool.lost(b, "failed while restoring a session");
+                Err(ReplayError::Broken(e.to_string()))
             }
         }
     }
@@ -408,7 +471,7 @@ impl<D: Driver> Conn<D> {
         let steps = self.s.release(&b.conn.session);
         if !steps.is_empty() {
             let mut warnings = None;
-            let res: Result<(), crate::pool::backend::BackendError> = async {
+            let res: Result<(), crate::backend_conn::BackendError> = async {
                 if steps.capture_warnings {
                     let w = b.conn.query_result("SHOW WARNINGS").await?;
                     tracing::debug!(
@@ -441,6 +504,7 @@ impl<D: Driver> Conn<D> {
     async fn run(mut self) {
         let idle = self.shared.config.proxy.idle_client_timeout;
         let slot = self.reg.slot.clone();
+        let mut retries = 0;
         while !slot.is_killed() {
             let deadline = tokio::time::Instant::now() + idle;
             let h = match read_packet_until(
@@ -482,6 +546,37 @@ impl<D: Driver> Conn<D> {
             } else {
                 self.cbuf.filled().get(4).copied()
             };
+            // A statement that will run on a connection borrowed for it alone is kept, to be
+            // sent again if it does not run (see `SessionEnd::Retry`).
+            self.retryable = self.backend.is_none()
+                && retries < RETRIES
+                && !h.continues()
+                && h.len <= RETRY_KEEP
+                && self.pool.shared.route == Route::Writer
+                && matches!(
+                    command,
+                    Some(com::QUERY | com::STMT_EXECUTE | com::STMT_BULK_EXECUTE)
+                );
+            if self.retryable {
+                self.retry.clear();
+                self.retry
+                    .extend_from_slice(&self.cbuf.filled()[..h.total()]);
+            }
+            if let Some(e) = self.pending.take() {
+                if command == Some(com::QUIT) {
+                    self.busy = false;
+                    break;
+                }
+                let told = match self.discard_command(h).await {
+                    Ok(()) => self.reply_err(h.seq, e).await,
+                    Err(e) => Err(e),
+                };
+                if told.is_err() {
+                    break;
+                }
+                self.busy = false;
+                continue;
+            }
             let outcome = match (command, command.map(classify)) {
                 (None, _) | (_, None) => match self.discard_command(h).await {
                     Ok(()) => {
@@ -560,10 +655,48 @@ impl<D: Driver> Conn<D> {
                 }
                 (_, Some(Disposition::Forward(kind))) => self.forward(h, kind, true).await,
             };
-            if let Err(e) = outcome {
-                tracing::debug!(peer = %self.peer, "session ends: {e}");
-                break;
+            match outcome {
+                Ok(()) => retries = 0,
+                Err(SessionEnd::Retry) if self.retryable => {
+                    // Nothing reached the client: the command goes again, as it came.
+                    retries += 1;
+                    tracing::debug!(peer = %self.peer, retries, "sending a command again");
+                    self.cbuf.unread(&self.retry);
+                    self.busy = false;
+                    continue;
+                }
+                Err(SessionEnd::LostAfter(why)) => {
+                    retries = 0;
+                    tracing::warn!(peer = %self.peer, "database connection lost after a statement was answered ({why}); the client stays");
+                    self.drop_backend();
+                    let held = !self.s.releasable();
+                    let told = self.lost_error(&why);
+                    let ended = self.s.connection_lost(told.code, &told.message);
+                    self.count(PinChanges {
+                        started: Vec::new(),
+                        ended,
+                    });
+                    if held {
+                        self.pending = Some(told);
+                    }
+                }
+                Err(SessionEnd::Lost(why)) => {
+                    retries = 0;
+                    tracing::info!(peer = %self.peer, "statement failed with its database connection ({why}); the client stays");
+                    self.drop_backend();
+                    let told = self.lost_error(&why);
+                    let ended = self.s.connection_lost(told.code, &told.message);
+                    self.count(PinChanges {
+                        started: Vec::new(),
+                        ended,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, "session ends: {e}");
+                    break;
+                }
             }
+            self.retryable = false;
             self.busy = false;
             self.cbuf.shrink(CLIENT_BUF);
             for v in [&mut self.cmd, &mut self.built] {
@@ -756,7 +889,7 @@ impl<D: Driver> Conn<D> {
         let target = if id >= u64::from(FIRST_ID) {
             self.shared.sessions.get(id)
         } else {
-            self.shared.sessions.holding(&self.pool.shared.name, id)
+            self.shared.sessions.holding(&self.pool.shared.id, id)
         };
         let Some(target) = target else {
             let e = refuse(
@@ -819,7 +952,10 @@ impl<D: Driver> Conn<D> {
         let Some(group) = self.shared.groups.get(&target.group) else {
             return;
         };
-        let mut c = match side_connection::<D>(group, self.s.user.backend.clone()).await {
+        let Some(addr) = group.topology.load().addr(before.target).cloned() else {
+            return;
+        };
+        let mut c = match side_connection::<D>(group, &addr, self.s.user.backend.clone()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(peer = %self.peer, "KILL: cannot open a connection to the database: {e}");
@@ -978,12 +1114,10 @@ impl<D: Driver> Conn<D> {
                 Ok(())
             }
             Err(e) => {
-                // The client has its answer, but what its statement left in the session is
-                // lost with the connection: end the session rather than go on without it.
-                tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost after a statement: {e}");
-                self.pool
-                    .discard(b, "lost while reading session state back");
-                Err(SessionEnd::Backend(e.to_string()))
+                // The client has its answer; what its statement left in the session that
+                // only this read would have told is lost with the connection.
+                self.pool.lost(b, "lost while reading session state back");
+                Err(SessionEnd::LostAfter(e.to_string()))
             }
         }
     }
@@ -1050,6 +1184,22 @@ impl<D: Driver> Conn<D> {
                 return Err(SessionEnd::Backend("no backend connection".into()));
             };
             if let Err(e) = b.conn.stream.write(&mut self.cbuf, h.total()).await {
+                if let Some(again) = self.unsent() {
+                    return Err(again);
+                }
+                if h.continues() {
+                    // The rest of the command is on its way: read it before answering.
+                    self.drop_backend();
+                    loop {
+                        let next = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+                            .await
+                            .map_err(SessionEnd::Client)?;
+                        self.cbuf.consume(next.total());
+                        if !next.continues() {
+                            break;
+                        }
+                    }
+                }
                 return Err(self.backend_lost(h.seq, &e.to_string()).await);
             }
             if !h.continues() {
@@ -1095,6 +1245,9 @@ impl<D: Driver> Conn<D> {
         let res = b.conn.stream.write(&mut buf, n).await;
         self.built = buf.into_vec();
         if let Err(e) = res {
+            if let Some(again) = self.unsent() {
+                return Err(again);
+            }
             return Err(self.backend_lost(seq, &e.to_string()).await);
         }
         Ok(())
@@ -1113,7 +1266,7 @@ impl<D: Driver> Conn<D> {
         let packets = match b.conn.read_response(kind).await {
             Ok(p) => p,
             Err(e) => {
-                self.pool.discard(b, "state unknown after an error");
+                self.pool.lost(b, "failed during a statement");
                 return Err(self.client_told_backend_lost(seq, &e.to_string()).await);
             }
         };
@@ -1200,7 +1353,7 @@ impl<D: Driver> Conn<D> {
             .await;
         match res {
             Ok(()) => {
-                b.conn.buf.shrink(crate::pool::backend::BACKEND_BUF);
+                b.conn.buf.shrink(crate::backend_conn::BACKEND_BUF);
                 if let Some(id) = prepare.and_then(|p| p.close.take()) {
                     if let Err(e) = b.conn.close_statement(id).await {
                         self.pool
@@ -1233,19 +1386,25 @@ impl<D: Driver> Conn<D> {
             }
             Err(RelayError::Backend(why)) => {
                 tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost: {why}");
-                self.pool.discard(b, "state unknown after an error");
-                let e = ErrPacket::new(
-                    errcode::PROXY_BACKEND_LOST,
-                    "08S01",
-                    format!("(dbproxy) lost the database connection during the query: {why}"),
-                );
-                let _ = write_packet(
+                self.pool.lost(b, "failed during a statement");
+                let e = self.lost_error(&why);
+                write_packet(
                     &mut self.client,
                     tracker.last_seq().wrapping_add(1),
                     &e.encode(),
                 )
-                .await;
-                Err(SessionEnd::Backend(why))
+                .await
+                .map_err(SessionEnd::Client)?;
+                Err(SessionEnd::Lost(why))
+            }
+            Err(RelayError::ReadOnly) => {
+                // The writer turned read-only before the monitor saw it (a switchover): the
+                // statement did not run; it waits for the new writer. A read-back sent
+                // behind it is still on the way: the connection is closed, not reused.
+                tracing::info!(peer = %self.peer, thread_id = b.thread_id, "the writer refused a statement as read-only: waiting for a writer");
+                self.pool.shared.topology.suspect(b.target);
+                self.pool.close(b, "the writer turned read-only");
+                Err(SessionEnd::Retry)
             }
         }
     }
@@ -1259,6 +1418,8 @@ impl<D: Driver> Conn<D> {
         mut prepare: Option<&mut PrepareCapture>,
     ) -> Result<(), RelayError> {
         let strip = !self.s.wants_tracking();
+        // A kept statement's first packet may say the writer turned read-only.
+        let mut first = self.retryable;
         loop {
             // Walk the complete packets already buffered; `out` holds a rewritten copy once
             // a packet had to change size.
@@ -1270,6 +1431,9 @@ impl<D: Driver> Conn<D> {
                     break;
                 };
                 let (start, p0, end) = (scanned, scanned + 4, scanned + h.total());
+                if std::mem::take(&mut first) && read_only_refusal(&b.conn.buf.filled()[p0..end]) {
+                    return Err(RelayError::ReadOnly);
+                }
                 step = tracker
                     .feed(h, &b.conn.buf.filled()[p0..end])
                     .map_err(|e| RelayError::Backend(e.to_string()))?;
@@ -1366,9 +1530,18 @@ impl<D: Driver> Conn<D> {
             // A client that hangs up while its statement runs (a long SELECT SLEEP, a lock
             // wait) is noticed at once: the statement is killed with the connection.
             let conn = &mut *b.conn;
-            let read = read_watching_peer(conn.stream.read(&mut conn.buf), self.client.raw_fd());
-            let read = read.await.map_err(|gone| {
-                RelayError::Client(io::Error::new(io::ErrorKind::ConnectionAborted, gone))
+            let topology = &self.pool.shared.topology;
+            let target = b.target;
+            let read = read_watching_peer(
+                conn.stream.read(&mut conn.buf),
+                self.client.raw_fd(),
+                || topology.load().is_down(target),
+            );
+            let read = read.await.map_err(|why| match why {
+                GaveUp::PeerGone => {
+                    RelayError::Client(io::Error::new(io::ErrorKind::ConnectionAborted, why))
+                }
+                GaveUp::TargetDown => RelayError::Backend(why.to_string()),
             })?;
             match read {
                 Ok(0) => {
@@ -1384,17 +1557,23 @@ impl<D: Driver> Conn<D> {
 
     /// LOAD DATA LOCAL INFILE: the client streams the file as packets ended by an empty one.
     async fn relay_infile(&mut self, b: &mut Pooled<D::Stream>) -> Result<(), RelayError> {
+        let mut failed = None;
         loop {
             let h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
                 .await
                 .map_err(RelayError::Client)?;
-            b.conn
-                .stream
-                .write(&mut self.cbuf, h.total())
-                .await
-                .map_err(|e| RelayError::Backend(e.to_string()))?;
+            if failed.is_some() {
+                // The database is gone; the client's file is read to its end all the same,
+                // so that the error lands where the client expects an answer.
+                self.cbuf.consume(h.total());
+            } else if let Err(e) = b.conn.stream.write(&mut self.cbuf, h.total()).await {
+                failed = Some(e.to_string());
+            }
             if h.len == 0 {
-                return Ok(());
+                return match failed {
+                    Some(why) => Err(RelayError::Backend(why)),
+                    None => Ok(()),
+                };
             }
         }
     }
@@ -1405,19 +1584,48 @@ impl<D: Driver> Conn<D> {
         }
     }
 
+    /// The connection borrowed for a kept command failed before the command was sent:
+    /// the command goes again (on another connection) instead of failing.
+    fn unsent(&mut self) -> Option<SessionEnd> {
+        if !self.retryable {
+            return None;
+        }
+        if let Some(b) = self.backend.take() {
+            self.pool.lost(b, "failed before a statement was sent");
+        }
+        Some(SessionEnd::Retry)
+    }
+
     async fn backend_lost(&mut self, seq: u8, why: &str) -> SessionEnd {
         self.drop_backend();
         self.client_told_backend_lost(seq, why).await
     }
 
     async fn client_told_backend_lost(&mut self, seq: u8, why: &str) -> SessionEnd {
-        let e = ErrPacket::new(
-            errcode::PROXY_BACKEND_LOST,
-            "08S01",
-            format!("(dbproxy) lost the database connection: {why}"),
-        );
-        let _ = write_packet(&mut self.client, seq.wrapping_add(1), &e.encode()).await;
-        SessionEnd::Backend(why.to_string())
+        let e = self.lost_error(why);
+        if let Err(e) = write_packet(&mut self.client, seq.wrapping_add(1), &e.encode()).await {
+            return SessionEnd::Client(e);
+        }
+        SessionEnd::Lost(why.to_string())
+    }
+
+    /// What a client whose statement was in flight on a connection that failed is told.
+    /// Its session goes on; a transaction it had open is gone (rolled back by the server,
+    /// or with it), which SQLSTATE 40001 says to every driver.
+    fn lost_error(&self, why: &str) -> ErrPacket {
+        if self.s.status & status::IN_TRANS != 0 {
+            ErrPacket::new(
+                errcode::PROXY_BACKEND_LOST,
+                "40001",
+                format!("(dbproxy) the database connection failed during the transaction, which was rolled back; the session stays open: {why}"),
+            )
+        } else {
+            ErrPacket::new(
+                errcode::PROXY_BACKEND_LOST,
+                "HY000",
+                format!("(dbproxy) the database connection failed during the statement, whose outcome is unknown; the session stays open: {why}"),
+            )
+        }
     }
 
     /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
@@ -1864,6 +2072,23 @@ impl<D: Driver> Conn<D> {
 enum RelayError {
     Client(io::Error),
     Backend(String),
+    /// The writer refused a kept statement as read-only (see [`SessionEnd::Retry`]).
+    ReadOnly,
+}
+
+/// Whether an ERR packet is the server refusing a write because it is read-only
+/// (ER_OPTION_PREVENTS_STATEMENT for --read-only, or ER_READ_ONLY_MODE).
+fn read_only_refusal(payload: &[u8]) -> bool {
+    if payload.first() != Some(&0xff) {
+        return false;
+    }
+    match ErrPacket::parse(payload) {
+        Ok(e) => {
+            (e.code == errcode::ER_OPTION_PREVENTS_STATEMENT && e.message.contains("read-only"))
+                || e.code == errcode::ER_READ_ONLY_MODE
+        }
+        Err(_) => false,
+    }
 }
 
 /// A client's statement as [`Conn::run_statement`] serves it.

@@ -12,6 +12,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
+use parking_lot::Mutex;
 use proxy_common::{DenyEvent, Dest4, Dest6, PRESENT};
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -56,9 +57,42 @@ pub struct GuardStats {
     pub protected: AtomicU64,
 }
 
+/// The guard's protected destinations, which follow the targets' addresses.
+pub struct Protected {
+    v4: Mutex<BpfHashMap<MapData, Dest4, u8>>,
+    v6: Mutex<BpfHashMap<MapData, Dest6, u8>>,
+    stats: Arc<GuardStats>,
+}
+
+impl Protected {
+    /// Protects `addr` too (a target found at a new address); old addresses stay
+    /// protected.
+    pub fn protect(&self, addr: SocketAddr) {
+        let (v4, v6) = destinations(&[addr], &[]);
+        let mut added = 0;
+        for d in v4 {
+            let mut m = self.v4.lock();
+            if m.get(&d, 0).is_err() && m.insert(d, PRESENT, 0).is_ok() {
+                added += 1;
+            }
+        }
+        for d in v6 {
+            let mut m = self.v6.lock();
+            if m.get(&d, 0).is_err() && m.insert(d, PRESENT, 0).is_ok() {
+                added += 1;
+            }
+        }
+        if added > 0 {
+            self.stats.protected.fetch_add(added, Ordering::Relaxed);
+            tracing::info!(%addr, "guard: protecting a target's new address");
+        }
+    }
+}
+
 /// A running guard. Dropping it detaches the programs unless their links are pinned.
 pub struct Guard {
     pub stats: Arc<GuardStats>,
+    pub protected: Arc<Protected>,
     pub attach_cgroup: PathBuf,
     pub proxy_cgroup_id: u64,
     _ebpf: Ebpf,
@@ -306,6 +340,15 @@ impl Guard {
         stats
             .protected
             .store((want4.len() + want6.len()) as u64, Ordering::Relaxed);
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| GuardError::Map(format!("map {name} missing")))
+        };
+        let protected = Arc::new(Protected {
+            v4: Mutex::new(BpfHashMap::try_from(take(&mut ebpf, "PROTECTED4")?).map_err(map_err)?),
+            v6: Mutex::new(BpfHashMap::try_from(take(&mut ebpf, "PROTECTED6")?).map_err(map_err)?),
+            stats: stats.clone(),
+        });
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| GuardError::Map("map EVENTS missing".into()))?;
@@ -325,6 +368,7 @@ impl Guard {
         );
         Ok(Guard {
             stats,
+            protected,
             attach_cgroup: attach,
             proxy_cgroup_id: own,
             _ebpf: ebpf,

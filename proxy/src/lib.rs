@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backend_conn;
 pub mod clients;
 pub mod config;
 pub mod conn;
@@ -12,3 +13,4 @@ pub mod mysql;
 pub mod pool;
 pub mod runtime;
 pub mod session;
+pub mod topology;

@@ -2,14 +2,16 @@
 //! pools; the io backend is chosen here (io_uring, or epoll as the fallback).
 
 use crate::auth::Users;
+use crate::backend_conn::BackendConn;
 use crate::config::{Config, IoMode};
 use crate::guard::{Guard, GuardStats};
 use crate::io::epoll::Epoll;
 use crate::io::uring::{self, Uring};
 use crate::io::{reuseport_listener, Driver};
 use crate::mysql::consts::cap;
-use crate::pool::backend::BackendConn;
 use crate::pool::{CorePool, GroupShared};
+use crate::topology::monitor::{GroupMonitor, SystemResolver};
+use crate::topology::{Route, Topology};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -40,7 +42,11 @@ pub enum StartError {
 pub struct ProxyShared {
     pub config: Config,
     pub users: Users,
+    /// Pools by [`GroupShared::id`]: each target group's writer pool, and its reader pool
+    /// when a read-only endpoint uses the group.
     pub groups: HashMap<String, Arc<GroupShared>>,
+    /// Each target group's topology, by group name.
+    pub topologies: HashMap<String, Arc<Topology>>,
     /// The kernel guard's counters, when it runs.
     pub guard: Option<Arc<GuardStats>>,
     /// Client connections open now.
@@ -55,24 +61,38 @@ pub struct ProxyShared {
 impl ProxyShared {
     pub fn new(config: Config, guard: Option<Arc<GuardStats>>) -> Result<Arc<Self>, StartError> {
         let mut groups = HashMap::new();
+        let mut topologies = HashMap::new();
         for g in &config.target_groups {
-            let first = g.targets.first().ok_or_else(|| {
-                StartError::Config(format!("target group '{}' has no targets", g.name))
-            })?;
-            let addr = crate::config::parse_target(first)
-                .map_err(StartError::Config)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| StartError::Config(format!("target {first} resolves to nothing")))?;
-            groups.insert(
-                g.name.clone(),
-                GroupShared::new(g, addr, config.proxy.verify_checkin),
-            );
+            if g.targets.is_empty() {
+                return Err(StartError::Config(format!(
+                    "target group '{}' has no targets",
+                    g.name
+                )));
+            }
+            let topology = Topology::new(&g.name, &g.targets);
+            let mut routes = vec![Route::Writer];
+            if config
+                .endpoints
+                .iter()
+                .any(|e| e.target_group == g.name && e.role == crate::config::Role::ReadOnly)
+            {
+                routes.push(Route::Reader {
+                    max_lag: g.max_replication_lag,
+                    fallback: g.reader_fallback,
+                });
+            }
+            for route in routes {
+                let pool =
+                    GroupShared::new(g, topology.clone(), route, config.proxy.verify_checkin);
+                groups.insert(pool.id.clone(), pool);
+            }
+            topologies.insert(g.name.clone(), topology);
         }
         Ok(Arc::new(ProxyShared {
             users: Users::new(&config.users),
             config,
             groups,
+            topologies,
             guard,
             clients: AtomicUsize::new(0),
             sessions: Arc::default(),
@@ -168,8 +188,15 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         for g in &config.target_groups {
             for t in &g.targets {
                 // The guard hooks connect() on IP sockets; Unix socket targets are
-                // protected by their file permissions.
-                let addrs = crate::config::parse_target(t).map_err(StartError::Config)?;
+                // protected by their file permissions. A name that does not resolve yet
+                // is protected once the monitor finds it.
+                let addrs = match crate::config::parse_target(t) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(target = %t, "guard: not protected until it resolves: {e}");
+                        continue;
+                    }
+                };
                 targets.extend(addrs.into_iter().filter_map(|a| match a {
                     crate::io::BackendAddr::Tcp(a) => Some(a),
                     crate::io::BackendAddr::Unix(_) => None,
@@ -181,6 +208,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         None
     };
     let shared = ProxyShared::new(config, guard.as_ref().map(|g| g.stats.clone()))?;
+    start_monitor(&shared, guard.as_ref().map(|g| g.protected.clone()))?;
     learn_server_profiles(&shared);
     if !shared.config.admin.listen.is_empty() {
         let addr: SocketAddr = shared.config.admin.listen.parse().map_err(|_| {
@@ -205,7 +233,11 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 addr,
                 source,
             })?;
-            ls.push((e.target_group.clone(), l));
+            let pool = match e.role {
+                crate::config::Role::ReadWrite => e.target_group.clone(),
+                crate::config::Role::ReadOnly => format!("{}/read_only", e.target_group),
+            };
+            ls.push((pool, l));
         }
         per_worker.push(ls);
     }
@@ -309,8 +341,70 @@ async fn worker<D: Driver>(
     }
 }
 
-/// Logs in once to each target group's writer to learn the version and capabilities
-/// clients are greeted with. A backend that is down now is learned at its first use.
+/// Starts the health-check monitor of every target group, and waits (up to each group's
+/// `connect_timeout`) for its first decision, so that the first clients find the roles
+/// known.
+fn start_monitor(
+    shared: &Arc<ProxyShared>,
+    guard: Option<Arc<crate::guard::Protected>>,
+) -> Result<(), StartError> {
+    let mut monitors = Vec::new();
+    for g in &shared.config.target_groups {
+        let Some(topology) = shared.topologies.get(&g.name) else {
+            continue;
+        };
+        let creds = match (&g.monitor_user, &g.monitor_password) {
+            (Some(user), Some(password)) => crate::mysql::backend::Credentials {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            _ => match shared.config.users.first() {
+                Some(u) => crate::mysql::backend::Credentials {
+                    user: u.backend_user().to_string(),
+                    password: u.backend_password.clone(),
+                },
+                None => return Err(StartError::Config("no users".into())),
+            },
+        };
+        monitors.push(GroupMonitor {
+            topology: topology.clone(),
+            targets: g.targets.clone(),
+            interval: g.health_check_interval,
+            // A check gives up after the interval (at least 200 ms, at most connect_timeout).
+            timeout: g
+                .health_check_interval
+                .max(Duration::from_millis(200))
+                .min(g.connect_timeout),
+            failure_threshold: g.failure_threshold,
+            creds: Arc::new(creds),
+        });
+    }
+    let on_address: Option<crate::topology::monitor::OnAddress> =
+        guard.map(|p| Arc::new(move |a| p.protect(a)) as _);
+    crate::topology::monitor::start(monitors, Arc::new(SystemResolver), on_address)
+        .map_err(StartError::Thread)?;
+    for g in &shared.config.target_groups {
+        let Some(t) = shared.topologies.get(&g.name) else {
+            continue;
+        };
+        let until = std::time::Instant::now() + g.connect_timeout;
+        while t.stats.checks.load(Ordering::Relaxed) < g.targets.len() as u64
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let snap = t.load();
+        match snap.writer.and_then(|w| snap.targets.get(w)) {
+            Some(w) => tracing::info!(group = %g.name, writer = %w.name, "target group ready"),
+            None => tracing::warn!(group = %g.name, "no writer found yet: statements wait for one"),
+        }
+    }
+    Ok(())
+}
+
+/// Logs in once to each target group's writer (or any target that is up) to learn the
+/// version and capabilities clients are greeted with. A backend that is down now is
+/// learned at its first use.
 fn learn_server_profiles(shared: &Arc<ProxyShared>) {
     let Some(user) = shared.config.users.first() else {
         return;
@@ -326,15 +420,24 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         return;
     };
     for g in shared.groups.values() {
+        let addr = {
+            let snap = g.topology.load();
+            let up = snap.targets.iter().position(|t| t.up);
+            snap.writer.or(up).and_then(|i| snap.addr(i).cloned())
+        };
+        let Some(addr) = addr else {
+            tracing::warn!(group = %g.name, "no target is up yet");
+            continue;
+        };
         let res = rt.block_on(async {
             tokio::time::timeout(g.connect_timeout, async {
-                let s = Epoll::connect(&g.writer).await?;
+                let s = Epoll::connect(&addr).await?;
                 let deadline = tokio::time::Instant::now() + g.connect_timeout;
                 let (conn, profile) =
                     BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 0, 45, deadline)
                         .await?;
                 conn.quit().await;
-                Ok::<_, crate::pool::backend::BackendError>(profile)
+                Ok::<_, crate::backend_conn::BackendError>(profile)
             })
             .await
         });
@@ -344,10 +447,10 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
                 *g.profile.write() = p;
             }
             Ok(Err(e)) => {
-                tracing::warn!(group = %g.name, "backend {} not usable yet: {e}", g.writer)
+                tracing::warn!(group = %g.name, "backend {addr} not usable yet: {e}")
             }
             Err(_) => {
-                tracing::warn!(group = %g.name, "backend {} did not answer within connect_timeout", g.writer)
+                tracing::warn!(group = %g.name, "backend {addr} did not answer within connect_timeout")
             }
         }
     }

@@ -80,7 +80,7 @@ pub fn render(shared: &ProxyShared) -> String {
         shared.clients.load(Ordering::Relaxed)
     );
     let mut groups: Vec<_> = shared.groups.values().collect();
-    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    groups.sort_by(|a, b| a.id.cmp(&b.id));
     let series: [Series; 11] = [
         (
             "dbproxy_backend_connections",
@@ -152,9 +152,10 @@ pub fn render(shared: &ProxyShared) -> String {
     for (name, kind, help, get) in series {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for g in &groups {
-            let _ = writeln!(o, "{name}{{target_group=\"{}\"}} {}", g.name, get(g));
+            let _ = writeln!(o, "{name}{{{}}} {}", g.labels, get(g));
         }
     }
+    render_topology(&mut o, shared);
     if let Some(g) = &shared.guard {
         let _ = writeln!(o, "# HELP dbproxy_guard_denials_total connect() calls to the database the kernel refused.\n# TYPE dbproxy_guard_denials_total counter");
         let _ = writeln!(
@@ -186,16 +187,16 @@ pub fn render(shared: &ProxyShared) -> String {
                 .map_or("+Inf".to_string(), |b| b.to_string());
             let _ = writeln!(
                 o,
-                "dbproxy_borrow_wait_seconds_bucket{{target_group=\"{}\",le=\"{le}\"}} {cumulative}",
-                g.name
+                "dbproxy_borrow_wait_seconds_bucket{{{},le=\"{le}\"}} {cumulative}",
+                g.labels
             );
         }
         let _ = writeln!(
             o,
-            "dbproxy_borrow_wait_seconds_sum{{target_group=\"{}\"}} {}\ndbproxy_borrow_wait_seconds_count{{target_group=\"{}\"}} {cumulative}",
-            g.name,
+            "dbproxy_borrow_wait_seconds_sum{{{}}} {}\ndbproxy_borrow_wait_seconds_count{{{}}} {cumulative}",
+            g.labels,
             g.stats.borrow_wait_us.load(Ordering::Relaxed) as f64 / 1e6,
-            g.name
+            g.labels
         );
     }
     let _ = writeln!(
@@ -207,8 +208,8 @@ pub fn render(shared: &ProxyShared) -> String {
             let n = g.stats.pins_started[r.index()].load(Ordering::Relaxed);
             let _ = writeln!(
                 o,
-                "dbproxy_pins_total{{target_group=\"{}\",reason=\"{}\"}} {n}",
-                g.name,
+                "dbproxy_pins_total{{{},reason=\"{}\"}} {n}",
+                g.labels,
                 r.name()
             );
         }
@@ -225,13 +226,133 @@ pub fn render(shared: &ProxyShared) -> String {
                 .max(0);
             let _ = writeln!(
                 o,
-                "dbproxy_pinned_clients{{target_group=\"{}\",reason=\"{}\"}} {n}",
-                g.name,
+                "dbproxy_pinned_clients{{{},reason=\"{}\"}} {n}",
+                g.labels,
                 r.name()
             );
         }
     }
     o
+}
+
+/// A per-target-group topology series: name, type, help, how to read it.
+type TopologySeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::topology::Topology) -> String,
+);
+
+/// Each target's role, health and lag; failovers and their last times.
+fn render_topology(o: &mut String, shared: &ProxyShared) {
+    use crate::topology::TargetRole;
+    let mut topologies: Vec<_> = shared.topologies.values().collect();
+    topologies.sort_by(|a, b| a.group.cmp(&b.group));
+    let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        o,
+        "dbproxy_target_up",
+        "gauge",
+        "1 when the target's last health checks passed.",
+    );
+    for t in &topologies {
+        for v in &t.load().targets {
+            let _ = writeln!(
+                o,
+                "dbproxy_target_up{{target_group=\"{}\",target=\"{}\"}} {}",
+                t.group,
+                v.name,
+                u8::from(v.up)
+            );
+        }
+    }
+    head(
+        o,
+        "dbproxy_target_role",
+        "gauge",
+        "1 for each target's current role (writer, reader, unavailable).",
+    );
+    for t in &topologies {
+        for v in &t.load().targets {
+            for r in [
+                TargetRole::Writer,
+                TargetRole::Reader,
+                TargetRole::Unavailable,
+            ] {
+                let _ = writeln!(
+                    o,
+                    "dbproxy_target_role{{target_group=\"{}\",target=\"{}\",role=\"{}\"}} {}",
+                    t.group,
+                    v.name,
+                    r.name(),
+                    u8::from(v.role == r)
+                );
+            }
+        }
+    }
+    head(
+        o,
+        "dbproxy_target_replication_lag_seconds",
+        "gauge",
+        "Seconds behind its primary (-1: not replicating, stopped or unknown).",
+    );
+    for t in &topologies {
+        for v in &t.load().targets {
+            let _ = writeln!(
+                o,
+                "dbproxy_target_replication_lag_seconds{{target_group=\"{}\",target=\"{}\"}} {}",
+                t.group,
+                v.name,
+                v.lag.seconds()
+            );
+        }
+    }
+    let per_group: [TopologySeries; 6] = [
+        (
+            "dbproxy_failovers_total",
+            "counter",
+            "New writers chosen after the writer was lost.",
+            |t| t.stats.failovers.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "dbproxy_writer_lost_total",
+            "counter",
+            "Times the writer failed or turned read-only.",
+            |t| t.stats.writer_lost.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "dbproxy_last_failover_detection_seconds",
+            "gauge",
+            "Last writer loss: first failed check to the writer marked down.",
+            |t| (t.stats.last_detection_us.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
+        ),
+        (
+            "dbproxy_last_failover_recovery_seconds",
+            "gauge",
+            "Last writer loss: writer marked down to the first statement served on the new writer.",
+            |t| (t.stats.last_recovery_us.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
+        ),
+        (
+            "dbproxy_health_checks_total",
+            "counter",
+            "Health checks run.",
+            |t| t.stats.checks.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "dbproxy_health_check_failures_total",
+            "counter",
+            "Health checks that failed.",
+            |t| t.stats.failed_checks.load(Ordering::Relaxed).to_string(),
+        ),
+    ];
+    for (name, kind, help, get) in per_group {
+        head(o, name, kind, help);
+        for t in &topologies {
+            let _ = writeln!(o, "{name}{{target_group=\"{}\"}} {}", t.group, get(t));
+        }
+    }
 }
 
 /// Fetches `/metrics` from a running dbproxy's admin endpoint (`dbproxy status`).

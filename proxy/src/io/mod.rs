@@ -84,6 +84,19 @@ impl Buf {
         }
     }
 
+    /// Puts `b` back in front of the unread bytes (a command to serve again).
+    pub fn unread(&mut self, b: &[u8]) {
+        if self.start >= b.len() && self.data.get(self.start - b.len()..self.start) == Some(b) {
+            self.start -= b.len();
+            return;
+        }
+        let rest = self.data.split_off(self.start);
+        self.data.clear();
+        self.start = 0;
+        self.data.extend_from_slice(b);
+        self.data.extend_from_slice(&rest);
+    }
+
     /// Appends bytes (used for packets dbproxy writes itself).
     pub fn extend(&mut self, b: &[u8]) {
         self.reserve(b.len());
@@ -198,25 +211,36 @@ pub fn peer_hung_up(fd: RawFd) -> bool {
 /// How often a read from the database that is taking long checks on the client.
 pub const PEER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The client hung up while dbproxy waited on the database for it.
+/// Why a read from the database was given up.
 #[derive(Debug, thiserror::Error)]
-#[error("the client hung up while its statement ran")]
-pub struct PeerGone;
+pub enum GaveUp {
+    /// The client hung up while dbproxy waited on the database for it.
+    #[error("the client hung up while its statement ran")]
+    PeerGone,
+    /// The database was marked down while the statement ran.
+    #[error("the database was marked down while the statement ran")]
+    TargetDown,
+}
 
 /// Awaits `read` (from the database, on behalf of the client on `peer`) and, every
-/// [`PEER_CHECK`] it waits, checks that the client is still there. On [`PeerGone`] the
-/// read is dropped unfinished: the stream it came from must be closed.
+/// [`PEER_CHECK`] it waits, checks that the client is still there and that the database
+/// is not marked `down`. When it gives up, the read is dropped unfinished: the stream it
+/// came from must be closed.
 pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
     read: F,
     peer: RawFd,
-) -> Result<io::Result<usize>, PeerGone> {
+    down: impl Fn() -> bool,
+) -> Result<io::Result<usize>, GaveUp> {
     tokio::pin!(read);
     loop {
         tokio::select! {
             r = &mut read => return Ok(r),
             _ = tokio::time::sleep(PEER_CHECK) => {
                 if peer_hung_up(peer) {
-                    return Err(PeerGone);
+                    return Err(GaveUp::PeerGone);
+                }
+                if down() {
+                    return Err(GaveUp::TargetDown);
                 }
             }
         }

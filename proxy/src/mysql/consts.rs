@@ -141,6 +141,10 @@ pub mod errcode {
     pub const ER_ACCESS_DENIED_ERROR: u16 = 1045;
     pub const ER_UNKNOWN_COM_ERROR: u16 = 1047;
     pub const ER_NO_SUCH_THREAD: u16 = 1094;
+    /// `--read-only` and other options that refuse a statement.
+    pub const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
+    /// MySQL's read-only mode.
+    pub const ER_READ_ONLY_MODE: u16 = 1836;
     pub const ER_KILL_DENIED_ERROR: u16 = 1095;
     pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
     pub const ER_QUERY_INTERRUPTED: u16 = 1317;

@@ -8,17 +8,16 @@
 //! another key so that the budget frees up. Connections are only ever touched by the
 //! worker that holds them.
 
-pub mod backend;
-
+use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile};
 use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{idle_socket_is_healthy, BackendAddr, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
 use crate::session::pins::PinReason;
-use backend::{BackendConn, BackendError, ServerProfile};
+use crate::topology::{Choice, Route, Snapshot, Topology};
 use parking_lot::{Mutex, RwLock};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +36,17 @@ pub enum BorrowError {
         group: String,
         source: BackendError,
     },
+    #[error("target group '{group}': {why}")]
+    Unavailable { group: String, why: String },
+}
+
+/// Why [`CorePool::acquire`] handed nothing out.
+enum AcquireError {
+    /// The chosen target is no longer the route's: choose again.
+    Moved,
+    /// It could not be reached: the monitor should look at it.
+    Unreachable(BorrowError),
+    Failed(BorrowError),
 }
 
 /// What a pooled connection was negotiated for: only clients that match may use it.
@@ -174,7 +184,16 @@ struct Starving {
 /// State of a target group shared by all cores.
 pub struct GroupShared {
     pub name: String,
-    pub writer: BackendAddr,
+    /// The pool's key in `ProxyShared::groups`: the group's name, with `/read_only` for
+    /// the pool of its read-only endpoints.
+    pub id: String,
+    /// Prometheus labels of this pool (`target_group`, and the role for read-only pools).
+    pub labels: String,
+    /// What this pool serves: the group's writer, or its readers.
+    pub route: Route,
+    pub topology: Arc<Topology>,
+    /// Connections borrowed now, per target (readers are chosen by the fewest).
+    pub borrowed_at: Vec<AtomicUsize>,
     pub budget: Arc<Semaphore>,
     pub max_connections: usize,
     pub max_idle: usize,
@@ -200,10 +219,26 @@ pub struct GroupShared {
 }
 
 impl GroupShared {
-    pub fn new(cfg: &TargetGroupConfig, writer: BackendAddr, verify_checkin: bool) -> Arc<Self> {
+    pub fn new(
+        cfg: &TargetGroupConfig,
+        topology: Arc<Topology>,
+        route: Route,
+        verify_checkin: bool,
+    ) -> Arc<Self> {
+        let (id, labels) = match route {
+            Route::Writer => (cfg.name.clone(), format!("target_group=\"{}\"", cfg.name)),
+            Route::Reader { .. } => (
+                format!("{}/read_only", cfg.name),
+                format!("target_group=\"{}\",role=\"read_only\"", cfg.name),
+            ),
+        };
         Arc::new(GroupShared {
             name: cfg.name.clone(),
-            writer,
+            id,
+            labels,
+            route,
+            borrowed_at: crate::topology::borrowed_counters(cfg.targets.len()),
+            topology,
             budget: Arc::new(Semaphore::new(cfg.max_connections)),
             max_connections: cfg.max_connections,
             max_idle: cfg.max_idle_connections,
@@ -227,6 +262,12 @@ impl GroupShared {
     /// Backend connections open now (idle and in use, all cores).
     pub fn open_connections(&self) -> usize {
         self.max_connections - self.budget.available_permits()
+    }
+
+    /// Whether `c` may still serve this pool's route (its target still has the role, in
+    /// the same epoch).
+    fn still_valid<S>(&self, snap: &Snapshot, c: &Pooled<S>) -> bool {
+        snap.valid(self.route, c.target, c.epoch)
     }
 
     /// Whether any borrower may be starving (cheap; no lock).
@@ -303,6 +344,11 @@ pub struct Pooled<S> {
     /// The client it serves (for KILL), from [`Pooled::hold`] until the pool takes the
     /// connection back.
     holder: Option<Arc<ClientSlot>>,
+    /// The target (index in the group's topology) and the epoch it was opened in.
+    pub target: usize,
+    pub epoch: u64,
+    /// Counted in the group's `borrowed_at`.
+    lent: bool,
 }
 
 /// Monotonic time at the kernel tick's resolution (a few ms): cheap enough to read on
@@ -350,7 +396,7 @@ impl<S: Stream> Pooled<S> {
 impl<S> Pooled<S> {
     /// Records that `client` holds this connection now.
     pub fn hold(&mut self, client: &Arc<ClientSlot>) {
-        client.serve(self.conn.thread_id);
+        client.serve(self.conn.thread_id, self.target);
         self.holder = Some(client.clone());
     }
 
@@ -368,6 +414,9 @@ impl<S> Pooled<S> {
             permit: self.permit,
             idle_since: self.idle_since,
             holder: self.holder,
+            target: self.target,
+            epoch: self.epoch,
+            lent: self.lent,
         })
     }
 }
@@ -376,11 +425,12 @@ impl<S> Pooled<S> {
 /// must get through when every pooled connection is busy); the caller quits it.
 pub async fn side_connection<D: Driver>(
     group: &GroupShared,
+    addr: &BackendAddr,
     creds: Arc<Credentials>,
 ) -> Result<BackendConn<D::Stream>, BackendError> {
     let deadline = tokio::time::Instant::now() + group.connect_timeout;
     let open = async {
-        let stream = D::connect(&group.writer).await?;
+        let stream = D::connect(addr).await?;
         BackendConn::login(
             stream,
             creds,
@@ -401,9 +451,14 @@ pub async fn side_connection<D: Driver>(
 }
 
 /// `KILL CONNECTION thread_id` from a side connection; a thread that ended already is fine.
-pub async fn kill_thread<D: Driver>(group: &GroupShared, creds: Arc<Credentials>, thread_id: u32) {
+pub async fn kill_thread<D: Driver>(
+    group: &GroupShared,
+    addr: &BackendAddr,
+    creds: Arc<Credentials>,
+    thread_id: u32,
+) {
     let sql = format!("KILL CONNECTION {thread_id}");
-    let r = match side_connection::<D>(group, creds).await {
+    let r = match side_connection::<D>(group, addr, creds).await {
         Ok(mut c) => {
             let r = c
                 .command(
@@ -422,6 +477,10 @@ pub async fn kill_thread<D: Driver>(group: &GroupShared, creds: Arc<Credentials>
         Ok(Err(e)) => {
             tracing::warn!(group = %group.name, thread_id, "could not kill a backend thread: {e}")
         }
+        // The server is gone, and the thread with it.
+        Err(BackendError::Io(e)) => {
+            tracing::debug!(group = %group.name, thread_id, %addr, "could not kill a backend thread: {e}")
+        }
         Err(e) => {
             tracing::warn!(group = %group.name, thread_id, "could not kill a backend thread: {e}")
         }
@@ -439,6 +498,8 @@ pub struct CorePool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<KeyMap<Vec<Pooled<D::Stream>>>>,
     waiters: RefCell<KeyMap<VecDeque<Waiter<D::Stream>>>>,
+    /// The topology generation idle connections were last checked against.
+    pruned: Cell<u64>,
 }
 
 impl<D: Driver> CorePool<D> {
@@ -447,58 +508,149 @@ impl<D: Driver> CorePool<D> {
             shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
+            pruned: Cell::new(0),
         })
     }
 
-    /// Hands out a connection for `key`, preferring an idle one whose default database is
-    /// `db`; the caller brings its session state over. Waits up to the group's
-    /// `connection_borrow_timeout`.
+    /// Hands out a connection for `key` on this pool's route (the writer, or the least
+    /// busy fit reader), preferring an idle one whose default database is `db`; the caller
+    /// brings its session state over. While the route has no target (the writer is lost,
+    /// no reader is fit and the fallback says wait) or its target is being checked after
+    /// a failure, the borrower waits for the topology to change: up to the group's
+    /// `connection_borrow_timeout` in all.
     pub async fn borrow(
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
-        let conn = match self.take_idle(key, db) {
-            Some(c) => {
-                self.shared.stats.borrow_waits[0].fetch_add(1, Ordering::Relaxed);
-                c
+        let sh = &self.shared;
+        let topo = &sh.topology;
+        let mut start = None;
+        let mut unreachable = 0;
+        loop {
+            let changed = topo.changed();
+            let choice = {
+                let snap = topo.load();
+                if snap.generation != self.pruned.get() {
+                    self.prune_stale(&snap);
+                }
+                snap.choose(sh.route, &sh.borrowed_at)
+            };
+            let why = match choice {
+                Choice::Target(t, epoch) if !topo.suspected(t) => {
+                    if start.is_none() {
+                        if let Some(c) = self.take_idle(key, db, t, epoch) {
+                            sh.stats.borrow_waits[0].fetch_add(1, Ordering::Relaxed);
+                            return Ok(self.lend(c));
+                        }
+                    }
+                    let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+                    let deadline = begun + sh.borrow_timeout;
+                    match self.acquire(key, db, deadline, t, epoch).await {
+                        Ok(c) => {
+                            sh.stats.borrow_waited(begun.elapsed());
+                            return Ok(self.lend(c));
+                        }
+                        Err(AcquireError::Moved) => continue,
+                        Err(AcquireError::Failed(e)) => return Err(e),
+                        Err(AcquireError::Unreachable(e)) => {
+                            // Let the monitor look; a target it still finds fine after two
+                            // such failures has another problem: say it.
+                            unreachable += 1;
+                            if unreachable > 2 {
+                                return Err(e);
+                            }
+                            topo.suspect(t);
+                            e.to_string()
+                        }
+                    }
+                }
+                Choice::Target(t, _) => format!(
+                    "target {} is being checked",
+                    topo.load().targets.get(t).map_or("?", |t| t.name.as_str())
+                ),
+                Choice::Wait(why) => why,
+                Choice::Fail(why) => {
+                    return Err(BorrowError::Unavailable {
+                        group: sh.name.clone(),
+                        why,
+                    })
+                }
+            };
+            let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+            if tokio::time::timeout_at(begun + sh.borrow_timeout, changed)
+                .await
+                .is_err()
+            {
+                sh.stats.borrow_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(BorrowError::Unavailable {
+                    group: sh.name.clone(),
+                    why: format!(
+                        "{why} (waited connection_borrow_timeout, {:?})",
+                        sh.borrow_timeout
+                    ),
+                });
             }
-            None => {
-                let start = tokio::time::Instant::now();
-                let deadline = start + self.shared.borrow_timeout;
-                let got = self.acquire(key, db, deadline).await;
-                self.shared.stats.borrow_waited(start.elapsed());
-                got?
-            }
-        };
-        self.shared.stats.borrowed.fetch_add(1, Ordering::Relaxed);
-        Ok(conn)
+        }
     }
 
-    fn connect_error(&self, source: BackendError) -> BorrowError {
+    /// A connection leaves the pool for a client.
+    fn lend(&self, mut c: Pooled<D::Stream>) -> Pooled<D::Stream> {
+        let sh = &self.shared;
+        sh.stats.borrowed.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = sh.borrowed_at.get(c.target) {
+            n.fetch_add(1, Ordering::Relaxed);
+            c.lent = true;
+        }
+        if sh.route == Route::Writer {
+            sh.topology.served_on_writer();
+        }
+        c
+    }
+
+    /// A connection comes back from its client.
+    fn returned(&self, c: &mut Pooled<D::Stream>) {
+        c.unhold();
+        if std::mem::take(&mut c.lent) {
+            if let Some(n) = self.shared.borrowed_at.get(c.target) {
+                n.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn connect_error(&self, addr: BackendAddr, source: BackendError) -> AcquireError {
         self.shared
             .stats
             .connect_errors
             .fetch_add(1, Ordering::Relaxed);
-        BorrowError::Connect {
-            addr: self.shared.writer.clone(),
+        let unreachable = matches!(source, BackendError::Io(_));
+        let e = BorrowError::Connect {
+            addr,
             group: self.shared.name.clone(),
             source,
+        };
+        if unreachable {
+            AcquireError::Unreachable(e)
+        } else {
+            AcquireError::Failed(e)
         }
     }
 
+    /// A connection of `target` in `epoch` (idle, handed over, or opened).
     async fn acquire(
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
         deadline: tokio::time::Instant,
-    ) -> Result<Pooled<D::Stream>, BorrowError> {
+        target: usize,
+        epoch: u64,
+    ) -> Result<Pooled<D::Stream>, AcquireError> {
         loop {
-            if let Some(c) = self.take_idle(key, db) {
+            if let Some(c) = self.take_idle(key, db, target, epoch) {
                 return Ok(c);
             }
             if let Ok(permit) = self.shared.budget.clone().try_acquire_owned() {
-                return self.open(key, permit).await;
+                return self.open(key, permit, target, epoch).await;
             }
             // The budget is spent: close an idle connection of another key on this core.
             if self.evict_one_local(None) {
@@ -543,6 +695,7 @@ impl<D: Driver> CorePool<D> {
             got.extend(rx.try_recv().ok().map(Got::Local));
             got.extend(rrx.try_recv().ok().map(Got::Moved));
             let mut chosen = None;
+            let snap = self.shared.topology.load_full();
             for g in got {
                 let conn = match g {
                     Got::Local(c) => Some(c),
@@ -565,6 +718,10 @@ impl<D: Driver> CorePool<D> {
                     }
                 };
                 if let Some(c) = conn {
+                    if !self.shared.still_valid(&snap, &c) {
+                        self.close(c, "its target no longer serves this route");
+                        continue;
+                    }
                     match chosen {
                         Some(Ok(_)) => self.checkin(c),
                         _ => chosen = Some(Ok(c)),
@@ -573,31 +730,39 @@ impl<D: Driver> CorePool<D> {
             }
             match chosen {
                 Some(Ok(conn)) => return Ok(conn),
-                Some(Err(permit)) => return self.open(key, permit).await,
+                Some(Err(permit)) => return self.open(key, permit, target, epoch).await,
                 None if tokio::time::Instant::now() >= deadline => {
                     self.shared
                         .stats
                         .borrow_timeouts
                         .fetch_add(1, Ordering::Relaxed);
-                    return Err(BorrowError::Timeout(
+                    return Err(AcquireError::Failed(BorrowError::Timeout(
                         self.shared.borrow_timeout,
                         self.shared.name.clone(),
-                    ));
+                    )));
                 }
                 None => {}
             }
         }
     }
 
-    /// An idle connection for `key`, preferring one already on `db`; dead ones are dropped.
-    fn take_idle(&self, key: &PoolKey, db: Option<&[u8]>) -> Option<Pooled<D::Stream>> {
+    /// An idle connection for `key` to `target` in `epoch`, preferring one already on
+    /// `db`; dead ones are dropped.
+    fn take_idle(
+        &self,
+        key: &PoolKey,
+        db: Option<&[u8]>,
+        target: usize,
+        epoch: u64,
+    ) -> Option<Pooled<D::Stream>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
-        while !list.is_empty() {
+        loop {
+            let mine = |c: &Pooled<D::Stream>| c.target == target && c.epoch == epoch;
             let i = list
                 .iter()
-                .rposition(|c| c.session.schema.as_deref() == db)
-                .unwrap_or(list.len() - 1);
+                .rposition(|c| mine(c) && c.session.schema.as_deref() == db)
+                .or_else(|| list.iter().rposition(mine))?;
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
             if coarse_now().saturating_sub(c.idle_since) < CHECK_AFTER_IDLE
@@ -608,7 +773,38 @@ impl<D: Driver> CorePool<D> {
             self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "dropping a dead idle backend connection");
         }
-        None
+    }
+
+    /// Closes idle connections whose target no longer serves this pool's route (the
+    /// writer changed, a reader went away, an address moved).
+    fn prune_stale(&self, snap: &Snapshot) {
+        self.pruned.set(snap.generation);
+        let mut stale = Vec::new();
+        {
+            let mut idle = self.idle.borrow_mut();
+            for list in idle.values_mut() {
+                let mut i = 0;
+                while i < list.len() {
+                    if self.shared.still_valid(snap, &list[i]) {
+                        i += 1;
+                    } else {
+                        stale.push(list.swap_remove(i));
+                    }
+                }
+            }
+            idle.retain(|_, l| !l.is_empty());
+        }
+        if stale.is_empty() {
+            return;
+        }
+        tracing::info!(group = %self.shared.name, closed = stale.len(), "closing idle connections to a target that no longer serves this route");
+        self.shared
+            .idle_total
+            .fetch_sub(stale.len(), Ordering::AcqRel);
+        for c in stale {
+            self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+            tokio::task::spawn_local(c.quit());
+        }
     }
 
     /// Closes one idle connection (of any key but `keep`), freeing its budget.
@@ -629,15 +825,28 @@ impl<D: Driver> CorePool<D> {
         false
     }
 
+    /// Opens a connection to `target`, if it still serves the route in `epoch`.
     async fn open(
         &self,
         key: &PoolKey,
         permit: OwnedSemaphorePermit,
-    ) -> Result<Pooled<D::Stream>, BorrowError> {
+        target: usize,
+        epoch: u64,
+    ) -> Result<Pooled<D::Stream>, AcquireError> {
         let sh = &self.shared;
+        let addr = {
+            let snap = sh.topology.load();
+            if !snap.valid(sh.route, target, epoch) {
+                return Err(AcquireError::Moved);
+            }
+            match snap.addr(target) {
+                Some(a) => a.clone(),
+                None => return Err(AcquireError::Moved),
+            }
+        };
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
-            let stream = D::connect(&sh.writer).await?;
+            let stream = D::connect(&addr).await?;
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
             let (mut conn, profile) = BackendConn::login(
                 stream,
@@ -675,9 +884,12 @@ impl<D: Driver> CorePool<D> {
                     conn: Box::new(conn),
                     idle_since: coarse_now(),
                     holder: None,
+                    target,
+                    epoch,
+                    lent: false,
                 })
             }
-            Err(e) => Err(self.connect_error(e)),
+            Err(e) => Err(self.connect_error(addr, e)),
         }
     }
 
@@ -686,7 +898,7 @@ impl<D: Driver> CorePool<D> {
     /// the test-only `verify_checkin`, the session is first checked against the record;
     /// a connection that differs is logged, counted and closed.
     pub fn checkin_clean(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
-        conn.unhold();
+        self.returned(&mut conn);
         if !self.shared.verify_checkin {
             self.checkin(conn);
             return;
@@ -717,7 +929,7 @@ impl<D: Driver> CorePool<D> {
     /// locks, temporary tables, user variables): reset in the background, then handed to
     /// a waiter or kept idle.
     pub fn release(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
-        conn.unhold();
+        self.returned(&mut conn);
         let pool = self.clone();
         tokio::task::spawn_local(async move {
             let init = pool.shared.init_query.clone();
@@ -740,17 +952,41 @@ impl<D: Driver> CorePool<D> {
     /// sleeps or waits on a lock): the server thread is killed from a connection of its
     /// own, so nothing the client started outlives it.
     pub fn discard(&self, mut conn: Pooled<D::Stream>, why: &str) {
-        conn.unhold();
+        self.returned(&mut conn);
         tracing::debug!(group = %self.shared.name, thread_id = conn.thread_id, "closing a backend connection: {why}");
         self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
         let (creds, thread_id) = (conn.key.backend.clone(), conn.thread_id);
+        let Some(addr) = self.shared.topology.load().addr(conn.target).cloned() else {
+            return;
+        };
         drop(conn);
         let group = self.shared.clone();
-        tokio::task::spawn_local(async move { kill_thread::<D>(&group, creds, thread_id).await });
+        tokio::task::spawn_local(
+            async move { kill_thread::<D>(&group, &addr, creds, thread_id).await },
+        );
+    }
+
+    /// [`Self::discard`] for a connection that failed (reset, closed by the server): its
+    /// target is checked at once, and borrows for it wait for that check.
+    pub fn lost(&self, conn: Pooled<D::Stream>, why: &str) {
+        self.shared.topology.suspect(conn.target);
+        self.discard(conn, why);
+    }
+
+    /// Closes a connection with nothing running on it (COM_QUIT, budget given back).
+    pub fn close(&self, mut conn: Pooled<D::Stream>, why: &str) {
+        self.returned(&mut conn);
+        tracing::debug!(group = %self.shared.name, thread_id = conn.thread_id, "closing a backend connection: {why}");
+        self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_local(conn.quit());
     }
 
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
         conn.idle_since = coarse_now();
+        if !self.shared.still_valid(&self.shared.topology.load(), &conn) {
+            self.close(conn, "its target no longer serves this route");
+            return;
+        }
         // 1. Whoever of the same key has waited longest: a borrower on another core that
         //    starves since before this core's first waiter gets it moved over (serving this
         //    core first could starve the other for as long as this one stays busy).
@@ -835,11 +1071,26 @@ impl<D: Driver> CorePool<D> {
     /// Background duty of a core: serve other cores' starving borrowers from this core's
     /// idle connections, and drop idle connections the backend has closed.
     pub async fn maintain(self: Rc<Self>) {
+        let mut dead_check = tokio::time::Instant::now();
         loop {
-            let notified = self.shared.starving_notify.notified();
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            let starving = self.shared.starving_notify.notified();
+            let changed = self.shared.topology.changed();
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                tokio::select! {
+                    _ = starving => {}
+                    _ = changed => {}
+                }
+            })
+            .await;
+            let snap = self.shared.topology.load_full();
+            if snap.generation != self.pruned.get() {
+                self.prune_stale(&snap);
+            }
             self.serve_starving();
-            self.prune_dead();
+            if dead_check.elapsed() >= Duration::from_secs(1) {
+                dead_check = tokio::time::Instant::now();
+                self.prune_dead();
+            }
         }
     }
 

@@ -66,6 +66,10 @@ pub struct Diag {
     found_rows_fresh: bool,
     /// The connection the client holds has the client's warning list.
     list_fresh: bool,
+    /// `@@last_gtid`: the GTID of the client's last commit, as the server reported it.
+    pub last_gtid: Vec<u8>,
+    /// The connection the client holds has the client's `@@last_gtid`.
+    last_gtid_fresh: bool,
 }
 
 impl Default for Diag {
@@ -78,6 +82,8 @@ impl Default for Diag {
             row_count_fresh: false,
             found_rows_fresh: false,
             list_fresh: false,
+            last_gtid: Vec::new(),
+            last_gtid_fresh: false,
         }
     }
 }
@@ -181,8 +187,15 @@ impl Diag {
         self.found_rows_fresh = false;
     }
 
+    /// The server reported the GTID of the client's commit on the connection it holds.
+    pub fn set_last_gtid(&mut self, v: &[u8]) {
+        self.last_gtid = v.to_vec();
+        self.last_gtid_fresh = true;
+    }
+
     /// The client now holds another connection.
     pub fn moved(&mut self) {
+        self.last_gtid_fresh = false;
         self.row_count_fresh = false;
         self.found_rows_fresh = false;
         self.list_fresh = false;
@@ -190,6 +203,28 @@ impl Diag {
             // Not captured (the connection broke): nothing left to show.
             self.list = List::Empty;
         }
+    }
+
+    /// The client's statement failed with its connection and got error `code`: that is
+    /// its warning list now.
+    pub fn lost(&mut self, code: u16, message: &str) {
+        self.moved();
+        self.row_count = -1;
+        let code = code.to_string().into_bytes();
+        let raw = crate::mysql::resultset::encode_text_row([
+            Some(&b"Error"[..]),
+            Some(&code[..]),
+            Some(message.as_bytes()),
+        ]);
+        self.list = List::Captured {
+            conditions: vec![Condition {
+                level: b"Error".to_vec(),
+                code,
+                message: message.as_bytes().to_vec(),
+                raw,
+            }],
+            count: 1,
+        };
     }
 
     /// The warning list lives on the connection the client is about to give up.
@@ -257,7 +292,8 @@ impl Diag {
         let counts_ok = (!(r.row_count || diagnostics_row_count) || self.row_count_fresh)
             && (!r.found_rows || self.found_rows_fresh);
         let list_ok = !(r.counts || r.list || r.diagnostics) || self.list_fresh;
-        if counts_ok && list_ok {
+        let gtid_ok = !r.last_gtid || self.last_gtid_fresh;
+        if counts_ok && list_ok && gtid_ok {
             return Answer::Forward;
         }
         let toks: Vec<Tok> = Tokens::new(sql)
@@ -284,6 +320,7 @@ impl Diag {
             ReaderKind::FoundRows => self.found_rows.to_string(),
             ReaderKind::WarningCount => self.warning_count().to_string(),
             ReaderKind::ErrorCount => self.error_count().to_string(),
+            ReaderKind::LastGtid => return self.last_gtid.clone(),
         }
         .into_bytes()
     }
@@ -483,9 +520,19 @@ impl Diag {
         while i < toks.len() {
             if let Some((kind, len)) = reader_at(sql, &toks, i) {
                 let v = self.value(kind);
-                let mut lit = Vec::with_capacity(v.len() + 2);
+                let mut lit = Vec::with_capacity(v.len() + 4);
                 lit.push(b'(');
-                lit.extend_from_slice(&v);
+                if kind == ReaderKind::LastGtid {
+                    // A GTID list is digits, '-' and ',' only: quoted as it is.
+                    lit.push(b'\'');
+                    lit.extend(
+                        v.iter()
+                            .filter(|b| b.is_ascii_digit() || matches!(b, b'-' | b',')),
+                    );
+                    lit.push(b'\'');
+                } else {
+                    lit.extend_from_slice(&v);
+                }
                 lit.push(b')');
                 replace.push((toks[i].start, toks[i + len - 1].end, lit));
                 i += len;
@@ -552,6 +599,7 @@ enum ReaderKind {
     FoundRows,
     WarningCount,
     ErrorCount,
+    LastGtid,
 }
 
 fn word(sql: &[u8], t: Option<&Tok>, w: &str) -> bool {
@@ -585,6 +633,8 @@ fn reader_at(sql: &[u8], t: &[Tok], i: usize) -> Option<(ReaderKind, usize)> {
                 Some((ReaderKind::WarningCount, 1))
             } else if n.eq_ignore_ascii_case(b"error_count") {
                 Some((ReaderKind::ErrorCount, 1))
+            } else if n.eq_ignore_ascii_case(b"last_gtid") {
+                Some((ReaderKind::LastGtid, 1))
             } else {
                 None
             }
@@ -828,6 +878,26 @@ mod tests {
             d.answer(q, &analyze(q), &UserVars::new()),
             Answer::Forward,
             "the list is still there"
+        );
+    }
+
+    /// With the binary log on, MariaDB reports `last_gtid` after every commit: the
+    /// client's own is kept and shown wherever it is served, and nothing pins.
+    #[test]
+    fn last_gtid_is_the_clients_own() {
+        let mut d = Diag::default();
+        let vars = UserVars::new();
+        let a = |d: &Diag, q: &str| d.answer(q.as_bytes(), &analyze(q.as_bytes()), &vars);
+        d.set_last_gtid(b"0-1-42");
+        assert_eq!(a(&d, "SELECT @@last_gtid"), Answer::Forward);
+        d.moved();
+        assert_eq!(
+            a(&d, "SELECT @@session.last_gtid AS g"),
+            Answer::PatchRow(vec![b"0-1-42".to_vec()])
+        );
+        assert_eq!(
+            a(&d, "SELECT MASTER_GTID_WAIT(@@last_gtid, 1) FROM t"),
+            Answer::Rewrite(b"SELECT MASTER_GTID_WAIT(('0-1-42'), 1) AS `MASTER_GTID_WAIT(@@last_gtid, 1)` FROM t".to_vec())
         );
     }
 

@@ -276,6 +276,19 @@ impl ClientSession {
         self.pins.clear()
     }
 
+    /// The connection the client held failed during a command; the client was told with
+    /// error `code`. What lived only on that connection is gone: an open transaction, and
+    /// what pinned it (locks, temporary tables, cursors). The rest of the session (schema,
+    /// variables, prepared statements) is replayed on the next connection. Returns the
+    /// pins that ended.
+    pub fn connection_lost(&mut self, code: u16, message: &str) -> Vec<PinReason> {
+        self.status &= !(status::IN_TRANS | status::IN_TRANS_READONLY);
+        self.cursor = None;
+        self.long_data = None;
+        self.diag.lost(code, message);
+        self.pins.clear()
+    }
+
     /// The statements that give `backend` this client's session before a statement that
     /// needs `needs`; `fresh`: the client just got this connection.
     pub fn replay(&self, backend: &BackendSession, needs: Needs, fresh: bool) -> Replay {
@@ -366,6 +379,7 @@ impl ClientSession {
                 self.state.insert_id = (id != 0).then_some(id);
                 backend.insert_id_pending = id != 0;
             }
+            VarKind::LastGtid => self.diag.set_last_gtid(v),
             VarKind::NotReplayable => return false,
         }
         true
@@ -873,6 +887,19 @@ mod tests {
             &mut b,
         );
         assert!(!s.state.vars.contains_key(&b"timestamp"[..]));
+        // A write with the binary log on: the commit's GTID is the client's, and no pin.
+        let insert = analyze(b"INSERT INTO t VALUES (1)");
+        let t = s.learn_tracking(
+            &insert,
+            &[
+                Change::StateChanged,
+                Change::SystemVariable(b"last_gtid", b"0-1-7"),
+            ],
+            &mut b,
+        );
+        assert!(!t.not_replayable && !t.unexplained, "{t:?}");
+        assert_eq!(s.diag.last_gtid, b"0-1-7");
+        assert!(!s.state.vars.contains_key(&b"last_gtid"[..]));
         let call = analyze(b"CALL p()");
         assert!(
             s.learn_tracking(&call, &[Change::StateChanged], &mut b)

@@ -278,12 +278,19 @@ pub struct Readers {
     pub diagnostics: bool,
     /// `LAST_INSERT_ID()`, `@@last_insert_id`, `@@identity`.
     pub last_insert_id: bool,
+    /// `@@last_gtid`.
+    pub last_gtid: bool,
 }
 
 impl Readers {
     /// Reads per-statement diagnostics (all but LAST_INSERT_ID, which is replayed).
     pub fn diagnostics_any(&self) -> bool {
-        self.row_count || self.found_rows || self.counts || self.list || self.diagnostics
+        self.row_count
+            || self.found_rows
+            || self.counts
+            || self.list
+            || self.diagnostics
+            || self.last_gtid
     }
 }
 
@@ -659,6 +666,8 @@ fn scan(sql: &[u8], t: &[Tok], info: &mut SqlInfo) -> bool {
                     || name.eq_ignore_ascii_case(b"identity")
                 {
                     info.readers.last_insert_id = true;
+                } else if name.eq_ignore_ascii_case(b"last_gtid") {
+                    info.readers.last_gtid = true;
                 }
             }
             _ => {}

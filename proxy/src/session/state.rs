@@ -20,6 +20,9 @@ pub enum VarKind {
     LastInsertId,
     /// `insert_id`: the next insert's id only.
     InsertId,
+    /// `last_gtid`: the GTID of the session's last commit (binlog on), reported after
+    /// every write; kept per client with its diagnostics, answered from there when read.
+    LastGtid,
     /// Cannot follow the client (replication and tracking controls): pins.
     NotReplayable,
 }
@@ -30,7 +33,8 @@ pub fn var_kind(name: &[u8]) -> VarKind {
     match n.as_slice() {
         b"last_insert_id" | b"identity" => VarKind::LastInsertId,
         b"insert_id" => VarKind::InsertId,
-        b"rand_seed1" | b"rand_seed2" | b"last_gtid" | b"pseudo_thread_id" | b"gtid_seq_no" => {
+        b"last_gtid" => VarKind::LastGtid,
+        b"rand_seed1" | b"rand_seed2" | b"pseudo_thread_id" | b"gtid_seq_no" => {
             VarKind::NotReplayable
         }
         // The server sets these from the default schema at every USE, silently: a value
@@ -117,6 +121,7 @@ impl BackendSession {
                         self.last_insert_id = parse_u64(v);
                     }
                     VarKind::InsertId => self.insert_id_pending = parse_u64(v) != 0,
+                    VarKind::LastGtid => {}
                     _ => {
                         self.vars.insert(n, v.to_vec());
                     }
@@ -646,5 +651,6 @@ mod tests {
         assert_eq!(var_kind(b"INSERT_ID"), VarKind::InsertId);
         assert_eq!(var_kind(b"session_track_schema"), VarKind::NotReplayable);
         assert_eq!(var_kind(b"time_zone"), VarKind::Session);
+        assert_eq!(var_kind(b"last_gtid"), VarKind::LastGtid);
     }
 }

@@ -1,6 +1,7 @@
-//! One backend connection: opening and logging in, simple commands, replaying a client's
-//! session, preparing statements in their context, the reset that makes it fit for any
-//! client, and (for tests) checking that dbproxy's record of its session is the truth.
+//! One backend connection, dbproxy being the database's client: opening and logging in,
+//! simple commands, replaying a client's session, preparing statements in their context,
+//! the reset that makes it fit for any client, and (for tests) checking that dbproxy's
+//! record of its session is the truth. The pool and the health-check monitor both use it.
 
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};

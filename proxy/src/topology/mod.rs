@@ -1,0 +1,462 @@
+//! Target groups' topology: each target's role (writer, reader, unavailable), health,
+//! replication lag and the generation they were decided in.
+//!
+//! A monitor per group ([`monitor`]) checks every target on connections of its own and
+//! feeds [`decide::Decider`], which is sans-IO. Each decision is published whole as a
+//! [`Snapshot`] that every core reads lock-free; the data path reports what it sees (a
+//! connection reset or refused, a writer that refused a write as read-only) with
+//! [`Topology::suspect`], which gets the target checked at once.
+
+pub mod decide;
+pub mod monitor;
+pub mod probe;
+
+use crate::io::BackendAddr;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// What a target does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRole {
+    Writer,
+    Reader,
+    /// Down, not checked yet, or a second writer left unused.
+    Unavailable,
+}
+
+impl TargetRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetRole::Writer => "writer",
+            TargetRole::Reader => "reader",
+            TargetRole::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Replication lag as a target reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    /// Not a replica (no replication configured).
+    None,
+    /// Replicating, this many seconds behind.
+    Seconds(u64),
+    /// Replication configured but not running (or no lag reported).
+    Stopped,
+    /// Could not be read (privileges, or not checked yet).
+    Unknown,
+}
+
+impl Lag {
+    /// Whether a reader with this lag may serve reads under `max` (`None`: no limit).
+    pub fn within(self, max: Option<Duration>) -> bool {
+        match (self, max) {
+            (_, None) => true,
+            (Lag::None | Lag::Unknown, Some(_)) => true,
+            (Lag::Seconds(s), Some(m)) => Duration::from_secs(s) <= m,
+            (Lag::Stopped, Some(_)) => false,
+        }
+    }
+
+    /// Seconds behind, for metrics (`-1`: not replicating or unknown).
+    pub fn seconds(self) -> i64 {
+        match self {
+            Lag::Seconds(s) => i64::try_from(s).unwrap_or(i64::MAX),
+            _ => -1,
+        }
+    }
+}
+
+/// One target as the cores see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetView {
+    /// As configured (`host:port` or `unix:/path`).
+    pub name: String,
+    /// Where it was reached at the last check; `None` until its name resolved.
+    pub addr: Option<BackendAddr>,
+    pub role: TargetRole,
+    pub up: bool,
+    pub lag: Lag,
+    /// The generation its role or address last changed in: a pooled connection opened
+    /// in another epoch is not used again.
+    pub epoch: u64,
+    /// Why it is unavailable.
+    pub why: String,
+}
+
+/// One decision of a group's roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub writer: Option<usize>,
+    pub targets: Vec<TargetView>,
+}
+
+/// `reader_fallback`: where a read-only endpoint goes when no reader is fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderFallback {
+    /// Reads go to the writer.
+    #[default]
+    Writer,
+    /// Reads wait (up to `connection_borrow_timeout`) for a fit reader.
+    Wait,
+    /// Reads fail at once.
+    Error,
+}
+
+/// What a pool serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Writer,
+    Reader {
+        max_lag: Option<Duration>,
+        fallback: ReaderFallback,
+    },
+}
+
+/// Where a new borrow goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// This target, in this epoch.
+    Target(usize, u64),
+    /// Nothing fit now; wait for the topology to change.
+    Wait(String),
+    /// Nothing fit, and the route says not to wait.
+    Fail(String),
+}
+
+impl Snapshot {
+    /// Before the first check.
+    pub fn unknown(names: &[String]) -> Snapshot {
+        decide::Decider::new(names, 1).snapshot()
+    }
+
+    /// Where a new borrow on `route` goes; readers by the fewest `borrowed` connections.
+    pub fn choose(&self, route: Route, borrowed: &[AtomicUsize]) -> Choice {
+        let writer = self
+            .writer
+            .and_then(|w| self.targets.get(w).map(|t| (w, t.epoch)));
+        match route {
+            Route::Writer => match writer {
+                Some((w, e)) => Choice::Target(w, e),
+                None => Choice::Wait("no writer".into()),
+            },
+            Route::Reader { max_lag, fallback } => {
+                let best = self
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.role == TargetRole::Reader && t.lag.within(max_lag))
+                    .min_by_key(|(i, _)| borrowed.get(*i).map_or(0, |b| b.load(Ordering::Relaxed)));
+                if let Some((i, t)) = best {
+                    return Choice::Target(i, t.epoch);
+                }
+                let why = "no reader is up with replication lag within max_replication_lag";
+                match (fallback, writer) {
+                    (ReaderFallback::Writer, Some((w, e))) => Choice::Target(w, e),
+                    (ReaderFallback::Error, _) => Choice::Fail(why.into()),
+                    _ => Choice::Wait(why.into()),
+                }
+            }
+        }
+    }
+
+    /// Whether a connection to `target` opened in `epoch` may serve `route` now.
+    pub fn valid(&self, route: Route, target: usize, epoch: u64) -> bool {
+        let Some(t) = self.targets.get(target).filter(|t| t.epoch == epoch) else {
+            return false;
+        };
+        match route {
+            Route::Writer => self.writer == Some(target),
+            Route::Reader { max_lag, fallback } => {
+                (t.role == TargetRole::Reader && t.lag.within(max_lag))
+                    || (fallback == ReaderFallback::Writer && self.writer == Some(target))
+            }
+        }
+    }
+
+    /// Whether `target` was marked down (statements in flight there are given up).
+    pub fn is_down(&self, target: usize) -> bool {
+        self.targets.get(target).is_some_and(|t| !t.up)
+    }
+
+    /// The address of `target`, if known.
+    pub fn addr(&self, target: usize) -> Option<&BackendAddr> {
+        self.targets.get(target).and_then(|t| t.addr.as_ref())
+    }
+}
+
+/// Reports from the data path that a target needs checking now.
+#[derive(Debug, Default)]
+struct Suspicion {
+    raised: AtomicU64,
+    cleared: AtomicU64,
+}
+
+/// Failover counters and times (metrics and status).
+#[derive(Debug, Default)]
+pub struct TopologyStats {
+    /// Writers chosen after a writer was lost.
+    pub failovers: AtomicU64,
+    /// Times the writer was lost.
+    pub writer_lost: AtomicU64,
+    /// The last loss: first failed check to the writer marked down.
+    pub last_detection_us: AtomicU64,
+    /// The last loss: writer marked down to the first statement served on the new one.
+    pub last_recovery_us: AtomicU64,
+    recovering: AtomicBool,
+    lost_at: Mutex<Option<Instant>>,
+    pub checks: AtomicU64,
+    pub failed_checks: AtomicU64,
+}
+
+/// A target group's topology, shared by its monitor and every core.
+pub struct Topology {
+    pub group: String,
+    snap: ArcSwap<Snapshot>,
+    /// Woken at every published check result.
+    changed: Notify,
+    /// Wakes the monitor's target tasks (a suspicion was raised).
+    pub(crate) nudge: Notify,
+    suspects: Vec<Suspicion>,
+    pub stats: TopologyStats,
+}
+
+impl Topology {
+    pub fn new(group: &str, targets: &[String]) -> Arc<Self> {
+        Arc::new(Topology {
+            group: group.to_string(),
+            snap: ArcSwap::from_pointee(Snapshot::unknown(targets)),
+            changed: Notify::new(),
+            nudge: Notify::new(),
+            suspects: targets.iter().map(|_| Suspicion::default()).collect(),
+            stats: TopologyStats::default(),
+        })
+    }
+
+    /// A topology whose one target, at `addr`, is the writer, with no monitor (benchmarks,
+    /// tests of the pool on its own).
+    pub fn with_writer(group: &str, target: &str, addr: BackendAddr) -> Arc<Self> {
+        let names = [target.to_string()];
+        let t = Topology::new(group, &names);
+        let mut d = decide::Decider::new(&names, 1);
+        d.observe(
+            0,
+            Some(addr),
+            decide::Check::Up(decide::Probe {
+                read_only: false,
+                lag: Lag::None,
+            }),
+            Instant::now(),
+        );
+        t.publish(Some(d.snapshot()), None);
+        t
+    }
+
+    /// The current decision (cheap; no lock).
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snap.load()
+    }
+
+    /// The current decision, to keep across awaits.
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.snap.load_full()
+    }
+
+    /// A future that completes at the next published check result; create it before
+    /// looking at the snapshot, then await it.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Publishes a check result: a new decision when `snap` is one, and the check of
+    /// `target` that answers suspicions up to `upto`; then wakes whoever waits.
+    pub fn publish(&self, snap: Option<Snapshot>, checked: Option<(usize, u64)>) {
+        if let Some(s) = snap {
+            self.snap.store(Arc::new(s));
+        }
+        if let Some((target, upto)) = checked {
+            self.cleared(target, upto);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The data path saw `target` fail (a reset, a refused connection, a read-only
+    /// refusal from the writer): check it now; borrows for it wait for that check.
+    pub fn suspect(&self, target: usize) {
+        if let Some(s) = self.suspects.get(target) {
+            s.raised.fetch_add(1, Ordering::AcqRel);
+            self.nudge.notify_waiters();
+        }
+    }
+
+    /// Whether a suspicion about `target` awaits its check.
+    pub fn suspected(&self, target: usize) -> bool {
+        self.suspects
+            .get(target)
+            .is_some_and(|s| s.raised.load(Ordering::Acquire) > s.cleared.load(Ordering::Acquire))
+    }
+
+    /// The suspicion count a check of `target` starting now answers.
+    pub(crate) fn suspicion(&self, target: usize) -> u64 {
+        self.suspects
+            .get(target)
+            .map_or(0, |s| s.raised.load(Ordering::Acquire))
+    }
+
+    /// A check that started when the count was `upto` was published.
+    pub(crate) fn cleared(&self, target: usize, upto: u64) {
+        if let Some(s) = self.suspects.get(target) {
+            s.cleared.fetch_max(upto, Ordering::AcqRel);
+        }
+    }
+
+    /// The writer was lost now.
+    pub(crate) fn writer_lost(&self, detection: Duration) {
+        self.stats.writer_lost.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_detection_us
+            .store(detection.as_micros() as u64, Ordering::Relaxed);
+        *self.stats.lost_at.lock() = Some(Instant::now());
+        self.stats.recovering.store(true, Ordering::Release);
+    }
+
+    /// A new writer was chosen after one was lost.
+    pub(crate) fn failed_over(&self) {
+        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A statement is about to be served on the writer: the first after a loss ends the
+    /// recovery time.
+    pub fn served_on_writer(&self) {
+        if !self.stats.recovering.load(Ordering::Relaxed)
+            || !self.stats.recovering.swap(false, Ordering::AcqRel)
+        {
+            return;
+        }
+        if let Some(at) = self.stats.lost_at.lock().take() {
+            let took = at.elapsed();
+            self.stats
+                .last_recovery_us
+                .store(took.as_micros() as u64, Ordering::Relaxed);
+            tracing::info!(group = %self.group, recovery_ms = took.as_millis() as u64, "first statement served on the new writer");
+        }
+    }
+}
+
+/// Borrowed connections per target, for choosing the least busy reader.
+pub fn borrowed_counters(n: usize) -> Vec<AtomicUsize> {
+    (0..n).map(|_| AtomicUsize::new(0)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decide::{Check, Decider, Probe};
+    use super::*;
+
+    fn three() -> Decider {
+        let names: Vec<String> = ["w:1", "r1:1", "r2:1"].map(String::from).to_vec();
+        let mut d = Decider::new(&names, 2);
+        let now = Instant::now();
+        let a = |p: u16| Some(BackendAddr::Tcp(([127, 0, 0, 1], p).into()));
+        d.observe(
+            0,
+            a(1),
+            Check::Up(Probe {
+                read_only: false,
+                lag: Lag::None,
+            }),
+            now,
+        );
+        d.observe(
+            1,
+            a(2),
+            Check::Up(Probe {
+                read_only: true,
+                lag: Lag::Seconds(0),
+            }),
+            now,
+        );
+        d.observe(
+            2,
+            a(3),
+            Check::Up(Probe {
+                read_only: true,
+                lag: Lag::Stopped,
+            }),
+            now,
+        );
+        d
+    }
+
+    #[test]
+    fn readers_by_fewest_borrowed_within_the_lag_limit_then_the_fallback() {
+        let s = three().snapshot();
+        let b = borrowed_counters(3);
+        let lag = Some(Duration::from_secs(10));
+        let route = |fallback| Route::Reader {
+            max_lag: lag,
+            fallback,
+        };
+        // r2's replication is stopped: over any limit.
+        assert!(matches!(
+            s.choose(route(ReaderFallback::Error), &b),
+            Choice::Target(1, _)
+        ));
+        let nolimit = Route::Reader {
+            max_lag: None,
+            fallback: ReaderFallback::Error,
+        };
+        b[1].store(3, Ordering::Relaxed);
+        assert!(matches!(s.choose(nolimit, &b), Choice::Target(2, _)));
+        let mut s2 = s.clone();
+        s2.targets[1].lag = Lag::Seconds(11);
+        assert!(matches!(
+            s2.choose(route(ReaderFallback::Writer), &b),
+            Choice::Target(0, _)
+        ));
+        assert!(matches!(
+            s2.choose(route(ReaderFallback::Wait), &b),
+            Choice::Wait(_)
+        ));
+        assert!(matches!(
+            s2.choose(route(ReaderFallback::Error), &b),
+            Choice::Fail(_)
+        ));
+        assert!(matches!(s2.choose(Route::Writer, &b), Choice::Target(0, _)));
+    }
+
+    #[test]
+    fn connections_are_valid_for_their_route_and_epoch_only() {
+        let s = three().snapshot();
+        let e0 = s.targets[0].epoch;
+        let e1 = s.targets[1].epoch;
+        assert!(s.valid(Route::Writer, 0, e0));
+        assert!(!s.valid(Route::Writer, 0, e0 + 1));
+        assert!(!s.valid(Route::Writer, 1, e1));
+        let reader = Route::Reader {
+            max_lag: None,
+            fallback: ReaderFallback::Wait,
+        };
+        assert!(s.valid(reader, 1, e1));
+        assert!(!s.valid(reader, 0, e0), "no fallback to the writer");
+    }
+
+    #[test]
+    fn suspicions_are_cleared_only_by_a_check_started_after_them() {
+        let t = Topology::new("g", &["a:1".into()]);
+        assert!(!t.suspected(0));
+        let before = t.suspicion(0);
+        t.suspect(0);
+        assert!(t.suspected(0));
+        t.cleared(0, before);
+        assert!(t.suspected(0), "a check that started before the report");
+        t.cleared(0, t.suspicion(0));
+        assert!(!t.suspected(0));
+    }
+}

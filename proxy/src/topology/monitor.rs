@@ -1,0 +1,425 @@
+//! The health-check monitor: a thread of its own, a task per target that checks it every
+//! `health_check_interval` (at once when the data path suspects it) on a connection of its
+//! own outside `max_connections`, and a task per group that decides roles from the results.
+
+use super::decide::{Check, Decider, Event, Probe};
+use super::probe::{self, REPLICAS_SQL, REPLICAS_SQL_MYSQL};
+use super::{Lag, Topology};
+use crate::backend_conn::{BackendConn, BackendError};
+use crate::io::epoll::Epoll;
+use crate::io::{BackendAddr, Driver, Stream};
+use crate::mysql::backend::Credentials;
+use crate::mysql::consts::cap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Checks never follow each other closer than this, however often the data path asks.
+const MIN_GAP: Duration = Duration::from_millis(10);
+
+/// How often targets are checked while their group has no writer.
+const OUTAGE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// ER_PARSE_ERROR: MySQL does not know `SHOW ALL SLAVES STATUS`.
+const ER_PARSE_ERROR: u16 = 1064;
+
+/// Turns a configured target into the address to reach it at now.
+pub trait Resolve: Send + Sync + 'static {
+    fn resolve(&self, target: &str) -> Result<BackendAddr, String>;
+}
+
+/// The system resolver (`getaddrinfo`), asked again at every check: an RDS endpoint's
+/// address moves at failover.
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, target: &str) -> Result<BackendAddr, String> {
+        crate::config::parse_target(target)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{target:?} resolves to no address"))
+    }
+}
+
+/// Called with every TCP address a target is found at (the kernel guard protects it).
+pub type OnAddress = Arc<dyn Fn(SocketAddr) + Send + Sync>;
+
+/// What one group's monitor needs.
+pub struct GroupMonitor {
+    pub topology: Arc<Topology>,
+    pub targets: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub creds: Arc<Credentials>,
+}
+
+/// One check's result on its way to the group's decider.
+struct Report {
+    target: usize,
+    addr: Option<BackendAddr>,
+    check: Check,
+    /// The suspicion count the check answers.
+    upto: u64,
+    at: Instant,
+}
+
+/// Starts the monitor thread for every group.
+pub fn start(
+    groups: Vec<GroupMonitor>,
+    resolver: Arc<dyn Resolve>,
+    on_address: Option<OnAddress>,
+) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("dbproxy-monitor".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                for g in groups {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let g = Arc::new(g);
+                    for i in 0..g.targets.len() {
+                        tokio::task::spawn_local(watch_target(
+                            g.clone(),
+                            i,
+                            tx.clone(),
+                            resolver.clone(),
+                        ));
+                    }
+                    tokio::task::spawn_local(decide(g, rx, on_address.clone()));
+                }
+                std::future::pending::<()>().await;
+            });
+        })?;
+    Ok(())
+}
+
+/// Decides roles from the reports of a group's target tasks and publishes them.
+async fn decide(
+    g: Arc<GroupMonitor>,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+    on_address: Option<OnAddress>,
+) {
+    let topo = &g.topology;
+    let mut d = Decider::new(&g.targets, g.failure_threshold);
+    let mut last = d.snapshot();
+    while let Some(r) = rx.recv().await {
+        if let Check::Down { why, .. } = &r.check {
+            topo.stats
+                .failed_checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(group = %topo.group, target = %g.targets.get(r.target).map_or("", |s| s), "health check failed: {why}");
+        }
+        if let (Some(BackendAddr::Tcp(a)), Some(f)) = (&r.addr, &on_address) {
+            if last.addr(r.target) != r.addr.as_ref() {
+                f(*a);
+            }
+        }
+        for e in d.observe(r.target, r.addr, r.check, r.at) {
+            log_event(topo, &e);
+        }
+        let snap = d.snapshot();
+        let publish = (snap != last).then(|| {
+            last = snap.clone();
+            snap
+        });
+        topo.publish(publish, Some((r.target, r.upto)));
+        // Counted once published: startup waits for every target's first check this way.
+        topo.stats
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn log_event(topo: &Topology, e: &Event) {
+    let group = &topo.group;
+    match e {
+        Event::TargetDown { target, why } => {
+            tracing::warn!(group = %group, target = %target, "target down: {why}")
+        }
+        Event::TargetUp { target } => tracing::info!(group = %group, target = %target, "target up"),
+        Event::WriterLost {
+            target,
+            why,
+            detection,
+        } => {
+            topo.writer_lost(*detection);
+            tracing::warn!(group = %group, target = %target, detection_ms = detection.as_millis() as u64, "writer lost: {why}; statements wait for a new writer")
+        }
+        Event::WriterChosen {
+            target,
+            previous: Some(p),
+        } => {
+            topo.failed_over();
+            tracing::warn!(group = %group, target = %target, previous = %p, "failover: {target} is the writer now")
+        }
+        Event::WriterChosen {
+            target,
+            previous: None,
+        } => tracing::info!(group = %group, target = %target, "writer chosen"),
+        Event::SecondWriter { target, writer } => tracing::warn!(
+            group = %group, target = %target, writer = %writer,
+            "{target} reports read_only = 0 while {writer} is the writer: {target} is not used (never two writers); make it read-only or remove it"
+        ),
+        Event::AddressChanged { target, from, to } => {
+            tracing::warn!(group = %group, target = %target, "{target} now resolves to {to} (was {from})")
+        }
+    }
+}
+
+/// Checks one target, every interval or at once when suspected.
+async fn watch_target(
+    g: Arc<GroupMonitor>,
+    i: usize,
+    tx: mpsc::UnboundedSender<Report>,
+    resolver: Arc<dyn Resolve>,
+) {
+    let Some(name) = g.targets.get(i).cloned() else {
+        return;
+    };
+    let topo = &g.topology;
+    let mut checker = Checker {
+        creds: g.creds.clone(),
+        timeout: g.timeout,
+        conn: None,
+        replicas_sql: REPLICAS_SQL,
+        warned: false,
+        name: name.clone(),
+    };
+    loop {
+        let nudged = topo.nudge.notified();
+        let upto = topo.suspicion(i);
+        let addr = resolve(&resolver, &name).await;
+        let check = match &addr {
+            Ok(a) => checker.check(a).await,
+            Err(e) => Check::Down {
+                hard: false,
+                why: e.clone(),
+            },
+        };
+        let report = Report {
+            target: i,
+            addr: addr.ok(),
+            check,
+            upto,
+            at: Instant::now(),
+        };
+        if tx.send(report).is_err() {
+            return;
+        }
+        if topo.suspicion(i) == upto {
+            // While the group has no writer, clients wait: look more often.
+            let wait = if topo.load().writer.is_none() {
+                g.interval.min(OUTAGE_INTERVAL)
+            } else {
+                g.interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = nudged => {}
+            }
+        }
+        tokio::time::sleep(MIN_GAP).await;
+    }
+}
+
+/// Resolves off the monitor's thread unless the target is an address already.
+async fn resolve(resolver: &Arc<dyn Resolve>, name: &str) -> Result<BackendAddr, String> {
+    if name.starts_with("unix:") || name.parse::<SocketAddr>().is_ok() {
+        return resolver.resolve(name);
+    }
+    let (r, n) = (resolver.clone(), name.to_string());
+    tokio::task::spawn_blocking(move || r.resolve(&n))
+        .await
+        .unwrap_or_else(|e| Err(format!("resolver failed: {e}")))
+}
+
+/// One target's monitor connection and what it learnt about the server.
+struct Checker {
+    creds: Arc<Credentials>,
+    timeout: Duration,
+    conn: Option<(BackendAddr, BackendConn<<Epoll as Driver>::Stream>)>,
+    replicas_sql: &'static str,
+    /// The replica-status warning was given.
+    warned: bool,
+    name: String,
+}
+
+impl Checker {
+    /// Probes over the kept connection; when that fails, over a new one (whose outcome
+    /// decides: the old one may just have timed out on the server's side).
+    async fn check(&mut self, addr: &BackendAddr) -> Check {
+        if let Some((a, mut c)) = self.conn.take() {
+            if a == *addr {
+                if let Ok(Ok(p)) = tokio::time::timeout(self.timeout, self.probe(&mut c)).await {
+                    self.conn = Some((a, c));
+                    return Check::Up(p);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let opened = tokio::time::timeout_at(deadline, async {
+            let s = Epoll::connect(addr).await?;
+            let (c, _) = BackendConn::login(
+                s,
+                self.creds.clone(),
+                cap::BACKEND_BASE,
+                0,
+                DEFAULT_COLLATION,
+                deadline,
+            )
+            .await?;
+            Ok::<_, BackendError>(c)
+        })
+        .await;
+        let mut c = match opened {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return down(&e),
+            Err(_) => return timed_out(self.timeout),
+        };
+        match tokio::time::timeout_at(deadline, self.probe(&mut c)).await {
+            Ok(Ok(p)) => {
+                self.conn = Some((addr.clone(), c));
+                Check::Up(p)
+            }
+            Ok(Err(e)) => down(&e),
+            Err(_) => timed_out(self.timeout),
+        }
+    }
+
+    async fn probe<S: Stream>(&mut self, c: &mut BackendConn<S>) -> Result<Probe, BackendError> {
+        let read_only = match c.query_result(probe::READ_ONLY_SQL).await? {
+            Ok(r) => probe::read_only(&r).map_err(|e| io::Error::other(e.to_string()))?,
+            Err(e) => return Err(BackendError::Server(e)),
+        };
+        let lag = loop {
+            match c.query_result(self.replicas_sql).await? {
+                Ok(r) => match probe::replication_lag(&r) {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        self.warn_once(&e.to_string());
+                        break Lag::Unknown;
+                    }
+                },
+                Err(e) if e.code == ER_PARSE_ERROR && self.replicas_sql == REPLICAS_SQL => {
+                    self.replicas_sql = REPLICAS_SQL_MYSQL;
+                }
+                Err(e) => {
+                    self.warn_once(&format!(
+                        "cannot read its replication state ({e}); grant the monitor user SLAVE MONITOR (REPLICATION CLIENT on MySQL): max_replication_lag is not enforced for it"
+                    ));
+                    break Lag::Unknown;
+                }
+            }
+        };
+        Ok(Probe { read_only, lag })
+    }
+
+    fn warn_once(&mut self, why: &str) {
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(target = %self.name, "health check: {why}");
+        }
+    }
+}
+
+/// utf8mb4_general_ci: the checks send ASCII only.
+const DEFAULT_COLLATION: u8 = 45;
+
+/// A refused or reset connection is a hard failure: the server is gone.
+fn down(e: &BackendError) -> Check {
+    let hard = matches!(e, BackendError::Io(io) if matches!(
+        io.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotFound
+    ));
+    Check::Down {
+        hard,
+        why: e.to_string(),
+    }
+}
+
+fn timed_out(t: Duration) -> Check {
+    Check::Down {
+        hard: false,
+        why: format!("no answer within {} ms", t.as_millis()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// A resolver whose answer the test changes.
+    struct Stub(Mutex<BackendAddr>);
+
+    impl Resolve for Stub {
+        fn resolve(&self, _: &str) -> Result<BackendAddr, String> {
+            Ok(self.0.lock().clone())
+        }
+    }
+
+    /// A host name that resolves to another address is followed at the next check: the
+    /// monitor connects there, the snapshot carries the new address in a new epoch (so
+    /// pooled connections to the old one are not used again) and the guard is told.
+    #[test]
+    fn a_target_whose_name_moves_is_followed_within_one_interval() {
+        // Two stand-ins that refuse logins politely are enough: the address is what counts.
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let stub = Arc::new(Stub(Mutex::new(BackendAddr::Tcp(aa))));
+        let topo = Topology::new("g", &["db.internal:3306".into()]);
+        let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let s2 = seen.clone();
+        start(
+            vec![GroupMonitor {
+                topology: topo.clone(),
+                targets: vec!["db.internal:3306".into()],
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(200),
+                failure_threshold: 2,
+                creds: Arc::new(Credentials {
+                    user: "m".into(),
+                    password: "p".into(),
+                }),
+            }],
+            stub.clone(),
+            Some(Arc::new(move |a| s2.lock().push(a))),
+        )
+        .unwrap();
+        let wait = |want: SocketAddr| {
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                if topo.load().addr(0) == Some(&BackendAddr::Tcp(want)) {
+                    return topo.load().targets[0].epoch;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("not followed to {want}: {:?}", topo.load());
+        };
+        let e1 = wait(aa);
+        *stub.0.lock() = BackendAddr::Tcp(ba);
+        let moved = Instant::now();
+        let e2 = wait(ba);
+        assert!(
+            moved.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            moved.elapsed()
+        );
+        assert!(e2 > e1, "a new epoch for the new address");
+        assert_eq!(*seen.lock(), vec![aa, ba], "the guard follows");
+        drop((a, b));
+    }
+}

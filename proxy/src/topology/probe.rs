@@ -1,0 +1,152 @@
+//! The health check's queries and how their answers are read (sans-IO).
+
+use super::Lag;
+use crate::mysql::resultset::{parse_text_row, TextResult};
+
+/// Whether the server takes writes: one row, two columns.
+pub const READ_ONLY_SQL: &str = "SELECT @@global.read_only, @@global.innodb_read_only";
+
+/// Every replication channel's state (MariaDB; MySQL 8 answers the second form).
+pub const REPLICAS_SQL: &str = "SHOW ALL SLAVES STATUS";
+pub const REPLICAS_SQL_MYSQL: &str = "SHOW REPLICA STATUS";
+
+/// Why an answer could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProbeError {
+    #[error("unexpected answer to the health check: {0}")]
+    Unexpected(&'static str),
+}
+
+/// `true` when either flag is on.
+pub fn read_only(r: &TextResult) -> Result<bool, ProbeError> {
+    let row = r
+        .rows
+        .first()
+        .ok_or(ProbeError::Unexpected("no row for @@read_only"))?;
+    let values = parse_text_row(row, 2).map_err(|_| ProbeError::Unexpected("@@read_only row"))?;
+    Ok(values
+        .iter()
+        .any(|v| matches!(v, Some(b) if *b != b"0" && !b.eq_ignore_ascii_case(b"OFF"))))
+}
+
+/// The lag of the worst replication channel: no channel is [`Lag::None`]; a channel whose
+/// threads are not both running, or that reports no lag, is [`Lag::Stopped`].
+pub fn replication_lag(r: &TextResult) -> Result<Lag, ProbeError> {
+    if r.rows.is_empty() {
+        return Ok(Lag::None);
+    }
+    let col = |names: &[&str]| {
+        r.columns.iter().position(|c| {
+            names
+                .iter()
+                .any(|n| c.name.eq_ignore_ascii_case(n.as_bytes()))
+        })
+    };
+    let io = col(&["Slave_IO_Running", "Replica_IO_Running"]);
+    let sql = col(&["Slave_SQL_Running", "Replica_SQL_Running"]);
+    let behind = col(&["Seconds_Behind_Master", "Seconds_Behind_Source"]);
+    let (Some(io), Some(sql), Some(behind)) = (io, sql, behind) else {
+        return Err(ProbeError::Unexpected("replica status without its columns"));
+    };
+    let mut worst = 0u64;
+    for row in &r.rows {
+        let v = parse_text_row(row, r.columns.len())
+            .map_err(|_| ProbeError::Unexpected("replica status row"))?;
+        let yes = |i: usize| matches!(v.get(i), Some(Some(b)) if b.eq_ignore_ascii_case(b"Yes"));
+        if !yes(io) || !yes(sql) {
+            return Ok(Lag::Stopped);
+        }
+        let secs = v
+            .get(behind)
+            .copied()
+            .flatten()
+            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok());
+        match secs {
+            Some(s) => worst = worst.max(s),
+            None => return Ok(Lag::Stopped),
+        }
+    }
+    Ok(Lag::Seconds(worst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mysql::resultset::{encode_text_row, ColumnDef};
+
+    fn result(names: &[&str], rows: &[Vec<Option<&str>>]) -> TextResult {
+        TextResult {
+            columns: names
+                .iter()
+                .map(|n| ColumnDef {
+                    schema: vec![],
+                    table: vec![],
+                    org_table: vec![],
+                    name: n.as_bytes().to_vec(),
+                    org_name: vec![],
+                    charset: 33,
+                    length: 0,
+                    column_type: 253,
+                    flags: 0,
+                    decimals: 0,
+                })
+                .collect(),
+            raw_columns: vec![],
+            rows: rows
+                .iter()
+                .map(|r| encode_text_row(r.iter().map(|v| v.map(str::as_bytes))))
+                .collect(),
+            terminator: vec![0xfe],
+        }
+    }
+
+    #[test]
+    fn read_only_is_either_flag() {
+        let r = |a, b| result(&["a", "b"], &[vec![Some(a), Some(b)]]);
+        assert!(!read_only(&r("0", "0")).unwrap());
+        assert!(read_only(&r("1", "0")).unwrap());
+        assert!(read_only(&r("0", "1")).unwrap());
+        assert!(read_only(&result(&["a"], &[])).is_err());
+    }
+
+    #[test]
+    fn lag_is_the_worst_channel_and_stopped_threads_count_as_stopped() {
+        let cols = [
+            "Connection_name",
+            "Slave_IO_Running",
+            "Slave_SQL_Running",
+            "Seconds_Behind_Master",
+        ];
+        assert_eq!(replication_lag(&result(&cols, &[])).unwrap(), Lag::None);
+        let ch = |io, sql, s| vec![Some(""), Some(io), Some(sql), s];
+        assert_eq!(
+            replication_lag(&result(
+                &cols,
+                &[ch("Yes", "Yes", Some("3")), ch("Yes", "Yes", Some("7"))]
+            ))
+            .unwrap(),
+            Lag::Seconds(7)
+        );
+        assert_eq!(
+            replication_lag(&result(&cols, &[ch("Yes", "No", None)])).unwrap(),
+            Lag::Stopped
+        );
+        assert_eq!(
+            replication_lag(&result(&cols, &[ch("Connecting", "Yes", None)])).unwrap(),
+            Lag::Stopped
+        );
+        let mysql = [
+            "Replica_IO_Running",
+            "Replica_SQL_Running",
+            "Seconds_Behind_Source",
+        ];
+        assert_eq!(
+            replication_lag(&result(
+                &mysql,
+                &[vec![Some("Yes"), Some("Yes"), Some("0")]]
+            ))
+            .unwrap(),
+            Lag::Seconds(0)
+        );
+    }
+}
