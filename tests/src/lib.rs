@@ -285,6 +285,76 @@ impl Drop for MariaDb {
     }
 }
 
+/// A primary and a GTID replica of it, each a [`MariaDb`] of its own. The database user
+/// `app` has every privilege but READ_ONLY ADMIN, so that `read_only` holds for it (as for
+/// an application's user).
+pub struct Pair {
+    pub primary: MariaDb,
+    pub replica: MariaDb,
+}
+
+impl Pair {
+    pub fn start() -> Pair {
+        let args = |id: &str| {
+            vec![
+                format!("--server-id={id}"),
+                "--log-bin=mysql-bin".to_string(),
+                "--log-slave-updates".to_string(),
+                "--binlog-format=ROW".to_string(),
+            ]
+        };
+        let (p, r) = (args("1"), args("2"));
+        let p: Vec<&str> = p.iter().map(String::as_str).collect();
+        let mut r: Vec<&str> = r.iter().map(String::as_str).collect();
+        r.push("--read-only=1");
+        let primary = MariaDb::start_with(&p);
+        let replica = MariaDb::start_with(&r);
+        for db in [&primary, &replica] {
+            db.root_sql("REVOKE READ_ONLY ADMIN ON *.* FROM app@'%'");
+        }
+        primary.root_sql(
+            "CREATE USER repl@'127.0.0.1' IDENTIFIED BY 'repl'; \
+             GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'",
+        );
+        // Both servers were set up alike: the replica starts from the primary's position now.
+        let pos = primary.root_sql("SELECT @@gtid_binlog_pos");
+        replica.root_sql(&format!(
+            "SET GLOBAL gtid_slave_pos = '{}'; \
+             CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'repl', \
+             MASTER_PASSWORD = 'repl', MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 1; \
+             START SLAVE",
+            pos.trim(),
+            primary.port
+        ));
+        let pair = Pair { primary, replica };
+        pair.sync();
+        pair
+    }
+
+    /// Waits until the replica has applied everything the primary has written.
+    pub fn sync(&self) {
+        let pos = self.primary.root_sql("SELECT @@gtid_binlog_pos");
+        let got = self
+            .replica
+            .root_sql(&format!("SELECT MASTER_GTID_WAIT('{}', 30)", pos.trim()));
+        assert_eq!(got.trim(), "0", "the replica did not catch up with {pos}");
+    }
+
+    /// Promotes the replica (as an operator or a failover script would).
+    pub fn promote_replica(&self) {
+        self.replica
+            .root_sql("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0");
+    }
+
+    /// `targets = [...]` for a target group with both servers.
+    pub fn targets(&self) -> String {
+        format!(
+            "targets = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+            self.primary.port, self.replica.port
+        )
+    }
+}
+
 /// dbproxy running from its binary in front of a [`MariaDb`].
 pub struct Proxy {
     pub port: u16,

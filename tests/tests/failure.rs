@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 fn database_killed_mid_query_then_restarted() {
     let mut db = MariaDb::start();
     for io in DRIVERS {
-        let proxy = Proxy::start(&db, io, "connect_timeout = \"2s\"");
+        let proxy = Proxy::start(
+            &db,
+            io,
+            "connect_timeout = \"2s\"\nconnection_borrow_timeout = \"2s\"",
+        );
         let mut idle = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
         idle.query_drop("SELECT 1").unwrap();
         let port = proxy.port;
@@ -34,12 +38,15 @@ fn database_killed_mid_query_then_restarted() {
         let noticed = killed_at.elapsed();
         println!("[{io}] client saw the failure {noticed:?} after the kill: {r:?}");
         assert!(r.is_err(), "[{io}] the query cannot succeed");
+        let told = r.unwrap_err().to_string();
+        assert!(told.contains("outcome is unknown"), "[{io}] {told}");
         assert!(
             noticed < Duration::from_secs(5),
             "[{io}] the client hung ({noticed:?})"
         );
-        // While the database is down, new clients get a clear error, not a hang.
-        // (The mysql crate runs queries while connecting, so the error may come from either.)
+        // While the database is down, statements wait for it up to connection_borrow_timeout,
+        // then get a clear error, not a hang. (The mysql crate runs queries while
+        // connecting, so the error may come from either.)
         let err =
             connect(proxy.port, "app", APP_PASSWORD, "").and_then(|mut c| c.query_drop("SELECT 1"));
         match err {

@@ -79,7 +79,9 @@ fn two_thousand_clients_on_twenty_backend_connections() {
             proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
         println!("[{io}] {clients} concurrent clients: backend connections opened {opened}, peak Threads_connected {peak}");
         assert!(opened <= 20, "[{io}] opened {opened} backend connections");
-        assert!(peak <= 20 + 1, "[{io}] Threads_connected peaked at {peak}");
+        // 20 pooled connections, the sampler's own, and dbproxy's health check (outside
+        // max_connections, as RDS Proxy's own monitoring is).
+        assert!(peak <= 20 + 2, "[{io}] Threads_connected peaked at {peak}");
     }
 }
 

@@ -42,7 +42,8 @@ fn connect_storm_makes_no_new_backend_connections_after_warm_up() {
         storm(proxy.port, 300, 5);
         let after = global_status(&mut mon, "Connections");
         let peak = peak.finish();
-        let monitors = 2; // the sampler's and this thread's own connections
+        // The sampler's and this thread's own connections, and dbproxy's health check.
+        let monitors = 3;
         println!(
             "[{io}] 1500 client connections in {:?}; backend Connections {before} -> {after}; peak Threads_connected {}",
             t0.elapsed(),
