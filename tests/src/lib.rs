@@ -272,6 +272,16 @@ impl MariaDb {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT: a server that hangs with its connections open, as behind
+    /// a network partition (no reset, no refusal: only timeouts tell).
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(pid) = self.pid() {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: a signal to our own child's pid.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
     /// Starts the server again on the same data directory and port.
     pub fn restart(&mut self) {
         self.kill();

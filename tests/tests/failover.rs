@@ -523,3 +523,79 @@ fn planned_switchover_under_sysbench_has_no_errors() {
         assert!(wrote > 0, "[{io}] no update reached the new primary");
     }
 }
+
+/// A primary that hangs (SIGSTOP: connections stay open, nothing is refused) is marked down
+/// after `failure_threshold` checks time out; the statement waiting on it gets its error
+/// then, not never; the replica promoted meanwhile takes the writes; the old primary, thawed
+/// and still writable, is not used.
+#[test]
+fn a_hung_primary_is_marked_down_by_timeouts_and_fenced_when_it_wakes() {
+    let _serial = serial();
+    for io in DRIVERS {
+        let pair = Pair::start();
+        pair.primary
+            .root_sql("CREATE TABLE shop.hung (n INT PRIMARY KEY)");
+        pair.sync();
+        let proxy = start_proxy(
+            &pair,
+            io,
+            "health_check_interval = \"500ms\"\nfailure_threshold = 2",
+            "",
+        );
+        let port = proxy.port;
+        let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+        c.query_drop("INSERT INTO hung VALUES (1)").unwrap();
+        // A transaction on the primary, then a statement that will hang with it.
+        c.query_drop("BEGIN").unwrap();
+        c.query_drop("INSERT INTO hung VALUES (2)").unwrap();
+        pair.primary.freeze(true);
+        let frozen_at = Instant::now();
+        let hung = std::thread::spawn(move || {
+            let r = c.query_drop("INSERT INTO hung VALUES (3)");
+            (r, c)
+        });
+        wait_until(
+            "the hung primary to be marked down",
+            Duration::from_secs(10),
+            || proxy.log().contains("writer lost"),
+        );
+        let (r, mut c) = hung.join().unwrap();
+        let waited = frozen_at.elapsed();
+        let e = r.expect_err("the statement on the hung primary cannot succeed");
+        println!("[{io}] the statement on the hung primary failed after {waited:?}: {e}");
+        assert!(e.to_string().contains("rolled back"), "[{io}] {e}");
+        assert!(waited < Duration::from_secs(10), "[{io}] {waited:?}");
+        // The client's next statement waits for a writer; the replica is promoted meanwhile.
+        let writes = std::thread::spawn(move || {
+            let started = Instant::now();
+            c.query_drop("INSERT INTO hung VALUES (4)").unwrap();
+            (started.elapsed(), c)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        pair.promote_replica();
+        let (took, mut c) = writes.join().unwrap();
+        println!("[{io}] the next insert waited {took:?} for the new writer");
+        assert_eq!(server_id(&mut c), 2, "[{io}]");
+        // The old primary wakes up writable: not used, and the log says why.
+        pair.primary.freeze(false);
+        wait_until(
+            "the old primary to be fenced",
+            Duration::from_secs(10),
+            || proxy.log().contains("never two writers"),
+        );
+        c.query_drop("INSERT INTO hung VALUES (5)").unwrap();
+        assert_eq!(server_id(&mut c), 2, "[{io}]");
+        let on_new = pair
+            .replica
+            .root_sql("SELECT GROUP_CONCAT(n ORDER BY n) FROM shop.hung");
+        assert_eq!(
+            on_new.trim(),
+            "1,4,5",
+            "[{io}] the rolled-back transaction left nothing"
+        );
+        let on_old = pair
+            .primary
+            .root_sql("SELECT COUNT(*) FROM shop.hung WHERE n >= 4");
+        assert_eq!(on_old.trim(), "0", "[{io}] a write reached the old primary");
+    }
+}

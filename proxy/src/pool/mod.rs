@@ -192,7 +192,8 @@ pub struct GroupShared {
     /// What this pool serves: the group's writer, or its readers.
     pub route: Route,
     pub topology: Arc<Topology>,
-    /// Connections borrowed now, per target (readers are chosen by the fewest).
+    /// Connections borrowed now, per target (readers are chosen by the fewest; counted for
+    /// reader pools only).
     pub borrowed_at: Vec<AtomicUsize>,
     pub budget: Arc<Semaphore>,
     pub max_connections: usize,
@@ -598,12 +599,15 @@ impl<D: Driver> CorePool<D> {
     fn lend(&self, mut c: Pooled<D::Stream>) -> Pooled<D::Stream> {
         let sh = &self.shared;
         sh.stats.borrowed.fetch_add(1, Ordering::Relaxed);
-        if let Some(n) = sh.borrowed_at.get(c.target) {
-            n.fetch_add(1, Ordering::Relaxed);
-            c.lent = true;
-        }
-        if sh.route == Route::Writer {
-            sh.topology.served_on_writer();
+        match sh.route {
+            // One target: nothing to choose by, and no shared counter to bounce between cores.
+            Route::Writer => sh.topology.served_on_writer(),
+            Route::Reader { .. } => {
+                if let Some(n) = sh.borrowed_at.get(c.target) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    c.lent = true;
+                }
+            }
         }
         c
     }
