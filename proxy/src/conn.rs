@@ -668,14 +668,8 @@ impl<D: Driver> Conn<D> {
                 Err(SessionEnd::LostAfter(why)) => {
                     retries = 0;
                     tracing::warn!(peer = %self.peer, "database connection lost after a statement was answered ({why}); the client stays");
-                    self.drop_backend();
                     let held = !self.s.releasable();
-                    let told = self.lost_error(&why);
-                    let ended = self.s.connection_lost(told.code, &told.message);
-                    self.count(PinChanges {
-                        started: Vec::new(),
-                        ended,
-                    });
+                    let told = self.connection_lost(&why);
                     if held {
                         self.pending = Some(told);
                     }
@@ -683,13 +677,7 @@ impl<D: Driver> Conn<D> {
                 Err(SessionEnd::Lost(why)) => {
                     retries = 0;
                     tracing::info!(peer = %self.peer, "statement failed with its database connection ({why}); the client stays");
-                    self.drop_backend();
-                    let told = self.lost_error(&why);
-                    let ended = self.s.connection_lost(told.code, &told.message);
-                    self.count(PinChanges {
-                        started: Vec::new(),
-                        ended,
-                    });
+                    self.connection_lost(&why);
                 }
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, "session ends: {e}");
@@ -1607,6 +1595,19 @@ impl<D: Driver> Conn<D> {
             return SessionEnd::Client(e);
         }
         SessionEnd::Lost(why.to_string())
+    }
+
+    /// The session goes on without its failed connection and what lived only there; returns
+    /// what the client is (or was) told.
+    fn connection_lost(&mut self, why: &str) -> ErrPacket {
+        self.drop_backend();
+        let told = self.lost_error(why);
+        let ended = self.s.connection_lost(told.code, &told.message);
+        self.count(PinChanges {
+            started: Vec::new(),
+            ended,
+        });
+        told
     }
 
     /// What a client whose statement was in flight on a connection that failed is told.

@@ -235,6 +235,13 @@ pub fn render(shared: &ProxyShared) -> String {
     o
 }
 
+/// A per-target gauge: name, help, how to read it.
+type TargetSeries = (
+    &'static str,
+    &'static str,
+    fn(&crate::topology::TargetView) -> String,
+);
+
 /// A per-target-group topology series: name, type, help, how to read it.
 type TopologySeries = (
     &'static str,
@@ -251,21 +258,30 @@ fn render_topology(o: &mut String, shared: &ProxyShared) {
     let head = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    head(
-        o,
-        "dbproxy_target_up",
-        "gauge",
-        "1 when the target's last health checks passed.",
-    );
-    for t in &topologies {
-        for v in &t.load().targets {
-            let _ = writeln!(
-                o,
-                "dbproxy_target_up{{target_group=\"{}\",target=\"{}\"}} {}",
-                t.group,
-                v.name,
-                u8::from(v.up)
-            );
+    let per_target: [TargetSeries; 2] = [
+        (
+            "dbproxy_target_up",
+            "1 when the target's last health checks passed.",
+            |v| u8::from(v.up).to_string(),
+        ),
+        (
+            "dbproxy_target_replication_lag_seconds",
+            "Seconds behind its primary (-1: not replicating, stopped or unknown).",
+            |v| v.lag.seconds().to_string(),
+        ),
+    ];
+    for (name, help, get) in per_target {
+        head(o, name, "gauge", help);
+        for t in &topologies {
+            for v in &t.load().targets {
+                let _ = writeln!(
+                    o,
+                    "{name}{{target_group=\"{}\",target=\"{}\"}} {}",
+                    t.group,
+                    v.name,
+                    get(v)
+                );
+            }
         }
     }
     head(
@@ -290,23 +306,6 @@ fn render_topology(o: &mut String, shared: &ProxyShared) {
                     u8::from(v.role == r)
                 );
             }
-        }
-    }
-    head(
-        o,
-        "dbproxy_target_replication_lag_seconds",
-        "gauge",
-        "Seconds behind its primary (-1: not replicating, stopped or unknown).",
-    );
-    for t in &topologies {
-        for v in &t.load().targets {
-            let _ = writeln!(
-                o,
-                "dbproxy_target_replication_lag_seconds{{target_group=\"{}\",target=\"{}\"}} {}",
-                t.group,
-                v.name,
-                v.lag.seconds()
-            );
         }
     }
     let per_group: [TopologySeries; 6] = [
