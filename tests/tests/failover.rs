@@ -599,3 +599,47 @@ fn a_hung_primary_is_marked_down_by_timeouts_and_fenced_when_it_wakes() {
         assert_eq!(on_old.trim(), "0", "[{io}] a write reached the old primary");
     }
 }
+
+/// MariaDB Connector/J through the same failover: its two connections (an autocommit writer
+/// with a server-side prepared statement, and one in transactions) are never reopened, each
+/// sees at most one error, and both end on the new primary.
+#[test]
+fn connector_j_keeps_its_connections_through_a_failover() {
+    let _serial = serial();
+    for io in DRIVERS {
+        let mut pair = Pair::start();
+        pair.primary
+            .root_sql("CREATE TABLE shop.jdrill (client INT, seq INT, PRIMARY KEY (client, seq))");
+        pair.sync();
+        let proxy = start_proxy(&pair, io, "", "");
+        let port = proxy.port;
+        let java = std::thread::spawn(move || {
+            run_java(
+                "FailoverClient",
+                &[port.to_string(), APP_PASSWORD.into(), "8".into()],
+            )
+        });
+        // Once both of its connections are writing, kill and promote.
+        wait_until("Connector/J to write", Duration::from_secs(30), || {
+            pair.primary
+                .root_sql("SELECT COUNT(DISTINCT client) FROM shop.jdrill")
+                .trim()
+                == "2"
+        });
+        pair.primary.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        pair.promote_replica();
+        let out = java.join().unwrap();
+        println!("[{io}] Connector/J: {}", out.trim());
+        let f: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"OK"), "[{io}] {out}");
+        let n = |i: usize| {
+            f.get(i)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(u32::MAX)
+        };
+        assert!(n(1) <= 1 && n(2) <= 1, "[{io}] errors: {out}");
+        assert_eq!(n(3), 2, "[{io}] not on the new primary: {out}");
+        assert_eq!(f.get(4), Some(&"true"), "[{io}] {out}");
+    }
+}
