@@ -5,7 +5,7 @@
 use mysql::prelude::*;
 use proxy_tests::*;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 const WRITERS: usize = 50;
 const IN_TRANSACTIONS: usize = 10;
 const IDLE: usize = 140;
+/// Writes each client has acknowledged on the new primary before the drill ends.
+const KEEP_WRITING: u32 = 20;
 
 /// What one writing client saw.
 #[derive(Default)]
@@ -26,6 +28,36 @@ struct Seen {
     /// Acknowledged (seq, when).
     acked: Vec<(u32, Instant)>,
     errors: Vec<(Instant, String)>,
+    /// Acknowledged since the promotion.
+    after: u32,
+}
+
+/// Where the drill is, shared with the writing clients.
+#[derive(Default)]
+struct Progress {
+    stop: AtomicBool,
+    promoted: AtomicBool,
+    /// Clients with a write acknowledged, and with [`KEEP_WRITING`] acknowledged since the
+    /// promotion.
+    writing: AtomicUsize,
+    resumed: AtomicUsize,
+}
+
+impl Progress {
+    /// A client's write `seq` was acknowledged now.
+    fn acked(&self, seen: &mut Seen, seq: u32) {
+        let promoted = self.promoted.load(Ordering::Acquire);
+        if seen.acked.is_empty() {
+            self.writing.fetch_add(1, Ordering::AcqRel);
+        }
+        if promoted {
+            seen.after += 1;
+            if seen.after == KEEP_WRITING {
+                self.resumed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        seen.acked.push((seq, Instant::now()));
+    }
 }
 
 fn start_proxy(pair: &Pair, io: &str, group_extra: &str, sections: &str) -> Proxy {
@@ -73,7 +105,7 @@ fn drill(io: &str) {
     pair.sync();
     let proxy = start_proxy(&pair, io, "max_connections = 100", "");
     let port = proxy.port;
-    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
 
     // Idle clients, each with a time zone and a schema of its own.
     let mut idle = Vec::new();
@@ -90,12 +122,12 @@ fn drill(io: &str) {
     // Writers in autocommit: half with text queries, half with prepared statements.
     let mut writers = Vec::new();
     for id in 0..WRITERS {
-        let stop = stop.clone();
+        let progress = progress.clone();
         let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
         writers.push(std::thread::spawn(move || {
             let mut seen = Seen::default();
             let mut seq = 0u32;
-            while !stop.load(Ordering::Relaxed) {
+            while !progress.stop.load(Ordering::Acquire) {
                 seq += 1;
                 let r = if id % 2 == 0 {
                     c.query_drop(format!("INSERT INTO drill VALUES ({id}, {seq})"))
@@ -103,7 +135,7 @@ fn drill(io: &str) {
                     c.exec_drop("INSERT INTO drill VALUES (?, ?)", (id, seq))
                 };
                 match r {
-                    Ok(()) => seen.acked.push((seq, Instant::now())),
+                    Ok(()) => progress.acked(&mut seen, seq),
                     Err(e) => seen.errors.push((Instant::now(), e.to_string())),
                 }
             }
@@ -115,12 +147,12 @@ fn drill(io: &str) {
     let mut transactions = Vec::new();
     for n in 0..IN_TRANSACTIONS {
         let id = 1000 + n;
-        let stop = stop.clone();
+        let progress = progress.clone();
         let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
         transactions.push(std::thread::spawn(move || {
             let mut seen = Seen::default();
             let mut seq = 0u32;
-            while !stop.load(Ordering::Relaxed) {
+            while !progress.stop.load(Ordering::Acquire) {
                 seq += 1;
                 let r = (|| {
                     c.query_drop("BEGIN")?;
@@ -130,7 +162,7 @@ fn drill(io: &str) {
                     c.query_drop("COMMIT")
                 })();
                 match r {
-                    Ok(()) => seen.acked.push((seq, Instant::now())),
+                    Ok(()) => progress.acked(&mut seen, seq),
                     Err(e) => {
                         seen.errors.push((Instant::now(), e.to_string()));
                         if let Err(e) = c.query_drop("ROLLBACK") {
@@ -144,15 +176,26 @@ fn drill(io: &str) {
         }));
     }
 
-    std::thread::sleep(Duration::from_secs(2));
+    let clients = WRITERS + IN_TRANSACTIONS;
+    wait_until(
+        "every writing client to write",
+        Duration::from_secs(30),
+        || progress.writing.load(Ordering::Acquire) == clients,
+    );
     let killed_at = Instant::now();
     let killed_wall = std::time::SystemTime::now();
     pair.primary.kill();
+    // The failover script's delay, as the drill has it.
     std::thread::sleep(Duration::from_secs(1));
     pair.promote_replica();
     let promoted_at = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
+    progress.promoted.store(true, Ordering::Release);
+    // Until every writing client has written a while on the new primary (or the deadline,
+    // which the assertions below then explain).
+    poll_until(Duration::from_secs(10), || {
+        progress.resumed.load(Ordering::Acquire) == clients
+    });
+    progress.stop.store(true, Ordering::Release);
 
     let writers: Vec<_> = writers.into_iter().map(|t| t.join().unwrap()).collect();
     let transactions: Vec<_> = transactions
@@ -483,7 +526,10 @@ fn planned_switchover_under_sysbench_has_no_errors() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_secs(4));
+        // Switch once the load runs.
+        wait_until("sysbench to write", Duration::from_secs(30), || {
+            pair.primary.status("Com_update") > 2000
+        });
         let switch = Instant::now();
         pair.primary.root_sql("SET GLOBAL read_only = 1");
         pair.sync();
