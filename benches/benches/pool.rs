@@ -80,7 +80,13 @@ fn checkout_checkin(c: &mut Criterion) {
     ))
     .expect("bench config");
     let topology = Topology::with_writer("g", &addr.to_string(), BackendAddr::Tcp(addr));
-    let group = GroupShared::new(&cfg.target_groups[0], topology, Route::Writer, false);
+    let group = GroupShared::new(
+        &cfg.target_groups[0],
+        topology,
+        Route::Writer,
+        false,
+        proxy::tls::BackendTls::disabled(),
+    );
     let key = PoolKey::new(
         Arc::new(Credentials {
             user: "app".into(),

@@ -6,8 +6,8 @@
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
 use crate::mysql::command::ResponseKind;
-use crate::mysql::consts::com;
-use crate::mysql::handshake::ServerHandshake;
+use crate::mysql::consts::{cap, com};
+use crate::mysql::handshake::{encode_ssl_request, ServerHandshake};
 use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::resultset::{Packets, TextResult};
 use crate::mysql::session::{changes, parse_ok};
@@ -18,6 +18,7 @@ use crate::session::state::{self, BackendSession, Replay};
 use crate::session::stmts::{BackendStmts, StmtContext, StmtKey, CONTEXT_VARS};
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::Instant as Deadline;
@@ -33,6 +34,32 @@ pub enum BackendError {
     Protocol(#[from] ProtocolError),
     #[error("backend answered: {0}")]
     Server(ErrPacket),
+    /// TLS could not be set up as `backend_tls` demands (no TLS offered, certificate not
+    /// trusted or not for this host): waiting will not help.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// TLS towards one target: the group's settings and the target's name as configured
+/// (`host:port`; the host is what `verify_full` checks and sends as SNI).
+#[derive(Clone, Copy)]
+pub struct TlsTo<'a> {
+    pub tls: &'a crate::tls::BackendTls,
+    pub target: &'a str,
+}
+
+impl<'a> TlsTo<'a> {
+    /// TLS settings for a connection to `addr` (a Unix socket is local: no TLS).
+    pub fn for_addr(
+        tls: &'a crate::tls::BackendTls,
+        target: &'a str,
+        addr: &crate::io::BackendAddr,
+    ) -> Option<TlsTo<'a>> {
+        match addr {
+            crate::io::BackendAddr::Tcp(_) if tls.config().is_some() => Some(TlsTo { tls, target }),
+            _ => None,
+        }
+    }
 }
 
 /// What a backend announced in its greeting; clients are offered the same.
@@ -81,6 +108,8 @@ pub struct BackendConn<S> {
     /// The record's fingerprint at the last full comparison of the session variables that
     /// passed, and the check-ins verified since (check-in verification).
     verified: Option<(u64, u32)>,
+    /// Counts this connection among the TLS ones while it lives.
+    _tls_count: Option<crate::tls::TlsConnCount>,
 }
 
 /// Receive buffer kept by an idle backend connection.
@@ -124,12 +153,13 @@ impl<S> BackendConn<S> {
             created: self.created,
             snapshot: self.snapshot,
             verified: self.verified,
+            _tls_count: self._tls_count,
         })
     }
 }
 
 impl<S: Stream> BackendConn<S> {
-    /// Logs in on a freshly connected stream.
+    /// Logs in on a freshly connected stream, first switching to TLS when `tls` says so.
     pub async fn login(
         mut stream: S,
         creds: Arc<Credentials>,
@@ -137,6 +167,7 @@ impl<S: Stream> BackendConn<S> {
         wanted_ext: u32,
         collation: u8,
         deadline: Deadline,
+        tls: Option<TlsTo<'_>>,
     ) -> Result<(Self, ServerProfile), BackendError> {
         let mut buf = Buf::with_capacity(BACKEND_BUF);
         let h = read_packet_by(&mut stream, &mut buf, MAX_PAYLOAD, Some(deadline)).await?;
@@ -153,11 +184,67 @@ impl<S: Stream> BackendConn<S> {
             ext_capabilities: hs.ext_capabilities,
             collation: hs.collation,
         };
+        let secure = match tls {
+            Some(_) if hs.capabilities & cap::SSL != 0 => true,
+            Some(t) if t.tls.required() => {
+                return Err(BackendError::Tls(format!(
+                    "the server does not offer TLS, and backend_tls = \"{}\" requires it",
+                    t.tls.mode.name()
+                )))
+            }
+            _ => false,
+        };
         let (mut login, response, caps, ext_caps) =
-            Login::start(&hs, &creds, wanted_caps, wanted_ext, collation);
-        let seq = h.seq.wrapping_add(1);
+            Login::start(&hs, &creds, wanted_caps, wanted_ext, collation, secure);
+        let mut seq = h.seq.wrapping_add(1);
+        if let (true, Some(t)) = (secure, tls) {
+            let req = encode_ssl_request(caps, ext_caps, collation);
+            seq = write_packet(&mut stream, seq, &req).await?;
+            let config = t
+                .tls
+                .config()
+                .ok_or_else(|| BackendError::Tls("no TLS configuration".into()))?;
+            match stream
+                .connect_tls(config, crate::tls::server_name(t.target), deadline)
+                .await
+            {
+                Ok(_) => t
+                    .tls
+                    .stats
+                    .backend_handshakes
+                    .fetch_add(1, Ordering::Relaxed),
+                Err(e) if e.is_certificate() => {
+                    t.tls
+                        .stats
+                        .backend_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(BackendError::Tls(format!(
+                        "{e} (backend_tls = \"{}\"; check backend_tls_ca and the server's certificate)",
+                        t.tls.mode.name()
+                    )));
+                }
+                Err(crate::io::tls_stream::HandshakeError::Io(e)) => {
+                    t.tls
+                        .stats
+                        .backend_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(BackendError::Io(e));
+                }
+                Err(e) => {
+                    t.tls
+                        .stats
+                        .backend_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(BackendError::Tls(e.to_string()));
+                }
+            };
+        }
         write_packet(&mut stream, seq, &response).await?;
+        let tls_count = stream
+            .is_tls()
+            .then(|| tls.map(|t| crate::tls::TlsConnCount::new(t.tls.stats.clone())));
         let mut conn = BackendConn {
+            _tls_count: tls_count.flatten(),
             stream,
             buf,
             caps,

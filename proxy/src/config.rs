@@ -97,6 +97,18 @@ pub struct ProxyConfig {
     /// dbproxy recorded of it (variables, user variables, schema, locks, temporary tables);
     /// a connection that differs is logged and closed. Costs several queries per check-in.
     pub verify_checkin: bool,
+    /// PEM file with dbproxy's certificate chain, leaf first; with `tls_key`, clients may
+    /// use TLS (reloaded on SIGHUP).
+    pub tls_cert: String,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: String,
+}
+
+impl ProxyConfig {
+    /// Whether a certificate is configured for clients.
+    pub fn has_tls(&self) -> bool {
+        !self.tls_cert.is_empty()
+    }
 }
 
 impl Default for ProxyConfig {
@@ -109,6 +121,8 @@ impl Default for ProxyConfig {
             max_client_connections: 10_000,
             max_allowed_packet: 1 << 30,
             verify_checkin: false,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -131,6 +145,59 @@ pub struct EndpointConfig {
     pub target_group: String,
     #[serde(default)]
     pub role: Role,
+    /// TLS from clients; default `optional` when `proxy.tls_cert` is set, else `disabled`.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS between clients and an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTls {
+    /// CLIENT_SSL is not offered.
+    Disabled,
+    /// Offered; clients choose.
+    Optional,
+    /// A login without TLS is refused (3159, as with `require_secure_transport`).
+    Required,
+}
+
+impl EndpointConfig {
+    /// The endpoint's TLS mode, its default resolved.
+    pub fn tls_mode(&self, proxy: &ProxyConfig) -> ClientTls {
+        match self.tls {
+            Some(t) => t,
+            None if proxy.has_tls() => ClientTls::Optional,
+            None => ClientTls::Disabled,
+        }
+    }
+}
+
+/// TLS from dbproxy to the databases of a target group (the `--ssl-mode` of MySQL clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendTlsMode {
+    /// Plain text.
+    #[default]
+    Disabled,
+    /// TLS when the server offers it, its certificate not checked (encryption only).
+    Preferred,
+    /// TLS required; the certificate must chain to `backend_tls_ca`.
+    VerifyCa,
+    /// As `verify_ca`, and the certificate must name the target's host (SNI sent).
+    VerifyFull,
+}
+
+impl BackendTlsMode {
+    /// The name as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendTlsMode::Disabled => "disabled",
+            BackendTlsMode::Preferred => "preferred",
+            BackendTlsMode::VerifyCa => "verify_ca",
+            BackendTlsMode::VerifyFull => "verify_full",
+        }
+    }
 }
 
 /// `[[target_groups]]`: the databases behind an endpoint and their pool.
@@ -173,6 +240,13 @@ pub struct TargetGroupConfig {
     pub monitor_user: Option<String>,
     #[serde(default)]
     pub monitor_password: Option<String>,
+    /// TLS to the databases: disabled | preferred | verify_ca | verify_full.
+    #[serde(default)]
+    pub backend_tls: BackendTlsMode,
+    /// PEM file of the CA certificates trusted for `verify_ca` / `verify_full`; empty = the
+    /// system's roots.
+    #[serde(default)]
+    pub backend_tls_ca: String,
 }
 
 /// A session pinning filter.
@@ -212,6 +286,10 @@ pub enum UserAuthPlugin {
     Any,
     MysqlNativePassword,
     CachingSha2Password,
+    /// The password is checked in clear text, over TLS only: clients are switched to
+    /// mysql_clear_password, or (caching_sha2_password clients) asked for full
+    /// authentication. Without TLS the login is refused.
+    MysqlClearPassword,
 }
 
 /// `[[users]]`: who may log in to dbproxy, and as whom dbproxy logs in to the database.
@@ -388,6 +466,9 @@ impl Config {
         if self.proxy.handshake_timeout.is_zero() {
             errs.push("proxy.handshake_timeout: must be more than 0".into());
         }
+        if self.proxy.tls_cert.is_empty() != self.proxy.tls_key.is_empty() {
+            errs.push("proxy.tls_cert: give both tls_cert and tls_key, or neither".into());
+        }
         if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
             errs.push(format!(
                 "admin.listen: {:?} is not an ip:port address",
@@ -412,6 +493,11 @@ impl Config {
                 errs.push(format!(
                     "{k}.listen: {:?} is not an ip:port address",
                     e.listen
+                ));
+            }
+            if e.tls_mode(&self.proxy) != ClientTls::Disabled && !self.proxy.has_tls() {
+                errs.push(format!(
+                    "{k}.tls: TLS for clients needs proxy.tls_cert and proxy.tls_key"
                 ));
             }
             if !self.target_groups.iter().any(|g| g.name == e.target_group) {

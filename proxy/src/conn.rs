@@ -31,7 +31,9 @@ use crate::pool::{side_connection, BorrowError, CorePool, PoolKey, Pooled};
 use crate::runtime::ProxyShared;
 use crate::session::diag::{patched_row, Answer};
 use crate::session::kill::{self, Kill, Target as KillTarget};
-use crate::session::login::{AuthStep, Authentication, Login, Profile, Step as LoginStep};
+use crate::session::login::{
+    AuthStep, Authentication, ClientTls, Login, Profile, Step as LoginStep,
+};
 use crate::session::pins::PinReason;
 use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
@@ -142,12 +144,13 @@ impl<D: Driver> Drop for Conn<D> {
     }
 }
 
-/// Serves one accepted client connection to its end.
+/// Serves one accepted client connection to its end; `tls` is what its endpoint allows.
 pub async fn serve<D: Driver>(
     shared: Arc<ProxyShared>,
     pool: Rc<CorePool<D>>,
     mut client: D::Stream,
     peer: SocketAddr,
+    tls: ClientTls,
 ) {
     let conn_id = shared.next_connection_id();
     let in_use = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
@@ -160,16 +163,31 @@ pub async fn serve<D: Driver>(
     }
     let deadline = tokio::time::Instant::now() + shared.config.proxy.handshake_timeout;
     let Some((mut conn, seq)) =
-        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline).await
+        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline, tls).await
     else {
         return;
     };
+    let _tls_count = conn.client.is_tls().then(|| TlsClientCount::new(&shared));
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
     // the handshake timeout.
     if !conn.connected(seq).await {
         return;
     }
     conn.run().await;
+}
+
+/// Counts a logged-in client that uses TLS while it is connected.
+struct TlsClientCount<'a>(&'a ProxyShared);
+impl<'a> TlsClientCount<'a> {
+    fn new(shared: &'a ProxyShared) -> Self {
+        shared.tls_stats.clients.fetch_add(1, Ordering::Relaxed);
+        TlsClientCount(shared)
+    }
+}
+impl Drop for TlsClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.tls_stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct ClientCount<'a>(&'a ProxyShared);
@@ -198,7 +216,13 @@ async fn login<D: Driver>(
     peer: SocketAddr,
     conn_id: u32,
     deadline: tokio::time::Instant,
+    tls: ClientTls,
 ) -> Option<(Conn<D>, u8)> {
+    let tls = if shared.tls.is_some() {
+        tls
+    } else {
+        ClientTls::Off
+    };
     let nonce = new_nonce();
     let profile = {
         let p = pool.shared.profile.read();
@@ -209,7 +233,8 @@ async fn login<D: Driver>(
             collation: p.collation,
         }
     };
-    let (mut machine, greeting) = Login::start(&profile, conn_id, nonce, peer.ip().to_string());
+    let (mut machine, greeting) =
+        Login::start(&profile, conn_id, nonce, peer.ip().to_string(), tls);
     write_packet(&mut client, 0, &greeting).await.ok()?;
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
     loop {
@@ -235,6 +260,30 @@ async fn login<D: Driver>(
         match step {
             LoginStep::Send { seq, payload } => {
                 write_packet(&mut client, seq, &payload).await.ok()?;
+            }
+            LoginStep::StartTls => {
+                let server = shared.tls.as_ref()?;
+                // Whatever came after the SSLRequest is the start of the TLS handshake.
+                let early = cbuf.filled().to_vec();
+                cbuf.consume(early.len());
+                match client.accept_tls(server.config(), &early, deadline).await {
+                    Ok(agreed) => {
+                        tracing::debug!(%peer, version = agreed.version, cipher = %agreed.cipher, "client TLS handshake done");
+                        shared
+                            .tls_stats
+                            .client_handshakes
+                            .fetch_add(1, Ordering::Relaxed);
+                        machine.secured();
+                    }
+                    Err(e) => {
+                        shared
+                            .tls_stats
+                            .client_handshake_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, "TLS handshake with a client failed: {e}");
+                        return None;
+                    }
+                }
             }
             LoginStep::Refused { seq, err, log } => {
                 tracing::info!(%peer, "{log}");
@@ -2019,6 +2068,7 @@ impl<D: Driver> Conn<D> {
             &cu.auth_response,
             self.nonce,
             self.s.caps & cap::PLUGIN_AUTH != 0,
+            self.client.is_tls(),
             &ip,
         );
         let mut seq = h.seq.wrapping_add(1);

@@ -13,4 +13,5 @@ pub mod mysql;
 pub mod pool;
 pub mod runtime;
 pub mod session;
+pub mod tls;
 pub mod topology;

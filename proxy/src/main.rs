@@ -66,7 +66,12 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse().command {
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                let errs = proxy::tls::check_files(&cfg);
+                if !errs.is_empty() {
+                    eprintln!("{}", errs.join("\n"));
+                    return ExitCode::FAILURE;
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -128,7 +133,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            wait_for_signal();
+            wait_for_signal(&running.shared);
             tracing::info!("shutting down");
             running.stop(Duration::from_secs(2));
             ExitCode::SUCCESS
@@ -136,7 +141,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the TLS certificate meanwhile.
+fn wait_for_signal(shared: &proxy::runtime::ProxyShared) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -154,13 +160,15 @@ fn wait_for_signal() {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(mut term), Ok(mut int)) => {
+            (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => shared.reload_tls(),
                 }
-            }
+            },
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }

@@ -10,6 +10,8 @@ use crate::io::uring::{self, Uring};
 use crate::io::{reuseport_listener, Driver};
 use crate::mysql::consts::cap;
 use crate::pool::{CorePool, GroupShared};
+use crate::session::login::ClientTls;
+use crate::tls::{BackendTls, ServerTls, TlsStats};
 use crate::topology::monitor::{GroupMonitor, SystemResolver};
 use crate::topology::{Route, Topology};
 use std::collections::HashMap;
@@ -53,6 +55,9 @@ pub struct ProxyShared {
     pub clients: AtomicUsize,
     /// Client sessions by greeting id (KILL).
     pub sessions: Arc<crate::clients::Clients>,
+    /// dbproxy's certificate for clients, when one is configured.
+    pub tls: Option<Arc<ServerTls>>,
+    pub tls_stats: Arc<TlsStats>,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
@@ -62,7 +67,22 @@ impl ProxyShared {
     pub fn new(config: Config, guard: Option<Arc<GuardStats>>) -> Result<Arc<Self>, StartError> {
         let mut groups = HashMap::new();
         let mut topologies = HashMap::new();
+        let tls_stats = Arc::new(TlsStats::default());
+        let tls = if config.proxy.has_tls() {
+            let t = ServerTls::load(
+                std::path::Path::new(&config.proxy.tls_cert),
+                std::path::Path::new(&config.proxy.tls_key),
+            )
+            .map_err(|e| StartError::Config(format!("proxy.tls_cert / proxy.tls_key: {e}")))?;
+            Some(Arc::new(t))
+        } else {
+            None
+        };
         for g in &config.target_groups {
+            let backend_tls = BackendTls::new(g.backend_tls, &g.backend_tls_ca, tls_stats.clone())
+                .map_err(|e| {
+                    StartError::Config(format!("target group '{}': backend_tls_ca: {e}", g.name))
+                })?;
             if g.targets.is_empty() {
                 return Err(StartError::Config(format!(
                     "target group '{}' has no targets",
@@ -82,8 +102,13 @@ impl ProxyShared {
                 });
             }
             for route in routes {
-                let pool =
-                    GroupShared::new(g, topology.clone(), route, config.proxy.verify_checkin);
+                let pool = GroupShared::new(
+                    g,
+                    topology.clone(),
+                    route,
+                    config.proxy.verify_checkin,
+                    backend_tls.clone(),
+                );
                 groups.insert(pool.id.clone(), pool);
             }
             topologies.insert(g.name.clone(), topology);
@@ -96,12 +121,31 @@ impl ProxyShared {
             guard,
             clients: AtomicUsize::new(0),
             sessions: Arc::default(),
+            tls,
+            tls_stats,
             // Far from the backend's own thread ids, so that a KILL with a proxy id sent
             // straight to the backend cannot hit another client's connection.
             next_id: AtomicU32::new(crate::clients::FIRST_ID),
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Reads dbproxy's certificate and key again (SIGHUP): new TLS handshakes use them,
+    /// connected clients keep theirs; a pair that does not load leaves the old one in use.
+    pub fn reload_tls(&self) {
+        let Some(t) = &self.tls else {
+            tracing::info!("SIGHUP: no proxy.tls_cert configured, nothing to reload");
+            return;
+        };
+        match t.reload() {
+            Ok(()) => {
+                tracing::info!(cert = %self.config.proxy.tls_cert, "TLS certificate reloaded")
+            }
+            Err(e) => {
+                tracing::error!("TLS certificate not reloaded, the previous one stays in use: {e}")
+            }
+        }
     }
 
     /// A connection id for a client's greeting.
@@ -237,7 +281,16 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 crate::config::Role::ReadWrite => e.target_group.clone(),
                 crate::config::Role::ReadOnly => format!("{}/read_only", e.target_group),
             };
-            ls.push((pool, l));
+            let tls = match e.tls_mode(&shared.config.proxy) {
+                crate::config::ClientTls::Disabled => ClientTls::Off,
+                crate::config::ClientTls::Optional => ClientTls::Offered,
+                crate::config::ClientTls::Required => ClientTls::Required,
+            };
+            ls.push(Listener {
+                pool,
+                tls,
+                socket: l,
+            });
         }
         per_worker.push(ls);
     }
@@ -264,7 +317,15 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpListener)>) {
+/// One endpoint's listening socket on one worker.
+struct Listener {
+    /// The pool it serves ([`GroupShared::id`]).
+    pool: String,
+    tls: ClientTls,
+    socket: std::net::TcpListener,
+}
+
+fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     let mut b = tokio_uring::builder();
     b.entries(uring::RING_ENTRIES);
     match tokio_uring::Runtime::new(&b) {
@@ -273,7 +334,7 @@ fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpList
     }
 }
 
-fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpListener)>) {
+fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -289,10 +350,7 @@ fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<(String, std::net::TcpList
 }
 
 /// One worker: its pools, its accept loops, until shutdown.
-async fn worker<D: Driver>(
-    shared: Arc<ProxyShared>,
-    listeners: Vec<(String, std::net::TcpListener)>,
-) {
+async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     let mut pools: HashMap<String, Rc<CorePool<D>>> = HashMap::new();
     for (name, g) in &shared.groups {
         let pool = CorePool::<D>::new(g.clone());
@@ -300,8 +358,9 @@ async fn worker<D: Driver>(
         pools.insert(name.clone(), pool);
     }
     let mut accepts = Vec::new();
-    for (group, l) in listeners {
-        let listener = match D::listener(l) {
+    for Listener { pool, tls, socket } in listeners {
+        let group = pool;
+        let listener = match D::listener(socket) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("cannot register listener: {e}");
@@ -321,6 +380,7 @@ async fn worker<D: Driver>(
                             pool.clone(),
                             stream,
                             peer,
+                            tls,
                         ));
                     }
                     Err(e) => {
@@ -377,6 +437,11 @@ fn start_monitor(
                 .min(g.connect_timeout),
             failure_threshold: g.failure_threshold,
             creds: Arc::new(creds),
+            tls: shared
+                .groups
+                .get(&g.name)
+                .map(|p| p.backend_tls.clone())
+                .unwrap_or_else(BackendTls::disabled),
         });
     }
     let on_address: Option<crate::topology::monitor::OnAddress> =
@@ -420,12 +485,15 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         return;
     };
     for g in shared.groups.values() {
-        let addr = {
+        let target = {
             let snap = g.topology.load();
             let up = snap.targets.iter().position(|t| t.up);
-            snap.writer.or(up).and_then(|i| snap.addr(i).cloned())
+            snap.writer
+                .or(up)
+                .and_then(|i| snap.targets.get(i))
+                .and_then(|t| Some((t.addr.clone()?, t.name.clone())))
         };
-        let Some(addr) = addr else {
+        let Some((addr, name)) = target else {
             tracing::warn!(group = %g.name, "no target is up yet");
             continue;
         };
@@ -433,8 +501,9 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
             tokio::time::timeout(g.connect_timeout, async {
                 let s = Epoll::connect(&addr).await?;
                 let deadline = tokio::time::Instant::now() + g.connect_timeout;
+                let tls = crate::backend_conn::TlsTo::for_addr(&g.backend_tls, &name, &addr);
                 let (conn, profile) =
-                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 0, 45, deadline)
+                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 0, 45, deadline, tls)
                         .await?;
                 conn.quit().await;
                 Ok::<_, crate::backend_conn::BackendError>(profile)

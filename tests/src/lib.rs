@@ -5,6 +5,7 @@
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
 pub mod raw;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -628,6 +629,14 @@ auth_plugin = "mysql_native_password"
     }
 
     /// SIGKILL, as a crash would.
+    /// Sends SIGHUP (dbproxy reloads its TLS certificate).
+    pub fn sighup(&self) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

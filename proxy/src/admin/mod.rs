@@ -79,6 +79,7 @@ pub fn render(shared: &ProxyShared) -> String {
         "dbproxy_client_connections {}",
         shared.clients.load(Ordering::Relaxed)
     );
+    render_tls(&mut o, shared);
     let mut groups: Vec<_> = shared.groups.values().collect();
     groups.sort_by(|a, b| a.id.cmp(&b.id));
     let series: [Series; 11] = [
@@ -251,6 +252,74 @@ type TopologySeries = (
 );
 
 /// Each target's role, health and lag; failovers and their last times.
+/// TLS on both legs (RDS Proxy's ClientConnectionsTLS / ClientConnectionsNoTLS and more).
+fn render_tls(o: &mut String, shared: &ProxyShared) {
+    let t = &shared.tls_stats;
+    let tls_clients = t.clients.load(Ordering::Relaxed) as u64;
+    let all = shared.clients.load(Ordering::Relaxed) as u64;
+    let rows: [(&str, &str, &str, u64); 8] = [
+        (
+            "dbproxy_client_tls_handshakes_total",
+            "counter",
+            "TLS handshakes with clients that succeeded.",
+            t.client_handshakes.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_client_connections_tls",
+            "gauge",
+            "Logged-in client connections using TLS.",
+            tls_clients,
+        ),
+        (
+            "dbproxy_client_connections_no_tls",
+            "gauge",
+            "Client connections not using TLS (logging in included).",
+            all.saturating_sub(tls_clients),
+        ),
+        (
+            "dbproxy_client_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes with clients that failed.",
+            t.client_handshake_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_database_connections_tls",
+            "gauge",
+            "Backend connections using TLS (pools and health checks).",
+            t.backend_connections.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "dbproxy_database_tls_handshakes_total",
+            "counter",
+            "TLS handshakes with databases that succeeded.",
+            t.backend_handshakes.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_database_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes with databases that failed (certificate, network).",
+            t.backend_handshake_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "dbproxy_tls_certificate_loads_total",
+            "counter",
+            "Times dbproxy's client certificate was loaded (start and successful reloads).",
+            shared
+                .tls
+                .as_ref()
+                .map_or(0, |s| s.loads.load(Ordering::Relaxed)),
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}
+# TYPE {name} {kind}
+{name} {v}"
+        );
+    }
+}
+
 fn render_topology(o: &mut String, shared: &ProxyShared) {
     use crate::topology::TargetRole;
     let mut topologies: Vec<_> = shared.topologies.values().collect();

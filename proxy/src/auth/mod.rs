@@ -1,8 +1,10 @@
 //! dbproxy's own users and how a client proves it is one of them.
 //!
 //! dbproxy knows each user's password, so it can verify `mysql_native_password` and
-//! `caching_sha2_password` answers itself (always the fast path of the latter) and switch
-//! a client to the plugin a user requires.
+//! `caching_sha2_password` answers itself (the fast path of the latter) and switch a client
+//! to the plugin a user requires. A user whose password is checked in clear text gets it
+//! over TLS only: through `mysql_clear_password`, or caching_sha2_password's full
+//! authentication.
 
 use crate::config::{UserAuthPlugin, UserConfig};
 use crate::mysql::auth::Plugin;
@@ -60,25 +62,42 @@ pub enum Decision {
     Switch(Plugin),
     /// Authenticated. With `caching_sha2_password` the client first gets "fast auth ok".
     Accept(Plugin),
+    /// caching_sha2_password's full authentication: ask the client for its password in
+    /// clear text ("perform full authentication"), then [`verify`] it as [`Plugin::Clear`].
+    FullAuth,
     Deny,
+    /// The user's password travels in clear text, and this connection is not TLS.
+    NeedsTls,
 }
 
 /// Decides on a client's first answer: verify it, or switch the client to the plugin the
 /// user requires. An unknown user goes through the same steps (no user enumeration).
+/// `secure`: the connection is TLS (a clear-text password is taken only then).
 pub fn first_answer(
     user: Option<&User>,
     client_plugin: Option<&[u8]>,
     can_switch: bool,
     nonce: &[u8],
     answer: &[u8],
+    secure: bool,
 ) -> Decision {
     let offered = match client_plugin {
         Some(name) => Plugin::from_name(name),
         None => Some(Plugin::Native),
-    };
+    }
+    .filter(|p| *p != Plugin::Clear || secure);
     let required = match user.map(|u| u.plugin) {
         Some(UserAuthPlugin::MysqlNativePassword) => Plugin::Native,
         Some(UserAuthPlugin::CachingSha2Password) => Plugin::CachingSha2,
+        Some(UserAuthPlugin::MysqlClearPassword) => {
+            if !secure {
+                return Decision::NeedsTls;
+            }
+            if offered == Some(Plugin::CachingSha2) {
+                return Decision::FullAuth;
+            }
+            Plugin::Clear
+        }
         _ => offered.unwrap_or(Plugin::Native),
     };
     // Clients whose plugin differs from the one announced send an empty first answer and
@@ -136,12 +155,19 @@ mod tests {
         for p in [Plugin::Native, Plugin::CachingSha2] {
             let a = p.scramble(b"s3cret", NONCE);
             assert_eq!(
-                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &a),
+                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &a, false),
                 Decision::Accept(p)
             );
             let bad = p.scramble(b"wrong", NONCE);
             assert_eq!(
-                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &bad),
+                first_answer(
+                    Some(&u),
+                    Some(p.name().as_bytes()),
+                    true,
+                    NONCE,
+                    &bad,
+                    false
+                ),
                 Decision::Deny
             );
         }
@@ -153,13 +179,20 @@ mod tests {
         let u = us.get(b"app").unwrap();
         let a = Plugin::Native.scramble(b"s3cret", NONCE);
         assert_eq!(
-            first_answer(Some(&u), Some(b"mysql_native_password"), true, NONCE, &a),
+            first_answer(
+                Some(&u),
+                Some(b"mysql_native_password"),
+                true,
+                NONCE,
+                &a,
+                false
+            ),
             Decision::Switch(Plugin::CachingSha2)
         );
         let any = users(UserAuthPlugin::Any);
         let u = any.get(b"app").unwrap();
         assert_eq!(
-            first_answer(Some(&u), Some(b"client_ed25519"), true, NONCE, b"x"),
+            first_answer(Some(&u), Some(b"client_ed25519"), true, NONCE, b"x", false),
             Decision::Switch(Plugin::Native)
         );
     }
@@ -169,16 +202,126 @@ mod tests {
         let us = users(UserAuthPlugin::Any);
         let u = us.get(b"app").unwrap();
         assert_eq!(
-            first_answer(Some(&u), Some(b"caching_sha2_password"), true, NONCE, b""),
+            first_answer(
+                Some(&u),
+                Some(b"caching_sha2_password"),
+                true,
+                NONCE,
+                b"",
+                false
+            ),
             Decision::Switch(Plugin::CachingSha2)
         );
         assert_eq!(
-            first_answer(None, Some(b"caching_sha2_password"), true, NONCE, b""),
+            first_answer(
+                None,
+                Some(b"caching_sha2_password"),
+                true,
+                NONCE,
+                b"",
+                false
+            ),
             Decision::Switch(Plugin::CachingSha2)
         );
         assert_eq!(
-            first_answer(Some(&u), Some(b"caching_sha2_password"), false, NONCE, b""),
+            first_answer(
+                Some(&u),
+                Some(b"caching_sha2_password"),
+                false,
+                NONCE,
+                b"",
+                false
+            ),
             Decision::Deny
+        );
+    }
+
+    #[test]
+    fn clear_text_passwords_only_over_tls() {
+        let us = users(UserAuthPlugin::MysqlClearPassword);
+        let u = us.get(b"app").unwrap();
+        let sha2 = Plugin::CachingSha2.scramble(b"s3cret", NONCE);
+        // caching_sha2_password clients are asked for full authentication, others switched.
+        assert_eq!(
+            first_answer(
+                Some(&u),
+                Some(b"caching_sha2_password"),
+                true,
+                NONCE,
+                &sha2,
+                true
+            ),
+            Decision::FullAuth
+        );
+        let native = Plugin::Native.scramble(b"s3cret", NONCE);
+        assert_eq!(
+            first_answer(
+                Some(&u),
+                Some(b"mysql_native_password"),
+                true,
+                NONCE,
+                &native,
+                true
+            ),
+            Decision::Switch(Plugin::Clear)
+        );
+        assert_eq!(
+            first_answer(
+                Some(&u),
+                Some(b"mysql_clear_password"),
+                true,
+                NONCE,
+                b"s3cret\0",
+                true
+            ),
+            Decision::Accept(Plugin::Clear)
+        );
+        assert_eq!(
+            verify(Some(&u), Plugin::Clear, NONCE, b"s3cret\0"),
+            Decision::Accept(Plugin::Clear)
+        );
+        assert_eq!(
+            verify(Some(&u), Plugin::Clear, NONCE, b"wrong\0"),
+            Decision::Deny
+        );
+        // Without TLS: refused, whatever the client offers.
+        for p in ["mysql_clear_password", "caching_sha2_password"] {
+            assert_eq!(
+                first_answer(
+                    Some(&u),
+                    Some(p.as_bytes()),
+                    true,
+                    NONCE,
+                    b"s3cret\0",
+                    false
+                ),
+                Decision::NeedsTls
+            );
+        }
+        // An ordinary user is never taken in clear text without TLS: the client is switched.
+        let any = users(UserAuthPlugin::Any);
+        let u = any.get(b"app").unwrap();
+        assert_eq!(
+            first_answer(
+                Some(&u),
+                Some(b"mysql_clear_password"),
+                true,
+                NONCE,
+                b"s3cret\0",
+                false
+            ),
+            Decision::Switch(Plugin::Native)
+        );
+        assert_eq!(
+            first_answer(
+                Some(&u),
+                Some(b"mysql_clear_password"),
+                true,
+                NONCE,
+                b"s3cret\0",
+                true
+            ),
+            Decision::Accept(Plugin::Clear)
         );
     }
 
@@ -188,7 +331,7 @@ mod tests {
         assert!(us.get(b"nobody").is_none());
         let a = Plugin::Native.scramble(b"s3cret", NONCE);
         assert_eq!(
-            first_answer(None, Some(b"mysql_native_password"), true, NONCE, &a),
+            first_answer(None, Some(b"mysql_native_password"), true, NONCE, &a, false),
             Decision::Deny
         );
         let e = access_denied(b"nobody", "127.0.0.1", true);

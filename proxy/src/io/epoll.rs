@@ -1,6 +1,6 @@
 //! The epoll driver: tokio's reactor on a current-thread runtime per worker.
 
-use super::{BackendAddr, Buf, Detached, Driver, Stream};
+use super::{BackendAddr, Buf, Detached, DetachedSocket, Driver, MaybeTls, Transport};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,7 +16,7 @@ pub enum EpollStream {
     Unix(UnixStream),
 }
 
-impl Stream for EpollStream {
+impl Transport for EpollStream {
     async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
         if buf.data.capacity() == buf.data.len() {
             buf.reserve(4096);
@@ -47,7 +47,7 @@ impl Stream for EpollStream {
 }
 
 impl Driver for Epoll {
-    type Stream = EpollStream;
+    type Stream = MaybeTls<EpollStream>;
     type Listener = tokio::net::TcpListener;
     const NAME: &'static str = "epoll";
 
@@ -55,40 +55,44 @@ impl Driver for Epoll {
         tokio::net::TcpListener::from_std(l)
     }
 
-    async fn accept(l: &Self::Listener) -> io::Result<(EpollStream, SocketAddr)> {
+    async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
         let (s, peer) = l.accept().await?;
         s.set_nodelay(true)?;
-        Ok((EpollStream::Tcp(s), peer))
+        Ok((MaybeTls::plain(EpollStream::Tcp(s)), peer))
     }
 
-    fn detach(s: EpollStream) -> io::Result<Detached> {
-        Ok(match s {
-            EpollStream::Tcp(s) => Detached::Tcp(s.into_std()?),
-            EpollStream::Unix(s) => Detached::Unix(s.into_std()?),
-        })
+    fn detach(s: Self::Stream) -> io::Result<Detached> {
+        let (raw, tls) = s.into_parts();
+        let socket = match raw {
+            EpollStream::Tcp(s) => DetachedSocket::Tcp(s.into_std()?),
+            EpollStream::Unix(s) => DetachedSocket::Unix(s.into_std()?),
+        };
+        Ok(Detached { socket, tls })
     }
 
-    fn attach(s: Detached) -> io::Result<EpollStream> {
-        Ok(match s {
-            Detached::Tcp(s) => {
+    fn attach(s: Detached) -> io::Result<Self::Stream> {
+        let raw = match s.socket {
+            DetachedSocket::Tcp(s) => {
                 s.set_nonblocking(true)?;
                 EpollStream::Tcp(TcpStream::from_std(s)?)
             }
-            Detached::Unix(s) => {
+            DetachedSocket::Unix(s) => {
                 s.set_nonblocking(true)?;
                 EpollStream::Unix(UnixStream::from_std(s)?)
             }
-        })
+        };
+        Ok(MaybeTls::from_parts(raw, s.tls))
     }
 
-    async fn connect(addr: &BackendAddr) -> io::Result<EpollStream> {
-        match addr {
+    async fn connect(addr: &BackendAddr) -> io::Result<Self::Stream> {
+        let raw = match addr {
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(*a).await?;
                 s.set_nodelay(true)?;
-                Ok(EpollStream::Tcp(s))
+                EpollStream::Tcp(s)
             }
-            BackendAddr::Unix(p) => Ok(EpollStream::Unix(UnixStream::connect(p).await?)),
-        }
+            BackendAddr::Unix(p) => EpollStream::Unix(UnixStream::connect(p).await?),
+        };
+        Ok(MaybeTls::plain(raw))
     }
 }

@@ -2,12 +2,16 @@
 //! shape), so the session loop is written once, generic over [`Driver`].
 
 pub mod epoll;
+pub mod tls_stream;
 pub mod uring;
+
+pub use tls_stream::MaybeTls;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use crate::mysql::Header;
 
@@ -97,6 +101,28 @@ impl Buf {
         self.data.extend_from_slice(&rest);
     }
 
+    /// Lets `fill` write up to `max` bytes into the spare capacity (made if there is none)
+    /// and keeps what it says it wrote.
+    pub fn read_with(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        if self.data.capacity() == self.data.len() {
+            self.reserve(4096);
+        }
+        let len = self.data.len();
+        let room = (self.data.capacity() - len).min(max);
+        self.data.resize(len + room, 0);
+        let r = fill(&mut self.data[len..]);
+        let n = match &r {
+            Ok(n) => (*n).min(room),
+            Err(_) => 0,
+        };
+        self.data.truncate(len + n);
+        r.map(|_| n)
+    }
+
     /// Appends bytes (used for packets dbproxy writes itself).
     pub fn extend(&mut self, b: &[u8]) {
         self.reserve(b.len());
@@ -133,15 +159,21 @@ impl std::fmt::Display for BackendAddr {
     }
 }
 
-/// A stream taken off one worker's reactor, to be adopted by another.
+/// A socket taken off one worker's reactor, to be adopted by another.
 #[derive(Debug)]
-pub enum Detached {
+pub enum DetachedSocket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
 }
 
-/// A connected stream (TCP, or a Unix socket to a local backend).
-pub trait Stream: Sized + 'static {
+/// A stream taken off one worker's reactor: its socket and its TLS session, if any.
+pub struct Detached {
+    pub socket: DetachedSocket,
+    pub tls: Option<Box<tls_stream::Tls>>,
+}
+
+/// A driver's connected socket (TCP, or a Unix socket to a local backend).
+pub trait Transport: Sized + 'static {
     /// Reads once into `buf`'s spare capacity (reserve first); `Ok(0)` is end of stream.
     /// If the future is dropped before completion the buffer's content is lost, so the
     /// caller must close the stream then.
@@ -151,6 +183,74 @@ pub trait Stream: Sized + 'static {
     fn write(&mut self, buf: &mut Buf, n: usize) -> impl Future<Output = io::Result<()>>;
 
     fn raw_fd(&self) -> RawFd;
+}
+
+/// A connected stream as the session sees it: plain, or TLS once upgraded.
+pub trait Stream: Sized + 'static {
+    /// Reads once into `buf`'s spare capacity; `Ok(0)` is end of stream. If the future is
+    /// dropped before completion the stream must be closed.
+    fn read(&mut self, buf: &mut Buf) -> impl Future<Output = io::Result<usize>>;
+
+    /// Writes the first `n` unread bytes of `buf` and consumes them.
+    fn write(&mut self, buf: &mut Buf, n: usize) -> impl Future<Output = io::Result<()>>;
+
+    fn raw_fd(&self) -> RawFd;
+
+    fn is_tls(&self) -> bool;
+
+    /// Whether an idle connection is still usable: nothing unasked received, not closed.
+    fn idle_healthy(&self) -> bool;
+
+    /// Upgrades to TLS as the server; `early` holds bytes already received after the
+    /// SSLRequest.
+    fn accept_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        early: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = Result<tls_stream::Agreed, tls_stream::HandshakeError>>;
+
+    /// Upgrades to TLS as the client.
+    fn connect_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = Result<tls_stream::Agreed, tls_stream::HandshakeError>>;
+}
+
+impl<T: Transport> Stream for MaybeTls<T> {
+    async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
+        MaybeTls::read(self, buf).await
+    }
+    async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
+        MaybeTls::write(self, buf, n).await
+    }
+    fn raw_fd(&self) -> RawFd {
+        MaybeTls::raw_fd(self)
+    }
+    fn is_tls(&self) -> bool {
+        MaybeTls::is_tls(self)
+    }
+    fn idle_healthy(&self) -> bool {
+        MaybeTls::idle_healthy(self)
+    }
+    async fn accept_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        early: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<tls_stream::Agreed, tls_stream::HandshakeError> {
+        MaybeTls::accept_tls(self, config, early, deadline).await
+    }
+    async fn connect_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        deadline: tokio::time::Instant,
+    ) -> Result<tls_stream::Agreed, tls_stream::HandshakeError> {
+        MaybeTls::connect_tls(self, config, name, deadline).await
+    }
 }
 
 /// An I/O driver: how to accept, connect and spawn on the current worker thread.

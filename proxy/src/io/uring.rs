@@ -1,6 +1,6 @@
 //! The io_uring driver: tokio-uring, one ring per worker thread.
 
-use super::{BackendAddr, Buf, Detached, Driver, Stream};
+use super::{BackendAddr, Buf, Detached, DetachedSocket, Driver, MaybeTls, Transport};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -16,7 +16,7 @@ pub enum UringStream {
     Unix(UnixStream),
 }
 
-impl Stream for UringStream {
+impl Transport for UringStream {
     async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
         if buf.data.capacity() == buf.data.len() {
             buf.reserve(4096);
@@ -63,7 +63,7 @@ impl Stream for UringStream {
 }
 
 impl Driver for Uring {
-    type Stream = UringStream;
+    type Stream = MaybeTls<UringStream>;
     type Listener = tokio_uring::net::TcpListener;
     const NAME: &'static str = "uring";
 
@@ -71,13 +71,14 @@ impl Driver for Uring {
         Ok(tokio_uring::net::TcpListener::from_std(l))
     }
 
-    async fn accept(l: &Self::Listener) -> io::Result<(UringStream, SocketAddr)> {
+    async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
         let (s, peer) = l.accept().await?;
         s.set_nodelay(true)?;
-        Ok((UringStream::Tcp(s), peer))
+        Ok((MaybeTls::plain(UringStream::Tcp(s)), peer))
     }
 
-    fn detach(s: UringStream) -> io::Result<Detached> {
+    fn detach(s: Self::Stream) -> io::Result<Detached> {
+        let (s, tls) = s.into_parts();
         // tokio-uring has no into_std: keep a duplicate descriptor and let the ring close
         // its own.
         let fd = s.raw_fd();
@@ -89,31 +90,34 @@ impl Driver for Uring {
         let unix = matches!(s, UringStream::Unix(_));
         drop(s);
         // SAFETY: `dup` is a fresh descriptor we own, of the kind `s` was.
-        Ok(unsafe {
+        let socket = unsafe {
             if unix {
-                Detached::Unix(std::os::unix::net::UnixStream::from_raw_fd(dup))
+                DetachedSocket::Unix(std::os::unix::net::UnixStream::from_raw_fd(dup))
             } else {
-                Detached::Tcp(std::net::TcpStream::from_raw_fd(dup))
+                DetachedSocket::Tcp(std::net::TcpStream::from_raw_fd(dup))
             }
-        })
+        };
+        Ok(Detached { socket, tls })
     }
 
-    fn attach(s: Detached) -> io::Result<UringStream> {
-        Ok(match s {
-            Detached::Tcp(s) => UringStream::Tcp(TcpStream::from_std(s)),
-            Detached::Unix(s) => UringStream::Unix(UnixStream::from_std(s)),
-        })
+    fn attach(s: Detached) -> io::Result<Self::Stream> {
+        let raw = match s.socket {
+            DetachedSocket::Tcp(s) => UringStream::Tcp(TcpStream::from_std(s)),
+            DetachedSocket::Unix(s) => UringStream::Unix(UnixStream::from_std(s)),
+        };
+        Ok(MaybeTls::from_parts(raw, s.tls))
     }
 
-    async fn connect(addr: &BackendAddr) -> io::Result<UringStream> {
-        match addr {
+    async fn connect(addr: &BackendAddr) -> io::Result<Self::Stream> {
+        let raw = match addr {
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(*a).await?;
                 s.set_nodelay(true)?;
-                Ok(UringStream::Tcp(s))
+                UringStream::Tcp(s)
             }
-            BackendAddr::Unix(p) => Ok(UringStream::Unix(UnixStream::connect(p).await?)),
-        }
+            BackendAddr::Unix(p) => UringStream::Unix(UnixStream::connect(p).await?),
+        };
+        Ok(MaybeTls::plain(raw))
     }
 }
 

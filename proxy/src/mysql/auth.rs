@@ -1,5 +1,6 @@
-//! Authentication plugins' arithmetic: `mysql_native_password` and `caching_sha2_password`.
-//! dbproxy knows each password, so it can both compute and verify any scramble.
+//! Authentication plugins' arithmetic: `mysql_native_password`, `caching_sha2_password`
+//! and `mysql_clear_password` (the password itself, over TLS only). dbproxy knows each
+//! password, so it can both compute and verify any scramble.
 
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
@@ -18,6 +19,8 @@ pub const SHA2_FULL_AUTH: u8 = 0x04;
 pub enum Plugin {
     Native,
     CachingSha2,
+    /// The password in clear text, NUL-terminated; only ever sent or accepted over TLS.
+    Clear,
 }
 
 impl Plugin {
@@ -25,6 +28,7 @@ impl Plugin {
         match name {
             b"mysql_native_password" => Some(Plugin::Native),
             b"caching_sha2_password" => Some(Plugin::CachingSha2),
+            b"mysql_clear_password" => Some(Plugin::Clear),
             _ => None,
         }
     }
@@ -33,25 +37,48 @@ impl Plugin {
         match self {
             Plugin::Native => NATIVE,
             Plugin::CachingSha2 => CACHING_SHA2,
+            Plugin::Clear => CLEAR,
         }
     }
 
-    /// The client's answer to `nonce` for `password` (empty password: empty answer).
+    /// The client's answer to `nonce` for `password` (empty password: empty answer, except
+    /// for the clear-text plugin, which sends a lone NUL).
     pub fn scramble(self, password: &[u8], nonce: &[u8]) -> Vec<u8> {
+        if self == Plugin::Clear {
+            return clear_answer(password);
+        }
         if password.is_empty() {
             return Vec::new();
         }
         match self {
             Plugin::Native => native_scramble(password, nonce).to_vec(),
             Plugin::CachingSha2 => sha2_scramble(password, nonce).to_vec(),
+            Plugin::Clear => clear_answer(password),
         }
     }
 
     /// Whether `answer` proves knowledge of `password` for `nonce`.
     pub fn verify(self, password: &[u8], nonce: &[u8], answer: &[u8]) -> bool {
+        if self == Plugin::Clear {
+            return constant_time_eq(password, clear_password(answer));
+        }
         let expected = self.scramble(password, nonce);
         constant_time_eq(&expected, answer)
     }
+}
+
+/// The password as `mysql_clear_password` (and caching_sha2_password's full
+/// authentication over TLS) sends it: followed by a NUL.
+pub fn clear_answer(password: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(password.len() + 1);
+    v.extend_from_slice(password);
+    v.push(0);
+    v
+}
+
+/// The password in a clear-text answer (its terminating NUL, if any, removed).
+pub fn clear_password(answer: &[u8]) -> &[u8] {
+    answer.strip_suffix(&[0]).unwrap_or(answer)
 }
 
 /// The server's 20-byte nonce: only the bytes part 1 and part 2 carry, without the NUL.
@@ -153,13 +180,16 @@ mod tests {
     #[test]
     fn verify_accepts_right_and_rejects_wrong() {
         let nonce = new_nonce();
-        for p in [Plugin::Native, Plugin::CachingSha2] {
+        for p in [Plugin::Native, Plugin::CachingSha2, Plugin::Clear] {
             let a = p.scramble(b"pw", &nonce);
             assert!(p.verify(b"pw", &nonce, &a));
             assert!(!p.verify(b"other", &nonce, &a));
             assert!(!p.verify(b"pw", &nonce, &[]));
-            assert!(p.verify(b"", &nonce, &[]));
+            assert!(p.verify(b"", &nonce, &p.scramble(b"", &nonce)));
         }
+        assert_eq!(Plugin::Clear.scramble(b"pw", &nonce), b"pw\0");
+        assert!(Plugin::Clear.verify(b"pw", &nonce, b"pw"));
+        assert!(!Plugin::Clear.verify(b"pw", &nonce, b"pw\0\0"));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! dbproxy as a client: logging in to a backend (HandshakeResponse41 or COM_CHANGE_USER),
-//! following auth switches and `caching_sha2_password` fast authentication.
+//! following auth switches and `caching_sha2_password` (fast authentication; full
+//! authentication with the password over TLS, or RSA-encrypted with the server's public
+//! key without TLS). `mysql_clear_password` only over TLS.
 
 use super::auth::{self, Plugin};
 use super::consts::cap;
@@ -40,7 +42,14 @@ pub struct Login {
     password: Vec<u8>,
     nonce: Vec<u8>,
     plugin: Plugin,
+    /// The connection is TLS.
+    secure: bool,
+    /// caching_sha2_password full authentication asked the server for its RSA key.
+    awaiting_key: bool,
 }
+
+/// caching_sha2_password: "send me your public key".
+const SHA2_REQUEST_KEY: u8 = 0x02;
 
 fn connect_attrs() -> crate::mysql::handshake::Attrs {
     vec![
@@ -57,14 +66,20 @@ impl Login {
     /// Answers a server greeting. `wanted` and `wanted_ext` (MariaDB's extended ones) are
     /// the capabilities asked for; the result holds the login, the HandshakeResponse41
     /// payload and the capabilities actually negotiated (both kinds).
+    /// `secure`: the response goes over TLS (after an SSLRequest with the same
+    /// capabilities, `CLIENT_SSL` among them).
     pub fn start(
         hs: &ServerHandshake,
         creds: &Credentials,
         wanted: u32,
         wanted_ext: u32,
         collation: u8,
+        secure: bool,
     ) -> (Login, Vec<u8>, u32, u32) {
         let mut caps = wanted & (hs.capabilities | cap::LONG_PASSWORD);
+        if secure {
+            caps |= cap::SSL;
+        }
         // Extended capabilities need a MariaDB server and CLIENT_MYSQL (bit 0) cleared.
         let ext = if hs.capabilities & cap::LONG_PASSWORD == 0 {
             wanted_ext & hs.ext_capabilities
@@ -74,11 +89,15 @@ impl Login {
         if ext != 0 {
             caps &= !cap::LONG_PASSWORD;
         }
-        let plugin = Plugin::from_name(hs.auth_plugin.as_bytes()).unwrap_or(Plugin::Native);
+        let plugin = Plugin::from_name(hs.auth_plugin.as_bytes())
+            .filter(|p| *p != Plugin::Clear || secure)
+            .unwrap_or(Plugin::Native);
         let login = Login {
             password: creds.password.as_bytes().to_vec(),
             nonce: hs.nonce.clone(),
             plugin,
+            secure,
+            awaiting_key: false,
         };
         let response = HandshakeResponse {
             capabilities: caps,
@@ -107,6 +126,8 @@ impl Login {
             password: creds.password.as_bytes().to_vec(),
             nonce: nonce.to_vec(),
             plugin,
+            secure: caps & cap::SSL != 0,
+            awaiting_key: false,
         };
         let cu = ChangeUser {
             user: creds.user.as_bytes().to_vec(),
@@ -126,7 +147,9 @@ impl Login {
             Some(0xff) => Err(LoginError::Refused(ErrPacket::parse(payload)?)),
             Some(0xfe) => {
                 let (name, data) = parse_auth_switch(payload)?;
-                let plugin = Plugin::from_name(&name).ok_or_else(|| {
+                let plugin = Plugin::from_name(&name)
+                    .filter(|p| *p != Plugin::Clear || self.secure)
+                    .ok_or_else(|| {
                     let name = String::from_utf8_lossy(&name).into_owned();
                     let why = if name == auth::CLEAR {
                         "mysql_clear_password (it would send the password in clear text without TLS)".to_string()
@@ -141,19 +164,65 @@ impl Login {
                     plugin.scramble(&self.password, &self.nonce),
                 ))
             }
+            Some(0x01) if self.awaiting_key => {
+                self.awaiting_key = false;
+                let pem = payload.get(1..).unwrap_or_default();
+                Ok(LoginStep::Send(rsa_encrypt_password(
+                    pem,
+                    &self.password,
+                    auth::nonce_bytes(&self.nonce),
+                )?))
+            }
             Some(0x01) if self.plugin == Plugin::CachingSha2 => match payload.get(1) {
                 Some(&auth::SHA2_FAST_AUTH_OK) => Ok(LoginStep::Wait),
-                Some(&auth::SHA2_FULL_AUTH) => Err(ProtocolError::Unsupported(
-                    "caching_sha2_password full authentication (needs TLS to the backend); \
-                     log in once directly to fill the server's cache, or use mysql_native_password"
-                        .into(),
-                )
-                .into()),
+                // Full authentication: the password itself over TLS; without TLS,
+                // encrypted with the server's RSA public key, which is asked for first.
+                Some(&auth::SHA2_FULL_AUTH) if self.secure => {
+                    Ok(LoginStep::Send(auth::clear_answer(&self.password)))
+                }
+                Some(&auth::SHA2_FULL_AUTH) => {
+                    self.awaiting_key = true;
+                    Ok(LoginStep::Send(vec![SHA2_REQUEST_KEY]))
+                }
                 _ => Err(ProtocolError::Malformed("unexpected caching_sha2_password data").into()),
             },
             _ => Err(ProtocolError::Malformed("unexpected packet during backend login").into()),
         }
     }
+}
+
+/// caching_sha2_password's full authentication without TLS: the password (with its NUL)
+/// XORed with the nonce, encrypted with the server's RSA public key (PEM, SubjectPublicKeyInfo
+/// or PKCS#1) under OAEP with SHA-1, as MySQL does it.
+pub fn rsa_encrypt_password(
+    pem: &[u8],
+    password: &[u8],
+    nonce: &[u8],
+) -> Result<Vec<u8>, ProtocolError> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    let pem = std::str::from_utf8(pem)
+        .map_err(|_| ProtocolError::Malformed("the server's public key is not PEM text"))?
+        .trim_end_matches('\0')
+        .trim();
+    let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+        .map_err(|_| ProtocolError::Malformed("the server's public key cannot be read"))?;
+    if nonce.is_empty() {
+        return Err(ProtocolError::Malformed(
+            "no nonce to mix the password with",
+        ));
+    }
+    let mut data = auth::clear_answer(password);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= nonce[i % nonce.len()];
+    }
+    key.encrypt(&mut rand_core::OsRng, rsa::Oaep::new::<sha1::Sha1>(), &data)
+        .map_err(|_| {
+            ProtocolError::Unsupported(
+                "the password is too long for the server's RSA key; use TLS to the backend".into(),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -183,8 +252,14 @@ mod tests {
     #[test]
     fn native_login() {
         let hs = greeting(auth::NATIVE);
-        let (mut l, payload, caps, _) =
-            Login::start(&hs, &creds(), cap::BACKEND_BASE | cap::DEPRECATE_EOF, 0, 45);
+        let (mut l, payload, caps, _) = Login::start(
+            &hs,
+            &creds(),
+            cap::BACKEND_BASE | cap::DEPRECATE_EOF,
+            0,
+            45,
+            false,
+        );
         let r = HandshakeResponse::parse(&payload).unwrap();
         assert_eq!(r.user, b"app");
         assert!(Plugin::Native.verify(b"pw", &hs.nonce, &r.auth_response));
@@ -201,8 +276,14 @@ mod tests {
 
     #[test]
     fn switch_to_sha2_then_fast_auth() {
-        let (mut l, _, _, _) =
-            Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 0, 45);
+        let (mut l, _, _, _) = Login::start(
+            &greeting(auth::NATIVE),
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            false,
+        );
         let switch = crate::mysql::handshake::encode_auth_switch(
             auth::CACHING_SHA2,
             b"abcdefghijabcdefghij",
@@ -214,16 +295,93 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(l.on_packet(&[0x01, 0x03]).unwrap(), LoginStep::Wait);
-        assert!(matches!(
-            l.on_packet(&[0x01, 0x04]),
-            Err(LoginError::Protocol(ProtocolError::Unsupported(_)))
-        ));
+    }
+
+    #[test]
+    fn sha2_full_authentication_over_tls_sends_the_password() {
+        let hs = greeting(auth::CACHING_SHA2);
+        let (mut l, payload, caps, _) = Login::start(&hs, &creds(), cap::BACKEND_BASE, 0, 45, true);
+        assert!(caps & cap::SSL != 0);
+        let r = HandshakeResponse::parse(&payload).unwrap();
+        assert!(r.capabilities & cap::SSL != 0);
+        assert_eq!(
+            l.on_packet(&[0x01, 0x04]).unwrap(),
+            LoginStep::Send(b"pw\0".to_vec())
+        );
+        assert_eq!(
+            l.on_packet(&crate::mysql::wire::ok_packet(2)).unwrap(),
+            LoginStep::Done
+        );
+    }
+
+    #[test]
+    fn sha2_full_authentication_without_tls_uses_the_servers_rsa_key() {
+        use rsa::pkcs8::EncodePublicKey;
+        let private = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 1024).unwrap();
+        let pem = private
+            .to_public_key()
+            .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap();
+        let hs = greeting(auth::CACHING_SHA2);
+        let (mut l, _, caps, _) = Login::start(&hs, &creds(), cap::BACKEND_BASE, 0, 45, false);
+        assert_eq!(caps & cap::SSL, 0);
+        assert_eq!(
+            l.on_packet(&[0x01, 0x04]).unwrap(),
+            LoginStep::Send(vec![0x02])
+        );
+        let mut more = vec![0x01];
+        more.extend_from_slice(pem.as_bytes());
+        let LoginStep::Send(sealed) = l.on_packet(&more).unwrap() else {
+            panic!("no answer to the key")
+        };
+        let opened = private
+            .decrypt(rsa::Oaep::new::<sha1::Sha1>(), &sealed)
+            .unwrap();
+        let unmixed: Vec<u8> = opened
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ hs.nonce[i % 20])
+            .collect();
+        assert_eq!(unmixed, b"pw\0");
+        assert!(rsa_encrypt_password(b"not a key", b"pw", b"n").is_err());
+    }
+
+    #[test]
+    fn clear_text_only_over_tls() {
+        let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");
+        let (mut plain, _, _, _) = Login::start(
+            &greeting(auth::NATIVE),
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            false,
+        );
+        assert!(plain.on_packet(&clear).is_err());
+        let (mut tls, _, _, _) = Login::start(
+            &greeting(auth::NATIVE),
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            true,
+        );
+        assert_eq!(
+            tls.on_packet(&clear).unwrap(),
+            LoginStep::Send(b"pw\0".to_vec())
+        );
     }
 
     #[test]
     fn refusals_and_unsupported_plugins() {
-        let (mut l, _, _, _) =
-            Login::start(&greeting(auth::NATIVE), &creds(), cap::BACKEND_BASE, 0, 45);
+        let (mut l, _, _, _) = Login::start(
+            &greeting(auth::NATIVE),
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            false,
+        );
         let err = ErrPacket::new(1045, "28000", "Access denied").encode();
         assert!(matches!(l.on_packet(&err), Err(LoginError::Refused(e)) if e.code == 1045));
         let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");

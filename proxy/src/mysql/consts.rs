@@ -30,7 +30,7 @@ pub mod cap {
     pub const DEPRECATE_EOF: u32 = 1 << 24;
 
     /// What dbproxy can offer a client (further limited by what the backend offers).
-    /// Not offered: SSL (later issue), COMPRESS (refused), MySQL 8's optional metadata and
+    /// Not offered here: SSL (offered per endpoint when a certificate is set), COMPRESS (refused), MySQL 8's optional metadata and
     /// query attributes (they change packet formats), MariaDB extended capabilities
     /// (`LONG_PASSWORD` is set, which MariaDB clients read as "MySQL server").
     pub const PROXY_OFFERS: u32 = LONG_PASSWORD
@@ -154,6 +154,8 @@ pub mod errcode {
     pub const ER_MALFORMED_PACKET: u16 = 1835;
     pub const ER_NOT_SUPPORTED_AUTH_MODE: u16 = 1251;
     pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
+    /// A login without TLS where TLS is required.
+    pub const ER_SECURE_TRANSPORT_REQUIRED: u16 = 3159;
     /// No backend connection became free within `connection_borrow_timeout`.
     pub const PROXY_BORROW_TIMEOUT: u16 = 9501;
     /// A new backend connection could not be opened or authenticated.

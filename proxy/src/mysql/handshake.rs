@@ -121,6 +121,29 @@ pub type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 /// Length of an SSLRequest packet (a truncated HandshakeResponse41 with `CLIENT_SSL`).
 pub const SSL_REQUEST_LEN: usize = 32;
 
+/// Whether a client's packet is an SSLRequest: the first 32 bytes of a HandshakeResponse41
+/// with `CLIENT_SSL`, and nothing after them.
+pub fn is_ssl_request(payload: &[u8]) -> bool {
+    payload.len() == SSL_REQUEST_LEN
+        && payload
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .is_some_and(|c| c & cap::SSL != 0)
+}
+
+/// An SSLRequest (dbproxy asking a backend for TLS): capabilities, max packet, collation,
+/// filler, and MariaDB's extended capabilities in the filler's last 4 bytes.
+pub fn encode_ssl_request(caps: u32, ext_caps: u32, collation: u8) -> Vec<u8> {
+    let mut p = Vec::with_capacity(SSL_REQUEST_LEN);
+    p.extend_from_slice(&(caps | cap::SSL).to_le_bytes());
+    p.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    p.push(collation);
+    p.extend_from_slice(&[0; 19]);
+    p.extend_from_slice(&ext_caps.to_le_bytes());
+    p
+}
+
 impl HandshakeResponse {
     pub fn parse(payload: &[u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(payload);

@@ -113,7 +113,7 @@ mod robustness {
             let _ = terminator_status(&data, cap::DEPRECATE_EOF);
             let _ = terminator_status(&data, 0);
             let hs = ServerHandshake::parse(&seeds[0]).unwrap();
-            let (mut login, _, _, _) = Login::start(&hs, &creds, cap::BACKEND_BASE, 0, 45);
+            let (mut login, _, _, _) = Login::start(&hs, &creds, cap::BACKEND_BASE, 0, 45, false);
             let _ = login.on_packet(&data);
             for kind in [
                 ResponseKind::Query,

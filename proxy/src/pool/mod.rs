@@ -8,13 +8,14 @@
 //! another key so that the budget frees up. Connections are only ever touched by the
 //! worker that holds them.
 
-use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile};
+use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile, TlsTo};
 use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
-use crate::io::{idle_socket_is_healthy, BackendAddr, Driver, Stream};
+use crate::io::{BackendAddr, Driver, Stream};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
 use crate::session::pins::PinReason;
+use crate::tls::BackendTls;
 use crate::topology::{Choice, Route, Snapshot, Topology};
 use parking_lot::{Mutex, RwLock};
 use std::cell::{Cell, RefCell};
@@ -217,6 +218,8 @@ pub struct GroupShared {
     pub temp_tables: Mutex<std::collections::BTreeSet<Vec<u8>>>,
     pub profile: RwLock<ServerProfile>,
     pub stats: GroupStats,
+    /// TLS to this group's databases.
+    pub backend_tls: BackendTls,
 }
 
 impl GroupShared {
@@ -225,6 +228,7 @@ impl GroupShared {
         topology: Arc<Topology>,
         route: Route,
         verify_checkin: bool,
+        backend_tls: BackendTls,
     ) -> Arc<Self> {
         let (id, labels) = match route {
             Route::Writer => (cfg.name.clone(), format!("target_group=\"{}\"", cfg.name)),
@@ -257,7 +261,18 @@ impl GroupShared {
             temp_tables: Mutex::new(Default::default()),
             profile: RwLock::new(ServerProfile::default()),
             stats: GroupStats::default(),
+            backend_tls,
         })
+    }
+
+    /// The configured name of the target at `addr` now (what `verify_full` checks).
+    pub fn target_name(&self, addr: &BackendAddr) -> String {
+        let snap = self.topology.load();
+        snap.targets
+            .iter()
+            .find(|t| t.addr.as_ref() == Some(addr))
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| addr.to_string())
     }
 
     /// Backend connections open now (idle and in use, all cores).
@@ -430,6 +445,7 @@ pub async fn side_connection<D: Driver>(
     creds: Arc<Credentials>,
 ) -> Result<BackendConn<D::Stream>, BackendError> {
     let deadline = tokio::time::Instant::now() + group.connect_timeout;
+    let name = group.target_name(addr);
     let open = async {
         let stream = D::connect(addr).await?;
         BackendConn::login(
@@ -439,6 +455,7 @@ pub async fn side_connection<D: Driver>(
             0,
             DEFAULT_COLLATION,
             deadline,
+            TlsTo::for_addr(&group.backend_tls, &name, addr),
         )
         .await
     };
@@ -704,7 +721,7 @@ impl<D: Driver> CorePool<D> {
                 let conn = match g {
                     Got::Local(c) => Some(c),
                     Got::Moved(c) => match c.map_stream(D::attach) {
-                        Ok(c) if idle_socket_is_healthy(c.stream.raw_fd()) => Some(c),
+                        Ok(c) if c.stream.idle_healthy() => Some(c),
                         Ok(c) => {
                             self.discard(c, "moved from another core but no longer healthy");
                             None
@@ -770,7 +787,7 @@ impl<D: Driver> CorePool<D> {
             let c = list.swap_remove(i);
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
             if coarse_now().saturating_sub(c.idle_since) < CHECK_AFTER_IDLE
-                || idle_socket_is_healthy(c.stream.raw_fd())
+                || c.stream.idle_healthy()
             {
                 return Some(c);
             }
@@ -838,14 +855,18 @@ impl<D: Driver> CorePool<D> {
         epoch: u64,
     ) -> Result<Pooled<D::Stream>, AcquireError> {
         let sh = &self.shared;
-        let addr = {
+        let (addr, name) = {
             let snap = sh.topology.load();
             if !snap.valid(sh.route, target, epoch) {
                 return Err(AcquireError::Moved);
             }
-            match snap.addr(target) {
-                Some(a) => a.clone(),
-                None => return Err(AcquireError::Moved),
+            match snap.targets.get(target) {
+                Some(crate::topology::TargetView {
+                    addr: Some(a),
+                    name,
+                    ..
+                }) => (a.clone(), name.clone()),
+                _ => return Err(AcquireError::Moved),
             }
         };
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
@@ -859,6 +880,7 @@ impl<D: Driver> CorePool<D> {
                 key.ext,
                 key.collation,
                 deadline,
+                TlsTo::for_addr(&sh.backend_tls, &name, &addr),
             )
             .await?;
             conn.init_session(&sh.init_query, sh.verify_checkin).await?;
@@ -1135,7 +1157,7 @@ impl<D: Driver> CorePool<D> {
         let mut idle = self.idle.borrow_mut();
         for list in idle.values_mut() {
             let before = list.len();
-            list.retain(|c| idle_socket_is_healthy(c.stream.raw_fd()));
+            list.retain(|c| c.stream.idle_healthy());
             let gone = before - list.len();
             if gone > 0 {
                 self.shared.idle_total.fetch_sub(gone, Ordering::AcqRel);

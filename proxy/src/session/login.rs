@@ -1,12 +1,15 @@
 //! The connection phase as a state machine: the driver writes the greeting, feeds every
 //! packet the client sends, and writes what the machine says. Authentication (a first
 //! answer, perhaps an auth switch, a verdict) is shared with COM_CHANGE_USER. A TLS upgrade
-//! (SSLRequest) will slot in between the greeting and the handshake response.
+//! (SSLRequest) slots in between the greeting and the handshake response: the machine says
+//! [`Step::StartTls`], the driver runs the TLS handshake and calls [`Login::secured`].
 
 use crate::auth::{self, Decision, User, Users};
-use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK};
+use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK, SHA2_FULL_AUTH};
 use crate::mysql::consts::{cap, errcode, ext, status};
-use crate::mysql::handshake::{encode_auth_switch, HandshakeResponse, ServerHandshake};
+use crate::mysql::handshake::{
+    encode_auth_switch, is_ssl_request, HandshakeResponse, ServerHandshake,
+};
 use crate::mysql::wire::ErrPacket;
 use std::sync::Arc;
 
@@ -15,6 +18,9 @@ use std::sync::Arc;
 pub enum Step {
     /// Write `payload` with sequence id `seq`, then feed the client's next packet.
     Send { seq: u8, payload: Vec<u8> },
+    /// The client sent an SSLRequest: run the TLS handshake as the server, call
+    /// [`Login::secured`], then feed the client's next packet (its handshake response).
+    StartTls,
     /// Authenticated; see [`Accepted`].
     Accepted(Accepted),
     /// Write `err` with sequence id `seq`, then close. `log` says why, for the log.
@@ -64,6 +70,8 @@ pub struct Authentication {
     used_password: bool,
     /// Waiting for the answer to an AuthSwitchRequest for this plugin.
     switched: Option<Plugin>,
+    /// The connection is TLS.
+    secure: bool,
 }
 
 /// An authentication's outcome so far.
@@ -80,7 +88,8 @@ pub enum AuthStep {
 }
 
 impl Authentication {
-    /// Starts with the client's first answer. `can_switch`: the client speaks PLUGIN_AUTH.
+    /// Starts with the client's first answer. `can_switch`: the client speaks PLUGIN_AUTH;
+    /// `secure`: the connection is TLS.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         users: &Users,
@@ -89,6 +98,7 @@ impl Authentication {
         answer: &[u8],
         nonce: [u8; 20],
         can_switch: bool,
+        secure: bool,
         peer_ip: &str,
     ) -> (Authentication, AuthStep) {
         let user = users.get(user_name);
@@ -98,8 +108,16 @@ impl Authentication {
             nonce,
             used_password: !answer.is_empty(),
             switched: None,
+            secure,
         };
-        let d = auth::first_answer(a.user.as_deref(), plugin, can_switch, &nonce, answer);
+        let d = auth::first_answer(
+            a.user.as_deref(),
+            plugin,
+            can_switch,
+            &nonce,
+            answer,
+            secure,
+        );
         let step = a.decide(d, peer_ip);
         (a, step)
     }
@@ -110,6 +128,9 @@ impl Authentication {
         let Some(plugin) = self.switched.take() else {
             return AuthStep::Deny(self.denied(peer_ip));
         };
+        if plugin == Plugin::Clear && !self.secure {
+            return AuthStep::Deny(self.denied(peer_ip));
+        }
         let d = auth::verify(self.user.as_deref(), plugin, &self.nonce, answer);
         self.decide(d, peer_ip)
     }
@@ -120,12 +141,22 @@ impl Authentication {
                 self.switched = Some(p);
                 AuthStep::Switch(encode_auth_switch(p.name(), &self.nonce))
             }
+            (Decision::FullAuth, _) if self.switched.is_none() => {
+                self.switched = Some(Plugin::Clear);
+                AuthStep::Switch(vec![0x01, SHA2_FULL_AUTH])
+            }
+            (Decision::NeedsTls, _) => AuthStep::Deny(insecure_transport()),
             (Decision::Accept(plugin), Some(u)) => AuthStep::Accept {
                 user: u.clone(),
                 plugin,
             },
             _ => AuthStep::Deny(self.denied(peer_ip)),
         }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn secure(&self) -> bool {
+        self.secure
     }
 
     fn denied(&self, peer_ip: &str) -> ErrPacket {
@@ -137,6 +168,26 @@ impl Authentication {
     }
 }
 
+/// ER_SECURE_TRANSPORT_REQUIRED, as `require_secure_transport` words it.
+pub fn insecure_transport() -> ErrPacket {
+    ErrPacket::new(
+        errcode::ER_SECURE_TRANSPORT_REQUIRED,
+        "HY000",
+        "Connections using insecure transport are prohibited while --require_secure_transport=ON.",
+    )
+}
+
+/// TLS towards the client, as the endpoint allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTls {
+    /// CLIENT_SSL is not offered.
+    Off,
+    /// Offered; the client chooses.
+    Offered,
+    /// Offered, and a login without it is refused.
+    Required,
+}
+
 /// The connection phase.
 #[derive(Debug)]
 pub struct Login {
@@ -144,6 +195,9 @@ pub struct Login {
     offered: u32,
     offered_ext: u32,
     peer_ip: String,
+    tls: ClientTls,
+    /// The TLS handshake is done.
+    secure: bool,
     state: LoginState,
 }
 
@@ -178,8 +232,12 @@ impl Login {
         connection_id: u32,
         nonce: [u8; 20],
         peer_ip: String,
+        tls: ClientTls,
     ) -> (Login, Vec<u8>) {
         let mut offered = cap::PROXY_OFFERS & (profile.capabilities | cap::LONG_PASSWORD);
+        if tls != ClientTls::Off {
+            offered |= cap::SSL;
+        }
         // In front of MariaDB, dbproxy presents itself as MariaDB (CLIENT_MYSQL cleared) and
         // offers the extended capabilities it relays.
         let offered_ext = ext::PROXY_OFFERS & profile.ext_capabilities;
@@ -202,6 +260,8 @@ impl Login {
                 offered,
                 offered_ext,
                 peer_ip,
+                tls,
+                secure: false,
                 state: LoginState::Response,
             },
             greeting.encode(),
@@ -213,11 +273,38 @@ impl Login {
         self.nonce
     }
 
+    /// The TLS handshake the machine asked for is done.
+    pub fn secured(&mut self) {
+        self.secure = true;
+    }
+
     /// Feeds one packet from the client (`seq`: its sequence id).
     pub fn on_packet(&mut self, users: &Users, seq: u8, payload: &[u8]) -> Step {
         let reply_seq = seq.wrapping_add(1);
         match std::mem::replace(&mut self.state, LoginState::Over) {
+            LoginState::Response if is_ssl_request(payload) => {
+                if self.tls == ClientTls::Off || self.secure {
+                    return Step::Refused {
+                        seq: reply_seq,
+                        err: ErrPacket::new(
+                            errcode::ER_HANDSHAKE_ERROR,
+                            "08S01",
+                            "Bad handshake: TLS is not offered on this endpoint",
+                        ),
+                        log: "client asked for TLS, which this endpoint does not offer".into(),
+                    };
+                }
+                self.state = LoginState::Response;
+                Step::StartTls
+            }
             LoginState::Response => {
+                if self.tls == ClientTls::Required && !self.secure {
+                    return Step::Refused {
+                        seq: reply_seq,
+                        err: insecure_transport(),
+                        log: "client logged in without TLS on an endpoint that requires it".into(),
+                    };
+                }
                 let resp = match HandshakeResponse::parse(payload) {
                     Ok(r) => r,
                     Err(e) => {
@@ -251,6 +338,7 @@ impl Login {
                     &resp.auth_response,
                     self.nonce,
                     caps & cap::PLUGIN_AUTH != 0,
+                    self.secure,
                     &self.peer_ip,
                 );
                 self.after_auth(step, auth, resp, caps, reply_seq)
@@ -295,11 +383,18 @@ impl Login {
             }),
             AuthStep::Deny(err) => Step::Refused {
                 seq,
+                log: if err.code == errcode::ER_SECURE_TRANSPORT_REQUIRED {
+                    format!(
+                        "{} logs in with a clear-text password, which needs TLS",
+                        String::from_utf8_lossy(auth.user_name())
+                    )
+                } else {
+                    format!(
+                        "access denied for {}",
+                        String::from_utf8_lossy(auth.user_name())
+                    )
+                },
                 err,
-                log: format!(
-                    "access denied for {}",
-                    String::from_utf8_lossy(auth.user_name())
-                ),
             },
         }
     }
@@ -346,7 +441,8 @@ mod tests {
     #[test]
     fn switch_then_accept_with_fast_auth() {
         let nonce = [7u8; 20];
-        let (mut l, greeting) = Login::start(&profile(), 5, nonce, "127.0.0.1".into());
+        let (mut l, greeting) =
+            Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Off);
         assert!(ServerHandshake::parse(&greeting).is_ok());
         // The client answers for mysql_native_password; the user requires caching_sha2.
         let step = l.on_packet(&users(), 1, &response(Plugin::Native, &nonce, "pw"));
@@ -371,7 +467,7 @@ mod tests {
         let mut p = profile();
         p.capabilities &= !cap::LONG_PASSWORD;
         p.ext_capabilities = ext::PROGRESS | ext::CACHE_METADATA | ext::EXTENDED_METADATA;
-        let (mut l, greeting) = Login::start(&p, 5, nonce, "127.0.0.1".into());
+        let (mut l, greeting) = Login::start(&p, 5, nonce, "127.0.0.1".into(), ClientTls::Off);
         let hs = ServerHandshake::parse(&greeting).unwrap();
         // dbproxy presents itself as MariaDB, and never offers metadata caching.
         assert_eq!(hs.capabilities & cap::LONG_PASSWORD, 0);
@@ -385,17 +481,128 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A client that says CLIENT_MYSQL gets none.
-        let (mut l, _) = Login::start(&p, 5, nonce, "127.0.0.1".into());
+        let (mut l, _) = Login::start(&p, 5, nonce, "127.0.0.1".into(), ClientTls::Off);
         match l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "pw")) {
             Step::Accepted(a) => assert_eq!(a.ext_caps, 0),
             other => panic!("{other:?}"),
         }
     }
 
+    fn ssl_request() -> Vec<u8> {
+        crate::mysql::handshake::encode_ssl_request(cap::PROXY_OFFERS, 0, 33)
+    }
+
+    #[test]
+    fn ssl_request_starts_tls_then_the_response_follows() {
+        let nonce = [5u8; 20];
+        let (mut l, greeting) = Login::start(
+            &profile(),
+            5,
+            nonce,
+            "127.0.0.1".into(),
+            ClientTls::Required,
+        );
+        let hs = ServerHandshake::parse(&greeting).unwrap();
+        assert!(hs.capabilities & cap::SSL != 0, "CLIENT_SSL offered");
+        assert!(matches!(
+            l.on_packet(&users(), 1, &ssl_request()),
+            Step::StartTls
+        ));
+        l.secured();
+        match l.on_packet(&users(), 2, &response(Plugin::CachingSha2, &nonce, "pw")) {
+            Step::Accepted(a) => assert_eq!(a.preamble(), (Some((3, vec![1, 3])), 4)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_required_refuses_a_plain_login_with_3159() {
+        let nonce = [5u8; 20];
+        let (mut l, _) = Login::start(
+            &profile(),
+            5,
+            nonce,
+            "127.0.0.1".into(),
+            ClientTls::Required,
+        );
+        match l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "pw")) {
+            Step::Refused { seq, err, .. } => {
+                assert_eq!((seq, err.code), (2, 3159));
+                assert!(err.message.contains("insecure transport"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ssl_request_without_tls_or_twice_is_refused() {
+        let nonce = [5u8; 20];
+        let (mut l, greeting) =
+            Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Off);
+        assert_eq!(
+            ServerHandshake::parse(&greeting).unwrap().capabilities & cap::SSL,
+            0
+        );
+        assert!(matches!(
+            l.on_packet(&users(), 1, &ssl_request()),
+            Step::Refused { err, .. } if err.code == 1043
+        ));
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);
+        assert!(matches!(
+            l.on_packet(&users(), 1, &ssl_request()),
+            Step::StartTls
+        ));
+        l.secured();
+        assert!(matches!(
+            l.on_packet(&users(), 2, &ssl_request()),
+            Step::Refused { .. }
+        ));
+        // Optional: a plain login is fine.
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);
+        assert!(matches!(
+            l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "pw")),
+            Step::Accepted(_)
+        ));
+    }
+
+    #[test]
+    fn clear_text_users_get_full_authentication_over_tls_only() {
+        let clear = Users::new(&[UserConfig {
+            name: "app".into(),
+            password: "pw".into(),
+            backend_user: None,
+            backend_password: "db".into(),
+            auth_plugin: UserAuthPlugin::MysqlClearPassword,
+        }]);
+        let nonce = [6u8; 20];
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);
+        assert!(matches!(
+            l.on_packet(&clear, 1, &ssl_request()),
+            Step::StartTls
+        ));
+        l.secured();
+        let Step::Send { seq, payload } =
+            l.on_packet(&clear, 2, &response(Plugin::CachingSha2, &nonce, "pw"))
+        else {
+            panic!("no full authentication request")
+        };
+        assert_eq!((seq, payload), (3, vec![0x01, 0x04]));
+        match l.on_packet(&clear, 4, b"pw\0") {
+            Step::Accepted(a) => assert_eq!(a.preamble(), (None, 5)),
+            other => panic!("{other:?}"),
+        }
+        // Without TLS: refused before any password is asked for.
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);
+        assert!(matches!(
+            l.on_packet(&clear, 1, &response(Plugin::CachingSha2, &nonce, "pw")),
+            Step::Refused { err, .. } if err.code == 3159
+        ));
+    }
+
     #[test]
     fn wrong_password_and_garbage_are_refused() {
         let nonce = [9u8; 20];
-        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into());
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into(), ClientTls::Off);
         let step = l.on_packet(&users(), 1, &response(Plugin::CachingSha2, &nonce, "nope"));
         match step {
             Step::Refused { seq, err, .. } => {
@@ -407,7 +614,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into());
+        let (mut l, _) = Login::start(&profile(), 5, nonce, "10.0.0.1".into(), ClientTls::Off);
         assert!(matches!(
             l.on_packet(&users(), 1, b"\x01\x02"),
             Step::Refused { .. }

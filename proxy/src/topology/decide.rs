@@ -20,6 +20,9 @@ pub enum Check {
     /// It did not. `hard`: the connection was refused or reset (the server is gone, no
     /// need to wait for more checks).
     Down { hard: bool, why: String },
+    /// It answered but cannot be used as configured (TLS: no TLS offered, certificate not
+    /// trusted): down at once, and waiting for it will not help.
+    Refused { why: String },
 }
 
 /// A target's answers to the probe queries.
@@ -71,6 +74,8 @@ struct TargetState {
     /// When the current run of failures started.
     failing_since: Option<Instant>,
     up: bool,
+    /// Down because it refuses dbproxy as configured ([`Check::Refused`]).
+    refused: bool,
     why: String,
     probe: Option<Probe>,
     role: TargetRole,
@@ -116,6 +121,7 @@ impl Decider {
                     failures: 0,
                     failing_since: None,
                     up: false,
+                    refused: false,
                     why: "not checked yet".into(),
                     probe: None,
                     role: TargetRole::Unavailable,
@@ -164,12 +170,27 @@ impl Decider {
                     });
                 }
                 t.up = true;
+                t.refused = false;
                 t.failures = 0;
                 t.failing_since = None;
                 t.why.clear();
                 t.probe = Some(p);
             }
+            Check::Refused { why } => {
+                t.failures = t.failures.saturating_add(1);
+                t.failing_since.get_or_insert(now);
+                if t.up || !t.refused {
+                    events.push(Event::TargetDown {
+                        target: t.name.clone(),
+                        why: why.clone(),
+                    });
+                }
+                t.up = false;
+                t.refused = true;
+                t.why = why;
+            }
             Check::Down { hard, why } => {
+                t.refused = false;
                 t.failures = t.failures.saturating_add(1);
                 t.failing_since.get_or_insert(now);
                 if t.up && (hard || t.failures >= self.threshold) {
@@ -282,6 +303,7 @@ impl Decider {
                     addr: t.addr.clone(),
                     role: t.role,
                     up: t.up,
+                    refused: t.refused,
                     lag: t.probe.as_ref().map_or(Lag::Unknown, |p| p.lag),
                     epoch: t.epoch,
                     why: if t.role == TargetRole::Unavailable && t.up {
@@ -370,6 +392,33 @@ mod tests {
         d.observe(0, addr(1), down(true), now);
         assert_eq!(d.snapshot().writer, None);
         assert_eq!(d.snapshot().targets[0].role, TargetRole::Unavailable);
+    }
+
+    #[test]
+    fn a_target_that_refuses_dbproxy_fails_borrows_at_once() {
+        let now = Instant::now();
+        let mut d = Decider::new(&names(), 3);
+        let refused = || Check::Refused {
+            why: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        assert_eq!(d.observe(0, addr(1), refused(), now).len(), 1);
+        // One target refusing while the other is not known yet: wait for it.
+        assert!(matches!(
+            d.snapshot().choose(crate::topology::Route::Writer, &[]),
+            crate::topology::Choice::Wait(_)
+        ));
+        d.observe(1, addr(2), refused(), now);
+        match d.snapshot().choose(crate::topology::Route::Writer, &[]) {
+            crate::topology::Choice::Fail(why) => assert!(why.contains("UnknownIssuer"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Logged once per episode; a target that comes back is chosen as usual.
+        assert!(d.observe(1, addr(2), refused(), now).is_empty());
+        d.observe(1, addr(2), up(false), now);
+        assert!(matches!(
+            d.snapshot().choose(crate::topology::Route::Writer, &[]),
+            crate::topology::Choice::Target(1, _)
+        ));
     }
 
     #[test]

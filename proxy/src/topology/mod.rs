@@ -80,6 +80,9 @@ pub struct TargetView {
     pub addr: Option<BackendAddr>,
     pub role: TargetRole,
     pub up: bool,
+    /// Down because it refuses dbproxy as configured (TLS): borrows fail at once instead
+    /// of waiting for it.
+    pub refused: bool,
     pub lag: Lag,
     /// The generation its role or address last changed in: a pooled connection opened
     /// in another epoch is not used again.
@@ -144,7 +147,10 @@ impl Snapshot {
         match route {
             Route::Writer => match writer {
                 Some((w, e)) => Choice::Target(w, e),
-                None => Choice::Wait("no writer".into()),
+                None => match self.refusal() {
+                    Some(why) => Choice::Fail(why),
+                    None => Choice::Wait("no writer".into()),
+                },
             },
             Route::Reader { max_lag, fallback } => {
                 let best = self
@@ -160,10 +166,27 @@ impl Snapshot {
                 match (fallback, writer) {
                     (ReaderFallback::Writer, Some((w, e))) => Choice::Target(w, e),
                     (ReaderFallback::Error, _) => Choice::Fail(why.into()),
-                    _ => Choice::Wait(why.into()),
+                    _ => match self.refusal() {
+                        Some(why) => Choice::Fail(why),
+                        None => Choice::Wait(why.into()),
+                    },
                 }
             }
         }
+    }
+
+    /// When every target refuses dbproxy as configured: why (nothing to wait for).
+    fn refusal(&self) -> Option<String> {
+        if self.targets.is_empty() || !self.targets.iter().all(|t| t.refused) {
+            return None;
+        }
+        Some(
+            self.targets
+                .iter()
+                .map(|t| format!("{}: {}", t.name, t.why))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     }
 
     /// Whether a connection to `target` opened in `epoch` may serve `route` now.

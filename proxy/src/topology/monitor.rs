@@ -54,6 +54,8 @@ pub struct GroupMonitor {
     pub timeout: Duration,
     pub failure_threshold: u32,
     pub creds: Arc<Credentials>,
+    /// TLS to the targets, as the pool uses it.
+    pub tls: crate::tls::BackendTls,
 }
 
 /// One check's result on its way to the group's decider.
@@ -184,6 +186,7 @@ async fn watch_target(
     };
     let topo = &g.topology;
     let mut checker = Checker {
+        tls: g.tls.clone(),
         creds: g.creds.clone(),
         timeout: g.timeout,
         conn: None,
@@ -241,6 +244,7 @@ async fn resolve(resolver: &Arc<dyn Resolve>, name: &str) -> Result<BackendAddr,
 
 /// One target's monitor connection and what it learnt about the server.
 struct Checker {
+    tls: crate::tls::BackendTls,
     creds: Arc<Credentials>,
     timeout: Duration,
     conn: Option<(BackendAddr, BackendConn<<Epoll as Driver>::Stream>)>,
@@ -272,6 +276,7 @@ impl Checker {
                 0,
                 DEFAULT_COLLATION,
                 deadline,
+                crate::backend_conn::TlsTo::for_addr(&self.tls, &self.name, addr),
             )
             .await?;
             Ok::<_, BackendError>(c)
@@ -333,6 +338,9 @@ const DEFAULT_COLLATION: u8 = 45;
 
 /// A refused or reset connection is a hard failure: the server is gone.
 fn down(e: &BackendError) -> Check {
+    if let BackendError::Tls(why) = e {
+        return Check::Refused { why: why.clone() };
+    }
     let hard = matches!(e, BackendError::Io(io) if matches!(
         io.kind(),
         io::ErrorKind::ConnectionRefused
@@ -394,6 +402,7 @@ mod tests {
                     user: "m".into(),
                     password: "p".into(),
                 }),
+                tls: crate::tls::BackendTls::disabled(),
             }],
             stub.clone(),
             Some(Arc::new(move |a| s2.lock().push(a))),
