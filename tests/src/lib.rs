@@ -5,6 +5,7 @@
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
 pub mod raw;
+pub mod standin;
 pub mod tls;
 
 use std::io::{Read, Write};

@@ -8,7 +8,6 @@ use mysql::Conn;
 use proxy_tests::raw::RawClient;
 use proxy_tests::*;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -253,115 +252,6 @@ fn pings_are_answered_without_a_backend_connection() {
     }
 }
 
-/// A stand-in database: greets, accepts any login, answers every command with OK (or
-/// nothing, for the commands that have no reply), until the peer leaves.
-fn stand_in_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for (id, s) in l.incoming().flatten().enumerate() {
-            std::thread::spawn(move || stand_in(s, id as u32 + 1));
-        }
-    });
-    port
-}
-
-fn stand_in(mut s: TcpStream, id: u32) -> Option<()> {
-    let caps: u32 = 0x1
-        | 0x2
-        | 0x4
-        | 0x8
-        | 0x200
-        | 0x2000
-        | 0x8000
-        | 0x10000
-        | 0x20000
-        | 0x40000
-        | 0x80000
-        | 0x100000
-        | 0x200000
-        | 0x800000
-        | 0x1000000;
-    let mut g = vec![10];
-    g.extend_from_slice(b"10.11.0-standin\0");
-    g.extend_from_slice(&id.to_le_bytes());
-    g.extend_from_slice(b"abcdefgh\0");
-    g.extend_from_slice(&(caps as u16).to_le_bytes());
-    g.push(45);
-    g.extend_from_slice(&2u16.to_le_bytes());
-    g.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
-    g.push(21);
-    g.extend_from_slice(&[0; 10]);
-    g.extend_from_slice(b"ijklmnopqrst\0");
-    g.extend_from_slice(b"mysql_native_password\0");
-    let ok = [0u8, 0, 0, 2, 0, 0, 0];
-    write(&mut s, 0, &g)?;
-    read(&mut s)?;
-    write(&mut s, 2, &ok)?;
-    loop {
-        let (seq, p) = read(&mut s)?;
-        let query = |q: &[u8]| p.first() == Some(&3) && p.get(1..) == Some(q);
-        // dbproxy's health check: a writable server, not a replica.
-        let answer: Option<&[&str]> =
-            if query(b"SELECT @@global.read_only, @@global.innodb_read_only") {
-                Some(&["0", "0"])
-            } else if query(b"SHOW ALL SLAVES STATUS") {
-                Some(&[])
-            } else {
-                None
-            };
-        match (p.first(), answer) {
-            (Some(1), _) => return Some(()),
-            (Some(0x19 | 0x18), _) => {}
-            (_, Some(row)) => {
-                let mut seq = seq;
-                let columns = row.len().max(1);
-                let mut packets = vec![vec![columns as u8]];
-                for _ in 0..columns {
-                    let mut d = Vec::new();
-                    for f in ["def", "", "", "", "v", ""] {
-                        d.push(f.len() as u8);
-                        d.extend_from_slice(f.as_bytes());
-                    }
-                    d.extend_from_slice(&[0x0c, 33, 0, 1, 0, 0, 0, 253, 0, 0, 0, 0, 0]);
-                    packets.push(d);
-                }
-                let eof = vec![0xfe, 0, 0, 2, 0];
-                packets.push(eof.clone());
-                if !row.is_empty() {
-                    let mut r = Vec::new();
-                    for v in row.iter() {
-                        r.push(v.len() as u8);
-                        r.extend_from_slice(v.as_bytes());
-                    }
-                    packets.push(r);
-                }
-                packets.push(eof);
-                for pk in packets {
-                    seq = seq.wrapping_add(1);
-                    write(&mut s, seq, &pk)?;
-                }
-            }
-            _ => write(&mut s, seq.wrapping_add(1), &ok)?,
-        }
-    }
-}
-
-fn read(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut h = [0u8; 4];
-    s.read_exact(&mut h).ok()?;
-    let mut p = vec![0; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
-    s.read_exact(&mut p).ok()?;
-    Some((h[3], p))
-}
-
-fn write(s: &mut TcpStream, seq: u8, p: &[u8]) -> Option<()> {
-    let mut out = (p.len() as u32).to_le_bytes()[..3].to_vec();
-    out.push(seq);
-    out.extend_from_slice(p);
-    s.write_all(&out).ok()
-}
-
 /// One random packet after login: a command, maybe malformed, maybe with a wrong sequence
 /// id or a header that lies about its length.
 fn random_packet(rng: &mut Rng) -> Vec<u8> {
@@ -411,7 +301,7 @@ fn random_packet(rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn random_malformed_packets_never_take_a_session_down_uncleanly() {
-    let backend = stand_in_server();
+    let backend = proxy_tests::standin::StandIn::start(proxy_tests::standin::Auth::Any).port;
     for io in DRIVERS {
         let mut proxy = Proxy::start_at(
             backend,

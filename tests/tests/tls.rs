@@ -416,3 +416,70 @@ fn misbehaving_tls_handshakes_are_closed_and_touch_no_one_else() {
         assert_eq!(mine, Some(42), "[{io}] the bystander lost its session");
     }
 }
+
+/// A server config for the stand-in from a certificate the test CA issued.
+fn stand_in_tls(cert: &Path, key: &Path) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_file(cert).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    )
+}
+
+#[test]
+fn a_server_that_wants_full_authentication_gets_it_over_tls_or_rsa() {
+    use proxy_tests::raw::RawClient;
+    use proxy_tests::standin::{Auth, StandIn};
+    let ca = TestCa::new("mysql84");
+    let (cert, key) = ca.issue("standin", &["localhost", "127.0.0.1"]);
+    let rsa_key =
+        std::sync::Arc::new(rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 1024).unwrap());
+    for (tls, mode, how) in [
+        (Some(stand_in_tls(&cert, &key)), "verify_full", "tls"),
+        (None, "disabled", "rsa"),
+        // TLS offered but not used by dbproxy: the RSA exchange.
+        (Some(stand_in_tls(&cert, &key)), "disabled", "rsa"),
+    ] {
+        let server = StandIn::start(Auth::Sha2Full {
+            password: DB_PASSWORD.into(),
+            key: rsa_key.clone(),
+            tls,
+        });
+        for io in DRIVERS {
+            server.logins.lock().unwrap().clear();
+            let proxy = Proxy::start_at(
+                server.port,
+                io,
+                "verify_checkin = false",
+                &format!(
+                    "backend_tls = \"{mode}\"\nbackend_tls_ca = \"{}\"",
+                    ca.ca.display()
+                ),
+                "",
+            );
+            let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+            c.try_write(0, b"\x03DO 1").unwrap();
+            let (_, reply) = c.try_read().unwrap();
+            assert_eq!(
+                reply.first(),
+                Some(&0),
+                "[{io} {mode}] {reply:?}\n{}",
+                proxy.log()
+            );
+            let logins = server.logins.lock().unwrap().clone();
+            assert!(
+                !logins.is_empty(),
+                "[{io} {mode}] no login reached the stand-in"
+            );
+            assert!(logins.iter().all(|l| *l == how), "[{io} {mode}] {logins:?}");
+        }
+    }
+}

@@ -18,6 +18,8 @@ struct Target {
     name: &'static str,
     port: u16,
     password: &'static str,
+    /// Clients use TLS (sysbench's `--mysql-ssl=on`).
+    tls: bool,
 }
 
 /// One measured figure of one target.
@@ -80,8 +82,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn sysbench(port: u16, password: &str, args: &[String]) -> String {
-    match sysbench_command(port, password).args(args).output() {
+/// Runs sysbench; with `tls`, over TLS: sysbench 1.0 reads `cacert.pem`,
+/// `client-cert.pem` and `client-key.pem` from its working directory, which is `tls`.
+fn sysbench(port: u16, password: &str, args: &[String], tls: Option<&Path>) -> String {
+    let mut cmd = sysbench_command(port, password);
+    if let Some(dir) = tls {
+        cmd.current_dir(dir).arg("--mysql-ssl=on");
+    }
+    match cmd.args(args).output() {
         Ok(o) => {
             String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
         }
@@ -208,13 +216,34 @@ pub fn bench(args: &[String]) -> Result {
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
 
+    // One CA for the TLS rows: MariaDB's certificate, dbproxy's, and sysbench's files.
+    let ca = proxy_tests::tls::TestCa::new("bench");
+    let (db_cert, db_key) = ca.issue("mariadb", &["localhost", "127.0.0.1"]);
+    let (px_cert, px_key) = ca.issue("dbproxy", &["localhost", "127.0.0.1"]);
+    let (cl_cert, cl_key) = ca.issue("client", &["sysbench"]);
+    let tls_dir = ca.dir.path().to_path_buf();
+    for (from, to) in [
+        (&ca.ca, "cacert.pem"),
+        (&cl_cert, "client-cert.pem"),
+        (&cl_key, "client-key.pem"),
+    ] {
+        std::fs::copy(from, tls_dir.join(to)).map_err(|e| e.to_string())?;
+    }
+
     eprintln!("xtask: starting MariaDB");
-    let db = MariaDb::start_with(&["--innodb-buffer-pool-size=256M", "--max-connections=4000"]);
+    let db = MariaDb::start_with(&[
+        "--innodb-buffer-pool-size=256M",
+        "--max-connections=4000",
+        &format!("--ssl-cert={}", db_cert.display()),
+        &format!("--ssl-key={}", db_key.display()),
+        &format!("--ssl-ca={}", ca.ca.display()),
+    ]);
     let db_pid = db.pid().ok_or("mariadbd has no pid")?;
     let prep = sysbench(
         db.port,
         DB_PASSWORD,
         &["oltp_read_write".into(), "prepare".into()],
+        None,
     );
     if !prep.contains("Creating table") {
         return Err(format!("sysbench prepare failed: {prep}"));
@@ -223,14 +252,32 @@ pub fn bench(args: &[String]) -> Result {
     // One dbproxy over TCP to MariaDB, one through its Unix socket (as when dbproxy runs on
     // the database host); only the first serves the admin endpoint.
     let release = root().join("target/release/dbproxy");
-    let start_dbproxy = |bin: &Path, name: &str, port: u16, admin: Option<u16>, target: String| {
+    // `tls`: dbproxy's certificate for clients (the endpoint is `optional`, so plain rows
+    // use the same process), and `db_tls`: TLS to MariaDB, verified against the CA.
+    let tls_lines = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        px_cert.display(),
+        px_key.display()
+    );
+    let db_tls_lines = format!(
+        "backend_tls = \"verify_full\"\nbackend_tls_ca = \"{}\"\n",
+        ca.ca.display()
+    );
+    let start_dbproxy = |bin: &Path,
+                         name: &str,
+                         port: u16,
+                         admin: Option<u16>,
+                         target: String,
+                         (tls, db_tls): (bool, bool)| {
         let admin = admin
             .map(|a| format!("[admin]\nlisten = \"127.0.0.1:{a}\"\n\n"))
             .unwrap_or_default();
+        let tls = if tls { tls_lines.as_str() } else { "" };
+        let db_tls = if db_tls { db_tls_lines.as_str() } else { "" };
         let config = format!(
-            "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n\n{admin}\
+            "[proxy]\nworkers = 0\nio = \"auto\"\nmax_client_connections = 20000\n{tls}\n{admin}\
              [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\ntarget_group = \"db\"\n\n\
-             [[target_groups]]\nname = \"db\"\ntargets = [\"{target}\"]\nmax_connections = 64\nmax_idle_connections = 64\n\n\
+             [[target_groups]]\nname = \"db\"\ntargets = [\"{target}\"]\nmax_connections = 64\nmax_idle_connections = 64\n{db_tls}\n\
              [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n"
         );
         let cfg = work.path().join(format!("{name}.toml"));
@@ -250,6 +297,7 @@ pub fn bench(args: &[String]) -> Result {
         proxy_port,
         Some(admin_port),
         format!("127.0.0.1:{}", db.port),
+        (true, false),
     )?;
     let unix_proxy = start_dbproxy(
         &release,
@@ -257,6 +305,16 @@ pub fn bench(args: &[String]) -> Result {
         unix_port,
         None,
         format!("unix:{}", db.socket().display()),
+        (false, false),
+    )?;
+    let both_port = free_port();
+    let both_proxy = start_dbproxy(
+        &release,
+        "dbproxy-tls-both",
+        both_port,
+        None,
+        format!("127.0.0.1:{}", db.port),
+        (true, true),
     )?;
 
     let mut targets = vec![
@@ -264,18 +322,42 @@ pub fn bench(args: &[String]) -> Result {
             name: "direct",
             port: db.port,
             password: DB_PASSWORD,
+            tls: false,
         },
         Target {
             name: "dbproxy",
             port: proxy_port,
             password: APP_PASSWORD,
+            tls: false,
         },
         Target {
             name: "dbproxy, unix socket to db",
             port: unix_port,
             password: APP_PASSWORD,
+            tls: false,
         },
     ];
+    let mut tls_targets = vec![
+        Target {
+            name: "direct, TLS",
+            port: db.port,
+            password: DB_PASSWORD,
+            tls: true,
+        },
+        Target {
+            name: "dbproxy, client TLS",
+            port: proxy_port,
+            password: APP_PASSWORD,
+            tls: true,
+        },
+        Target {
+            name: "dbproxy, client + db TLS",
+            port: both_port,
+            password: APP_PASSWORD,
+            tls: true,
+        },
+    ];
+    let mut tls_pids: Vec<Option<u32>> = vec![None, Some(proxy.id()), Some(both_proxy.id())];
     let mut pids: Vec<Option<u32>> = vec![None, Some(proxy.id()), Some(unix_proxy.id())];
     // Another build of dbproxy (e.g. the previous commit's) measured in the same run.
     let baseline_proxy = match &baseline {
@@ -287,12 +369,14 @@ pub fn bench(args: &[String]) -> Result {
                 port,
                 None,
                 format!("127.0.0.1:{}", db.port),
+                (false, false),
             )?;
             pids.push(Some(p.id()));
             targets.push(Target {
                 name: "dbproxy, baseline build",
                 port,
                 password: APP_PASSWORD,
+                tls: false,
             });
             Some(p)
         }
@@ -317,6 +401,15 @@ pub fn bench(args: &[String]) -> Result {
             name: "haproxy",
             port,
             password: DB_PASSWORD,
+            tls: false,
+        });
+        // HAProxy in TCP mode relays the client's TLS session to MariaDB untouched.
+        tls_pids.push(Some(h.id()));
+        tls_targets.push(Target {
+            name: "haproxy, TLS passed through",
+            port,
+            password: DB_PASSWORD,
+            tls: true,
         });
         haproxy = Some(h);
     } else {
@@ -397,87 +490,44 @@ pub fn bench(args: &[String]) -> Result {
         std::fs::write(work.path().join(file), text).map_err(|e| e.to_string())?;
     }
 
-    let mut rows = Vec::new();
-    for (name, kind) in &kinds {
-        eprintln!("xtask: {name}");
-        let (unit, field, mut args) = match kind {
+    let ctx = Measure {
+        db: &db,
+        db_pid,
+        rounds,
+        secs,
+        work: work.path(),
+        tls_dir: &tls_dir,
+    };
+    let rows = measure(&ctx, &kinds, &targets, &pids);
+    // TLS: the same clients with --mysql-ssl=on, against MariaDB's own TLS.
+    let mut tls_kinds: Vec<(String, Kind)> = Vec::new();
+    for &t in if quick { &[64u32][..] } else { &[1, 64][..] } {
+        tls_kinds.push((
+            format!("TLS: oltp_point_select {t} thr, prepared"),
             Kind::Sysbench {
-                script,
-                threads,
-                ps,
-            } => (
-                "qps",
-                "queries:",
-                vec![
-                    format!("--threads={threads}"),
-                    format!("--db-ps-mode={}", if *ps { "auto" } else { "disable" }),
-                    (*script).to_string(),
-                ],
-            ),
-            Kind::Lua {
-                file,
-                workers,
-                unit,
-            } => (
-                *unit,
-                "transactions:",
-                vec![
-                    format!("--threads={workers}"),
-                    work.path().join(file).display().to_string(),
-                ],
-            ),
-        };
-        args.insert(0, format!("--time={secs}"));
-        args.push("run".into());
-        // Rounds interleave the targets, so that a drift of the machine's speed (it is
-        // shared) spreads over all of them; a cell sums its rounds.
-        let mut cells: Vec<Option<Cell>> = targets.iter().map(|_| None).collect();
-        let mut failed = vec![false; targets.len()];
-        for _ in 0..rounds {
-            for (i, (t, pid)) in targets.iter().zip(&pids).enumerate() {
-                if failed[i] {
-                    continue;
-                }
-                let conns0 = db_connections(&db);
-                let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
-                let out = sysbench(t.port, t.password, &args);
-                let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
-                // The second reading's own connection is counted too.
-                let conns = db_connections(&db).saturating_sub(conns0 + 1);
-                let Some(value) = per_sec(&out, field) else {
-                    eprintln!(
-                        "xtask: {name} on {} failed:\n{}",
-                        t.name,
-                        out.lines().rev().take(5).collect::<Vec<_>>().join("\n")
-                    );
-                    failed[i] = true;
-                    cells[i] = None;
-                    continue;
-                };
-                let c = cells[i].get_or_insert(Cell {
-                    value: 0.0,
-                    rounds: Vec::new(),
-                    ops: 0.0,
-                    db_connections: 0,
-                    db_cpu: 0.0,
-                    proxy_cpu: pid.map(|_| 0.0),
-                });
-                c.rounds.push(value);
-                c.value = c.rounds.iter().sum::<f64>() / c.rounds.len() as f64;
-                c.ops += total(&out, field).unwrap_or(0.0);
-                c.db_connections += conns;
-                c.db_cpu += db1 - db0;
-                if let (Some(acc), Some(a), Some(b)) = (c.proxy_cpu.as_mut(), p0, p1) {
-                    *acc += b - a;
-                }
-            }
-        }
-        rows.push(Row {
-            name: name.clone(),
-            unit,
-            cells,
-        });
+                script: "oltp_point_select",
+                threads: t,
+                ps: true,
+            },
+        ));
     }
+    tls_kinds.push((
+        "TLS: oltp_read_only 8 thr, prepared".into(),
+        Kind::Sysbench {
+            script: "oltp_read_only",
+            threads: 8,
+            ps: true,
+        },
+    ));
+    tls_kinds.push((
+        "TLS: connect storm, 8 workers".into(),
+        Kind::Lua {
+            file: "storm.lua",
+            workers: 8,
+            unit: "connects/s",
+        },
+    ));
+    let tls_rows = measure(&ctx, &tls_kinds, &tls_targets, &tls_pids);
 
     // Mostly idle clients: backend connections used and dbproxy memory per client.
     let idle_n = if quick { 2000 } else { 10_000 };
@@ -520,12 +570,20 @@ pub fn bench(args: &[String]) -> Result {
     );
     drop(idle);
 
-    let report = render(&rows, &targets, &idle_line, quick) + &goals(&rows, per_client);
+    let report = render(&rows, &targets, &idle_line, quick)
+        + &tls_section(&rows, &targets, &tls_rows, &tls_targets)
+        + &goals(&rows, per_client);
     println!("{report}");
     std::fs::write(out_dir.join("report.md"), &report).map_err(|e| e.to_string())?;
     std::fs::write(
         out_dir.join("report.json"),
-        json(&rows, &targets, &idle_line, per_client, backends),
+        json(
+            (&rows, &targets),
+            (&tls_rows, &tls_targets),
+            &idle_line,
+            per_client,
+            backends,
+        ),
     )
     .map_err(|e| e.to_string())?;
     if let Err(e) = chart(&rows, &targets, &out_dir.join("report.png")) {
@@ -535,9 +593,114 @@ pub fn bench(args: &[String]) -> Result {
     drop(haproxy);
     drop(baseline_proxy);
     drop(unix_proxy);
+    drop(both_proxy);
     drop(proxy);
     drop(db);
     Ok(())
+}
+
+/// What every measurement shares.
+struct Measure<'a> {
+    db: &'a MariaDb,
+    db_pid: u32,
+    rounds: usize,
+    secs: u32,
+    work: &'a Path,
+    /// sysbench's working directory for TLS targets (its certificate files).
+    tls_dir: &'a Path,
+}
+
+/// Runs each benchmark on every target, in interleaved rounds.
+fn measure(
+    m: &Measure,
+    kinds: &[(String, Kind)],
+    targets: &[Target],
+    pids: &[Option<u32>],
+) -> Vec<Row> {
+    let (db, db_pid, rounds, secs) = (m.db, m.db_pid, m.rounds, m.secs);
+    let mut rows = Vec::new();
+    for (name, kind) in kinds {
+        eprintln!("xtask: {name}");
+        let (unit, field, mut args) = match kind {
+            Kind::Sysbench {
+                script,
+                threads,
+                ps,
+            } => (
+                "qps",
+                "queries:",
+                vec![
+                    format!("--threads={threads}"),
+                    format!("--db-ps-mode={}", if *ps { "auto" } else { "disable" }),
+                    (*script).to_string(),
+                ],
+            ),
+            Kind::Lua {
+                file,
+                workers,
+                unit,
+            } => (
+                *unit,
+                "transactions:",
+                vec![
+                    format!("--threads={workers}"),
+                    m.work.join(file).display().to_string(),
+                ],
+            ),
+        };
+        args.insert(0, format!("--time={secs}"));
+        args.push("run".into());
+        // Rounds interleave the targets, so that a drift of the machine's speed (it is
+        // shared) spreads over all of them; a cell sums its rounds.
+        let mut cells: Vec<Option<Cell>> = targets.iter().map(|_| None).collect();
+        let mut failed = vec![false; targets.len()];
+        for _ in 0..rounds {
+            for (i, (t, pid)) in targets.iter().zip(pids).enumerate() {
+                if failed[i] {
+                    continue;
+                }
+                let conns0 = db_connections(db);
+                let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                let out = sysbench(t.port, t.password, &args, t.tls.then_some(m.tls_dir));
+                let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                // The second reading's own connection is counted too.
+                let conns = db_connections(db).saturating_sub(conns0 + 1);
+                let Some(value) = per_sec(&out, field) else {
+                    eprintln!(
+                        "xtask: {name} on {} failed:\n{}",
+                        t.name,
+                        out.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+                    );
+                    failed[i] = true;
+                    cells[i] = None;
+                    continue;
+                };
+                let c = cells[i].get_or_insert(Cell {
+                    value: 0.0,
+                    rounds: Vec::new(),
+                    ops: 0.0,
+                    db_connections: 0,
+                    db_cpu: 0.0,
+                    proxy_cpu: pid.map(|_| 0.0),
+                });
+                c.rounds.push(value);
+                c.value = c.rounds.iter().sum::<f64>() / c.rounds.len() as f64;
+                c.ops += total(&out, field).unwrap_or(0.0);
+                c.db_connections += conns;
+                c.db_cpu += db1 - db0;
+                if let (Some(acc), Some(a), Some(b)) = (c.proxy_cpu.as_mut(), p0, p1) {
+                    *acc += b - a;
+                }
+            }
+        }
+        rows.push(Row {
+            name: name.clone(),
+            unit,
+            cells,
+        });
+    }
+
+    rows
 }
 
 fn metric(admin: u16, series: &str) -> Option<f64> {
@@ -551,9 +714,17 @@ fn metric(admin: u16, series: &str) -> Option<f64> {
 
 fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
     let mut o = format!(
-        "# dbproxy benchmark ({})\n\nEach figure: the target's rate (its ratio to direct); CPU time mariadbd and the proxy process used per operation (query or connect) during that run; connections MariaDB accepted during that run.\n\n| benchmark |",
+        "# dbproxy benchmark ({})\n\nEach figure: the target's rate (its ratio to direct); CPU time mariadbd and the proxy process used per operation (query or connect) during that run; connections MariaDB accepted during that run.\n\n",
         if quick { "quick" } else { "full" }
     );
+    o.push_str(&table(rows, targets));
+    o.push_str(&format!("\n{idle}\n"));
+    o
+}
+
+/// The rows as a table, one column per target; ratios to the first target.
+fn table(rows: &[Row], targets: &[Target]) -> String {
+    let mut o = String::from("| benchmark |");
     for t in targets {
         o.push_str(&format!(" {} |", t.name));
     }
@@ -593,7 +764,53 @@ fn render(rows: &[Row], targets: &[Target], idle: &str, quick: bool) -> String {
         }
         o.push('\n');
     }
-    o.push_str(&format!("\n{idle}\n"));
+    o
+}
+
+/// The TLS rows (ratios to direct MariaDB with TLS), and what TLS costs each target
+/// against the same benchmark without it.
+fn tls_section(
+    rows: &[Row],
+    targets: &[Target],
+    tls_rows: &[Row],
+    tls_targets: &[Target],
+) -> String {
+    let mut o = String::from(
+        "\n## TLS\n\nClients with TLS (sysbench --mysql-ssl=on); ratios to direct MariaDB with TLS. \"client TLS\": TLS from the client to dbproxy, plain to MariaDB; \"client + db TLS\": TLS on both legs (backend_tls = verify_full); HAProxy relays the client's TLS session to MariaDB.\n\n",
+    );
+    o.push_str(&table(tls_rows, tls_targets));
+    o.push_str("\nWhat TLS costs (the TLS row against the same row without TLS): throughput ratio, and the proxy's CPU per operation without -> with TLS.\n\n| benchmark | direct | dbproxy, client TLS | dbproxy, client + db TLS |\n|---|---|---|---|\n");
+    let cell = |rs: &[Row], ts: &[Target], row: &str, target: &str| -> Option<(f64, Option<f64>)> {
+        let r = rs.iter().find(|r| r.name == row)?;
+        let i = ts.iter().position(|t| t.name == target)?;
+        let c = r.cells.get(i)?.as_ref()?;
+        Some((c.value, c.proxy_cpu.map(|p| 1e6 * p / c.ops.max(1.0))))
+    };
+    for r in tls_rows {
+        let plain = r.name.trim_start_matches("TLS: ");
+        let mut line = format!("| {} |", r.name);
+        for (plain_target, tls_target) in [
+            ("direct", "direct, TLS"),
+            ("dbproxy", "dbproxy, client TLS"),
+            ("dbproxy", "dbproxy, client + db TLS"),
+        ] {
+            match (
+                cell(rows, targets, plain, plain_target),
+                cell(tls_rows, tls_targets, &r.name, tls_target),
+            ) {
+                (Some((a, pa)), Some((b, pb))) => {
+                    let cpu = match (pa, pb) {
+                        (Some(x), Some(y)) => format!("; proxy {x:.0} -> {y:.0} µs"),
+                        _ => String::new(),
+                    };
+                    line.push_str(&format!(" {:.2}{cpu} |", b / a.max(1e-9)));
+                }
+                _ => line.push_str(" not measured |"),
+            }
+        }
+        o.push_str(&line);
+        o.push('\n');
+    }
     o
 }
 
@@ -657,9 +874,29 @@ fn goals(rows: &[Row], per_client: f64) -> String {
     o
 }
 
-fn json(rows: &[Row], targets: &[Target], idle: &str, per_client: f64, backends: f64) -> String {
+fn json(
+    (rows, targets): (&[Row], &[Target]),
+    (tls_rows, tls_targets): (&[Row], &[Target]),
+    idle: &str,
+    per_client: f64,
+    backends: f64,
+) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut o = String::from("{\n  \"benchmarks\": [\n");
+    o.push_str(&json_rows(rows, targets));
+    o.push_str("  ],\n  \"tls_benchmarks\": [\n");
+    o.push_str(&json_rows(tls_rows, tls_targets));
+    o.push_str(&format!(
+        "  ],\n  \"idle_clients\": {{\"summary\": \"{}\", \"rss_bytes_per_client\": {per_client:.0}, \"backend_connections\": {backends}}}\n}}\n",
+        esc(idle)
+    ));
+    o
+}
+
+/// Benchmarks as JSON objects, one per line.
+fn json_rows(rows: &[Row], targets: &[Target]) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut o = String::new();
     for (i, r) in rows.iter().enumerate() {
         o.push_str(&format!(
             "    {{\"name\": \"{}\", \"unit\": \"{}\", \"results\": {{",
@@ -690,10 +927,6 @@ fn json(rows: &[Row], targets: &[Target], idle: &str, per_client: f64, backends:
         o.push_str(&parts.join(", "));
         o.push_str(if i + 1 < rows.len() { "}},\n" } else { "}}\n" });
     }
-    o.push_str(&format!(
-        "  ],\n  \"idle_clients\": {{\"summary\": \"{}\", \"rss_bytes_per_client\": {per_client:.0}, \"backend_connections\": {backends}}}\n}}\n",
-        esc(idle)
-    ));
     o
 }
 
