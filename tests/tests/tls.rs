@@ -259,6 +259,40 @@ fn dbproxy_speaks_tls_to_a_server_that_requires_it() {
                 "[{io} {mode} {target}] {}",
                 proxy.metrics()
             );
+            if mode == "verify_full" && target.starts_with("localhost") {
+                // Load on pooled TLS connections: shared between clients, reset, moved
+                // between cores, checked at every check-in (verify_checkin).
+                if io == DRIVERS[0] {
+                    let prep = sysbench_command(proxy.port, APP_PASSWORD)
+                        .args(["oltp_read_write", "prepare"])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        prep.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&prep.stderr)
+                    );
+                }
+                let out = sysbench_command(proxy.port, APP_PASSWORD)
+                    .args([
+                        "oltp_read_write",
+                        "run",
+                        "--threads=8",
+                        "--time=3",
+                        "--db-ps-mode=auto",
+                    ])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success() && !text.contains("FATAL"),
+                    "[{io}] {text}"
+                );
+                assert!(
+                    proxy.metric("dbproxy_database_tls_handshake_failures_total") == 0,
+                    "[{io}]"
+                );
+            }
         }
         // A CA that did not sign the server's certificate: refused with a log line that
         // says so, and clients get an error at once rather than waiting for a writer.
@@ -482,4 +516,73 @@ fn a_server_that_wants_full_authentication_gets_it_over_tls_or_rsa() {
             assert!(logins.iter().all(|l| *l == how), "[{io} {mode}] {logins:?}");
         }
     }
+}
+
+#[test]
+fn check_config_loads_certificates_keys_and_cas() {
+    let ca = TestCa::new("check");
+    let (cert, key) = ca.issue("one", &["localhost"]);
+    let (_, other_key) = ca.issue("two", &["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let check = |proxy: &str, endpoint: &str, group: &str| {
+        let path = dir.path().join("dbproxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[proxy]\n{proxy}\n[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:6033\"\ntarget_group = \"g\"\n{endpoint}\n\
+                 [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:3306\"]\n{group}\n\
+                 [[users]]\nname = \"app\"\npassword = \"p\"\nbackend_password = \"p\"\n"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(dbproxy_bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pair = |c: &Path, k: &Path| {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            c.display(),
+            k.display()
+        )
+    };
+    assert_eq!(check(&pair(&cert, &key), "", ""), (true, String::new()));
+    let (ok, err) = check(&pair(&dir.path().join("missing.pem"), &key), "", "");
+    assert!(
+        !ok && err.contains("proxy.tls_cert") && err.contains("missing.pem"),
+        "{err}"
+    );
+    let (ok, err) = check(&pair(&cert, &other_key), "", "");
+    assert!(
+        !ok && err.contains("do not fit"),
+        "a key of another certificate: {err}"
+    );
+    let (ok, err) = check(&format!("tls_cert = \"{}\"", cert.display()), "", "");
+    assert!(!ok && err.contains("tls_key"), "{err}");
+    let (ok, err) = check(
+        "",
+        "",
+        "backend_tls = \"verify_ca\"\nbackend_tls_ca = \"/nonexistent/ca.pem\"",
+    );
+    assert!(
+        !ok && err.contains("target_groups[0].backend_tls_ca"),
+        "{err}"
+    );
+    let (ok, err) = check(
+        "",
+        "",
+        "backend_tls = \"verify_full\"\nbackend_tls_ca = \"/etc/hostname\"",
+    );
+    assert!(!ok && err.contains("/etc/hostname"), "{err}");
+    // An endpoint that requires TLS without a certificate to offer.
+    let (ok, err) = check("", "tls = \"required\"", "");
+    assert!(!ok && err.contains("endpoints[0].tls"), "{err}");
+    let (ok, err) = check(&pair(&cert, &key), "tls = \"required\"", "");
+    assert!(ok, "{err}");
 }

@@ -147,6 +147,17 @@ mod tests {
 
     const NONCE: &[u8] = b"abcdefghij0123456789";
 
+    /// [`first_answer`] with the test nonce.
+    fn ask(
+        u: Option<&User>,
+        plugin: &[u8],
+        can_switch: bool,
+        answer: &[u8],
+        secure: bool,
+    ) -> Decision {
+        first_answer(u, Some(plugin), can_switch, NONCE, answer, secure)
+    }
+
     #[test]
     fn accepts_either_plugin_by_default() {
         let us = users(UserAuthPlugin::Any);
@@ -155,19 +166,12 @@ mod tests {
         for p in [Plugin::Native, Plugin::CachingSha2] {
             let a = p.scramble(b"s3cret", NONCE);
             assert_eq!(
-                first_answer(Some(&u), Some(p.name().as_bytes()), true, NONCE, &a, false),
+                ask(Some(&u), p.name().as_bytes(), true, &a, false),
                 Decision::Accept(p)
             );
             let bad = p.scramble(b"wrong", NONCE);
             assert_eq!(
-                first_answer(
-                    Some(&u),
-                    Some(p.name().as_bytes()),
-                    true,
-                    NONCE,
-                    &bad,
-                    false
-                ),
+                ask(Some(&u), p.name().as_bytes(), true, &bad, false),
                 Decision::Deny
             );
         }
@@ -179,20 +183,13 @@ mod tests {
         let u = us.get(b"app").unwrap();
         let a = Plugin::Native.scramble(b"s3cret", NONCE);
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"mysql_native_password"),
-                true,
-                NONCE,
-                &a,
-                false
-            ),
+            ask(Some(&u), b"mysql_native_password", true, &a, false),
             Decision::Switch(Plugin::CachingSha2)
         );
         let any = users(UserAuthPlugin::Any);
         let u = any.get(b"app").unwrap();
         assert_eq!(
-            first_answer(Some(&u), Some(b"client_ed25519"), true, NONCE, b"x", false),
+            ask(Some(&u), b"client_ed25519", true, b"x", false),
             Decision::Switch(Plugin::Native)
         );
     }
@@ -202,36 +199,15 @@ mod tests {
         let us = users(UserAuthPlugin::Any);
         let u = us.get(b"app").unwrap();
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"caching_sha2_password"),
-                true,
-                NONCE,
-                b"",
-                false
-            ),
+            ask(Some(&u), b"caching_sha2_password", true, b"", false),
             Decision::Switch(Plugin::CachingSha2)
         );
         assert_eq!(
-            first_answer(
-                None,
-                Some(b"caching_sha2_password"),
-                true,
-                NONCE,
-                b"",
-                false
-            ),
+            ask(None, b"caching_sha2_password", true, b"", false),
             Decision::Switch(Plugin::CachingSha2)
         );
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"caching_sha2_password"),
-                false,
-                NONCE,
-                b"",
-                false
-            ),
+            ask(Some(&u), b"caching_sha2_password", false, b"", false),
             Decision::Deny
         );
     }
@@ -243,37 +219,16 @@ mod tests {
         let sha2 = Plugin::CachingSha2.scramble(b"s3cret", NONCE);
         // caching_sha2_password clients are asked for full authentication, others switched.
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"caching_sha2_password"),
-                true,
-                NONCE,
-                &sha2,
-                true
-            ),
+            ask(Some(&u), b"caching_sha2_password", true, &sha2, true),
             Decision::FullAuth
         );
         let native = Plugin::Native.scramble(b"s3cret", NONCE);
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"mysql_native_password"),
-                true,
-                NONCE,
-                &native,
-                true
-            ),
+            ask(Some(&u), b"mysql_native_password", true, &native, true),
             Decision::Switch(Plugin::Clear)
         );
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"mysql_clear_password"),
-                true,
-                NONCE,
-                b"s3cret\0",
-                true
-            ),
+            ask(Some(&u), b"mysql_clear_password", true, b"s3cret\0", true),
             Decision::Accept(Plugin::Clear)
         );
         assert_eq!(
@@ -302,25 +257,11 @@ mod tests {
         let any = users(UserAuthPlugin::Any);
         let u = any.get(b"app").unwrap();
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"mysql_clear_password"),
-                true,
-                NONCE,
-                b"s3cret\0",
-                false
-            ),
+            ask(Some(&u), b"mysql_clear_password", true, b"s3cret\0", false),
             Decision::Switch(Plugin::Native)
         );
         assert_eq!(
-            first_answer(
-                Some(&u),
-                Some(b"mysql_clear_password"),
-                true,
-                NONCE,
-                b"s3cret\0",
-                true
-            ),
+            ask(Some(&u), b"mysql_clear_password", true, b"s3cret\0", true),
             Decision::Accept(Plugin::Clear)
         );
     }
@@ -331,7 +272,7 @@ mod tests {
         assert!(us.get(b"nobody").is_none());
         let a = Plugin::Native.scramble(b"s3cret", NONCE);
         assert_eq!(
-            first_answer(None, Some(b"mysql_native_password"), true, NONCE, &a, false),
+            ask(None, b"mysql_native_password", true, &a, false),
             Decision::Deny
         );
         let e = access_denied(b"nobody", "127.0.0.1", true);

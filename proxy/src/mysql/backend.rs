@@ -242,6 +242,18 @@ mod tests {
         }
     }
 
+    /// A login answering a greeting for `plugin` with the base capabilities.
+    fn start(plugin: &str, secure: bool) -> (Login, Vec<u8>, u32, u32) {
+        Login::start(
+            &greeting(plugin),
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            secure,
+        )
+    }
+
     fn creds() -> Credentials {
         Credentials {
             user: "app".into(),
@@ -276,14 +288,7 @@ mod tests {
 
     #[test]
     fn switch_to_sha2_then_fast_auth() {
-        let (mut l, _, _, _) = Login::start(
-            &greeting(auth::NATIVE),
-            &creds(),
-            cap::BACKEND_BASE,
-            0,
-            45,
-            false,
-        );
+        let (mut l, _, _, _) = start(auth::NATIVE, false);
         let switch = crate::mysql::handshake::encode_auth_switch(
             auth::CACHING_SHA2,
             b"abcdefghijabcdefghij",
@@ -349,23 +354,9 @@ mod tests {
     #[test]
     fn clear_text_only_over_tls() {
         let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");
-        let (mut plain, _, _, _) = Login::start(
-            &greeting(auth::NATIVE),
-            &creds(),
-            cap::BACKEND_BASE,
-            0,
-            45,
-            false,
-        );
+        let (mut plain, _, _, _) = start(auth::NATIVE, false);
         assert!(plain.on_packet(&clear).is_err());
-        let (mut tls, _, _, _) = Login::start(
-            &greeting(auth::NATIVE),
-            &creds(),
-            cap::BACKEND_BASE,
-            0,
-            45,
-            true,
-        );
+        let (mut tls, _, _, _) = start(auth::NATIVE, true);
         assert_eq!(
             tls.on_packet(&clear).unwrap(),
             LoginStep::Send(b"pw\0".to_vec())
@@ -374,14 +365,7 @@ mod tests {
 
     #[test]
     fn refusals_and_unsupported_plugins() {
-        let (mut l, _, _, _) = Login::start(
-            &greeting(auth::NATIVE),
-            &creds(),
-            cap::BACKEND_BASE,
-            0,
-            45,
-            false,
-        );
+        let (mut l, _, _, _) = start(auth::NATIVE, false);
         let err = ErrPacket::new(1045, "28000", "Access denied").encode();
         assert!(matches!(l.on_packet(&err), Err(LoginError::Refused(e)) if e.code == 1045));
         let clear = crate::mysql::handshake::encode_auth_switch(auth::CLEAR, b"");

@@ -185,7 +185,10 @@ impl BackendTls {
             }
             BackendTlsMode::Preferred => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    chain: None,
+                    provider: provider(),
+                }))
                 .with_no_client_auth(),
             BackendTlsMode::VerifyCa | BackendTlsMode::VerifyFull => {
                 let roots = Arc::new(roots(ca)?);
@@ -195,7 +198,10 @@ impl BackendTls {
                 if mode == BackendTlsMode::VerifyCa {
                     builder
                         .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+                        .with_custom_certificate_verifier(Arc::new(Lenient {
+                            chain: Some(webpki),
+                            provider: provider(),
+                        }))
                         .with_no_client_auth()
                 } else {
                     builder.with_webpki_verifier(webpki).with_no_client_auth()
@@ -266,11 +272,17 @@ fn roots(ca: &str) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
-/// `verify_ca`: the chain must lead to a trusted root; the name is not checked.
+/// The certificate checks of `preferred` (none: encryption only, like MySQL's `PREFERRED`)
+/// and `verify_ca` (the chain must lead to a trusted root; the name is not checked). The
+/// handshake's signatures are checked either way.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    /// `None`: any certificate.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -279,10 +291,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. },
@@ -297,7 +309,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, cert, dss, algs)
     }
 
     fn verify_tls13_signature(
@@ -306,61 +319,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, cert, dss, algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `preferred`: encryption without authentication of the server (MySQL's `PREFERRED`);
-/// the handshake signatures are still checked.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
