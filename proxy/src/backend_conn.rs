@@ -204,10 +204,11 @@ impl<S: Stream> BackendConn<S> {
                 .tls
                 .config()
                 .ok_or_else(|| BackendError::Tls("no TLS configuration".into()))?;
-            match stream
-                .connect_tls(config, crate::tls::server_name(t.target), deadline)
-                .await
-            {
+            // Boxed, like the client side's: the handshake's state is not carried by every
+            // future that may open a connection.
+            let handshake =
+                Box::pin(stream.connect_tls(config, crate::tls::server_name(t.target), deadline));
+            match handshake.await {
                 Ok(_) => t
                     .tls
                     .stats

@@ -266,7 +266,10 @@ async fn login<D: Driver>(
                 // Whatever came after the SSLRequest is the start of the TLS handshake.
                 let early = cbuf.filled().to_vec();
                 cbuf.consume(early.len());
-                match client.accept_tls(server.config(), &early, deadline).await {
+                // Boxed: the handshake's state (rustls's connection among it) lives on the heap
+                // while it runs, not in every session's future (idle clients stay small).
+                let handshake = Box::pin(client.accept_tls(server.config(), &early, deadline));
+                match handshake.await {
                     Ok(agreed) => {
                         tracing::debug!(%peer, version = agreed.version, cipher = %agreed.cipher, "client TLS handshake done");
                         shared

@@ -220,11 +220,18 @@ pub trait Stream: Sized + 'static {
 }
 
 impl<T: Transport> Stream for MaybeTls<T> {
-    async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
-        MaybeTls::read(self, buf).await
+    fn read<'s, 'b>(
+        &'s mut self,
+        buf: &'b mut Buf,
+    ) -> impl Future<Output = io::Result<usize>> + use<'s, 'b, T> {
+        MaybeTls::read(self, buf)
     }
-    async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
-        MaybeTls::write(self, buf, n).await
+    fn write<'s, 'b>(
+        &'s mut self,
+        buf: &'b mut Buf,
+        n: usize,
+    ) -> impl Future<Output = io::Result<()>> + use<'s, 'b, T> {
+        MaybeTls::write(self, buf, n)
     }
     fn raw_fd(&self) -> RawFd {
         MaybeTls::raw_fd(self)

@@ -4,7 +4,9 @@
 //! (MySQL's SSLRequest switches to TLS mid-handshake).
 
 use super::{Buf, Transport};
+use futures_util::future::Either;
 use rustls::pki_types::ServerName;
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -91,51 +93,29 @@ impl<T: Transport> MaybeTls<T> {
     }
 
     /// Reads once: plaintext from TLS, or bytes from the transport; `Ok(0)` is the end.
-    pub async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
-        let Some(t) = self.tls.as_deref_mut() else {
-            return self.raw.read(buf).await;
-        };
-        loop {
-            if t.plain > 0 {
-                return t.take_plain(buf);
-            }
-            if t.closed {
-                return Ok(0);
-            }
-            if !t.rx.is_empty() {
-                t.feed()?;
-                if t.conn.wants_write() {
-                    flush(t, &mut self.raw).await?;
-                }
-                continue;
-            }
-            t.rx.reserve(TLS_READ);
-            if self.raw.read(&mut t.rx).await? == 0 {
-                return Ok(0);
-            }
+    /// The plain path is the transport's own future; the TLS path is boxed, so that TLS
+    /// does not make every session's future (an idle client's memory) larger.
+    pub fn read<'s, 'b>(
+        &'s mut self,
+        buf: &'b mut Buf,
+    ) -> impl Future<Output = io::Result<usize>> + use<'s, 'b, T> {
+        match self.tls.as_deref_mut() {
+            None => Either::Left(self.raw.read(buf)),
+            Some(t) => Either::Right(Box::pin(tls_read(t, &mut self.raw, buf))),
         }
     }
 
-    /// Writes the first `n` unread bytes of `buf` (encrypted under TLS) and consumes them.
-    pub async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
-        let Some(t) = self.tls.as_deref_mut() else {
-            return self.raw.write(buf, n).await;
-        };
-        let mut done = 0;
-        while done < n {
-            let data = buf.filled().get(done..n).unwrap_or_default();
-            let k = t.conn.writer().write(data)?;
-            done += k;
-            if k == 0 && !t.conn.wants_write() {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "TLS session takes no more data",
-                ));
-            }
-            flush(t, &mut self.raw).await?;
+    /// Writes the first `n` unread bytes of `buf` (encrypted under TLS) and consumes them;
+    /// the TLS path boxed as [`Self::read`]'s.
+    pub fn write<'s, 'b>(
+        &'s mut self,
+        buf: &'b mut Buf,
+        n: usize,
+    ) -> impl Future<Output = io::Result<()>> + use<'s, 'b, T> {
+        match self.tls.as_deref_mut() {
+            None => Either::Left(self.raw.write(buf, n)),
+            Some(t) => Either::Right(Box::pin(tls_write(t, &mut self.raw, buf, n))),
         }
-        buf.consume(n);
-        Ok(())
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -218,6 +198,50 @@ impl<T: Transport> MaybeTls<T> {
         self.tls = Some(t);
         Ok(agreed)
     }
+}
+
+async fn tls_read<T: Transport>(t: &mut Tls, raw: &mut T, buf: &mut Buf) -> io::Result<usize> {
+    loop {
+        if t.plain > 0 {
+            return t.take_plain(buf);
+        }
+        if t.closed {
+            return Ok(0);
+        }
+        if !t.rx.is_empty() {
+            // What rustls wants to send back (a key update's answer) goes out with the next
+            // write.
+            t.feed()?;
+            continue;
+        }
+        t.rx.reserve(TLS_READ);
+        if raw.read(&mut t.rx).await? == 0 {
+            return Ok(0);
+        }
+    }
+}
+
+async fn tls_write<T: Transport>(
+    t: &mut Tls,
+    raw: &mut T,
+    buf: &mut Buf,
+    n: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < n {
+        let data = buf.filled().get(done..n).unwrap_or_default();
+        let k = t.conn.writer().write(data)?;
+        done += k;
+        if k == 0 && !t.conn.wants_write() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "TLS session takes no more data",
+            ));
+        }
+        flush(t, raw).await?;
+    }
+    buf.consume(n);
+    Ok(())
 }
 
 async fn drive_handshake<T: Transport>(t: &mut Tls, raw: &mut T) -> Result<(), HandshakeError> {

@@ -459,7 +459,7 @@ pub async fn side_connection<D: Driver>(
         )
         .await
     };
-    match tokio::time::timeout_at(deadline + Duration::from_secs(1), open).await {
+    match tokio::time::timeout_at(deadline + Duration::from_secs(1), Box::pin(open)).await {
         Ok(r) => r.map(|(c, _)| c),
         Err(_) => Err(BackendError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -887,6 +887,9 @@ impl<D: Driver> CorePool<D> {
             Ok::<_, BackendError>((conn, profile))
         };
         // The reads inside give up at `deadline` themselves; this bounds the connect too.
+        // Boxed: opening a connection (login, TLS) is rare, and its state would otherwise
+        // be carried by every client session's future, idle ones included.
+        let attempt = Box::pin(attempt);
         let res = match tokio::time::timeout_at(deadline + Duration::from_secs(1), attempt).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Io(std::io::Error::new(
