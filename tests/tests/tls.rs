@@ -10,6 +10,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// How long a test waits for something that should happen at once (a deadline, not a pause).
+const PATIENCE: Duration = Duration::from_secs(20);
+
 /// dbproxy with a certificate from `ca` for localhost and 127.0.0.1: its default endpoint
 /// is `optional`; the returned port is an endpoint with `tls = "required"`. A user `clear`
 /// has its password checked in clear text.
@@ -51,7 +54,7 @@ fn tls_conn(port: u16, user: &str, password: &str, ca: &Path) -> mysql::Result<m
         .pass(Some(password))
         .db_name(Some("shop"))
         .prefer_socket(false)
-        .read_timeout(Some(Duration::from_secs(30)))
+        .read_timeout(Some(PATIENCE))
         .ssl_opts(Some(ssl));
     mysql::Conn::new(opts)
 }
@@ -122,7 +125,7 @@ fn clients_log_in_and_query_over_tls() {
             proxy.metrics()
         );
         drop(c);
-        wait_until("the TLS client to be gone", Duration::from_secs(10), || {
+        wait_until("the TLS client to be gone", PATIENCE, || {
             proxy.metric("dbproxy_client_connections_tls") == 0
         });
     }
@@ -367,7 +370,7 @@ fn the_certificate_is_reloaded_on_sighup() {
         let second = pem_der(&ca.dir.path().join("proxy.pem"));
         assert_ne!(first, second);
         proxy.sighup();
-        wait_until("the new certificate", Duration::from_secs(10), || {
+        wait_until("the new certificate", PATIENCE, || {
             peer_certificate(required, &ca.ca) == second
         });
         assert_eq!(
@@ -382,7 +385,7 @@ fn the_certificate_is_reloaded_on_sighup() {
         // A broken pair is refused and the one in use stays.
         std::fs::write(ca.dir.path().join("proxy.key"), "not a key").unwrap();
         proxy.sighup();
-        wait_until("the reload to be refused", Duration::from_secs(10), || {
+        wait_until("the reload to be refused", PATIENCE, || {
             proxy.log().contains("previous one stays in use")
         });
         assert_eq!(peer_certificate(required, &ca.ca), second, "[{io}]");
@@ -411,7 +414,7 @@ fn misbehaving_tls_handshakes_are_closed_and_touch_no_one_else() {
             let mut s = TcpStream::connect(("127.0.0.1", required)).unwrap();
             ssl_request(&mut s);
             s.write_all(partial).unwrap();
-            let (got, closed) = read_some(&mut s, Duration::from_secs(20));
+            let (got, closed) = read_some(&mut s, PATIENCE);
             assert!(
                 closed,
                 "[{io}] still open after handshake_timeout ({} bytes)",
@@ -422,7 +425,7 @@ fn misbehaving_tls_handshakes_are_closed_and_touch_no_one_else() {
         let mut s = TcpStream::connect(("127.0.0.1", required)).unwrap();
         ssl_request(&mut s);
         s.write_all(&[b'G'; 300]).unwrap();
-        let (got, closed) = read_some(&mut s, Duration::from_secs(20));
+        let (got, closed) = read_some(&mut s, PATIENCE);
         assert!(closed, "[{io}] still open after garbage");
         assert!(
             got.is_empty() || got[0] == 0x15,
@@ -435,7 +438,7 @@ fn misbehaving_tls_handshakes_are_closed_and_touch_no_one_else() {
         p.extend_from_slice(&[0x85, 0xa6, 0x0f, 0x00]);
         p.extend_from_slice(&[0; 36]);
         s.write_all(&p).unwrap();
-        let (_, closed) = read_some(&mut s, Duration::from_secs(20));
+        let (_, closed) = read_some(&mut s, PATIENCE);
         assert!(
             closed,
             "[{io}] still open after a plain response inside TLS"
