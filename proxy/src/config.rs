@@ -102,6 +102,11 @@ pub struct ProxyConfig {
     pub tls_cert: String,
     /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: String,
+    /// Failed logins from one address before its logins wait before their verdict.
+    pub login_failure_threshold: u32,
+    /// The longest such wait (it doubles from 100 ms); 0 = no throttling.
+    #[serde(deserialize_with = "de_duration")]
+    pub login_max_delay: Duration,
 }
 
 impl ProxyConfig {
@@ -123,6 +128,8 @@ impl Default for ProxyConfig {
             verify_checkin: false,
             tls_cert: String::new(),
             tls_key: String::new(),
+            login_failure_threshold: 3,
+            login_max_delay: Duration::from_secs(5),
         }
     }
 }
@@ -297,7 +304,13 @@ pub enum UserAuthPlugin {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
+    /// The client's password; or give `password_hash`.
+    #[serde(default)]
     pub password: String,
+    /// `*<40 hex> sha256:<64 hex>` (from `dbproxy hash-password`), instead of `password`;
+    /// the first part alone (MariaDB's `PASSWORD()`) serves mysql_native_password only.
+    #[serde(default)]
+    pub password_hash: Option<String>,
     #[serde(default)]
     pub backend_user: Option<String>,
     pub backend_password: String,
@@ -306,6 +319,17 @@ pub struct UserConfig {
 }
 
 impl UserConfig {
+    /// The hashes logins are checked against (an invalid `password_hash` is refused by
+    /// validation; here it checks nothing).
+    pub fn hash(&self) -> crate::mysql::auth::PasswordHash {
+        match &self.password_hash {
+            Some(h) => crate::mysql::auth::PasswordHash::parse(h).unwrap_or_else(|_| {
+                crate::mysql::auth::PasswordHash::of(&crate::mysql::auth::new_nonce())
+            }),
+            None => crate::mysql::auth::PasswordHash::of(self.password.as_bytes()),
+        }
+    }
+
     /// The database user (defaults to the proxy user's name).
     pub fn backend_user(&self) -> &str {
         self.backend_user.as_deref().unwrap_or(&self.name)
@@ -557,6 +581,25 @@ impl Config {
             if self.users[..i].iter().any(|o| o.name == u.name) {
                 errs.push(format!("{k}.name: {:?} is used twice", u.name));
             }
+            if let Some(h) = &u.password_hash {
+                if !u.password.is_empty() {
+                    errs.push(format!(
+                        "{k}.password_hash: give password or password_hash, not both"
+                    ));
+                }
+                match crate::mysql::auth::PasswordHash::parse(h) {
+                    Err(e) => errs.push(format!("{k}.password_hash: {e}")),
+                    Ok(h)
+                        if u.auth_plugin == UserAuthPlugin::CachingSha2Password
+                            && !h.supports(crate::mysql::auth::Plugin::CachingSha2) =>
+                    {
+                        errs.push(format!(
+                            "{k}.password_hash: caching_sha2_password needs its sha256: part"
+                        ))
+                    }
+                    Ok(_) => {}
+                }
+            }
         }
         errs
     }
@@ -704,6 +747,39 @@ backend_password = "db-secret"
         .unwrap_err()
         .to_string();
         assert!(err.contains("targets[0]"), "{err}");
+    }
+
+    #[test]
+    fn password_hashes_are_checked() {
+        let h = crate::mysql::auth::PasswordHash::of(b"app-secret").encode();
+        let ok = CONTRACT.replace(
+            "password = \"app-secret\"",
+            &format!("password_hash = \"{h}\""),
+        );
+        let c = Config::parse(&ok).unwrap();
+        assert_eq!(
+            c.users[0].hash(),
+            crate::mysql::auth::PasswordHash::of(b"app-secret")
+        );
+        let both = CONTRACT.replace(
+            "password = \"app-secret\"",
+            &format!("password = \"x\"\npassword_hash = \"{h}\""),
+        );
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("users[0].password_hash: give password or password_hash"),
+            "{err}"
+        );
+        let bad = CONTRACT.replace("password = \"app-secret\"", "password_hash = \"nope\"");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("users[0].password_hash"), "{err}");
+        let native_only = h.split(' ').next().unwrap_or_default();
+        let sha2 = CONTRACT.replace(
+            "password = \"app-secret\"",
+            &format!("password_hash = \"{native_only}\"\nauth_plugin = \"caching_sha2_password\""),
+        );
+        let err = Config::parse(&sha2).unwrap_err().to_string();
+        assert!(err.contains("sha256: part"), "{err}");
     }
 
     #[test]

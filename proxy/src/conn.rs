@@ -207,6 +207,16 @@ fn pool_key(s: &ClientSession) -> PoolKey {
     )
 }
 
+/// Waits as long as the throttle says a verdict for a login from `peer` must wait.
+async fn throttled(shared: &ProxyShared, peer: SocketAddr) {
+    let d = shared.throttle.delay(peer.ip(), std::time::Instant::now());
+    if !d.is_zero() {
+        tracing::info!(%peer, "login from an address with repeated failures waits {d:?}");
+        tokio::time::sleep(d).await;
+        shared.throttle.waited(d);
+    }
+}
+
 /// The connection phase, driving the login machine. Returns the connection and the
 /// sequence id of the final OK.
 async fn login<D: Driver>(
@@ -289,11 +299,18 @@ async fn login<D: Driver>(
                 }
             }
             LoginStep::Refused { seq, err, log } => {
+                let denied = err.code == errcode::ER_ACCESS_DENIED_ERROR;
+                if denied {
+                    throttled(&shared, peer).await;
+                    shared.throttle.failed(peer.ip(), std::time::Instant::now());
+                }
                 tracing::info!(%peer, "{log}");
                 let _ = write_packet(&mut client, seq, &err.encode()).await;
                 return None;
             }
             LoginStep::Accepted(a) => {
+                throttled(&shared, peer).await;
+                shared.throttle.succeeded(peer.ip());
                 let (preamble, ok_seq) = a.preamble();
                 if let Some((seq, p)) = preamble {
                     write_packet(&mut client, seq, &p).await.ok()?;
@@ -2090,6 +2107,12 @@ impl<D: Driver> Conn<D> {
                 }
                 AuthStep::Accept { user, plugin } => break (user, plugin),
                 AuthStep::Deny(e) => {
+                    if e.code == errcode::ER_ACCESS_DENIED_ERROR {
+                        throttled(&self.shared, self.peer).await;
+                        self.shared
+                            .throttle
+                            .failed(self.peer.ip(), std::time::Instant::now());
+                    }
                     let _ = write_packet(&mut self.client, seq, &e.encode()).await;
                     return Ok(false);
                 }

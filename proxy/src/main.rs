@@ -47,6 +47,9 @@ enum Command {
         #[command(subcommand)]
         action: GuardAction,
     },
+    /// Read a password from standard input (one line) and print the `password_hash` value
+    /// of a `[[users]]` entry for it.
+    HashPassword,
     /// Print a running dbproxy's metrics (pins by reason, pool, clients).
     Status {
         /// The `[admin] listen` address of the running dbproxy.
@@ -65,6 +68,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
+        Command::HashPassword => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("cannot read the password from standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            println!(
+                "{}",
+                proxy::mysql::auth::PasswordHash::of(password.as_bytes()).encode()
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
                 let errs = proxy::tls::check_files(&cfg);

@@ -58,6 +58,8 @@ pub struct ProxyShared {
     /// dbproxy's certificate for clients, when one is configured.
     pub tls: Option<Arc<ServerTls>>,
     pub tls_stats: Arc<TlsStats>,
+    /// Failed logins per source address.
+    pub throttle: crate::auth::throttle::LoginThrottle,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
@@ -113,9 +115,14 @@ impl ProxyShared {
             }
             topologies.insert(g.name.clone(), topology);
         }
+        let throttle = crate::auth::throttle::LoginThrottle::new(
+            config.proxy.login_failure_threshold,
+            config.proxy.login_max_delay,
+        );
         Ok(Arc::new(ProxyShared {
             users: Users::new(&config.users),
             config,
+            throttle,
             groups,
             topologies,
             guard,

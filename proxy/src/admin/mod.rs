@@ -311,12 +311,28 @@ fn render_tls(o: &mut String, shared: &ProxyShared) {
         ),
     ];
     for (name, kind, help, v) in rows {
-        let _ = writeln!(
-            o,
-            "# HELP {name} {help}
-# TYPE {name} {kind}
-{name} {v}"
-        );
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let th = &shared.throttle;
+    let counters: [(&str, &str, f64); 3] = [
+        (
+            "dbproxy_client_login_failures_total",
+            "Client logins refused for a wrong password or an unknown user.",
+            th.failed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dbproxy_client_logins_delayed_total",
+            "Logins made to wait before their verdict (repeated failures from their address).",
+            th.delayed.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "dbproxy_client_login_delay_seconds_total",
+            "Time those logins waited.",
+            th.delayed_us.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
 }
 

@@ -1,13 +1,16 @@
 //! dbproxy's own users and how a client proves it is one of them.
 //!
-//! dbproxy knows each user's password, so it can verify `mysql_native_password` and
+//! dbproxy keeps each user's password hashes (from `password`, or `password_hash` so that
+//! the password itself appears nowhere), so it can verify `mysql_native_password` and
 //! `caching_sha2_password` answers itself (the fast path of the latter) and switch a client
 //! to the plugin a user requires. A user whose password is checked in clear text gets it
 //! over TLS only: through `mysql_clear_password`, or caching_sha2_password's full
 //! authentication.
 
+pub mod throttle;
+
 use crate::config::{UserAuthPlugin, UserConfig};
-use crate::mysql::auth::Plugin;
+use crate::mysql::auth::{PasswordHash, Plugin};
 use crate::mysql::backend::Credentials;
 use crate::mysql::consts::errcode;
 use crate::mysql::wire::ErrPacket;
@@ -18,7 +21,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct User {
     pub name: String,
-    password: String,
+    hash: PasswordHash,
     plugin: UserAuthPlugin,
     /// Whom dbproxy logs in as on this user's behalf.
     pub backend: Arc<Credentials>,
@@ -37,7 +40,7 @@ impl Users {
             .map(|u| {
                 let user = User {
                     name: u.name.clone(),
-                    password: u.password.clone(),
+                    hash: u.hash(),
                     plugin: u.auth_plugin,
                     backend: Arc::new(Credentials {
                         user: u.backend_user().to_string(),
@@ -98,11 +101,13 @@ pub fn first_answer(
             }
             Plugin::Clear
         }
-        _ => offered.unwrap_or(Plugin::Native),
+        _ => offered
+            .filter(|p| user.is_none_or(|u| u.hash.supports(*p)))
+            .unwrap_or(Plugin::Native),
     };
     // Clients whose plugin differs from the one announced send an empty first answer and
     // expect a switch that hands them the nonce for their plugin.
-    let empty_needs_switch = answer.is_empty() && user.is_none_or(|u| !u.password.is_empty());
+    let empty_needs_switch = answer.is_empty() && user.is_none_or(|u| !u.hash.is_empty_password());
     if !can_switch || (offered == Some(required) && !empty_needs_switch) {
         return verify(user, required, nonce, answer);
     }
@@ -112,9 +117,20 @@ pub fn first_answer(
 /// Verifies an answer computed with `plugin`.
 pub fn verify(user: Option<&User>, plugin: Plugin, nonce: &[u8], answer: &[u8]) -> Decision {
     match user {
-        Some(u) if plugin.verify(u.password.as_bytes(), nonce, answer) => Decision::Accept(plugin),
-        _ => Decision::Deny,
+        Some(u) if u.hash.verify(plugin, nonce, answer) => Decision::Accept(plugin),
+        Some(_) => Decision::Deny,
+        None => {
+            // An unknown user costs what a known one does.
+            let _ = unknown_user_hash().verify(plugin, nonce, answer);
+            Decision::Deny
+        }
     }
+}
+
+/// Hashes no password matches, checked for unknown users.
+fn unknown_user_hash() -> &'static PasswordHash {
+    static H: std::sync::OnceLock<PasswordHash> = std::sync::OnceLock::new();
+    H.get_or_init(|| PasswordHash::of(&crate::mysql::auth::new_nonce()))
 }
 
 /// ER_ACCESS_DENIED_ERROR, worded as MariaDB words it.
@@ -139,6 +155,7 @@ mod tests {
         Users::new(&[UserConfig {
             name: "app".into(),
             password: "s3cret".into(),
+            password_hash: None,
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: plugin,
@@ -263,6 +280,36 @@ mod tests {
         assert_eq!(
             ask(Some(&u), b"mysql_clear_password", true, b"s3cret\0", true),
             Decision::Accept(Plugin::Clear)
+        );
+    }
+
+    #[test]
+    fn a_hash_without_its_sha256_part_switches_sha2_clients_to_native() {
+        let us = Users::new(&[UserConfig {
+            name: "app".into(),
+            password: String::new(),
+            password_hash: Some(
+                PasswordHash::of(b"s3cret")
+                    .encode()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .into(),
+            ),
+            backend_user: None,
+            backend_password: "db".into(),
+            auth_plugin: UserAuthPlugin::Any,
+        }]);
+        let u = us.get(b"app").unwrap();
+        let sha2 = Plugin::CachingSha2.scramble(b"s3cret", NONCE);
+        assert_eq!(
+            ask(Some(&u), b"caching_sha2_password", true, &sha2, false),
+            Decision::Switch(Plugin::Native)
+        );
+        let native = Plugin::Native.scramble(b"s3cret", NONCE);
+        assert_eq!(
+            verify(Some(&u), Plugin::Native, NONCE, &native),
+            Decision::Accept(Plugin::Native)
         );
     }
 

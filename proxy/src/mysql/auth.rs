@@ -117,6 +117,129 @@ pub fn sha2_scramble(password: &[u8], nonce: &[u8]) -> [u8; 32] {
     out
 }
 
+/// What checking a password needs, without the password: `SHA1(SHA1(password))` (what
+/// MariaDB's `PASSWORD()` shows, and all mysql_native_password needs) and, optionally,
+/// `SHA256(SHA256(password))` (caching_sha2_password's fast path). Written
+/// `*<40 hex> sha256:<64 hex>`; the first part alone is accepted (then caching_sha2_password
+/// answers cannot be checked).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PasswordHash {
+    native: [u8; 20],
+    sha2: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordHash(..)")
+    }
+}
+
+impl PasswordHash {
+    /// The hashes of `password`.
+    pub fn of(password: &[u8]) -> PasswordHash {
+        let s1: [u8; 20] = Sha1::digest(password).into();
+        let s2: [u8; 32] = Sha256::digest(password).into();
+        PasswordHash {
+            native: Sha1::digest(s1).into(),
+            sha2: Some(Sha256::digest(s2).into()),
+        }
+    }
+
+    /// Reads `*<40 hex>` or `*<40 hex> sha256:<64 hex>`.
+    pub fn parse(text: &str) -> Result<PasswordHash, String> {
+        let mut parts = text.split_whitespace();
+        let native = parts
+            .next()
+            .and_then(|p| p.strip_prefix('*'))
+            .and_then(unhex::<20>)
+            .ok_or("password_hash must start with * and 40 hex digits (MariaDB's PASSWORD())")?;
+        let sha2 = match parts.next() {
+            None => None,
+            Some(p) => Some(
+                p.strip_prefix("sha256:")
+                    .and_then(unhex::<32>)
+                    .ok_or("the second part of password_hash must be sha256: and 64 hex digits")?,
+            ),
+        };
+        if parts.next().is_some() {
+            return Err("password_hash has more than two parts".into());
+        }
+        Ok(PasswordHash { native, sha2 })
+    }
+
+    /// The text [`Self::parse`] reads.
+    pub fn encode(&self) -> String {
+        let mut s = format!("*{}", hex(&self.native).to_uppercase());
+        if let Some(h) = &self.sha2 {
+            s.push_str(" sha256:");
+            s.push_str(&hex(h));
+        }
+        s
+    }
+
+    /// Whether answers computed with `plugin` can be checked.
+    pub fn supports(&self, plugin: Plugin) -> bool {
+        plugin != Plugin::CachingSha2 || self.sha2.is_some()
+    }
+
+    /// Whether this is the hash of an empty password.
+    pub fn is_empty_password(&self) -> bool {
+        self.native == PasswordHash::of(b"").native
+    }
+
+    /// Whether `answer` proves knowledge of the password for `nonce`.
+    pub fn verify(&self, plugin: Plugin, nonce: &[u8], answer: &[u8]) -> bool {
+        if answer.is_empty() && plugin != Plugin::Clear {
+            return self.is_empty_password();
+        }
+        match plugin {
+            Plugin::Native => {
+                // answer = SHA1(pw) XOR SHA1(nonce + stage2): recover SHA1(pw), hash it.
+                let mut h = Sha1::new();
+                h.update(nonce_bytes(nonce));
+                h.update(self.native);
+                let mix: [u8; 20] = h.finalize().into();
+                let stage1: Vec<u8> = answer.iter().zip(mix).map(|(a, m)| a ^ m).collect();
+                answer.len() == 20 && constant_time_eq(&Sha1::digest(&stage1), &self.native)
+            }
+            Plugin::CachingSha2 => {
+                let Some(stage2) = self.sha2 else {
+                    return false;
+                };
+                let mut h = Sha256::new();
+                h.update(stage2);
+                h.update(nonce_bytes(nonce));
+                let mix: [u8; 32] = h.finalize().into();
+                let stage1: Vec<u8> = answer.iter().zip(mix).map(|(a, m)| a ^ m).collect();
+                answer.len() == 32 && constant_time_eq(&Sha256::digest(&stage1), &stage2)
+            }
+            Plugin::Clear => {
+                let other = PasswordHash::of(clear_password(answer));
+                let sha2_ok = match (self.sha2, other.sha2) {
+                    (Some(a), Some(b)) => constant_time_eq(&a, &b),
+                    _ => true,
+                };
+                constant_time_eq(&self.native, &other.native) & sha2_ok
+            }
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex<const N: usize>(h: &str) -> Option<[u8; N]> {
+    if h.len() != 2 * N || !h.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -190,6 +313,45 @@ mod tests {
         assert_eq!(Plugin::Clear.scramble(b"pw", &nonce), b"pw\0");
         assert!(Plugin::Clear.verify(b"pw", &nonce, b"pw"));
         assert!(!Plugin::Clear.verify(b"pw", &nonce, b"pw\0\0"));
+    }
+
+    #[test]
+    fn password_hashes_check_every_plugin_and_round_trip() {
+        let h = PasswordHash::of(b"secret");
+        // MariaDB: PASSWORD('secret') = *14E65567ABDB5135D0CFD9A70B3032C179A49EE7.
+        assert!(h
+            .encode()
+            .starts_with("*14E65567ABDB5135D0CFD9A70B3032C179A49EE7 sha256:"));
+        assert_eq!(PasswordHash::parse(&h.encode()).unwrap(), h);
+        let nonce = new_nonce();
+        for p in [Plugin::Native, Plugin::CachingSha2, Plugin::Clear] {
+            assert!(h.verify(p, &nonce, &p.scramble(b"secret", &nonce)), "{p:?}");
+            assert!(
+                !h.verify(p, &nonce, &p.scramble(b"secreT", &nonce)),
+                "{p:?}"
+            );
+            assert!(!h.verify(p, &nonce, &[]), "{p:?}");
+        }
+        // The native part alone, as copied from mysql.user.
+        let native = PasswordHash::parse("*14E65567ABDB5135D0CFD9A70B3032C179A49EE7").unwrap();
+        assert!(native.verify(
+            Plugin::Native,
+            &nonce,
+            &Plugin::Native.scramble(b"secret", &nonce)
+        ));
+        assert!(!native.supports(Plugin::CachingSha2));
+        assert!(native.verify(Plugin::Clear, &nonce, b"secret\0"));
+        // An empty password: the empty answer.
+        assert!(PasswordHash::of(b"").verify(Plugin::Native, &nonce, &[]));
+        for bad in [
+            "14E6",
+            "*XYZ",
+            "*14E65567ABDB5135D0CFD9A70B3032C179A49EE7 md5:00",
+            "* a b c",
+        ] {
+            assert!(PasswordHash::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format!("{h:?}"), "PasswordHash(..)");
     }
 
     #[test]

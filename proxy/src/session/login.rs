@@ -409,6 +409,7 @@ mod tests {
         Users::new(&[UserConfig {
             name: "app".into(),
             password: "pw".into(),
+            password_hash: None,
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::CachingSha2Password,
@@ -570,6 +571,7 @@ mod tests {
         let clear = Users::new(&[UserConfig {
             name: "app".into(),
             password: "pw".into(),
+            password_hash: None,
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::MysqlClearPassword,

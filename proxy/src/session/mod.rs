@@ -657,6 +657,7 @@ mod tests {
         let users = crate::auth::Users::new(&[UserConfig {
             name: "app".into(),
             password: "pw".into(),
+            password_hash: None,
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,

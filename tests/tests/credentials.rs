@@ -1,0 +1,154 @@
+//! Credentials: users known by their password hashes only (`password_hash`, from
+//! `dbproxy hash-password`).
+
+use proxy_tests::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// `dbproxy hash-password` with `password` on standard input.
+fn hash_password(password: &str) -> String {
+    let mut child = Command::new(dbproxy_bin())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn users_known_by_their_password_hash_log_in_with_every_plugin() {
+    let db = MariaDb::start();
+    let hash = hash_password("hashed-secret");
+    // The first part is what MariaDB's PASSWORD() computes.
+    let native = db.root_sql("SELECT PASSWORD('hashed-secret')");
+    assert_eq!(hash.split(' ').next(), Some(native.trim()), "{hash}");
+    for io in DRIVERS {
+        let proxy = Proxy::start_custom(
+            &db,
+            io,
+            "",
+            "",
+            &format!(
+                "[[users]]\nname = \"hashed\"\npassword_hash = \"{hash}\"\nbackend_user = \"app\"\n\
+                 backend_password = \"{DB_PASSWORD}\"\n\n\
+                 [[users]]\nname = \"hashed_sha2\"\npassword_hash = \"{hash}\"\nbackend_user = \"app\"\n\
+                 backend_password = \"{DB_PASSWORD}\"\nauth_plugin = \"caching_sha2_password\"\n\n\
+                 [[users]]\nname = \"native_only\"\npassword_hash = \"{}\"\nbackend_user = \"app\"\n\
+                 backend_password = \"{DB_PASSWORD}\"\n",
+                native.trim()
+            ),
+        );
+        let config = std::fs::read_to_string(&proxy.config).unwrap();
+        assert!(!config.contains("hashed-secret"));
+        for user in ["hashed", "hashed_sha2", "native_only"] {
+            let out = mariadb_cli(
+                proxy.port,
+                user,
+                "hashed-secret",
+                &[],
+                "SELECT CURRENT_USER()",
+            );
+            assert!(
+                out.status.success(),
+                "[{io}] {user}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = mariadb_cli(proxy.port, user, "wrong", &[], "SELECT 1");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("ERROR 1045"), "[{io}] {user}: {err}");
+        }
+        // caching_sha2_password answers (the Rust mysql crate offers the plugin the server
+        // names; dbproxy switches hashed_sha2 to it) and the mysql crate's native login.
+        for user in ["hashed", "hashed_sha2", "native_only"] {
+            let mut c = connect(proxy.port, user, "hashed-secret", "shop")
+                .unwrap_or_else(|e| panic!("[{io}] {user}: {e}"));
+            let v: Option<i64> =
+                mysql::prelude::Queryable::query_first(&mut c, "SELECT 41 + 1").unwrap();
+            assert_eq!(v, Some(42), "[{io}] {user}");
+        }
+        assert!(
+            !proxy.log().contains("hashed-secret"),
+            "[{io}] a password in the log"
+        );
+    }
+}
+
+#[test]
+fn repeated_failures_slow_their_address_down_and_no_other() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "login_failure_threshold = 3\nlogin_max_delay = \"200ms\"",
+            "",
+        );
+        // 1,000 wrong passwords from 127.0.0.1, 20 at a time.
+        let port = proxy.port;
+        let attackers: Vec<_> = (0..20)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..50)
+                        .filter(|_| {
+                            proxy_tests::raw::RawClient::login(port, "app", "guess")
+                                .err()
+                                .is_some_and(|e| e.to_string().contains("Access denied"))
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        // Meanwhile a client from another address logs in and is not made to wait.
+        wait_until(
+            "the throttle to start",
+            std::time::Duration::from_secs(30),
+            || proxy.metric("dbproxy_client_logins_delayed_total") > 0,
+        );
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some("127.0.0.1"))
+            .tcp_port(port)
+            .user(Some("app"))
+            .pass(Some(APP_PASSWORD))
+            .prefer_socket(false)
+            .bind_address(Some("127.0.0.2:0".parse::<std::net::SocketAddr>().unwrap()));
+        let mut other = mysql::Conn::new(opts).unwrap();
+        let v: Option<i64> =
+            mysql::prelude::Queryable::query_first(&mut other, "SELECT 1").unwrap();
+        assert_eq!(v, Some(1), "[{io}]");
+        let refused: usize = attackers.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(refused, 1000, "[{io}] every guess gets 1045");
+        assert_eq!(
+            proxy.metric("dbproxy_client_login_failures_total"),
+            1000,
+            "[{io}]"
+        );
+        // All but the first few (and those already past their wait when the threshold was
+        // reached) waited, each up to 200 ms.
+        let delayed = proxy.metric("dbproxy_client_logins_delayed_total");
+        assert!(delayed >= 1000 - 3 - 20, "[{io}] {delayed} logins waited");
+        let log = proxy.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("waits") && l.contains("127.0.0.2")),
+            "[{io}] the other address was made to wait"
+        );
+        // A successful login from the throttled address clears it (after its own wait).
+        proxy_tests::raw::RawClient::login(port, "app", APP_PASSWORD).unwrap();
+        let before = proxy.metric("dbproxy_client_logins_delayed_total");
+        proxy_tests::raw::RawClient::login(port, "app", APP_PASSWORD).unwrap();
+        assert_eq!(
+            proxy.metric("dbproxy_client_logins_delayed_total"),
+            before,
+            "[{io}]"
+        );
+    }
+}
