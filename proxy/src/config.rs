@@ -36,6 +36,92 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub guard: GuardConfig,
+    /// Where passwords (and user names) given as `{ secret = "name" }` come from.
+    #[serde(default)]
+    pub secrets: Vec<SecretConfig>,
+}
+
+/// `[[secrets]]`: a named secret. Its text is a JSON object with `username` and `password`
+/// (the shape RDS writes), or the password alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    pub name: String,
+    pub provider: SecretProvider,
+    /// `file`: the file (refused when group or others may read it).
+    #[serde(default)]
+    pub path: String,
+    /// `env`: the environment variable.
+    #[serde(default)]
+    pub var: String,
+    /// `exec`: the program and its arguments; its standard output is the secret.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// Where a secret is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretProvider {
+    File,
+    Env,
+    Exec,
+}
+
+/// A password or user name: given as text, or `{ secret = "name" }` (resolved once at start
+/// and by `check-config`, from the `[[secrets]]` entry of that name).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    Text(String),
+    Secret(SecretRef),
+}
+
+/// `{ secret = "name" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub secret: String,
+}
+
+impl Value {
+    /// The text (empty for a reference not resolved yet).
+    pub fn text(&self) -> &str {
+        match self {
+            Value::Text(t) => t,
+            Value::Secret(_) => "",
+        }
+    }
+
+    /// The secret it refers to, if any.
+    pub fn secret(&self) -> Option<&str> {
+        match self {
+            Value::Secret(r) => Some(&r.secret),
+            Value::Text(_) => None,
+        }
+    }
+}
+
+impl Default for Value {
+    fn default() -> Self {
+        Value::Text(String::new())
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_string())
+    }
+}
+
+/// Never prints a password.
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Text(_) => f.write_str("Text(..)"),
+            Value::Secret(r) => write!(f, "Secret({:?})", r.secret),
+        }
+    }
 }
 
 /// `[guard]`: the kernel guard (eBPF) that lets only dbproxy reach the database.
@@ -244,9 +330,9 @@ pub struct TargetGroupConfig {
     pub reader_fallback: crate::topology::ReaderFallback,
     /// The monitor's login; defaults to the first user's backend credentials.
     #[serde(default)]
-    pub monitor_user: Option<String>,
+    pub monitor_user: Option<Value>,
     #[serde(default)]
-    pub monitor_password: Option<String>,
+    pub monitor_password: Option<Value>,
     /// TLS to the databases: disabled | preferred | verify_ca | verify_full.
     #[serde(default)]
     pub backend_tls: BackendTlsMode,
@@ -306,14 +392,14 @@ pub struct UserConfig {
     pub name: String,
     /// The client's password; or give `password_hash`.
     #[serde(default)]
-    pub password: String,
+    pub password: Value,
     /// `*<40 hex> sha256:<64 hex>` (from `dbproxy hash-password`), instead of `password`;
     /// the first part alone (MariaDB's `PASSWORD()`) serves mysql_native_password only.
     #[serde(default)]
     pub password_hash: Option<String>,
     #[serde(default)]
-    pub backend_user: Option<String>,
-    pub backend_password: String,
+    pub backend_user: Option<Value>,
+    pub backend_password: Value,
     #[serde(default)]
     pub auth_plugin: UserAuthPlugin,
 }
@@ -326,13 +412,13 @@ impl UserConfig {
             Some(h) => crate::mysql::auth::PasswordHash::parse(h).unwrap_or_else(|_| {
                 crate::mysql::auth::PasswordHash::of(&crate::mysql::auth::new_nonce())
             }),
-            None => crate::mysql::auth::PasswordHash::of(self.password.as_bytes()),
+            None => crate::mysql::auth::PasswordHash::of(self.password.text().as_bytes()),
         }
     }
 
     /// The database user (defaults to the proxy user's name).
     pub fn backend_user(&self) -> &str {
-        self.backend_user.as_deref().unwrap_or(&self.name)
+        self.backend_user.as_ref().map_or(&self.name, |v| v.text())
     }
 }
 
@@ -573,6 +659,45 @@ impl Config {
                 ));
             }
         }
+        for (i, s) in self.secrets.iter().enumerate() {
+            let k = format!("secrets[{i}]");
+            if self.secrets[..i].iter().any(|o| o.name == s.name) {
+                errs.push(format!("{k}.name: {:?} is used twice", s.name));
+            }
+            let missing = match s.provider {
+                SecretProvider::File => s.path.is_empty().then_some("path"),
+                SecretProvider::Env => s.var.is_empty().then_some("var"),
+                SecretProvider::Exec => s.command.is_empty().then_some("command"),
+            };
+            if let Some(key) = missing {
+                errs.push(format!("{k}.{key}: needed by this provider"));
+            }
+        }
+        let mut refs: Vec<(String, &Value)> = Vec::new();
+        for (i, u) in self.users.iter().enumerate() {
+            refs.push((format!("users[{i}].password"), &u.password));
+            refs.push((format!("users[{i}].backend_password"), &u.backend_password));
+            if let Some(v) = &u.backend_user {
+                refs.push((format!("users[{i}].backend_user"), v));
+            }
+        }
+        for (i, g) in self.target_groups.iter().enumerate() {
+            for (key, v) in [
+                ("monitor_user", &g.monitor_user),
+                ("monitor_password", &g.monitor_password),
+            ] {
+                if let Some(v) = v {
+                    refs.push((format!("target_groups[{i}].{key}"), v));
+                }
+            }
+        }
+        for (key, v) in refs {
+            if let Some(name) = v.secret() {
+                if !self.secrets.iter().any(|s| s.name == name) {
+                    errs.push(format!("{key}: no [[secrets]] entry named {name:?}"));
+                }
+            }
+        }
         for (i, u) in self.users.iter().enumerate() {
             let k = format!("users[{i}]");
             if u.name.is_empty() {
@@ -582,7 +707,7 @@ impl Config {
                 errs.push(format!("{k}.name: {:?} is used twice", u.name));
             }
             if let Some(h) = &u.password_hash {
-                if !u.password.is_empty() {
+                if u.password != Value::default() {
                     errs.push(format!(
                         "{k}.password_hash: give password or password_hash, not both"
                     ));

@@ -12,6 +12,7 @@ pub mod io;
 pub mod mysql;
 pub mod pool;
 pub mod runtime;
+pub mod secrets;
 pub mod session;
 pub mod tls;
 pub mod topology;

@@ -83,8 +83,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(cfg) => {
-                let errs = proxy::tls::check_files(&cfg);
+            Ok(mut cfg) => {
+                let mut errs = proxy::secrets::resolve(&mut cfg).err().unwrap_or_default();
+                errs.extend(proxy::tls::check_files(&cfg));
                 if !errs.is_empty() {
                     eprintln!("{}", errs.join("\n"));
                     return ExitCode::FAILURE;
@@ -136,13 +137,17 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match Config::load(&config) {
+            let mut cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
             };
+            if let Err(errs) = proxy::secrets::resolve(&mut cfg) {
+                eprintln!("{}", errs.join("\n"));
+                return ExitCode::FAILURE;
+            }
             let running = match proxy::runtime::start(cfg) {
                 Ok(r) => r,
                 Err(e) => {

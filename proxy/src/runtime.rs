@@ -422,13 +422,13 @@ fn start_monitor(
         };
         let creds = match (&g.monitor_user, &g.monitor_password) {
             (Some(user), Some(password)) => crate::mysql::backend::Credentials {
-                user: user.clone(),
-                password: password.clone(),
+                user: user.text().to_string(),
+                password: password.text().to_string(),
             },
             _ => match shared.config.users.first() {
                 Some(u) => crate::mysql::backend::Credentials {
                     user: u.backend_user().to_string(),
-                    password: u.backend_password.clone(),
+                    password: u.backend_password.text().to_string(),
                 },
                 None => return Err(StartError::Config("no users".into())),
             },
@@ -483,7 +483,7 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
     };
     let creds = Arc::new(crate::mysql::backend::Credentials {
         user: user.backend_user().to_string(),
-        password: user.backend_password.clone(),
+        password: user.backend_password.text().to_string(),
     });
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -152,3 +152,84 @@ fn repeated_failures_slow_their_address_down_and_no_other() {
         );
     }
 }
+
+#[test]
+fn secrets_from_files_environment_and_programs() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = MariaDb::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.json");
+    std::fs::write(
+        &file,
+        format!(
+            "{{\"username\": \"app\", \"password\": \"{DB_PASSWORD}\", \"engine\": \"mariadb\"}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The harness spawns dbproxy with this process's environment.
+    std::env::set_var("DBPROXY_TEST_CLIENT_SECRET", "env-client-secret");
+    let secrets = format!(
+        "[[secrets]]\nname = \"db\"\nprovider = \"file\"\npath = \"{}\"\n\n\
+         [[secrets]]\nname = \"client\"\nprovider = \"env\"\nvar = \"DBPROXY_TEST_CLIENT_SECRET\"\n\n\
+         [[secrets]]\nname = \"program\"\nprovider = \"exec\"\ncommand = [\"printf\", \"%s\", \"exec-client-secret\"]\n\n\
+         [[secrets]]\nname = \"program_db\"\nprovider = \"exec\"\ncommand = [\"printf\", \"%s\", \"{DB_PASSWORD}\"]\n\n\
+         [[users]]\nname = \"from_env\"\npassword = {{ secret = \"client\" }}\n\
+         backend_user = {{ secret = \"db\" }}\nbackend_password = {{ secret = \"db\" }}\n\n\
+         [[users]]\nname = \"from_exec\"\npassword = {{ secret = \"program\" }}\n\
+         backend_user = \"app\"\nbackend_password = {{ secret = \"program_db\" }}\n",
+        file.display()
+    );
+    for io in DRIVERS {
+        let proxy = Proxy::start_custom(&db, io, "", "", &secrets);
+        for (user, password) in [
+            ("from_env", "env-client-secret"),
+            ("from_exec", "exec-client-secret"),
+        ] {
+            let out = mariadb_cli(proxy.port, user, password, &[], "SELECT CURRENT_USER()");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("app@"),
+                "[{io}] {user}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let log = proxy.log();
+        for secret in ["env-client-secret", "exec-client-secret", DB_PASSWORD] {
+            assert!(!log.contains(secret), "[{io}] a secret in the log");
+        }
+    }
+    // A secret file others may read is refused, by check-config and at start, naming it.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("dbproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:{}\"\ntarget_group = \"g\"\n\
+             [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:{}\"]\n\n{secrets}",
+            free_port(),
+            db.port
+        ),
+    )
+    .unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = Command::new(dbproxy_bin())
+            .args([cmd, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{cmd} accepted a readable secret file"
+        );
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains("chmod 600"),
+            "{cmd}: {err}"
+        );
+        assert!(
+            !err.contains(DB_PASSWORD),
+            "{cmd}: the secret in the message"
+        );
+    }
+}

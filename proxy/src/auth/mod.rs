@@ -44,7 +44,7 @@ impl Users {
                     plugin: u.auth_plugin,
                     backend: Arc::new(Credentials {
                         user: u.backend_user().to_string(),
-                        password: u.backend_password.clone(),
+                        password: u.backend_password.text().to_string(),
                     }),
                 };
                 (u.name.as_bytes().to_vec(), Arc::new(user))
@@ -287,7 +287,7 @@ mod tests {
     fn a_hash_without_its_sha256_part_switches_sha2_clients_to_native() {
         let us = Users::new(&[UserConfig {
             name: "app".into(),
-            password: String::new(),
+            password: Default::default(),
             password_hash: Some(
                 PasswordHash::of(b"s3cret")
                     .encode()

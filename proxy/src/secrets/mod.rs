@@ -1,0 +1,363 @@
+//! Secrets: passwords and user names kept out of the configuration file. A `[[secrets]]`
+//! entry names a provider (a file only dbproxy's user may read, an environment variable, a
+//! program whose output is the secret); values written `{ secret = "name" }` are resolved
+//! from it once, at start and by `check-config`. Errors name the secret and where it was
+//! looked for, never its value.
+
+use crate::config::{Config, SecretConfig, SecretProvider, Value};
+use std::collections::HashMap;
+use std::io::Read;
+use std::time::Duration;
+
+/// How long an `exec` provider may take.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A secret's value: a password, and the user name when the secret has one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub username: Option<String>,
+    pub password: String,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secret {{ username: {:?}, password: .. }}",
+            self.username
+        )
+    }
+}
+
+/// Why a secret could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("{path}: {why}")]
+    File { path: String, why: String },
+    #[error("{path} may be read by group or others (mode {mode:o}): chmod 600 it")]
+    Readable { path: String, mode: u32 },
+    #[error("environment variable {0} is not set (or not UTF-8)")]
+    Env(String),
+    #[error("{command}: {why}")]
+    Exec { command: String, why: String },
+    #[error("{0}")]
+    Format(String),
+}
+
+/// Reads a secret from its provider.
+pub fn fetch(s: &SecretConfig) -> Result<Secret, SecretError> {
+    let text = match s.provider {
+        SecretProvider::File => read_private_file(&s.path)?,
+        SecretProvider::Env => {
+            std::env::var(&s.var).map_err(|_| SecretError::Env(s.var.clone()))?
+        }
+        SecretProvider::Exec => run(&s.command)?,
+    };
+    parse(&text)
+}
+
+fn read_private_file(path: &str) -> Result<String, SecretError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |why: std::io::Error| SecretError::File {
+        path: path.to_string(),
+        why: why.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::Readable {
+            path: path.to_string(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(err)
+}
+
+/// Runs `command` (no shell) and returns its standard output; a failure or a run longer
+/// than [`EXEC_TIMEOUT`] is an error (its standard error is not shown: it may hold the
+/// secret).
+fn run(command: &[String]) -> Result<String, SecretError> {
+    let shown = command.first().cloned().unwrap_or_default();
+    let err = |why: String| SecretError::Exec {
+        command: shown.clone(),
+        why,
+    };
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| err("no program".into()))?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let mut stdout = child.stdout.take().ok_or_else(|| err("no output".into()))?;
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).map(|_| out)
+    });
+    let deadline = std::time::Instant::now() + EXEC_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(format!("took longer than {EXEC_TIMEOUT:?}")));
+            }
+            Err(e) => return Err(err(e.to_string())),
+        }
+    };
+    let out = reader
+        .join()
+        .map_err(|_| err("reading its output failed".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    if !status.success() {
+        return Err(err(format!("exited with {status}")));
+    }
+    Ok(out)
+}
+
+/// A JSON object with `password` (and `username`), or the password alone (one trailing
+/// newline removed).
+pub fn parse(text: &str) -> Result<Secret, SecretError> {
+    let trimmed = text.strip_suffix('\n').unwrap_or(text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    if !trimmed.trim_start().starts_with('{') {
+        return Ok(Secret {
+            username: None,
+            password: trimmed.to_string(),
+        });
+    }
+    let v: serde_json::Value = serde_json::from_str(trimmed)
+        .map_err(|e| SecretError::Format(format!("not valid JSON (line {})", e.line())))?;
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let password = field("password")
+        .ok_or_else(|| SecretError::Format("a JSON secret needs a \"password\" string".into()))?;
+    Ok(Secret {
+        username: field("username"),
+        password,
+    })
+}
+
+/// Replaces every `{ secret = "name" }` in `cfg` with the secret's text: its user name for
+/// `backend_user` and `monitor_user`, its password elsewhere. Each problem names the key.
+pub fn resolve(cfg: &mut Config) -> Result<(), Vec<String>> {
+    resolve_with(cfg, fetch)
+}
+
+/// [`resolve`] with another way to fetch (tests).
+pub fn resolve_with(
+    cfg: &mut Config,
+    fetch: impl Fn(&SecretConfig) -> Result<Secret, SecretError>,
+) -> Result<(), Vec<String>> {
+    let specs: HashMap<String, SecretConfig> = cfg
+        .secrets
+        .iter()
+        .map(|s| (s.name.clone(), s.clone()))
+        .collect();
+    let mut cache: HashMap<String, Result<Secret, String>> = HashMap::new();
+    let mut errs = Vec::new();
+    let mut get = |key: &str, v: &mut Value, want_user: bool, errs: &mut Vec<String>| {
+        let Some(name) = v.secret().map(str::to_string) else {
+            return;
+        };
+        let got = cache
+            .entry(name.clone())
+            .or_insert_with(|| match specs.get(&name) {
+                Some(s) => fetch(s).map_err(|e| format!("secret {name:?}: {e}")),
+                None => Err(format!("no [[secrets]] entry named {name:?}")),
+            });
+        match got {
+            Ok(s) if want_user => match &s.username {
+                Some(u) => *v = Value::Text(u.clone()),
+                None => errs.push(format!("{key}: secret {name:?} has no username")),
+            },
+            Ok(s) => *v = Value::Text(s.password.clone()),
+            Err(e) => errs.push(format!("{key}: {e}")),
+        }
+    };
+    for (i, u) in cfg.users.iter_mut().enumerate() {
+        get(
+            &format!("users[{i}].password"),
+            &mut u.password,
+            false,
+            &mut errs,
+        );
+        get(
+            &format!("users[{i}].backend_password"),
+            &mut u.backend_password,
+            false,
+            &mut errs,
+        );
+        if let Some(v) = u.backend_user.as_mut() {
+            get(&format!("users[{i}].backend_user"), v, true, &mut errs);
+        }
+    }
+    for (i, g) in cfg.target_groups.iter_mut().enumerate() {
+        if let Some(v) = g.monitor_user.as_mut() {
+            get(
+                &format!("target_groups[{i}].monitor_user"),
+                v,
+                true,
+                &mut errs,
+            );
+        }
+        if let Some(v) = g.monitor_password.as_mut() {
+            get(
+                &format!("target_groups[{i}].monitor_password"),
+                v,
+                false,
+                &mut errs,
+            );
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_plain_secrets() {
+        let s = parse("{\"username\": \"app\", \"password\": \"p w\", \"engine\": \"mysql\"}\n")
+            .unwrap();
+        assert_eq!(
+            (s.username.as_deref(), s.password.as_str()),
+            (Some("app"), "p w")
+        );
+        let s = parse("only-a-password\n").unwrap();
+        assert_eq!((s.username, s.password.as_str()), (None, "only-a-password"));
+        let e = parse("{\"username\": \"app\"}").unwrap_err().to_string();
+        assert!(e.contains("password"), "{e}");
+        let e = parse("{\"password\": \"hunter2\"").unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(!format!("{:?}", parse("hunter2").unwrap()).contains("hunter2"));
+    }
+
+    #[test]
+    fn files_others_may_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dbproxy-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        std::fs::write(&path, "pw\n").unwrap();
+        let spec = SecretConfig {
+            name: "s".into(),
+            provider: SecretProvider::File,
+            path: path.display().to_string(),
+            var: String::new(),
+            command: Vec::new(),
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = fetch(&spec).unwrap_err().to_string();
+        assert!(e.contains(&spec.path) && e.contains("644"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(fetch(&spec).unwrap().password, "pw");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn programs_are_run_without_a_shell_and_timed() {
+        let spec = |command: &[&str]| SecretConfig {
+            name: "s".into(),
+            provider: SecretProvider::Exec,
+            path: String::new(),
+            var: String::new(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            fetch(&spec(&["printf", "%s", "pw"])).unwrap().password,
+            "pw"
+        );
+        let e = fetch(&spec(&["false"])).unwrap_err().to_string();
+        assert!(e.contains("false") && e.contains("exited"), "{e}");
+        let e = fetch(&spec(&["/nonexistent/program"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/program"), "{e}");
+    }
+
+    #[test]
+    fn references_are_resolved_and_problems_name_the_key() {
+        let text = r#"
+[[endpoints]]
+name = "e"
+listen = "127.0.0.1:6033"
+target_group = "g"
+
+[[target_groups]]
+name = "g"
+targets = ["127.0.0.1:3306"]
+monitor_user = { secret = "mon" }
+monitor_password = { secret = "mon" }
+
+[[users]]
+name = "app"
+password = { secret = "client" }
+backend_user = { secret = "db" }
+backend_password = { secret = "db" }
+
+[[secrets]]
+name = "db"
+provider = "env"
+var = "X"
+
+[[secrets]]
+name = "client"
+provider = "env"
+var = "Y"
+
+[[secrets]]
+name = "mon"
+provider = "env"
+var = "Z"
+"#;
+        let mut cfg = Config::parse(text).unwrap();
+        let fake = |s: &SecretConfig| match s.name.as_str() {
+            "db" => Ok(Secret {
+                username: Some("dbuser".into()),
+                password: "dbpw".into(),
+            }),
+            "client" => Ok(Secret {
+                username: None,
+                password: "clientpw".into(),
+            }),
+            _ => Err(SecretError::Env(s.var.clone())),
+        };
+        let errs = resolve_with(&mut cfg, fake).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("target_groups[0].monitor_user: secret \"mon\""),
+            "{errs:?}"
+        );
+        let u = &cfg.users[0];
+        assert_eq!(
+            (
+                u.password.text(),
+                u.backend_user(),
+                u.backend_password.text()
+            ),
+            ("clientpw", "dbuser", "dbpw")
+        );
+        let unknown = text.replace(
+            "password = { secret = \"client\" }",
+            "password = { secret = \"nope\" }",
+        );
+        let err = Config::parse(&unknown).unwrap_err().to_string();
+        assert!(
+            err.contains("users[0].password: no [[secrets]] entry named \"nope\""),
+            "{err}"
+        );
+    }
+}
