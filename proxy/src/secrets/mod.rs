@@ -6,7 +6,6 @@
 
 use crate::config::{Config, SecretConfig, SecretProvider, Value};
 use std::collections::HashMap;
-use std::io::Read;
 use std::time::Duration;
 
 /// How long an `exec` provider may take.
@@ -86,37 +85,31 @@ fn run(command: &[String]) -> Result<String, SecretError> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| err("no program".into()))?;
-    let mut child = std::process::Command::new(program)
+    let child = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| err(e.to_string()))?;
-    let mut stdout = child.stdout.take().ok_or_else(|| err("no output".into()))?;
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).map(|_| out)
+    let pid = child.id();
+    // Waited for on a thread of its own, so that a program that hangs is killed at the
+    // deadline instead of holding dbproxy's start.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
     });
-    let deadline = std::time::Instant::now() + EXEC_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(err(format!("took longer than {EXEC_TIMEOUT:?}")));
-            }
-            Err(e) => return Err(err(e.to_string())),
+    let out = match rx.recv_timeout(EXEC_TIMEOUT) {
+        Ok(r) => r.map_err(|e| err(e.to_string()))?,
+        Err(_) => {
+            // SAFETY: kill(2) takes any pid; this is our child's, still running when its
+            // waiter did not answer in time (it reaps it once killed).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return Err(err(format!("took longer than {EXEC_TIMEOUT:?}")));
         }
     };
-    let out = reader
-        .join()
-        .map_err(|_| err("reading its output failed".into()))?
-        .map_err(|e| err(e.to_string()))?;
+    let status = out.status;
+    let out = String::from_utf8(out.stdout).map_err(|_| err("its output is not UTF-8".into()))?;
     if !status.success() {
         return Err(err(format!("exited with {status}")));
     }
