@@ -8,7 +8,6 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use proxy::config::{BackendAddr, Config};
 use proxy::io::epoll::Epoll;
-use proxy::mysql::backend::Credentials;
 use proxy::mysql::consts::{cap, status};
 use proxy::mysql::handshake::ServerHandshake;
 use proxy::mysql::packet::write_packet;
@@ -17,7 +16,6 @@ use proxy::pool::{CorePool, GroupShared, PoolKey};
 use proxy::topology::{Route, Topology};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Reads one packet's payload; `None` at end of stream.
@@ -88,10 +86,7 @@ fn checkout_checkin(c: &mut Criterion) {
         proxy::tls::BackendTls::disabled(),
     );
     let key = PoolKey::new(
-        Arc::new(Credentials {
-            user: "app".into(),
-            password: "p".into(),
-        }),
+        proxy::secrets::BackendLogin::fixed("app", "p"),
         cap::MULTI_STATEMENTS | cap::MULTI_RESULTS,
         0,
         45,

@@ -6,6 +6,7 @@
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
 use crate::mysql::command::ResponseKind;
+use crate::mysql::consts::errcode;
 use crate::mysql::consts::{cap, com};
 use crate::mysql::handshake::{encode_ssl_request, ServerHandshake};
 use crate::mysql::response::{ResponseTracker, Step};
@@ -14,6 +15,7 @@ use crate::mysql::session::{changes, parse_ok};
 use crate::mysql::stmt::parse_prepare_ok;
 use crate::mysql::wire::ErrPacket;
 use crate::mysql::{ProtocolError, MAX_PAYLOAD};
+use crate::secrets::BackendLogin;
 use crate::session::state::{self, BackendSession, Replay};
 use crate::session::stmts::{BackendStmts, StmtContext, StmtKey, CONTEXT_VARS};
 use std::collections::BTreeMap;
@@ -99,7 +101,8 @@ pub struct BackendConn<S> {
     pub session: BackendSession,
     /// Binary-protocol statements prepared on this connection.
     pub stmts: BackendStmts,
-    pub creds: Arc<Credentials>,
+    /// The login it was opened for (resets log in again with its current credentials).
+    pub login: Arc<BackendLogin>,
     nonce: Vec<u8>,
     pub created: Instant,
     /// Every session variable right after the connection was set up (only kept when the
@@ -148,7 +151,7 @@ impl<S> BackendConn<S> {
             thread_id: self.thread_id,
             session: self.session,
             stmts: self.stmts,
-            creds: self.creds,
+            login: self.login,
             nonce: self.nonce,
             created: self.created,
             snapshot: self.snapshot,
@@ -158,11 +161,93 @@ impl<S> BackendConn<S> {
     }
 }
 
+/// Connects (with `connect`) and logs in as `login`. When the database refuses the
+/// credentials (1045) and they come from a secret, the secret is read again and each other
+/// version of it tried on a new connection; the one that works is kept for the next ones.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_login<S, F, Fut>(
+    connect: F,
+    login: &Arc<BackendLogin>,
+    wanted_caps: u32,
+    wanted_ext: u32,
+    collation: u8,
+    deadline: Deadline,
+    tls: Option<TlsTo<'_>>,
+) -> Result<(BackendConn<S>, ServerProfile), BackendError>
+where
+    S: Stream,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = io::Result<S>>,
+{
+    let first = login.current();
+    let stream = connect().await?;
+    let res = BackendConn::login(
+        stream,
+        login.clone(),
+        &first,
+        wanted_caps,
+        wanted_ext,
+        collation,
+        deadline,
+        tls,
+    )
+    .await;
+    let refused = match res {
+        Err(e) if login.rotates() && e.access_denied() => e,
+        other => return other,
+    };
+    let alternatives = login.alternatives(&first).await;
+    tracing::info!(
+        login = %login.label(),
+        others = alternatives.len(),
+        "the database refused the login: secret read again, its other versions tried"
+    );
+    let mut last = refused;
+    for creds in alternatives {
+        let stream = connect().await?;
+        match BackendConn::login(
+            stream,
+            login.clone(),
+            &creds,
+            wanted_caps,
+            wanted_ext,
+            collation,
+            deadline,
+            tls,
+        )
+        .await
+        {
+            Ok(r) => {
+                login.worked(&creds);
+                return Ok(r);
+            }
+            Err(e) if e.access_denied() => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+impl BackendError {
+    /// The server refused the credentials (1045).
+    pub fn access_denied(&self) -> bool {
+        match self {
+            BackendError::Server(e) | BackendError::Login(LoginError::Refused(e)) => {
+                e.code == errcode::ER_ACCESS_DENIED_ERROR
+            }
+            _ => false,
+        }
+    }
+}
+
 impl<S: Stream> BackendConn<S> {
-    /// Logs in on a freshly connected stream, first switching to TLS when `tls` says so.
+    /// Logs in as `creds` (a version of `login`) on a freshly connected stream, first
+    /// switching to TLS when `tls` says so.
+    #[allow(clippy::too_many_arguments)]
     pub async fn login(
         mut stream: S,
-        creds: Arc<Credentials>,
+        backend_login: Arc<BackendLogin>,
+        creds: &Credentials,
         wanted_caps: u32,
         wanted_ext: u32,
         collation: u8,
@@ -195,7 +280,7 @@ impl<S: Stream> BackendConn<S> {
             _ => false,
         };
         let (mut login, response, caps, ext_caps) =
-            Login::start(&hs, &creds, wanted_caps, wanted_ext, collation, secure);
+            Login::start(&hs, creds, wanted_caps, wanted_ext, collation, secure);
         let mut seq = h.seq.wrapping_add(1);
         if let (true, Some(t)) = (secure, tls) {
             let req = encode_ssl_request(caps, ext_caps, collation);
@@ -254,7 +339,7 @@ impl<S: Stream> BackendConn<S> {
             thread_id: hs.connection_id,
             session: BackendSession::default(),
             stmts: BackendStmts::new(STMT_CACHE),
-            creds,
+            login: backend_login,
             nonce: hs.nonce,
             created: Instant::now(),
             snapshot: None,
@@ -397,8 +482,8 @@ impl<S: Stream> BackendConn<S> {
 
     /// COM_CHANGE_USER to the same backend user with no database: a full session reset.
     pub async fn change_user(&mut self, init_query: &str) -> Result<(), BackendError> {
-        let (mut login, p) =
-            Login::change_user(&self.nonce, &self.creds, self.caps, self.collation);
+        let creds = self.login.current();
+        let (mut login, p) = Login::change_user(&self.nonce, &creds, self.caps, self.collation);
         write_packet(&mut self.stream, 0, &p).await?;
         self.finish_login(&mut login, None).await?;
         self.session.reset(false);

@@ -39,6 +39,51 @@ pub struct Config {
     /// Where passwords (and user names) given as `{ secret = "name" }` come from.
     #[serde(default)]
     pub secrets: Vec<SecretConfig>,
+    /// AWS IAM logins (users' `aws_iam_arns`).
+    #[serde(default)]
+    pub aws_iam: Option<AwsIamConfig>,
+    /// OIDC JWT logins (users' `jwt_subjects`).
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `[aws_iam]`: logins with a presigned STS GetCallerIdentity request as the password
+/// (`dbproxy token --user NAME` makes one).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsIamConfig {
+    /// Where tokens are verified (and what they must be signed for); default the
+    /// region's `https://sts.REGION.amazonaws.com`.
+    pub sts_endpoint: String,
+    /// Default: AWS_REGION, else us-east-1.
+    pub region: String,
+    /// When set, tokens must sign the header `x-dbproxy-server-id` with this value (a
+    /// token made for another service, or another dbproxy, does not verify).
+    pub server_id: String,
+}
+
+/// `[jwt]`: logins with an OIDC JWT as the password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The issuer's keys: a JWKS file, or a URL (read at start and every `refresh`).
+    #[serde(default)]
+    pub jwks_file: String,
+    #[serde(default)]
+    pub jwks_url: String,
+    /// `iss` must be this.
+    pub issuer: String,
+    /// `aud` must contain this.
+    pub audience: String,
+    /// The claim users' `jwt_subjects` match (default `sub`).
+    #[serde(default = "d_user_claim")]
+    pub user_claim: String,
+    #[serde(default = "d_secret_refresh", deserialize_with = "de_duration")]
+    pub refresh: Duration,
+}
+
+fn d_user_claim() -> String {
+    "sub".into()
 }
 
 /// `[[secrets]]`: a named secret. Its text is a JSON object with `username` and `password`
@@ -57,6 +102,24 @@ pub struct SecretConfig {
     /// `exec`: the program and its arguments; its standard output is the secret.
     #[serde(default)]
     pub command: Vec<String>,
+    /// `aws_secrets_manager`: the secret's name or ARN.
+    #[serde(default)]
+    pub secret_id: String,
+    /// `aws_secrets_manager`: the region (else the credential chain's: AWS_REGION, the
+    /// shared config, the instance's).
+    #[serde(default)]
+    pub region: String,
+    /// `aws_secrets_manager`: another endpoint (a VPC endpoint, a test server).
+    #[serde(default)]
+    pub endpoint_url: String,
+    /// How often the secret is read again (it is also read at once when the database
+    /// refuses a login made with it).
+    #[serde(default = "d_secret_refresh", deserialize_with = "de_duration")]
+    pub refresh: Duration,
+}
+
+fn d_secret_refresh() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 /// Where a secret is read from.
@@ -66,10 +129,11 @@ pub enum SecretProvider {
     File,
     Env,
     Exec,
+    AwsSecretsManager,
 }
 
-/// A password or user name: given as text, or `{ secret = "name" }` (resolved once at start
-/// and by `check-config`, from the `[[secrets]]` entry of that name).
+/// A password or user name: given as text, or `{ secret = "name" }` (resolved at start and
+/// by `check-config` from the `[[secrets]]` entry of that name, and followed as it rotates).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
@@ -78,18 +142,28 @@ pub enum Value {
 }
 
 /// `{ secret = "name" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     pub secret: String,
+    /// The text the secret had when resolved.
+    #[serde(skip)]
+    pub resolved: String,
 }
 
 impl Value {
-    /// The text (empty for a reference not resolved yet).
+    /// The text (for a reference: what it was resolved to; empty before).
     pub fn text(&self) -> &str {
         match self {
             Value::Text(t) => t,
-            Value::Secret(_) => "",
+            Value::Secret(r) => &r.resolved,
+        }
+    }
+
+    /// Records what a reference resolved to (text stays as it is).
+    pub fn set_resolved(&mut self, text: &str) {
+        if let Value::Secret(r) = self {
+            r.resolved = text.to_string();
         }
     }
 
@@ -304,6 +378,10 @@ pub struct TargetGroupConfig {
     pub max_connections: usize,
     #[serde(default = "d_max_idle")]
     pub max_idle_connections: usize,
+    /// A database connection older than this is closed when it is next returned (and a
+    /// new one, with the login's current credentials, opened when needed); 0 = no limit.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub max_connection_lifetime: Duration,
     #[serde(default = "d_borrow_timeout", deserialize_with = "de_duration")]
     pub connection_borrow_timeout: Duration,
     #[serde(default = "d_connect_timeout", deserialize_with = "de_duration")]
@@ -402,6 +480,14 @@ pub struct UserConfig {
     pub backend_password: Value,
     #[serde(default)]
     pub auth_plugin: UserAuthPlugin,
+    /// AWS identities (ARNs, `*` matches anything) that may log in as this user with an
+    /// IAM token (over TLS, mysql_clear_password).
+    #[serde(default)]
+    pub aws_iam_arns: Vec<String>,
+    /// Values of the JWT's `[jwt] user_claim` (`*` matches anything) that may log in as
+    /// this user with a JWT (over TLS, mysql_clear_password).
+    #[serde(default)]
+    pub jwt_subjects: Vec<String>,
 }
 
 impl UserConfig {
@@ -567,6 +653,14 @@ impl Config {
     /// Every problem, each prefixed with its key.
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        if let Some(j) = &self.jwt {
+            if j.jwks_file.is_empty() == j.jwks_url.is_empty() {
+                errs.push("jwt.jwks_file: give jwks_file or jwks_url (one of them)".into());
+            }
+            if j.issuer.is_empty() || j.audience.is_empty() {
+                errs.push("jwt.issuer: issuer and audience must be set".into());
+            }
+        }
         if self.proxy.max_client_connections == 0 {
             errs.push("proxy.max_client_connections: must be at least 1".into());
         }
@@ -668,6 +762,7 @@ impl Config {
                 SecretProvider::File => s.path.is_empty().then_some("path"),
                 SecretProvider::Env => s.var.is_empty().then_some("var"),
                 SecretProvider::Exec => s.command.is_empty().then_some("command"),
+                SecretProvider::AwsSecretsManager => s.secret_id.is_empty().then_some("secret_id"),
             };
             if let Some(key) = missing {
                 errs.push(format!("{k}.{key}: needed by this provider"));
@@ -702,6 +797,22 @@ impl Config {
             let k = format!("users[{i}]");
             if u.name.is_empty() {
                 errs.push(format!("{k}.name: must not be empty"));
+            }
+            if !u.aws_iam_arns.is_empty() && self.aws_iam.is_none() {
+                errs.push(format!("{k}.aws_iam_arns: needs an [aws_iam] section"));
+            }
+            if !u.jwt_subjects.is_empty() && self.jwt.is_none() {
+                errs.push(format!("{k}.jwt_subjects: needs a [jwt] section"));
+            }
+            if (!u.aws_iam_arns.is_empty() || !u.jwt_subjects.is_empty())
+                && !matches!(
+                    u.auth_plugin,
+                    UserAuthPlugin::Any | UserAuthPlugin::MysqlClearPassword
+                )
+            {
+                errs.push(format!(
+                    "{k}.auth_plugin: token logins use mysql_clear_password (over TLS)"
+                ));
             }
             if self.users[..i].iter().any(|o| o.name == u.name) {
                 errs.push(format!("{k}.name: {:?} is used twice", u.name));

@@ -265,9 +265,16 @@ async fn login<D: Driver>(
                 return None;
             }
         };
-        let step = machine.on_packet(&shared.users, h.seq, &cbuf.filled()[4..h.total()]);
+        let mut step = machine.on_packet(&shared.users, h.seq, &cbuf.filled()[4..h.total()]);
         cbuf.consume(h.total());
+        if let LoginStep::VerifyToken { user, token } = step {
+            let verdict =
+                tokio::time::timeout_at(deadline, verify_token(&shared, peer, user, token));
+            step = machine.token_verified(verdict.await.unwrap_or(false));
+        }
         match step {
+            // A verdict never asks for another.
+            LoginStep::VerifyToken { .. } => return None,
             LoginStep::Send { seq, payload } => {
                 write_packet(&mut client, seq, &payload).await.ok()?;
             }
@@ -339,6 +346,32 @@ async fn login<D: Driver>(
                 };
                 return Some((conn, ok_seq));
             }
+        }
+    }
+}
+
+/// Verifies a token a client logs in with; the verdict (a refusal is logged with its
+/// reason, never the token).
+async fn verify_token(
+    shared: &ProxyShared,
+    peer: SocketAddr,
+    user: Arc<crate::auth::User>,
+    token: crate::auth::Token,
+) -> bool {
+    let name = user.name.clone();
+    let Some(v) = shared.tokens.as_ref() else {
+        tracing::info!(%peer, user = %name, "a token was sent, and no token login is configured");
+        return false;
+    };
+    // Boxed: token logins are rare, and idle sessions' futures stay small.
+    match Box::pin(v.verify(user, token.0)).await {
+        Ok(who) => {
+            tracing::info!(%peer, user = %name, identity = %who, "token login");
+            true
+        }
+        Err(why) => {
+            tracing::info!(%peer, user = %name, "token refused: {why}");
+            false
         }
     }
 }
@@ -2106,6 +2139,10 @@ impl<D: Driver> Conn<D> {
                     seq = h.seq.wrapping_add(1);
                 }
                 AuthStep::Accept { user, plugin } => break (user, plugin),
+                AuthStep::VerifyToken { user, token } => {
+                    let ok = verify_token(&self.shared, self.peer, user, token).await;
+                    step = auth.token_verified(ok, &ip);
+                }
                 AuthStep::Deny(e) => {
                     if e.code == errcode::ER_ACCESS_DENIED_ERROR {
                         throttled(&self.shared, self.peer).await;

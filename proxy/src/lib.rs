@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod aws;
 pub mod backend_conn;
 pub mod clients;
 pub mod config;

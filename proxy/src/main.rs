@@ -50,6 +50,27 @@ enum Command {
     /// Read a password from standard input (one line) and print the `password_hash` value
     /// of a `[[users]]` entry for it.
     HashPassword,
+    /// Print an IAM login token for `--user` (the analogue of `aws rds
+    /// generate-db-auth-token`): an STS GetCallerIdentity request presigned with the
+    /// caller's AWS credentials (environment, shared config, instance profile). Log in with
+    /// it as the password, over TLS, with mysql_clear_password (`mariadb --ssl
+    /// --enable-cleartext-plugin`).
+    Token {
+        /// The dbproxy user the token is for.
+        #[arg(long)]
+        user: String,
+        /// Take `[aws_iam]` (sts_endpoint, region, server_id) from this configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The STS endpoint the token is signed for (overrides the configuration's).
+        #[arg(long)]
+        sts_endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// The token's validity in seconds (at most 900).
+        #[arg(long, default_value_t = 900)]
+        expires_in: u64,
+    },
     /// Print a running dbproxy's metrics (pins by reason, pool, clients).
     Status {
         /// The `[admin] listen` address of the running dbproxy.
@@ -82,9 +103,54 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Token {
+            user,
+            config,
+            sts_endpoint,
+            region,
+            expires_in,
+        } => {
+            let mut iam = match config.as_deref().map(Config::load) {
+                Some(Ok(c)) => c.aws_iam.unwrap_or_default(),
+                Some(Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+                None => Default::default(),
+            };
+            if let Some(e) = sts_endpoint {
+                iam.sts_endpoint = e;
+            }
+            if let Some(r) = region {
+                iam.region = r;
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start a runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let expires = Duration::from_secs(expires_in.min(proxy::auth::iam::MAX_AGE));
+            match rt.block_on(proxy::auth::iam::make_token(&iam, &user, expires)) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(mut cfg) => {
-                let mut errs = proxy::secrets::resolve(&mut cfg).err().unwrap_or_default();
+                let mut errs = proxy::secrets::SecretStore::open(&mut cfg)
+                    .err()
+                    .unwrap_or_default();
                 errs.extend(proxy::tls::check_files(&cfg));
                 if !errs.is_empty() {
                     eprintln!("{}", errs.join("\n"));
@@ -144,11 +210,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if let Err(errs) = proxy::secrets::resolve(&mut cfg) {
-                eprintln!("{}", errs.join("\n"));
-                return ExitCode::FAILURE;
-            }
-            let running = match proxy::runtime::start(cfg) {
+            let secrets = match proxy::secrets::SecretStore::open(&mut cfg) {
+                Ok(s) => s,
+                Err(errs) => {
+                    eprintln!("{}", errs.join("\n"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            let running = match proxy::runtime::start(cfg, Some(secrets)) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!("{e}");

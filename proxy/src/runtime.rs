@@ -2,7 +2,6 @@
 //! pools; the io backend is chosen here (io_uring, or epoll as the fallback).
 
 use crate::auth::Users;
-use crate::backend_conn::BackendConn;
 use crate::config::{Config, IoMode};
 use crate::guard::{Guard, GuardStats};
 use crate::io::epoll::Epoll;
@@ -60,13 +59,21 @@ pub struct ProxyShared {
     pub tls_stats: Arc<TlsStats>,
     /// Failed logins per source address.
     pub throttle: crate::auth::throttle::LoginThrottle,
+    /// The secrets the configuration refers to (followed as they rotate).
+    pub secrets: Option<crate::secrets::SecretStore>,
+    /// Verifies IAM and JWT logins (when configured).
+    pub tokens: Option<Arc<crate::auth::tokens::TokenVerifier>>,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
 }
 
 impl ProxyShared {
-    pub fn new(config: Config, guard: Option<Arc<GuardStats>>) -> Result<Arc<Self>, StartError> {
+    pub fn new(
+        config: Config,
+        secrets: Option<crate::secrets::SecretStore>,
+        guard: Option<Arc<GuardStats>>,
+    ) -> Result<Arc<Self>, StartError> {
         let mut groups = HashMap::new();
         let mut topologies = HashMap::new();
         let tls_stats = Arc::new(TlsStats::default());
@@ -115,12 +122,19 @@ impl ProxyShared {
             }
             topologies.insert(g.name.clone(), topology);
         }
+        let tokens = match &secrets {
+            Some(s) => crate::auth::tokens::TokenVerifier::start(&config, s.handle())
+                .map_err(StartError::Config)?,
+            None => None,
+        };
         let throttle = crate::auth::throttle::LoginThrottle::new(
             config.proxy.login_failure_threshold,
             config.proxy.login_max_delay,
         );
         Ok(Arc::new(ProxyShared {
-            users: Users::new(&config.users),
+            users: Users::with_secrets(&config.users, secrets.as_ref()),
+            tokens,
+            secrets,
             config,
             throttle,
             groups,
@@ -224,7 +238,12 @@ impl Running {
 }
 
 /// Starts the workers. Listeners are bound here so that bind errors stop the start.
-pub fn start(config: Config) -> Result<Running, StartError> {
+/// `secrets`: the store `config`'s references were resolved from (they are then followed
+/// as they rotate).
+pub fn start(
+    config: Config,
+    secrets: Option<crate::secrets::SecretStore>,
+) -> Result<Running, StartError> {
     let io = choose_io(config.proxy.io)?;
     let workers = match config.proxy.workers {
         0 => std::thread::available_parallelism()
@@ -258,7 +277,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     } else {
         None
     };
-    let shared = ProxyShared::new(config, guard.as_ref().map(|g| g.stats.clone()))?;
+    let shared = ProxyShared::new(config, secrets, guard.as_ref().map(|g| g.stats.clone()))?;
+    if let Some(s) = &shared.secrets {
+        s.start_refresh();
+    }
     start_monitor(&shared, guard.as_ref().map(|g| g.protected.clone()))?;
     learn_server_profiles(&shared);
     if !shared.config.admin.listen.is_empty() {
@@ -420,16 +442,12 @@ fn start_monitor(
         let Some(topology) = shared.topologies.get(&g.name) else {
             continue;
         };
-        let creds = match (&g.monitor_user, &g.monitor_password) {
-            (Some(user), Some(password)) => crate::mysql::backend::Credentials {
-                user: user.text().to_string(),
-                password: password.text().to_string(),
-            },
-            _ => match shared.config.users.first() {
-                Some(u) => crate::mysql::backend::Credentials {
-                    user: u.backend_user().to_string(),
-                    password: u.backend_password.text().to_string(),
-                },
+        let login = match (&g.monitor_user, &g.monitor_password) {
+            (Some(user), Some(password)) => {
+                crate::secrets::BackendLogin::from_values(user, password, shared.secrets.as_ref())
+            }
+            _ => match first_login(shared) {
+                Some(l) => l,
                 None => return Err(StartError::Config("no users".into())),
             },
         };
@@ -443,7 +461,7 @@ fn start_monitor(
                 .max(Duration::from_millis(200))
                 .min(g.connect_timeout),
             failure_threshold: g.failure_threshold,
-            creds: Arc::new(creds),
+            login,
             tls: shared
                 .groups
                 .get(&g.name)
@@ -478,13 +496,9 @@ fn start_monitor(
 /// version and capabilities clients are greeted with. A backend that is down now is
 /// learned at its first use.
 fn learn_server_profiles(shared: &Arc<ProxyShared>) {
-    let Some(user) = shared.config.users.first() else {
+    let Some(login) = first_login(shared) else {
         return;
     };
-    let creds = Arc::new(crate::mysql::backend::Credentials {
-        user: user.backend_user().to_string(),
-        password: user.backend_password.text().to_string(),
-    });
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -506,12 +520,18 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         };
         let res = rt.block_on(async {
             tokio::time::timeout(g.connect_timeout, async {
-                let s = Epoll::connect(&addr).await?;
                 let deadline = tokio::time::Instant::now() + g.connect_timeout;
                 let tls = crate::backend_conn::TlsTo::for_addr(&g.backend_tls, &name, &addr);
-                let (conn, profile) =
-                    BackendConn::login(s, creds.clone(), cap::BACKEND_BASE, 0, 45, deadline, tls)
-                        .await?;
+                let (conn, profile) = crate::backend_conn::connect_login(
+                    || Epoll::connect(&addr),
+                    &login,
+                    cap::BACKEND_BASE,
+                    0,
+                    45,
+                    deadline,
+                    tls,
+                )
+                .await?;
                 conn.quit().await;
                 Ok::<_, crate::backend_conn::BackendError>(profile)
             })
@@ -530,6 +550,16 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
             }
         }
     }
+}
+
+/// The first user's database login (the monitor's and the profile probe's when no
+/// monitor user is set).
+fn first_login(shared: &ProxyShared) -> Option<Arc<crate::secrets::BackendLogin>> {
+    let u = shared.config.users.first()?;
+    shared
+        .users
+        .get(u.name.as_bytes())
+        .map(|u| u.backend.clone())
 }
 
 /// Raises the open-files limit to its hard maximum: every client and backend connection

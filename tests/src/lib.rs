@@ -4,6 +4,7 @@
 //! Every child process is spawned from one long-lived thread with PR_SET_PDEATHSIG, so a
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
+pub mod aws;
 pub mod raw;
 pub mod standin;
 pub mod tls;
@@ -375,6 +376,8 @@ pub struct Proxy {
     /// The configuration file it runs with.
     pub config: PathBuf,
     pub io: String,
+    /// Extra environment of the process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -449,6 +452,18 @@ impl Proxy {
         group_extra: &str,
         sections: &str,
     ) -> Proxy {
+        Self::start_env(target_port, io, proxy_extra, group_extra, sections, &[])
+    }
+
+    /// [`Self::start_at`] with extra environment variables for the process.
+    pub fn start_env(
+        target_port: u16,
+        io: &str,
+        proxy_extra: &str,
+        group_extra: &str,
+        sections: &str,
+        env: &[(&str, String)],
+    ) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("dbproxy-conf-")
             .tempdir()
@@ -520,6 +535,10 @@ auth_plugin = "mysql_native_password"
             admin,
             config: path.clone(),
             io: io.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
             child: None,
             log,
             _dir: dir,
@@ -533,6 +552,7 @@ auth_plugin = "mysql_native_password"
         let mut cmd = Command::new(dbproxy_bin());
         cmd.args(["run", "--config"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "DBPROXY_LOG",
                 std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into()),

@@ -146,38 +146,44 @@ const CLIENT_TOOLS: [(&str, &str); 6] = [
     ("javac", "default-jdk-headless"),
 ];
 
-/// mysql-connector-python for the tests, from PyPI (pinned).
-const CONNECTOR_PYTHON: &str = "mysql-connector-python==26.10.0";
+/// mysql-connector-python for the tests, and moto's server standing in for AWS Secrets
+/// Manager and STS (with boto3, which drives it), from PyPI (pinned).
+const PYPI_PACKAGES: [&str; 2] = ["mysql-connector-python==26.10.0", "moto[server]==5.2.5"];
 
 /// Makes `target/pyenv`: a venv of Debian's python3 that also sees python3-pymysql, with
-/// mysql-connector-python installed (idempotent).
+/// mysql-connector-python and moto installed (idempotent).
 fn ensure_python_clients() -> Result {
     let venv = root().join("target/pyenv");
     let python = venv.join("bin/python");
     let ready = || {
         Command::new(&python)
-            .args(["-c", "import mysql.connector, pymysql"])
+            .args(["-c", "import mysql.connector, pymysql, boto3, moto.server"])
             .output()
             .is_ok_and(|o| o.status.success())
+            && venv.join("bin/moto_server").exists()
     };
     if ready() {
         return Ok(());
     }
+    if !python.exists() {
+        run(
+            "python3 -m venv target/pyenv",
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv", "--system-site-packages"])
+                .arg(&venv),
+        )?;
+    }
     run(
-        "python3 -m venv target/pyenv",
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv", "--system-site-packages"])
-            .arg(&venv),
-    )?;
-    run(
-        &format!("pip install {CONNECTOR_PYTHON}"),
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", CONNECTOR_PYTHON]),
+        &format!("pip install {}", PYPI_PACKAGES.join(" ")),
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYPI_PACKAGES),
     )?;
     if ready() {
         Ok(())
     } else {
         Err(format!(
-            "{} cannot import mysql.connector and pymysql",
+            "{} cannot import mysql.connector, pymysql, boto3 and moto",
             python.display()
         ))
     }

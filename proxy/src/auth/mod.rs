@@ -7,13 +7,17 @@
 //! over TLS only: through `mysql_clear_password`, or caching_sha2_password's full
 //! authentication.
 
+pub mod iam;
+pub mod jwt;
 pub mod throttle;
+pub mod tokens;
 
-use crate::config::{UserAuthPlugin, UserConfig};
+use crate::config::{UserAuthPlugin, UserConfig, Value};
 use crate::mysql::auth::{PasswordHash, Plugin};
-use crate::mysql::backend::Credentials;
 use crate::mysql::consts::errcode;
 use crate::mysql::wire::ErrPacket;
+use crate::secrets::{BackendLogin, LiveSecret, SecretStore};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,10 +25,58 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct User {
     pub name: String,
-    hash: PasswordHash,
+    password: Password,
     plugin: UserAuthPlugin,
     /// Whom dbproxy logs in as on this user's behalf.
-    pub backend: Arc<Credentials>,
+    pub backend: Arc<BackendLogin>,
+    /// Identities that may log in as this user with a token.
+    pub aws_iam_arns: Vec<String>,
+    pub jwt_subjects: Vec<String>,
+}
+
+/// A token a client sent as its password (never printed).
+#[derive(PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({} bytes)", self.0.len())
+    }
+}
+
+/// A user's password hashes: fixed, or following a secret as it changes.
+#[derive(Debug)]
+enum Password {
+    Fixed(PasswordHash),
+    Secret {
+        secret: Arc<LiveSecret>,
+        /// The hashes of the secret's value at a generation.
+        hashed: Mutex<(u64, PasswordHash)>,
+    },
+}
+
+impl User {
+    /// Whether identities proven by tokens may log in as this user.
+    pub fn accepts_tokens(&self) -> bool {
+        !self.aws_iam_arns.is_empty() || !self.jwt_subjects.is_empty()
+    }
+
+    /// The hashes a login is checked against now.
+    fn hash(&self) -> PasswordHash {
+        match &self.password {
+            Password::Fixed(h) => h.clone(),
+            Password::Secret { secret, hashed } => {
+                let gen = secret.generation();
+                let mut h = hashed.lock();
+                if h.0 != gen {
+                    if let Some(v) = secret.versions() {
+                        *h = (gen, PasswordHash::of(v.current.password.as_bytes()));
+                    }
+                }
+                h.1.clone()
+            }
+        }
+    }
 }
 
 /// The user list, by name.
@@ -34,18 +86,55 @@ pub struct Users {
 }
 
 impl Users {
+    /// Users whose values are fixed (references as resolved).
     pub fn new(cfg: &[UserConfig]) -> Self {
+        Self::with_secrets(cfg, None)
+    }
+
+    /// Users whose passwords and database logins follow their secrets in `store`. Users
+    /// with the same database login share it (and so its pooled connections).
+    pub fn with_secrets(cfg: &[UserConfig], store: Option<&SecretStore>) -> Self {
+        let mut logins: HashMap<(LoginKey, LoginKey), Arc<BackendLogin>> = HashMap::new();
         let by_name = cfg
             .iter()
             .map(|u| {
+                let backend_user = u
+                    .backend_user
+                    .clone()
+                    .unwrap_or_else(|| Value::Text(u.name.clone()));
+                let backend = logins
+                    .entry((
+                        LoginKey::of(&backend_user),
+                        LoginKey::of(&u.backend_password),
+                    ))
+                    .or_insert_with(|| {
+                        BackendLogin::from_values(&backend_user, &u.backend_password, store)
+                    })
+                    .clone();
+                let live = match (u.password_hash.is_none(), u.password.secret(), store) {
+                    (true, Some(name), Some(store)) => store.get(name),
+                    _ => None,
+                };
+                let password = match live {
+                    Some(secret) => Password::Secret {
+                        hashed: Mutex::new((secret.generation(), u.hash())),
+                        secret,
+                    },
+                    None => Password::Fixed(u.hash()),
+                };
+                let tokens = !u.aws_iam_arns.is_empty() || !u.jwt_subjects.is_empty();
                 let user = User {
                     name: u.name.clone(),
-                    hash: u.hash(),
-                    plugin: u.auth_plugin,
-                    backend: Arc::new(Credentials {
-                        user: u.backend_user().to_string(),
-                        password: u.backend_password.text().to_string(),
-                    }),
+                    password,
+                    // A token travels as a clear-text password.
+                    plugin: if tokens {
+                        UserAuthPlugin::MysqlClearPassword
+                    } else {
+                        u.auth_plugin
+                    },
+                    backend,
+                    aws_iam_arns: u.aws_iam_arns.clone(),
+                    jwt_subjects: u.jwt_subjects.clone(),
                 };
                 (u.name.as_bytes().to_vec(), Arc::new(user))
             })
@@ -55,6 +144,22 @@ impl Users {
 
     pub fn get(&self, name: &[u8]) -> Option<Arc<User>> {
         self.by_name.get(name).cloned()
+    }
+}
+
+/// What makes two configured database logins the same one.
+#[derive(PartialEq, Eq, Hash)]
+enum LoginKey {
+    Text(String),
+    Secret(String),
+}
+
+impl LoginKey {
+    fn of(v: &Value) -> Self {
+        match v.secret() {
+            Some(name) => LoginKey::Secret(name.to_string()),
+            None => LoginKey::Text(v.text().to_string()),
+        }
     }
 }
 
@@ -71,6 +176,9 @@ pub enum Decision {
     Deny,
     /// The user's password travels in clear text, and this connection is not TLS.
     NeedsTls,
+    /// Not the user's password, but perhaps a token proving an identity the user accepts:
+    /// verify it ([`tokens::TokenVerifier`]).
+    Token(Token),
 }
 
 /// Decides on a client's first answer: verify it, or switch the client to the plugin the
@@ -102,12 +210,13 @@ pub fn first_answer(
             Plugin::Clear
         }
         _ => offered
-            .filter(|p| user.is_none_or(|u| u.hash.supports(*p)))
+            .filter(|p| user.is_none_or(|u| u.hash().supports(*p)))
             .unwrap_or(Plugin::Native),
     };
     // Clients whose plugin differs from the one announced send an empty first answer and
     // expect a switch that hands them the nonce for their plugin.
-    let empty_needs_switch = answer.is_empty() && user.is_none_or(|u| !u.hash.is_empty_password());
+    let empty_needs_switch =
+        answer.is_empty() && user.is_none_or(|u| !u.hash().is_empty_password());
     if !can_switch || (offered == Some(required) && !empty_needs_switch) {
         return verify(user, required, nonce, answer);
     }
@@ -117,7 +226,14 @@ pub fn first_answer(
 /// Verifies an answer computed with `plugin`.
 pub fn verify(user: Option<&User>, plugin: Plugin, nonce: &[u8], answer: &[u8]) -> Decision {
     match user {
-        Some(u) if u.hash.verify(plugin, nonce, answer) => Decision::Accept(plugin),
+        Some(u) if u.hash().verify(plugin, nonce, answer) => Decision::Accept(plugin),
+        Some(u) if plugin == Plugin::Clear && u.accepts_tokens() => {
+            let token = answer.strip_suffix(&[0]).unwrap_or(answer);
+            match std::str::from_utf8(token) {
+                Ok(t) if !t.is_empty() => Decision::Token(Token(t.to_string())),
+                _ => Decision::Deny,
+            }
+        }
         Some(_) => Decision::Deny,
         None => {
             // An unknown user costs what a known one does.
@@ -159,6 +275,8 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: plugin,
+            aws_iam_arns: Vec::new(),
+            jwt_subjects: Vec::new(),
         }])
     }
 
@@ -179,7 +297,7 @@ mod tests {
     fn accepts_either_plugin_by_default() {
         let us = users(UserAuthPlugin::Any);
         let u = us.get(b"app").unwrap();
-        assert_eq!(u.backend.user, "app");
+        assert_eq!(u.backend.current().user, "app");
         for p in [Plugin::Native, Plugin::CachingSha2] {
             let a = p.scramble(b"s3cret", NONCE);
             assert_eq!(
@@ -299,6 +417,8 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,
+            aws_iam_arns: Vec::new(),
+            jwt_subjects: Vec::new(),
         }]);
         let u = us.get(b"app").unwrap();
         let sha2 = Plugin::CachingSha2.scramble(b"s3cret", NONCE);

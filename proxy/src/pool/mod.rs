@@ -12,8 +12,8 @@ use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProf
 use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{BackendAddr, Driver, Stream};
-use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
+use crate::secrets::BackendLogin;
 use crate::session::pins::PinReason;
 use crate::tls::BackendTls;
 use crate::topology::{Choice, Route, Snapshot, Topology};
@@ -51,10 +51,11 @@ enum AcquireError {
 }
 
 /// What a pooled connection was negotiated for: only clients that match may use it.
-#[derive(Debug, Clone, Eq)]
+#[derive(Debug, Clone)]
 pub struct PoolKey {
-    /// The backend login (user and password).
-    pub backend: Arc<Credentials>,
+    /// The database login (its password may rotate; connections opened with any version
+    /// of it serve).
+    pub backend: Arc<BackendLogin>,
     /// The client's `cap::BEHAVIOUR` bits.
     pub behaviour: u32,
     /// MariaDB's extended capabilities the client negotiated (each changes what the
@@ -67,10 +68,10 @@ pub struct PoolKey {
 }
 
 impl PoolKey {
-    pub fn new(backend: Arc<Credentials>, behaviour: u32, ext: u32, collation: u8) -> Self {
+    pub fn new(backend: Arc<BackendLogin>, behaviour: u32, ext: u32, collation: u8) -> Self {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        backend.hash(&mut h);
+        backend.id.hash(&mut h);
         behaviour.hash(&mut h);
         ext.hash(&mut h);
         collation.hash(&mut h);
@@ -96,9 +97,11 @@ impl PartialEq for PoolKey {
             && self.behaviour == o.behaviour
             && self.ext == o.ext
             && self.collation == o.collation
-            && (Arc::ptr_eq(&self.backend, &o.backend) || self.backend == o.backend)
+            && Arc::ptr_eq(&self.backend, &o.backend)
     }
 }
+
+impl Eq for PoolKey {}
 
 /// Hasher of maps keyed by [`PoolKey`]: the key carries its hash already.
 #[derive(Default, Clone, Copy)]
@@ -199,6 +202,8 @@ pub struct GroupShared {
     pub budget: Arc<Semaphore>,
     pub max_connections: usize,
     pub max_idle: usize,
+    /// `max_connection_lifetime` (zero: none).
+    pub max_lifetime: Duration,
     pub idle_total: AtomicUsize,
     starving: Mutex<VecDeque<Starving>>,
     /// Entries in `starving` (stale ones included until the next clean-up): lets a
@@ -247,6 +252,7 @@ impl GroupShared {
             budget: Arc::new(Semaphore::new(cfg.max_connections)),
             max_connections: cfg.max_connections,
             max_idle: cfg.max_idle_connections,
+            max_lifetime: cfg.max_connection_lifetime,
             idle_total: AtomicUsize::new(0),
             starving: Mutex::new(VecDeque::new()),
             starving_len: AtomicUsize::new(0),
@@ -442,15 +448,14 @@ impl<S> Pooled<S> {
 pub async fn side_connection<D: Driver>(
     group: &GroupShared,
     addr: &BackendAddr,
-    creds: Arc<Credentials>,
+    login: Arc<BackendLogin>,
 ) -> Result<BackendConn<D::Stream>, BackendError> {
     let deadline = tokio::time::Instant::now() + group.connect_timeout;
     let name = group.target_name(addr);
     let open = async {
-        let stream = D::connect(addr).await?;
-        BackendConn::login(
-            stream,
-            creds,
+        backend::connect_login(
+            || D::connect(addr),
+            &login,
             cap::BACKEND_BASE,
             0,
             DEFAULT_COLLATION,
@@ -472,11 +477,11 @@ pub async fn side_connection<D: Driver>(
 pub async fn kill_thread<D: Driver>(
     group: &GroupShared,
     addr: &BackendAddr,
-    creds: Arc<Credentials>,
+    login: Arc<BackendLogin>,
     thread_id: u32,
 ) {
     let sql = format!("KILL CONNECTION {thread_id}");
-    let r = match side_connection::<D>(group, addr, creds).await {
+    let r = match side_connection::<D>(group, addr, login).await {
         Ok(mut c) => {
             let r = c
                 .command(
@@ -871,11 +876,10 @@ impl<D: Driver> CorePool<D> {
         };
         let deadline = tokio::time::Instant::now() + sh.connect_timeout;
         let attempt = async {
-            let stream = D::connect(&addr).await?;
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
-            let (mut conn, profile) = BackendConn::login(
-                stream,
-                key.backend.clone(),
+            let (mut conn, profile) = backend::connect_login(
+                || D::connect(&addr),
+                &key.backend,
                 wanted,
                 key.ext,
                 key.collation,
@@ -1014,6 +1018,11 @@ impl<D: Driver> CorePool<D> {
         conn.idle_since = coarse_now();
         if !self.shared.still_valid(&self.shared.topology.load(), &conn) {
             self.close(conn, "its target no longer serves this route");
+            return;
+        }
+        let max_lifetime = self.shared.max_lifetime;
+        if !max_lifetime.is_zero() && conn.conn.created.elapsed() >= max_lifetime {
+            self.close(conn, "max_connection_lifetime reached");
             return;
         }
         // 1. Whoever of the same key has waited longest: a borrower on another core that

@@ -1,8 +1,17 @@
 //! Secrets: passwords and user names kept out of the configuration file. A `[[secrets]]`
 //! entry names a provider (a file only dbproxy's user may read, an environment variable, a
-//! program whose output is the secret); values written `{ secret = "name" }` are resolved
-//! from it once, at start and by `check-config`. Errors name the secret and where it was
-//! looked for, never its value.
+//! program whose output is the secret, AWS Secrets Manager); values written
+//! `{ secret = "name" }` are resolved from it at start and by `check-config`, read again
+//! every `refresh` and whenever the database refuses a login made with them
+//! ([`store`], [`login`]). Errors name the secret and where it was looked for, never its
+//! value.
+
+mod aws_sm;
+pub mod login;
+pub mod store;
+
+pub use login::BackendLogin;
+pub use store::{LiveSecret, SecretStore};
 
 use crate::config::{Config, SecretConfig, SecretProvider, Value};
 use std::collections::HashMap;
@@ -42,16 +51,50 @@ pub enum SecretError {
     Exec { command: String, why: String },
     #[error("{0}")]
     Format(String),
+    #[error("AWS Secrets Manager, secret {secret_id}: {why}")]
+    Aws { secret_id: String, why: String },
 }
 
-/// Reads a secret from its provider.
-pub fn fetch(s: &SecretConfig) -> Result<Secret, SecretError> {
+/// What a provider holds for a secret: the current value and, where the provider keeps
+/// versions (Secrets Manager's AWSPENDING and AWSPREVIOUS stages), the others a rotation
+/// may be between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versions {
+    pub current: Secret,
+    pub pending: Option<Secret>,
+    pub previous: Option<Secret>,
+}
+
+impl Versions {
+    pub fn only(current: Secret) -> Self {
+        Versions {
+            current,
+            pending: None,
+            previous: None,
+        }
+    }
+
+    /// Current first, then pending, then previous.
+    pub fn all(&self) -> impl Iterator<Item = &Secret> {
+        std::iter::once(&self.current)
+            .chain(self.pending.as_ref())
+            .chain(self.previous.as_ref())
+    }
+}
+
+/// Reads a secret from a provider on this host (file, env, exec); blocks.
+pub fn fetch_local(s: &SecretConfig) -> Result<Secret, SecretError> {
     let text = match s.provider {
         SecretProvider::File => read_private_file(&s.path)?,
         SecretProvider::Env => {
             std::env::var(&s.var).map_err(|_| SecretError::Env(s.var.clone()))?
         }
         SecretProvider::Exec => run(&s.command)?,
+        SecretProvider::AwsSecretsManager => {
+            return Err(SecretError::Format(
+                "aws_secrets_manager is read through a SecretStore".into(),
+            ))
+        }
     };
     parse(&text)
 }
@@ -138,13 +181,9 @@ pub fn parse(text: &str) -> Result<Secret, SecretError> {
     })
 }
 
-/// Replaces every `{ secret = "name" }` in `cfg` with the secret's text: its user name for
-/// `backend_user` and `monitor_user`, its password elsewhere. Each problem names the key.
-pub fn resolve(cfg: &mut Config) -> Result<(), Vec<String>> {
-    resolve_with(cfg, fetch)
-}
-
-/// [`resolve`] with another way to fetch (tests).
+/// Resolves every `{ secret = "name" }` in `cfg` to the secret's text (through `fetch`): its
+/// user name for `backend_user` and `monitor_user`, its password elsewhere. Each problem
+/// names the key.
 pub fn resolve_with(
     cfg: &mut Config,
     fetch: impl Fn(&SecretConfig) -> Result<Secret, SecretError>,
@@ -168,10 +207,10 @@ pub fn resolve_with(
             });
         match got {
             Ok(s) if want_user => match &s.username {
-                Some(u) => *v = Value::Text(u.clone()),
+                Some(u) => v.set_resolved(u),
                 None => errs.push(format!("{key}: secret {name:?} has no username")),
             },
-            Ok(s) => *v = Value::Text(s.password.clone()),
+            Ok(s) => v.set_resolved(&s.password),
             Err(e) => errs.push(format!("{key}: {e}")),
         }
     };
@@ -221,6 +260,20 @@ pub fn resolve_with(
 mod tests {
     use super::*;
 
+    pub(crate) fn spec_of(provider: SecretProvider) -> SecretConfig {
+        SecretConfig {
+            name: "s".into(),
+            provider,
+            path: String::new(),
+            var: String::new(),
+            command: Vec::new(),
+            secret_id: String::new(),
+            region: String::new(),
+            endpoint_url: String::new(),
+            refresh: Duration::from_secs(300),
+        }
+    }
+
     #[test]
     fn json_and_plain_secrets() {
         let s = parse("{\"username\": \"app\", \"password\": \"p w\", \"engine\": \"mysql\"}\n")
@@ -249,14 +302,13 @@ mod tests {
             name: "s".into(),
             provider: SecretProvider::File,
             path: path.display().to_string(),
-            var: String::new(),
-            command: Vec::new(),
+            ..spec_of(SecretProvider::File)
         };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = fetch(&spec).unwrap_err().to_string();
+        let e = fetch_local(&spec).unwrap_err().to_string();
         assert!(e.contains(&spec.path) && e.contains("644"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(fetch(&spec).unwrap().password, "pw");
+        assert_eq!(fetch_local(&spec).unwrap().password, "pw");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -265,17 +317,18 @@ mod tests {
         let spec = |command: &[&str]| SecretConfig {
             name: "s".into(),
             provider: SecretProvider::Exec,
-            path: String::new(),
-            var: String::new(),
             command: command.iter().map(|s| s.to_string()).collect(),
+            ..spec_of(SecretProvider::Exec)
         };
         assert_eq!(
-            fetch(&spec(&["printf", "%s", "pw"])).unwrap().password,
+            fetch_local(&spec(&["printf", "%s", "pw"]))
+                .unwrap()
+                .password,
             "pw"
         );
-        let e = fetch(&spec(&["false"])).unwrap_err().to_string();
+        let e = fetch_local(&spec(&["false"])).unwrap_err().to_string();
         assert!(e.contains("false") && e.contains("exited"), "{e}");
-        let e = fetch(&spec(&["/nonexistent/program"]))
+        let e = fetch_local(&spec(&["/nonexistent/program"]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/program"), "{e}");

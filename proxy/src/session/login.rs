@@ -4,7 +4,7 @@
 //! (SSLRequest) slots in between the greeting and the handshake response: the machine says
 //! [`Step::StartTls`], the driver runs the TLS handshake and calls [`Login::secured`].
 
-use crate::auth::{self, Decision, User, Users};
+use crate::auth::{self, Decision, Token, User, Users};
 use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK, SHA2_FULL_AUTH};
 use crate::mysql::consts::{cap, errcode, ext, status};
 use crate::mysql::handshake::{
@@ -21,6 +21,8 @@ pub enum Step {
     /// The client sent an SSLRequest: run the TLS handshake as the server, call
     /// [`Login::secured`], then feed the client's next packet (its handshake response).
     StartTls,
+    /// The client sent a token for `user`: verify it, then call [`Login::token_verified`].
+    VerifyToken { user: Arc<User>, token: Token },
     /// Authenticated; see [`Accepted`].
     Accepted(Accepted),
     /// Write `err` with sequence id `seq`, then close. `log` says why, for the log.
@@ -83,6 +85,11 @@ pub enum AuthStep {
         user: Arc<User>,
         plugin: Plugin,
     },
+    /// Verify this token for `user`, then call [`Authentication::token_verified`].
+    VerifyToken {
+        user: Arc<User>,
+        token: Token,
+    },
     /// Access denied, worded as MariaDB words it.
     Deny(ErrPacket),
 }
@@ -135,8 +142,23 @@ impl Authentication {
         self.decide(d, peer_ip)
     }
 
+    /// The verdict on the token [`AuthStep::VerifyToken`] asked about.
+    pub fn token_verified(&mut self, ok: bool, peer_ip: &str) -> AuthStep {
+        match (&self.user, ok && self.secure) {
+            (Some(u), true) => AuthStep::Accept {
+                user: u.clone(),
+                plugin: Plugin::Clear,
+            },
+            _ => AuthStep::Deny(self.denied(peer_ip)),
+        }
+    }
+
     fn decide(&mut self, d: Decision, peer_ip: &str) -> AuthStep {
         match (d, &self.user) {
+            (Decision::Token(token), Some(u)) if self.secure => AuthStep::VerifyToken {
+                user: u.clone(),
+                token,
+            },
             (Decision::Switch(p), _) if self.switched.is_none() => {
                 self.switched = Some(p);
                 AuthStep::Switch(encode_auth_switch(p.name(), &self.nonce))
@@ -211,6 +233,13 @@ enum LoginState {
         resp: HandshakeResponse,
         caps: u32,
     },
+    /// Waiting for the verdict on a token; the reply goes out at `seq`.
+    Token {
+        auth: Authentication,
+        resp: HandshakeResponse,
+        caps: u32,
+        seq: u8,
+    },
     Over,
 }
 
@@ -276,6 +305,26 @@ impl Login {
     /// The TLS handshake the machine asked for is done.
     pub fn secured(&mut self) {
         self.secure = true;
+    }
+
+    /// The verdict on the token [`Step::VerifyToken`] asked about.
+    pub fn token_verified(&mut self, ok: bool) -> Step {
+        match std::mem::replace(&mut self.state, LoginState::Over) {
+            LoginState::Token {
+                mut auth,
+                resp,
+                caps,
+                seq,
+            } => {
+                let step = auth.token_verified(ok, &self.peer_ip);
+                self.after_auth(step, auth, resp, caps, seq)
+            }
+            _ => Step::Refused {
+                seq: 0,
+                err: ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake"),
+                log: "a token verdict without a token".into(),
+            },
+        }
     }
 
     /// Feeds one packet from the client (`seq`: its sequence id).
@@ -351,7 +400,7 @@ impl Login {
                 let step = auth.answer(payload, &self.peer_ip);
                 self.after_auth(step, auth, resp, caps, reply_seq)
             }
-            LoginState::Over => Step::Refused {
+            LoginState::Token { .. } | LoginState::Over => Step::Refused {
                 seq: reply_seq,
                 err: ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake"),
                 log: "packet after the login ended".into(),
@@ -371,6 +420,15 @@ impl Login {
             AuthStep::Switch(payload) => {
                 self.state = LoginState::Switched { auth, resp, caps };
                 Step::Send { seq, payload }
+            }
+            AuthStep::VerifyToken { user, token } => {
+                self.state = LoginState::Token {
+                    auth,
+                    resp,
+                    caps,
+                    seq,
+                };
+                Step::VerifyToken { user, token }
             }
             AuthStep::Accept { user, plugin } => Step::Accepted(Accepted {
                 user,
@@ -413,6 +471,8 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::CachingSha2Password,
+            aws_iam_arns: Vec::new(),
+            jwt_subjects: Vec::new(),
         }])
     }
 
@@ -575,6 +635,8 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::MysqlClearPassword,
+            aws_iam_arns: Vec::new(),
+            jwt_subjects: Vec::new(),
         }]);
         let nonce = [6u8; 20];
         let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);

@@ -661,6 +661,8 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,
+            aws_iam_arns: Vec::new(),
+            jwt_subjects: Vec::new(),
         }]);
         ClientSession::new(
             users.get(b"app").unwrap(),

@@ -8,8 +8,8 @@ use super::{Lag, Topology};
 use crate::backend_conn::{BackendConn, BackendError};
 use crate::io::epoll::Epoll;
 use crate::io::{BackendAddr, Driver, Stream};
-use crate::mysql::backend::Credentials;
 use crate::mysql::consts::cap;
+use crate::secrets::BackendLogin;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,7 +53,8 @@ pub struct GroupMonitor {
     pub interval: Duration,
     pub timeout: Duration,
     pub failure_threshold: u32,
-    pub creds: Arc<Credentials>,
+    /// The monitor's database login (a rotated secret is followed as by the pools).
+    pub login: Arc<BackendLogin>,
     /// TLS to the targets, as the pool uses it.
     pub tls: crate::tls::BackendTls,
 }
@@ -187,7 +188,7 @@ async fn watch_target(
     let topo = &g.topology;
     let mut checker = Checker {
         tls: g.tls.clone(),
-        creds: g.creds.clone(),
+        login: g.login.clone(),
         timeout: g.timeout,
         conn: None,
         replicas_sql: REPLICAS_SQL,
@@ -245,7 +246,7 @@ async fn resolve(resolver: &Arc<dyn Resolve>, name: &str) -> Result<BackendAddr,
 /// One target's monitor connection and what it learnt about the server.
 struct Checker {
     tls: crate::tls::BackendTls,
-    creds: Arc<Credentials>,
+    login: Arc<BackendLogin>,
     timeout: Duration,
     conn: Option<(BackendAddr, BackendConn<<Epoll as Driver>::Stream>)>,
     replicas_sql: &'static str,
@@ -268,10 +269,9 @@ impl Checker {
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let opened = tokio::time::timeout_at(deadline, async {
-            let s = Epoll::connect(addr).await?;
-            let (c, _) = BackendConn::login(
-                s,
-                self.creds.clone(),
+            let (c, _) = crate::backend_conn::connect_login(
+                || Epoll::connect(addr),
+                &self.login,
                 cap::BACKEND_BASE,
                 0,
                 DEFAULT_COLLATION,
@@ -398,10 +398,7 @@ mod tests {
                 interval: Duration::from_millis(100),
                 timeout: Duration::from_millis(200),
                 failure_threshold: 2,
-                creds: Arc::new(Credentials {
-                    user: "m".into(),
-                    password: "p".into(),
-                }),
+                login: BackendLogin::fixed("m", "p"),
                 tls: crate::tls::BackendTls::disabled(),
             }],
             stub.clone(),

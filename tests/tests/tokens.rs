@@ -1,0 +1,234 @@
+//! Token logins: AWS IAM tokens (`dbproxy token`, verified through moto's STS on
+//! 127.0.0.1) and OIDC JWTs (signed by a test key, checked against a JWKS file), with the
+//! mariadb CLI over TLS and mysql_clear_password.
+
+use base64::Engine;
+use proxy_tests::aws::Moto;
+use proxy_tests::tls::TestCa;
+use proxy_tests::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const ISSUER: &str = "https://issuer.dbproxy.test";
+
+/// `dbproxy token` with `key`'s credentials; the token.
+fn token(config: &Path, user: &str, key: &(String, String), extra: &[&str]) -> String {
+    let out = Command::new(dbproxy_bin())
+        .args(["token", "--user", user, "--config"])
+        .arg(config)
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", &key.0)
+        .env("AWS_SECRET_ACCESS_KEY", &key.1)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dbproxy token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A P-256 key that signs the test JWTs, and the JWKS that publishes it.
+struct Issuer {
+    key: jsonwebtoken::EncodingKey,
+    jwks: String,
+}
+
+impl Issuer {
+    fn new() -> Issuer {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let raw = pair.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "test-1", "alg": "ES256", "use": "sig",
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        }]});
+        Issuer {
+            key: jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            jwks: jwks.to_string(),
+        }
+    }
+
+    /// A JWT for `sub`, for `aud`, expiring `ttl` seconds from now (negative: expired).
+    fn jwt(&self, sub: &str, aud: &str, ttl: i64) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("test-1".into());
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": aud, "sub": sub, "iat": now, "exp": now + ttl,
+        });
+        jsonwebtoken::encode(&h, &claims, &self.key).unwrap()
+    }
+}
+
+#[test]
+fn iam_and_jwt_tokens_log_in_over_tls_and_nothing_else_does() {
+    let db = MariaDb::start();
+    let moto = Moto::start();
+    let runner = moto.iam_user("app-runner");
+    let stranger = moto.iam_user("stranger");
+    let ca = TestCa::new("tokens");
+    let (cert, key) = ca.issue("proxy", &["localhost", "127.0.0.1"]);
+    let issuer = Issuer::new();
+    let jwks = ca.dir.path().join("jwks.json");
+    std::fs::write(&jwks, &issuer.jwks).unwrap();
+    let sections = format!(
+        r#"
+[aws_iam]
+sts_endpoint = "{endpoint}"
+region = "us-east-1"
+server_id = "dbproxy-test"
+
+[jwt]
+jwks_file = "{jwks}"
+issuer = "{ISSUER}"
+audience = "dbproxy"
+
+[[users]]
+name = "iamuser"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+aws_iam_arns = ["arn:aws:iam::123456789012:user/app-*"]
+
+[[users]]
+name = "k8s"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+jwt_subjects = ["system:serviceaccount:prod:*"]
+"#,
+        endpoint = moto.endpoint(),
+        jwks = jwks.display()
+    );
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let ca_arg = ca.ca.display().to_string();
+    let mut seen_secrets: Vec<String> = vec![runner.1.clone(), stranger.1.clone()];
+    for io in DRIVERS {
+        let proxy = Proxy::start_env(db.port, io, &tls, "", &sections, &moto.env());
+        let login = |user: &str, password: &str, tls: bool| {
+            let mut args = vec!["--enable-cleartext-plugin"];
+            if tls {
+                args.extend(["--ssl", "--ssl-ca", &ca_arg]);
+            } else {
+                args.push("--skip-ssl");
+            }
+            let out = mariadb_cli(proxy.port, user, password, &args, "SELECT CURRENT_USER()");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let denied = |what: &str, (ok, text): (bool, String)| {
+            assert!(!ok && text.contains("ERROR 1045"), "[{io}] {what}: {text}");
+        };
+
+        // IAM: a token of app-runner, whose ARN the user maps.
+        let good = token(&proxy.config, "iamuser", &runner, &[]);
+        assert!(good.len() > 200, "{good}");
+        let (ok, text) = login("iamuser", &good, true);
+        assert!(ok && text.contains("app@"), "[{io}] IAM login: {text}");
+        // Without TLS, a clear-text password is not taken.
+        let (ok, text) = login("iamuser", &good, false);
+        assert!(!ok && text.contains("ERROR 3159"), "[{io}] {text}");
+        // Made for another user.
+        denied("a token for another user", login("k8s", &good, true));
+        // An identity no user maps (moto answers with the stranger's ARN).
+        denied(
+            "an unmapped identity",
+            login(
+                "iamuser",
+                &token(&proxy.config, "iamuser", &stranger, &[]),
+                true,
+            ),
+        );
+        // Expired.
+        let short = token(&proxy.config, "iamuser", &runner, &["--expires-in", "1"]);
+        std::thread::sleep(Duration::from_secs(2));
+        denied("an expired token", login("iamuser", &short, true));
+        // Signed for another service (no server_id header signed).
+        let foreign = Proxy::start_env(
+            db.port,
+            io,
+            &tls,
+            "",
+            &sections.replace("server_id = \"dbproxy-test\"", ""),
+            &moto.env(),
+        );
+        let other = token(&foreign.config, "iamuser", &runner, &[]);
+        drop(foreign);
+        denied(
+            "a token without the server id",
+            login("iamuser", &other, true),
+        );
+        // Garbage that looks like a token.
+        denied("garbage", login("iamuser", "dbproxy-iam-v1.AAAA", true));
+
+        // JWT.
+        let jwt = issuer.jwt("system:serviceaccount:prod:api", "dbproxy", 300);
+        let (ok, text) = login("k8s", &jwt, true);
+        assert!(ok && text.contains("app@"), "[{io}] JWT login: {text}");
+        let mut tampered = jwt.clone().into_bytes();
+        // Flip a character of the payload (the claims), keeping it base64url.
+        let dot = jwt.find('.').unwrap() + 5;
+        tampered[dot] = if tampered[dot] == b'A' { b'B' } else { b'A' };
+        denied(
+            "a tampered JWT",
+            login("k8s", &String::from_utf8(tampered).unwrap(), true),
+        );
+        denied(
+            "an expired JWT",
+            login(
+                "k8s",
+                &issuer.jwt("system:serviceaccount:prod:api", "dbproxy", -120),
+                true,
+            ),
+        );
+        denied(
+            "a JWT for another audience",
+            login(
+                "k8s",
+                &issuer.jwt("system:serviceaccount:prod:api", "other", 300),
+                true,
+            ),
+        );
+        denied(
+            "an unmapped subject",
+            login(
+                "k8s",
+                &issuer.jwt("system:serviceaccount:dev:api", "dbproxy", 300),
+                true,
+            ),
+        );
+        denied(
+            "a JWT for a user that takes IAM only",
+            login("iamuser", &jwt, true),
+        );
+        // Signed by another key.
+        let forged = Issuer::new().jwt("system:serviceaccount:prod:api", "dbproxy", 300);
+        denied("a JWT of another key", login("k8s", &forged, true));
+
+        let log = proxy.log();
+        for l in log.lines().filter(|l| l.contains("token")) {
+            println!("[{io}] {l}");
+        }
+        assert!(log.contains("token login"), "[{io}] {log}");
+        seen_secrets.extend([good, short, other, jwt]);
+        for s in &seen_secrets {
+            assert!(
+                !log.contains(s.as_str()),
+                "[{io}] a token or key in the log"
+            );
+        }
+    }
+}
