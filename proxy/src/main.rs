@@ -79,11 +79,25 @@ enum Command {
     },
 }
 
+/// Crates whose logs never go below warnings.
+const QUIET_CRATES: &str = "aws_config=error,aws_runtime=warn,aws_credential_types=warn,\
+    aws_smithy_types=warn,aws_smithy_runtime=warn,aws_smithy_runtime_api=warn,\
+    aws_smithy_http_client=warn,aws_sigv4=warn,aws_sdk_secretsmanager=warn,aws_sdk_sts=warn,aws_sdk_sso=warn,\
+    aws_sdk_ssooidc=warn,hyper=warn,\
+    hyper_util=warn,reqwest=warn,h2=warn,rustls=warn";
+
 fn main() -> ExitCode {
+    // The HTTP and AWS crates stay at warnings whatever DBPROXY_LOG says: their debug and
+    // trace output may carry request and response bodies (secrets, tokens).
+    let filter = format!(
+        "{},{QUIET_CRATES}",
+        std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into())
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DBPROXY_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("info,{QUIET_CRATES}"))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -383,6 +383,28 @@ pub struct Proxy {
     _dir: tempfile::TempDir,
 }
 
+/// Passwords and tokens of the suite that no dbproxy log may contain: the fixtures' own, and
+/// whatever a test adds with [`never_logged`]. Every [`Proxy`] checks its log when dropped.
+pub fn secrets() -> Vec<String> {
+    let mut all: Vec<String> = [APP_PASSWORD, DB_PASSWORD, "sha2-secret", "native-secret"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    all.extend(extra_secrets().lock().unwrap().iter().cloned());
+    all
+}
+
+fn extra_secrets() -> &'static Mutex<Vec<String>> {
+    static EXTRA: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    EXTRA.get_or_init(Mutex::default)
+}
+
+/// Adds `secret` to what no dbproxy log of this test process may contain; returns it.
+pub fn never_logged(secret: &str) -> String {
+    extra_secrets().lock().unwrap().push(secret.to_string());
+    secret.to_string()
+}
+
 /// The dbproxy binary (built by `cargo xtask test`; `DBPROXY_BIN` overrides).
 pub fn dbproxy_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("DBPROXY_BIN") {
@@ -698,8 +720,17 @@ impl Drop for Proxy {
             let _ = c.wait();
         }
         if !std::thread::panicking() {
-            // Every test checks, on its way out, that no check-in was dirty.
+            // Every test checks, on its way out, that no check-in was dirty and that no
+            // password of the suite's reached dbproxy's log.
             self.assert_clean_checkins();
+            let log = self.log();
+            for s in secrets() {
+                assert!(
+                    !log.contains(s.as_str()),
+                    "[{}] a password of the test suite is in dbproxy's log",
+                    self.io
+                );
+            }
         }
     }
 }

@@ -45,6 +45,9 @@ fn a_secrets_manager_rotation_in_either_order_fails_no_client() {
             format!("rot-pw-two-{i}-91c2"),
             format!("rot-pw-three-{i}-c04e"),
         ];
+        for s in pw.iter().map(String::as_str).chain(CLIENT_PW) {
+            never_logged(s);
+        }
         db.root_sql(&format!(
             "CREATE USER {user}@'%' IDENTIFIED BY '{}'; GRANT ALL ON shop.* TO {user}@'%';",
             pw[0]

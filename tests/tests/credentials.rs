@@ -27,7 +27,7 @@ fn hash_password(password: &str) -> String {
 #[test]
 fn users_known_by_their_password_hash_log_in_with_every_plugin() {
     let db = MariaDb::start();
-    let hash = hash_password("hashed-secret");
+    let hash = hash_password(&never_logged("hashed-secret"));
     // The first part is what MariaDB's PASSWORD() computes.
     let native = db.root_sql("SELECT PASSWORD('hashed-secret')");
     assert_eq!(hash.split(' ').next(), Some(native.trim()), "{hash}");
@@ -168,7 +168,11 @@ fn secrets_from_files_environment_and_programs() {
     .unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     // The harness spawns dbproxy with this process's environment.
-    std::env::set_var("DBPROXY_TEST_CLIENT_SECRET", "env-client-secret");
+    never_logged("exec-client-secret");
+    std::env::set_var(
+        "DBPROXY_TEST_CLIENT_SECRET",
+        never_logged("env-client-secret"),
+    );
     let secrets = format!(
         "[[secrets]]\nname = \"db\"\nprovider = \"file\"\npath = \"{}\"\n\n\
          [[secrets]]\nname = \"client\"\nprovider = \"env\"\nvar = \"DBPROXY_TEST_CLIENT_SECRET\"\n\n\
