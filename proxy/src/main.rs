@@ -162,9 +162,14 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(mut cfg) => {
-                let mut errs = proxy::secrets::SecretStore::open(&mut cfg)
-                    .err()
-                    .unwrap_or_default();
+                let mut errs = match proxy::secrets::SecretStore::open(&mut cfg) {
+                    // The JWKS is read as at start.
+                    Ok(store) => proxy::auth::tokens::TokenVerifier::start(&cfg, store.handle())
+                        .err()
+                        .into_iter()
+                        .collect(),
+                    Err(errs) => errs,
+                };
                 errs.extend(proxy::tls::check_files(&cfg));
                 if !errs.is_empty() {
                     eprintln!("{}", errs.join("\n"));

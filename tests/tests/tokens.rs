@@ -113,7 +113,34 @@ jwt_subjects = ["system:serviceaccount:prod:*"]
     );
     let ca_arg = ca.ca.display().to_string();
     let mut seen_secrets: Vec<String> = vec![never_logged(&runner.1), never_logged(&stranger.1)];
+    // The JWKS from a URL too (one driver reads the file, the other the URL).
+    let web_port = free_port();
+    let mut web = Command::new(python());
+    web.args([
+        "-m",
+        "http.server",
+        &web_port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .arg("--directory")
+    .arg(ca.dir.path())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut web = spawn(web);
+    wait_until("the JWKS server", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", web_port)).is_ok()
+    });
     for io in DRIVERS {
+        let sections = if io == "epoll" {
+            sections.replace(
+                &format!("jwks_file = \"{}\"", jwks.display()),
+                &format!("jwks_url = \"http://127.0.0.1:{web_port}/jwks.json\""),
+            )
+        } else {
+            sections.clone()
+        };
+        assert_eq!(sections.contains("jwks_url"), io == "epoll");
         let proxy = Proxy::start_env(db.port, io, &tls, "", &sections, &moto.env());
         let login = |user: &str, password: &str, tls: bool| {
             let mut args = vec!["--enable-cleartext-plugin"];
@@ -231,4 +258,31 @@ jwt_subjects = ["system:serviceaccount:prod:*"]
             );
         }
     }
+    let _ = web.kill();
+    let _ = web.wait();
+
+    // check-config reads the JWKS as the start does, and names the problem.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("dbproxy.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:1\"\ntarget_group = \"g\"\n\
+             [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:1\"]\n\
+             [[users]]\nname = \"u\"\nbackend_password = \"x\"\njwt_subjects = [\"*\"]\n\
+             [jwt]\njwks_file = \"{}/missing.json\"\nissuer = \"i\"\naudience = \"a\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(dbproxy_bin())
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("missing.json"),
+        "{err}"
+    );
 }
