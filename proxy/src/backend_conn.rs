@@ -375,11 +375,29 @@ impl<S: Stream> BackendConn<S> {
         &mut self,
         kind: ResponseKind,
     ) -> Result<Result<Packets, ErrPacket>, BackendError> {
+        self.read_response_until(kind, std::future::pending()).await
+    }
+
+    /// [`Self::read_response`] that gives up (an `Interrupted` I/O error) when `stop`
+    /// resolves, e.g. when the target is found down.
+    pub async fn read_response_until(
+        &mut self,
+        kind: ResponseKind,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<Packets, ErrPacket>, BackendError> {
         let mut tracker = ResponseTracker::new(kind, self.caps);
         let mut packets = Vec::new();
         let mut err = None;
+        tokio::pin!(stop);
         loop {
-            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, None).await?;
+            let h = crate::io::read_packet_until(
+                &mut self.stream,
+                &mut self.buf,
+                MAX_PAYLOAD,
+                None,
+                stop.as_mut(),
+            )
+            .await?;
             let p = &self.buf.filled()[4..h.total()];
             if p.first() == Some(&0xff) && err.is_none() {
                 err = Some(ErrPacket::parse(p)?);
@@ -436,10 +454,20 @@ impl<S: Stream> BackendConn<S> {
     pub async fn read_text_result(
         &mut self,
     ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
-        Ok(match self.read_response(ResponseKind::Query).await? {
-            Ok(p) => Ok(TextResult::parse(&p.0, self.caps)?),
-            Err(e) => Err(e),
-        })
+        self.read_text_result_until(std::future::pending()).await
+    }
+
+    /// [`Self::read_text_result`] that gives up when `stop` resolves.
+    pub async fn read_text_result_until(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
+        Ok(
+            match self.read_response_until(ResponseKind::Query, stop).await? {
+                Ok(p) => Ok(TextResult::parse(&p.0, self.caps)?),
+                Err(e) => Err(e),
+            },
+        )
     }
 
     /// Makes `name` the default database. `Ok(Err(e))`: the server refused (e.g. unknown

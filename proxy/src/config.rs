@@ -267,6 +267,10 @@ pub struct ProxyConfig {
     /// The longest such wait (it doubles from 100 ms); 0 = no throttling.
     #[serde(deserialize_with = "de_duration")]
     pub login_max_delay: Duration,
+    /// SIGTERM drains: new connections are refused, idle clients are told the server is
+    /// going away, transactions in flight may finish for this long; then dbproxy exits.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -290,6 +294,7 @@ impl Default for ProxyConfig {
             tls_key: String::new(),
             login_failure_threshold: 3,
             login_max_delay: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }

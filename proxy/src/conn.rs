@@ -603,24 +603,65 @@ impl<D: Driver> Conn<D> {
         Ok(())
     }
 
+    /// Tells the client the server is going away (dbproxy drains), as MariaDB's shutdown
+    /// error; the session then ends. Sent with sequence id 1, so that a client that sends
+    /// its next command reads it as that command's answer.
+    async fn going_away(&mut self) {
+        let e = ErrPacket::new(
+            errcode::ER_SERVER_SHUTDOWN,
+            "08S01",
+            "Server shutdown in progress (dbproxy is draining)",
+        );
+        let _ = write_packet(&mut self.client, 1, &e.encode()).await;
+    }
+
     async fn run(mut self) {
         let idle = self.shared.config.proxy.idle_client_timeout;
         let slot = self.reg.slot.clone();
         let mut retries = 0;
         while !slot.is_killed() {
+            // Draining: a session that holds nothing (no transaction, no pin) ends now.
+            if self.shared.is_draining() && self.backend.is_none() {
+                self.going_away().await;
+                break;
+            }
             let deadline = tokio::time::Instant::now() + idle;
+            let shared = self.shared.clone();
+            let holds = self.backend.is_some();
+            // The read also ends when the session is killed, or when a drain starts (for a
+            // session in a transaction: at the drain's deadline).
+            let stop = async {
+                tokio::select! {
+                    _ = slot.killed() => {}
+                    _ = async {
+                        shared.draining().await;
+                        if holds {
+                            if let Some(d) = shared.drain_deadline() {
+                                tokio::time::sleep_until(d).await;
+                            }
+                        }
+                    } => {}
+                }
+            };
             let h = match read_packet_until(
                 &mut self.client,
                 &mut self.cbuf,
                 MAX_PAYLOAD,
                 Some(deadline),
-                slot.killed(),
+                stop,
             )
             .await
             {
                 Ok(h) => h,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    tracing::debug!(peer = %self.peer, "session killed");
+                    if slot.is_killed() {
+                        tracing::debug!(peer = %self.peer, "session killed");
+                    } else {
+                        if holds {
+                            tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
+                        }
+                        self.going_away().await;
+                    }
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -1194,7 +1235,16 @@ impl<D: Driver> Conn<D> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        match b.conn.read_text_result().await {
+        // A target that hangs after answering the statement (frozen, black-holed) would hold
+        // this read forever: it ends when the monitor finds the target down.
+        let topology = self.pool.shared.topology.clone();
+        let target = b.target;
+        let down = async move {
+            while !topology.load().is_down(target) {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        };
+        match b.conn.read_text_result_until(down).await {
             Ok(answer) => {
                 let c = self
                     .s

@@ -243,16 +243,30 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            wait_for_signal(&running.shared);
-            tracing::info!("shutting down");
-            running.stop(Duration::from_secs(2));
+            let timeout = running.shared.config.proxy.shutdown_timeout;
+            match wait_for_signal(&running.shared) {
+                Stop::Drain => running.drain(timeout),
+                Stop::Now => {
+                    tracing::info!("shutting down");
+                    running.stop(Duration::from_secs(2));
+                }
+            }
             ExitCode::SUCCESS
         }
     }
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP reloads the TLS certificate meanwhile.
-fn wait_for_signal(shared: &proxy::runtime::ProxyShared) {
+/// How to stop.
+enum Stop {
+    /// SIGTERM: drain (see `Running::drain`).
+    Drain,
+    /// SIGINT: stop at once.
+    Now,
+}
+
+/// Waits for SIGTERM (drain) or SIGINT (stop now); SIGHUP reloads the TLS certificate
+/// meanwhile.
+fn wait_for_signal(shared: &proxy::runtime::ProxyShared) -> Stop {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -274,14 +288,15 @@ fn wait_for_signal(shared: &proxy::runtime::ProxyShared) {
         ) {
             (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
+                    _ = term.recv() => break Stop::Drain,
+                    _ = int.recv() => break Stop::Now,
                     _ = hup.recv() => shared.reload_tls(),
                 }
             },
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
+                Stop::Now
             }
         }
-    });
+    })
 }

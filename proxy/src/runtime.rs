@@ -66,6 +66,11 @@ pub struct ProxyShared {
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
+    /// Draining (SIGTERM): accept nothing more, end sessions at their transaction's end,
+    /// every one by `drain_until`.
+    draining: AtomicBool,
+    drain_notify: tokio::sync::Notify,
+    drain_until: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 impl ProxyShared {
@@ -149,6 +154,9 @@ impl ProxyShared {
             next_id: AtomicU32::new(crate::clients::FIRST_ID),
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
+            draining: AtomicBool::new(false),
+            drain_notify: tokio::sync::Notify::new(),
+            drain_until: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -178,6 +186,34 @@ impl ProxyShared {
     pub fn shut_down(&self) {
         self.shutdown.store(true, Ordering::Release);
         self.shutdown_notify.notify_waiters();
+    }
+
+    /// Starts draining: listeners close, idle sessions are told the server is going away and
+    /// closed, the others when their transaction ends or at `timeout` from now.
+    pub fn start_drain(&self, timeout: Duration) {
+        *self.drain_until.lock() = Some(std::time::Instant::now() + timeout);
+        self.draining.store(true, Ordering::Release);
+        self.drain_notify.notify_waiters();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// When the drain ends sessions whatever they hold.
+    pub fn drain_deadline(&self) -> Option<tokio::time::Instant> {
+        (*self.drain_until.lock()).map(tokio::time::Instant::from_std)
+    }
+
+    /// Resolves once draining starts.
+    pub async fn draining(&self) {
+        loop {
+            let n = self.drain_notify.notified();
+            if self.is_draining() {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+        }
     }
 
     async fn wait_shutdown(&self) {
@@ -225,6 +261,28 @@ pub struct Running {
 }
 
 impl Running {
+    /// SIGTERM: stops accepting, tells idle clients the server is going away, lets
+    /// transactions in flight finish for up to `timeout`, then stops (see [`Self::stop`]).
+    pub fn drain(self, timeout: Duration) {
+        let clients = self.shared.clients.load(Ordering::Acquire);
+        tracing::info!(clients, "draining: new connections refused, clients closed at their transaction's end (shutdown_timeout {timeout:?})");
+        self.shared.start_drain(timeout);
+        let deadline = std::time::Instant::now() + timeout;
+        while self.shared.clients.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match self.shared.clients.load(Ordering::Acquire) {
+            0 => tracing::info!("drained: no client left"),
+            n => tracing::warn!(
+                clients = n,
+                "shutdown_timeout reached: closing the clients still in a transaction (it is rolled back)"
+            ),
+        }
+        self.stop(Duration::from_secs(2));
+    }
+
     /// Stops accepting, closes idle backend connections (COM_QUIT), waits for workers.
     pub fn stop(self, grace: Duration) {
         self.shared.shut_down();
@@ -421,10 +479,15 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
             }
         }));
     }
-    shared.wait_shutdown().await;
+    // Draining or stopping: the listeners close (new connections are refused).
+    tokio::select! {
+        _ = shared.draining() => {}
+        _ = shared.wait_shutdown() => {}
+    }
     for a in accepts {
         a.abort();
     }
+    shared.wait_shutdown().await;
     for pool in pools.values() {
         pool.close_idle().await;
     }

@@ -687,6 +687,30 @@ auth_plugin = "mysql_native_password"
         }
     }
 
+    /// Sends SIGTERM (dbproxy drains) without waiting.
+    pub fn sigterm(&self) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status (`None`: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        poll_until(timeout, || {
+            status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// Stops with SIGTERM (a clean shutdown) and returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
