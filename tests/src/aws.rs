@@ -40,20 +40,25 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// `tests/python/aws_secrets.py` against this server.
-    pub fn secrets(&self, args: &[&str]) {
+    /// `tests/python/aws.py` against this server; its output.
+    fn run(&self, args: &[&str]) -> String {
         let mut all = vec![self.endpoint()];
         all.extend(args.iter().map(|s| s.to_string()));
-        run_python("aws_secrets.py", &all);
+        run_python("aws.py", &all)
+    }
+
+    /// Secrets Manager: `create NAME TEXT`, `put NAME TEXT [pending]`, `promote NAME`.
+    pub fn secrets(&self, args: &[&str]) {
+        self.run(args);
     }
 
     /// Makes an IAM user with an access key; the key (id, secret).
     pub fn iam_user(&self, name: &str) -> (String, String) {
-        let out = run_python("aws_iam.py", &[self.endpoint(), name.to_string()]);
+        let out = self.run(&["iam-user", name]);
         let mut parts = out.split_whitespace().map(str::to_string);
         match (parts.next(), parts.next()) {
             (Some(id), Some(secret)) => (id, secret),
-            _ => panic!("aws_iam.py printed {out:?}"),
+            _ => panic!("aws.py iam-user printed {out:?}"),
         }
     }
 

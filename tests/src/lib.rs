@@ -886,6 +886,51 @@ pub fn sysbench_command(port: u16, password: &str) -> Command {
     c
 }
 
+/// `sysbench <test> prepare` against 127.0.0.1:`port` (see [`sysbench_command`]); panics
+/// with its error output when it fails.
+pub fn sysbench_prepare(port: u16, password: &str, test: &str) {
+    let out = sysbench_command(port, password)
+        .args([test, "prepare"])
+        .output()
+        .expect("sysbench (apt-get install sysbench)");
+    assert!(
+        out.status.success(),
+        "sysbench prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A line of sysbench's report, e.g. `transactions:` (empty when missing).
+pub fn sysbench_field(report: &str, name: &str) -> String {
+    report
+        .lines()
+        .find(|l| l.trim_start().starts_with(name))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// sysbench's report, once it is known to have run without a fatal error; prints
+/// `what` and the transactions, queries and ignored errors.
+pub fn sysbench_report(what: &str, out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "{what} {} | {} | {}",
+        sysbench_field(&text, "transactions:"),
+        sysbench_field(&text, "queries:"),
+        sysbench_field(&text, "ignored errors:")
+    );
+    assert!(
+        out.status.success(),
+        "{what} sysbench failed: {err}\n{text}"
+    );
+    assert!(
+        !text.contains("FATAL") && !err.contains("FATAL"),
+        "{what} {err}"
+    );
+    text
+}
+
 /// Reads whatever arrives on a raw socket until EOF, error or `timeout`.
 pub fn read_some(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
     s.set_read_timeout(Some(timeout)).unwrap();

@@ -500,15 +500,7 @@ fn planned_switchover_under_sysbench_has_no_errors() {
     for io in DRIVERS {
         let pair = Pair::start();
         let proxy = start_proxy(&pair, io, "", "");
-        let out = sysbench_command(proxy.port, APP_PASSWORD)
-            .args(["oltp_read_write", "prepare"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sysbench_prepare(proxy.port, APP_PASSWORD, "oltp_read_write");
         pair.sync();
         let run = sysbench_command(proxy.port, APP_PASSWORD)
             .args([

@@ -9,25 +9,13 @@ fn sysbench(port: u16, password: &str, args: &[&str]) -> std::process::Output {
         .expect("sysbench (apt-get install sysbench)")
 }
 
-fn field(out: &str, name: &str) -> String {
-    out.lines()
-        .find(|l| l.trim_start().starts_with(name))
-        .map(|l| l.trim().to_string())
-        .unwrap_or_default()
-}
-
 /// oltp_read_write with prepared statements through dbproxy on both drivers: sysbench
 /// must finish without errors (deadlocks between its own threads it retries itself, as
 /// "ignored errors"), with at most `max_connections` backend connections.
 fn read_write(threads: u32, max_connections: u32, default_secs: &str) {
     raise_fd_limit();
     let db = MariaDb::start();
-    let prep = sysbench(db.port, DB_PASSWORD, &["oltp_read_write", "prepare"]);
-    assert!(
-        prep.status.success(),
-        "{}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
+    sysbench_prepare(db.port, DB_PASSWORD, "oltp_read_write");
     let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| default_secs.into());
     for io in DRIVERS {
         let pool = format!(
@@ -45,29 +33,17 @@ fn read_write(threads: u32, max_connections: u32, default_secs: &str) {
                 "--db-ps-mode=auto",
             ],
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let err = String::from_utf8_lossy(&out.stderr);
         let opened =
             proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
-        println!(
-            "[{io}] {threads} threads on {opened} backend connections: {} | {} | {}",
-            field(&text, "transactions:"),
-            field(&text, "queries:"),
-            field(&text, "ignored errors:")
-        );
-        assert!(
-            out.status.success(),
-            "[{io}] sysbench failed: {err}\n{text}"
-        );
-        assert!(
-            !text.contains("FATAL") && !err.contains("FATAL"),
-            "[{io}] {err}"
+        let text = sysbench_report(
+            &format!("[{io}] {threads} threads on {opened} backend connections:"),
+            &out,
         );
         assert!(
             opened <= i64::from(max_connections),
             "[{io}] {opened} backend connections"
         );
-        let tx: u64 = field(&text, "transactions:")
+        let tx: u64 = sysbench_field(&text, "transactions:")
             .split_whitespace()
             .nth(1)
             .and_then(|v| v.parse().ok())

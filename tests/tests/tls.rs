@@ -137,15 +137,7 @@ fn a_32_mib_blob_and_sysbench_over_tls() {
     let db = MariaDb::start();
     let ca = TestCa::new("load");
     db.root_sql("CREATE TABLE shop.blobs (id INT PRIMARY KEY, b LONGBLOB) ENGINE=InnoDB");
-    let prep = sysbench_command(db.port, DB_PASSWORD)
-        .args(["oltp_read_write", "prepare"])
-        .output()
-        .expect("sysbench");
-    assert!(
-        prep.status.success(),
-        "{}",
-        String::from_utf8_lossy(&prep.stderr)
-    );
+    sysbench_prepare(db.port, DB_PASSWORD, "oltp_read_write");
     let secs = std::env::var("DBPROXY_SYSBENCH_SECONDS").unwrap_or_else(|_| "5".into());
     for io in DRIVERS {
         db.root_sql("DELETE FROM shop.blobs");
@@ -266,15 +258,7 @@ fn dbproxy_speaks_tls_to_a_server_that_requires_it() {
                 // Load on pooled TLS connections: shared between clients, reset, moved
                 // between cores, checked at every check-in (verify_checkin).
                 if io == DRIVERS[0] {
-                    let prep = sysbench_command(proxy.port, APP_PASSWORD)
-                        .args(["oltp_read_write", "prepare"])
-                        .output()
-                        .unwrap();
-                    assert!(
-                        prep.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&prep.stderr)
-                    );
+                    sysbench_prepare(proxy.port, APP_PASSWORD, "oltp_read_write");
                 }
                 let out = sysbench_command(proxy.port, APP_PASSWORD)
                     .args([

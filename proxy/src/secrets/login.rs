@@ -202,7 +202,6 @@ impl BackendLogin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     #[test]
     fn a_refused_login_tries_the_other_versions_and_keeps_what_worked() {
@@ -219,15 +218,8 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         };
         write("old");
-        let mut cfg = Config::parse(&format!(
+        let mut cfg = crate::secrets::tests::config_with(&format!(
             r#"
-[[endpoints]]
-name = "e"
-listen = "127.0.0.1:6033"
-target_group = "g"
-[[target_groups]]
-name = "g"
-targets = ["127.0.0.1:3306"]
 [[users]]
 name = "app"
 password = "x"
@@ -239,8 +231,7 @@ provider = "file"
 path = "{}"
 "#,
             path.display()
-        ))
-        .unwrap();
+        ));
         let store = SecretStore::open(&mut cfg).unwrap();
         let u = &cfg.users[0];
         let login = BackendLogin::from_values(

@@ -260,6 +260,15 @@ pub fn resolve_with(
 mod tests {
     use super::*;
 
+    /// A configuration with one endpoint and target group, and `rest` (users, secrets).
+    pub(crate) fn config_with(rest: &str) -> Config {
+        Config::parse(&format!(
+            "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:6033\"\ntarget_group = \"g\"\n\
+             [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:3306\"]\n{rest}"
+        ))
+        .unwrap()
+    }
+
     pub(crate) fn spec_of(provider: SecretProvider) -> SecretConfig {
         SecretConfig {
             name: "s".into(),

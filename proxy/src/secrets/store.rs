@@ -213,15 +213,8 @@ mod tests {
 
     #[test]
     fn a_changed_value_keeps_the_one_before_as_previous() {
-        let mut cfg = Config::parse(
+        let mut cfg = crate::secrets::tests::config_with(
             r#"
-[[endpoints]]
-name = "e"
-listen = "127.0.0.1:6033"
-target_group = "g"
-[[target_groups]]
-name = "g"
-targets = ["127.0.0.1:3306"]
 [[users]]
 name = "app"
 password = "x"
@@ -231,8 +224,7 @@ name = "db"
 provider = "exec"
 command = ["printf", "%s", "one"]
 "#,
-        )
-        .unwrap();
+        );
         let store = SecretStore::open(&mut cfg).unwrap();
         assert_eq!(cfg.users[0].backend_password.text(), "one");
         let s = store.get("db").unwrap();

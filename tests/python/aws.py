@@ -1,8 +1,12 @@
-"""Drives moto's Secrets Manager (the stand-in the tests start) with boto3.
+"""Drives moto (the stand-in for AWS the tests start) with boto3.
 
-usage: aws_secrets.py ENDPOINT create NAME TEXT
-       aws_secrets.py ENDPOINT put NAME TEXT [pending]   new version: AWSCURRENT, or AWSPENDING
-       aws_secrets.py ENDPOINT promote NAME              AWSCURRENT moves to the AWSPENDING version
+usage: aws.py ENDPOINT create NAME TEXT            a secret
+       aws.py ENDPOINT put NAME TEXT [pending]     new version: AWSCURRENT, or AWSPENDING
+       aws.py ENDPOINT promote NAME                AWSCURRENT moves to the AWSPENDING version
+       aws.py ENDPOINT iam-user NAME               an IAM user with an access key; prints
+                                                   "ACCESS_KEY_ID SECRET_ACCESS_KEY" (STS then
+                                                   answers requests signed with it with the
+                                                   user's ARN)
 """
 import sys
 
@@ -11,13 +15,20 @@ import boto3
 
 def main():
     endpoint, action, name = sys.argv[1:4]
-    c = boto3.client(
-        "secretsmanager",
+    client = lambda service: boto3.client(
+        service,
         region_name="us-east-1",
         endpoint_url=endpoint,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+    if action == "iam-user":
+        iam = client("iam")
+        iam.create_user(UserName=name)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        print(key["AccessKeyId"], key["SecretAccessKey"])
+        return
+    c = client("secretsmanager")
     if action == "create":
         c.create_secret(Name=name, SecretString=sys.argv[4])
     elif action == "put":
