@@ -108,8 +108,14 @@ refresh = "2s"
         // (Staged and promoted: moto's put_secret_value after a stage move leaves two
         // versions labelled AWSCURRENT.)
         moto.secrets(&["put", &db_id, &db_secret(&user, &pw[2]), "pending"]);
+        let changes = proxy.log().matches("secret changed").count();
         moto.secrets(&["promote", &db_id]);
-        pause(4);
+        wait_until(
+            "dbproxy to refresh the new value",
+            Duration::from_secs(20),
+            || proxy.log().matches("secret changed").count() > changes,
+        );
+        pause(1);
         alter(&pw[2]);
         let out = bench.join().unwrap();
         let text = sysbench_report(&format!("[{io}]"), &out);

@@ -4,7 +4,7 @@
 use mysql::prelude::Queryable;
 use proxy_tests::*;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn rows(db: &MariaDb, table: &str) -> String {
     db.root_sql(&format!("SELECT COUNT(*) FROM shop.{table}"))
@@ -25,7 +25,6 @@ fn sigterm_drains_idle_clients_at_once_and_transactions_at_their_end() {
         tx.query_drop("BEGIN").unwrap();
         tx.query_drop(format!("INSERT INTO {table} VALUES (1)"))
             .unwrap();
-        let started = Instant::now();
         proxy.sigterm();
         wait_until("the listeners to close", Duration::from_secs(5), || {
             TcpStream::connect(("127.0.0.1", proxy.port)).is_err()
@@ -47,9 +46,8 @@ fn sigterm_drains_idle_clients_at_once_and_transactions_at_their_end() {
             status.is_some_and(|s| s.success()),
             "[{io}] dbproxy did not exit cleanly: {status:?}"
         );
-        // Without waiting for shutdown_timeout: every client was gone.
-        assert!(started.elapsed() < Duration::from_secs(20), "[{io}]");
         assert_eq!(rows(&db, &table), "2", "[{io}] the transaction committed");
+        // Not at shutdown_timeout: every client was gone.
         assert!(proxy.log().contains("drained: no client left"), "[{io}]");
     }
 }
