@@ -8,7 +8,7 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -39,6 +39,20 @@ pub struct ClientSlot {
     serving: Mutex<Serving>,
     killed: AtomicBool,
     kill: Notify,
+    /// Where it came from (status): address, endpoint, TLS, when it logged in (seconds
+    /// since the Unix epoch).
+    pub origin: Origin,
+    /// Statements it sent.
+    pub queries: AtomicU64,
+}
+
+/// Where a client came from, for `SHOW CLIENTS` and the status page.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub peer: String,
+    pub endpoint: String,
+    pub tls: bool,
+    pub since: f64,
 }
 
 impl ClientSlot {
@@ -54,7 +68,18 @@ impl ClientSlot {
             }),
             killed: AtomicBool::new(false),
             kill: Notify::new(),
+            origin: Origin::default(),
+            queries: AtomicU64::new(0),
         })
+    }
+
+    /// A slot that says where its client came from.
+    pub fn with_origin(id: u32, user: &str, group: &str, origin: Origin) -> Arc<Self> {
+        let mut s = Self::new(id, user, group);
+        if let Some(slot) = Arc::get_mut(&mut s) {
+            slot.origin = origin;
+        }
+        s
     }
 
     pub fn user(&self) -> String {
@@ -117,6 +142,13 @@ impl Clients {
             clients: self.clone(),
             slot,
         }
+    }
+
+    /// Every session now, by id.
+    pub fn list(&self) -> Vec<Arc<ClientSlot>> {
+        let mut v: Vec<_> = self.by_id.lock().values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<ClientSlot>> {

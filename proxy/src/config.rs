@@ -217,12 +217,20 @@ pub struct GuardConfig {
     pub protect_ports: Vec<u16>,
 }
 
-/// `[admin]`: the metrics endpoint.
+/// `[admin]`: the HTTP endpoint (status page, metrics, status JSON) and the SQL console.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// ip:port for `GET /metrics` (Prometheus text format); empty = off.
+    /// ip:port for HTTP: `GET /` (status page), `/metrics`, `/status`, `/healthz`; empty = off.
     pub listen: String,
+    /// ip:port of the SQL admin console (`SHOW POOLS`, `RELOAD`, ...); empty = off.
+    pub sql_listen: String,
+    /// Who may log in to the SQL console.
+    pub admin_user: String,
+    /// Its password (text or `{ secret = "name" }`); or give `admin_password_hash`.
+    pub admin_password: Value,
+    /// `dbproxy hash-password` output, instead of `admin_password`.
+    pub admin_password_hash: Option<String>,
 }
 
 /// I/O backend of the data path.
@@ -683,6 +691,31 @@ impl Config {
                 "admin.listen: {:?} is not an ip:port address",
                 self.admin.listen
             ));
+        }
+        if !self.admin.sql_listen.is_empty() {
+            if self.admin.sql_listen.parse::<SocketAddr>().is_err() {
+                errs.push(format!(
+                    "admin.sql_listen: {:?} is not an ip:port address",
+                    self.admin.sql_listen
+                ));
+            }
+            if self.admin.admin_user.is_empty() {
+                errs.push("admin.admin_user: needed with sql_listen".into());
+            }
+            let no_password = self.admin.admin_password == Value::default()
+                && self.admin.admin_password_hash.is_none();
+            if no_password {
+                errs.push(
+                    "admin.admin_password: needed with sql_listen (or admin_password_hash)".into(),
+                );
+            }
+            if let Some(h) = &self.admin.admin_password_hash {
+                if crate::mysql::auth::PasswordHash::parse(h).is_err() {
+                    errs.push(
+                        "admin.admin_password_hash: not a dbproxy hash-password output".into(),
+                    );
+                }
+            }
         }
         if self.endpoints.is_empty() {
             errs.push("endpoints: at least one [[endpoints]] is needed".into());

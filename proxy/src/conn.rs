@@ -39,6 +39,7 @@ use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
 use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
+use crate::stats::{EndpointStats, GaugeGuard};
 use crate::topology::Route;
 use std::io;
 use std::net::SocketAddr;
@@ -128,6 +129,14 @@ struct Conn<D: Driver> {
     /// An error the client's next command gets instead of running: its transaction was
     /// lost after its previous statement was answered.
     pending: Option<ErrPacket>,
+    /// The endpoint the client came through (its counters).
+    endpoint: Arc<EndpointStats>,
+    /// Counted in its pool's `in_transaction` gauge.
+    in_tx: bool,
+    /// A client statement is being served: the database's response time is measured.
+    timing: bool,
+    /// When the statement went to the database (until its first response packet).
+    db_sent: Option<std::time::Instant>,
 }
 
 /// Every exit path, a panic included, gives the backend connection back and ends the
@@ -151,43 +160,39 @@ pub async fn serve<D: Driver>(
     mut client: D::Stream,
     peer: SocketAddr,
     tls: ClientTls,
+    endpoint: Arc<EndpointStats>,
 ) {
     let conn_id = shared.next_connection_id();
     let in_use = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
     let _count = ClientCount(&shared);
-    if in_use > shared.config.proxy.max_client_connections {
+    let _open = endpoint.connected();
+    if in_use > shared.config().proxy.max_client_connections {
         let e = ErrPacket::new(errcode::ER_CON_COUNT_ERROR, "08004", "Too many connections");
         let _ = write_packet(&mut client, 0, &e.encode()).await;
         tracing::warn!(%peer, "refused a client: max_client_connections reached");
         return;
     }
-    let deadline = tokio::time::Instant::now() + shared.config.proxy.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + shared.config().proxy.handshake_timeout;
+    let via = Via {
+        tls,
+        endpoint: endpoint.clone(),
+    };
     let Some((mut conn, seq)) =
-        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline, tls).await
+        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline, via).await
     else {
         return;
     };
-    let _tls_count = conn.client.is_tls().then(|| TlsClientCount::new(&shared));
+    let _tls_count = conn
+        .client
+        .is_tls()
+        .then(|| GaugeGuard::new(&endpoint.tls_clients));
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
     // the handshake timeout.
     if !conn.connected(seq).await {
         return;
     }
+    endpoint.setup_succeeded.fetch_add(1, Ordering::Relaxed);
     conn.run().await;
-}
-
-/// Counts a logged-in client that uses TLS while it is connected.
-struct TlsClientCount<'a>(&'a ProxyShared);
-impl<'a> TlsClientCount<'a> {
-    fn new(shared: &'a ProxyShared) -> Self {
-        shared.tls_stats.clients.fetch_add(1, Ordering::Relaxed);
-        TlsClientCount(shared)
-    }
-}
-impl Drop for TlsClientCount<'_> {
-    fn drop(&mut self) {
-        self.0.tls_stats.clients.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 struct ClientCount<'a>(&'a ProxyShared);
@@ -217,6 +222,12 @@ async fn throttled(shared: &ProxyShared, peer: SocketAddr) {
     }
 }
 
+/// The endpoint a client came through: what TLS it allows, its counters.
+struct Via {
+    tls: ClientTls,
+    endpoint: Arc<EndpointStats>,
+}
+
 /// The connection phase, driving the login machine. Returns the connection and the
 /// sequence id of the final OK.
 async fn login<D: Driver>(
@@ -226,7 +237,7 @@ async fn login<D: Driver>(
     peer: SocketAddr,
     conn_id: u32,
     deadline: tokio::time::Instant,
-    tls: ClientTls,
+    Via { tls, endpoint }: Via,
 ) -> Option<(Conn<D>, u8)> {
     let tls = if shared.tls.is_some() {
         tls
@@ -252,7 +263,7 @@ async fn login<D: Driver>(
         {
             Ok(h) => h,
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                let t = shared.config.proxy.handshake_timeout;
+                let t = shared.config().proxy.handshake_timeout;
                 tracing::info!(%peer, "client did not log in within handshake_timeout ({t:?})");
                 return None;
             }
@@ -265,7 +276,7 @@ async fn login<D: Driver>(
                 return None;
             }
         };
-        let mut step = machine.on_packet(&shared.users, h.seq, &cbuf.filled()[4..h.total()]);
+        let mut step = machine.on_packet(&shared.users(), h.seq, &cbuf.filled()[4..h.total()]);
         cbuf.consume(h.total());
         if let LoginStep::VerifyToken { user, token } = step {
             let verdict =
@@ -308,6 +319,7 @@ async fn login<D: Driver>(
             LoginStep::Refused { seq, err, log } => {
                 let denied = err.code == errcode::ER_ACCESS_DENIED_ERROR;
                 if denied {
+                    endpoint.setup_failed_auth.fetch_add(1, Ordering::Relaxed);
                     throttled(&shared, peer).await;
                     shared.throttle.failed(peer.ip(), std::time::Instant::now());
                 }
@@ -324,8 +336,14 @@ async fn login<D: Driver>(
                 }
                 let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
                 s.ext_caps = a.ext_caps;
-                s.exclude_variable_sets = pool.shared.exclude_variable_sets;
-                let slot = ClientSlot::new(conn_id, &s.user.name, &pool.shared.id);
+                s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
+                let origin = crate::clients::Origin {
+                    peer: peer.to_string(),
+                    endpoint: endpoint.name.clone(),
+                    tls: client.is_tls(),
+                    since: crate::stats::unix_now(),
+                };
+                let slot = ClientSlot::with_origin(conn_id, &s.user.name, &pool.shared.id, origin);
                 let conn = Conn {
                     reg: shared.sessions.register(slot),
                     busy: false,
@@ -343,6 +361,10 @@ async fn login<D: Driver>(
                     retry: Vec::new(),
                     retryable: false,
                     pending: None,
+                    endpoint,
+                    in_tx: false,
+                    timing: false,
+                    db_sent: None,
                 };
                 return Some((conn, ok_seq));
             }
@@ -616,7 +638,6 @@ impl<D: Driver> Conn<D> {
     }
 
     async fn run(mut self) {
-        let idle = self.shared.config.proxy.idle_client_timeout;
         let slot = self.reg.slot.clone();
         let mut retries = 0;
         while !slot.is_killed() {
@@ -625,7 +646,9 @@ impl<D: Driver> Conn<D> {
                 self.going_away().await;
                 break;
             }
-            let deadline = tokio::time::Instant::now() + idle;
+            // Read each time: a reload may change it.
+            let deadline =
+                tokio::time::Instant::now() + self.shared.config().proxy.idle_client_timeout;
             let shared = self.shared.clone();
             let holds = self.backend.is_some();
             // The read also ends when the session is killed, or when a drain starts (for a
@@ -680,6 +703,15 @@ impl<D: Driver> Conn<D> {
                     break;
                 }
             };
+            // PAUSE: a session between transactions waits with its statement (KILL and the
+            // drain still end it).
+            if self.backend.is_none() && self.shared.is_paused() {
+                let _held = GaugeGuard::new(&self.shared.held);
+                tokio::select! {
+                    _ = self.shared.resumed() => {}
+                    _ = slot.killed() => break,
+                }
+            }
             let _active = crate::io::Active::enter();
             self.busy = true;
             // An empty packet has no command byte (what follows it in the buffer is the
@@ -689,6 +721,12 @@ impl<D: Driver> Conn<D> {
             } else {
                 self.cbuf.filled().get(4).copied()
             };
+            let timed = matches!(
+                command,
+                Some(com::QUERY | com::STMT_EXECUTE | com::STMT_BULK_EXECUTE)
+            )
+            .then(std::time::Instant::now);
+            self.timing = timed.is_some();
             // A statement that will run on a connection borrowed for it alone is kept, to be
             // sent again if it does not run (see `SessionEnd::Retry`).
             self.retryable = self.backend.is_none()
@@ -827,6 +865,14 @@ impl<D: Driver> Conn<D> {
                     break;
                 }
             }
+            if let Some(t) = timed {
+                self.reg.slot.queries.fetch_add(1, Ordering::Relaxed);
+                self.endpoint.queries.fetch_add(1, Ordering::Relaxed);
+                self.endpoint.query_latency.observe(t.elapsed());
+            }
+            self.timing = false;
+            self.db_sent = None;
+            self.note_transaction();
             self.retryable = false;
             self.busy = false;
             self.cbuf.shrink(CLIENT_BUF);
@@ -838,9 +884,31 @@ impl<D: Driver> Conn<D> {
         }
     }
 
+    /// Keeps the pool's `in_transaction` gauge: this session holds a connection in an
+    /// open transaction.
+    fn note_transaction(&mut self) {
+        let now = self.backend.is_some() && self.s.status & status::IN_TRANS != 0;
+        if now != self.in_tx {
+            self.in_tx = now;
+            let d = if now { 1 } else { -1 };
+            self.pool
+                .shared
+                .stats
+                .in_transaction
+                .fetch_add(d, Ordering::Relaxed);
+        }
+    }
+
     /// The session is over: its backend connection goes back, reset if the client left
     /// anything behind (a transaction, pins, one-shots meant for it).
     fn finish(&mut self) {
+        if std::mem::take(&mut self.in_tx) {
+            self.pool
+                .shared
+                .stats
+                .in_transaction
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         let clean = self.s.releasable();
         let ended = self.s.pins.clear();
         self.count(PinChanges {
@@ -897,7 +965,7 @@ impl<D: Driver> Conn<D> {
         loop {
             payload.extend_from_slice(&self.cbuf.filled()[4..h.total()]);
             self.cbuf.consume(h.total());
-            if payload.len() as u64 > self.shared.config.proxy.max_allowed_packet {
+            if payload.len() as u64 > self.shared.config().proxy.max_allowed_packet {
                 return Err(self.too_large(h.seq, payload.len()).await);
             }
             if !h.continues() {
@@ -1313,7 +1381,7 @@ impl<D: Driver> Conn<D> {
 
     /// Sends the command packet(s) in `cbuf` to the backend, enforcing max_allowed_packet.
     async fn send_command(&mut self, mut h: Header) -> Result<(), SessionEnd> {
-        let limit = self.shared.config.proxy.max_allowed_packet;
+        let limit = self.shared.config().proxy.max_allowed_packet;
         let mut total = 0u64;
         loop {
             total += h.len as u64;
@@ -1343,6 +1411,7 @@ impl<D: Driver> Conn<D> {
                 return Err(self.backend_lost(h.seq, &e.to_string()).await);
             }
             if !h.continues() {
+                self.sent_statement();
                 return Ok(());
             }
             h = match read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD).await {
@@ -1390,7 +1459,24 @@ impl<D: Driver> Conn<D> {
             }
             return Err(self.backend_lost(seq, &e.to_string()).await);
         }
+        self.sent_statement();
         Ok(())
+    }
+
+    /// A client statement (or what dbproxy sends for it) went to the database: its
+    /// response time runs from now to the first packet back.
+    fn sent_statement(&mut self) {
+        if self.timing && self.db_sent.is_none() {
+            self.db_sent = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The first response packet to a timed statement arrived.
+    fn first_response(&mut self) {
+        if let Some(t) = self.db_sent.take() {
+            self.timing = false;
+            self.pool.shared.stats.db_latency.observe(t.elapsed());
+        }
     }
 
     /// Reads a small response whole, changes it with `transform`, and sends it to the client.
@@ -1412,6 +1498,7 @@ impl<D: Driver> Conn<D> {
         };
         let caps = b.caps;
         self.backend = Some(b);
+        self.first_response();
         let (out, outcome) = match packets {
             Ok(p) => match TextResult::parse(&p.0, caps) {
                 Ok(r) => {
@@ -1570,6 +1657,9 @@ impl<D: Driver> Conn<D> {
                 let Some(h) = complete_packet(&b.conn.buf.filled()[scanned..]) else {
                     break;
                 };
+                if self.db_sent.is_some() {
+                    self.first_response();
+                }
                 let (start, p0, end) = (scanned, scanned + 4, scanned + h.total());
                 if std::mem::take(&mut first) && read_only_refusal(&b.conn.buf.filled()[p0..end]) {
                     return Err(RelayError::ReadOnly);
@@ -1861,6 +1951,12 @@ impl<D: Driver> Conn<D> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
+        let stats = &self.pool.shared.stats;
+        if b.conn.stmts.get_mut(&key).is_some() {
+            stats.stmt_cache_hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.stmt_reprepares.fetch_add(1, Ordering::Relaxed);
+        }
         match b.conn.prepare(&key).await {
             Ok(r) => {
                 self.s.backend_used();
@@ -2165,7 +2261,7 @@ impl<D: Driver> Conn<D> {
         };
         let ip = self.peer.ip().to_string();
         let (mut auth, mut step) = Authentication::start(
-            &self.shared.users,
+            &self.shared.users(),
             &cu.user,
             cu.auth_plugin.as_deref(),
             &cu.auth_response,

@@ -50,11 +50,33 @@ pub enum GuardError {
     Map(String),
 }
 
-/// Counters the guard keeps (read by metrics).
-#[derive(Debug, Default)]
+/// Counters the guard keeps (read by metrics and status).
+#[derive(Debug)]
 pub struct GuardStats {
     pub denials: AtomicU64,
     pub protected: AtomicU64,
+    /// The last refused connect() calls.
+    pub recent: crate::stats::Recent<Denial>,
+}
+
+impl Default for GuardStats {
+    fn default() -> Self {
+        GuardStats {
+            denials: AtomicU64::new(0),
+            protected: AtomicU64::new(0),
+            recent: crate::stats::Recent::new(20),
+        }
+    }
+}
+
+/// A connect() to the database the kernel refused.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Denial {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub destination: String,
 }
 
 /// The guard's protected destinations, which follow the targets' addresses.
@@ -415,6 +437,12 @@ fn read_events(
                 _ => SocketAddr::new(IpAddr::from(e.addr), u16::from_be(e.port)),
             };
             tracing::warn!(pid = e.pid, comm = %comm, cgroup_id = e.cgroup_id, destination = %dest, "guard: refused a connect() to the database");
+            stats.recent.push(Denial {
+                at: crate::stats::unix_now(),
+                pid: e.pid,
+                comm: comm.to_string(),
+                destination: dest.to_string(),
+            });
         }
         if let Some(l) = logger.as_mut() {
             l.flush();

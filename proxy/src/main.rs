@@ -71,11 +71,18 @@ enum Command {
         #[arg(long, default_value_t = 900)]
         expires_in: u64,
     },
-    /// Print a running dbproxy's metrics (pins by reason, pool, clients).
+    /// Print a running dbproxy's status as tables: endpoints, targets, pools, pins,
+    /// recent failovers, the guard.
     Status {
         /// The `[admin] listen` address of the running dbproxy.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: String,
+        /// Print `/status` as JSON instead.
+        #[arg(long, conflicts_with = "metrics")]
+        json: bool,
+        /// Print `/metrics` instead.
+        #[arg(long)]
+        metrics: bool,
     },
 }
 
@@ -211,16 +218,34 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin } => match proxy::admin::fetch(&admin) {
-            Ok(text) => {
+        Command::Status {
+            admin,
+            json,
+            metrics,
+        } => {
+            let path = if metrics { "/metrics" } else { "/status" };
+            let text = match proxy::admin::fetch(&admin, path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("cannot read {admin}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if json || metrics {
                 print!("{text}");
-                ExitCode::SUCCESS
+                return ExitCode::SUCCESS;
             }
-            Err(e) => {
-                eprintln!("cannot read {admin}: {e}");
-                ExitCode::FAILURE
+            match serde_json::from_str::<proxy::admin::status::Status>(&text) {
+                Ok(s) => {
+                    print!("{}", proxy::admin::status::render_tables(&s));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{admin} answered something that is not dbproxy's status: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Run { config } => {
             let mut cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -243,9 +268,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let timeout = running.shared.config.proxy.shutdown_timeout;
+            running.shared.set_config_path(&config);
             match wait_for_signal(&running.shared) {
-                Stop::Drain => running.drain(timeout),
+                Stop::Drain => {
+                    // As configured now (a reload may have changed it).
+                    let timeout = running.shared.config().proxy.shutdown_timeout;
+                    running.drain(timeout)
+                }
                 Stop::Now => {
                     tracing::info!("shutting down");
                     running.stop(Duration::from_secs(2));
@@ -264,9 +293,9 @@ enum Stop {
     Now,
 }
 
-/// Waits for SIGTERM (drain) or SIGINT (stop now); SIGHUP reloads the TLS certificate
-/// meanwhile.
-fn wait_for_signal(shared: &proxy::runtime::ProxyShared) -> Stop {
+/// Waits for SIGTERM (drain) or SIGINT (stop now); SIGHUP reloads the configuration
+/// meanwhile (see `ProxyShared::reload`).
+fn wait_for_signal(shared: &std::sync::Arc<proxy::runtime::ProxyShared>) -> Stop {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -290,7 +319,16 @@ fn wait_for_signal(shared: &proxy::runtime::ProxyShared) -> Stop {
                 tokio::select! {
                     _ = term.recv() => break Stop::Drain,
                     _ = int.recv() => break Stop::Now,
-                    _ = hup.recv() => shared.reload_tls(),
+                    _ = hup.recv() => {
+                        // Off this runtime: a reload may block on reading secrets.
+                        let sh = shared.clone();
+                        let done = tokio::task::spawn_blocking(move || sh.reload()).await;
+                        match done {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::error!("SIGHUP: configuration not reloaded, the running one stays: {e}"),
+                            Err(e) => tracing::error!("SIGHUP: the reload stopped: {e}"),
+                        }
+                    }
                 }
             },
             _ => {

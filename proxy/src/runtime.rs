@@ -41,8 +41,13 @@ pub enum StartError {
 
 /// State every worker shares: configuration, users, target groups, counters.
 pub struct ProxyShared {
-    pub config: Config,
-    pub users: Users,
+    /// The configuration in force (a reload swaps it; see [`crate::reload`]).
+    config: arc_swap::ArcSwap<Config>,
+    users: arc_swap::ArcSwap<Users>,
+    /// The file the configuration came from (reloads read it again).
+    config_path: parking_lot::Mutex<Option<std::path::PathBuf>>,
+    /// One reload at a time.
+    reloading: parking_lot::Mutex<()>,
     /// Pools by [`GroupShared::id`]: each target group's writer pool, and its reader pool
     /// when a read-only endpoint uses the group.
     pub groups: HashMap<String, Arc<GroupShared>>,
@@ -52,6 +57,10 @@ pub struct ProxyShared {
     pub guard: Option<Arc<GuardStats>>,
     /// Client connections open now.
     pub clients: AtomicUsize,
+    /// Each endpoint's client counters, in the configuration's order.
+    pub endpoints: Vec<Arc<crate::stats::EndpointStats>>,
+    /// When dbproxy started (status).
+    pub started: std::time::Instant,
     /// Client sessions by greeting id (KILL).
     pub sessions: Arc<crate::clients::Clients>,
     /// dbproxy's certificate for clients, when one is configured.
@@ -70,6 +79,11 @@ pub struct ProxyShared {
     /// every one by `drain_until`.
     draining: AtomicBool,
     drain_notify: tokio::sync::Notify,
+    /// `PAUSE`: statements of sessions that hold no database connection wait.
+    paused: AtomicBool,
+    resume_notify: tokio::sync::Notify,
+    /// Statements waiting for `RESUME` now.
+    pub held: std::sync::atomic::AtomicI64,
     drain_until: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
@@ -136,11 +150,32 @@ impl ProxyShared {
             config.proxy.login_failure_threshold,
             config.proxy.login_max_delay,
         );
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let role = match e.role {
+                    crate::config::Role::ReadWrite => "read_write",
+                    crate::config::Role::ReadOnly => "read_only",
+                };
+                Arc::new(crate::stats::EndpointStats::new(
+                    &e.name,
+                    &e.listen,
+                    &e.target_group,
+                    role,
+                ))
+            })
+            .collect();
+        let users = Users::with_secrets(&config.users, secrets.as_ref());
         Ok(Arc::new(ProxyShared {
-            users: Users::with_secrets(&config.users, secrets.as_ref()),
+            endpoints,
+            started: std::time::Instant::now(),
+            users: arc_swap::ArcSwap::from_pointee(users),
             tokens,
             secrets,
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
+            config_path: parking_lot::Mutex::new(None),
+            reloading: parking_lot::Mutex::new(()),
             throttle,
             groups,
             topologies,
@@ -156,6 +191,9 @@ impl ProxyShared {
             shutdown_notify: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
             drain_notify: tokio::sync::Notify::new(),
+            paused: AtomicBool::new(false),
+            resume_notify: tokio::sync::Notify::new(),
+            held: std::sync::atomic::AtomicI64::new(0),
             drain_until: parking_lot::Mutex::new(None),
         }))
     }
@@ -169,12 +207,65 @@ impl ProxyShared {
         };
         match t.reload() {
             Ok(()) => {
-                tracing::info!(cert = %self.config.proxy.tls_cert, "TLS certificate reloaded")
+                tracing::info!(cert = %self.config().proxy.tls_cert, "TLS certificate reloaded")
             }
             Err(e) => {
                 tracing::error!("TLS certificate not reloaded, the previous one stays in use: {e}")
             }
         }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The users in force.
+    pub fn users(&self) -> arc_swap::Guard<Arc<Users>> {
+        self.users.load()
+    }
+
+    /// Where the configuration was read from (`RELOAD` and SIGHUP read it again).
+    pub fn set_config_path(&self, path: &std::path::Path) {
+        *self.config_path.lock() = Some(path.to_path_buf());
+    }
+
+    /// Reads the configuration file again and applies what can change while clients stay
+    /// connected: users and passwords, pool sizes and timeouts, `[proxy]` limits, the TLS
+    /// certificate. An invalid file changes nothing. Returns what changed (and what needs a
+    /// restart); blocks (secrets may be read), so call it off the data path.
+    pub fn reload(&self) -> Result<String, String> {
+        let _one = self.reloading.lock();
+        let path = self
+            .config_path
+            .lock()
+            .clone()
+            .ok_or("dbproxy was not started from a configuration file")?;
+        let mut new = Config::load(&path).map_err(|e| e.to_string())?;
+        if let Some(store) = &self.secrets {
+            store.resolve(&mut new).map_err(|e| e.join("; "))?;
+        } else if !new.secrets.is_empty() {
+            return Err("[[secrets]] were added: restart dbproxy to use them".into());
+        }
+        let old = self.config.load_full();
+        let plan = crate::reload::plan(&old, new);
+        let users = Users::reloaded(&plan.config.users, self.secrets.as_ref(), &self.users());
+        for g in &plan.config.target_groups {
+            for pool in self.groups.values().filter(|p| p.name == g.name) {
+                pool.reconfigure(g);
+            }
+        }
+        self.users.store(Arc::new(users));
+        let report = plan.report();
+        for r in &plan.restart_needed {
+            tracing::warn!("reload: {r} changed; it takes effect at the next restart");
+        }
+        self.config.store(Arc::new(plan.config));
+        if self.tls.is_some() {
+            self.reload_tls();
+        }
+        tracing::info!("configuration reloaded from {}: {report}", path.display());
+        Ok(report)
     }
 
     /// A connection id for a client's greeting.
@@ -194,6 +285,30 @@ impl ProxyShared {
         *self.drain_until.lock() = Some(std::time::Instant::now() + timeout);
         self.draining.store(true, Ordering::Release);
         self.drain_notify.notify_waiters();
+    }
+
+    /// `PAUSE` (`true`) or `RESUME` (`false`); whether it changed anything.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        let was = self.paused.swap(paused, Ordering::AcqRel);
+        if !paused {
+            self.resume_notify.notify_waiters();
+        }
+        was != paused
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Resolves once not paused (or draining or stopping: the session then ends).
+    pub async fn resumed(&self) {
+        loop {
+            let n = self.resume_notify.notified();
+            if !self.is_paused() || self.is_draining() || self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -341,20 +456,30 @@ pub fn start(
     }
     start_monitor(&shared, guard.as_ref().map(|g| g.protected.clone()))?;
     learn_server_profiles(&shared);
-    if !shared.config.admin.listen.is_empty() {
-        let addr: SocketAddr = shared.config.admin.listen.parse().map_err(|_| {
-            StartError::Config(format!("bad admin.listen {}", shared.config.admin.listen))
-        })?;
-        crate::admin::start(addr, shared.clone()).map_err(|source| StartError::Listen {
+    let cfg = shared.config();
+    let admin_addr = |key: &str, v: &str| -> Result<Option<SocketAddr>, StartError> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.parse()
+            .map(Some)
+            .map_err(|_| StartError::Config(format!("bad {key} {v}")))
+    };
+    let http = admin_addr("admin.listen", &cfg.admin.listen)?;
+    let sql = admin_addr("admin.sql_listen", &cfg.admin.sql_listen)?;
+    if http.is_some() || sql.is_some() {
+        crate::admin::start(http, sql, shared.clone()).map_err(|source| StartError::Listen {
             endpoint: "admin".into(),
-            addr,
+            addr: http
+                .or(sql)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             source,
         })?;
     }
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut ls = Vec::new();
-        for e in &shared.config.endpoints {
+        for (e, stats) in cfg.endpoints.iter().zip(&shared.endpoints) {
             let addr: SocketAddr = e
                 .listen
                 .parse()
@@ -368,7 +493,7 @@ pub fn start(
                 crate::config::Role::ReadWrite => e.target_group.clone(),
                 crate::config::Role::ReadOnly => format!("{}/read_only", e.target_group),
             };
-            let tls = match e.tls_mode(&shared.config.proxy) {
+            let tls = match e.tls_mode(&cfg.proxy) {
                 crate::config::ClientTls::Disabled => ClientTls::Off,
                 crate::config::ClientTls::Optional => ClientTls::Offered,
                 crate::config::ClientTls::Required => ClientTls::Required,
@@ -377,6 +502,7 @@ pub fn start(
                 pool,
                 tls,
                 socket: l,
+                stats: stats.clone(),
             });
         }
         per_worker.push(ls);
@@ -393,7 +519,7 @@ pub fn start(
             .map_err(StartError::Thread)?;
         threads.push(t);
     }
-    for e in &shared.config.endpoints {
+    for e in &cfg.endpoints {
         tracing::info!(endpoint = %e.name, listen = %e.listen, io = ?io, workers, "dbproxy listening");
     }
     Ok(Running {
@@ -410,6 +536,7 @@ struct Listener {
     pool: String,
     tls: ClientTls,
     socket: std::net::TcpListener,
+    stats: Arc<crate::stats::EndpointStats>,
 }
 
 fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
@@ -445,7 +572,13 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
         pools.insert(name.clone(), pool);
     }
     let mut accepts = Vec::new();
-    for Listener { pool, tls, socket } in listeners {
+    for Listener {
+        pool,
+        tls,
+        socket,
+        stats,
+    } in listeners
+    {
         let group = pool;
         let listener = match D::listener(socket) {
             Ok(l) => l,
@@ -468,6 +601,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                             stream,
                             peer,
                             tls,
+                            stats.clone(),
                         ));
                     }
                     Err(e) => {
@@ -501,7 +635,7 @@ fn start_monitor(
     guard: Option<Arc<crate::guard::Protected>>,
 ) -> Result<(), StartError> {
     let mut monitors = Vec::new();
-    for g in &shared.config.target_groups {
+    for g in &shared.config().target_groups {
         let Some(topology) = shared.topologies.get(&g.name) else {
             continue;
         };
@@ -536,7 +670,7 @@ fn start_monitor(
         guard.map(|p| Arc::new(move |a| p.protect(a)) as _);
     crate::topology::monitor::start(monitors, Arc::new(SystemResolver), on_address)
         .map_err(StartError::Thread)?;
-    for g in &shared.config.target_groups {
+    for g in &shared.config().target_groups {
         let Some(t) = shared.topologies.get(&g.name) else {
             continue;
         };
@@ -582,8 +716,9 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
             continue;
         };
         let res = rt.block_on(async {
-            tokio::time::timeout(g.connect_timeout, async {
-                let deadline = tokio::time::Instant::now() + g.connect_timeout;
+            let connect_timeout = g.settings().connect_timeout;
+            tokio::time::timeout(connect_timeout, async {
+                let deadline = tokio::time::Instant::now() + connect_timeout;
                 let tls = crate::backend_conn::TlsTo::for_addr(&g.backend_tls, &name, &addr);
                 let (conn, profile) = crate::backend_conn::connect_login(
                     || Epoll::connect(&addr),
@@ -618,11 +753,8 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
 /// The first user's database login (the monitor's and the profile probe's when no
 /// monitor user is set).
 fn first_login(shared: &ProxyShared) -> Option<Arc<crate::secrets::BackendLogin>> {
-    let u = shared.config.users.first()?;
-    shared
-        .users
-        .get(u.name.as_bytes())
-        .map(|u| u.backend.clone())
+    let u = shared.config().users.first()?.name.clone();
+    shared.users().get(u.as_bytes()).map(|u| u.backend.clone())
 }
 
 /// Raises the open-files limit to its hard maximum: every client and backend connection

@@ -486,6 +486,19 @@ impl Proxy {
         sections: &str,
         env: &[(&str, String)],
     ) -> Proxy {
+        Self::start_admin(target_port, io, proxy_extra, group_extra, "", sections, env)
+    }
+
+    /// [`Self::start_env`] with extra `[admin]` lines (the SQL console).
+    pub fn start_admin(
+        target_port: u16,
+        io: &str,
+        proxy_extra: &str,
+        group_extra: &str,
+        admin_extra: &str,
+        sections: &str,
+        env: &[(&str, String)],
+    ) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("dbproxy-conf-")
             .tempdir()
@@ -501,6 +514,7 @@ io = "{io}"
 
 [admin]
 listen = "127.0.0.1:{admin}"
+{admin_extra}
 
 [[endpoints]]
 name = "default"
@@ -615,24 +629,44 @@ auth_plugin = "mysql_native_password"
 
     /// One metric's value: `name` with its labels, e.g.
     /// `dbproxy_pins_total{target_group="default",reason="cursor"}`.
+    /// Without labels, `series` is the sum over all of its label sets (e.g.
+    /// `dbproxy_client_connections` of every endpoint).
     pub fn metric(&self, series: &str) -> i64 {
         let text = self.metrics();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+        let value = |v: &str| v.trim().parse::<f64>().ok().map(|f| f as i64);
+        let found: Vec<i64> = if series.contains('{') {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(series).and_then(value))
+                .collect()
+        } else {
+            text.lines()
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(series)?;
+                    let v = match rest.strip_prefix('{') {
+                        Some(r) => r.split_once("} ")?.1,
+                        None => rest.strip_prefix(' ')?,
+                    };
+                    value(v)
+                })
+                .collect()
+        };
+        if found.is_empty() {
+            panic!("no metric {series} in:\n{text}");
+        }
+        found.iter().sum()
     }
 
     /// `dbproxy_pins_total` for `reason` in the default target group.
     pub fn pins_started(&self, reason: &str) -> i64 {
         self.metric(&format!(
-            "dbproxy_pins_total{{target_group=\"default\",reason=\"{reason}\"}}"
+            "dbproxy_pins_total{{target_group=\"default\",target_role=\"read_write\",reason=\"{reason}\"}}"
         ))
     }
 
     /// `dbproxy_pinned_clients` for `reason` in the default target group.
     pub fn pinned_now(&self, reason: &str) -> i64 {
         self.metric(&format!(
-            "dbproxy_pinned_clients{{target_group=\"default\",reason=\"{reason}\"}}"
+            "dbproxy_pinned_clients{{target_group=\"default\",target_role=\"read_write\",reason=\"{reason}\"}}"
         ))
     }
 
@@ -640,8 +674,8 @@ auth_plugin = "mysql_native_password"
     /// record (`verify_checkin`, on for every dbproxy the tests start).
     pub fn checkin_verification(&self) -> (i64, i64) {
         (
-            self.metric("dbproxy_checkins_verified_total{target_group=\"default\"}"),
-            self.metric("dbproxy_checkin_violations_total{target_group=\"default\"}"),
+            self.metric("dbproxy_checkins_verified_total{target_group=\"default\",target_role=\"read_write\"}"),
+            self.metric("dbproxy_checkin_violations_total{target_group=\"default\",target_role=\"read_write\"}"),
         )
     }
 

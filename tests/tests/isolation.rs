@@ -80,7 +80,7 @@ fn two_tenants_read_only_their_own_rows_with_the_binary_protocol() {
         );
         holder.query_drop("COMMIT").unwrap();
         let prepares: i64 =
-            proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
+            proxy.metric("dbproxy_database_connections_setup_succeeded_total{target_group=\"default\",target_role=\"read_write\"}");
         assert!(prepares <= 2, "[{io}] {prepares} connections");
     }
 }
@@ -239,8 +239,8 @@ fn an_autocommit_insert_loop_never_holds_a_connection_while_idle() {
             t.join().unwrap();
         }
         let waited_over_1s = proxy
-            .metric("dbproxy_borrow_wait_seconds_count{target_group=\"default\"}")
-            - proxy.metric("dbproxy_borrow_wait_seconds_bucket{target_group=\"default\",le=\"1\"}");
+            .metric("dbproxy_database_connections_borrow_latency_seconds_count{target_group=\"default\",target_role=\"read_write\"}")
+            - proxy.metric("dbproxy_database_connections_borrow_latency_seconds_bucket{le=\"1.0\",target_group=\"default\",target_role=\"read_write\"}");
         println!(
             "[{io}] {} inserts by 50 clients in {:?} with 10 transactional clients on 8 connections; borrows that waited over 1 s: {waited_over_1s}",
             inserts.load(Ordering::Relaxed),

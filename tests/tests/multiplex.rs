@@ -76,7 +76,7 @@ fn two_thousand_clients_on_twenty_backend_connections() {
             "[{io}]"
         );
         let opened =
-            proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
+            proxy.metric("dbproxy_database_connections_setup_succeeded_total{target_group=\"default\",target_role=\"read_write\"}");
         println!("[{io}] {clients} concurrent clients: backend connections opened {opened}, peak Threads_connected {peak}");
         assert!(opened <= 20, "[{io}] opened {opened} backend connections");
         // 20 pooled connections, the sampler's own, and dbproxy's health check (outside

@@ -228,7 +228,7 @@ fn pings_are_answered_without_a_backend_connection() {
         }
         // Every backend connection is inside a transaction: a ping that borrowed one would
         // wait for connection_borrow_timeout.
-        let borrows = proxy.metric("dbproxy_borrows_total{target_group=\"default\"}");
+        let borrows = proxy.metric("dbproxy_database_connection_requests_total{target_group=\"default\",target_role=\"read_write\"}");
         let t0 = Instant::now();
         for _ in 0..20 {
             pinger.ping().unwrap();
@@ -238,7 +238,7 @@ fn pings_are_answered_without_a_backend_connection() {
             "[{io}] pings waited"
         );
         assert_eq!(
-            proxy.metric("dbproxy_borrows_total{target_group=\"default\"}"),
+            proxy.metric("dbproxy_database_connection_requests_total{target_group=\"default\",target_role=\"read_write\"}"),
             borrows,
             "[{io}] pings borrowed"
         );
@@ -371,8 +371,8 @@ fn random_malformed_packets_never_take_a_session_down_uncleanly() {
             "every backend connection back",
             Duration::from_secs(15),
             || {
-                proxy.metric("dbproxy_backend_connections{target_group=\"default\"}")
-                    == proxy.metric("dbproxy_backend_connections_idle{target_group=\"default\"}")
+                proxy.metric("dbproxy_database_connections{target_group=\"default\",target_role=\"read_write\"}")
+                    == proxy.metric("dbproxy_database_connections_idle{target_group=\"default\",target_role=\"read_write\"}")
             },
         );
     }

@@ -34,7 +34,7 @@ fn read_write(threads: u32, max_connections: u32, default_secs: &str) {
             ],
         );
         let opened =
-            proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}");
+            proxy.metric("dbproxy_database_connections_setup_succeeded_total{target_group=\"default\",target_role=\"read_write\"}");
         let text = sysbench_report(
             &format!("[{io}] {threads} threads on {opened} backend connections:"),
             &out,

@@ -58,12 +58,12 @@ fn unix_socket_target_serves_transactions_statements_and_moves_between_cores() {
             "[{io}] backend connections: {hosts}"
         );
         assert_eq!(
-            proxy.metric("dbproxy_backend_connections_opened_total{target_group=\"default\"}"),
+            proxy.metric("dbproxy_database_connections_setup_succeeded_total{target_group=\"default\",target_role=\"read_write\"}"),
             1,
             "[{io}]"
         );
         let moved =
-            proxy.metric("dbproxy_connections_moved_between_cores_total{target_group=\"default\"}");
+            proxy.metric("dbproxy_connections_moved_between_cores_total{target_group=\"default\",target_role=\"read_write\"}");
         println!("[{io}] 1000 transactions over one Unix socket connection, moved between cores {moved} times");
         assert!(
             moved >= 1,

@@ -547,7 +547,8 @@ pub fn bench(args: &[String]) -> Result {
     let login_secs = t0.elapsed().as_secs_f64();
     // Every client dbproxy accepted is counted before its memory is read.
     let settled = poll_until(Duration::from_secs(10), || {
-        metric(admin_port, "dbproxy_client_connections") == Some(idle.len() as f64)
+        metric(admin_port, "dbproxy_client_connections{endpoint=\"bench\"}")
+            == Some(idle.len() as f64)
     });
     if !settled {
         eprintln!("xtask: dbproxy did not report {} clients", idle.len());
@@ -555,7 +556,7 @@ pub fn bench(args: &[String]) -> Result {
     let rss1 = rss_kib(proxy.id());
     let backends = metric(
         admin_port,
-        "dbproxy_backend_connections{target_group=\"db\"}",
+        "dbproxy_database_connections{target_group=\"db\",target_role=\"read_write\"}",
     )
     .unwrap_or(-1.0);
     let per_client = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / idle.len().max(1) as f64;

@@ -83,6 +83,9 @@ impl User {
 #[derive(Debug, Default)]
 pub struct Users {
     by_name: HashMap<Vec<u8>, Arc<User>>,
+    /// The database logins, by what they are configured as (a reload keeps those that
+    /// stay the same, and so their pooled connections).
+    logins: HashMap<(LoginKey, LoginKey), Arc<BackendLogin>>,
 }
 
 impl Users {
@@ -94,6 +97,16 @@ impl Users {
     /// Users whose passwords and database logins follow their secrets in `store`. Users
     /// with the same database login share it (and so its pooled connections).
     pub fn with_secrets(cfg: &[UserConfig], store: Option<&SecretStore>) -> Self {
+        Self::build(cfg, store, None)
+    }
+
+    /// The users of a reloaded configuration: database logins configured as before are
+    /// the same ones (their pooled connections keep serving).
+    pub fn reloaded(cfg: &[UserConfig], store: Option<&SecretStore>, previous: &Users) -> Self {
+        Self::build(cfg, store, Some(previous))
+    }
+
+    fn build(cfg: &[UserConfig], store: Option<&SecretStore>, previous: Option<&Users>) -> Self {
         let mut logins: HashMap<(LoginKey, LoginKey), Arc<BackendLogin>> = HashMap::new();
         let by_name = cfg
             .iter()
@@ -102,13 +115,17 @@ impl Users {
                     .backend_user
                     .clone()
                     .unwrap_or_else(|| Value::Text(u.name.clone()));
+                let key = (
+                    LoginKey::of(&backend_user),
+                    LoginKey::of(&u.backend_password),
+                );
+                let before = previous.and_then(|p| p.logins.get(&key)).cloned();
                 let backend = logins
-                    .entry((
-                        LoginKey::of(&backend_user),
-                        LoginKey::of(&u.backend_password),
-                    ))
+                    .entry(key)
                     .or_insert_with(|| {
-                        BackendLogin::from_values(&backend_user, &u.backend_password, store)
+                        before.unwrap_or_else(|| {
+                            BackendLogin::from_values(&backend_user, &u.backend_password, store)
+                        })
                     })
                     .clone();
                 let live = match (u.password_hash.is_none(), u.password.secret(), store) {
@@ -139,7 +156,7 @@ impl Users {
                 (u.name.as_bytes().to_vec(), Arc::new(user))
             })
             .collect();
-        Users { by_name }
+        Users { by_name, logins }
     }
 
     pub fn get(&self, name: &[u8]) -> Option<Arc<User>> {
@@ -148,10 +165,20 @@ impl Users {
 }
 
 /// What makes two configured database logins the same one.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum LoginKey {
     Text(String),
     Secret(String),
+}
+
+/// Never the text: it may be a password.
+impl std::fmt::Debug for LoginKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginKey::Text(_) => f.write_str("Text(..)"),
+            LoginKey::Secret(s) => write!(f, "Secret({s:?})"),
+        }
+    }
 }
 
 impl LoginKey {

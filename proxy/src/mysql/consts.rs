@@ -155,6 +155,8 @@ pub mod errcode {
     pub const ER_NOT_SUPPORTED_AUTH_MODE: u16 = 1251;
     pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
     pub const ER_SERVER_SHUTDOWN: u16 = 1053;
+    pub const ER_PARSE_ERROR: u16 = 1064;
+    pub const ER_UNKNOWN_ERROR: u16 = 1105;
     /// A login without TLS where TLS is required.
     pub const ER_SECURE_TRANSPORT_REQUIRED: u16 = 3159;
     /// No backend connection became free within `connection_borrow_timeout`.

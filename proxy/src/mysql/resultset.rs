@@ -18,6 +18,7 @@ pub mod column_type {
     pub const INT24: u8 = 9;
     pub const YEAR: u8 = 13;
     pub const NEWDECIMAL: u8 = 246;
+    pub const VAR_STRING: u8 = 253;
 }
 
 /// Column flag `UNSIGNED_FLAG`.

@@ -15,6 +15,7 @@ use crate::io::{BackendAddr, Driver, Stream};
 use crate::mysql::consts::cap;
 use crate::secrets::BackendLogin;
 use crate::session::pins::PinReason;
+use crate::stats::Latency;
 use crate::tls::BackendTls;
 use crate::topology::{Choice, Route, Snapshot, Topology};
 use parking_lot::{Mutex, RwLock};
@@ -141,26 +142,36 @@ pub struct GroupStats {
     pub checkin_violations: AtomicU64,
     /// Check-ins verified (test-only verification).
     pub checkins_verified: AtomicU64,
-    /// Borrows by how long the client waited (upper bounds in [`BORROW_WAIT_BUCKETS`]; the
-    /// last counts the rest), and the total wait in microseconds.
-    pub borrow_waits: [AtomicU64; BORROW_WAIT_BUCKETS.len() + 1],
-    pub borrow_wait_us: AtomicU64,
+    /// Borrows served by an idle connection at once (no clock is read for them).
+    pub borrow_immediate: AtomicU64,
+    /// Borrows that waited (for a new connection, another core's, or budget), by how long.
+    pub borrow_wait: Latency,
+    /// Sessions holding a connection in an open transaction now.
+    pub in_transaction: AtomicI64,
+    /// Client statement sent to the database to its response's first packet.
+    pub db_latency: Latency,
+    /// Executions of a prepared statement the connection had prepared already.
+    pub stmt_cache_hits: AtomicU64,
+    /// Prepares of a client's statement on a connection that did not have it (another
+    /// connection, or evicted).
+    pub stmt_reprepares: AtomicU64,
 }
 
-/// Upper bounds (seconds) of the borrow-wait histogram's buckets.
-pub const BORROW_WAIT_BUCKETS: [f64; 5] = [0.001, 0.01, 0.1, 1.0, 10.0];
-
 impl GroupStats {
-    /// Counts a borrow that waited `wait` (no clock is read for borrows that did not wait).
-    pub fn borrow_waited(&self, wait: Duration) {
-        let secs = wait.as_secs_f64();
-        let i = BORROW_WAIT_BUCKETS
+    /// The borrow latency histogram, immediate borrows counted as zero.
+    pub fn borrow_latency(&self) -> crate::stats::HistogramSnapshot {
+        self.borrow_wait
+            .snapshot_with_zeros(self.borrow_immediate.load(Ordering::Relaxed))
+    }
+
+    /// Clients pinned now for a reason other than an open transaction (RDS Proxy's
+    /// "currently session pinned"; transactions are counted apart).
+    pub fn pinned_now(&self) -> i64 {
+        PinReason::ALL
             .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BORROW_WAIT_BUCKETS.len());
-        self.borrow_waits[i].fetch_add(1, Ordering::Relaxed);
-        self.borrow_wait_us
-            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+            .filter(|r| **r != PinReason::Transaction)
+            .map(|r| self.pins_active[r.index()].load(Ordering::Relaxed).max(0))
+            .sum()
     }
     pub fn pin_started(&self, r: PinReason) {
         self.pins_started[r.index()].fetch_add(1, Ordering::Relaxed);
@@ -191,8 +202,8 @@ pub struct GroupShared {
     /// The pool's key in `ProxyShared::groups`: the group's name, with `/read_only` for
     /// the pool of its read-only endpoints.
     pub id: String,
-    /// Prometheus labels of this pool (`target_group`, and the role for read-only pools).
-    pub labels: String,
+    /// RDS Proxy's target role of this pool: `read_write` (the writer) or `read_only`.
+    pub role: &'static str,
     /// What this pool serves: the group's writer, or its readers.
     pub route: Route,
     pub topology: Arc<Topology>,
@@ -200,23 +211,23 @@ pub struct GroupShared {
     /// reader pools only).
     pub borrowed_at: Vec<AtomicUsize>,
     pub budget: Arc<Semaphore>,
-    pub max_connections: usize,
-    pub max_idle: usize,
-    /// `max_connection_lifetime` (zero: none).
-    pub max_lifetime: Duration,
+    /// `max_connections` now (a reload changes it; see [`GroupShared::resize`]).
+    max_connections: AtomicUsize,
+    /// Permits still to take out of circulation after `max_connections` shrank below
+    /// what was open: each one given back pays one off instead of returning.
+    debt: Arc<AtomicUsize>,
+    /// The settings a reload may change.
+    settings: arc_swap::ArcSwap<PoolSettings>,
     pub idle_total: AtomicUsize,
+    /// Each core's idle connections, as of its last maintenance round (status).
+    cores: Mutex<Vec<Arc<AtomicUsize>>>,
     starving: Mutex<VecDeque<Starving>>,
     /// Entries in `starving` (stale ones included until the next clean-up): lets a
     /// check-in skip the lock in the common case where nobody starves.
     starving_len: AtomicUsize,
     /// Wakes every core's maintenance task when a borrower starts starving.
     starving_notify: Notify,
-    pub borrow_timeout: Duration,
-    pub connect_timeout: Duration,
     pub init_query: String,
-    /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could not
-    /// be read back do not pin.
-    pub exclude_variable_sets: bool,
     /// `[proxy] verify_checkin` (for tests): check every clean check-in against the record.
     pub verify_checkin: bool,
     /// Names of temporary tables clients created (the verification looks for them).
@@ -235,34 +246,27 @@ impl GroupShared {
         verify_checkin: bool,
         backend_tls: BackendTls,
     ) -> Arc<Self> {
-        let (id, labels) = match route {
-            Route::Writer => (cfg.name.clone(), format!("target_group=\"{}\"", cfg.name)),
-            Route::Reader { .. } => (
-                format!("{}/read_only", cfg.name),
-                format!("target_group=\"{}\",role=\"read_only\"", cfg.name),
-            ),
+        let (id, role) = match route {
+            Route::Writer => (cfg.name.clone(), "read_write"),
+            Route::Reader { .. } => (format!("{}/read_only", cfg.name), "read_only"),
         };
         Arc::new(GroupShared {
             name: cfg.name.clone(),
             id,
-            labels,
+            role,
             route,
             borrowed_at: crate::topology::borrowed_counters(cfg.targets.len()),
             topology,
             budget: Arc::new(Semaphore::new(cfg.max_connections)),
-            max_connections: cfg.max_connections,
-            max_idle: cfg.max_idle_connections,
-            max_lifetime: cfg.max_connection_lifetime,
+            max_connections: AtomicUsize::new(cfg.max_connections),
+            debt: Arc::default(),
+            settings: arc_swap::ArcSwap::from_pointee(PoolSettings::of(cfg)),
             idle_total: AtomicUsize::new(0),
+            cores: Mutex::default(),
             starving: Mutex::new(VecDeque::new()),
             starving_len: AtomicUsize::new(0),
             starving_notify: Notify::new(),
-            borrow_timeout: cfg.connection_borrow_timeout,
-            connect_timeout: cfg.connect_timeout,
             init_query: cfg.init_query.clone(),
-            exclude_variable_sets: cfg
-                .session_pinning_filters
-                .contains(&PinningFilter::ExcludeVariableSets),
             verify_checkin,
             temp_tables: Mutex::new(Default::default()),
             profile: RwLock::new(ServerProfile::default()),
@@ -283,7 +287,78 @@ impl GroupShared {
 
     /// Backend connections open now (idle and in use, all cores).
     pub fn open_connections(&self) -> usize {
-        self.max_connections - self.budget.available_permits()
+        (self.max_connections() + self.debt.load(Ordering::Acquire))
+            .saturating_sub(self.budget.available_permits())
+    }
+
+    /// `max_connections` now.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Acquire)
+    }
+
+    /// The settings a reload may change, as of now.
+    pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
+        self.settings.load()
+    }
+
+    /// Applies a reloaded configuration of this group: the budget grows or shrinks to
+    /// its `max_connections` (connections above it close as they come back, none is cut
+    /// off), and timeouts, idle and lifetime limits apply from the next use.
+    pub fn reconfigure(&self, cfg: &TargetGroupConfig) {
+        self.settings.store(Arc::new(PoolSettings::of(cfg)));
+        self.resize(cfg.max_connections);
+    }
+
+    fn resize(&self, max: usize) {
+        let old = self.max_connections.swap(max, Ordering::AcqRel);
+        if max > old {
+            let mut grow = max - old;
+            // Pay what is still owed first: those permits are in circulation already.
+            while grow > 0 {
+                let d = self.debt.load(Ordering::Acquire);
+                if d == 0 {
+                    break;
+                }
+                let pay = d.min(grow);
+                if self
+                    .debt
+                    .compare_exchange(d, d - pay, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    grow -= pay;
+                }
+            }
+            self.budget.add_permits(grow);
+        } else if max < old {
+            let shrink = old - max;
+            let taken = self.budget.forget_permits(shrink);
+            self.debt.fetch_add(shrink - taken, Ordering::AcqRel);
+            // Idle connections above the new budget close at the next maintenance round.
+            self.starving_notify.notify_waiters();
+        }
+    }
+
+    /// Idle connections per core (as of each core's last maintenance round, at most a
+    /// second ago).
+    pub fn idle_per_core(&self) -> Vec<usize> {
+        self.cores
+            .lock()
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Wraps a permit of this group's budget.
+    fn permit(&self, p: OwnedSemaphorePermit) -> Permit {
+        Permit {
+            permit: Some(p),
+            debt: self.debt.clone(),
+        }
+    }
+
+    /// Whether the budget is owed permits (`max_connections` shrank below what is open).
+    pub fn over_budget(&self) -> bool {
+        self.debt.load(Ordering::Acquire) > 0
     }
 
     /// Whether `c` may still serve this pool's route (its target still has the role, in
@@ -353,6 +428,55 @@ impl GroupShared {
     }
 }
 
+/// What a reload may change in a pool (read at each use).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub max_idle: usize,
+    /// `max_connection_lifetime` (zero: none).
+    pub max_lifetime: Duration,
+    pub borrow_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could not
+    /// be read back do not pin.
+    pub exclude_variable_sets: bool,
+}
+
+impl PoolSettings {
+    fn of(cfg: &TargetGroupConfig) -> Self {
+        PoolSettings {
+            max_idle: cfg.max_idle_connections,
+            max_lifetime: cfg.max_connection_lifetime,
+            borrow_timeout: cfg.connection_borrow_timeout,
+            connect_timeout: cfg.connect_timeout,
+            exclude_variable_sets: cfg
+                .session_pinning_filters
+                .contains(&PinningFilter::ExcludeVariableSets),
+        }
+    }
+}
+
+/// A share of a group's budget. Given back when dropped, unless `max_connections` shrank
+/// below what is open: then it pays one permit of that debt instead.
+pub struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    debt: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let Some(p) = self.permit.take() else {
+            return;
+        };
+        let paid = self
+            .debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok();
+        if paid {
+            p.forget();
+        }
+    }
+}
+
 /// A backend connection with its share of the budget.
 ///
 /// The connection is boxed: a `Pooled` moves through several futures and collections per
@@ -360,7 +484,7 @@ impl GroupShared {
 pub struct Pooled<S> {
     pub conn: Box<BackendConn<S>>,
     pub key: PoolKey,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     /// When it last went idle ([`coarse_now`]).
     idle_since: Duration,
     /// The client it serves (for KILL), from [`Pooled::hold`] until the pool takes the
@@ -450,7 +574,7 @@ pub async fn side_connection<D: Driver>(
     addr: &BackendAddr,
     login: Arc<BackendLogin>,
 ) -> Result<BackendConn<D::Stream>, BackendError> {
-    let deadline = tokio::time::Instant::now() + group.connect_timeout;
+    let deadline = tokio::time::Instant::now() + group.settings().connect_timeout;
     let name = group.target_name(addr);
     let open = async {
         backend::connect_login(
@@ -523,15 +647,22 @@ pub struct CorePool<D: Driver> {
     waiters: RefCell<KeyMap<VecDeque<Waiter<D::Stream>>>>,
     /// The topology generation idle connections were last checked against.
     pruned: Cell<u64>,
+    /// This core's idle count, published for status.
+    idle_now: Arc<AtomicUsize>,
 }
 
 impl<D: Driver> CorePool<D> {
     pub fn new(shared: Arc<GroupShared>) -> Rc<Self> {
         Rc::new(CorePool {
-            shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
             pruned: Cell::new(0),
+            idle_now: {
+                let c = Arc::new(AtomicUsize::new(0));
+                shared.cores.lock().push(c.clone());
+                c
+            },
+            shared,
         })
     }
 
@@ -563,15 +694,15 @@ impl<D: Driver> CorePool<D> {
                 Choice::Target(t, epoch) if !topo.suspected(t) => {
                     if start.is_none() {
                         if let Some(c) = self.take_idle(key, db, t, epoch) {
-                            sh.stats.borrow_waits[0].fetch_add(1, Ordering::Relaxed);
+                            sh.stats.borrow_immediate.fetch_add(1, Ordering::Relaxed);
                             return Ok(self.lend(c));
                         }
                     }
                     let begun = *start.get_or_insert_with(tokio::time::Instant::now);
-                    let deadline = begun + sh.borrow_timeout;
+                    let deadline = begun + sh.settings().borrow_timeout;
                     match self.acquire(key, db, deadline, t, epoch).await {
                         Ok(c) => {
-                            sh.stats.borrow_waited(begun.elapsed());
+                            sh.stats.borrow_wait.observe(begun.elapsed());
                             return Ok(self.lend(c));
                         }
                         Err(AcquireError::Moved) => continue,
@@ -601,17 +732,15 @@ impl<D: Driver> CorePool<D> {
                 }
             };
             let begun = *start.get_or_insert_with(tokio::time::Instant::now);
-            if tokio::time::timeout_at(begun + sh.borrow_timeout, changed)
+            let borrow_timeout = sh.settings().borrow_timeout;
+            if tokio::time::timeout_at(begun + borrow_timeout, changed)
                 .await
                 .is_err()
             {
                 sh.stats.borrow_timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(BorrowError::Unavailable {
                     group: sh.name.clone(),
-                    why: format!(
-                        "{why} (waited connection_borrow_timeout, {:?})",
-                        sh.borrow_timeout
-                    ),
+                    why: format!("{why} (waited connection_borrow_timeout, {borrow_timeout:?})"),
                 });
             }
         }
@@ -676,6 +805,7 @@ impl<D: Driver> CorePool<D> {
                 return Ok(c);
             }
             if let Ok(permit) = self.shared.budget.clone().try_acquire_owned() {
+                let permit = self.shared.permit(permit);
                 return self.open(key, permit, target, epoch).await;
             }
             // The budget is spent: close an idle connection of another key on this core.
@@ -708,7 +838,7 @@ impl<D: Driver> CorePool<D> {
                     biased;
                     Ok(c) = &mut rx => Some(Got::Local(c)),
                     Ok(c) = &mut rrx => Some(Got::Moved(c)),
-                    p = budget.acquire_owned() => p.ok().map(Got::Budget),
+                    p = budget.acquire_owned() => p.ok().map(|p| Got::Budget(self.shared.permit(p))),
                     else => None,
                 }
             })
@@ -763,7 +893,7 @@ impl<D: Driver> CorePool<D> {
                         .borrow_timeouts
                         .fetch_add(1, Ordering::Relaxed);
                     return Err(AcquireError::Failed(BorrowError::Timeout(
-                        self.shared.borrow_timeout,
+                        self.shared.settings().borrow_timeout,
                         self.shared.name.clone(),
                     )));
                 }
@@ -855,7 +985,7 @@ impl<D: Driver> CorePool<D> {
     async fn open(
         &self,
         key: &PoolKey,
-        permit: OwnedSemaphorePermit,
+        permit: Permit,
         target: usize,
         epoch: u64,
     ) -> Result<Pooled<D::Stream>, AcquireError> {
@@ -874,7 +1004,8 @@ impl<D: Driver> CorePool<D> {
                 _ => return Err(AcquireError::Moved),
             }
         };
-        let deadline = tokio::time::Instant::now() + sh.connect_timeout;
+        let connect_timeout = sh.settings().connect_timeout;
+        let deadline = tokio::time::Instant::now() + connect_timeout;
         let attempt = async {
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
             let (mut conn, profile) = backend::connect_login(
@@ -898,10 +1029,7 @@ impl<D: Driver> CorePool<D> {
             Ok(r) => r,
             Err(_) => Err(BackendError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within connect_timeout ({:?})",
-                    sh.connect_timeout
-                ),
+                format!("no answer within connect_timeout ({connect_timeout:?})"),
             ))),
         };
         match res {
@@ -1020,7 +1148,7 @@ impl<D: Driver> CorePool<D> {
             self.close(conn, "its target no longer serves this route");
             return;
         }
-        let max_lifetime = self.shared.max_lifetime;
+        let max_lifetime = self.shared.settings().max_lifetime;
         if !max_lifetime.is_zero() && conn.conn.created.elapsed() >= max_lifetime {
             self.close(conn, "max_connection_lifetime reached");
             return;
@@ -1063,7 +1191,8 @@ impl<D: Driver> CorePool<D> {
         // 4. A starving borrower of another key: free the budget for it.
         let sh = &self.shared;
         if sh.claim_starving(|k| *k != conn.key)
-            || sh.idle_total.load(Ordering::Acquire) >= sh.max_idle
+            || sh.idle_total.load(Ordering::Acquire) >= sh.settings().max_idle
+            || sh.over_budget()
         {
             tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection (budget wanted elsewhere or max_idle_connections reached)");
             sh.stats.closed.fetch_add(1, Ordering::Relaxed);
@@ -1125,6 +1254,14 @@ impl<D: Driver> CorePool<D> {
                 self.prune_stale(&snap);
             }
             self.serve_starving();
+            // max_connections shrank below what is open: idle connections go first.
+            // (Each closed connection pays off one permit once it has said goodbye.)
+            for _ in 0..self.shared.debt.load(Ordering::Acquire) {
+                if !self.evict_one_local(None) {
+                    break;
+                }
+            }
+            self.idle_now.store(self.idle_count(), Ordering::Relaxed);
             if dead_check.elapsed() >= Duration::from_secs(1) {
                 dead_check = tokio::time::Instant::now();
                 self.prune_dead();
@@ -1207,5 +1344,5 @@ impl<D: Driver> CorePool<D> {
 enum Got<S> {
     Local(Pooled<S>),
     Moved(Detached),
-    Budget(OwnedSemaphorePermit),
+    Budget(Permit),
 }

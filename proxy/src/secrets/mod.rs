@@ -249,6 +249,12 @@ pub fn resolve_with(
             );
         }
     }
+    get(
+        "admin.admin_password",
+        &mut cfg.admin.admin_password,
+        false,
+        &mut errs,
+    );
     if errs.is_empty() {
         Ok(())
     } else {

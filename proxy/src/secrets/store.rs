@@ -82,6 +82,23 @@ impl SecretStore {
         Ok(SecretStore { handle, by_name })
     }
 
+    /// Resolves the references of a reloaded configuration with the values held now
+    /// (a secret referred to for the first time is read now). Blocks: not on a runtime.
+    pub fn resolve(&self, cfg: &mut Config) -> Result<(), Vec<String>> {
+        resolve_with(cfg, |spec| {
+            let live = self.by_name.get(&spec.name).ok_or_else(|| {
+                SecretError::Format("a new [[secrets]] entry: restart dbproxy to use it".into())
+            })?;
+            if let Some(v) = live.versions() {
+                return Ok(v.current.clone());
+            }
+            let v = self.handle.block_on(live.read(false))?;
+            let current = v.current.clone();
+            live.value.store(Some(Arc::new(v)));
+            Ok(current)
+        })
+    }
+
     /// The runtime reads (and token checks) run on.
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle

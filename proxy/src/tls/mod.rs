@@ -121,8 +121,6 @@ impl ServerTls {
 /// TLS counters, process-wide (metrics).
 #[derive(Debug, Default)]
 pub struct TlsStats {
-    /// Logged-in clients on TLS now.
-    pub clients: AtomicUsize,
     /// Client TLS handshakes that succeeded.
     pub client_handshakes: AtomicU64,
     /// Client TLS handshakes that failed.

@@ -238,9 +238,78 @@ pub struct TopologyStats {
     pub failed_checks: AtomicU64,
 }
 
+/// Something the monitor decided, kept for the status page.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TopologyEvent {
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    /// `target_down`, `target_up`, `writer_lost`, `failover`, `writer_chosen`,
+    /// `second_writer`, `address_changed`.
+    pub kind: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// How long a target was up over the last minute (RDS Proxy's AvailabilityPercentage).
+#[derive(Debug, Default)]
+pub struct Availability {
+    /// Health changes, oldest first: the last one before the window stays as its start.
+    changes: Mutex<std::collections::VecDeque<(Instant, bool)>>,
+}
+
+/// The window [`Availability`] looks at.
+pub const AVAILABILITY_WINDOW: Duration = Duration::from_secs(60);
+
+impl Availability {
+    /// A check found the target `up` at `now`.
+    pub fn record(&self, now: Instant, up: bool) {
+        let mut c = self.changes.lock();
+        if c.back().map(|&(_, u)| u) != Some(up) {
+            c.push_back((now, up));
+        }
+        while c.len() > 1
+            && c.get(1)
+                .is_some_and(|&(t, _)| now.saturating_duration_since(t) > AVAILABILITY_WINDOW)
+        {
+            c.pop_front();
+        }
+    }
+
+    /// Percentage of the last minute (or of the time since the first check, if shorter)
+    /// the target was up; `None` before its first check.
+    pub fn percentage(&self, now: Instant) -> Option<f64> {
+        let c = self.changes.lock();
+        let first = c.front()?.0;
+        let start = now
+            .checked_sub(AVAILABILITY_WINDOW)
+            .map_or(first, |s| s.max(first));
+        let total = now.saturating_duration_since(start).as_secs_f64();
+        let mut up = 0.0;
+        for (i, &(t, is_up)) in c.iter().enumerate() {
+            let end = c.get(i + 1).map_or(now, |n| n.0);
+            let from = t.max(start);
+            if is_up && end > from {
+                up += end.saturating_duration_since(from).as_secs_f64();
+            }
+        }
+        if total <= 0.0 {
+            return Some(if c.back().is_some_and(|b| b.1) {
+                100.0
+            } else {
+                0.0
+            });
+        }
+        Some((100.0 * up / total).clamp(0.0, 100.0))
+    }
+}
+
 /// A target group's topology, shared by its monitor and every core.
 pub struct Topology {
     pub group: String,
+    /// Each target's availability (by index).
+    pub availability: Vec<Availability>,
+    /// The monitor's recent decisions (failovers among them).
+    pub events: crate::stats::Recent<TopologyEvent>,
     snap: ArcSwap<Snapshot>,
     /// Woken at every published check result.
     changed: Notify,
@@ -258,6 +327,8 @@ impl Topology {
             changed: Notify::new(),
             nudge: Notify::new(),
             suspects: targets.iter().map(|_| Suspicion::default()).collect(),
+            availability: targets.iter().map(|_| Availability::default()).collect(),
+            events: crate::stats::Recent::new(50),
             stats: TopologyStats::default(),
         })
     }
@@ -305,6 +376,10 @@ impl Topology {
         }
         if let Some((target, upto)) = checked {
             self.cleared(target, upto);
+            let up = self.snap.load().targets.get(target).is_some_and(|t| t.up);
+            if let Some(a) = self.availability.get(target) {
+                a.record(Instant::now(), up);
+            }
         }
         self.changed.notify_waiters();
     }
@@ -337,6 +412,46 @@ impl Topology {
         if let Some(s) = self.suspects.get(target) {
             s.cleared.fetch_max(upto, Ordering::AcqRel);
         }
+    }
+
+    /// Keeps a monitor decision for the status page.
+    pub(crate) fn record(&self, e: &decide::Event) {
+        use decide::Event;
+        let (kind, target, detail) = match e {
+            Event::TargetDown { target, why } => ("target_down", target, why.clone()),
+            Event::TargetUp { target } => ("target_up", target, String::new()),
+            Event::WriterLost {
+                target,
+                why,
+                detection,
+            } => (
+                "writer_lost",
+                target,
+                format!("{why} (detected in {} ms)", detection.as_millis()),
+            ),
+            Event::WriterChosen {
+                target,
+                previous: Some(p),
+            } => ("failover", target, format!("was {p}")),
+            Event::WriterChosen {
+                target,
+                previous: None,
+            } => ("writer_chosen", target, String::new()),
+            Event::SecondWriter { target, writer } => (
+                "second_writer",
+                target,
+                format!("read_only = 0 while {writer} is the writer: not used"),
+            ),
+            Event::AddressChanged { target, from, to } => {
+                ("address_changed", target, format!("{from} -> {to}"))
+            }
+        };
+        self.events.push(TopologyEvent {
+            at: crate::stats::unix_now(),
+            kind: kind.to_string(),
+            target: target.clone(),
+            detail,
+        });
     }
 
     /// The writer was lost now.

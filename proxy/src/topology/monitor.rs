@@ -22,8 +22,8 @@ const MIN_GAP: Duration = Duration::from_millis(10);
 /// How often targets are checked while their group has no writer.
 const OUTAGE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// ER_PARSE_ERROR: MySQL does not know `SHOW ALL SLAVES STATUS`.
-const ER_PARSE_ERROR: u16 = 1064;
+// ER_PARSE_ERROR: MySQL does not know `SHOW ALL SLAVES STATUS`.
+use crate::mysql::consts::errcode::ER_PARSE_ERROR;
 
 /// Turns a configured target into the address to reach it at now.
 pub trait Resolve: Send + Sync + 'static {
@@ -141,6 +141,7 @@ async fn decide(
 
 fn log_event(topo: &Topology, e: &Event) {
     let group = &topo.group;
+    topo.record(e);
     match e {
         Event::TargetDown { target, why } => {
             tracing::warn!(group = %group, target = %target, "target down: {why}")

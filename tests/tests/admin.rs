@@ -1,0 +1,347 @@
+//! Operating dbproxy: RDS Proxy's metrics under a sysbench run, `/status` and the SQL
+//! console agreeing, PAUSE/RESUME, reload under load, the status page in a real browser.
+
+use proxy_tests::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+/// GET `path` from 127.0.0.1:`port`: the status line, the headers and the body.
+fn http_get(port: u16, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_lowercase(), body.to_string())
+}
+
+fn status_json(admin: u16) -> Value {
+    let (status, _, body) = http_get(admin, "/status");
+    assert!(status.contains(" 200 "), "{status}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Every sample of the scrape, by series (name and labels as printed).
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            Some((series.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sum_of(s: &BTreeMap<String, f64>, name: &str, label: &str) -> f64 {
+    s.iter()
+        .filter(|(k, _)| (k.starts_with(&format!("{name}{{")) || *k == name) && k.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// RDS Proxy's metric set, as the issue lists it.
+const RDS_METRICS: [&str; 18] = [
+    "dbproxy_client_connections",
+    "dbproxy_client_connections_received_total",
+    "dbproxy_client_connections_closed_total",
+    "dbproxy_client_connections_setup_succeeded_total",
+    "dbproxy_client_connections_setup_failed_auth_total",
+    "dbproxy_client_connections_tls",
+    "dbproxy_database_connections",
+    "dbproxy_database_connections_currently_borrowed",
+    "dbproxy_database_connections_currently_in_transaction",
+    "dbproxy_database_connections_currently_session_pinned",
+    "dbproxy_database_connection_requests_total",
+    "dbproxy_database_connections_setup_failed_total",
+    "dbproxy_database_connections_borrow_latency_seconds_bucket",
+    "dbproxy_query_requests_total",
+    "dbproxy_query_response_latency_seconds_bucket",
+    "dbproxy_query_database_response_latency_seconds_bucket",
+    "dbproxy_max_database_connections_allowed",
+    "dbproxy_availability_percentage",
+];
+
+/// The endpoint whose name needs escaping in label values.
+const ODD_NAME: &str = r#"odd "name" \ here"#;
+const ODD_LABEL: &str = r#"endpoint="odd \"name\" \\ here""#;
+
+#[test]
+fn metrics_follow_a_sysbench_run() {
+    raise_fd_limit();
+    let db = MariaDb::start();
+    sysbench_prepare(db.port, DB_PASSWORD, "oltp_read_write");
+    for io in DRIVERS {
+        let odd_port = free_port();
+        let sections = format!(
+            "[[endpoints]]\nname = '{ODD_NAME}'\nlisten = \"127.0.0.1:{odd_port}\"\ntarget_group = \"default\"\n"
+        );
+        let proxy = Proxy::start_custom(
+            &db,
+            io,
+            "",
+            "max_connections = 8\nmax_idle_connections = 8",
+            &sections,
+        );
+        let (status, headers, _) = http_get(proxy.admin, "/metrics");
+        assert!(status.contains(" 200 "), "[{io}] {status}");
+        assert!(headers.contains("openmetrics-text"), "[{io}] {headers}");
+        let before = samples(&proxy.metrics());
+        // One refused login on the odd endpoint.
+        let refused = mariadb_cli(odd_port, "app", "wrong", &[], "SELECT 1");
+        assert!(!refused.status.success(), "[{io}]");
+        let threads = 4;
+        let out = sysbench_command(odd_port, APP_PASSWORD)
+            .args([
+                "oltp_read_write",
+                "run",
+                &format!("--threads={threads}"),
+                "--time=5",
+                "--db-ps-mode=auto",
+            ])
+            .output()
+            .expect("sysbench");
+        let report = sysbench_report(&format!("[{io}] metrics run:"), &out);
+        let queries: f64 = sysbench_field(&report, "queries:")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(queries > 0.0, "[{io}] {report}");
+        // Every sysbench connection has closed (counted as it ends).
+        wait_until(
+            "the clients to be counted closed",
+            Duration::from_secs(10),
+            || proxy.metric(&format!("dbproxy_client_connections{{{ODD_LABEL}}}")) == 0,
+        );
+        let text = proxy.metrics();
+        let after = samples(&text);
+        for m in RDS_METRICS {
+            assert!(
+                after
+                    .keys()
+                    .any(|k| k == m || k.starts_with(&format!("{m}{{"))),
+                "[{io}] {m} missing from:\n{text}"
+            );
+        }
+        let delta =
+            |name: &str, label: &str| sum_of(&after, name, label) - sum_of(&before, name, label);
+        // Statements: sysbench's own count, and at most a few more per connection
+        // (what sysbench sends when it connects).
+        let counted = delta("dbproxy_query_requests_total", ODD_LABEL);
+        println!("[{io}] sysbench queries {queries}, dbproxy_query_requests_total +{counted}");
+        assert!(
+            counted >= queries && counted <= queries + 4.0 * f64::from(threads),
+            "[{io}] sysbench ran {queries} statements, dbproxy counted {counted}"
+        );
+        assert_eq!(
+            delta("dbproxy_query_response_latency_seconds_count", ODD_LABEL),
+            counted,
+            "[{io}] every statement timed"
+        );
+        let rw = "target_role=\"read_write\"";
+        let db_timed = delta("dbproxy_query_database_response_latency_seconds_count", rw);
+        assert!(
+            db_timed > 0.0 && db_timed <= counted,
+            "[{io}] {db_timed} of {counted}"
+        );
+        let borrows = delta("dbproxy_database_connection_requests_total", rw);
+        assert!(borrows > 0.0, "[{io}]");
+        assert_eq!(
+            delta(
+                "dbproxy_database_connections_borrow_latency_seconds_count",
+                rw
+            ),
+            borrows,
+            "[{io}] every borrow's latency counted"
+        );
+        assert!(
+            delta(
+                "dbproxy_client_connections_setup_succeeded_total",
+                ODD_LABEL
+            ) >= f64::from(threads),
+            "[{io}]"
+        );
+        assert_eq!(
+            delta(
+                "dbproxy_client_connections_setup_failed_auth_total",
+                ODD_LABEL
+            ),
+            1.0,
+            "[{io}]"
+        );
+        assert_eq!(
+            delta("dbproxy_client_connections_received_total", ODD_LABEL),
+            delta("dbproxy_client_connections_closed_total", ODD_LABEL),
+            "[{io}] every connection received was closed"
+        );
+        assert!(
+            sum_of(&after, "dbproxy_database_connections", rw) <= 8.0
+                && sum_of(&after, "dbproxy_max_database_connections_allowed", rw) == 8.0,
+            "[{io}]"
+        );
+        assert_eq!(
+            sum_of(
+                &after,
+                "dbproxy_availability_percentage",
+                "target_group=\"default\""
+            ),
+            100.0,
+            "[{io}]"
+        );
+        // Histogram buckets are cumulative.
+        let buckets: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("dbproxy_query_response_latency_seconds_bucket")
+                    && l.contains(ODD_LABEL)
+            })
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+            .collect();
+        assert!(
+            buckets.len() > 5 && buckets.windows(2).all(|w| w[0] <= w[1]),
+            "[{io}] {buckets:?}"
+        );
+        assert_eq!(buckets.last().copied(), Some(counted), "[{io}] +Inf bucket");
+        // Label values are escaped as the text format says (the raw name never appears).
+        assert!(text.contains(ODD_LABEL), "[{io}]");
+        assert!(!text.contains(&format!("\"{ODD_NAME}\"")), "[{io}]");
+    }
+}
+
+/// The console's `SHOW ...` as rows of tab-separated cells (header first).
+fn console(port: u16, sql: &str) -> Vec<Vec<String>> {
+    let out = mariadb_cli(port, "admin", "admin-secret", &["--batch"], sql);
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn the_sql_console_and_status_agree_and_pause_holds_statements() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let sql_port = free_port();
+        let proxy = Proxy::start_admin(
+            db.port,
+            io,
+            "",
+            "max_connections = 6\nmax_idle_connections = 6",
+            &format!(
+                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+            ),
+            "",
+            &[],
+        );
+        // A client in a transaction, one idle.
+        let mut tx = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        mysql::prelude::Queryable::query_drop(&mut tx, "BEGIN").unwrap();
+        mysql::prelude::Queryable::query_drop(&mut tx, "SELECT 1").unwrap();
+        let mut idle = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        mysql::prelude::Queryable::query_drop(&mut idle, "SELECT 1").unwrap();
+
+        let pools = console(sql_port, "SHOW POOLS");
+        let status = status_json(proxy.admin);
+        let head = &pools[0];
+        let col = |name: &str| head.iter().position(|h| h == name).unwrap();
+        let row = pools
+            .iter()
+            .find(|r| r[0] == "default")
+            .unwrap_or_else(|| panic!("[{io}] {pools:?}"));
+        let json = status["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pool"] == "default")
+            .unwrap();
+        for field in [
+            "target_group",
+            "target_role",
+            "max_connections",
+            "open",
+            "idle",
+            "borrowed",
+            "in_transaction",
+            "pinned",
+            "requests",
+        ] {
+            let j = match &json[field] {
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            assert_eq!(row[col(field)], j, "[{io}] SHOW POOLS {field} vs /status");
+        }
+        assert_eq!(row[col("max_connections")], "6", "[{io}]");
+        assert_eq!(row[col("in_transaction")], "1", "[{io}]");
+        let clients = console(sql_port, "SHOW CLIENTS");
+        assert_eq!(clients.len(), 3, "[{io}] two clients: {clients:?}");
+        assert_eq!(status["clients"].as_array().unwrap().len(), 2, "[{io}]");
+        let targets = console(sql_port, "SHOW TARGETS");
+        assert!(
+            targets
+                .iter()
+                .any(|r| r.contains(&"writer".to_string()) && r.contains(&"yes".to_string())),
+            "[{io}] {targets:?}"
+        );
+        let pins = console(sql_port, "SHOW PINS");
+        assert!(
+            pins.iter()
+                .any(|r| r[0] == "default" && r[1] == "transaction" && r[2] == "1"),
+            "[{io}] {pins:?}"
+        );
+        // `dbproxy status` prints the same as tables.
+        let out = Command::new(dbproxy_bin())
+            .args(["status", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+            .output()
+            .unwrap();
+        let tables = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && tables.contains("POOLS"),
+            "[{io}] {tables}"
+        );
+        assert!(
+            tables.contains("TARGETS") && tables.contains(&format!("127.0.0.1:{}", db.port)),
+            "[{io}] {tables}"
+        );
+        // A wrong admin password is refused.
+        let bad = mariadb_cli(sql_port, "admin", "nope", &[], "SHOW POOLS");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("1045"),
+            "[{io}]"
+        );
+        let (h, _, body) = http_get(proxy.admin, "/healthz");
+        assert!(
+            h.contains(" 200 ") && body.trim() == "ok",
+            "[{io}] {h} {body}"
+        );
+
+        // PAUSE: the idle client's next statement waits; the one in a transaction goes on.
+        console(sql_port, "PAUSE");
+        let waiter = std::thread::spawn(move || {
+            mysql::prelude::Queryable::query_first::<u64, _>(&mut idle, "SELECT 42").unwrap()
+        });
+        wait_until("the statement to be held", Duration::from_secs(10), || {
+            status_json(proxy.admin)["held_statements"] == 1
+        });
+        mysql::prelude::Queryable::query_drop(&mut tx, "SELECT 2").unwrap();
+        mysql::prelude::Queryable::query_drop(&mut tx, "COMMIT").unwrap();
+        assert!(
+            !waiter.is_finished(),
+            "[{io}] the held statement ran while paused"
+        );
+        assert_eq!(status_json(proxy.admin)["paused"], true, "[{io}]");
+        console(sql_port, "RESUME");
+        assert_eq!(waiter.join().unwrap(), Some(42), "[{io}]");
+        assert_eq!(status_json(proxy.admin)["held_statements"], 0, "[{io}]");
+    }
+}
