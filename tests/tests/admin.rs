@@ -345,3 +345,226 @@ fn the_sql_console_and_status_agree_and_pause_holds_statements() {
         assert_eq!(status_json(proxy.admin)["held_statements"], 0, "[{io}]");
     }
 }
+
+/// `path`'s text with `from` replaced (which must be there).
+fn edit_config(path: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from} not in {text}");
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn login_error(port: u16, password: &str) -> Option<String> {
+    let out = mariadb_cli(port, "app", password, &[], "SELECT 1");
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn reload_under_load_changes_the_pool_and_a_password_and_refuses_a_broken_file() {
+    raise_fd_limit();
+    let db = MariaDb::start();
+    sysbench_prepare(db.port, DB_PASSWORD, "oltp_read_only");
+    for io in DRIVERS {
+        let sql_port = free_port();
+        let proxy = Proxy::start_admin(
+            db.port,
+            io,
+            "",
+            "max_connections = 8\nmax_idle_connections = 8",
+            &format!(
+                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+            ),
+            "",
+            &[],
+        );
+        let port = proxy.port;
+        let bench = std::thread::spawn(move || {
+            sysbench_command(port, APP_PASSWORD)
+                .args([
+                    "oltp_read_only",
+                    "run",
+                    "--threads=16",
+                    "--time=12",
+                    "--db-ps-mode=auto",
+                ])
+                .output()
+                .expect("sysbench")
+        });
+        let rw = "{target_group=\"default\",target_role=\"read_write\"}";
+        // Every sysbench thread logged in (with the password about to change).
+        wait_until("sysbench's 16 clients", Duration::from_secs(20), || {
+            proxy.metric("dbproxy_client_connections") >= 16
+                && proxy.metric(&format!("dbproxy_database_connection_requests_total{rw}")) > 100
+        });
+        // The pool shrinks and app's password changes, while 16 clients run.
+        edit_config(
+            &proxy.config,
+            "max_connections = 8\nmax_idle_connections = 8",
+            "max_connections = 4\nmax_idle_connections = 4",
+        );
+        edit_config(
+            &proxy.config,
+            &format!("name = \"app\"\npassword = \"{APP_PASSWORD}\""),
+            "name = \"app\"\npassword = \"app-secret-2\"",
+        );
+        proxy.sighup();
+        wait_until("the reload", Duration::from_secs(10), || {
+            proxy.log().contains("configuration reloaded")
+        });
+        assert_eq!(
+            proxy.metric(&format!("dbproxy_max_database_connections_allowed{rw}")),
+            4,
+            "[{io}]"
+        );
+        wait_until("the pool to shrink to 4", Duration::from_secs(20), || {
+            proxy.metric(&format!("dbproxy_database_connections{rw}")) <= 4
+        });
+        let old = login_error(port, APP_PASSWORD);
+        assert!(
+            old.as_deref().is_some_and(|e| e.contains("1045")),
+            "[{io}] the old password: {old:?}"
+        );
+        assert_eq!(
+            login_error(port, "app-secret-2"),
+            None,
+            "[{io}] the new password"
+        );
+        // A broken file is refused, through the console too; the running one stays.
+        edit_config(
+            &proxy.config,
+            "max_connections = 4",
+            "max_connections = \"many\"",
+        );
+        proxy.sighup();
+        wait_until("the refusal", Duration::from_secs(10), || {
+            proxy.log().contains("configuration not reloaded")
+        });
+        let out = mariadb_cli(sql_port, "admin", "admin-secret", &[], "RELOAD");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("not reloaded")
+                && err.contains("max_connections"),
+            "[{io}] {err}"
+        );
+        assert_eq!(
+            login_error(port, "app-secret-2"),
+            None,
+            "[{io}] still serving"
+        );
+        assert_eq!(
+            proxy.metric(&format!("dbproxy_max_database_connections_allowed{rw}")),
+            4,
+            "[{io}]"
+        );
+        let out = bench.join().unwrap();
+        let report = sysbench_report(&format!("[{io}] 16 threads through two reloads:"), &out);
+        let errors = sysbench_field(&report, "ignored errors:");
+        assert!(errors.contains(" 0 "), "[{io}] {errors}");
+        assert!(proxy.log().contains("user app changed"), "[{io}]");
+    }
+}
+
+/// Runs headless Chromium (Debian's `chromium`) on `url` with `args`; its stdout and stderr.
+fn chromium(url: &str, args: &[&str]) -> (String, String) {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
+            // Enough of the page's own (virtual) time for several refreshes.
+            "--virtual-time-budget=6000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (apt-get install chromium)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value of `attr="..."` on the element that has `marker` in its tag.
+fn attr(dom: &str, marker: &str, attr: &str) -> Option<u64> {
+    let at = dom.find(marker)?;
+    let tag_start = dom[..at].rfind('<')?;
+    let tag = &dom[tag_start..at + dom[at..].find('>')?];
+    let v = tag.split(&format!("{attr}=\"")).nth(1)?;
+    v.split('"').next()?.parse().ok()
+}
+
+#[test]
+fn the_status_page_loads_in_a_browser_and_its_charts_move() {
+    let db = MariaDb::start();
+    let artifacts = workspace().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "");
+        let port = proxy.port;
+        // Some traffic while the page watches.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let load = std::thread::spawn(move || {
+            let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                mysql::prelude::Queryable::query_drop(&mut c, "SELECT 1").unwrap();
+            }
+        });
+        let url = format!("http://127.0.0.1:{}/", proxy.admin);
+        let (dom, log) = chromium(&url, &["--dump-dom"]);
+        let shot = artifacts.join(format!("status-page-{io}.png"));
+        let _ = std::fs::remove_file(&shot);
+        chromium(
+            &url,
+            &[
+                "--window-size=1280,1700",
+                &format!("--screenshot={}", shot.display()),
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().unwrap();
+        // No script error, no console message (a CSP violation or a failed fetch says so).
+        assert_eq!(
+            attr(&dom, "<html", "data-js-errors"),
+            Some(0),
+            "[{io}] {dom}"
+        );
+        let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+        assert!(console.is_empty(), "[{io}] console: {console:?}");
+        // Its error line stayed empty (every /status fetch worked).
+        assert!(dom.contains("<span id=\"error\"></span>"), "[{io}] {dom}");
+        // It refreshed, and each chart gained points.
+        let refreshes = attr(&dom, "<html", "data-refreshes").unwrap_or(0);
+        assert!(refreshes >= 3, "[{io}] {refreshes} refreshes");
+        for chart in ["chart-clients", "chart-db", "chart-qps"] {
+            let points = attr(&dom, &format!("id=\"{chart}\""), "data-points").unwrap_or(0);
+            assert_eq!(points, refreshes, "[{io}] {chart}");
+        }
+        // The endpoint, the target and its role, the pool.
+        assert!(
+            dom.contains("127.0.0.1:") && dom.contains(&format!("127.0.0.1:{}", db.port)),
+            "[{io}]"
+        );
+        assert!(dom.contains(">writer<") && dom.contains(">up<"), "[{io}]");
+        assert!(
+            dom.contains(">default<") && dom.contains(">read_write<"),
+            "[{io}]"
+        );
+        let png = std::fs::read(&shot).unwrap_or_default();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "[{io}] screenshot {}",
+            shot.display()
+        );
+        println!(
+            "[{io}] status page: {refreshes} refreshes, screenshot {}",
+            shot.display()
+        );
+    }
+}

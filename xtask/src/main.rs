@@ -133,9 +133,11 @@ const DB_TOOLS: [(&str, &str); 3] = [
 ];
 
 /// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool (guard
-/// tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a JDK.
-const CLIENT_TOOLS: [(&str, &str); 6] = [
+/// tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a JDK, Chromium
+/// (the status page).
+const CLIENT_TOOLS: [(&str, &str); 7] = [
     ("sysbench", "sysbench"),
+    ("chromium", "chromium"),
     ("bpftool", "bpftool"),
     (
         "/usr/lib/python3/dist-packages/pymysql/__init__.py",
