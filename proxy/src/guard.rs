@@ -25,13 +25,18 @@ use std::sync::Arc;
 /// The eBPF object, embedded by build.rs (empty when it was not built).
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
+/// Whether this binary carries the guard's eBPF object (`cargo xtask build` embeds it).
+pub fn built_in() -> bool {
+    !OBJECT.is_empty()
+}
+
 const MAPS: [&str; 5] = ["PROTECTED4", "PROTECTED6", "ALLOWED", "EVENTS", "DENIED"];
 const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
 
 /// Why the guard could not start; dbproxy then refuses to start.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
-    #[error("the guard needs {0}; run dbproxy as root or grant it (e.g. systemd AmbientCapabilities=CAP_BPF CAP_NET_ADMIN)")]
+    #[error("the guard needs {0}; run dbproxy as root, or with CAP_BPF CAP_NET_ADMIN CAP_PERFMON (packaging/dbproxy.service)")]
     MissingCapability(String),
     #[error("this dbproxy was built without the guard's eBPF object: run `cargo xtask build-ebpf`, then rebuild dbproxy")]
     NoObject,
@@ -152,6 +157,7 @@ pub fn cgroup_id(path: &Path) -> Result<u64, GuardError> {
 fn missing_capabilities() -> Vec<&'static str> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let eff = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -168,6 +174,10 @@ fn missing_capabilities() -> Vec<&'static str> {
     }
     if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_NET_ADMIN (or CAP_SYS_ADMIN)");
+    }
+    // The verifier refuses the programs' pointer arithmetic without it.
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
     missing
 }

@@ -178,6 +178,9 @@ fn main() -> ExitCode {
                     Err(errs) => errs,
                 };
                 errs.extend(proxy::tls::check_files(&cfg));
+                if cfg.guard.enabled && !proxy::guard::built_in() {
+                    errs.push("guard.enabled: this dbproxy was built without the guard's eBPF object (build it with `cargo xtask build`)".into());
+                }
                 if !errs.is_empty() {
                     eprintln!("{}", errs.join("\n"));
                     return ExitCode::FAILURE;

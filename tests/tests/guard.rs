@@ -339,3 +339,108 @@ fn guard_without_privileges_refuses_to_start() {
     );
     assert!(!cg.attached().contains("connect4"));
 }
+
+/// The capabilities packaging/dbproxy.service keeps (its CapabilityBoundingSet).
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(workspace().join("packaging/dbproxy.service")).unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// dbproxy (root) with only `caps` in its bounding set, as systemd runs the unit.
+fn run_with_caps(caps: &[String], config: &Path, log: &Path) -> std::process::Child {
+    let set: Vec<String> = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    Command::new("setpriv")
+        .arg(format!("--bounding-set=-all,{}", set.join(",")))
+        .args(["--inh-caps=-all", "--"])
+        .arg(dbproxy_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("setpriv (util-linux)")
+}
+
+#[test]
+fn the_units_capabilities_are_exactly_what_the_guard_needs() {
+    let db = MariaDb::start();
+    let caps = unit_capabilities();
+    assert!(!caps.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dbproxy.log");
+    let config = |cg: &TestCgroup, port: u16| {
+        let cfg = dir.path().join("g.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\ntarget_group = \"g\"\n\n[[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:{}\"]\n\n[[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n\n{}",
+                db.port,
+                guard_section(cg, db.port, "")
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    // With exactly the unit's set: the guard attaches, other processes are refused and
+    // clients go through dbproxy.
+    let cg = TestCgroup::new("unitcaps");
+    let port = free_port();
+    let mut child = run_with_caps(&caps, &config(&cg, port), &log);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let up = poll_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            || child.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        up && child.try_wait().ok().flatten().is_none(),
+        "{caps:?}: {}",
+        read_log()
+    );
+    assert!(cg.attached().contains("connect4"), "{}", read_log());
+    let (_, out) = run_in(&cg.client(), cli(db.port, "127.0.0.1", "app", DB_PASSWORD));
+    assert!(!out.status.success(), "a direct connect was allowed");
+    let (_, out) = run_in(&cg.client(), cli(port, "127.0.0.1", "app", APP_PASSWORD));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        read_log()
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}: {}", read_log());
+    drop(cg);
+    // Without any one of them, dbproxy refuses to start (never runs unguarded).
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let cg = TestCgroup::new("fewercaps");
+        let mut child = run_with_caps(&fewer, &config(&cg, free_port()), &log);
+        let exited = poll_until(Duration::from_secs(20), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let st = child.wait().unwrap();
+        assert!(
+            exited && !st.success(),
+            "without {missing}: {st}: {}",
+            read_log()
+        );
+        assert!(
+            read_log().contains(missing.as_str()),
+            "names {missing}: {}",
+            read_log()
+        );
+        assert!(!cg.attached().contains("connect4"));
+    }
+}

@@ -178,26 +178,10 @@ fn raise_fd_limit() {
     proxy_tests::raise_fd_limit();
 }
 
-pub fn bench(args: &[String]) -> Result {
-    let mut quick = false;
-    let mut baseline: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--baseline" => {
-                let p = it.next().ok_or("--baseline needs a dbproxy binary")?;
-                let p = PathBuf::from(p);
-                if !p.exists() {
-                    return Err(format!("--baseline {}: no such file", p.display()));
-                }
-                baseline = Some(p);
-            }
-            other => {
-                return Err(format!(
-                    "bench takes --quick and --baseline <dbproxy binary> (got {other})"
-                ))
-            }
+pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
+    if let Some(p) = &baseline {
+        if !p.exists() {
+            return Err(format!("--baseline {}: no such file", p.display()));
         }
     }
     let mut needed = DB_TOOLS.to_vec();

@@ -1,36 +1,59 @@
-//! `cargo xtask <command>`: the project's own commands.
-//!
-//! - `demo`: a throwaway MariaDB (unless `--target` names one) and dbproxy in front of it
-//!   on 127.0.0.1:6033, until Ctrl-C.
-//! - `test`: installs what the tests need, then fmt, clippy, unit and integration tests
-//!   (the integration tests run every scenario on both io drivers).
+//! `cargo xtask <command>`: the project's own commands (`cargo xtask --help`).
 
 mod bench;
 
+use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// dbproxy's project commands.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C.
+    Demo(DemoArgs),
+    /// Install what the tests need (idempotent), then fmt, clippy, unit and integration
+    /// tests (every scenario on both io drivers).
+    Test,
+    /// Build the kernel guard's eBPF object (installs its toolchain if missing).
+    BuildEbpf,
+    /// Build what runs in production: the eBPF object, then the release binary that
+    /// embeds it (target/release/dbproxy).
+    Build,
+    /// Build the Debian package (cargo-deb, installed if missing): the binary, the systemd
+    /// unit and an example configuration, in target/debian/.
+    Deb {
+        /// Package the debug build instead of building a release (for tests).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// sysbench and connection benchmarks: direct MariaDB, dbproxy, HAProxy in the same run.
+    Bench {
+        /// Shorter runs (about a quarter of the time).
+        #[arg(long)]
+        quick: bool,
+        /// Another dbproxy binary (e.g. the previous commit's) measured in the same run.
+        #[arg(long, value_name = "DBPROXY_BINARY")]
+        baseline: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test(&args[1..]),
-        Some("demo") => demo(&args[1..]),
-        Some("build-ebpf") => build_ebpf(),
-        Some("bench") => bench::bench(&args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 demo [--target HOST:PORT --backend-user U --backend-password P] [--listen ADDR]\n          \
-                 run dbproxy in front of a throwaway MariaDB (or the given one) until Ctrl-C\n  \
-                 test    install prerequisites, then fmt, clippy, unit and integration tests\n  \
-                 build-ebpf\n          build the kernel guard's eBPF object (installs its toolchain if missing)\n  \
-                 bench [--quick] [--baseline <dbproxy binary>]\n          sysbench and connection benchmarks: direct MariaDB, dbproxy, HAProxy\n          (and another dbproxy build, e.g. the previous commit's, in the same run)"
-            );
-            Err("no command".into())
-        }
+    let result = match Cli::parse().command {
+        Cmd::Test => test(),
+        Cmd::Demo(d) => demo(d),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build_release(),
+        Cmd::Deb { debug } => deb(debug),
+        Cmd::Bench { quick, baseline } => bench::bench(quick, baseline),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -252,10 +275,58 @@ fn ebpf_cargo() -> Command {
     c
 }
 
-fn test(args: &[String]) -> Result {
-    if let Some(a) = args.first() {
-        return Err(format!("test takes no arguments (got {a})"));
+/// The eBPF object, then the release binary that embeds it.
+fn build_release() -> Result {
+    build_ebpf()?;
+    run(
+        "build dbproxy (release)",
+        cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),
+    )?;
+    eprintln!(
+        "xtask: {} (with the kernel guard)",
+        root().join("target/release/dbproxy").display()
+    );
+    Ok(())
+}
+
+const CARGO_DEB: &str = "3.8.0";
+
+/// `cargo deb` (installed from crates.io if missing): target/debian/dbproxy_*.deb.
+fn deb(debug: bool) -> Result {
+    let has_deb = cargo()
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_deb {
+        run(
+            &format!("cargo install cargo-deb@{CARGO_DEB}"),
+            cargo().args(["install", &format!("cargo-deb@{CARGO_DEB}"), "--locked"]),
+        )?;
     }
+    if debug {
+        // The debug binary as it is (the tests build it with the eBPF object).
+        run(
+            "cargo deb (debug build)",
+            cargo().args([
+                "deb",
+                "-p",
+                "proxy",
+                "--no-build",
+                "--profile",
+                "dev",
+                "--fast",
+            ]),
+        )
+    } else {
+        build_release()?;
+        run(
+            "cargo deb",
+            cargo().args(["deb", "-p", "proxy", "--no-build"]),
+        )
+    }
+}
+
+fn test() -> Result {
     let mut needed = DB_TOOLS.to_vec();
     needed.extend(CLIENT_TOOLS);
     ensure_apt(&needed)?;
@@ -289,6 +360,8 @@ fn test(args: &[String]) -> Result {
         "build dbproxy",
         cargo().args(["build", "-p", "proxy", "--bin", "dbproxy"]),
     )?;
+    // The package test installs this (the debug build, packaged as a release would be).
+    deb(true)?;
     run(
         "unit tests",
         cargo().args(["test", "--workspace", "--lib", "--bins"]),
@@ -307,40 +380,23 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+#[derive(clap::Args)]
 struct DemoArgs {
+    /// An existing MariaDB/MySQL (HOST:PORT) instead of a throwaway one.
+    #[arg(long, value_name = "HOST:PORT")]
     target: Option<String>,
+    /// The database user dbproxy logs in as.
+    #[arg(long, default_value = "app")]
     backend_user: String,
+    /// Its password.
+    #[arg(long, default_value = proxy_tests::DB_PASSWORD)]
     backend_password: String,
+    /// Where dbproxy listens.
+    #[arg(long, default_value = "127.0.0.1:6033")]
     listen: String,
 }
 
-fn parse_demo_args(args: &[String]) -> Result<DemoArgs> {
-    let mut d = DemoArgs {
-        target: None,
-        backend_user: "app".into(),
-        backend_password: proxy_tests::DB_PASSWORD.into(),
-        listen: "127.0.0.1:6033".into(),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        match a.as_str() {
-            "--target" => d.target = Some(val()?),
-            "--backend-user" => d.backend_user = val()?,
-            "--backend-password" => d.backend_password = val()?,
-            "--listen" => d.listen = val()?,
-            other => return Err(format!("unknown demo option {other}")),
-        }
-    }
-    Ok(d)
-}
-
-fn demo(args: &[String]) -> Result {
-    let opts = parse_demo_args(args)?;
+fn demo(opts: DemoArgs) -> Result {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
