@@ -279,6 +279,17 @@ pub struct ProxyConfig {
     /// going away, transactions in flight may finish for this long; then dbproxy exits.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// `text` (default) or `json` (one object per line, for log shippers).
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl ProxyConfig {
@@ -303,6 +314,7 @@ impl Default for ProxyConfig {
             login_failure_threshold: 3,
             login_max_delay: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            log_format: LogFormat::Text,
         }
     }
 }

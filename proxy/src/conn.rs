@@ -154,15 +154,39 @@ impl<D: Driver> Drop for Conn<D> {
 }
 
 /// Serves one accepted client connection to its end; `tls` is what its endpoint allows.
+/// Everything it logs carries a `client` span: its connection id, address, endpoint and
+/// (once logged in) user.
 pub async fn serve<D: Driver>(
+    shared: Arc<ProxyShared>,
+    pool: Rc<CorePool<D>>,
+    client: D::Stream,
+    peer: SocketAddr,
+    tls: ClientTls,
+    endpoint: Arc<EndpointStats>,
+) {
+    use tracing::Instrument;
+    let conn_id = shared.next_connection_id();
+    let span = tracing::info_span!(
+        "client",
+        id = conn_id,
+        %peer,
+        endpoint = %endpoint.name,
+        user = tracing::field::Empty
+    );
+    serve_in_span::<D>(shared, pool, client, peer, tls, endpoint, conn_id)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span<D: Driver>(
     shared: Arc<ProxyShared>,
     pool: Rc<CorePool<D>>,
     mut client: D::Stream,
     peer: SocketAddr,
     tls: ClientTls,
     endpoint: Arc<EndpointStats>,
+    conn_id: u32,
 ) {
-    let conn_id = shared.next_connection_id();
     let in_use = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
     let _count = ClientCount(&shared);
     let _open = endpoint.connected();
@@ -182,6 +206,7 @@ pub async fn serve<D: Driver>(
     else {
         return;
     };
+    tracing::Span::current().record("user", conn.s.user.name.as_str());
     let _tls_count = conn
         .client
         .is_tls()
@@ -727,6 +752,11 @@ impl<D: Driver> Conn<D> {
             )
             .then(std::time::Instant::now);
             self.timing = timed.is_some();
+            // Enhanced query logging: the statement's text, read before it is consumed.
+            let logged = match (timed, self.shared.query_log.until()) {
+                (Some(_), Some(_)) => self.statement_text(command, h),
+                _ => None,
+            };
             // A statement that will run on a connection borrowed for it alone is kept, to be
             // sent again if it does not run (see `SessionEnd::Retry`).
             self.retryable = self.backend.is_none()
@@ -836,6 +866,7 @@ impl<D: Driver> Conn<D> {
                 }
                 (_, Some(Disposition::Forward(kind))) => self.forward(h, kind, true).await,
             };
+            let succeeded = outcome.is_ok();
             match outcome {
                 Ok(()) => retries = 0,
                 Err(SessionEnd::Retry) if self.retryable => {
@@ -866,9 +897,21 @@ impl<D: Driver> Conn<D> {
                 }
             }
             if let Some(t) = timed {
+                let took = t.elapsed();
                 self.reg.slot.queries.fetch_add(1, Ordering::Relaxed);
                 self.endpoint.queries.fetch_add(1, Ordering::Relaxed);
-                self.endpoint.query_latency.observe(t.elapsed());
+                self.endpoint.query_latency.observe(took);
+                let now = || crate::stats::unix_now() as u64;
+                if let Some(text) = logged.filter(|_| self.shared.query_log.active(now)) {
+                    tracing::info!(
+                        target: "dbproxy::query",
+                        user = %self.s.user.name,
+                        duration_us = took.as_micros() as u64,
+                        ok = succeeded,
+                        statement = %text,
+                        "statement"
+                    );
+                }
             }
             self.timing = false;
             self.db_sent = None;
@@ -881,6 +924,26 @@ impl<D: Driver> Conn<D> {
                     *v = Vec::new();
                 }
             }
+        }
+    }
+
+    /// The text of the statement in `cbuf` (header `h`) for the query log, literals
+    /// blanked: a COM_QUERY's own, or the prepared statement a COM_STMT_EXECUTE runs.
+    fn statement_text(&self, command: Option<u8>, h: Header) -> Option<String> {
+        let payload = self.cbuf.filled().get(5..h.total())?;
+        match command? {
+            com::QUERY => Some(crate::session::querylog::redacted(payload)),
+            com::STMT_EXECUTE | com::STMT_BULK_EXECUTE => {
+                let id = payload.get(..4)?;
+                let id = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+                let cid = self.s.stmts.resolve(id)?;
+                let sql = &self.s.stmts.get(cid)?.key.sql;
+                Some(format!(
+                    "EXECUTE {}",
+                    crate::session::querylog::redacted(sql)
+                ))
+            }
+            _ => None,
         }
     }
 

@@ -100,16 +100,29 @@ fn main() -> ExitCode {
         "{},{QUIET_CRATES}",
         std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into())
     );
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(format!("info,{QUIET_CRATES}"))
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET_CRATES}")));
+    let cli = Cli::parse();
+    // `run` logs as its configuration says (a file that does not load is reported below).
+    let json = match &cli.command {
+        Command::Run { config } => {
+            Config::load(config).is_ok_and(|c| c.proxy.log_format == proxy::config::LogFormat::Json)
+        }
+        _ => false,
+    };
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    match cli.command {
         Command::HashPassword => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut line) {

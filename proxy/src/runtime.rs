@@ -84,6 +84,8 @@ pub struct ProxyShared {
     resume_notify: tokio::sync::Notify,
     /// Statements waiting for `RESUME` now.
     pub held: std::sync::atomic::AtomicI64,
+    /// Enhanced query logging (switched on from the admin console).
+    pub query_log: crate::session::querylog::QueryLog,
     drain_until: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
@@ -194,6 +196,7 @@ impl ProxyShared {
             paused: AtomicBool::new(false),
             resume_notify: tokio::sync::Notify::new(),
             held: std::sync::atomic::AtomicI64::new(0),
+            query_log: Default::default(),
             drain_until: parking_lot::Mutex::new(None),
         }))
     }

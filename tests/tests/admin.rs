@@ -568,3 +568,94 @@ fn the_status_page_loads_in_a_browser_and_its_charts_move() {
         );
     }
 }
+
+#[test]
+fn json_logs_carry_each_clients_span_and_query_logging_blanks_literals() {
+    let db = MariaDb::start();
+    never_logged("hunter2-in-a-literal");
+    for io in DRIVERS {
+        let sql_port = free_port();
+        let proxy = Proxy::start_admin(
+            db.port,
+            io,
+            "log_format = \"json\"",
+            "",
+            &format!(
+                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+            ),
+            "",
+            &[],
+        );
+        let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let q = "SELECT 'hunter2-in-a-literal' AS secret_column";
+        mysql::prelude::Queryable::query_drop(&mut c, q).unwrap();
+        assert!(
+            !proxy.log().contains("secret_column"),
+            "[{io}] logged while off"
+        );
+        console(sql_port, "QUERY LOGGING ON");
+        assert!(
+            status_json(proxy.admin)["query_logging_until"].is_u64(),
+            "[{io}]"
+        );
+        mysql::prelude::Queryable::query_drop(&mut c, q).unwrap();
+        let stmt =
+            mysql::prelude::Queryable::prep(&mut c, "SELECT ? + 1 AS prepared_column").unwrap();
+        let two: Option<i64> = mysql::prelude::Queryable::exec_first(&mut c, &stmt, (1,)).unwrap();
+        assert_eq!(two, Some(2));
+        console(sql_port, "QUERY LOGGING OFF");
+        mysql::prelude::Queryable::query_drop(&mut c, "SELECT 'after' AS after_off").unwrap();
+        let bad = mariadb_cli(proxy.port, "app", "wrong-password", &[], "SELECT 1");
+        assert!(!bad.status.success());
+        let log = proxy.log();
+        // Every line is a JSON object.
+        let lines: Vec<Value> = log
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("[{io}] not JSON ({e}): {l}"))
+            })
+            .collect();
+        let queries: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["target"] == "dbproxy::query")
+            .collect();
+        assert_eq!(queries.len(), 2, "[{io}] {queries:?}");
+        let text = |v: &Value| {
+            v["fields"]["statement"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(text(queries[0]), "SELECT '?' AS secret_column", "[{io}]");
+        assert_eq!(
+            text(queries[1]),
+            "EXECUTE SELECT ? + 1 AS prepared_column",
+            "[{io}]"
+        );
+        for q in &queries {
+            assert_eq!(q["fields"]["user"], "app", "[{io}]");
+            assert!(q["fields"]["duration_us"].is_u64(), "[{io}]");
+            // The client's span: its id, address and user.
+            assert_eq!(q["span"]["name"], "client", "[{io}] {q}");
+            assert_eq!(q["span"]["user"], "app", "[{io}] {q}");
+            assert!(
+                q["span"]["peer"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("127.0.0.1:"),
+                "[{io}]"
+            );
+            assert!(q["span"]["id"].is_u64(), "[{io}]");
+        }
+        assert!(!log.contains("after_off"), "[{io}] logged after OFF");
+        // A refused login is logged in its client's span too.
+        assert!(
+            lines.iter().any(|l| l["span"]["name"] == "client"
+                && l["fields"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("access denied")),
+            "[{io}] {log}"
+        );
+    }
+}

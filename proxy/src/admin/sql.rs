@@ -254,6 +254,22 @@ pub async fn run(shared: &Arc<ProxyShared>, sql: &str) -> Answer {
             tracing::warn!("PAUSE: new statements are held until RESUME");
             Answer::Ok("paused: statements outside a transaction wait until RESUME".into())
         }
+        ["QUERY", "LOGGING", "ON"] => {
+            let until = shared.query_log.enable(
+                crate::session::querylog::MAX_ON,
+                crate::stats::unix_now() as u64,
+            );
+            tracing::warn!(
+                until,
+                "enhanced query logging on (statements with literals blanked; off by itself after 24 h)"
+            );
+            Answer::Ok("query logging on for 24 h (QUERY LOGGING OFF ends it)".into())
+        }
+        ["QUERY", "LOGGING", "OFF"] => {
+            shared.query_log.disable();
+            tracing::warn!("enhanced query logging off");
+            Answer::Ok(String::new())
+        }
         ["RESUME"] => {
             shared.set_paused(false);
             tracing::warn!("RESUME: statements flow again");
@@ -332,6 +348,10 @@ fn help() -> Answer {
             "hold new statements of sessions outside a transaction",
         ),
         ("RESUME", "let them run"),
+        (
+            "QUERY LOGGING ON|OFF",
+            "log every statement (literals blanked), user and duration; off by itself after 24 h",
+        ),
     ];
     Answer::Rows {
         columns: vec!["statement", "what it does"],
@@ -524,6 +544,7 @@ mod tests {
             draining: false,
             paused: false,
             held_statements: 0,
+            query_logging_until: None,
             client_connections: 1,
             endpoints: Vec::new(),
             target_groups: Vec::new(),

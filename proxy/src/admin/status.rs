@@ -18,6 +18,8 @@ pub struct Status {
     pub paused: bool,
     /// Statements waiting for `RESUME` now.
     pub held_statements: i64,
+    /// Enhanced query logging is on until then (seconds since the Unix epoch).
+    pub query_logging_until: Option<u64>,
     pub client_connections: i64,
     pub endpoints: Vec<EndpointStatus>,
     pub target_groups: Vec<GroupStatus>,
@@ -225,6 +227,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
         draining: sh.is_draining(),
         paused: sh.is_paused(),
         held_statements: sh.held.load(Ordering::Relaxed),
+        query_logging_until: sh.query_log.until(),
         client_connections: i64::try_from(sh.clients.load(Ordering::Relaxed)).unwrap_or(0),
         endpoints,
         target_groups,

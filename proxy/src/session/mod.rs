@@ -11,6 +11,7 @@ pub mod diag;
 pub mod kill;
 pub mod login;
 pub mod pins;
+pub mod querylog;
 pub mod sql;
 pub mod state;
 pub mod stmts;
