@@ -328,6 +328,13 @@ pub enum Role {
     ReadOnly,
 }
 
+impl EndpointConfig {
+    /// The socket file of a `listen = "unix:/path"` endpoint.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.listen.strip_prefix("unix:").map(Path::new)
+    }
+}
+
 /// `[[endpoints]]`: an address clients connect to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -743,11 +750,17 @@ impl Config {
             if self.endpoints[..i].iter().any(|o| o.name == e.name) {
                 errs.push(format!("{k}.name: {:?} is used twice", e.name));
             }
-            if e.listen.parse::<SocketAddr>().is_err() {
-                errs.push(format!(
-                    "{k}.listen: {:?} is not an ip:port address",
+            match e.unix_path() {
+                Some(p) if !p.is_absolute() => errs.push(format!(
+                    "{k}.listen: {:?}: a Unix socket endpoint needs an absolute path",
                     e.listen
-                ));
+                )),
+                Some(_) => {}
+                None if e.listen.parse::<SocketAddr>().is_err() => errs.push(format!(
+                    "{k}.listen: {:?} is not an ip:port address or unix:/path",
+                    e.listen
+                )),
+                None => {}
             }
             if e.tls_mode(&self.proxy) != ClientTls::Disabled && !self.proxy.has_tls() {
                 errs.push(format!(

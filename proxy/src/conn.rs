@@ -363,7 +363,12 @@ async fn login<D: Driver>(
                 s.ext_caps = a.ext_caps;
                 s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
                 let origin = crate::clients::Origin {
-                    peer: peer.to_string(),
+                    // A Unix socket client is known by the socket it came through.
+                    peer: if endpoint.listen.starts_with("unix:") {
+                        endpoint.listen.clone()
+                    } else {
+                        peer.to_string()
+                    },
                     endpoint: endpoint.name.clone(),
                     tls: client.is_tls(),
                     since: crate::stats::unix_now(),

@@ -334,6 +334,11 @@ impl ProxyShared {
         }
     }
 
+    /// Draining or stopping: accept nothing more.
+    pub fn is_stopping(&self) -> bool {
+        self.is_draining() || self.shutdown.load(Ordering::Acquire)
+    }
+
     async fn wait_shutdown(&self) {
         loop {
             let n = self.shutdown_notify.notified();
@@ -479,19 +484,40 @@ pub fn start(
             source,
         })?;
     }
+    // A Unix socket endpoint is one socket (SO_REUSEPORT is for IP): a thread accepts on it
+    // and hands the connections to the workers in turn.
+    let mut unix: HashMap<String, Vec<UnixInbox>> = HashMap::new();
+    let mut threads = Vec::with_capacity(workers + 1);
+    for e in &cfg.endpoints {
+        if let Some(path) = e.unix_path() {
+            let (inboxes, acceptor) = crate::io::unix_listen::start(path, workers, shared.clone())
+                .map_err(|source| StartError::Listen {
+                    endpoint: e.name.clone(),
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+            unix.insert(e.name.clone(), inboxes);
+            threads.push(acceptor);
+        }
+    }
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut ls = Vec::new();
         for (e, stats) in cfg.endpoints.iter().zip(&shared.endpoints) {
-            let addr: SocketAddr = e
-                .listen
-                .parse()
-                .map_err(|_| StartError::Config(format!("bad listen address {}", e.listen)))?;
-            let l = reuseport_listener(addr).map_err(|source| StartError::Listen {
-                endpoint: e.name.clone(),
-                addr,
-                source,
-            })?;
+            let socket = match unix.get_mut(&e.name).and_then(Vec::pop) {
+                Some(inbox) => ListenSocket::Unix(inbox),
+                None => {
+                    let addr: SocketAddr = e.listen.parse().map_err(|_| {
+                        StartError::Config(format!("bad listen address {}", e.listen))
+                    })?;
+                    let l = reuseport_listener(addr).map_err(|source| StartError::Listen {
+                        endpoint: e.name.clone(),
+                        addr,
+                        source,
+                    })?;
+                    ListenSocket::Tcp(l)
+                }
+            };
             let pool = match e.role {
                 crate::config::Role::ReadWrite => e.target_group.clone(),
                 crate::config::Role::ReadOnly => format!("{}/read_only", e.target_group),
@@ -504,13 +530,12 @@ pub fn start(
             ls.push(Listener {
                 pool,
                 tls,
-                socket: l,
+                socket,
                 stats: stats.clone(),
             });
         }
         per_worker.push(ls);
     }
-    let mut threads = Vec::with_capacity(workers);
     for (i, ls) in per_worker.into_iter().enumerate() {
         let sh = shared.clone();
         let t = std::thread::Builder::new()
@@ -538,8 +563,18 @@ struct Listener {
     /// The pool it serves ([`GroupShared::id`]).
     pool: String,
     tls: ClientTls,
-    socket: std::net::TcpListener,
+    socket: ListenSocket,
     stats: Arc<crate::stats::EndpointStats>,
+}
+
+type UnixInbox = tokio::sync::mpsc::UnboundedReceiver<crate::io::Detached>;
+
+/// Where a worker's clients of one endpoint come from.
+enum ListenSocket {
+    /// Its own SO_REUSEPORT socket.
+    Tcp(std::net::TcpListener),
+    /// Its share of a Unix socket endpoint's connections.
+    Unix(UnixInbox),
 }
 
 fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
@@ -583,6 +618,36 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     } in listeners
     {
         let group = pool;
+        let Some(pool) = pools.get(&group).cloned() else {
+            continue;
+        };
+        let sh = shared.clone();
+        let socket = match socket {
+            ListenSocket::Tcp(s) => s,
+            ListenSocket::Unix(mut inbox) => {
+                accepts.push(tokio::task::spawn_local(async move {
+                    // Unix clients have no address: they are "local" (127.0.0.1:0) to the
+                    // login throttle and in logs.
+                    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+                    while let Some(d) = inbox.recv().await {
+                        match D::attach(d) {
+                            Ok(stream) => {
+                                tokio::task::spawn_local(crate::conn::serve::<D>(
+                                    sh.clone(),
+                                    pool.clone(),
+                                    stream,
+                                    local,
+                                    tls,
+                                    stats.clone(),
+                                ));
+                            }
+                            Err(e) => tracing::warn!("cannot adopt a Unix socket client: {e}"),
+                        }
+                    }
+                }));
+                continue;
+            }
+        };
         let listener = match D::listener(socket) {
             Ok(l) => l,
             Err(e) => {
@@ -590,10 +655,6 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                 continue;
             }
         };
-        let Some(pool) = pools.get(&group).cloned() else {
-            continue;
-        };
-        let sh = shared.clone();
         accepts.push(tokio::task::spawn_local(async move {
             loop {
                 match D::accept(&listener).await {

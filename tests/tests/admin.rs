@@ -659,3 +659,63 @@ fn json_logs_carry_each_clients_span_and_query_logging_blanks_literals() {
         );
     }
 }
+
+#[test]
+fn clients_on_the_same_host_connect_through_a_unix_socket() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("run/mysql.sock");
+        let sections = format!(
+            "[[endpoints]]\nname = \"local\"\nlisten = \"unix:{}\"\ntarget_group = \"default\"\n",
+            sock.display()
+        );
+        let mut proxy = Proxy::start_custom(&db, io, "", "", &sections);
+        let cli = |password: &str, sql: &str| {
+            Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", sock.display()))
+                .args([
+                    "-u",
+                    "app",
+                    &format!("-p{password}"),
+                    "--batch",
+                    "--skip-column-names",
+                    "-e",
+                    sql,
+                ])
+                .output()
+                .unwrap()
+        };
+        // Several clients, spread over the workers, each through the socket.
+        for i in 0..6 {
+            let out = cli(APP_PASSWORD, &format!("SELECT {i} + 1"));
+            assert!(
+                out.status.success(),
+                "[{io}] {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                (i + 1).to_string(),
+                "[{io}]"
+            );
+        }
+        let bad = cli("wrong", "SELECT 1");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("1045"),
+            "[{io}]"
+        );
+        assert_eq!(
+            proxy.metric("dbproxy_client_connections_setup_succeeded_total{endpoint=\"local\"}"),
+            6,
+            "[{io}]"
+        );
+        // The socket is dbproxy's: it goes away when dbproxy stops.
+        assert!(sock.exists(), "[{io}]");
+        proxy.stop();
+        wait_until("the socket file to go", Duration::from_secs(5), || {
+            !sock.exists()
+        });
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod epoll;
 pub mod tls_stream;
+pub mod unix_listen;
 pub mod uring;
 
 pub use tls_stream::MaybeTls;
