@@ -969,6 +969,15 @@ backend_password = "db-secret"
         assert_eq!(g.reader_fallback, crate::topology::ReaderFallback::Writer);
     }
 
+    /// The example the Debian package installs is valid as it ships.
+    #[test]
+    fn the_packaged_example_configuration_is_valid() {
+        let c = Config::parse(include_str!("../../packaging/dbproxy.toml"))
+            .unwrap_or_else(|e| panic!("packaging/dbproxy.toml: {e}"));
+        assert!(c.guard.enabled && !c.admin.sql_listen.is_empty());
+        assert_eq!(c.endpoints.len(), 2);
+    }
+
     #[test]
     fn topology_keys_are_checked() {
         let c = Config::parse(&CONTRACT.replace(
