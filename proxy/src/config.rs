@@ -784,6 +784,12 @@ impl Config {
                     "{k}.targets: at least one host:port (or unix:/path) is needed"
                 ));
             }
+            if g.targets.len() > crate::topology::MAX_TARGETS {
+                errs.push(format!(
+                    "{k}.targets: at most {} targets",
+                    crate::topology::MAX_TARGETS
+                ));
+            }
             for (j, t) in g.targets.iter().enumerate() {
                 if let Err(e) = check_target(t) {
                     errs.push(format!("{k}.targets[{j}]: {e}"));

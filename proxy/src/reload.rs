@@ -2,7 +2,9 @@
 //! without I/O: the new configuration, with every setting that can only change at a
 //! restart kept as it runs now (and named).
 //!
-//! Live: users and their passwords; each target group's `max_connections`,
+//! Live: users and their passwords; each target group's `targets` (added ones are checked
+//! and used once up, removed ones retired: see [`crate::topology::Topology::change_targets`]),
+//! `max_connections`,
 //! `max_idle_connections`, `max_connection_lifetime`, `connection_borrow_timeout`,
 //! `connect_timeout`, `session_pinning_filters`; `[proxy]` `idle_client_timeout`,
 //! `handshake_timeout`, `max_client_connections`, `max_allowed_packet`,
@@ -169,7 +171,7 @@ fn group(
             }
         };
     }
-    keep!(targets);
+    live!(targets);
     keep!(init_query);
     keep!(health_check_interval);
     keep!(failure_threshold);
@@ -225,7 +227,7 @@ backend_password = "db"
     }
 
     #[test]
-    fn pool_size_and_password_apply_listen_and_targets_wait() {
+    fn pool_size_targets_and_password_apply_listen_waits() {
         let new = BASE
             .replace("max_connections = 10", "max_connections = 6")
             .replace("password = \"one\"", "password = \"two\"")
@@ -235,9 +237,9 @@ backend_password = "db"
         let p = plan(&cfg(BASE), cfg(&new));
         assert_eq!(p.config.target_groups[0].max_connections, 6);
         assert_eq!(p.config.users[0].password.text(), "two");
+        assert_eq!(p.config.target_groups[0].targets, ["127.0.0.1:3307"]);
         // Kept as running:
         assert_eq!(p.config.endpoints[0].listen, "127.0.0.1:6033");
-        assert_eq!(p.config.target_groups[0].targets, ["127.0.0.1:3306"]);
         assert_eq!(p.config.proxy.workers, 2);
         assert!(
             p.changed
@@ -245,15 +247,9 @@ backend_password = "db"
                 .any(|c| c.contains("max_connections 10 -> 6")),
             "{p:?}"
         );
+        assert!(p.changed.iter().any(|c| c.contains("targets")), "{p:?}");
         assert!(p.changed.contains(&"user app changed".to_string()), "{p:?}");
-        assert_eq!(
-            p.restart_needed,
-            [
-                "endpoints",
-                "proxy.workers",
-                "target_groups[default].targets"
-            ]
-        );
+        assert_eq!(p.restart_needed, ["endpoints", "proxy.workers"]);
         let r = p.report();
         assert!(
             !r.contains("two") && !r.contains("one"),

@@ -251,7 +251,39 @@ impl ProxyShared {
             return Err("[[secrets]] were added: restart dbproxy to use them".into());
         }
         let old = self.config.load_full();
-        let plan = crate::reload::plan(&old, new);
+        let mut plan = crate::reload::plan(&old, new);
+        // Targets added or removed: the monitors check the new ones and retire the others.
+        for (o, n) in old
+            .target_groups
+            .iter()
+            .zip(plan.config.target_groups.iter_mut())
+        {
+            if o.targets == n.targets {
+                continue;
+            }
+            let add: Vec<String> = n
+                .targets
+                .iter()
+                .filter(|t| !o.targets.contains(t))
+                .cloned()
+                .collect();
+            let remove: Vec<String> = o
+                .targets
+                .iter()
+                .filter(|t| !n.targets.contains(t))
+                .cloned()
+                .collect();
+            let changed = match self.topologies.get(&n.name) {
+                Some(t) => t.change_targets(&add, &remove),
+                None => Err("no such target group running".into()),
+            };
+            if let Err(e) = changed {
+                tracing::warn!(group = %n.name, "reload: targets not changed ({e})");
+                plan.restart_needed
+                    .push(format!("target_groups[{}].targets ({e})", n.name));
+                n.targets = o.targets.clone();
+            }
+        }
         let users = Users::reloaded(&plan.config.users, self.secrets.as_ref(), &self.users());
         for g in &plan.config.target_groups {
             for pool in self.groups.values().filter(|p| p.name == g.name) {

@@ -719,3 +719,50 @@ fn clients_on_the_same_host_connect_through_a_unix_socket() {
         });
     }
 }
+
+#[test]
+fn a_reload_moves_the_group_to_another_server_without_dropping_a_client() {
+    let old = MariaDb::start();
+    let new = MariaDb::start();
+    for io in DRIVERS {
+        let mut proxy = Proxy::start(&old, io, "");
+        let port_of = |c: &mut mysql::Conn| -> u16 {
+            mysql::prelude::Queryable::query_first(c, "SELECT @@port")
+                .unwrap()
+                .unwrap()
+        };
+        let mut tx = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut idle = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        assert_eq!(port_of(&mut idle), old.port, "[{io}]");
+        mysql::prelude::Queryable::query_drop(&mut tx, "BEGIN").unwrap();
+        assert_eq!(port_of(&mut tx), old.port, "[{io}]");
+        // The group's only target is replaced.
+        edit_config(
+            &proxy.config,
+            &format!("targets = [\"127.0.0.1:{}\"]", old.port),
+            &format!("targets = [\"127.0.0.1:{}\"]", new.port),
+        );
+        proxy.sighup();
+        wait_until("the new writer", Duration::from_secs(20), || {
+            let s = status_json(proxy.admin);
+            let g = &s["target_groups"][0];
+            g["writer"] == format!("127.0.0.1:{}", new.port)
+                && g["targets"].as_array().is_some_and(|t| t.len() == 1)
+        });
+        // The transaction stays where it began, to its end.
+        assert_eq!(port_of(&mut tx), old.port, "[{io}] mid-transaction");
+        mysql::prelude::Queryable::query_drop(&mut tx, "COMMIT").unwrap();
+        // Then every client, old and new, is served by the new server.
+        assert_eq!(port_of(&mut tx), new.port, "[{io}]");
+        assert_eq!(port_of(&mut idle), new.port, "[{io}]");
+        let mut fresh = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        assert_eq!(port_of(&mut fresh), new.port, "[{io}]");
+        assert!(proxy.log().contains("target removed (reload)"), "[{io}]");
+        let metrics = proxy.metrics();
+        assert!(
+            !metrics.contains(&format!("target=\"127.0.0.1:{}\"", old.port)),
+            "[{io}] the removed target is still reported"
+        );
+        proxy.stop();
+    }
+}

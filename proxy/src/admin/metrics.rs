@@ -389,6 +389,9 @@ fn targets(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         let mut rows = Vec::new();
         for t in &topologies {
             for (i, v) in t.load().targets.iter().enumerate() {
+                if v.retired {
+                    continue;
+                }
                 if let Some(x) = f(t, i, v) {
                     rows.push((
                         vec![
@@ -426,7 +429,7 @@ fn targets(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
     )?;
     let mut roles = Vec::new();
     for t in &topologies {
-        for v in &t.load().targets {
+        for v in t.load().targets.iter().filter(|v| !v.retired) {
             for r in [
                 TargetRole::Writer,
                 TargetRole::Reader,

@@ -157,6 +157,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
                     .targets
                     .iter()
                     .enumerate()
+                    .filter(|(_, v)| !v.retired)
                     .map(|(i, v)| TargetStatus {
                         name: v.name.clone(),
                         address: v.addr.as_ref().map(|a| a.to_string()),

@@ -255,7 +255,9 @@ impl GroupShared {
             id,
             role,
             route,
-            borrowed_at: crate::topology::borrowed_counters(cfg.targets.len()),
+            borrowed_at: crate::topology::borrowed_counters(
+                crate::topology::MAX_TARGETS.max(cfg.targets.len()),
+            ),
             topology,
             budget: Arc::new(Semaphore::new(cfg.max_connections)),
             max_connections: AtomicUsize::new(cfg.max_connections),

@@ -86,6 +86,28 @@ struct TargetState {
     deposed: bool,
     /// A second-writer warning was given for the current episode.
     warned_second: bool,
+    /// Removed from the configuration (a reload): never used again, its checks ignored.
+    retired: bool,
+}
+
+impl TargetState {
+    fn new(name: &str) -> Self {
+        TargetState {
+            name: name.to_string(),
+            addr: None,
+            failures: 0,
+            failing_since: None,
+            up: false,
+            refused: false,
+            why: "not checked yet".into(),
+            probe: None,
+            role: TargetRole::Unavailable,
+            epoch: 0,
+            deposed: false,
+            warned_second: false,
+            retired: false,
+        }
+    }
 }
 
 impl TargetState {
@@ -113,24 +135,61 @@ impl Decider {
             generation: 1,
             writer: None,
             lost: None,
-            targets: names
-                .iter()
-                .map(|n| TargetState {
-                    name: n.clone(),
-                    addr: None,
-                    failures: 0,
-                    failing_since: None,
-                    up: false,
-                    refused: false,
-                    why: "not checked yet".into(),
-                    probe: None,
-                    role: TargetRole::Unavailable,
-                    epoch: 0,
-                    deposed: false,
-                    warned_second: false,
-                })
-                .collect(),
+            targets: names.iter().map(|n| TargetState::new(n)).collect(),
         }
+    }
+
+    /// A target added by a reload: a new slot (indices of the others never change), or
+    /// the slot it had before it was removed. Unknown until its first check.
+    pub fn add(&mut self, name: &str) -> usize {
+        if let Some(i) = self
+            .targets
+            .iter()
+            .position(|t| t.name == name && t.retired)
+        {
+            if let Some(t) = self.targets.get_mut(i) {
+                let epoch = t.epoch;
+                *t = TargetState::new(name);
+                t.epoch = epoch;
+            }
+            return i;
+        }
+        self.targets.push(TargetState::new(name));
+        self.targets.len() - 1
+    }
+
+    /// The slot of a target in use now, by name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.targets
+            .iter()
+            .position(|t| t.name == name && !t.retired)
+    }
+
+    /// Slots taken (targets in use and removed ones).
+    pub fn slots(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// A target removed by a reload: down for good (if it was the writer, another writable
+    /// target takes over as at a failover); its connections close as they come back.
+    pub fn retire(&mut self, i: usize, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        let Some(t) = self.targets.get_mut(i).filter(|t| !t.retired) else {
+            return events;
+        };
+        t.retired = true;
+        if t.up {
+            events.push(Event::TargetDown {
+                target: t.name.clone(),
+                why: "removed from the configuration".into(),
+            });
+        }
+        t.up = false;
+        t.probe = None;
+        t.failing_since.get_or_insert(now);
+        t.why = "removed from the configuration".into();
+        self.decide(now, Some(i), &mut events);
+        events
     }
 
     pub fn generation(&self) -> u64 {
@@ -147,7 +206,7 @@ impl Decider {
         now: Instant,
     ) -> Vec<Event> {
         let mut events = Vec::new();
-        let Some(t) = self.targets.get_mut(i) else {
+        let Some(t) = self.targets.get_mut(i).filter(|t| !t.retired) else {
             return events;
         };
         let mut moved = false;
@@ -306,6 +365,7 @@ impl Decider {
                     refused: t.refused,
                     lag: t.probe.as_ref().map_or(Lag::Unknown, |p| p.lag),
                     epoch: t.epoch,
+                    retired: t.retired,
                     why: if t.role == TargetRole::Unavailable && t.up {
                         "reports writable while another target is the writer".into()
                     } else {
@@ -490,5 +550,42 @@ mod tests {
         assert!(after.targets[0].epoch > before.targets[0].epoch);
         assert_eq!(after.targets[1].epoch, before.targets[1].epoch);
         assert_eq!(after.targets[0].addr, addr(9));
+    }
+
+    #[test]
+    fn a_target_added_takes_a_new_slot_and_a_removed_writer_is_replaced() {
+        let now = Instant::now();
+        let mut d = pair(now);
+        let c = d.add("c:3306");
+        assert_eq!((c, d.slots()), (2, 3));
+        assert_eq!(d.snapshot().targets[2].role, TargetRole::Unavailable);
+        d.observe(c, addr(3), up(false), now);
+        // c is writable while a is the writer: unused.
+        assert_eq!(d.snapshot().writer, Some(0));
+        let epoch_b = d.snapshot().targets[1].epoch;
+        let ev = d.retire(0, now);
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::WriterLost { .. })),
+            "{ev:?}"
+        );
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::WriterChosen { target, .. } if target == "c:3306")),
+            "{ev:?}"
+        );
+        let s = d.snapshot();
+        assert_eq!(s.writer, Some(2));
+        assert!(s.targets[0].retired && s.targets[0].role == TargetRole::Unavailable);
+        // The others keep their slot and epoch (their connections stay valid).
+        assert_eq!(s.targets[1].epoch, epoch_b);
+        assert_eq!(s.targets[1].role, TargetRole::Reader);
+        // A removed target's late reports change nothing.
+        d.observe(0, addr(1), up(false), now);
+        assert_eq!(d.snapshot(), s);
+        assert_eq!(d.index_of("a:3306"), None);
+        // Added again, it gets its old slot back, unknown until checked.
+        assert_eq!(d.add("a:3306"), 0);
+        assert!(!d.snapshot().targets[0].retired && !d.snapshot().targets[0].up);
+        assert_eq!(d.index_of("a:3306"), Some(0));
     }
 }

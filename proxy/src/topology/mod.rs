@@ -89,6 +89,8 @@ pub struct TargetView {
     pub epoch: u64,
     /// Why it is unavailable.
     pub why: String,
+    /// Removed from the configuration by a reload (its slot stays; status skips it).
+    pub retired: bool,
 }
 
 /// One decision of a group's roles.
@@ -177,12 +179,14 @@ impl Snapshot {
 
     /// When every target refuses dbproxy as configured: why (nothing to wait for).
     fn refusal(&self) -> Option<String> {
-        if self.targets.is_empty() || !self.targets.iter().all(|t| t.refused) {
+        let mut live = self.targets.iter().filter(|t| !t.retired).peekable();
+        if live.peek().is_none() || !live.all(|t| t.refused) {
             return None;
         }
         Some(
             self.targets
                 .iter()
+                .filter(|t| !t.retired)
                 .map(|t| format!("{}: {}", t.name, t.why))
                 .collect::<Vec<_>>()
                 .join("; "),
@@ -203,9 +207,12 @@ impl Snapshot {
         }
     }
 
-    /// Whether `target` was marked down (statements in flight there are given up).
+    /// Whether `target` was marked down (statements in flight there are given up). A
+    /// target removed by a reload is not: its sessions finish what they began there.
     pub fn is_down(&self, target: usize) -> bool {
-        self.targets.get(target).is_some_and(|t| !t.up)
+        self.targets
+            .get(target)
+            .is_some_and(|t| !t.up && !t.retired)
     }
 
     /// The address of `target`, if known.
@@ -284,12 +291,13 @@ impl Availability {
             .checked_sub(AVAILABILITY_WINDOW)
             .map_or(first, |s| s.max(first));
         let total = now.saturating_duration_since(start).as_secs_f64();
-        let mut up = 0.0;
+        // Down time is summed (not up time): a target never down is exactly 100.
+        let mut down = 0.0;
         for (i, &(t, is_up)) in c.iter().enumerate() {
             let end = c.get(i + 1).map_or(now, |n| n.0);
             let from = t.max(start);
-            if is_up && end > from {
-                up += end.saturating_duration_since(from).as_secs_f64();
+            if !is_up && end > from {
+                down += end.saturating_duration_since(from).as_secs_f64();
             }
         }
         if total <= 0.0 {
@@ -299,13 +307,19 @@ impl Availability {
                 0.0
             });
         }
-        Some((100.0 * up / total).clamp(0.0, 100.0))
+        Some((100.0 - 100.0 * down / total).clamp(0.0, 100.0))
     }
 }
+
+/// Targets a group may have had (in use and removed by reloads together): per-target
+/// counters are allocated for this many, so that a target added later needs no resize.
+pub const MAX_TARGETS: usize = 64;
 
 /// A target group's topology, shared by its monitor and every core.
 pub struct Topology {
     pub group: String,
+    /// The group's monitor, for targets added or removed by a reload (set when it starts).
+    pub(crate) control: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<monitor::Control>>,
     /// Each target's availability (by index).
     pub availability: Vec<Availability>,
     /// The monitor's recent decisions (failovers among them).
@@ -326,8 +340,13 @@ impl Topology {
             snap: ArcSwap::from_pointee(Snapshot::unknown(targets)),
             changed: Notify::new(),
             nudge: Notify::new(),
-            suspects: targets.iter().map(|_| Suspicion::default()).collect(),
-            availability: targets.iter().map(|_| Availability::default()).collect(),
+            control: std::sync::OnceLock::new(),
+            suspects: (0..MAX_TARGETS.max(targets.len()))
+                .map(|_| Suspicion::default())
+                .collect(),
+            availability: (0..MAX_TARGETS.max(targets.len()))
+                .map(|_| Availability::default())
+                .collect(),
             events: crate::stats::Recent::new(50),
             stats: TopologyStats::default(),
         })
@@ -412,6 +431,44 @@ impl Topology {
         if let Some(s) = self.suspects.get(target) {
             s.cleared.fetch_max(upto, Ordering::AcqRel);
         }
+    }
+
+    /// A reload changed the group's targets: the monitor checks the added ones (new slots:
+    /// the others keep their index, role and connections) and retires the removed ones (if
+    /// the writer is among them, another writable target takes over as at a failover).
+    pub fn change_targets(&self, add: &[String], remove: &[String]) -> Result<(), String> {
+        let Some(control) = self.control.get() else {
+            return Err("the group's monitor is not running".into());
+        };
+        let snap = self.load();
+        let reused = |n: &String| snap.targets.iter().any(|t| t.retired && &t.name == n);
+        let new_slots = add.iter().filter(|n| !reused(n)).count();
+        if snap.targets.len() + new_slots > MAX_TARGETS {
+            return Err(format!(
+                "a target group holds at most {MAX_TARGETS} targets over its life (removed ones included)"
+            ));
+        }
+        for name in remove {
+            control
+                .send(monitor::Control::Remove(name.clone()))
+                .map_err(|_| "the group's monitor stopped".to_string())?;
+        }
+        for name in add {
+            control
+                .send(monitor::Control::Add(name.clone()))
+                .map_err(|_| "the group's monitor stopped".to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Keeps an event of `kind` about `target` for the status page.
+    pub(crate) fn note(&self, kind: &str, target: &str, detail: &str) {
+        self.events.push(TopologyEvent {
+            at: crate::stats::unix_now(),
+            kind: kind.to_string(),
+            target: target.to_string(),
+            detail: detail.to_string(),
+        });
     }
 
     /// Keeps a monitor decision for the status page.
@@ -596,5 +653,21 @@ mod tests {
         assert!(t.suspected(0), "a check that started before the report");
         t.cleared(0, t.suspicion(0));
         assert!(!t.suspected(0));
+    }
+
+    #[test]
+    fn availability_is_the_share_of_the_last_minute_up() {
+        let a = Availability::default();
+        let t0 = Instant::now();
+        assert_eq!(a.percentage(t0), None);
+        a.record(t0, true);
+        a.record(t0 + Duration::from_secs(10), true);
+        assert_eq!(a.percentage(t0 + Duration::from_secs(20)), Some(100.0));
+        a.record(t0 + Duration::from_secs(20), false);
+        a.record(t0 + Duration::from_secs(30), true);
+        let p = a.percentage(t0 + Duration::from_secs(40)).unwrap_or(0.0);
+        assert!((p - 75.0).abs() < 1e-9, "{p}");
+        // Two minutes later the outage is out of the window.
+        assert_eq!(a.percentage(t0 + Duration::from_secs(150)), Some(100.0));
     }
 }

@@ -69,6 +69,16 @@ struct Report {
     at: Instant,
 }
 
+/// A reload's change to a group's targets.
+#[derive(Debug)]
+pub enum Control {
+    Add(String),
+    Remove(String),
+}
+
+/// Tells a target's task to stop (its target was removed).
+type StopFlag = std::rc::Rc<std::cell::Cell<bool>>;
+
 /// Starts the monitor thread for every group.
 pub fn start(
     groups: Vec<GroupMonitor>,
@@ -84,17 +94,14 @@ pub fn start(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 for g in groups {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    let g = Arc::new(g);
-                    for i in 0..g.targets.len() {
-                        tokio::task::spawn_local(watch_target(
-                            g.clone(),
-                            i,
-                            tx.clone(),
-                            resolver.clone(),
-                        ));
-                    }
-                    tokio::task::spawn_local(decide(g, rx, on_address.clone()));
+                    let (control_tx, control_rx) = mpsc::unbounded_channel();
+                    let _ = g.topology.control.set(control_tx);
+                    tokio::task::spawn_local(decide(
+                        Arc::new(g),
+                        control_rx,
+                        resolver.clone(),
+                        on_address.clone(),
+                    ));
                 }
                 std::future::pending::<()>().await;
             });
@@ -102,21 +109,84 @@ pub fn start(
     Ok(())
 }
 
-/// Decides roles from the reports of a group's target tasks and publishes them.
+/// Runs a group: a task per target checking it, the roles decided from their reports and
+/// published; targets added and removed by reloads.
 async fn decide(
     g: Arc<GroupMonitor>,
-    mut rx: mpsc::UnboundedReceiver<Report>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    resolver: Arc<dyn Resolve>,
     on_address: Option<OnAddress>,
 ) {
     let topo = &g.topology;
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let mut d = Decider::new(&g.targets, g.failure_threshold);
+    let mut stops: Vec<StopFlag> = Vec::new();
+    let watch = |i: usize, name: String| {
+        let stop = StopFlag::default();
+        tokio::task::spawn_local(watch_target(
+            g.clone(),
+            i,
+            name,
+            tx.clone(),
+            resolver.clone(),
+            stop.clone(),
+        ));
+        stop
+    };
+    for (i, name) in g.targets.iter().enumerate() {
+        stops.push(watch(i, name.clone()));
+    }
     let mut last = d.snapshot();
-    while let Some(r) = rx.recv().await {
+    loop {
+        let r = tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+            c = control.recv() => {
+                let Some(c) = c else { continue };
+                let events = match c {
+                    Control::Add(name) => {
+                        if d.index_of(&name).is_some() {
+                            continue;
+                        }
+                        let i = d.add(&name);
+                        tracing::info!(group = %topo.group, target = %name, "target added (reload)");
+                        topo.note("target_added", &name, "reload");
+                        let stop = watch(i, name);
+                        match stops.get_mut(i) {
+                            Some(s) => *s = stop,
+                            None => stops.push(stop),
+                        }
+                        Vec::new()
+                    }
+                    Control::Remove(name) => {
+                        let Some(i) = d.index_of(&name) else { continue };
+                        if let Some(s) = stops.get(i) {
+                            s.set(true);
+                        }
+                        tracing::info!(group = %topo.group, target = %name, "target removed (reload)");
+                        topo.note("target_removed", &name, "reload");
+                        d.retire(i, Instant::now())
+                    }
+                };
+                for e in events {
+                    log_event(topo, &e);
+                }
+                let snap = d.snapshot();
+                if snap != last {
+                    last = snap.clone();
+                    topo.publish(Some(snap), None);
+                }
+                continue;
+            }
+        };
         if let Check::Down { why, .. } = &r.check {
             topo.stats
                 .failed_checks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(group = %topo.group, target = %g.targets.get(r.target).map_or("", |s| s), "health check failed: {why}");
+            let name = last.targets.get(r.target).map_or("", |t| t.name.as_str());
+            tracing::debug!(group = %topo.group, target = %name, "health check failed: {why}");
         }
         if let (Some(BackendAddr::Tcp(a)), Some(f)) = (&r.addr, &on_address) {
             if last.addr(r.target) != r.addr.as_ref() {
@@ -180,12 +250,11 @@ fn log_event(topo: &Topology, e: &Event) {
 async fn watch_target(
     g: Arc<GroupMonitor>,
     i: usize,
+    name: String,
     tx: mpsc::UnboundedSender<Report>,
     resolver: Arc<dyn Resolve>,
+    stop: StopFlag,
 ) {
-    let Some(name) = g.targets.get(i).cloned() else {
-        return;
-    };
     let topo = &g.topology;
     let mut checker = Checker {
         tls: g.tls.clone(),
@@ -196,7 +265,7 @@ async fn watch_target(
         warned: false,
         name: name.clone(),
     };
-    loop {
+    while !stop.get() {
         let nudged = topo.nudge.notified();
         let upto = topo.suspicion(i);
         let addr = resolve(&resolver, &name).await;
@@ -214,7 +283,8 @@ async fn watch_target(
             upto,
             at: Instant::now(),
         };
-        if tx.send(report).is_err() {
+        // Removed meanwhile: its slot may already be another target's.
+        if stop.get() || tx.send(report).is_err() {
             return;
         }
         if topo.suspicion(i) == upto {
