@@ -123,7 +123,8 @@ async fn session(
             }
         }
     };
-    match tokio::time::timeout(shared.config().proxy.handshake_timeout, login).await {
+    let handshake_timeout = shared.config().proxy.handshake_timeout;
+    match tokio::time::timeout(handshake_timeout, login).await {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) | Err(_) => return Ok(()),
         Ok(Err(e)) => return Err(e),
