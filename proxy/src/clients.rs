@@ -46,13 +46,31 @@ pub struct ClientSlot {
     pub queries: AtomicU64,
 }
 
-/// Where a client came from, for `SHOW CLIENTS` and the status page.
+/// Where a client came from, for `SHOW CLIENTS` and the status page (no allocation: it is
+/// kept for every client).
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
-    pub peer: String,
-    pub endpoint: String,
+    /// Its address; `None` for a client of a Unix socket endpoint.
+    pub peer: Option<std::net::SocketAddr>,
+    pub endpoint: Option<Arc<crate::stats::EndpointStats>>,
     pub tls: bool,
     pub since: f64,
+}
+
+impl Origin {
+    /// The endpoint's name.
+    pub fn endpoint_name(&self) -> &str {
+        self.endpoint.as_ref().map_or("", |e| e.name.as_str())
+    }
+
+    /// The address, or the Unix socket it came through.
+    pub fn peer_label(&self) -> String {
+        match (&self.peer, &self.endpoint) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(e)) => e.listen.clone(),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 impl ClientSlot {

@@ -364,12 +364,8 @@ async fn login<D: Driver>(
                 s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
                 let origin = crate::clients::Origin {
                     // A Unix socket client is known by the socket it came through.
-                    peer: if endpoint.listen.starts_with("unix:") {
-                        endpoint.listen.clone()
-                    } else {
-                        peer.to_string()
-                    },
-                    endpoint: endpoint.name.clone(),
+                    peer: (!endpoint.listen.starts_with("unix:")).then_some(peer),
+                    endpoint: Some(endpoint.clone()),
                     tls: client.is_tls(),
                     since: crate::stats::unix_now(),
                 };

@@ -213,9 +213,9 @@ pub fn collect(sh: &ProxyShared) -> Status {
         .map(|c| ClientStatus {
             id: c.id,
             user: c.user(),
-            endpoint: c.origin.endpoint.clone(),
+            endpoint: c.origin.endpoint_name().to_string(),
             pool: c.group.clone(),
-            peer: c.origin.peer.clone(),
+            peer: c.origin.peer_label(),
             tls: c.origin.tls,
             connected_seconds: (now_unix - c.origin.since).max(0.0),
             queries: c.queries.load(Ordering::Relaxed),
