@@ -213,6 +213,13 @@ fn metrics_follow_a_sysbench_run() {
     }
 }
 
+/// The `[admin]` lines of a SQL console on `sql_port` (user admin, password admin-secret).
+fn console_section(sql_port: u16) -> String {
+    format!(
+        "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+    )
+}
+
 /// The console's `SHOW ...` as rows of tab-separated cells (header first).
 fn console(port: u16, sql: &str) -> Vec<Vec<String>> {
     let out = mariadb_cli(port, "admin", "admin-secret", &["--batch"], sql);
@@ -237,9 +244,7 @@ fn the_sql_console_and_status_agree_and_pause_holds_statements() {
             io,
             "",
             "max_connections = 6\nmax_idle_connections = 6",
-            &format!(
-                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
-            ),
+            &console_section(sql_port),
             "",
             &[],
         );
@@ -370,9 +375,7 @@ fn reload_under_load_changes_the_pool_and_a_password_and_refuses_a_broken_file()
             io,
             "",
             "max_connections = 8\nmax_idle_connections = 8",
-            &format!(
-                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
-            ),
+            &console_section(sql_port),
             "",
             &[],
         );
@@ -580,9 +583,7 @@ fn json_logs_carry_each_clients_span_and_query_logging_blanks_literals() {
             io,
             "log_format = \"json\"",
             "",
-            &format!(
-                "sql_listen = \"127.0.0.1:{sql_port}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
-            ),
+            &console_section(sql_port),
             "",
             &[],
         );

@@ -43,6 +43,21 @@ impl fmt::Debug for ProxyCollector {
     }
 }
 
+/// One metric family: a value per label set.
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> fmt::Result {
+    let mut d = enc.encode_descriptor(name, help, None, kind)?;
+    for (l, m) in rows {
+        m.encode(d.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
 /// Counters (the encoder adds `_total`).
 fn counters(
     enc: &mut DescriptorEncoder,
@@ -50,37 +65,19 @@ fn counters(
     help: &str,
     rows: impl IntoIterator<Item = (Labels, u64)>,
 ) -> fmt::Result {
-    let mut d = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (l, v) in rows {
-        ConstCounter::new(v).encode(d.encode_family(&l)?)?;
-    }
-    Ok(())
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(enc, name, help, MetricType::Counter, rows)
 }
 
-fn gauges(
+/// Gauges, integer or floating.
+fn gauges<N: prometheus_client::encoding::EncodeGaugeValue>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: impl IntoIterator<Item = (Labels, i64)>,
+    rows: impl IntoIterator<Item = (Labels, N)>,
 ) -> fmt::Result {
-    let mut d = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (l, v) in rows {
-        ConstGauge::new(v).encode(d.encode_family(&l)?)?;
-    }
-    Ok(())
-}
-
-fn float_gauges(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Labels, f64)>,
-) -> fmt::Result {
-    let mut d = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (l, v) in rows {
-        ConstGauge::new(v).encode(d.encode_family(&l)?)?;
-    }
-    Ok(())
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(enc, name, help, MetricType::Gauge, rows)
 }
 
 fn histograms(
@@ -405,7 +402,7 @@ fn targets(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         }
         rows
     };
-    float_gauges(
+    gauges(
         enc,
         "dbproxy_availability_percentage",
         "Percentage of the last minute the target passed its health checks.",
@@ -471,13 +468,13 @@ fn targets(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         "Times the writer failed or turned read-only.",
         st(|s| &s.writer_lost),
     )?;
-    float_gauges(
+    gauges(
         enc,
         "dbproxy_last_failover_detection_seconds",
         "Last writer loss: first failed check to the writer marked down.",
         st(|s| &s.last_detection_us).map(|(l, v)| (l, v as f64 / 1e6)),
     )?;
-    float_gauges(
+    gauges(
         enc,
         "dbproxy_last_failover_recovery_seconds",
         "Last writer loss: writer marked down to the first statement served on the new writer.",
@@ -555,7 +552,7 @@ fn security(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         "Logins made to wait before their verdict (repeated failures from their address).",
         one(load(&th.delayed)),
     )?;
-    float_gauges(
+    gauges(
         enc,
         "dbproxy_client_login_delay_seconds",
         "Time delayed logins waited in all.",
