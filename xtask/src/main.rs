@@ -319,9 +319,10 @@ fn deb(debug: bool) -> Result {
         )
     } else {
         build_release()?;
+        // The binary stripped; its debug symbols in a -dbgsym package beside it.
         run(
             "cargo deb",
-            cargo().args(["deb", "-p", "proxy", "--no-build"]),
+            cargo().args(["deb", "-p", "proxy", "--no-build", "--dbgsym"]),
         )
     }
 }
