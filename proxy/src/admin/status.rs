@@ -243,6 +243,177 @@ pub fn collect(sh: &ProxyShared) -> Status {
     }
 }
 
+/// A row of [`rows`]: its cells, `None` for NULL.
+pub type Row = Vec<Option<String>>;
+
+/// A cell of [`rows`].
+fn s<T: ToString>(v: T) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// One of the document's tables (`POOLS`, `CLIENTS`, `TARGETS`, `PINS`, `ENDPOINTS`,
+/// `EVENTS`): its columns and rows, `None` for NULL. The SQL console's `SHOW` and
+/// `dbproxy status` print these.
+pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)> {
+    let (columns, rows): (Vec<&'static str>, Vec<Row>) = match what {
+        "POOLS" => (
+            vec![
+                "pool",
+                "target_group",
+                "target_role",
+                "max_connections",
+                "open",
+                "idle",
+                "borrowed",
+                "in_transaction",
+                "pinned",
+                "requests",
+                "borrow_timeouts",
+            ],
+            status
+                .pools
+                .iter()
+                .map(|p| {
+                    vec![
+                        s(&p.pool),
+                        s(&p.target_group),
+                        s(&p.target_role),
+                        s(p.max_connections),
+                        s(p.open),
+                        s(p.idle),
+                        s(p.borrowed),
+                        s(p.in_transaction),
+                        s(p.pinned),
+                        s(p.requests),
+                        s(p.borrow_timeouts),
+                    ]
+                })
+                .collect(),
+        ),
+        "CLIENTS" => (
+            vec![
+                "id",
+                "user",
+                "endpoint",
+                "pool",
+                "peer",
+                "tls",
+                "connected_seconds",
+                "queries",
+                "backend_thread",
+            ],
+            status
+                .clients
+                .iter()
+                .map(|c| {
+                    vec![
+                        s(c.id),
+                        s(&c.user),
+                        s(&c.endpoint),
+                        s(&c.pool),
+                        s(&c.peer),
+                        s(if c.tls { "yes" } else { "no" }),
+                        s(format!("{:.0}", c.connected_seconds)),
+                        s(c.queries),
+                        c.backend_thread.map(|t| t.to_string()),
+                    ]
+                })
+                .collect(),
+        ),
+        "TARGETS" => (
+            vec![
+                "target_group",
+                "target",
+                "address",
+                "role",
+                "up",
+                "lag_seconds",
+                "availability_percentage",
+                "why",
+            ],
+            status
+                .target_groups
+                .iter()
+                .flat_map(|g| {
+                    g.targets.iter().map(|t| {
+                        vec![
+                            s(&g.name),
+                            s(&t.name),
+                            t.address.clone(),
+                            s(&t.role),
+                            s(if t.up { "yes" } else { "no" }),
+                            t.lag_seconds.map(|l| l.to_string()),
+                            t.availability_percentage.map(|p| format!("{p:.1}")),
+                            s(&t.why),
+                        ]
+                    })
+                })
+                .collect(),
+        ),
+        "PINS" => (
+            vec!["pool", "reason", "clients"],
+            status
+                .pools
+                .iter()
+                .flat_map(|p| {
+                    p.pinned_by_reason
+                        .iter()
+                        .map(|(r, n)| vec![s(&p.pool), s(r), s(n)])
+                })
+                .collect(),
+        ),
+        "ENDPOINTS" => (
+            vec![
+                "endpoint",
+                "listen",
+                "target_group",
+                "role",
+                "client_connections",
+                "tls_connections",
+                "received",
+                "setup_succeeded",
+                "setup_failed_auth",
+                "queries",
+            ],
+            status
+                .endpoints
+                .iter()
+                .map(|e| {
+                    vec![
+                        s(&e.name),
+                        s(&e.listen),
+                        s(&e.target_group),
+                        s(&e.role),
+                        s(e.client_connections),
+                        s(e.tls_connections),
+                        s(e.received),
+                        s(e.setup_succeeded),
+                        s(e.setup_failed_auth),
+                        s(e.queries),
+                    ]
+                })
+                .collect(),
+        ),
+        "EVENTS" => (
+            vec!["at", "event", "target", "detail"],
+            status
+                .events
+                .iter()
+                .map(|e| {
+                    vec![
+                        s(format!("{:.3}", e.at)),
+                        s(&e.kind),
+                        s(&e.target),
+                        s(&e.detail),
+                    ]
+                })
+                .collect(),
+        ),
+        _ => return None,
+    };
+    Some((columns, rows))
+}
+
 /// A table of `rows` under `head`, columns padded to their widest cell.
 pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
@@ -275,14 +446,10 @@ pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn opt<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "-".to_string(), |v| v.to_string())
-}
-
 /// `dbproxy status`: the status as readable tables.
 pub fn render_tables(s: &Status) -> String {
     let mut out = format!(
-        "dbproxy {}  up {:.0}s  clients {}{}{}\n\nENDPOINTS\n",
+        "dbproxy {}  up {:.0}s  clients {}{}{}\n",
         s.version,
         s.uptime_seconds,
         s.client_connections,
@@ -293,107 +460,25 @@ pub fn render_tables(s: &Status) -> String {
             String::new()
         },
     );
-    out += &table(
-        &[
-            "endpoint",
-            "listen",
-            "group",
-            "role",
-            "clients",
-            "tls",
-            "received",
-            "auth_failed",
-            "queries",
-        ],
-        &s.endpoints
-            .iter()
-            .map(|e| {
-                vec![
-                    e.name.clone(),
-                    e.listen.clone(),
-                    e.target_group.clone(),
-                    e.role.clone(),
-                    e.client_connections.to_string(),
-                    e.tls_connections.to_string(),
-                    e.received.to_string(),
-                    e.setup_failed_auth.to_string(),
-                    e.queries.to_string(),
-                ]
+    for what in ["ENDPOINTS", "TARGETS", "POOLS", "PINS"] {
+        let Some((columns, rows)) = rows(s, what) else {
+            continue;
+        };
+        let cells: Vec<Vec<String>> = rows
+            .into_iter()
+            // Pins: only the reasons that pin someone now.
+            .filter(|r| what != "PINS" || r.last().is_some_and(|n| n.as_deref() != Some("0")))
+            .map(|r| {
+                r.into_iter()
+                    .map(|c| c.unwrap_or_else(|| "-".into()))
+                    .collect()
             })
-            .collect::<Vec<_>>(),
-    );
-    out += "\nTARGETS\n";
-    out += &table(
-        &[
-            "group", "target", "address", "role", "up", "lag_s", "avail_%", "why",
-        ],
-        &s.target_groups
-            .iter()
-            .flat_map(|g| {
-                g.targets.iter().map(|t| {
-                    vec![
-                        g.name.clone(),
-                        t.name.clone(),
-                        opt(t.address.clone()),
-                        t.role.clone(),
-                        if t.up { "yes" } else { "no" }.to_string(),
-                        opt(t.lag_seconds),
-                        opt(t.availability_percentage.map(|p| format!("{p:.1}"))),
-                        t.why.clone(),
-                    ]
-                })
-            })
-            .collect::<Vec<_>>(),
-    );
-    out += "\nPOOLS\n";
-    out += &table(
-        &[
-            "pool",
-            "max",
-            "open",
-            "idle",
-            "borrowed",
-            "in_tx",
-            "pinned",
-            "requests",
-            "timeouts",
-            "idle_per_core",
-        ],
-        &s.pools
-            .iter()
-            .map(|p| {
-                vec![
-                    p.pool.clone(),
-                    p.max_connections.to_string(),
-                    p.open.to_string(),
-                    p.idle.to_string(),
-                    p.borrowed.to_string(),
-                    p.in_transaction.to_string(),
-                    p.pinned.to_string(),
-                    p.requests.to_string(),
-                    p.borrow_timeouts.to_string(),
-                    p.idle_per_core
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ]
-            })
-            .collect::<Vec<_>>(),
-    );
-    let pins: Vec<Vec<String>> = s
-        .pools
-        .iter()
-        .flat_map(|p| {
-            p.pinned_by_reason
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(r, n)| vec![p.pool.clone(), r.clone(), n.to_string()])
-        })
-        .collect();
-    if !pins.is_empty() {
-        out += "\nPINS\n";
-        out += &table(&["pool", "reason", "clients"], &pins);
+            .collect();
+        if what == "PINS" && cells.is_empty() {
+            continue;
+        }
+        let _ = write!(out, "\n{what}\n");
+        out += &table(&columns, &cells);
     }
     if !s.events.is_empty() {
         out += "\nRECENT EVENTS\n";
