@@ -125,6 +125,19 @@ pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
     assert!(poll_until(timeout, f), "timed out waiting for {what}");
 }
 
+/// The scheduler state (`R`, `S`, `T`, ...) of each thread of process `pid`.
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        // The state follows the command name, which is in parentheses and may hold any.
+        .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
+        .collect()
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -277,12 +290,20 @@ impl MariaDb {
 
     /// SIGSTOP (`true`) or SIGCONT: a server that hangs with its connections open, as behind
     /// a network partition (no reset, no refusal: only timeouts tell).
+    /// Returns once every thread of the server has stopped (or none is stopped): `kill`
+    /// returns before the group stop reaches them, and a thread still running could answer
+    /// a statement sent right after.
     pub fn freeze(&self, frozen: bool) {
-        if let Some(pid) = self.pid() {
-            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-            // SAFETY: a signal to our own child's pid.
-            unsafe { libc::kill(pid as i32, sig) };
-        }
+        let Some(pid) = self.pid() else { return };
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a signal to our own child's pid.
+        unsafe { libc::kill(pid as i32, sig) };
+        let what = if frozen { "stop" } else { "continue" };
+        wait_until(
+            &format!("every thread of mariadbd to {what}"),
+            Duration::from_secs(10),
+            || thread_states(pid).iter().all(|&s| (s == 'T') == frozen),
+        );
     }
 
     /// Starts the server again on the same data directory and port.
