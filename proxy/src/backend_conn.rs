@@ -111,8 +111,53 @@ pub struct BackendConn<S> {
     /// The record's fingerprint at the last full comparison of the session variables that
     /// passed, and the check-ins verified since (check-in verification).
     verified: Option<(u64, u32)>,
+    /// How long reads on this connection may wait (set from the group at each lending).
+    pub limits: ReadLimits,
     /// Counts this connection among the TLS ones while it lives.
     _tls_count: Option<crate::tls::TlsConnCount>,
+}
+
+/// How long dbproxy waits for a database's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// dbproxy's own statements: resets, replays, read-backs, re-prepares, re-logins
+    /// (`internal_query_timeout`).
+    pub own: std::time::Duration,
+    /// A client's statement, for each packet of its answer (`query_timeout`; None: no
+    /// limit).
+    pub statement: Option<std::time::Duration>,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            own: std::time::Duration::from_secs(10),
+            statement: None,
+        }
+    }
+}
+
+impl ReadLimits {
+    /// The limits a target group's configuration sets.
+    pub fn of(cfg: &crate::config::TargetGroupConfig) -> Self {
+        ReadLimits {
+            own: cfg.internal_query_timeout,
+            statement: Some(cfg.query_timeout).filter(|t| !t.is_zero()),
+        }
+    }
+
+    /// When an answer to one of dbproxy's own statements sent now is overdue.
+    pub fn own_deadline(&self) -> Deadline {
+        Deadline::now() + self.own
+    }
+}
+
+/// The error of a read that waited past its limit.
+pub fn overdue(what: &str, limit: std::time::Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the database did not answer within {what} ({limit:?})"),
+    )
 }
 
 /// Receive buffer kept by an idle backend connection.
@@ -156,6 +201,7 @@ impl<S> BackendConn<S> {
             created: self.created,
             snapshot: self.snapshot,
             verified: self.verified,
+            limits: self.limits,
             _tls_count: self._tls_count,
         })
     }
@@ -344,6 +390,7 @@ impl<S: Stream> BackendConn<S> {
             created: Instant::now(),
             snapshot: None,
             verified: None,
+            limits: ReadLimits::default(),
         };
         conn.finish_login(&mut login, Some(deadline)).await?;
         Ok((conn, profile))
@@ -379,10 +426,30 @@ impl<S: Stream> BackendConn<S> {
     }
 
     /// [`Self::read_response`] that gives up (an `Interrupted` I/O error) when `stop`
-    /// resolves, e.g. when the target is found down.
+    /// resolves, e.g. when the target is found down. Either gives up (`TimedOut`) once
+    /// `internal_query_timeout` passed: these are dbproxy's own statements.
     pub async fn read_response_until(
         &mut self,
         kind: ResponseKind,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<Packets, ErrPacket>, BackendError> {
+        let limit = self.limits.own;
+        match self
+            .read_response_by(kind, Some(Deadline::now() + limit), stop)
+            .await
+        {
+            Err(BackendError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                Err(overdue("internal_query_timeout", limit).into())
+            }
+            other => other,
+        }
+    }
+
+    /// [`Self::read_response_until`] with a deadline of the caller's (None: none).
+    pub async fn read_response_by(
+        &mut self,
+        kind: ResponseKind,
+        deadline: Option<Deadline>,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Result<Packets, ErrPacket>, BackendError> {
         let mut tracker = ResponseTracker::new(kind, self.caps);
@@ -394,7 +461,7 @@ impl<S: Stream> BackendConn<S> {
                 &mut self.stream,
                 &mut self.buf,
                 MAX_PAYLOAD,
-                None,
+                deadline,
                 stop.as_mut(),
             )
             .await?;
@@ -513,7 +580,13 @@ impl<S: Stream> BackendConn<S> {
         let creds = self.login.current();
         let (mut login, p) = Login::change_user(&self.nonce, &creds, self.caps, self.collation);
         write_packet(&mut self.stream, 0, &p).await?;
-        self.finish_login(&mut login, None).await?;
+        let deadline = self.limits.own_deadline();
+        match self.finish_login(&mut login, Some(deadline)).await {
+            Err(BackendError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(overdue("internal_query_timeout", self.limits.own).into())
+            }
+            other => other?,
+        }
         self.session.reset(false);
         self.stmts.clear();
         let snapshot = self.snapshot.is_some();

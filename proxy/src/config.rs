@@ -251,16 +251,32 @@ pub struct ProxyConfig {
     /// Worker threads, each with its own runtime, listeners and pools; 0 = one per core.
     pub workers: usize,
     pub io: IoMode,
-    /// A client idle this long between commands is disconnected.
+    /// A client idle this long between commands is disconnected; 0 = never.
     #[serde(deserialize_with = "de_duration")]
     pub idle_client_timeout: Duration,
+    /// A client idle this long inside a transaction (holding a database connection) is
+    /// disconnected and its transaction rolled back; 0 = off (only idle_client_timeout).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_transaction_timeout: Duration,
     /// A client must finish logging in within this time.
     #[serde(deserialize_with = "de_duration")]
     pub handshake_timeout: Duration,
+    /// A client that began sending something (a command in several packets, a file for
+    /// LOAD DATA LOCAL) and goes silent this long is disconnected (MariaDB's
+    /// `net_read_timeout`).
+    #[serde(deserialize_with = "de_duration")]
+    pub net_read_timeout: Duration,
+    /// A client that takes none of an answer for this long is disconnected and its
+    /// database connection closed (MariaDB's `net_write_timeout`).
+    #[serde(deserialize_with = "de_duration")]
+    pub net_write_timeout: Duration,
     pub max_client_connections: usize,
     /// Largest command a client may send (all continuation packets together).
     #[serde(deserialize_with = "de_size")]
     pub max_allowed_packet: u64,
+    /// Prepared statements one client may hold open; error 1461 beyond (as MariaDB's
+    /// `max_prepared_stmt_count`, whose default this is).
+    pub max_prepared_statements_per_client: usize,
     /// For tests: at every check-in without a reset, check that the backend session is what
     /// dbproxy recorded of it (variables, user variables, schema, locks, temporary tables);
     /// a connection that differs is logged and closed. Costs several queries per check-in.
@@ -305,9 +321,13 @@ impl Default for ProxyConfig {
             workers: 0,
             io: IoMode::Auto,
             idle_client_timeout: Duration::from_secs(30 * 60),
+            idle_transaction_timeout: Duration::ZERO,
             handshake_timeout: Duration::from_secs(10),
+            net_read_timeout: Duration::from_secs(30),
+            net_write_timeout: Duration::from_secs(60),
             max_client_connections: 10_000,
             max_allowed_packet: 1 << 30,
+            max_prepared_statements_per_client: 16_382,
             verify_checkin: false,
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -418,6 +438,15 @@ pub struct TargetGroupConfig {
     pub connection_borrow_timeout: Duration,
     #[serde(default = "d_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// The longest a client's statement may wait for the database's next packet (its
+    /// answer, or the next part of it); then it is killed (KILL QUERY) and the client gets
+    /// the server's error. 0 = no limit (a target the monitor finds down still ends it).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub query_timeout: Duration,
+    /// The longest dbproxy waits for an answer to a statement of its own (reset, replay of
+    /// a client's session, read-back, re-login); the connection is closed then.
+    #[serde(default = "d_internal_query_timeout", deserialize_with = "de_duration")]
+    pub internal_query_timeout: Duration,
     /// Runs on every new backend connection, and again after each reset.
     #[serde(default)]
     pub init_query: String,
@@ -472,6 +501,9 @@ fn d_borrow_timeout() -> Duration {
 }
 fn d_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn d_internal_query_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn d_health_interval() -> Duration {
     Duration::from_secs(1)
@@ -540,7 +572,9 @@ impl UserConfig {
     }
 }
 
-/// Parses "30m", "120s", "500ms", "1h", "2d" or a bare number of seconds.
+const MAX_DURATION_MS: u64 = 365 * 86_400_000;
+
+/// Parses "30m", "120s", "500ms", "1h", "2d" or a bare number of seconds (at most a year).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -560,6 +594,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
+    // Deadlines are instants computed from now: a year is more than any timeout needs,
+    // and far from where adding it could overflow.
+    if ms > MAX_DURATION_MS {
+        return Err(format!("duration {s:?} is longer than a year"));
+    }
     Ok(Duration::from_millis(ms))
 }
 
@@ -590,14 +629,16 @@ enum NumOrStr {
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(n) => Ok(Duration::from_secs(n)),
+        NumOrStr::Num(n) => parse_duration(&n.to_string()).map_err(serde::de::Error::custom),
         NumOrStr::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(n) => Ok(Some(Duration::from_secs(n))),
+        NumOrStr::Num(n) => parse_duration(&n.to_string())
+            .map(Some)
+            .map_err(serde::de::Error::custom),
         NumOrStr::Str(s) if s.trim().is_empty() => Ok(None),
         NumOrStr::Str(s) => parse_duration(&s)
             .map(Some)
@@ -698,6 +739,21 @@ impl Config {
         }
         if self.proxy.max_allowed_packet < 1024 {
             errs.push("proxy.max_allowed_packet: must be at least 1K".into());
+        }
+        if self.proxy.max_allowed_packet > 1 << 30 {
+            errs.push("proxy.max_allowed_packet: at most 1G (as MariaDB's)".into());
+        }
+        if self.proxy.max_prepared_statements_per_client == 0 {
+            errs.push("proxy.max_prepared_statements_per_client: must be at least 1".into());
+        }
+        if self.proxy.net_read_timeout.is_zero() {
+            errs.push("proxy.net_read_timeout: must be more than 0".into());
+        }
+        if self.proxy.net_write_timeout.is_zero() {
+            errs.push("proxy.net_write_timeout: must be more than 0".into());
+        }
+        if self.proxy.shutdown_timeout.is_zero() {
+            errs.push("proxy.shutdown_timeout: must be more than 0".into());
         }
         if self.proxy.handshake_timeout.is_zero() {
             errs.push("proxy.handshake_timeout: must be more than 0".into());
@@ -809,6 +865,21 @@ impl Config {
             }
             if g.connect_timeout.is_zero() {
                 errs.push(format!("{k}.connect_timeout: must be more than 0"));
+            }
+            if g.connection_borrow_timeout.is_zero() {
+                errs.push(format!(
+                    "{k}.connection_borrow_timeout: must be more than 0"
+                ));
+            }
+            if g.internal_query_timeout < Duration::from_millis(100) {
+                errs.push(format!(
+                    "{k}.internal_query_timeout: must be at least 100ms"
+                ));
+            }
+            if g.max_replication_lag.is_some_and(|l| l.is_zero()) {
+                errs.push(format!(
+                    "{k}.max_replication_lag: must be more than 0 (empty for no limit)"
+                ));
             }
             if g.health_check_interval < Duration::from_millis(50) {
                 errs.push(format!("{k}.health_check_interval: must be at least 50ms"));
@@ -1102,7 +1173,75 @@ backend_password = "db-secret"
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
         assert!(parse_duration("m").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(
+            parse_duration("365d").unwrap(),
+            Duration::from_secs(365 * 86_400)
+        );
+        assert!(parse_duration("366d")
+            .unwrap_err()
+            .contains("longer than a year"));
+        assert!(parse_duration("99999999999999999999").is_err());
         assert_eq!(parse_size("64M").unwrap(), 64 << 20);
         assert!(parse_size("1T").is_err());
+    }
+
+    /// Zero means off where the README says so, and every other duration and size is
+    /// checked: a bare number too, and values that make no sense are refused by name.
+    #[test]
+    fn durations_are_validated() {
+        let (_, rest) = CONTRACT.split_once("[[endpoints]]").unwrap();
+        let base =
+            format!("[[endpoints]]{rest}").replace("connection_borrow_timeout = \"120s\"\n", "");
+        let c = Config::parse(&format!("[proxy]\nidle_client_timeout = \"0\"\n{base}")).unwrap();
+        assert_eq!(c.proxy.idle_client_timeout, Duration::ZERO);
+        assert_eq!(c.proxy.idle_transaction_timeout, Duration::ZERO);
+        assert_eq!(c.target_groups[0].query_timeout, Duration::ZERO);
+        assert_eq!(
+            c.target_groups[0].internal_query_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(c.proxy.max_prepared_statements_per_client, 16_382);
+        for (section, line, complaint) in [
+            (
+                "proxy",
+                "idle_client_timeout = 99999999999",
+                "longer than a year",
+            ),
+            ("proxy", "shutdown_timeout = \"0\"", "shutdown_timeout"),
+            ("proxy", "max_allowed_packet = \"2G\"", "max_allowed_packet"),
+            (
+                "proxy",
+                "max_prepared_statements_per_client = 0",
+                "max_prepared_statements",
+            ),
+            (
+                "group",
+                "internal_query_timeout = \"0\"",
+                "internal_query_timeout",
+            ),
+            (
+                "group",
+                "connection_borrow_timeout = \"0\"",
+                "connection_borrow_timeout",
+            ),
+            (
+                "group",
+                "max_replication_lag = \"0\"",
+                "max_replication_lag",
+            ),
+            ("group", "query_timeout = \"5x\"", "duration unit"),
+        ] {
+            let text = match section {
+                "proxy" => format!("[proxy]\n{line}\n{base}"),
+                _ => base.replacen(
+                    "[[target_groups]]\n",
+                    &format!("[[target_groups]]\n{line}\n"),
+                    1,
+                ),
+            };
+            let err = Config::parse(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(complaint), "{line}: {err}");
+        }
     }
 }

@@ -8,11 +8,10 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
-use crate::backend_conn::query_packet;
 use crate::clients::{ClientSlot, Registration, FIRST_ID};
 use crate::io::{
-    read_packet, read_packet_by, read_packet_until, read_watching_peer, write_packet, Buf, Driver,
-    GaveUp, PacketTooLarge, Stream,
+    read_command, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
+    PacketTooLarge, Stream,
 };
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
 use crate::mysql::command::{classify, Disposition, ResponseKind};
@@ -27,7 +26,7 @@ use crate::mysql::stmt::{
 };
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
-use crate::pool::{side_connection, BorrowError, CorePool, PoolKey, Pooled};
+use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
 use crate::runtime::ProxyShared;
 use crate::session::diag::{patched_row, Answer};
 use crate::session::kill::{self, Kill, Target as KillTarget};
@@ -46,6 +45,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// Why an idle client was disconnected (the setting named in its error).
+const IDLE_CLIENT: &str = "idle_client_timeout";
+const IDLE_IN_TRANSACTION: &str = "idle_transaction_timeout";
 
 /// Largest packet accepted before a client has logged in.
 const HANDSHAKE_LIMIT: usize = 64 * 1024;
@@ -651,6 +654,15 @@ impl<D: Driver> Conn<D> {
         Ok(())
     }
 
+    /// Reads the next packet of something the client has begun (the rest of a command, a
+    /// file for LOAD DATA, an authentication answer): a client silent for
+    /// `net_read_timeout` there is given up (`TimedOut`), as MariaDB does.
+    async fn read_more(&mut self, limit: usize) -> io::Result<Header> {
+        let wait = self.shared.config().proxy.net_read_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        read_packet_by(&mut self.client, &mut self.cbuf, limit, Some(deadline)).await
+    }
+
     /// Tells the client the server is going away (dbproxy drains), as MariaDB's shutdown
     /// error; the session then ends. Sent with sequence id 1, so that a client that sends
     /// its next command reads it as that command's answer.
@@ -672,9 +684,19 @@ impl<D: Driver> Conn<D> {
                 self.going_away().await;
                 break;
             }
-            // Read each time: a reload may change it.
-            let deadline =
-                tokio::time::Instant::now() + self.shared.config().proxy.idle_client_timeout;
+            // Read each time: a reload may change them. Zero: off.
+            let (idle, idle_tx) = {
+                let cfg = self.shared.config();
+                let p = &cfg.proxy;
+                let tx = Some(p.idle_transaction_timeout).filter(|t| !t.is_zero() && self.in_tx);
+                (Some(p.idle_client_timeout).filter(|t| !t.is_zero()), tx)
+            };
+            let (limit, why) = match (idle, idle_tx) {
+                (Some(i), Some(t)) if i <= t => (Some(i), IDLE_CLIENT),
+                (_, Some(t)) => (Some(t), IDLE_IN_TRANSACTION),
+                (i, None) => (i, IDLE_CLIENT),
+            };
+            let deadline = limit.map(|t| tokio::time::Instant::now() + t);
             let shared = self.shared.clone();
             let holds = self.backend.is_some();
             // The read also ends when the session is killed, or when a drain starts (for a
@@ -692,11 +714,13 @@ impl<D: Driver> Conn<D> {
                     } => {}
                 }
             };
-            let h = match read_packet_until(
+            let rest = self.shared.config().proxy.net_read_timeout;
+            let h = match read_command(
                 &mut self.client,
                 &mut self.cbuf,
                 MAX_PAYLOAD,
-                Some(deadline),
+                deadline,
+                rest,
                 stop,
             )
             .await
@@ -713,12 +737,22 @@ impl<D: Driver> Conn<D> {
                     }
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.cbuf.is_empty() => {
+                    tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
                     let e = ErrPacket::new(
-                        errcode::ER_CLIENT_INTERACTION_TIMEOUT,
-                        "HY000",
-                        "The client was disconnected by the server because of inactivity (dbproxy idle_client_timeout)",
+                        errcode::ER_NET_READ_INTERRUPTED,
+                        "08S01",
+                        "Got timeout reading communication packets (dbproxy net_read_timeout)",
                     );
+                    let _ = write_packet(&mut self.client, 0, &e.encode()).await;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    if why == IDLE_IN_TRANSACTION {
+                        tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
+                    }
+                    let msg = format!("The client was disconnected by the server because of inactivity (dbproxy {why})");
+                    let e = ErrPacket::new(errcode::ER_CLIENT_INTERACTION_TIMEOUT, "HY000", msg);
                     let _ = write_packet(&mut self.client, 0, &e.encode()).await;
                     break;
                 }
@@ -737,6 +771,18 @@ impl<D: Driver> Conn<D> {
                     _ = self.shared.resumed() => {}
                     _ = slot.killed() => break,
                 }
+            }
+            if h.seq != 0 {
+                // As MariaDB: a command starts at sequence id 0; a client that numbers it
+                // otherwise has lost track of the protocol, and its session ends.
+                tracing::info!(peer = %self.peer, seq = h.seq, "a command not numbered 0: closing the client");
+                let e = ErrPacket::new(
+                    errcode::ER_NET_PACKETS_OUT_OF_ORDER,
+                    "08S01",
+                    "Got packets out of order",
+                );
+                let _ = write_packet(&mut self.client, h.seq.wrapping_add(1), &e.encode()).await;
+                break;
             }
             let _active = crate::io::Active::enter();
             self.busy = true;
@@ -1015,7 +1061,8 @@ impl<D: Driver> Conn<D> {
             if !h.continues() {
                 return Ok(());
             }
-            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+            h = self
+                .read_more(MAX_PAYLOAD)
                 .await
                 .map_err(SessionEnd::Client)?;
         }
@@ -1035,7 +1082,8 @@ impl<D: Driver> Conn<D> {
             if !h.continues() {
                 return Ok(payload);
             }
-            h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+            h = self
+                .read_more(MAX_PAYLOAD)
                 .await
                 .map_err(SessionEnd::Client)?;
         }
@@ -1218,31 +1266,11 @@ impl<D: Driver> Conn<D> {
         let Some(addr) = group.topology.load().addr(before.target).cloned() else {
             return;
         };
-        let mut c = match side_connection::<D>(group, &addr, self.s.user.backend.clone()).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(peer = %self.peer, "KILL: cannot open a connection to the database: {e}");
-                return;
-            }
-        };
-        let sql =
-            format!("SELECT QUERY_ID FROM information_schema.PROCESSLIST WHERE ID = {thread}");
-        let query_id = match c.query_result(&sql).await {
-            Ok(Ok(r)) => r
-                .rows
-                .first()
-                .and_then(|row| parse_text_row(row, 1).ok())
-                .and_then(|v| v.first().copied().flatten().map(<[u8]>::to_vec))
-                .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok()),
-            _ => None,
-        };
-        if let Some(q) = query_id.filter(|_| target.serving() == before) {
-            let kill = query_packet(&format!("KILL QUERY ID {q}"));
-            if let Ok(Err(e)) = c.command(&kill, ResponseKind::Query).await {
-                tracing::debug!(peer = %self.peer, "KILL QUERY ID {q}: {e}");
-            }
+        let login = self.s.user.backend.clone();
+        let still = || target.serving() == before;
+        if let Err(e) = kill_running_query::<D>(group, &addr, login, thread, still).await {
+            tracing::warn!(peer = %self.peer, "KILL: cannot reach the database: {e}");
         }
-        c.quit().await;
     }
 
     /// Sends a client's statement (after a replay sent ahead of it, before a read-back
@@ -1325,6 +1353,16 @@ impl<D: Driver> Conn<D> {
         Ok(outcome)
     }
 
+    /// Resolves once the monitor marks `target` down (checked every [`crate::io::PEER_CHECK`]).
+    fn target_down(&self, target: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let topology = self.pool.shared.topology.clone();
+        async move {
+            while !topology.load().is_down(target) {
+                tokio::time::sleep(crate::io::PEER_CHECK).await;
+            }
+        }
+    }
+
     /// Sends a read-back on its own (not pipelined) and learns from it, keeping the
     /// client's warnings if the read-back would clear them.
     async fn read_back_now(&mut self, rb: &ReadBack, seq: u8) -> Result<(), SessionEnd> {
@@ -1368,14 +1406,9 @@ impl<D: Driver> Conn<D> {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
         // A target that hangs after answering the statement (frozen, black-holed) would hold
-        // this read forever: it ends when the monitor finds the target down.
-        let topology = self.pool.shared.topology.clone();
-        let target = b.target;
-        let down = async move {
-            while !topology.load().is_down(target) {
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-        };
+        // this read until internal_query_timeout: it ends sooner when the monitor finds the
+        // target down.
+        let down = self.target_down(b.target);
         match b.conn.read_text_result_until(down).await {
             Ok(answer) => {
                 let c = self
@@ -1463,7 +1496,8 @@ impl<D: Driver> Conn<D> {
                     // The rest of the command is on its way: read it before answering.
                     self.drop_backend();
                     loop {
-                        let next = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+                        let next = self
+                            .read_more(MAX_PAYLOAD)
                             .await
                             .map_err(SessionEnd::Client)?;
                         self.cbuf.consume(next.total());
@@ -1478,7 +1512,7 @@ impl<D: Driver> Conn<D> {
                 self.sent_statement();
                 return Ok(());
             }
-            h = match read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD).await {
+            h = match self.read_more(MAX_PAYLOAD).await {
                 Ok(h) => h,
                 Err(e) => {
                     // Half a command went to the backend: it cannot be reused.
@@ -1553,9 +1587,22 @@ impl<D: Driver> Conn<D> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        let packets = match b.conn.read_response(kind).await {
+        // The client's statement: query_timeout (closing the connection ends the
+        // statement: these answers are small), or the target found down.
+        let limit = b.conn.limits.statement;
+        let deadline = limit.map(|t| tokio::time::Instant::now() + t);
+        let down = self.target_down(b.target);
+        let packets = match b.conn.read_response_by(kind, deadline, down).await {
             Ok(p) => p,
             Err(e) => {
+                let e = match (e, limit) {
+                    (crate::backend_conn::BackendError::Io(e), Some(t))
+                        if e.kind() == io::ErrorKind::TimedOut =>
+                    {
+                        crate::backend_conn::overdue("query_timeout", t).into()
+                    }
+                    (e, _) => e,
+                };
                 self.pool.lost(b, "failed during a statement");
                 return Err(self.client_told_backend_lost(seq, &e.to_string()).await);
             }
@@ -1711,6 +1758,11 @@ impl<D: Driver> Conn<D> {
         let strip = !self.s.wants_tracking();
         // A kept statement's first packet may say the writer turned read-only.
         let mut first = self.retryable;
+        // When query_timeout killed the statement.
+        let mut killed: Option<std::time::Instant> = None;
+        // A client that takes nothing of the answer this long is given up (its database
+        // connection with it): the answer waits in no buffer of dbproxy's meanwhile.
+        let net_write = self.shared.config().proxy.net_write_timeout;
         loop {
             // Walk the complete packets already buffered; `out` holds a rewritten copy once
             // a packet had to change size.
@@ -1790,17 +1842,18 @@ impl<D: Driver> Conn<D> {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
                         let n = ob.len();
-                        self.client
-                            .write(&mut ob, n)
+                        let by = tokio::time::Instant::now() + net_write;
+                        write_by(&mut self.client, &mut ob, n, by)
                             .await
                             .map_err(RelayError::Client)?;
                         b.conn.buf.consume(scanned);
                     }
-                    None => self
-                        .client
-                        .write(&mut b.conn.buf, scanned)
-                        .await
-                        .map_err(RelayError::Client)?,
+                    None => {
+                        let by = tokio::time::Instant::now() + net_write;
+                        write_by(&mut self.client, &mut b.conn.buf, scanned, by)
+                            .await
+                            .map_err(RelayError::Client)?
+                    }
                 }
             }
             match step {
@@ -1824,18 +1877,50 @@ impl<D: Driver> Conn<D> {
             // A client that hangs up while its statement runs (a long SELECT SLEEP, a lock
             // wait) is noticed at once: the statement is killed with the connection.
             let conn = &mut *b.conn;
-            let topology = &self.pool.shared.topology;
+            let group = &self.pool.shared;
             let target = b.target;
-            let read = read_watching_peer(
-                conn.stream.read(&mut conn.buf),
-                self.client.raw_fd(),
-                || topology.load().is_down(target),
-            );
+            let limits = conn.limits;
+            let (thread_id, login) = (conn.thread_id, &b.key.backend);
+            let since = limits.statement.map(|_| std::time::Instant::now());
+            let peer = self.peer;
+            // query_timeout: a database silent that long gets the statement killed (KILL
+            // QUERY, from a side connection); the server's error then reaches the client
+            // as any other. Should the database not answer even that within
+            // internal_query_timeout, the connection is given up.
+            let watch = || {
+                if group.topology.load().is_down(target) {
+                    return Some(GaveUp::TargetDown);
+                }
+                let (since, limit) = (since?, limits.statement?);
+                match killed {
+                    Some(at) if at.elapsed() >= limits.own => Some(GaveUp::Overdue(format!(
+                        "no answer within query_timeout ({limit:?}), nor to KILL QUERY after it"
+                    ))),
+                    Some(_) => None,
+                    None if since.elapsed() >= limit => {
+                        killed = Some(std::time::Instant::now());
+                        tracing::warn!(%peer, thread_id, "query_timeout ({limit:?}) passed: killing the statement");
+                        let addr = group.topology.load().addr(target).cloned()?;
+                        let (group, login) = (group.clone(), login.clone());
+                        tokio::task::spawn_local(async move {
+                            let r =
+                                kill_running_query::<D>(&group, &addr, login, thread_id, || true);
+                            if let Err(e) = r.await {
+                                tracing::warn!(%peer, "query_timeout: cannot reach the database to kill the statement: {e}");
+                            }
+                        });
+                        None
+                    }
+                    None => None,
+                }
+            };
+            let read =
+                read_watching_peer(conn.stream.read(&mut conn.buf), self.client.raw_fd(), watch);
             let read = read.await.map_err(|why| match why {
                 GaveUp::PeerGone => {
                     RelayError::Client(io::Error::new(io::ErrorKind::ConnectionAborted, why))
                 }
-                GaveUp::TargetDown => RelayError::Backend(why.to_string()),
+                GaveUp::TargetDown | GaveUp::Overdue(_) => RelayError::Backend(why.to_string()),
             })?;
             match read {
                 Ok(0) => {
@@ -1853,7 +1938,8 @@ impl<D: Driver> Conn<D> {
     async fn relay_infile(&mut self, b: &mut Pooled<D::Stream>) -> Result<(), RelayError> {
         let mut failed = None;
         loop {
-            let h = read_packet(&mut self.client, &mut self.cbuf, MAX_PAYLOAD)
+            let h = self
+                .read_more(MAX_PAYLOAD)
                 .await
                 .map_err(RelayError::Client)?;
             if failed.is_some() {
@@ -1954,6 +2040,21 @@ impl<D: Driver> Conn<D> {
     /// dbproxy's, valid on every backend. The statement's key holds the context it is
     /// prepared in (schema, sql_mode, character sets).
     async fn prepare(&mut self, h: Header) -> Result<(), SessionEnd> {
+        // Each statement a client keeps costs dbproxy memory until it closes it.
+        let most = self
+            .shared
+            .config()
+            .proxy
+            .max_prepared_statements_per_client;
+        if self.s.stmts.len() >= most {
+            self.discard_command(h).await?;
+            let e = ErrPacket::new(
+                errcode::ER_MAX_PREPARED_STMT_COUNT_REACHED,
+                "42000",
+                format!("Can't create more than max_prepared_stmt_count statements (current value: {most}) (dbproxy max_prepared_statements_per_client)"),
+            );
+            return self.refuse(h.seq, e).await;
+        }
         if let Err(e) = self.ensure_backend(Needs::default(), true).await {
             self.discard_command(h).await?;
             return self.refuse(h.seq, e).await;
@@ -2341,7 +2442,8 @@ impl<D: Driver> Conn<D> {
                     write_packet(&mut self.client, seq, &p)
                         .await
                         .map_err(SessionEnd::Client)?;
-                    let h = read_packet(&mut self.client, &mut self.cbuf, HANDSHAKE_LIMIT)
+                    let h = self
+                        .read_more(HANDSHAKE_LIMIT)
                         .await
                         .map_err(SessionEnd::Client)?;
                     step = auth.answer(&self.cbuf.filled()[4..h.total()], &ip);

@@ -6,8 +6,10 @@
 //! and used once up, removed ones retired: see [`crate::topology::Topology::change_targets`]),
 //! `max_connections`,
 //! `max_idle_connections`, `max_connection_lifetime`, `connection_borrow_timeout`,
-//! `connect_timeout`, `session_pinning_filters`; `[proxy]` `idle_client_timeout`,
-//! `handshake_timeout`, `max_client_connections`, `max_allowed_packet`,
+//! `connect_timeout`, `query_timeout`, `internal_query_timeout`, `session_pinning_filters`;
+//! `[proxy]` `idle_client_timeout`, `idle_transaction_timeout`, `handshake_timeout`,
+//! `net_read_timeout`, `net_write_timeout`,
+//! `max_client_connections`, `max_allowed_packet`, `max_prepared_statements_per_client`,
 //! `shutdown_timeout`; the admin console's user and password; the TLS certificate's
 //! content (re-read from the same files).
 
@@ -98,7 +100,17 @@ pub fn plan(old: &Config, mut new: Config) -> Plan {
     keep!("aws_iam", aws_iam);
     keep!("jwt", jwt);
     live!("proxy.idle_client_timeout", proxy.idle_client_timeout);
+    live!(
+        "proxy.idle_transaction_timeout",
+        proxy.idle_transaction_timeout
+    );
+    live!(
+        "proxy.max_prepared_statements_per_client",
+        proxy.max_prepared_statements_per_client
+    );
     live!("proxy.handshake_timeout", proxy.handshake_timeout);
+    live!("proxy.net_read_timeout", proxy.net_read_timeout);
+    live!("proxy.net_write_timeout", proxy.net_write_timeout);
     live!("proxy.max_client_connections", proxy.max_client_connections);
     live!("proxy.max_allowed_packet", proxy.max_allowed_packet);
     live!("proxy.shutdown_timeout", proxy.shutdown_timeout);
@@ -186,6 +198,8 @@ fn group(
     live!(max_connection_lifetime);
     live!(connection_borrow_timeout);
     live!(connect_timeout);
+    live!(query_timeout);
+    live!(internal_query_timeout);
     live!(session_pinning_filters);
 }
 

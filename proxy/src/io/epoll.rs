@@ -88,7 +88,7 @@ impl Driver for Epoll {
         let raw = match addr {
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(*a).await?;
-                s.set_nodelay(true)?;
+                super::tune_backend_socket(std::os::fd::AsRawFd::as_raw_fd(&s))?;
                 EpollStream::Tcp(s)
             }
             BackendAddr::Unix(p) => EpollStream::Unix(UnixStream::connect(p).await?),

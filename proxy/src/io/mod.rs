@@ -328,16 +328,20 @@ pub enum GaveUp {
     /// The database was marked down while the statement ran.
     #[error("the database was marked down while the statement ran")]
     TargetDown,
+    /// The database did not answer in time (the text says which limit).
+    #[error("{0}")]
+    Overdue(String),
 }
 
 /// Awaits `read` (from the database, on behalf of the client on `peer`) and, every
-/// [`PEER_CHECK`] it waits, checks that the client is still there and that the database
-/// is not marked `down`. When it gives up, the read is dropped unfinished: the stream it
-/// came from must be closed.
+/// [`PEER_CHECK`] it waits, checks that the client is still there and asks `watch`
+/// whether to give up (the database marked down, a deadline passed; `watch` may also act,
+/// e.g. kill the statement, and let the read go on). When it gives up, the read is
+/// dropped unfinished: the stream it came from must be closed.
 pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
     read: F,
     peer: RawFd,
-    down: impl Fn() -> bool,
+    mut watch: impl FnMut() -> Option<GaveUp>,
 ) -> Result<io::Result<usize>, GaveUp> {
     tokio::pin!(read);
     loop {
@@ -347,8 +351,8 @@ pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
                 if peer_hung_up(peer) {
                     return Err(GaveUp::PeerGone);
                 }
-                if down() {
-                    return Err(GaveUp::TargetDown);
+                if let Some(why) = watch() {
+                    return Err(why);
                 }
             }
         }
@@ -401,6 +405,73 @@ pub async fn read_packet_until<S: Stream>(
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// [`read_packet_until`] for a client's next command: `idle` bounds the wait for its first
+/// byte; once part of a packet is here, the rest must follow within `rest` (a client that
+/// sends half a command and goes silent is not waited for like an idle one).
+pub async fn read_command<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    limit: usize,
+    idle: Option<tokio::time::Instant>,
+    rest: std::time::Duration,
+    stop: impl Future<Output = ()>,
+) -> io::Result<Header> {
+    tokio::pin!(stop);
+    let mut deadline = idle;
+    // Whether part of a packet just arrived (the rest's deadline starts then).
+    let mut partial = !buf.is_empty();
+    loop {
+        if partial {
+            let by = tokio::time::Instant::now() + rest;
+            deadline = Some(deadline.map_or(by, |d| d.min(by)));
+        }
+        if let Some(h) = Header::parse(buf.filled()) {
+            if h.len > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    PacketTooLarge(h.len),
+                ));
+            }
+            if buf.len() >= h.total() {
+                return Ok(h);
+            }
+            buf.reserve(h.total() - buf.len());
+        } else {
+            buf.reserve(4096);
+        }
+        let before = buf.len();
+        if read_by(s, buf, deadline, stop.as_mut()).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        partial = before == 0;
+    }
+}
+
+/// Writes `n` bytes of `buf` unless the peer takes nothing until `deadline` (a client that
+/// stopped reading a result): the socket is shut down then, which ends the write in
+/// flight, and the error is `TimedOut`; the stream must be dropped.
+pub async fn write_by<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    n: usize,
+    deadline: tokio::time::Instant,
+) -> io::Result<()> {
+    let fd = s.raw_fd();
+    let write = s.write(buf, n);
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => return r,
+        _ = tokio::time::sleep_until(deadline) => {}
+    }
+    // SAFETY: fd belongs to the stream borrowed above, alive until this returns.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    let _ = write.await;
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client took nothing within net_write_timeout",
+    ))
 }
 
 /// One read that gives up at `deadline`. A read in flight is not simply dropped (an
@@ -509,6 +580,34 @@ pub async fn write_packet<S: Stream>(s: &mut S, seq: u8, payload: &[u8]) -> io::
 #[error("packet of {0} bytes is larger than allowed")]
 pub struct PacketTooLarge(pub usize);
 
+/// Keepalive probes start after this much silence on a database connection...
+pub const BACKEND_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...follow each other this often...
+pub const BACKEND_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// ...and this many unanswered ones close it.
+pub const BACKEND_KEEPALIVE_PROBES: u32 = 3;
+/// Data sent to the database and not acknowledged for this long closes the connection
+/// (`TCP_USER_TIMEOUT`; it also bounds the keepalive probes).
+pub const BACKEND_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// Sets up a TCP connection to a database: no Nagle delay, and a peer that vanishes
+/// without a reset (a black-holed address during a failover, a host powered off) is
+/// noticed within about 25 s (keepalive, `TCP_USER_TIMEOUT`) instead of after the
+/// kernel's 15 minutes of retransmissions. A live server answers keepalive probes while a
+/// long statement runs, so that is never cut.
+pub fn tune_backend_socket(fd: RawFd) -> io::Result<()> {
+    // SAFETY: `fd` is a socket the caller owns and keeps open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let s = socket2::SockRef::from(&fd);
+    s.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(BACKEND_KEEPALIVE_IDLE)
+        .with_interval(BACKEND_KEEPALIVE_INTERVAL)
+        .with_retries(BACKEND_KEEPALIVE_PROBES);
+    s.set_tcp_keepalive(&keepalive)?;
+    s.set_tcp_user_timeout(Some(BACKEND_USER_TIMEOUT))
+}
+
 /// Builds a listening socket with SO_REUSEPORT so that every worker can bind the address.
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -527,6 +626,20 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_sockets_notice_a_vanished_peer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        tune_backend_socket(std::os::fd::AsRawFd::as_raw_fd(&s)).unwrap();
+        let r = socket2::SockRef::from(&s);
+        assert!(r.nodelay().unwrap());
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.keepalive_time().unwrap(), BACKEND_KEEPALIVE_IDLE);
+        assert_eq!(r.keepalive_interval().unwrap(), BACKEND_KEEPALIVE_INTERVAL);
+        assert_eq!(r.keepalive_retries().unwrap(), BACKEND_KEEPALIVE_PROBES);
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(BACKEND_USER_TIMEOUT));
+    }
 
     #[test]
     fn buf_cursor() {

@@ -112,7 +112,7 @@ impl Driver for Uring {
         let raw = match addr {
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(*a).await?;
-                s.set_nodelay(true)?;
+                super::tune_backend_socket(std::os::fd::AsRawFd::as_raw_fd(&s))?;
                 UringStream::Tcp(s)
             }
             BackendAddr::Unix(p) => UringStream::Unix(UnixStream::connect(p).await?),

@@ -147,7 +147,11 @@ pub mod errcode {
     pub const ER_READ_ONLY_MODE: u16 = 1836;
     pub const ER_KILL_DENIED_ERROR: u16 = 1095;
     pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+    pub const ER_NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
+    pub const ER_NET_READ_INTERRUPTED: u16 = 1159;
     pub const ER_QUERY_INTERRUPTED: u16 = 1317;
+    /// Too many prepared statements (`max_prepared_stmt_count`).
+    pub const ER_MAX_PREPARED_STMT_COUNT_REACHED: u16 = 1461;
     pub const ER_CONNECTION_KILLED: u16 = 1927;
     pub const ER_NO_SUCH_QUERY: u16 = 1957;
     pub const ER_NOT_SUPPORTED_YET: u16 = 1235;

@@ -441,6 +441,8 @@ pub struct PoolSettings {
     /// `session_pinning_filters = ["exclude_variable_sets"]`: user variables that could not
     /// be read back do not pin.
     pub exclude_variable_sets: bool,
+    /// `internal_query_timeout` and `query_timeout`.
+    pub limits: backend::ReadLimits,
 }
 
 impl PoolSettings {
@@ -453,6 +455,7 @@ impl PoolSettings {
             exclude_variable_sets: cfg
                 .session_pinning_filters
                 .contains(&PinningFilter::ExcludeVariableSets),
+            limits: backend::ReadLimits::of(cfg),
         }
     }
 }
@@ -597,6 +600,41 @@ pub async fn side_connection<D: Driver>(
             "no answer within connect_timeout",
         ))),
     }
+}
+
+/// Kills the statement running on `thread_id` now, if any and if `still()` holds once its
+/// query id is known, from a side connection (the pool may be saturated by the very
+/// statement to kill). `KILL QUERY ID`: once that statement ended, its id names nothing,
+/// so the next statement on the thread is never hit.
+pub async fn kill_running_query<D: Driver>(
+    group: &GroupShared,
+    addr: &BackendAddr,
+    login: Arc<BackendLogin>,
+    thread_id: u32,
+    still: impl Fn() -> bool,
+) -> Result<(), BackendError> {
+    let mut c = side_connection::<D>(group, addr, login).await?;
+    let sql = format!("SELECT QUERY_ID FROM information_schema.PROCESSLIST WHERE ID = {thread_id}");
+    let query_id = match c.query_result(&sql).await? {
+        Ok(r) => r
+            .rows
+            .first()
+            .and_then(|row| crate::mysql::resultset::parse_text_row(row, 1).ok())
+            .and_then(|v| v.first().copied().flatten().map(<[u8]>::to_vec))
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok()),
+        Err(_) => None,
+    };
+    if let Some(q) = query_id.filter(|_| still()) {
+        let kill = backend::query_packet(&format!("KILL QUERY ID {q}"));
+        if let Err(e) = c
+            .command(&kill, crate::mysql::command::ResponseKind::Query)
+            .await?
+        {
+            tracing::debug!(group = %group.name, thread_id, "KILL QUERY ID {q}: {e}");
+        }
+    }
+    c.quit().await;
+    Ok(())
 }
 
 /// `KILL CONNECTION thread_id` from a side connection; a thread that ended already is fine.
@@ -751,6 +789,8 @@ impl<D: Driver> CorePool<D> {
     /// A connection leaves the pool for a client.
     fn lend(&self, mut c: Pooled<D::Stream>) -> Pooled<D::Stream> {
         let sh = &self.shared;
+        // A reload may have changed them since the connection was opened.
+        c.conn.limits = sh.settings().limits;
         sh.stats.borrowed.fetch_add(1, Ordering::Relaxed);
         match sh.route {
             // One target: nothing to choose by, and no shared counter to bounce between cores.
@@ -1020,6 +1060,7 @@ impl<D: Driver> CorePool<D> {
                 TlsTo::for_addr(&sh.backend_tls, &name, &addr),
             )
             .await?;
+            conn.limits = sh.settings().limits;
             conn.init_session(&sh.init_query, sh.verify_checkin).await?;
             Ok::<_, BackendError>((conn, profile))
         };
