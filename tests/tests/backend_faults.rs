@@ -25,15 +25,7 @@ fn query_timeout_kills_the_statement_and_keeps_the_transaction() {
         let proxy = Proxy::start(&db, io, "query_timeout = \"1s\"");
         // A lock holder straight on the database, so that the statement through dbproxy
         // waits (innodb_lock_wait_timeout is 50 s).
-        let mut holder = mysql::Conn::new(
-            mysql::OptsBuilder::new()
-                .ip_or_hostname(Some("127.0.0.1"))
-                .tcp_port(db.port)
-                .user(Some("app"))
-                .pass(Some(DB_PASSWORD))
-                .db_name(Some("shop")),
-        )
-        .unwrap();
+        let mut holder = connect(db.port, "app", DB_PASSWORD, "shop").unwrap();
         holder.query_drop("BEGIN").unwrap();
         holder
             .query_drop("UPDATE faults SET v = v + 1 WHERE n = 1")
@@ -110,14 +102,7 @@ fn the_servers_connection_limit_gives_a_clear_error_then_heals() {
         // Others take every connection the user may have (the monitor holds some).
         let mut hogs = Vec::new();
         for _ in 0..8 {
-            let o = mysql::Conn::new(
-                mysql::OptsBuilder::new()
-                    .ip_or_hostname(Some("127.0.0.1"))
-                    .tcp_port(db.port)
-                    .user(Some("app"))
-                    .pass(Some(DB_PASSWORD)),
-            );
-            match o {
+            match connect(db.port, "app", DB_PASSWORD, "") {
                 Ok(o) => hogs.push(o),
                 Err(_) => break,
             }

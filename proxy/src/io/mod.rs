@@ -385,26 +385,7 @@ pub async fn read_packet_until<S: Stream>(
     deadline: Option<tokio::time::Instant>,
     stop: impl Future<Output = ()>,
 ) -> io::Result<Header> {
-    tokio::pin!(stop);
-    loop {
-        if let Some(h) = Header::parse(buf.filled()) {
-            if h.len > limit {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    PacketTooLarge(h.len),
-                ));
-            }
-            if buf.len() >= h.total() {
-                return Ok(h);
-            }
-            buf.reserve(h.total() - buf.len());
-        } else {
-            buf.reserve(4096);
-        }
-        if read_by(s, buf, deadline, stop.as_mut()).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
+    read_packet_within(s, buf, limit, deadline, None, stop).await
 }
 
 /// [`read_packet_until`] for a client's next command: `idle` bounds the wait for its first
@@ -418,12 +399,23 @@ pub async fn read_command<S: Stream>(
     rest: std::time::Duration,
     stop: impl Future<Output = ()>,
 ) -> io::Result<Header> {
+    read_packet_within(s, buf, limit, idle, Some(rest), stop).await
+}
+
+/// Reads one packet by `deadline`; with `rest`, also within `rest` of its first bytes.
+async fn read_packet_within<S: Stream>(
+    s: &mut S,
+    buf: &mut Buf,
+    limit: usize,
+    mut deadline: Option<tokio::time::Instant>,
+    rest: Option<std::time::Duration>,
+    stop: impl Future<Output = ()>,
+) -> io::Result<Header> {
     tokio::pin!(stop);
-    let mut deadline = idle;
     // Whether part of a packet just arrived (the rest's deadline starts then).
     let mut partial = !buf.is_empty();
     loop {
-        if partial {
+        if let Some(rest) = rest.filter(|_| partial) {
             let by = tokio::time::Instant::now() + rest;
             deadline = Some(deadline.map_or(by, |d| d.min(by)));
         }
