@@ -30,7 +30,17 @@ pub fn built_in() -> bool {
     !OBJECT.is_empty()
 }
 
-const MAPS: [&str; 5] = ["PROTECTED4", "PROTECTED6", "ALLOWED", "EVENTS", "DENIED"];
+const MAPS: [&str; 9] = [
+    "PROTECTED4",
+    "PROTECTED6",
+    "LOCAL_PORTS",
+    "LOCAL4",
+    "LOCAL6",
+    "HOST_NETNS",
+    "ALLOWED",
+    "EVENTS",
+    "DENIED",
+];
 const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
 
 /// Why the guard could not start; dbproxy then refuses to start.
@@ -88,6 +98,8 @@ pub struct Denial {
 pub struct Protected {
     v4: Mutex<BpfHashMap<MapData, Dest4, u8>>,
     v6: Mutex<BpfHashMap<MapData, Dest6, u8>>,
+    local_ports: Mutex<BpfHashMap<MapData, u16, u8>>,
+    local: LocalAddrs,
     stats: Arc<GuardStats>,
 }
 
@@ -97,6 +109,13 @@ impl Protected {
     pub fn protect(&self, addr: SocketAddr) {
         let (v4, v6) = destinations(&[addr], &[]);
         let mut added = 0;
+        if self.local.contains(addr.ip()) {
+            let mut m = self.local_ports.lock();
+            let port = addr.port().to_be();
+            if m.get(&port, 0).is_err() && m.insert(port, PRESENT, 0).is_ok() {
+                added += 1;
+            }
+        }
         for d in v4 {
             let mut m = self.v4.lock();
             if m.get(&d, 0).is_err() && m.insert(d, PRESENT, 0).is_ok() {
@@ -204,6 +223,107 @@ fn enter_cgroup(path: &Path) -> Result<(), GuardError> {
     };
     std::fs::create_dir_all(path).map_err(err)?;
     std::fs::write(path.join("cgroup.procs"), std::process::id().to_string()).map_err(err)
+}
+
+/// This host's own addresses: the loopback range, the unspecified addresses, and every
+/// interface's (as `getifaddrs` lists them at start).
+#[derive(Debug, Clone, Default)]
+pub struct LocalAddrs {
+    interfaces: Vec<IpAddr>,
+}
+
+impl LocalAddrs {
+    /// The interfaces' addresses now.
+    pub fn of_host() -> LocalAddrs {
+        let mut interfaces = Vec::new();
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a linked list we free below.
+        if unsafe { libc::getifaddrs(&mut list) } != 0 {
+            tracing::warn!(
+                "guard: cannot list this host's addresses: {}",
+                std::io::Error::last_os_error()
+            );
+            return LocalAddrs { interfaces };
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+            let ifa = unsafe { &*cur };
+            if !ifa.ifa_addr.is_null() {
+                // SAFETY: ifa_addr points to a sockaddr of the family it names.
+                let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+                if family == libc::AF_INET {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    interfaces.push(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                } else if family == libc::AF_INET6 {
+                    // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    interfaces.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        // SAFETY: the list getifaddrs allocated, freed once.
+        unsafe { libc::freeifaddrs(list) };
+        interfaces.sort();
+        interfaces.dedup();
+        LocalAddrs { interfaces }
+    }
+
+    /// Whether a connect to `ip` reaches this host.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_loopback() || ip.is_unspecified() || self.interfaces.contains(&ip)
+    }
+
+    /// The interfaces' addresses as the guard's maps hold them (network order).
+    fn keys(&self) -> (HashSet<u32>, HashSet<[u32; 4]>) {
+        let mut v4 = HashSet::new();
+        let mut v6 = HashSet::new();
+        for ip in &self.interfaces {
+            match ip {
+                IpAddr::V4(a) => {
+                    v4.insert(u32::from_ne_bytes(a.octets()));
+                }
+                IpAddr::V6(a) => {
+                    let o = a.octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    v6.insert([w(0), w(4), w(8), w(12)]);
+                }
+            }
+        }
+        (v4, v6)
+    }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`).
+fn netns_cookie() -> Result<u64, GuardError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|e| GuardError::Load(format!("network namespace cookie: {e}")))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a u64 buffer of the length given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(GuardError::Load(format!(
+            "network namespace cookie: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 /// The destinations to protect: every target address, plus any address on `ports`.
@@ -323,6 +443,30 @@ impl Guard {
         let (want4, want6) = destinations(targets, &cfg.protect_ports);
         sync_map(&mut hash_map::<Dest4, u8>(&mut ebpf, "PROTECTED4")?, &want4)?;
         sync_map(&mut hash_map::<Dest6, u8>(&mut ebpf, "PROTECTED6")?, &want6)?;
+        // A database on this host answers on every local address: its port is protected
+        // on all of them.
+        let local = LocalAddrs::of_host();
+        let local_ports: HashSet<u16> = targets
+            .iter()
+            .filter(|t| local.contains(t.ip()))
+            .map(|t| t.port().to_be())
+            .collect();
+        let (local4, local6) = local.keys();
+        sync_map(
+            &mut hash_map::<u16, u8>(&mut ebpf, "LOCAL_PORTS")?,
+            &local_ports,
+        )?;
+        sync_map(&mut hash_map::<u32, u8>(&mut ebpf, "LOCAL4")?, &local4)?;
+        sync_map(&mut hash_map::<[u32; 4], u8>(&mut ebpf, "LOCAL6")?, &local6)?;
+        let netns = netns_cookie()?;
+        {
+            let m = ebpf
+                .map_mut("HOST_NETNS")
+                .ok_or_else(|| GuardError::Map("map HOST_NETNS missing from the object".into()))?;
+            let mut a: aya::maps::Array<&mut MapData, u64> =
+                aya::maps::Array::try_from(m).map_err(map_err)?;
+            a.set(0, netns, 0).map_err(map_err)?;
+        }
         sync_map(&mut hash_map::<u64, u8>(&mut ebpf, "ALLOWED")?, &allowed)?;
 
         let cgroup = std::fs::File::open(&attach).map_err(|source| GuardError::Cgroup {
@@ -369,9 +513,10 @@ impl Guard {
         }
 
         let stats = Arc::new(GuardStats::default());
+        let protected_count = want4.len() + want6.len() + local_ports.len();
         stats
             .protected
-            .store((want4.len() + want6.len()) as u64, Ordering::Relaxed);
+            .store(protected_count as u64, Ordering::Relaxed);
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| GuardError::Map(format!("map {name} missing")))
@@ -379,6 +524,10 @@ impl Guard {
         let protected = Arc::new(Protected {
             v4: Mutex::new(BpfHashMap::try_from(take(&mut ebpf, "PROTECTED4")?).map_err(map_err)?),
             v6: Mutex::new(BpfHashMap::try_from(take(&mut ebpf, "PROTECTED6")?).map_err(map_err)?),
+            local_ports: Mutex::new(
+                BpfHashMap::try_from(take(&mut ebpf, "LOCAL_PORTS")?).map_err(map_err)?,
+            ),
+            local,
             stats: stats.clone(),
         });
         let events = ebpf
@@ -394,7 +543,9 @@ impl Guard {
             attach = %attach.display(),
             proxy_cgroup = %proxy.display(),
             cgroup_id = own,
-            protected = want4.len() + want6.len(),
+            protected = protected_count,
+            local_database_ports = local_ports.len(),
+            netns_cookie = netns,
             pinned = pin.is_some(),
             "guard: only dbproxy's cgroup may connect to the database"
         );
@@ -581,5 +732,35 @@ mod tests {
             pad: 0
         }));
         assert_eq!((v4.len(), v6.len()), (3, 2));
+    }
+
+    #[test]
+    fn local_addresses_are_the_loopback_range_the_unspecified_and_the_interfaces() {
+        let local = LocalAddrs {
+            interfaces: vec!["10.1.2.3".parse().unwrap(), "fd00::5".parse().unwrap()],
+        };
+        for ip in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.0.9",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.2",
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+            "fd00::5",
+        ] {
+            assert!(local.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.1.2.4", "128.0.0.1", "fd00::6", "::2"] {
+            assert!(!local.contains(ip.parse().unwrap()), "{ip}");
+        }
+        let (v4, v6) = local.keys();
+        assert!(v4.contains(&u32::from_ne_bytes([10, 1, 2, 3])));
+        assert_eq!((v4.len(), v6.len()), (1, 1));
+        // This host has at least its loopback interface, and a namespace cookie.
+        assert!(LocalAddrs::of_host().contains("127.0.0.1".parse().unwrap()));
+        assert!(netns_cookie().unwrap() > 0);
     }
 }

@@ -8,6 +8,7 @@ pub mod backend_conn;
 pub mod clients;
 pub mod config;
 pub mod conn;
+pub mod fuzzing;
 pub mod guard;
 pub mod io;
 pub mod mysql;

@@ -216,6 +216,78 @@ fn only_dbproxy_reaches_the_database() {
     }
 }
 
+/// The default guard (no `protect_ports`) in front of a MariaDB listening on every
+/// address: the port is refused on every local address a process could reach it by (the
+/// loopback range, IPv4-mapped, ::1, the unspecified address), dbproxy still reaches it;
+/// a process in a network namespace of its own (a container) reaches its own server on
+/// the same port, unjudged.
+#[test]
+fn a_local_database_is_guarded_on_every_local_address_but_not_in_other_namespaces() {
+    let db = MariaDb::start_with(&["--bind-address=*"]);
+    for io in DRIVERS {
+        let cg = TestCgroup::new(&format!("local-{io}"));
+        let section = format!(
+            "[guard]\nenabled = true\nattach_cgroup = \"{}\"\nproxy_cgroup = \"{}\"\n",
+            cg.root.display(),
+            cg.proxy().display()
+        );
+        let proxy = Proxy::start_custom(&db, io, "", "", &section);
+        for host in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.3.4.5",
+            "::ffff:127.0.0.2",
+            "::1",
+            "0.0.0.0",
+            "::",
+        ] {
+            let (_, out) = run_in(&cg.client(), py_connect(host, db.port));
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains("Operation not permitted"),
+                "[{io}] {host}: {said}"
+            );
+        }
+        // Another port on the same addresses is untouched.
+        let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", proxy.admin));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "[{io}] other port"
+        );
+        let (_, out) = run_in(
+            &cg.client(),
+            cli(proxy.port, "127.0.0.1", "app", APP_PASSWORD),
+        );
+        assert!(
+            out.status.success(),
+            "[{io}] through dbproxy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A network namespace of its own: a server and a client on 127.0.0.1 and the
+        // database's port, both inside it.
+        let inside = format!(
+            "ip link set lo up && python3 -c \"\
+import socket\n\
+l = socket.socket(); l.bind(('127.0.0.1', {port})); l.listen()\n\
+c = socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ok')\n\
+\"",
+            port = db.port
+        );
+        let mut ns = Command::new("unshare");
+        ns.args(["--net", "sh", "-c", &inside]);
+        let (_, out) = run_in(&cg.client(), ns);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "[{io}] a namespace's own server: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let denials = proxy.metric("dbproxy_guard_denials_total");
+        assert!(denials >= 7, "[{io}] {denials} denials counted");
+    }
+}
+
 /// A bpffs of the test's own.
 struct Bpffs(PathBuf);
 

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's own commands (`cargo xtask --help`).
 
 mod bench;
+mod fuzz;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,15 @@ enum Cmd {
         #[arg(long, value_name = "DBPROXY_BINARY")]
         baseline: Option<PathBuf>,
     },
+    /// Run every fuzz target in fuzz/ (cargo-fuzz, installed if missing; stable Rust).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only this target (a file name in fuzz/fuzz_targets, without .rs).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +64,7 @@ fn main() -> ExitCode {
         Cmd::Build => build_release(),
         Cmd::Deb { debug } => deb(debug),
         Cmd::Bench { quick, baseline } => bench::bench(quick, baseline),
+        Cmd::Fuzz { time, target } => fuzz::fuzz(time, target),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

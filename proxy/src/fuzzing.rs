@@ -1,0 +1,254 @@
+//! Entry points of the fuzz targets in `fuzz/` (libFuzzer through cargo-fuzz; run them with
+//! `cargo xtask fuzz`). Each takes arbitrary bytes and feeds them to the code that reads
+//! what clients and databases send; none may panic, whatever the bytes. The tests below
+//! replay every kept input (the seed corpus and the input of every crash found, under
+//! `fuzz/`) on stable Rust, so that a crash once found stays fixed.
+
+use crate::mysql::command::{classify, may_change_database, ResponseKind};
+use crate::mysql::handshake::{parse_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake};
+use crate::mysql::packet::{complete_packet, write_packet, Header};
+use crate::mysql::response::{ResponseTracker, Step};
+use crate::mysql::resultset::{parse_binary_row, parse_text_row, ColumnDef, TextResult};
+use crate::mysql::session::{changes, parse_ok, strip_session_track};
+use crate::mysql::stmt;
+use crate::session::login::{ClientTls, Login, Profile};
+use crate::session::state::BackendSession;
+
+/// A target: arbitrary bytes in, no panic.
+pub type Target = fn(&[u8]);
+
+/// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and of their corpora).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("packet_framing", packet_framing),
+    ("handshake", handshake),
+    ("client_login", client_login),
+    ("command", command),
+    ("response", response),
+    ("session_tracking", session_tracking),
+    ("statement_rewrite", statement_rewrite),
+];
+
+/// Splits `data` into physical packets as the relays do (a length of 3 bytes, a sequence
+/// id, the payload); what is left is an incomplete packet.
+fn packets(data: &[u8]) -> Vec<(Header, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some(h) = complete_packet(rest) {
+        let Some(payload) = rest.get(4..h.total()) else {
+            break;
+        };
+        out.push((h, payload));
+        rest = rest.get(h.total()..).unwrap_or_default();
+    }
+    out
+}
+
+/// The first four bytes as a number (capabilities), and the rest.
+fn caps_and_rest(data: &[u8]) -> (u32, &[u8]) {
+    match data.split_first_chunk::<4>() {
+        Some((c, rest)) => (u32::from_le_bytes(*c), rest),
+        None => (0, data),
+    }
+}
+
+/// Packet framing: headers at every offset, and a payload written as packets (split at
+/// 16 MiB - 1 as the protocol does) reads back whole.
+pub fn packet_framing(data: &[u8]) {
+    for i in 0..data.len().min(64) {
+        if let Some(h) = data.get(i..).and_then(Header::parse) {
+            let _ = (h.total(), h.continues());
+        }
+    }
+    let _ = packets(data);
+    let mut out = Vec::new();
+    write_packet(&mut out, data.first().copied().unwrap_or(0), data);
+    let back: Vec<u8> = packets(&out)
+        .into_iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .collect();
+    assert_eq!(back, data, "a payload written as packets reads back whole");
+}
+
+/// What a database sends at login (its greeting, an auth switch) and what a client sends
+/// (its handshake response, COM_CHANGE_USER).
+pub fn handshake(data: &[u8]) {
+    let _ = ServerHandshake::parse(data);
+    let _ = HandshakeResponse::parse(data);
+    let _ = parse_auth_switch(data);
+    let (caps, rest) = caps_and_rest(data);
+    let _ = ChangeUser::parse(rest, caps);
+    if let Ok(g) = ServerHandshake::parse(data) {
+        let _ = ServerHandshake::parse(&g.encode());
+    }
+}
+
+/// One user, `app`, with any plugin.
+fn users() -> crate::auth::Users {
+    crate::auth::Users::new(&[crate::config::UserConfig {
+        name: "app".into(),
+        password: "pw".into(),
+        password_hash: None,
+        backend_user: None,
+        backend_password: "db".into(),
+        auth_plugin: crate::config::UserAuthPlugin::Any,
+        aws_iam_arns: Vec::new(),
+        jwt_subjects: Vec::new(),
+    }])
+}
+
+/// The client login machine fed the packets in `data`, as a client would send them.
+pub fn client_login(data: &[u8]) {
+    let users = users();
+    let profile = Profile {
+        version: "10.11.0-MariaDB".into(),
+        capabilities: u32::MAX,
+        ext_capabilities: u32::MAX,
+        collation: 45,
+    };
+    let tls = match data.first().map(|b| b % 3) {
+        Some(1) => ClientTls::Offered,
+        Some(2) => ClientTls::Required,
+        _ => ClientTls::Off,
+    };
+    let (mut login, _greeting) = Login::start(&profile, 1, [7; 20], "127.0.0.1".into(), tls);
+    for (h, payload) in packets(data.get(1..).unwrap_or_default()) {
+        let _ = login.on_packet(&users, h.seq, payload);
+    }
+}
+
+/// A command from a client: how it is classified, and what dbproxy reads in its SQL.
+pub fn command(data: &[u8]) {
+    if let Some(&c) = data.first() {
+        let _ = classify(c);
+    }
+    let _ = may_change_database(data);
+    let _ = stmt::stmt_id(data);
+    let _ = stmt::execute_opens_cursor(data);
+    let sql = data.get(1..).unwrap_or_default();
+    let info = crate::session::sql::analyze(sql);
+    let _ = crate::session::ReadBack::for_statement(&info, true);
+    let _ = crate::session::kill::parse(sql);
+}
+
+/// A database's response to a command of each kind, under the capabilities in `data`'s
+/// first bytes, packet by packet; and the same packets as a whole result set.
+pub fn response(data: &[u8]) {
+    let Some((&k, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = match k % 7 {
+        0 => ResponseKind::None,
+        1 => ResponseKind::Single,
+        2 => ResponseKind::Query,
+        3 => ResponseKind::Execute,
+        4 => ResponseKind::Prepare,
+        5 => ResponseKind::Fetch,
+        _ => ResponseKind::FieldList,
+    };
+    let (caps, rest) = caps_and_rest(rest);
+    let list = packets(rest);
+    let mut tracker = ResponseTracker::new(kind, caps);
+    for (h, p) in &list {
+        match tracker.feed(*h, p) {
+            Ok(Step::Done) | Err(_) => break,
+            Ok(Step::LocalInfile) => tracker.resume_after_infile(),
+            Ok(Step::More) => {}
+        }
+        let _ = (tracker.last_ok(), tracker.status(), tracker.untold_change());
+    }
+    let whole: Vec<Vec<u8>> = list.iter().map(|(_, p)| p.to_vec()).collect();
+    if let Ok(r) = TextResult::parse(&whole, caps) {
+        let _ = r.with_rows(Vec::new(), caps);
+    }
+    let columns: Vec<ColumnDef> = list
+        .iter()
+        .filter_map(|(_, p)| ColumnDef::parse(p).ok())
+        .collect();
+    for (_, p) in &list {
+        let _ = parse_text_row(p, columns.len().max(1));
+        let _ = parse_binary_row(p, &columns);
+    }
+}
+
+/// An OK packet's session-state information, as dbproxy learns a session from it.
+pub fn session_tracking(data: &[u8]) {
+    let (caps, rest) = caps_and_rest(data);
+    let Ok(ok) = parse_ok(rest, caps) else {
+        return;
+    };
+    let _ = strip_session_track(rest, &ok);
+    let Some(state) = ok.state.clone().and_then(|r| rest.get(r)) else {
+        return;
+    };
+    if let Ok(list) = changes(state) {
+        let Some(user) = users().get(b"app") else {
+            return;
+        };
+        let mut s = crate::session::ClientSession::new(user, caps, 45, None);
+        let mut backend = BackendSession::default();
+        let info = crate::session::sql::analyze(b"SET @@session.sql_mode = ''");
+        let _ = s.learn_tracking(&info, &list, &mut backend);
+    }
+}
+
+/// COM_STMT_EXECUTE and COM_STMT_BULK_EXECUTE rewritten for a backend statement, with
+/// the parameter count and remembered types in `data`'s first bytes.
+pub fn statement_rewrite(data: &[u8]) {
+    let Some(([p0, p1, t], payload)) = data.split_first_chunk::<3>() else {
+        return;
+    };
+    let params = u16::from_le_bytes([*p0, *p1]) % 512;
+    let remembered = (*t & 1 == 1).then(|| vec![*t; 2 * usize::from(params)]);
+    let mut client = remembered.clone();
+    let mut backend = None;
+    let mut out = Vec::new();
+    let _ = stmt::rewrite_execute(payload, params, &mut client, &mut backend, 9, &mut out);
+    out.clear();
+    let _ = stmt::rewrite_bulk(payload, 9, &mut out);
+    let mut copy = payload.to_vec();
+    stmt::patch_stmt_id(&mut copy, 9);
+    let _ = stmt::parse_prepare_ok(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Every kept input of every target: the seed corpus and the crashes found
+    /// (`fuzz/corpus/<target>/`, `fuzz/regressions/<target>/`).
+    #[test]
+    fn every_kept_input_runs_clean() {
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let mut ran = 0;
+        for (name, target) in TARGETS {
+            for dir in ["corpus", "regressions"] {
+                let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(name)) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let data = std::fs::read(e.path()).unwrap();
+                    target(&data);
+                    ran += 1;
+                }
+            }
+        }
+        assert!(
+            ran >= TARGETS.len(),
+            "the seed corpus is missing ({ran} inputs)"
+        );
+    }
+
+    /// Each target on small inputs of every shape: empty, one byte of each value, runs.
+    #[test]
+    fn small_inputs_run_clean() {
+        for (_, target) in TARGETS {
+            target(&[]);
+            for b in 0..=255u8 {
+                target(&[b]);
+                target(&[b; 9]);
+                target(&[b, 0, 0, 0, b, b, b, b]);
+            }
+        }
+    }
+}
