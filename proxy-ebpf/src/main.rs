@@ -13,7 +13,6 @@ use aya_ebpf::helpers::{
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::SockAddrContext;
-use aya_log_ebpf::warn;
 use proxy_common::{DenyEvent, Dest4, Dest6};
 
 const ALLOW: i32 = 1;
@@ -64,7 +63,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if !(protected4(addr, port) || local4(addr, port)) || !judged(&ctx) || allowed() {
         return ALLOW;
     }
-    deny(&ctx, 4, &addr.to_ne_bytes(), port)
+    deny(4, &addr.to_ne_bytes(), port)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -96,7 +95,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         bytes[i * 4 + 2] = b[2];
         bytes[i * 4 + 3] = b[3];
     }
-    deny(&ctx, 6, &bytes, port)
+    deny(6, &bytes, port)
 }
 
 #[inline(always)]
@@ -165,7 +164,7 @@ fn allowed() -> bool {
 }
 
 #[inline(always)]
-fn deny(ctx: &SockAddrContext, family: u16, addr: &[u8], port: u16) -> i32 {
+fn deny(family: u16, addr: &[u8], port: u16) -> i32 {
     // SAFETY: helpers without preconditions.
     let (cgroup_id, pid_tgid) =
         unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid()) };
@@ -188,14 +187,8 @@ fn deny(ctx: &SockAddrContext, family: u16, addr: &[u8], port: u16) -> i32 {
         family,
         pad: 0,
     };
+    // dbproxy logs it (rate-limited); DENIED counts it even when the ring is full.
     let _ = EVENTS.output::<DenyEvent>(&event, 0);
-    warn!(
-        ctx,
-        "dbproxy guard: refused connect() to port {} by pid {} (cgroup {})",
-        u16::from_be(port),
-        pid,
-        cgroup_id
-    );
     DENY
 }
 

@@ -534,10 +534,12 @@ impl Guard {
             .take_map("EVENTS")
             .ok_or_else(|| GuardError::Map("map EVENTS missing".into()))?;
         let ring = RingBuf::try_from(events).map_err(map_err)?;
+        let denied =
+            PerCpuArray::<MapData, u64>::try_from(take(&mut ebpf, "DENIED")?).map_err(map_err)?;
         let s = stats.clone();
         std::thread::Builder::new()
             .name("dbproxy-guard".into())
-            .spawn(move || read_events(ring, logger, &s))
+            .spawn(move || read_events(ring, &denied, logger, &s))
             .map_err(|e| GuardError::Load(format!("cannot start the event thread: {e}")))?;
         tracing::info!(
             attach = %attach.display(),
@@ -561,11 +563,25 @@ impl Guard {
 }
 
 /// Logs and counts denial events; drains the eBPF log too.
+/// Denials logged per second at most; the rest are counted and summed up in one line.
+const DENIAL_LINES_PER_SECOND: u32 = 10;
+
+/// The kernel's count of refused connects (every one, also those whose event was lost
+/// when the ring was full).
+fn kernel_denials(denied: &PerCpuArray<MapData, u64>) -> u64 {
+    denied.get(&0, 0).map_or(0, |v| v.iter().sum())
+}
+
 fn read_events(
     mut ring: RingBuf<MapData>,
+    denied: &PerCpuArray<MapData, u64>,
     mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     stats: &GuardStats,
 ) {
+    // A pinned counter keeps earlier runs' refusals: this run counts from here.
+    let baseline = kernel_denials(denied);
+    let mut second = std::time::Instant::now();
+    let (mut logged, mut unlogged) = (0u32, 0u64);
     loop {
         let mut fds = vec![libc::pollfd {
             fd: ring.as_raw_fd(),
@@ -587,7 +603,6 @@ fn read_events(
             }
             // SAFETY: the program writes whole DenyEvent records; read unaligned.
             let e: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            stats.denials.fetch_add(1, Ordering::Relaxed);
             let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
             let comm = String::from_utf8_lossy(&e.comm[..comm_len]);
             let dest = match e.family {
@@ -597,7 +612,16 @@ fn read_events(
                 ),
                 _ => SocketAddr::new(IpAddr::from(e.addr), u16::from_be(e.port)),
             };
-            tracing::warn!(pid = e.pid, comm = %comm, cgroup_id = e.cgroup_id, destination = %dest, "guard: refused a connect() to the database");
+            if second.elapsed() >= std::time::Duration::from_secs(1) {
+                second = std::time::Instant::now();
+                logged = 0;
+            }
+            if logged < DENIAL_LINES_PER_SECOND {
+                logged += 1;
+                tracing::warn!(pid = e.pid, comm = %comm, cgroup_id = e.cgroup_id, destination = %dest, "guard: refused a connect() to the database");
+            } else {
+                unlogged += 1;
+            }
             stats.recent.push(Denial {
                 at: crate::stats::unix_now(),
                 pid: e.pid,
@@ -605,6 +629,15 @@ fn read_events(
                 destination: dest.to_string(),
             });
         }
+        if unlogged > 0 && second.elapsed() >= std::time::Duration::from_secs(1) {
+            tracing::warn!(
+                unlogged,
+                "guard: more connects to the database refused than logged (at most {DENIAL_LINES_PER_SECOND} lines a second; the counter has them all)"
+            );
+            unlogged = 0;
+        }
+        let all = kernel_denials(denied).saturating_sub(baseline);
+        stats.denials.fetch_max(all, Ordering::Relaxed);
         if let Some(l) = logger.as_mut() {
             l.flush();
         }

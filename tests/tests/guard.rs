@@ -283,8 +283,28 @@ c = socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ok')\n\
             "[{io}] a namespace's own server: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let denials = proxy.metric("dbproxy_guard_denials_total");
-        assert!(denials >= 7, "[{io}] {denials} denials counted");
+        // A flood of refused connects: every one counted, the log rate-limited.
+        let mut flood = Command::new("python3");
+        flood.args([
+            "-c",
+            "import socket,sys\nfor _ in range(200):\n try: socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3)\n except OSError: pass",
+            &db.port.to_string(),
+        ]);
+        run_in(&cg.client(), flood);
+        wait_for(
+            || proxy.metric("dbproxy_guard_denials_total") >= 207,
+            &format!("[{io}] every refusal counted"),
+        );
+        wait_for(
+            || {
+                proxy
+                    .log()
+                    .contains("more connects to the database refused than logged")
+            },
+            &format!("[{io}] the rest summed up"),
+        );
+        let lines = proxy.log().matches("guard: refused a connect()").count();
+        assert!(lines < 207, "[{io}] {lines} lines for 207 refusals");
     }
 }
 

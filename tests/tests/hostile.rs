@@ -181,6 +181,55 @@ fn broken_logins_and_connect_storms_leave_others_alone() {
     }
 }
 
+/// A client that selects a 2 GiB result and reads none of it for 60 s: dbproxy takes from
+/// the database only what the client takes (its memory grows by less than 64 MiB); once
+/// the client is gone, its database connection is closed and the pool is whole again.
+#[test]
+fn a_client_that_stops_reading_costs_no_memory() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start_full(&db, io, "net_write_timeout = \"5m\"", "");
+        let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        c.query("USE shop");
+        let before = proxy.rss();
+        // 2,048 rows of 1 MiB each, from MariaDB's sequence engine.
+        c.write(0, b"\x03SELECT REPEAT('x', 1048576) FROM seq_1_to_2048");
+        // The answer starts to flow, then nobody reads.
+        let (_, first) = c.read();
+        assert_eq!(first, [1], "[{io}] one column");
+        std::thread::sleep(Duration::from_secs(60));
+        let after = proxy.rss();
+        let grown = after.saturating_sub(before);
+        println!("[{io}] dbproxy RSS {before} -> {after} bytes after 60 s of a client not reading");
+        assert!(grown < 64 << 20, "[{io}] grew by {grown} bytes");
+        drop(c);
+        wait_until(
+            "the database connection to be closed",
+            Duration::from_secs(30),
+            || proxy.metric("dbproxy_database_connections_currently_borrowed") == 0,
+        );
+        let mut other = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let v: Option<i32> = other.query_first("SELECT 3").unwrap();
+        assert_eq!(v, Some(3), "[{io}]");
+
+        // With a short net_write_timeout, dbproxy gives such a client up by itself (and
+        // its database connection with it) while the client still holds its socket.
+        let proxy = Proxy::start_full(&db, io, "net_write_timeout = \"2s\"", "");
+        let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        c.query("USE shop");
+        c.write(0, b"\x03SELECT REPEAT('x', 1048576) FROM seq_1_to_2048");
+        assert_eq!(c.read().1, [1], "[{io}] one column");
+        wait_until(
+            "the stalled client to be given up",
+            Duration::from_secs(30),
+            || {
+                proxy.metric("dbproxy_client_connections") == 0
+                    && proxy.metric("dbproxy_database_connections_currently_borrowed") == 0
+            },
+        );
+    }
+}
+
 /// `idle_transaction_timeout`: a client idle inside a transaction is disconnected (4031)
 /// and its transaction rolled back, freeing the database connection; with
 /// `idle_client_timeout = 0` a client idle outside one stays. Prepared statements per
