@@ -166,13 +166,15 @@ const DB_TOOLS: [(&str, &str); 3] = [
     ("mariadb", "mariadb-client"),
 ];
 
-/// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool (guard
-/// tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a JDK, Chromium
-/// (the status page).
-const CLIENT_TOOLS: [(&str, &str); 7] = [
+/// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool, ip and
+/// unshare (guard tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a
+/// JDK, Chromium (the status page).
+const CLIENT_TOOLS: [(&str, &str); 9] = [
     ("sysbench", "sysbench"),
     ("chromium", "chromium"),
     ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("unshare", "util-linux"),
     (
         "/usr/lib/python3/dist-packages/pymysql/__init__.py",
         "python3-pymysql",
