@@ -149,6 +149,8 @@ pub struct MariaDb {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// The network namespace it runs in (None: the test's own).
+    netns: Option<String>,
 }
 
 impl MariaDb {
@@ -159,6 +161,16 @@ impl MariaDb {
 
     /// Same, with extra mariadbd options.
     pub fn start_with(extra: &[&str]) -> MariaDb {
+        Self::start_in(None, extra)
+    }
+
+    /// A server inside the network namespace `ns` (its Unix socket, which the test's root
+    /// SQL uses, is reachable from anywhere: a file, not a network address).
+    pub fn start_in_netns(ns: &Netns, extra: &[&str]) -> MariaDb {
+        Self::start_in(Some(ns.name.clone()), extra)
+    }
+
+    fn start_in(netns: Option<String>, extra: &[&str]) -> MariaDb {
         let dir = tempfile::Builder::new()
             .prefix("dbproxy-test-")
             .tempdir()
@@ -192,6 +204,7 @@ impl MariaDb {
             dir,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            netns,
         };
         db.run_server();
         db.root_sql(&format!(
@@ -208,7 +221,14 @@ impl MariaDb {
 
     fn run_server(&mut self) {
         let d = self.dir.path();
-        let mut cmd = Command::new("mariadbd");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "mariadbd"]);
+                c
+            }
+            None => Command::new("mariadbd"),
+        };
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", self.socket().display()))
@@ -316,6 +336,68 @@ impl MariaDb {
 impl Drop for MariaDb {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A network namespace of the test's own, joined to the test's by a veth pair with
+/// link-local addresses (`outside` here, `inside` there); deleted on drop, veth and all.
+pub struct Netns {
+    pub name: String,
+    pub outside: String,
+    pub inside: String,
+}
+
+impl Netns {
+    pub fn create(tag: &str) -> Netns {
+        let id = std::process::id() % 100_000;
+        let name = format!("dbproxy-{tag}-{id}");
+        let (host_if, ns_if) = (format!("dbp{tag}{id}h"), format!("dbp{tag}{id}n"));
+        let net = 1 + id % 250;
+        let (outside, inside) = (format!("169.254.{net}.1"), format!("169.254.{net}.2"));
+        let ns = Netns {
+            name: name.clone(),
+            outside: outside.clone(),
+            inside: inside.clone(),
+        };
+        for cmd in [
+            format!("ip netns add {name}"),
+            format!("ip link add {host_if} type veth peer name {ns_if}"),
+            format!("ip link set {ns_if} netns {name}"),
+            format!("ip addr add {outside}/30 dev {host_if}"),
+            format!("ip link set {host_if} up"),
+            format!("ip netns exec {name} ip addr add {inside}/30 dev {ns_if}"),
+            format!("ip netns exec {name} ip link set {ns_if} up"),
+            format!("ip netns exec {name} ip link set lo up"),
+        ] {
+            let st = Command::new("sh").args(["-c", &cmd]).status().unwrap();
+            assert!(st.success(), "{cmd}");
+        }
+        ns
+    }
+
+    /// Drops every packet that arrives in the namespace (nftables inside it: the host's
+    /// own tables are not touched): its servers vanish without a reset.
+    pub fn black_hole(&self) {
+        let rules = "add table inet blackhole
+             add chain inet blackhole input { type filter hook input priority 0; policy drop; }
+";
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(mut i) = c.stdin.take() {
+            i.write_all(rules.as_bytes()).unwrap();
+        }
+        assert!(c.wait().unwrap().success(), "nft in {}", self.name);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

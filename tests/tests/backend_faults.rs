@@ -137,3 +137,62 @@ fn the_servers_connection_limit_gives_a_clear_error_then_heals() {
         });
     }
 }
+
+/// A database that vanishes without a reset (every packet into its network namespace
+/// dropped, as a black-holed address during a failover): with the monitor slowed down so
+/// that only the connection itself can tell, the statement running there ends with
+/// dbproxy's 9503 once TCP keepalive gives up (about 25 s), not after the kernel's 15
+/// minutes of retransmissions; the client stays connected.
+#[test]
+fn a_black_holed_database_is_noticed_by_keepalive() {
+    let ns = Netns::create("bh");
+    let db = MariaDb::start_in_netns(&ns, &[&format!("--bind-address={}", ns.inside)]);
+    for (k, io) in DRIVERS.into_iter().enumerate() {
+        // Each driver's statement its own text (the first one may still run on the server).
+        let sleep = format!("SELECT SLEEP({})", 600 + k);
+        let group = format!(
+            "targets = [\"{}:{}\"]\nhealth_check_interval = \"1h\"",
+            ns.inside, db.port
+        );
+        let proxy = Proxy::start_at(db.port, io, "", &group, "");
+        let opts = mysql::OptsBuilder::from_opts(
+            mysql::Opts::from_url(&url(proxy.port, "app", APP_PASSWORD, "shop")).unwrap(),
+        )
+        // Only so that a failure here cannot hang the suite.
+        .read_timeout(Some(Duration::from_secs(300)));
+        let mut c = mysql::Conn::new(opts).unwrap();
+        c.query_drop("SELECT 1").unwrap();
+        let sql = sleep.clone();
+        let running = std::thread::spawn(move || {
+            let r = c.query_drop(sql);
+            (r, c)
+        });
+        wait_until("the statement to run", Duration::from_secs(10), || {
+            db.root_sql(&format!(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = '{sleep}'"
+            ))
+            .trim()
+                == "1"
+        });
+        ns.black_hole();
+        let (r, _c) = running.join().unwrap();
+        let e = r.expect_err("the vanished database cannot answer");
+        println!("[{io}] black-holed: {e}");
+        assert_eq!(code(&e), Some(9503), "[{io}] dbproxy's own error: {e}");
+        // Lift the black hole for the next driver: a new namespace would need a new server.
+        let st = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "blackhole",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}

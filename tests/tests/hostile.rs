@@ -230,6 +230,54 @@ fn a_client_that_stops_reading_costs_no_memory() {
     }
 }
 
+/// 10,000 clients connect, log in, run a statement and leave, ten times over: dbproxy's
+/// memory comes back to what it was after the first round (nothing kept per client that
+/// has gone).
+#[test]
+fn ten_rounds_of_ten_thousand_clients_leave_no_memory_behind() {
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start_full(&db, io, "login_max_delay = \"0\"", "");
+        let round = || {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    let port = proxy.port;
+                    std::thread::spawn(move || {
+                        for _ in 0..1250 {
+                            let mut c = RawClient::login(port, "app", APP_PASSWORD).unwrap();
+                            c.query("DO 1");
+                            c.write(0, &[0x01]);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().unwrap();
+            }
+            wait_until("every client to be gone", Duration::from_secs(30), || {
+                proxy.metric("dbproxy_client_connections") == 0
+            });
+        };
+        round();
+        let first = proxy.rss();
+        let mut rss = vec![first];
+        for _ in 1..10 {
+            round();
+            rss.push(proxy.rss());
+        }
+        println!(
+            "[{io}] RSS after each round of 10,000 clients (MiB): {:?}",
+            rss.iter().map(|r| r >> 20).collect::<Vec<_>>()
+        );
+        let last = rss.last().copied().unwrap_or(0);
+        assert!(
+            last <= first + (8 << 20),
+            "[{io}] memory grew from {first} to {last} bytes over ten rounds"
+        );
+        assert!(proxy.metric("dbproxy_client_connections_received_total") >= 100_000);
+    }
+}
+
 /// `idle_transaction_timeout`: a client idle inside a transaction is disconnected (4031)
 /// and its transaction rolled back, freeing the database connection; with
 /// `idle_client_timeout = 0` a client idle outside one stays. Prepared statements per

@@ -167,14 +167,15 @@ const DB_TOOLS: [(&str, &str); 3] = [
 ];
 
 /// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool, ip and
-/// unshare (guard tests), PyMySQL and a venv for mysql-connector-python, Connector/J and a
+/// unshare (guard tests), nft (a black-holed database in a namespace), PyMySQL and a venv for mysql-connector-python, Connector/J and a
 /// JDK, Chromium (the status page).
-const CLIENT_TOOLS: [(&str, &str); 9] = [
+const CLIENT_TOOLS: [(&str, &str); 10] = [
     ("sysbench", "sysbench"),
     ("chromium", "chromium"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("unshare", "util-linux"),
+    ("nft", "nftables"),
     (
         "/usr/lib/python3/dist-packages/pymysql/__init__.py",
         "python3-pymysql",
