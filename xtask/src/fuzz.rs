@@ -115,7 +115,11 @@ pub fn fuzz(seconds: u64, only: Option<String>) -> Result {
             .map_err(|e| format!("cargo fuzz: {e}"))?;
         let log = String::from_utf8_lossy(&out.stderr);
         let execs = stat(&log, "number_of_executed_units");
-        let secs = stat(&log, "total_time_seconds").max(seconds.min(1));
+        // libFuzzer prints its rate, not its running time.
+        let secs = match stat(&log, "average_exec_per_sec") {
+            0 => seconds,
+            rate => execs / rate,
+        };
         let (te, ts) = add_totals(&stats, name, execs, secs);
         report.push_str(&format!("{name}\t{execs}\t{secs}\t{te}\t{ts}\n"));
         if !out.status.success() {
