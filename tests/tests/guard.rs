@@ -120,6 +120,30 @@ fn py_connect(host: &str, port: u16) -> Command {
     c
 }
 
+/// A raw connect from the client cgroup to `host:port` is refused by the guard (EPERM).
+fn assert_refused(cg: &TestCgroup, host: &str, port: u16, io: &str) {
+    let (_, out) = run_in(&cg.client(), py_connect(host, port));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("Operation not permitted"),
+        "[{io}] {host}: {said}"
+    );
+}
+
+/// The mariadb CLI in the client cgroup gets its answer through dbproxy.
+fn assert_served_through(cg: &TestCgroup, proxy_port: u16, io: &str) {
+    let (_, out) = run_in(
+        &cg.client(),
+        cli(proxy_port, "127.0.0.1", "app", APP_PASSWORD),
+    );
+    assert!(
+        out.status.success(),
+        "[{io}] through dbproxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}
+
 fn guard_section(cg: &TestCgroup, db_port: u16, extra: &str) -> String {
     format!(
         "[guard]\nenabled = true\nattach_cgroup = \"{}\"\nproxy_cgroup = \"{}\"\nprotect_ports = [{db_port}]\n{extra}\n",
@@ -150,25 +174,11 @@ fn only_dbproxy_reaches_the_database() {
             "[{io}] EPERM expected: {err}"
         );
         for host in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-            let (_, out) = run_in(&cg.client(), py_connect(host, db.port));
-            let said = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                said.contains("Operation not permitted"),
-                "[{io}] {host}: {said}"
-            );
+            assert_refused(&cg, host, db.port, io);
         }
         // The same client through dbproxy works (and so do dbproxy's own io_uring or epoll
         // connects to the database, from its cgroup).
-        let (_, out) = run_in(
-            &cg.client(),
-            cli(proxy.port, "127.0.0.1", "app", APP_PASSWORD),
-        );
-        assert!(
-            out.status.success(),
-            "[{io}] through dbproxy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+        assert_served_through(&cg, proxy.port, io);
         // An unprotected port is untouched.
         let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", proxy.admin));
         assert_eq!(
@@ -241,12 +251,7 @@ fn a_local_database_is_guarded_on_every_local_address_but_not_in_other_namespace
             "0.0.0.0",
             "::",
         ] {
-            let (_, out) = run_in(&cg.client(), py_connect(host, db.port));
-            let said = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                said.contains("Operation not permitted"),
-                "[{io}] {host}: {said}"
-            );
+            assert_refused(&cg, host, db.port, io);
         }
         // Another port on the same addresses is untouched.
         let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", proxy.admin));
@@ -255,15 +260,7 @@ fn a_local_database_is_guarded_on_every_local_address_but_not_in_other_namespace
             "ok",
             "[{io}] other port"
         );
-        let (_, out) = run_in(
-            &cg.client(),
-            cli(proxy.port, "127.0.0.1", "app", APP_PASSWORD),
-        );
-        assert!(
-            out.status.success(),
-            "[{io}] through dbproxy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_served_through(&cg, proxy.port, io);
         // A network namespace of its own: a server and a client on 127.0.0.1 and the
         // database's port, both inside it.
         let inside = format!(

@@ -378,28 +378,30 @@ pub async fn read_packet_by<S: Stream>(
 
 /// [`read_packet_by`] that also gives up, with `ErrorKind::Interrupted`, once `stop`
 /// resolves (the session was killed); the stream is shut down then and must be dropped.
-pub async fn read_packet_until<S: Stream>(
-    s: &mut S,
-    buf: &mut Buf,
+/// (Not an `async fn` of its own, nor is [`read_command`]: a wrapper's future would keep
+/// a second copy of its arguments, `stop` included, in every idle client's session.)
+pub fn read_packet_until<'a, S: Stream>(
+    s: &'a mut S,
+    buf: &'a mut Buf,
     limit: usize,
     deadline: Option<tokio::time::Instant>,
-    stop: impl Future<Output = ()>,
-) -> io::Result<Header> {
-    read_packet_within(s, buf, limit, deadline, None, stop).await
+    stop: impl Future<Output = ()> + 'a,
+) -> impl Future<Output = io::Result<Header>> + 'a {
+    read_packet_within(s, buf, limit, deadline, None, stop)
 }
 
 /// [`read_packet_until`] for a client's next command: `idle` bounds the wait for its first
 /// byte; once part of a packet is here, the rest must follow within `rest` (a client that
 /// sends half a command and goes silent is not waited for like an idle one).
-pub async fn read_command<S: Stream>(
-    s: &mut S,
-    buf: &mut Buf,
+pub fn read_command<'a, S: Stream>(
+    s: &'a mut S,
+    buf: &'a mut Buf,
     limit: usize,
     idle: Option<tokio::time::Instant>,
     rest: std::time::Duration,
-    stop: impl Future<Output = ()>,
-) -> io::Result<Header> {
-    read_packet_within(s, buf, limit, idle, Some(rest), stop).await
+    stop: impl Future<Output = ()> + 'a,
+) -> impl Future<Output = io::Result<Header>> + 'a {
+    read_packet_within(s, buf, limit, idle, Some(rest), stop)
 }
 
 /// Reads one packet by `deadline`; with `rest`, also within `rest` of its first bytes.
