@@ -98,12 +98,23 @@ pub fn raise_fd_limit() {
 }
 
 /// A free TCP port on 127.0.0.1.
+/// A port free now that this test process has not handed out before (the kernel may give
+/// the same ephemeral port to two binds in a row once the first is closed: a proxy's
+/// admin and client ports once collided that way).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it holds or `timeout` passes; whether it held.
