@@ -7,7 +7,7 @@
 //! a crash's input is copied to fuzz/regressions/<target>/, which the proxy's unit tests
 //! replay from then on; executions per target add up in target/fuzz-stats.tsv.
 
-use crate::{cargo, root, run, Result};
+use crate::{cargo, root, Result};
 use std::path::Path;
 
 const CARGO_FUZZ: &str = "0.13.2";
@@ -73,16 +73,7 @@ fn add_totals(file: &Path, target: &str, execs: u64, secs: u64) -> (u64, u64) {
 
 /// Runs every target (or `only`) for `seconds` each.
 pub fn fuzz(seconds: u64, only: Option<String>) -> Result {
-    let has = cargo()
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        run(
-            &format!("cargo install cargo-fuzz@{CARGO_FUZZ}"),
-            cargo().args(["install", &format!("cargo-fuzz@{CARGO_FUZZ}"), "--locked"]),
-        )?;
-    }
+    crate::ensure_cargo_tool("fuzz", CARGO_FUZZ)?;
     let fuzz = root().join("fuzz");
     let work = root().join("target");
     let mut names = targets(&fuzz)?;

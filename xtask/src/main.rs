@@ -305,18 +305,26 @@ fn build_release() -> Result {
 
 const CARGO_DEB: &str = "3.8.0";
 
-/// `cargo deb` (installed from crates.io if missing): target/debian/dbproxy_*.deb.
-fn deb(debug: bool) -> Result {
-    let has_deb = cargo()
-        .args(["deb", "--version"])
+/// Installs the cargo subcommand `cargo <sub>` (crate `cargo-<sub>`, at `version`) from
+/// crates.io unless it runs already.
+fn ensure_cargo_tool(sub: &str, version: &str) -> Result {
+    let has = cargo()
+        .args([sub, "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has_deb {
-        run(
-            &format!("cargo install cargo-deb@{CARGO_DEB}"),
-            cargo().args(["install", &format!("cargo-deb@{CARGO_DEB}"), "--locked"]),
-        )?;
+    if has {
+        return Ok(());
     }
+    let spec = format!("cargo-{sub}@{version}");
+    run(
+        &format!("cargo install {spec}"),
+        cargo().args(["install", &spec, "--locked"]),
+    )
+}
+
+/// `cargo deb` (installed from crates.io if missing): target/debian/dbproxy_*.deb.
+fn deb(debug: bool) -> Result {
+    ensure_cargo_tool("deb", CARGO_DEB)?;
     if debug {
         // The debug binary as it is (the tests build it with the eBPF object).
         run(
