@@ -171,13 +171,16 @@ fn broken_logins_and_connect_storms_leave_others_alone() {
             drop(TcpStream::connect(("127.0.0.1", proxy.port)).unwrap());
         }
         bystander_is_fine(&mut bystander, io, "a connect storm");
+        // Connections that vanished before being accepted may still wait in the listen
+        // queue after the last connect returned: every one is accepted and counted.
         wait_until(
-            "the storm's sessions to end",
+            "every connection of the storm to be accepted and to end",
             Duration::from_secs(10),
-            || proxy.metric("dbproxy_client_connections") == 1,
+            || {
+                proxy.metric("dbproxy_client_connections_received_total") >= 2000 + 64
+                    && proxy.metric("dbproxy_client_connections") == 1
+            },
         );
-        let received = proxy.metric("dbproxy_client_connections_received_total");
-        assert!(received >= 2000 + 64, "[{io}] {received} received");
     }
 }
 
