@@ -22,6 +22,42 @@ pub struct Dest6 {
     pub pad: u16,
 }
 
+/// Room for a Unix socket path (`sun_path`).
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// A protected Unix socket: the path its server bound, NUL-padded (the name the kernel
+/// keeps with the listening socket, however a client names it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixPath {
+    pub path: [u8; UNIX_PATH_MAX],
+}
+
+/// Where the fields the Unix-socket hook reads lie in this kernel's structures, in bytes,
+/// from the kernel's BTF (they move between kernel builds). `ready == 0`: unknown, the
+/// hook judges nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixLayout {
+    /// `struct sock` to its `struct net *` (`__sk_common.skc_net.net`).
+    pub sock_net: u32,
+    /// `struct net` to `net_cookie`.
+    pub net_cookie: u32,
+    /// `struct unix_sock` to `addr` (`struct unix_address *`).
+    pub unix_addr: u32,
+    /// `struct unix_address` to `name` (a `struct sockaddr_un`).
+    pub addr_name: u32,
+    /// `struct bpf_sock_addr_kern` (a cgroup sock_addr program's real context) to
+    /// `uaddr` (the address the client gave) and `uaddrlen`.
+    pub kern_uaddr: u32,
+    pub kern_uaddrlen: u32,
+    pub ready: u32,
+    pub pad: u32,
+}
+
+/// [`DenyEvent::family`] of a refused Unix socket connect (its path in `path`).
+pub const FAMILY_UNIX: u16 = 1;
+
 /// A refused connect().
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -35,9 +71,12 @@ pub struct DenyEvent {
     pub addr: [u8; 16],
     /// Network byte order.
     pub port: u16,
-    /// 4 or 6.
+    /// 4, 6, or [`FAMILY_UNIX`].
     pub family: u16,
     pub pad: u32,
+    /// A Unix socket's path (NUL-padded); empty for IP.
+    pub path: [u8; UNIX_PATH_MAX],
+    pub pad2: u32,
 }
 
 /// Value stored for a protected destination or an allowed cgroup.
@@ -52,4 +91,8 @@ mod pod {
     unsafe impl aya::Pod for super::Dest6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DenyEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixPath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixLayout {}
 }

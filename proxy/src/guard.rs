@@ -1,22 +1,32 @@
 //! The kernel guard: dbproxy's eBPF connect4/connect6 programs, attached to a cgroup, make
-//! the kernel refuse connect() to the database from any process outside dbproxy's cgroup.
+//! the kernel refuse connect() to the database from any process outside dbproxy's cgroup;
+//! a cgroup LSM program does the same for the database's Unix socket.
 //!
 //! At start dbproxy moves itself into its own cgroup, loads the programs (embedded at build
 //! time), fills the maps with every target of every target group and the allowed cgroups,
 //! attaches at the configured cgroup and reads denial events. With `pin_path`, links and
 //! maps are pinned in bpffs: the guard outlives dbproxy, and a restarted dbproxy takes the
-//! pinned links over without a moment in which the database is open.
+//! pinned links over without a moment in which the database is open, or replaces them
+//! (new link first, then the old one goes) when they run another program or sit at
+//! another cgroup than the config says.
+
+mod btf;
+mod link;
+mod unix_hook;
 
 use crate::config::GuardConfig;
+use crate::io::BackendAddr;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LsmCgroup};
 use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
 use parking_lot::Mutex;
-use proxy_common::{DenyEvent, Dest4, Dest6, PRESENT};
+use proxy_common::{
+    DenyEvent, Dest4, Dest6, UnixLayout, UnixPath, FAMILY_UNIX, PRESENT, UNIX_PATH_MAX,
+};
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +40,7 @@ pub fn built_in() -> bool {
     !OBJECT.is_empty()
 }
 
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 11] = [
     "PROTECTED4",
     "PROTECTED6",
     "LOCAL_PORTS",
@@ -40,8 +50,15 @@ const MAPS: [&str; 9] = [
     "ALLOWED",
     "EVENTS",
     "DENIED",
+    "PROTECTED_UNIX",
+    "UNIX_LAYOUT",
 ];
 const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+/// The Unix-socket program and the LSM hook it attaches to.
+const UNIX_PROGRAM: &str = "unix_connect";
+const UNIX_HOOK: &str = "unix_stream_connect";
+/// The cgroup connect_unix program, for kernels that refuse the LSM one.
+const UNIX_CONNECT_PROGRAM: &str = "connect_unix";
 
 /// Why the guard could not start; dbproxy then refuses to start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +87,8 @@ pub enum GuardError {
 pub struct GuardStats {
     pub denials: AtomicU64,
     pub protected: AtomicU64,
+    /// Whether the database's Unix socket is guarded, and if not, why.
+    pub unix_sockets: Mutex<String>,
     /// The last refused connect() calls.
     pub recent: crate::stats::Recent<Denial>,
 }
@@ -79,6 +98,7 @@ impl Default for GuardStats {
         GuardStats {
             denials: AtomicU64::new(0),
             protected: AtomicU64::new(0),
+            unix_sockets: Mutex::new(String::new()),
             recent: crate::stats::Recent::new(20),
         }
     }
@@ -99,8 +119,72 @@ pub struct Protected {
     v4: Mutex<BpfHashMap<MapData, Dest4, u8>>,
     v6: Mutex<BpfHashMap<MapData, Dest6, u8>>,
     local_ports: Mutex<BpfHashMap<MapData, u16, u8>>,
+    unix: Mutex<BpfHashMap<MapData, UnixPath, u8>>,
     local: LocalAddrs,
     stats: Arc<GuardStats>,
+}
+
+/// `path` as the Unix-socket map's key; `None` when it does not fit `sun_path` (or is
+/// empty, or abstract).
+pub fn unix_key(path: &str) -> Option<UnixPath> {
+    let b = path.as_bytes();
+    if b.is_empty() || b.len() >= UNIX_PATH_MAX || b.contains(&0) {
+        return None;
+    }
+    let mut key = UnixPath {
+        path: [0; UNIX_PATH_MAX],
+    };
+    key.path[..b.len()].copy_from_slice(b);
+    Some(key)
+}
+
+/// The path in a Unix-socket map key or event.
+fn unix_path_of(raw: &[u8; UNIX_PATH_MAX]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The Unix socket paths to protect from the start: each `unix:` target's path as
+/// configured and as it resolves (symlinks followed). The server may have bound another
+/// name for the same file: the health check learns that one (`@@socket`).
+fn unix_target_paths(targets: &[BackendAddr]) -> HashSet<UnixPath> {
+    let mut keys = HashSet::new();
+    for t in targets {
+        if let BackendAddr::Unix(p) = t {
+            let mut names = vec![p.to_string_lossy().into_owned()];
+            if let Ok(c) = std::fs::canonicalize(p) {
+                names.push(c.to_string_lossy().into_owned());
+            }
+            keys.extend(names.iter().filter_map(|n| unix_key(n)));
+        }
+    }
+    keys
+}
+
+impl crate::topology::monitor::Protect for Protected {
+    fn address(&self, addr: SocketAddr) {
+        self.protect(addr);
+    }
+
+    /// The socket a target's server reports (`@@socket`): protected when the target is on
+    /// this host (a `unix:` target, or a local address).
+    fn socket(&self, target: &BackendAddr, path: &str) {
+        let local = match target {
+            BackendAddr::Unix(_) => true,
+            BackendAddr::Tcp(a) => self.local.contains(a.ip()),
+        };
+        if !local {
+            return;
+        }
+        let Some(key) = unix_key(path) else {
+            return;
+        };
+        let mut m = self.unix.lock();
+        if m.get(&key, 0).is_err() && m.insert(key, PRESENT, 0).is_ok() {
+            self.stats.protected.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(socket = %path, target = %target, "guard: protecting the database's Unix socket");
+        }
+    }
 }
 
 impl Protected {
@@ -150,6 +234,7 @@ pub struct Guard {
 enum Attached {
     Owned(FdLink),
     Pinned(PinnedLink),
+    Raw(OwnedFd),
 }
 
 /// The first cgroup2 mount point.
@@ -398,8 +483,16 @@ fn sync_map<K: aya::Pod + Eq + std::hash::Hash>(
 }
 
 impl Guard {
-    /// Starts the guard for `targets` (the resolved addresses of every target group).
-    pub fn start(cfg: &GuardConfig, targets: &[SocketAddr]) -> Result<Guard, GuardError> {
+    /// Starts the guard for `all_targets` (the resolved addresses of every target group).
+    pub fn start(cfg: &GuardConfig, all_targets: &[BackendAddr]) -> Result<Guard, GuardError> {
+        let targets: Vec<SocketAddr> = all_targets
+            .iter()
+            .filter_map(|t| match t {
+                BackendAddr::Tcp(a) => Some(*a),
+                BackendAddr::Unix(_) => None,
+            })
+            .collect();
+        let targets = targets.as_slice();
         let missing = missing_capabilities();
         if !missing.is_empty() {
             return Err(GuardError::MissingCapability(missing.join(" and ")));
@@ -468,52 +561,101 @@ impl Guard {
             a.set(0, netns, 0).map_err(map_err)?;
         }
         sync_map(&mut hash_map::<u64, u8>(&mut ebpf, "ALLOWED")?, &allowed)?;
+        // The Unix-socket hook: the kernel's structure layout, and the sockets known now
+        // (each target's server reports its own at its first health check). A pinned map
+        // keeps the sockets an earlier run learnt: none is open while this one learns.
+        let layout = unix_layout();
+        {
+            let m = ebpf
+                .map_mut("UNIX_LAYOUT")
+                .ok_or_else(|| GuardError::Map("map UNIX_LAYOUT missing from the object".into()))?;
+            let mut a: aya::maps::Array<&mut MapData, UnixLayout> =
+                aya::maps::Array::try_from(m).map_err(map_err)?;
+            a.set(0, layout.clone().unwrap_or_default(), 0)
+                .map_err(map_err)?;
+        }
+        let mut want_unix = unix_target_paths(all_targets);
+        {
+            let mut m = hash_map::<UnixPath, u8>(&mut ebpf, "PROTECTED_UNIX")?;
+            if pin.is_some() {
+                want_unix.extend(m.keys().filter_map(Result::ok));
+            }
+            sync_map(&mut m, &want_unix)?;
+        }
 
         let cgroup = std::fs::File::open(&attach).map_err(|source| GuardError::Cgroup {
             path: attach.clone(),
             source,
         })?;
+        let attach_id = cgroup_id(&attach)?;
         let mut links = Vec::new();
         for name in PROGRAMS {
-            let link_pin = pin.as_ref().map(|d| d.join(format!("link_{name}")));
-            if let Some(p) = &link_pin {
-                if let Ok(l) = PinnedLink::from_pin(p) {
-                    tracing::info!(program = name, pin = %p.display(), "guard: took over the pinned link");
-                    links.push(Attached::Pinned(l));
-                    continue;
-                }
-            }
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| GuardError::Load(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| GuardError::Load(format!("{name}: {e}")))?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name).map_err(GuardError::Load)?;
             prog.load()
                 .map_err(|e| GuardError::Load(format!("{name}: {e}")))?;
-            let attach_err = |why: String| GuardError::Attach {
-                path: attach.clone(),
-                why,
+            let tag = loaded_tag(&ebpf, name);
+            let attach_new = || -> Result<NewLink, String> {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                let id = prog
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(|e| e.to_string())?;
+                let link = prog.take_link(id).map_err(|e| e.to_string())?;
+                FdLink::try_from(link)
+                    .map(NewLink::Aya)
+                    .map_err(|e| e.to_string())
             };
-            let id = prog
-                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                .map_err(|e| attach_err(format!("{name}: {e}")))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| attach_err(format!("{name}: {e}")))?;
-            let fd_link = FdLink::try_from(link).map_err(|e| attach_err(format!("{name}: {e}")))?;
-            match link_pin {
-                Some(p) => {
-                    let pinned = fd_link
-                        .pin(&p)
-                        .map_err(|e| attach_err(format!("pinning {}: {e}", p.display())))?;
-                    links.push(Attached::Pinned(pinned));
-                }
-                None => links.push(Attached::Owned(fd_link)),
-            }
+            links.push(attach_program(
+                name, tag, attach_new, &pin, &attach, attach_id,
+            )?);
         }
+        // The database's Unix socket: the cgroup LSM program where the kernel takes it
+        // (it judges the listening socket), else the cgroup connect_unix program (the path
+        // the client gives).
+        let lsm = bpf_lsm_active()
+            .and_then(|()| layout.as_ref().map(|_| ()).map_err(Clone::clone))
+            .and_then(|()| {
+                let kernel_btf =
+                    aya::Btf::from_sys_fs().map_err(|e| format!("the kernel's BTF: {e}"))?;
+                let prog: &mut LsmCgroup = program(&mut ebpf, UNIX_PROGRAM)?;
+                prog.load(UNIX_HOOK, &kernel_btf)
+                    .map_err(|e| format!("loading {UNIX_PROGRAM}: {e}"))?;
+                let tag = loaded_tag(&ebpf, UNIX_PROGRAM);
+                let attach_new = || -> Result<NewLink, String> {
+                    let prog: &mut LsmCgroup = program(&mut ebpf, UNIX_PROGRAM)?;
+                    let id = prog.attach(cgroup.as_fd()).map_err(|e| e.to_string())?;
+                    Ok(NewLink::Aya(
+                        prog.take_link(id).map_err(|e| e.to_string())?.into(),
+                    ))
+                };
+                attach_program(UNIX_PROGRAM, tag, attach_new, &pin, &attach, attach_id)
+                    .map_err(|e| e.to_string())
+            });
+        let unix_state = match lsm {
+            Ok(l) => Ok((
+                l,
+                "guarded (cgroup LSM on unix_stream_connect: every name for the socket)",
+            )),
+            Err(lsm_why) => {
+                tracing::info!("guard: the Unix-socket LSM program is not available ({lsm_why}); using the cgroup connect_unix hook");
+                attach_connect_unix(&ebpf, &layout, &cgroup, &pin, &attach, attach_id)
+                    .map(|l| (l, "guarded (cgroup connect_unix: the path a client gives)"))
+                    .map_err(|why| format!("LSM: {lsm_why}; connect_unix: {why}"))
+            }
+        };
+        let unix_sockets = match unix_state {
+            Ok((l, how)) => {
+                links.push(l);
+                how.to_string()
+            }
+            Err(why) => {
+                tracing::warn!("guard: the database's Unix socket is NOT guarded ({why}): close it off with file permissions");
+                format!("not guarded: {why}")
+            }
+        };
 
         let stats = Arc::new(GuardStats::default());
-        let protected_count = want4.len() + want6.len() + local_ports.len();
+        *stats.unix_sockets.lock() = unix_sockets;
+        let protected_count = want4.len() + want6.len() + local_ports.len() + want_unix.len();
         stats
             .protected
             .store(protected_count as u64, Ordering::Relaxed);
@@ -526,6 +668,9 @@ impl Guard {
             v6: Mutex::new(BpfHashMap::try_from(take(&mut ebpf, "PROTECTED6")?).map_err(map_err)?),
             local_ports: Mutex::new(
                 BpfHashMap::try_from(take(&mut ebpf, "LOCAL_PORTS")?).map_err(map_err)?,
+            ),
+            unix: Mutex::new(
+                BpfHashMap::try_from(take(&mut ebpf, "PROTECTED_UNIX")?).map_err(map_err)?,
             ),
             local,
             stats: stats.clone(),
@@ -559,6 +704,194 @@ impl Guard {
             _ebpf: ebpf,
             _links: links,
         })
+    }
+}
+
+/// A program of the object, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+/// The loaded program's tag.
+fn loaded_tag(ebpf: &Ebpf, name: &str) -> Option<u64> {
+    ebpf.program(name)?.info().ok().map(|i| i.tag())
+}
+
+/// A link this dbproxy made: through aya, or with the bpf() syscall.
+enum NewLink {
+    Aya(FdLink),
+    Raw(OwnedFd),
+}
+
+impl NewLink {
+    fn pin(self, p: &Path) -> Result<Attached, String> {
+        match self {
+            NewLink::Aya(l) => l.pin(p).map(Attached::Pinned).map_err(|e| e.to_string()),
+            NewLink::Raw(fd) => {
+                unix_hook::pin(&fd, p).map_err(|e| e.to_string())?;
+                PinnedLink::from_pin(p)
+                    .map(Attached::Pinned)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn owned(self) -> Attached {
+        match self {
+            NewLink::Aya(l) => Attached::Owned(l),
+            NewLink::Raw(fd) => Attached::Raw(fd),
+        }
+    }
+}
+
+/// Attaches the loaded program `name` (whose tag is `tag`) at the configured cgroup, or
+/// takes over the link pinned for it when that runs the same program at the same cgroup.
+/// A pinned link that does not is replaced: the new link is attached (both run for a
+/// moment), then the old one is unpinned and dropped, so the database is never open.
+fn attach_program(
+    name: &str,
+    tag: Option<u64>,
+    attach_new: impl FnOnce() -> Result<NewLink, String>,
+    pin: &Option<PathBuf>,
+    attach: &Path,
+    attach_id: u64,
+) -> Result<Attached, GuardError> {
+    let attach_err = |why: String| GuardError::Attach {
+        path: attach.into(),
+        why: format!("{name}: {why}"),
+    };
+    let Some(p) = pin.as_ref().map(|d| d.join(format!("link_{name}"))) else {
+        return attach_new().map(NewLink::owned).map_err(attach_err);
+    };
+    let replace = match link::pinned(&p) {
+        Ok(facts) => match link::judge(
+            facts,
+            link::program_tag(facts.program_id),
+            attach_id,
+            tag.unwrap_or(0),
+        ) {
+            link::Verdict::TakeOver => {
+                if let Ok(l) = PinnedLink::from_pin(&p) {
+                    tracing::info!(program = name, pin = %p.display(), "guard: took over the pinned link");
+                    return Ok(Attached::Pinned(l));
+                }
+                None
+            }
+            link::Verdict::Replace(why) => Some(why),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("it cannot be read: {e}")),
+    };
+    let new = attach_new().map_err(attach_err)?;
+    if let Some(why) = replace {
+        let old = PinnedLink::from_pin(&p)
+            .map_err(|e| attach_err(format!("{}: {e}", p.display())))?
+            .unpin()
+            .map_err(|e| attach_err(format!("unpinning {}: {e}", p.display())))?;
+        let pinned = new
+            .pin(&p)
+            .map_err(|e| attach_err(format!("pinning {}: {e}", p.display())))?;
+        drop(old);
+        tracing::warn!(program = name, pin = %p.display(), "guard: replaced the pinned link: {why}");
+        return Ok(pinned);
+    }
+    new.pin(&p)
+        .map_err(|e| attach_err(format!("pinning {}: {e}", p.display())))
+}
+
+/// The connect_unix program, loaded with the bpf() syscall (see [`unix_hook`]) and
+/// attached (or a pinned one taken over).
+fn attach_connect_unix(
+    ebpf: &Ebpf,
+    layout: &Result<UnixLayout, String>,
+    cgroup: &std::fs::File,
+    pin: &Option<PathBuf>,
+    attach: &Path,
+    attach_id: u64,
+) -> Result<Attached, String> {
+    layout.as_ref().map_err(Clone::clone)?;
+    let maps: std::collections::HashMap<String, std::os::fd::RawFd> = ebpf
+        .maps()
+        .filter_map(|(name, m)| {
+            let data = match m {
+                Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::RingBuf(d) => d,
+                _ => return None,
+            };
+            Some((name.to_string(), data.fd().as_fd().as_raw_fd()))
+        })
+        .collect();
+    let insns = unix_hook::instructions(OBJECT, UNIX_CONNECT_PROGRAM, &maps)?;
+    let prog = unix_hook::load(&insns, UNIX_CONNECT_PROGRAM, unix_hook::ATTACH_UNIX_CONNECT)?;
+    let tag = unix_hook::tag(&prog).ok();
+    let attach_new = || -> Result<NewLink, String> {
+        unix_hook::link(&prog, cgroup.as_raw_fd(), unix_hook::ATTACH_UNIX_CONNECT)
+            .map(NewLink::Raw)
+            .map_err(|e| format!("attaching: {e}"))
+    };
+    attach_program(
+        UNIX_CONNECT_PROGRAM,
+        tag,
+        attach_new,
+        pin,
+        attach,
+        attach_id,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Where the Unix-socket hook's fields lie in the running kernel's structures.
+fn unix_layout() -> Result<UnixLayout, String> {
+    let kernel = btf::Btf::of_kernel()
+        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?
+        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
+    let off = |s: &str, f: &[&str]| kernel.offset_of(s, f).map_err(|e| e.to_string());
+    Ok(UnixLayout {
+        sock_net: off("sock", &["__sk_common", "skc_net", "net"])?,
+        net_cookie: off("net", &["net_cookie"])?,
+        unix_addr: off("unix_sock", &["addr"])?,
+        addr_name: off("unix_address", &["name"])?,
+        kern_uaddr: off("bpf_sock_addr_kern", &["uaddr"])?,
+        kern_uaddrlen: off("bpf_sock_addr_kern", &["uaddrlen"])?,
+        ready: 1,
+        pad: 0,
+    })
+}
+
+/// Whether the BPF LSM is among the kernel's active LSMs (the cgroup LSM hook runs only
+/// then). securityfs is mounted at its usual place when it is not yet, as systemd does.
+fn bpf_lsm_active() -> Result<(), String> {
+    const LSM: &str = "/sys/kernel/security/lsm";
+    if std::fs::metadata(LSM).is_err() {
+        let (src, dir) = (c"securityfs", c"/sys/kernel/security");
+        // SAFETY: NUL-terminated strings; no data argument.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dir.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r == 0 {
+            tracing::info!("guard: mounted securityfs at /sys/kernel/security");
+        }
+    }
+    let active = std::fs::read_to_string(LSM)
+        .map_err(|e| format!("cannot read {LSM} ({e}), so the BPF LSM's state is unknown"))?;
+    if active.trim().split(',').any(|l| l == "bpf") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the BPF LSM is not active (active: {}); add bpf to the kernel's lsm= boot parameter",
+            active.trim()
+        ))
     }
 }
 
@@ -606,11 +939,13 @@ fn read_events(
             let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
             let comm = String::from_utf8_lossy(&e.comm[..comm_len]);
             let dest = match e.family {
+                FAMILY_UNIX => format!("unix:{}", unix_path_of(&e.path)),
                 4 => SocketAddr::new(
                     IpAddr::from([e.addr[0], e.addr[1], e.addr[2], e.addr[3]]),
                     u16::from_be(e.port),
-                ),
-                _ => SocketAddr::new(IpAddr::from(e.addr), u16::from_be(e.port)),
+                )
+                .to_string(),
+                _ => SocketAddr::new(IpAddr::from(e.addr), u16::from_be(e.port)).to_string(),
             };
             if second.elapsed() >= std::time::Duration::from_secs(1) {
                 second = std::time::Instant::now();
@@ -626,7 +961,7 @@ fn read_events(
                 at: crate::stats::unix_now(),
                 pid: e.pid,
                 comm: comm.to_string(),
-                destination: dest.to_string(),
+                destination: dest,
             });
         }
         if unlogged > 0 && second.elapsed() >= std::time::Duration::from_secs(1) {
@@ -657,12 +992,14 @@ pub fn status(cfg: &GuardConfig) -> Result<String, GuardError> {
         return Ok(out);
     }
     let dir = PathBuf::from(&cfg.pin_path);
-    for name in PROGRAMS {
+    for name in PROGRAMS
+        .iter()
+        .chain([&UNIX_PROGRAM, &UNIX_CONNECT_PROGRAM])
+    {
         let p = dir.join(format!("link_{name}"));
-        let state = if PinnedLink::from_pin(&p).is_ok() {
-            "attached (pinned)"
-        } else {
-            "not attached"
+        let state = match link::pinned(&p) {
+            Ok(f) => format!("attached (pinned) to cgroup id {}", f.cgroup_id),
+            Err(_) => "not attached".to_string(),
         };
         out.push_str(&format!("{name}: {state}\n"));
     }
@@ -686,6 +1023,13 @@ pub fn status(cfg: &GuardConfig) -> Result<String, GuardError> {
                     std::net::Ipv6Addr::from(b),
                     u16::from_be(k.port)
                 ));
+            }
+        }
+    }
+    if let Ok(data) = MapData::from_pin(dir.join("PROTECTED_UNIX")) {
+        if let Ok(m) = BpfHashMap::<_, UnixPath, u8>::try_from(Map::HashMap(data)) {
+            for k in m.keys().filter_map(Result::ok) {
+                out.push_str(&format!("protected: unix:{}\n", unix_path_of(&k.path)));
             }
         }
     }
@@ -717,6 +1061,7 @@ pub fn detach(cfg: &GuardConfig) -> Result<String, GuardError> {
     let mut out = String::new();
     let names = PROGRAMS
         .iter()
+        .chain([&UNIX_PROGRAM, &UNIX_CONNECT_PROGRAM])
         .map(|n| format!("link_{n}"))
         .chain(MAPS.iter().map(|m| m.to_string()));
     for name in names {

@@ -470,20 +470,13 @@ pub fn start(
         let mut targets = Vec::new();
         for g in &config.target_groups {
             for t in &g.targets {
-                // The guard hooks connect() on IP sockets; Unix socket targets are
-                // protected by their file permissions. A name that does not resolve yet
-                // is protected once the monitor finds it.
-                let addrs = match crate::config::parse_target(t) {
-                    Ok(a) => a,
+                // A name that does not resolve yet is protected once the monitor finds it.
+                match crate::config::parse_target(t) {
+                    Ok(a) => targets.extend(a),
                     Err(e) => {
-                        tracing::warn!(target = %t, "guard: not protected until it resolves: {e}");
-                        continue;
+                        tracing::warn!(target = %t, "guard: not protected until it resolves: {e}")
                     }
-                };
-                targets.extend(addrs.into_iter().filter_map(|a| match a {
-                    crate::io::BackendAddr::Tcp(a) => Some(a),
-                    crate::io::BackendAddr::Unix(_) => None,
-                }));
+                }
             }
         }
         Some(Guard::start(&config.guard, &targets)?)
@@ -762,9 +755,9 @@ fn start_monitor(
                 .unwrap_or_else(BackendTls::disabled),
         });
     }
-    let on_address: Option<crate::topology::monitor::OnAddress> =
-        guard.map(|p| Arc::new(move |a| p.protect(a)) as _);
-    crate::topology::monitor::start(monitors, Arc::new(SystemResolver), on_address)
+    let protect: crate::topology::monitor::Protector =
+        guard.map(|p| p as Arc<dyn crate::topology::monitor::Protect>);
+    crate::topology::monitor::start(monitors, Arc::new(SystemResolver), protect)
         .map_err(StartError::Thread)?;
     for g in &shared.config().target_groups {
         let Some(t) = shared.topologies.get(&g.name) else {

@@ -234,6 +234,9 @@ fn only_dbproxy_reaches_the_database() {
 #[test]
 fn a_local_database_is_guarded_on_every_local_address_but_not_in_other_namespaces() {
     let db = MariaDb::start_with(&["--bind-address=*"]);
+    // An interface address of this host's own, made for the test: the host end of a veth
+    // pair into a namespace the test creates (a connect to it stays on this host).
+    let ns = Netns::create("ga");
     for io in DRIVERS {
         let cg = TestCgroup::new(&format!("local-{io}"));
         let section = format!(
@@ -250,6 +253,7 @@ fn a_local_database_is_guarded_on_every_local_address_but_not_in_other_namespace
             "::1",
             "0.0.0.0",
             "::",
+            &ns.outside,
         ] {
             assert_refused(&cg, host, db.port, io);
         }
@@ -289,7 +293,7 @@ c = socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ok')\n\
         ]);
         run_in(&cg.client(), flood);
         wait_for(
-            || proxy.metric("dbproxy_guard_denials_total") >= 207,
+            || proxy.metric("dbproxy_guard_denials_total") >= 208,
             &format!("[{io}] every refusal counted"),
         );
         wait_for(
@@ -301,7 +305,183 @@ c = socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ok')\n\
             &format!("[{io}] the rest summed up"),
         );
         let lines = proxy.log().matches("guard: refused a connect()").count();
-        assert!(lines < 207, "[{io}] {lines} lines for 207 refusals");
+        assert!(lines < 208, "[{io}] {lines} lines for 208 refusals");
+    }
+}
+
+/// A connect() to the Unix socket `path` from Python (after `cd dir` when given): prints
+/// "ok" or the OS error.
+fn py_unix(path: &str, dir: Option<&Path>) -> Command {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import socket,sys,os\nif len(sys.argv) > 2: os.chdir(sys.argv[2])\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(3)\ntry:\n s.connect(sys.argv[1]); print('ok')\nexcept OSError as e: print(e)",
+        path,
+    ]);
+    if let Some(d) = dir {
+        c.arg(d);
+    }
+    c
+}
+
+/// The database's Unix socket is refused to the client cgroup, dbproxy itself still goes
+/// through it (a `unix:` target), and with a TCP target dbproxy learns the socket from the
+/// server (`@@socket`). Which program guards it depends on the kernel: the cgroup LSM
+/// program (it judges the listening socket: every name for the file is refused, and a
+/// namespace's own server at the same path is not) where the kernel loads LSM programs,
+/// else the cgroup connect_unix program (the path as the client gives it, in every
+/// network namespace). `/status` says which.
+#[test]
+fn the_databases_unix_socket_is_refused_to_others() {
+    let db = MariaDb::start();
+    let sock = db.socket();
+    let dir = db.dir.path().to_path_buf();
+    let path = sock.display().to_string();
+    let symlink = dir.join("symlink.sock");
+    std::os::unix::fs::symlink(&sock, &symlink).unwrap();
+    let hard = dir.join("hard.sock");
+    std::fs::hard_link(&sock, &hard).unwrap();
+    let said = |cg: &TestCgroup, mut cmd: Command| {
+        cmd.stdin(Stdio::null());
+        let (_, out) = run_in(&cg.client(), cmd);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let refused = |cg: &TestCgroup, cmd: Command, io: &str, how: &str| {
+        let out = said(cg, cmd);
+        assert!(
+            out.contains("Operation not permitted"),
+            "[{io}] {how}: {out}"
+        );
+    };
+    for io in DRIVERS {
+        let cg = TestCgroup::new(&format!("unix-{io}"));
+        let proxy = Proxy::start_custom(&db, io, "", "", &guard_section(&cg, db.port, ""));
+        wait_for(
+            || {
+                proxy
+                    .log()
+                    .contains("protecting the database's Unix socket")
+            },
+            &format!("[{io}] the socket learnt from the server"),
+        );
+        let (_, _, status) = http_get(proxy.admin, "/status");
+        assert!(
+            status.contains("\"unix_sockets\":\"guarded"),
+            "[{io}] {status}"
+        );
+        let lsm = status.contains("cgroup LSM");
+        eprintln!(
+            "[{io}] Unix socket guarded by the {}",
+            if lsm {
+                "cgroup LSM program"
+            } else {
+                "cgroup connect_unix program"
+            }
+        );
+        refused(&cg, py_unix(&path, None), io, "its path");
+        let mut other_netns = Command::new("unshare");
+        other_netns
+            .arg("--net")
+            .arg("python3")
+            .args(py_unix(&path, None).get_args());
+        refused(&cg, other_netns, io, "from another network namespace");
+        // The mariadb CLI gets the kernel's refusal (errno 1).
+        let mut cli_sock = Command::new("mariadb");
+        cli_sock.args(["--no-defaults", "-u", "app", &format!("-p{DB_PASSWORD}")]);
+        cli_sock
+            .arg(format!("--socket={path}"))
+            .args(["-e", "SELECT 1"]);
+        let out = said(&cg, cli_sock);
+        assert!(
+            out.contains("(1)") && !out.contains("1\n"),
+            "[{io}] mariadb --socket: {out}"
+        );
+        if lsm {
+            refused(
+                &cg,
+                py_unix("mysqld.sock", Some(&dir)),
+                io,
+                "a relative path",
+            );
+            refused(
+                &cg,
+                py_unix(&symlink.display().to_string(), None),
+                io,
+                "a symlink",
+            );
+            refused(
+                &cg,
+                py_unix(&hard.display().to_string(), None),
+                io,
+                "a hard link",
+            );
+            refused(
+                &cg,
+                py_unix(&format!("/proc/self/root{path}"), None),
+                io,
+                "/proc/self/root",
+            );
+        }
+        // A server of the client's own is its business.
+        let own = format!(
+            "import socket\nl = socket.socket(socket.AF_UNIX); l.bind('{p}'); l.listen()\nc = socket.socket(socket.AF_UNIX); c.connect('{p}'); print('ok')",
+            p = dir.join(format!("own-{io}.sock")).display()
+        );
+        let mut c = Command::new("python3");
+        c.args(["-c", &own]);
+        assert_eq!(said(&cg, c), "ok", "[{io}] its own socket");
+        // A namespace's own server bound to the very same path (a container's database):
+        // its business with the LSM program; refused by connect_unix, which sees only the
+        // path.
+        let container = format!(
+            "mount -t tmpfs tmpfs {d} && python3 -c \"import socket\nl = socket.socket(socket.AF_UNIX); l.bind('{path}'); l.listen()\nc = socket.socket(socket.AF_UNIX)\ntry:\n c.connect('{path}'); print('ok')\nexcept OSError as e: print(e)\"",
+            d = dir.display()
+        );
+        let mut ns = Command::new("unshare");
+        ns.args(["--net", "--mount", "sh", "-c", &container]);
+        let out = said(&cg, ns);
+        if lsm {
+            assert_eq!(
+                out, "ok",
+                "[{io}] a namespace's own server at the same path"
+            );
+        } else {
+            assert!(
+                out.contains("Operation not permitted"),
+                "[{io}] same path: {out}"
+            );
+        }
+        assert_served_through(&cg, proxy.port, io);
+        wait_for(
+            || proxy.metric("dbproxy_guard_denials_total") >= 3,
+            &format!("[{io}] the refusals counted"),
+        );
+        let (_, _, status) = http_get(proxy.admin, "/status");
+        assert!(
+            status.contains(&format!("unix:{path}")),
+            "[{io}] /status: {status}"
+        );
+        drop(proxy);
+
+        // A `unix:` target: dbproxy reaches the database through the guarded socket.
+        let proxy = Proxy::start_custom(
+            &db,
+            io,
+            "",
+            &format!("targets = [\"unix:{path}\"]"),
+            &guard_section(&cg, db.port, ""),
+        );
+        assert_served_through(&cg, proxy.port, io);
+        refused(
+            &cg,
+            py_unix(&path, None),
+            io,
+            "its path, with a unix: target",
+        );
     }
 }
 
@@ -309,8 +489,8 @@ c = socket.create_connection(('127.0.0.1', {port}), timeout=3); print('ok')\n\
 struct Bpffs(PathBuf);
 
 impl Bpffs {
-    fn mount() -> Bpffs {
-        let dir = std::env::temp_dir().join(format!("dbproxy-bpffs-{}", std::process::id()));
+    fn mount(tag: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("dbproxy-bpffs-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let st = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
@@ -332,7 +512,7 @@ impl Drop for Bpffs {
 #[test]
 fn pinned_guard_survives_a_restart_without_an_open_window() {
     let db = MariaDb::start();
-    let fs = Bpffs::mount();
+    let fs = Bpffs::mount("pinned");
     let cg = TestCgroup::new("pinned");
     let pin = fs.0.join("dbproxy");
     let section = guard_section(&cg, db.port, &format!("pin_path = \"{}\"", pin.display()));
@@ -347,6 +527,12 @@ fn pinned_guard_survives_a_restart_without_an_open_window() {
     wait_for(
         || proxy.log().contains("took over the pinned link"),
         "took over",
+    );
+    // The same programs at the same cgroup: every link taken over, none replaced.
+    assert!(
+        !proxy.log().contains("replaced the pinned link"),
+        "{}",
+        proxy.log()
     );
     let (_, out) = run_in(
         &cg.client(),
@@ -389,6 +575,64 @@ fn pinned_guard_survives_a_restart_without_an_open_window() {
     );
     let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", db.port));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// A pinned guard attached where the config no longer says: a restarted dbproxy attaches
+/// at the configured cgroup first, then removes the old links (never a moment without a
+/// guard where the config wants one).
+#[test]
+fn a_pinned_guard_at_another_cgroup_is_replaced() {
+    let db = MariaDb::start();
+    let fs = Bpffs::mount("replaced");
+    let (old, new) = (TestCgroup::new("pin-old"), TestCgroup::new("pin-new"));
+    let pin = fs.0.join("dbproxy");
+    let extra = format!("pin_path = \"{}\"", pin.display());
+    let mut proxy =
+        Proxy::start_custom(&db, "epoll", "", "", &guard_section(&old, db.port, &extra));
+    proxy.kill9();
+    assert!(old.attached().contains("connect4"), "pinned");
+    let config = std::fs::read_to_string(&proxy.config).unwrap().replace(
+        &old.root.display().to_string(),
+        &new.root.display().to_string(),
+    );
+    std::fs::write(&proxy.config, config).unwrap();
+    proxy.launch();
+    wait_for(
+        || proxy.log().contains("replaced the pinned link"),
+        "the pinned links replaced",
+    );
+    assert!(
+        !proxy.log().contains("took over the pinned link"),
+        "links at another cgroup are not taken over"
+    );
+    assert!(
+        !old.attached().contains("connect4"),
+        "the old links are gone"
+    );
+    assert!(
+        new.attached().contains("connect4"),
+        "attached where configured"
+    );
+    let (_, out) = run_in(&old.client(), py_connect("127.0.0.1", db.port));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "no longer guarded"
+    );
+    assert_refused(&new, "127.0.0.1", db.port, "epoll");
+    assert_served_through(&new, proxy.port, "epoll");
+    proxy.stop();
+    let out = Command::new(dbproxy_bin())
+        .args(["guard", "detach", "--config"])
+        .arg(&proxy.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(|| !new.attached().contains("connect4"), "detached");
 }
 
 #[test]

@@ -105,6 +105,9 @@ pub struct ClientStatus {
 pub struct GuardStatus {
     pub denials: u64,
     pub protected_destinations: u64,
+    /// Whether the database's Unix socket is guarded (and why not).
+    #[serde(default)]
+    pub unix_sockets: String,
     pub recent_denials: Vec<crate::guard::Denial>,
 }
 
@@ -238,6 +241,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
         guard: sh.guard.as_ref().map(|g| GuardStatus {
             denials: g.denials.load(Ordering::Relaxed),
             protected_destinations: g.protected.load(Ordering::Relaxed),
+            unix_sockets: g.unix_sockets.lock().clone(),
             recent_denials: g.recent.list(),
         }),
     }
@@ -501,8 +505,8 @@ pub fn render_tables(s: &Status) -> String {
     if let Some(g) = &s.guard {
         let _ = write!(
             out,
-            "\nGUARD\nprotected destinations {}  denials {}\n",
-            g.protected_destinations, g.denials
+            "\nGUARD\nprotected destinations {}  denials {}\nunix sockets: {}\n",
+            g.protected_destinations, g.denials, g.unix_sockets
         );
         for d in g.recent_denials.iter().rev().take(5) {
             let _ = writeln!(out, "  pid {} ({}) -> {}", d.pid, d.comm, d.destination);

@@ -43,8 +43,16 @@ impl Resolve for SystemResolver {
     }
 }
 
-/// Called with every TCP address a target is found at (the kernel guard protects it).
-pub type OnAddress = Arc<dyn Fn(SocketAddr) + Send + Sync>;
+/// What the monitor tells the kernel guard about the targets it finds.
+pub trait Protect: Send + Sync {
+    /// A TCP address a target is found at.
+    fn address(&self, addr: SocketAddr);
+    /// The Unix socket the server at `target` reports (`@@socket`).
+    fn socket(&self, target: &BackendAddr, path: &str);
+}
+
+/// The guard, when it runs.
+pub type Protector = Option<Arc<dyn Protect>>;
 
 /// What one group's monitor needs.
 pub struct GroupMonitor {
@@ -83,7 +91,7 @@ type StopFlag = std::rc::Rc<std::cell::Cell<bool>>;
 pub fn start(
     groups: Vec<GroupMonitor>,
     resolver: Arc<dyn Resolve>,
-    on_address: Option<OnAddress>,
+    protect: Protector,
 ) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,7 +108,7 @@ pub fn start(
                         Arc::new(g),
                         control_rx,
                         resolver.clone(),
-                        on_address.clone(),
+                        protect.clone(),
                     ));
                 }
                 std::future::pending::<()>().await;
@@ -115,7 +123,7 @@ async fn decide(
     g: Arc<GroupMonitor>,
     mut control: mpsc::UnboundedReceiver<Control>,
     resolver: Arc<dyn Resolve>,
-    on_address: Option<OnAddress>,
+    protect: Protector,
 ) {
     let topo = &g.topology;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -130,6 +138,7 @@ async fn decide(
             tx.clone(),
             resolver.clone(),
             stop.clone(),
+            protect.clone(),
         ));
         stop
     };
@@ -188,9 +197,9 @@ async fn decide(
             let name = last.targets.get(r.target).map_or("", |t| t.name.as_str());
             tracing::debug!(group = %topo.group, target = %name, "health check failed: {why}");
         }
-        if let (Some(BackendAddr::Tcp(a)), Some(f)) = (&r.addr, &on_address) {
+        if let (Some(BackendAddr::Tcp(a)), Some(p)) = (&r.addr, &protect) {
             if last.addr(r.target) != r.addr.as_ref() {
-                f(*a);
+                p.address(*a);
             }
         }
         for e in d.observe(r.target, r.addr, r.check, r.at) {
@@ -254,6 +263,7 @@ async fn watch_target(
     tx: mpsc::UnboundedSender<Report>,
     resolver: Arc<dyn Resolve>,
     stop: StopFlag,
+    protect: Protector,
 ) {
     let topo = &g.topology;
     let mut checker = Checker {
@@ -264,6 +274,8 @@ async fn watch_target(
         replicas_sql: REPLICAS_SQL,
         warned: false,
         name: name.clone(),
+        ask_socket: protect.is_some(),
+        socket: None,
     };
     while !stop.get() {
         let nudged = topo.nudge.notified();
@@ -276,6 +288,9 @@ async fn watch_target(
                 why: e.clone(),
             },
         };
+        if let (Some(p), Ok(a), Some(path)) = (&protect, &addr, checker.socket.take()) {
+            p.socket(a, &path);
+        }
         let report = Report {
             target: i,
             addr: addr.ok(),
@@ -324,6 +339,10 @@ struct Checker {
     /// The replica-status warning was given.
     warned: bool,
     name: String,
+    /// Ask each new connection's server for its Unix socket (for the guard).
+    ask_socket: bool,
+    /// The socket a new connection's server reported, not yet handed on.
+    socket: Option<String>,
 }
 
 impl Checker {
@@ -360,6 +379,13 @@ impl Checker {
         };
         match tokio::time::timeout_at(deadline, self.probe(&mut c)).await {
             Ok(Ok(p)) => {
+                if self.ask_socket {
+                    if let Ok(Ok(Ok(r))) =
+                        tokio::time::timeout_at(deadline, c.query_result(probe::SOCKET_SQL)).await
+                    {
+                        self.socket = probe::socket(&r);
+                    }
+                }
                 self.conn = Some((addr.clone(), c));
                 Check::Up(p)
             }
@@ -443,6 +469,17 @@ mod tests {
     /// A resolver whose answer the test changes.
     struct Stub(Mutex<BackendAddr>);
 
+    /// What the monitor told the guard.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<SocketAddr>>);
+
+    impl Protect for Told {
+        fn address(&self, addr: SocketAddr) {
+            self.0.lock().push(addr);
+        }
+        fn socket(&self, _: &BackendAddr, _: &str) {}
+    }
+
     impl Resolve for Stub {
         fn resolve(&self, _: &str) -> Result<BackendAddr, String> {
             Ok(self.0.lock().clone())
@@ -460,8 +497,7 @@ mod tests {
         let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
         let stub = Arc::new(Stub(Mutex::new(BackendAddr::Tcp(aa))));
         let topo = Topology::new("g", &["db.internal:3306".into()]);
-        let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
-        let s2 = seen.clone();
+        let seen: Arc<Told> = Arc::default();
         start(
             vec![GroupMonitor {
                 topology: topo.clone(),
@@ -473,7 +509,7 @@ mod tests {
                 tls: crate::tls::BackendTls::disabled(),
             }],
             stub.clone(),
-            Some(Arc::new(move |a| s2.lock().push(a))),
+            Some(seen.clone()),
         )
         .unwrap();
         let wait = |want: SocketAddr| {
@@ -496,7 +532,7 @@ mod tests {
             moved.elapsed()
         );
         assert!(e2 > e1, "a new epoch for the new address");
-        assert_eq!(*seen.lock(), vec![aa, ba], "the guard follows");
+        assert_eq!(*seen.0.lock(), vec![aa, ba], "the guard follows");
         drop((a, b));
     }
 }

@@ -6,6 +6,17 @@ use crate::mysql::resultset::{parse_text_row, TextResult};
 /// Whether the server takes writes: one row, two columns.
 pub const READ_ONLY_SQL: &str = "SELECT @@global.read_only, @@global.innodb_read_only";
 
+/// The server's Unix socket (the kernel guard protects it when the server is local).
+pub const SOCKET_SQL: &str = "SELECT @@global.socket";
+
+/// The socket path in [`SOCKET_SQL`]'s answer; none when empty or NULL.
+pub fn socket(r: &TextResult) -> Option<String> {
+    let row = r.rows.first()?;
+    let v = parse_text_row(row, 1).ok()?;
+    let path = std::str::from_utf8(v.first().copied().flatten()?).ok()?;
+    (!path.is_empty()).then(|| path.to_string())
+}
+
 /// Every replication channel's state (MariaDB; MySQL 8 answers the second form).
 pub const REPLICAS_SQL: &str = "SHOW ALL SLAVES STATUS";
 pub const REPLICAS_SQL_MYSQL: &str = "SHOW REPLICA STATUS";
@@ -98,6 +109,18 @@ mod tests {
                 .collect(),
             terminator: vec![0xfe],
         }
+    }
+
+    #[test]
+    fn the_socket_is_the_path_reported_or_none() {
+        let r = |v| result(&["@@global.socket"], &[vec![v]]);
+        assert_eq!(
+            socket(&r(Some("/run/mysqld/mysqld.sock"))).as_deref(),
+            Some("/run/mysqld/mysqld.sock")
+        );
+        assert_eq!(socket(&r(Some(""))), None);
+        assert_eq!(socket(&r(None)), None);
+        assert_eq!(socket(&result(&["a"], &[])), None);
     }
 
     #[test]
