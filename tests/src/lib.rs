@@ -993,6 +993,18 @@ pub fn global_status(c: &mut mysql::Conn, name: &str) -> u64 {
     row.unwrap().1
 }
 
+/// GET `path` from 127.0.0.1:`port`: the status line, the headers and the body.
+pub fn http_get(port: u16, path: &str) -> (String, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_lowercase(), body.to_string())
+}
+
 /// Polls `f` for up to 5 s; panics with `what` if it never holds. (Counters dbproxy updates
 /// right after a reply goes out are read this way.)
 pub fn wait_for(f: impl FnMut() -> bool, what: &str) {

@@ -1,11 +1,24 @@
 //! A stand-in database server for what no MariaDB here does: it greets, logs clients in
 //! (any login, or MySQL 8.4's caching_sha2_password with full authentication every time:
 //! the password over TLS, or RSA-encrypted with its public key without TLS), answers
-//! dbproxy's health checks as a writable server, and every other command with OK.
+//! dbproxy's health checks as a writable server, and every other command with OK. Faults
+//! can be switched on while it runs: a reset in the middle of the login, or silence on a
+//! given statement.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Faults the stand-in plays while they are on.
+#[derive(Default)]
+pub struct Faults {
+    /// New connections are reset (RST) right after the client's handshake response.
+    pub reset_login: AtomicBool,
+    /// A COM_QUERY starting with `stall_on` gets no answer, ever.
+    pub stall: AtomicBool,
+    pub stall_on: Vec<u8>,
+}
 
 /// How the stand-in logs clients in.
 #[derive(Clone)]
@@ -26,6 +39,7 @@ pub struct StandIn {
     pub port: u16,
     /// How each successful full authentication got the password: "tls" or "rsa".
     pub logins: Arc<Mutex<Vec<&'static str>>>,
+    pub faults: Arc<Faults>,
 }
 
 const NONCE: &[u8; 20] = b"abcdefghijklmnopqrst";
@@ -35,21 +49,57 @@ impl<T: Read + Write> Rw for T {}
 
 impl StandIn {
     pub fn start(auth: Auth) -> StandIn {
+        Self::with_faults(auth, Faults::default())
+    }
+
+    /// A stand-in whose `faults` the test switches on and off.
+    pub fn with_faults(auth: Auth, faults: Faults) -> StandIn {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let logins: Arc<Mutex<Vec<&'static str>>> = Arc::default();
         let seen = logins.clone();
+        let faults = Arc::new(faults);
+        let f = faults.clone();
         std::thread::spawn(move || {
             for (id, s) in l.incoming().flatten().enumerate() {
-                let (auth, seen) = (auth.clone(), seen.clone());
-                std::thread::spawn(move || serve(s, id as u32 + 1, &auth, &seen));
+                let (auth, seen, f) = (auth.clone(), seen.clone(), f.clone());
+                std::thread::spawn(move || serve(s, id as u32 + 1, &auth, &seen, &f));
             }
         });
-        StandIn { port, logins }
+        StandIn {
+            port,
+            logins,
+            faults,
+        }
     }
 }
 
-fn serve(s: TcpStream, id: u32, auth: &Auth, seen: &Mutex<Vec<&'static str>>) -> Option<()> {
+/// Closes `s` with a reset (SO_LINGER 0) instead of a FIN.
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the length given.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+fn serve(
+    s: TcpStream,
+    id: u32,
+    auth: &Auth,
+    seen: &Mutex<Vec<&'static str>>,
+    faults: &Faults,
+) -> Option<()> {
     let mut caps: u32 = 0x1
         | 0x2
         | 0x4
@@ -91,6 +141,10 @@ fn serve(s: TcpStream, id: u32, auth: &Auth, seen: &Mutex<Vec<&'static str>>) ->
     let mut tcp = s;
     write(&mut tcp, 0, &g)?;
     let (mut seq, p) = read(&mut tcp)?;
+    if faults.reset_login.load(Ordering::Relaxed) {
+        reset(tcp);
+        return None;
+    }
     let ssl_request = p.len() == 32 && p.get(1).is_some_and(|b| b & 0x08 != 0);
     let mut s: Box<dyn Rw> = match auth {
         Auth::Sha2Full { tls: Some(cfg), .. } if ssl_request => {
@@ -107,7 +161,7 @@ fn serve(s: TcpStream, id: u32, auth: &Auth, seen: &Mutex<Vec<&'static str>>) ->
     }
     let ok = [0u8, 0, 0, 2, 0, 0, 0];
     write(&mut s, seq.wrapping_add(1), &ok)?;
-    commands(&mut s)
+    commands(&mut s, faults)
 }
 
 /// Full authentication after the client's first answer (at `seq`); returns the sequence id
@@ -164,11 +218,19 @@ fn login_sha2(
 
 /// Commands until COM_QUIT: the health check's queries get a writable server's answers,
 /// everything else OK (nothing for commands without a reply).
-fn commands(s: &mut Box<dyn Rw>) -> Option<()> {
+fn commands(s: &mut Box<dyn Rw>, faults: &Faults) -> Option<()> {
     let ok = [0u8, 0, 0, 2, 0, 0, 0];
     loop {
         let (seq, p) = read(s)?;
         let query = |q: &[u8]| p.first() == Some(&3) && p.get(1..) == Some(q);
+        let stalled = faults.stall.load(Ordering::Relaxed)
+            && p.first() == Some(&3)
+            && p.get(1..).is_some_and(|q| q.starts_with(&faults.stall_on));
+        if stalled {
+            // Silence until the client gives up and closes.
+            while read(s).is_some() {}
+            return None;
+        }
         let answer: Option<&[&str]> =
             if query(b"SELECT @@global.read_only, @@global.innodb_read_only") {
                 Some(&["0", "0"])

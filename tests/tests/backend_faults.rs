@@ -196,3 +196,65 @@ fn a_black_holed_database_is_noticed_by_keepalive() {
         assert!(st.success());
     }
 }
+
+/// The database resets new connections in the middle of their login, then never answers
+/// dbproxy's own statement on new connections (`init_query`): the client gets a clean
+/// error each time (no hang, no crash), and once the database behaves again the same
+/// session is served.
+#[test]
+fn a_reset_login_and_a_silent_own_statement_give_clean_errors_then_heal() {
+    use proxy_tests::raw::RawClient;
+    use proxy_tests::standin::{Auth, Faults, StandIn};
+    use std::sync::atomic::Ordering::Relaxed;
+    let standin = StandIn::with_faults(
+        Auth::Any,
+        Faults {
+            stall_on: b"SET @dbproxy_init".to_vec(),
+            ..Faults::default()
+        },
+    );
+    for io in DRIVERS {
+        // No idle connections kept: every statement opens a new one.
+        let proxy = Proxy::start_at(
+            standin.port,
+            io,
+            "verify_checkin = false",
+            "max_connections = 2\nmax_idle_connections = 0\ninternal_query_timeout = \"1s\"\nconnection_borrow_timeout = \"3s\"\ninit_query = \"SET @dbproxy_init = 1\"",
+            "",
+        );
+        let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        c.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.query("DO 1");
+        let faults = [
+            (
+                &standin.faults.reset_login,
+                "a reset during the login",
+                "reset",
+            ),
+            (
+                &standin.faults.stall,
+                "no answer to init_query",
+                "internal_query_timeout",
+            ),
+        ];
+        for (fault, what, says) in faults {
+            fault.store(true, Relaxed);
+            c.write(0, b"\x03DO 1");
+            let (_, e) = c
+                .try_read()
+                .unwrap_or_else(|e| panic!("[{io}] {what}: no answer ({e})"));
+            let text = String::from_utf8_lossy(&e);
+            assert_eq!(e.first(), Some(&0xff), "[{io}] {what}: {text}");
+            assert!(
+                text.contains("cannot open a database connection") && text.contains(says),
+                "[{io}] {what}: {text}"
+            );
+            fault.store(false, Relaxed);
+            c.query("DO 1");
+        }
+        assert!(
+            proxy.metric("dbproxy_database_connections_setup_failed_total") >= 2,
+            "[{io}] failed setups counted"
+        );
+    }
+}
