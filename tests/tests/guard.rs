@@ -740,6 +740,25 @@ fn the_units_capabilities_are_exactly_what_the_guard_needs() {
     assert!(cg.attached().contains("connect4"), "{}", read_log());
     let (_, out) = run_in(&cg.client(), cli(db.port, "127.0.0.1", "app", DB_PASSWORD));
     assert!(!out.status.success(), "a direct connect was allowed");
+    // The Unix socket too, with the same capabilities.
+    assert!(
+        !read_log().contains("Unix socket is NOT guarded"),
+        "{}",
+        read_log()
+    );
+    wait_for(
+        || read_log().contains("protecting the database's Unix socket"),
+        "the socket learnt under the unit's capabilities",
+    );
+    let mut sock = Command::new("mariadb");
+    sock.args(["--no-defaults", "-u", "app", &format!("-p{DB_PASSWORD}")])
+        .arg(format!("--socket={}", db.socket().display()))
+        .args(["-e", "SELECT 1"]);
+    let (_, out) = run_in(&cg.client(), sock);
+    assert!(
+        !out.status.success(),
+        "a direct connect through the socket was allowed"
+    );
     let (_, out) = run_in(&cg.client(), cli(port, "127.0.0.1", "app", APP_PASSWORD));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
