@@ -12,6 +12,7 @@
 
 mod btf;
 mod link;
+mod sys;
 mod unix_hook;
 
 use crate::config::GuardConfig;

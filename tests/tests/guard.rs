@@ -485,6 +485,24 @@ fn the_databases_unix_socket_is_refused_to_others() {
     }
 }
 
+/// `dbproxy guard detach` with `proxy`'s config: the pinned links leave `cg`.
+fn guard_detach(proxy: &Proxy, cg: &TestCgroup) {
+    let out = Command::new(dbproxy_bin())
+        .args(["guard", "detach", "--config"])
+        .arg(&proxy.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        || !cg.attached().contains("connect4"),
+        "detached by `dbproxy guard detach`",
+    );
+}
+
 /// A bpffs of the test's own.
 struct Bpffs(PathBuf);
 
@@ -559,20 +577,7 @@ fn pinned_guard_survives_a_restart_without_an_open_window() {
         "a clean exit keeps pinned links"
     );
     // `dbproxy guard detach` removes them.
-    let out = Command::new(dbproxy_bin())
-        .args(["guard", "detach", "--config"])
-        .arg(&proxy.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(
-        || !cg.attached().contains("connect4"),
-        "detached by `dbproxy guard detach`",
-    );
+    guard_detach(&proxy, &cg);
     let (_, out) = run_in(&cg.client(), py_connect("127.0.0.1", db.port));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
@@ -622,17 +627,7 @@ fn a_pinned_guard_at_another_cgroup_is_replaced() {
     assert_refused(&new, "127.0.0.1", db.port, "epoll");
     assert_served_through(&new, proxy.port, "epoll");
     proxy.stop();
-    let out = Command::new(dbproxy_bin())
-        .args(["guard", "detach", "--config"])
-        .arg(&proxy.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(|| !new.attached().contains("connect4"), "detached");
+    guard_detach(&proxy, &new);
 }
 
 #[test]

@@ -2,14 +2,10 @@
 //! the bpf() syscall (aya 0.14 keeps a link's cgroup to itself). A restarted dbproxy takes
 //! a pinned link over only when both are what its config and its own programs say.
 
-use std::ffi::CString;
+use super::sys;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 /// A pinned cgroup link's program and cgroup.
@@ -48,23 +44,6 @@ pub fn judge(pinned: PinnedFacts, pinned_tag: Option<u64>, cgroup_id: u64, tag: 
     }
 }
 
-#[repr(C)]
-struct ObjGet {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    /// The kernel refuses non-zero bytes past the fields it knows: no uninitialized padding.
-    pad: u32,
-}
-
-#[repr(C)]
-struct InfoByFd {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
 /// `struct bpf_link_info` up to the cgroup member of its union, with room to spare (the
 /// kernel accepts a longer buffer whose tail is zero).
 #[repr(C)]
@@ -79,45 +58,11 @@ struct LinkInfo {
     rest: [u32; 25],
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, properly sized bpf_attr member for `cmd`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 /// The pinned cgroup link at `path`. `NotFound` when nothing is pinned there.
 pub fn pinned(path: &Path) -> io::Result<PinnedFacts> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the pin path"))?;
-    let mut get = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut get)?;
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("bad fd"))?;
-    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = sys::obj_get(path)?;
     let mut info = LinkInfo::default();
-    let mut req = InfoByFd {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: &mut info as *mut LinkInfo as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut req)?;
+    sys::info_by_fd(&fd, &mut info)?;
     if info.link_type != BPF_LINK_TYPE_CGROUP {
         return Err(io::Error::other(format!(
             "{} is not a cgroup link (type {})",

@@ -4,17 +4,14 @@
 //! its instructions, the helper functions it calls (`memset`, ...), and its maps (the
 //! descriptors aya created for the others).
 
+use super::sys::{self, bpf};
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SymbolKind};
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 /// `BPF_CGROUP_UNIX_CONNECT`.
@@ -108,23 +105,6 @@ fn set_src(insns: &mut [u8], at: usize, src: u8) {
     insns[at + 1] = (insns[at + 1] & 0x0f) | (src << 4);
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<RawFd> {
-    // SAFETY: `attr` is a live, zero-padded bpf_attr member for `cmd`, of the size given.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as RawFd)
-    }
-}
-
 #[repr(C)]
 #[derive(Default)]
 struct ProgLoad {
@@ -162,8 +142,7 @@ pub fn load(insns: &[u8], name: &str, attach_type: u32) -> Result<OwnedFd, Strin
         ..ProgLoad::default()
     };
     match bpf(BPF_PROG_LOAD, &mut attr) {
-        // SAFETY: a new descriptor the kernel gave us.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Ok(fd) => Ok(sys::owned(fd)),
         Err(first) => {
             // Again with the verifier's log, for the message.
             attr.log_level = 1;
@@ -171,8 +150,7 @@ pub fn load(insns: &[u8], name: &str, attach_type: u32) -> Result<OwnedFd, Strin
             attr.log_buf = log.as_mut_ptr() as u64;
             let again = bpf(BPF_PROG_LOAD, &mut attr);
             if let Ok(fd) = again {
-                // SAFETY: as above.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                return Ok(sys::owned(fd));
             }
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
             let text = String::from_utf8_lossy(&log[..end]);
@@ -200,51 +178,19 @@ pub fn link(prog: &OwnedFd, cgroup: RawFd, attach_type: u32) -> io::Result<Owned
         attach_type,
         ..LinkCreate::default()
     };
-    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-    // SAFETY: a new descriptor the kernel gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-#[repr(C)]
-struct ObjPin {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    pad: u32,
+    bpf(BPF_LINK_CREATE, &mut attr).map(sys::owned)
 }
 
 /// Pins `fd` (a link) at `path` in bpffs.
 pub fn pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the pin path"))?;
-    let mut attr = ObjPin {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
-}
-
-#[repr(C)]
-struct InfoByFd {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
+    sys::obj_pin(fd, path)
 }
 
 /// The tag of a loaded program (as `bpf_prog_info.tag`).
 pub fn tag(prog: &OwnedFd) -> io::Result<u64> {
     // type, id, tag[8], then more the kernel fills as far as the length says.
     let mut info = [0u8; 64];
-    let mut attr = InfoByFd {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    sys::info_by_fd(prog, &mut info)?;
     let mut t = [0u8; 8];
     t.copy_from_slice(&info[8..16]);
     Ok(u64::from_be_bytes(t))
