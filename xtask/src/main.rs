@@ -390,6 +390,10 @@ fn test() -> Result {
         cargo().args(["test", "--workspace", "--lib", "--bins"]),
     )?;
     run(
+        "no allocation per proxied statement (benches/statement.rs, once)",
+        cargo().args(["test", "-p", "proxy-benches", "--bench", "statement"]),
+    )?;
+    run(
         "integration tests (uring and epoll)",
         cargo().args(["test", "-p", "proxy-tests", "--tests"]),
     )?;

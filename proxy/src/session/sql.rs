@@ -366,17 +366,34 @@ pub struct SqlInfo {
     pub explains_change: bool,
 }
 
+thread_local! {
+    /// The tokens of the statement being analysed, kept between calls so that a statement
+    /// costs no allocation once the worker has seen one as long.
+    static TOKENS: std::cell::Cell<Vec<Tok>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Analyses the text of a COM_QUERY or COM_STMT_PREPARE (one or several statements).
 pub fn analyze(sql: &[u8]) -> SqlInfo {
     let mut info = SqlInfo::default();
-    let mut toks: Vec<Tok> = Vec::with_capacity(32);
+    // Taken, not borrowed: a nested analysis (EXECUTE IMMEDIATE) gets a vector of its own.
+    let mut toks = TOKENS.with(|t| t.take());
+    toks.clear();
     let mut statements = 0;
-    let mut found = Vec::new();
+    // How the statements leave FOUND_ROWS(): the only one's way, unchanged if none
+    // changes it, else only the server knows.
+    let mut found = FoundRows::Unchanged;
+    let mut fold = |f: FoundRows, statements: usize| {
+        found = match (statements, f) {
+            (1, f) => f,
+            (_, FoundRows::Unchanged) if found == FoundRows::Unchanged => FoundRows::Unchanged,
+            _ => FoundRows::ReadBack,
+        };
+    };
     for t in Tokens::new(sql) {
         if t.kind == Kind::Punct(b';') {
             if !toks.is_empty() {
                 statements += 1;
-                found.push(statement(sql, &toks, &mut info, 0));
+                fold(statement(sql, &toks, &mut info, 0), statements);
                 toks.clear();
             }
             continue;
@@ -385,15 +402,14 @@ pub fn analyze(sql: &[u8]) -> SqlInfo {
     }
     if !toks.is_empty() {
         statements += 1;
-        found.push(statement(sql, &toks, &mut info, 0));
+        fold(statement(sql, &toks, &mut info, 0), statements);
+    }
+    // A very long statement's vector is not kept.
+    if toks.capacity() <= 1024 {
+        TOKENS.with(|t| t.set(toks));
     }
     info.multi = statements > 1;
-    info.found_rows = match found.as_slice() {
-        [] => FoundRows::Unchanged,
-        [one] => *one,
-        many if many.iter().all(|f| *f == FoundRows::Unchanged) => FoundRows::Unchanged,
-        _ => FoundRows::ReadBack,
-    };
+    info.found_rows = found;
     info.starts.sort();
     info.starts.dedup();
     info.user_vars.sort();

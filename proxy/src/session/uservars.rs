@@ -47,8 +47,11 @@ impl UserValue {
         }
     }
 
+    /// Whether it reads as a variable never set does (equal to [`UserValue::unset`]).
     pub fn is_unset(&self) -> bool {
-        *self == UserValue::unset()
+        self.value.is_none()
+            && matches!(&self.ty, Ty::Str { charset, collation }
+                if charset.as_slice() == b"binary" && collation.as_slice() == b"binary")
     }
 }
 
@@ -200,26 +203,28 @@ impl UserValue {
 /// variable the client never set is made a binary NULL (MariaDB cannot unset one; a binary
 /// NULL reads as a variable never set does).
 pub fn diff(client: &UserVars, backend: &UserVars) -> Vec<String> {
-    let unset = UserValue::unset();
     let mut out = Vec::new();
     for (name, want) in client {
-        if backend.get(name).unwrap_or(&unset) != want {
+        if !reads_as(backend.get(name), want) {
             out.push(format!("{} = {}", var_ref(name), want.sql()));
         }
     }
     for (name, have) in backend {
         if !have.is_unset() && !client.contains_key(name) {
-            out.push(format!("{} = {}", var_ref(name), unset.sql()));
+            out.push(format!("{} = {}", var_ref(name), UserValue::unset().sql()));
         }
     }
     out
 }
 
+/// Whether a variable that is `have` (`None`: never set) reads as `want`.
+fn reads_as(have: Option<&UserValue>, want: &UserValue) -> bool {
+    have.map_or_else(|| want.is_unset(), |h| h == want)
+}
+
 /// Whether two sets of user variables read the same (a binary NULL reads as unset).
 pub fn same(a: &UserVars, b: &UserVars) -> bool {
-    let unset = UserValue::unset();
-    a.iter().all(|(k, v)| b.get(k).unwrap_or(&unset) == v)
-        && b.iter().all(|(k, v)| a.get(k).unwrap_or(&unset) == v)
+    a.iter().all(|(k, v)| reads_as(b.get(k), v)) && b.iter().all(|(k, v)| reads_as(a.get(k), v))
 }
 
 #[cfg(test)]
