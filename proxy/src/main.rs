@@ -93,6 +93,23 @@ const QUIET_CRATES: &str = "aws_config=error,aws_runtime=warn,aws_credential_typ
     aws_sdk_ssooidc=warn,hyper=warn,\
     hyper_util=warn,reqwest=warn,h2=warn,rustls=warn";
 
+/// The log filter for `directives` (DBPROXY_LOG's syntax). Levels per target, the usual
+/// case, are a static filter; only directives on spans or fields need `EnvFilter`, which
+/// takes a lock shared by every core each time a client's span is entered or left (at
+/// every poll of its session).
+fn log_filter(
+    directives: &str,
+) -> Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> {
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    if let Ok(t) = directives.parse::<Targets>() {
+        return Box::new(t);
+    }
+    match EnvFilter::try_new(directives) {
+        Ok(f) => Box::new(f),
+        Err(_) => Box::new(EnvFilter::new(format!("info,{QUIET_CRATES}"))),
+    }
+}
+
 fn main() -> ExitCode {
     // The HTTP and AWS crates stay at warnings whatever DBPROXY_LOG says: their debug and
     // trace output may carry request and response bodies (secrets, tokens).
@@ -100,8 +117,7 @@ fn main() -> ExitCode {
         "{},{QUIET_CRATES}",
         std::env::var("DBPROXY_LOG").unwrap_or_else(|_| "info".into())
     );
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET_CRATES}")));
+    let filter = log_filter(&filter);
     let cli = Cli::parse();
     // `run` logs as its configuration says (a file that does not load is reported below).
     let json = match &cli.command {
@@ -110,17 +126,20 @@ fn main() -> ExitCode {
         }
         _ => false,
     };
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
-    if json {
-        fmt.json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
-    } else {
-        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let registry = tracing_subscriber::registry().with(filter);
+        if json {
+            registry
+                .with(fmt.json().with_current_span(true).with_span_list(false))
+                .init();
+        } else {
+            registry
+                .with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+                .init();
+        }
     }
     match cli.command {
         Command::HashPassword => {
@@ -353,4 +372,25 @@ fn wait_for_signal(shared: &std::sync::Arc<proxy::runtime::ProxyShared>) -> Stop
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+
+    #[test]
+    fn levels_per_target_get_the_static_filter_and_span_directives_do_not() {
+        let t: Targets = format!("info,proxy::conn=debug,{QUIET_CRATES}")
+            .parse()
+            .expect("levels per target parse as Targets");
+        assert!(t.would_enable("proxy::conn", &Level::DEBUG));
+        assert!(!t.would_enable("proxy::pool", &Level::DEBUG));
+        assert!(!t.would_enable("hyper::proto", &Level::INFO));
+        assert!(t.would_enable("hyper::proto", &Level::WARN));
+        // Directives on spans or fields are EnvFilter's alone.
+        assert!("proxy[client{user=app}]=debug".parse::<Targets>().is_err());
+        assert!(EnvFilter::try_new("proxy[client{user=app}]=debug").is_ok());
+    }
 }
