@@ -38,7 +38,8 @@ pub struct ClientSlot {
     pub group: String,
     serving: Mutex<Serving>,
     killed: AtomicBool,
-    kill: Notify,
+    /// Wakes the session's wait for its next command: a kill, or a drain starting.
+    attention: Notify,
     /// Where it came from (status): address, endpoint, TLS, when it logged in (seconds
     /// since the Unix epoch).
     pub origin: Origin,
@@ -85,7 +86,7 @@ impl ClientSlot {
                 target: 0,
             }),
             killed: AtomicBool::new(false),
-            kill: Notify::new(),
+            attention: Notify::new(),
             origin: Origin::default(),
             queries: AtomicU64::new(0),
         })
@@ -130,8 +131,18 @@ impl ClientSlot {
     /// KILL CONNECTION: the session ends at its next chance.
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        // A permit is stored if the session is not waiting right now.
-        self.kill.notify_one();
+        self.wake();
+    }
+
+    /// Makes the session look at why it should stop (killed, or a drain started); a permit
+    /// is stored if it is not waiting right now, so the wake is never lost.
+    pub fn wake(&self) {
+        self.attention.notify_one();
+    }
+
+    /// Resolves at the next [`Self::wake`] (or at once for one that came meanwhile).
+    pub async fn woken(&self) {
+        self.attention.notified().await
     }
 
     pub fn is_killed(&self) -> bool {
@@ -141,7 +152,7 @@ impl ClientSlot {
     /// Resolves once the session is killed.
     pub async fn killed(&self) {
         while !self.is_killed() {
-            self.kill.notified().await;
+            self.attention.notified().await;
         }
     }
 }

@@ -700,18 +700,22 @@ impl<D: Driver> Conn<D> {
             let shared = self.shared.clone();
             let holds = self.backend.is_some();
             // The read also ends when the session is killed, or when a drain starts (for a
-            // session in a transaction: at the drain's deadline).
+            // session in a transaction: at the drain's deadline). Both wake the slot.
             let stop = async {
-                tokio::select! {
-                    _ = slot.killed() => {}
-                    _ = async {
-                        shared.draining().await;
-                        if holds {
-                            if let Some(d) = shared.drain_deadline() {
-                                tokio::time::sleep_until(d).await;
-                            }
+                loop {
+                    if slot.is_killed() {
+                        return;
+                    }
+                    if shared.is_draining() {
+                        let Some(d) = shared.drain_deadline().filter(|_| holds) else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(d) => return,
+                            _ = slot.woken() => continue,
                         }
-                    } => {}
+                    }
+                    slot.woken().await;
                 }
             };
             let rest = self.shared.config().proxy.net_read_timeout;
@@ -946,7 +950,7 @@ impl<D: Driver> Conn<D> {
             if let Some(t) = timed {
                 let took = t.elapsed();
                 self.reg.slot.queries.fetch_add(1, Ordering::Relaxed);
-                self.endpoint.queries.fetch_add(1, Ordering::Relaxed);
+                self.endpoint.queries.add(1);
                 self.endpoint.query_latency.observe(took);
                 let now = || crate::stats::unix_now() as u64;
                 if let Some(text) = logged.filter(|_| self.shared.query_log.active(now)) {
@@ -2118,7 +2122,7 @@ impl<D: Driver> Conn<D> {
         };
         let stats = &self.pool.shared.stats;
         if b.conn.stmts.get_mut(&key).is_some() {
-            stats.stmt_cache_hits.fetch_add(1, Ordering::Relaxed);
+            stats.stmt_cache_hits.add(1);
         } else {
             stats.stmt_reprepares.fetch_add(1, Ordering::Relaxed);
         }

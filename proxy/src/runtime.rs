@@ -320,6 +320,11 @@ impl ProxyShared {
         *self.drain_until.lock() = Some(std::time::Instant::now() + timeout);
         self.draining.store(true, Ordering::Release);
         self.drain_notify.notify_waiters();
+        // Sessions waiting on their next command wait on their own slot, not on the shared
+        // notification (which every command would register with, from every core).
+        for s in self.sessions.list() {
+            s.wake();
+        }
     }
 
     /// `PAUSE` (`true`) or `RESUME` (`false`); whether it changed anything.
@@ -565,9 +570,12 @@ pub fn start(
         let sh = shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("dbproxy-w{i}"))
-            .spawn(move || match io {
-                IoBackend::Uring => run_uring(sh, ls),
-                IoBackend::Epoll => run_epoll(sh, ls),
+            .spawn(move || {
+                crate::stats::set_stripe(i);
+                match io {
+                    IoBackend::Uring => run_uring(sh, ls),
+                    IoBackend::Epoll => run_epoll(sh, ls),
+                }
             })
             .map_err(StartError::Thread)?;
         threads.push(t);

@@ -345,7 +345,9 @@ pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
 ) -> Result<io::Result<usize>, GaveUp> {
     tokio::pin!(read);
     loop {
+        // The read first: one that is ready never arms a timer.
         tokio::select! {
+            biased;
             r = &mut read => return Ok(r),
             _ = tokio::time::sleep(PEER_CHECK) => {
                 if peer_hung_up(peer) {
@@ -456,6 +458,7 @@ pub async fn write_by<S: Stream>(
     let write = s.write(buf, n);
     tokio::pin!(write);
     tokio::select! {
+        biased;
         r = &mut write => return r,
         _ = tokio::time::sleep_until(deadline) => {}
     }
@@ -488,6 +491,7 @@ pub async fn read_by<S: Stream>(
         }
     };
     let kind = tokio::select! {
+        biased;
         r = &mut read => return r,
         _ = timeout => io::ErrorKind::TimedOut,
         _ = stop => io::ErrorKind::Interrupted,
