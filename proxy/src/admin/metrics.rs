@@ -177,7 +177,7 @@ fn clients(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         enc,
         "dbproxy_query_requests",
         "Statements received from clients (COM_QUERY, COM_STMT_EXECUTE, COM_STMT_BULK_EXECUTE).",
-        eps.iter().map(|e| (endpoint_labels(e), load(&e.queries))),
+        eps.iter().map(|e| (endpoint_labels(e), e.queries.get())),
     )?;
     histograms(
         enc,
@@ -252,7 +252,7 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         enc,
         "dbproxy_database_connection_requests",
         "Database connections handed to clients (borrows).",
-        pools.iter().map(|g| (labels(g), load(&g.stats.borrowed))),
+        pools.iter().map(|g| (labels(g), g.stats.borrowed.get())),
     )?;
     counters(
         enc,
@@ -318,7 +318,7 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         "Prepared statement executions the database connection had prepared already.",
         pools
             .iter()
-            .map(|g| (labels(g), load(&g.stats.stmt_cache_hits))),
+            .map(|g| (labels(g), g.stats.stmt_cache_hits.get())),
     )?;
     counters(
         enc,

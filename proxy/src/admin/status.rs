@@ -130,7 +130,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
             received: e.received.load(Ordering::Relaxed),
             setup_succeeded: e.setup_succeeded.load(Ordering::Relaxed),
             setup_failed_auth: e.setup_failed_auth.load(Ordering::Relaxed),
-            queries: e.queries.load(Ordering::Relaxed),
+            queries: e.queries.get(),
         })
         .collect();
     let mut topologies: Vec<_> = sh.topologies.values().collect();
@@ -202,7 +202,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
                         (r.name().to_string(), n.max(0))
                     })
                     .collect(),
-                requests: g.stats.borrowed.load(Ordering::Relaxed),
+                requests: g.stats.borrowed.get(),
                 borrow_timeouts: g.stats.borrow_timeouts.load(Ordering::Relaxed),
                 idle_per_core: g.idle_per_core(),
             }

@@ -133,7 +133,7 @@ pub struct GroupStats {
     pub pins_active: [AtomicI64; PinReason::ALL.len()],
     pub opened: AtomicU64,
     pub closed: AtomicU64,
-    pub borrowed: AtomicU64,
+    pub borrowed: crate::stats::Counter,
     pub moved_between_cores: AtomicU64,
     pub borrow_timeouts: AtomicU64,
     pub connect_errors: AtomicU64,
@@ -143,7 +143,7 @@ pub struct GroupStats {
     /// Check-ins verified (test-only verification).
     pub checkins_verified: AtomicU64,
     /// Borrows served by an idle connection at once (no clock is read for them).
-    pub borrow_immediate: AtomicU64,
+    pub borrow_immediate: crate::stats::Counter,
     /// Borrows that waited (for a new connection, another core's, or budget), by how long.
     pub borrow_wait: Latency,
     /// Sessions holding a connection in an open transaction now.
@@ -151,7 +151,7 @@ pub struct GroupStats {
     /// Client statement sent to the database to its response's first packet.
     pub db_latency: Latency,
     /// Executions of a prepared statement the connection had prepared already.
-    pub stmt_cache_hits: AtomicU64,
+    pub stmt_cache_hits: crate::stats::Counter,
     /// Prepares of a client's statement on a connection that did not have it (another
     /// connection, or evicted).
     pub stmt_reprepares: AtomicU64,
@@ -161,7 +161,7 @@ impl GroupStats {
     /// The borrow latency histogram, immediate borrows counted as zero.
     pub fn borrow_latency(&self) -> crate::stats::HistogramSnapshot {
         self.borrow_wait
-            .snapshot_with_zeros(self.borrow_immediate.load(Ordering::Relaxed))
+            .snapshot_with_zeros(self.borrow_immediate.get())
     }
 
     /// Clients pinned now for a reason other than an open transaction (RDS Proxy's
@@ -734,7 +734,7 @@ impl<D: Driver> CorePool<D> {
                 Choice::Target(t, epoch) if !topo.suspected(t) => {
                     if start.is_none() {
                         if let Some(c) = self.take_idle(key, db, t, epoch) {
-                            sh.stats.borrow_immediate.fetch_add(1, Ordering::Relaxed);
+                            sh.stats.borrow_immediate.add(1);
                             return Ok(self.lend(c));
                         }
                     }
@@ -791,7 +791,7 @@ impl<D: Driver> CorePool<D> {
         let sh = &self.shared;
         // A reload may have changed them since the connection was opened.
         c.conn.limits = sh.settings().limits;
-        sh.stats.borrowed.fetch_add(1, Ordering::Relaxed);
+        sh.stats.borrowed.add(1);
         match sh.route {
             // One target: nothing to choose by, and no shared counter to bounce between cores.
             Route::Writer => sh.topology.served_on_writer(),
