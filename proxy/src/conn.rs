@@ -466,7 +466,7 @@ impl<D: Driver> Conn<D> {
     /// packet to send to the client.
     async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
         match self.ensure_backend_ahead(needs, replay).await? {
-            Some(plan) => match self.run_replay(plan, needs).await {
+            Some(plan) => match Box::pin(self.run_replay(plan, needs)).await {
                 Ok(()) => Ok(()),
                 Err(ReplayError::Refused(e)) => Err(e),
                 Err(ReplayError::Broken(why)) => {
@@ -537,7 +537,9 @@ impl<D: Driver> Conn<D> {
                 self.s.backend_used();
                 return Ok(Some(plan));
             }
-            match self.run_replay(plan, needs).await {
+            // Boxed (as in `ensure_backend`): a replay that cannot be pipelined is rare
+            // and its future large; unboxed, every session would carry its size.
+            match Box::pin(self.run_replay(plan, needs)).await {
                 Ok(()) => return Ok(None),
                 Err(ReplayError::Broken(why)) if fresh && attempts < 3 => {
                     tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
@@ -624,7 +626,8 @@ impl<D: Driver> Conn<D> {
         let steps = self.s.release(&b.conn.session);
         if !steps.is_empty() {
             let mut warnings = None;
-            let res: Result<(), crate::backend_conn::BackendError> = async {
+            // Boxed: rare (a warning list to keep, one-shots to clear), and large.
+            let res: Result<(), crate::backend_conn::BackendError> = Box::pin(async {
                 if steps.capture_warnings {
                     let w = b.conn.query_result("SHOW WARNINGS").await?;
                     tracing::debug!(
@@ -640,7 +643,7 @@ impl<D: Driver> Conn<D> {
                     b.conn.query(stmt).await?;
                 }
                 Ok(())
-            }
+            })
             .await;
             if let Err(e) = res {
                 tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
@@ -1120,7 +1123,8 @@ impl<D: Driver> Conn<D> {
     async fn query(&mut self, h: Header) -> Result<(), SessionEnd> {
         if let Some(k) = kill::parse(&self.cbuf.filled()[5..h.total()]) {
             self.discard_command(h).await?;
-            return self.kill(h.seq, k).await;
+            // Boxed, as the rare steps of `run_statement` are.
+            return Box::pin(self.kill(h.seq, k)).await;
         }
         let info = analyze(&self.cbuf.filled()[5..h.total()]);
         let needs = Needs {
@@ -1143,7 +1147,7 @@ impl<D: Driver> Conn<D> {
             Answer::Forward
         };
         if answer == Answer::Capture {
-            if let Err(e) = self.capture_warnings(h.seq).await {
+            if let Err(e) = Box::pin(self.capture_warnings(h.seq)).await {
                 self.discard_command(h).await?;
                 return Err(e);
             }
@@ -1308,7 +1312,12 @@ impl<D: Driver> Conn<D> {
         let pipelined = !info.load_data
             && !matches!(answer, Answer::Splice { .. })
             && !read_back.as_ref().is_some_and(ReadBack::names_tables);
-        self.send_ahead(ahead.as_ref(), seq).await?;
+        // The rarer steps below are boxed: each already allocates (a replay's SET, a
+        // read-back's values, rows to answer), and unboxed they would size every session's
+        // future, idle ones included, for the largest of them.
+        if ahead.is_some() {
+            Box::pin(self.send_ahead(ahead.as_ref(), seq)).await?;
+        }
         match send {
             Send::Client(h) => self.send_command(h).await?,
             Send::Built(out) => self.send_built(out, seq).await?,
@@ -1317,19 +1326,25 @@ impl<D: Driver> Conn<D> {
                 self.send_query(&sql, seq).await?;
             }
         }
-        if pipelined {
-            self.send_read_back(read_back.as_ref(), seq).await?;
+        if pipelined && read_back.is_some() {
+            Box::pin(self.send_read_back(read_back.as_ref(), seq)).await?;
         }
-        self.finish_ahead(ahead, seq).await?;
+        if ahead.is_some() {
+            Box::pin(self.finish_ahead(ahead, seq)).await?;
+        }
         let binary = kind == ResponseKind::Execute;
         let (outcome, tracked) = match answer {
             Answer::PatchRow(values) => {
-                self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps))
-                    .await?
+                Box::pin(
+                    self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps)),
+                )
+                .await?
             }
             Answer::Splice { rows, .. } => {
-                self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps))
-                    .await?
+                Box::pin(
+                    self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps)),
+                )
+                .await?
             }
             _ => self.relay_response(kind, info, None).await?,
         };
@@ -1345,13 +1360,13 @@ impl<D: Driver> Conn<D> {
         }
         if let Some(rb) = &read_back {
             if pipelined {
-                self.learn_read_back(rb).await?;
+                Box::pin(self.learn_read_back(rb)).await?;
             } else {
-                self.read_back_now(rb, seq).await?;
+                Box::pin(self.read_back_now(rb, seq)).await?;
             }
         }
         if let Some(rb) = self.s.coupled_read_back() {
-            self.read_back_now(&rb, seq).await?;
+            Box::pin(self.read_back_now(&rb, seq)).await?;
         }
         self.note_temp_tables(info);
         Ok(outcome)

@@ -740,7 +740,11 @@ impl<D: Driver> CorePool<D> {
                     }
                     let begun = *start.get_or_insert_with(tokio::time::Instant::now);
                     let deadline = begun + sh.settings().borrow_timeout;
-                    match self.acquire(key, db, deadline, t, epoch).await {
+                    // Boxed: waiting or opening a connection (connect, TLS, login) is a large
+                    // future, and every session's future would otherwise be sized for it,
+                    // idle ones included; a borrow served by an idle connection allocates
+                    // nothing.
+                    match Box::pin(self.acquire(key, db, deadline, t, epoch)).await {
                         Ok(c) => {
                             sh.stats.borrow_wait.observe(begun.elapsed());
                             return Ok(self.lend(c));
