@@ -557,7 +557,7 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
 
     let report = render(&rows, &targets, &idle_line, quick)
         + &tls_section(&rows, &targets, &tls_rows, &tls_targets)
-        + &goals(&rows, per_client);
+        + &goals(&rows, &targets, per_client);
     println!("{report}");
     std::fs::write(out_dir.join("report.md"), &report).map_err(|e| e.to_string())?;
     std::fs::write(
@@ -800,7 +800,7 @@ fn tls_section(
 }
 
 /// The issue's goals, each with what this run measured (dbproxy against direct).
-fn goals(rows: &[Row], per_client: f64) -> String {
+fn goals(rows: &[Row], targets: &[Target], per_client: f64) -> String {
     let ratio = |row: &str, f: &dyn Fn(&Cell) -> f64| -> Option<f64> {
         let r = rows.iter().find(|r| r.name == row)?;
         let d = r.cells.first()?.as_ref()?;
@@ -856,6 +856,50 @@ fn goals(rows: &[Row], per_client: f64) -> String {
         per_client / 1024.0,
         if per_client <= 10240.0 { "yes" } else { "no" }
     ));
+    o + &against_haproxy(rows, targets)
+}
+
+/// Issue 16's goals against HAProxy in the same run: on every sysbench row dbproxy's ratio
+/// to direct at least HAProxy's, and at 8 and 64 threads its CPU per query at most 0.8 of
+/// HAProxy's.
+fn against_haproxy(rows: &[Row], targets: &[Target]) -> String {
+    let Some(h) = targets.iter().position(|t| t.name == "haproxy") else {
+        return String::new();
+    };
+    let per_op = |c: &Cell| c.proxy_cpu.map(|p| p / c.ops.max(1.0));
+    let mut o = String::from(
+        "\n## Goals against HAProxy (this run)\n\n| row | ratio to direct: dbproxy / HAProxy | met | proxy CPU per query: dbproxy / HAProxy | at most 0.8 |\n|---|---|---|---|---|\n",
+    );
+    for r in rows.iter().filter(|r| r.name.starts_with("oltp_")) {
+        let cell = |i: usize| r.cells.get(i).and_then(|c| c.as_ref());
+        let (Some(d), Some(p), Some(x)) = (cell(0), cell(1), cell(h)) else {
+            o.push_str(&format!("| {} | not measured | no | | |\n", r.name));
+            continue;
+        };
+        let (rp, rx) = (p.value / d.value, x.value / d.value);
+        let cpu = match (per_op(p), per_op(x)) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let judged = r.name.contains(" 8 thr") || r.name.contains(" 64 thr");
+                let verdict = match (judged, a / b <= 0.8) {
+                    (false, _) => "",
+                    (true, true) => "yes",
+                    (true, false) => "no",
+                };
+                format!(
+                    "{:.0} / {:.0} µs ({:.2}) | {verdict}",
+                    a * 1e6,
+                    b * 1e6,
+                    a / b
+                )
+            }
+            _ => "not measured | no".into(),
+        };
+        o.push_str(&format!(
+            "| {} | {rp:.2} / {rx:.2} | {} | {cpu} |\n",
+            r.name,
+            if rp >= rx { "yes" } else { "no" }
+        ));
+    }
     o
 }
 
@@ -994,4 +1038,75 @@ fn chart(rows: &[Row], targets: &[Target], path: &PathBuf) -> std::result::Resul
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &'static str) -> Target {
+        Target {
+            name,
+            port: 0,
+            password: "",
+            tls: false,
+        }
+    }
+
+    fn cell(value: f64, cpu: Option<f64>) -> Option<Cell> {
+        Some(Cell {
+            value,
+            rounds: vec![value],
+            ops: value * 10.0,
+            db_connections: 0,
+            db_cpu: 0.0,
+            proxy_cpu: cpu,
+        })
+    }
+
+    #[test]
+    fn goals_against_haproxy_compare_ratios_and_cpu_per_query() {
+        let targets = [target("direct"), target("dbproxy"), target("haproxy")];
+        let rows = vec![
+            Row {
+                name: "oltp_point_select 64 thr, prepared".into(),
+                unit: "qps",
+                // 1000 qps direct; dbproxy 700 with 0.21 s of CPU (30 µs per query);
+                // HAProxy 600 with 0.24 s (40 µs).
+                cells: vec![
+                    cell(1000.0, None),
+                    cell(700.0, Some(0.21)),
+                    cell(600.0, Some(0.24)),
+                ],
+            },
+            Row {
+                name: "oltp_read_only 1 thr, prepared".into(),
+                unit: "qps",
+                cells: vec![
+                    cell(1000.0, None),
+                    cell(500.0, Some(0.4)),
+                    cell(600.0, Some(0.3)),
+                ],
+            },
+            Row {
+                name: "connect storm, 8 workers".into(),
+                unit: "connects/s",
+                cells: vec![cell(1.0, None), cell(2.0, None), cell(1.0, None)],
+            },
+        ];
+        let o = against_haproxy(&rows, &targets);
+        assert!(
+            o.contains("| oltp_point_select 64 thr, prepared | 0.70 / 0.60 | yes | 30 / 40 µs (0.75) | yes |"),
+            "{o}"
+        );
+        // 1 thread: the ratio is judged, CPU per query is shown but not judged.
+        assert!(
+            o.contains(
+                "| oltp_read_only 1 thr, prepared | 0.50 / 0.60 | no | 80 / 50 µs (1.60) |  |"
+            ),
+            "{o}"
+        );
+        assert!(!o.contains("connect storm"), "{o}");
+        assert_eq!(against_haproxy(&rows, &targets[..2]), "");
+    }
 }
