@@ -1067,32 +1067,27 @@ mod tests {
     #[test]
     fn goals_against_haproxy_compare_ratios_and_cpu_per_query() {
         let targets = [target("direct"), target("dbproxy"), target("haproxy")];
+        // Direct's rate, then dbproxy's and HAProxy's with the CPU seconds they used.
+        let row = |name: &str, direct: f64, (p, pc): (f64, f64), (h, hc): (f64, f64)| Row {
+            name: name.into(),
+            unit: "qps",
+            cells: vec![cell(direct, None), cell(p, Some(pc)), cell(h, Some(hc))],
+        };
         let rows = vec![
-            Row {
-                name: "oltp_point_select 64 thr, prepared".into(),
-                unit: "qps",
-                // 1000 qps direct; dbproxy 700 with 0.21 s of CPU (30 µs per query);
-                // HAProxy 600 with 0.24 s (40 µs).
-                cells: vec![
-                    cell(1000.0, None),
-                    cell(700.0, Some(0.21)),
-                    cell(600.0, Some(0.24)),
-                ],
-            },
-            Row {
-                name: "oltp_read_only 1 thr, prepared".into(),
-                unit: "qps",
-                cells: vec![
-                    cell(1000.0, None),
-                    cell(500.0, Some(0.4)),
-                    cell(600.0, Some(0.3)),
-                ],
-            },
-            Row {
-                name: "connect storm, 8 workers".into(),
-                unit: "connects/s",
-                cells: vec![cell(1.0, None), cell(2.0, None), cell(1.0, None)],
-            },
+            // dbproxy 700 qps with 0.21 s of CPU (30 µs per query); HAProxy 600 with 0.24 s.
+            row(
+                "oltp_point_select 64 thr, prepared",
+                1000.0,
+                (700.0, 0.21),
+                (600.0, 0.24),
+            ),
+            row(
+                "oltp_read_only 1 thr, prepared",
+                1000.0,
+                (500.0, 0.4),
+                (600.0, 0.3),
+            ),
+            row("connect storm, 8 workers", 1.0, (2.0, 0.0), (1.0, 0.0)),
         ];
         let o = against_haproxy(&rows, &targets);
         assert!(
