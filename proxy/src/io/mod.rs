@@ -286,25 +286,32 @@ pub trait Driver: 'static {
 /// Whether a connection that sits idle is still usable: the peer has not closed it and
 /// sent nothing unasked. One non-blocking `recv(MSG_PEEK)`.
 pub fn idle_socket_is_healthy(fd: RawFd) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: fd is an open socket owned by the caller; the buffer is valid for 1 byte.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return e.kind() == io::ErrorKind::WouldBlock;
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match with_sock(fd, |s| {
+        s.recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    }) {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        // Bytes nobody asked for, or the end of the stream.
+        Ok(_) => false,
     }
-    false
+}
+
+/// Runs `f` on a socket the caller owns (`socket2` does the system calls); a stream
+/// without a descriptor of its own (-1: in-memory test pipes) gets EBADF, as the system
+/// call would give.
+fn with_sock<T>(fd: RawFd, f: impl FnOnce(socket2::SockRef<'_>) -> io::Result<T>) -> io::Result<T> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: every caller passes the descriptor of a socket it owns and keeps open until
+    // this returns; it is not -1.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    f(socket2::SockRef::from(&fd))
 }
 
 /// Whether the peer of a connected socket has hung up (closed or shut down its sending
-/// side), whatever it sent before that: `poll` with POLLRDHUP, no waiting.
+/// side), whatever it sent before that: `poll` with POLLRDHUP, no waiting (`socket2` has
+/// no poll; a peek cannot tell a hang-up behind data the client sent first).
 pub fn peer_hung_up(fd: RawFd) -> bool {
     let mut p = libc::pollfd {
         fd,
@@ -462,8 +469,9 @@ pub async fn write_by<S: Stream>(
         r = &mut write => return r,
         _ = tokio::time::sleep_until(deadline) => {}
     }
-    // SAFETY: fd belongs to the stream borrowed above, alive until this returns.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    // The stream borrowed above owns fd until this returns. A socket that is gone already
+    // needs no shutting down.
+    let _ = with_sock(fd, |s| s.shutdown(std::net::Shutdown::Both));
     let _ = write.await;
     Err(io::Error::new(
         io::ErrorKind::TimedOut,
@@ -535,29 +543,25 @@ pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     if data.is_empty() {
         return Ok(0);
     }
-    // SAFETY: fd is an open socket owned by the caller; data is valid for its length.
-    let n = unsafe {
-        libc::send(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let e = io::Error::last_os_error();
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-        _ => Err(e),
+    match with_sock(fd, |s| {
+        s.send_with_flags(data, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    }) {
+        Ok(n) => Ok(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(e),
     }
 }
 
 /// Shuts a socket's receive side down (its owner still holds the descriptor).
 pub fn shutdown(fd: RawFd) {
-    // SAFETY: fd belongs to a live stream of the caller.
-    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    let _ = with_sock(fd, |s| s.shutdown(std::net::Shutdown::Read));
 }
 
 /// Writes one logical packet built by dbproxy.
@@ -594,16 +598,15 @@ pub const BACKEND_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// kernel's 15 minutes of retransmissions. A live server answers keepalive probes while a
 /// long statement runs, so that is never cut.
 pub fn tune_backend_socket(fd: RawFd) -> io::Result<()> {
-    // SAFETY: `fd` is a socket the caller owns and keeps open for this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let s = socket2::SockRef::from(&fd);
-    s.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(BACKEND_KEEPALIVE_IDLE)
-        .with_interval(BACKEND_KEEPALIVE_INTERVAL)
-        .with_retries(BACKEND_KEEPALIVE_PROBES);
-    s.set_tcp_keepalive(&keepalive)?;
-    s.set_tcp_user_timeout(Some(BACKEND_USER_TIMEOUT))
+    with_sock(fd, |s| {
+        s.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(BACKEND_KEEPALIVE_IDLE)
+            .with_interval(BACKEND_KEEPALIVE_INTERVAL)
+            .with_retries(BACKEND_KEEPALIVE_PROBES);
+        s.set_tcp_keepalive(&keepalive)?;
+        s.set_tcp_user_timeout(Some(BACKEND_USER_TIMEOUT))
+    })
 }
 
 /// Builds a listening socket with SO_REUSEPORT so that every worker can bind the address.
@@ -625,8 +628,11 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
 mod tests {
     use super::*;
 
+    /// The options that make a vanished database noticed in about 25 s; that it is, is
+    /// proven against a black-holed database by `backend_faults.rs`
+    /// (`a_black_holed_database_is_noticed_by_keepalive`).
     #[test]
-    fn database_sockets_notice_a_vanished_peer() {
+    fn database_sockets_get_keepalive_and_a_user_timeout() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         tune_backend_socket(std::os::fd::AsRawFd::as_raw_fd(&s)).unwrap();
@@ -637,6 +643,41 @@ mod tests {
         assert_eq!(r.keepalive_interval().unwrap(), BACKEND_KEEPALIVE_INTERVAL);
         assert_eq!(r.keepalive_retries().unwrap(), BACKEND_KEEPALIVE_PROBES);
         assert_eq!(r.tcp_user_timeout().unwrap(), Some(BACKEND_USER_TIMEOUT));
+    }
+
+    /// A peer that closes its end: an idle connection to it is no longer healthy and the
+    /// hang-up is seen even behind bytes it sent first; a live silent peer is neither.
+    #[test]
+    fn a_closed_peer_is_noticed() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ours);
+        assert!(idle_socket_is_healthy(fd), "a silent live peer");
+        assert!(!peer_hung_up(fd));
+        peer.write_all(b"x").unwrap();
+        assert!(
+            wait(|| !idle_socket_is_healthy(fd)),
+            "bytes nobody asked for"
+        );
+        assert!(!peer_hung_up(fd), "data alone is no hang-up");
+        drop(peer);
+        assert!(wait(|| peer_hung_up(fd)), "closed behind its data");
+        assert_eq!(send_now(fd, b"").unwrap(), 0);
+        shutdown(fd);
+    }
+
+    /// Polls `f` for up to 2 s (a loopback FIN or segment arrives within microseconds).
+    fn wait(mut f: impl FnMut() -> bool) -> bool {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
     }
 
     #[test]

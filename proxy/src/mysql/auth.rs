@@ -169,10 +169,10 @@ impl PasswordHash {
 
     /// The text [`Self::parse`] reads.
     pub fn encode(&self) -> String {
-        let mut s = format!("*{}", hex(&self.native).to_uppercase());
+        let mut s = format!("*{}", hex::encode_upper(self.native));
         if let Some(h) = &self.sha2 {
             s.push_str(" sha256:");
-            s.push_str(&hex(h));
+            s.push_str(&hex::encode(h));
         }
         s
     }
@@ -225,26 +225,16 @@ impl PasswordHash {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex<const N: usize>(h: &str) -> Option<[u8; N]> {
-    if h.len() != 2 * N || !h.is_ascii() {
-        return None;
-    }
     let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(h, &mut out).ok()?;
     Some(out)
 }
 
+/// Equal bytes, compared in time that does not depend on where they differ (`subtle`).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// A fresh 20-byte nonce of printable-safe bytes (no NUL, no '$'), as MySQL makes them.

@@ -483,12 +483,7 @@ impl Diag {
                     String::from_utf8_lossy(&c.code).into_owned()
                 }
                 Some(Some(c)) if item.eq_ignore_ascii_case(b"MESSAGE_TEXT") => {
-                    let mut s = String::from("X'");
-                    for b in &c.message {
-                        s.push_str(&format!("{b:02x}"));
-                    }
-                    s.push('\'');
-                    s
+                    format!("X'{}'", hex::encode(&c.message))
                 }
                 Some(_) => "NULL".into(),
             };

@@ -450,13 +450,7 @@ pub fn sql_value(v: &[u8]) -> String {
     {
         return format!("'{}'", String::from_utf8_lossy(v));
     }
-    let mut hex = String::with_capacity(3 + 2 * v.len());
-    hex.push_str("X'");
-    for b in v {
-        hex.push_str(&format!("{b:02x}"));
-    }
-    hex.push('\'');
-    hex
+    format!("X'{}'", hex::encode(v))
 }
 
 #[cfg(test)]

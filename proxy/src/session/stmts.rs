@@ -139,64 +139,41 @@ pub struct BackendStmt {
     pub params: u16,
     /// Parameter types the backend last received for it.
     pub types: Option<Vec<u8>>,
-    last_use: u64,
 }
 
 /// Statements prepared on one backend connection, by context and text, least recently used
-/// evicted beyond the capacity.
+/// evicted beyond the capacity (an `lru` map: O(1) lookups and evictions).
 #[derive(Debug)]
 pub struct BackendStmts {
-    by_key: HashMap<Arc<StmtKey>, BackendStmt>,
-    tick: u64,
-    capacity: usize,
+    by_key: lru::LruCache<Arc<StmtKey>, BackendStmt>,
 }
 
 impl BackendStmts {
     pub fn new(capacity: usize) -> Self {
         BackendStmts {
-            by_key: HashMap::new(),
-            tick: 0,
-            capacity: capacity.max(1),
+            by_key: lru::LruCache::new(
+                std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
         }
     }
 
+    /// The statement prepared for `key`, now the most recently used.
     pub fn get_mut(&mut self, key: &StmtKey) -> Option<&mut BackendStmt> {
-        self.tick += 1;
-        let t = self.tick;
-        let s = self.by_key.get_mut(key)?;
-        s.last_use = t;
-        Some(s)
+        self.by_key.get_mut(key)
     }
 
     /// Records a statement; returns a backend id to close: a duplicate of one already
     /// cached, or the least recently used one beyond the capacity.
     pub fn insert(&mut self, key: Arc<StmtKey>, id: u32, params: u16) -> Option<u32> {
-        self.tick += 1;
-        if let Some(s) = self.by_key.get_mut(&key) {
-            s.last_use = self.tick;
+        if let Some(s) = self.by_key.get(&key) {
             return (s.id != id).then_some(id);
         }
-        let mut evicted = None;
-        if self.by_key.len() >= self.capacity {
-            let oldest = self
-                .by_key
-                .iter()
-                .min_by_key(|(_, s)| s.last_use)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                evicted = self.by_key.remove(&k).map(|s| s.id);
-            }
-        }
-        self.by_key.insert(
-            key,
-            BackendStmt {
-                id,
-                params,
-                types: None,
-                last_use: self.tick,
-            },
-        );
-        evicted
+        let stmt = BackendStmt {
+            id,
+            params,
+            types: None,
+        };
+        self.by_key.push(key, stmt).map(|(_, old)| old.id)
     }
 
     /// The server dropped every statement (reset, change of user).

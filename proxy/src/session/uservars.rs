@@ -92,19 +92,9 @@ fn is_plain_name(s: &[u8]) -> bool {
     !s.is_empty() && s.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
 }
 
-fn unhex(h: &[u8]) -> Option<Vec<u8>> {
-    if !h.len().is_multiple_of(2) {
-        return None;
-    }
-    let d = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
-    h.chunks(2)
-        .map(|p| Some(d(p[0])? << 4 | d(p[1])?))
-        .collect()
-}
-
 /// The value of one variable from its four read-back columns.
 pub fn parse_value(col: &ColumnDef, values: &[Option<&[u8]>]) -> Result<UserValue, ReadBackError> {
-    let [v, hex, charset, collation] = values else {
+    let [v, hexed, charset, collation] = values else {
         return Err(ReadBackError::Shape("four columns per variable"));
     };
     let number = |v: &[u8]| -> Result<Vec<u8>, ReadBackError> {
@@ -147,8 +137,8 @@ pub fn parse_value(col: &ColumnDef, values: &[Option<&[u8]>]) -> Result<UserValu
     let value = match (v, &ty) {
         (None, _) => None,
         (Some(_), Ty::Str { .. }) => {
-            let hex = hex.ok_or(ReadBackError::Value("a string without its bytes"))?;
-            Some(unhex(hex).ok_or(ReadBackError::Value("hex digits"))?)
+            let hexed = hexed.ok_or(ReadBackError::Value("a string without its bytes"))?;
+            Some(hex::decode(hexed).map_err(|_| ReadBackError::Value("hex digits"))?)
         }
         (Some(v), _) => Some(number(v)?),
     };
@@ -185,9 +175,7 @@ impl UserValue {
                 s.push('_');
                 s.push_str(&text(charset));
                 s.push_str(" X'");
-                for b in bytes {
-                    s.push_str(&format!("{b:02x}"));
-                }
+                s.push_str(&hex::encode(bytes));
                 s.push('\'');
                 if charset.as_slice() != b"binary" {
                     s.push_str(" COLLATE ");
