@@ -175,4 +175,42 @@ impl RawClient {
         let n = usize::from(row[2]);
         row[3..3 + n].to_vec()
     }
+
+    /// COM_QUERY of a statement that returns one row: its values as text (`None`: NULL).
+    pub fn select_row(&mut self, sql: &str) -> Vec<Option<String>> {
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        self.write(0, &p);
+        let (_, count) = self.read();
+        assert_ne!(count[0], 0xff, "{sql}: {}", String::from_utf8_lossy(&count));
+        self.read_until_eof(); // column definitions
+        let rows = self.read_until_eof();
+        let [row, _eof] = rows.as_slice() else {
+            panic!("{sql}: not one row: {rows:?}");
+        };
+        let mut values = Vec::new();
+        let mut at = 0;
+        while at < row.len() {
+            if row[at] == 0xfb {
+                values.push(None);
+                at += 1;
+                continue;
+            }
+            // Short values only (one-byte lengths) in the rows tests read this way.
+            let n = usize::from(row[at]);
+            assert!(n < 0xfb, "{sql}: a long value");
+            values.push(Some(
+                String::from_utf8_lossy(&row[at + 1..at + 1 + n]).into_owned(),
+            ));
+            at += 1 + n;
+        }
+        values
+    }
+
+    /// COM_RESET_CONNECTION.
+    pub fn reset_connection(&mut self) {
+        self.write(0, &[0x1f]);
+        let (_, ok) = self.read();
+        assert_eq!(ok.first(), Some(&0), "COM_RESET_CONNECTION: {ok:?}");
+    }
 }

@@ -72,6 +72,8 @@ enum Step {
     Query(String),
     Prepare(String),
     Execute(usize, Vec<Value>),
+    /// COM_RESET_CONNECTION (the mysql crate's `reset`): the session starts over.
+    Reset,
 }
 
 fn run(side: &mut Side, step: &Step) -> Answer {
@@ -103,6 +105,16 @@ fn run(side: &mut Side, step: &Step) -> Answer {
             let r = side.conn.exec::<mysql::Row, _, _>(&s, params);
             answer(&side.conn, r)
         }
+        Step::Reset => {
+            side.conn.reset().expect("COM_RESET_CONNECTION");
+            side.stmts.clear();
+            Answer::Rows {
+                rows: vec![],
+                affected: side.conn.affected_rows(),
+                insert_id: side.conn.last_insert_id(),
+                warnings: side.conn.warnings(),
+            }
+        }
     }
 }
 
@@ -117,7 +129,7 @@ fn generate(
 ) -> Step {
     let q = |s: String| Step::Query(s);
     loop {
-        let step = match rng.below(40) {
+        let step = match rng.below(41) {
             // Every way to name a session variable; MariaDB tracks some of them only.
             0 => q(format!(
                 "SET {}sql_mode = '{}'",
@@ -275,6 +287,11 @@ fn generate(
             37 => q(format!("SET insert_id = {}", 2_000_000 + n * 20 + i as u64)),
             38 => q("GET DIAGNOSTICS @dn = NUMBER, @dr = ROW_COUNT".into()),
             39 => q("SELECT @dn, @dr".into()),
+            // Rarely: everything the client had is gone, on both sides.
+            40 if rng.below(4) == 0 => {
+                *c = Client::default();
+                Step::Reset
+            }
             _ => continue,
         };
         return step;
@@ -352,6 +369,7 @@ fn sixteen_clients_answer_as_if_each_had_its_own_connection() {
                     Step::Query(s) => s.clone(),
                     Step::Prepare(s) => format!("PREPARE {s}"),
                     Step::Execute(k, p) => format!("EXECUTE #{k} {p:?}"),
+                    Step::Reset => "COM_RESET_CONNECTION".into(),
                 };
                 history.push((i, text.clone()));
                 let (d, p) = &mut sides[i];
@@ -423,5 +441,53 @@ fn sixteen_clients_answer_as_if_each_had_its_own_connection() {
                 "[{io}] {reason} pins:\n{metrics}"
             );
         }
+    }
+}
+
+/// A new client's first look at its per-statement state, and again after
+/// COM_RESET_CONNECTION, is what a new connection of its own to the server shows, even
+/// on a backend connection another client just used: ROW_COUNT() 0 (not -1), and no
+/// warnings or insert id of the other client. (A new server connection's FOUND_ROWS() is
+/// whatever its cached thread last counted, another client's: dbproxy gives 0 instead.)
+#[test]
+fn a_new_and_a_reset_session_read_their_counts_as_on_the_server() {
+    let db = MariaDb::start();
+    db.root_sql("CREATE TABLE shop.r (id INT AUTO_INCREMENT PRIMARY KEY, n INT)");
+    const COUNTS: &str =
+        "SELECT ROW_COUNT(), LAST_INSERT_ID(), @@warning_count, @@error_count, FOUND_ROWS()";
+    for io in DRIVERS {
+        let proxy = Proxy::start(&db, io, "max_connections = 1");
+        let mut other = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut seen = Vec::new();
+        for (port, password) in [(db.port, DB_PASSWORD), (proxy.port, APP_PASSWORD)] {
+            // Another client leaves counts, an insert id and warnings on the connection.
+            other
+                .query_drop("INSERT INTO r (n) VALUES (1), (2), (3)")
+                .unwrap();
+            other.query_drop("SELECT 1/0, 2/0").unwrap();
+            let mut c = proxy_tests::raw::RawClient::login(port, "app", password).unwrap();
+            let fresh = c.select_row(COUNTS);
+            c.query("USE shop");
+            c.select_row("SELECT COUNT(*) FROM r WHERE n < 3");
+            c.query("UPDATE r SET n = n WHERE id < 0");
+            c.select_row("SELECT 1/0");
+            c.reset_connection();
+            let reset = c.select_row(COUNTS);
+            seen.push((fresh, reset));
+        }
+        let (direct, proxied) = (&seen[0], &seen[1]);
+        let first = |v: &[Option<String>]| v[..4].to_vec();
+        assert_eq!(first(&proxied.0), first(&direct.0), "[{io}] a new session");
+        assert_eq!(
+            proxied.0[4].as_deref(),
+            Some("0"),
+            "[{io}] FOUND_ROWS() of a new session"
+        );
+        assert_eq!(proxied.1, direct.1, "[{io}] after COM_RESET_CONNECTION");
+        assert_eq!(
+            proxied.0[0].as_deref(),
+            Some("0"),
+            "[{io}] ROW_COUNT() of a new session"
+        );
     }
 }

@@ -74,9 +74,11 @@ pub struct Diag {
 
 impl Default for Diag {
     fn default() -> Self {
-        // A new session: ROW_COUNT() -1, FOUND_ROWS() 0 (MariaDB 10.11).
+        // A new session: ROW_COUNT() 0 (MariaDB 10.11, also after COM_RESET_CONNECTION and
+        // COM_CHANGE_USER), FOUND_ROWS() 0 (MariaDB shows whatever the thread it reuses
+        // from its cache last counted: another client's, never copied).
         Diag {
-            row_count: -1,
+            row_count: 0,
             found_rows: 0,
             list: List::Empty,
             row_count_fresh: false,
@@ -143,8 +145,9 @@ impl Diag {
         }
     }
 
-    /// After COM_STMT_PREPARE: a failure or warnings become the warning list; what the
-    /// server leaves in ROW_COUNT()/FOUND_ROWS() is not modelled.
+    /// After COM_STMT_PREPARE on the client's connection: a failure or warnings become the
+    /// warning list; a failure sets ROW_COUNT() to -1 there, a success leaves it, and
+    /// FOUND_ROWS() stays either way (checked: MariaDB 10.11).
     /// `uses_tables`: the statement prepared names a table (preparing it opens the table,
     /// which clears the list like a statement would; checked: MariaDB 10.11).
     pub fn after_prepare(&mut self, failed: bool, warnings: u16, uses_tables: bool) {
@@ -156,8 +159,10 @@ impl Diag {
             self.list = List::Empty;
             self.list_fresh = true;
         }
-        self.row_count_fresh = false;
-        self.found_rows_fresh = false;
+        if failed {
+            self.row_count = -1;
+            self.row_count_fresh = true;
+        }
     }
 
     /// FOUND_ROWS() read back after the statement (SQL_CALC_FOUND_ROWS and the like).
@@ -874,6 +879,23 @@ mod tests {
             Answer::Forward,
             "the list is still there"
         );
+    }
+
+    /// COM_STMT_PREPARE: a success leaves ROW_COUNT() and FOUND_ROWS() as they were on the
+    /// connection; a failure sets ROW_COUNT() to -1 there, also when it was not the
+    /// client's before.
+    #[test]
+    fn a_prepare_sets_row_count_only_when_it_fails() {
+        let mut d = Diag::default();
+        after(&mut d, "INSERT INTO t VALUES (1),(2)", ok(2, 0));
+        d.after_prepare(false, 0, true);
+        let q = b"SELECT ROW_COUNT()";
+        assert_eq!(d.row_count, 2);
+        assert_eq!(d.answer(q, &analyze(q), &UserVars::new()), Answer::Forward);
+        d.backend_used();
+        d.after_prepare(true, 0, true);
+        assert_eq!(d.row_count, -1);
+        assert_eq!(d.answer(q, &analyze(q), &UserVars::new()), Answer::Forward);
     }
 
     /// With the binary log on, MariaDB reports `last_gtid` after every commit: the

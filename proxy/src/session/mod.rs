@@ -268,7 +268,10 @@ impl ClientSession {
             schema,
             ..Default::default()
         };
+        // As MariaDB: FOUND_ROWS() survives a reset or change of user; the rest starts over.
+        let found_rows = self.diag.found_rows;
         self.diag = Diag::default();
+        self.diag.found_rows = found_rows;
         self.stmts = ClientStmts::default();
         self.status = status::AUTOCOMMIT;
         self.cursor = None;
@@ -406,16 +409,26 @@ impl ClientSession {
             self.learnt.clear();
         }
         if let Err(why) = learnt {
-            tracing::debug!("read-back failed, pinning: {why}");
             let reason = if rb.vars.is_empty() || why == NOT_REPLAYABLE {
                 PinReason::Unclassified
             } else {
                 PinReason::UserVariable
             };
-            if !(reason == PinReason::UserVariable && self.exclude_variable_sets)
-                && self.pins.start(reason)
-            {
-                changes.started.push(reason);
+            if reason == PinReason::UserVariable && self.exclude_variable_sets {
+                // Not pinned: the values stay on this connection only while the client
+                // holds it; elsewhere they read as unset, and the connection is cleared of
+                // them before it serves anyone else.
+                tracing::debug!("read-back failed, not pinning (exclude_variable_sets): {why}");
+                for name in &rb.vars {
+                    self.state.user_vars.remove(name);
+                    backend.user_vars.remove(name);
+                    backend.unknown_user_vars.insert(name.clone());
+                }
+            } else {
+                tracing::debug!("read-back failed, pinning: {why}");
+                if self.pins.start(reason) {
+                    changes.started.push(reason);
+                }
             }
         }
         changes
@@ -482,6 +495,7 @@ impl ClientSession {
                 .ok_or("too few columns")?;
             let col = r.columns.get(at).ok_or("too few column definitions")?;
             let v = uservars::parse_value(col, cols).map_err(|e| e.to_string())?;
+            backend.unknown_user_vars.remove(name);
             if v.is_unset() {
                 self.state.user_vars.remove(name);
                 backend.user_vars.remove(name);
@@ -606,6 +620,15 @@ impl ClientSession {
         if backend.next_transaction_pending {
             r.statements.push(state::neutral_next_transaction(backend));
         }
+        if !backend.unknown_user_vars.is_empty() {
+            let unset = uservars::UserValue::unset().sql();
+            let sets: Vec<String> = backend
+                .unknown_user_vars
+                .iter()
+                .map(|n| format!("{} = {unset}", uservars::var_ref(n)))
+                .collect();
+            r.statements.push(format!("SET {}", sets.join(", ")));
+        }
         r
     }
 
@@ -616,6 +639,7 @@ impl ClientSession {
         }
         backend.insert_id_pending = false;
         backend.next_transaction_pending = false;
+        backend.unknown_user_vars.clear();
     }
 
     /// What to read back after the statement `info`, in the same round trip.
@@ -705,6 +729,56 @@ mod tests {
             },
             status: Some(status::AUTOCOMMIT),
         }
+    }
+
+    /// `exclude_variable_sets`: a variable that could not be read back does not pin; it is
+    /// forgotten by the client and unset on the connection before it goes back.
+    #[test]
+    fn a_variable_not_read_back_is_unset_before_release_under_the_filter() {
+        let mut s = session();
+        s.exclude_variable_sets = true;
+        s.state.user_vars.insert(b"v".to_vec(), UserValue::int("1"));
+        let mut b = BackendSession::default();
+        b.user_vars.insert(b"v".to_vec(), UserValue::int("1"));
+        let rb = ReadBack::for_statement(&analyze(b"SET @v = REPEAT('x', 9)"), false).unwrap();
+        let e = ErrPacket::new(1, "HY000", "x");
+        assert_eq!(
+            s.learn_read_back(&rb, Err(&e), &mut b),
+            PinChanges::default()
+        );
+        assert!(s.state.user_vars.is_empty() && b.user_vars.is_empty());
+        assert_eq!(
+            s.release(&b).statements,
+            vec!["SET @`v` = CAST(NULL AS BINARY)".to_string()]
+        );
+        s.released(&mut b, None);
+        assert!(s.release(&b).statements.is_empty());
+        // Without the filter the client is pinned instead.
+        s.exclude_variable_sets = false;
+        let c = s.learn_read_back(&rb, Err(&e), &mut b);
+        assert_eq!(c.started, vec![PinReason::UserVariable]);
+        assert!(b.unknown_user_vars.is_empty());
+    }
+
+    /// As a new MariaDB connection: ROW_COUNT() 0, FOUND_ROWS() 0. A reset (or change of
+    /// user) sets ROW_COUNT() back to 0 and keeps FOUND_ROWS(), as MariaDB does.
+    #[test]
+    fn per_statement_counts_of_a_new_and_a_reset_session() {
+        let mut s = session();
+        assert_eq!((s.diag.row_count, s.diag.found_rows), (0, 0));
+        let mut b = BackendSession::default();
+        let calc = analyze(b"SELECT v FROM t");
+        let rows = Outcome {
+            ending: Ending::Rows {
+                rows: 3,
+                warnings: 0,
+            },
+            status: Some(status::AUTOCOMMIT),
+        };
+        s.after_statement(&calc, b"", rows, Tracked::default(), &mut b);
+        assert_eq!((s.diag.row_count, s.diag.found_rows), (-1, 3));
+        s.reset(None);
+        assert_eq!((s.diag.row_count, s.diag.found_rows), (0, 3));
     }
 
     #[test]

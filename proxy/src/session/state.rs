@@ -103,6 +103,10 @@ pub struct BackendSession {
     /// Variable values right after a reset (tracking switched on, `init_query` run).
     pub baseline: BTreeMap<Vec<u8>, Vec<u8>>,
     pub user_vars: UserVars,
+    /// User variables set on this connection whose values could not be read back, while
+    /// the client was not pinned for them (`exclude_variable_sets`): unset before the
+    /// connection goes back to the pool.
+    pub unknown_user_vars: std::collections::BTreeSet<Vec<u8>>,
     pub last_insert_id: u64,
     /// A `SET insert_id` is waiting for the next insert on this connection.
     pub insert_id_pending: bool,
@@ -139,6 +143,7 @@ impl BackendSession {
         }
         self.vars.clear();
         self.user_vars.clear();
+        self.unknown_user_vars.clear();
         self.last_insert_id = 0;
         self.insert_id_pending = false;
         self.next_transaction_pending = false;
