@@ -428,8 +428,10 @@ pub struct TargetGroupConfig {
     /// Backend connections, all cores together.
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
-    #[serde(default = "d_max_idle")]
-    pub max_idle_connections: usize,
+    /// Idle connections kept open; unset: half of `max_connections`, rounded up (RDS
+    /// Proxy's `MaxIdleConnectionsPercent` default), so that it follows the budget.
+    #[serde(default)]
+    pub max_idle_connections: Option<usize>,
     /// A database connection older than this is closed when it is next returned (and a
     /// new one, with the login's current credentials, opened when needed); 0 = no limit.
     #[serde(default, deserialize_with = "de_duration")]
@@ -490,11 +492,16 @@ pub enum PinningFilter {
     ExcludeVariableSets,
 }
 
+impl TargetGroupConfig {
+    /// `max_idle_connections`, or its default: half of `max_connections`, rounded up.
+    pub fn max_idle(&self) -> usize {
+        self.max_idle_connections
+            .unwrap_or_else(|| self.max_connections.div_ceil(2))
+    }
+}
+
 fn d_max_connections() -> usize {
     100
-}
-fn d_max_idle() -> usize {
-    50
 }
 fn d_borrow_timeout() -> Duration {
     Duration::from_secs(120)
@@ -857,7 +864,7 @@ impl Config {
             if g.max_connections == 0 {
                 errs.push(format!("{k}.max_connections: must be at least 1"));
             }
-            if g.max_idle_connections > g.max_connections {
+            if g.max_idle() > g.max_connections {
                 errs.push(format!(
                     "{k}.max_idle_connections: must not exceed max_connections ({})",
                     g.max_connections
@@ -1080,6 +1087,30 @@ backend_password = "db-secret"
         assert!(err.contains("targets[0]"), "{err}");
         // A name that does not resolve now is checked again at every health check.
         assert!(Config::parse(&CONTRACT.replace("127.0.0.1:3306", "db.invalid:3306")).is_ok());
+    }
+
+    /// A group that sets only `max_connections` is valid whatever its size: the idle limit
+    /// follows it (half, rounded up) unless it is given.
+    #[test]
+    fn max_idle_connections_follows_max_connections() {
+        let only = |n: usize| {
+            CONTRACT
+                .replace("max_idle_connections = 50\n", "")
+                .replace("max_connections = 100", &format!("max_connections = {n}"))
+        };
+        for (max, idle) in [(1, 1), (2, 1), (3, 2), (100, 50)] {
+            let c = Config::parse(&only(max)).unwrap_or_else(|e| panic!("{max}: {e}"));
+            assert_eq!(
+                c.target_groups[0].max_idle(),
+                idle,
+                "max_connections = {max}"
+            );
+        }
+        let c = Config::parse(
+            &CONTRACT.replace("max_idle_connections = 50", "max_idle_connections = 100"),
+        )
+        .unwrap();
+        assert_eq!(c.target_groups[0].max_idle(), 100, "given: kept");
     }
 
     #[test]

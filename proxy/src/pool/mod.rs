@@ -448,7 +448,7 @@ pub struct PoolSettings {
 impl PoolSettings {
     fn of(cfg: &TargetGroupConfig) -> Self {
         PoolSettings {
-            max_idle: cfg.max_idle_connections,
+            max_idle: cfg.max_idle(),
             max_lifetime: cfg.max_connection_lifetime,
             borrow_timeout: cfg.connection_borrow_timeout,
             connect_timeout: cfg.connect_timeout,
