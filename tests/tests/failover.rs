@@ -463,17 +463,25 @@ fn read_only_endpoint_follows_the_replica_and_the_fallback() {
         // "wait": a read waits for the replica to be fit again.
         let mut waiting = readers.remove("wait").unwrap();
         let waiter = std::thread::spawn(move || {
-            let started = Instant::now();
             let id = server_id(&mut waiting);
-            (id, started.elapsed(), waiting)
+            (id, Instant::now(), waiting)
         });
-        std::thread::sleep(Duration::from_millis(1500));
+        wait_until(
+            "the read to wait for a fit reader",
+            Duration::from_secs(10),
+            || {
+                proxy.metric(
+                    "dbproxy_database_connection_requests_waiting{target_group=\"wait\",target_role=\"read_only\"}",
+                ) == 1
+            },
+        );
+        let restarted = Instant::now();
         pair.replica.root_sql("START SLAVE");
-        let (id, waited, waiting) = waiter.join().unwrap();
+        let (id, answered, waiting) = waiter.join().unwrap();
         assert_eq!(id, 2, "[{io}]");
         assert!(
-            waited >= Duration::from_secs(1),
-            "[{io}] it did not wait: {waited:?}"
+            answered > restarted,
+            "[{io}] the read was answered before the replica was fit again"
         );
         readers.insert("wait", waiting);
         for f in ["writer", "error"] {
@@ -605,14 +613,29 @@ fn a_hung_primary_is_marked_down_by_timeouts_and_fenced_when_it_wakes() {
         assert!(waited < Duration::from_secs(10), "[{io}] {waited:?}");
         // The client's next statement waits for a writer; the replica is promoted meanwhile.
         let writes = std::thread::spawn(move || {
-            let started = Instant::now();
             c.query_drop("INSERT INTO hung VALUES (4)").unwrap();
-            (started.elapsed(), c)
+            (Instant::now(), c)
         });
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until(
+            "the insert to wait for a writer",
+            Duration::from_secs(10),
+            || {
+                proxy.metric(
+                    "dbproxy_database_connection_requests_waiting{target_group=\"default\",target_role=\"read_write\"}",
+                ) == 1
+            },
+        );
+        let promoted = Instant::now();
         pair.promote_replica();
-        let (took, mut c) = writes.join().unwrap();
-        println!("[{io}] the next insert waited {took:?} for the new writer");
+        let (answered, mut c) = writes.join().unwrap();
+        println!(
+            "[{io}] the insert waiting for a writer was answered {:?} after the promotion began",
+            answered - promoted
+        );
+        assert!(
+            answered > promoted,
+            "[{io}] answered before there was a writer"
+        );
         assert_eq!(server_id(&mut c), 2, "[{io}]");
         // The old primary wakes up writable: not used, and the log says why.
         pair.primary.freeze(false);

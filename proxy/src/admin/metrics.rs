@@ -248,6 +248,14 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         "The pool's max_connections.",
         pools.iter().map(|g| (labels(g), int(g.max_connections()))),
     )?;
+    gauges(
+        enc,
+        "dbproxy_database_connection_requests_waiting",
+        "Borrowers waiting now: for a free connection, a new one, or a writer or fit reader.",
+        pools
+            .iter()
+            .map(|g| (labels(g), g.stats.waiting.load(Ordering::Relaxed).max(0))),
+    )?;
     counters(
         enc,
         "dbproxy_database_connection_requests",

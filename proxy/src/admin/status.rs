@@ -79,6 +79,9 @@ pub struct PoolStatus {
     pub idle: usize,
     pub borrowed: usize,
     pub in_transaction: i64,
+    /// Borrowers waiting for a connection now.
+    #[serde(default)]
+    pub waiting: i64,
     pub pinned: i64,
     pub pinned_by_reason: BTreeMap<String, i64>,
     pub requests: u64,
@@ -194,6 +197,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
                 idle,
                 borrowed: open.saturating_sub(idle),
                 in_transaction: g.stats.in_transaction.load(Ordering::Relaxed).max(0),
+                waiting: g.stats.waiting.load(Ordering::Relaxed).max(0),
                 pinned: g.stats.pinned_now(),
                 pinned_by_reason: PinReason::ALL
                     .iter()
@@ -270,6 +274,7 @@ pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)
                 "idle",
                 "borrowed",
                 "in_transaction",
+                "waiting",
                 "pinned",
                 "requests",
                 "borrow_timeouts",
@@ -287,6 +292,7 @@ pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)
                         s(p.idle),
                         s(p.borrowed),
                         s(p.in_transaction),
+                        s(p.waiting),
                         s(p.pinned),
                         s(p.requests),
                         s(p.borrow_timeouts),

@@ -15,7 +15,7 @@ use crate::io::{BackendAddr, Driver, Stream};
 use crate::mysql::consts::cap;
 use crate::secrets::BackendLogin;
 use crate::session::pins::PinReason;
-use crate::stats::Latency;
+use crate::stats::{GaugeGuard, Latency};
 use crate::tls::BackendTls;
 use crate::topology::{Choice, Route, Snapshot, Topology};
 use parking_lot::{Mutex, RwLock};
@@ -148,6 +148,9 @@ pub struct GroupStats {
     pub borrow_wait: Latency,
     /// Sessions holding a connection in an open transaction now.
     pub in_transaction: AtomicI64,
+    /// Borrowers waiting now: for a free connection or budget, for a new connection to
+    /// open, or for a writer or fit reader (PgBouncer's `cl_waiting`).
+    pub waiting: AtomicI64,
     /// Client statement sent to the database to its response's first packet.
     pub db_latency: Latency,
     /// Executions of a prepared statement the connection had prepared already.
@@ -721,6 +724,8 @@ impl<D: Driver> CorePool<D> {
         let topo = &sh.topology;
         let mut start = None;
         let mut unreachable = 0;
+        // Counted from the moment the borrow cannot be served at once until it returns.
+        let mut _waiting = None;
         loop {
             let changed = topo.changed();
             let choice = {
@@ -739,6 +744,7 @@ impl<D: Driver> CorePool<D> {
                         }
                     }
                     let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+                    _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
                     let deadline = begun + sh.settings().borrow_timeout;
                     // Boxed: waiting or opening a connection (connect, TLS, login) is a large
                     // future, and every session's future would otherwise be sized for it,
@@ -776,6 +782,7 @@ impl<D: Driver> CorePool<D> {
                 }
             };
             let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+            _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
             let borrow_timeout = sh.settings().borrow_timeout;
             if tokio::time::timeout_at(begun + borrow_timeout, changed)
                 .await
