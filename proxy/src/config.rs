@@ -231,6 +231,21 @@ pub struct AdminConfig {
     pub admin_password: Value,
     /// `dbproxy hash-password` output, instead of `admin_password`.
     pub admin_password_hash: Option<String>,
+    /// Who may use the HTTP side: `none` (anyone who reaches `listen`), or `basic` (HTTP
+    /// Basic with `admin_user` and its password) for every path but `/healthz`.
+    pub http_auth: HttpAuth,
+    /// With `http_auth = "basic"`: `/metrics` too is served without a login (for a scraper
+    /// that cannot send one).
+    pub public_metrics: bool,
+}
+
+/// `[admin] http_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpAuth {
+    #[default]
+    None,
+    Basic,
 }
 
 /// I/O backend of the data path.
@@ -730,6 +745,26 @@ impl Config {
         }
     }
 
+    /// What is valid but risky, each prefixed with its key (`run` logs them at start,
+    /// `check-config` prints them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let beyond_loopback = self
+            .admin
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback());
+        if beyond_loopback && self.admin.http_auth == HttpAuth::None {
+            out.push(format!(
+                "admin.listen: {} is reachable from other hosts and admin.http_auth is \"none\": \
+                 anyone who reaches it sees every client's address and user (/status, the \
+                 status page); set http_auth = \"basic\" or listen on 127.0.0.1",
+                self.admin.listen
+            ));
+        }
+        out
+    }
+
     /// Every problem, each prefixed with its key.
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
@@ -774,22 +809,28 @@ impl Config {
                 self.admin.listen
             ));
         }
-        if !self.admin.sql_listen.is_empty() {
-            if self.admin.sql_listen.parse::<SocketAddr>().is_err() {
-                errs.push(format!(
-                    "admin.sql_listen: {:?} is not an ip:port address",
-                    self.admin.sql_listen
-                ));
-            }
+        if !self.admin.sql_listen.is_empty() && self.admin.sql_listen.parse::<SocketAddr>().is_err()
+        {
+            errs.push(format!(
+                "admin.sql_listen: {:?} is not an ip:port address",
+                self.admin.sql_listen
+            ));
+        }
+        let needs_login = match (self.admin.sql_listen.is_empty(), self.admin.http_auth) {
+            (false, _) => Some("sql_listen"),
+            (true, HttpAuth::Basic) => Some("http_auth = \"basic\""),
+            (true, HttpAuth::None) => None,
+        };
+        if let Some(why) = needs_login {
             if self.admin.admin_user.is_empty() {
-                errs.push("admin.admin_user: needed with sql_listen".into());
+                errs.push(format!("admin.admin_user: needed with {why}"));
             }
             let no_password = self.admin.admin_password == Value::default()
                 && self.admin.admin_password_hash.is_none();
             if no_password {
-                errs.push(
-                    "admin.admin_password: needed with sql_listen (or admin_password_hash)".into(),
-                );
+                errs.push(format!(
+                    "admin.admin_password: needed with {why} (or admin_password_hash)"
+                ));
             }
             if let Some(h) = &self.admin.admin_password_hash {
                 if crate::mysql::auth::PasswordHash::parse(h).is_err() {

@@ -83,6 +83,10 @@ enum Command {
         /// Print `/metrics` instead.
         #[arg(long)]
         metrics: bool,
+        /// The admin user, when the admin side asks for a login (`http_auth = "basic"`);
+        /// its password comes from the environment variable DBPROXY_ADMIN_PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -217,6 +221,9 @@ fn main() -> ExitCode {
                     eprintln!("{}", errs.join("\n"));
                     return ExitCode::FAILURE;
                 }
+                for w in cfg.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -257,9 +264,12 @@ fn main() -> ExitCode {
             admin,
             json,
             metrics,
+            user,
         } => {
             let path = if metrics { "/metrics" } else { "/status" };
-            let text = match proxy::admin::fetch(&admin, path) {
+            let password = std::env::var("DBPROXY_ADMIN_PASSWORD").unwrap_or_default();
+            let login = user.as_deref().map(|u| (u, password.as_str()));
+            let text = match proxy::admin::fetch(&admin, path, login) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("cannot read {admin}: {e}");
@@ -296,6 +306,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            for w in cfg.warnings() {
+                tracing::warn!("{w}");
+            }
             let running = match proxy::runtime::start(cfg, Some(secrets)) {
                 Ok(r) => r,
                 Err(e) => {

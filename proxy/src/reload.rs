@@ -10,7 +10,8 @@
 //! `[proxy]` `idle_client_timeout`, `idle_transaction_timeout`, `handshake_timeout`,
 //! `net_read_timeout`, `net_write_timeout`,
 //! `max_client_connections`, `max_allowed_packet`, `max_prepared_statements_per_client`,
-//! `shutdown_timeout`; the admin console's user and password; the TLS certificate's
+//! `shutdown_timeout`; the admin login (console and HTTP), `[admin]` `http_auth` and
+//! `public_metrics`; the TLS certificate's
 //! content (re-read from the same files).
 
 use crate::config::{Config, TargetGroupConfig, UserConfig};
@@ -118,8 +119,10 @@ pub fn plan(old: &Config, mut new: Config) -> Plan {
         || old.admin.admin_password.text() != new.admin.admin_password.text()
         || old.admin.admin_password_hash != new.admin.admin_password_hash
     {
-        changed.push("admin console login".into());
+        changed.push("admin login".into());
     }
+    live!("admin.http_auth", admin.http_auth);
+    live!("admin.public_metrics", admin.public_metrics);
     // Users: added, removed, changed (passwords never named).
     for u in &new.users {
         match old.users.iter().find(|o| o.name == u.name) {

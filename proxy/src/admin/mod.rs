@@ -6,14 +6,15 @@ pub mod metrics;
 pub mod sql;
 pub mod status;
 
+use crate::config::HttpAuth;
 use crate::runtime::ProxyShared;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ pub fn start(
         .build()?;
     if let Some(l) = http {
         let l = rt.block_on(async { tokio::net::TcpListener::from_std(l) })?;
-        let app = router(shared.clone());
+        let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         rt.spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!("admin HTTP endpoint stopped: {e}");
@@ -74,7 +75,87 @@ fn router(shared: Arc<ProxyShared>) -> Router {
         .route("/status", get(status_handler))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), login))
         .with_state(shared)
+}
+
+/// `[admin] http_auth = "basic"`: every path but `/healthz` (and `/metrics` with
+/// `public_metrics`) asks for the admin user and its password (HTTP Basic), as HAProxy's
+/// `stats auth` does. Wrong logins count towards the source address's login throttle.
+async fn login(
+    State(sh): State<Arc<ProxyShared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (auth, public_metrics) = {
+        let cfg = sh.config();
+        (cfg.admin.http_auth, cfg.admin.public_metrics)
+    };
+    let path = req.uri().path();
+    let open =
+        auth == HttpAuth::None || path == "/healthz" || (public_metrics && path == "/metrics");
+    if open {
+        return next.run(req).await;
+    }
+    let Some((user, password)) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| basic_credentials(v.as_bytes()))
+    else {
+        return ask_for_login();
+    };
+    let ip = peer.ip();
+    let wait = sh.throttle.delay(ip, std::time::Instant::now());
+    if !wait.is_zero() {
+        sh.throttle.waited(wait);
+        tokio::time::sleep(wait).await;
+    }
+    let users = sql::admin_users(&sh.config().admin, sh.secrets.as_ref());
+    let verdict = crate::auth::verify(
+        users.get(&user).as_deref(),
+        crate::mysql::auth::Plugin::Clear,
+        &[],
+        &crate::mysql::auth::clear_answer(&password),
+    );
+    if matches!(verdict, crate::auth::Decision::Accept(_)) {
+        sh.throttle.succeeded(ip);
+        next.run(req).await
+    } else {
+        sh.throttle.failed(ip, std::time::Instant::now());
+        tracing::warn!(%peer, user = %String::from_utf8_lossy(&user), "admin HTTP login refused");
+        ask_for_login()
+    }
+}
+
+/// 401 with the challenge a browser answers with its login dialog.
+fn ask_for_login() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"dbproxy\", charset=\"UTF-8\"",
+        )],
+        "a login is needed: the [admin] admin_user and its password\n",
+    )
+        .into_response()
+}
+
+/// The user and password of an `Authorization: Basic ...` header.
+fn basic_credentials(header: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine;
+    let (scheme, encoded) = std::str::from_utf8(header).ok()?.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    let password = decoded.get(colon + 1..)?.to_vec();
+    let mut user = decoded;
+    user.truncate(colon);
+    Some((user, password))
 }
 
 async fn page() -> Response {
@@ -124,53 +205,44 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-/// GETs `path` from a running dbproxy's admin endpoint at `addr` (`dbproxy status`).
-pub fn fetch(addr: &str, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let resp = String::from_utf8_lossy(&resp);
-    match resp.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => {
-            if head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked")
-            {
-                Ok(dechunk(body))
-            } else {
-                Ok(body.to_string())
-            }
-        }
-        _ => Err(std::io::Error::other(format!(
-            "unexpected answer from {addr}: {}",
-            resp.lines().next().unwrap_or("")
-        ))),
-    }
+/// Why `dbproxy status` could not read a running dbproxy.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot start a runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the admin side asks for a login: give --user and DBPROXY_ADMIN_PASSWORD")]
+    LoginNeeded,
+    #[error("the admin login was refused")]
+    LoginRefused,
+    #[error("unexpected answer: {0}")]
+    Status(reqwest::StatusCode),
 }
 
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 {
-            break;
+/// GETs `path` from a running dbproxy's admin endpoint at `addr` (`dbproxy status`), with
+/// `login` (user, password) when the endpoint asks for one.
+pub fn fetch(addr: &str, path: &str, login: Option<(&str, &str)>) -> Result<String, FetchError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut req = http.get(format!("http://{addr}{path}"));
+        if let Some((user, password)) = login {
+            req = req.basic_auth(user, Some(password));
         }
-        let Some(chunk) = rest.get(..n) else {
-            out.push_str(rest);
-            break;
-        };
-        out.push_str(chunk);
-        body = rest.get(n + 2..).unwrap_or("");
-    }
-    out
+        let resp = req.send().await?;
+        match resp.status() {
+            reqwest::StatusCode::OK => Ok(resp.text().await?),
+            reqwest::StatusCode::UNAUTHORIZED if login.is_some() => Err(FetchError::LoginRefused),
+            reqwest::StatusCode::UNAUTHORIZED => Err(FetchError::LoginNeeded),
+            other => Err(FetchError::Status(other)),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -178,10 +250,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dechunks() {
+    fn basic_credentials_are_taken_apart() {
+        // "admin:pa:ss" in base64.
         assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
+            basic_credentials(b"Basic YWRtaW46cGE6c3M="),
+            Some((b"admin".to_vec(), b"pa:ss".to_vec()))
         );
+        assert_eq!(
+            basic_credentials(b"basic  YWRtaW46cGE6c3M= "),
+            Some((b"admin".to_vec(), b"pa:ss".to_vec()))
+        );
+        for bad in [
+            &b"Bearer YWRtaW46cGE6c3M="[..],
+            b"Basic !!!",
+            b"Basic YWRtaW4=",
+            b"Basic",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(basic_credentials(bad), None, "{bad:?}");
+        }
     }
 }
