@@ -754,3 +754,293 @@ fn a_reload_moves_the_group_to_another_server_without_dropping_a_client() {
         proxy.stop();
     }
 }
+
+/// curl against the admin side: (status code, headers lowercased, body).
+fn curl(port: u16, path: &str, login: Option<&str>) -> (u16, String, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-D", "-", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(l) = login {
+        c.args(["-u", l]);
+    }
+    let out = c.output().expect("curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_lowercase(), body.to_string())
+}
+
+/// A configuration of its own for `dbproxy check-config` and `run`: one endpoint on
+/// `port`, one group in front of `db_port` with `group` lines, `[admin]` lines `admin`.
+fn own_config(port: u16, db_port: u16, group: &str, admin: &str) -> tempfile::NamedTempFile {
+    let text = format!(
+        "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:{port}\"\ntarget_group = \"g\"\n\n\
+         [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:{db_port}\"]\n{group}\n\n\
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n\n\
+         [admin]\n{admin}\n"
+    );
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+fn check_config(f: &tempfile::NamedTempFile) -> (bool, String) {
+    let out = Command::new(dbproxy_bin())
+        .args(["check-config", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `[admin] http_auth = "basic"`, tried with curl: every path asks for the admin login (401
+/// with a Basic challenge, which a browser answers with its login dialog) and is served
+/// with it; a wrong password is refused; `/healthz` stays open; `/metrics` is open only
+/// with `public_metrics` (applied by a reload); `dbproxy status` logs in with `--user`.
+/// (The HTTP side is not on the data path: one io driver.)
+#[test]
+fn the_admin_http_side_asks_for_the_admin_login() {
+    let db = MariaDb::start();
+    let admin = "admin_user = \"admin\"\nadmin_password = \"admin-secret\"\nhttp_auth = \"basic\"";
+    let proxy = Proxy::start_admin(db.port, "epoll", "", "", admin, "", &[]);
+    let good = Some("admin:admin-secret");
+    for path in ["/", "/status", "/metrics", "/nosuchpage"] {
+        let (code, head, _) = curl(proxy.admin, path, None);
+        assert_eq!(code, 401, "{path} without a login: {head}");
+        assert!(
+            head.contains("www-authenticate: basic realm=\"dbproxy\""),
+            "{path}: {head}"
+        );
+        let (code, _, _) = curl(proxy.admin, path, Some("admin:wrong"));
+        assert_eq!(code, 401, "{path} with a wrong password");
+        let (code, _, _) = curl(proxy.admin, path, Some("nobody:admin-secret"));
+        assert_eq!(code, 401, "{path} as another user");
+    }
+    let (code, head, page) = curl(proxy.admin, "/", good);
+    assert_eq!(code, 200, "{head}");
+    assert!(page.contains("<html"), "the status page: {page}");
+    let (code, _, status) = curl(proxy.admin, "/status", good);
+    assert_eq!(code, 200);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(status["pools"].is_array(), "{status}");
+    let (code, _, metrics) = curl(proxy.admin, "/metrics", good);
+    assert_eq!(code, 200);
+    assert!(metrics.contains("dbproxy_client_connections"), "{metrics}");
+    let (code, _, body) = curl(proxy.admin, "/healthz", None);
+    assert_eq!((code, body.trim()), (200, "ok"), "/healthz needs no login");
+    assert!(proxy.log().contains("admin HTTP login refused"));
+
+    // dbproxy status logs in; without a login it says what is missing.
+    let status_cmd = |user: Option<&str>| {
+        let mut c = Command::new(dbproxy_bin());
+        c.args(["status", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+            .env("DBPROXY_ADMIN_PASSWORD", "admin-secret");
+        if let Some(u) = user {
+            c.args(["--user", u]);
+        }
+        c.output().unwrap()
+    };
+    let out = status_cmd(Some("admin"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default"));
+    let out = status_cmd(None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("asks for a login"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // public_metrics: a scraper without credentials; the rest still asks.
+    edit_config(
+        &proxy.config,
+        "http_auth = \"basic\"",
+        "http_auth = \"basic\"\npublic_metrics = true",
+    );
+    proxy.sighup();
+    wait_until(
+        "the reload to open /metrics",
+        Duration::from_secs(10),
+        || curl(proxy.admin, "/metrics", None).0 == 200,
+    );
+    assert_eq!(curl(proxy.admin, "/status", None).0, 401);
+}
+
+/// An admin side reachable from other hosts without a login is accepted, with a warning
+/// naming the key, by `check-config` and at start; with `http_auth = "basic"` there is no
+/// warning. A group that sets only `max_connections = 2` is valid (the idle limit follows
+/// it).
+#[test]
+fn an_open_admin_side_is_warned_about_and_a_small_group_is_valid() {
+    let db = MariaDb::start();
+    let (port, admin) = (free_port(), free_port());
+    let open = own_config(
+        port,
+        db.port,
+        "max_connections = 2",
+        &format!("listen = \"0.0.0.0:{admin}\""),
+    );
+    let (ok, text) = check_config(&open);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: admin.listen") && text.contains("http_auth"),
+        "{text}"
+    );
+    let guarded = own_config(
+        port,
+        db.port,
+        "max_connections = 2",
+        &format!(
+            "listen = \"0.0.0.0:{admin}\"\nhttp_auth = \"basic\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+        ),
+    );
+    let (ok, text) = check_config(&guarded);
+    assert!(ok && !text.contains("warning"), "{text}");
+    let local = own_config(
+        port,
+        db.port,
+        "max_connections = 2",
+        &format!("listen = \"127.0.0.1:{admin}\""),
+    );
+    let (ok, text) = check_config(&local);
+    assert!(ok && !text.contains("warning"), "{text}");
+
+    // At start, in the log; and the small group serves.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut run = Command::new(dbproxy_bin());
+    run.args(["run", "--config"])
+        .arg(open.path())
+        .stderr(std::fs::File::create(log.path()).unwrap());
+    let mut child = spawn(run);
+    wait_until("dbproxy to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let out = mariadb_cli(port, "app", APP_PASSWORD, &["-N"], "SELECT 40 + 2");
+    let logged = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{logged}"
+    );
+    assert!(
+        logged.contains("WARN") && logged.contains("admin.listen"),
+        "{logged}"
+    );
+}
+
+/// `cargo xtask demo`, as a newcomer runs it (with the debug build and free ports): a
+/// throwaway MariaDB with a seeded table, dbproxy in front of it, and the addresses of
+/// the status page, the metrics and the SQL console printed; each of them answers; Ctrl-C
+/// stops everything and removes what it made.
+#[test]
+fn the_demo_seeds_a_table_and_shows_where_everything_is() {
+    let xtask = dbproxy_bin().with_file_name("xtask");
+    assert!(
+        xtask.exists(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        xtask.display()
+    );
+    let (port, admin, console_port) = (free_port(), free_port(), free_port());
+    let mut cmd = Command::new(&xtask);
+    cmd.arg("demo")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--console-listen", &format!("127.0.0.1:{console_port}")])
+        .arg("--dbproxy")
+        .arg(dbproxy_bin())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut demo = spawn(cmd);
+    let stderr = demo.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = String::new();
+    while !printed.contains("press Ctrl-C") {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) => {
+                printed.push_str(&l);
+                printed.push('\n');
+            }
+            Err(_) => panic!("the demo did not come up:\n{printed}"),
+        }
+    }
+    for shown in [
+        format!("mariadb -h 127.0.0.1 -P {port} -u app -papp-secret shop"),
+        format!("http://127.0.0.1:{admin}/"),
+        format!("http://127.0.0.1:{admin}/metrics"),
+        format!("mariadb -h 127.0.0.1 -P {console_port} -u admin -padmin-secret"),
+        "SELECT * FROM products".to_string(),
+    ] {
+        assert!(printed.contains(&shown), "{shown} not in:\n{printed}");
+    }
+    let out = mariadb_cli(
+        port,
+        "app",
+        APP_PASSWORD,
+        &["-N", "shop"],
+        "SELECT COUNT(*), MAX(name) FROM products",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "5\ttamper",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, _, page) = curl(admin, "/", None);
+    assert!(code == 200 && page.contains("<html"), "{code}");
+    let (code, _, metrics) = curl(admin, "/metrics", None);
+    assert!(
+        code == 200 && metrics.contains("dbproxy_query_requests_total"),
+        "{code}"
+    );
+    let pools = mariadb_cli(
+        console_port,
+        "admin",
+        "admin-secret",
+        &["--batch"],
+        "SHOW POOLS",
+    );
+    assert!(
+        String::from_utf8_lossy(&pools.stdout).contains("default"),
+        "{}",
+        String::from_utf8_lossy(&pools.stderr)
+    );
+    // Ctrl-C: a clean stop, nothing left behind.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let st = demo.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let mut rest = String::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        rest.push_str(&l);
+    }
+    assert!(rest.contains("stopped and cleaned up"), "{rest}");
+    let dir = std::env::temp_dir().join(format!("dbproxy-demo-{}", demo.id()));
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

@@ -168,9 +168,10 @@ const DB_TOOLS: [(&str, &str); 3] = [
 
 /// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool, ip and
 /// unshare (guard tests), nft (a black-holed database in a namespace), PyMySQL and a venv for mysql-connector-python, Connector/J and a
-/// JDK, Chromium (the status page).
-const CLIENT_TOOLS: [(&str, &str); 10] = [
+/// JDK, Chromium (the status page), curl (the admin side's login).
+const CLIENT_TOOLS: [(&str, &str); 11] = [
     ("sysbench", "sysbench"),
+    ("curl", "curl"),
     ("chromium", "chromium"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
@@ -421,7 +422,27 @@ struct DemoArgs {
     /// Where dbproxy listens.
     #[arg(long, default_value = "127.0.0.1:6033")]
     listen: String,
+    /// Where the status page, /metrics and /status are served.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: String,
+    /// Where the SQL admin console listens.
+    #[arg(long, default_value = "127.0.0.1:6032")]
+    console_listen: String,
+    /// Run this dbproxy binary instead of building the release one (the demo's own test
+    /// runs the debug build).
+    #[arg(long, value_name = "PATH")]
+    dbproxy: Option<PathBuf>,
 }
+
+/// The SQL console's login in the demo.
+const DEMO_ADMIN: (&str, &str) = ("admin", "admin-secret");
+
+/// A small table for the demo's first queries (the throwaway MariaDB only: a database the
+/// user brings is never written to).
+const DEMO_SEED: &str = "CREATE TABLE shop.products (id INT PRIMARY KEY, name VARCHAR(40), \
+    price DECIMAL(8,2), stock INT) ENGINE=InnoDB; \
+    INSERT INTO shop.products VALUES (1, 'espresso cup', 4.50, 120), (2, 'moka pot', 29.90, 14), \
+    (3, 'grinder', 89.00, 6), (4, 'beans, 1 kg', 18.75, 40), (5, 'tamper', 12.00, 25);";
 
 fn demo(opts: DemoArgs) -> Result {
     // SAFETY: the handler only stores to an atomic.
@@ -439,16 +460,26 @@ fn demo(opts: DemoArgs) -> Result {
             ensure_apt(&DB_TOOLS)?;
             eprintln!("xtask: starting a throwaway MariaDB in a temporary directory");
             let db = proxy_tests::MariaDb::start();
+            db.root_sql(DEMO_SEED);
             let t = format!("127.0.0.1:{}", db.port);
             throwaway = Some(db);
             t
         }
     };
-    build_ebpf()?;
-    run(
-        "build dbproxy (release)",
-        cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),
-    )?;
+    let bin = match &opts.dbproxy {
+        Some(b) => b.clone(),
+        None => {
+            build_ebpf()?;
+            run(
+                "build dbproxy (release)",
+                cargo().args(["build", "--release", "-p", "proxy", "--bin", "dbproxy"]),
+            )?;
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target"))
+                .join("release/dbproxy")
+        }
+    };
     let dir = std::env::temp_dir().join(format!("dbproxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let config = dir.join("dbproxy.toml");
@@ -473,38 +504,69 @@ name = "app"
 password = "app-secret"
 backend_user = "{user}"
 backend_password = "{password}"
+
+[admin]
+listen = "{admin}"
+sql_listen = "{console}"
+admin_user = "{admin_user}"
+admin_password = "{admin_password}"
 "#,
         listen = opts.listen,
         user = opts.backend_user,
         password = opts.backend_password,
+        admin = opts.admin_listen,
+        console = opts.console_listen,
+        admin_user = DEMO_ADMIN.0,
+        admin_password = DEMO_ADMIN.1,
     );
     std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("release/dbproxy");
-    let mut proxy = Command::new(bin)
+    let mut proxy = Command::new(&bin)
         .args(["run", "--config"])
         .arg(&config)
         .spawn()
         .map_err(|e| format!("cannot start dbproxy: {e}"))?;
     // Tell the user to connect only once dbproxy listens.
     proxy_tests::poll_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(&opts.listen).is_ok()
+        [&opts.listen, &opts.admin_listen, &opts.console_listen]
+            .iter()
+            .all(|a| std::net::TcpStream::connect(a.as_str()).is_ok())
             || proxy.try_wait().ok().flatten().is_some()
     });
-    let (host, port) = opts
-        .listen
-        .rsplit_once(':')
-        .unwrap_or(("127.0.0.1", "6033"));
+    if let Ok(Some(st)) = proxy.try_wait() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(format!(
+            "dbproxy exited at start ({st}): is one of {}, {}, {} taken? (--listen, \
+             --admin-listen, --console-listen choose others)",
+            opts.listen, opts.admin_listen, opts.console_listen
+        ));
+    }
+    let host_port = |a: &str| {
+        a.rsplit_once(':')
+            .map(|(h, p)| (h.to_string(), p.to_string()))
+            .unwrap_or_else(|| (a.to_string(), String::new()))
+    };
+    let (host, port) = host_port(&opts.listen);
+    let (chost, cport) = host_port(&opts.console_listen);
+    let admin = &opts.admin_listen;
+    let (user, password) = DEMO_ADMIN;
     eprintln!(
         "\nxtask: dbproxy is running in front of {target}; config in {}",
         config.display()
     );
     if throwaway.is_some() {
-        eprintln!("xtask: the throwaway MariaDB has databases shop and shop2");
+        eprintln!(
+            "xtask: the throwaway MariaDB has databases shop (with a table, products) and shop2"
+        );
     }
-    eprintln!("\n    mariadb -h {host} -P {port} -u app -papp-secret shop\n");
+    eprintln!(
+        "\n    connect        mariadb -h {host} -P {port} -u app -papp-secret shop\n\
+         \x20                  then: SELECT * FROM products;\n\
+         \x20   status page    http://{admin}/\n\
+         \x20   metrics        http://{admin}/metrics\n\
+         \x20   status (JSON)  http://{admin}/status   or: dbproxy status --admin {admin}\n\
+         \x20   SQL console    mariadb -h {chost} -P {cport} -u {user} -p{password}\n\
+         \x20                  then: SHOW POOLS; SHOW CLIENTS; SHOW HELP;\n"
+    );
     eprintln!("xtask: press Ctrl-C to stop and clean up");
     let status = loop {
         if STOP.load(Ordering::SeqCst) {
