@@ -216,27 +216,41 @@ mod tests {
     use std::path::Path;
 
     /// Every kept input of every target: the seed corpus and the crashes found
-    /// (`fuzz/corpus/<target>/`, `fuzz/regressions/<target>/`).
+    /// (`fuzz/corpus/<target>/`, `fuzz/regressions/<target>/`). Every target has seeds of
+    /// its own, every directory there names a target, and `fuzz/regressions/` exists (a
+    /// target without crashes has no directory in it).
     #[test]
     fn every_kept_input_runs_clean() {
         let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut ran = 0;
+        let targets: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
+        for dir in ["corpus", "regressions"] {
+            let entries =
+                std::fs::read_dir(fuzz.join(dir)).unwrap_or_else(|e| panic!("fuzz/{dir}: {e}"));
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                assert!(
+                    !e.path().is_dir() || targets.contains(&name.as_str()),
+                    "fuzz/{dir}/{name} names no fuzz target"
+                );
+            }
+        }
         for (name, target) in TARGETS {
+            let mut seeds = 0;
             for dir in ["corpus", "regressions"] {
-                let Ok(entries) = std::fs::read_dir(fuzz.join(dir).join(name)) else {
-                    continue;
+                let path = fuzz.join(dir).join(name);
+                let entries = match std::fs::read_dir(&path) {
+                    Ok(entries) => entries,
+                    Err(_) if dir == "regressions" => continue,
+                    Err(e) => panic!("{}: {e}", path.display()),
                 };
                 for e in entries.flatten() {
                     let data = std::fs::read(e.path()).unwrap();
                     target(&data);
-                    ran += 1;
+                    seeds += usize::from(dir == "corpus");
                 }
             }
+            assert!(seeds > 0, "fuzz/corpus/{name} has no seed");
         }
-        assert!(
-            ran >= TARGETS.len(),
-            "the seed corpus is missing ({ran} inputs)"
-        );
     }
 
     /// Each target on small inputs of every shape: empty, one byte of each value, runs.

@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz`: every fuzz target in `fuzz/` for a while, one after the other.
+//! `cargo xtask fuzz`: every fuzz target in `fuzz/` built once, then each run for a while,
+//! one after the other.
 //!
 //! Nightly Rust is not needed: cargo-fuzz asks rustc for AddressSanitizer and coverage
 //! instrumentation with `-Z` flags, which the stable compiler accepts under
@@ -71,6 +72,19 @@ fn add_totals(file: &Path, target: &str, execs: u64, secs: u64) -> (u64, u64) {
     total
 }
 
+/// The host's target triple (where `cargo fuzz build` puts its binaries).
+fn host_triple() -> Result<String> {
+    let out = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("rustc -vV: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .ok_or_else(|| "rustc -vV names no host".to_string())
+}
+
 /// Runs every target (or `only`) for `seconds` each.
 pub fn fuzz(seconds: u64, only: Option<String>) -> Result {
     crate::ensure_cargo_tool("fuzz", CARGO_FUZZ)?;
@@ -83,6 +97,18 @@ pub fn fuzz(seconds: u64, only: Option<String>) -> Result {
             return Err(format!("no fuzz target named {o}"));
         }
     }
+    // One build of every target (libFuzzer, AddressSanitizer, coverage), then each binary
+    // runs on its own: `cargo fuzz run` per target would build again each time.
+    let build = cargo()
+        .current_dir(&fuzz)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "build", "-O"])
+        .status()
+        .map_err(|e| format!("cargo fuzz build: {e}"))?;
+    if !build.success() {
+        return Err(format!("cargo fuzz build: {build}"));
+    }
+    let bins = fuzz.join("target").join(host_triple()?).join("release");
     let stats = work.join("fuzz-stats.tsv");
     let mut crashed = Vec::new();
     let mut report = String::from("target\texecutions\tseconds\ttotal executions\ttotal seconds\n");
@@ -92,13 +118,10 @@ pub fn fuzz(seconds: u64, only: Option<String>) -> Result {
         let artifacts = fuzz.join("artifacts").join(name);
         std::fs::create_dir_all(&artifacts).map_err(|e| e.to_string())?;
         eprintln!("xtask: fuzzing {name} for {seconds} s");
-        let out = cargo()
+        let out = std::process::Command::new(bins.join(name))
             .current_dir(&fuzz)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "run", "-O", name])
             .arg(&corpus)
             .arg(fuzz.join("corpus").join(name))
-            .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .arg("-print_final_stats=1")
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
