@@ -13,6 +13,38 @@ fn code(e: &mysql::Error) -> Option<u16> {
     }
 }
 
+/// The pool's liveness window (a connection idle longer is checked before it is lent),
+/// and a margin for the coarse clock it is read with.
+const LIVENESS_WINDOW: Duration = Duration::from_millis(150);
+
+/// The ids `sql` (a query on the server) lists.
+fn ids(db: &MariaDb, sql: &str) -> Vec<u64> {
+    db.root_sql(sql)
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Kills the server threads `killed` and waits until each has ended (KILL is
+/// asynchronous), then until the pool's liveness window has passed, so that no killed
+/// connection is lent unchecked.
+fn kill_and_let_the_pool_notice(db: &MariaDb, killed: &[u64]) {
+    for id in killed {
+        db.root_sql(&format!("KILL CONNECTION {id}"));
+    }
+    let list: Vec<String> = killed.iter().map(u64::to_string).collect();
+    let listed = format!(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN ({})",
+        list.join(",")
+    );
+    wait_for(|| ids(db, &listed).is_empty(), "the killed threads to end");
+    let ended = std::time::Instant::now();
+    wait_for(
+        || ended.elapsed() > LIVENESS_WINDOW,
+        "the liveness window to pass",
+    );
+}
+
 /// `query_timeout`: a statement waiting on a lock is killed (KILL QUERY) once the
 /// database has been silent that long; the client gets the server's 1317, its
 /// transaction and connection stay, and what it did before the statement commits.
@@ -68,21 +100,40 @@ fn pooled_connections_killed_by_the_server_are_replaced_unseen() {
         let mut clients: Vec<mysql::Conn> = (0..4)
             .map(|_| connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap())
             .collect();
+        let mut pooled = Vec::new();
         for c in &mut clients {
-            c.query_drop("SELECT 1").unwrap();
+            let id: u64 = c.query_first("SELECT CONNECTION_ID()").unwrap().unwrap();
+            pooled.push(id);
         }
-        let killed = db.root_sql(
-            "SELECT GROUP_CONCAT(ID) FROM information_schema.PROCESSLIST WHERE USER = 'app'",
+        let opened = proxy.metric("dbproxy_database_connections_setup_succeeded_total");
+        // Every connection of the database user: the pool's, and the monitor's.
+        let killed = ids(
+            &db,
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app'",
         );
-        for id in killed.trim().split(',').filter(|s| !s.is_empty()) {
-            db.root_sql(&format!("KILL CONNECTION {id}"));
+        for id in &pooled {
+            assert!(
+                killed.contains(id),
+                "[{io}] pooled connection {id} not listed: {killed:?}"
+            );
         }
-        // Past the liveness window (see above).
-        std::thread::sleep(Duration::from_millis(200));
+        kill_and_let_the_pool_notice(&db, &killed);
         for (i, c) in clients.iter_mut().enumerate() {
-            let v: Option<usize> = c.query_first(format!("SELECT {i}")).unwrap();
-            assert_eq!(v, Some(i), "[{io}]");
+            let (v, id): (usize, u64) = c
+                .query_first(format!("SELECT {i}, CONNECTION_ID()"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(v, i, "[{io}]");
+            assert!(
+                !killed.contains(&id),
+                "[{io}] served on killed connection {id}"
+            );
         }
+        let now = proxy.metric("dbproxy_database_connections_setup_succeeded_total");
+        assert!(
+            now > opened,
+            "[{io}] no connection was opened in place of the killed ones"
+        );
     }
 }
 
@@ -112,16 +163,16 @@ fn the_servers_connection_limit_gives_a_clear_error_then_heals() {
             .iter_mut()
             .map(|h| h.connection_id().to_string())
             .collect();
-        let ids = db.root_sql(&format!(
-            "SELECT GROUP_CONCAT(ID) FROM information_schema.PROCESSLIST \
-             WHERE USER = 'app' AND ID NOT IN ({}) AND COMMAND <> 'Query'",
-            keep.join(",")
-        ));
-        for id in ids.trim().split(',').filter(|s| !s.is_empty()) {
-            db.root_sql(&format!("KILL CONNECTION {id}"));
-        }
-        // Past the pool's liveness window, so the killed connections are not lent.
-        std::thread::sleep(Duration::from_millis(200));
+        let pooled = ids(
+            &db,
+            &format!(
+                "SELECT ID FROM information_schema.PROCESSLIST \
+                 WHERE USER = 'app' AND ID NOT IN ({}) AND COMMAND <> 'Query'",
+                keep.join(",")
+            ),
+        );
+        assert!(!pooled.is_empty(), "[{io}] the pool holds a connection");
+        kill_and_let_the_pool_notice(&db, &pooled);
         let e = c
             .query_drop("SELECT 1")
             .expect_err("no database connection can be opened");

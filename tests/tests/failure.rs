@@ -169,17 +169,33 @@ fn bad_clients_get_errors_and_others_are_unaffected() {
 fn idle_clients_are_disconnected_with_an_error() {
     let db = MariaDb::start();
     for io in DRIVERS {
-        let proxy = Proxy::start_full(&db, io, "idle_client_timeout = \"1s\"", "");
-        let mut c = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
-        c.query_drop("SELECT 1").unwrap();
-        // The proxy closes the client once idle_client_timeout passes.
-        wait_for(
-            || proxy.metric("dbproxy_client_connections") == 0,
-            &format!("[{io}] idle client closed"),
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "idle_client_timeout = \"1s\"",
+            "max_connections = 1",
+        );
+        let mut c = RawClient::login(proxy.port, "app", APP_PASSWORD).unwrap();
+        c.query("DO 1");
+        // Once idle_client_timeout passes, dbproxy tells the client why (MariaDB's 4031,
+        // unasked) and closes the connection.
+        let (told, closed) = read_some(&mut c.s, Duration::from_secs(10));
+        assert!(closed, "[{io}] an idle client is disconnected: {told:?}");
+        let err = told.get(4..).unwrap_or_default();
+        assert_eq!(err.first(), Some(&0xff), "[{io}] an error packet: {told:?}");
+        assert_eq!(
+            err.get(1..3),
+            Some(&4031u16.to_le_bytes()[..]),
+            "[{io}] ER_CLIENT_INTERACTION_TIMEOUT: {told:?}"
         );
         assert!(
-            c.query_drop("SELECT 1").is_err(),
-            "[{io}] an idle client is disconnected"
+            String::from_utf8_lossy(err).contains("inactivity (dbproxy idle_client_timeout)"),
+            "[{io}] {}",
+            String::from_utf8_lossy(err)
+        );
+        wait_for(
+            || proxy.metric("dbproxy_client_connections") == 0,
+            &format!("[{io}] idle client counted as closed"),
         );
         // Its backend connection went back to the pool: one connection serves the next one.
         let mut d = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();

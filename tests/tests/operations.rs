@@ -39,8 +39,9 @@ fn sigterm_drains_idle_clients_at_once_and_transactions_at_their_end() {
         tx.query_drop(format!("INSERT INTO {table} VALUES (2)"))
             .unwrap();
         tx.query_drop("COMMIT").unwrap();
-        // ...and the session ends after it.
-        assert!(tx.query_drop("SELECT 1").is_err(), "[{io}]");
+        // ...and the session ends after it, told why.
+        let e = tx.query_drop("SELECT 1").unwrap_err().to_string();
+        assert!(e.contains("1053"), "[{io}] after its transaction: {e}");
         let status = proxy.wait_exit(Duration::from_secs(15));
         assert!(
             status.is_some_and(|s| s.success()),
@@ -66,7 +67,12 @@ fn a_transaction_still_open_at_shutdown_timeout_is_closed_and_rolled_back() {
         proxy.sigterm();
         let status = proxy.wait_exit(Duration::from_secs(15));
         assert!(status.is_some_and(|s| s.success()), "[{io}] {status:?}");
-        assert!(tx.query_drop("COMMIT").is_err(), "[{io}]");
+        // Told at the deadline (1053), before dbproxy went; the COMMIT reads that.
+        let e = tx.query_drop("COMMIT").unwrap_err().to_string();
+        assert!(
+            e.contains("1053"),
+            "[{io}] the COMMIT after shutdown_timeout: {e}"
+        );
         wait_until("the rollback", Duration::from_secs(10), || {
             rows(&db, &table) == "0"
         });

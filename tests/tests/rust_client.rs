@@ -164,6 +164,11 @@ fn change_user_is_authenticated_by_the_proxy() {
         let bad = mysql::ChangeUserOpts::default()
             .with_user(Some("app".into()))
             .with_pass(Some("wrong".into()));
-        assert!(c.change_user(bad).is_err(), "[{io}] wrong password refused");
+        match c.change_user(bad) {
+            Err(mysql::Error::MySqlError(e)) => {
+                assert_eq!(e.code, 1045, "[{io}] wrong password refused: {e}")
+            }
+            other => panic!("[{io}] a wrong password must get 1045: {other:?}"),
+        }
     }
 }
