@@ -398,7 +398,7 @@ mod tests {
                 idle: 2,
                 borrowed: 1,
                 in_transaction: 1,
-                waiting: 0,
+                waiting: 2,
                 pinned: 0,
                 pinned_by_reason: [("cursor".to_string(), 0)].into_iter().collect(),
                 requests: 42,
@@ -432,6 +432,7 @@ mod tests {
                 "2",
                 "1",
                 "1",
+                "2",
                 "0",
                 "42",
                 "0"
