@@ -6,13 +6,14 @@
 //! command); the measured loop never touches the server.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use proxy::config::{BackendAddr, Config};
+use proxy::config::Config;
 use proxy::io::epoll::Epoll;
 use proxy::mysql::consts::{cap, status};
 use proxy::mysql::handshake::ServerHandshake;
 use proxy::mysql::packet::write_packet;
 use proxy::mysql::wire::ok_packet;
 use proxy::pool::{CorePool, GroupShared, PoolKey};
+use proxy::target::BackendAddr;
 use proxy::topology::{Route, Topology};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

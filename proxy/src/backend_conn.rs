@@ -55,10 +55,12 @@ impl<'a> TlsTo<'a> {
     pub fn for_addr(
         tls: &'a crate::tls::BackendTls,
         target: &'a str,
-        addr: &crate::io::BackendAddr,
+        addr: &crate::target::BackendAddr,
     ) -> Option<TlsTo<'a>> {
         match addr {
-            crate::io::BackendAddr::Tcp(_) if tls.config().is_some() => Some(TlsTo { tls, target }),
+            crate::target::BackendAddr::Tcp(_) if tls.config().is_some() => {
+                Some(TlsTo { tls, target })
+            }
             _ => None,
         }
     }

@@ -1,8 +1,7 @@
 //! The TOML configuration: schema, defaults, and validation whose messages name the key.
 
-pub use crate::io::BackendAddr;
 use serde::{Deserialize, Deserializer};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -483,7 +482,7 @@ pub struct TargetGroupConfig {
     pub max_replication_lag: Option<Duration>,
     /// Where a read-only endpoint goes when no reader is fit.
     #[serde(default)]
-    pub reader_fallback: crate::topology::ReaderFallback,
+    pub reader_fallback: crate::target::ReaderFallback,
     /// The monitor's login; defaults to the first user's backend credentials.
     #[serde(default)]
     pub monitor_user: Option<Value>,
@@ -675,44 +674,6 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-/// Where a target is reached: `"host:port"` (each address it resolves to) or
-/// `"unix:/path/to/mysqld.sock"` (a database on this host, through its Unix socket).
-pub fn parse_target(target: &str) -> Result<Vec<BackendAddr>, String> {
-    if let Some(path) = target.strip_prefix("unix:") {
-        if !path.starts_with('/') {
-            return Err(format!(
-                "{target:?}: a Unix socket target needs an absolute path (unix:/run/mysqld/mysqld.sock)"
-            ));
-        }
-        return Ok(vec![BackendAddr::Unix(path.into())]);
-    }
-    Ok(resolve(target)?.into_iter().map(BackendAddr::Tcp).collect())
-}
-
-/// Checks a target's form without resolving it: a name that does not resolve now is
-/// checked again at every health check (DNS may be back, or point elsewhere, later).
-pub fn check_target(target: &str) -> Result<(), String> {
-    if target.starts_with("unix:") {
-        return parse_target(target).map(drop);
-    }
-    match target.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!("{target:?} is not host:port (or unix:/path)")),
-    }
-}
-
-/// Resolves "host:port" to its addresses.
-pub fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
-    let addrs: Vec<SocketAddr> = target
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {target:?} (want host:port): {e}"))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("{target:?} resolves to no address"));
-    }
-    Ok(addrs)
-}
-
 impl Config {
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -888,14 +849,14 @@ impl Config {
                     "{k}.targets: at least one host:port (or unix:/path) is needed"
                 ));
             }
-            if g.targets.len() > crate::topology::MAX_TARGETS {
+            if g.targets.len() > crate::target::MAX_TARGETS {
                 errs.push(format!(
                     "{k}.targets: at most {} targets",
-                    crate::topology::MAX_TARGETS
+                    crate::target::MAX_TARGETS
                 ));
             }
             for (j, t) in g.targets.iter().enumerate() {
-                if let Err(e) = check_target(t) {
+                if let Err(e) = crate::target::check_target(t) {
                     errs.push(format!("{k}.targets[{j}]: {e}"));
                 }
                 if g.targets[..j].contains(t) {
@@ -1037,6 +998,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::{parse_target, BackendAddr};
 
     const CONTRACT: &str = r#"
 [proxy]
@@ -1091,7 +1053,7 @@ backend_password = "db-secret"
         assert_eq!(g.health_check_interval, Duration::from_secs(1));
         assert_eq!(g.failure_threshold, 2);
         assert_eq!(g.max_replication_lag, None);
-        assert_eq!(g.reader_fallback, crate::topology::ReaderFallback::Writer);
+        assert_eq!(g.reader_fallback, crate::target::ReaderFallback::Writer);
     }
 
     /// The example the Debian package installs is valid as it ships.

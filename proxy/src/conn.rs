@@ -27,7 +27,6 @@ use crate::mysql::stmt::{
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
-use crate::runtime::ProxyShared;
 use crate::session::diag::{patched_row, Answer};
 use crate::session::kill::{self, Kill, Target as KillTarget};
 use crate::session::login::{
@@ -38,6 +37,7 @@ use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
 use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
+use crate::shared::ProxyShared;
 use crate::stats::{EndpointStats, GaugeGuard};
 use crate::topology::Route;
 use std::io;

@@ -16,7 +16,7 @@ mod sys;
 mod unix_hook;
 
 use crate::config::GuardConfig;
-use crate::io::BackendAddr;
+use crate::target::BackendAddr;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, LsmCgroup};

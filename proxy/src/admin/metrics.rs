@@ -6,8 +6,8 @@
 //! metrics by `target_group` and `target_role` (`read_write`, `read_only`), per-target
 //! ones by `target_group` and `target`.
 
-use crate::runtime::ProxyShared;
 use crate::session::pins::PinReason;
+use crate::shared::ProxyShared;
 use crate::stats::HistogramSnapshot;
 use crate::topology::TargetRole;
 use prometheus_client::collector::Collector;

@@ -7,7 +7,7 @@ pub mod sql;
 pub mod status;
 
 use crate::config::HttpAuth;
-use crate::runtime::ProxyShared;
+use crate::shared::ProxyShared;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;

@@ -1,8 +1,8 @@
 //! `GET /status`: what dbproxy serves and how, as JSON (the status page, the SQL console
 //! and `dbproxy status` read the same).
 
-use crate::runtime::ProxyShared;
 use crate::session::pins::PinReason;
+use crate::shared::ProxyShared;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

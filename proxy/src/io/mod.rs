@@ -15,6 +15,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::mysql::Header;
+pub use crate::target::BackendAddr;
 
 /// A byte buffer with a read cursor: `data[start..]` is unread; spare capacity after
 /// `data.len()` is where the next read lands.
@@ -140,23 +141,6 @@ impl Buf {
     fn put_vec(&mut self, data: Vec<u8>, start: usize) {
         self.data = data;
         self.start = start;
-    }
-}
-
-/// Where a backend listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendAddr {
-    Tcp(SocketAddr),
-    /// A database on this host, through its Unix socket: no TCP stack on that leg.
-    Unix(std::path::PathBuf),
-}
-
-impl std::fmt::Display for BackendAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BackendAddr::Tcp(a) => a.fmt(f),
-            BackendAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
     }
 }
 

@@ -4,7 +4,6 @@
 //! adopts it as it adopts a connection moved from another core).
 
 use super::{Detached, DetachedSocket};
-use crate::runtime::ProxyShared;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -15,11 +14,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Binds `path` (replacing a stale socket file, never a live one) and starts accepting;
 /// returns each worker's inbox and the accepting thread (it ends, removing the socket
-/// file, once dbproxy drains or stops).
+/// file, once `stopping` says dbproxy drains or stops).
 pub fn start(
     path: &Path,
     workers: usize,
-    shared: Arc<ProxyShared>,
+    stopping: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> io::Result<(
     Vec<UnboundedReceiver<Detached>>,
     std::thread::JoinHandle<()>,
@@ -30,7 +29,7 @@ pub fn start(
     let path = path.to_path_buf();
     let thread = std::thread::Builder::new()
         .name("dbproxy-unix".into())
-        .spawn(move || accept_loop(listener, path, txs, shared))?;
+        .spawn(move || accept_loop(listener, path, txs, stopping))?;
     Ok((rxs, thread))
 }
 
@@ -66,11 +65,11 @@ fn accept_loop(
     listener: UnixListener,
     path: PathBuf,
     inboxes: Vec<UnboundedSender<Detached>>,
-    shared: Arc<ProxyShared>,
+    stopping: Arc<dyn Fn() -> bool + Send + Sync>,
 ) {
     let _file = SocketFile(path);
     let mut next = 0usize;
-    while !shared.is_stopping() {
+    while !stopping() {
         let mut p = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,

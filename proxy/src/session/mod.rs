@@ -10,6 +10,7 @@
 pub mod diag;
 pub mod kill;
 pub mod login;
+pub mod pin_reason;
 pub mod pins;
 pub mod querylog;
 pub mod sql;

@@ -3,75 +3,8 @@
 //! for the next statement (LAST_INSERT_ID(), FOUND_ROWS(), SET TRANSACTION, warnings) is
 //! learnt and replayed instead (see `diag` and `replay`).
 
+pub use super::pin_reason::PinReason;
 use super::sql::SqlInfo;
-
-/// A reason to keep a client on its backend connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PinReason {
-    /// A transaction is open, or autocommit is off.
-    Transaction,
-    /// `LOCK TABLES`, `FLUSH TABLES ... WITH READ LOCK | FOR EXPORT`, until `UNLOCK TABLES`.
-    LockTables,
-    /// `GET_LOCK()`, until every lock is released.
-    GetLock,
-    /// `CREATE [OR REPLACE] TEMPORARY TABLE`, for the session.
-    TemporaryTable,
-    /// Text-protocol `PREPARE`, for the session.
-    TextPrepare,
-    /// `HANDLER ... OPEN`, until every handler is closed.
-    Handler,
-    /// `BACKUP STAGE` / `BACKUP LOCK`, until `BACKUP STAGE END` / `BACKUP UNLOCK`.
-    BackupStage,
-    /// A binary-protocol cursor is open (COM_STMT_EXECUTE with a cursor, then FETCH).
-    Cursor,
-    /// COM_STMT_SEND_LONG_DATA sent parameter data that the next execute consumes.
-    LongData,
-    /// User variables whose values could not be read back (rare; normally they are replayed).
-    UserVariable,
-    /// LOAD DATA LOCAL INFILE: the client streams a file, for that command.
-    LoadData,
-    /// A change of session state dbproxy cannot classify or replay, for the session.
-    Unclassified,
-}
-
-impl PinReason {
-    pub const ALL: [PinReason; 12] = [
-        PinReason::Transaction,
-        PinReason::LockTables,
-        PinReason::GetLock,
-        PinReason::TemporaryTable,
-        PinReason::TextPrepare,
-        PinReason::Handler,
-        PinReason::BackupStage,
-        PinReason::Cursor,
-        PinReason::LongData,
-        PinReason::UserVariable,
-        PinReason::LoadData,
-        PinReason::Unclassified,
-    ];
-
-    /// The metric label.
-    pub fn name(self) -> &'static str {
-        match self {
-            PinReason::Transaction => "transaction",
-            PinReason::LockTables => "lock_tables",
-            PinReason::GetLock => "get_lock",
-            PinReason::TemporaryTable => "temporary_table",
-            PinReason::TextPrepare => "text_prepare",
-            PinReason::Handler => "handler",
-            PinReason::BackupStage => "backup_stage",
-            PinReason::Cursor => "cursor",
-            PinReason::LongData => "long_data",
-            PinReason::UserVariable => "user_variable",
-            PinReason::LoadData => "load_data",
-            PinReason::Unclassified => "unclassified",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
 
 /// The pins a client holds now.
 #[derive(Debug, Default, Clone)]

@@ -7,7 +7,7 @@
 //! comments (`/*!NNNNN ... */`, `/*M!NNNNNN ... */`) as code. Nothing here allocates per
 //! token; only the findings that need it (variable names) own their bytes.
 
-use super::pins::PinReason;
+use super::pin_reason::PinReason;
 
 /// A token's kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 //! was.
 
 use super::{Lag, Snapshot, TargetRole, TargetView};
-use crate::io::BackendAddr;
+use crate::target::BackendAddr;
 use std::time::{Duration, Instant};
 
 /// What a check of one target found.

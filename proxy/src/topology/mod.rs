@@ -11,7 +11,7 @@ pub mod decide;
 pub mod monitor;
 pub mod probe;
 
-use crate::io::BackendAddr;
+pub use crate::target::{BackendAddr, ReaderFallback, MAX_TARGETS};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -99,19 +99,6 @@ pub struct Snapshot {
     pub generation: u64,
     pub writer: Option<usize>,
     pub targets: Vec<TargetView>,
-}
-
-/// `reader_fallback`: where a read-only endpoint goes when no reader is fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReaderFallback {
-    /// Reads go to the writer.
-    #[default]
-    Writer,
-    /// Reads wait (up to `connection_borrow_timeout`) for a fit reader.
-    Wait,
-    /// Reads fail at once.
-    Error,
 }
 
 /// What a pool serves.
@@ -310,10 +297,6 @@ impl Availability {
         Some((100.0 - 100.0 * down / total).clamp(0.0, 100.0))
     }
 }
-
-/// Targets a group may have had (in use and removed by reloads together): per-target
-/// counters are allocated for this many, so that a target added later needs no resize.
-pub const MAX_TARGETS: usize = 64;
 
 /// A target group's topology, shared by its monitor and every core.
 pub struct Topology {

@@ -7,9 +7,10 @@ use super::probe::{self, REPLICAS_SQL, REPLICAS_SQL_MYSQL};
 use super::{Lag, Topology};
 use crate::backend_conn::{BackendConn, BackendError};
 use crate::io::epoll::Epoll;
-use crate::io::{BackendAddr, Driver, Stream};
+use crate::io::{Driver, Stream};
 use crate::mysql::consts::cap;
 use crate::secrets::BackendLogin;
+use crate::target::BackendAddr;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub struct SystemResolver;
 
 impl Resolve for SystemResolver {
     fn resolve(&self, target: &str) -> Result<BackendAddr, String> {
-        crate::config::parse_target(target)?
+        crate::target::parse_target(target)?
             .into_iter()
             .next()
             .ok_or_else(|| format!("{target:?} resolves to no address"))
