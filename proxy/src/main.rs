@@ -50,6 +50,20 @@ enum Command {
     /// Read a password from standard input (one line) and print the `password_hash` value
     /// of a `[[users]]` entry for it.
     HashPassword,
+    /// The null relay, for benchmarks: dbproxy's event loop forwarding bytes between each
+    /// client and a connection to `--target`, with no protocol work (no login, no pool).
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// Worker threads; 0 = one per core.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// `uring` or `epoll`.
+        #[arg(long, default_value = "uring")]
+        io: String,
+    },
     /// Print an IAM login token for `--user` (the analogue of `aws rds
     /// generate-db-auth-token`): an STS GetCallerIdentity request presigned with the
     /// caller's AWS credentials (environment, shared config, instance profile). Log in with
@@ -146,6 +160,24 @@ fn main() -> ExitCode {
         }
     }
     match cli.command {
+        Command::Relay {
+            listen,
+            target,
+            workers,
+            io,
+        } => {
+            let workers = match workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            match proxy::relay::run(listen, target, workers, io == "epoll") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::HashPassword => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().read_line(&mut line) {
@@ -343,7 +375,7 @@ enum Stop {
 
 /// Waits for SIGTERM (drain) or SIGINT (stop now); SIGHUP reloads the configuration
 /// meanwhile (see `ProxyShared::reload`).
-fn wait_for_signal(shared: &std::sync::Arc<proxy::runtime::ProxyShared>) -> Stop {
+fn wait_for_signal(shared: &std::sync::Arc<proxy::shared::ProxyShared>) -> Stop {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

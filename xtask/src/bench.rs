@@ -186,6 +186,8 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
     }
     let mut needed = DB_TOOLS.to_vec();
     needed.push(("sysbench", "sysbench"));
+    // The peer every row is compared with, in the same run.
+    needed.push(("haproxy", "haproxy"));
     needed.push((
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
@@ -366,6 +368,35 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
         }
         None => None,
     };
+    // The floor: dbproxy's own event loop forwarding bytes to MariaDB with no protocol
+    // work (`dbproxy relay`), on io_uring and on epoll.
+    let mut relays = Vec::new();
+    for io in if quick {
+        &["uring"][..]
+    } else {
+        &["uring", "epoll"][..]
+    } {
+        let port = free_port();
+        let mut cmd = Command::new(&release);
+        cmd.args(["relay", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--target", &format!("127.0.0.1:{}", db.port)])
+            .args(["--io", io])
+            .env("DBPROXY_LOG", "warn");
+        let r = spawn_quiet(cmd, &work.path().join(format!("relay-{io}.log")))?;
+        wait_listening(port, "dbproxy relay")?;
+        pids.push(Some(r.id()));
+        targets.push(Target {
+            name: if *io == "uring" {
+                "null relay (dbproxy's loop, io_uring)"
+            } else {
+                "null relay (dbproxy's loop, epoll)"
+            },
+            port,
+            password: DB_PASSWORD,
+            tls: false,
+        });
+        relays.push(r);
+    }
     let mut haproxy = None;
     if have("haproxy") {
         let port = free_port();
@@ -576,6 +607,7 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
     }
     eprintln!("xtask: wrote {}/report.{{md,json,png}}", out_dir.display());
     drop(haproxy);
+    drop(relays);
     drop(baseline_proxy);
     drop(unix_proxy);
     drop(both_proxy);
