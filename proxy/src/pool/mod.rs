@@ -8,6 +8,15 @@
 //! another key so that the budget frees up. Connections are only ever touched by the
 //! worker that holds them.
 
+mod budget;
+mod idle;
+mod key;
+mod ladder;
+mod waiting;
+
+pub use budget::{Budget, Permit};
+pub use key::PoolKey;
+
 use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile, TlsTo};
 use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
@@ -18,14 +27,17 @@ use crate::session::pins::PinReason;
 use crate::stats::{GaugeGuard, Latency};
 use crate::tls::BackendTls;
 use crate::topology::{Choice, Route, Snapshot, Topology};
+use idle::{IdleConn, IdleSet};
+use key::KeyHasher;
 use parking_lot::{Mutex, RwLock};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify};
+use waiting::{LocalWaiters, StarvingQueue, Waiter};
 
 /// Why no backend connection could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -50,79 +62,6 @@ enum AcquireError {
     Unreachable(BorrowError),
     Failed(BorrowError),
 }
-
-/// What a pooled connection was negotiated for: only clients that match may use it.
-#[derive(Debug, Clone)]
-pub struct PoolKey {
-    /// The database login (its password may rotate; connections opened with any version
-    /// of it serve).
-    pub backend: Arc<BackendLogin>,
-    /// The client's `cap::BEHAVIOUR` bits.
-    pub behaviour: u32,
-    /// MariaDB's extended capabilities the client negotiated (each changes what the
-    /// server sends or accepts).
-    pub ext: u32,
-    pub collation: u8,
-    /// Hash of the fields above, computed once: a key is looked up several times per
-    /// statement, and hashing the credentials each time showed in profiles.
-    hash: u64,
-}
-
-impl PoolKey {
-    pub fn new(backend: Arc<BackendLogin>, behaviour: u32, ext: u32, collation: u8) -> Self {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        backend.id.hash(&mut h);
-        behaviour.hash(&mut h);
-        ext.hash(&mut h);
-        collation.hash(&mut h);
-        PoolKey {
-            backend,
-            behaviour,
-            ext,
-            collation,
-            hash: h.finish(),
-        }
-    }
-}
-
-impl std::hash::Hash for PoolKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        h.write_u64(self.hash);
-    }
-}
-
-impl PartialEq for PoolKey {
-    fn eq(&self, o: &Self) -> bool {
-        self.hash == o.hash
-            && self.behaviour == o.behaviour
-            && self.ext == o.ext
-            && self.collation == o.collation
-            && Arc::ptr_eq(&self.backend, &o.backend)
-    }
-}
-
-impl Eq for PoolKey {}
-
-/// Hasher of maps keyed by [`PoolKey`]: the key carries its hash already.
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
-
-type KeyMap<V> = HashMap<PoolKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// Counters a target group keeps (read by status and metrics).
 #[derive(Debug, Default)]
@@ -189,14 +128,11 @@ impl GroupStats {
 /// A connection on its way from one worker to another.
 type Detached = Pooled<crate::io::Detached>;
 
-/// A borrower on some core that found the budget spent.
-struct Starving {
-    key: PoolKey,
-    tx: oneshot::Sender<Detached>,
-    /// A core already closed an idle connection of another key to free the budget for it.
-    freed: bool,
-    /// When it started waiting ([`coarse_now`]).
-    since: Duration,
+/// A handed-over connection's channel: its borrower gave up once the receiver is gone.
+impl<T> Waiter for oneshot::Sender<T> {
+    fn gone(&self) -> bool {
+        self.is_closed()
+    }
 }
 
 /// State of a target group shared by all cores.
@@ -213,18 +149,14 @@ pub struct GroupShared {
     /// Connections borrowed now, per target (readers are chosen by the fewest; counted for
     /// reader pools only).
     pub borrowed_at: Vec<AtomicUsize>,
-    pub budget: Arc<Semaphore>,
-    /// `max_connections` now (a reload changes it; see [`GroupShared::resize`]).
-    max_connections: AtomicUsize,
-    /// Permits still to take out of circulation after `max_connections` shrank below
-    /// what was open: each one given back pays one off instead of returning.
-    debt: Arc<AtomicUsize>,
+    /// `max_connections`, shared by every core.
+    pub budget: Budget,
     /// The settings a reload may change.
     settings: arc_swap::ArcSwap<PoolSettings>,
     pub idle_total: AtomicUsize,
     /// Each core's idle connections, as of its last maintenance round (status).
     cores: Mutex<Vec<Arc<AtomicUsize>>>,
-    starving: Mutex<VecDeque<Starving>>,
+    starving: Mutex<StarvingQueue<PoolKey, oneshot::Sender<Detached>>>,
     /// Entries in `starving` (stale ones included until the next clean-up): lets a
     /// check-in skip the lock in the common case where nobody starves.
     starving_len: AtomicUsize,
@@ -262,13 +194,11 @@ impl GroupShared {
                 crate::topology::MAX_TARGETS.max(cfg.targets.len()),
             ),
             topology,
-            budget: Arc::new(Semaphore::new(cfg.max_connections)),
-            max_connections: AtomicUsize::new(cfg.max_connections),
-            debt: Arc::default(),
+            budget: Budget::new(cfg.max_connections),
             settings: arc_swap::ArcSwap::from_pointee(PoolSettings::of(cfg)),
             idle_total: AtomicUsize::new(0),
             cores: Mutex::default(),
-            starving: Mutex::new(VecDeque::new()),
+            starving: Mutex::default(),
             starving_len: AtomicUsize::new(0),
             starving_notify: Notify::new(),
             init_query: cfg.init_query.clone(),
@@ -292,13 +222,12 @@ impl GroupShared {
 
     /// Backend connections open now (idle and in use, all cores).
     pub fn open_connections(&self) -> usize {
-        (self.max_connections() + self.debt.load(Ordering::Acquire))
-            .saturating_sub(self.budget.available_permits())
+        self.budget.open()
     }
 
     /// `max_connections` now.
     pub fn max_connections(&self) -> usize {
-        self.max_connections.load(Ordering::Acquire)
+        self.budget.max()
     }
 
     /// The settings a reload may change, as of now.
@@ -315,29 +244,9 @@ impl GroupShared {
     }
 
     fn resize(&self, max: usize) {
-        let old = self.max_connections.swap(max, Ordering::AcqRel);
-        if max > old {
-            let mut grow = max - old;
-            // Pay what is still owed first: those permits are in circulation already.
-            while grow > 0 {
-                let d = self.debt.load(Ordering::Acquire);
-                if d == 0 {
-                    break;
-                }
-                let pay = d.min(grow);
-                if self
-                    .debt
-                    .compare_exchange(d, d - pay, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    grow -= pay;
-                }
-            }
-            self.budget.add_permits(grow);
-        } else if max < old {
-            let shrink = old - max;
-            let taken = self.budget.forget_permits(shrink);
-            self.debt.fetch_add(shrink - taken, Ordering::AcqRel);
+        let shrinks = max < self.budget.max();
+        self.budget.resize(max);
+        if shrinks {
             // Idle connections above the new budget close at the next maintenance round.
             self.starving_notify.notify_waiters();
         }
@@ -353,17 +262,9 @@ impl GroupShared {
             .collect()
     }
 
-    /// Wraps a permit of this group's budget.
-    fn permit(&self, p: OwnedSemaphorePermit) -> Permit {
-        Permit {
-            permit: Some(p),
-            debt: self.debt.clone(),
-        }
-    }
-
     /// Whether the budget is owed permits (`max_connections` shrank below what is open).
     pub fn over_budget(&self) -> bool {
-        self.debt.load(Ordering::Acquire) > 0
+        self.budget.over()
     }
 
     /// Whether `c` may still serve this pool's route (its target still has the role, in
@@ -378,10 +279,12 @@ impl GroupShared {
     }
 
     /// Locks the starving queue, dropping borrowers that gave up; the count follows.
-    fn starving_queue(&self) -> parking_lot::MutexGuard<'_, VecDeque<Starving>> {
+    fn starving_queue(
+        &self,
+    ) -> parking_lot::MutexGuard<'_, StarvingQueue<PoolKey, oneshot::Sender<Detached>>> {
         let mut q = self.starving.lock();
-        q.retain(|s| !s.tx.is_closed());
-        self.starving_len.store(q.len(), Ordering::Release);
+        let n = q.prune();
+        self.starving_len.store(n, Ordering::Release);
         q
     }
 
@@ -389,10 +292,9 @@ impl GroupShared {
     /// Gives it back otherwise.
     fn offer_to_starving(&self, mut conn: Detached) -> Option<Detached> {
         let mut q = self.starving_queue();
-        while let Some(i) = q.iter().position(|s| s.key == conn.key) {
-            let Some(s) = q.remove(i) else { break };
+        while let Some(tx) = q.take(&conn.key) {
             self.starving_len.store(q.len(), Ordering::Release);
-            match s.tx.send(conn) {
+            match tx.send(conn) {
                 Ok(()) => {
                     self.stats
                         .moved_between_cores
@@ -410,10 +312,7 @@ impl GroupShared {
         if !self.anyone_starving() {
             return None;
         }
-        self.starving_queue()
-            .iter()
-            .find(|s| s.key == *key)
-            .map(|s| s.since)
+        self.starving_queue().oldest(key)
     }
 
     /// Whether a borrower matching `pred` is starving with nobody having freed budget for
@@ -422,14 +321,7 @@ impl GroupShared {
         if !self.anyone_starving() {
             return false;
         }
-        let mut q = self.starving_queue();
-        match q.iter_mut().find(|s| !s.freed && pred(&s.key)) {
-            Some(s) => {
-                s.freed = true;
-                true
-            }
-            None => false,
-        }
+        self.starving_queue().claim(pred)
     }
 }
 
@@ -459,28 +351,6 @@ impl PoolSettings {
                 .session_pinning_filters
                 .contains(&PinningFilter::ExcludeVariableSets),
             limits: backend::ReadLimits::of(cfg),
-        }
-    }
-}
-
-/// A share of a group's budget. Given back when dropped, unless `max_connections` shrank
-/// below what is open: then it pays one permit of that debt instead.
-pub struct Permit {
-    permit: Option<OwnedSemaphorePermit>,
-    debt: Arc<AtomicUsize>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let Some(p) = self.permit.take() else {
-            return;
-        };
-        let paid = self
-            .debt
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
-            .is_ok();
-        if paid {
-            p.forget();
         }
     }
 }
@@ -680,14 +550,33 @@ pub async fn kill_thread<D: Driver>(
 /// utf8mb4_general_ci: side connections send ASCII only.
 const DEFAULT_COLLATION: u8 = 45;
 
-/// A borrower on this core waiting for a connection of its key, and since when.
-type Waiter<S> = (Duration, oneshot::Sender<Pooled<S>>);
+/// Maps keyed by [`PoolKey`], which carries its hash.
+type KeyHash = BuildHasherDefault<KeyHasher>;
+
+/// A core's borrowers waiting for a connection of their key, each with its channel.
+type Waiters<S> = LocalWaiters<PoolKey, oneshot::Sender<Pooled<S>>, KeyHash>;
+
+impl<S> IdleConn for Pooled<S> {
+    fn target(&self) -> usize {
+        self.target
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    fn schema(&self) -> Option<&[u8]> {
+        self.conn.session.schema.as_deref()
+    }
+    fn idle_since(&self) -> Duration {
+        self.idle_since
+    }
+}
 
 /// One core's pool for one target group.
 pub struct CorePool<D: Driver> {
     pub shared: Arc<GroupShared>,
-    idle: RefCell<KeyMap<Vec<Pooled<D::Stream>>>>,
-    waiters: RefCell<KeyMap<VecDeque<Waiter<D::Stream>>>>,
+    idle: RefCell<IdleSet<PoolKey, Pooled<D::Stream>, KeyHash>>,
+    /// Borrowers on this core waiting for a connection of their key.
+    waiters: RefCell<Waiters<D::Stream>>,
     /// The topology generation idle connections were last checked against.
     pruned: Cell<u64>,
     /// This core's idle count, published for status.
@@ -857,8 +746,7 @@ impl<D: Driver> CorePool<D> {
             if let Some(c) = self.take_idle(key, db, target, epoch) {
                 return Ok(c);
             }
-            if let Ok(permit) = self.shared.budget.clone().try_acquire_owned() {
-                let permit = self.shared.permit(permit);
+            if let Some(permit) = self.shared.budget.try_take() {
                 return self.open(key, permit, target, epoch).await;
             }
             // The budget is spent: close an idle connection of another key on this core.
@@ -868,30 +756,21 @@ impl<D: Driver> CorePool<D> {
             // Wait for a connection from this core, one moved from another core, or budget.
             let since = coarse_now();
             let (tx, mut rx) = oneshot::channel();
-            self.waiters
-                .borrow_mut()
-                .entry(key.clone())
-                .or_default()
-                .push_back((since, tx));
+            self.waiters.borrow_mut().push(key.clone(), since, tx);
             let (rtx, mut rrx) = oneshot::channel();
             {
                 let mut q = self.shared.starving.lock();
-                q.push_back(Starving {
-                    key: key.clone(),
-                    tx: rtx,
-                    freed: false,
-                    since,
-                });
+                q.push(key.clone(), since, rtx);
                 self.shared.starving_len.store(q.len(), Ordering::Release);
             }
             self.shared.starving_notify.notify_waiters();
-            let budget = self.shared.budget.clone();
+            let budget = &self.shared.budget;
             let first = tokio::time::timeout_at(deadline, async {
                 tokio::select! {
                     biased;
                     Ok(c) = &mut rx => Some(Got::Local(c)),
                     Ok(c) = &mut rrx => Some(Got::Moved(c)),
-                    p = budget.acquire_owned() => p.ok().map(|p| Got::Budget(self.shared.permit(p))),
+                    p = budget.take() => p.map(Got::Budget),
                     else => None,
                 }
             })
@@ -956,7 +835,7 @@ impl<D: Driver> CorePool<D> {
     }
 
     /// An idle connection for `key` to `target` in `epoch`, preferring one already on
-    /// `db`; dead ones are dropped.
+    /// `db` (see [`IdleSet::take`]); dead ones are dropped.
     fn take_idle(
         &self,
         key: &PoolKey,
@@ -964,45 +843,36 @@ impl<D: Driver> CorePool<D> {
         target: usize,
         epoch: u64,
     ) -> Option<Pooled<D::Stream>> {
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(key)?;
-        loop {
-            let mine = |c: &Pooled<D::Stream>| c.target == target && c.epoch == epoch;
-            let i = list
-                .iter()
-                .rposition(|c| mine(c) && c.session.schema.as_deref() == db)
-                .or_else(|| list.iter().rposition(mine))?;
-            let c = list.swap_remove(i);
+        let mut dead = Vec::new();
+        let c = self.idle.borrow_mut().take(
+            key,
+            db,
+            target,
+            epoch,
+            coarse_now(),
+            CHECK_AFTER_IDLE,
+            |c| c.stream.idle_healthy(),
+            &mut dead,
+        );
+        if c.is_some() {
             self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
-            if coarse_now().saturating_sub(c.idle_since) < CHECK_AFTER_IDLE
-                || c.stream.idle_healthy()
-            {
-                return Some(c);
-            }
-            self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "dropping a dead idle backend connection");
         }
+        for d in dead {
+            self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
+            self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(group = %self.shared.name, thread_id = d.thread_id, "dropping a dead idle backend connection");
+        }
+        c
     }
 
     /// Closes idle connections whose target no longer serves this pool's route (the
     /// writer changed, a reader went away, an address moved).
     fn prune_stale(&self, snap: &Snapshot) {
         self.pruned.set(snap.generation);
-        let mut stale = Vec::new();
-        {
-            let mut idle = self.idle.borrow_mut();
-            for list in idle.values_mut() {
-                let mut i = 0;
-                while i < list.len() {
-                    if self.shared.still_valid(snap, &list[i]) {
-                        i += 1;
-                    } else {
-                        stale.push(list.swap_remove(i));
-                    }
-                }
-            }
-            idle.retain(|_, l| !l.is_empty());
-        }
+        let stale = self
+            .idle
+            .borrow_mut()
+            .remove_unless(|c| self.shared.still_valid(snap, c));
         if stale.is_empty() {
             return;
         }
@@ -1018,20 +888,14 @@ impl<D: Driver> CorePool<D> {
 
     /// Closes one idle connection (of any key but `keep`), freeing its budget.
     fn evict_one_local(&self, keep: Option<&PoolKey>) -> bool {
-        let mut idle = self.idle.borrow_mut();
-        for (k, list) in idle.iter_mut() {
-            if Some(k) == keep {
-                continue;
-            }
-            if let Some(c) = list.pop() {
-                tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "closing an idle connection to free the budget");
-                self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
-                self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-                tokio::task::spawn_local(c.quit());
-                return true;
-            }
-        }
-        false
+        let Some(c) = self.idle.borrow_mut().evict_one(keep) else {
+            return false;
+        };
+        tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "closing an idle connection to free the budget");
+        self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
+        self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_local(c.quit());
+        true
     }
 
     /// Opens a connection to `target`, if it still serves the route in `epoch`.
@@ -1196,6 +1060,7 @@ impl<D: Driver> CorePool<D> {
         tokio::task::spawn_local(conn.quit());
     }
 
+    /// Climbs the check-in ladder ([`ladder`]) with a connection given back.
     fn checkin(&self, mut conn: Pooled<D::Stream>) {
         conn.idle_since = coarse_now();
         if !self.shared.still_valid(&self.shared.topology.load(), &conn) {
@@ -1203,73 +1068,50 @@ impl<D: Driver> CorePool<D> {
             return;
         }
         let max_lifetime = self.shared.settings().max_lifetime;
-        if !max_lifetime.is_zero() && conn.conn.created.elapsed() >= max_lifetime {
+        if ladder::expired(conn.conn.created.elapsed(), max_lifetime) {
             self.close(conn, "max_connection_lifetime reached");
             return;
         }
-        // 1. Whoever of the same key has waited longest: a borrower on another core that
-        //    starves since before this core's first waiter gets it moved over (serving this
-        //    core first could starve the other for as long as this one stays busy).
-        if let Some(remote) = self.shared.oldest_starving(&conn.key) {
-            let local = self
-                .waiters
-                .borrow()
-                .get(&conn.key)
-                .and_then(|q| q.iter().find(|(_, tx)| !tx.is_closed()).map(|(t, _)| *t));
-            if local.is_none_or(|l| remote < l) {
-                conn = match self.move_to_starving(conn) {
-                    Some(c) => c,
-                    None => return,
-                };
-            }
+        let remote = self.shared.oldest_starving(&conn.key);
+        let local = self.waiters.borrow().oldest(&conn.key);
+        if ladder::remote_first(remote, local) {
+            conn = match self.move_to_starving(conn) {
+                Some(c) => c,
+                None => return,
+            };
         }
-        // 2. A borrower on this core for the same key.
         loop {
-            let tx = self
-                .waiters
-                .borrow_mut()
-                .get_mut(&conn.key)
-                .and_then(|q| q.pop_front())
-                .map(|(_, tx)| tx);
-            let Some(tx) = tx else { break };
+            let Some(tx) = self.waiters.borrow_mut().pop(&conn.key) else {
+                break;
+            };
             match tx.send(conn) {
                 Ok(()) => return,
                 Err(back) => conn = back,
             }
         }
-        // 3. A starving borrower of the same key on another core.
         let conn = match self.move_to_starving(conn) {
             Some(c) => c,
             None => return,
         };
-        // 4. A starving borrower of another key: free the budget for it.
         let sh = &self.shared;
-        if sh.claim_starving(|k| *k != conn.key)
-            || sh.idle_total.load(Ordering::Acquire) >= sh.settings().max_idle
-            || sh.over_budget()
-        {
-            tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection (budget wanted elsewhere or max_idle_connections reached)");
-            sh.stats.closed.fetch_add(1, Ordering::Relaxed);
-            tokio::task::spawn_local(conn.quit());
-            return;
+        let claimed = sh.claim_starving(|k| *k != conn.key);
+        let idle = sh.idle_total.load(Ordering::Acquire);
+        match ladder::park(claimed, idle, sh.settings().max_idle, sh.over_budget()) {
+            ladder::Park::Idle => {
+                sh.idle_total.fetch_add(1, Ordering::AcqRel);
+                self.idle.borrow_mut().push(conn.key.clone(), conn);
+            }
+            ladder::Park::Close(why) => {
+                tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection: {why}");
+                sh.stats.closed.fetch_add(1, Ordering::Relaxed);
+                tokio::task::spawn_local(conn.quit());
+            }
         }
-        sh.idle_total.fetch_add(1, Ordering::AcqRel);
-        self.idle
-            .borrow_mut()
-            .entry(conn.key.clone())
-            .or_default()
-            .push(conn);
     }
 
     /// Offers a connection to another core's starving borrower; `Some` gives it back.
     fn move_to_starving(&self, conn: Pooled<D::Stream>) -> Option<Pooled<D::Stream>> {
-        if !self.shared.anyone_starving()
-            || self
-                .shared
-                .starving_queue()
-                .iter()
-                .all(|s| s.key != conn.key)
-        {
+        if !self.shared.anyone_starving() || !self.shared.starving_queue().wants(&conn.key) {
             return Some(conn);
         }
         let detached = match conn.map_stream(D::detach) {
@@ -1310,12 +1152,15 @@ impl<D: Driver> CorePool<D> {
             self.serve_starving();
             // max_connections shrank below what is open: idle connections go first.
             // (Each closed connection pays off one permit once it has said goodbye.)
-            for _ in 0..self.shared.debt.load(Ordering::Acquire) {
+            for _ in 0..self.shared.budget.owed() {
                 if !self.evict_one_local(None) {
                     break;
                 }
             }
             self.idle_now.store(self.idle_count(), Ordering::Relaxed);
+            // Borrowers that gave up leave their entries behind until a connection of
+            // their key comes back: forget them here.
+            self.waiters.borrow_mut().prune();
             if dead_check.elapsed() >= Duration::from_secs(1) {
                 dead_check = tokio::time::Instant::now();
                 self.prune_dead();
@@ -1324,63 +1169,42 @@ impl<D: Driver> CorePool<D> {
     }
 
     fn serve_starving(&self) {
-        let wanted: Vec<PoolKey> = {
-            self.shared
-                .starving_queue()
-                .iter()
-                .map(|s| s.key.clone())
-                .collect()
-        };
+        let wanted: Vec<PoolKey> = self.shared.starving_queue().keys().cloned().collect();
         for key in wanted {
-            let idle = self.idle.borrow_mut().get_mut(&key).and_then(Vec::pop);
+            let idle = self.idle.borrow_mut().take_any(&key);
             if let Some(c) = idle {
                 self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
                 if let Some(back) = self.move_to_starving(c) {
                     self.shared.idle_total.fetch_add(1, Ordering::AcqRel);
-                    self.idle
-                        .borrow_mut()
-                        .entry(back.key.clone())
-                        .or_default()
-                        .push(back);
+                    self.idle.borrow_mut().push(back.key.clone(), back);
                 }
-            } else if self.has_idle_except(&key) && self.shared.claim_starving(|k| *k == key) {
+            } else if self.idle.borrow().has_other_than(&key)
+                && self.shared.claim_starving(|k| *k == key)
+            {
                 self.evict_one_local(Some(&key));
             }
         }
     }
 
-    fn has_idle_except(&self, key: &PoolKey) -> bool {
-        self.idle
-            .borrow()
-            .iter()
-            .any(|(k, l)| k != key && !l.is_empty())
-    }
-
+    /// Drops idle connections the backend closed (or that received bytes unasked).
     fn prune_dead(&self) {
-        let mut idle = self.idle.borrow_mut();
-        for list in idle.values_mut() {
-            let before = list.len();
-            list.retain(|c| c.stream.idle_healthy());
-            let gone = before - list.len();
-            if gone > 0 {
-                self.shared.idle_total.fetch_sub(gone, Ordering::AcqRel);
-                self.shared
-                    .stats
-                    .closed
-                    .fetch_add(gone as u64, Ordering::Relaxed);
-            }
+        let gone = self
+            .idle
+            .borrow_mut()
+            .remove_unless(|c| c.stream.idle_healthy())
+            .len();
+        if gone > 0 {
+            self.shared.idle_total.fetch_sub(gone, Ordering::AcqRel);
+            self.shared
+                .stats
+                .closed
+                .fetch_add(gone as u64, Ordering::Relaxed);
         }
-        idle.retain(|_, l| !l.is_empty());
     }
 
     /// Closes every idle connection on this core (shutdown).
     pub async fn close_idle(&self) {
-        let all: Vec<_> = self
-            .idle
-            .borrow_mut()
-            .drain()
-            .flat_map(|(_, l)| l)
-            .collect();
+        let all = self.idle.borrow_mut().drain();
         self.shared
             .idle_total
             .fetch_sub(all.len(), Ordering::AcqRel);
@@ -1391,7 +1215,7 @@ impl<D: Driver> CorePool<D> {
 
     /// Idle connections on this core.
     pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+        self.idle.borrow().len()
     }
 }
 

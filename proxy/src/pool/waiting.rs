@@ -1,0 +1,217 @@
+//! Who waits for a connection: borrowers on this core, by key, and borrowers on any core
+//! that found the budget spent ("starving"), in the order they started waiting. Plain
+//! queues over any handle that can tell whether its borrower gave up; the pool owns the
+//! channels behind the handles.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::time::Duration;
+
+/// A waiting borrower's handle.
+pub trait Waiter {
+    /// The borrower gave up (timed out, left): nothing is handed to it any more.
+    fn gone(&self) -> bool;
+}
+
+/// Borrowers on this core waiting for a connection of their key, oldest first.
+#[derive(Debug)]
+pub struct LocalWaiters<K, W, S> {
+    by_key: HashMap<K, VecDeque<(Duration, W)>, S>,
+}
+
+impl<K, W, S: Default> Default for LocalWaiters<K, W, S> {
+    fn default() -> Self {
+        LocalWaiters {
+            by_key: HashMap::with_hasher(S::default()),
+        }
+    }
+}
+
+impl<K: Hash + Eq, W: Waiter, S: BuildHasher> LocalWaiters<K, W, S> {
+    /// `w` waits for `key` since `since`.
+    pub fn push(&mut self, key: K, since: Duration, w: W) {
+        self.by_key.entry(key).or_default().push_back((since, w));
+    }
+
+    /// Since when the longest-waiting borrower of `key` that has not given up waits.
+    pub fn oldest(&self, key: &K) -> Option<Duration> {
+        self.by_key
+            .get(key)?
+            .iter()
+            .find(|(_, w)| !w.gone())
+            .map(|(t, _)| *t)
+    }
+
+    /// The longest-waiting borrower of `key` that has not given up (those that gave up
+    /// before it are dropped).
+    pub fn pop(&mut self, key: &K) -> Option<W> {
+        let q = self.by_key.get_mut(key)?;
+        let w = loop {
+            let (_, w) = q.pop_front()?;
+            if !w.gone() {
+                break w;
+            }
+        };
+        if q.is_empty() {
+            self.by_key.remove(key);
+        }
+        Some(w)
+    }
+
+    /// Forgets borrowers that gave up.
+    pub fn prune(&mut self) {
+        for q in self.by_key.values_mut() {
+            q.retain(|(_, w)| !w.gone());
+        }
+        self.by_key.retain(|_, q| !q.is_empty());
+    }
+
+    /// Borrowers waiting (those that gave up and were not pruned included).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_key.values().map(VecDeque::len).sum()
+    }
+}
+
+/// A borrower on some core that found the budget spent.
+#[derive(Debug)]
+pub struct Starving<K, W> {
+    pub key: K,
+    pub waiter: W,
+    /// A core already closed an idle connection of another key to free budget for it.
+    pub freed: bool,
+    /// When it started waiting.
+    pub since: Duration,
+}
+
+/// Every core's starving borrowers of one group, oldest first.
+#[derive(Debug)]
+pub struct StarvingQueue<K, W> {
+    q: VecDeque<Starving<K, W>>,
+}
+
+impl<K, W> Default for StarvingQueue<K, W> {
+    fn default() -> Self {
+        StarvingQueue { q: VecDeque::new() }
+    }
+}
+
+impl<K: PartialEq, W: Waiter> StarvingQueue<K, W> {
+    pub fn push(&mut self, key: K, since: Duration, waiter: W) {
+        self.q.push_back(Starving {
+            key,
+            waiter,
+            freed: false,
+            since,
+        });
+    }
+
+    /// Forgets borrowers that gave up; how many are left.
+    pub fn prune(&mut self) -> usize {
+        self.q.retain(|s| !s.waiter.gone());
+        self.q.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// The longest-waiting borrower of `key`, taken out of the queue.
+    pub fn take(&mut self, key: &K) -> Option<W> {
+        let i = self.q.iter().position(|s| s.key == *key)?;
+        self.q.remove(i).map(|s| s.waiter)
+    }
+
+    /// Since when the longest-waiting borrower of `key` waits.
+    pub fn oldest(&self, key: &K) -> Option<Duration> {
+        self.q.iter().find(|s| s.key == *key).map(|s| s.since)
+    }
+
+    /// Whether a borrower of `key` is waiting.
+    pub fn wants(&self, key: &K) -> bool {
+        self.q.iter().any(|s| s.key == *key)
+    }
+
+    /// Marks the longest-waiting borrower whose key `pred` accepts, and for whom nobody
+    /// freed budget yet, as served by a connection closed for it; whether there was one.
+    pub fn claim(&mut self, pred: impl Fn(&K) -> bool) -> bool {
+        match self.q.iter_mut().find(|s| !s.freed && pred(&s.key)) {
+            Some(s) => {
+                s.freed = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The keys waited for, oldest first.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.q.iter().map(|s| &s.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// A waiter that can give up from outside.
+    #[derive(Debug, Clone)]
+    struct W(u32, Rc<Cell<bool>>);
+
+    impl Waiter for W {
+        fn gone(&self) -> bool {
+            self.1.get()
+        }
+    }
+
+    fn w(id: u32) -> W {
+        W(id, Rc::new(Cell::new(false)))
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn local_waiters_are_served_oldest_first_and_those_that_left_are_skipped() {
+        let mut l: LocalWaiters<&str, W, std::collections::hash_map::RandomState> =
+            LocalWaiters::default();
+        let (a, b, c) = (w(1), w(2), w(3));
+        l.push("k", ms(10), a.clone());
+        l.push("k", ms(20), b.clone());
+        l.push("other", ms(5), c);
+        assert_eq!(l.oldest(&"k"), Some(ms(10)));
+        a.1.set(true);
+        assert_eq!(l.oldest(&"k"), Some(ms(20)), "the first one left");
+        assert_eq!(l.pop(&"k").map(|w| w.0), Some(2));
+        assert_eq!(l.pop(&"k").map(|w| w.0), None);
+        assert_eq!(l.len(), 1);
+        l.push("k", ms(30), b.clone());
+        b.1.set(true);
+        l.prune();
+        assert_eq!(l.len(), 1, "only other's is left");
+    }
+
+    #[test]
+    fn starving_borrowers_are_taken_by_key_and_claimed_once() {
+        let mut q: StarvingQueue<&str, W> = StarvingQueue::default();
+        let (a, b, c) = (w(1), w(2), w(3));
+        q.push("x", ms(1), a.clone());
+        q.push("y", ms(2), b);
+        q.push("x", ms(3), c);
+        assert_eq!(q.oldest(&"x"), Some(ms(1)));
+        assert!(q.wants(&"y") && !q.wants(&"z"));
+        // Budget freed for a key other than x: y's borrower, once only.
+        assert!(q.claim(|k| *k != "x"));
+        assert!(!q.claim(|k| *k != "x"), "y was served already");
+        assert!(q.claim(|k| *k == "x"), "x's first");
+        assert_eq!(q.keys().copied().collect::<Vec<_>>(), vec!["x", "y", "x"]);
+        a.1.set(true);
+        assert_eq!(q.prune(), 2);
+        assert_eq!(q.take(&"x").map(|w| w.0), Some(3));
+        assert_eq!(q.take(&"x").map(|w| w.0), None);
+        assert_eq!(q.len(), 1);
+    }
+}
