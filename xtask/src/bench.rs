@@ -35,6 +35,10 @@ struct Cell {
     /// CPU seconds used by mariadbd and by the target's own process during the run.
     db_cpu: f64,
     proxy_cpu: Option<f64>,
+    /// The proxy's CPU seconds split into user and kernel time, and the system calls it
+    /// made (counted by `perf stat`, when perf runs here).
+    proxy_split: Option<(f64, f64)>,
+    proxy_syscalls: Option<f64>,
 }
 
 /// One benchmark, all targets.
@@ -56,6 +60,52 @@ enum Kind {
         workers: u32,
         unit: &'static str,
     },
+}
+
+/// CPU seconds in user and in kernel mode a process has used so far.
+fn cpu_split(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (field(11) / hz, field(12) / hz)
+}
+
+/// Counts the system calls of a process while it runs (`perf stat` on
+/// `raw_syscalls:sys_enter`, every thread); None where perf cannot count here.
+struct SyscallCount {
+    perf: Child,
+    out: PathBuf,
+}
+
+impl SyscallCount {
+    fn start(pid: u32, work: &Path) -> Option<SyscallCount> {
+        let out = work.join(format!("perf-{pid}.csv"));
+        let perf = Command::new("perf")
+            .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(SyscallCount { perf, out })
+    }
+
+    /// Stops counting; the count.
+    fn stop(mut self) -> Option<f64> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        self.perf.wait().ok()?;
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    }
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -186,8 +236,9 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
     }
     let mut needed = DB_TOOLS.to_vec();
     needed.push(("sysbench", "sysbench"));
-    // The peer every row is compared with, in the same run.
+    // The peer every row is compared with, in the same run; perf counts system calls.
     needed.push(("haproxy", "haproxy"));
+    needed.push(("perf", "linux-perf"));
     needed.push((
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
@@ -677,9 +728,13 @@ fn measure(
                     continue;
                 }
                 let conns0 = db_connections(db);
+                let counting = pid.and_then(|p| SyscallCount::start(p, m.work));
                 let (db0, p0) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                let s0 = pid.map(cpu_split);
                 let out = sysbench(t.port, t.password, &args, t.tls.then_some(m.tls_dir));
                 let (db1, p1) = (cpu_seconds(db_pid), pid.map(cpu_seconds));
+                let s1 = pid.map(cpu_split);
+                let syscalls = counting.and_then(SyscallCount::stop);
                 // The second reading's own connection is counted too.
                 let conns = db_connections(db).saturating_sub(conns0 + 1);
                 let Some(value) = per_sec(&out, field) else {
@@ -699,6 +754,8 @@ fn measure(
                     db_connections: 0,
                     db_cpu: 0.0,
                     proxy_cpu: pid.map(|_| 0.0),
+                    proxy_split: pid.map(|_| (0.0, 0.0)),
+                    proxy_syscalls: Some(0.0),
                 });
                 c.rounds.push(value);
                 c.value = c.rounds.iter().sum::<f64>() / c.rounds.len() as f64;
@@ -708,6 +765,15 @@ fn measure(
                 if let (Some(acc), Some(a), Some(b)) = (c.proxy_cpu.as_mut(), p0, p1) {
                     *acc += b - a;
                 }
+                if let (Some(acc), Some(a), Some(b)) = (c.proxy_split.as_mut(), s0, s1) {
+                    acc.0 += b.0 - a.0;
+                    acc.1 += b.1 - a.1;
+                }
+                // A round perf could not count leaves the row without a count.
+                c.proxy_syscalls = match (c.proxy_syscalls, syscalls) {
+                    (Some(acc), Some(n)) => Some(acc + n),
+                    _ => None,
+                };
             }
         }
         rows.push(Row {
@@ -759,7 +825,19 @@ fn table(rows: &[Row], targets: &[Target]) -> String {
                     let ratio = direct.map(|d| c.value / d).unwrap_or(f64::NAN);
                     let us = |cpu: f64| 1e6 * cpu / c.ops.max(1.0);
                     let cpu = match c.proxy_cpu {
-                        Some(p) => format!("db {:.0} µs, proxy {:.0} µs", us(c.db_cpu), us(p)),
+                        Some(p) => {
+                            let split = c.proxy_split.map_or(String::new(), |(u, k)| {
+                                format!(" (user {:.1}, kernel {:.1})", us(u), us(k))
+                            });
+                            let calls = c.proxy_syscalls.map_or(String::new(), |n| {
+                                format!(", {:.2} syscalls", n / c.ops.max(1.0))
+                            });
+                            format!(
+                                "db {:.0} µs, proxy {:.1} µs{split}{calls}",
+                                us(c.db_cpu),
+                                us(p)
+                            )
+                        }
                         None => format!("db {:.0} µs", us(c.db_cpu)),
                     };
                     let spread = if c.rounds.len() > 1 {
@@ -969,7 +1047,7 @@ fn json_rows(rows: &[Row], targets: &[Target]) -> String {
             .zip(&r.cells)
             .map(|(t, c)| match c {
                 Some(c) => format!(
-                    "\"{}\": {{\"value\": {:.1}, \"rounds\": [{}], \"ops\": {:.0}, \"db_connections\": {}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}}}",
+                    "\"{}\": {{\"value\": {:.1}, \"rounds\": [{}], \"ops\": {:.0}, \"db_connections\": {}, \"db_cpu_s\": {:.2}, \"proxy_cpu_s\": {}, \"proxy_user_s\": {}, \"proxy_kernel_s\": {}, \"proxy_syscalls\": {}}}",
                     t.name,
                     c.value,
                     c.rounds
@@ -980,7 +1058,10 @@ fn json_rows(rows: &[Row], targets: &[Target]) -> String {
                     c.ops,
                     c.db_connections,
                     c.db_cpu,
-                    c.proxy_cpu.map_or("null".into(), |p| format!("{p:.2}"))
+                    c.proxy_cpu.map_or("null".into(), |p| format!("{p:.2}")),
+                    c.proxy_split.map_or("null".into(), |(u, _)| format!("{u:.3}")),
+                    c.proxy_split.map_or("null".into(), |(_, k)| format!("{k:.3}")),
+                    c.proxy_syscalls.map_or("null".into(), |n| format!("{n:.0}"))
                 ),
                 None => format!("\"{}\": null", t.name),
             })
@@ -1093,7 +1174,32 @@ mod tests {
             db_connections: 0,
             db_cpu: 0.0,
             proxy_cpu: cpu,
+            proxy_split: None,
+            proxy_syscalls: None,
         })
+    }
+
+    /// The table shows the proxy's CPU per query split into user and kernel time, and its
+    /// system calls per query, next to the total.
+    #[test]
+    fn the_table_shows_user_and_kernel_time_and_system_calls_per_query() {
+        let targets = [target("direct"), target("dbproxy")];
+        let mut proxied = cell(500.0, Some(0.15)).unwrap();
+        proxied.proxy_split = Some((0.05, 0.10));
+        proxied.proxy_syscalls = Some(10_000.0);
+        let rows = [Row {
+            name: "oltp_point_select 8 thr, prepared".into(),
+            unit: "qps",
+            cells: vec![cell(1000.0, None), Some(proxied)],
+        }];
+        let t = table(&rows, &targets);
+        assert!(
+            t.contains("proxy 30.0 µs (user 10.0, kernel 20.0), 2.00 syscalls"),
+            "{t}"
+        );
+        let j = json_rows(&rows, &targets);
+        assert!(j.contains("\"proxy_user_s\": 0.050"), "{j}");
+        assert!(j.contains("\"proxy_syscalls\": 10000"), "{j}");
     }
 
     #[test]
