@@ -3,7 +3,7 @@
 //! scratch buffer of the worker's (lent to the handler as the io_uring loop lends its
 //! provided buffers), sends are tried at once and continued when the socket is writable.
 
-use super::{nodelay, peer_of, Ctl, Event, EventLoop, Op, Token, Waker};
+use super::{nodelay, peer_of, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -44,6 +44,9 @@ pub struct EpollLoop {
     ready: Vec<Token>,
     /// Events made while applying operations (a send done at once, a failed connect).
     immediate: Vec<Pending>,
+    /// Accepting failed: the listeners (level-triggered) are not watched until this time,
+    /// or every turn would fail again at once.
+    accept: AcceptPause,
 }
 
 /// An event found while applying operations, delivered in the same turn.
@@ -54,9 +57,13 @@ enum Pending {
 }
 
 fn ctl_add(ep: RawFd, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, events, data)
+}
+
+fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: data };
     // SAFETY: valid epoll and socket descriptors, and a valid event struct.
-    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -89,6 +96,7 @@ impl EpollLoop {
             events: Vec::with_capacity(EVENTS),
             ready: Vec::new(),
             immediate: Vec::new(),
+            accept: AcceptPause::default(),
         })
     }
 
@@ -319,6 +327,17 @@ impl EpollLoop {
         }
     }
 
+    /// Turns the listeners' readiness on or off (off while accepting is paused).
+    fn watch_listeners(&self, on: bool) {
+        let events = if on { libc::EPOLLIN as u32 } else { 0 };
+        for (i, l) in self.listeners.iter().enumerate() {
+            let (ep, fd) = (self.epoll.as_raw_fd(), l.as_raw_fd());
+            if let Err(e) = epoll_ctl(ep, libc::EPOLL_CTL_MOD, fd, events, LISTENER | i as u64) {
+                tracing::warn!("cannot change a listener's readiness: {e}");
+            }
+        }
+    }
+
     fn accept_all(&mut self, i: usize, handle: &mut impl FnMut(&mut Ctl, Event<'_>)) {
         let Some(l) = self.listeners.get(i).map(|l| l.as_raw_fd()) else {
             return;
@@ -339,13 +358,15 @@ impl EpollLoop {
                     io::ErrorKind::WouldBlock => return,
                     io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
                     _ => {
-                        tracing::warn!("accept failed: {e}");
+                        self.accept.failed(&e);
+                        self.watch_listeners(false);
                         return;
                     }
                 }
             }
             // SAFETY: accept4's result is a new descriptor we own.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            self.accept.accepted();
             nodelay(fd);
             let peer = peer_of(fd);
             handle(
@@ -378,6 +399,10 @@ impl EventLoop for EpollLoop {
     ) -> io::Result<()> {
         self.apply();
         self.flush_immediate(handle);
+        if self.accept.ran_out() {
+            self.watch_listeners(true);
+        }
+        let timeout = self.accept.limit(timeout);
         // Reads owed from before (receiving turned on for a socket that had bytes).
         for t in std::mem::take(&mut self.ready) {
             self.read_slot(t, handle);

@@ -264,6 +264,68 @@ pub trait EventLoop {
     ) -> io::Result<()>;
 }
 
+/// How long accepting pauses after it failed (out of descriptors or memory): retrying at
+/// once would spin, and the connections wait in the listen queue meanwhile.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepting paused after a failure: when to try again, and whether the failure was
+/// already logged (one warning per episode, not one per retry).
+#[derive(Debug, Default)]
+struct AcceptPause {
+    until: Option<std::time::Instant>,
+    failing: bool,
+}
+
+impl AcceptPause {
+    /// An accept failed: pause for [`ACCEPT_BACKOFF`].
+    fn failed(&mut self, e: &io::Error) {
+        if !std::mem::replace(&mut self.failing, true) {
+            tracing::warn!("accept failed, pausing it {ACCEPT_BACKOFF:?} at a time: {e}");
+        } else {
+            tracing::debug!("accept failed again: {e}");
+        }
+        self.until = Some(std::time::Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    /// A connection was accepted: an episode of failures, if any, is over.
+    fn accepted(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("accepting connections again");
+        }
+    }
+
+    /// Whether accepting is paused now (a pause that ran out is cleared).
+    fn paused(&mut self) -> bool {
+        match self.until {
+            Some(t) if std::time::Instant::now() < t => true,
+            Some(_) => {
+                self.until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a pause ran out since the last call (the listeners are to be watched again).
+    fn ran_out(&mut self) -> bool {
+        self.until.is_some() && !self.paused()
+    }
+
+    /// The turn's timeout, shortened to reach the end of the pause when that comes first.
+    fn limit(&self, timeout: Option<Duration>) -> Option<Duration> {
+        until_retry(timeout, self.until)
+    }
+}
+
+/// The turn's timeout, shortened to reach `retry` (a paused accept) when that comes first.
+fn until_retry(timeout: Option<Duration>, retry: Option<std::time::Instant>) -> Option<Duration> {
+    let Some(at) = retry else {
+        return timeout;
+    };
+    let left = at.saturating_duration_since(std::time::Instant::now());
+    Some(timeout.map_or(left, |t| t.min(left)))
+}
+
 /// The peer address of a connected socket (None for Unix sockets and on error).
 fn peer_of(fd: RawFd) -> Option<SocketAddr> {
     // SAFETY: `fd` is a live socket the caller owns for the duration of this call.

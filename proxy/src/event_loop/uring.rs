@@ -13,7 +13,7 @@
 //!
 //! `user_data` packs the operation, the slot's generation and its index.
 
-use super::{nodelay, peer_of, Ctl, Event, EventLoop, Op, Token, Waker};
+use super::{nodelay, peer_of, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -180,6 +180,8 @@ pub struct UringLoop {
     listeners: Vec<OwnedFd>,
     /// Listeners whose multishot accept ended (re-armed next turn).
     rearm_accept: Vec<usize>,
+    /// Accepting failed: the listeners are re-armed when the pause is over, not before.
+    accept: AcceptPause,
     /// Connections whose receive ran out of buffers (re-armed next turn).
     rearm_recv: Vec<Token>,
     bufs: BufRing,
@@ -227,6 +229,7 @@ impl UringLoop {
             io: Vec::new(),
             listeners: listeners.into_iter().map(OwnedFd::from).collect(),
             rearm_accept: Vec::new(),
+            accept: AcceptPause::default(),
             rearm_recv: Vec::new(),
             bufs,
             waker,
@@ -320,8 +323,10 @@ impl UringLoop {
 
     /// Turns the handler's operations into submissions.
     fn apply(&mut self) {
-        for i in std::mem::take(&mut self.rearm_accept) {
-            self.arm_accept(i);
+        if !self.accept.paused() {
+            for i in std::mem::take(&mut self.rearm_accept) {
+                self.arm_accept(i);
+            }
         }
         for t in std::mem::take(&mut self.rearm_recv) {
             if self.ctl.slots.live(t) && self.slot(t).want_recv {
@@ -436,9 +441,10 @@ impl UringLoop {
                     self.rearm_accept.push(index as usize);
                 }
                 if res < 0 {
-                    tracing::warn!("accept failed: {}", io::Error::from_raw_os_error(-res));
+                    self.accept.failed(&io::Error::from_raw_os_error(-res));
                     return None;
                 }
+                self.accept.accepted();
                 // SAFETY: a successful accept's result is a new descriptor we own.
                 let socket = unsafe { OwnedFd::from_raw_fd(res) };
                 nodelay(res);
@@ -618,6 +624,7 @@ impl EventLoop for UringLoop {
                 self.ring.submit()?;
             }
         }
+        let timeout = self.accept.limit(timeout);
         let ready = !self.ring.completion().is_empty();
         let want = usize::from(!ready);
         let entered = match timeout {
