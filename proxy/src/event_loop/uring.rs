@@ -431,32 +431,13 @@ impl UringLoop {
     ) -> Option<u16> {
         let (kind, generation, index) = unpack(user_data);
         // Whether the event belongs to a slot the handler still has.
-        let current = |l: &Self| {
-            l.io.get(index as usize)
-                .is_some_and(|s| s.generation & 0x00ff_ffff == generation && !s.closed)
-        };
+        let live = self
+            .io
+            .get(index as usize)
+            .is_some_and(|s| s.generation & 0x00ff_ffff == generation && !s.closed);
         match kind? {
             Kind::Accept => {
-                if !cqueue::more(flags) {
-                    self.rearm_accept.push(index as usize);
-                }
-                if res < 0 {
-                    self.accept.failed(&io::Error::from_raw_os_error(-res));
-                    return None;
-                }
-                self.accept.accepted();
-                // SAFETY: a successful accept's result is a new descriptor we own.
-                let socket = unsafe { OwnedFd::from_raw_fd(res) };
-                nodelay(res);
-                let peer = peer_of(res);
-                handle(
-                    &mut self.ctl,
-                    Event::Accepted {
-                        listener: index as usize,
-                        socket,
-                        peer,
-                    },
-                );
+                self.accepted(index as usize, res, flags, handle);
                 None
             }
             Kind::Wake => {
@@ -467,128 +448,13 @@ impl UringLoop {
                 handle(&mut self.ctl, Event::Woken);
                 None
             }
-            Kind::Recv => {
-                let bid = cqueue::buffer_select(flags);
-                let more = cqueue::more(flags);
-                let live = current(self);
-                if !more {
-                    if let Some(s) = self.io.get_mut(index as usize) {
-                        s.receiving = false;
-                    }
-                    self.finished(index);
-                }
-                if !live {
-                    return bid;
-                }
-                let full_token = Token {
-                    index,
-                    generation: self.io[index as usize].generation,
-                };
-                if res > 0 {
-                    if let Some(b) = bid {
-                        let bytes = self.bufs.bytes(b, res as usize);
-                        handle(
-                            &mut self.ctl,
-                            Event::Data {
-                                token: full_token,
-                                bytes,
-                            },
-                        );
-                    }
-                    if !more && self.io[index as usize].want_recv {
-                        self.arm_recv(full_token);
-                    }
-                } else if res == 0 {
-                    self.io[index as usize].want_recv = false;
-                    handle(
-                        &mut self.ctl,
-                        Event::Closed {
-                            token: full_token,
-                            error: None,
-                        },
-                    );
-                } else if res == -libc::ENOBUFS {
-                    // Every buffer is in use this turn: receive again next turn.
-                    self.rearm_recv.push(full_token);
-                } else if res != -libc::ECANCELED {
-                    self.io[index as usize].want_recv = false;
-                    handle(
-                        &mut self.ctl,
-                        Event::Closed {
-                            token: full_token,
-                            error: Some(io::Error::from_raw_os_error(-res)),
-                        },
-                    );
-                } else if self.io[index as usize].want_recv {
-                    // Cancelled by a stop, then wanted again.
-                    self.arm_recv(full_token);
-                }
-                bid
-            }
+            Kind::Recv => self.received(index, live, res, flags, handle),
             Kind::Send => {
-                let live = current(self);
-                let s = self.io.get_mut(index as usize)?;
-                let generation = s.generation;
-                let result = match res {
-                    n if n > 0 => {
-                        let short = s.send.as_mut().is_some_and(|(buf, at)| {
-                            *at += n as usize;
-                            *at < buf.len()
-                        });
-                        if short && live {
-                            // A short send: the rest goes in the next submission.
-                            self.push_send(Token { index, generation });
-                            return None;
-                        }
-                        Ok(())
-                    }
-                    0 => Err(io::Error::from(io::ErrorKind::WriteZero)),
-                    e => Err(io::Error::from_raw_os_error(-e)),
-                };
-                let sent = s.send.take();
-                let full_token = Token {
-                    index,
-                    generation: s.generation,
-                };
-                self.finished(index);
-                if let (true, Some((buf, _))) = (live, sent) {
-                    handle(
-                        &mut self.ctl,
-                        Event::Sent {
-                            token: full_token,
-                            buf,
-                            result,
-                        },
-                    );
-                }
+                self.send_done(index, live, res, handle);
                 None
             }
             Kind::Connect => {
-                let live = current(self);
-                let s = self.io.get_mut(index as usize)?;
-                s.connecting = None;
-                let full_token = Token {
-                    index,
-                    generation: s.generation,
-                };
-                self.finished(index);
-                if live {
-                    let result = if res < 0 {
-                        Err(io::Error::from_raw_os_error(-res))
-                    } else {
-                        if let Some(fd) = self.ctl.slots.fd(full_token) {
-                            nodelay(fd);
-                        }
-                        Ok(())
-                    };
-                    handle(
-                        &mut self.ctl,
-                        Event::Connected {
-                            token: full_token,
-                            result,
-                        },
-                    );
-                }
+                self.connect_done(index, live, res, handle);
                 None
             }
             Kind::Cancel => {
@@ -596,6 +462,158 @@ impl UringLoop {
                 None
             }
         }
+    }
+
+    /// A multishot accept's completion on listener `i`.
+    fn accepted(
+        &mut self,
+        i: usize,
+        res: i32,
+        flags: u32,
+        handle: &mut impl FnMut(&mut Ctl, Event<'_>),
+    ) {
+        if !cqueue::more(flags) {
+            self.rearm_accept.push(i);
+        }
+        if res < 0 {
+            self.accept.failed(&io::Error::from_raw_os_error(-res));
+            return;
+        }
+        self.accept.accepted();
+        // SAFETY: a successful accept's result is a new descriptor we own.
+        let socket = unsafe { OwnedFd::from_raw_fd(res) };
+        nodelay(res);
+        let peer = peer_of(res);
+        handle(
+            &mut self.ctl,
+            Event::Accepted {
+                listener: i,
+                socket,
+                peer,
+            },
+        );
+    }
+
+    /// A multishot receive's completion: the bytes (in a provided buffer, whose id is
+    /// returned to be recycled once the handler is done), the end of the stream, or an
+    /// error; the receive re-armed when it ended and is still wanted.
+    fn received(
+        &mut self,
+        index: u32,
+        live: bool,
+        res: i32,
+        flags: u32,
+        handle: &mut impl FnMut(&mut Ctl, Event<'_>),
+    ) -> Option<u16> {
+        let bid = cqueue::buffer_select(flags);
+        let more = cqueue::more(flags);
+        if !more {
+            if let Some(s) = self.io.get_mut(index as usize) {
+                s.receiving = false;
+            }
+            self.finished(index);
+        }
+        if !live {
+            return bid;
+        }
+        let s = self.io.get_mut(index as usize)?;
+        let token = Token {
+            index,
+            generation: s.generation,
+        };
+        let wanted = s.want_recv;
+        if res > 0 {
+            if let Some(b) = bid {
+                let bytes = self.bufs.bytes(b, res as usize);
+                handle(&mut self.ctl, Event::Data { token, bytes });
+            }
+            if !more && self.io.get(index as usize).is_some_and(|s| s.want_recv) {
+                self.arm_recv(token);
+            }
+        } else if res == -libc::ENOBUFS {
+            // Every buffer is in use this turn: receive again next turn.
+            self.rearm_recv.push(token);
+        } else if res == -libc::ECANCELED {
+            if wanted {
+                // Cancelled by a stop, then wanted again.
+                self.arm_recv(token);
+            }
+        } else {
+            s.want_recv = false;
+            let error = (res < 0).then(|| io::Error::from_raw_os_error(-res));
+            handle(&mut self.ctl, Event::Closed { token, error });
+        }
+        bid
+    }
+
+    /// A send's completion: a short one continued, otherwise the buffer back to the
+    /// handler with the result.
+    fn send_done(
+        &mut self,
+        index: u32,
+        live: bool,
+        res: i32,
+        handle: &mut impl FnMut(&mut Ctl, Event<'_>),
+    ) {
+        let Some(s) = self.io.get_mut(index as usize) else {
+            return;
+        };
+        let token = Token {
+            index,
+            generation: s.generation,
+        };
+        let result = match res {
+            n if n > 0 => {
+                let short = s.send.as_mut().is_some_and(|(buf, at)| {
+                    *at += n as usize;
+                    *at < buf.len()
+                });
+                if short && live {
+                    // A short send: the rest goes in the next submission.
+                    self.push_send(token);
+                    return;
+                }
+                Ok(())
+            }
+            0 => Err(io::Error::from(io::ErrorKind::WriteZero)),
+            e => Err(io::Error::from_raw_os_error(-e)),
+        };
+        let sent = s.send.take();
+        self.finished(index);
+        if let (true, Some((buf, _))) = (live, sent) {
+            handle(&mut self.ctl, Event::Sent { token, buf, result });
+        }
+    }
+
+    /// A connect's completion.
+    fn connect_done(
+        &mut self,
+        index: u32,
+        live: bool,
+        res: i32,
+        handle: &mut impl FnMut(&mut Ctl, Event<'_>),
+    ) {
+        let Some(s) = self.io.get_mut(index as usize) else {
+            return;
+        };
+        s.connecting = None;
+        let token = Token {
+            index,
+            generation: s.generation,
+        };
+        self.finished(index);
+        if !live {
+            return;
+        }
+        let result = if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            if let Some(fd) = self.ctl.slots.fd(token) {
+                nodelay(fd);
+            }
+            Ok(())
+        };
+        handle(&mut self.ctl, Event::Connected { token, result });
     }
 }
 
