@@ -257,31 +257,7 @@ impl ResponseTracker {
                 }
                 self.done()
             }
-            State::First => match first {
-                Some(0x00) | Some(0xfe) => {
-                    self.last_ok = first == Some(0x00) || self.deprecate_eof;
-                    self.note_end(payload, false);
-                    self.end_of_result(payload)
-                }
-                Some(0xff) => {
-                    self.end = Some(End::Err);
-                    self.done()
-                }
-                Some(0xfb) if self.kind == ResponseKind::Query => {
-                    self.state = State::Done;
-                    Step::LocalInfile
-                }
-                Some(_) => {
-                    let n = Reader::new(payload).lenenc_int("column count")?;
-                    if n == 0 {
-                        return Err(ProtocolError::Malformed("result set with zero columns"));
-                    }
-                    self.rows = 0;
-                    self.state = State::Columns(n);
-                    Step::More
-                }
-                None => return Err(ProtocolError::Malformed("empty packet at start of result")),
-            },
+            State::First => self.first_packet(first, payload)?,
             State::Columns(left) => {
                 if first == Some(0xff) {
                     self.end = Some(End::Err);
@@ -329,6 +305,59 @@ impl ResponseTracker {
                     Step::More
                 }
             }
+            State::PrepareOk
+            | State::Params { .. }
+            | State::ParamsEof { .. }
+            | State::PrepareColumns(_)
+            | State::PrepareColumnsEof => self.prepare_packet(first, payload)?,
+            State::FieldList => {
+                if first == Some(0xff) || self.is_terminator(len, payload) {
+                    if first == Some(0xfe) {
+                        if let Some(f) = terminator_status(payload, self.caps) {
+                            self.status = Some(f);
+                        }
+                    }
+                    self.done()
+                } else {
+                    Step::More
+                }
+            }
+        })
+    }
+
+    /// The first packet of a result: OK, ERR, a LOCAL INFILE request or a column count.
+    fn first_packet(&mut self, first: Option<u8>, payload: &[u8]) -> Result<Step, ProtocolError> {
+        Ok(match first {
+            Some(0x00) | Some(0xfe) => {
+                self.last_ok = first == Some(0x00) || self.deprecate_eof;
+                self.note_end(payload, false);
+                self.end_of_result(payload)
+            }
+            Some(0xff) => {
+                self.end = Some(End::Err);
+                self.done()
+            }
+            Some(0xfb) if self.kind == ResponseKind::Query => {
+                self.state = State::Done;
+                Step::LocalInfile
+            }
+            Some(_) => {
+                let n = Reader::new(payload).lenenc_int("column count")?;
+                if n == 0 {
+                    return Err(ProtocolError::Malformed("result set with zero columns"));
+                }
+                self.rows = 0;
+                self.state = State::Columns(n);
+                Step::More
+            }
+            None => return Err(ProtocolError::Malformed("empty packet at start of result")),
+        })
+    }
+
+    /// A packet of COM_STMT_PREPARE's answer: OK_stmt, then parameter and column
+    /// definitions, each list ended by an EOF unless DEPRECATE_EOF.
+    fn prepare_packet(&mut self, first: Option<u8>, payload: &[u8]) -> Result<Step, ProtocolError> {
+        Ok(match self.state {
             State::PrepareOk => match first {
                 Some(0x00) => {
                     let mut r = Reader::new(payload);
@@ -373,18 +402,7 @@ impl ResponseTracker {
                 }
             }
             State::PrepareColumnsEof => self.done(),
-            State::FieldList => {
-                if first == Some(0xff) || self.is_terminator(len, payload) {
-                    if first == Some(0xfe) {
-                        if let Some(f) = terminator_status(payload, self.caps) {
-                            self.status = Some(f);
-                        }
-                    }
-                    self.done()
-                } else {
-                    Step::More
-                }
-            }
+            _ => return Err(ProtocolError::Malformed("not a prepare's answer")),
         })
     }
 

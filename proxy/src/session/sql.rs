@@ -473,6 +473,46 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
         collect_user_vars(sql, t, info);
         return FoundRows::Unchanged;
     }
+    locks_and_handlers(sql, t, info);
+    if w(0, "PREPARE") {
+        info.starts.push(PinReason::TextPrepare);
+        info.explains_change = true;
+    }
+    if (w(0, "DEALLOCATE") || w(0, "DROP")) && w(1, "PREPARE") {
+        info.explains_change = true;
+    }
+    if w(0, "DROP") && w(1, "TEMPORARY") {
+        info.explains_change = true;
+        info.uses_tables = true;
+    }
+    if w(0, "EXECUTE") && w(1, "IMMEDIATE") {
+        match t.get(2) {
+            Some(s) if s.kind == Kind::Str && depth < 4 => {
+                let inner = unquote(
+                    &sql[s.start + 1..s.end.saturating_sub(1).max(s.start + 1)],
+                    sql[s.start],
+                );
+                let sub = analyze_nested(&inner, depth + 1);
+                merge(info, sub);
+            }
+            _ => info.opaque = true,
+        }
+        collect_user_vars(sql, t, info);
+        return FoundRows::ReadBack;
+    }
+    writes_and_tables(sql, t, info);
+
+    if scan(sql, t, info) {
+        found = FoundRows::ReadBack;
+    }
+    collect_user_vars(sql, t, info);
+    found
+}
+
+/// LOCK/UNLOCK TABLES, FLUSH ... WITH READ LOCK, BACKUP STAGE and HANDLER: the pins
+/// they start and end.
+fn locks_and_handlers(sql: &[u8], t: &[Tok], info: &mut SqlInfo) {
+    let w = |i: usize, word: &str| is(sql, t.get(i), word);
     if w(0, "LOCK") && (w(1, "TABLE") || w(1, "TABLES")) {
         info.starts.push(PinReason::LockTables);
         info.uses_tables = true;
@@ -506,32 +546,12 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
             info.handler_closes += 1;
         }
     }
-    if w(0, "PREPARE") {
-        info.starts.push(PinReason::TextPrepare);
-        info.explains_change = true;
-    }
-    if (w(0, "DEALLOCATE") || w(0, "DROP")) && w(1, "PREPARE") {
-        info.explains_change = true;
-    }
-    if w(0, "DROP") && w(1, "TEMPORARY") {
-        info.explains_change = true;
-        info.uses_tables = true;
-    }
-    if w(0, "EXECUTE") && w(1, "IMMEDIATE") {
-        match t.get(2) {
-            Some(s) if s.kind == Kind::Str && depth < 4 => {
-                let inner = unquote(
-                    &sql[s.start + 1..s.end.saturating_sub(1).max(s.start + 1)],
-                    sql[s.start],
-                );
-                let sub = analyze_nested(&inner, depth + 1);
-                merge(info, sub);
-            }
-            _ => info.opaque = true,
-        }
-        collect_user_vars(sql, t, info);
-        return FoundRows::ReadBack;
-    }
+}
+
+/// CALL, LOAD DATA, INSERT/REPLACE, CREATE [TEMPORARY] and the statements that name
+/// tables: what they insert, which temporary tables they create, whether they use tables.
+fn writes_and_tables(sql: &[u8], t: &[Tok], info: &mut SqlInfo) {
+    let w = |i: usize, word: &str| is(sql, t.get(i), word);
     if w(0, "CALL") {
         // A procedure may do anything: its OUT arguments are user variables the server does
         // not report, and state changes it reports cannot be explained.
@@ -598,12 +618,6 @@ fn statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows
     {
         info.uses_tables = true;
     }
-
-    if scan(sql, t, info) {
-        found = FoundRows::ReadBack;
-    }
-    collect_user_vars(sql, t, info);
-    found
 }
 
 /// The statement's own `LIMIT` (outside parentheses) has an offset: `LIMIT a, b` or
@@ -761,42 +775,46 @@ fn collect_user_vars(sql: &[u8], t: &[Tok], info: &mut SqlInfo) {
 
 /// `SET ...`: variables (system and user), `SET STATEMENT ... FOR`, `SET TRANSACTION`,
 /// `SET NAMES`, `SET ROLE`, `SET PASSWORD`.
+/// `SET STATEMENT a = 1, b = 2 FOR <statement>`: the variables return to their values
+/// afterwards; the inner statement counts as the statement.
+fn set_statement_for(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows {
+    let mut depth_paren = 0i32;
+    let mut for_at = None;
+    let mut expect_name = true;
+    for (i, x) in t.iter().enumerate().skip(2) {
+        match x.kind {
+            Kind::Punct(b'(') => depth_paren += 1,
+            Kind::Punct(b')') => depth_paren -= 1,
+            Kind::Punct(b',') if depth_paren == 0 => expect_name = true,
+            Kind::Word if depth_paren == 0 && is(sql, Some(x), "FOR") => {
+                for_at = Some(i);
+                break;
+            }
+            Kind::Word | Kind::SysVar if expect_name && depth_paren == 0 => {
+                let name = if x.kind == Kind::SysVar {
+                    sys_var_name(sql, *x).to_ascii_lowercase()
+                } else {
+                    sql[x.start..x.end].to_ascii_lowercase()
+                };
+                if !matches!(name.as_slice(), b"session" | b"local" | b"global") {
+                    info.statement_vars.push(name);
+                    expect_name = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    info.explains_change = true;
+    match for_at {
+        Some(i) if i + 1 < t.len() && depth < 4 => statement(sql, &t[i + 1..], info, depth + 1),
+        _ => FoundRows::Unchanged,
+    }
+}
+
 fn set_statement(sql: &[u8], t: &[Tok], info: &mut SqlInfo, depth: u32) -> FoundRows {
     let w = |i: usize, word: &str| is(sql, t.get(i), word);
     if w(1, "STATEMENT") {
-        // SET STATEMENT a = 1, b = 2 FOR <statement>: the variables return to their values
-        // afterwards; the inner statement counts as the statement.
-        let mut depth_paren = 0i32;
-        let mut for_at = None;
-        let mut expect_name = true;
-        for (i, x) in t.iter().enumerate().skip(2) {
-            match x.kind {
-                Kind::Punct(b'(') => depth_paren += 1,
-                Kind::Punct(b')') => depth_paren -= 1,
-                Kind::Punct(b',') if depth_paren == 0 => expect_name = true,
-                Kind::Word if depth_paren == 0 && is(sql, Some(x), "FOR") => {
-                    for_at = Some(i);
-                    break;
-                }
-                Kind::Word | Kind::SysVar if expect_name && depth_paren == 0 => {
-                    let name = if x.kind == Kind::SysVar {
-                        sys_var_name(sql, *x).to_ascii_lowercase()
-                    } else {
-                        sql[x.start..x.end].to_ascii_lowercase()
-                    };
-                    if !matches!(name.as_slice(), b"session" | b"local" | b"global") {
-                        info.statement_vars.push(name);
-                        expect_name = false;
-                    }
-                }
-                _ => {}
-            }
-        }
-        info.explains_change = true;
-        return match for_at {
-            Some(i) if i + 1 < t.len() && depth < 4 => statement(sql, &t[i + 1..], info, depth + 1),
-            _ => FoundRows::Unchanged,
-        };
+        return set_statement_for(sql, t, info, depth);
     }
     if w(1, "TRANSACTION") {
         info.next_transaction = true;
