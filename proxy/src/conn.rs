@@ -8,27 +8,27 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
-use crate::clients::{ClientSlot, Registration, FIRST_ID};
+use crate::clients::{ClientSlot, Registration};
 use crate::io::{
     read_command, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
     PacketTooLarge, Stream,
 };
 use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
-use crate::mysql::command::{classify, Disposition, ResponseKind};
+use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::{cap, com, errcode, status};
 use crate::mysql::handshake::ChangeUser;
-use crate::mysql::packet::{complete_packet, seal, write_packet as frame, Header, HEADER_LEN};
+use crate::mysql::packet::{seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
-use crate::mysql::resultset::{encode_binary_row, parse_text_row, Packets, TextResult};
-use crate::mysql::session::{changes, parse_ok, strip_session_track, Change};
-use crate::mysql::stmt::{
-    self, execute_opens_cursor, parse_prepare_ok, rewrite_bulk, rewrite_execute,
-};
+use crate::mysql::resultset::{Packets, TextResult};
+use crate::mysql::session::Change;
+use crate::mysql::stmt::{self, execute_opens_cursor, rewrite_bulk, rewrite_execute};
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
-use crate::session::diag::{patched_row, Answer};
-use crate::session::kill::{self, Kill, Target as KillTarget};
+use crate::session::answer::{patch_row, splice_rows, AnswerError, PrepareCapture, Relay, Scan};
+use crate::session::command::{self, malformed, Command, IdleLimit};
+use crate::session::diag::Answer;
+use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{
     AuthStep, Authentication, ClientTls, Login, Profile, Step as LoginStep,
 };
@@ -45,10 +45,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// Why an idle client was disconnected (the setting named in its error).
-const IDLE_CLIENT: &str = "idle_client_timeout";
-const IDLE_IN_TRANSACTION: &str = "idle_transaction_timeout";
 
 /// Largest packet accepted before a client has logged in.
 const HANDSHAKE_LIMIT: usize = 64 * 1024;
@@ -79,13 +75,6 @@ enum SessionEnd {
     Retry,
 }
 
-/// A command up to this size is kept until its response starts, so that it can be sent
-/// again when it did not run (failover, switchover).
-const RETRY_KEEP: usize = 64 * 1024;
-
-/// Times one command is sent again before its error goes to the client.
-const RETRIES: u32 = 5;
-
 /// Why a session could not be restored on a connection.
 enum ReplayError {
     /// The server refused a statement of the replay (the client gets its error).
@@ -94,14 +83,27 @@ enum ReplayError {
     Broken(String),
 }
 
-/// A COM_STMT_PREPARE in flight: the statement's key and analysis, and what the reply said.
-struct PrepareCapture {
-    key: Arc<StmtKey>,
-    info: Arc<SqlInfo>,
-    client_id: Option<u32>,
-    /// A backend statement to close once the response is through (duplicate or evicted).
-    close: Option<u32>,
-    warnings: u16,
+/// The clients a KILL may name: every client of dbproxy by greeting id, and by database
+/// thread id the clients of this pool's group.
+struct KillScope<'a> {
+    sessions: &'a crate::clients::Clients,
+    group: &'a str,
+}
+
+impl kill::Clients for KillScope<'_> {
+    type Client = Arc<ClientSlot>;
+    fn by_greeting(&self, id: u64) -> Option<Arc<ClientSlot>> {
+        self.sessions.get(id)
+    }
+    fn holding_thread(&self, thread_id: u64) -> Option<Arc<ClientSlot>> {
+        self.sessions.holding(self.group, thread_id)
+    }
+    fn user(&self, c: &Arc<ClientSlot>) -> String {
+        c.user()
+    }
+    fn id(&self, c: &Arc<ClientSlot>) -> u32 {
+        c.id
+    }
 }
 
 /// One client connection.
@@ -670,11 +672,7 @@ impl<D: Driver> Conn<D> {
     /// error; the session then ends. Sent with sequence id 1, so that a client that sends
     /// its next command reads it as that command's answer.
     async fn going_away(&mut self) {
-        let e = ErrPacket::new(
-            errcode::ER_SERVER_SHUTDOWN,
-            "08S01",
-            "Server shutdown in progress (dbproxy is draining)",
-        );
+        let e = command::going_away();
         let _ = write_packet(&mut self.client, 1, &e.encode()).await;
     }
 
@@ -682,185 +680,47 @@ impl<D: Driver> Conn<D> {
         let slot = self.reg.slot.clone();
         let mut retries = 0;
         while !slot.is_killed() {
-            // Draining: a session that holds nothing (no transaction, no pin) ends now.
-            if self.shared.is_draining() && self.backend.is_none() {
-                self.going_away().await;
+            let Some(h) = self.next_command(&slot).await else {
                 break;
-            }
-            // Read each time: a reload may change them. Zero: off.
-            let (idle, idle_tx) = {
-                let cfg = self.shared.config();
-                let p = &cfg.proxy;
-                let tx = Some(p.idle_transaction_timeout).filter(|t| !t.is_zero() && self.in_tx);
-                (Some(p.idle_client_timeout).filter(|t| !t.is_zero()), tx)
             };
-            let (limit, why) = match (idle, idle_tx) {
-                (Some(i), Some(t)) if i <= t => (Some(i), IDLE_CLIENT),
-                (_, Some(t)) => (Some(t), IDLE_IN_TRANSACTION),
-                (i, None) => (i, IDLE_CLIENT),
-            };
-            let deadline = limit.map(|t| tokio::time::Instant::now() + t);
-            let shared = self.shared.clone();
-            let holds = self.backend.is_some();
-            // The read also ends when the session is killed, or when a drain starts (for a
-            // session in a transaction: at the drain's deadline). Both wake the slot.
-            let stop = async {
-                loop {
-                    if slot.is_killed() {
-                        return;
-                    }
-                    if shared.is_draining() {
-                        let Some(d) = shared.drain_deadline().filter(|_| holds) else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(d) => return,
-                            _ = slot.woken() => continue,
-                        }
-                    }
-                    slot.woken().await;
-                }
-            };
-            let rest = self.shared.config().proxy.net_read_timeout;
-            let h = match read_command(
-                &mut self.client,
-                &mut self.cbuf,
-                MAX_PAYLOAD,
-                deadline,
-                rest,
-                stop,
-            )
-            .await
-            {
-                Ok(h) => h,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    if slot.is_killed() {
-                        tracing::debug!(peer = %self.peer, "session killed");
-                    } else {
-                        if holds {
-                            tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
-                        }
-                        self.going_away().await;
-                    }
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.cbuf.is_empty() => {
-                    tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
-                    let e = ErrPacket::new(
-                        errcode::ER_NET_READ_INTERRUPTED,
-                        "08S01",
-                        "Got timeout reading communication packets (dbproxy net_read_timeout)",
-                    );
-                    let _ = write_packet(&mut self.client, 0, &e.encode()).await;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    if why == IDLE_IN_TRANSACTION {
-                        tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
-                    }
-                    let msg = format!("The client was disconnected by the server because of inactivity (dbproxy {why})");
-                    let e = ErrPacket::new(errcode::ER_CLIENT_INTERACTION_TIMEOUT, "HY000", msg);
-                    let _ = write_packet(&mut self.client, 0, &e.encode()).await;
-                    break;
-                }
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::UnexpectedEof {
-                        tracing::debug!(peer = %self.peer, "client read failed: {e}");
-                    }
-                    break;
-                }
-            };
-            // PAUSE: a session between transactions waits with its statement (KILL and the
-            // drain still end it).
-            if self.backend.is_none() && self.shared.is_paused() {
-                let _held = GaugeGuard::new(&self.shared.held);
-                tokio::select! {
-                    _ = self.shared.resumed() => {}
-                    _ = slot.killed() => break,
-                }
-            }
-            if h.seq != 0 {
-                // As MariaDB: a command starts at sequence id 0; a client that numbers it
-                // otherwise has lost track of the protocol, and its session ends.
+            if let Some(e) = command::out_of_order(h) {
                 tracing::info!(peer = %self.peer, seq = h.seq, "a command not numbered 0: closing the client");
-                let e = ErrPacket::new(
-                    errcode::ER_NET_PACKETS_OUT_OF_ORDER,
-                    "08S01",
-                    "Got packets out of order",
-                );
                 let _ = write_packet(&mut self.client, h.seq.wrapping_add(1), &e.encode()).await;
                 break;
             }
             let _active = crate::io::Active::enter();
             self.busy = true;
-            // An empty packet has no command byte (what follows it in the buffer is the
-            // next packet's header, not this command).
-            let command = if h.len == 0 {
-                None
-            } else {
-                self.cbuf.filled().get(4).copied()
-            };
-            let timed = matches!(
-                command,
-                Some(com::QUERY | com::STMT_EXECUTE | com::STMT_BULK_EXECUTE)
-            )
-            .then(std::time::Instant::now);
+            let byte = command::command_byte(self.cbuf.filled(), h);
+            let timed = command::is_statement(byte).then(std::time::Instant::now);
             self.timing = timed.is_some();
             // Enhanced query logging: the statement's text, read before it is consumed.
             let logged = match (timed, self.shared.query_log.until()) {
-                (Some(_), Some(_)) => self.statement_text(command, h),
+                (Some(_), Some(_)) => self.statement_text(byte, h),
                 _ => None,
             };
             // A statement that will run on a connection borrowed for it alone is kept, to be
             // sent again if it does not run (see `SessionEnd::Retry`).
-            self.retryable = self.backend.is_none()
-                && retries < RETRIES
-                && !h.continues()
-                && h.len <= RETRY_KEEP
-                && self.pool.shared.route == Route::Writer
-                && matches!(
-                    command,
-                    Some(com::QUERY | com::STMT_EXECUTE | com::STMT_BULK_EXECUTE)
-                );
+            let writer = self.pool.shared.route == Route::Writer;
+            let held = self.backend.is_some();
+            self.retryable = command::retryable(self.cbuf.filled(), h, held, writer, retries);
             if self.retryable {
                 self.retry.clear();
                 self.retry
                     .extend_from_slice(&self.cbuf.filled()[..h.total()]);
             }
-            if let Some(e) = self.pending.take() {
-                if command == Some(com::QUIT) {
-                    self.busy = false;
-                    break;
-                }
-                let told = match self.discard_command(h).await {
-                    Ok(()) => self.reply_err(h.seq, e).await,
-                    Err(e) => Err(e),
-                };
-                if told.is_err() {
-                    break;
-                }
-                self.busy = false;
-                continue;
-            }
-            let outcome = match (command, command.map(classify)) {
-                (None, _) | (_, None) => match self.discard_command(h).await {
-                    Ok(()) => {
-                        // As MariaDB: an empty packet is an unknown command.
-                        let e = ErrPacket::new(
-                            errcode::ER_UNKNOWN_COM_ERROR,
-                            "08S01",
-                            "Unknown command",
-                        );
-                        self.reply_err(h.seq, e).await
-                    }
-                    Err(e) => Err(e),
-                },
-                (_, Some(Disposition::Quit)) => {
+            let cmd = command::dispatch(self.cbuf.filled(), h, held);
+            let outcome = match (self.pending.take(), cmd) {
+                (_, Command::Quit) => {
                     // Nothing in flight: the connection goes back as the session left it.
                     self.busy = false;
                     break;
                 }
-                (_, Some(Disposition::ChangeUser)) => match self.change_user(h).await {
+                // A connection lost after an answer: the next command is told, and dropped.
+                (Some(e), _) | (None, Command::Refuse(e)) => match self.discard_command(h).await {
+                    Ok(()) => self.reply_err(h.seq, e).await,
+                    Err(e) => Err(e),
+                },
+                (None, Command::ChangeUser) => match self.change_user(h).await {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         // Refused (and told) before anything reached the backend.
@@ -869,56 +729,7 @@ impl<D: Driver> Conn<D> {
                     }
                     Err(e) => Err(e),
                 },
-                (Some(c), Some(Disposition::Refuse)) => {
-                    let msg = format!("Unknown command {c:#04x} (not served through dbproxy)");
-                    let e = ErrPacket::new(errcode::ER_UNKNOWN_COM_ERROR, "08S01", msg);
-                    match self.discard_command(h).await {
-                        Ok(()) => self.reply_err(h.seq, e).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                (Some(com::QUERY), _) => self.query(h).await,
-                (Some(com::PROCESS_KILL), _) => {
-                    let id = self.cbuf.filled().get(5..9).filter(|_| h.len == 5);
-                    let id = id.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    match (self.discard_command(h).await, id) {
-                        (Err(e), _) => Err(e),
-                        (Ok(()), None) => {
-                            self.reply_err(h.seq, malformed("COM_PROCESS_KILL")).await
-                        }
-                        (Ok(()), Some(id)) => {
-                            let target = KillTarget::Thread(u64::from(id));
-                            self.kill(
-                                h.seq,
-                                Kill {
-                                    query_only: false,
-                                    target,
-                                },
-                            )
-                            .await
-                        }
-                    }
-                }
-                (Some(com::RESET_CONNECTION), _) => self.reset_connection(h).await,
-                (Some(com::STMT_PREPARE), _) => self.prepare(h).await,
-                (Some(com::STMT_EXECUTE | com::STMT_BULK_EXECUTE), _) => self.execute(h).await,
-                (Some(com::STMT_SEND_LONG_DATA | com::STMT_FETCH | com::STMT_RESET), _) => {
-                    self.statement_command(h).await
-                }
-                (Some(com::STMT_CLOSE), _) => self.close_statement(h).await,
-                // A client without a backend connection is answered by dbproxy: pools validate
-                // connections with pings and must not wait for a saturated pool. (MariaDB
-                // keeps the warning list and counts across a ping; so does dbproxy.)
-                (Some(com::PING), _) if self.backend.is_none() => {
-                    match self.discard_command(h).await {
-                        Ok(()) => self.reply_ok(h.seq).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                (Some(com::PING | com::STATISTICS), Some(Disposition::Forward(kind))) => {
-                    self.forward(h, kind, false).await
-                }
-                (_, Some(Disposition::Forward(kind))) => self.forward(h, kind, true).await,
+                (None, cmd) => self.serve_command(cmd, h).await,
             };
             let succeeded = outcome.is_ok();
             match outcome {
@@ -951,32 +762,173 @@ impl<D: Driver> Conn<D> {
                 }
             }
             if let Some(t) = timed {
-                let took = t.elapsed();
-                self.reg.slot.queries.fetch_add(1, Ordering::Relaxed);
-                self.endpoint.queries.add(1);
-                self.endpoint.query_latency.observe(took);
-                let now = || crate::stats::unix_now() as u64;
-                if let Some(text) = logged.filter(|_| self.shared.query_log.active(now)) {
-                    tracing::info!(
-                        target: "dbproxy::query",
-                        user = %self.s.user.name,
-                        duration_us = took.as_micros() as u64,
-                        ok = succeeded,
-                        statement = %text,
-                        "statement"
-                    );
-                }
+                self.statement_done(t.elapsed(), succeeded, logged);
             }
-            self.timing = false;
-            self.db_sent = None;
-            self.note_transaction();
-            self.retryable = false;
-            self.busy = false;
-            self.cbuf.shrink(CLIENT_BUF);
-            for v in [&mut self.cmd, &mut self.built] {
-                if v.capacity() > CLIENT_BUF {
-                    *v = Vec::new();
+            self.command_done();
+        }
+    }
+
+    /// Waits for the client's next command (its first packet whole in `cbuf`): None when
+    /// the session ends instead (the client left, went idle past its limit or half-sent a
+    /// command, the session was killed, dbproxy drains), the client told why if it can be.
+    /// While dbproxy is PAUSEd, a session holding no connection waits here with its
+    /// command.
+    async fn next_command(&mut self, slot: &ClientSlot) -> Option<Header> {
+        // Draining: a session that holds nothing (no transaction, no pin) ends now.
+        if self.shared.is_draining() && self.backend.is_none() {
+            self.going_away().await;
+            return None;
+        }
+        // Read each time: a reload may change them.
+        let (limit, why) = {
+            let cfg = self.shared.config();
+            let p = &cfg.proxy;
+            command::idle_wait(
+                p.idle_client_timeout,
+                p.idle_transaction_timeout,
+                self.in_tx,
+            )
+        };
+        let deadline = limit.map(|t| tokio::time::Instant::now() + t);
+        let shared = self.shared.clone();
+        let holds = self.backend.is_some();
+        // The read also ends when the session is killed, or when a drain starts (for a
+        // session in a transaction: at the drain's deadline). Both wake the slot.
+        let stop = async {
+            loop {
+                if slot.is_killed() {
+                    return;
                 }
+                if shared.is_draining() {
+                    let Some(d) = shared.drain_deadline().filter(|_| holds) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(d) => return,
+                        _ = slot.woken() => continue,
+                    }
+                }
+                slot.woken().await;
+            }
+        };
+        let rest = self.shared.config().proxy.net_read_timeout;
+        let read = read_command(
+            &mut self.client,
+            &mut self.cbuf,
+            MAX_PAYLOAD,
+            deadline,
+            rest,
+            stop,
+        )
+        .await;
+        let told = match read {
+            Ok(h) => {
+                // PAUSE: a session between transactions waits with its statement (KILL
+                // and the drain still end it).
+                if self.backend.is_none() && self.shared.is_paused() {
+                    let _held = GaugeGuard::new(&self.shared.held);
+                    tokio::select! {
+                        _ = self.shared.resumed() => {}
+                        _ = slot.killed() => return None,
+                    }
+                }
+                return Some(h);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if slot.is_killed() {
+                    tracing::debug!(peer = %self.peer, "session killed");
+                    return None;
+                }
+                if holds {
+                    tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
+                }
+                self.going_away().await;
+                return None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.cbuf.is_empty() => {
+                tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
+                command::read_interrupted()
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                if why == IdleLimit::Transaction {
+                    tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
+                }
+                command::inactivity(why)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    tracing::debug!(peer = %self.peer, "client read failed: {e}");
+                }
+                return None;
+            }
+        };
+        let _ = write_packet(&mut self.client, 0, &told.encode()).await;
+        None
+    }
+
+    /// Serves a command [`command::dispatch`] chose (QUIT, CHANGE_USER and refusals are
+    /// the caller's).
+    async fn serve_command(&mut self, cmd: Command, h: Header) -> Result<(), SessionEnd> {
+        match cmd {
+            Command::Query => self.query(h).await,
+            Command::ProcessKill(id) => {
+                self.discard_command(h).await?;
+                let target = KillTarget::Thread(u64::from(id));
+                let k = Kill {
+                    query_only: false,
+                    target,
+                };
+                self.kill(h.seq, k).await
+            }
+            Command::ResetConnection => self.reset_connection(h).await,
+            Command::Prepare => self.prepare(h).await,
+            Command::Execute => self.execute(h).await,
+            Command::StatementCommand => self.statement_command(h).await,
+            Command::CloseStatement => self.close_statement(h).await,
+            Command::Pong => {
+                self.discard_command(h).await?;
+                self.reply_ok(h.seq).await
+            }
+            Command::Forward { kind, track } => self.forward(h, kind, track).await,
+            Command::Refuse(e) => {
+                self.discard_command(h).await?;
+                self.reply_err(h.seq, e).await
+            }
+            Command::Quit | Command::ChangeUser => Ok(()),
+        }
+    }
+
+    /// A statement was served in `took`: counted, timed, and logged when the query log is
+    /// on.
+    fn statement_done(&mut self, took: std::time::Duration, ok: bool, text: Option<String>) {
+        self.reg.slot.queries.fetch_add(1, Ordering::Relaxed);
+        self.endpoint.queries.add(1);
+        self.endpoint.query_latency.observe(took);
+        let now = || crate::stats::unix_now() as u64;
+        if let Some(text) = text.filter(|_| self.shared.query_log.active(now)) {
+            tracing::info!(
+                target: "dbproxy::query",
+                user = %self.s.user.name,
+                duration_us = took.as_micros() as u64,
+                ok,
+                statement = %text,
+                "statement"
+            );
+        }
+    }
+
+    /// Between commands: the transaction gauge kept, per-command flags cleared, large
+    /// buffers given back.
+    fn command_done(&mut self) {
+        self.timing = false;
+        self.db_sent = None;
+        self.note_transaction();
+        self.retryable = false;
+        self.busy = false;
+        self.cbuf.shrink(CLIENT_BUF);
+        for v in [&mut self.cmd, &mut self.built] {
+            if v.capacity() > CLIENT_BUF {
+                *v = Vec::new();
             }
         }
     }
@@ -1026,16 +978,17 @@ impl<D: Driver> Conn<D> {
                 .in_transaction
                 .fetch_sub(1, Ordering::Relaxed);
         }
-        let clean = self.s.releasable();
+        let clean = self
+            .backend
+            .as_ref()
+            .is_some_and(|b| self.s.clean_at_end(&b.conn.session));
         let ended = self.s.pins.clear();
         self.count(PinChanges {
             started: Vec::new(),
             ended,
         });
         if let Some(conn) = self.backend.take() {
-            let one_shots =
-                conn.conn.session.insert_id_pending || conn.conn.session.next_transaction_pending;
-            if clean && !one_shots {
+            if clean {
                 self.pool.checkin_clean(conn);
             } else {
                 self.pool.release(conn);
@@ -1097,11 +1050,7 @@ impl<D: Driver> Conn<D> {
     }
 
     async fn too_large(&mut self, seq: u8, total: usize) -> SessionEnd {
-        let e = ErrPacket::new(
-            errcode::ER_NET_PACKET_TOO_LARGE,
-            "08S01",
-            "Got a packet bigger than 'max_allowed_packet' bytes",
-        );
+        let e = command::too_large();
         self.drop_backend();
         let _ = self.reply_err(seq, e).await;
         SessionEnd::Client(io::Error::new(
@@ -1180,52 +1129,32 @@ impl<D: Driver> Conn<D> {
     /// backend connection stays and serves others), and for a connection kill the client
     /// is closed. Only the same dbproxy user's clients may be killed.
     async fn kill(&mut self, seq: u8, k: Kill) -> Result<(), SessionEnd> {
-        let refuse = |code, state, msg: String| ErrPacket::new(code, state, msg);
-        let id = match k.target {
-            KillTarget::Thread(id) => id,
-            KillTarget::Own => u64::from(self.reg.slot.id),
-            KillTarget::QueryId(q) => {
-                let e = refuse(
-                    errcode::ER_NO_SUCH_QUERY,
-                    "HY000",
-                    format!("Unknown query id: {q}"),
+        let clients = KillScope {
+            sessions: &self.shared.sessions,
+            group: &self.pool.shared.id,
+        };
+        let verdict = kill::decide(&k, self.reg.slot.id, &self.s.user.name, &clients);
+        let (target, id, query_only) = match verdict {
+            Verdict::Refuse(e) => return self.reply_err(seq, e).await,
+            Verdict::Own { connection, told } => {
+                self.s.diag.after_statement(
+                    &SqlInfo::default(),
+                    End::Ok {
+                        affected: 0,
+                        warnings: 0,
+                    },
                 );
-                return self.reply_err(seq, e).await;
+                if connection {
+                    self.reg.slot.kill();
+                }
+                return self.reply_err(seq, told).await;
             }
-            KillTarget::User | KillTarget::Other => {
-                let e = refuse(
-                    errcode::ER_NOT_SUPPORTED_YET,
-                    "42000",
-                    "(dbproxy) KILL takes a connection id (from the greeting or CONNECTION_ID())"
-                        .into(),
-                );
-                return self.reply_err(seq, e).await;
-            }
+            Verdict::Other {
+                client,
+                id,
+                query_only,
+            } => (client, id, query_only),
         };
-        // A greeting id, or a database thread id (what CONNECTION_ID() answers): then the
-        // client that holds that connection now (a pooled connection nobody holds runs
-        // nothing of anyone's and is not the client's to kill).
-        let target = if id >= u64::from(FIRST_ID) {
-            self.shared.sessions.get(id)
-        } else {
-            self.shared.sessions.holding(&self.pool.shared.id, id)
-        };
-        let Some(target) = target else {
-            let e = refuse(
-                errcode::ER_NO_SUCH_THREAD,
-                "HY000",
-                format!("Unknown thread id: {id}"),
-            );
-            return self.reply_err(seq, e).await;
-        };
-        if target.user() != self.s.user.name {
-            let e = refuse(
-                errcode::ER_KILL_DENIED_ERROR,
-                "HY000",
-                format!("You are not owner of thread {id}"),
-            );
-            return self.reply_err(seq, e).await;
-        }
         self.s.diag.after_statement(
             &SqlInfo::default(),
             End::Ok {
@@ -1233,29 +1162,11 @@ impl<D: Driver> Conn<D> {
                 warnings: 0,
             },
         );
-        if target.id == self.reg.slot.id {
-            // As MariaDB: the KILL itself is what gets interrupted.
-            if k.query_only {
-                let e = refuse(
-                    errcode::ER_QUERY_INTERRUPTED,
-                    "70100",
-                    "Query execution was interrupted".into(),
-                );
-                return self.reply_err(seq, e).await;
-            }
-            self.reg.slot.kill();
-            let e = refuse(
-                errcode::ER_CONNECTION_KILLED,
-                "70100",
-                "Connection was killed".into(),
-            );
-            return self.reply_err(seq, e).await;
-        }
         self.kill_statement_of(&target).await;
-        if !k.query_only {
+        if !query_only {
             target.kill();
         }
-        tracing::info!(peer = %self.peer, target = id, query_only = k.query_only, "KILL");
+        tracing::info!(peer = %self.peer, target = id, query_only, "KILL");
         self.reply_ok(seq).await
     }
 
@@ -1783,96 +1694,46 @@ impl<D: Driver> Conn<D> {
         // connection with it): the answer waits in no buffer of dbproxy's meanwhile.
         let net_write = self.shared.config().proxy.net_write_timeout;
         loop {
-            // Walk the complete packets already buffered; `out` holds a rewritten copy once
-            // a packet had to change size.
-            let mut scanned = 0;
-            let mut out: Option<Vec<u8>> = None;
-            let mut step = Step::More;
-            while step == Step::More {
-                let Some(h) = complete_packet(&b.conn.buf.filled()[scanned..]) else {
-                    break;
-                };
+            let conn = &mut *b.conn;
+            let mut relay = Relay {
+                tracker: &mut *tracker,
+                session: &mut self.s,
+                backend: &mut conn.session,
+                backend_stmts: &mut conn.stmts,
+                caps: conn.caps,
+                info,
+                tracked: &mut *tracked,
+                prepare: prepare.as_deref_mut(),
+                strip,
+                check_read_only: first,
+            };
+            let scan = relay.scan(conn.buf.filled_mut());
+            first = relay.check_read_only;
+            let Scan {
+                bytes,
+                rewritten,
+                step,
+            } = scan.map_err(|e| match e {
+                AnswerError::ReadOnly => RelayError::ReadOnly,
+                AnswerError::Protocol(e) => RelayError::Backend(e.to_string()),
+            })?;
+            if bytes > 0 {
                 if self.db_sent.is_some() {
                     self.first_response();
                 }
-                let (start, p0, end) = (scanned, scanned + 4, scanned + h.total());
-                if std::mem::take(&mut first) && read_only_refusal(&b.conn.buf.filled()[p0..end]) {
-                    return Err(RelayError::ReadOnly);
-                }
-                step = tracker
-                    .feed(h, &b.conn.buf.filled()[p0..end])
-                    .map_err(|e| RelayError::Backend(e.to_string()))?;
-                scanned = end;
-                if let Some(cap) = prepare.as_deref_mut() {
-                    if cap.client_id.is_none() && b.conn.buf.filled().get(p0) == Some(&0) {
-                        let p = &b.conn.buf.filled()[p0..end];
-                        let (id, columns, params) =
-                            parse_prepare_ok(p).map_err(|e| RelayError::Backend(e.to_string()))?;
-                        cap.warnings = p
-                            .get(10..12)
-                            .map_or(0, |w| u16::from_le_bytes([w[0], w[1]]));
-                        let cid =
-                            self.s
-                                .stmts
-                                .add(cap.key.clone(), cap.info.clone(), params, columns);
-                        cap.client_id = Some(cid);
-                        cap.close = b.conn.stmts.insert(cap.key.clone(), id, params);
-                        stmt::patch_stmt_id(&mut b.conn.buf.filled_mut()[p0..end], cid);
-                    }
-                }
-                if tracker.last_ok() {
-                    let conn = &mut *b.conn;
-                    let payload = &conn.buf.filled()[p0..end];
-                    let ok = parse_ok(payload, conn.caps)
-                        .map_err(|e| RelayError::Backend(e.to_string()))?;
-                    if ok.status & status::SESSION_STATE_CHANGED != 0 {
-                        let list = ok
-                            .state
-                            .clone()
-                            .and_then(|range| payload.get(range))
-                            .map(changes)
-                            .transpose()
-                            .map_err(|e| RelayError::Backend(e.to_string()))?
-                            .unwrap_or_default();
-                        // A change flagged but not described counts as unexplained.
-                        let told = [Change::StateChanged];
-                        let list = if list.is_empty() {
-                            &told[..]
-                        } else {
-                            &list[..]
-                        };
-                        let t = self.s.learn_tracking(info, list, &mut conn.session);
-                        tracked.unexplained |= t.unexplained;
-                        tracked.not_replayable |= t.not_replayable;
-                    }
-                    if strip && payload.len() > ok.tail {
-                        let plain = strip_session_track(payload, &ok);
-                        let o = out.get_or_insert_with(|| conn.buf.filled()[..start].to_vec());
-                        frame(o, h.seq, &plain);
-                        continue;
-                    }
-                }
-                if let Some(o) = out.as_mut() {
-                    o.extend_from_slice(&b.conn.buf.filled()[start..end]);
-                }
-            }
-            if scanned > 0 {
-                match out {
+                let by = tokio::time::Instant::now() + net_write;
+                match rewritten {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
                         let n = ob.len();
-                        let by = tokio::time::Instant::now() + net_write;
                         write_by(&mut self.client, &mut ob, n, by)
                             .await
                             .map_err(RelayError::Client)?;
-                        b.conn.buf.consume(scanned);
+                        b.conn.buf.consume(bytes);
                     }
-                    None => {
-                        let by = tokio::time::Instant::now() + net_write;
-                        write_by(&mut self.client, &mut b.conn.buf, scanned, by)
-                            .await
-                            .map_err(RelayError::Client)?
-                    }
+                    None => write_by(&mut self.client, &mut b.conn.buf, bytes, by)
+                        .await
+                        .map_err(RelayError::Client)?,
                 }
             }
             match step {
@@ -2086,13 +1947,7 @@ impl<D: Driver> Conn<D> {
         out.extend_from_slice(&payload);
         self.cmd = payload;
         self.send_built(out, h.seq).await?;
-        let mut capture = PrepareCapture {
-            key,
-            info,
-            client_id: None,
-            close: None,
-            warnings: 0,
-        };
+        let mut capture = PrepareCapture::new(key, info);
         let (outcome, _) = self
             .relay_response(
                 ResponseKind::Prepare,
@@ -2269,29 +2124,14 @@ impl<D: Driver> Conn<D> {
         let outcome = self
             .run_statement(h.seq, statement, ahead, Send::Built(out))
             .await?;
-        if self.s.long_data == Some(cid) {
-            self.s.long_data = None;
-            self.end_pin(PinReason::LongData);
-        }
-        if cursor
-            && !outcome.failed()
-            && outcome.status.unwrap_or(0) & crate::mysql::consts::status::CURSOR_EXISTS != 0
-        {
-            self.s.cursor = Some(cid);
-            self.start_pin(PinReason::Cursor);
-        }
+        let pins = self.s.executed(cid, cursor, &outcome);
+        self.count(pins);
         self.maybe_release().await
     }
 
     fn start_pin(&mut self, r: PinReason) {
         if self.s.pins.start(r) {
             self.pool.shared.stats.pin_started(r);
-        }
-    }
-
-    fn end_pin(&mut self, r: PinReason) {
-        if self.s.pins.end(r) {
-            self.pool.shared.stats.pin_ended(r);
         }
     }
 
@@ -2305,14 +2145,8 @@ impl<D: Driver> Conn<D> {
                 Err(e) => return self.refuse_statement_command(h, command, e).await,
             };
         if command == com::STMT_RESET {
-            if self.s.cursor == Some(cid) {
-                self.s.cursor = None;
-                self.end_pin(PinReason::Cursor);
-            }
-            if self.s.long_data == Some(cid) {
-                self.s.long_data = None;
-                self.end_pin(PinReason::LongData);
-            }
+            let pins = self.s.statement_reset(cid);
+            self.count(pins);
             let on_backend = match (self.backend.as_mut(), self.s.stmts.get(cid)) {
                 (Some(b), Some(cs)) => b.conn.stmts.get_mut(&cs.key).map(|s| s.id),
                 _ => None,
@@ -2329,7 +2163,7 @@ impl<D: Driver> Conn<D> {
                 .await?;
             return self.after_command(outcome, tracked).await;
         }
-        if command == com::STMT_FETCH && self.s.cursor != Some(cid) {
+        if command == com::STMT_FETCH && !self.s.has_cursor(cid) {
             self.discard_command(h).await?;
             let e = ErrPacket::new(1421, "HY000", "The statement has no open cursor");
             return self.reply_err(h.seq, e).await;
@@ -2343,22 +2177,16 @@ impl<D: Driver> Conn<D> {
         };
         stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
         if command == com::STMT_SEND_LONG_DATA {
-            self.s.long_data = Some(cid);
-            self.start_pin(PinReason::LongData);
+            let pins = self.s.long_data_sent(cid);
+            self.count(pins);
             return self.send_command(h).await;
         }
         self.send_command(h).await?;
         let (outcome, tracked) = self
             .relay_response(ResponseKind::Fetch, &SqlInfo::default(), None)
             .await?;
-        let st = outcome.status.unwrap_or(0);
-        if outcome.failed()
-            || st & crate::mysql::consts::status::LAST_ROW_SENT != 0
-            || st & crate::mysql::consts::status::CURSOR_EXISTS == 0
-        {
-            self.s.cursor = None;
-            self.end_pin(PinReason::Cursor);
-        }
+        let pins = self.s.fetched(&outcome);
+        self.count(pins);
         self.after_command(outcome, tracked).await
     }
 
@@ -2401,11 +2229,9 @@ impl<D: Driver> Conn<D> {
             .and_then(|i| self.s.stmts.resolve(i));
         self.discard_command(h).await?;
         let Some(cid) = id else { return Ok(()) };
-        if self.s.long_data == Some(cid) {
-            self.s.long_data = None;
-            self.end_pin(PinReason::LongData);
-        }
-        if self.s.cursor == Some(cid) {
+        let (had_cursor, pins) = self.s.statement_closed(cid);
+        self.count(pins);
+        if had_cursor {
             // Close the server-side cursor with a reset of the backend statement.
             let key = self.s.stmts.get(cid).map(|s| s.key.clone());
             if let (Some(b), Some(key)) = (self.backend.as_mut(), key) {
@@ -2417,8 +2243,6 @@ impl<D: Driver> Conn<D> {
                     }
                 }
             }
-            self.s.cursor = None;
-            self.end_pin(PinReason::Cursor);
             self.maybe_release().await?;
         }
         self.s.stmts.remove(cid);
@@ -2521,21 +2345,6 @@ enum RelayError {
     ReadOnly,
 }
 
-/// Whether an ERR packet is the server refusing a write because it is read-only
-/// (ER_OPTION_PREVENTS_STATEMENT for --read-only, or ER_READ_ONLY_MODE).
-fn read_only_refusal(payload: &[u8]) -> bool {
-    if payload.first() != Some(&0xff) {
-        return false;
-    }
-    match ErrPacket::parse(payload) {
-        Ok(e) => {
-            (e.code == errcode::ER_OPTION_PREVENTS_STATEMENT && e.message.contains("read-only"))
-                || e.code == errcode::ER_READ_ONLY_MODE
-        }
-        Err(_) => false,
-    }
-}
-
 /// A client's statement as [`Conn::run_statement`] serves it.
 struct Statement<'a> {
     info: &'a SqlInfo,
@@ -2554,45 +2363,6 @@ enum Send {
     Built(Vec<u8>),
     /// This query text instead of the client's command (which is dropped).
     Query(Header, Vec<u8>),
-}
-
-/// The single row of a reader's result, its values the client's.
-fn patch_row(r: &TextResult, values: &[Vec<u8>], binary: bool, caps: u32) -> Packets {
-    let row = if binary {
-        let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_slice())).collect();
-        encode_binary_row(&r.columns, &vals).ok()
-    } else {
-        Some(patched_row(values))
-    };
-    match (r.rows.len(), row) {
-        (1, Some(row)) => r.with_rows(vec![row], caps),
-        _ => r.with_rows(r.rows.clone(), caps),
-    }
-}
-
-/// The result with the client's own conditions as rows (text rows as `SHOW WARNINGS` gave
-/// them, converted for the binary protocol).
-fn splice_rows(r: &TextResult, rows: &[Vec<u8>], binary: bool, caps: u32) -> Packets {
-    let rows = if binary {
-        rows.iter()
-            .filter_map(|t| {
-                let v = parse_text_row(t, r.columns.len()).ok()?;
-                encode_binary_row(&r.columns, &v).ok()
-            })
-            .collect()
-    } else {
-        rows.to_vec()
-    };
-    r.with_rows(rows, caps)
-}
-
-/// A command packet too short or inconsistent for its command, as MariaDB words it.
-fn malformed(what: &str) -> ErrPacket {
-    ErrPacket::new(
-        errcode::ER_MALFORMED_PACKET,
-        "HY000",
-        format!("Malformed communication packet (dbproxy: {what})"),
-    )
 }
 
 fn unavailable(why: &str) -> ErrPacket {

@@ -7,6 +7,9 @@
 //! records, replay plans), `uservars`, `diag` (ROW_COUNT(), FOUND_ROWS(), warnings),
 //! `stmts` (prepared statements), `login` (the connection phase).
 
+pub mod answer;
+pub mod command;
+pub mod cursor;
 pub mod diag;
 pub mod kill;
 pub mod login;
@@ -41,6 +44,10 @@ impl PinChanges {
     fn merge(&mut self, (s, e): (Vec<PinReason>, Vec<PinReason>)) {
         self.started.extend(s);
         self.ended.extend(e);
+    }
+
+    fn merge_one(&mut self, other: PinChanges) {
+        self.merge((other.started, other.ended));
     }
 }
 
@@ -633,6 +640,13 @@ impl ClientSession {
         r
     }
 
+    /// Whether a connection the session ends with (the client left) can go back as it is:
+    /// nothing pinned, no transaction, and none of what [`Self::release`] would clear left
+    /// on it. Otherwise it is reset before anyone reuses it.
+    pub fn clean_at_end(&self, backend: &BackendSession) -> bool {
+        self.releasable() && self.release(backend).statements.is_empty()
+    }
+
     /// The release steps ran.
     pub fn released(&mut self, backend: &mut BackendSession, warnings: Option<&TextResult>) {
         if let Some(w) = warnings {
@@ -1087,5 +1101,27 @@ mod tests {
         assert!(s.state.next_transaction.is_empty());
         assert!(!b.next_transaction_pending);
         assert!(s.pins.has(PinReason::Transaction));
+    }
+
+    #[test]
+    fn a_connection_left_at_the_end_goes_back_as_it_is_only_when_clean() {
+        let s = session();
+        let mut b = BackendSession::default();
+        assert!(s.clean_at_end(&b));
+        // Each one-shot or unknown variable left on it means a reset.
+        b.insert_id_pending = true;
+        assert!(!s.clean_at_end(&b));
+        let mut b = BackendSession {
+            next_transaction_pending: true,
+            ..BackendSession::default()
+        };
+        assert!(!s.clean_at_end(&b));
+        b.next_transaction_pending = false;
+        b.unknown_user_vars.insert(b"big".to_vec());
+        assert!(!s.clean_at_end(&b), "a user variable nobody recorded");
+        // A transaction or a pin: reset too.
+        let mut s = session();
+        s.status |= status::IN_TRANS;
+        assert!(!s.clean_at_end(&BackendSession::default()));
     }
 }
