@@ -4,11 +4,12 @@
 //! record of its session is the truth. The pool and the health-check monitor both use it.
 
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
-use crate::mysql::backend::{Credentials, Login, LoginError, LoginStep};
+use crate::mysql::backend::{
+    greeted, Credentials, GreetError, Greeted, Login, LoginError, LoginStep, TlsWant,
+};
 use crate::mysql::command::ResponseKind;
+use crate::mysql::consts::com;
 use crate::mysql::consts::errcode;
-use crate::mysql::consts::{cap, com};
-use crate::mysql::handshake::{encode_ssl_request, ServerHandshake};
 use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::resultset::{Packets, TextResult};
 use crate::mysql::session::{changes, parse_ok};
@@ -304,34 +305,36 @@ impl<S: Stream> BackendConn<S> {
     ) -> Result<(Self, ServerProfile), BackendError> {
         let mut buf = Buf::with_capacity(BACKEND_BUF);
         let h = read_packet_by(&mut stream, &mut buf, MAX_PAYLOAD, Some(deadline)).await?;
+        let want = match tls {
+            None => TlsWant::Off,
+            Some(t) if t.tls.required() => TlsWant::Required(t.tls.mode.name()),
+            Some(_) => TlsWant::Preferred,
+        };
         let payload = &buf.filled()[4..h.total()];
-        if payload.first() == Some(&0xff) {
-            let e = ErrPacket::parse(payload)?;
-            return Err(BackendError::Server(e));
-        }
-        let hs = ServerHandshake::parse(payload)?;
+        let greeted = greeted(payload, creds, wanted_caps, wanted_ext, collation, want).map_err(
+            |e| match e {
+                GreetError::Server(e) => BackendError::Server(e),
+                GreetError::NoTls(_) => BackendError::Tls(e.to_string()),
+                GreetError::Protocol(e) => BackendError::Protocol(e),
+            },
+        )?;
         buf.consume(h.total());
+        let Greeted {
+            handshake: hs,
+            ssl_request,
+            response,
+            mut login,
+            caps,
+            ext_caps,
+        } = greeted;
         let profile = ServerProfile {
             version: hs.version.clone(),
             capabilities: hs.capabilities,
             ext_capabilities: hs.ext_capabilities,
             collation: hs.collation,
         };
-        let secure = match tls {
-            Some(_) if hs.capabilities & cap::SSL != 0 => true,
-            Some(t) if t.tls.required() => {
-                return Err(BackendError::Tls(format!(
-                    "the server does not offer TLS, and backend_tls = \"{}\" requires it",
-                    t.tls.mode.name()
-                )))
-            }
-            _ => false,
-        };
-        let (mut login, response, caps, ext_caps) =
-            Login::start(&hs, creds, wanted_caps, wanted_ext, collation, secure);
         let mut seq = h.seq.wrapping_add(1);
-        if let (true, Some(t)) = (secure, tls) {
-            let req = encode_ssl_request(caps, ext_caps, collation);
+        if let (Some(req), Some(t)) = (ssl_request, tls) {
             seq = write_packet(&mut stream, seq, &req).await?;
             let config = t
                 .tls

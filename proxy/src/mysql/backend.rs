@@ -5,7 +5,9 @@
 
 use super::auth::{self, Plugin};
 use super::consts::cap;
-use super::handshake::{parse_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake};
+use super::handshake::{
+    encode_ssl_request, parse_auth_switch, ChangeUser, HandshakeResponse, ServerHandshake,
+};
 use super::wire::ErrPacket;
 use super::ProtocolError;
 
@@ -225,6 +227,79 @@ pub fn rsa_encrypt_password(
         })
 }
 
+/// TLS as the connection's settings want it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsWant {
+    /// Plain text.
+    Off,
+    /// TLS when the server offers it.
+    Preferred,
+    /// TLS or no connection (the setting's name, for the error).
+    Required(&'static str),
+}
+
+/// What a server's greeting leads to.
+#[derive(Debug)]
+pub struct Greeted {
+    pub handshake: ServerHandshake,
+    /// Sent first, then TLS is set up, when the connection is to be secured.
+    pub ssl_request: Option<Vec<u8>>,
+    /// The handshake response (after TLS, if any).
+    pub response: Vec<u8>,
+    /// The rest of the login.
+    pub login: Login,
+    /// What was agreed.
+    pub caps: u32,
+    pub ext_caps: u32,
+}
+
+/// Why a greeting ends the attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum GreetError {
+    /// The server refused the connection instead of greeting (too many connections, a
+    /// blocked host).
+    #[error("backend answered: {0}")]
+    Server(ErrPacket),
+    #[error("the server does not offer TLS, and backend_tls = \"{0}\" requires it")]
+    NoTls(&'static str),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Answers a server's first packet: its greeting parsed, TLS decided (`tls`), and the
+/// login to `creds` started with the capabilities both sides have.
+pub fn greeted(
+    payload: &[u8],
+    creds: &Credentials,
+    wanted_caps: u32,
+    wanted_ext: u32,
+    collation: u8,
+    tls: TlsWant,
+) -> Result<Greeted, GreetError> {
+    if payload.first() == Some(&0xff) {
+        return Err(GreetError::Server(ErrPacket::parse(payload)?));
+    }
+    let hs = ServerHandshake::parse(payload)?;
+    let offered = hs.capabilities & cap::SSL != 0;
+    let secure = match tls {
+        TlsWant::Off => false,
+        TlsWant::Preferred => offered,
+        TlsWant::Required(_) if offered => true,
+        TlsWant::Required(mode) => return Err(GreetError::NoTls(mode)),
+    };
+    let (login, response, caps, ext_caps) =
+        Login::start(&hs, creds, wanted_caps, wanted_ext, collation, secure);
+    let ssl_request = secure.then(|| encode_ssl_request(caps, ext_caps, collation));
+    Ok(Greeted {
+        handshake: hs,
+        ssl_request,
+        response,
+        login,
+        caps,
+        ext_caps,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,5 +457,63 @@ mod tests {
         assert_eq!(cu.database, None);
         assert_eq!(cu.collation, Some(33));
         assert!(Plugin::Native.verify(b"pw", b"01234567890123456789", &cu.auth_response));
+    }
+
+    #[test]
+    fn a_greeting_decides_tls_and_starts_the_login() {
+        let mut hs = greeting("mysql_native_password");
+        hs.capabilities |= cap::SSL;
+        let payload = hs.encode();
+        let g = greeted(
+            &payload,
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            TlsWant::Preferred,
+        )
+        .unwrap();
+        let req = g.ssl_request.expect("TLS offered and preferred");
+        assert_ne!(g.caps & cap::SSL, 0);
+        assert_eq!(req.len(), 32);
+        assert_eq!(g.handshake.connection_id, 1);
+        let g = greeted(&payload, &creds(), cap::BACKEND_BASE, 0, 45, TlsWant::Off).unwrap();
+        assert!(g.ssl_request.is_none());
+        assert_eq!(g.caps & cap::SSL, 0);
+        // Not offered: plain when preferred, refused when required.
+        let plain = greeting("mysql_native_password").encode();
+        let g = greeted(
+            &plain,
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            TlsWant::Preferred,
+        )
+        .unwrap();
+        assert!(g.ssl_request.is_none());
+        let e = greeted(
+            &plain,
+            &creds(),
+            cap::BACKEND_BASE,
+            0,
+            45,
+            TlsWant::Required("verify_ca"),
+        );
+        assert!(matches!(e, Err(GreetError::NoTls("verify_ca"))), "{e:?}");
+    }
+
+    #[test]
+    fn a_server_that_refuses_instead_of_greeting_is_told_apart() {
+        let err = ErrPacket::new(1040, "08004", "Too many connections").encode();
+        match greeted(&err, &creds(), cap::BACKEND_BASE, 0, 45, TlsWant::Off) {
+            Err(GreetError::Server(e)) => assert_eq!(e.code, 1040),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            greeted(&[9, 1, 2], &creds(), cap::BACKEND_BASE, 0, 45, TlsWant::Off),
+            Err(GreetError::Protocol(_))
+        ));
+        assert!(greeted(&[], &creds(), cap::BACKEND_BASE, 0, 45, TlsWant::Off).is_err());
     }
 }
