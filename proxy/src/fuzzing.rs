@@ -80,6 +80,19 @@ pub fn handshake(data: &[u8]) {
     if let Ok(g) = ServerHandshake::parse(data) {
         let _ = ServerHandshake::parse(&g.encode());
     }
+    let creds = crate::mysql::backend::Credentials {
+        user: "app".into(),
+        password: "db".into(),
+    };
+    for want in [
+        crate::mysql::backend::TlsWant::Off,
+        crate::mysql::backend::TlsWant::Preferred,
+        crate::mysql::backend::TlsWant::Required("verify_full"),
+    ] {
+        if let Ok(mut g) = crate::mysql::backend::greeted(data, &creds, caps, 0, 45, want) {
+            let _ = g.login.on_packet(rest);
+        }
+    }
 }
 
 /// One user, `app`, with any plugin.
@@ -127,7 +140,35 @@ pub fn command(data: &[u8]) {
     let sql = data.get(1..).unwrap_or_default();
     let info = crate::session::sql::analyze(sql);
     let _ = crate::session::ReadBack::for_statement(&info, true);
-    let _ = crate::session::kill::parse(sql);
+    if let Some(k) = crate::session::kill::parse(sql) {
+        let _ = crate::session::kill::decide(&k, crate::clients::FIRST_ID, "app", &NoClients);
+    }
+    let mut framed = Vec::new();
+    write_packet(&mut framed, 0, data);
+    if let Some(h) = complete_packet(&framed) {
+        let held = data.len().is_multiple_of(2);
+        let _ = crate::session::command::dispatch(&framed, h, held);
+        let _ = crate::session::command::retryable(&framed, h, held, true, 0);
+    }
+}
+
+/// A registry with one client of another user, for KILL decisions.
+struct NoClients;
+
+impl crate::session::kill::Clients for NoClients {
+    type Client = u32;
+    fn by_greeting(&self, id: u64) -> Option<u32> {
+        u32::try_from(id).ok().filter(|i| i.is_multiple_of(2))
+    }
+    fn holding_thread(&self, _: u64) -> Option<u32> {
+        None
+    }
+    fn user(&self, c: &u32) -> String {
+        if c.is_multiple_of(4) { "app" } else { "other" }.to_string()
+    }
+    fn id(&self, c: &u32) -> u32 {
+        *c
+    }
 }
 
 /// A database's response to a command of each kind, under the capabilities in `data`'s
@@ -156,6 +197,7 @@ pub fn response(data: &[u8]) {
         }
         let _ = (tracker.last_ok(), tracker.status(), tracker.untold_change());
     }
+    relay_answer(kind, caps, k, rest);
     let whole: Vec<Vec<u8>> = list.iter().map(|(_, p)| p.to_vec()).collect();
     if let Ok(r) = TextResult::parse(&whole, caps) {
         let _ = r.with_rows(Vec::new(), caps);
@@ -167,6 +209,66 @@ pub fn response(data: &[u8]) {
     for (_, p) in &list {
         let _ = parse_text_row(p, columns.len().max(1));
         let _ = parse_binary_row(p, &columns);
+    }
+}
+
+/// The same bytes as the answer to a client's command streaming through
+/// (`session::answer`): passes over every prefix a read could end at, as the relay makes
+/// them, with tracking stripped or kept and a prepare's OK_stmt given the client's id.
+fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
+    use crate::session::answer::{PrepareCapture, Relay};
+    let Some(user) = users().get(b"app") else {
+        return;
+    };
+    let mut session = crate::session::ClientSession::new(user, caps, 45, None);
+    let mut backend = BackendSession::default();
+    let mut stmts = crate::session::stmts::BackendStmts::new(4);
+    let mut tracker = ResponseTracker::new(kind, caps);
+    let mut tracked = crate::session::Tracked::default();
+    let sql: &[u8] = b"SELECT 1";
+    let info = crate::session::sql::analyze(sql);
+    let key = crate::session::stmts::StmtKey::new(Default::default(), std::sync::Arc::from(sql));
+    let mut capture = PrepareCapture::new(key, std::sync::Arc::new(info.clone()));
+    let mut buf = data.to_vec();
+    let mut at = 0;
+    let mut check_read_only = flags & 0x10 != 0;
+    // Reads of 1, 2, 3, ... bytes: every packet boundary falls inside one some time.
+    let mut read = 1;
+    while at < buf.len() {
+        let end = (at + read).min(buf.len());
+        read += 1;
+        let Some(window) = buf.get_mut(..end) else {
+            return;
+        };
+        let mut relay = Relay {
+            tracker: &mut tracker,
+            session: &mut session,
+            backend: &mut backend,
+            backend_stmts: &mut stmts,
+            caps,
+            info: &info,
+            tracked: &mut tracked,
+            prepare: (kind == ResponseKind::Prepare).then_some(&mut capture),
+            strip: flags & 0x08 != 0,
+            check_read_only,
+        };
+        let Some(pending) = window.get_mut(at..) else {
+            return;
+        };
+        let scan = relay.scan(pending);
+        check_read_only = relay.check_read_only;
+        match scan {
+            Ok(s) if s.step == Step::More => at += s.bytes,
+            Ok(s) if s.step == Step::LocalInfile => {
+                at += s.bytes;
+                tracker.resume_after_infile();
+            }
+            _ => return,
+        }
+        if end == buf.len() && at < end {
+            // An incomplete packet at the end: nothing more will come.
+            return;
+        }
     }
 }
 
