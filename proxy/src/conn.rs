@@ -27,11 +27,12 @@ use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
 use crate::session::answer::{patch_row, splice_rows, AnswerError, PrepareCapture, Relay, Scan};
 use crate::session::command::{self, malformed, Command, IdleLimit};
+use crate::session::connection_phase::{
+    Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
+};
 use crate::session::diag::Answer;
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
-use crate::session::login::{
-    AuthStep, Authentication, ClientTls, Login, Profile, Step as LoginStep,
-};
+use crate::session::login::{AuthStep, Authentication, ClientTls, Profile};
 use crate::session::pins::PinReason;
 use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
@@ -46,8 +47,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Largest packet accepted before a client has logged in.
-const HANDSHAKE_LIMIT: usize = 64 * 1024;
 /// Receive buffer a client session keeps between commands.
 const CLIENT_BUF: usize = 16 * 1024;
 
@@ -201,13 +200,11 @@ async fn serve_in_span<D: Driver>(
         tracing::warn!(%peer, "refused a client: max_client_connections reached");
         return;
     }
-    let deadline = tokio::time::Instant::now() + shared.config().proxy.handshake_timeout;
     let via = Via {
         tls,
         endpoint: endpoint.clone(),
     };
-    let Some((mut conn, seq)) =
-        login::<D>(shared.clone(), pool, client, peer, conn_id, deadline, via).await
+    let Some((mut conn, seq)) = login::<D>(shared.clone(), pool, client, peer, conn_id, via).await
     else {
         return;
     };
@@ -242,7 +239,8 @@ fn pool_key(s: &ClientSession) -> PoolKey {
     )
 }
 
-/// Waits as long as the throttle says a verdict for a login from `peer` must wait.
+/// Waits as long as the throttle says a verdict for a login from `peer` must wait
+/// (COM_CHANGE_USER's; the connection phase's waits are [`ConnectionPhase`]'s).
 async fn throttled(shared: &ProxyShared, peer: SocketAddr) {
     let d = shared.throttle.delay(peer.ip(), std::time::Instant::now());
     if !d.is_zero() {
@@ -258,15 +256,15 @@ struct Via {
     endpoint: Arc<EndpointStats>,
 }
 
-/// The connection phase, driving the login machine. Returns the connection and the
-/// sequence id of the final OK.
+/// The connection phase, driving [`ConnectionPhase`]: reads, writes, the TLS handshake,
+/// token verification and the waits it asks for. Returns the connection and the sequence
+/// id of the final OK.
 async fn login<D: Driver>(
     shared: Arc<ProxyShared>,
     pool: Rc<CorePool<D>>,
     mut client: D::Stream,
     peer: SocketAddr,
     conn_id: u32,
-    deadline: tokio::time::Instant,
     Via { tls, endpoint }: Via,
 ) -> Option<(Conn<D>, u8)> {
     let tls = if shared.tls.is_some() {
@@ -274,7 +272,6 @@ async fn login<D: Driver>(
     } else {
         ClientTls::Off
     };
-    let nonce = new_nonce();
     let profile = {
         let p = pool.shared.profile.read();
         Profile {
@@ -284,86 +281,129 @@ async fn login<D: Driver>(
             collation: p.collation,
         }
     };
-    let (mut machine, greeting) =
-        Login::start(&profile, conn_id, nonce, peer.ip().to_string(), tls);
-    write_packet(&mut client, 0, &greeting).await.ok()?;
+    let handshake_timeout = shared.config().proxy.handshake_timeout;
+    let now = std::time::Instant::now();
+    let mut phase = ConnectionPhase::start(
+        &profile,
+        conn_id,
+        new_nonce(),
+        peer.ip(),
+        tls,
+        handshake_timeout,
+        now,
+    );
+    let deadline = tokio::time::Instant::from_std(now + handshake_timeout);
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
     loop {
-        let h = match read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(deadline)).await
-        {
-            Ok(h) => h,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                let t = shared.config().proxy.handshake_timeout;
-                tracing::info!(%peer, "client did not log in within handshake_timeout ({t:?})");
-                return None;
+        let Some(action) = phase.poll_action() else {
+            // No deadline: the phase is over (its last action was taken).
+            let input_at = phase.poll_timeout().map(tokio::time::Instant::from_std)?;
+            if !phase.wants_packet() {
+                // The throttle holds the verdict.
+                tokio::time::sleep_until(input_at).await;
+                phase.handle(
+                    Input::Timer,
+                    std::time::Instant::now(),
+                    &shared.users(),
+                    &shared.throttle,
+                );
+                continue;
             }
-            Err(e) => {
-                tracing::debug!(%peer, "client left during the handshake: {e}");
-                if e.kind() == io::ErrorKind::InvalidData {
-                    let err = ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake");
-                    let _ = write_packet(&mut client, 2, &err.encode()).await;
+            let read =
+                read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(input_at)).await;
+            let input = match read {
+                Ok(h) => Input::Packet {
+                    seq: h.seq,
+                    payload: &cbuf.filled()[4..h.total()],
+                },
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => Input::Timer,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::debug!(%peer, "client left during the handshake: {e}");
+                    Input::Malformed
                 }
-                return None;
-            }
+                Err(e) => {
+                    tracing::debug!(%peer, "client left during the handshake: {e}");
+                    return None;
+                }
+            };
+            let consumed = match &input {
+                Input::Packet { payload, .. } => payload.len() + 4,
+                _ => 0,
+            };
+            phase.handle(
+                input,
+                std::time::Instant::now(),
+                &shared.users(),
+                &shared.throttle,
+            );
+            cbuf.consume(consumed);
+            continue;
         };
-        let mut step = machine.on_packet(&shared.users(), h.seq, &cbuf.filled()[4..h.total()]);
-        cbuf.consume(h.total());
-        if let LoginStep::VerifyToken { user, token } = step {
-            let verdict =
-                tokio::time::timeout_at(deadline, verify_token(&shared, peer, user, token));
-            step = machine.token_verified(verdict.await.unwrap_or(false));
-        }
-        match step {
-            // A verdict never asks for another.
-            LoginStep::VerifyToken { .. } => return None,
-            LoginStep::Send { seq, payload } => {
+        match action {
+            Action::Send { seq, payload } => {
                 write_packet(&mut client, seq, &payload).await.ok()?;
             }
-            LoginStep::StartTls => {
-                let server = shared.tls.as_ref()?;
+            Action::StartTls => {
                 // Whatever came after the SSLRequest is the start of the TLS handshake.
                 let early = cbuf.filled().to_vec();
                 cbuf.consume(early.len());
-                // Boxed: the handshake's state (rustls's connection among it) lives on the heap
-                // while it runs, not in every session's future (idle clients stay small).
-                let handshake = Box::pin(client.accept_tls(server.config(), &early, deadline));
-                match handshake.await {
-                    Ok(agreed) => {
-                        tracing::debug!(%peer, version = agreed.version, cipher = %agreed.cipher, "client TLS handshake done");
-                        shared
-                            .tls_stats
-                            .client_handshakes
-                            .fetch_add(1, Ordering::Relaxed);
-                        machine.secured();
-                    }
-                    Err(e) => {
-                        shared
-                            .tls_stats
-                            .client_handshake_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(%peer, "TLS handshake with a client failed: {e}");
-                        return None;
-                    }
-                }
+                let result = match shared.tls.as_ref() {
+                    // Boxed: the handshake's state (rustls's connection among it) lives on
+                    // the heap while it runs, not in every session's future.
+                    Some(server) => Box::pin(client.accept_tls(server.config(), &early, deadline))
+                        .await
+                        .map(|agreed| {
+                            tracing::debug!(%peer, version = agreed.version, cipher = %agreed.cipher, "client TLS handshake done");
+                        })
+                        .map_err(|e| e.to_string()),
+                    None => Err("no TLS configured".into()),
+                };
+                let counter = match result {
+                    Ok(()) => &shared.tls_stats.client_handshakes,
+                    Err(_) => &shared.tls_stats.client_handshake_failures,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let now = std::time::Instant::now();
+                phase.handle(
+                    Input::Secured(result),
+                    now,
+                    &shared.users(),
+                    &shared.throttle,
+                );
             }
-            LoginStep::Refused { seq, err, log } => {
-                let denied = err.code == errcode::ER_ACCESS_DENIED_ERROR;
-                if denied {
-                    endpoint.setup_failed_auth.fetch_add(1, Ordering::Relaxed);
-                    throttled(&shared, peer).await;
-                    shared.throttle.failed(peer.ip(), std::time::Instant::now());
+            Action::VerifyToken { user, token } => {
+                let verdict =
+                    tokio::time::timeout_at(deadline, verify_token(&shared, peer, user, token));
+                let ok = verdict.await.unwrap_or(false);
+                let now = std::time::Instant::now();
+                phase.handle(
+                    Input::TokenVerdict(ok),
+                    now,
+                    &shared.users(),
+                    &shared.throttle,
+                );
+            }
+            Action::Close(end) => {
+                match end {
+                    LoginEnd::Timeout => {
+                        tracing::info!(%peer, "client did not log in within handshake_timeout ({handshake_timeout:?})");
+                    }
+                    LoginEnd::Denied(log) => {
+                        endpoint.setup_failed_auth.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, "{log}");
+                    }
+                    LoginEnd::Refused(log) => tracing::info!(%peer, "{log}"),
+                    LoginEnd::TlsFailed(e) => {
+                        tracing::info!(%peer, "TLS handshake with a client failed: {e}");
+                    }
+                    LoginEnd::BadHandshake => {}
                 }
-                tracing::info!(%peer, "{log}");
-                let _ = write_packet(&mut client, seq, &err.encode()).await;
                 return None;
             }
-            LoginStep::Accepted(a) => {
-                throttled(&shared, peer).await;
-                shared.throttle.succeeded(peer.ip());
-                let (preamble, ok_seq) = a.preamble();
-                if let Some((seq, p)) = preamble {
-                    write_packet(&mut client, seq, &p).await.ok()?;
-                }
+            Action::Accepted {
+                accepted: a,
+                ok_seq,
+            } => {
                 let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
                 s.ext_caps = a.ext_caps;
                 s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
@@ -386,7 +426,7 @@ async fn login<D: Driver>(
                     cmd: Vec::new(),
                     built: Vec::new(),
                     peer,
-                    nonce,
+                    nonce: phase.nonce(),
                     s,
                     backend: None,
                     retry: Vec::new(),

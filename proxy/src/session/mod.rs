@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod command;
+pub mod connection_phase;
 pub mod cursor;
 pub mod diag;
 pub mod kill;
