@@ -127,6 +127,39 @@ pub fn client_login(data: &[u8]) {
     for (h, payload) in packets(data.get(1..).unwrap_or_default()) {
         let _ = login.on_packet(&users, h.seq, payload);
     }
+    // The same packets through the connection phase around it, TLS and tokens answered
+    // as the first byte says, the clock moving a second per packet.
+    use crate::session::connection_phase::{Action, ConnectionPhase, Input};
+    let throttle = crate::auth::throttle::LoginThrottle::new(1, std::time::Duration::from_secs(2));
+    let mut now = std::time::Instant::now();
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    let timeout = std::time::Duration::from_secs(5);
+    let mut phase = ConnectionPhase::start(&profile, 1, [7; 20], ip, tls, timeout, now);
+    let flags = data.first().copied().unwrap_or(0);
+    for (h, payload) in packets(data.get(1..).unwrap_or_default()) {
+        now += std::time::Duration::from_secs(1);
+        let input = if phase.wants_packet() {
+            Input::Packet {
+                seq: h.seq,
+                payload,
+            }
+        } else {
+            Input::Timer
+        };
+        phase.handle(input, now, &users, &throttle);
+        while let Some(a) = phase.poll_action() {
+            let answer = match a {
+                Action::StartTls => Input::Secured(if flags & 4 == 0 {
+                    Ok(())
+                } else {
+                    Err("no".into())
+                }),
+                Action::VerifyToken { .. } => Input::TokenVerdict(flags & 8 == 0),
+                _ => continue,
+            };
+            phase.handle(answer, now, &users, &throttle);
+        }
+    }
 }
 
 /// A command from a client: how it is classified, and what dbproxy reads in its SQL.
