@@ -34,6 +34,7 @@ use crate::session::diag::Answer;
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{AuthStep, Authentication, ClientTls, Profile};
 use crate::session::pins::PinReason;
+use crate::session::plan::{self, Plan, Relay as PlanRelay, Text as PlanText};
 use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
 use crate::session::stmts::StmtKey;
@@ -1249,20 +1250,19 @@ impl<D: Driver> Conn<D> {
             answer,
             read_back,
         } = st;
-        let rewritten = matches!(answer, Answer::Rewrite(_));
+        let Plan {
+            text: replace,
+            relay,
+            read_back,
+            pipelined,
+            counts_stale,
+        } = plan::plan(answer, info, read_back);
         // A text statement the session rewrote, or answers from `SHOW WARNINGS LIMIT 0`, is
         // sent instead of the client's.
-        let send = match (&answer, send) {
-            (Answer::Rewrite(sql), Send::Client(h)) => Send::Query(h, sql.clone()),
-            (Answer::Splice { query, .. }, Send::Client(h)) => {
-                Send::Query(h, query.as_bytes().to_vec())
-            }
+        let send = match (replace, send) {
+            (PlanText::Replace(sql), Send::Client(h)) => Send::Query(h, sql),
             (_, send) => send,
         };
-        // Nothing is pipelined after LOAD DATA: the server may ask for a local file.
-        let pipelined = !info.load_data
-            && !matches!(answer, Answer::Splice { .. })
-            && !read_back.as_ref().is_some_and(ReadBack::names_tables);
         // The rarer steps below are boxed: each already allocates (a replay's SET, a
         // read-back's values, rows to answer), and unboxed they would size every session's
         // future, idle ones included, for the largest of them.
@@ -1284,20 +1284,20 @@ impl<D: Driver> Conn<D> {
             Box::pin(self.finish_ahead(ahead, seq)).await?;
         }
         let binary = kind == ResponseKind::Execute;
-        let (outcome, tracked) = match answer {
-            Answer::PatchRow(values) => {
+        let (outcome, tracked) = match relay {
+            PlanRelay::PatchRow(values) => {
                 Box::pin(
                     self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps)),
                 )
                 .await?
             }
-            Answer::Splice { rows, .. } => {
+            PlanRelay::Splice(rows) => {
                 Box::pin(
                     self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps)),
                 )
                 .await?
             }
-            _ => self.relay_response(kind, info, None).await?,
+            PlanRelay::Stream => self.relay_response(kind, info, None).await?,
         };
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
@@ -1306,7 +1306,7 @@ impl<D: Driver> Conn<D> {
             .s
             .after_statement(info, text, outcome, tracked, &mut b.conn.session);
         self.count(changes);
-        if rewritten {
+        if counts_stale {
             self.s.diag.counts_stale();
         }
         if let Some(rb) = &read_back {

@@ -16,6 +16,7 @@ pub mod kill;
 pub mod login;
 pub mod pin_reason;
 pub mod pins;
+pub mod plan;
 pub mod querylog;
 pub mod sql;
 pub mod state;
