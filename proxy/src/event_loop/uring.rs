@@ -516,11 +516,7 @@ impl UringLoop {
         if !live {
             return bid;
         }
-        let s = self.io.get_mut(index as usize)?;
-        let token = Token {
-            index,
-            generation: s.generation,
-        };
+        let (s, token) = self.slot_at(index)?;
         let wanted = s.want_recv;
         if res > 0 {
             if let Some(b) = bid {
@@ -546,6 +542,13 @@ impl UringLoop {
         bid
     }
 
+    /// Slot `index`'s I/O state and its full token, for one of its completions.
+    fn slot_at(&mut self, index: u32) -> Option<(&mut SlotIo, Token)> {
+        let s = self.io.get_mut(index as usize)?;
+        let generation = s.generation;
+        Some((s, Token { index, generation }))
+    }
+
     /// A send's completion: a short one continued, otherwise the buffer back to the
     /// handler with the result.
     fn send_done(
@@ -555,12 +558,8 @@ impl UringLoop {
         res: i32,
         handle: &mut impl FnMut(&mut Ctl, Event<'_>),
     ) {
-        let Some(s) = self.io.get_mut(index as usize) else {
+        let Some((s, token)) = self.slot_at(index) else {
             return;
-        };
-        let token = Token {
-            index,
-            generation: s.generation,
         };
         let result = match res {
             n if n > 0 => {
@@ -593,14 +592,10 @@ impl UringLoop {
         res: i32,
         handle: &mut impl FnMut(&mut Ctl, Event<'_>),
     ) {
-        let Some(s) = self.io.get_mut(index as usize) else {
+        let Some((s, token)) = self.slot_at(index) else {
             return;
         };
         s.connecting = None;
-        let token = Token {
-            index,
-            generation: s.generation,
-        };
         self.finished(index);
         if !live {
             return;

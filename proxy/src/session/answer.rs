@@ -225,7 +225,6 @@ pub fn splice_rows(r: &TextResult, rows: &[Vec<u8>], binary: bool, caps: u32) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{UserAuthPlugin, UserConfig};
     use crate::mysql::command::ResponseKind;
     use crate::mysql::consts::cap;
     use crate::session::sql::analyze;
@@ -236,17 +235,7 @@ mod tests {
     const USE_OK: &[u8] = b"\x00\x00\x00\x02\x40\x00\x00\x00\x0a\x01\x05\x04shop\x02\x01\x31";
 
     fn session() -> ClientSession {
-        let users = crate::auth::Users::new(&[UserConfig {
-            name: "app".into(),
-            password: "pw".into(),
-            password_hash: None,
-            backend_user: None,
-            backend_password: "db".into(),
-            auth_plugin: UserAuthPlugin::Any,
-            aws_iam_arns: Vec::new(),
-            jwt_subjects: Vec::new(),
-        }]);
-        ClientSession::new(users.get(b"app").unwrap(), cap::PROTOCOL_41, 45, None)
+        crate::session::testing::session(None)
     }
 
     fn packets(list: &[(u8, &[u8])]) -> Vec<u8> {

@@ -299,7 +299,6 @@ impl ConnectionPhase {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{UserAuthPlugin, UserConfig};
     use crate::mysql::auth::Plugin;
     use crate::mysql::consts::cap;
     use crate::mysql::handshake::{encode_ssl_request, HandshakeResponse};
@@ -308,19 +307,11 @@ mod tests {
 
     /// `app` logs in with a password, `iam` with a token.
     fn users() -> Users {
-        let user = |name: &str, arns: Vec<String>| UserConfig {
-            name: name.into(),
-            password: "pw".into(),
-            password_hash: None,
-            backend_user: None,
-            backend_password: "db".into(),
-            auth_plugin: UserAuthPlugin::Any,
-            aws_iam_arns: arns,
-            jwt_subjects: Vec::new(),
-        };
+        use crate::session::testing::user_config;
+        let arn = "arn:aws:iam::123456789012:role/app".to_string();
         Users::new(&[
-            user("app", Vec::new()),
-            user("iam", vec!["arn:aws:iam::123456789012:role/app".into()]),
+            user_config("app", Vec::new()),
+            user_config("iam", vec![arn]),
         ])
     }
 

@@ -95,22 +95,10 @@ impl ClientSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{UserAuthPlugin, UserConfig};
-    use crate::mysql::consts::cap;
     use crate::session::diag::Ending;
 
     fn session() -> ClientSession {
-        let users = crate::auth::Users::new(&[UserConfig {
-            name: "app".into(),
-            password: "pw".into(),
-            password_hash: None,
-            backend_user: None,
-            backend_password: "db".into(),
-            auth_plugin: UserAuthPlugin::Any,
-            aws_iam_arns: Vec::new(),
-            jwt_subjects: Vec::new(),
-        }]);
-        ClientSession::new(users.get(b"app").unwrap(), cap::PROTOCOL_41, 45, None)
+        crate::session::testing::session(None)
     }
 
     fn ok(flags: u16) -> Outcome {

@@ -688,30 +688,45 @@ impl ClientSession {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{UserAuthPlugin, UserConfig};
-    use crate::mysql::resultset::{encode_text_row, ColumnDef};
-    use crate::session::sql::analyze;
-    use crate::session::uservars::UserValue;
+pub(crate) mod testing {
+    //! What the session's tests share.
 
-    fn session() -> ClientSession {
-        let users = crate::auth::Users::new(&[UserConfig {
-            name: "app".into(),
+    use super::ClientSession;
+    use crate::config::{UserAuthPlugin, UserConfig};
+    use crate::mysql::consts::cap;
+
+    /// User `name` (password `pw`, any plugin), logging in to the database as itself with
+    /// `db`; `arns`: the IAM roles that may log in as it with a token.
+    pub fn user_config(name: &str, arns: Vec<String>) -> UserConfig {
+        UserConfig {
+            name: name.into(),
             password: "pw".into(),
             password_hash: None,
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,
-            aws_iam_arns: Vec::new(),
+            aws_iam_arns: arns,
             jwt_subjects: Vec::new(),
-        }]);
-        ClientSession::new(
-            users.get(b"app").unwrap(),
-            cap::PROTOCOL_41,
-            45,
-            Some(b"shop".to_vec()),
-        )
+        }
+    }
+
+    /// A session of user `app` (protocol 4.1, collation 45) in `schema`.
+    pub fn session(schema: Option<&[u8]>) -> ClientSession {
+        let users = crate::auth::Users::new(&[user_config("app", Vec::new())]);
+        let user = users.get(b"app").expect("the user just configured");
+        ClientSession::new(user, cap::PROTOCOL_41, 45, schema.map(<[u8]>::to_vec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mysql::resultset::{encode_text_row, ColumnDef};
+    use crate::session::sql::analyze;
+    use crate::session::uservars::UserValue;
+
+    fn session() -> ClientSession {
+        testing::session(Some(b"shop"))
     }
 
     fn col(name: &str, t: u8, flags: u16) -> ColumnDef {
