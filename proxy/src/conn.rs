@@ -21,7 +21,7 @@ use crate::mysql::packet::{seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
 use crate::mysql::resultset::{Packets, TextResult};
 use crate::mysql::session::Change;
-use crate::mysql::stmt::{self, execute_opens_cursor, rewrite_bulk, rewrite_execute};
+use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
@@ -31,6 +31,7 @@ use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
 };
 use crate::session::diag::Answer;
+use crate::session::execute;
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{AuthStep, Authentication, ClientTls, Profile};
 use crate::session::pins::PinReason;
@@ -2004,14 +2005,7 @@ impl<D: Driver> Conn<D> {
 
     /// The client's statement a COM_STMT_* payload names, or the error for an unknown id.
     fn client_statement(&self, payload: &[u8], what: &str) -> Result<u32, ErrPacket> {
-        let id = stmt::stmt_id(payload).unwrap_or(0);
-        self.s.stmts.resolve(id).ok_or_else(|| {
-            ErrPacket::new(
-                1243,
-                "HY000",
-                format!("Unknown prepared statement handler ({id}) given to {what}"),
-            )
-        })
+        execute::client_statement(&self.s, payload, what)
     }
 
     /// Makes sure the backend has the client's statement `cid` prepared; its backend id.
@@ -2050,33 +2044,21 @@ impl<D: Driver> Conn<D> {
     /// statement's text does (classified at prepare time) applies as for a text query.
     async fn execute(&mut self, h: Header) -> Result<(), SessionEnd> {
         let payload = self.take_command(h).await?;
-        let cid = match self.client_statement(&payload, "mysqld_stmt_execute") {
-            Ok(c) => c,
+        let ex = match execute::read(&self.s, &payload) {
+            Ok(ex) => ex,
             Err(e) => {
                 self.cmd = payload;
                 return self.refuse(h.seq, e).await;
             }
         };
-        let Some((key, info)) = self
-            .s
-            .stmts
-            .get(cid)
-            .map(|s| (s.key.clone(), s.info.clone()))
-        else {
-            self.cmd = payload;
-            return self.refuse(h.seq, malformed("statement vanished")).await;
-        };
-        let needs = Needs {
-            last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
-        };
-        let ahead = match self.ensure_backend_ahead(needs, true).await {
+        let ahead = match self.ensure_backend_ahead(ex.needs, true).await {
             Ok(a) => a,
             Err(e) => {
                 self.cmd = payload;
                 return self.refuse(h.seq, e).await;
             }
         };
-        if let Err(e) = self.backend_statement(cid, h.seq).await? {
+        if let Err(e) = self.backend_statement(ex.cid, h.seq).await? {
             // The server refused to prepare the statement here (its table is gone, a READ
             // ONLY transaction is pending, ...): to the client that is its execute failing,
             // with the server's error in its warning list.
@@ -2088,64 +2070,52 @@ impl<D: Driver> Conn<D> {
                 ending: End::Err,
                 status: None,
             };
-            let changes =
-                self.s
-                    .after_statement(&info, b"", failed, Tracked::default(), &mut b.conn.session);
+            let changes = self.s.after_statement(
+                &ex.info,
+                b"",
+                failed,
+                Tracked::default(),
+                &mut b.conn.session,
+            );
             self.count(changes);
             self.reply_err(h.seq, e).await?;
             return self.maybe_release().await;
         }
         // Decided after the lazy prepare above, which changes the connection's ROW_COUNT().
+        let (key, info) = (&ex.key, &ex.info);
         let mut answer = if info.readers.diagnostics_any() {
-            self.s.diag.answer(&key.sql, &info, &self.s.state.user_vars)
+            self.s.diag.answer(&key.sql, info, &self.s.state.user_vars)
         } else {
             Answer::Forward
         };
         if answer == Answer::Capture {
             self.capture_warnings(h.seq).await?;
-            answer = self.s.diag.answer(&key.sql, &info, &self.s.state.user_vars);
+            answer = self.s.diag.answer(&key.sql, info, &self.s.state.user_vars);
         }
-        if let Answer::Rewrite(_) | Answer::Capture = answer {
-            // The connection's diagnostics are not the client's, and a prepared statement's
-            // text cannot be rewritten: refuse rather than show another client's.
-            self.cmd = payload;
-            let e = ErrPacket::new(
-                errcode::ER_UNKNOWN_COM_ERROR,
-                "HY000",
-                "(dbproxy) a prepared statement that reads ROW_COUNT(), FOUND_ROWS() or warnings inside an expression, or GET DIAGNOSTICS, must run right after the statement it asks about; use the text protocol for it",
-            );
-            return self.refuse(h.seq, e).await;
-        }
-        let mut out = self.start_built();
-        let rewritten = {
-            let (Some(b), Some(cs)) = (self.backend.as_mut(), self.s.stmts.get_mut(cid)) else {
-                return Err(SessionEnd::Backend("no backend connection".into()));
-            };
-            let Some(bs) = b.conn.stmts.get_mut(&cs.key) else {
-                return Err(SessionEnd::Backend(
-                    "statement vanished from the backend cache".into(),
-                ));
-            };
-            if payload.first() == Some(&com::STMT_BULK_EXECUTE) {
-                // The server keeps the bulk's types: what it has now is not known here.
-                bs.types = None;
-                rewrite_bulk(&payload, bs.id, &mut out)
-            } else {
-                rewrite_execute(
-                    &payload,
-                    cs.params,
-                    &mut cs.types,
-                    &mut bs.types,
-                    bs.id,
-                    &mut out,
-                )
+        let answer = match execute::answer(answer) {
+            Ok(a) => a,
+            Err(e) => {
+                self.cmd = payload;
+                return self.refuse(h.seq, e).await;
             }
         };
-        if let Err(e) = rewritten {
-            self.cmd = payload;
-            return self.refuse(h.seq, malformed(&e.to_string())).await;
+        let mut out = self.start_built();
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        match execute::build(&mut self.s, &ex, &payload, &mut b.conn.stmts, &mut out) {
+            Ok(()) => {}
+            Err(execute::BuildError::NotPrepared) => {
+                return Err(SessionEnd::Backend(
+                    "statement vanished from the backend cache".into(),
+                ))
+            }
+            Err(execute::BuildError::Malformed(e)) => {
+                self.cmd = payload;
+                return self.refuse(h.seq, malformed(&e)).await;
+            }
         }
-        let cursor = payload.first() == Some(&com::STMT_EXECUTE) && execute_opens_cursor(&payload);
+        let cursor = ex.cursor;
         self.cmd = payload;
         let text = if info.next_transaction {
             key.sql.to_vec()
@@ -2153,9 +2123,9 @@ impl<D: Driver> Conn<D> {
             Vec::new()
         };
         // A cursor leaves its statement open: nothing may run after it.
-        let read_back = self.s.read_back(&info).filter(|_| !cursor);
+        let read_back = self.s.read_back(info).filter(|_| !cursor);
         let statement = Statement {
-            info: &info,
+            info,
             text: &text,
             kind: ResponseKind::Execute,
             answer,
@@ -2164,7 +2134,7 @@ impl<D: Driver> Conn<D> {
         let outcome = self
             .run_statement(h.seq, statement, ahead, Send::Built(out))
             .await?;
-        let pins = self.s.executed(cid, cursor, &outcome);
+        let pins = self.s.executed(ex.cid, cursor, &outcome);
         self.count(pins);
         self.maybe_release().await
     }

@@ -147,6 +147,7 @@ pub mod errcode {
     pub const ER_READ_ONLY_MODE: u16 = 1836;
     pub const ER_KILL_DENIED_ERROR: u16 = 1095;
     pub const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+    pub const ER_UNKNOWN_STMT_HANDLER: u16 = 1243;
     pub const ER_NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
     pub const ER_NET_READ_INTERRUPTED: u16 = 1159;
     pub const ER_QUERY_INTERRUPTED: u16 = 1317;

@@ -12,6 +12,7 @@ pub mod command;
 pub mod connection_phase;
 pub mod cursor;
 pub mod diag;
+pub mod execute;
 pub mod kill;
 pub mod login;
 pub mod pin_reason;
