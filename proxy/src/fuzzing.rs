@@ -343,6 +343,23 @@ pub fn statement_rewrite(data: &[u8]) {
     let mut copy = payload.to_vec();
     stmt::patch_stmt_id(&mut copy, 9);
     let _ = stmt::parse_prepare_ok(payload);
+    // The same payload as a client's execute of its one statement (id 1), built for a
+    // connection that has it.
+    use crate::session::{execute, stmts};
+    let Some(user) = users().get(b"app") else {
+        return;
+    };
+    let mut s = crate::session::ClientSession::new(user, 0, 45, None);
+    let sql: &[u8] = b"SELECT ?";
+    let key = stmts::StmtKey::new(Default::default(), std::sync::Arc::from(sql));
+    let info = std::sync::Arc::new(crate::session::sql::analyze(sql));
+    s.stmts.add(key.clone(), info, params, 1);
+    let mut conn = stmts::BackendStmts::new(2);
+    conn.insert(key, 9, params);
+    if let Ok(ex) = execute::read(&s, payload) {
+        out.clear();
+        let _ = execute::build(&mut s, &ex, payload, &mut conn, &mut out);
+    }
 }
 
 #[cfg(test)]
