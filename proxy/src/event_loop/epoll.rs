@@ -358,7 +358,7 @@ impl EpollLoop {
                     io::ErrorKind::WouldBlock => return,
                     io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
                     _ => {
-                        self.accept.failed(&e);
+                        self.accept.failed(&e, std::time::Instant::now());
                         self.watch_listeners(false);
                         return;
                     }
@@ -399,10 +399,10 @@ impl EventLoop for EpollLoop {
     ) -> io::Result<()> {
         self.apply();
         self.flush_immediate(handle);
-        if self.accept.ran_out() {
+        if self.accept.ran_out(std::time::Instant::now()) {
             self.watch_listeners(true);
         }
-        let timeout = self.accept.limit(timeout);
+        let timeout = self.accept.limit(timeout, std::time::Instant::now());
         // Reads owed from before (receiving turned on for a socket that had bytes).
         for t in std::mem::take(&mut self.ready) {
             self.read_slot(t, handle);

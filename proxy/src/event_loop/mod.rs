@@ -20,7 +20,7 @@ pub mod uring;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A connection slot of one loop: its index and the generation it was handed out in (a
 /// completion for a slot reused since is recognised and dropped).
@@ -277,14 +277,14 @@ struct AcceptPause {
 }
 
 impl AcceptPause {
-    /// An accept failed: pause for [`ACCEPT_BACKOFF`].
-    fn failed(&mut self, e: &io::Error) {
+    /// An accept failed at `now`: pause for [`ACCEPT_BACKOFF`].
+    fn failed(&mut self, e: &io::Error, now: Instant) {
         if !std::mem::replace(&mut self.failing, true) {
             tracing::warn!("accept failed, pausing it {ACCEPT_BACKOFF:?} at a time: {e}");
         } else {
             tracing::debug!("accept failed again: {e}");
         }
-        self.until = Some(std::time::Instant::now() + ACCEPT_BACKOFF);
+        self.until = Some(now + ACCEPT_BACKOFF);
     }
 
     /// A connection was accepted: an episode of failures, if any, is over.
@@ -294,10 +294,10 @@ impl AcceptPause {
         }
     }
 
-    /// Whether accepting is paused now (a pause that ran out is cleared).
-    fn paused(&mut self) -> bool {
+    /// Whether accepting is paused at `now` (a pause that ran out is cleared).
+    fn paused(&mut self, now: Instant) -> bool {
         match self.until {
-            Some(t) if std::time::Instant::now() < t => true,
+            Some(t) if now < t => true,
             Some(_) => {
                 self.until = None;
                 false
@@ -306,24 +306,21 @@ impl AcceptPause {
         }
     }
 
-    /// Whether a pause ran out since the last call (the listeners are to be watched again).
-    fn ran_out(&mut self) -> bool {
-        self.until.is_some() && !self.paused()
+    /// Whether a pause ran out by `now` since the last call (the listeners are to be
+    /// watched again).
+    fn ran_out(&mut self, now: Instant) -> bool {
+        self.until.is_some() && !self.paused(now)
     }
 
-    /// The turn's timeout, shortened to reach the end of the pause when that comes first.
-    fn limit(&self, timeout: Option<Duration>) -> Option<Duration> {
-        until_retry(timeout, self.until)
+    /// The turn's timeout at `now`, shortened to reach the end of the pause when that
+    /// comes first.
+    fn limit(&self, timeout: Option<Duration>, now: Instant) -> Option<Duration> {
+        let Some(at) = self.until else {
+            return timeout;
+        };
+        let left = at.saturating_duration_since(now);
+        Some(timeout.map_or(left, |t| t.min(left)))
     }
-}
-
-/// The turn's timeout, shortened to reach `retry` (a paused accept) when that comes first.
-fn until_retry(timeout: Option<Duration>, retry: Option<std::time::Instant>) -> Option<Duration> {
-    let Some(at) = retry else {
-        return timeout;
-    };
-    let left = at.saturating_duration_since(std::time::Instant::now());
-    Some(timeout.map_or(left, |t| t.min(left)))
 }
 
 /// The peer address of a connected socket (None for Unix sockets and on error).

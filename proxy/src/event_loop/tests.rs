@@ -255,35 +255,47 @@ fn slots_are_reused_with_a_new_generation() {
     assert!(ctl.detach(t1).is_none());
 }
 
-/// A paused accept shortens the turn's wait to its retry time, never lengthens it.
+/// A paused accept shortens the turn's wait to its end, never lengthens it.
 #[test]
 fn a_paused_accept_shortens_the_wait() {
-    let soon = std::time::Instant::now() + Duration::from_millis(50);
-    let left = until_retry(Some(Duration::from_secs(5)), Some(soon)).unwrap();
-    assert!(left <= Duration::from_millis(50), "{left:?}");
-    assert!(until_retry(None, Some(soon)).unwrap() <= Duration::from_millis(50));
+    let now = std::time::Instant::now();
+    let mut p = AcceptPause::default();
     assert_eq!(
-        until_retry(Some(Duration::from_millis(10)), Some(soon)),
-        Some(Duration::from_millis(10))
+        p.limit(Some(Duration::from_secs(5)), now),
+        Some(Duration::from_secs(5))
     );
-    assert_eq!(until_retry(None, None), None);
-    let past = std::time::Instant::now() - Duration::from_millis(5);
-    assert_eq!(until_retry(None, Some(past)), Some(Duration::ZERO));
+    assert_eq!(p.limit(None, now), None);
+    p.failed(&std::io::Error::from_raw_os_error(libc::EMFILE), now);
+    assert_eq!(
+        p.limit(Some(Duration::from_secs(5)), now),
+        Some(ACCEPT_BACKOFF)
+    );
+    assert_eq!(p.limit(None, now), Some(ACCEPT_BACKOFF));
+    let ms = Duration::from_millis(10);
+    assert_eq!(p.limit(Some(ms), now), Some(ms));
+    assert_eq!(
+        p.limit(None, now + ACCEPT_BACKOFF * 2),
+        Some(Duration::ZERO)
+    );
 }
 
 /// A failed accept pauses accepting for the backoff, and the pause runs out by itself.
 #[test]
 fn a_failed_accept_pauses_then_resumes() {
+    let now = std::time::Instant::now();
     let mut p = AcceptPause::default();
-    assert!(!p.paused() && !p.ran_out());
-    p.failed(&std::io::Error::from_raw_os_error(libc::EMFILE));
-    assert!(p.paused(), "paused right after the failure");
-    assert!(!p.ran_out(), "still paused");
-    assert!(p.limit(None).is_some_and(|d| d <= ACCEPT_BACKOFF));
-    std::thread::sleep(ACCEPT_BACKOFF + Duration::from_millis(5));
-    assert!(p.ran_out(), "the pause is over");
-    assert!(!p.ran_out() && !p.paused(), "and is reported once");
-    assert_eq!(p.limit(None), None);
+    assert!(!p.paused(now) && !p.ran_out(now));
+    p.failed(&std::io::Error::from_raw_os_error(libc::EMFILE), now);
+    assert!(p.paused(now), "paused right after the failure");
+    let later = now + ACCEPT_BACKOFF - Duration::from_millis(1);
+    assert!(!p.ran_out(later), "still paused");
+    let after = now + ACCEPT_BACKOFF;
+    assert!(p.ran_out(after), "the pause is over");
+    assert!(
+        !p.ran_out(after) && !p.paused(after),
+        "and is reported once"
+    );
+    assert_eq!(p.limit(None, after), None);
     p.accepted();
     assert!(!p.failing);
 }

@@ -323,7 +323,7 @@ impl UringLoop {
 
     /// Turns the handler's operations into submissions.
     fn apply(&mut self) {
-        if !self.accept.paused() {
+        if !self.accept.paused(std::time::Instant::now()) {
             for i in std::mem::take(&mut self.rearm_accept) {
                 self.arm_accept(i);
             }
@@ -476,7 +476,10 @@ impl UringLoop {
             self.rearm_accept.push(i);
         }
         if res < 0 {
-            self.accept.failed(&io::Error::from_raw_os_error(-res));
+            self.accept.failed(
+                &io::Error::from_raw_os_error(-res),
+                std::time::Instant::now(),
+            );
             return;
         }
         self.accept.accepted();
@@ -637,7 +640,7 @@ impl EventLoop for UringLoop {
                 self.ring.submit()?;
             }
         }
-        let timeout = self.accept.limit(timeout);
+        let timeout = self.accept.limit(timeout, std::time::Instant::now());
         let ready = !self.ring.completion().is_empty();
         let want = usize::from(!ready);
         let entered = match timeout {
