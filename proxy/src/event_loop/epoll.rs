@@ -3,7 +3,7 @@
 //! scratch buffer of the worker's (lent to the handler as the io_uring loop lends its
 //! provided buffers), sends are tried at once and continued when the socket is writable.
 
-use super::{nodelay, peer_of, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
+use super::{deliver_accepted, nodelay, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -366,17 +366,7 @@ impl EpollLoop {
             }
             // SAFETY: accept4's result is a new descriptor we own.
             let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            self.accept.accepted();
-            nodelay(fd);
-            let peer = peer_of(fd);
-            handle(
-                &mut self.ctl,
-                Event::Accepted {
-                    listener: i,
-                    socket,
-                    peer,
-                },
-            );
+            deliver_accepted(&mut self.ctl, &mut self.accept, i, socket, handle);
         }
     }
 }

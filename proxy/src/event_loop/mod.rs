@@ -323,6 +323,29 @@ impl AcceptPause {
     }
 }
 
+/// A connection accepted on listener `listener`: the episode of failures, if any, is over,
+/// the socket gets TCP_NODELAY, and the handler hears of it with its peer's address.
+fn deliver_accepted(
+    ctl: &mut Ctl,
+    pause: &mut AcceptPause,
+    listener: usize,
+    socket: OwnedFd,
+    handle: &mut impl FnMut(&mut Ctl, Event<'_>),
+) {
+    pause.accepted();
+    let fd = socket.as_raw_fd();
+    nodelay(fd);
+    let peer = peer_of(fd);
+    handle(
+        ctl,
+        Event::Accepted {
+            listener,
+            socket,
+            peer,
+        },
+    );
+}
+
 /// The peer address of a connected socket (None for Unix sockets and on error).
 fn peer_of(fd: RawFd) -> Option<SocketAddr> {
     // SAFETY: `fd` is a live socket the caller owns for the duration of this call.

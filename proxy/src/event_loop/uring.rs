@@ -13,7 +13,7 @@
 //!
 //! `user_data` packs the operation, the slot's generation and its index.
 
-use super::{nodelay, peer_of, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
+use super::{deliver_accepted, nodelay, AcceptPause, Ctl, Event, EventLoop, Op, Token, Waker};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -482,19 +482,9 @@ impl UringLoop {
             );
             return;
         }
-        self.accept.accepted();
         // SAFETY: a successful accept's result is a new descriptor we own.
         let socket = unsafe { OwnedFd::from_raw_fd(res) };
-        nodelay(res);
-        let peer = peer_of(res);
-        handle(
-            &mut self.ctl,
-            Event::Accepted {
-                listener: i,
-                socket,
-                peer,
-            },
-        );
+        deliver_accepted(&mut self.ctl, &mut self.accept, i, socket, handle);
     }
 
     /// A multishot receive's completion: the bytes (in a provided buffer, whose id is
