@@ -385,7 +385,9 @@ async fn login<D: Driver>(
                     &shared.throttle,
                 );
             }
-            Action::Close(end) => {
+            Action::Close { end, reply } => {
+                // The reason is logged before the client is told, so that the line is
+                // there for whoever reads the log once the client has its error.
                 match end {
                     LoginEnd::Timeout => {
                         tracing::info!(%peer, "client did not log in within handshake_timeout ({handshake_timeout:?})");
@@ -399,6 +401,9 @@ async fn login<D: Driver>(
                         tracing::info!(%peer, "TLS handshake with a client failed: {e}");
                     }
                     LoginEnd::BadHandshake => {}
+                }
+                if let Some(r) = reply {
+                    write_packet(&mut client, r.seq, &r.payload).await.ok()?;
                 }
                 return None;
             }

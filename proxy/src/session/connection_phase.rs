@@ -46,8 +46,17 @@ pub enum Action {
     /// Logged in: the session begins. Its final OK, at `ok_seq`, is the driver's to send
     /// once the client's database is known to exist.
     Accepted { accepted: Accepted, ok_seq: u8 },
-    /// The phase ended without a session: close once what was written is sent.
-    Close(End),
+    /// The phase ended without a session. The driver records why (`end`) first, then
+    /// writes `reply` (the error that tells the client, if any) and closes: whoever sees
+    /// the client's error can already read the log line.
+    Close { end: End, reply: Option<Reply> },
+}
+
+/// The last packet a refused client is sent.
+#[derive(Debug)]
+pub struct Reply {
+    pub seq: u8,
+    pub payload: Vec<u8>,
 }
 
 /// Why a connection phase ended without a session.
@@ -166,18 +175,20 @@ impl ConnectionPhase {
                 self.step(step, now, throttle);
             }
             (State::Reading | State::Tls, Input::Malformed) => {
-                self.actions.push_back(Action::Send {
-                    seq: 2,
-                    payload: ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake")
-                        .encode(),
-                });
-                self.close(End::BadHandshake);
+                let err = ErrPacket::new(errcode::ER_HANDSHAKE_ERROR, "08S01", "Bad handshake");
+                self.close(
+                    End::BadHandshake,
+                    Some(Reply {
+                        seq: 2,
+                        payload: err.encode(),
+                    }),
+                );
             }
             (State::Tls, Input::Secured(Ok(()))) => {
                 self.login.secured();
                 self.state = State::Reading;
             }
-            (State::Tls, Input::Secured(Err(why))) => self.close(End::TlsFailed(why)),
+            (State::Tls, Input::Secured(Err(why))) => self.close(End::TlsFailed(why), None),
             (State::Token, Input::TokenVerdict(ok)) => {
                 let step = self.login.token_verified(ok);
                 self.step(step, now, throttle);
@@ -199,7 +210,7 @@ impl ConnectionPhase {
                 self.tell(verdict, now, throttle);
             }
             (State::Reading | State::Tls, Input::Timer) if now >= self.deadline => {
-                self.close(End::Timeout);
+                self.close(End::Timeout, None);
             }
             (state, input) => {
                 // Early timers, and inputs for a step the phase is not at: nothing changes.
@@ -281,17 +292,17 @@ impl ConnectionPhase {
                 if matches!(end, End::Denied(_)) {
                     throttle.failed(self.peer, now);
                 }
-                self.actions.push_back(Action::Send {
+                let reply = Reply {
                     seq,
                     payload: err.encode(),
-                });
-                self.close(end);
+                };
+                self.close(end, Some(reply));
             }
         }
     }
 
-    fn close(&mut self, end: End) {
-        self.actions.push_back(Action::Close(end));
+    fn close(&mut self, end: End, reply: Option<Reply>) {
+        self.actions.push_back(Action::Close { end, reply });
         self.state = State::Over;
     }
 }
@@ -394,7 +405,10 @@ mod tests {
 
     fn sent_error(actions: &[Action]) -> Option<u16> {
         actions.iter().find_map(|a| match a {
-            Action::Send { payload, .. } if payload.first() == Some(&0xff) => {
+            Action::Close {
+                reply: Some(Reply { payload, .. }),
+                ..
+            } if payload.first() == Some(&0xff) => {
                 Some(u16::from_le_bytes([payload[1], payload[2]]))
             }
             _ => None,
@@ -419,7 +433,13 @@ mod tests {
         let mut c = Client::new(ClientTls::Off);
         let a = c.packet(1, &response(Plugin::Native, "wrong", cap::PROXY_OFFERS));
         assert_eq!(sent_error(&a), Some(errcode::ER_ACCESS_DENIED_ERROR));
-        assert!(matches!(a.last(), Some(Action::Close(End::Denied(_)))));
+        assert!(matches!(
+            a.last(),
+            Some(Action::Close {
+                end: End::Denied(_),
+                ..
+            })
+        ));
         // Two failures from the address: its next verdicts wait.
         let throttle = std::mem::replace(&mut c.throttle, LoginThrottle::new(0, Duration::ZERO));
         throttle.failed("10.0.0.9".parse().unwrap(), c.now);
@@ -460,7 +480,13 @@ mod tests {
         assert!(c.advance(Duration::from_secs(9)).is_empty());
         let a = c.advance(Duration::from_secs(1));
         assert!(
-            matches!(a.as_slice(), [Action::Close(End::Timeout)]),
+            matches!(
+                a.as_slice(),
+                [Action::Close {
+                    end: End::Timeout,
+                    reply: None
+                }]
+            ),
             "{a:?}"
         );
         assert!(c.packet(1, b"late").is_empty(), "over");
@@ -471,7 +497,13 @@ mod tests {
         let mut c = Client::new(ClientTls::Off);
         let a = c.feed(Input::Malformed);
         assert_eq!(sent_error(&a), Some(errcode::ER_HANDSHAKE_ERROR));
-        assert!(matches!(a.last(), Some(Action::Close(End::BadHandshake))));
+        assert!(matches!(
+            a.last(),
+            Some(Action::Close {
+                end: End::BadHandshake,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -501,7 +533,13 @@ mod tests {
         c.packet(2, &response(Plugin::Clear, "a.token.value", caps));
         let a = c.advance(Duration::from_secs(10));
         assert_eq!(sent_error(&a), Some(errcode::ER_ACCESS_DENIED_ERROR));
-        assert!(matches!(a.last(), Some(Action::Close(End::Denied(_)))));
+        assert!(matches!(
+            a.last(),
+            Some(Action::Close {
+                end: End::Denied(_),
+                ..
+            })
+        ));
         assert!(c.feed(Input::TokenVerdict(true)).is_empty(), "too late");
     }
 
@@ -512,7 +550,13 @@ mod tests {
         c.packet(1, &encode_ssl_request(caps, 0, 45));
         let a = c.feed(Input::Secured(Err("bad record".into())));
         assert!(
-            matches!(a.as_slice(), [Action::Close(End::TlsFailed(_))]),
+            matches!(
+                a.as_slice(),
+                [Action::Close {
+                    end: End::TlsFailed(_),
+                    reply: None
+                }]
+            ),
             "{a:?}"
         );
     }
@@ -524,7 +568,13 @@ mod tests {
         let a = c.packet(1, &response(Plugin::Native, "pw", cap::PROXY_OFFERS));
         assert!(sent_error(&a).is_some(), "{a:?}");
         assert!(
-            matches!(a.last(), Some(Action::Close(End::Refused(_)))),
+            matches!(
+                a.last(),
+                Some(Action::Close {
+                    end: End::Refused(_),
+                    ..
+                })
+            ),
             "{a:?}"
         );
     }
