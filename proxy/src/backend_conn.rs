@@ -3,6 +3,10 @@
 //! the reset that makes it fit for any client, and (for tests) checking that dbproxy's
 //! record of its session is the truth. The pool and the health-check monitor both use it.
 
+use crate::backend_script::{
+    self as script, Collect, Collected, Conn as ScriptConn, Progress, Runner, Script, ScriptError,
+    Snapshot, SESSION_VARIABLES_SQL,
+};
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{
     greeted, Credentials, GreetError, Greeted, Login, LoginError, LoginStep, TlsWant,
@@ -10,16 +14,12 @@ use crate::mysql::backend::{
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
 use crate::mysql::consts::errcode;
-use crate::mysql::response::{ResponseTracker, Step};
 use crate::mysql::resultset::{Packets, TextResult};
-use crate::mysql::session::{changes, parse_ok};
-use crate::mysql::stmt::parse_prepare_ok;
 use crate::mysql::wire::ErrPacket;
 use crate::mysql::{ProtocolError, MAX_PAYLOAD};
 use crate::secrets::BackendLogin;
-use crate::session::state::{self, BackendSession, Replay};
-use crate::session::stmts::{BackendStmts, StmtContext, StmtKey, CONTEXT_VARS};
-use std::collections::BTreeMap;
+use crate::session::state::{BackendSession, Replay};
+use crate::session::stmts::{BackendStmts, StmtKey};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -110,7 +110,7 @@ pub struct BackendConn<S> {
     pub created: Instant,
     /// Every session variable right after the connection was set up (only kept when the
     /// check-in verification is on).
-    pub snapshot: Option<BTreeMap<Vec<u8>, Vec<u8>>>,
+    pub snapshot: Option<Snapshot>,
     /// The record's fingerprint at the last full comparison of the session variables that
     /// passed, and the check-ins verified since (check-in verification).
     verified: Option<(u64, u32)>,
@@ -171,21 +171,6 @@ pub const FULL_CHECK_EVERY: u32 = 16;
 
 /// Prepared statements kept per backend connection.
 pub const STMT_CACHE: usize = 256;
-
-/// The character set variables come from the handshake, not from the global defaults that
-/// `SET ... = DEFAULT` restores: assigning them their own values makes session tracking
-/// report them, so they enter the baseline.
-pub const CHARSET_BASELINE_SQL: &str =
-    "SET SESSION character_set_client = @@session.character_set_client, \
-     character_set_connection = @@session.character_set_connection, \
-     character_set_results = @@session.character_set_results, \
-     collation_connection = @@session.collation_connection";
-
-/// Run first on every backend session: the server then reports in its OK packets every
-/// change of a system variable, of the default schema, and of other session state.
-pub const TRACKING_SQL: &str =
-    "SET SESSION session_track_schema = ON, session_track_state_change = ON, \
-     session_track_system_variables = '*'";
 
 impl<S> BackendConn<S> {
     /// The same connection over another stream type (moving it between workers).
@@ -275,6 +260,19 @@ where
         }
     }
     Err(last)
+}
+
+impl From<ScriptError> for BackendError {
+    fn from(e: ScriptError) -> Self {
+        match e {
+            ScriptError::Protocol(e) => BackendError::Protocol(e),
+            ScriptError::Login(e) => BackendError::Login(e),
+            ScriptError::Server(e) => BackendError::Server(e),
+            ScriptError::Unasked => {
+                BackendError::Protocol(ProtocolError::Malformed("a packet nobody asked for"))
+            }
+        }
+    }
 }
 
 impl BackendError {
@@ -457,11 +455,9 @@ impl<S: Stream> BackendConn<S> {
         deadline: Option<Deadline>,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Result<Packets, ErrPacket>, BackendError> {
-        let mut tracker = ResponseTracker::new(kind, self.caps);
-        let mut packets = Vec::new();
-        let mut err = None;
+        let mut collect = Collect::new(kind, self.caps);
         tokio::pin!(stop);
-        loop {
+        let reply = loop {
             let h = crate::io::read_packet_until(
                 &mut self.stream,
                 &mut self.buf,
@@ -470,28 +466,60 @@ impl<S: Stream> BackendConn<S> {
                 stop.as_mut(),
             )
             .await?;
-            let p = &self.buf.filled()[4..h.total()];
-            if p.first() == Some(&0xff) && err.is_none() {
-                err = Some(ErrPacket::parse(p)?);
-            }
-            let step = tracker.feed(h, p)?;
-            if tracker.last_ok() {
-                apply_ok(&mut self.session, p, self.caps)?;
-            }
-            packets.push(p.to_vec());
+            let fed = collect.feed(&mut self.session, h, &self.buf.filled()[4..h.total()]);
             self.buf.consume(h.total());
-            match step {
-                Step::Done => break,
-                Step::More => {}
-                Step::LocalInfile => {
-                    // dbproxy never sends LOAD DATA itself; answer with an empty file.
+            match fed? {
+                Collected::More => {}
+                Collected::Infile => {
                     write_packet(&mut self.stream, h.seq.wrapping_add(1), &[]).await?;
-                    tracker.resume_after_infile();
                 }
+                Collected::Done(reply) => break reply,
             }
-        }
+        };
         self.buf.shrink(BACKEND_BUF);
-        Ok(err.map_or(Ok(Packets(packets)), Err))
+        Ok(reply)
+    }
+
+    /// Runs one of dbproxy's own conversations with the server (see [`backend_script`]).
+    /// Each answer may take `internal_query_timeout`.
+    pub async fn run<T>(&mut self, script: impl Script<Output = T>) -> Result<T, BackendError> {
+        let limit = self.limits.own;
+        let mut c = ScriptConn {
+            caps: self.caps,
+            collation: self.collation,
+            nonce: &self.nonce,
+            session: &mut self.session,
+            stmts: &mut self.stmts,
+            snapshot: &mut self.snapshot,
+        };
+        let (mut runner, mut progress) = Runner::start(script, &mut c)?;
+        let mut deadline = Deadline::now() + limit;
+        loop {
+            let mut sent = false;
+            while let Some((seq, payload)) = runner.poll_send() {
+                write_packet(&mut self.stream, seq, &payload).await?;
+                sent = true;
+            }
+            if let Progress::Done(t) = progress {
+                self.buf.shrink(BACKEND_BUF);
+                return Ok(t);
+            }
+            if sent {
+                deadline = Deadline::now() + limit;
+            }
+            let h =
+                match read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, Some(deadline))
+                    .await
+                {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        return Err(overdue("internal_query_timeout", limit).into())
+                    }
+                    other => other?,
+                };
+            let step = runner.on_packet(&mut c, h, &self.buf.filled()[4..h.total()]);
+            self.buf.consume(h.total());
+            progress = step?;
+        }
     }
 
     /// Sends a one-packet command and reads its whole response, discarding result rows.
@@ -501,14 +529,17 @@ impl<S: Stream> BackendConn<S> {
         payload: &[u8],
         kind: ResponseKind,
     ) -> Result<Result<(), ErrPacket>, BackendError> {
-        write_packet(&mut self.stream, 0, payload).await?;
-        Ok(self.read_response(kind).await?.map(drop))
+        Ok(self
+            .run(script::Command::new(payload.to_vec(), kind))
+            .await?
+            .map(drop))
     }
 
     /// Runs a query; an ERR reply is an error.
     pub async fn query(&mut self, sql: &str) -> Result<(), BackendError> {
-        self.command(&query_packet(sql), ResponseKind::Query)
+        self.run(script::Command::query(sql))
             .await?
+            .map(drop)
             .map_err(BackendError::Server)
     }
 
@@ -518,18 +549,14 @@ impl<S: Stream> BackendConn<S> {
         &mut self,
         sql: &str,
     ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
-        write_packet(&mut self.stream, 0, &query_packet(sql)).await?;
-        self.read_text_result().await
+        Ok(match self.run(script::Command::query(sql)).await? {
+            Ok(p) => Ok(TextResult::parse(&p.0, self.caps)?),
+            Err(e) => Err(e),
+        })
     }
 
-    /// Reads the response to a query already sent (a pipelined read-back) as one result set.
-    pub async fn read_text_result(
-        &mut self,
-    ) -> Result<Result<TextResult, ErrPacket>, BackendError> {
-        self.read_text_result_until(std::future::pending()).await
-    }
-
-    /// [`Self::read_text_result`] that gives up when `stop` resolves.
+    /// [`Self::read_response_until`] for a query already sent (a pipelined read-back), as
+    /// one result set.
     pub async fn read_text_result_until(
         &mut self,
         stop: impl std::future::Future<Output = ()>,
@@ -542,73 +569,19 @@ impl<S: Stream> BackendConn<S> {
         )
     }
 
-    /// Makes `name` the default database. `Ok(Err(e))`: the server refused (e.g. unknown
-    /// database); nothing changed.
-    pub async fn use_database(
-        &mut self,
-        name: &[u8],
-    ) -> Result<Result<(), ErrPacket>, BackendError> {
-        if self.session.schema.as_deref() == Some(name) {
-            return Ok(Ok(()));
-        }
-        let mut p = Vec::with_capacity(name.len() + 1);
-        p.push(com::INIT_DB);
-        p.extend_from_slice(name);
-        let r = self.command(&p, ResponseKind::Single).await?;
-        if r.is_ok() {
-            self.session.schema = Some(name.to_vec());
-        }
-        Ok(r)
-    }
-
-    /// Switches session tracking on and runs `init_query`; what they set is the baseline.
-    /// With `snapshot`, also records every session variable (for the check-in verification).
+    /// Sets the session up: see [`script::InitSession`].
     pub async fn init_session(
         &mut self,
         init_query: &str,
         snapshot: bool,
     ) -> Result<(), BackendError> {
-        self.query(TRACKING_SQL).await?;
-        self.query(CHARSET_BASELINE_SQL).await?;
-        if !init_query.is_empty() {
-            self.query(init_query).await?;
-        }
-        self.session.baseline = self.session.vars.clone();
-        if snapshot {
-            self.snapshot = Some(self.session_variables().await?);
-        }
-        Ok(())
+        self.run(script::InitSession::new(init_query.into(), snapshot))
+            .await
     }
 
-    /// COM_CHANGE_USER to the same backend user with no database: a full session reset.
-    pub async fn change_user(&mut self, init_query: &str) -> Result<(), BackendError> {
-        let creds = self.login.current();
-        let (mut login, p) = Login::change_user(&self.nonce, &creds, self.caps, self.collation);
-        write_packet(&mut self.stream, 0, &p).await?;
-        let deadline = self.limits.own_deadline();
-        match self.finish_login(&mut login, Some(deadline)).await {
-            Err(BackendError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(overdue("internal_query_timeout", self.limits.own).into())
-            }
-            other => other?,
-        }
-        self.session.reset(false);
-        self.stmts.clear();
-        let snapshot = self.snapshot.is_some();
-        self.init_session(init_query, snapshot).await
-    }
-
-    /// Clears everything a client left behind (transaction, locks, variables, temporary
-    /// tables, prepared statements), then sets the session up again. The default database
-    /// stays (MariaDB keeps it across COM_RESET_CONNECTION).
+    /// Clears what a client left behind: see [`script::Reset`].
     pub async fn reset(&mut self, init_query: &str) -> Result<(), BackendError> {
-        self.command(&[com::RESET_CONNECTION], ResponseKind::Single)
-            .await?
-            .map_err(BackendError::Server)?;
-        self.session.reset(true);
-        self.stmts.clear();
-        let snapshot = self.snapshot.is_some();
-        self.init_session(init_query, snapshot).await
+        self.run(script::Reset::new(init_query.into())).await
     }
 
     /// Runs a replay plan; `replan` plans again after a reset (which clears everything).
@@ -616,111 +589,35 @@ impl<S: Stream> BackendConn<S> {
     pub async fn replay(
         &mut self,
         plan: Replay,
-        replan: impl Fn(&BackendSession) -> Replay,
+        replan: impl FnMut(&BackendSession) -> Replay,
         init_query: &str,
     ) -> Result<Result<(), ErrPacket>, BackendError> {
-        let mut plan = plan;
         tracing::debug!(
             thread_id = self.thread_id,
             ?plan,
             "replaying a client's session state"
         );
-        if plan.reset {
-            self.change_user(init_query).await?;
-            plan = replan(&self.session);
-        }
-        if let Some(set) = &plan.set {
-            if let Err(e) = self
-                .command(&query_packet(set), ResponseKind::Query)
-                .await?
-            {
-                return Ok(Err(e));
-            }
-        }
-        for tx in &plan.next_transaction {
-            let mut p = Vec::with_capacity(tx.len() + 1);
-            p.push(com::QUERY);
-            p.extend_from_slice(tx);
-            if let Err(e) = self.command(&p, ResponseKind::Query).await? {
-                return Ok(Err(e));
-            }
-        }
-        plan.done(&mut self.session);
-        if let Some(db) = &plan.init_db {
-            return self.use_database(db).await;
-        }
-        Ok(Ok(()))
+        let creds = self.login.current();
+        self.run(script::ReplayScript::new(
+            plan,
+            replan,
+            creds,
+            init_query.into(),
+        ))
+        .await
     }
 
-    /// Makes sure the statement `key` is prepared here, in the context its client prepared
-    /// it in (default schema, sql_mode, character sets); returns the backend id. The
-    /// connection goes back to the context it had (a connection without a default schema
-    /// keeps the one it had to select). `Ok(Err(e))`: the server refused.
+    /// Makes sure the statement `key` is prepared here: see [`script::Prepare`].
+    /// `Ok(Err(e))`: the server refused.
     pub async fn prepare(
         &mut self,
         key: &Arc<StmtKey>,
     ) -> Result<Result<u32, ErrPacket>, BackendError> {
+        // Prepared already: the common case, answered without a round trip or a clock read.
         if let Some(s) = self.stmts.get_mut(key) {
             return Ok(Ok(s.id));
         }
-        let Some(switch) = state::context_switch(&key.context, &self.session) else {
-            return self.prepare_here(key).await;
-        };
-        let back = StmtContext {
-            schema: self.session.schema.clone(),
-            vars: CONTEXT_VARS.map(|n| self.session.var(n).map(<[u8]>::to_vec)),
-        };
-        if let Err(e) = self.switch_context(switch).await? {
-            return Ok(Err(e));
-        }
-        let result = self.prepare_here(key).await?;
-        if let Some(switch) = state::context_switch(&back, &self.session) {
-            if let Err(e) = self.switch_context(switch).await? {
-                return Ok(Err(e));
-            }
-        }
-        Ok(result)
-    }
-
-    async fn switch_context(
-        &mut self,
-        (set, db): (Option<String>, Option<Vec<u8>>),
-    ) -> Result<Result<(), ErrPacket>, BackendError> {
-        if let Some(set) = set {
-            if let Err(e) = self
-                .command(&query_packet(&set), ResponseKind::Query)
-                .await?
-            {
-                return Ok(Err(e));
-            }
-        }
-        match db {
-            Some(db) => self.use_database(&db).await,
-            None => Ok(Ok(())),
-        }
-    }
-
-    async fn prepare_here(
-        &mut self,
-        key: &Arc<StmtKey>,
-    ) -> Result<Result<u32, ErrPacket>, BackendError> {
-        let mut p = Vec::with_capacity(key.sql.len() + 1);
-        p.push(com::STMT_PREPARE);
-        p.extend_from_slice(&key.sql);
-        write_packet(&mut self.stream, 0, &p).await?;
-        let packets = match self.read_response(ResponseKind::Prepare).await? {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e)),
-        };
-        let first = packets
-            .0
-            .first()
-            .ok_or(ProtocolError::Malformed("empty reply to COM_STMT_PREPARE"))?;
-        let (id, _columns, params) = parse_prepare_ok(first)?;
-        if let Some(close) = self.stmts.insert(key.clone(), id, params) {
-            self.close_statement(close).await?;
-        }
-        Ok(Ok(id))
+        self.run(script::Prepare::new(key.clone())).await
     }
 
     /// COM_STMT_CLOSE (the server sends no reply).
@@ -738,22 +635,12 @@ impl<S: Stream> BackendConn<S> {
 
     /// Every session variable, lowercased name -> value (global-only ones, which any
     /// client may change, left out).
-    async fn session_variables(&mut self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, BackendError> {
-        let r = self
-            .query_result(
-                "SELECT LOWER(VARIABLE_NAME), SESSION_VALUE FROM information_schema.SYSTEM_VARIABLES \
-                 WHERE VARIABLE_SCOPE <> 'GLOBAL'",
-            )
+    async fn session_variables(&mut self) -> Result<Snapshot, BackendError> {
+        let packets = self
+            .run(script::Command::query(SESSION_VARIABLES_SQL))
             .await?
             .map_err(BackendError::Server)?;
-        let mut out = BTreeMap::new();
-        for row in &r.rows {
-            let v = crate::mysql::resultset::parse_text_row(row, 2)?;
-            if let [Some(n), v] = v.as_slice() {
-                out.insert(n.to_vec(), v.unwrap_or_default().to_vec());
-            }
-        }
-        Ok(out)
+        Ok(script::session_variables(&packets, self.caps)?)
     }
 
     /// Test-only: checks that the session is what dbproxy recorded of it. Every time: the
@@ -968,31 +855,4 @@ fn same_value(a: &[u8], b: &[u8]) -> bool {
         _ => None,
     };
     matches!((boolish(a), boolish(b)), (Some(x), Some(y)) if x == y)
-}
-
-pub fn query_packet(sql: &str) -> Vec<u8> {
-    let mut p = Vec::with_capacity(sql.len() + 1);
-    p.push(com::QUERY);
-    p.extend_from_slice(sql.as_bytes());
-    p
-}
-
-/// Applies the session-tracking information of an OK packet of dbproxy's own statements
-/// to `session`.
-pub fn apply_ok(
-    session: &mut BackendSession,
-    payload: &[u8],
-    caps: u32,
-) -> Result<(), ProtocolError> {
-    let ok = parse_ok(payload, caps)?;
-    let Some(range) = ok.state else {
-        return Ok(());
-    };
-    let data = payload
-        .get(range)
-        .ok_or(ProtocolError::Truncated("session state"))?;
-    for c in changes(data)? {
-        session.apply(&c);
-    }
-    Ok(())
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod aws;
 pub mod backend_conn;
+pub mod backend_script;
 pub mod clients;
 pub mod config;
 pub mod conn;

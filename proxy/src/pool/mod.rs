@@ -498,7 +498,7 @@ pub async fn kill_running_query<D: Driver>(
         Err(_) => None,
     };
     if let Some(q) = query_id.filter(|_| still()) {
-        let kill = backend::query_packet(&format!("KILL QUERY ID {q}"));
+        let kill = crate::backend_script::query_packet(&format!("KILL QUERY ID {q}"));
         if let Err(e) = c
             .command(&kill, crate::mysql::command::ResponseKind::Query)
             .await?
@@ -522,7 +522,7 @@ pub async fn kill_thread<D: Driver>(
         Ok(mut c) => {
             let r = c
                 .command(
-                    &backend::query_packet(&sql),
+                    &crate::backend_script::query_packet(&sql),
                     crate::mysql::command::ResponseKind::Query,
                 )
                 .await;
