@@ -13,10 +13,9 @@ use crate::io::{
     read_command, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
     PacketTooLarge, Stream,
 };
-use crate::mysql::auth::{new_nonce, Plugin, SHA2_FAST_AUTH_OK};
+use crate::mysql::auth::new_nonce;
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::{cap, com, errcode, status};
-use crate::mysql::handshake::ChangeUser;
 use crate::mysql::packet::{seal, write_packet as frame, Header, HEADER_LEN};
 use crate::mysql::response::{End, ResponseTracker, Step};
 use crate::mysql::resultset::{Packets, TextResult};
@@ -33,7 +32,7 @@ use crate::session::connection_phase::{
 use crate::session::diag::Answer;
 use crate::session::execute;
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
-use crate::session::login::{AuthStep, Authentication, ClientTls, Profile};
+use crate::session::login::{Accepted, Agreed, ClientTls, Profile};
 use crate::session::pins::PinReason;
 use crate::session::plan::{self, Plan, Relay as PlanRelay, Text as PlanText};
 use crate::session::sql::{analyze, SqlInfo};
@@ -241,17 +240,6 @@ fn pool_key(s: &ClientSession) -> PoolKey {
     )
 }
 
-/// Waits as long as the throttle says a verdict for a login from `peer` must wait
-/// (COM_CHANGE_USER's; the connection phase's waits are [`ConnectionPhase`]'s).
-async fn throttled(shared: &ProxyShared, peer: SocketAddr) {
-    let d = shared.throttle.delay(peer.ip(), std::time::Instant::now());
-    if !d.is_zero() {
-        tracing::info!(%peer, "login from an address with repeated failures waits {d:?}");
-        tokio::time::sleep(d).await;
-        shared.throttle.waited(d);
-    }
-}
-
 /// The endpoint a client came through: what TLS it allows, its counters.
 struct Via {
     tls: ClientTls,
@@ -294,8 +282,66 @@ async fn login<D: Driver>(
         handshake_timeout,
         now,
     );
-    let deadline = tokio::time::Instant::from_std(now + handshake_timeout);
     let mut cbuf = Buf::with_capacity(CLIENT_BUF);
+    let (a, ok_seq) = drive_phase::<D>(
+        &mut phase,
+        &mut client,
+        &mut cbuf,
+        &shared,
+        peer,
+        Some(&endpoint),
+    )
+    .await?;
+    let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
+    s.ext_caps = a.ext_caps;
+    s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
+    let origin = crate::clients::Origin {
+        // A Unix socket client is known by the socket it came through.
+        peer: (!endpoint.listen.starts_with("unix:")).then_some(peer),
+        endpoint: Some(endpoint.clone()),
+        tls: client.is_tls(),
+        since: crate::stats::unix_now(),
+    };
+    let slot = ClientSlot::with_origin(conn_id, &s.user.name, &pool.shared.id, origin);
+    let conn = Conn {
+        reg: shared.sessions.register(slot),
+        busy: false,
+        key: pool_key(&s),
+        shared,
+        pool,
+        client,
+        cbuf,
+        cmd: Vec::new(),
+        built: Vec::new(),
+        peer,
+        nonce: phase.nonce(),
+        s,
+        backend: None,
+        retry: Vec::new(),
+        retryable: false,
+        pending: None,
+        endpoint,
+        in_tx: false,
+        timing: false,
+        db_sent: None,
+    };
+    Some((conn, ok_seq))
+}
+
+/// Drives a [`ConnectionPhase`] over `client`: reads, writes, the TLS handshake, token
+/// verification and the waits it asks for. `Some`: the client proved who it is; the final
+/// OK, at the sequence id given, is the caller's to send. `None`: the phase ended without
+/// that, the client was told and the reason logged. `endpoint` counts refused credentials
+/// (a login's; a COM_CHANGE_USER's are not a connection's setup).
+async fn drive_phase<D: Driver>(
+    phase: &mut ConnectionPhase,
+    client: &mut D::Stream,
+    cbuf: &mut Buf,
+    shared: &ProxyShared,
+    peer: SocketAddr,
+    endpoint: Option<&EndpointStats>,
+) -> Option<(Accepted, u8)> {
+    let deadline = tokio::time::Instant::from_std(phase.deadline());
     loop {
         let Some(action) = phase.poll_action() else {
             // No deadline: the phase is over (its last action was taken).
@@ -311,8 +357,7 @@ async fn login<D: Driver>(
                 );
                 continue;
             }
-            let read =
-                read_packet_by(&mut client, &mut cbuf, HANDSHAKE_LIMIT, Some(input_at)).await;
+            let read = read_packet_by(client, cbuf, HANDSHAKE_LIMIT, Some(input_at)).await;
             let input = match read {
                 Ok(h) => Input::Packet {
                     seq: h.seq,
@@ -343,7 +388,7 @@ async fn login<D: Driver>(
         };
         match action {
             Action::Send { seq, payload } => {
-                write_packet(&mut client, seq, &payload).await.ok()?;
+                write_packet(client, seq, &payload).await.ok()?;
             }
             Action::StartTls => {
                 // Whatever came after the SSLRequest is the start of the TLS handshake.
@@ -375,7 +420,7 @@ async fn login<D: Driver>(
             }
             Action::VerifyToken { user, token } => {
                 let verdict =
-                    tokio::time::timeout_at(deadline, verify_token(&shared, peer, user, token));
+                    tokio::time::timeout_at(deadline, verify_token(shared, peer, user, token));
                 let ok = verdict.await.unwrap_or(false);
                 let now = std::time::Instant::now();
                 phase.handle(
@@ -390,10 +435,13 @@ async fn login<D: Driver>(
                 // there for whoever reads the log once the client has its error.
                 match end {
                     LoginEnd::Timeout => {
-                        tracing::info!(%peer, "client did not log in within handshake_timeout ({handshake_timeout:?})");
+                        let limit = shared.config().proxy.handshake_timeout;
+                        tracing::info!(%peer, "client did not log in within handshake_timeout ({limit:?})");
                     }
                     LoginEnd::Denied(log) => {
-                        endpoint.setup_failed_auth.fetch_add(1, Ordering::Relaxed);
+                        if let Some(endpoint) = endpoint {
+                            endpoint.setup_failed_auth.fetch_add(1, Ordering::Relaxed);
+                        }
                         tracing::info!(%peer, "{log}");
                     }
                     LoginEnd::Refused(log) => tracing::info!(%peer, "{log}"),
@@ -403,49 +451,11 @@ async fn login<D: Driver>(
                     LoginEnd::BadHandshake => {}
                 }
                 if let Some(r) = reply {
-                    write_packet(&mut client, r.seq, &r.payload).await.ok()?;
+                    write_packet(client, r.seq, &r.payload).await.ok()?;
                 }
                 return None;
             }
-            Action::Accepted {
-                accepted: a,
-                ok_seq,
-            } => {
-                let mut s = ClientSession::new(a.user, a.caps, a.collation, a.database);
-                s.ext_caps = a.ext_caps;
-                s.exclude_variable_sets = pool.shared.settings().exclude_variable_sets;
-                let origin = crate::clients::Origin {
-                    // A Unix socket client is known by the socket it came through.
-                    peer: (!endpoint.listen.starts_with("unix:")).then_some(peer),
-                    endpoint: Some(endpoint.clone()),
-                    tls: client.is_tls(),
-                    since: crate::stats::unix_now(),
-                };
-                let slot = ClientSlot::with_origin(conn_id, &s.user.name, &pool.shared.id, origin);
-                let conn = Conn {
-                    reg: shared.sessions.register(slot),
-                    busy: false,
-                    key: pool_key(&s),
-                    shared,
-                    pool,
-                    client,
-                    cbuf,
-                    cmd: Vec::new(),
-                    built: Vec::new(),
-                    peer,
-                    nonce: phase.nonce(),
-                    s,
-                    backend: None,
-                    retry: Vec::new(),
-                    retryable: false,
-                    pending: None,
-                    endpoint,
-                    in_tx: false,
-                    timing: false,
-                    db_sent: None,
-                };
-                return Some((conn, ok_seq));
-            }
+            Action::Accepted { accepted, ok_seq } => return Some((accepted, ok_seq)),
         }
     }
 }
@@ -2264,8 +2274,9 @@ impl<D: Driver> Conn<D> {
         Ok(())
     }
 
-    /// COM_CHANGE_USER: authenticated by dbproxy; the session then starts afresh.
-    /// `Ok(false)`: authentication failed and the client was told; close the session.
+    /// COM_CHANGE_USER: authenticated by dbproxy as a login is (see
+    /// [`ConnectionPhase::change_user`]); the session then starts afresh. `Ok(false)`:
+    /// authentication failed and the client was told; close the session.
     async fn change_user(&mut self, h: Header) -> Result<bool, SessionEnd> {
         if h.continues() {
             self.discard_command(h).await?;
@@ -2273,71 +2284,43 @@ impl<D: Driver> Conn<D> {
                 .await?;
             return Ok(false);
         }
-        let parsed = ChangeUser::parse(&self.cbuf.filled()[4..h.total()], self.s.caps);
-        self.cbuf.consume(h.total());
-        let cu = match parsed {
-            Ok(cu) => cu,
-            Err(e) => {
-                self.reply_err(h.seq, malformed(&e.to_string())).await?;
-                return Ok(false);
-            }
+        let agreed = Agreed {
+            caps: self.s.caps,
+            ext_caps: self.s.ext_caps,
+            collation: self.s.collation,
         };
-        let ip = self.peer.ip().to_string();
-        let (mut auth, mut step) = Authentication::start(
-            &self.shared.users(),
-            &cu.user,
-            cu.auth_plugin.as_deref(),
-            &cu.auth_response,
+        let mut phase = ConnectionPhase::change_user(
+            &self.cbuf.filled()[4..h.total()],
+            h.seq,
+            agreed,
             self.nonce,
-            self.s.caps & cap::PLUGIN_AUTH != 0,
+            self.peer.ip(),
             self.client.is_tls(),
-            &ip,
+            self.shared.config().proxy.handshake_timeout,
+            std::time::Instant::now(),
+            &self.shared.users(),
+            &self.shared.throttle,
         );
-        let mut seq = h.seq.wrapping_add(1);
-        let (user, plugin) = loop {
-            match step {
-                AuthStep::Switch(p) => {
-                    write_packet(&mut self.client, seq, &p)
-                        .await
-                        .map_err(SessionEnd::Client)?;
-                    let h = self
-                        .read_more(HANDSHAKE_LIMIT)
-                        .await
-                        .map_err(SessionEnd::Client)?;
-                    step = auth.answer(&self.cbuf.filled()[4..h.total()], &ip);
-                    self.cbuf.consume(h.total());
-                    seq = h.seq.wrapping_add(1);
-                }
-                AuthStep::Accept { user, plugin } => break (user, plugin),
-                AuthStep::VerifyToken { user, token } => {
-                    let ok = verify_token(&self.shared, self.peer, user, token).await;
-                    step = auth.token_verified(ok, &ip);
-                }
-                AuthStep::Deny(e) => {
-                    if e.code == errcode::ER_ACCESS_DENIED_ERROR {
-                        throttled(&self.shared, self.peer).await;
-                        self.shared
-                            .throttle
-                            .failed(self.peer.ip(), std::time::Instant::now());
-                    }
-                    let _ = write_packet(&mut self.client, seq, &e.encode()).await;
-                    return Ok(false);
-                }
-            }
+        self.cbuf.consume(h.total());
+        // Boxed: a change of user is rare, and the phase's driver would otherwise size
+        // every session's future.
+        let driven = Box::pin(drive_phase::<D>(
+            &mut phase,
+            &mut self.client,
+            &mut self.cbuf,
+            &self.shared,
+            self.peer,
+            None,
+        ));
+        let Some((a, seq)) = driven.await else {
+            return Ok(false);
         };
-        if plugin == Plugin::CachingSha2 {
-            seq = write_packet(&mut self.client, seq, &[0x01, SHA2_FAST_AUTH_OK])
-                .await
-                .map_err(SessionEnd::Client)?;
-        }
         // A new session: whatever the old one held is reset and returned.
         self.finish();
-        self.s.reset(cu.database);
-        self.reg.slot.set_user(&user.name);
-        self.s.user = user;
-        if let Some(c) = cu.collation {
-            self.s.collation = c as u8;
-        }
+        self.s.reset(a.database);
+        self.reg.slot.set_user(&a.user.name);
+        self.s.user = a.user;
+        self.s.collation = a.collation;
         self.key = pool_key(&self.s);
         if self.s.state.schema.is_some() {
             if let Err(e) = self.ensure_backend(Needs::default(), true).await {

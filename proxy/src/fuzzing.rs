@@ -129,14 +129,42 @@ pub fn client_login(data: &[u8]) {
     }
     // The same packets through the connection phase around it, TLS and tokens answered
     // as the first byte says, the clock moving a second per packet.
-    use crate::session::connection_phase::{Action, ConnectionPhase, Input};
+    use crate::session::connection_phase::ConnectionPhase;
     let throttle = crate::auth::throttle::LoginThrottle::new(1, std::time::Duration::from_secs(2));
-    let mut now = std::time::Instant::now();
+    let now = std::time::Instant::now();
     let ip = std::net::IpAddr::from([127, 0, 0, 1]);
     let timeout = std::time::Duration::from_secs(5);
-    let mut phase = ConnectionPhase::start(&profile, 1, [7; 20], ip, tls, timeout, now);
     let flags = data.first().copied().unwrap_or(0);
-    for (h, payload) in packets(data.get(1..).unwrap_or_default()) {
+    let list = packets(data.get(1..).unwrap_or_default());
+    let phase = ConnectionPhase::start(&profile, 1, [7; 20], ip, tls, timeout, now);
+    drive_phase(phase, &list, flags, now, &users, &throttle);
+    // The first packet as a logged-in session's COM_CHANGE_USER, the rest following it.
+    if let Some(((h, first), rest)) = list.split_first() {
+        let agreed = crate::session::login::Agreed {
+            caps: u32::from_le_bytes([flags, 0xa2, 0x0f, 0x01]),
+            ext_caps: 0,
+            collation: 45,
+        };
+        let secure = flags & 16 != 0;
+        let phase = ConnectionPhase::change_user(
+            first, h.seq, agreed, [7; 20], ip, secure, timeout, now, &users, &throttle,
+        );
+        drive_phase(phase, rest, flags, now, &users, &throttle);
+    }
+}
+
+/// Feeds a connection phase `list`, one packet a second, answering TLS and tokens as
+/// `flags` says.
+fn drive_phase(
+    mut phase: crate::session::connection_phase::ConnectionPhase,
+    list: &[(Header, &[u8])],
+    flags: u8,
+    mut now: std::time::Instant,
+    users: &crate::auth::Users,
+    throttle: &crate::auth::throttle::LoginThrottle,
+) {
+    use crate::session::connection_phase::{Action, Input};
+    for &(h, payload) in list {
         now += std::time::Duration::from_secs(1);
         let input = if phase.wants_packet() {
             Input::Packet {
@@ -146,7 +174,7 @@ pub fn client_login(data: &[u8]) {
         } else {
             Input::Timer
         };
-        phase.handle(input, now, &users, &throttle);
+        phase.handle(input, now, users, throttle);
         while let Some(a) = phase.poll_action() {
             let answer = match a {
                 Action::StartTls => Input::Secured(if flags & 4 == 0 {
@@ -157,7 +185,7 @@ pub fn client_login(data: &[u8]) {
                 Action::VerifyToken { .. } => Input::TokenVerdict(flags & 8 == 0),
                 _ => continue,
             };
-            phase.handle(answer, now, &users, &throttle);
+            phase.handle(answer, now, users, throttle);
         }
     }
 }
@@ -231,6 +259,7 @@ pub fn response(data: &[u8]) {
         let _ = (tracker.last_ok(), tracker.status(), tracker.untold_change());
     }
     relay_answer(kind, caps, k, rest);
+    backend_script(k, caps, &list);
     let whole: Vec<Vec<u8>> = list.iter().map(|(_, p)| p.to_vec()).collect();
     if let Ok(r) = TextResult::parse(&whole, caps) {
         let _ = r.with_rows(Vec::new(), caps);
@@ -242,6 +271,84 @@ pub fn response(data: &[u8]) {
     for (_, p) in &list {
         let _ = parse_text_row(p, columns.len().max(1));
         let _ = parse_binary_row(p, &columns);
+    }
+}
+
+/// The same packets as the server's side of one of dbproxy's own conversations with it
+/// (`backend_script`): set-up, reset, COM_CHANGE_USER, a replay, a prepare in another
+/// context.
+fn backend_script(flags: u8, caps: u32, list: &[(Header, &[u8])]) {
+    use crate::backend_script::{
+        ChangeUser, Conn, InitSession, Prepare, Progress, ReplayScript, Reset, Runner, Script,
+    };
+    use crate::mysql::backend::Credentials;
+    use crate::session::state::Replay;
+    use crate::session::stmts::{BackendStmts, StmtContext, StmtKey};
+    use std::sync::Arc;
+
+    fn run<S: Script>(script: S, caps: u32, list: &[(Header, &[u8])]) {
+        let mut session = BackendSession {
+            schema: Some(b"other".to_vec()),
+            ..Default::default()
+        };
+        let mut stmts = BackendStmts::new(1);
+        let mut snapshot = None;
+        let mut c = Conn {
+            caps,
+            collation: 45,
+            nonce: b"01234567890123456789",
+            session: &mut session,
+            stmts: &mut stmts,
+            snapshot: &mut snapshot,
+        };
+        let Ok((mut runner, mut progress)) = Runner::start(script, &mut c) else {
+            return;
+        };
+        for (h, p) in list {
+            while runner.poll_send().is_some() {}
+            if matches!(progress, Progress::Done(_)) {
+                return;
+            }
+            progress = match runner.on_packet(&mut c, *h, p) {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+        }
+    }
+
+    let creds = Arc::new(Credentials {
+        user: "db".into(),
+        password: "pw".into(),
+    });
+    match flags >> 5 {
+        0 => run(InitSession::new("SET x = 1".into(), true), caps, list),
+        1 => run(Reset::new("".into()), caps, list),
+        2 => run(ChangeUser::new(creds, "SET x = 1".into()), caps, list),
+        3 | 4 => {
+            let mut plan = Replay::default();
+            plan.reset = flags & 0x20 != 0;
+            plan.set = Some("SET @a = 1".into());
+            plan.next_transaction = vec![b"SET TRANSACTION READ ONLY".to_vec()];
+            plan.init_db = Some(b"shop".to_vec());
+            let again = plan.clone();
+            let replan = move |_: &BackendSession| again.clone();
+            run(
+                ReplayScript::new(plan, replan, creds, "".into()),
+                caps,
+                list,
+            );
+        }
+        _ => {
+            let context = StmtContext {
+                schema: Some(b"shop".to_vec()),
+                vars: Default::default(),
+            };
+            run(
+                Prepare::new(StmtKey::new(context, Arc::from(&b"SELECT ?"[..]))),
+                caps,
+                list,
+            );
+        }
     }
 }
 

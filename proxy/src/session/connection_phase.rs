@@ -5,7 +5,7 @@
 //! ([`ConnectionPhase::poll_action`]) and the next deadline
 //! ([`ConnectionPhase::poll_timeout`]). No socket, no clock: tests run it on virtual time.
 
-use super::login::{Accepted, ClientTls, Login, Profile, Step};
+use super::login::{Accepted, Agreed, ClientTls, Login, Profile, Step};
 use crate::auth::throttle::LoginThrottle;
 use crate::auth::{Token, User, Users};
 use crate::mysql::consts::errcode;
@@ -134,9 +134,43 @@ impl ConnectionPhase {
         }
     }
 
+    /// COM_CHANGE_USER (its `payload`, sent at `seq`) on a logged-in session, at `now`:
+    /// the same authentication, token verification, throttle and deadline as a login,
+    /// without the greeting or TLS. `secure`: the session is TLS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn change_user(
+        payload: &[u8],
+        seq: u8,
+        agreed: Agreed,
+        nonce: [u8; 20],
+        peer: IpAddr,
+        secure: bool,
+        timeout: Duration,
+        now: Instant,
+        users: &Users,
+        throttle: &LoginThrottle,
+    ) -> ConnectionPhase {
+        let (login, step) =
+            Login::change_user(users, payload, seq, agreed, nonce, peer.to_string(), secure);
+        let mut phase = ConnectionPhase {
+            login,
+            peer,
+            deadline: now.checked_add(timeout).unwrap_or(now),
+            state: State::Reading,
+            actions: VecDeque::with_capacity(2),
+        };
+        phase.step(step, now, throttle);
+        phase
+    }
+
     /// The greeting's nonce (COM_CHANGE_USER reuses it).
     pub fn nonce(&self) -> [u8; 20] {
         self.login.nonce()
+    }
+
+    /// When the phase gives up on the client (`handshake_timeout` after it began).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// The next action to take.
@@ -383,6 +417,51 @@ mod tests {
             c
         }
 
+        /// A logged-in session's COM_CHANGE_USER (sent at sequence id 0) as `user`.
+        fn change_user(
+            user: &str,
+            password: &str,
+            throttle: LoginThrottle,
+        ) -> (Client, Vec<Action>) {
+            let now = Instant::now();
+            let caps = cap::PROXY_OFFERS;
+            let payload = crate::mysql::handshake::ChangeUser {
+                user: user.as_bytes().to_vec(),
+                auth_response: Plugin::Native.scramble(password.as_bytes(), &NONCE),
+                database: Some(b"shop".to_vec()),
+                collation: Some(8),
+                auth_plugin: Some(Plugin::Native.name().as_bytes().to_vec()),
+                attrs: Vec::new(),
+            }
+            .encode(caps);
+            let agreed = Agreed {
+                caps,
+                ext_caps: 0,
+                collation: 45,
+            };
+            let users = users();
+            let phase = ConnectionPhase::change_user(
+                &payload,
+                0,
+                agreed,
+                NONCE,
+                "10.0.0.9".parse().unwrap(),
+                false,
+                Duration::from_secs(10),
+                now,
+                &users,
+                &throttle,
+            );
+            let mut c = Client {
+                phase,
+                users,
+                throttle,
+                now,
+            };
+            let first = c.actions();
+            (c, first)
+        }
+
         fn actions(&mut self) -> Vec<Action> {
             std::iter::from_fn(|| self.phase.poll_action()).collect()
         }
@@ -574,6 +653,78 @@ mod tests {
                     end: End::Refused(_),
                     ..
                 })
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn change_user_is_authenticated_like_a_login() {
+        let throttle = || LoginThrottle::new(2, Duration::from_secs(8));
+        let (c, a) = Client::change_user("app", "pw", throttle());
+        match a.as_slice() {
+            [Action::Accepted { accepted, ok_seq }] => {
+                assert_eq!(accepted.user.name, "app");
+                assert_eq!(accepted.database.as_deref(), Some(&b"shop"[..]));
+                assert_eq!((accepted.collation, *ok_seq), (8, 1), "no greeting: seq 1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.phase.poll_timeout(), None);
+        // A wrong password: refused at the next sequence id, counted against the address.
+        let (c, a) = Client::change_user("app", "wrong", throttle());
+        assert_eq!(sent_error(&a), Some(errcode::ER_ACCESS_DENIED_ERROR));
+        assert!(
+            matches!(
+                a.as_slice(),
+                [Action::Close {
+                    end: End::Denied(_),
+                    reply: Some(Reply { seq: 1, .. })
+                }]
+            ),
+            "{a:?}"
+        );
+        // After two failures from the address, the next verdict waits, a success included
+        // (time does not tell them apart).
+        let throttle = c.throttle;
+        throttle.failed("10.0.0.9".parse().unwrap(), c.now);
+        let (mut c, a) = Client::change_user("app", "pw", throttle);
+        assert!(a.is_empty(), "held: {a:?}");
+        let until = c.phase.poll_timeout().expect("a wait");
+        let a = c.advance(until - c.now);
+        assert!(matches!(a.as_slice(), [Action::Accepted { .. }]), "{a:?}");
+    }
+
+    #[test]
+    fn a_malformed_change_user_is_refused() {
+        let now = Instant::now();
+        let agreed = Agreed {
+            caps: cap::PROXY_OFFERS,
+            ext_caps: 0,
+            collation: 45,
+        };
+        let throttle = LoginThrottle::new(2, Duration::from_secs(8));
+        let mut phase = ConnectionPhase::change_user(
+            &[crate::mysql::consts::com::CHANGE_USER, b'a'],
+            0,
+            agreed,
+            NONCE,
+            "10.0.0.9".parse().unwrap(),
+            false,
+            Duration::from_secs(10),
+            now,
+            &users(),
+            &throttle,
+        );
+        let a: Vec<Action> = std::iter::from_fn(|| phase.poll_action()).collect();
+        assert_eq!(sent_error(&a), Some(errcode::ER_MALFORMED_PACKET));
+        assert!(
+            matches!(
+                a.as_slice(),
+                [Action::Close {
+                    end: End::Refused(_),
+                    ..
+                }]
             ),
             "{a:?}"
         );

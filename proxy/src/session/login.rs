@@ -4,11 +4,12 @@
 //! (SSLRequest) slots in between the greeting and the handshake response: the machine says
 //! [`Step::StartTls`], the driver runs the TLS handshake and calls [`Login::secured`].
 
+use super::command::malformed;
 use crate::auth::{self, Decision, Token, User, Users};
 use crate::mysql::auth::{Plugin, SHA2_FAST_AUTH_OK, SHA2_FULL_AUTH};
 use crate::mysql::consts::{cap, errcode, ext, status};
 use crate::mysql::handshake::{
-    encode_auth_switch, is_ssl_request, HandshakeResponse, ServerHandshake,
+    encode_auth_switch, is_ssl_request, ChangeUser, HandshakeResponse, ServerHandshake,
 };
 use crate::mysql::wire::ErrPacket;
 use std::sync::Arc;
@@ -243,6 +244,15 @@ enum LoginState {
     Over,
 }
 
+/// What a session agreed at login, which COM_CHANGE_USER keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    pub caps: u32,
+    pub ext_caps: u32,
+    /// Kept unless COM_CHANGE_USER names another.
+    pub collation: u8,
+}
+
 /// What dbproxy tells clients about itself in the greeting.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -295,6 +305,65 @@ impl Login {
             },
             greeting.encode(),
         )
+    }
+
+    /// COM_CHANGE_USER (its `payload`, sent at `seq`) on a session that agreed `agreed`
+    /// at login: authenticated as a login is, answering the greeting's `nonce`; `secure`:
+    /// the session is TLS. What the client sends next (an auth switch's answer) goes to
+    /// [`Login::on_packet`].
+    pub fn change_user(
+        users: &Users,
+        payload: &[u8],
+        seq: u8,
+        agreed: Agreed,
+        nonce: [u8; 20],
+        peer_ip: String,
+        secure: bool,
+    ) -> (Login, Step) {
+        let mut login = Login {
+            nonce,
+            offered: agreed.caps,
+            offered_ext: agreed.ext_caps,
+            peer_ip,
+            tls: ClientTls::Off,
+            secure,
+            state: LoginState::Over,
+        };
+        let reply_seq = seq.wrapping_add(1);
+        let cu = match ChangeUser::parse(payload, agreed.caps) {
+            Ok(cu) => cu,
+            Err(e) => {
+                let step = Step::Refused {
+                    seq: reply_seq,
+                    err: malformed(&e.to_string()),
+                    log: format!("malformed COM_CHANGE_USER: {e}"),
+                };
+                return (login, step);
+            }
+        };
+        let resp = HandshakeResponse {
+            capabilities: agreed.caps,
+            ext_capabilities: agreed.ext_caps,
+            collation: cu.collation.map_or(agreed.collation, |c| c as u8),
+            user: cu.user,
+            auth_response: cu.auth_response,
+            database: cu.database,
+            auth_plugin: cu.auth_plugin,
+            attrs: cu.attrs,
+            ..Default::default()
+        };
+        let (auth, step) = Authentication::start(
+            users,
+            &resp.user,
+            resp.auth_plugin.as_deref(),
+            &resp.auth_response,
+            nonce,
+            agreed.caps & cap::PLUGIN_AUTH != 0,
+            secure,
+            &login.peer_ip,
+        );
+        let step = login.after_auth(step, auth, resp, agreed.caps, reply_seq);
+        (login, step)
     }
 
     /// The nonce of the greeting (COM_CHANGE_USER reuses it).
