@@ -809,6 +809,63 @@ impl Script for Prepare {
     }
 }
 
+/// What a connection needs before it goes back to the pool ([`crate::session::Release`]):
+/// the client's warning list read back (`SHOW WARNINGS`; a refusal only loses the list),
+/// then the statements that clear one-shots meant for that client. Gives the warning list.
+#[derive(Debug)]
+pub struct Release {
+    capture_warnings: bool,
+    statements: std::vec::IntoIter<String>,
+    /// The SHOW WARNINGS is answered next.
+    capturing: bool,
+    warnings: Option<TextResult>,
+}
+
+impl Release {
+    pub fn new(steps: crate::session::Release) -> Release {
+        Release {
+            capture_warnings: steps.capture_warnings,
+            statements: steps.statements.into_iter(),
+            capturing: false,
+            warnings: None,
+        }
+    }
+}
+
+impl Script for Release {
+    type Output = Option<TextResult>;
+    fn next(
+        &mut self,
+        c: &mut Conn<'_>,
+        answer: Answer,
+    ) -> Result<Next<Self::Output>, ScriptError> {
+        match answer {
+            Answer::Start if self.capture_warnings => {
+                self.capturing = true;
+                return Ok(Next::Command {
+                    payload: query_packet("SHOW WARNINGS"),
+                    kind: ResponseKind::Query,
+                });
+            }
+            Answer::Start => {}
+            Answer::Reply(reply) if std::mem::take(&mut self.capturing) => match reply {
+                Ok(p) => self.warnings = Some(TextResult::parse(&p.0, c.caps)?),
+                Err(e) => tracing::warn!("SHOW WARNINGS failed: {e}"),
+            },
+            Answer::Reply(Ok(_)) => {}
+            Answer::Reply(Err(e)) => return Err(ScriptError::Server(e)),
+            Answer::LoggedIn | Answer::Told => return Err(ScriptError::Unasked),
+        }
+        Ok(match self.statements.next() {
+            Some(sql) => Next::Command {
+                payload: query_packet(&sql),
+                kind: ResponseKind::Query,
+            },
+            None => Next::Done(self.warnings.take()),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1217,5 +1274,28 @@ mod tests {
             r.on_packet(&mut s.conn(), h, &ok()),
             Err(ScriptError::Unasked)
         ));
+    }
+
+    #[test]
+    fn a_release_reads_the_warnings_then_clears_the_one_shots() {
+        let mut s = Server::new();
+        let steps = crate::session::Release {
+            capture_warnings: true,
+            statements: vec!["SET insert_id = 0".into()],
+        };
+        let (mut r, _) = s.start(Release::new(steps.clone()));
+        s.answer(&mut r, &two_columns(&[("Note", "1003")])).unwrap();
+        let p = s.answer(&mut r, &[ok()]).unwrap();
+        let Progress::Done(Some(w)) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(w.rows.len(), 1);
+        assert_eq!(s.queries(), ["SHOW WARNINGS", "SET insert_id = 0"]);
+        // A refused SHOW WARNINGS loses only the list; a refused statement fails.
+        let mut s = Server::new();
+        let (mut r, _) = s.start(Release::new(steps));
+        s.answer(&mut r, &[err(1146, "no")]).unwrap();
+        let e = s.answer(&mut r, &[err(1064, "syntax")]);
+        assert!(matches!(e, Err(ScriptError::Server(_))), "{e:?}");
     }
 }

@@ -8,6 +8,7 @@
 //! (a query pipelined after the statement); before the connection goes back, the client's
 //! warning list is read and one-shots meant for it alone are cleared.
 
+use crate::backend_script as script;
 use crate::clients::{ClientSlot, Registration};
 use crate::io::{
     read_command, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
@@ -684,31 +685,22 @@ impl<D: Driver> Conn<D> {
         };
         let steps = self.s.release(&b.conn.session);
         if !steps.is_empty() {
-            let mut warnings = None;
-            // Boxed: rare (a warning list to keep, one-shots to clear), and large.
-            let res: Result<(), crate::backend_conn::BackendError> = Box::pin(async {
-                if steps.capture_warnings {
-                    let w = b.conn.query_result("SHOW WARNINGS").await?;
-                    tracing::debug!(
-                        thread_id = b.thread_id,
-                        rows = w.as_ref().map_or(0, |w| w.rows.len()),
-                        "warnings captured"
-                    );
-                    if let Ok(w) = w {
-                        warnings = Some(w);
-                    }
+            // Boxed: rare (a warning list to keep, one-shots to clear).
+            let warnings = match Box::pin(b.conn.run(script::Release::new(steps))).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
+                    self.pool.discard(b, "failed while giving it back");
+                    self.s.moved();
+                    return Ok(());
                 }
-                for stmt in &steps.statements {
-                    b.conn.query(stmt).await?;
-                }
-                Ok(())
-            })
-            .await;
-            if let Err(e) = res {
-                tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
-                self.pool.discard(b, "failed while giving it back");
-                self.s.moved();
-                return Ok(());
+            };
+            if let Some(w) = &warnings {
+                tracing::debug!(
+                    thread_id = b.thread_id,
+                    rows = w.rows.len(),
+                    "warnings captured"
+                );
             }
             self.s.released(&mut b.conn.session, warnings.as_ref());
         }
