@@ -38,6 +38,7 @@ use crate::session::pins::PinReason;
 use crate::session::plan::{self, Plan, Relay as PlanRelay, Text as PlanText};
 use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
+use crate::session::statement_watch::{StatementWatch, Verdict as WatchVerdict};
 use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
 use crate::shared::ProxyShared;
@@ -1736,8 +1737,14 @@ impl<D: Driver> Conn<D> {
         let strip = !self.s.wants_tracking();
         // A kept statement's first packet may say the writer turned read-only.
         let mut first = self.retryable;
-        // When query_timeout killed the statement.
-        let mut killed: Option<std::time::Instant> = None;
+        // query_timeout: a database silent that long gets the statement killed (KILL
+        // QUERY, from a side connection); the server's error then reaches the client as
+        // any other. Should the database not answer even that within
+        // internal_query_timeout, the connection is given up.
+        let limits = b.conn.limits;
+        let mut silence = limits
+            .statement
+            .map(|limit| StatementWatch::new(limit, limits.own, std::time::Instant::now()));
         // A client that takes nothing of the answer this long is given up (its database
         // connection with it): the answer waits in no buffer of dbproxy's meanwhile.
         let net_write = self.shared.config().proxy.net_write_timeout;
@@ -1807,27 +1814,21 @@ impl<D: Driver> Conn<D> {
             let conn = &mut *b.conn;
             let group = &self.pool.shared;
             let target = b.target;
-            let limits = conn.limits;
             let (thread_id, login) = (conn.thread_id, &b.key.backend);
-            let since = limits.statement.map(|_| std::time::Instant::now());
+            if let Some(w) = silence.as_mut() {
+                w.heard(std::time::Instant::now());
+            }
             let peer = self.peer;
-            // query_timeout: a database silent that long gets the statement killed (KILL
-            // QUERY, from a side connection); the server's error then reaches the client
-            // as any other. Should the database not answer even that within
-            // internal_query_timeout, the connection is given up.
             let watch = || {
                 if group.topology.load().is_down(target) {
                     return Some(GaveUp::TargetDown);
                 }
-                let (since, limit) = (since?, limits.statement?);
-                match killed {
-                    Some(at) if at.elapsed() >= limits.own => Some(GaveUp::Overdue(format!(
-                        "no answer within query_timeout ({limit:?}), nor to KILL QUERY after it"
-                    ))),
-                    Some(_) => None,
-                    None if since.elapsed() >= limit => {
-                        killed = Some(std::time::Instant::now());
-                        tracing::warn!(%peer, thread_id, "query_timeout ({limit:?}) passed: killing the statement");
+                let verdict = silence.as_mut()?.check(std::time::Instant::now());
+                match verdict {
+                    WatchVerdict::Wait => None,
+                    WatchVerdict::GiveUp(why) => Some(GaveUp::Overdue(why)),
+                    WatchVerdict::Kill => {
+                        tracing::warn!(%peer, thread_id, "query_timeout ({:?}) passed: killing the statement", limits.statement.unwrap_or_default());
                         let addr = group.topology.load().addr(target).cloned()?;
                         let (group, login) = (group.clone(), login.clone());
                         tokio::task::spawn_local(async move {
@@ -1839,7 +1840,6 @@ impl<D: Driver> Conn<D> {
                         });
                         None
                     }
-                    None => None,
                 }
             };
             let read =

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod querylog;
 pub mod sql;
 pub mod state;
+pub mod statement_watch;
 pub mod stmts;
 pub mod uservars;
 
