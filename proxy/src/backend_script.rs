@@ -689,7 +689,9 @@ pub struct Prepare {
     stage: PrepareStage,
     /// The context to return to, while in the statement's.
     back: Option<StmtContext>,
-    id: u32,
+    /// The server's answer to the prepare (told once the connection is back in its own
+    /// context, a refusal too).
+    prepared: Option<Result<u32, ErrPacket>>,
 }
 
 #[derive(Debug)]
@@ -707,7 +709,7 @@ impl Prepare {
             key,
             stage: PrepareStage::Start,
             back: None,
-            id: 0,
+            prepared: None,
         }
     }
 
@@ -726,7 +728,7 @@ impl Prepare {
             .take()
             .and_then(|back| state::context_switch(&back, c.session));
         let Some((set, db)) = switch else {
-            return Ok(Next::Done(Ok(self.id)));
+            return Ok(self.finishing(Next::Done(Ok(()))));
         };
         let mut switch = Switch::new(set, db);
         let next = switch.next(c, Answer::Start)?;
@@ -734,10 +736,16 @@ impl Prepare {
         Ok(self.finishing(next))
     }
 
-    /// A step of a context switch, as this script's.
-    fn finishing(&self, next: Next<Result<(), ErrPacket>>) -> Next<Result<u32, ErrPacket>> {
+    /// A step of a context switch, as this script's: once it is over, the prepare's answer
+    /// (a switch the server refused is the answer instead).
+    fn finishing(&mut self, next: Next<Result<(), ErrPacket>>) -> Next<Result<u32, ErrPacket>> {
         match next {
-            Next::Done(r) => Next::Done(r.map(|()| self.id)),
+            Next::Done(Ok(())) => Next::Done(self.prepared.take().unwrap_or(Err(ErrPacket::new(
+                crate::mysql::consts::errcode::ER_UNKNOWN_STMT_HANDLER,
+                "HY000",
+                "(dbproxy) the statement was not prepared",
+            )))),
+            Next::Done(Err(e)) => Next::Done(Err(e)),
             Next::Command { payload, kind } => Next::Command { payload, kind },
             Next::Tell(p) => Next::Tell(p),
             Next::ChangeUser { login, payload } => Next::ChangeUser { login, payload },
@@ -780,7 +788,12 @@ impl Script for Prepare {
             PrepareStage::Preparing => {
                 let packets = match answer {
                     Answer::Reply(Ok(p)) => p,
-                    Answer::Reply(Err(e)) => return Ok(Next::Done(Err(e))),
+                    Answer::Reply(Err(e)) => {
+                        // Refused (a table gone, bad SQL): the connection goes back to its
+                        // own context all the same.
+                        self.prepared = Some(Err(e));
+                        return self.go_back(c);
+                    }
                     _ => return Err(ScriptError::Unasked),
                 };
                 let first = packets
@@ -788,7 +801,7 @@ impl Script for Prepare {
                     .first()
                     .ok_or(ProtocolError::Malformed("empty reply to COM_STMT_PREPARE"))?;
                 let (id, _columns, params) = parse_prepare_ok(first)?;
-                self.id = id;
+                self.prepared = Some(Ok(id));
                 match c.stmts.insert(self.key.clone(), id, params) {
                     Some(evicted) => {
                         self.stage = PrepareStage::Closing;
@@ -1238,6 +1251,27 @@ mod tests {
         let (_, p) = s.start(Prepare::new(k));
         assert!(matches!(p, Progress::Done(Ok(41))));
         assert_eq!(s.sent.len(), before);
+    }
+
+    #[test]
+    fn a_refused_prepare_still_takes_the_connection_back_to_its_context() {
+        let mut s = Server::new();
+        s.session.schema = Some(b"other".to_vec());
+        let (mut r, _) = s.start(Prepare::new(key("shop", "SELECT nope")));
+        s.answer(&mut r, &[ok()]).unwrap();
+        let p = s.answer(&mut r, &[err(1054, "Unknown column")]).unwrap();
+        assert!(matches!(p, Progress::Wait), "{p:?}");
+        assert_eq!(
+            s.sent.last().unwrap().1,
+            b"\x02other",
+            "back to its own schema"
+        );
+        let p = s.answer(&mut r, &[ok()]).unwrap();
+        assert!(
+            matches!(&p, Progress::Done(Err(e)) if e.code == 1054),
+            "{p:?}"
+        );
+        assert_eq!(s.session.schema.as_deref(), Some(&b"other"[..]));
     }
 
     #[test]
