@@ -9,7 +9,7 @@ use crate::backend_script::{
 };
 use crate::io::{read_packet_by, write_packet, Buf, Stream};
 use crate::mysql::backend::{
-    greeted, Credentials, GreetError, Greeted, Login, LoginError, LoginStep, TlsWant,
+    Credentials, GreetError, LoginError, OpenError, OpenStep, Opened, Opening, TlsWant,
 };
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
@@ -262,6 +262,60 @@ where
     Err(last)
 }
 
+/// Runs the TLS handshake towards a backend as `t` asks, counting it.
+async fn secure<S: Stream>(
+    stream: &mut S,
+    t: TlsTo<'_>,
+    deadline: Deadline,
+) -> Result<(), BackendError> {
+    let config = t
+        .tls
+        .config()
+        .ok_or_else(|| BackendError::Tls("no TLS configuration".into()))?;
+    // Boxed, like the client side's: the handshake's state is not carried by every future
+    // that may open a connection.
+    let handshake =
+        Box::pin(stream.connect_tls(config, crate::tls::server_name(t.target), deadline));
+    let stats = &t.tls.stats;
+    let failed = || {
+        stats
+            .backend_handshake_failures
+            .fetch_add(1, Ordering::Relaxed)
+    };
+    match handshake.await {
+        Ok(_) => {
+            stats.backend_handshakes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) if e.is_certificate() => {
+            failed();
+            Err(BackendError::Tls(format!(
+                "{e} (backend_tls = \"{}\"; check backend_tls_ca and the server's certificate)",
+                t.tls.mode.name()
+            )))
+        }
+        Err(crate::io::tls_stream::HandshakeError::Io(e)) => {
+            failed();
+            Err(BackendError::Io(e))
+        }
+        Err(e) => {
+            failed();
+            Err(BackendError::Tls(e.to_string()))
+        }
+    }
+}
+
+impl From<OpenError> for BackendError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Greet(GreetError::Server(e)) => BackendError::Server(e),
+            OpenError::Greet(e @ GreetError::NoTls(_)) => BackendError::Tls(e.to_string()),
+            OpenError::Greet(GreetError::Protocol(e)) => BackendError::Protocol(e),
+            OpenError::Login(e) => BackendError::Login(e),
+        }
+    }
+}
+
 impl From<ScriptError> for BackendError {
     fn from(e: ScriptError) -> Self {
         match e {
@@ -289,7 +343,7 @@ impl BackendError {
 
 impl<S: Stream> BackendConn<S> {
     /// Logs in as `creds` (a version of `login`) on a freshly connected stream, first
-    /// switching to TLS when `tls` says so.
+    /// switching to TLS when `tls` says so (see [`Opening`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn login(
         mut stream: S,
@@ -301,84 +355,48 @@ impl<S: Stream> BackendConn<S> {
         deadline: Deadline,
         tls: Option<TlsTo<'_>>,
     ) -> Result<(Self, ServerProfile), BackendError> {
-        let mut buf = Buf::with_capacity(BACKEND_BUF);
-        let h = read_packet_by(&mut stream, &mut buf, MAX_PAYLOAD, Some(deadline)).await?;
         let want = match tls {
             None => TlsWant::Off,
             Some(t) if t.tls.required() => TlsWant::Required(t.tls.mode.name()),
             Some(_) => TlsWant::Preferred,
         };
-        let payload = &buf.filled()[4..h.total()];
-        let greeted = greeted(payload, creds, wanted_caps, wanted_ext, collation, want).map_err(
-            |e| match e {
-                GreetError::Server(e) => BackendError::Server(e),
-                GreetError::NoTls(_) => BackendError::Tls(e.to_string()),
-                GreetError::Protocol(e) => BackendError::Protocol(e),
-            },
-        )?;
-        buf.consume(h.total());
-        let Greeted {
+        let mut opening = Opening::new(creds, wanted_caps, wanted_ext, collation, want);
+        let mut buf = Buf::with_capacity(BACKEND_BUF);
+        let opened = loop {
+            while let Some((seq, payload)) = opening.poll_send() {
+                write_packet(&mut stream, seq, &payload).await?;
+            }
+            let h = read_packet_by(&mut stream, &mut buf, MAX_PAYLOAD, Some(deadline)).await?;
+            let step = opening.on_packet(h.seq, &buf.filled()[4..h.total()]);
+            buf.consume(h.total());
+            match step? {
+                OpenStep::Wait => {}
+                OpenStep::StartTls => {
+                    while let Some((seq, payload)) = opening.poll_send() {
+                        write_packet(&mut stream, seq, &payload).await?;
+                    }
+                    let t = tls.ok_or_else(|| BackendError::Tls("no TLS configuration".into()))?;
+                    secure(&mut stream, t, deadline).await?;
+                    opening.secured();
+                }
+                OpenStep::Open(opened) => break opened,
+            }
+        };
+        let Opened {
             handshake: hs,
-            ssl_request,
-            response,
-            mut login,
             caps,
             ext_caps,
-        } = greeted;
+        } = opened;
         let profile = ServerProfile {
-            version: hs.version.clone(),
+            version: hs.version,
             capabilities: hs.capabilities,
             ext_capabilities: hs.ext_capabilities,
             collation: hs.collation,
         };
-        let mut seq = h.seq.wrapping_add(1);
-        if let (Some(req), Some(t)) = (ssl_request, tls) {
-            seq = write_packet(&mut stream, seq, &req).await?;
-            let config = t
-                .tls
-                .config()
-                .ok_or_else(|| BackendError::Tls("no TLS configuration".into()))?;
-            // Boxed, like the client side's: the handshake's state is not carried by every
-            // future that may open a connection.
-            let handshake =
-                Box::pin(stream.connect_tls(config, crate::tls::server_name(t.target), deadline));
-            match handshake.await {
-                Ok(_) => t
-                    .tls
-                    .stats
-                    .backend_handshakes
-                    .fetch_add(1, Ordering::Relaxed),
-                Err(e) if e.is_certificate() => {
-                    t.tls
-                        .stats
-                        .backend_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(BackendError::Tls(format!(
-                        "{e} (backend_tls = \"{}\"; check backend_tls_ca and the server's certificate)",
-                        t.tls.mode.name()
-                    )));
-                }
-                Err(crate::io::tls_stream::HandshakeError::Io(e)) => {
-                    t.tls
-                        .stats
-                        .backend_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(BackendError::Io(e));
-                }
-                Err(e) => {
-                    t.tls
-                        .stats
-                        .backend_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(BackendError::Tls(e.to_string()));
-                }
-            };
-        }
-        write_packet(&mut stream, seq, &response).await?;
         let tls_count = stream
             .is_tls()
             .then(|| tls.map(|t| crate::tls::TlsConnCount::new(t.tls.stats.clone())));
-        let mut conn = BackendConn {
+        let conn = BackendConn {
             _tls_count: tls_count.flatten(),
             stream,
             buf,
@@ -395,27 +413,7 @@ impl<S: Stream> BackendConn<S> {
             verified: None,
             limits: ReadLimits::default(),
         };
-        conn.finish_login(&mut login, Some(deadline)).await?;
         Ok((conn, profile))
-    }
-
-    async fn finish_login(
-        &mut self,
-        login: &mut Login,
-        deadline: Option<Deadline>,
-    ) -> Result<(), BackendError> {
-        loop {
-            let h = read_packet_by(&mut self.stream, &mut self.buf, MAX_PAYLOAD, deadline).await?;
-            let step = login.on_packet(&self.buf.filled()[4..h.total()]);
-            self.buf.consume(h.total());
-            match step? {
-                LoginStep::Done => return Ok(()),
-                LoginStep::Wait => {}
-                LoginStep::Send(p) => {
-                    write_packet(&mut self.stream, h.seq.wrapping_add(1), &p).await?;
-                }
-            }
-        }
     }
 
     /// Reads a whole response to a command of `kind` into memory (small responses only:

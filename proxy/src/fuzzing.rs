@@ -92,6 +92,16 @@ pub fn handshake(data: &[u8]) {
         if let Ok(mut g) = crate::mysql::backend::greeted(data, &creds, caps, 0, 45, want) {
             let _ = g.login.on_packet(rest);
         }
+        // The same bytes as the server's packets while a connection is opened.
+        let mut opening = crate::mysql::backend::Opening::new(&creds, caps, 0, 45, want);
+        for (h, p) in packets(data) {
+            while opening.poll_send().is_some() {}
+            match opening.on_packet(h.seq, p) {
+                Ok(crate::mysql::backend::OpenStep::StartTls) => opening.secured(),
+                Ok(crate::mysql::backend::OpenStep::Wait) => {}
+                Ok(crate::mysql::backend::OpenStep::Open(_)) | Err(_) => break,
+            }
+        }
     }
 }
 

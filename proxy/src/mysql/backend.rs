@@ -300,6 +300,155 @@ pub fn greeted(
     })
 }
 
+/// Opening a connection, dbproxy being the client: the greeting answered (an SSLRequest
+/// first when TLS is to be used, the handshake response once it is up), then the login
+/// exchange. Whole packets in ([`Opening::on_packet`]), packets to send out
+/// ([`Opening::poll_send`]).
+#[derive(Debug)]
+pub struct Opening {
+    creds: Credentials,
+    wanted_caps: u32,
+    wanted_ext: u32,
+    collation: u8,
+    tls: TlsWant,
+    state: OpeningState,
+    out: std::collections::VecDeque<(u8, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+enum OpeningState {
+    Greeting,
+    /// The TLS handshake runs; the handshake response goes out at `seq` once it is done.
+    Securing {
+        greeted: Box<Greeted>,
+        seq: u8,
+    },
+    LoggingIn(Box<Greeted>),
+    Over,
+}
+
+/// Where an opening is.
+#[derive(Debug)]
+pub enum OpenStep {
+    /// Waiting for the server's next packet.
+    Wait,
+    /// Send what [`Opening::poll_send`] gives (the SSLRequest), run the TLS handshake as the
+    /// client, then call [`Opening::secured`].
+    StartTls,
+    /// Logged in.
+    Open(Opened),
+}
+
+/// A connection logged in.
+#[derive(Debug)]
+pub struct Opened {
+    /// The server's greeting (its version, connection id, nonce, what it offers).
+    pub handshake: ServerHandshake,
+    /// What was agreed.
+    pub caps: u32,
+    pub ext_caps: u32,
+}
+
+/// Why an opening failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Greet(#[from] GreetError),
+    #[error(transparent)]
+    Login(#[from] LoginError),
+}
+
+impl Opening {
+    /// Opens as `creds`, asking for `wanted_caps` and `wanted_ext`, with TLS as `tls` says.
+    pub fn new(
+        creds: &Credentials,
+        wanted_caps: u32,
+        wanted_ext: u32,
+        collation: u8,
+        tls: TlsWant,
+    ) -> Opening {
+        Opening {
+            creds: creds.clone(),
+            wanted_caps,
+            wanted_ext,
+            collation,
+            tls,
+            state: OpeningState::Greeting,
+            out: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The next packet to send: its sequence id and payload.
+    pub fn poll_send(&mut self) -> Option<(u8, Vec<u8>)> {
+        self.out.pop_front()
+    }
+
+    /// Takes one whole packet from the server, sent at sequence id `seq`.
+    pub fn on_packet(&mut self, seq: u8, payload: &[u8]) -> Result<OpenStep, OpenError> {
+        let next = seq.wrapping_add(1);
+        match std::mem::replace(&mut self.state, OpeningState::Over) {
+            OpeningState::Greeting => {
+                let mut g = Box::new(greeted(
+                    payload,
+                    &self.creds,
+                    self.wanted_caps,
+                    self.wanted_ext,
+                    self.collation,
+                    self.tls,
+                )?);
+                match g.ssl_request.take() {
+                    Some(request) => {
+                        self.out.push_back((next, request));
+                        self.state = OpeningState::Securing {
+                            greeted: g,
+                            seq: next.wrapping_add(1),
+                        };
+                        Ok(OpenStep::StartTls)
+                    }
+                    None => {
+                        self.out.push_back((next, std::mem::take(&mut g.response)));
+                        self.state = OpeningState::LoggingIn(g);
+                        Ok(OpenStep::Wait)
+                    }
+                }
+            }
+            OpeningState::LoggingIn(mut g) => match g.login.on_packet(payload)? {
+                LoginStep::Done => Ok(OpenStep::Open(Opened {
+                    handshake: g.handshake,
+                    caps: g.caps,
+                    ext_caps: g.ext_caps,
+                })),
+                LoginStep::Wait => {
+                    self.state = OpeningState::LoggingIn(g);
+                    Ok(OpenStep::Wait)
+                }
+                LoginStep::Send(p) => {
+                    self.out.push_back((next, p));
+                    self.state = OpeningState::LoggingIn(g);
+                    Ok(OpenStep::Wait)
+                }
+            },
+            OpeningState::Securing { .. } | OpeningState::Over => Err(GreetError::Protocol(
+                ProtocolError::Malformed("a packet from the server while none was expected"),
+            )
+            .into()),
+        }
+    }
+
+    /// The TLS handshake [`OpenStep::StartTls`] asked for is done: the handshake response
+    /// goes out.
+    pub fn secured(&mut self) {
+        match std::mem::replace(&mut self.state, OpeningState::Over) {
+            OpeningState::Securing { mut greeted, seq } => {
+                self.out
+                    .push_back((seq, std::mem::take(&mut greeted.response)));
+                self.state = OpeningState::LoggingIn(greeted);
+            }
+            other => self.state = other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,5 +664,86 @@ mod tests {
             Err(GreetError::Protocol(_))
         ));
         assert!(greeted(&[], &creds(), cap::BACKEND_BASE, 0, 45, TlsWant::Off).is_err());
+    }
+
+    fn opening(tls: TlsWant) -> Opening {
+        Opening::new(&creds(), cap::BACKEND_BASE, 0, 45, tls)
+    }
+
+    #[test]
+    fn opening_answers_the_greeting_then_follows_the_login() {
+        let mut o = opening(TlsWant::Preferred);
+        let hs = greeting(auth::CACHING_SHA2);
+        let step = o.on_packet(0, &hs.encode()).unwrap();
+        assert!(matches!(step, OpenStep::Wait), "no TLS offered: {step:?}");
+        let (seq, response) = o.poll_send().unwrap();
+        assert_eq!(seq, 1);
+        let r = HandshakeResponse::parse(&response).unwrap();
+        assert_eq!(r.user, b"app");
+        // An auth switch is answered at the next sequence id; fast auth, then OK.
+        let mut switch = b"\xfemysql_native_password\0".to_vec();
+        switch.extend_from_slice(b"abcdefghijabcdefghij\0");
+        assert!(matches!(o.on_packet(2, &switch).unwrap(), OpenStep::Wait));
+        assert_eq!(o.poll_send().map(|(s, p)| (s, p.len())), Some((3, 20)));
+        match o.on_packet(4, &[0, 0, 0, 2, 0, 0, 0]).unwrap() {
+            OpenStep::Open(opened) => {
+                assert_eq!(opened.handshake.connection_id, 1);
+                assert_eq!(opened.caps & cap::SSL, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(o.on_packet(5, &[0]).is_err(), "over");
+    }
+
+    #[test]
+    fn opening_with_tls_sends_the_request_then_the_response_after_the_handshake() {
+        let mut o = opening(TlsWant::Required("verify_full"));
+        let mut hs = greeting(auth::NATIVE);
+        hs.capabilities |= cap::SSL;
+        assert!(matches!(
+            o.on_packet(0, &hs.encode()).unwrap(),
+            OpenStep::StartTls
+        ));
+        let (seq, request) = o.poll_send().unwrap();
+        assert_eq!((seq, request.len()), (1, 32), "an SSLRequest");
+        assert!(o.poll_send().is_none(), "the response waits for TLS");
+        assert!(
+            o.on_packet(2, &[0]).is_err(),
+            "nothing comes during the handshake"
+        );
+        let mut o = opening(TlsWant::Required("verify_full"));
+        o.on_packet(0, &hs.encode()).unwrap();
+        o.poll_send();
+        o.secured();
+        let (seq, response) = o.poll_send().unwrap();
+        assert_eq!(seq, 2);
+        let r = HandshakeResponse::parse(&response).unwrap();
+        assert_ne!(r.capabilities & cap::SSL, 0);
+        // Required, and not offered: no connection.
+        let mut o = opening(TlsWant::Required("verify_ca"));
+        let e = o.on_packet(0, &greeting(auth::NATIVE).encode());
+        assert!(
+            matches!(e, Err(OpenError::Greet(GreetError::NoTls("verify_ca")))),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn opening_refused_by_the_server_says_so() {
+        let mut o = opening(TlsWant::Off);
+        let too_many = ErrPacket::new(1040, "HY000", "Too many connections").encode();
+        let e = o.on_packet(0, &too_many);
+        assert!(
+            matches!(e, Err(OpenError::Greet(GreetError::Server(ref p))) if p.code == 1040),
+            "{e:?}"
+        );
+        let mut o = opening(TlsWant::Off);
+        o.on_packet(0, &greeting(auth::NATIVE).encode()).unwrap();
+        let denied = ErrPacket::new(1045, "28000", "Access denied").encode();
+        let e = o.on_packet(2, &denied);
+        assert!(
+            matches!(e, Err(OpenError::Login(LoginError::Refused(_)))),
+            "{e:?}"
+        );
     }
 }
