@@ -577,9 +577,9 @@ impl<S: Stream> BackendConn<S> {
             .await
     }
 
-    /// Clears what a client left behind: see [`script::Reset`].
+    /// Clears what a client left behind: see [`script::Renew`].
     pub async fn reset(&mut self, init_query: &str) -> Result<(), BackendError> {
-        self.run(script::Reset::new(init_query.into())).await
+        self.run(script::Renew::reset(init_query.into())).await
     }
 
     /// Runs a replay plan; `replan` plans again after a reset (which clears everything).

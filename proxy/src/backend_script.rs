@@ -445,73 +445,65 @@ impl Renewal {
     }
 }
 
-/// Clears everything a client left behind (transaction, locks, variables, temporary
-/// tables, prepared statements) with COM_RESET_CONNECTION, then sets the session up again.
-/// The default database stays (MariaDB keeps it across COM_RESET_CONNECTION).
+/// A session cleared, then set up again ([`InitSession`]): everything a client left behind
+/// (transaction, locks, variables, temporary tables, prepared statements) goes.
 #[derive(Debug)]
-pub struct Reset {
+pub struct Renew {
+    how: Clearing,
     init_query: Arc<str>,
     stage: Renewal,
 }
 
-impl Reset {
-    pub fn new(init_query: Arc<str>) -> Reset {
-        Reset {
+#[derive(Debug)]
+enum Clearing {
+    /// COM_RESET_CONNECTION: the default database stays (MariaDB keeps it).
+    ResetConnection,
+    /// COM_CHANGE_USER to the same backend user with no database: the default database
+    /// goes too.
+    ChangeUser(Arc<Credentials>),
+}
+
+impl Renew {
+    /// With COM_RESET_CONNECTION.
+    pub fn reset(init_query: Arc<str>) -> Renew {
+        Renew {
+            how: Clearing::ResetConnection,
+            init_query,
+            stage: Renewal::Clearing,
+        }
+    }
+
+    /// With COM_CHANGE_USER as `creds`.
+    pub fn change_user(creds: Arc<Credentials>, init_query: Arc<str>) -> Renew {
+        Renew {
+            how: Clearing::ChangeUser(creds),
             init_query,
             stage: Renewal::Clearing,
         }
     }
 }
 
-impl Script for Reset {
+impl Script for Renew {
     type Output = ();
     fn next(&mut self, c: &mut Conn<'_>, answer: Answer) -> Result<Next<()>, ScriptError> {
-        match (&mut self.stage, answer) {
-            (Renewal::Init(init), answer) => init.next(c, answer),
-            (Renewal::Clearing, Answer::Start) => Ok(Next::Command {
+        match (&mut self.stage, &self.how, answer) {
+            (Renewal::Init(init), _, answer) => init.next(c, answer),
+            (Renewal::Clearing, Clearing::ResetConnection, Answer::Start) => Ok(Next::Command {
                 payload: vec![com::RESET_CONNECTION],
                 kind: ResponseKind::Single,
             }),
-            (Renewal::Clearing, Answer::Reply(Ok(_))) => {
-                self.stage.cleared(c, &self.init_query, true)
-            }
-            (Renewal::Clearing, Answer::Reply(Err(e))) => Err(ScriptError::Server(e)),
-            (Renewal::Clearing, _) => Err(ScriptError::Unasked),
-        }
-    }
-}
-
-/// COM_CHANGE_USER to the same backend user with no database (a full session reset,
-/// the default database included), then the session set up again.
-#[derive(Debug)]
-pub struct ChangeUser {
-    creds: Arc<Credentials>,
-    init_query: Arc<str>,
-    stage: Renewal,
-}
-
-impl ChangeUser {
-    pub fn new(creds: Arc<Credentials>, init_query: Arc<str>) -> ChangeUser {
-        ChangeUser {
-            creds,
-            init_query,
-            stage: Renewal::Clearing,
-        }
-    }
-}
-
-impl Script for ChangeUser {
-    type Output = ();
-    fn next(&mut self, c: &mut Conn<'_>, answer: Answer) -> Result<Next<()>, ScriptError> {
-        match (&mut self.stage, answer) {
-            (Renewal::Init(init), answer) => init.next(c, answer),
-            (Renewal::Clearing, Answer::Start) => {
-                let (login, payload) =
-                    Login::change_user(c.nonce, &self.creds, c.caps, c.collation);
+            (Renewal::Clearing, Clearing::ChangeUser(creds), Answer::Start) => {
+                let (login, payload) = Login::change_user(c.nonce, creds, c.caps, c.collation);
                 Ok(Next::ChangeUser { login, payload })
             }
-            (Renewal::Clearing, Answer::LoggedIn) => self.stage.cleared(c, &self.init_query, false),
-            (Renewal::Clearing, _) => Err(ScriptError::Unasked),
+            (Renewal::Clearing, Clearing::ResetConnection, Answer::Reply(Ok(_))) => {
+                self.stage.cleared(c, &self.init_query, true)
+            }
+            (Renewal::Clearing, Clearing::ChangeUser(_), Answer::LoggedIn) => {
+                self.stage.cleared(c, &self.init_query, false)
+            }
+            (Renewal::Clearing, _, Answer::Reply(Err(e))) => Err(ScriptError::Server(e)),
+            (Renewal::Clearing, _, _) => Err(ScriptError::Unasked),
         }
     }
 }
@@ -589,7 +581,7 @@ pub struct ReplayScript<F> {
 
 enum ReplayStage {
     Start,
-    Resetting(ChangeUser),
+    Resetting(Renew),
     /// The SET and then each `SET TRANSACTION` (by index) sent.
     Statements(usize),
     Database(Switch),
@@ -603,7 +595,7 @@ impl<F: FnMut(&BackendSession) -> Replay> ReplayScript<F> {
         init_query: Arc<str>,
     ) -> ReplayScript<F> {
         let stage = if plan.reset {
-            ReplayStage::Resetting(ChangeUser::new(creds, init_query))
+            ReplayStage::Resetting(Renew::change_user(creds, init_query))
         } else {
             ReplayStage::Start
         };
@@ -1105,7 +1097,7 @@ mod tests {
         s.session.vars.insert(b"sql_mode".to_vec(), b"".to_vec());
         s.stmts.insert(key("shop", "SELECT 1"), 7, 0);
         s.snapshot = Some(Snapshot::new());
-        let (mut r, _) = s.start(Reset::new("".into()));
+        let (mut r, _) = s.start(Renew::reset("".into()));
         assert_eq!(s.sent, [(0, vec![com::RESET_CONNECTION])]);
         s.answer(&mut r, &[ok()]).unwrap();
         assert!(s.stmts.is_empty(), "the server dropped its statements");
@@ -1118,7 +1110,7 @@ mod tests {
         assert!(matches!(p, Progress::Done(())));
         // A refused reset leaves the connection unfit.
         let mut s = Server::new();
-        let (mut r, _) = s.start(Reset::new("".into()));
+        let (mut r, _) = s.start(Renew::reset("".into()));
         let e = s.answer(&mut r, &[err(1047, "Unknown command")]);
         assert!(matches!(e, Err(ScriptError::Server(_))), "{e:?}");
     }
@@ -1131,7 +1123,7 @@ mod tests {
             user: "db".into(),
             password: "pw".into(),
         });
-        let (mut r, _) = s.start(ChangeUser::new(creds, "".into()));
+        let (mut r, _) = s.start(Renew::change_user(creds, "".into()));
         assert_eq!(s.sent[0].1.first(), Some(&com::CHANGE_USER));
         let mut switch = b"\xfemysql_native_password\0".to_vec();
         switch.extend_from_slice(b"abcdefghijabcdefghij\0");
@@ -1155,7 +1147,7 @@ mod tests {
             user: "db".into(),
             password: "old".into(),
         });
-        let (mut r, _) = s.start(ChangeUser::new(creds, "".into()));
+        let (mut r, _) = s.start(Renew::change_user(creds, "".into()));
         let e = s.answer(&mut r, &[err(1045, "Access denied")]);
         assert!(
             matches!(e, Err(ScriptError::Login(LoginError::Refused(_)))),

@@ -289,7 +289,7 @@ pub fn response(data: &[u8]) {
 /// context.
 fn backend_script(flags: u8, caps: u32, list: &[(Header, &[u8])]) {
     use crate::backend_script::{
-        ChangeUser, Conn, InitSession, Prepare, Progress, ReplayScript, Reset, Runner, Script,
+        Conn, InitSession, Prepare, Progress, Renew, ReplayScript, Runner, Script,
     };
     use crate::mysql::backend::Credentials;
     use crate::session::state::Replay;
@@ -332,8 +332,8 @@ fn backend_script(flags: u8, caps: u32, list: &[(Header, &[u8])]) {
     });
     match flags >> 5 {
         0 => run(InitSession::new("SET x = 1".into(), true), caps, list),
-        1 => run(Reset::new("".into()), caps, list),
-        2 => run(ChangeUser::new(creds, "SET x = 1".into()), caps, list),
+        1 => run(Renew::reset("".into()), caps, list),
+        2 => run(Renew::change_user(creds, "SET x = 1".into()), caps, list),
         3 | 4 => {
             let mut plan = Replay::default();
             plan.reset = flags & 0x20 != 0;

@@ -423,8 +423,6 @@ mod tests {
             password: &str,
             throttle: LoginThrottle,
         ) -> (Client, Vec<Action>) {
-            let now = Instant::now();
-            let caps = cap::PROXY_OFFERS;
             let payload = crate::mysql::handshake::ChangeUser {
                 user: user.as_bytes().to_vec(),
                 auth_response: Plugin::Native.scramble(password.as_bytes(), &NONCE),
@@ -433,15 +431,21 @@ mod tests {
                 auth_plugin: Some(Plugin::Native.name().as_bytes().to_vec()),
                 attrs: Vec::new(),
             }
-            .encode(caps);
+            .encode(cap::PROXY_OFFERS);
+            Client::changing_user(&payload, throttle)
+        }
+
+        /// A logged-in session's COM_CHANGE_USER with this payload; the first actions.
+        fn changing_user(payload: &[u8], throttle: LoginThrottle) -> (Client, Vec<Action>) {
+            let now = Instant::now();
             let agreed = Agreed {
-                caps,
+                caps: cap::PROXY_OFFERS,
                 ext_caps: 0,
                 collation: 45,
             };
             let users = users();
             let phase = ConnectionPhase::change_user(
-                &payload,
+                payload,
                 0,
                 agreed,
                 NONCE,
@@ -697,26 +701,9 @@ mod tests {
 
     #[test]
     fn a_malformed_change_user_is_refused() {
-        let now = Instant::now();
-        let agreed = Agreed {
-            caps: cap::PROXY_OFFERS,
-            ext_caps: 0,
-            collation: 45,
-        };
         let throttle = LoginThrottle::new(2, Duration::from_secs(8));
-        let mut phase = ConnectionPhase::change_user(
-            &[crate::mysql::consts::com::CHANGE_USER, b'a'],
-            0,
-            agreed,
-            NONCE,
-            "10.0.0.9".parse().unwrap(),
-            false,
-            Duration::from_secs(10),
-            now,
-            &users(),
-            &throttle,
-        );
-        let a: Vec<Action> = std::iter::from_fn(|| phase.poll_action()).collect();
+        let payload = [crate::mysql::consts::com::CHANGE_USER, b'a'];
+        let (_, a) = Client::changing_user(&payload, throttle);
         assert_eq!(sent_error(&a), Some(errcode::ER_MALFORMED_PACKET));
         assert!(
             matches!(
