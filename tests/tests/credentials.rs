@@ -83,6 +83,56 @@ fn users_known_by_their_password_hash_log_in_with_every_plugin() {
 }
 
 #[test]
+fn a_change_of_user_is_throttled_and_logged_as_a_login_is() {
+    use mysql::prelude::Queryable;
+    let db = MariaDb::start();
+    for io in DRIVERS {
+        let proxy = Proxy::start_full(
+            &db,
+            io,
+            "login_failure_threshold = 1\nlogin_max_delay = \"200ms\"",
+            "",
+        );
+        let mut a = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        let mut b = connect(proxy.port, "app", APP_PASSWORD, "shop").unwrap();
+        // A wrong password in COM_CHANGE_USER: refused, logged, counted against the address.
+        let wrong = mysql::ChangeUserOpts::default()
+            .with_user(Some("app".into()))
+            .with_pass(Some("wrong".into()));
+        match a.change_user(wrong) {
+            Err(mysql::Error::MySqlError(e)) => assert_eq!(e.code, 1045, "[{io}] {e}"),
+            other => panic!("[{io}] a wrong password must get 1045: {other:?}"),
+        }
+        assert!(
+            proxy.log().contains("access denied for app"),
+            "[{io}] the refusal is logged: {}",
+            proxy.log()
+        );
+        // The address is over the threshold now: a right password waits for its verdict
+        // too (time does not tell the two apart), and then clears the address.
+        let before = proxy.metric("dbproxy_client_logins_delayed_total");
+        let right = mysql::ChangeUserOpts::default()
+            .with_user(Some("nativeuser".into()))
+            .with_pass(Some("native-secret".into()))
+            .with_db_name(Some("shop2".into()));
+        b.change_user(right.clone()).unwrap();
+        assert_eq!(
+            proxy.metric("dbproxy_client_logins_delayed_total"),
+            before + 1,
+            "[{io}] the change of user waited"
+        );
+        let d: Option<String> = b.query_first("SELECT DATABASE()").unwrap().flatten();
+        assert_eq!(d.as_deref(), Some("shop2"), "[{io}]");
+        b.change_user(right).unwrap();
+        assert_eq!(
+            proxy.metric("dbproxy_client_logins_delayed_total"),
+            before + 1,
+            "[{io}] a success cleared the address"
+        );
+    }
+}
+
+#[test]
 fn repeated_failures_slow_their_address_down_and_no_other() {
     let db = MariaDb::start();
     for io in DRIVERS {
