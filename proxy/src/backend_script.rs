@@ -1165,14 +1165,10 @@ mod tests {
         plan.set = Some("SET @a = 1".into());
         plan.next_transaction = vec![b"SET TRANSACTION READ ONLY".to_vec()];
         plan.init_db = Some(b"shop".to_vec());
-        let mut s = Server::new();
         let never = |_: &BackendSession| -> Replay { panic!("no reset, no new plan") };
-        let (mut r, _) = s.start(ReplayScript::new(
-            plan.clone(),
-            never,
-            creds.clone(),
-            "".into(),
-        ));
+        let script = || ReplayScript::new(plan.clone(), never, creds.clone(), "".into());
+        let mut s = Server::new();
+        let (mut r, _) = s.start(script());
         s.answer(&mut r, &[ok()]).unwrap();
         s.answer(&mut r, &[ok()]).unwrap();
         assert_eq!(s.sent.last().unwrap().1, b"\x02shop", "COM_INIT_DB");
@@ -1183,12 +1179,7 @@ mod tests {
 
         // The database was dropped: the refusal is the outcome, the connection is fine.
         let mut s = Server::new();
-        let (mut r, _) = s.start(ReplayScript::new(
-            plan.clone(),
-            never,
-            creds.clone(),
-            "".into(),
-        ));
+        let (mut r, _) = s.start(script());
         s.answer(&mut r, &[ok()]).unwrap();
         s.answer(&mut r, &[ok()]).unwrap();
         let p = s
