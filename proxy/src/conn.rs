@@ -26,7 +26,7 @@ use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
 use crate::session::answer::{patch_row, splice_rows, AnswerError, PrepareCapture, Relay, Scan};
-use crate::session::command::{self, malformed, Command, IdleLimit};
+use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
 };
@@ -871,7 +871,7 @@ impl<D: Driver> Conn<D> {
             stop,
         )
         .await;
-        let told = match read {
+        let e = match read {
             Ok(h) => {
                 // PAUSE: a session between transactions waits with its statement (KILL
                 // and the drain still end it).
@@ -884,35 +884,31 @@ impl<D: Driver> Conn<D> {
                 }
                 return Some(h);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                if slot.is_killed() {
-                    tracing::debug!(peer = %self.peer, "session killed");
-                    return None;
-                }
-                if holds {
-                    tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
-                }
-                self.going_away().await;
-                return None;
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.cbuf.is_empty() => {
-                tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
-                command::read_interrupted()
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                if why == IdleLimit::Transaction {
-                    tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
-                }
-                command::inactivity(why)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::UnexpectedEof {
-                    tracing::debug!(peer = %self.peer, "client read failed: {e}");
-                }
-                return None;
-            }
+            Err(e) => e,
         };
-        let _ = write_packet(&mut self.client, 0, &told.encode()).await;
+        let partial = !self.cbuf.is_empty();
+        let end = NoCommand::of(e.kind(), slot.is_killed(), partial, why, holds);
+        match end {
+            NoCommand::Killed => tracing::debug!(peer = %self.peer, "session killed"),
+            NoCommand::Draining {
+                in_transaction: true,
+            } => {
+                tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
+            }
+            NoCommand::Draining { .. } => {}
+            NoCommand::Stalled => {
+                tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
+            }
+            NoCommand::Idle(IdleLimit::Transaction) => {
+                tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
+            }
+            NoCommand::Idle(IdleLimit::Client) => {}
+            NoCommand::Left if e.kind() == io::ErrorKind::UnexpectedEof => {}
+            NoCommand::Left => tracing::debug!(peer = %self.peer, "client read failed: {e}"),
+        }
+        if let Some((seq, told)) = end.told() {
+            let _ = write_packet(&mut self.client, seq, &told.encode()).await;
+        }
         None
     }
 

@@ -193,6 +193,57 @@ pub fn read_interrupted() -> ErrPacket {
     )
 }
 
+/// Why the wait for a client's next command ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoCommand {
+    /// The session was killed (KILL CONNECTION, the admin console).
+    Killed,
+    /// dbproxy drains: a session that holds nothing goes at once, one in a transaction at
+    /// the drain's deadline (`in_transaction`). The client is told [`going_away`].
+    Draining { in_transaction: bool },
+    /// Part of a command came, then `net_read_timeout` of silence.
+    Stalled,
+    /// Idle past the limit that applies.
+    Idle(IdleLimit),
+    /// The client closed the connection, or its socket failed.
+    Left,
+}
+
+impl NoCommand {
+    /// From how the read for the next command failed (`kind`): ended by the session's stop
+    /// (`Interrupted`: killed, or the drain), by a deadline (`TimedOut`: idle, or silent
+    /// with part of a command received), or by the client.
+    pub fn of(
+        kind: std::io::ErrorKind,
+        killed: bool,
+        partial: bool,
+        limit: IdleLimit,
+        holds_connection: bool,
+    ) -> NoCommand {
+        use std::io::ErrorKind;
+        match kind {
+            ErrorKind::Interrupted if killed => NoCommand::Killed,
+            ErrorKind::Interrupted => NoCommand::Draining {
+                in_transaction: holds_connection,
+            },
+            ErrorKind::TimedOut if partial => NoCommand::Stalled,
+            ErrorKind::TimedOut => NoCommand::Idle(limit),
+            _ => NoCommand::Left,
+        }
+    }
+
+    /// What the client is told, if anything, and the sequence id it goes with (the drain's
+    /// [`going_away`] goes with 1: see there).
+    pub fn told(self) -> Option<(u8, ErrPacket)> {
+        match self {
+            NoCommand::Killed | NoCommand::Left => None,
+            NoCommand::Draining { .. } => Some((1, going_away())),
+            NoCommand::Stalled => Some((0, read_interrupted())),
+            NoCommand::Idle(limit) => Some((0, inactivity(limit))),
+        }
+    }
+}
+
 /// What a client is told when dbproxy drains (MariaDB's shutdown error), sent with
 /// sequence id 1 so that a client sending its next command reads it as the answer.
 pub fn going_away() -> ErrPacket {
@@ -396,5 +447,44 @@ mod tests {
         assert_eq!(going_away().code, 1053);
         assert_eq!(read_interrupted().code, 1159);
         assert_eq!(too_large().code, 1153);
+    }
+
+    #[test]
+    fn why_no_command_came_and_what_the_client_is_told() {
+        use std::io::ErrorKind::{Interrupted, TimedOut, UnexpectedEof};
+        let of = |kind, killed, partial, holds| {
+            NoCommand::of(kind, killed, partial, IdleLimit::Transaction, holds)
+        };
+        assert_eq!(of(Interrupted, true, false, true), NoCommand::Killed);
+        assert_eq!(
+            of(Interrupted, false, false, true),
+            NoCommand::Draining {
+                in_transaction: true
+            }
+        );
+        assert_eq!(of(TimedOut, false, true, false), NoCommand::Stalled);
+        assert_eq!(
+            of(TimedOut, false, false, true),
+            NoCommand::Idle(IdleLimit::Transaction)
+        );
+        assert_eq!(of(UnexpectedEof, true, true, true), NoCommand::Left);
+        let code = |n: NoCommand| n.told().map(|(_, e)| e.code);
+        assert_eq!(code(NoCommand::Killed), None);
+        assert_eq!(code(NoCommand::Left), None);
+        assert_eq!(
+            code(NoCommand::Stalled),
+            Some(errcode::ER_NET_READ_INTERRUPTED)
+        );
+        assert_eq!(
+            code(NoCommand::Idle(IdleLimit::Client)),
+            Some(errcode::ER_CLIENT_INTERACTION_TIMEOUT)
+        );
+        let drain = NoCommand::Draining {
+            in_transaction: false,
+        };
+        assert_eq!(
+            drain.told().map(|(seq, e)| (seq, e.code)),
+            Some((1, errcode::ER_SERVER_SHUTDOWN))
+        );
     }
 }
