@@ -104,6 +104,22 @@ pub enum Next<T> {
     Done(T),
 }
 
+impl<T> Next<T> {
+    /// This step as the step of a script that runs this one inside it: what follows its
+    /// end is `done(t)`.
+    fn then<U>(
+        self,
+        done: impl FnOnce(T) -> Result<Next<U>, ScriptError>,
+    ) -> Result<Next<U>, ScriptError> {
+        Ok(match self {
+            Next::Command { payload, kind } => Next::Command { payload, kind },
+            Next::Tell(p) => Next::Tell(p),
+            Next::ChangeUser { login, payload } => Next::ChangeUser { login, payload },
+            Next::Done(t) => return done(t),
+        })
+    }
+}
+
 /// A conversation with the server, one answer at a time.
 pub trait Script {
     type Output;
@@ -305,7 +321,7 @@ fn command_packet(command: u8, body: &[u8]) -> Vec<u8> {
     p
 }
 
-fn query(sql: &str) -> Next<()> {
+fn query<T>(sql: &str) -> Next<T> {
     Next::Command {
         payload: query_packet(sql),
         kind: ResponseKind::Query,
@@ -551,10 +567,7 @@ impl Script for Switch {
             Answer::LoggedIn | Answer::Told => return Err(ScriptError::Unasked),
         }
         if let Some(set) = self.set.take() {
-            return Ok(Next::Command {
-                payload: query_packet(&set),
-                kind: ResponseKind::Query,
-            });
+            return Ok(query(&set));
         }
         match self.db.take() {
             Some(db) if c.session.schema.as_deref() != Some(&db[..]) => {
@@ -615,10 +628,7 @@ impl<F: FnMut(&BackendSession) -> Replay> ReplayScript<F> {
         if i == 0 {
             if let Some(set) = &self.plan.set {
                 self.stage = ReplayStage::Statements(1);
-                return Ok(Next::Command {
-                    payload: query_packet(set),
-                    kind: ResponseKind::Query,
-                });
+                return Ok(query(set));
             }
             i = 1;
         }
@@ -649,15 +659,10 @@ impl<F: FnMut(&BackendSession) -> Replay> Script for ReplayScript<F> {
     ) -> Result<Next<Self::Output>, ScriptError> {
         match &mut self.stage {
             ReplayStage::Start => self.statements_from(c, 0),
-            ReplayStage::Resetting(change) => match change.next(c, answer)? {
-                Next::Done(()) => {
-                    self.plan = (self.replan)(c.session);
-                    self.statements_from(c, 0)
-                }
-                Next::Command { payload, kind } => Ok(Next::Command { payload, kind }),
-                Next::Tell(p) => Ok(Next::Tell(p)),
-                Next::ChangeUser { login, payload } => Ok(Next::ChangeUser { login, payload }),
-            },
+            ReplayStage::Resetting(change) => change.next(c, answer)?.then(|()| {
+                self.plan = (self.replan)(c.session);
+                self.statements_from(c, 0)
+            }),
             ReplayStage::Statements(i) => match answer {
                 Answer::Reply(Ok(_)) => {
                     let i = *i;
@@ -720,28 +725,29 @@ impl Prepare {
             .take()
             .and_then(|back| state::context_switch(&back, c.session));
         let Some((set, db)) = switch else {
-            return Ok(self.finishing(Next::Done(Ok(()))));
+            return self.finishing(Next::Done(Ok(())));
         };
         let mut switch = Switch::new(set, db);
         let next = switch.next(c, Answer::Start)?;
         self.stage = PrepareStage::Back(switch);
-        Ok(self.finishing(next))
+        self.finishing(next)
     }
 
     /// A step of a context switch, as this script's: once it is over, the prepare's answer
     /// (a switch the server refused is the answer instead).
-    fn finishing(&mut self, next: Next<Result<(), ErrPacket>>) -> Next<Result<u32, ErrPacket>> {
-        match next {
-            Next::Done(Ok(())) => Next::Done(self.prepared.take().unwrap_or(Err(ErrPacket::new(
-                crate::mysql::consts::errcode::ER_UNKNOWN_STMT_HANDLER,
-                "HY000",
-                "(dbproxy) the statement was not prepared",
-            )))),
-            Next::Done(Err(e)) => Next::Done(Err(e)),
-            Next::Command { payload, kind } => Next::Command { payload, kind },
-            Next::Tell(p) => Next::Tell(p),
-            Next::ChangeUser { login, payload } => Next::ChangeUser { login, payload },
-        }
+    fn finishing(
+        &mut self,
+        next: Next<Result<(), ErrPacket>>,
+    ) -> Result<Next<Result<u32, ErrPacket>>, ScriptError> {
+        next.then(|switched| {
+            Ok(Next::Done(switched.and_then(|()| {
+                self.prepared.take().unwrap_or(Err(ErrPacket::new(
+                    crate::mysql::consts::errcode::ER_UNKNOWN_STMT_HANDLER,
+                    "HY000",
+                    "(dbproxy) the statement was not prepared",
+                )))
+            })))
+        })
     }
 }
 
@@ -769,13 +775,13 @@ impl Script for Prepare {
                     Next::Done(Ok(())) => Ok(self.prepare()),
                     other => {
                         self.stage = PrepareStage::Into(switch);
-                        Ok(self.finishing(other))
+                        self.finishing(other)
                     }
                 }
             }
             PrepareStage::Into(switch) => match switch.next(c, answer)? {
                 Next::Done(Ok(())) => Ok(self.prepare()),
-                other => Ok(self.finishing(other)),
+                other => self.finishing(other),
             },
             PrepareStage::Preparing => {
                 let packets = match answer {
@@ -808,7 +814,7 @@ impl Script for Prepare {
             PrepareStage::Closing => self.go_back(c),
             PrepareStage::Back(switch) => {
                 let next = switch.next(c, answer)?;
-                Ok(self.finishing(next))
+                self.finishing(next)
             }
         }
     }
@@ -847,10 +853,7 @@ impl Script for Release {
         match answer {
             Answer::Start if self.capture_warnings => {
                 self.capturing = true;
-                return Ok(Next::Command {
-                    payload: query_packet("SHOW WARNINGS"),
-                    kind: ResponseKind::Query,
-                });
+                return Ok(query("SHOW WARNINGS"));
             }
             Answer::Start => {}
             Answer::Reply(reply) if std::mem::take(&mut self.capturing) => match reply {
@@ -862,10 +865,7 @@ impl Script for Release {
             Answer::LoggedIn | Answer::Told => return Err(ScriptError::Unasked),
         }
         Ok(match self.statements.next() {
-            Some(sql) => Next::Command {
-                payload: query_packet(&sql),
-                kind: ResponseKind::Query,
-            },
+            Some(sql) => query(&sql),
             None => Next::Done(self.warnings.take()),
         })
     }

@@ -360,14 +360,7 @@ mod tests {
         ])
     }
 
-    fn profile() -> Profile {
-        Profile {
-            version: "5.5.5-10.11.6-MariaDB".into(),
-            capabilities: cap::PROXY_OFFERS,
-            ext_capabilities: 0,
-            collation: 45,
-        }
-    }
+    use crate::session::testing::profile;
 
     fn response(plugin: Plugin, password: &str, caps: u32) -> Vec<u8> {
         let user = if plugin == Plugin::Clear {

@@ -545,14 +545,7 @@ mod tests {
         }])
     }
 
-    fn profile() -> Profile {
-        Profile {
-            version: "5.5.5-10.11.6-MariaDB".into(),
-            capabilities: cap::PROXY_OFFERS,
-            ext_capabilities: 0,
-            collation: 45,
-        }
-    }
+    use crate::session::testing::profile;
 
     fn response(plugin: Plugin, nonce: &[u8], password: &str) -> Vec<u8> {
         HandshakeResponse {

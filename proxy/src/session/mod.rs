@@ -712,6 +712,16 @@ pub(crate) mod testing {
         }
     }
 
+    /// What a MariaDB 10.11 behind dbproxy offers, as the greeting tells clients.
+    pub fn profile() -> super::login::Profile {
+        super::login::Profile {
+            version: "5.5.5-10.11.6-MariaDB".into(),
+            capabilities: cap::PROXY_OFFERS,
+            ext_capabilities: 0,
+            collation: 45,
+        }
+    }
+
     /// A session of user `app` (protocol 4.1, collation 45) in `schema`.
     pub fn session(schema: Option<&[u8]>) -> ClientSession {
         let users = crate::auth::Users::new(&[user_config("app", Vec::new())]);
