@@ -17,15 +17,14 @@ use crate::io::{
 use crate::mysql::auth::new_nonce;
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::{cap, com, errcode, status};
-use crate::mysql::packet::{seal, write_packet as frame, Header, HEADER_LEN};
-use crate::mysql::response::{End, ResponseTracker, Step};
+use crate::mysql::packet::{seal, Header, HEADER_LEN};
+use crate::mysql::response::End;
 use crate::mysql::resultset::{Packets, TextResult};
-use crate::mysql::session::Change;
 use crate::mysql::stmt;
-use crate::mysql::wire::{ok_packet, terminator_status, ErrPacket};
+use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
-use crate::session::answer::{patch_row, splice_rows, AnswerError, PrepareCapture, Relay, Scan};
+use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
 use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
@@ -36,9 +35,11 @@ use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{Accepted, Agreed, ClientTls, Profile};
 use crate::session::pins::PinReason;
 use crate::session::plan::{self, Plan, Relay as PlanRelay, Text as PlanText};
+use crate::session::relaying::{
+    rewritten_answer, Alarm, Context as AnswerContext, Failure, Next, Relaying,
+};
 use crate::session::sql::{analyze, SqlInfo};
 use crate::session::state::{Needs, Replay};
-use crate::session::statement_watch::{StatementWatch, Verdict as WatchVerdict};
 use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
 use crate::shared::ProxyShared;
@@ -1585,53 +1586,7 @@ impl<D: Driver> Conn<D> {
         let caps = b.caps;
         self.backend = Some(b);
         self.first_response();
-        let (out, outcome) = match packets {
-            Ok(p) => match TextResult::parse(&p.0, caps) {
-                Ok(r) => {
-                    let out = transform(&r, caps);
-                    let rows = out.0.len() as u64;
-                    let status = out.0.last().and_then(|t| terminator_status(t, caps));
-                    let n = rows.saturating_sub(
-                        r.raw_columns.len() as u64 + 2 + u64::from(caps & cap::DEPRECATE_EOF == 0),
-                    );
-                    (
-                        out.0,
-                        Outcome {
-                            ending: End::Rows {
-                                rows: n,
-                                warnings: 0,
-                            },
-                            status,
-                        },
-                    )
-                }
-                Err(_) => {
-                    let status = p.0.last().and_then(|t| terminator_status(t, caps));
-                    (
-                        p.0,
-                        Outcome {
-                            ending: End::Ok {
-                                affected: 0,
-                                warnings: 0,
-                            },
-                            status,
-                        },
-                    )
-                }
-            },
-            Err(e) => (
-                vec![e.encode()],
-                Outcome {
-                    ending: End::Err,
-                    status: None,
-                },
-            ),
-        };
-        let mut bytes = Vec::new();
-        let mut seq = 1u8;
-        for p in &out {
-            seq = frame(&mut bytes, seq, p);
-        }
+        let (bytes, outcome) = rewritten_answer(packets, caps, transform);
         let mut buf = Buf::from_vec(bytes);
         let n = buf.len();
         self.client
@@ -1643,7 +1598,8 @@ impl<D: Driver> Conn<D> {
 
     /// Relays the backend's response to the client: bytes unchanged except OK packets for
     /// clients without session tracking and the statement id of OK_stmt, complete packets
-    /// written in batches. Session tracking is learnt on the way.
+    /// written in batches. Session tracking is learnt on the way (`session::relaying`
+    /// decides; this reads, writes and keeps the clock).
     async fn relay_response(
         &mut self,
         kind: ResponseKind,
@@ -1653,16 +1609,17 @@ impl<D: Driver> Conn<D> {
         let Some(mut b) = self.backend.take() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
-        let mut tracker = ResponseTracker::new(kind, b.caps);
-        let mut tracked = Tracked::default();
+        let limits = b.conn.limits;
+        let mut answer = Relaying::new(
+            kind,
+            b.caps,
+            !self.s.wants_tracking(),
+            self.retryable,
+            limits.statement.map(|limit| (limit, limits.own)),
+            std::time::Instant::now(),
+        );
         let res = self
-            .relay_with(
-                &mut b,
-                &mut tracker,
-                info,
-                &mut tracked,
-                prepare.as_deref_mut(),
-            )
+            .relay_with(&mut b, &mut answer, info, prepare.as_deref_mut())
             .await;
         match res {
             Ok(()) => {
@@ -1674,43 +1631,33 @@ impl<D: Driver> Conn<D> {
                         return Err(SessionEnd::Backend(e.to_string()));
                     }
                 }
-                // Only for text queries: executing a prepared statement outside the schema
-                // it was prepared in flags the switch there and back on every execute.
-                if tracker.untold_change() && kind == ResponseKind::Query {
-                    let t =
-                        self.s
-                            .learn_tracking(info, &[Change::StateChanged], &mut b.conn.session);
-                    tracked.unexplained |= t.unexplained;
-                }
+                let conn = &mut *b.conn;
+                let done = answer.finish(AnswerContext {
+                    session: &mut self.s,
+                    backend: &mut conn.session,
+                    backend_stmts: &mut conn.stmts,
+                    caps: conn.caps,
+                    info,
+                    prepare: None,
+                });
                 self.backend = Some(b);
-                let outcome = Outcome {
-                    ending: tracker.end().unwrap_or(End::Ok {
-                        affected: 0,
-                        warnings: 0,
-                    }),
-                    status: tracker.status(),
-                };
-                Ok((outcome, tracked))
+                Ok(done)
             }
             Err(RelayError::Client(e)) => {
                 self.pool
                     .discard(b, &format!("the client left mid-response: {e}"));
                 Err(SessionEnd::Client(e))
             }
-            Err(RelayError::Backend(why)) => {
+            Err(RelayError::Failed(Failure::Backend(why))) => {
                 tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost: {why}");
                 self.pool.lost(b, "failed during a statement");
-                let e = self.lost_error(&why);
-                write_packet(
-                    &mut self.client,
-                    tracker.last_seq().wrapping_add(1),
-                    &e.encode(),
-                )
-                .await
-                .map_err(SessionEnd::Client)?;
+                let (seq, e) = answer.told(&self.s, &why);
+                write_packet(&mut self.client, seq, &e.encode())
+                    .await
+                    .map_err(SessionEnd::Client)?;
                 Err(SessionEnd::Lost(why))
             }
-            Err(RelayError::ReadOnly) => {
+            Err(RelayError::Failed(Failure::ReadOnly)) => {
                 // The writer turned read-only before the monitor saw it (a switchover): the
                 // statement did not run; it waits for the new writer. A read-back sent
                 // behind it is still on the way: the connection is closed, not reused.
@@ -1722,162 +1669,140 @@ impl<D: Driver> Conn<D> {
         }
     }
 
+    /// Drives `answer` to its end: each pass's bytes to the client (a client that takes
+    /// nothing of them within net_write_timeout is given up, its database connection with
+    /// it: the answer waits in no buffer of dbproxy's meanwhile), then a read from the
+    /// database watched for the statement's timer, the target marked down and a client
+    /// that hung up (the statement is then killed with the connection).
     async fn relay_with(
         &mut self,
         b: &mut Pooled<D::Stream>,
-        tracker: &mut ResponseTracker,
+        answer: &mut Relaying,
         info: &SqlInfo,
-        tracked: &mut Tracked,
         mut prepare: Option<&mut PrepareCapture>,
     ) -> Result<(), RelayError> {
-        let strip = !self.s.wants_tracking();
-        // A kept statement's first packet may say the writer turned read-only.
-        let mut first = self.retryable;
-        // query_timeout: a database silent that long gets the statement killed (KILL
-        // QUERY, from a side connection); the server's error then reaches the client as
-        // any other. Should the database not answer even that within
-        // internal_query_timeout, the connection is given up.
-        let limits = b.conn.limits;
-        let mut silence = limits
-            .statement
-            .map(|limit| StatementWatch::new(limit, limits.own, std::time::Instant::now()));
-        // A client that takes nothing of the answer this long is given up (its database
-        // connection with it): the answer waits in no buffer of dbproxy's meanwhile.
         let net_write = self.shared.config().proxy.net_write_timeout;
         loop {
             let conn = &mut *b.conn;
-            let mut relay = Relay {
-                tracker: &mut *tracker,
+            let cx = AnswerContext {
                 session: &mut self.s,
                 backend: &mut conn.session,
                 backend_stmts: &mut conn.stmts,
                 caps: conn.caps,
                 info,
-                tracked: &mut *tracked,
                 prepare: prepare.as_deref_mut(),
-                strip,
-                check_read_only: first,
             };
-            let scan = relay.scan(conn.buf.filled_mut());
-            first = relay.check_read_only;
-            let Scan {
-                bytes,
-                rewritten,
-                step,
-            } = scan.map_err(|e| match e {
-                AnswerError::ReadOnly => RelayError::ReadOnly,
-                AnswerError::Protocol(e) => RelayError::Backend(e.to_string()),
-            })?;
-            if bytes > 0 {
+            let pass = answer.on_backend(cx, conn.buf.filled_mut(), std::time::Instant::now())?;
+            if pass.bytes > 0 {
                 if self.db_sent.is_some() {
                     self.first_response();
                 }
                 let by = tokio::time::Instant::now() + net_write;
-                match rewritten {
+                match pass.rewritten {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
                         let n = ob.len();
                         write_by(&mut self.client, &mut ob, n, by)
                             .await
                             .map_err(RelayError::Client)?;
-                        b.conn.buf.consume(bytes);
+                        b.conn.buf.consume(pass.bytes);
                     }
-                    None => write_by(&mut self.client, &mut b.conn.buf, bytes, by)
+                    None => write_by(&mut self.client, &mut b.conn.buf, pass.bytes, by)
                         .await
                         .map_err(RelayError::Client)?,
                 }
             }
-            match step {
-                Step::Done => return Ok(()),
-                Step::LocalInfile => {
+            match pass.next {
+                Next::Done => return Ok(()),
+                Next::Infile => {
                     // The command holds its backend connection anyway; counted for the record.
                     let shared = self.pool.shared.clone();
                     shared.stats.pin_started(PinReason::LoadData);
-                    let r = self.relay_infile(b).await;
+                    let r = self.relay_infile(b, answer).await;
                     shared.stats.pin_ended(PinReason::LoadData);
                     r?;
-                    tracker.resume_after_infile();
-                    continue;
                 }
-                Step::More => {}
-            }
-            let want = Header::parse(b.conn.buf.filled()).map_or(4096, |h| {
-                h.total().saturating_sub(b.conn.buf.len()).max(4096)
-            });
-            b.conn.buf.reserve(want.clamp(4096, MAX_PAYLOAD + 4));
-            // A client that hangs up while its statement runs (a long SELECT SLEEP, a lock
-            // wait) is noticed at once: the statement is killed with the connection.
-            let conn = &mut *b.conn;
-            let group = &self.pool.shared;
-            let target = b.target;
-            let (thread_id, login) = (conn.thread_id, &b.key.backend);
-            if let Some(w) = silence.as_mut() {
-                w.heard(std::time::Instant::now());
-            }
-            let peer = self.peer;
-            let watch = || {
-                if group.topology.load().is_down(target) {
-                    return Some(GaveUp::TargetDown);
+                Next::Read { want } => {
+                    b.conn.buf.reserve(want);
+                    self.read_answer(b, answer).await?;
                 }
-                let verdict = silence.as_mut()?.check(std::time::Instant::now());
-                match verdict {
-                    WatchVerdict::Wait => None,
-                    WatchVerdict::GiveUp(why) => Some(GaveUp::Overdue(why)),
-                    WatchVerdict::Kill => {
-                        tracing::warn!(%peer, thread_id, "query_timeout ({:?}) passed: killing the statement", limits.statement.unwrap_or_default());
-                        let addr = group.topology.load().addr(target).cloned()?;
-                        let (group, login) = (group.clone(), login.clone());
-                        tokio::task::spawn_local(async move {
-                            let r =
-                                kill_running_query::<D>(&group, &addr, login, thread_id, || true);
-                            if let Err(e) = r.await {
-                                tracing::warn!(%peer, "query_timeout: cannot reach the database to kill the statement: {e}");
-                            }
-                        });
-                        None
-                    }
-                }
-            };
-            let read =
-                read_watching_peer(conn.stream.read(&mut conn.buf), self.client.raw_fd(), watch);
-            let read = read.await.map_err(|why| match why {
-                GaveUp::PeerGone => {
-                    RelayError::Client(io::Error::new(io::ErrorKind::ConnectionAborted, why))
-                }
-                GaveUp::TargetDown | GaveUp::Overdue(_) => RelayError::Backend(why.to_string()),
-            })?;
-            match read {
-                Ok(0) => {
-                    return Err(RelayError::Backend(
-                        "the database closed the connection".into(),
-                    ))
-                }
-                Ok(_) => {}
-                Err(e) => return Err(RelayError::Backend(e.to_string())),
             }
         }
     }
 
+    /// One read of the answer from the database, watched (see [`Conn::relay_with`]).
+    async fn read_answer(
+        &mut self,
+        b: &mut Pooled<D::Stream>,
+        answer: &mut Relaying,
+    ) -> Result<(), RelayError> {
+        let conn = &mut *b.conn;
+        let group = &self.pool.shared;
+        let target = b.target;
+        let (thread_id, login) = (conn.thread_id, &b.key.backend);
+        let (peer, limit) = (self.peer, conn.limits.statement.unwrap_or_default());
+        let mut gave_up = None;
+        let watch = || {
+            if group.topology.load().is_down(target) {
+                return Some(GaveUp::TargetDown);
+            }
+            match answer.on_timer(std::time::Instant::now())? {
+                Alarm::GiveUp(f) => {
+                    let why = f.to_string();
+                    gave_up = Some(f);
+                    Some(GaveUp::Overdue(why))
+                }
+                Alarm::Kill => {
+                    tracing::warn!(%peer, thread_id, "query_timeout ({limit:?}) passed: killing the statement");
+                    let addr = group.topology.load().addr(target).cloned()?;
+                    let (group, login) = (group.clone(), login.clone());
+                    tokio::task::spawn_local(async move {
+                        let r = kill_running_query::<D>(&group, &addr, login, thread_id, || true);
+                        if let Err(e) = r.await {
+                            tracing::warn!(%peer, "query_timeout: cannot reach the database to kill the statement: {e}");
+                        }
+                    });
+                    None
+                }
+            }
+        };
+        let read = read_watching_peer(conn.stream.read(&mut conn.buf), self.client.raw_fd(), watch);
+        let why = match read.await {
+            Ok(Ok(0)) => None,
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(GaveUp::PeerGone) => {
+                return Err(RelayError::Client(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    GaveUp::PeerGone,
+                )))
+            }
+            Err(why @ (GaveUp::TargetDown | GaveUp::Overdue(_))) => Some(why.to_string()),
+        };
+        Err(RelayError::Failed(
+            gave_up.unwrap_or_else(|| answer.backend_closed(why)),
+        ))
+    }
+
     /// LOAD DATA LOCAL INFILE: the client streams the file as packets ended by an empty one.
-    async fn relay_infile(&mut self, b: &mut Pooled<D::Stream>) -> Result<(), RelayError> {
-        let mut failed = None;
+    async fn relay_infile(
+        &mut self,
+        b: &mut Pooled<D::Stream>,
+        answer: &mut Relaying,
+    ) -> Result<(), RelayError> {
         loop {
             let h = self
                 .read_more(MAX_PAYLOAD)
                 .await
                 .map_err(RelayError::Client)?;
-            if failed.is_some() {
-                // The database is gone; the client's file is read to its end all the same,
-                // so that the error lands where the client expects an answer.
+            let step = answer.infile_packet(h);
+            if !step.forward {
                 self.cbuf.consume(h.total());
             } else if let Err(e) = b.conn.stream.write(&mut self.cbuf, h.total()).await {
-                failed = Some(e.to_string());
+                answer.infile_send_failed(e.to_string());
             }
-            if h.len == 0 {
-                return match failed {
-                    Some(why) => Err(RelayError::Backend(why)),
-                    None => Ok(()),
-                };
+            if step.last {
+                return answer.infile_done().map_err(RelayError::Failed);
             }
         }
     }
@@ -1906,7 +1831,7 @@ impl<D: Driver> Conn<D> {
     }
 
     async fn client_told_backend_lost(&mut self, seq: u8, why: &str) -> SessionEnd {
-        let e = self.lost_error(why);
+        let e = self.s.lost_error(why);
         if let Err(e) = write_packet(&mut self.client, seq.wrapping_add(1), &e.encode()).await {
             return SessionEnd::Client(e);
         }
@@ -1917,32 +1842,13 @@ impl<D: Driver> Conn<D> {
     /// what the client is (or was) told.
     fn connection_lost(&mut self, why: &str) -> ErrPacket {
         self.drop_backend();
-        let told = self.lost_error(why);
+        let told = self.s.lost_error(why);
         let ended = self.s.connection_lost(told.code, &told.message);
         self.count(PinChanges {
             started: Vec::new(),
             ended,
         });
         told
-    }
-
-    /// What a client whose statement was in flight on a connection that failed is told.
-    /// Its session goes on; a transaction it had open is gone (rolled back by the server,
-    /// or with it), which SQLSTATE 40001 says to every driver.
-    fn lost_error(&self, why: &str) -> ErrPacket {
-        if self.s.status & status::IN_TRANS != 0 {
-            ErrPacket::new(
-                errcode::PROXY_BACKEND_LOST,
-                "40001",
-                format!("(dbproxy) the database connection failed during the transaction, which was rolled back; the session stays open: {why}"),
-            )
-        } else {
-            ErrPacket::new(
-                errcode::PROXY_BACKEND_LOST,
-                "HY000",
-                format!("(dbproxy) the database connection failed during the statement, whose outcome is unknown; the session stays open: {why}"),
-            )
-        }
     }
 
     /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
@@ -2326,9 +2232,14 @@ impl<D: Driver> Conn<D> {
 
 enum RelayError {
     Client(io::Error),
-    Backend(String),
-    /// The writer refused a kept statement as read-only (see [`SessionEnd::Retry`]).
-    ReadOnly,
+    /// The answer could not go on (`session::relaying` says why).
+    Failed(Failure),
+}
+
+impl From<Failure> for RelayError {
+    fn from(f: Failure) -> RelayError {
+        RelayError::Failed(f)
+    }
 }
 
 /// A client's statement as [`Conn::run_statement`] serves it.

@@ -19,6 +19,7 @@ pub mod pin_reason;
 pub mod pins;
 pub mod plan;
 pub mod querylog;
+pub mod relaying;
 pub mod sql;
 pub mod state;
 pub mod statement_watch;
@@ -26,7 +27,7 @@ pub mod stmts;
 pub mod uservars;
 
 use crate::auth::User;
-use crate::mysql::consts::{cap, status};
+use crate::mysql::consts::{cap, errcode, status};
 use crate::mysql::resultset::TextResult;
 use crate::mysql::session::Change;
 use crate::mysql::wire::ErrPacket;
@@ -303,6 +304,25 @@ impl ClientSession {
         self.long_data = None;
         self.diag.lost(code, message);
         self.pins.clear()
+    }
+
+    /// What a client whose statement was in flight on a connection that failed (`why`) is
+    /// told. Its session goes on; a transaction it had open is gone (rolled back by the
+    /// server, or with it), which SQLSTATE 40001 says to every driver.
+    pub fn lost_error(&self, why: &str) -> ErrPacket {
+        if self.status & status::IN_TRANS != 0 {
+            ErrPacket::new(
+                errcode::PROXY_BACKEND_LOST,
+                "40001",
+                format!("(dbproxy) the database connection failed during the transaction, which was rolled back; the session stays open: {why}"),
+            )
+        } else {
+            ErrPacket::new(
+                errcode::PROXY_BACKEND_LOST,
+                "HY000",
+                format!("(dbproxy) the database connection failed during the statement, whose outcome is unknown; the session stays open: {why}"),
+            )
+        }
     }
 
     /// The statements that give `backend` this client's session before a statement that
