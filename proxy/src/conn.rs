@@ -23,8 +23,9 @@ use crate::mysql::resultset::{Packets, TextResult};
 use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
-use crate::pool::{kill_running_query, BorrowError, CorePool, PoolKey, Pooled};
+use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
 use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
+use crate::session::borrowing::{Borrowing, Replayed, Step as BorrowStep};
 use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
@@ -76,14 +77,6 @@ enum SessionEnd {
     /// refused it as read-only): it is served again once the topology allows.
     #[error("command to be sent again")]
     Retry,
-}
-
-/// Why a session could not be restored on a connection.
-enum ReplayError {
-    /// The server refused a statement of the replay (the client gets its error).
-    Refused(ErrPacket),
-    /// The connection failed.
-    Broken(String),
 }
 
 /// The clients a KILL may name: every client of dbproxy by greeting id, and by database
@@ -527,16 +520,9 @@ impl<D: Driver> Conn<D> {
     /// session state is the client's (for a statement that `needs`). The error is the
     /// packet to send to the client.
     async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
-        match self.ensure_backend_ahead(needs, replay).await? {
-            Some(plan) => match Box::pin(self.run_replay(plan, needs)).await {
-                Ok(()) => Ok(()),
-                Err(ReplayError::Refused(e)) => Err(e),
-                Err(ReplayError::Broken(why)) => {
-                    Err(unavailable(&format!("database connection failed: {why}")))
-                }
-            },
-            None => Ok(()),
-        }
+        self.ready_backend(Borrowing::new(needs, replay, false), needs)
+            .await
+            .map(drop)
     }
 
     /// [`Self::ensure_backend`], except that a replay the server cannot refuse is returned
@@ -547,70 +533,51 @@ impl<D: Driver> Conn<D> {
         needs: Needs,
         replay: bool,
     ) -> Result<Option<Replay>, ErrPacket> {
-        // A connection borrowed just now that fails while the session is restored has run
-        // nothing of the client's: another one is borrowed (the pool waits for the monitor's
-        // verdict on its target first).
-        let mut attempts = 0;
+        self.ready_backend(Borrowing::new(needs, replay, true), needs)
+            .await
+    }
+
+    /// Drives [`Borrowing`]: borrows, runs replays, and returns what it decided.
+    async fn ready_backend(
+        &mut self,
+        mut m: Borrowing,
+        needs: Needs,
+    ) -> Result<Option<Replay>, ErrPacket> {
+        let held = self.backend.as_ref().map(|b| &b.conn.session);
+        let mut step = m.start(&mut self.s, held);
         loop {
-            attempts += 1;
-            let fresh = self.backend.is_none();
-            let plan = if let Some(b) = self.backend.as_ref() {
-                if !replay {
-                    return Ok(None);
-                }
-                self.s.replay(&b.conn.session, needs, false)
-            } else {
-                let mut conn = self
-                    .pool
-                    .borrow(&self.key, self.s.state.schema.as_deref())
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(peer = %self.peer, "{e}");
-                        match e {
-                            BorrowError::Timeout(..) => ErrPacket::new(
-                                errcode::PROXY_BORROW_TIMEOUT,
-                                "HY000",
-                                format!("(dbproxy) {e}"),
-                            ),
-                            BorrowError::Connect { .. } | BorrowError::Unavailable { .. } => {
-                                ErrPacket::new(
-                                    errcode::PROXY_BACKEND_UNAVAILABLE,
-                                    "08S01",
-                                    format!("(dbproxy) {e}"),
-                                )
-                            }
+            step = match step {
+                BorrowStep::Ready { ahead } => return Ok(ahead),
+                BorrowStep::Failed(e) => return Err(e),
+                BorrowStep::Borrow => {
+                    let lent = self
+                        .pool
+                        .borrow(&self.key, self.s.state.schema.as_deref())
+                        .await;
+                    match lent {
+                        Ok(mut conn) => {
+                            conn.hold(&self.reg.slot);
+                            tracing::trace!(thread_id = conn.thread_id, "borrowed");
+                            let step = m.lent(&mut self.s, &conn.conn.session);
+                            self.backend = Some(conn);
+                            step
                         }
-                    })?;
-                conn.hold(&self.reg.slot);
-                self.s.moved();
-                let plan = if replay {
-                    self.s.replay(&conn.conn.session, needs, true)
-                } else {
-                    Replay::default()
-                };
-                tracing::trace!(thread_id = conn.thread_id, ?plan, "borrowed");
-                self.backend = Some(conn);
-                plan
+                        Err(e) => {
+                            tracing::warn!(peer = %self.peer, "{e}");
+                            m.refused(e.told())
+                        }
+                    }
+                }
+                BorrowStep::Replay(plan) => {
+                    // Boxed: a replay that cannot be pipelined is rare and its future
+                    // large; unboxed, every session would carry its size.
+                    let r = Box::pin(self.run_replay(plan, needs)).await;
+                    if let Replayed::Broken(why) = &r {
+                        tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
+                    }
+                    m.replayed(r)
+                }
             };
-            if plan.is_empty() {
-                return Ok(None);
-            }
-            if plan.pipelinable() {
-                self.s.backend_used();
-                return Ok(Some(plan));
-            }
-            // Boxed (as in `ensure_backend`): a replay that cannot be pipelined is rare
-            // and its future large; unboxed, every session would carry its size.
-            match Box::pin(self.run_replay(plan, needs)).await {
-                Ok(()) => return Ok(None),
-                Err(ReplayError::Broken(why)) if fresh && attempts < 3 => {
-                    tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
-                }
-                Err(ReplayError::Broken(why)) => {
-                    return Err(unavailable(&format!("database connection failed: {why}")))
-                }
-                Err(ReplayError::Refused(e)) => return Err(e),
-            }
         }
     }
 
@@ -648,11 +615,11 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Result<(), ReplayError> {
+    /// Runs a replay on its own on the held connection.
+    async fn run_replay(&mut self, plan: Replay, needs: Needs) -> Replayed {
         let Some(mut b) = self.backend.take() else {
-            return Err(ReplayError::Broken("no database connection".into()));
+            return Replayed::Broken("no database connection".into());
         };
-        self.s.backend_used();
         let init = self.pool.shared.init_query.clone();
         let s = &self.s;
         match b
@@ -662,16 +629,16 @@ impl<D: Driver> Conn<D> {
         {
             Ok(Ok(())) => {
                 self.backend = Some(b);
-                Ok(())
+                Replayed::Done
             }
             Ok(Err(server_err)) => {
                 // Half a replay may have run: the connection is reset before anyone reuses it.
                 self.pool.release(b);
-                Err(ReplayError::Refused(server_err))
+                Replayed::Refused(server_err)
             }
             Err(e) => {
                 self.pool.lost(b, "failed while restoring a session");
-                Err(ReplayError::Broken(e.to_string()))
+                Replayed::Broken(e.to_string())
             }
         }
     }
@@ -2260,12 +2227,4 @@ enum Send {
     Built(Vec<u8>),
     /// This query text instead of the client's command (which is dropped).
     Query(Header, Vec<u8>),
-}
-
-fn unavailable(why: &str) -> ErrPacket {
-    ErrPacket::new(
-        errcode::PROXY_BACKEND_UNAVAILABLE,
-        "08S01",
-        format!("(dbproxy) {why}"),
-    )
 }

@@ -21,7 +21,8 @@ use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProf
 use crate::clients::ClientSlot;
 use crate::config::{PinningFilter, TargetGroupConfig};
 use crate::io::{BackendAddr, Driver, Stream};
-use crate::mysql::consts::cap;
+use crate::mysql::consts::{cap, errcode};
+use crate::mysql::wire::ErrPacket;
 use crate::secrets::BackendLogin;
 use crate::session::pins::PinReason;
 use crate::stats::{GaugeGuard, Latency};
@@ -52,6 +53,19 @@ pub enum BorrowError {
     },
     #[error("target group '{group}': {why}")]
     Unavailable { group: String, why: String },
+}
+
+impl BorrowError {
+    /// What the client whose command found no connection is told.
+    pub fn told(&self) -> ErrPacket {
+        let (code, state) = match self {
+            BorrowError::Timeout(..) => (errcode::PROXY_BORROW_TIMEOUT, "HY000"),
+            BorrowError::Connect { .. } | BorrowError::Unavailable { .. } => {
+                (errcode::PROXY_BACKEND_UNAVAILABLE, "08S01")
+            }
+        };
+        ErrPacket::new(code, state, format!("(dbproxy) {self}"))
+    }
 }
 
 /// Why [`CorePool::acquire`] handed nothing out.

@@ -8,6 +8,7 @@
 //! `stmts` (prepared statements), `login` (the connection phase).
 
 pub mod answer;
+pub mod borrowing;
 pub mod command;
 pub mod connection_phase;
 pub mod cursor;
