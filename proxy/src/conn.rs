@@ -24,8 +24,10 @@ use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
+use crate::serving::forward::{Forward, Pong, Refuse, ReleaseOnly};
+use crate::serving::{Cx, Flow, Got, Readiness, Ready, Step, NO_STATEMENT};
 use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
-use crate::session::borrowing::{Borrowing, Replayed, Step as BorrowStep};
+use crate::session::borrowing::{unavailable, Borrowing, Replayed};
 use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
@@ -520,7 +522,7 @@ impl<D: Driver> Conn<D> {
     /// session state is the client's (for a statement that `needs`). The error is the
     /// packet to send to the client.
     async fn ensure_backend(&mut self, needs: Needs, replay: bool) -> Result<(), ErrPacket> {
-        self.ready_backend(Borrowing::new(needs, replay, false), needs)
+        self.ready_backend(Borrowing::new(needs, replay, false))
             .await
             .map(drop)
     }
@@ -533,51 +535,26 @@ impl<D: Driver> Conn<D> {
         needs: Needs,
         replay: bool,
     ) -> Result<Option<Replay>, ErrPacket> {
-        self.ready_backend(Borrowing::new(needs, replay, true), needs)
+        self.ready_backend(Borrowing::new(needs, replay, true))
             .await
     }
 
-    /// Drives [`Borrowing`]: borrows, runs replays, and returns what it decided.
-    async fn ready_backend(
-        &mut self,
-        mut m: Borrowing,
-        needs: Needs,
-    ) -> Result<Option<Replay>, ErrPacket> {
-        let held = self.backend.as_ref().map(|b| &b.conn.session);
-        let mut step = m.start(&mut self.s, held);
+    /// Drives [`Ready`]: borrows, runs replays, and returns what it decided.
+    async fn ready_backend(&mut self, m: Borrowing) -> Result<Option<Replay>, ErrPacket> {
+        let mut ready = Ready::new(m);
+        let mut got = Got::Start;
         loop {
-            step = match step {
-                BorrowStep::Ready { ahead } => return Ok(ahead),
-                BorrowStep::Failed(e) => return Err(e),
-                BorrowStep::Borrow => {
-                    let lent = self
-                        .pool
-                        .borrow(&self.key, self.s.state.schema.as_deref())
-                        .await;
-                    match lent {
-                        Ok(mut conn) => {
-                            conn.hold(&self.reg.slot);
-                            tracing::trace!(thread_id = conn.thread_id, "borrowed");
-                            let step = m.lent(&mut self.s, &conn.conn.session);
-                            self.backend = Some(conn);
-                            step
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %self.peer, "{e}");
-                            m.refused(e.told())
-                        }
-                    }
-                }
-                BorrowStep::Replay(plan) => {
-                    // Boxed: a replay that cannot be pipelined is rare and its future
-                    // large; unboxed, every session would carry its size.
-                    let r = Box::pin(self.run_replay(plan, needs)).await;
-                    if let Replayed::Broken(why) = &r {
-                        tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
-                    }
-                    m.replayed(r)
-                }
+            let held = self.backend.as_mut().map(|b| &mut b.conn.session);
+            let mut cx = Cx::new(&mut self.s, held);
+            let step = match ready.step(&mut cx, got) {
+                Readiness::Step(step) => step,
+                Readiness::Ready(ahead) => return Ok(ahead),
+                Readiness::Failed(e) => return Err(e),
             };
+            got = self
+                .carry_out(step, &NO_STATEMENT, None)
+                .await
+                .map_err(|e| unavailable(&e.to_string()))?;
         }
     }
 
@@ -646,35 +623,123 @@ impl<D: Driver> Conn<D> {
     /// Gives the backend connection back at a transaction boundary with nothing pinned,
     /// after reading the client's warning list and clearing one-shots meant for it alone.
     async fn maybe_release(&mut self) -> Result<(), SessionEnd> {
-        if !self.s.releasable() {
-            return Ok(());
-        }
-        let Some(mut b) = self.backend.take() else {
-            return Ok(());
-        };
-        let steps = self.s.release(&b.conn.session);
-        if !steps.is_empty() {
-            // Boxed: rare (a warning list to keep, one-shots to clear).
-            let warnings = match Box::pin(b.conn.run(script::Release::new(steps))).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
-                    self.pool.discard(b, "failed while giving it back");
-                    self.s.moved();
-                    return Ok(());
-                }
-            };
-            if let Some(w) = &warnings {
-                tracing::debug!(
-                    thread_id = b.thread_id,
-                    rows = w.rows.len(),
-                    "warnings captured"
-                );
+        self.drive(&mut ReleaseOnly::default(), None).await
+    }
+
+    /// Drives a command's flow (`serving`): carries out each step it asks for and tells it
+    /// how the step went. `h`: the client's command, in `cbuf`.
+    async fn drive(&mut self, flow: &mut dyn Flow, h: Option<Header>) -> Result<(), SessionEnd> {
+        let mut got = Got::Start;
+        loop {
+            let held = self.backend.as_mut().map(|b| &mut b.conn.session);
+            let mut cx = Cx::new(&mut self.s, held);
+            let step = flow.next(&mut cx, got);
+            let pins = std::mem::take(&mut cx.pins);
+            self.count(pins);
+            if step == Step::Done {
+                return Ok(());
             }
-            self.s.released(&mut b.conn.session, warnings.as_ref());
+            got = self.carry_out(step, flow.info(), h).await?;
         }
-        self.pool.checkin_clean(b);
-        Ok(())
+    }
+
+    /// Carries out one step of a flow; `info`: the flow's statement; `h`: the client's
+    /// command, in `cbuf`.
+    async fn carry_out(
+        &mut self,
+        step: Step,
+        info: &SqlInfo,
+        h: Option<Header>,
+    ) -> Result<Got, SessionEnd> {
+        Ok(match step {
+            Step::Done => Got::Start,
+            Step::Borrow => self.borrow().await,
+            Step::Replay { plan, needs } => {
+                // Boxed: a replay that cannot be pipelined is rare and its future
+                // large; unboxed, every session would carry its size.
+                let r = Box::pin(self.run_replay(plan, needs)).await;
+                if let Replayed::Broken(why) = &r {
+                    tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
+                }
+                Got::Replayed(r)
+            }
+            Step::SendCommand => {
+                self.send_command(client_command(h)?).await?;
+                Got::Sent
+            }
+            Step::DropCommand => {
+                self.discard_command(client_command(h)?).await?;
+                Got::Dropped
+            }
+            Step::Relay(kind) => {
+                let (outcome, tracked) = self.relay_response(kind, info, None).await?;
+                Got::Relayed(outcome, tracked)
+            }
+            Step::Tell { seq, payload } => {
+                write_packet(&mut self.client, seq, &payload)
+                    .await
+                    .map_err(SessionEnd::Client)?;
+                Got::Told
+            }
+            // Boxed: rare (a warning list to keep, one-shots to clear).
+            Step::Release(steps) => Got::Released(Box::pin(self.release_steps(steps)).await),
+            Step::CheckIn => {
+                if let Some(b) = self.backend.take() {
+                    self.pool.checkin_clean(b);
+                }
+                Got::CheckedIn
+            }
+        })
+    }
+
+    /// Borrows a connection for the client, which then holds it.
+    async fn borrow(&mut self) -> Got {
+        let lent = self
+            .pool
+            .borrow(&self.key, self.s.state.schema.as_deref())
+            .await;
+        match lent {
+            Ok(mut conn) => {
+                conn.hold(&self.reg.slot);
+                tracing::trace!(thread_id = conn.thread_id, "borrowed");
+                self.backend = Some(conn);
+                Got::Lent
+            }
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, "{e}");
+                Got::Refused(e.told())
+            }
+        }
+    }
+
+    /// Runs the steps before the held connection goes back; a connection they fail on is
+    /// discarded.
+    async fn release_steps(
+        &mut self,
+        steps: crate::session::Release,
+    ) -> Result<Option<crate::mysql::resultset::TextResult>, String> {
+        let Some(b) = self.backend.as_mut() else {
+            return Err("no database connection".into());
+        };
+        match b.conn.run(script::Release::new(steps)).await {
+            Ok(warnings) => {
+                if let Some(w) = &warnings {
+                    tracing::debug!(
+                        thread_id = b.thread_id,
+                        rows = w.rows.len(),
+                        "warnings captured"
+                    );
+                }
+                Ok(warnings)
+            }
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, "giving a connection back failed: {e}");
+                if let Some(b) = self.backend.take() {
+                    self.pool.discard(b, "failed while giving it back");
+                }
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Reads the next packet of something the client has begun (the rest of a command, a
@@ -734,10 +799,9 @@ impl<D: Driver> Conn<D> {
                     break;
                 }
                 // A connection lost after an answer: the next command is told, and dropped.
-                (Some(e), _) | (None, Command::Refuse(e)) => match self.discard_command(h).await {
-                    Ok(()) => self.reply_err(h.seq, e).await,
-                    Err(e) => Err(e),
-                },
+                (Some(e), _) | (None, Command::Refuse(e)) => {
+                    self.drive(&mut Refuse::new(h.seq, e), Some(h)).await
+                }
                 (None, Command::ChangeUser) => match self.change_user(h).await {
                     Ok(true) => Ok(()),
                     Ok(false) => {
@@ -899,15 +963,13 @@ impl<D: Driver> Conn<D> {
             Command::Execute => self.execute(h).await,
             Command::StatementCommand => self.statement_command(h).await,
             Command::CloseStatement => self.close_statement(h).await,
-            Command::Pong => {
-                self.discard_command(h).await?;
-                self.reply_ok(h.seq).await
+            Command::Pong => self.drive(&mut Pong::new(h.seq), Some(h)).await,
+            Command::Forward { kind, track } => {
+                let set_option = self.cbuf.filled().get(4) == Some(&com::SET_OPTION);
+                let mut flow = Forward::new(h.seq, kind, track, set_option);
+                self.drive(&mut flow, Some(h)).await
             }
-            Command::Forward { kind, track } => self.forward(h, kind, track).await,
-            Command::Refuse(e) => {
-                self.discard_command(h).await?;
-                self.reply_err(h.seq, e).await
-            }
+            Command::Refuse(e) => self.drive(&mut Refuse::new(h.seq, e), Some(h)).await,
             Command::Quit | Command::ChangeUser => Ok(()),
         }
     }
@@ -1387,36 +1449,6 @@ impl<D: Driver> Conn<D> {
                 names.insert(n);
             }
         }
-    }
-
-    /// Forwards one command and relays its response; `replay`: the command depends on the
-    /// session state (all but COM_PING and COM_STATISTICS).
-    async fn forward(
-        &mut self,
-        h: Header,
-        kind: ResponseKind,
-        replay: bool,
-    ) -> Result<(), SessionEnd> {
-        if let Err(e) = self.ensure_backend(Needs::default(), replay).await {
-            self.discard_command(h).await?;
-            return self.refuse(h.seq, e).await;
-        }
-        let mut info = SqlInfo::default();
-        if self.cbuf.filled().get(4) == Some(&com::SET_OPTION) {
-            // COM_SET_OPTION changes the connection's multi-statement option, which session
-            // tracking does not report.
-            info.starts.push(PinReason::Unclassified);
-        }
-        self.send_command(h).await?;
-        let (outcome, tracked) = self.relay_response(kind, &info, None).await?;
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionEnd::Backend("no backend connection".into()));
-        };
-        let changes = self
-            .s
-            .after_command(&info, outcome, tracked, &mut b.conn.session);
-        self.count(changes);
-        self.maybe_release().await
     }
 
     /// Sends the command packet(s) in `cbuf` to the backend, enforcing max_allowed_packet.
@@ -2207,6 +2239,11 @@ impl From<Failure> for RelayError {
     fn from(f: Failure) -> RelayError {
         RelayError::Failed(f)
     }
+}
+
+/// The client's command a flow's step is about.
+fn client_command(h: Option<Header>) -> Result<Header, SessionEnd> {
+    h.ok_or_else(|| SessionEnd::Backend("a step about the client's command without one".into()))
 }
 
 /// A client's statement as [`Conn::run_statement`] serves it.

@@ -19,6 +19,7 @@ pub mod relay;
 pub mod reload;
 pub mod runtime;
 pub mod secrets;
+pub mod serving;
 pub mod session;
 pub mod shared;
 pub mod stats;

@@ -67,6 +67,12 @@ impl Borrowing {
         }
     }
 
+    /// What the command needs of the connection (a replay is planned again with it after
+    /// a reset).
+    pub fn needs(&self) -> Needs {
+        self.needs
+    }
+
     /// Where it starts: the client holds a connection in the state `held`, or none.
     pub fn start(&mut self, s: &mut ClientSession, held: Option<&BackendSession>) -> Step {
         match held {

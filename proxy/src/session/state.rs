@@ -257,7 +257,7 @@ impl Replay {
 }
 
 /// What the statement about to run needs of the connection beyond the session state.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
     /// It reads LAST_INSERT_ID(), or may change it (its value is read back afterwards, which
     /// is only the client's if the connection had the client's value before).
