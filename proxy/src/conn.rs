@@ -24,7 +24,9 @@ use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
+use crate::serving::execute::Execute as ServeExecute;
 use crate::serving::forward::{Forward, Pong, Refuse, ReleaseOnly};
+use crate::serving::query::Query;
 use crate::serving::{Cx, Flow, Got, Readiness, Ready, Step, NO_STATEMENT};
 use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
 use crate::session::borrowing::{unavailable, Borrowing, Replayed};
@@ -32,12 +34,11 @@ use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
 };
-use crate::session::diag::Answer;
 use crate::session::execute;
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{Accepted, Agreed, ClientTls, Profile};
 use crate::session::pins::PinReason;
-use crate::session::plan::{self, Plan, Relay as PlanRelay, Text as PlanText};
+use crate::session::plan::Relay as PlanRelay;
 use crate::session::relaying::{
     rewritten_answer, Alarm, Context as AnswerContext, Failure, Next, Relaying,
 };
@@ -114,6 +115,8 @@ struct Conn<D: Driver> {
     /// builds for the backend, so that no statement allocates.
     cmd: Vec<u8>,
     built: Vec<u8>,
+    /// A command dbproxy built for the client's, waiting for its flow to send it.
+    to_send: Option<Vec<u8>>,
     peer: SocketAddr,
     nonce: [u8; 20],
     /// The pool key of the client's user, capabilities and collation.
@@ -311,6 +314,7 @@ async fn login<D: Driver>(
         cbuf,
         cmd: Vec::new(),
         built: Vec::new(),
+        to_send: None,
         peer,
         nonce: phase.nonce(),
         s,
@@ -527,18 +531,6 @@ impl<D: Driver> Conn<D> {
             .map(drop)
     }
 
-    /// [`Self::ensure_backend`], except that a replay the server cannot refuse is returned
-    /// to be sent ahead of the client's statement (see [`Self::send_ahead`]) instead of
-    /// costing a round trip of its own.
-    async fn ensure_backend_ahead(
-        &mut self,
-        needs: Needs,
-        replay: bool,
-    ) -> Result<Option<Replay>, ErrPacket> {
-        self.ready_backend(Borrowing::new(needs, replay, true))
-            .await
-    }
-
     /// Drives [`Ready`]: borrows, runs replays, and returns what it decided.
     async fn ready_backend(&mut self, m: Borrowing) -> Result<Option<Replay>, ErrPacket> {
         let mut ready = Ready::new(m);
@@ -552,27 +544,14 @@ impl<D: Driver> Conn<D> {
                 Readiness::Failed(e) => return Err(e),
             };
             got = self
-                .carry_out(step, &NO_STATEMENT, None)
+                .carry_out(step, None)
                 .await
                 .map_err(|e| unavailable(&e.to_string()))?;
         }
     }
 
-    /// Writes a replay that goes ahead of the client's statement; read its answer with
-    /// [`Self::finish_ahead`] before the statement's.
-    async fn send_ahead(&mut self, plan: Option<&Replay>, seq: u8) -> Result<(), SessionEnd> {
-        match plan.and_then(|p| p.set.as_ref()) {
-            Some(set) => {
-                let set = set.clone();
-                self.send_query(set.as_bytes(), seq).await
-            }
-            None => Ok(()),
-        }
-    }
-
     /// Reads the answer to a replay sent ahead and records what it set.
-    async fn finish_ahead(&mut self, plan: Option<Replay>, seq: u8) -> Result<(), SessionEnd> {
-        let Some(plan) = plan else { return Ok(()) };
+    async fn finish_ahead(&mut self, plan: Replay, seq: u8) -> Result<(), SessionEnd> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
@@ -633,24 +612,25 @@ impl<D: Driver> Conn<D> {
         loop {
             let held = self.backend.as_mut().map(|b| &mut b.conn.session);
             let mut cx = Cx::new(&mut self.s, held);
+            if let Some(h) = h {
+                cx.command = self
+                    .cbuf
+                    .filled()
+                    .get(HEADER_LEN..h.total())
+                    .unwrap_or_default();
+            }
             let step = flow.next(&mut cx, got);
             let pins = std::mem::take(&mut cx.pins);
             self.count(pins);
             if step == Step::Done {
                 return Ok(());
             }
-            got = self.carry_out(step, flow.info(), h).await?;
+            got = self.carry_out(step, h).await?;
         }
     }
 
-    /// Carries out one step of a flow; `info`: the flow's statement; `h`: the client's
-    /// command, in `cbuf`.
-    async fn carry_out(
-        &mut self,
-        step: Step,
-        info: &SqlInfo,
-        h: Option<Header>,
-    ) -> Result<Got, SessionEnd> {
+    /// Carries out one step of a flow; `h`: the client's command, in `cbuf`.
+    async fn carry_out(&mut self, step: Step<'_>, h: Option<Header>) -> Result<Got, SessionEnd> {
         Ok(match step {
             Step::Done => Got::Start,
             Step::Borrow => self.borrow().await,
@@ -671,9 +651,86 @@ impl<D: Driver> Conn<D> {
                 self.discard_command(client_command(h)?).await?;
                 Got::Dropped
             }
-            Step::Relay(kind) => {
-                let (outcome, tracked) = self.relay_response(kind, info, None).await?;
+            Step::SendQuery { sql, seq } => {
+                self.send_query(&sql, seq).await?;
+                Got::Sent
+            }
+            Step::PrepareStatement { cid, seq } => {
+                Got::Prepared(self.backend_statement(cid, seq).await?)
+            }
+            Step::BuildExecute { ex } => {
+                let mut out = self.start_built();
+                let Some(b) = self.backend.as_mut() else {
+                    return Err(SessionEnd::Backend("no backend connection".into()));
+                };
+                match execute::build(&mut self.s, &ex, &self.cmd, &mut b.conn.stmts, &mut out) {
+                    Ok(()) => {
+                        self.to_send = Some(out);
+                        Got::Built(Ok(()))
+                    }
+                    Err(execute::BuildError::NotPrepared) => {
+                        return Err(SessionEnd::Backend(
+                            "statement vanished from the backend cache".into(),
+                        ))
+                    }
+                    Err(execute::BuildError::Malformed(e)) => {
+                        self.built = out;
+                        Got::Built(Err(malformed(&e)))
+                    }
+                }
+            }
+            Step::SendBuilt { seq } => {
+                let Some(out) = self.to_send.take() else {
+                    return Err(SessionEnd::Backend("no command built to send".into()));
+                };
+                self.send_built(out, seq).await?;
+                Got::Sent
+            }
+            // Boxed, as the other rare steps: a replay sent ahead, the warnings captured,
+            // a rewritten answer, a read-back.
+            Step::FinishAhead { plan, seq } => {
+                Box::pin(self.finish_ahead(plan, seq)).await?;
+                Got::AheadDone
+            }
+            Step::CaptureWarnings { seq, drop_command } => {
+                if let Err(e) = Box::pin(self.capture_warnings(seq)).await {
+                    if drop_command {
+                        self.discard_command(client_command(h)?).await?;
+                    }
+                    return Err(e);
+                }
+                Got::Captured
+            }
+            Step::Relay { kind, info } => {
+                let (outcome, tracked) = self.relay_response(kind, &info, None).await?;
                 Got::Relayed(outcome, tracked)
+            }
+            Step::RelayRewritten { kind, rewrite, seq } => {
+                let binary = kind == ResponseKind::Execute;
+                let (outcome, tracked) = match rewrite {
+                    PlanRelay::PatchRow(values) => {
+                        Box::pin(self.relay_buffered(kind, seq, |r, caps| {
+                            patch_row(r, &values, binary, caps)
+                        }))
+                        .await?
+                    }
+                    PlanRelay::Splice(rows) => {
+                        Box::pin(self.relay_buffered(kind, seq, |r, caps| {
+                            splice_rows(r, &rows, binary, caps)
+                        }))
+                        .await?
+                    }
+                    PlanRelay::Stream => self.relay_response(kind, &NO_STATEMENT, None).await?,
+                };
+                Got::Relayed(outcome, tracked)
+            }
+            Step::ReadBack { rb, sent, seq } => {
+                if sent {
+                    Box::pin(self.learn_read_back(&rb)).await?;
+                } else {
+                    Box::pin(self.read_back_now(&rb, seq)).await?;
+                }
+                Got::ReadBack
             }
             Step::Tell { seq, payload } => {
                 write_packet(&mut self.client, seq, &payload)
@@ -1142,62 +1199,18 @@ impl<D: Driver> Conn<D> {
         self.reply_err(seq, e).await
     }
 
-    /// COM_QUERY: analysed, answered from the client's own diagnostics when the connection
-    /// does not have them, and followed by a read-back when it changes what session
-    /// tracking does not report.
+    /// COM_QUERY: a KILL is served here; any other statement by its flow (`serving::query`).
     async fn query(&mut self, h: Header) -> Result<(), SessionEnd> {
-        if let Some(k) = kill::parse(&self.cbuf.filled()[5..h.total()]) {
+        let sql = self.cbuf.filled().get(5..h.total()).unwrap_or_default();
+        if let Some(k) = kill::parse(sql) {
             self.discard_command(h).await?;
-            // Boxed, as the rare steps of `run_statement` are.
+            // Boxed, as the rare steps of a statement are.
             return Box::pin(self.kill(h.seq, k)).await;
         }
-        let info = analyze(&self.cbuf.filled()[5..h.total()]);
-        let needs = Needs {
-            last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
-        };
-        let ahead = match self.ensure_backend_ahead(needs, true).await {
-            Ok(a) => a,
-            Err(e) => {
-                self.discard_command(h).await?;
-                return self.refuse(h.seq, e).await;
-            }
-        };
-        let mut answer = if info.readers.diagnostics_any() && !h.continues() {
-            self.s.diag.answer(
-                &self.cbuf.filled()[5..h.total()],
-                &info,
-                &self.s.state.user_vars,
-            )
-        } else {
-            Answer::Forward
-        };
-        if answer == Answer::Capture {
-            if let Err(e) = Box::pin(self.capture_warnings(h.seq)).await {
-                self.discard_command(h).await?;
-                return Err(e);
-            }
-            answer = self.s.diag.answer(
-                &self.cbuf.filled()[5..h.total()],
-                &info,
-                &self.s.state.user_vars,
-            );
-        }
-        let text: Vec<u8> = if info.next_transaction {
-            self.cbuf.filled()[5..h.total()].to_vec()
-        } else {
-            Vec::new()
-        };
-        let read_back = self.s.read_back(&info);
-        let statement = Statement {
-            info: &info,
-            text: &text,
-            kind: ResponseKind::Query,
-            answer,
-            read_back,
-        };
-        self.run_statement(h.seq, statement, ahead, Send::Client(h))
-            .await?;
-        self.maybe_release().await
+        let mut flow = Query::new(h.seq, sql, h.continues());
+        self.drive(&mut flow, Some(h)).await?;
+        self.note_temp_tables(flow.info());
+        Ok(())
     }
 
     /// `KILL [QUERY | CONNECTION] id` and COM_PROCESS_KILL, with the id of a client's
@@ -1266,96 +1279,6 @@ impl<D: Driver> Conn<D> {
         if let Err(e) = kill_running_query::<D>(group, &addr, login, thread, still).await {
             tracing::warn!(peer = %self.peer, "KILL: cannot reach the database: {e}");
         }
-    }
-
-    /// Sends a client's statement (after a replay sent ahead of it, before a read-back
-    /// pipelined behind it), relays the answer the session chose, and learns from it. The
-    /// backend connection stays held; the caller gives it back.
-    async fn run_statement(
-        &mut self,
-        seq: u8,
-        st: Statement<'_>,
-        ahead: Option<Replay>,
-        send: Send,
-    ) -> Result<Outcome, SessionEnd> {
-        let Statement {
-            info,
-            text,
-            kind,
-            answer,
-            read_back,
-        } = st;
-        let Plan {
-            text: replace,
-            relay,
-            read_back,
-            pipelined,
-            counts_stale,
-        } = plan::plan(answer, info, read_back);
-        // A text statement the session rewrote, or answers from `SHOW WARNINGS LIMIT 0`, is
-        // sent instead of the client's.
-        let send = match (replace, send) {
-            (PlanText::Replace(sql), Send::Client(h)) => Send::Query(h, sql),
-            (_, send) => send,
-        };
-        // The rarer steps below are boxed: each already allocates (a replay's SET, a
-        // read-back's values, rows to answer), and unboxed they would size every session's
-        // future, idle ones included, for the largest of them.
-        if ahead.is_some() {
-            Box::pin(self.send_ahead(ahead.as_ref(), seq)).await?;
-        }
-        match send {
-            Send::Client(h) => self.send_command(h).await?,
-            Send::Built(out) => self.send_built(out, seq).await?,
-            Send::Query(h, sql) => {
-                self.discard_command(h).await?;
-                self.send_query(&sql, seq).await?;
-            }
-        }
-        if pipelined && read_back.is_some() {
-            Box::pin(self.send_read_back(read_back.as_ref(), seq)).await?;
-        }
-        if ahead.is_some() {
-            Box::pin(self.finish_ahead(ahead, seq)).await?;
-        }
-        let binary = kind == ResponseKind::Execute;
-        let (outcome, tracked) = match relay {
-            PlanRelay::PatchRow(values) => {
-                Box::pin(
-                    self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps)),
-                )
-                .await?
-            }
-            PlanRelay::Splice(rows) => {
-                Box::pin(
-                    self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps)),
-                )
-                .await?
-            }
-            PlanRelay::Stream => self.relay_response(kind, info, None).await?,
-        };
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionEnd::Backend("no backend connection".into()));
-        };
-        let changes = self
-            .s
-            .after_statement(info, text, outcome, tracked, &mut b.conn.session);
-        self.count(changes);
-        if counts_stale {
-            self.s.diag.counts_stale();
-        }
-        if let Some(rb) = &read_back {
-            if pipelined {
-                Box::pin(self.learn_read_back(rb)).await?;
-            } else {
-                Box::pin(self.read_back_now(rb, seq)).await?;
-            }
-        }
-        if let Some(rb) = self.s.coupled_read_back() {
-            Box::pin(self.read_back_now(&rb, seq)).await?;
-        }
-        self.note_temp_tables(info);
-        Ok(outcome)
     }
 
     /// Resolves once the monitor marks `target` down (checked every [`crate::io::PEER_CHECK`]).
@@ -1947,104 +1870,15 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    /// COM_STMT_EXECUTE: on whichever backend serves it, the statement prepared there (in
-    /// its context) if needed, the id (and parameter types if needed) rewritten; what the
-    /// statement's text does (classified at prepare time) applies as for a text query.
+    /// COM_STMT_EXECUTE: read whole, then served by its flow (`serving::execute`).
     async fn execute(&mut self, h: Header) -> Result<(), SessionEnd> {
         let payload = self.take_command(h).await?;
-        let ex = match execute::read(&self.s, &payload) {
-            Ok(ex) => ex,
-            Err(e) => {
-                self.cmd = payload;
-                return self.refuse(h.seq, e).await;
-            }
-        };
-        let ahead = match self.ensure_backend_ahead(ex.needs, true).await {
-            Ok(a) => a,
-            Err(e) => {
-                self.cmd = payload;
-                return self.refuse(h.seq, e).await;
-            }
-        };
-        if let Err(e) = self.backend_statement(ex.cid, h.seq).await? {
-            // The server refused to prepare the statement here (its table is gone, a READ
-            // ONLY transaction is pending, ...): to the client that is its execute failing,
-            // with the server's error in its warning list.
-            self.cmd = payload;
-            let Some(b) = self.backend.as_mut() else {
-                return Err(SessionEnd::Backend("no backend connection".into()));
-            };
-            let failed = Outcome {
-                ending: End::Err,
-                status: None,
-            };
-            let changes = self.s.after_statement(
-                &ex.info,
-                b"",
-                failed,
-                Tracked::default(),
-                &mut b.conn.session,
-            );
-            self.count(changes);
-            self.reply_err(h.seq, e).await?;
-            return self.maybe_release().await;
-        }
-        // Decided after the lazy prepare above, which changes the connection's ROW_COUNT().
-        let (key, info) = (&ex.key, &ex.info);
-        let mut answer = if info.readers.diagnostics_any() {
-            self.s.diag.answer(&key.sql, info, &self.s.state.user_vars)
-        } else {
-            Answer::Forward
-        };
-        if answer == Answer::Capture {
-            self.capture_warnings(h.seq).await?;
-            answer = self.s.diag.answer(&key.sql, info, &self.s.state.user_vars);
-        }
-        let answer = match execute::answer(answer) {
-            Ok(a) => a,
-            Err(e) => {
-                self.cmd = payload;
-                return self.refuse(h.seq, e).await;
-            }
-        };
-        let mut out = self.start_built();
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionEnd::Backend("no backend connection".into()));
-        };
-        match execute::build(&mut self.s, &ex, &payload, &mut b.conn.stmts, &mut out) {
-            Ok(()) => {}
-            Err(execute::BuildError::NotPrepared) => {
-                return Err(SessionEnd::Backend(
-                    "statement vanished from the backend cache".into(),
-                ))
-            }
-            Err(execute::BuildError::Malformed(e)) => {
-                self.cmd = payload;
-                return self.refuse(h.seq, malformed(&e)).await;
-            }
-        }
-        let cursor = ex.cursor;
+        let read = execute::read(&self.s, &payload);
         self.cmd = payload;
-        let text = if info.next_transaction {
-            key.sql.to_vec()
-        } else {
-            Vec::new()
-        };
-        // A cursor leaves its statement open: nothing may run after it.
-        let read_back = self.s.read_back(info).filter(|_| !cursor);
-        let statement = Statement {
-            info,
-            text: &text,
-            kind: ResponseKind::Execute,
-            answer,
-            read_back,
-        };
-        let outcome = self
-            .run_statement(h.seq, statement, ahead, Send::Built(out))
-            .await?;
-        let pins = self.s.executed(ex.cid, cursor, &outcome);
-        self.count(pins);
-        self.maybe_release().await
+        match read {
+            Ok(ex) => self.drive(&mut ServeExecute::new(h.seq, ex), None).await,
+            Err(e) => self.refuse(h.seq, e).await,
+        }
     }
 
     fn start_pin(&mut self, r: PinReason) {
@@ -2244,24 +2078,4 @@ impl From<Failure> for RelayError {
 /// The client's command a flow's step is about.
 fn client_command(h: Option<Header>) -> Result<Header, SessionEnd> {
     h.ok_or_else(|| SessionEnd::Backend("a step about the client's command without one".into()))
-}
-
-/// A client's statement as [`Conn::run_statement`] serves it.
-struct Statement<'a> {
-    info: &'a SqlInfo,
-    /// Its text, when the session keeps it (a `SET TRANSACTION` to repeat).
-    text: &'a [u8],
-    kind: ResponseKind,
-    answer: Answer,
-    read_back: Option<ReadBack>,
-}
-
-/// What goes to the backend for a client's statement.
-enum Send {
-    /// The client's command packets, as they are in the client buffer.
-    Client(Header),
-    /// A command dbproxy built (a rewritten COM_STMT_EXECUTE).
-    Built(Vec<u8>),
-    /// This query text instead of the client's command (which is dropped).
-    Query(Header, Vec<u8>),
 }

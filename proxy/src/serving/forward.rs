@@ -2,13 +2,14 @@
 //! COM_FIELD_LIST, ...), and those dbproxy answers itself: a ping from a client that holds
 //! no connection, and a refused command.
 
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step, NO_STATEMENT};
+use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::session::borrowing::Borrowing;
 use crate::session::pins::PinReason;
 use crate::session::sql::SqlInfo;
 use crate::session::state::Needs;
+use std::borrow::Cow;
 
 /// A command forwarded as it came, its answer relayed.
 #[derive(Debug)]
@@ -49,7 +50,7 @@ impl Forward {
 }
 
 impl Flow for Forward {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step {
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
         match &mut self.stage {
             Stage::Readying(ready) => match ready.step(cx, got) {
                 Readiness::Step(step) => step,
@@ -67,7 +68,10 @@ impl Flow for Forward {
             Stage::Refusing(r) => r.step(cx, got).unwrap_or(Step::Done),
             Stage::Sending => {
                 self.stage = Stage::Relaying;
-                Step::Relay(self.kind)
+                Step::Relay {
+                    kind: self.kind,
+                    info: Cow::Borrowed(&self.info),
+                }
             }
             Stage::Relaying => {
                 if let (Got::Relayed(outcome, tracked), Some(b)) = (got, cx.held.as_deref_mut()) {
@@ -81,10 +85,6 @@ impl Flow for Forward {
             }
             Stage::Releasing(r) => r.step(cx, got).unwrap_or(Step::Done),
         }
-    }
-
-    fn info(&self) -> &SqlInfo {
-        &self.info
     }
 }
 
@@ -103,7 +103,7 @@ impl Pong {
 }
 
 impl Flow for Pong {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step {
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
         match got {
             Got::Start => Step::DropCommand,
             Got::Dropped if !self.told => {
@@ -115,10 +115,6 @@ impl Flow for Pong {
             }
             _ => Step::Done,
         }
-    }
-
-    fn info(&self) -> &SqlInfo {
-        &NO_STATEMENT
     }
 }
 
@@ -135,15 +131,11 @@ impl Refuse {
 }
 
 impl Flow for Refuse {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step {
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
         match got {
             Got::Start => self.0.start(),
             got => self.0.step(cx, got).unwrap_or(Step::Done),
         }
-    }
-
-    fn info(&self) -> &SqlInfo {
-        &NO_STATEMENT
     }
 }
 
@@ -152,12 +144,8 @@ impl Flow for Refuse {
 pub struct ReleaseOnly(Releasing);
 
 impl Flow for ReleaseOnly {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step {
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
         self.0.step(cx, got).unwrap_or(Step::Done)
-    }
-
-    fn info(&self) -> &SqlInfo {
-        &NO_STATEMENT
     }
 }
 
@@ -173,6 +161,13 @@ mod tests {
 
     fn session() -> ClientSession {
         crate::session::testing::session(None)
+    }
+
+    fn relay() -> Step<'static> {
+        Step::Relay {
+            kind: ResponseKind::Single,
+            info: Cow::Owned(SqlInfo::default()),
+        }
     }
 
     fn ok(status: u16) -> Got {
@@ -198,7 +193,7 @@ mod tests {
             [
                 Step::Borrow,
                 Step::SendCommand,
-                Step::Relay(ResponseKind::Single),
+                relay(),
                 Step::CheckIn,
                 Step::Done
             ]
@@ -211,14 +206,7 @@ mod tests {
         let mut t = Script::new(session(), Some(BackendSession::default()));
         let mut f = Forward::new(0, ResponseKind::Single, true, false);
         let steps = t.run(&mut f, vec![Got::Sent, ok(status::IN_TRANS)]);
-        assert_eq!(
-            steps,
-            [
-                Step::SendCommand,
-                Step::Relay(ResponseKind::Single),
-                Step::Done
-            ]
-        );
+        assert_eq!(steps, [Step::SendCommand, relay(), Step::Done]);
         assert!(t.held.is_some());
         assert_eq!(t.pins.started, [PinReason::Transaction]);
     }
@@ -268,12 +256,7 @@ mod tests {
         let steps = t.run(&mut f, answers);
         let borrows = steps.iter().filter(|s| **s == Step::Borrow).count();
         assert_eq!(borrows as u32, ATTEMPTS);
-        assert!(steps.ends_with(&[
-            Step::SendCommand,
-            Step::Relay(ResponseKind::Single),
-            Step::CheckIn,
-            Step::Done
-        ]));
+        assert!(steps.ends_with(&[Step::SendCommand, relay(), Step::CheckIn, Step::Done]));
     }
 
     /// A held connection on which a `SET insert_id` meant for the client is pending.
@@ -300,7 +283,7 @@ mod tests {
             steps,
             [
                 Step::SendCommand,
-                Step::Relay(ResponseKind::Single),
+                relay(),
                 Step::Release(want),
                 Step::CheckIn,
                 Step::Done

@@ -9,14 +9,19 @@
 //! mid-answer) ends the command in the driver, as before: a flow only sees what it has a
 //! choice about.
 
+pub mod execute;
 pub mod forward;
+pub mod query;
+pub mod statement;
 
 use crate::mysql::command::ResponseKind;
 use crate::mysql::wire::ErrPacket;
 use crate::session::borrowing::{self, Borrowing, Replayed};
+use crate::session::plan::Relay as PlanRelay;
 use crate::session::sql::SqlInfo;
 use crate::session::state::{BackendSession, Needs, Replay};
-use crate::session::{ClientSession, Outcome, PinChanges, Release, Tracked};
+use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Release, Tracked};
+use std::borrow::Cow;
 
 /// What a flow reads and changes: the client's session and, while the client holds one,
 /// its connection's session; the pins the step started and ended go to `pins` (the driver
@@ -25,6 +30,8 @@ pub struct Cx<'a> {
     pub s: &'a mut ClientSession,
     pub held: Option<&'a mut BackendSession>,
     pub pins: PinChanges,
+    /// The payload of the client's command's first packet, while it is buffered.
+    pub command: &'a [u8],
 }
 
 impl<'a> Cx<'a> {
@@ -33,6 +40,7 @@ impl<'a> Cx<'a> {
             s,
             held,
             pins: PinChanges::default(),
+            command: &[],
         }
     }
 
@@ -42,9 +50,10 @@ impl<'a> Cx<'a> {
     }
 }
 
-/// What the driver does next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+/// What the driver does next. What the step names of the flow's own (the statement, a
+/// query text) is lent by the flow until the step is carried out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<'f> {
     /// Borrow a connection for the client: [`Got::Lent`] or [`Got::Refused`].
     Borrow,
     /// Run this replay on the held connection on its own (replanned with `needs` after a
@@ -55,9 +64,48 @@ pub enum Step {
     SendCommand,
     /// Read the client's command (every packet of it) and drop it: [`Got::Dropped`].
     DropCommand,
-    /// Relay the held connection's answer to a command of this kind (the statement the
-    /// flow's [`Flow::info`]): [`Got::Relayed`].
-    Relay(ResponseKind),
+    /// Send a query of dbproxy's (a replay sent ahead, a read-back, the client's statement
+    /// rewritten) to the held connection: [`Got::Sent`]. `seq`: the client's command's
+    /// (what it is told if the connection fails).
+    SendQuery { sql: Cow<'f, [u8]>, seq: u8 },
+    /// Read the answer to the replay sent ahead of the statement and record what it set:
+    /// [`Got::AheadDone`].
+    FinishAhead { plan: Replay, seq: u8 },
+    /// Read the client's warning list from the held connection (`SHOW WARNINGS`):
+    /// [`Got::Captured`]. `drop_command`: the client's command is still buffered, and is
+    /// dropped if the connection fails.
+    CaptureWarnings { seq: u8, drop_command: bool },
+    /// Relay the held connection's answer to a command of `kind` (the statement `info`):
+    /// [`Got::Relayed`].
+    Relay {
+        kind: ResponseKind,
+        info: Cow<'f, SqlInfo>,
+    },
+    /// Make sure the client's statement `cid` is prepared on the held connection:
+    /// [`Got::Prepared`].
+    PrepareStatement { cid: u32, seq: u8 },
+    /// Build the client's execute for the held connection (its statement id there, the
+    /// parameter types it lacks), to be sent by [`Step::SendBuilt`]: [`Got::Built`].
+    BuildExecute {
+        ex: Cow<'f, crate::session::execute::Execute>,
+    },
+    /// Send the command dbproxy built for the client's (in the driver's buffer) to the
+    /// held connection: [`Got::Sent`].
+    SendBuilt { seq: u8 },
+    /// Collect the held connection's (small) answer, change it as `rewrite` says, and send
+    /// it: [`Got::Relayed`].
+    RelayRewritten {
+        kind: ResponseKind,
+        rewrite: PlanRelay,
+        seq: u8,
+    },
+    /// Read a read-back's answer (sent already, when `sent`; else send it first, keeping
+    /// the client's warnings if it would clear them) and learn from it: [`Got::ReadBack`].
+    ReadBack {
+        rb: Cow<'f, ReadBack>,
+        sent: bool,
+        seq: u8,
+    },
     /// Send the client this packet: [`Got::Told`].
     Tell { seq: u8, payload: Vec<u8> },
     /// Run these steps on the held connection before it goes back: [`Got::Released`].
@@ -67,6 +115,47 @@ pub enum Step {
     CheckIn,
     /// The command is over.
     Done,
+}
+
+impl Step<'_> {
+    /// The step with what it borrows copied (tests keep the steps a flow took).
+    pub fn into_owned(self) -> Step<'static> {
+        match self {
+            Step::Borrow => Step::Borrow,
+            Step::Replay { plan, needs } => Step::Replay { plan, needs },
+            Step::SendCommand => Step::SendCommand,
+            Step::DropCommand => Step::DropCommand,
+            Step::SendQuery { sql, seq } => Step::SendQuery {
+                sql: Cow::Owned(sql.into_owned()),
+                seq,
+            },
+            Step::FinishAhead { plan, seq } => Step::FinishAhead { plan, seq },
+            Step::SendBuilt { seq } => Step::SendBuilt { seq },
+            Step::PrepareStatement { cid, seq } => Step::PrepareStatement { cid, seq },
+            Step::BuildExecute { ex } => Step::BuildExecute {
+                ex: Cow::Owned(ex.into_owned()),
+            },
+            Step::CaptureWarnings { seq, drop_command } => {
+                Step::CaptureWarnings { seq, drop_command }
+            }
+            Step::Relay { kind, info } => Step::Relay {
+                kind,
+                info: Cow::Owned(info.into_owned()),
+            },
+            Step::RelayRewritten { kind, rewrite, seq } => {
+                Step::RelayRewritten { kind, rewrite, seq }
+            }
+            Step::ReadBack { rb, sent, seq } => Step::ReadBack {
+                rb: Cow::Owned(rb.into_owned()),
+                sent,
+                seq,
+            },
+            Step::Tell { seq, payload } => Step::Tell { seq, payload },
+            Step::Release(r) => Step::Release(r),
+            Step::CheckIn => Step::CheckIn,
+            Step::Done => Step::Done,
+        }
+    }
 }
 
 /// How the last step went.
@@ -83,6 +172,13 @@ pub enum Got {
     Dropped,
     Relayed(Outcome, Tracked),
     Told,
+    AheadDone,
+    Captured,
+    /// The statement's id on the held connection, or the server's refusal to prepare it.
+    Prepared(Result<u32, ErrPacket>),
+    /// The execute is built, or the client gets this error (its parameters are malformed).
+    Built(Result<(), ErrPacket>),
+    ReadBack,
     /// The release steps ran (the warning list they read back, if asked), or failed
     /// (the connection was discarded by the driver).
     Released(Result<Option<crate::mysql::resultset::TextResult>, String>),
@@ -94,10 +190,7 @@ pub static NO_STATEMENT: std::sync::LazyLock<SqlInfo> = std::sync::LazyLock::new
 
 /// One command's flow.
 pub trait Flow {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step;
-
-    /// The statement being served (what its answer's session tracking means).
-    fn info(&self) -> &SqlInfo;
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_>;
 }
 
 /// Makes the connection ready (see [`Borrowing`]): driven through [`Ready::step`] until
@@ -111,7 +204,7 @@ pub struct Ready {
 #[derive(Debug)]
 pub enum Readiness {
     /// Not yet: this step first.
-    Step(Step),
+    Step(Step<'static>),
     /// Ready; a replay to send ahead of the command.
     Ready(Option<Replay>),
     /// The command cannot run: the client gets this.
@@ -157,7 +250,7 @@ pub struct Releasing {
 
 impl Releasing {
     /// Takes `got` ([`Got::Start`] first); `None` once the command is over.
-    pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step> {
+    pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step<'static>> {
         match got {
             Got::Released(result) => {
                 self.running = false;
@@ -222,12 +315,12 @@ impl Refusing {
     }
 
     /// The first step.
-    pub fn start(&self) -> Step {
+    pub fn start(&self) -> Step<'static> {
         Step::DropCommand
     }
 
     /// Takes `got`; `None` once the client is told.
-    pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step> {
+    pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step<'static>> {
         match (got, self.error.take()) {
             (Got::Dropped, Some(e)) => {
                 if self.was_to_run {
@@ -264,7 +357,9 @@ pub(crate) mod testing {
         pub pins: PinChanges,
         /// What comes back for each step the flow asks for, in order.
         pub answers: std::collections::VecDeque<Got>,
-        pub steps: Vec<Step>,
+        pub steps: Vec<Step<'static>>,
+        /// The command's payload the flows see.
+        pub command: Vec<u8>,
         _life: std::marker::PhantomData<&'a ()>,
     }
 
@@ -276,18 +371,20 @@ pub(crate) mod testing {
                 pins: PinChanges::default(),
                 answers: Default::default(),
                 steps: Vec::new(),
+                command: Vec::new(),
                 _life: std::marker::PhantomData,
             }
         }
 
         /// Runs `flow` to its end, answering each step from `answers` (a borrow lends a
         /// fresh connection, a check-in gives it back, unless an answer says otherwise).
-        pub fn run(&mut self, flow: &mut dyn Flow, answers: Vec<Got>) -> &[Step] {
+        pub fn run(&mut self, flow: &mut dyn Flow, answers: Vec<Got>) -> &[Step<'static>] {
             self.answers = answers.into();
             let mut got = Got::Start;
             for _ in 0..64 {
                 let mut cx = Cx::new(&mut self.s, self.held.as_mut());
-                let step = flow.next(&mut cx, got);
+                cx.command = &self.command;
+                let step = flow.next(&mut cx, got).into_owned();
                 let pins = std::mem::take(&mut cx.pins);
                 self.pins.started.extend(pins.started);
                 self.pins.ended.extend(pins.ended);

@@ -16,7 +16,7 @@ use crate::mysql::wire::ErrPacket;
 use std::sync::Arc;
 
 /// A client's execute, read.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Execute {
     /// The client's statement id (dbproxy's).
     pub cid: u32,

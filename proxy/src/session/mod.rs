@@ -192,6 +192,12 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A statement that failed (its ERR went to the client).
+    pub const FAILED: Outcome = Outcome {
+        ending: Ending::Err,
+        status: None,
+    };
+
     pub fn failed(&self) -> bool {
         self.ending == Ending::Err
     }

@@ -1,0 +1,149 @@
+//! COM_QUERY: analysed; the connection made ready (the client's state replayed, ahead of
+//! the statement when nothing in the replay can be refused); answered from the client's
+//! own diagnostics when the connection does not have them (its warning list read first
+//! when it is still there); then the statement's round trip; then the connection goes
+//! back at a transaction boundary.
+
+use super::statement::{Send, Statement};
+use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use crate::mysql::command::ResponseKind;
+use crate::session::borrowing::Borrowing;
+use crate::session::diag::Answer;
+use crate::session::plan;
+use crate::session::sql::{analyze, SqlInfo};
+use crate::session::state::{Needs, Replay};
+
+/// One COM_QUERY.
+#[derive(Debug)]
+pub struct Query {
+    seq: u8,
+    /// The command spans more than one packet (diagnostics are not answered from the
+    /// session then: the text is not whole in the buffer).
+    long: bool,
+    info: SqlInfo,
+    ahead: Option<Replay>,
+    stage: Stage,
+}
+
+// Not boxed: the statement would allocate for every statement; the flow lives on the
+// driver's stack, one per session.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Stage {
+    Readying(Ready),
+    Refusing(Refusing),
+    /// The client's warning list is being read from the connection.
+    Capturing,
+    Running(Statement),
+    Releasing(Releasing),
+}
+
+impl Query {
+    /// The COM_QUERY numbered `seq` whose text is `sql` (of its first packet); `long`:
+    /// more packets follow.
+    pub fn new(seq: u8, sql: &[u8], long: bool) -> Query {
+        let info = analyze(sql);
+        let needs = Needs {
+            last_insert_id: info.readers.last_insert_id || info.changes_last_insert_id,
+        };
+        Query {
+            seq,
+            long,
+            info,
+            ahead: None,
+            stage: Stage::Readying(Ready::new(Borrowing::new(needs, true, true))),
+        }
+    }
+
+    /// The statement's analysis (the driver notes the temporary tables it creates).
+    pub fn info(&self) -> &SqlInfo {
+        &self.info
+    }
+
+    /// The text of the statement, as buffered.
+    fn sql<'c>(cx: &Cx<'c>) -> &'c [u8] {
+        cx.command.get(1..).unwrap_or_default()
+    }
+
+    /// The connection is ready: the statement's answer as the client's diagnostics say.
+    fn answer(&mut self, cx: &mut Cx<'_>) -> Option<Answer> {
+        if !self.info.readers.diagnostics_any() || self.long {
+            return Some(Answer::Forward);
+        }
+        let a =
+            cx.s.diag
+                .answer(Self::sql(cx), &self.info, &cx.s.state.user_vars);
+        (a != Answer::Capture).then_some(a)
+    }
+
+    /// The statement, answered as `answer`.
+    fn run(&mut self, cx: &mut Cx<'_>, answer: Answer) -> Statement {
+        let text = if self.info.next_transaction {
+            Self::sql(cx).to_vec()
+        } else {
+            Vec::new()
+        };
+        let read_back = cx.s.read_back(&self.info);
+        Statement::new(
+            self.seq,
+            ResponseKind::Query,
+            text,
+            plan::plan(answer, &self.info, read_back),
+            self.ahead.take(),
+            Send::Client,
+        )
+    }
+}
+
+impl Flow for Query {
+    fn next(&mut self, cx: &mut Cx<'_>, mut got: Got) -> Step<'_> {
+        loop {
+            match &mut self.stage {
+                Stage::Readying(ready) => match ready.step(cx, got) {
+                    Readiness::Step(step) => return step,
+                    Readiness::Ready(ahead) => {
+                        self.ahead = ahead;
+                        let Some(answer) = self.answer(cx) else {
+                            self.stage = Stage::Capturing;
+                            return Step::CaptureWarnings {
+                                seq: self.seq,
+                                drop_command: true,
+                            };
+                        };
+                        self.stage = Stage::Running(self.run(cx, answer));
+                        got = Got::Start;
+                    }
+                    Readiness::Failed(e) => {
+                        let r = Refusing::new(self.seq, e);
+                        let step = r.start();
+                        self.stage = Stage::Refusing(r);
+                        return step;
+                    }
+                },
+                Stage::Refusing(r) => return r.step(cx, got).unwrap_or(Step::Done),
+                Stage::Capturing => {
+                    // Asked once more, with the list in the session now.
+                    let answer = self.answer(cx).unwrap_or(Answer::Forward);
+                    self.stage = Stage::Running(self.run(cx, answer));
+                    got = Got::Start;
+                }
+                Stage::Running(_) => break,
+                Stage::Releasing(r) => return r.step(cx, got).unwrap_or(Step::Done),
+            }
+        }
+        // The statement's steps borrow from it (and from the analysis) until carried out.
+        let Stage::Running(statement) = &mut self.stage else {
+            return Step::Done;
+        };
+        if statement.advance(cx, got, &self.info) {
+            let Stage::Running(statement) = &mut self.stage else {
+                return Step::Done;
+            };
+            return statement.step(&self.info);
+        }
+        let mut r = Releasing::default();
+        let step = r.step(cx, Got::Start);
+        self.stage = Stage::Releasing(r);
+        step.unwrap_or(Step::Done)
+    }
+}
