@@ -25,8 +25,10 @@ use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
 use crate::serving::execute::Execute as ServeExecute;
-use crate::serving::forward::{Forward, Pong, Refuse, ReleaseOnly};
+use crate::serving::forward::{Forward, Pong, Refuse, ReleaseOnly, ResetConnection};
+use crate::serving::prepare::Prepare;
 use crate::serving::query::Query;
+use crate::serving::stmt_command::{CloseStatement, StatementCommand};
 use crate::serving::{Cx, Flow, Got, Readiness, Ready, Step, NO_STATEMENT};
 use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
 use crate::session::borrowing::{unavailable, Borrowing, Replayed};
@@ -42,9 +44,8 @@ use crate::session::plan::Relay as PlanRelay;
 use crate::session::relaying::{
     rewritten_answer, Alarm, Context as AnswerContext, Failure, Next, Relaying,
 };
-use crate::session::sql::{analyze, SqlInfo};
+use crate::session::sql::SqlInfo;
 use crate::session::state::{Needs, Replay};
-use crate::session::stmts::StmtKey;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
 use crate::shared::ProxyShared;
 use crate::stats::{EndpointStats, GaugeGuard};
@@ -609,24 +610,43 @@ impl<D: Driver> Conn<D> {
     /// how the step went. `h`: the client's command, in `cbuf`.
     async fn drive(&mut self, flow: &mut dyn Flow, h: Option<Header>) -> Result<(), SessionEnd> {
         let mut got = Got::Start;
+        // The command was read whole (into `cmd`).
+        let mut read = false;
         loop {
-            let held = self.backend.as_mut().map(|b| &mut b.conn.session);
-            let mut cx = Cx::new(&mut self.s, held);
-            if let Some(h) = h {
-                cx.command = self
-                    .cbuf
-                    .filled()
-                    .get(HEADER_LEN..h.total())
-                    .unwrap_or_default();
-            }
+            let mut cx = self.cx(h, read);
             let step = flow.next(&mut cx, got);
             let pins = std::mem::take(&mut cx.pins);
             self.count(pins);
             if step == Step::Done {
                 return Ok(());
             }
+            read |= step == Step::ReadCommand;
             got = self.carry_out(step, h).await?;
         }
+    }
+
+    /// What a flow sees: the session, the held connection's, and the client's command
+    /// (`h`, in `cbuf`; in `cmd` once `read` whole).
+    fn cx(&mut self, h: Option<Header>, read: bool) -> Cx<'_> {
+        let (held, stmts) = match self.backend.as_mut() {
+            Some(b) => {
+                let c = &mut *b.conn;
+                (Some(&mut c.session), Some(&mut c.stmts))
+            }
+            None => (None, None),
+        };
+        let mut cx = Cx::new(&mut self.s, held);
+        cx.held_stmts = stmts;
+        cx.command = match h {
+            _ if read => &self.cmd,
+            Some(h) => self
+                .cbuf
+                .filled()
+                .get(HEADER_LEN..h.total())
+                .unwrap_or_default(),
+            None => &[],
+        };
+        cx
     }
 
     /// Carries out one step of a flow; `h`: the client's command, in `cbuf`.
@@ -650,6 +670,46 @@ impl<D: Driver> Conn<D> {
             Step::DropCommand => {
                 self.discard_command(client_command(h)?).await?;
                 Got::Dropped
+            }
+            Step::ReadCommand => {
+                self.cmd = self.take_command(client_command(h)?).await?;
+                Got::Read
+            }
+            Step::SendRead { seq } => {
+                let mut out = self.start_built();
+                out.extend_from_slice(&self.cmd);
+                self.send_built(out, seq).await?;
+                Got::Sent
+            }
+            Step::SendCommandAs { id } => {
+                let h = client_command(h)?;
+                if let Some(payload) = self.cbuf.filled_mut().get_mut(HEADER_LEN..h.total()) {
+                    stmt::patch_stmt_id(payload, id);
+                }
+                self.send_command(h).await?;
+                Got::Sent
+            }
+            Step::Command { payload, kind } => {
+                let Some(b) = self.backend.as_mut() else {
+                    return Ok(Got::Answered(false));
+                };
+                let fine = b.conn.command(&payload, kind).await.is_ok();
+                if !fine {
+                    self.drop_backend();
+                }
+                Got::Answered(fine)
+            }
+            Step::RelayPrepare(mut capture) => {
+                let relayed = self
+                    .relay_response(ResponseKind::Prepare, &NO_STATEMENT, Some(&mut capture))
+                    .await?;
+                Got::PrepareRelayed(relayed.0, capture)
+            }
+            Step::CheckInReset => {
+                if let Some(conn) = self.backend.take() {
+                    self.pool.release(conn);
+                }
+                Got::CheckedIn
             }
             Step::SendQuery { sql, seq } => {
                 self.send_query(&sql, seq).await?;
@@ -1015,11 +1075,28 @@ impl<D: Driver> Conn<D> {
                 };
                 self.kill(h.seq, k).await
             }
-            Command::ResetConnection => self.reset_connection(h).await,
-            Command::Prepare => self.prepare(h).await,
+            Command::ResetConnection => self.drive(&mut ResetConnection::new(h.seq), Some(h)).await,
+            Command::Prepare => {
+                let most = self
+                    .shared
+                    .config()
+                    .proxy
+                    .max_prepared_statements_per_client;
+                let mut flow = Prepare::new(h.seq, most, self.s.stmts.len());
+                self.drive(&mut flow, Some(h)).await
+            }
             Command::Execute => self.execute(h).await,
-            Command::StatementCommand => self.statement_command(h).await,
-            Command::CloseStatement => self.close_statement(h).await,
+            Command::StatementCommand => {
+                let cx = self.cx(Some(h), false);
+                match StatementCommand::new(h.seq, &cx) {
+                    Ok(mut flow) => self.drive(&mut flow, Some(h)).await,
+                    Err(mut refused) => self.drive(&mut refused, Some(h)).await,
+                }
+            }
+            Command::CloseStatement => {
+                let mut flow = CloseStatement::new(&self.cx(Some(h), false));
+                self.drive(&mut flow, Some(h)).await
+            }
             Command::Pong => self.drive(&mut Pong::new(h.seq), Some(h)).await,
             Command::Forward { kind, track } => {
                 let set_option = self.cbuf.filled().get(4) == Some(&com::SET_OPTION);
@@ -1773,72 +1850,6 @@ impl<D: Driver> Conn<D> {
         told
     }
 
-    /// COM_RESET_CONNECTION: the client's session starts afresh (its default database
-    /// stays, as with MariaDB); a backend connection it held is reset in the background.
-    async fn reset_connection(&mut self, h: Header) -> Result<(), SessionEnd> {
-        self.discard_command(h).await?;
-        let ended = self.s.reset(self.s.state.schema.clone());
-        self.count(PinChanges {
-            started: Vec::new(),
-            ended,
-        });
-        if let Some(conn) = self.backend.take() {
-            self.pool.release(conn);
-        }
-        self.reply_ok(h.seq).await
-    }
-
-    /// COM_STMT_PREPARE: prepared on the backend serving it; the client gets an id of
-    /// dbproxy's, valid on every backend. The statement's key holds the context it is
-    /// prepared in (schema, sql_mode, character sets).
-    async fn prepare(&mut self, h: Header) -> Result<(), SessionEnd> {
-        // Each statement a client keeps costs dbproxy memory until it closes it.
-        let most = self
-            .shared
-            .config()
-            .proxy
-            .max_prepared_statements_per_client;
-        if self.s.stmts.len() >= most {
-            self.discard_command(h).await?;
-            let e = ErrPacket::new(
-                errcode::ER_MAX_PREPARED_STMT_COUNT_REACHED,
-                "42000",
-                format!("Can't create more than max_prepared_stmt_count statements (current value: {most}) (dbproxy max_prepared_statements_per_client)"),
-            );
-            return self.refuse(h.seq, e).await;
-        }
-        if let Err(e) = self.ensure_backend(Needs::default(), true).await {
-            self.discard_command(h).await?;
-            return self.refuse(h.seq, e).await;
-        }
-        let payload = self.take_command(h).await?;
-        let sql: Arc<[u8]> = Arc::from(payload.get(1..).unwrap_or_default());
-        let info = Arc::new(analyze(&sql));
-        let key = StmtKey::new(self.s.state.stmt_context(), sql);
-        let mut out = self.start_built();
-        out.extend_from_slice(&payload);
-        self.cmd = payload;
-        self.send_built(out, h.seq).await?;
-        let mut capture = PrepareCapture::new(key, info);
-        let (outcome, _) = self
-            .relay_response(
-                ResponseKind::Prepare,
-                &SqlInfo::default(),
-                Some(&mut capture),
-            )
-            .await?;
-        let c = self
-            .s
-            .after_prepare(&capture.info, outcome.failed(), capture.warnings);
-        self.count(c);
-        self.maybe_release().await
-    }
-
-    /// The client's statement a COM_STMT_* payload names, or the error for an unknown id.
-    fn client_statement(&self, payload: &[u8], what: &str) -> Result<u32, ErrPacket> {
-        execute::client_statement(&self.s, payload, what)
-    }
-
     /// Makes sure the backend has the client's statement `cid` prepared; its backend id.
     async fn backend_statement(
         &mut self,
@@ -1885,120 +1896,6 @@ impl<D: Driver> Conn<D> {
         if self.s.pins.start(r) {
             self.pool.shared.stats.pin_started(r);
         }
-    }
-
-    /// COM_STMT_SEND_LONG_DATA, COM_STMT_FETCH and COM_STMT_RESET: the id rewritten for
-    /// the backend that holds the statement's long data or cursor.
-    async fn statement_command(&mut self, h: Header) -> Result<(), SessionEnd> {
-        let command = self.cbuf.filled().get(4).copied().unwrap_or(0);
-        let cid =
-            match self.client_statement(&self.cbuf.filled()[4..h.total()], "mysqld_stmt_fetch") {
-                Ok(c) => c,
-                Err(e) => return self.refuse_statement_command(h, command, e).await,
-            };
-        if command == com::STMT_RESET {
-            let pins = self.s.statement_reset(cid);
-            self.count(pins);
-            let on_backend = match (self.backend.as_mut(), self.s.stmts.get(cid)) {
-                (Some(b), Some(cs)) => b.conn.stmts.get_mut(&cs.key).map(|s| s.id),
-                _ => None,
-            };
-            let Some(bid) = on_backend else {
-                // Nothing of it lives on a backend: nothing to reset.
-                self.discard_command(h).await?;
-                return self.reply_ok(h.seq).await;
-            };
-            stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
-            self.send_command(h).await?;
-            let (outcome, tracked) = self
-                .relay_response(ResponseKind::Single, &SqlInfo::default(), None)
-                .await?;
-            return self.after_command(outcome, tracked).await;
-        }
-        if command == com::STMT_FETCH && !self.s.has_cursor(cid) {
-            self.discard_command(h).await?;
-            let e = ErrPacket::new(1421, "HY000", "The statement has no open cursor");
-            return self.reply_err(h.seq, e).await;
-        }
-        if let Err(e) = self.ensure_backend(Needs::default(), true).await {
-            return self.refuse_statement_command(h, command, e).await;
-        }
-        let bid = match self.backend_statement(cid, h.seq).await? {
-            Ok(id) => id,
-            Err(e) => return self.refuse_statement_command(h, command, e).await,
-        };
-        stmt::patch_stmt_id(&mut self.cbuf.filled_mut()[4..h.total()], bid);
-        if command == com::STMT_SEND_LONG_DATA {
-            let pins = self.s.long_data_sent(cid);
-            self.count(pins);
-            return self.send_command(h).await;
-        }
-        self.send_command(h).await?;
-        let (outcome, tracked) = self
-            .relay_response(ResponseKind::Fetch, &SqlInfo::default(), None)
-            .await?;
-        let pins = self.s.fetched(&outcome);
-        self.count(pins);
-        self.after_command(outcome, tracked).await
-    }
-
-    /// After a command that is not a statement of the client's own (fetch, reset, ...).
-    async fn after_command(
-        &mut self,
-        outcome: Outcome,
-        tracked: Tracked,
-    ) -> Result<(), SessionEnd> {
-        let Some(b) = self.backend.as_mut() else {
-            return Err(SessionEnd::Backend("no backend connection".into()));
-        };
-        let changes =
-            self.s
-                .after_command(&SqlInfo::default(), outcome, tracked, &mut b.conn.session);
-        self.count(changes);
-        self.maybe_release().await
-    }
-
-    /// Refuses a statement command: COM_STMT_SEND_LONG_DATA has no reply in the protocol
-    /// (the execute that follows fails instead), the others get the error.
-    async fn refuse_statement_command(
-        &mut self,
-        h: Header,
-        command: u8,
-        e: ErrPacket,
-    ) -> Result<(), SessionEnd> {
-        self.discard_command(h).await?;
-        if command == com::STMT_SEND_LONG_DATA {
-            Ok(())
-        } else {
-            self.refuse(h.seq, e).await
-        }
-    }
-
-    /// COM_STMT_CLOSE: the client's statement goes; the backends keep theirs cached.
-    async fn close_statement(&mut self, h: Header) -> Result<(), SessionEnd> {
-        let id = stmt::stmt_id(&self.cbuf.filled()[4..h.total()])
-            .ok()
-            .and_then(|i| self.s.stmts.resolve(i));
-        self.discard_command(h).await?;
-        let Some(cid) = id else { return Ok(()) };
-        let (had_cursor, pins) = self.s.statement_closed(cid);
-        self.count(pins);
-        if had_cursor {
-            // Close the server-side cursor with a reset of the backend statement.
-            let key = self.s.stmts.get(cid).map(|s| s.key.clone());
-            if let (Some(b), Some(key)) = (self.backend.as_mut(), key) {
-                if let Some(bid) = b.conn.stmts.get_mut(&key).map(|s| s.id) {
-                    let mut p = vec![com::STMT_RESET];
-                    p.extend_from_slice(&bid.to_le_bytes());
-                    if b.conn.command(&p, ResponseKind::Single).await.is_err() {
-                        self.drop_backend();
-                    }
-                }
-            }
-            self.maybe_release().await?;
-        }
-        self.s.stmts.remove(cid);
-        Ok(())
     }
 
     /// COM_CHANGE_USER: authenticated by dbproxy as a login is (see

@@ -119,7 +119,7 @@ impl Execute {
     }
 
     fn release(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
-        let mut r = Releasing::default();
+        let mut r = Releasing;
         let step = r.step(cx, Got::Start);
         self.stage = Stage::Releasing(r);
         step.unwrap_or(Step::Done)
@@ -205,5 +205,139 @@ impl Flow for Execute {
         let pins = cx.s.executed(self.ex.cid, self.ex.cursor, &outcome);
         cx.count(pins);
         self.release(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mysql::consts::status;
+    use crate::mysql::response::End;
+    use crate::serving::testing::Script;
+    use crate::session::sql::analyze;
+    use crate::session::state::Needs;
+    use crate::session::stmts::{StmtContext, StmtKey};
+    use std::sync::Arc;
+
+    /// A client with `SELECT ?` prepared, executing it.
+    fn prepared() -> (Script<'static>, Read) {
+        let mut s = crate::session::testing::session(None);
+        let sql: Arc<[u8]> = Arc::from(&b"SELECT ?"[..]);
+        let key = StmtKey::new(StmtContext::default(), sql.clone());
+        let info = Arc::new(analyze(&sql));
+        let cid = s.stmts.add(key.clone(), info.clone(), 1, 1);
+        let ex = Read {
+            cid,
+            key,
+            info,
+            needs: Needs::default(),
+            cursor: false,
+        };
+        (Script::new(s, None), ex)
+    }
+
+    fn rows() -> Got {
+        let ending = End::Rows {
+            rows: 1,
+            warnings: 0,
+        };
+        Got::Relayed(
+            Outcome {
+                ending,
+                status: Some(status::AUTOCOMMIT),
+            },
+            Tracked::default(),
+        )
+    }
+
+    #[test]
+    fn an_execute_prepares_where_needed_builds_sends_and_relays() {
+        let (mut t, ex) = prepared();
+        let mut f = Execute::new(0, ex.clone());
+        let answers = vec![
+            Got::Lent,
+            Got::Prepared(Ok(7)),
+            Got::Built(Ok(())),
+            Got::Sent,
+            rows(),
+        ];
+        let steps = t.run(&mut f, answers);
+        assert_eq!(
+            steps,
+            [
+                Step::Borrow,
+                Step::PrepareStatement {
+                    cid: ex.cid,
+                    seq: 0
+                },
+                Step::BuildExecute {
+                    ex: Cow::Owned(ex.clone())
+                },
+                Step::SendBuilt { seq: 0 },
+                Step::Relay {
+                    kind: ResponseKind::Execute,
+                    info: Cow::Owned((*ex.info).clone())
+                },
+                Step::CheckIn,
+                Step::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn a_statement_the_server_will_not_prepare_fails_the_execute() {
+        let (mut t, ex) = prepared();
+        let mut f = Execute::new(0, ex.clone());
+        let gone = ErrPacket::new(1146, "42S02", "Table 'shop.t' doesn't exist");
+        let answers = vec![
+            Got::Lent,
+            Got::Prepared(Err(gone.clone())),
+            Got::Told,
+            Got::Released(Ok(None)),
+        ];
+        let steps = t.run(&mut f, answers);
+        // The error is the client's last condition: its warning list is read before the
+        // connection goes back.
+        let capture = crate::session::Release {
+            capture_warnings: true,
+            statements: Vec::new(),
+        };
+        assert_eq!(
+            steps,
+            [
+                Step::Borrow,
+                Step::PrepareStatement {
+                    cid: ex.cid,
+                    seq: 0
+                },
+                Step::Tell {
+                    seq: 1,
+                    payload: gone.encode()
+                },
+                Step::Release(capture),
+                Step::CheckIn,
+                Step::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_parameters_are_refused_before_anything_is_sent() {
+        let (mut t, ex) = prepared();
+        let mut f = Execute::new(0, ex.clone());
+        let bad = ErrPacket::new(1210, "HY000", "Incorrect arguments");
+        let answers = vec![
+            Got::Lent,
+            Got::Prepared(Ok(7)),
+            Got::Built(Err(bad.clone())),
+            Got::Told,
+        ];
+        let steps = t.run(&mut f, answers);
+        assert!(!steps.contains(&Step::SendBuilt { seq: 0 }));
+        assert!(steps.contains(&Step::Tell {
+            seq: 1,
+            payload: bad.encode()
+        }));
+        assert_eq!(steps.last(), Some(&Step::Done));
     }
 }

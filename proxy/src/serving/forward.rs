@@ -78,7 +78,7 @@ impl Flow for Forward {
                     let c = cx.s.after_command(&self.info, outcome, tracked, b);
                     cx.count(c);
                 }
-                let mut r = Releasing::default();
+                let mut r = Releasing;
                 let step = r.step(cx, Got::Start);
                 self.stage = Stage::Releasing(r);
                 step.unwrap_or(Step::Done)
@@ -135,6 +135,46 @@ impl Flow for Refuse {
         match got {
             Got::Start => self.0.start(),
             got => self.0.step(cx, got).unwrap_or(Step::Done),
+        }
+    }
+}
+
+/// COM_RESET_CONNECTION: the client's session starts afresh (its default database stays,
+/// as with MariaDB); a connection it held goes back to be reset.
+#[derive(Debug)]
+pub struct ResetConnection {
+    seq: u8,
+    told: bool,
+}
+
+impl ResetConnection {
+    pub fn new(seq: u8) -> ResetConnection {
+        ResetConnection { seq, told: false }
+    }
+
+    fn ok(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
+        self.told = true;
+        Step::Tell {
+            seq: self.seq.wrapping_add(1),
+            payload: ok_packet(cx.s.status),
+        }
+    }
+}
+
+impl Flow for ResetConnection {
+    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
+        match got {
+            Got::Start => Step::DropCommand,
+            Got::Dropped => {
+                let ended = cx.s.reset(cx.s.state.schema.clone());
+                cx.pins.ended.extend(ended);
+                if cx.held.is_some() {
+                    return Step::CheckInReset;
+                }
+                self.ok(cx)
+            }
+            Got::CheckedIn if !self.told => self.ok(cx),
+            _ => Step::Done,
         }
     }
 }
@@ -341,5 +381,31 @@ mod tests {
             ]
         );
         assert!(t.pins.started.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::*;
+    use crate::mysql::consts::status;
+    use crate::serving::testing::Script;
+    use crate::session::state::BackendSession;
+
+    #[test]
+    fn a_reset_gives_a_held_connection_back_to_be_reset_and_answers_ok() {
+        let mut s = crate::session::testing::session(Some(b"shop"));
+        s.status |= status::IN_TRANS;
+        let mut t = Script::new(s, Some(BackendSession::default()));
+        let steps = t.run(
+            &mut ResetConnection::new(0),
+            vec![Got::Dropped, Got::CheckedIn, Got::Told],
+        );
+        let [Step::DropCommand, Step::CheckInReset, Step::Tell { seq: 1, .. }, Step::Done] = steps
+        else {
+            panic!("{steps:?}");
+        };
+        // The schema stays, as with MariaDB; the transaction is gone.
+        assert_eq!(t.s.state.schema.as_deref(), Some(&b"shop"[..]));
+        assert_eq!(t.s.status & status::IN_TRANS, 0);
     }
 }

@@ -11,15 +11,19 @@
 
 pub mod execute;
 pub mod forward;
+pub mod prepare;
 pub mod query;
 pub mod statement;
+pub mod stmt_command;
 
 use crate::mysql::command::ResponseKind;
 use crate::mysql::wire::ErrPacket;
+use crate::session::answer::PrepareCapture;
 use crate::session::borrowing::{self, Borrowing, Replayed};
 use crate::session::plan::Relay as PlanRelay;
 use crate::session::sql::SqlInfo;
 use crate::session::state::{BackendSession, Needs, Replay};
+use crate::session::stmts::BackendStmts;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Release, Tracked};
 use std::borrow::Cow;
 
@@ -30,7 +34,10 @@ pub struct Cx<'a> {
     pub s: &'a mut ClientSession,
     pub held: Option<&'a mut BackendSession>,
     pub pins: PinChanges,
-    /// The payload of the client's command's first packet, while it is buffered.
+    /// The held connection's prepared statements.
+    pub held_stmts: Option<&'a mut BackendStmts>,
+    /// The payload of the client's command: its first packet's while it is buffered, all
+    /// of it once read whole ([`Step::ReadCommand`]).
     pub command: &'a [u8],
 }
 
@@ -40,6 +47,7 @@ impl<'a> Cx<'a> {
             s,
             held,
             pins: PinChanges::default(),
+            held_stmts: None,
             command: &[],
         }
     }
@@ -64,6 +72,26 @@ pub enum Step<'f> {
     SendCommand,
     /// Read the client's command (every packet of it) and drop it: [`Got::Dropped`].
     DropCommand,
+    /// Read the client's command whole (every packet of it, within max_allowed_packet):
+    /// [`Got::Read`]; it is [`Cx::command`] from then on.
+    ReadCommand,
+    /// Send the command read whole to the held connection: [`Got::Sent`].
+    SendRead { seq: u8 },
+    /// Send the client's command (buffered, one packet) with the statement id in it
+    /// changed to the held connection's `id`: [`Got::Sent`].
+    SendCommandAs { id: u32 },
+    /// Send a command of dbproxy's to the held connection and read its answer; a
+    /// connection that fails it is discarded: [`Got::Answered`].
+    Command {
+        payload: Vec<u8>,
+        kind: ResponseKind,
+    },
+    /// Relay the answer to a COM_STMT_PREPARE, recording the statement (for the client
+    /// and the connection) as it goes: [`Got::PrepareRelayed`].
+    RelayPrepare(PrepareCapture),
+    /// Give the held connection back to be reset (the client's session on it is no
+    /// longer wanted): [`Got::CheckedIn`].
+    CheckInReset,
     /// Send a query of dbproxy's (a replay sent ahead, a read-back, the client's statement
     /// rewritten) to the held connection: [`Got::Sent`]. `seq`: the client's command's
     /// (what it is told if the connection fails).
@@ -125,6 +153,12 @@ impl Step<'_> {
             Step::Replay { plan, needs } => Step::Replay { plan, needs },
             Step::SendCommand => Step::SendCommand,
             Step::DropCommand => Step::DropCommand,
+            Step::ReadCommand => Step::ReadCommand,
+            Step::SendRead { seq } => Step::SendRead { seq },
+            Step::SendCommandAs { id } => Step::SendCommandAs { id },
+            Step::Command { payload, kind } => Step::Command { payload, kind },
+            Step::RelayPrepare(c) => Step::RelayPrepare(c),
+            Step::CheckInReset => Step::CheckInReset,
             Step::SendQuery { sql, seq } => Step::SendQuery {
                 sql: Cow::Owned(sql.into_owned()),
                 seq,
@@ -170,6 +204,11 @@ pub enum Got {
     Replayed(Replayed),
     Sent,
     Dropped,
+    Read,
+    /// The command of [`Step::Command`] was answered (`false`: the connection failed it
+    /// and is gone).
+    Answered(bool),
+    PrepareRelayed(Outcome, PrepareCapture),
     Relayed(Outcome, Tracked),
     Told,
     AheadDone,
@@ -244,28 +283,23 @@ impl Ready {
 /// with nothing pinned, after the client's warning list is read and the one-shots meant
 /// for it alone are cleared.
 #[derive(Debug, Default)]
-pub struct Releasing {
-    running: bool,
-}
+pub struct Releasing;
 
 impl Releasing {
     /// Takes `got` ([`Got::Start`] first); `None` once the command is over.
     pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step<'static>> {
         match got {
-            Got::Released(result) => {
-                self.running = false;
-                match (result, cx.held.as_deref_mut()) {
-                    (Ok(warnings), Some(b)) => {
-                        cx.s.released(b, warnings.as_ref());
-                        Some(Step::CheckIn)
-                    }
-                    // Discarded by the driver: the client's next connection is another.
-                    _ => {
-                        cx.s.moved();
-                        None
-                    }
+            Got::Released(result) => match (result, cx.held.as_deref_mut()) {
+                (Ok(warnings), Some(b)) => {
+                    cx.s.released(b, warnings.as_ref());
+                    Some(Step::CheckIn)
                 }
-            }
+                // Discarded by the driver: the client's next connection is another.
+                _ => {
+                    cx.s.moved();
+                    None
+                }
+            },
             Got::CheckedIn => None,
             _ => {
                 if !cx.s.releasable() {
@@ -276,7 +310,6 @@ impl Releasing {
                 if steps.is_empty() {
                     return Some(Step::CheckIn);
                 }
-                self.running = true;
                 Some(Step::Release(steps))
             }
         }
@@ -360,6 +393,8 @@ pub(crate) mod testing {
         pub steps: Vec<Step<'static>>,
         /// The command's payload the flows see.
         pub command: Vec<u8>,
+        /// The held connection's statements.
+        pub stmts: BackendStmts,
         _life: std::marker::PhantomData<&'a ()>,
     }
 
@@ -372,6 +407,7 @@ pub(crate) mod testing {
                 answers: Default::default(),
                 steps: Vec::new(),
                 command: Vec::new(),
+                stmts: BackendStmts::new(8),
                 _life: std::marker::PhantomData,
             }
         }
@@ -382,7 +418,9 @@ pub(crate) mod testing {
             self.answers = answers.into();
             let mut got = Got::Start;
             for _ in 0..64 {
+                let held = self.held.is_some();
                 let mut cx = Cx::new(&mut self.s, self.held.as_mut());
+                cx.held_stmts = held.then_some(&mut self.stmts);
                 cx.command = &self.command;
                 let step = flow.next(&mut cx, got).into_owned();
                 let pins = std::mem::take(&mut cx.pins);

@@ -141,9 +141,149 @@ impl Flow for Query {
             };
             return statement.step(&self.info);
         }
-        let mut r = Releasing::default();
+        let mut r = Releasing;
         let step = r.step(cx, Got::Start);
         self.stage = Stage::Releasing(r);
         step.unwrap_or(Step::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mysql::consts::{errcode, status};
+    use crate::mysql::response::End;
+    use crate::mysql::wire::ErrPacket;
+    use crate::serving::testing::Script;
+    use crate::session::uservars::UserValue;
+    use crate::session::{ClientSession, Outcome, Tracked};
+    use std::borrow::Cow;
+
+    fn rows(status: u16) -> Got {
+        let ending = End::Rows {
+            rows: 1,
+            warnings: 0,
+        };
+        Got::Relayed(
+            Outcome {
+                ending,
+                status: Some(status),
+            },
+            Tracked::default(),
+        )
+    }
+
+    fn relay(sql: &[u8]) -> Step<'static> {
+        Step::Relay {
+            kind: ResponseKind::Query,
+            info: Cow::Owned(analyze(sql)),
+        }
+    }
+
+    fn run(
+        s: ClientSession,
+        sql: &[u8],
+        answers: Vec<Got>,
+    ) -> (Vec<Step<'static>>, Script<'static>) {
+        let mut t = Script::new(s, None);
+        let mut command = vec![crate::mysql::consts::com::QUERY];
+        command.extend_from_slice(sql);
+        t.command = command;
+        let mut q = Query::new(0, sql, false);
+        let steps = t.run(&mut q, answers).to_vec();
+        (steps, t)
+    }
+
+    #[test]
+    fn a_select_borrows_sends_relays_and_gives_the_connection_back() {
+        let sql = b"SELECT 1";
+        let s = crate::session::testing::session(None);
+        let (steps, t) = run(s, sql, vec![Got::Lent, Got::Sent, rows(status::AUTOCOMMIT)]);
+        assert_eq!(
+            steps,
+            [
+                Step::Borrow,
+                Step::SendCommand,
+                relay(sql),
+                Step::CheckIn,
+                Step::Done
+            ]
+        );
+        assert!(t.held.is_none());
+    }
+
+    #[test]
+    fn a_replay_that_cannot_be_refused_rides_ahead_of_the_statement() {
+        let sql = b"SELECT @x";
+        let mut s = crate::session::testing::session(None);
+        s.state.user_vars.insert(b"x".to_vec(), UserValue::int("1"));
+        let answers = vec![Got::Lent, Got::Sent, Got::Sent, Got::AheadDone, rows(2)];
+        let (steps, _) = run(s, sql, answers);
+        let [Step::Borrow, Step::SendQuery { sql: set, seq: 0 }, Step::SendCommand, Step::FinishAhead { .. }, relayed, Step::CheckIn, Step::Done] =
+            &steps[..]
+        else {
+            panic!("{steps:?}");
+        };
+        assert!(set.starts_with(b"SET "));
+        assert_eq!(*relayed, relay(sql));
+    }
+
+    #[test]
+    fn an_assignment_is_read_back_in_the_same_round_trip() {
+        let sql = b"SELECT @a := 1";
+        let s = crate::session::testing::session(None);
+        let answers = vec![Got::Lent, Got::Sent, Got::Sent, rows(2), Got::ReadBack];
+        let (steps, _) = run(s, sql, answers);
+        let [Step::Borrow, Step::SendCommand, Step::SendQuery { sql: rb, .. }, relayed, Step::ReadBack { sent: true, .. }, ..] =
+            &steps[..]
+        else {
+            panic!("{steps:?}");
+        };
+        assert!(rb.starts_with(b"SELECT "));
+        assert_eq!(*relayed, relay(sql));
+        assert_eq!(steps.last(), Some(&Step::Done));
+    }
+
+    #[test]
+    fn a_statement_that_finds_no_connection_is_dropped_and_refused() {
+        let s = crate::session::testing::session(None);
+        let busy = ErrPacket::new(errcode::PROXY_BORROW_TIMEOUT, "HY000", "busy");
+        let answers = vec![Got::Refused(busy.clone()), Got::Dropped, Got::Told];
+        let (steps, _) = run(s, b"SELECT 1", answers);
+        assert_eq!(
+            steps,
+            [
+                Step::Borrow,
+                Step::DropCommand,
+                Step::Tell {
+                    seq: 1,
+                    payload: busy.encode()
+                },
+                Step::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transaction_keeps_its_connection_and_is_pinned() {
+        let sql = b"BEGIN";
+        let s = crate::session::testing::session(None);
+        let ok = Got::Relayed(
+            Outcome {
+                ending: End::Ok {
+                    affected: 0,
+                    warnings: 0,
+                },
+                status: Some(status::IN_TRANS | status::AUTOCOMMIT),
+            },
+            Tracked::default(),
+        );
+        let (steps, t) = run(s, sql, vec![Got::Lent, Got::Sent, ok]);
+        assert_eq!(
+            steps,
+            [Step::Borrow, Step::SendCommand, relay(sql), Step::Done]
+        );
+        assert!(t.held.is_some());
+        assert_eq!(t.s.status & status::IN_TRANS, status::IN_TRANS);
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 /// A COM_STMT_PREPARE in flight: the statement's key and analysis, and what its OK_stmt
 /// said.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareCapture {
     pub key: Arc<StmtKey>,
     pub info: Arc<SqlInfo>,
