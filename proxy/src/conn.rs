@@ -654,15 +654,9 @@ impl<D: Driver> Conn<D> {
         Ok(match step {
             Step::Done => Got::Start,
             Step::Borrow => self.borrow().await,
-            Step::Replay { plan, needs } => {
-                // Boxed: a replay that cannot be pipelined is rare and its future
-                // large; unboxed, every session would carry its size.
-                let r = Box::pin(self.run_replay(plan, needs)).await;
-                if let Replayed::Broken(why) = &r {
-                    tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
-                }
-                Got::Replayed(r)
-            }
+            // Boxed, as the other rare steps: a replay on its own or sent ahead, the
+            // warnings captured, a rewritten answer, a read-back, the release steps.
+            Step::Replay { plan, needs } => Box::pin(self.replay_step(plan, needs)).await,
             Step::SendCommand => {
                 self.send_command(client_command(h)?).await?;
                 Got::Sent
@@ -681,36 +675,8 @@ impl<D: Driver> Conn<D> {
                 self.send_built(out, seq).await?;
                 Got::Sent
             }
-            Step::SendCommandAs { id } => {
-                let h = client_command(h)?;
-                if let Some(payload) = self.cbuf.filled_mut().get_mut(HEADER_LEN..h.total()) {
-                    stmt::patch_stmt_id(payload, id);
-                }
-                self.send_command(h).await?;
-                Got::Sent
-            }
-            Step::Command { payload, kind } => {
-                let Some(b) = self.backend.as_mut() else {
-                    return Ok(Got::Answered(false));
-                };
-                let fine = b.conn.command(&payload, kind).await.is_ok();
-                if !fine {
-                    self.drop_backend();
-                }
-                Got::Answered(fine)
-            }
-            Step::RelayPrepare(mut capture) => {
-                let relayed = self
-                    .relay_response(ResponseKind::Prepare, &NO_STATEMENT, Some(&mut capture))
-                    .await?;
-                Got::PrepareRelayed(relayed.0, capture)
-            }
-            Step::CheckInReset => {
-                if let Some(conn) = self.backend.take() {
-                    self.pool.release(conn);
-                }
-                Got::CheckedIn
-            }
+            Step::SendCommandAs { id } => self.send_command_as(client_command(h)?, id).await?,
+            Step::Command { payload, kind } => self.own_command(&payload, kind).await,
             Step::SendQuery { sql, seq } => {
                 self.send_query(&sql, seq).await?;
                 Got::Sent
@@ -718,27 +684,7 @@ impl<D: Driver> Conn<D> {
             Step::PrepareStatement { cid, seq } => {
                 Got::Prepared(self.backend_statement(cid, seq).await?)
             }
-            Step::BuildExecute { ex } => {
-                let mut out = self.start_built();
-                let Some(b) = self.backend.as_mut() else {
-                    return Err(SessionEnd::Backend("no backend connection".into()));
-                };
-                match execute::build(&mut self.s, &ex, &self.cmd, &mut b.conn.stmts, &mut out) {
-                    Ok(()) => {
-                        self.to_send = Some(out);
-                        Got::Built(Ok(()))
-                    }
-                    Err(execute::BuildError::NotPrepared) => {
-                        return Err(SessionEnd::Backend(
-                            "statement vanished from the backend cache".into(),
-                        ))
-                    }
-                    Err(execute::BuildError::Malformed(e)) => {
-                        self.built = out;
-                        Got::Built(Err(malformed(&e)))
-                    }
-                }
-            }
+            Step::BuildExecute { ex } => self.build_execute(&ex)?,
             Step::SendBuilt { seq } => {
                 let Some(out) = self.to_send.take() else {
                     return Err(SessionEnd::Backend("no command built to send".into()));
@@ -746,8 +692,6 @@ impl<D: Driver> Conn<D> {
                 self.send_built(out, seq).await?;
                 Got::Sent
             }
-            // Boxed, as the other rare steps: a replay sent ahead, the warnings captured,
-            // a rewritten answer, a read-back.
             Step::FinishAhead { plan, seq } => {
                 Box::pin(self.finish_ahead(plan, seq)).await?;
                 Got::AheadDone
@@ -766,23 +710,13 @@ impl<D: Driver> Conn<D> {
                 Got::Relayed(outcome, tracked)
             }
             Step::RelayRewritten { kind, rewrite, seq } => {
-                let binary = kind == ResponseKind::Execute;
-                let (outcome, tracked) = match rewrite {
-                    PlanRelay::PatchRow(values) => {
-                        Box::pin(self.relay_buffered(kind, seq, |r, caps| {
-                            patch_row(r, &values, binary, caps)
-                        }))
-                        .await?
-                    }
-                    PlanRelay::Splice(rows) => {
-                        Box::pin(self.relay_buffered(kind, seq, |r, caps| {
-                            splice_rows(r, &rows, binary, caps)
-                        }))
-                        .await?
-                    }
-                    PlanRelay::Stream => self.relay_response(kind, &NO_STATEMENT, None).await?,
-                };
-                Got::Relayed(outcome, tracked)
+                Box::pin(self.relay_rewritten(kind, rewrite, seq)).await?
+            }
+            Step::RelayPrepare(mut capture) => {
+                let relayed = self
+                    .relay_response(ResponseKind::Prepare, &NO_STATEMENT, Some(&mut capture))
+                    .await?;
+                Got::PrepareRelayed(relayed.0, capture)
             }
             Step::ReadBack { rb, sent, seq } => {
                 if sent {
@@ -798,7 +732,6 @@ impl<D: Driver> Conn<D> {
                     .map_err(SessionEnd::Client)?;
                 Got::Told
             }
-            // Boxed: rare (a warning list to keep, one-shots to clear).
             Step::Release(steps) => Got::Released(Box::pin(self.release_steps(steps)).await),
             Step::CheckIn => {
                 if let Some(b) = self.backend.take() {
@@ -806,7 +739,86 @@ impl<D: Driver> Conn<D> {
                 }
                 Got::CheckedIn
             }
+            Step::CheckInReset => {
+                if let Some(conn) = self.backend.take() {
+                    self.pool.release(conn);
+                }
+                Got::CheckedIn
+            }
         })
+    }
+
+    /// A replay on its own on the held connection.
+    async fn replay_step(&mut self, plan: Replay, needs: Needs) -> Got {
+        let r = self.run_replay(plan, needs).await;
+        if let Replayed::Broken(why) = &r {
+            tracing::debug!(peer = %self.peer, "a connection failed while the session was restored: {why}");
+        }
+        Got::Replayed(r)
+    }
+
+    /// The client's command (one packet, `h`) with the held connection's statement `id`.
+    async fn send_command_as(&mut self, h: Header, id: u32) -> Result<Got, SessionEnd> {
+        if let Some(payload) = self.cbuf.filled_mut().get_mut(HEADER_LEN..h.total()) {
+            stmt::patch_stmt_id(payload, id);
+        }
+        self.send_command(h).await?;
+        Ok(Got::Sent)
+    }
+
+    /// A command of dbproxy's on the held connection; one that fails is discarded.
+    async fn own_command(&mut self, payload: &[u8], kind: ResponseKind) -> Got {
+        let Some(b) = self.backend.as_mut() else {
+            return Got::Answered(false);
+        };
+        let fine = b.conn.command(payload, kind).await.is_ok();
+        if !fine {
+            self.drop_backend();
+        }
+        Got::Answered(fine)
+    }
+
+    /// The client's execute built for the held connection, kept for [`Step::SendBuilt`].
+    fn build_execute(&mut self, ex: &crate::session::execute::Execute) -> Result<Got, SessionEnd> {
+        let mut out = self.start_built();
+        let Some(b) = self.backend.as_mut() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        match execute::build(&mut self.s, ex, &self.cmd, &mut b.conn.stmts, &mut out) {
+            Ok(()) => {
+                self.to_send = Some(out);
+                Ok(Got::Built(Ok(())))
+            }
+            Err(execute::BuildError::NotPrepared) => Err(SessionEnd::Backend(
+                "statement vanished from the backend cache".into(),
+            )),
+            Err(execute::BuildError::Malformed(e)) => {
+                self.built = out;
+                Ok(Got::Built(Err(malformed(&e))))
+            }
+        }
+    }
+
+    /// A small answer collected and changed as `rewrite` says.
+    async fn relay_rewritten(
+        &mut self,
+        kind: ResponseKind,
+        rewrite: PlanRelay,
+        seq: u8,
+    ) -> Result<Got, SessionEnd> {
+        let binary = kind == ResponseKind::Execute;
+        let (outcome, tracked) = match rewrite {
+            PlanRelay::PatchRow(values) => {
+                self.relay_buffered(kind, seq, |r, caps| patch_row(r, &values, binary, caps))
+                    .await?
+            }
+            PlanRelay::Splice(rows) => {
+                self.relay_buffered(kind, seq, |r, caps| splice_rows(r, &rows, binary, caps))
+                    .await?
+            }
+            PlanRelay::Stream => self.relay_response(kind, &NO_STATEMENT, None).await?,
+        };
+        Ok(Got::Relayed(outcome, tracked))
     }
 
     /// Borrows a connection for the client, which then holds it.
