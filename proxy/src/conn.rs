@@ -11,7 +11,7 @@
 use crate::backend_script as script;
 use crate::clients::{ClientSlot, Registration};
 use crate::io::{
-    read_command, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
+    read_by, read_packet_by, read_watching_peer, write_by, write_packet, Buf, Driver, GaveUp,
     PacketTooLarge, Stream,
 };
 use crate::mysql::auth::new_nonce;
@@ -37,6 +37,7 @@ use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
 };
 use crate::session::execute;
+use crate::session::idle::{Heard, Idle};
 use crate::session::kill::{self, Kill, Target as KillTarget, Verdict};
 use crate::session::login::{Accepted, Agreed, ClientTls, Profile};
 use crate::session::pins::PinReason;
@@ -991,18 +992,19 @@ impl<D: Driver> Conn<D> {
             return None;
         }
         // Read each time: a reload may change them.
-        let (limit, why) = {
+        let (wait, rest) = {
             let cfg = self.shared.config();
             let p = &cfg.proxy;
-            command::idle_wait(
+            let wait = command::idle_wait(
                 p.idle_client_timeout,
                 p.idle_transaction_timeout,
                 self.in_tx,
-            )
+            );
+            (wait, p.net_read_timeout)
         };
-        let deadline = limit.map(|t| tokio::time::Instant::now() + t);
-        let shared = self.shared.clone();
         let holds = self.backend.is_some();
+        let mut idle = Idle::new(wait, rest, MAX_PAYLOAD, holds, std::time::Instant::now());
+        let shared = self.shared.clone();
         // The read also ends when the session is killed, or when a drain starts (for a
         // session in a transaction: at the drain's deadline). Both wake the slot.
         let stop = async {
@@ -1022,33 +1024,42 @@ impl<D: Driver> Conn<D> {
                 slot.woken().await;
             }
         };
-        let rest = self.shared.config().proxy.net_read_timeout;
-        let read = read_command(
-            &mut self.client,
-            &mut self.cbuf,
-            MAX_PAYLOAD,
-            deadline,
-            rest,
-            stop,
-        )
-        .await;
-        let e = match read {
-            Ok(h) => {
-                // PAUSE: a session between transactions waits with its statement (KILL
-                // and the drain still end it).
-                if self.backend.is_none() && self.shared.is_paused() {
-                    let _held = GaugeGuard::new(&self.shared.held);
-                    tokio::select! {
-                        _ = self.shared.resumed() => {}
-                        _ = slot.killed() => return None,
-                    }
+        tokio::pin!(stop);
+        let end = loop {
+            let h = match idle.on_bytes(self.cbuf.filled(), std::time::Instant::now()) {
+                Heard::Command(h) => return self.unless_paused(h, slot).await,
+                Heard::TooLarge(n) => {
+                    tracing::debug!(peer = %self.peer, "client read failed: {}", PacketTooLarge(n));
+                    break idle.on_closed();
                 }
-                return Some(h);
+                Heard::Partial => Header::parse(self.cbuf.filled()),
+            };
+            let room = h.map_or(4096, |h| h.total().saturating_sub(self.cbuf.len()));
+            self.cbuf.reserve(room.max(1));
+            let deadline = idle.poll_timeout();
+            let by = deadline.map(tokio::time::Instant::from_std);
+            match read_by(&mut self.client, &mut self.cbuf, by, stop.as_mut()).await {
+                Ok(0) => break idle.on_closed(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    let now = std::time::Instant::now();
+                    let now = deadline.map_or(now, |d| now.max(d));
+                    break idle.on_timer(now).unwrap_or(NoCommand::Stalled);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    break match slot.is_killed() {
+                        true => idle.on_killed(),
+                        false => NoCommand::Draining {
+                            in_transaction: holds,
+                        },
+                    };
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, "client read failed: {e}");
+                    break idle.on_closed();
+                }
             }
-            Err(e) => e,
         };
-        let partial = !self.cbuf.is_empty();
-        let end = NoCommand::of(e.kind(), slot.is_killed(), partial, why, holds);
         match end {
             NoCommand::Killed => tracing::debug!(peer = %self.peer, "session killed"),
             NoCommand::Draining {
@@ -1056,21 +1067,31 @@ impl<D: Driver> Conn<D> {
             } => {
                 tracing::info!(peer = %self.peer, user = %self.s.user.name, "shutdown_timeout: closing a client still in a transaction");
             }
-            NoCommand::Draining { .. } => {}
             NoCommand::Stalled => {
                 tracing::info!(peer = %self.peer, "net_read_timeout: the client sent part of a command and went silent");
             }
             NoCommand::Idle(IdleLimit::Transaction) => {
                 tracing::info!(peer = %self.peer, user = %self.s.user.name, "idle_transaction_timeout: closing a client idle in a transaction (rolled back)");
             }
-            NoCommand::Idle(IdleLimit::Client) => {}
-            NoCommand::Left if e.kind() == io::ErrorKind::UnexpectedEof => {}
-            NoCommand::Left => tracing::debug!(peer = %self.peer, "client read failed: {e}"),
+            NoCommand::Draining { .. } | NoCommand::Idle(IdleLimit::Client) | NoCommand::Left => {}
         }
         if let Some((seq, told)) = end.told() {
             let _ = write_packet(&mut self.client, seq, &told.encode()).await;
         }
         None
+    }
+
+    /// PAUSE: a session between transactions waits with its command (KILL and the drain
+    /// still end it).
+    async fn unless_paused(&mut self, h: Header, slot: &ClientSlot) -> Option<Header> {
+        if self.backend.is_none() && self.shared.is_paused() {
+            let _held = GaugeGuard::new(&self.shared.held);
+            tokio::select! {
+                _ = self.shared.resumed() => {}
+                _ = slot.killed() => return None,
+            }
+        }
+        Some(h)
     }
 
     /// Serves a command [`command::dispatch`] chose (QUIT, CHANGE_USER and refusals are

@@ -380,40 +380,19 @@ pub fn read_packet_until<'a, S: Stream>(
     deadline: Option<tokio::time::Instant>,
     stop: impl Future<Output = ()> + 'a,
 ) -> impl Future<Output = io::Result<Header>> + 'a {
-    read_packet_within(s, buf, limit, deadline, None, stop)
+    read_packet_within(s, buf, limit, deadline, stop)
 }
 
-/// [`read_packet_until`] for a client's next command: `idle` bounds the wait for its first
-/// byte; once part of a packet is here, the rest must follow within `rest` (a client that
-/// sends half a command and goes silent is not waited for like an idle one).
-pub fn read_command<'a, S: Stream>(
-    s: &'a mut S,
-    buf: &'a mut Buf,
-    limit: usize,
-    idle: Option<tokio::time::Instant>,
-    rest: std::time::Duration,
-    stop: impl Future<Output = ()> + 'a,
-) -> impl Future<Output = io::Result<Header>> + 'a {
-    read_packet_within(s, buf, limit, idle, Some(rest), stop)
-}
-
-/// Reads one packet by `deadline`; with `rest`, also within `rest` of its first bytes.
+/// Reads one packet by `deadline`.
 async fn read_packet_within<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
     limit: usize,
-    mut deadline: Option<tokio::time::Instant>,
-    rest: Option<std::time::Duration>,
+    deadline: Option<tokio::time::Instant>,
     stop: impl Future<Output = ()>,
 ) -> io::Result<Header> {
     tokio::pin!(stop);
-    // Whether part of a packet just arrived (the rest's deadline starts then).
-    let mut partial = !buf.is_empty();
     loop {
-        if let Some(rest) = rest.filter(|_| partial) {
-            let by = tokio::time::Instant::now() + rest;
-            deadline = Some(deadline.map_or(by, |d| d.min(by)));
-        }
         if let Some(h) = Header::parse(buf.filled()) {
             if h.len > limit {
                 return Err(io::Error::new(
@@ -428,11 +407,9 @@ async fn read_packet_within<S: Stream>(
         } else {
             buf.reserve(4096);
         }
-        let before = buf.len();
         if read_by(s, buf, deadline, stop.as_mut()).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        partial = before == 0;
     }
 }
 

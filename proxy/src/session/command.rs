@@ -210,28 +210,6 @@ pub enum NoCommand {
 }
 
 impl NoCommand {
-    /// From how the read for the next command failed (`kind`): ended by the session's stop
-    /// (`Interrupted`: killed, or the drain), by a deadline (`TimedOut`: idle, or silent
-    /// with part of a command received), or by the client.
-    pub fn of(
-        kind: std::io::ErrorKind,
-        killed: bool,
-        partial: bool,
-        limit: IdleLimit,
-        holds_connection: bool,
-    ) -> NoCommand {
-        use std::io::ErrorKind;
-        match kind {
-            ErrorKind::Interrupted if killed => NoCommand::Killed,
-            ErrorKind::Interrupted => NoCommand::Draining {
-                in_transaction: holds_connection,
-            },
-            ErrorKind::TimedOut if partial => NoCommand::Stalled,
-            ErrorKind::TimedOut => NoCommand::Idle(limit),
-            _ => NoCommand::Left,
-        }
-    }
-
     /// What the client is told, if anything, and the sequence id it goes with (the drain's
     /// [`going_away`] goes with 1: see there).
     pub fn told(self) -> Option<(u8, ErrPacket)> {
@@ -450,24 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn why_no_command_came_and_what_the_client_is_told() {
-        use std::io::ErrorKind::{Interrupted, TimedOut, UnexpectedEof};
-        let of = |kind, killed, partial, holds| {
-            NoCommand::of(kind, killed, partial, IdleLimit::Transaction, holds)
-        };
-        assert_eq!(of(Interrupted, true, false, true), NoCommand::Killed);
-        assert_eq!(
-            of(Interrupted, false, false, true),
-            NoCommand::Draining {
-                in_transaction: true
-            }
-        );
-        assert_eq!(of(TimedOut, false, true, false), NoCommand::Stalled);
-        assert_eq!(
-            of(TimedOut, false, false, true),
-            NoCommand::Idle(IdleLimit::Transaction)
-        );
-        assert_eq!(of(UnexpectedEof, true, true, true), NoCommand::Left);
+    fn what_a_client_without_a_command_is_told() {
         let code = |n: NoCommand| n.told().map(|(_, e)| e.code);
         assert_eq!(code(NoCommand::Killed), None);
         assert_eq!(code(NoCommand::Left), None);

@@ -14,6 +14,7 @@ pub mod connection_phase;
 pub mod cursor;
 pub mod diag;
 pub mod execute;
+pub mod idle;
 pub mod kill;
 pub mod login;
 pub mod pin_reason;
