@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("response", response),
     ("session_tracking", session_tracking),
     ("statement_rewrite", statement_rewrite),
+    ("serving", serving),
 ];
 
 /// Splits `data` into physical packets as the relays do (a length of 3 bytes, a sequence
@@ -363,63 +364,218 @@ fn backend_script(flags: u8, caps: u32, list: &[(Header, &[u8])]) {
 }
 
 /// The same bytes as the answer to a client's command streaming through
-/// (`session::answer`): passes over every prefix a read could end at, as the relay makes
-/// them, with tracking stripped or kept and a prepare's OK_stmt given the client's id.
+/// (`session::relaying`): passes over every prefix a read could end at, as the relay makes
+/// them, with tracking stripped or kept, a prepare's OK_stmt given the client's id, a
+/// LOCAL INFILE answered with an empty file, and the statement's timer firing between
+/// reads.
 fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
-    use crate::session::answer::{PrepareCapture, Relay};
+    use crate::mysql::packet::HEADER_LEN;
+    use crate::session::answer::PrepareCapture;
+    use crate::session::relaying::{Context, Next, Relaying};
+    use std::time::{Duration, Instant};
     let Some(user) = users().get(b"app") else {
         return;
     };
     let mut session = crate::session::ClientSession::new(user, caps, 45, None);
     let mut backend = BackendSession::default();
     let mut stmts = crate::session::stmts::BackendStmts::new(4);
-    let mut tracker = ResponseTracker::new(kind, caps);
-    let mut tracked = crate::session::Tracked::default();
     let sql: &[u8] = b"SELECT 1";
     let info = crate::session::sql::analyze(sql);
     let key = crate::session::stmts::StmtKey::new(Default::default(), std::sync::Arc::from(sql));
     let mut capture = PrepareCapture::new(key, std::sync::Arc::new(info.clone()));
+    let t0 = Instant::now();
+    let second = Duration::from_secs(1);
+    let watch = (flags & 0x04 != 0).then_some((second, second));
+    let (strip, retryable) = (flags & 0x08 != 0, flags & 0x10 != 0);
+    let mut relaying = Relaying::new(kind, caps, strip, retryable, watch, t0);
     let mut buf = data.to_vec();
     let mut at = 0;
-    let mut check_read_only = flags & 0x10 != 0;
     // Reads of 1, 2, 3, ... bytes: every packet boundary falls inside one some time.
     let mut read = 1;
     while at < buf.len() {
         let end = (at + read).min(buf.len());
+        let now = t0 + second * u32::try_from(read).unwrap_or(u32::MAX) / 2;
         read += 1;
-        let Some(window) = buf.get_mut(..end) else {
+        let _ = relaying.on_timer(now);
+        let _ = relaying.poll_timeout();
+        let Some(pending) = buf.get_mut(at..end) else {
             return;
         };
-        let mut relay = Relay {
-            tracker: &mut tracker,
+        let cx = Context {
             session: &mut session,
             backend: &mut backend,
             backend_stmts: &mut stmts,
             caps,
             info: &info,
-            tracked: &mut tracked,
             prepare: (kind == ResponseKind::Prepare).then_some(&mut capture),
-            strip: flags & 0x08 != 0,
-            check_read_only,
         };
-        let Some(pending) = window.get_mut(at..) else {
-            return;
-        };
-        let scan = relay.scan(pending);
-        check_read_only = relay.check_read_only;
-        match scan {
-            Ok(s) if s.step == Step::More => at += s.bytes,
-            Ok(s) if s.step == Step::LocalInfile => {
-                at += s.bytes;
-                tracker.resume_after_infile();
+        let pass = match relaying.on_backend(cx, pending, now) {
+            Ok(pass) => pass,
+            Err(why) => {
+                let _ = relaying.told(&session, &why.to_string());
+                return;
             }
-            _ => return,
+        };
+        at += pass.bytes;
+        match pass.next {
+            Next::Read { want } => assert!(want >= 1, "a read of nothing"),
+            Next::Infile => {
+                // The client's file: one packet, then its end.
+                let packet = Header {
+                    len: HEADER_LEN,
+                    seq: 2,
+                };
+                let _ = relaying.infile_packet(packet);
+                if flags & 0x01 != 0 {
+                    relaying.infile_send_failed("gone".into());
+                }
+                let _ = relaying.infile_packet(Header { len: 0, seq: 3 });
+                if relaying.infile_done().is_err() {
+                    return;
+                }
+            }
+            Next::Done => {
+                let cx = Context {
+                    session: &mut session,
+                    backend: &mut backend,
+                    backend_stmts: &mut stmts,
+                    caps,
+                    info: &info,
+                    prepare: None,
+                };
+                let _ = relaying.finish(cx);
+                return;
+            }
         }
         if end == buf.len() && at < end {
             // An incomplete packet at the end: nothing more will come.
+            let _ = relaying.backend_closed(None);
             return;
         }
     }
+}
+
+/// A client's command served by its flow (`serving`), whatever each step's answer: the
+/// flow is chosen by the first byte, the rest is the command's payload and then the
+/// answers, one byte each. Whatever comes back, a flow ends within a bounded number of
+/// steps and never panics.
+pub fn serving(data: &[u8]) {
+    use crate::serving::{Cx, Flow, Got, Step};
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    let (command, answers) = rest.split_at(rest.len().min(usize::from(which >> 4)));
+    let Some(user) = users().get(b"app") else {
+        return;
+    };
+    let mut s = crate::session::ClientSession::new(
+        user,
+        crate::mysql::consts::cap::PROTOCOL_41,
+        45,
+        Some(b"shop".to_vec()),
+    );
+    let sql: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"SELECT ?"[..]);
+    let key = crate::session::stmts::StmtKey::new(Default::default(), sql.clone());
+    let info = std::sync::Arc::new(crate::session::sql::analyze(&sql));
+    let cid = s.stmts.add(key.clone(), info.clone(), 1, 1);
+    let mut held: Option<BackendSession> = (which & 0x08 != 0).then(BackendSession::default);
+    let mut held_stmts = crate::session::stmts::BackendStmts::new(2);
+    let mut flow: Box<dyn Flow> = {
+        let cx = Cx::new(&mut s, None);
+        let mut cx = cx;
+        cx.command = command;
+        use crate::serving::*;
+        match which & 0x07 {
+            0 => Box::new(query::Query::new(
+                0,
+                command.get(1..).unwrap_or_default(),
+                false,
+            )),
+            1 => Box::new(execute::Execute::new(
+                0,
+                crate::session::execute::Execute {
+                    cid,
+                    key,
+                    info,
+                    needs: Default::default(),
+                    cursor: which & 0x80 != 0,
+                },
+            )),
+            2 => Box::new(forward::Forward::new(
+                0,
+                ResponseKind::Single,
+                true,
+                which & 0x80 != 0,
+            )),
+            3 => Box::new(prepare::Prepare::new(0, 4, usize::from(which >> 6))),
+            4 => match stmt_command::StatementCommand::new(0, &cx) {
+                Ok(f) => Box::new(f),
+                Err(f) => Box::new(f),
+            },
+            5 => Box::new(stmt_command::CloseStatement::new(&cx)),
+            6 => Box::new(forward::ResetConnection::new(0)),
+            _ => Box::new(forward::Pong::new(0)),
+        }
+    };
+    let outcome = |b: u8| crate::session::Outcome {
+        ending: match b % 3 {
+            0 => crate::mysql::response::End::Err,
+            1 => crate::mysql::response::End::Ok {
+                affected: u64::from(b),
+                warnings: u16::from(b & 1),
+            },
+            _ => crate::mysql::response::End::Rows {
+                rows: 1,
+                warnings: 0,
+            },
+        },
+        status: Some(u16::from(b) << 4 | 2),
+    };
+    let mut got = Got::Start;
+    let mut answers = answers.iter().copied().chain(std::iter::repeat(0));
+    for _ in 0..64 {
+        let mut cx = Cx::new(&mut s, held.as_mut());
+        cx.held_stmts = cx.held.is_some().then_some(&mut held_stmts);
+        cx.command = command;
+        let step = flow.next(&mut cx, got).into_owned();
+        let b = answers.next().unwrap_or(0);
+        let e = || crate::mysql::wire::ErrPacket::new(1146, "42S02", "gone");
+        got = match step {
+            Step::Done => return,
+            Step::Borrow if b & 1 == 0 => {
+                held = Some(BackendSession::default());
+                Got::Lent
+            }
+            Step::CheckIn | Step::CheckInReset => {
+                held = None;
+                Got::CheckedIn
+            }
+            // Any answer at all, to any step: the flow must cope.
+            _ => match b % 16 {
+                0 => Got::Refused(e()),
+                1 => Got::Replayed(crate::session::borrowing::Replayed::Broken("x".into())),
+                2 => Got::Replayed(crate::session::borrowing::Replayed::Refused(e())),
+                3 => Got::Replayed(crate::session::borrowing::Replayed::Done),
+                4 => Got::Sent,
+                5 => Got::Dropped,
+                6 => Got::Read,
+                7 => Got::Relayed(outcome(b >> 4), Default::default()),
+                8 => Got::Told,
+                9 => Got::AheadDone,
+                10 => Got::Captured,
+                11 => Got::ReadBack,
+                12 => Got::Prepared(if b & 0x10 != 0 { Ok(7) } else { Err(e()) }),
+                13 => Got::Built(if b & 0x10 != 0 { Ok(()) } else { Err(e()) }),
+                14 => Got::Released(if b & 0x10 != 0 {
+                    Ok(None)
+                } else {
+                    Err("x".into())
+                }),
+                _ => Got::Answered(b & 0x10 != 0),
+            },
+        };
+    }
+    panic!("a flow did not end within 64 steps");
 }
 
 /// An OK packet's session-state information, as dbproxy learns a session from it.
