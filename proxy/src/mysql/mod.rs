@@ -1,7 +1,7 @@
 //! Sans-IO MySQL/MariaDB protocol core: bytes in, decisions and bytes out.
 //!
 //! Nothing in here touches a socket or an async runtime; every type is driven by the
-//! session loop in `conn.rs` and unit-tested on byte sequences.
+//! session loop in `conn/` and unit-tested on byte sequences.
 
 pub mod auth;
 pub mod backend;

@@ -2,7 +2,7 @@
 //! says what comes next ([`Step`]: borrow, replay, send the command, relay its answer, tell
 //! the client, give the connection back) and is told how each step went ([`Got`]). It is
 //! plain code over `session/`'s parts: the driver borrows, reads, writes and runs the
-//! scripts, and the flow decides. `conn.rs` drives flows today; the worker loop drives the
+//! scripts, and the flow decides. `conn/` drives flows today; the worker loop drives the
 //! same flows.
 //!
 //! A step that fails in a way no flow decides on (the client gone, the connection lost

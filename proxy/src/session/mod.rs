@@ -1,6 +1,6 @@
 //! The client session, sans-IO: what a client's commands need from a backend connection,
 //! what dbproxy learns from the responses, and the decision at the end of every response
-//! (keep the connection, or give it back and what to do first). The driver (`conn.rs`) owns
+//! (keep the connection, or give it back and what to do first). The driver (`conn/`) owns
 //! the sockets and feeds this module; nothing here does I/O.
 //!
 //! Rooms: `sql` (what a statement's text does), `pins`, `state` (session state, backend
