@@ -209,6 +209,7 @@ impl<D: Driver> Conn<D> {
                 }
                 Next::Read { want } => {
                     b.conn.buf.reserve(want);
+                    answer.waiting(std::time::Instant::now());
                     self.read_answer(b, answer).await?;
                 }
             }

@@ -187,6 +187,15 @@ impl Relaying {
         })
     }
 
+    /// What the last pass found is out (the client took it): from `now` dbproxy waits on the
+    /// database, and its silence counts from there, not from when the bytes came (a slow
+    /// client is `net_write_timeout`'s to judge, not `query_timeout`'s).
+    pub fn waiting(&mut self, now: Instant) {
+        if let Some(w) = self.watch.as_mut() {
+            w.heard(now);
+        }
+    }
+
     /// The database closed the connection, or reading from it failed.
     pub fn backend_closed(&mut self, error: Option<String>) -> Failure {
         Failure::Backend(error.unwrap_or_else(|| "the database closed the connection".into()))
@@ -514,6 +523,19 @@ mod tests {
             Some(Alarm::GiveUp(Failure::Backend(why))) => assert!(why.contains("KILL QUERY")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_slow_client_does_not_count_as_the_databases_silence() {
+        let mut w = World::new(b"SELECT * FROM big");
+        let t0 = w.now;
+        let mut r = relaying(false, Some((5 * S, 2 * S)), t0);
+        w.arrive(&mut r, &packets(&[(1, b"\x01")]), 1 * S).unwrap();
+        // The client took 10 s to take that; the database is waited on from then.
+        r.waiting(t0 + 11 * S);
+        assert_eq!(r.on_timer(t0 + 15 * S), None);
+        assert_eq!(r.poll_timeout(), Some(t0 + 16 * S));
+        assert_eq!(r.on_timer(t0 + 16 * S), Some(Alarm::Kill));
     }
 
     #[test]
