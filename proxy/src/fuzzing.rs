@@ -388,6 +388,19 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
     let watch = (flags & 0x04 != 0).then_some((second, second));
     let (strip, retryable) = (flags & 0x08 != 0, flags & 0x10 != 0);
     let mut relaying = Relaying::new(kind, caps, strip, retryable, watch, t0);
+    // What a pass sees, with the prepare's capture or not.
+    macro_rules! cx {
+        ($prepare:expr) => {
+            Context {
+                session: &mut session,
+                backend: &mut backend,
+                backend_stmts: &mut stmts,
+                caps,
+                info: &info,
+                prepare: $prepare,
+            }
+        };
+    }
     let mut buf = data.to_vec();
     let mut at = 0;
     // Reads of 1, 2, 3, ... bytes: every packet boundary falls inside one some time.
@@ -401,15 +414,8 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
         let Some(pending) = buf.get_mut(at..end) else {
             return;
         };
-        let cx = Context {
-            session: &mut session,
-            backend: &mut backend,
-            backend_stmts: &mut stmts,
-            caps,
-            info: &info,
-            prepare: (kind == ResponseKind::Prepare).then_some(&mut capture),
-        };
-        let pass = match relaying.on_backend(cx, pending, now) {
+        let prepare = (kind == ResponseKind::Prepare).then_some(&mut capture);
+        let pass = match relaying.on_backend(cx!(prepare), pending, now) {
             Ok(pass) => pass,
             Err(why) => {
                 let _ = relaying.told(&session, &why.to_string());
@@ -435,15 +441,7 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
                 }
             }
             Next::Done => {
-                let cx = Context {
-                    session: &mut session,
-                    backend: &mut backend,
-                    backend_stmts: &mut stmts,
-                    caps,
-                    info: &info,
-                    prepare: None,
-                };
-                let _ = relaying.finish(cx);
+                let _ = relaying.finish(cx!(None));
                 return;
             }
         }

@@ -96,7 +96,7 @@ impl<D: Driver> Conn<D> {
     /// Gives the backend connection back at a transaction boundary with nothing pinned,
     /// after reading the client's warning list and clearing one-shots meant for it alone.
     pub(super) async fn maybe_release(&mut self) -> Result<(), SessionEnd> {
-        self.drive(&mut ReleaseOnly::default(), None).await
+        self.drive(&mut ReleaseOnly, None).await
     }
 
     /// Drives a command's flow (`serving`): carries out each step it asks for and tells it

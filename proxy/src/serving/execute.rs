@@ -5,7 +5,7 @@
 //! statement's round trip; then the connection goes back at a transaction boundary.
 
 use super::statement::{Send, Statement};
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use super::{release, Cx, Flow, Got, Readiness, Ready, Refusing, Step};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::wire::ErrPacket;
 use crate::session::borrowing::Borrowing;
@@ -42,7 +42,7 @@ enum Stage {
     /// The command is being built for the connection.
     Building,
     Running(Statement),
-    Releasing(Releasing),
+    Releasing,
 }
 
 impl Execute {
@@ -119,10 +119,8 @@ impl Execute {
     }
 
     fn release(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
-        let mut r = Releasing;
-        let step = r.step(cx, Got::Start);
-        self.stage = Stage::Releasing(r);
-        step.unwrap_or(Step::Done)
+        self.stage = Stage::Releasing;
+        release(cx, Got::Start)
     }
 }
 
@@ -189,7 +187,7 @@ impl Flow for Execute {
                     }
                 },
                 Stage::Running(_) => break,
-                Stage::Releasing(r) => return r.step(cx, got).unwrap_or(Step::Done),
+                Stage::Releasing => return release(cx, got),
             }
         }
         let Stage::Running(statement) = &mut self.stage else {
@@ -212,8 +210,7 @@ impl Flow for Execute {
 mod tests {
     use super::*;
     use crate::mysql::consts::status;
-    use crate::mysql::response::End;
-    use crate::serving::testing::Script;
+    use crate::serving::testing::{self, Script};
     use crate::session::sql::analyze;
     use crate::session::state::Needs;
     use crate::session::stmts::{StmtContext, StmtKey};
@@ -237,17 +234,7 @@ mod tests {
     }
 
     fn rows() -> Got {
-        let ending = End::Rows {
-            rows: 1,
-            warnings: 0,
-        };
-        Got::Relayed(
-            Outcome {
-                ending,
-                status: Some(status::AUTOCOMMIT),
-            },
-            Tracked::default(),
-        )
+        testing::rows(status::AUTOCOMMIT)
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! COM_FIELD_LIST, ...), and those dbproxy answers itself: a ping from a client that holds
 //! no connection, and a refused command.
 
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use super::{release, Cx, Flow, Got, Readiness, Ready, Refusing, Step};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::session::borrowing::Borrowing;
@@ -27,7 +27,7 @@ enum Stage {
     Refusing(Refusing),
     Sending,
     Relaying,
-    Releasing(Releasing),
+    Releasing,
 }
 
 impl Forward {
@@ -59,10 +59,8 @@ impl Flow for Forward {
                     Step::SendCommand
                 }
                 Readiness::Failed(e) => {
-                    let r = Refusing::new(self.seq, e);
-                    let step = r.start();
-                    self.stage = Stage::Refusing(r);
-                    step
+                    self.stage = Stage::Refusing(Refusing::new(self.seq, e));
+                    Step::DropCommand
                 }
             },
             Stage::Refusing(r) => r.step(cx, got).unwrap_or(Step::Done),
@@ -78,12 +76,10 @@ impl Flow for Forward {
                     let c = cx.s.after_command(&self.info, outcome, tracked, b);
                     cx.count(c);
                 }
-                let mut r = Releasing;
-                let step = r.step(cx, Got::Start);
-                self.stage = Stage::Releasing(r);
-                step.unwrap_or(Step::Done)
+                self.stage = Stage::Releasing;
+                release(cx, Got::Start)
             }
-            Stage::Releasing(r) => r.step(cx, got).unwrap_or(Step::Done),
+            Stage::Releasing => release(cx, got),
         }
     }
 }
@@ -133,7 +129,7 @@ impl Refuse {
 impl Flow for Refuse {
     fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
         match got {
-            Got::Start => self.0.start(),
+            Got::Start => Step::DropCommand,
             got => self.0.step(cx, got).unwrap_or(Step::Done),
         }
     }
@@ -181,11 +177,11 @@ impl Flow for ResetConnection {
 
 /// The end of a command that may leave the connection free to go back.
 #[derive(Debug, Default)]
-pub struct ReleaseOnly(Releasing);
+pub struct ReleaseOnly;
 
 impl Flow for ReleaseOnly {
     fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
-        self.0.step(cx, got).unwrap_or(Step::Done)
+        release(cx, got)
     }
 }
 
@@ -193,11 +189,10 @@ impl Flow for ReleaseOnly {
 mod tests {
     use super::*;
     use crate::mysql::consts::{errcode, status};
-    use crate::mysql::response::End;
-    use crate::serving::testing::Script;
+    use crate::serving::testing::{self, Script};
     use crate::session::borrowing::{Replayed, ATTEMPTS};
     use crate::session::state::BackendSession;
-    use crate::session::{ClientSession, Outcome, Release, Tracked};
+    use crate::session::{ClientSession, Release};
 
     fn session() -> ClientSession {
         crate::session::testing::session(None)
@@ -211,16 +206,7 @@ mod tests {
     }
 
     fn ok(status: u16) -> Got {
-        Got::Relayed(
-            Outcome {
-                ending: End::Ok {
-                    affected: 0,
-                    warnings: 0,
-                },
-                status: Some(status),
-            },
-            Tracked::default(),
-        )
+        testing::ok(status, 0)
     }
 
     #[test]
@@ -269,18 +255,7 @@ mod tests {
             &mut f,
             vec![Got::Refused(busy.clone()), Got::Dropped, Got::Told],
         );
-        assert_eq!(
-            steps,
-            [
-                Step::Borrow,
-                Step::DropCommand,
-                Step::Tell {
-                    seq: 1,
-                    payload: busy.encode()
-                },
-                Step::Done
-            ]
-        );
+        assert_eq!(steps, testing::refused(&busy));
     }
 
     #[test]

@@ -281,43 +281,37 @@ impl Ready {
 
 /// The end of a command that holds a connection: it goes back at a transaction boundary
 /// with nothing pinned, after the client's warning list is read and the one-shots meant
-/// for it alone are cleared.
-#[derive(Debug, Default)]
-pub struct Releasing;
-
-impl Releasing {
-    /// Takes `got` ([`Got::Start`] first); `None` once the command is over.
-    pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step<'static>> {
-        match got {
-            Got::Released(result) => match (result, cx.held.as_deref_mut()) {
-                (Ok(warnings), Some(b)) => {
-                    cx.s.released(b, warnings.as_ref());
-                    Some(Step::CheckIn)
-                }
-                // Discarded by the driver: the client's next connection is another.
-                _ => {
-                    cx.s.moved();
-                    None
-                }
-            },
-            Got::CheckedIn => None,
-            _ => {
-                if !cx.s.releasable() {
-                    return None;
-                }
-                let b = cx.held.as_deref()?;
-                let steps = cx.s.release(b);
-                if steps.is_empty() {
-                    return Some(Step::CheckIn);
-                }
-                Some(Step::Release(steps))
+/// for it alone are cleared. Takes `got` ([`Got::Start`] first); [`Step::Done`] once the
+/// command is over.
+pub fn release(cx: &mut Cx<'_>, got: Got) -> Step<'static> {
+    match got {
+        Got::Released(result) => match (result, cx.held.as_deref_mut()) {
+            (Ok(warnings), Some(b)) => {
+                cx.s.released(b, warnings.as_ref());
+                Step::CheckIn
             }
+            // Discarded by the driver: the client's next connection is another.
+            _ => {
+                cx.s.moved();
+                Step::Done
+            }
+        },
+        Got::CheckedIn => Step::Done,
+        _ => {
+            let Some(b) = cx.held.as_deref().filter(|_| cx.s.releasable()) else {
+                return Step::Done;
+            };
+            let steps = cx.s.release(b);
+            if steps.is_empty() {
+                return Step::CheckIn;
+            }
+            Step::Release(steps)
         }
     }
 }
 
-/// A command refused before it reached the server: its packets are read and dropped, then
-/// the client gets the error.
+/// A command refused before it reached the server: its packets are read and dropped
+/// ([`Step::DropCommand`] first), then the client gets the error.
 #[derive(Debug)]
 pub struct Refusing {
     seq: u8,
@@ -345,11 +339,6 @@ impl Refusing {
             error: Some(e),
             was_to_run: false,
         }
-    }
-
-    /// The first step.
-    pub fn start(&self) -> Step<'static> {
-        Step::DropCommand
     }
 
     /// Takes `got`; `None` once the client is told.
@@ -382,6 +371,43 @@ pub(crate) mod testing {
     //! Drives flows in memory: a scripted pool, connection and client.
 
     use super::*;
+
+    /// A relayed answer that ended as `ending`, with `status`.
+    pub fn relayed(ending: crate::mysql::response::End, status: u16) -> Got {
+        Got::Relayed(
+            Outcome {
+                ending,
+                status: Some(status),
+            },
+            Tracked::default(),
+        )
+    }
+
+    /// An OK with `warnings`.
+    pub fn ok(status: u16, warnings: u16) -> Got {
+        let affected = 0;
+        relayed(
+            crate::mysql::response::End::Ok { affected, warnings },
+            status,
+        )
+    }
+
+    /// One row.
+    pub fn rows(status: u16) -> Got {
+        let (rows, warnings) = (1, 0);
+        relayed(crate::mysql::response::End::Rows { rows, warnings }, status)
+    }
+
+    /// The steps of a command that found no connection (`told`: the pool's error).
+    pub fn refused(told: &ErrPacket) -> [Step<'static>; 4] {
+        let payload = told.encode();
+        [
+            Step::Borrow,
+            Step::DropCommand,
+            Step::Tell { seq: 1, payload },
+            Step::Done,
+        ]
+    }
 
     /// The steps a flow asked for, and the answers it was given.
     pub struct Script<'a> {

@@ -3,7 +3,7 @@
 //! again, in the context it was prepared in, wherever an execute lands). The statement's
 //! key holds that context (schema, sql_mode, character sets).
 
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use super::{release, Cx, Flow, Got, Readiness, Ready, Refusing, Step};
 use crate::mysql::consts::errcode;
 use crate::mysql::wire::ErrPacket;
 use crate::session::answer::PrepareCapture;
@@ -27,7 +27,7 @@ enum Stage {
     Reading,
     Sending(Option<PrepareCapture>),
     Relaying,
-    Releasing(Releasing),
+    Releasing,
 }
 
 impl Prepare {
@@ -60,14 +60,12 @@ impl Flow for Prepare {
                     Step::ReadCommand
                 }
                 Readiness::Failed(e) => {
-                    let r = Refusing::new(self.seq, e);
-                    let step = r.start();
-                    self.stage = Stage::Refusing(r);
-                    step
+                    self.stage = Stage::Refusing(Refusing::new(self.seq, e));
+                    Step::DropCommand
                 }
             },
             Stage::Refusing(r) => match got {
-                Got::Start => r.start(),
+                Got::Start => Step::DropCommand,
                 got => r.step(cx, got).unwrap_or(Step::Done),
             },
             Stage::Reading => {
@@ -90,12 +88,10 @@ impl Flow for Prepare {
                         cx.s.after_prepare(&capture.info, outcome.failed(), capture.warnings);
                     cx.count(c);
                 }
-                let mut r = Releasing;
-                let step = r.step(cx, Got::Start);
-                self.stage = Stage::Releasing(r);
-                step.unwrap_or(Step::Done)
+                self.stage = Stage::Releasing;
+                release(cx, Got::Start)
             }
-            Stage::Releasing(r) => r.step(cx, got).unwrap_or(Step::Done),
+            Stage::Releasing => release(cx, got),
         }
     }
 }

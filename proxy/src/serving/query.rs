@@ -5,7 +5,7 @@
 //! back at a transaction boundary.
 
 use super::statement::{Send, Statement};
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use super::{release, Cx, Flow, Got, Readiness, Ready, Refusing, Step};
 use crate::mysql::command::ResponseKind;
 use crate::session::borrowing::Borrowing;
 use crate::session::diag::Answer;
@@ -35,7 +35,7 @@ enum Stage {
     /// The client's warning list is being read from the connection.
     Capturing,
     Running(Statement),
-    Releasing(Releasing),
+    Releasing,
 }
 
 impl Query {
@@ -114,10 +114,8 @@ impl Flow for Query {
                         got = Got::Start;
                     }
                     Readiness::Failed(e) => {
-                        let r = Refusing::new(self.seq, e);
-                        let step = r.start();
-                        self.stage = Stage::Refusing(r);
-                        return step;
+                        self.stage = Stage::Refusing(Refusing::new(self.seq, e));
+                        return Step::DropCommand;
                     }
                 },
                 Stage::Refusing(r) => return r.step(cx, got).unwrap_or(Step::Done),
@@ -128,7 +126,7 @@ impl Flow for Query {
                     got = Got::Start;
                 }
                 Stage::Running(_) => break,
-                Stage::Releasing(r) => return r.step(cx, got).unwrap_or(Step::Done),
+                Stage::Releasing => return release(cx, got),
             }
         }
         // The statement's steps borrow from it (and from the analysis) until carried out.
@@ -141,10 +139,8 @@ impl Flow for Query {
             };
             return statement.step(&self.info);
         }
-        let mut r = Releasing;
-        let step = r.step(cx, Got::Start);
-        self.stage = Stage::Releasing(r);
-        step.unwrap_or(Step::Done)
+        self.stage = Stage::Releasing;
+        release(cx, Got::Start)
     }
 }
 
@@ -152,26 +148,11 @@ impl Flow for Query {
 mod tests {
     use super::*;
     use crate::mysql::consts::{errcode, status};
-    use crate::mysql::response::End;
     use crate::mysql::wire::ErrPacket;
-    use crate::serving::testing::Script;
+    use crate::serving::testing::{self, rows, Script};
     use crate::session::uservars::UserValue;
-    use crate::session::{ClientSession, Outcome, Tracked};
+    use crate::session::ClientSession;
     use std::borrow::Cow;
-
-    fn rows(status: u16) -> Got {
-        let ending = End::Rows {
-            rows: 1,
-            warnings: 0,
-        };
-        Got::Relayed(
-            Outcome {
-                ending,
-                status: Some(status),
-            },
-            Tracked::default(),
-        )
-    }
 
     fn relay(sql: &[u8]) -> Step<'static> {
         Step::Relay {
@@ -250,34 +231,14 @@ mod tests {
         let busy = ErrPacket::new(errcode::PROXY_BORROW_TIMEOUT, "HY000", "busy");
         let answers = vec![Got::Refused(busy.clone()), Got::Dropped, Got::Told];
         let (steps, _) = run(s, b"SELECT 1", answers);
-        assert_eq!(
-            steps,
-            [
-                Step::Borrow,
-                Step::DropCommand,
-                Step::Tell {
-                    seq: 1,
-                    payload: busy.encode()
-                },
-                Step::Done
-            ]
-        );
+        assert_eq!(steps, testing::refused(&busy));
     }
 
     #[test]
     fn a_transaction_keeps_its_connection_and_is_pinned() {
         let sql = b"BEGIN";
         let s = crate::session::testing::session(None);
-        let ok = Got::Relayed(
-            Outcome {
-                ending: End::Ok {
-                    affected: 0,
-                    warnings: 0,
-                },
-                status: Some(status::IN_TRANS | status::AUTOCOMMIT),
-            },
-            Tracked::default(),
-        );
+        let ok = testing::ok(status::IN_TRANS | status::AUTOCOMMIT, 0);
         let (steps, t) = run(s, sql, vec![Got::Lent, Got::Sent, ok]);
         assert_eq!(
             steps,

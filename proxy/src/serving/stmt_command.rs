@@ -2,7 +2,7 @@
 //! rewritten for the connection that holds the statement's long data or cursor; and
 //! COM_STMT_CLOSE, which ends the client's statement (connections keep theirs cached).
 
-use super::{Cx, Flow, Got, Readiness, Ready, Refusing, Releasing, Step};
+use super::{release, Cx, Flow, Got, Readiness, Ready, Refusing, Step};
 use crate::mysql::command::ResponseKind;
 use crate::mysql::consts::com;
 use crate::mysql::stmt;
@@ -31,7 +31,7 @@ enum Stage {
     Told,
     Sent,
     Relaying,
-    Releasing(Releasing),
+    Releasing,
 }
 
 impl StatementCommand {
@@ -59,10 +59,8 @@ impl StatementCommand {
     }
 
     fn release(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
-        let mut r = Releasing;
-        let step = r.step(cx, Got::Start);
-        self.stage = Stage::Releasing(r);
-        step.unwrap_or(Step::Done)
+        self.stage = Stage::Releasing;
+        release(cx, Got::Start)
     }
 
     /// The statement's id on the held connection, if it is prepared there.
@@ -173,7 +171,7 @@ impl Flow for StatementCommand {
                 }
                 self.release(cx)
             }
-            Stage::Releasing(r) => r.step(cx, got).unwrap_or(Step::Done),
+            Stage::Releasing => release(cx, got),
         }
     }
 }
@@ -275,7 +273,7 @@ impl Flow for CloseStatement {
                 }
             }
             CloseStage::Closing => self.releasing(cx, Got::Start),
-            CloseStage::Releasing => Releasing.step(cx, got),
+            CloseStage::Releasing => Some(release(cx, got)).filter(|s| *s != Step::Done),
         };
         step.unwrap_or_else(|| {
             cx.s.stmts.remove(cid);
@@ -287,7 +285,7 @@ impl Flow for CloseStatement {
 impl CloseStatement {
     fn releasing(&mut self, cx: &mut Cx<'_>, got: Got) -> Option<Step<'static>> {
         self.stage = CloseStage::Releasing;
-        Releasing.step(cx, got)
+        Some(release(cx, got)).filter(|s| *s != Step::Done)
     }
 }
 
@@ -296,11 +294,11 @@ mod tests {
     use super::*;
     use crate::mysql::consts::{errcode, status};
     use crate::mysql::response::End;
-    use crate::serving::testing::Script;
+    use crate::serving::testing::{self, Script};
     use crate::session::sql::analyze;
     use crate::session::state::BackendSession;
     use crate::session::stmts::{StmtContext, StmtKey};
-    use crate::session::{Outcome, Tracked};
+    use crate::session::Outcome;
     use std::sync::Arc;
 
     /// A client with `SELECT 1` prepared (as its statement 1), holding a connection on
@@ -332,17 +330,7 @@ mod tests {
     }
 
     fn ok() -> Got {
-        let ending = End::Ok {
-            affected: 0,
-            warnings: 0,
-        };
-        Got::Relayed(
-            Outcome {
-                ending,
-                status: Some(status::AUTOCOMMIT),
-            },
-            Tracked::default(),
-        )
+        testing::ok(status::AUTOCOMMIT, 0)
     }
 
     #[test]
