@@ -483,7 +483,7 @@ pub fn serving(data: &[u8]) {
         let mut cx = cx;
         cx.command = command;
         use crate::serving::*;
-        match which & 0x07 {
+        match which % 9 {
             0 => Box::new(query::Query::new(
                 0,
                 command.get(1..).unwrap_or_default(),
@@ -512,6 +512,7 @@ pub fn serving(data: &[u8]) {
             },
             5 => Box::new(stmt_command::CloseStatement::new(&cx)),
             6 => Box::new(forward::ResetConnection::new(0)),
+            7 => Box::new(connect::Connect::new(2)),
             _ => Box::new(forward::Pong::new(0)),
         }
     };
@@ -539,7 +540,7 @@ pub fn serving(data: &[u8]) {
         let b = answers.next().unwrap_or(0);
         let e = || crate::mysql::wire::ErrPacket::new(1146, "42S02", "gone");
         got = match step {
-            Step::Done => return,
+            Step::Done | Step::EndSession => return,
             Step::Borrow if b & 1 == 0 => {
                 held = Some(BackendSession::default());
                 Got::Lent

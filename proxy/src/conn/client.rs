@@ -230,16 +230,10 @@ impl<D: Driver> Conn<D> {
         self.s.user = a.user;
         self.s.collation = a.collation;
         self.key = pool_key(&self.s);
-        if self.s.state.schema.is_some() {
-            if let Err(e) = self.ensure_backend(Needs::default(), true).await {
-                let _ = write_packet(&mut self.client, seq, &e.encode()).await;
-                return Ok(false);
-            }
-            self.maybe_release().await?;
+        match self.drive(&mut Connect::new(seq), None).await {
+            Ok(()) => Ok(true),
+            Err(SessionEnd::Ended) => Ok(false),
+            Err(e) => Err(e),
         }
-        write_packet(&mut self.client, seq, &ok_packet(self.s.status))
-            .await
-            .map_err(SessionEnd::Client)?;
-        Ok(true)
     }
 }

@@ -32,14 +32,15 @@ use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
+use crate::serving::connect::Connect;
 use crate::serving::execute::Execute as ServeExecute;
-use crate::serving::forward::{Forward, Pong, Refuse, ReleaseOnly, ResetConnection};
+use crate::serving::forward::{Forward, Pong, Refuse, ResetConnection};
 use crate::serving::prepare::Prepare;
 use crate::serving::query::Query;
 use crate::serving::stmt_command::{CloseStatement, StatementCommand};
-use crate::serving::{Cx, Flow, Got, Readiness, Ready, Step, NO_STATEMENT};
+use crate::serving::{Cx, Flow, Got, Step, NO_STATEMENT};
 use crate::session::answer::{patch_row, splice_rows, PrepareCapture};
-use crate::session::borrowing::{unavailable, Borrowing, Replayed};
+use crate::session::borrowing::Replayed;
 use crate::session::command::{self, malformed, Command, IdleLimit, NoCommand};
 use crate::session::connection_phase::{
     Action, ConnectionPhase, End as LoginEnd, Input, HANDSHAKE_LIMIT,
@@ -90,6 +91,10 @@ enum SessionEnd {
     /// refused it as read-only): it is served again once the topology allows.
     #[error("command to be sent again")]
     Retry,
+    /// The session ends here: the client was told why (a login to a database that does
+    /// not exist).
+    #[error("ended, the client told why")]
+    Ended,
 }
 
 /// One client connection.
@@ -231,20 +236,8 @@ fn pool_key(s: &ClientSession) -> PoolKey {
 impl<D: Driver> Conn<D> {
     /// Ends the connection phase: OK, or the error that refuses the client's database.
     async fn connected(&mut self, seq: u8) -> bool {
-        if self.s.state.schema.is_some() {
-            // Like MariaDB, refuse the login when the database does not exist.
-            if let Err(e) = self.ensure_backend(Needs::default(), true).await {
-                let _ = write_packet(&mut self.client, seq, &e.encode()).await;
-                return false;
-            }
-            if self.maybe_release().await.is_err() {
-                return false;
-            }
-        }
-        if write_packet(&mut self.client, seq, &ok_packet(self.s.status))
-            .await
-            .is_err()
-        {
+        // Like MariaDB, a login to a database that does not exist is refused.
+        if self.drive(&mut Connect::new(seq), None).await.is_err() {
             return false;
         }
         tracing::debug!(peer = %self.peer, user = %self.s.user.name, "client logged in");

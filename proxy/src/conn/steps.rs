@@ -9,41 +9,6 @@ pub(super) fn client_command(h: Option<Header>) -> Result<Header, SessionEnd> {
 }
 
 impl<D: Driver> Conn<D> {
-    /// Makes sure this session holds a backend connection; with `replay`, one whose
-    /// session state is the client's (for a statement that `needs`). The error is the
-    /// packet to send to the client.
-    pub(super) async fn ensure_backend(
-        &mut self,
-        needs: Needs,
-        replay: bool,
-    ) -> Result<(), ErrPacket> {
-        self.ready_backend(Borrowing::new(needs, replay, false))
-            .await
-            .map(drop)
-    }
-
-    /// Drives [`Ready`]: borrows, runs replays, and returns what it decided.
-    pub(super) async fn ready_backend(
-        &mut self,
-        m: Borrowing,
-    ) -> Result<Option<Replay>, ErrPacket> {
-        let mut ready = Ready::new(m);
-        let mut got = Got::Start;
-        loop {
-            let held = self.backend.as_mut().map(|b| &mut b.conn.session);
-            let mut cx = Cx::new(&mut self.s, held);
-            let step = match ready.step(&mut cx, got) {
-                Readiness::Step(step) => step,
-                Readiness::Ready(ahead) => return Ok(ahead),
-                Readiness::Failed(e) => return Err(e),
-            };
-            got = self
-                .carry_out(step, None)
-                .await
-                .map_err(|e| unavailable(&e.to_string()))?;
-        }
-    }
-
     /// Reads the answer to a replay sent ahead and records what it set.
     pub(super) async fn finish_ahead(&mut self, plan: Replay, seq: u8) -> Result<(), SessionEnd> {
         let Some(b) = self.backend.as_mut() else {
@@ -93,12 +58,6 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    /// Gives the backend connection back at a transaction boundary with nothing pinned,
-    /// after reading the client's warning list and clearing one-shots meant for it alone.
-    pub(super) async fn maybe_release(&mut self) -> Result<(), SessionEnd> {
-        self.drive(&mut ReleaseOnly, None).await
-    }
-
     /// Drives a command's flow (`serving`): carries out each step it asks for and tells it
     /// how the step went. `h`: the client's command, in `cbuf`.
     pub(super) async fn drive(
@@ -114,8 +73,10 @@ impl<D: Driver> Conn<D> {
             let step = flow.next(&mut cx, got);
             let pins = std::mem::take(&mut cx.pins);
             self.count(pins);
-            if step == Step::Done {
-                return Ok(());
+            match step {
+                Step::Done => return Ok(()),
+                Step::EndSession => return Err(SessionEnd::Ended),
+                _ => {}
             }
             read |= step == Step::ReadCommand;
             got = self.carry_out(step, h).await?;
@@ -153,7 +114,7 @@ impl<D: Driver> Conn<D> {
         h: Option<Header>,
     ) -> Result<Got, SessionEnd> {
         Ok(match step {
-            Step::Done => Got::Start,
+            Step::Done | Step::EndSession => Got::Start,
             Step::Borrow => self.borrow().await,
             // Boxed, as the other rare steps: a replay on its own or sent ahead, the
             // warnings captured, a rewritten answer, a read-back, the release steps.

@@ -175,16 +175,6 @@ impl Flow for ResetConnection {
     }
 }
 
-/// The end of a command that may leave the connection free to go back.
-#[derive(Debug, Default)]
-pub struct ReleaseOnly;
-
-impl Flow for ReleaseOnly {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
-        release(cx, got)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! mid-answer) ends the command in the driver, as before: a flow only sees what it has a
 //! choice about.
 
+pub mod connect;
 pub mod execute;
 pub mod forward;
 pub mod prepare;
@@ -143,6 +144,8 @@ pub enum Step<'f> {
     CheckIn,
     /// The command is over.
     Done,
+    /// The session ends here (the client was told why).
+    EndSession,
 }
 
 impl Step<'_> {
@@ -188,6 +191,7 @@ impl Step<'_> {
             Step::Release(r) => Step::Release(r),
             Step::CheckIn => Step::CheckIn,
             Step::Done => Step::Done,
+            Step::EndSession => Step::EndSession,
         }
     }
 }
@@ -453,7 +457,7 @@ pub(crate) mod testing {
                 self.pins.started.extend(pins.started);
                 self.pins.ended.extend(pins.ended);
                 got = match &step {
-                    Step::Done => {
+                    Step::Done | Step::EndSession => {
                         self.steps.push(step);
                         return &self.steps;
                     }
