@@ -372,6 +372,7 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
     use crate::mysql::packet::HEADER_LEN;
     use crate::session::answer::PrepareCapture;
     use crate::session::relaying::{Context, Next, Relaying};
+    use crate::session::statement_watch::StatementWatch;
     use std::time::{Duration, Instant};
     let Some(user) = users().get(b"app") else {
         return;
@@ -385,9 +386,9 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
     let mut capture = PrepareCapture::new(key, std::sync::Arc::new(info.clone()));
     let t0 = Instant::now();
     let second = Duration::from_secs(1);
-    let watch = (flags & 0x04 != 0).then_some((second, second));
+    let watch = (flags & 0x04 != 0).then(|| StatementWatch::new(second, second, t0));
     let (strip, retryable) = (flags & 0x08 != 0, flags & 0x10 != 0);
-    let mut relaying = Relaying::new(kind, caps, strip, retryable, watch, t0);
+    let mut relaying = Relaying::new(kind, caps, strip, retryable, watch);
     // What a pass sees, with the prepare's capture or not.
     macro_rules! cx {
         ($prepare:expr) => {
@@ -415,7 +416,7 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
             return;
         };
         let prepare = (kind == ResponseKind::Prepare).then_some(&mut capture);
-        let pass = match relaying.on_backend(cx!(prepare), pending, now) {
+        let pass = match relaying.on_backend(cx!(prepare), pending) {
             Ok(pass) => pass,
             Err(why) => {
                 let _ = relaying.told(&session, &why.to_string());
@@ -424,7 +425,10 @@ fn relay_answer(kind: ResponseKind, caps: u32, flags: u8, data: &[u8]) {
         };
         at += pass.bytes;
         match pass.next {
-            Next::Read { want } => assert!(want >= 1, "a read of nothing"),
+            Next::Read { want } => {
+                assert!(want >= 1, "a read of nothing");
+                relaying.waiting(now);
+            }
             Next::Infile => {
                 // The client's file: one packet, then its end.
                 let packet = Header {

@@ -56,6 +56,7 @@ use crate::session::relaying::{
 };
 use crate::session::sql::SqlInfo;
 use crate::session::state::{Needs, Replay};
+use crate::session::statement_watch::StatementWatch;
 use crate::session::{ClientSession, Outcome, PinChanges, ReadBack, Tracked};
 use crate::shared::ProxyShared;
 use crate::stats::{EndpointStats, GaugeGuard};

@@ -100,8 +100,9 @@ impl<D: Driver> Conn<D> {
             b.caps,
             !self.s.wants_tracking(),
             self.retryable,
-            limits.statement.map(|limit| (limit, limits.own)),
-            std::time::Instant::now(),
+            limits
+                .statement
+                .map(|limit| StatementWatch::new(limit, limits.own, std::time::Instant::now())),
         );
         let res = self
             .relay_with(&mut b, &mut answer, info, prepare.as_deref_mut())
@@ -177,7 +178,7 @@ impl<D: Driver> Conn<D> {
                 info,
                 prepare: prepare.as_deref_mut(),
             };
-            let pass = answer.on_backend(cx, conn.buf.filled_mut(), std::time::Instant::now())?;
+            let pass = answer.on_backend(cx, conn.buf.filled_mut())?;
             if pass.bytes > 0 {
                 if self.db_sent.is_some() {
                     self.first_response();
@@ -209,7 +210,9 @@ impl<D: Driver> Conn<D> {
                 }
                 Next::Read { want } => {
                     b.conn.buf.reserve(want);
-                    answer.waiting(std::time::Instant::now());
+                    if answer.watched() {
+                        answer.waiting(std::time::Instant::now());
+                    }
                     self.read_answer(b, answer).await?;
                 }
             }

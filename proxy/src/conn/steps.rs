@@ -79,8 +79,51 @@ impl<D: Driver> Conn<D> {
                 _ => {}
             }
             read |= step == Step::ReadCommand;
-            got = self.carry_out(step, h).await?;
+            // Most steps of a statement wait for nothing: no future is made for those.
+            got = match self.carry_out_now(&step) {
+                Some(done) => done?,
+                None => self.carry_out(step, h).await?,
+            };
         }
+    }
+
+    /// Carries out a step that waits for nothing (a check-in, the execute built, a
+    /// statement the held connection has prepared already); `None` when it must wait (the
+    /// sockets, the pool, a script).
+    fn carry_out_now(&mut self, step: &Step<'_>) -> Option<Result<Got, SessionEnd>> {
+        Some(Ok(match step {
+            Step::Borrow => {
+                let conn = self
+                    .pool
+                    .borrow_now(&self.key, self.s.state.schema.as_deref())?;
+                self.lent(conn)
+            }
+            Step::CheckIn => {
+                if let Some(b) = self.backend.take() {
+                    self.pool.checkin_clean(b);
+                }
+                Got::CheckedIn
+            }
+            Step::CheckInReset => {
+                if let Some(conn) = self.backend.take() {
+                    self.pool.release(conn);
+                }
+                Got::CheckedIn
+            }
+            Step::BuildExecute { ex } => return Some(self.build_execute(ex)),
+            Step::PrepareStatement { cid, .. } => Got::Prepared(Ok(self.prepared_here(*cid)?)),
+            _ => return None,
+        }))
+    }
+
+    /// The held connection's id for the client's statement `cid`, if it has it prepared
+    /// (the common case: no round trip).
+    fn prepared_here(&mut self, cid: u32) -> Option<u32> {
+        let key = &self.s.stmts.get(cid)?.key;
+        let id = self.backend.as_mut()?.conn.stmts.get_mut(key)?.id;
+        self.pool.shared.stats.stmt_cache_hits.add(1);
+        self.s.backend_used();
+        Some(id)
     }
 
     /// What a flow sees: the session, the held connection's, and the client's command
@@ -114,7 +157,15 @@ impl<D: Driver> Conn<D> {
         h: Option<Header>,
     ) -> Result<Got, SessionEnd> {
         Ok(match step {
-            Step::Done | Step::EndSession => Got::Start,
+            // Carried out at once (see `carry_out_now`), or ends the flow (see `drive`).
+            step @ (Step::Done
+            | Step::EndSession
+            | Step::CheckIn
+            | Step::CheckInReset
+            | Step::BuildExecute { .. }) => match self.carry_out_now(&step) {
+                Some(done) => done?,
+                None => Got::Start,
+            },
             Step::Borrow => self.borrow().await,
             // Boxed, as the other rare steps: a replay on its own or sent ahead, the
             // warnings captured, a rewritten answer, a read-back, the release steps.
@@ -146,7 +197,6 @@ impl<D: Driver> Conn<D> {
             Step::PrepareStatement { cid, seq } => {
                 Got::Prepared(self.backend_statement(cid, seq).await?)
             }
-            Step::BuildExecute { ex } => self.build_execute(&ex)?,
             Step::SendBuilt { seq } => {
                 let Some(out) = self.to_send.take() else {
                     return Err(SessionEnd::Backend("no command built to send".into()));
@@ -195,18 +245,6 @@ impl<D: Driver> Conn<D> {
                 Got::Told
             }
             Step::Release(steps) => Got::Released(Box::pin(self.release_steps(steps)).await),
-            Step::CheckIn => {
-                if let Some(b) = self.backend.take() {
-                    self.pool.checkin_clean(b);
-                }
-                Got::CheckedIn
-            }
-            Step::CheckInReset => {
-                if let Some(conn) = self.backend.take() {
-                    self.pool.release(conn);
-                }
-                Got::CheckedIn
-            }
         })
     }
 
@@ -293,17 +331,20 @@ impl<D: Driver> Conn<D> {
             .borrow(&self.key, self.s.state.schema.as_deref())
             .await;
         match lent {
-            Ok(mut conn) => {
-                conn.hold(&self.reg.slot);
-                tracing::trace!(thread_id = conn.thread_id, "borrowed");
-                self.backend = Some(conn);
-                Got::Lent
-            }
+            Ok(conn) => self.lent(conn),
             Err(e) => {
                 tracing::warn!(peer = %self.peer, "{e}");
                 Got::Refused(e.told())
             }
         }
+    }
+
+    /// The pool lent `conn`: the client holds it.
+    fn lent(&mut self, mut conn: Pooled<D::Stream>) -> Got {
+        conn.hold(&self.reg.slot);
+        tracing::trace!(thread_id = conn.thread_id, "borrowed");
+        self.backend = Some(conn);
+        Got::Lent
     }
 
     /// Runs the steps before the held connection goes back; a connection they fail on is

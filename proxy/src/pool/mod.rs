@@ -623,6 +623,9 @@ impl<D: Driver> CorePool<D> {
         key: &PoolKey,
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
+        if let Some(c) = self.borrow_now(key, db) {
+            return Ok(c);
+        }
         let sh = &self.shared;
         let topo = &sh.topology;
         let mut start = None;
@@ -640,12 +643,6 @@ impl<D: Driver> CorePool<D> {
             };
             let why = match choice {
                 Choice::Target(t, epoch) if !topo.suspected(t) => {
-                    if start.is_none() {
-                        if let Some(c) = self.take_idle(key, db, t, epoch) {
-                            sh.stats.borrow_immediate.add(1);
-                            return Ok(self.lend(c));
-                        }
-                    }
                     let begun = *start.get_or_insert_with(tokio::time::Instant::now);
                     _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
                     let deadline = begun + sh.settings().borrow_timeout;
@@ -698,6 +695,30 @@ impl<D: Driver> CorePool<D> {
                 });
             }
         }
+    }
+
+    /// A borrow served at once by an idle connection to the route's target, if one is
+    /// there (no waiting, no clock); `None` otherwise, and [`CorePool::borrow`] waits.
+    pub fn borrow_now(
+        self: &Rc<Self>,
+        key: &PoolKey,
+        db: Option<&[u8]>,
+    ) -> Option<Pooled<D::Stream>> {
+        let sh = &self.shared;
+        let topo = &sh.topology;
+        let (t, epoch) = {
+            let snap = topo.load();
+            if snap.generation != self.pruned.get() {
+                self.prune_stale(&snap);
+            }
+            match snap.choose(sh.route, &sh.borrowed_at) {
+                Choice::Target(t, epoch) if !topo.suspected(t) => (t, epoch),
+                _ => return None,
+            }
+        };
+        let c = self.take_idle(key, db, t, epoch)?;
+        sh.stats.borrow_immediate.add(1);
+        Some(self.lend(c))
     }
 
     /// A connection leaves the pool for a client.

@@ -19,7 +19,7 @@ use crate::session::state::BackendSession;
 use crate::session::statement_watch::{StatementWatch, Verdict};
 use crate::session::stmts::BackendStmts;
 use crate::session::{ClientSession, Outcome, Tracked};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The smallest read the driver is asked for while an answer streams.
 const MIN_READ: usize = 4096;
@@ -114,17 +114,16 @@ pub struct Relaying {
 }
 
 impl Relaying {
-    /// The answer to a command of `kind`, sent at `now` on a connection with `caps`.
-    /// `retryable`: the command is kept to be sent again, so a read-only refusal as its
-    /// first packet is [`Failure::ReadOnly`]. `watch`: `query_timeout` and
-    /// `internal_query_timeout`, when the statement is watched.
+    /// The answer to a command of `kind` on a connection with `caps`. `retryable`: the
+    /// command is kept to be sent again, so a read-only refusal as its first packet is
+    /// [`Failure::ReadOnly`]. `watch`: the statement's watch (`query_timeout`), when it has
+    /// one (an unwatched statement reads no clock).
     pub fn new(
         kind: ResponseKind,
         caps: u32,
         strip: bool,
         retryable: bool,
-        watch: Option<(Duration, Duration)>,
-        now: Instant,
+        watch: Option<StatementWatch>,
     ) -> Relaying {
         Relaying {
             kind,
@@ -132,23 +131,14 @@ impl Relaying {
             tracked: Tracked::default(),
             strip,
             check_read_only: retryable,
-            watch: watch.map(|(limit, own)| StatementWatch::new(limit, own, now)),
+            watch,
             infile: None,
             last_seq: 0,
         }
     }
 
-    /// One pass over the bytes the database sent so far (`buf`, from its start; `now`,
-    /// when the last of them arrived).
-    pub fn on_backend(
-        &mut self,
-        cx: Context<'_>,
-        buf: &mut [u8],
-        now: Instant,
-    ) -> Result<Pass, Failure> {
-        if let Some(w) = self.watch.as_mut() {
-            w.heard(now);
-        }
+    /// One pass over the bytes the database sent so far (`buf`, from its start).
+    pub fn on_backend(&mut self, cx: Context<'_>, buf: &mut [u8]) -> Result<Pass, Failure> {
         let mut relay = Relay {
             tracker: &mut self.tracker,
             session: cx.session,
@@ -185,6 +175,12 @@ impl Relaying {
             rewritten: scan.rewritten,
             next,
         })
+    }
+
+    /// Whether the statement is watched: only then does [`Relaying::waiting`] want the
+    /// time.
+    pub fn watched(&self) -> bool {
+        self.watch.is_some()
     }
 
     /// What the last pass found is out (the client took it): from `now` dbproxy waits on the
@@ -337,6 +333,8 @@ mod tests {
     use crate::session::sql::analyze;
 
     const CAPS: u32 = cap::PROTOCOL_41 | cap::SESSION_TRACK | cap::DEPRECATE_EOF;
+    use std::time::Duration;
+
     const S: Duration = Duration::from_secs(1);
 
     /// A client, a connection and a statement, owned; the database's bytes as they came
@@ -389,7 +387,14 @@ mod tests {
             self.buf.extend_from_slice(bytes);
             let mut buf = std::mem::take(&mut self.buf);
             let now = self.now;
-            let pass = r.on_backend(self.cx(), &mut buf, now)?;
+            let pass = r.on_backend(self.cx(), &mut buf);
+            let pass = match pass {
+                Ok(pass) => pass,
+                Err(f) => {
+                    self.buf = buf;
+                    return Err(f);
+                }
+            };
             match pass.rewritten {
                 Some(out) => self.client.extend_from_slice(&out),
                 None => self
@@ -398,6 +403,8 @@ mod tests {
             }
             buf.drain(..pass.bytes);
             self.buf = buf;
+            // The client took it at once: the database is waited on from now.
+            r.waiting(now);
             Ok(pass.next)
         }
     }
@@ -426,7 +433,8 @@ mod tests {
     }
 
     fn relaying(retryable: bool, watch: Option<(Duration, Duration)>, now: Instant) -> Relaying {
-        Relaying::new(ResponseKind::Query, CAPS, true, retryable, watch, now)
+        let watch = watch.map(|(limit, own)| StatementWatch::new(limit, own, now));
+        Relaying::new(ResponseKind::Query, CAPS, true, retryable, watch)
     }
 
     #[test]
