@@ -285,8 +285,8 @@ impl Ready {
 
 /// The end of a command that holds a connection: it goes back at a transaction boundary
 /// with nothing pinned, after the client's warning list is read and the one-shots meant
-/// for it alone are cleared. Takes `got` ([`Got::Start`] first); [`Step::Done`] once the
-/// command is over.
+/// for it alone are cleared. Takes `got` ([`Got::Start`] first, then the answers to the
+/// steps it asked for); [`Step::Done`] once the command is over.
 pub fn release(cx: &mut Cx<'_>, got: Got) -> Step<'static> {
     match got {
         Got::Released(result) => match (result, cx.held.as_deref_mut()) {
@@ -301,7 +301,7 @@ pub fn release(cx: &mut Cx<'_>, got: Got) -> Step<'static> {
             }
         },
         Got::CheckedIn => Step::Done,
-        _ => {
+        Got::Start => {
             let Some(b) = cx.held.as_deref().filter(|_| cx.s.releasable()) else {
                 return Step::Done;
             };
@@ -310,6 +310,12 @@ pub fn release(cx: &mut Cx<'_>, got: Got) -> Step<'static> {
                 return Step::CheckIn;
             }
             Step::Release(steps)
+        }
+        // Not an answer to a release step: the command ends here (the driver gives the
+        // connection back as a session's end does) rather than asking again.
+        other => {
+            unexpected(&other);
+            Step::Done
         }
     }
 }
