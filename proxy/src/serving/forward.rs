@@ -140,16 +140,27 @@ impl Flow for Refuse {
 #[derive(Debug)]
 pub struct ResetConnection {
     seq: u8,
-    told: bool,
+    stage: ResetStage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetStage {
+    Start,
+    Dropping,
+    CheckingIn,
+    Told,
 }
 
 impl ResetConnection {
     pub fn new(seq: u8) -> ResetConnection {
-        ResetConnection { seq, told: false }
+        ResetConnection {
+            seq,
+            stage: ResetStage::Start,
+        }
     }
 
     fn ok(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
-        self.told = true;
+        self.stage = ResetStage::Told;
         Step::Tell {
             seq: self.seq.wrapping_add(1),
             payload: ok_packet(cx.s.status),
@@ -158,19 +169,23 @@ impl ResetConnection {
 }
 
 impl Flow for ResetConnection {
-    fn next(&mut self, cx: &mut Cx<'_>, got: Got) -> Step<'_> {
-        match got {
-            Got::Start => Step::DropCommand,
-            Got::Dropped => {
+    fn next(&mut self, cx: &mut Cx<'_>, _: Got) -> Step<'_> {
+        match self.stage {
+            ResetStage::Start => {
+                self.stage = ResetStage::Dropping;
+                Step::DropCommand
+            }
+            ResetStage::Dropping => {
                 let ended = cx.s.reset(cx.s.state.schema.clone());
                 cx.pins.ended.extend(ended);
                 if cx.held.is_some() {
+                    self.stage = ResetStage::CheckingIn;
                     return Step::CheckInReset;
                 }
                 self.ok(cx)
             }
-            Got::CheckedIn if !self.told => self.ok(cx),
-            _ => Step::Done,
+            ResetStage::CheckingIn => self.ok(cx),
+            ResetStage::Told => Step::Done,
         }
     }
 }
