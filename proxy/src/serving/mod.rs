@@ -241,6 +241,15 @@ pub trait Flow {
 #[derive(Debug)]
 pub struct Ready {
     m: Borrowing,
+    /// The step asked for last, whose answer comes next.
+    asked: Asked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Nothing,
+    Borrow,
+    Replay,
 }
 
 /// Where making the connection ready stands.
@@ -256,27 +265,37 @@ pub enum Readiness {
 
 impl Ready {
     pub fn new(m: Borrowing) -> Ready {
-        Ready { m }
+        Ready {
+            m,
+            asked: Asked::Nothing,
+        }
     }
 
-    /// Takes `got` (the answer to the last step this returned, or [`Got::Start`]).
+    /// Takes `got` (the answer to the last step this returned, or [`Got::Start`]). An
+    /// answer to a step it did not ask for fails the command.
     pub fn step(&mut self, cx: &mut Cx<'_>, got: Got) -> Readiness {
-        let step = match got {
-            Got::Start => self.m.start(cx.s, cx.held.as_deref()),
-            Got::Lent => match cx.held.as_deref() {
+        let step = match (std::mem::replace(&mut self.asked, Asked::Nothing), got) {
+            (Asked::Nothing, Got::Start) => self.m.start(cx.s, cx.held.as_deref()),
+            (Asked::Borrow, Got::Lent) => match cx.held.as_deref() {
                 Some(b) => self.m.lent(cx.s, b),
                 None => borrowing::Step::Failed(borrowing::unavailable("no database connection")),
             },
-            Got::Refused(e) => self.m.refused(e),
-            Got::Replayed(r) => self.m.replayed(r),
-            other => borrowing::Step::Failed(unexpected(&other)),
+            (Asked::Borrow, Got::Refused(e)) => self.m.refused(e),
+            (Asked::Replay, Got::Replayed(r)) => self.m.replayed(r),
+            (_, other) => borrowing::Step::Failed(unexpected(&other)),
         };
         match step {
-            borrowing::Step::Borrow => Readiness::Step(Step::Borrow),
-            borrowing::Step::Replay(plan) => Readiness::Step(Step::Replay {
-                plan,
-                needs: self.m.needs(),
-            }),
+            borrowing::Step::Borrow => {
+                self.asked = Asked::Borrow;
+                Readiness::Step(Step::Borrow)
+            }
+            borrowing::Step::Replay(plan) => {
+                self.asked = Asked::Replay;
+                Readiness::Step(Step::Replay {
+                    plan,
+                    needs: self.m.needs(),
+                })
+            }
             borrowing::Step::Ready { ahead } => Readiness::Ready(ahead),
             borrowing::Step::Failed(e) => Readiness::Failed(e),
         }
