@@ -28,7 +28,10 @@ enum Stage {
     Preparing,
     /// Dropped and answered (or, for long data, dropped: it has no answer).
     Refusing(Option<Refusing>),
-    Told,
+    /// A reset of a statement no connection has: dropped, answered OK next.
+    Answering,
+    /// Nothing more to do (the reset answered, the long data sent).
+    Over,
     Sent,
     Relaying,
     Releasing,
@@ -75,7 +78,7 @@ impl StatementCommand {
             cx.count(pins);
             let Some(id) = self.on_held(cx) else {
                 // Nothing of it lives on a connection: nothing to reset.
-                self.stage = Stage::Told;
+                self.stage = Stage::Answering;
                 return Step::DropCommand;
             };
             self.stage = Stage::Sent;
@@ -111,7 +114,7 @@ impl StatementCommand {
             let pins = cx.s.long_data_sent(self.cid);
             cx.count(pins);
             // No answer comes.
-            self.stage = Stage::Told;
+            self.stage = Stage::Over;
         } else {
             self.stage = Stage::Sent;
         }
@@ -137,14 +140,14 @@ impl Flow for StatementCommand {
                 (got, Some(r)) => r.step(cx, got).unwrap_or(Step::Done),
                 (_, None) => Step::Done,
             },
-            Stage::Told => match got {
-                // A reset with nothing on a connection: answered here.
-                Got::Dropped => Step::Tell {
+            Stage::Answering => {
+                self.stage = Stage::Over;
+                Step::Tell {
                     seq: self.seq.wrapping_add(1),
                     payload: ok_packet(cx.s.status),
-                },
-                _ => Step::Done,
-            },
+                }
+            }
+            Stage::Over => Step::Done,
             Stage::Sent => {
                 self.stage = Stage::Relaying;
                 let kind = if self.command == com::STMT_RESET {
