@@ -324,11 +324,12 @@ impl<D: Driver> Conn<D> {
         Ok(Got::Relayed(outcome, tracked))
     }
 
-    /// Borrows a connection for the client, which then holds it.
+    /// Borrows a connection for the client, which then holds it, when no idle one could
+    /// be lent at once (`carry_out_now` tried).
     pub(super) async fn borrow(&mut self) -> Got {
         let lent = self
             .pool
-            .borrow(&self.key, self.s.state.schema.as_deref())
+            .borrow_waiting(&self.key, self.s.state.schema.as_deref())
             .await;
         match lent {
             Ok(conn) => self.lent(conn),
@@ -494,12 +495,9 @@ impl<D: Driver> Conn<D> {
         let Some(b) = self.backend.as_mut() else {
             return Err(SessionEnd::Backend("no backend connection".into()));
         };
+        // Reached when the connection lacks it (`prepared_here` answers the rest).
         let stats = &self.pool.shared.stats;
-        if b.conn.stmts.get_mut(&key).is_some() {
-            stats.stmt_cache_hits.add(1);
-        } else {
-            stats.stmt_reprepares.fetch_add(1, Ordering::Relaxed);
-        }
+        stats.stmt_reprepares.fetch_add(1, Ordering::Relaxed);
         match b.conn.prepare(&key).await {
             Ok(r) => {
                 self.s.backend_used();

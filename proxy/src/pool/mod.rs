@@ -613,19 +613,16 @@ impl<D: Driver> CorePool<D> {
     }
 
     /// Hands out a connection for `key` on this pool's route (the writer, or the least
-    /// busy fit reader), preferring an idle one whose default database is `db`; the caller
-    /// brings its session state over. While the route has no target (the writer is lost,
-    /// no reader is fit and the fallback says wait) or its target is being checked after
-    /// a failure, the borrower waits for the topology to change: up to the group's
-    /// `connection_borrow_timeout` in all.
-    pub async fn borrow(
+    /// busy fit reader) once [`CorePool::borrow_now`] found no idle one to lend at once: it
+    /// waits for one, or opens one. The caller brings its session state over. While the
+    /// route has no target (the writer is lost, no reader is fit and the fallback says
+    /// wait) or its target is being checked after a failure, the borrower waits for the
+    /// topology to change: up to the group's `connection_borrow_timeout` in all.
+    pub async fn borrow_waiting(
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
-        if let Some(c) = self.borrow_now(key, db) {
-            return Ok(c);
-        }
         let sh = &self.shared;
         let topo = &sh.topology;
         let mut start = None;
@@ -698,7 +695,8 @@ impl<D: Driver> CorePool<D> {
     }
 
     /// A borrow served at once by an idle connection to the route's target, if one is
-    /// there (no waiting, no clock); `None` otherwise, and [`CorePool::borrow`] waits.
+    /// there (no waiting, no clock); `None` otherwise, and [`CorePool::borrow_waiting`]
+    /// waits.
     pub fn borrow_now(
         self: &Rc<Self>,
         key: &PoolKey,
