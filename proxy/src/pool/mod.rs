@@ -612,6 +612,19 @@ impl<D: Driver> CorePool<D> {
         })
     }
 
+    /// Hands out a connection for `key` on this pool's route: an idle one at once
+    /// ([`CorePool::borrow_now`]), else as [`CorePool::borrow_waiting`] does.
+    pub async fn borrow(
+        self: &Rc<Self>,
+        key: &PoolKey,
+        db: Option<&[u8]>,
+    ) -> Result<Pooled<D::Stream>, BorrowError> {
+        match self.borrow_now(key, db) {
+            Some(c) => Ok(c),
+            None => self.borrow_waiting(key, db).await,
+        }
+    }
+
     /// Hands out a connection for `key` on this pool's route (the writer, or the least
     /// busy fit reader) once [`CorePool::borrow_now`] found no idle one to lend at once: it
     /// waits for one, or opens one. The caller brings its session state over. While the
