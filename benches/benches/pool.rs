@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use proxy::config::Config;
-use proxy::io::epoll::Epoll;
+use proxy::io::tokio_net::TokioNet;
 use proxy::mysql::consts::{cap, status};
 use proxy::mysql::handshake::ServerHandshake;
 use proxy::mysql::packet::write_packet;
@@ -97,7 +97,7 @@ fn checkout_checkin(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    let pool = CorePool::<Epoll>::new(group);
+    let pool = CorePool::<TokioNet>::new(group);
     // Warm the pool: four connections logged in and idle.
     local.block_on(&rt, async {
         let mut held = Vec::new();

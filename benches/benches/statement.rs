@@ -184,7 +184,7 @@ fn statements(c: &mut Criterion) {
     let mut report = String::new();
     let mut targets = vec![("direct".to_string(), db.port, "app", DB_PASSWORD, None)];
     for io in ["uring", "epoll"] {
-        if io == "uring" && proxy::io::uring::available().is_err() {
+        if io == "uring" && proxy::rt::available().is_err() {
             continue;
         }
         let (port, running) = start_dbproxy(&db, io);

@@ -24,7 +24,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::time::Instant as Deadline;
+use std::time::Instant as Deadline;
 
 /// Why a backend connection failed.
 #[derive(Debug, thiserror::Error)]

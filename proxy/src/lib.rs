@@ -17,6 +17,7 @@ pub mod mysql;
 pub mod pool;
 pub mod relay;
 pub mod reload;
+pub mod rt;
 pub mod runtime;
 pub mod secrets;
 pub mod serving;

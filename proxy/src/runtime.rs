@@ -4,7 +4,7 @@
 use crate::config::{Config, IoMode};
 use crate::guard::Guard;
 use crate::io::epoll::Epoll;
-use crate::io::uring::{self, Uring};
+use crate::io::ring::Ring;
 use crate::io::{reuseport_listener, Driver};
 use crate::mysql::consts::cap;
 use crate::pool::CorePool;
@@ -30,10 +30,10 @@ pub enum IoBackend {
 pub fn choose_io(mode: IoMode) -> Result<IoBackend, StartError> {
     match mode {
         IoMode::Epoll => Ok(IoBackend::Epoll),
-        IoMode::Uring => uring::available()
+        IoMode::Uring => crate::rt::available()
             .map(|_| IoBackend::Uring)
             .map_err(StartError::UringUnavailable),
-        IoMode::Auto => match uring::available() {
+        IoMode::Auto => match crate::rt::available() {
             Ok(()) => Ok(IoBackend::Uring),
             Err(e) => {
                 tracing::warn!("io_uring cannot be set up here ({e}); using epoll");
@@ -245,27 +245,18 @@ enum ListenSocket {
 }
 
 fn run_uring(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
-    let mut b = tokio_uring::builder();
-    b.entries(uring::RING_ENTRIES);
-    match tokio_uring::Runtime::new(&b) {
-        Ok(rt) => rt.block_on(worker::<Uring>(shared, listeners)),
-        Err(e) => tracing::error!("worker cannot start its io_uring runtime: {e}"),
+    if let Err(e) = crate::rt::block_on(crate::rt::Flavor::Ring, worker::<Ring>(shared, listeners))
+    {
+        tracing::error!("worker's io_uring runtime failed: {e}");
     }
 }
 
 fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    if let Err(e) =
+        crate::rt::block_on(crate::rt::Flavor::Epoll, worker::<Epoll>(shared, listeners))
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("worker cannot start its runtime: {e}");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, worker::<Epoll>(shared, listeners));
+        tracing::error!("worker's epoll runtime failed: {e}");
+    }
 }
 
 /// One worker: its pools, its accept loops, until shutdown.
@@ -273,7 +264,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     let mut pools: HashMap<String, Rc<CorePool<D>>> = HashMap::new();
     for (name, g) in &shared.groups {
         let pool = CorePool::<D>::new(g.clone());
-        tokio::task::spawn_local(pool.clone().maintain());
+        crate::rt::spawn(pool.clone().maintain());
         pools.insert(name.clone(), pool);
     }
     let mut accepts = Vec::new();
@@ -292,14 +283,14 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
         let socket = match socket {
             ListenSocket::Tcp(s) => s,
             ListenSocket::Unix(mut inbox) => {
-                accepts.push(tokio::task::spawn_local(async move {
+                accepts.push(crate::rt::spawn(async move {
                     // Unix clients have no address: they are "local" (127.0.0.1:0) to the
                     // login throttle and in logs.
                     let local = SocketAddr::from(([127, 0, 0, 1], 0));
                     while let Some(d) = inbox.recv().await {
                         match D::attach(d) {
                             Ok(stream) => {
-                                tokio::task::spawn_local(crate::conn::serve::<D>(
+                                crate::rt::spawn(crate::conn::serve::<D>(
                                     sh.clone(),
                                     pool.clone(),
                                     stream,
@@ -322,11 +313,11 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                 continue;
             }
         };
-        accepts.push(tokio::task::spawn_local(async move {
+        accepts.push(crate::rt::spawn(async move {
             loop {
                 match D::accept(&listener).await {
                     Ok((stream, peer)) => {
-                        tokio::task::spawn_local(crate::conn::serve::<D>(
+                        crate::rt::spawn(crate::conn::serve::<D>(
                             sh.clone(),
                             pool.clone(),
                             stream,
@@ -338,7 +329,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        crate::rt::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }
@@ -448,11 +439,11 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         };
         let res = rt.block_on(async {
             let connect_timeout = g.settings().connect_timeout;
-            tokio::time::timeout(connect_timeout, async {
-                let deadline = tokio::time::Instant::now() + connect_timeout;
+            crate::rt::time::timeout(connect_timeout, async {
+                let deadline = std::time::Instant::now() + connect_timeout;
                 let tls = crate::backend_conn::TlsTo::for_addr(&g.backend_tls, &name, &addr);
                 let (conn, profile) = crate::backend_conn::connect_login(
-                    || Epoll::connect(&addr),
+                    || crate::io::tokio_net::TokioNet::connect(&addr),
                     &login,
                     cap::BACKEND_BASE,
                     0,

@@ -342,7 +342,7 @@ impl ProxyShared {
             if !self.is_paused() || self.is_draining() || self.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+            let _ = crate::rt::time::timeout(Duration::from_millis(500), n).await;
         }
     }
 
@@ -351,8 +351,8 @@ impl ProxyShared {
     }
 
     /// When the drain ends sessions whatever they hold.
-    pub fn drain_deadline(&self) -> Option<tokio::time::Instant> {
-        (*self.drain_until.lock()).map(tokio::time::Instant::from_std)
+    pub fn drain_deadline(&self) -> Option<std::time::Instant> {
+        *self.drain_until.lock()
     }
 
     /// Resolves once draining starts.
@@ -362,7 +362,7 @@ impl ProxyShared {
             if self.is_draining() {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+            let _ = crate::rt::time::timeout(Duration::from_millis(500), n).await;
         }
     }
 
@@ -377,7 +377,7 @@ impl ProxyShared {
             if self.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), n).await;
+            let _ = crate::rt::time::timeout(Duration::from_millis(500), n).await;
         }
     }
 }

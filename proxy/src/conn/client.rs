@@ -32,7 +32,7 @@ impl<D: Driver> Conn<D> {
     /// `net_read_timeout` there is given up (`TimedOut`), as MariaDB does.
     pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<Header> {
         let wait = self.shared.config().proxy.net_read_timeout;
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = std::time::Instant::now() + wait;
         read_packet_by(&mut self.client, &mut self.cbuf, limit, Some(deadline)).await
     }
 

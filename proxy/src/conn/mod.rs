@@ -384,7 +384,7 @@ impl<D: Driver> Conn<D> {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::time::sleep_until(d) => return,
+                        _ = crate::rt::time::sleep_until(d) => return,
                         _ = slot.woken() => continue,
                     }
                 }
@@ -404,7 +404,7 @@ impl<D: Driver> Conn<D> {
             let room = h.map_or(4096, |h| h.total().saturating_sub(self.cbuf.len()));
             self.cbuf.reserve(room.max(1));
             let deadline = idle.poll_timeout();
-            let by = deadline.map(tokio::time::Instant::from_std);
+            let by = deadline;
             match read_by(&mut self.client, &mut self.cbuf, by, stop.as_mut()).await {
                 Ok(0) => break idle.on_closed(),
                 Ok(_) => {}

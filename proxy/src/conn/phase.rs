@@ -106,14 +106,14 @@ pub(super) async fn drive_phase<D: Driver>(
     peer: SocketAddr,
     endpoint: Option<&EndpointStats>,
 ) -> Option<(Accepted, u8)> {
-    let deadline = tokio::time::Instant::from_std(phase.deadline());
+    let deadline = phase.deadline();
     loop {
         let Some(action) = phase.poll_action() else {
             // No deadline: the phase is over (its last action was taken).
-            let input_at = phase.poll_timeout().map(tokio::time::Instant::from_std)?;
+            let input_at = phase.poll_timeout()?;
             if !phase.wants_packet() {
                 // The throttle holds the verdict.
-                tokio::time::sleep_until(input_at).await;
+                crate::rt::time::sleep_until(input_at).await;
                 phase.handle(
                     Input::Timer,
                     std::time::Instant::now(),
@@ -185,7 +185,7 @@ pub(super) async fn drive_phase<D: Driver>(
             }
             Action::VerifyToken { user, token } => {
                 let verdict =
-                    tokio::time::timeout_at(deadline, verify_token(shared, peer, user, token));
+                    crate::rt::time::timeout_at(deadline, verify_token(shared, peer, user, token));
                 let ok = verdict.await.unwrap_or(false);
                 let now = std::time::Instant::now();
                 phase.handle(

@@ -25,7 +25,7 @@ impl<D: Driver> Conn<D> {
         let topology = self.pool.shared.topology.clone();
         async move {
             while !topology.load().is_down(target) {
-                tokio::time::sleep(crate::io::PEER_CHECK).await;
+                crate::rt::time::sleep(crate::io::PEER_CHECK).await;
             }
         }
     }
@@ -51,7 +51,7 @@ impl<D: Driver> Conn<D> {
         // The client's statement: query_timeout (closing the connection ends the
         // statement: these answers are small), or the target found down.
         let limit = b.conn.limits.statement;
-        let deadline = limit.map(|t| tokio::time::Instant::now() + t);
+        let deadline = limit.map(|t| std::time::Instant::now() + t);
         let down = self.target_down(b.target);
         let packets = match b.conn.read_response_by(kind, deadline, down).await {
             Ok(p) => p,
@@ -183,7 +183,7 @@ impl<D: Driver> Conn<D> {
                 if self.db_sent.is_some() {
                     self.first_response();
                 }
-                let by = tokio::time::Instant::now() + net_write;
+                let by = std::time::Instant::now() + net_write;
                 match pass.rewritten {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
@@ -245,7 +245,7 @@ impl<D: Driver> Conn<D> {
                     tracing::warn!(%peer, thread_id, "query_timeout ({limit:?}) passed: killing the statement");
                     let addr = group.topology.load().addr(target).cloned()?;
                     let (group, login) = (group.clone(), login.clone());
-                    tokio::task::spawn_local(async move {
+                    crate::rt::spawn(async move {
                         let r = kill_running_query::<D>(&group, &addr, login, thread_id, || true);
                         if let Err(e) = r.await {
                             tracing::warn!(%peer, "query_timeout: cannot reach the database to kill the statement: {e}");

@@ -199,7 +199,8 @@ pub fn available() -> io::Result<()> {
     IoUring::new(RING_ENTRIES).map(drop)
 }
 
-fn build_ring() -> io::Result<IoUring> {
+/// A ring for one worker thread (the event loop's and [`crate::rt`]'s).
+pub(crate) fn build_ring() -> io::Result<IoUring> {
     let cq = RING_ENTRIES * 2;
     let mut b = IoUring::builder();
     b.setup_single_issuer()

@@ -2,9 +2,10 @@
 //! shape), so the session loop is written once, generic over [`Driver`].
 
 pub mod epoll;
+pub mod ring;
 pub mod tls_stream;
+pub mod tokio_net;
 pub mod unix_listen;
-pub mod uring;
 
 pub use tls_stream::MaybeTls;
 
@@ -192,7 +193,7 @@ pub trait Stream: Sized + 'static {
         &mut self,
         config: Arc<rustls::ServerConfig>,
         early: &[u8],
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> impl Future<Output = Result<tls_stream::Agreed, tls_stream::HandshakeError>>;
 
     /// Upgrades to TLS as the client.
@@ -200,7 +201,7 @@ pub trait Stream: Sized + 'static {
         &mut self,
         config: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> impl Future<Output = Result<tls_stream::Agreed, tls_stream::HandshakeError>>;
 }
 
@@ -231,7 +232,7 @@ impl<T: Transport> Stream for MaybeTls<T> {
         &mut self,
         config: Arc<rustls::ServerConfig>,
         early: &[u8],
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Result<tls_stream::Agreed, tls_stream::HandshakeError> {
         MaybeTls::accept_tls(self, config, early, deadline).await
     }
@@ -239,7 +240,7 @@ impl<T: Transport> Stream for MaybeTls<T> {
         &mut self,
         config: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Result<tls_stream::Agreed, tls_stream::HandshakeError> {
         MaybeTls::connect_tls(self, config, name, deadline).await
     }
@@ -340,7 +341,7 @@ pub async fn read_watching_peer<F: Future<Output = io::Result<usize>>>(
         tokio::select! {
             biased;
             r = &mut read => return Ok(r),
-            _ = tokio::time::sleep(PEER_CHECK) => {
+            _ = crate::rt::time::sleep(PEER_CHECK) => {
                 if peer_hung_up(peer) {
                     return Err(GaveUp::PeerGone);
                 }
@@ -364,7 +365,7 @@ pub async fn read_packet_by<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
     limit: usize,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<std::time::Instant>,
 ) -> io::Result<Header> {
     read_packet_until(s, buf, limit, deadline, std::future::pending()).await
 }
@@ -377,7 +378,7 @@ pub fn read_packet_until<'a, S: Stream>(
     s: &'a mut S,
     buf: &'a mut Buf,
     limit: usize,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<std::time::Instant>,
     stop: impl Future<Output = ()> + 'a,
 ) -> impl Future<Output = io::Result<Header>> + 'a {
     read_packet_within(s, buf, limit, deadline, stop)
@@ -388,7 +389,7 @@ async fn read_packet_within<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
     limit: usize,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<std::time::Instant>,
     stop: impl Future<Output = ()>,
 ) -> io::Result<Header> {
     tokio::pin!(stop);
@@ -420,7 +421,7 @@ pub async fn write_by<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
     n: usize,
-    deadline: tokio::time::Instant,
+    deadline: std::time::Instant,
 ) -> io::Result<()> {
     let fd = s.raw_fd();
     let write = s.write(buf, n);
@@ -428,7 +429,7 @@ pub async fn write_by<S: Stream>(
     tokio::select! {
         biased;
         r = &mut write => return r,
-        _ = tokio::time::sleep_until(deadline) => {}
+        _ = crate::rt::time::sleep_until(deadline) => {}
     }
     // The stream borrowed above owns fd until this returns. A socket that is gone already
     // needs no shutting down.
@@ -447,7 +448,7 @@ pub async fn write_by<S: Stream>(
 pub async fn read_by<S: Stream>(
     s: &mut S,
     buf: &mut Buf,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<std::time::Instant>,
     stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> io::Result<usize> {
     let fd = s.raw_fd();
@@ -455,7 +456,7 @@ pub async fn read_by<S: Stream>(
     tokio::pin!(read);
     let timeout = async {
         match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
+            Some(d) => crate::rt::time::sleep_until(d).await,
             None => std::future::pending().await,
         }
     };

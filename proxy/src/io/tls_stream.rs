@@ -137,7 +137,7 @@ impl<T: Transport> MaybeTls<T> {
         &mut self,
         config: Arc<rustls::ServerConfig>,
         early: &[u8],
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Result<Agreed, HandshakeError> {
         let conn = rustls::ServerConnection::new(config)?;
         self.handshake(conn.into(), early, deadline).await
@@ -148,7 +148,7 @@ impl<T: Transport> MaybeTls<T> {
         &mut self,
         config: Arc<rustls::ClientConfig>,
         name: ServerName<'static>,
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Result<Agreed, HandshakeError> {
         let conn = rustls::ClientConnection::new(config, name)?;
         self.handshake(conn.into(), &[], deadline).await
@@ -158,7 +158,7 @@ impl<T: Transport> MaybeTls<T> {
         &mut self,
         conn: rustls::Connection,
         early: &[u8],
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
     ) -> Result<Agreed, HandshakeError> {
         if self.tls.is_some() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS is on already").into());
@@ -176,7 +176,7 @@ impl<T: Transport> MaybeTls<T> {
         let run = drive_handshake(&mut t, &mut self.raw);
         let r = tokio::select! {
             r = run => r,
-            _ = tokio::time::sleep_until(deadline) => Err(HandshakeError::TimedOut),
+            _ = crate::rt::time::sleep_until(deadline) => Err(HandshakeError::TimedOut),
         };
         if matches!(r, Err(HandshakeError::TimedOut)) {
             // A read may be in flight under io_uring: shutting the socket down ends it.
@@ -390,7 +390,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(16 * 1024);
         let mut client = MaybeTls::plain(Pipe(a));
         let mut server = MaybeTls::plain(Pipe(b));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let name = ServerName::try_from("db.test").unwrap();
         let (c, s) = tokio::join!(
             client.connect_tls(client_cfg, name, deadline),
@@ -416,7 +416,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let mut client = MaybeTls::plain(Pipe(a));
         let mut server_pipe = Pipe(b);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let name = ServerName::try_from("db.test").unwrap();
         // The server's driver read the client's first flight along with what came before.
         let server = async move {
@@ -443,7 +443,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(4096);
         a.write_all(&[b'G'; 300]).await.unwrap();
         let mut server = MaybeTls::plain(Pipe(b));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let e = server
             .accept_tls(server_cfg, &[], deadline)
             .await
@@ -460,7 +460,7 @@ mod tests {
         let (server_cfg, _) = configs();
         let (_a, b) = tokio::io::duplex(4096);
         let mut server = MaybeTls::plain(Pipe(b));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
         let e = server
             .accept_tls(server_cfg, &[], deadline)
             .await

@@ -1,4 +1,5 @@
-//! The epoll driver: tokio's reactor on a current-thread runtime per worker.
+//! The driver of the control plane's tokio runtimes (the health-check monitor, the
+//! start-up probe, benches of the pool): tokio's own sockets. Workers do not use it.
 
 use super::{BackendAddr, Buf, Detached, DetachedSocket, Driver, MaybeTls, Transport};
 use std::io;
@@ -7,23 +8,23 @@ use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-/// tokio (epoll) driver.
-pub struct Epoll;
+/// The tokio driver.
+pub struct TokioNet;
 
 /// A tokio stream.
-pub enum EpollStream {
+pub enum TokioStream {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-impl Transport for EpollStream {
+impl Transport for TokioStream {
     async fn read(&mut self, buf: &mut Buf) -> io::Result<usize> {
         if buf.data.capacity() == buf.data.len() {
             buf.reserve(4096);
         }
         match self {
-            EpollStream::Tcp(s) => s.read_buf(&mut buf.data).await,
-            EpollStream::Unix(s) => s.read_buf(&mut buf.data).await,
+            TokioStream::Tcp(s) => s.read_buf(&mut buf.data).await,
+            TokioStream::Unix(s) => s.read_buf(&mut buf.data).await,
         }
     }
 
@@ -31,8 +32,8 @@ impl Transport for EpollStream {
         let start = buf.start;
         let data = &buf.data[start..start + n];
         match self {
-            EpollStream::Tcp(s) => s.write_all(data).await?,
-            EpollStream::Unix(s) => s.write_all(data).await?,
+            TokioStream::Tcp(s) => s.write_all(data).await?,
+            TokioStream::Unix(s) => s.write_all(data).await?,
         }
         buf.consume(n);
         Ok(())
@@ -40,16 +41,16 @@ impl Transport for EpollStream {
 
     fn raw_fd(&self) -> RawFd {
         match self {
-            EpollStream::Tcp(s) => s.as_raw_fd(),
-            EpollStream::Unix(s) => s.as_raw_fd(),
+            TokioStream::Tcp(s) => s.as_raw_fd(),
+            TokioStream::Unix(s) => s.as_raw_fd(),
         }
     }
 }
 
-impl Driver for Epoll {
-    type Stream = MaybeTls<EpollStream>;
+impl Driver for TokioNet {
+    type Stream = MaybeTls<TokioStream>;
     type Listener = tokio::net::TcpListener;
-    const NAME: &'static str = "epoll";
+    const NAME: &'static str = "tokio";
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
         tokio::net::TcpListener::from_std(l)
@@ -58,14 +59,14 @@ impl Driver for Epoll {
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
         let (s, peer) = l.accept().await?;
         s.set_nodelay(true)?;
-        Ok((MaybeTls::plain(EpollStream::Tcp(s)), peer))
+        Ok((MaybeTls::plain(TokioStream::Tcp(s)), peer))
     }
 
     fn detach(s: Self::Stream) -> io::Result<Detached> {
         let (raw, tls) = s.into_parts();
         let socket = match raw {
-            EpollStream::Tcp(s) => DetachedSocket::Tcp(s.into_std()?),
-            EpollStream::Unix(s) => DetachedSocket::Unix(s.into_std()?),
+            TokioStream::Tcp(s) => DetachedSocket::Tcp(s.into_std()?),
+            TokioStream::Unix(s) => DetachedSocket::Unix(s.into_std()?),
         };
         Ok(Detached { socket, tls })
     }
@@ -74,11 +75,11 @@ impl Driver for Epoll {
         let raw = match s.socket {
             DetachedSocket::Tcp(s) => {
                 s.set_nonblocking(true)?;
-                EpollStream::Tcp(TcpStream::from_std(s)?)
+                TokioStream::Tcp(TcpStream::from_std(s)?)
             }
             DetachedSocket::Unix(s) => {
                 s.set_nonblocking(true)?;
-                EpollStream::Unix(UnixStream::from_std(s)?)
+                TokioStream::Unix(UnixStream::from_std(s)?)
             }
         };
         Ok(MaybeTls::from_parts(raw, s.tls))
@@ -89,9 +90,9 @@ impl Driver for Epoll {
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(*a).await?;
                 super::tune_backend_socket(std::os::fd::AsRawFd::as_raw_fd(&s))?;
-                EpollStream::Tcp(s)
+                TokioStream::Tcp(s)
             }
-            BackendAddr::Unix(p) => EpollStream::Unix(UnixStream::connect(p).await?),
+            BackendAddr::Unix(p) => TokioStream::Unix(UnixStream::connect(p).await?),
         };
         Ok(MaybeTls::plain(raw))
     }

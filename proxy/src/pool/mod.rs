@@ -466,7 +466,7 @@ pub async fn side_connection<D: Driver>(
     addr: &BackendAddr,
     login: Arc<BackendLogin>,
 ) -> Result<BackendConn<D::Stream>, BackendError> {
-    let deadline = tokio::time::Instant::now() + group.settings().connect_timeout;
+    let deadline = std::time::Instant::now() + group.settings().connect_timeout;
     let name = group.target_name(addr);
     let open = async {
         backend::connect_login(
@@ -480,7 +480,7 @@ pub async fn side_connection<D: Driver>(
         )
         .await
     };
-    match tokio::time::timeout_at(deadline + Duration::from_secs(1), Box::pin(open)).await {
+    match crate::rt::time::timeout_at(deadline + Duration::from_secs(1), Box::pin(open)).await {
         Ok(r) => r.map(|(c, _)| c),
         Err(_) => Err(BackendError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -653,7 +653,7 @@ impl<D: Driver> CorePool<D> {
             };
             let why = match choice {
                 Choice::Target(t, epoch) if !topo.suspected(t) => {
-                    let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+                    let begun = *start.get_or_insert_with(std::time::Instant::now);
                     _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
                     let deadline = begun + sh.settings().borrow_timeout;
                     // Boxed: waiting or opening a connection (connect, TLS, login) is a large
@@ -691,10 +691,10 @@ impl<D: Driver> CorePool<D> {
                     })
                 }
             };
-            let begun = *start.get_or_insert_with(tokio::time::Instant::now);
+            let begun = *start.get_or_insert_with(std::time::Instant::now);
             _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
             let borrow_timeout = sh.settings().borrow_timeout;
-            if tokio::time::timeout_at(begun + borrow_timeout, changed)
+            if crate::rt::time::timeout_at(begun + borrow_timeout, changed)
                 .await
                 .is_err()
             {
@@ -784,7 +784,7 @@ impl<D: Driver> CorePool<D> {
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
-        deadline: tokio::time::Instant,
+        deadline: std::time::Instant,
         target: usize,
         epoch: u64,
     ) -> Result<Pooled<D::Stream>, AcquireError> {
@@ -811,7 +811,7 @@ impl<D: Driver> CorePool<D> {
             }
             self.shared.starving_notify.notify_waiters();
             let budget = &self.shared.budget;
-            let first = tokio::time::timeout_at(deadline, async {
+            let first = crate::rt::time::timeout_at(deadline, async {
                 tokio::select! {
                     biased;
                     Ok(c) = &mut rx => Some(Got::Local(c)),
@@ -865,7 +865,7 @@ impl<D: Driver> CorePool<D> {
             match chosen {
                 Some(Ok(conn)) => return Ok(conn),
                 Some(Err(permit)) => return self.open(key, permit, target, epoch).await,
-                None if tokio::time::Instant::now() >= deadline => {
+                None if std::time::Instant::now() >= deadline => {
                     self.shared
                         .stats
                         .borrow_timeouts
@@ -928,7 +928,7 @@ impl<D: Driver> CorePool<D> {
             .fetch_sub(stale.len(), Ordering::AcqRel);
         for c in stale {
             self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-            tokio::task::spawn_local(c.quit());
+            crate::rt::spawn(c.quit());
         }
     }
 
@@ -940,7 +940,7 @@ impl<D: Driver> CorePool<D> {
         tracing::debug!(group = %self.shared.name, thread_id = c.thread_id, "closing an idle connection to free the budget");
         self.shared.idle_total.fetch_sub(1, Ordering::AcqRel);
         self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_local(c.quit());
+        crate::rt::spawn(c.quit());
         true
     }
 
@@ -968,7 +968,7 @@ impl<D: Driver> CorePool<D> {
             }
         };
         let connect_timeout = sh.settings().connect_timeout;
-        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let deadline = std::time::Instant::now() + connect_timeout;
         let attempt = async {
             let wanted = cap::BACKEND_BASE | cap::SESSION_TRACK | key.behaviour;
             let (mut conn, profile) = backend::connect_login(
@@ -989,13 +989,14 @@ impl<D: Driver> CorePool<D> {
         // Boxed: opening a connection (login, TLS) is rare, and its state would otherwise
         // be carried by every client session's future, idle ones included.
         let attempt = Box::pin(attempt);
-        let res = match tokio::time::timeout_at(deadline + Duration::from_secs(1), attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within connect_timeout ({connect_timeout:?})"),
-            ))),
-        };
+        let res =
+            match crate::rt::time::timeout_at(deadline + Duration::from_secs(1), attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(BackendError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within connect_timeout ({connect_timeout:?})"),
+                ))),
+            };
         match res {
             Ok((conn, profile)) => {
                 tracing::debug!(group = %sh.name, thread_id = conn.thread_id, open = sh.open_connections(), "opened a backend connection");
@@ -1029,7 +1030,7 @@ impl<D: Driver> CorePool<D> {
             return;
         }
         let pool = self.clone();
-        tokio::task::spawn_local(async move {
+        crate::rt::spawn(async move {
             let names: Vec<Vec<u8>> = pool.shared.temp_tables.lock().iter().cloned().collect();
             let stats = &pool.shared.stats;
             match conn.verify(&names).await {
@@ -1056,7 +1057,7 @@ impl<D: Driver> CorePool<D> {
     pub fn release(self: &Rc<Self>, mut conn: Pooled<D::Stream>) {
         self.returned(&mut conn);
         let pool = self.clone();
-        tokio::task::spawn_local(async move {
+        crate::rt::spawn(async move {
             let init = pool.shared.init_query.clone();
             match conn.reset(&init).await {
                 Ok(()) => pool.checkin(conn),
@@ -1086,9 +1087,7 @@ impl<D: Driver> CorePool<D> {
         };
         drop(conn);
         let group = self.shared.clone();
-        tokio::task::spawn_local(
-            async move { kill_thread::<D>(&group, &addr, creds, thread_id).await },
-        );
+        crate::rt::spawn(async move { kill_thread::<D>(&group, &addr, creds, thread_id).await });
     }
 
     /// [`Self::discard`] for a connection that failed (reset, closed by the server): its
@@ -1103,7 +1102,7 @@ impl<D: Driver> CorePool<D> {
         self.returned(&mut conn);
         tracing::debug!(group = %self.shared.name, thread_id = conn.thread_id, "closing a backend connection: {why}");
         self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_local(conn.quit());
+        crate::rt::spawn(conn.quit());
     }
 
     /// Climbs the check-in ladder ([`ladder`]) with a connection given back.
@@ -1150,7 +1149,7 @@ impl<D: Driver> CorePool<D> {
             ladder::Park::Close(why) => {
                 tracing::debug!(group = %sh.name, thread_id = conn.thread_id, "closing a returned connection: {why}");
                 sh.stats.closed.fetch_add(1, Ordering::Relaxed);
-                tokio::task::spawn_local(conn.quit());
+                crate::rt::spawn(conn.quit());
             }
         }
     }
@@ -1180,11 +1179,11 @@ impl<D: Driver> CorePool<D> {
     /// Background duty of a core: serve other cores' starving borrowers from this core's
     /// idle connections, and drop idle connections the backend has closed.
     pub async fn maintain(self: Rc<Self>) {
-        let mut dead_check = tokio::time::Instant::now();
+        let mut dead_check = std::time::Instant::now();
         loop {
             let starving = self.shared.starving_notify.notified();
             let changed = self.shared.topology.changed();
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = crate::rt::time::timeout(Duration::from_secs(1), async {
                 tokio::select! {
                     _ = starving => {}
                     _ = changed => {}
@@ -1208,7 +1207,7 @@ impl<D: Driver> CorePool<D> {
             // their key comes back: forget them here.
             self.waiters.borrow_mut().prune();
             if dead_check.elapsed() >= Duration::from_secs(1) {
-                dead_check = tokio::time::Instant::now();
+                dead_check = std::time::Instant::now();
                 self.prune_dead();
             }
         }

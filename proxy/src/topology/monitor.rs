@@ -6,7 +6,7 @@ use super::decide::{Check, Decider, Event, Probe};
 use super::probe::{self, REPLICAS_SQL, REPLICAS_SQL_MYSQL};
 use super::{Lag, Topology};
 use crate::backend_conn::{BackendConn, BackendError};
-use crate::io::epoll::Epoll;
+use crate::io::tokio_net::TokioNet;
 use crate::io::{Driver, Stream};
 use crate::mysql::consts::cap;
 use crate::secrets::BackendLogin;
@@ -335,7 +335,7 @@ struct Checker {
     tls: crate::tls::BackendTls,
     login: Arc<BackendLogin>,
     timeout: Duration,
-    conn: Option<(BackendAddr, BackendConn<<Epoll as Driver>::Stream>)>,
+    conn: Option<(BackendAddr, BackendConn<<TokioNet as Driver>::Stream>)>,
     replicas_sql: &'static str,
     /// The replica-status warning was given.
     warned: bool,
@@ -358,10 +358,10 @@ impl Checker {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let opened = tokio::time::timeout_at(deadline, async {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let opened = crate::rt::time::timeout_at(deadline, async {
             let (c, _) = crate::backend_conn::connect_login(
-                || Epoll::connect(addr),
+                || TokioNet::connect(addr),
                 &self.login,
                 cap::BACKEND_BASE,
                 0,
@@ -378,11 +378,12 @@ impl Checker {
             Ok(Err(e)) => return down(&e),
             Err(_) => return timed_out(self.timeout),
         };
-        match tokio::time::timeout_at(deadline, self.probe(&mut c)).await {
+        match crate::rt::time::timeout_at(deadline, self.probe(&mut c)).await {
             Ok(Ok(p)) => {
                 if self.ask_socket {
                     if let Ok(Ok(Ok(r))) =
-                        tokio::time::timeout_at(deadline, c.query_result(probe::SOCKET_SQL)).await
+                        crate::rt::time::timeout_at(deadline, c.query_result(probe::SOCKET_SQL))
+                            .await
                     {
                         self.socket = probe::socket(&r);
                     }
