@@ -11,11 +11,13 @@
 //! either.
 
 mod poller;
+mod pooled;
 mod reactor;
 pub mod time;
 mod timers;
 
 pub use poller::Interest;
+pub use pooled::{pooled, Pooled};
 pub use reactor::{available, Held, RING_ENTRIES};
 
 use parking_lot::Mutex;
