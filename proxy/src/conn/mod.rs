@@ -32,6 +32,7 @@ use crate::mysql::stmt;
 use crate::mysql::wire::{ok_packet, ErrPacket};
 use crate::mysql::MAX_PAYLOAD;
 use crate::pool::{kill_running_query, CorePool, PoolKey, Pooled};
+use crate::rt::pooled;
 use crate::serving::connect::Connect;
 use crate::serving::execute::Execute as ServeExecute;
 use crate::serving::forward::{Forward, Pong, Refuse, ResetConnection};
@@ -199,7 +200,10 @@ async fn serve_in_span<D: Driver>(
         tls,
         endpoint: endpoint.clone(),
     };
-    let Some((mut conn, seq)) = login::<D>(shared.clone(), pool, client, peer, conn_id, via).await
+    // Each stage's future lives in a pooled block only while it runs (see `rt::pooled`):
+    // the session's task stays the size of its idle state.
+    let Some((mut conn, seq)) =
+        pooled(login::<D>(shared.clone(), pool, client, peer, conn_id, via)).await
     else {
         return;
     };
@@ -210,7 +214,7 @@ async fn serve_in_span<D: Driver>(
         .then(|| GaugeGuard::new(&endpoint.tls_clients));
     // Waiting for a backend connection is bounded by connection_borrow_timeout, not by
     // the handshake timeout.
-    if !conn.connected(seq).await {
+    if !pooled(conn.connected(seq)).await {
         return;
     }
     endpoint.setup_succeeded.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +260,9 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    async fn run(mut self) {
+    /// The command loop. It borrows the session (taking it by value would keep two copies
+    /// of `Conn` in the task, the argument and the moved local).
+    async fn run(&mut self) {
         let slot = self.reg.slot.clone();
         let mut retries = 0;
         while !slot.is_killed() {
@@ -297,9 +303,9 @@ impl<D: Driver> Conn<D> {
                 }
                 // A connection lost after an answer: the next command is told, and dropped.
                 (Some(e), _) | (None, Command::Refuse(e)) => {
-                    self.drive(&mut Refuse::new(h.seq, e), Some(h)).await
+                    pooled(self.drive(&mut Refuse::new(h.seq, e), Some(h))).await
                 }
-                (None, Command::ChangeUser) => match self.change_user(h).await {
+                (None, Command::ChangeUser) => match pooled(self.change_user(h)).await {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         // Refused (and told) before anything reached the backend.
@@ -308,7 +314,7 @@ impl<D: Driver> Conn<D> {
                     }
                     Err(e) => Err(e),
                 },
-                (None, cmd) => self.serve_command(cmd, h).await,
+                (None, cmd) => pooled(self.serve_command(cmd, h)).await,
             };
             let succeeded = outcome.is_ok();
             match outcome {
