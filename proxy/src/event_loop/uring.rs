@@ -199,6 +199,65 @@ pub fn available() -> io::Result<()> {
     IoUring::new(RING_ENTRIES).map(drop)
 }
 
+/// One turn's work on a ring: the entries that did not fit in the submission queue go first,
+/// then one `io_uring_enter` submits and, when `wait` and no completion is there, waits for
+/// one up to `timeout`; the completions are copied out into `done` (user_data, result,
+/// flags).
+///
+/// # Safety
+/// Every entry in `backlog` must keep its buffers and addresses alive until its completion.
+pub(crate) unsafe fn enter_and_collect(
+    ring: &mut IoUring,
+    backlog: &mut Vec<squeue::Entry>,
+    wait: bool,
+    timeout: Option<Duration>,
+    done: &mut Vec<(u64, i32, u32)>,
+) -> io::Result<()> {
+    while let Some(e) = backlog.pop() {
+        // SAFETY: the caller's promise.
+        if unsafe { ring.submission().push(&e) }.is_err() {
+            backlog.push(e);
+            ring.submit()?;
+        }
+    }
+    let want = usize::from(wait && ring.completion().is_empty());
+    enter(ring, want, timeout)?;
+    done.clear();
+    done.extend(
+        ring.completion()
+            .map(|c| (c.user_data(), c.result(), c.flags())),
+    );
+    Ok(())
+}
+
+/// One `io_uring_enter`: submits, and waits for `want` completions up to `timeout` (in the
+/// same call, `EXT_ARG`). A timeout, an interruption or a busy completion queue is no error:
+/// the caller collects what is there.
+fn enter(ring: &IoUring, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+    let entered = match timeout {
+        Some(d) if want > 0 => {
+            let ts = types::Timespec::new()
+                .sec(d.as_secs())
+                .nsec(d.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            ring.submitter().submit_with_args(want, &args)
+        }
+        _ => ring.submitter().submit_and_wait(want),
+    };
+    match entered {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A ring for one worker thread (the event loop's and [`crate::rt`]'s).
 pub(crate) fn build_ring() -> io::Result<IoUring> {
     let cq = RING_ENTRIES * 2;
@@ -624,39 +683,17 @@ impl EventLoop for UringLoop {
     ) -> io::Result<()> {
         self.apply();
         // What did not fit last time goes first (the queue was emptied by the last enter).
-        while let Some(e) = self.backlog.pop() {
-            // SAFETY: as in `push`.
-            if unsafe { self.ring.submission().push(&e) }.is_err() {
-                self.backlog.push(e);
-                self.ring.submit()?;
-            }
-        }
         let timeout = self.accept.limit(timeout, std::time::Instant::now());
-        let ready = !self.ring.completion().is_empty();
-        let want = usize::from(!ready);
-        let entered = match timeout {
-            Some(d) if want > 0 => {
-                let ts = types::Timespec::new()
-                    .sec(d.as_secs())
-                    .nsec(d.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
-            }
-            _ => self.ring.submitter().submit_and_wait(want),
+        // SAFETY: the backlog's entries were made as `push` requires.
+        unsafe {
+            enter_and_collect(
+                &mut self.ring,
+                &mut self.backlog,
+                true,
+                timeout,
+                &mut self.done,
+            )?
         };
-        match entered {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
-        }
-        self.done.clear();
-        self.done.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
         let done = std::mem::take(&mut self.done);
         let mut returned = false;
         for &(u, res, flags) in &done {

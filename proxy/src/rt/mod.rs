@@ -36,6 +36,14 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 use timers::{TimerId, Timers};
 
+/// A free slot of a slab (`slots` and its free list): one given back, else a new one.
+fn claim<T: Default>(slots: &mut Vec<T>, free: &mut Vec<u32>) -> u32 {
+    free.pop().unwrap_or_else(|| {
+        slots.push(T::default());
+        u32::try_from(slots.len() - 1).unwrap_or(u32::MAX)
+    })
+}
+
 /// Tasks polled in a row before the ring is looked at again.
 const POLLS_PER_TURN: usize = 256;
 
@@ -135,6 +143,15 @@ struct Tasks {
     free: Vec<u32>,
 }
 
+impl Tasks {
+    /// The slot of task `(index, generation)` while it lives.
+    fn live(&mut self, (index, generation): (u32, u32)) -> Option<&mut TaskSlot> {
+        self.slots
+            .get_mut(index as usize)
+            .filter(|s| s.live && s.generation == generation)
+    }
+}
+
 /// What a runtime waits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -182,13 +199,8 @@ struct Core {
 impl Core {
     fn spawn(&self, future: Task) -> (u32, u32) {
         let mut tasks = self.tasks.borrow_mut();
-        let index = match tasks.free.pop() {
-            Some(i) => i,
-            None => {
-                tasks.slots.push(TaskSlot::default());
-                u32::try_from(tasks.slots.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
+        let Tasks { slots, free } = &mut *tasks;
+        let index = claim(slots, free);
         let Some(slot) = tasks.slots.get_mut(index as usize) else {
             return (index, u32::MAX);
         };
@@ -213,11 +225,7 @@ impl Core {
     fn poll_task(&self, (index, generation): (u32, u32)) -> bool {
         let (mut future, waker) = {
             let mut tasks = self.tasks.borrow_mut();
-            let Some(slot) = tasks
-                .slots
-                .get_mut(index as usize)
-                .filter(|s| s.live && s.generation == generation)
-            else {
+            let Some(slot) = tasks.live((index, generation)) else {
                 return true;
             };
             let (Some(f), Some(w), Some(h)) = (slot.future.take(), &slot.waker, &slot.handle)
@@ -263,11 +271,7 @@ impl Core {
     fn abort(&self, (index, generation): (u32, u32)) {
         let future = {
             let mut tasks = self.tasks.borrow_mut();
-            let Some(slot) = tasks
-                .slots
-                .get_mut(index as usize)
-                .filter(|s| s.live && s.generation == generation)
-            else {
+            let Some(slot) = tasks.live((index, generation)) else {
                 return;
             };
             match slot.future.take() {

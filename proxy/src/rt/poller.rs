@@ -80,13 +80,7 @@ impl Poller {
 
     /// Registers socket `fd` (non-blocking) for both directions, edge-triggered.
     pub fn register(&mut self, fd: RawFd) -> io::Result<RegId> {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.entries.push(Entry::default());
-                u32::try_from(self.entries.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
+        let index = super::claim(&mut self.entries, &mut self.free);
         let generation = match self.entries.get_mut(index as usize) {
             Some(e) => {
                 // Worth a system call at first: a new socket may be readable, and is

@@ -14,8 +14,8 @@ use std::os::fd::RawFd;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use crate::event_loop::uring::build_ring;
 pub use crate::event_loop::uring::{available, RING_ENTRIES};
+use crate::event_loop::uring::{build_ring, enter_and_collect};
 
 /// `user_data` of the eventfd poll that wakes the ring from other threads.
 const WAKE: u64 = u64::MAX;
@@ -110,13 +110,7 @@ impl Reactor {
     /// Starts an operation: `build` makes its entry from what it holds (`held` stays here,
     /// at a stable address for a boxed address, or a buffer whose heap part does not move).
     pub fn start(&mut self, held: Held, build: impl FnOnce(&mut Held) -> squeue::Entry) -> OpId {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.ops.push(OpSlot::default());
-                u32::try_from(self.ops.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
+        let index = super::claim(&mut self.ops, &mut self.free);
         let Some(slot) = self.ops.get_mut(index as usize) else {
             // Cannot happen (the slot was just made); no entry is submitted.
             return OpId {
@@ -204,37 +198,16 @@ impl Reactor {
     /// fired.
     pub fn turn(&mut self, wait: bool, timeout: Option<Duration>) -> io::Result<bool> {
         self.arm_wake();
-        while let Some(e) = self.backlog.pop() {
-            // SAFETY: as in `push`.
-            if unsafe { self.ring.submission().push(&e) }.is_err() {
-                self.backlog.push(e);
-                self.ring.submit()?;
-            }
-        }
-        let want = usize::from(wait && self.ring.completion().is_empty());
-        let entered = match timeout {
-            Some(d) if want > 0 => {
-                let ts = types::Timespec::new()
-                    .sec(d.as_secs())
-                    .nsec(d.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
-            }
-            _ => self.ring.submitter().submit_and_wait(want),
+        // SAFETY: the backlog's entries hold what they point to in `ops` (see `push`).
+        unsafe {
+            enter_and_collect(
+                &mut self.ring,
+                &mut self.backlog,
+                wait,
+                timeout,
+                &mut self.done,
+            )?
         };
-        match entered {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
-        }
-        self.done.clear();
-        self.done.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
         let done = std::mem::take(&mut self.done);
         let mut woken = false;
         for &(u, res, flags) in &done {

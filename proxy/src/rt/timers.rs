@@ -41,13 +41,7 @@ pub struct Timers {
 impl Timers {
     /// Sets a timer for `deadline`, waking `waker` when it passes.
     pub fn set(&mut self, deadline: Instant, waker: Waker) -> TimerId {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(Slot::default());
-                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
+        let index = super::claim(&mut self.slots, &mut self.free);
         let generation = match self.slots.get_mut(index as usize) {
             Some(s) => {
                 s.live = true;
