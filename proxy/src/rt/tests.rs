@@ -41,7 +41,19 @@ fn both_flavors_run_timers_tasks_and_wakes_from_other_threads() {
                 std::thread::sleep(Duration::from_millis(20));
                 let _ = tx.send(42);
             });
-            assert_eq!(rx.await, Ok(42), "{flavor:?}");
+            // The deadline is polled first: if only the timer woke the runtime (the eventfd
+            // did not), the wait ends with the deadline instead of the value, and the test
+            // fails instead of hanging.
+            let mut rx = std::pin::pin!(rx);
+            let mut deadline = std::pin::pin!(time::sleep(Duration::from_secs(10)));
+            let got = std::future::poll_fn(|cx| {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                rx.as_mut().poll(cx).map(|v| v.ok())
+            })
+            .await;
+            assert_eq!(got, Some(42), "{flavor:?}: woken by the other thread");
         })
     });
     assert!(ran >= 1);
