@@ -6,11 +6,11 @@
 //! bumps a sequence number: a KILL that looked the thread up, then asked the server which
 //! query runs there, can tell whether the lease stayed the same in between.
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 /// The first greeting id: far above the database's own thread ids, so that an id tells
 /// which of the two it is.
@@ -38,8 +38,10 @@ pub struct ClientSlot {
     pub group: String,
     serving: Mutex<Serving>,
     killed: AtomicBool,
-    /// Wakes the session's wait for its next command: a kill, or a drain starting.
-    attention: Notify,
+    /// Wakes the session's wait for its next command: a kill, or a drain starting. Only
+    /// the session's own task waits on it; `woke` is the permit a wake leaves.
+    attention: AtomicWaker,
+    woke: AtomicBool,
     /// Where it came from (status): address, endpoint, TLS, when it logged in (seconds
     /// since the Unix epoch).
     pub origin: Origin,
@@ -86,7 +88,8 @@ impl ClientSlot {
                 target: 0,
             }),
             killed: AtomicBool::new(false),
-            attention: Notify::new(),
+            attention: AtomicWaker::new(),
+            woke: AtomicBool::new(false),
             origin: Origin::default(),
             queries: AtomicU64::new(0),
         })
@@ -137,12 +140,25 @@ impl ClientSlot {
     /// Makes the session look at why it should stop (killed, or a drain started); a permit
     /// is stored if it is not waiting right now, so the wake is never lost.
     pub fn wake(&self) {
-        self.attention.notify_one();
+        self.woke.store(true, Ordering::Release);
+        self.attention.wake();
     }
 
-    /// Resolves at the next [`Self::wake`] (or at once for one that came meanwhile).
+    /// Resolves at the next [`Self::wake`] (or at once for one that came meanwhile). One
+    /// waiter at a time: the session's task.
     pub async fn woken(&self) {
-        self.attention.notified().await
+        std::future::poll_fn(|cx| {
+            if self.woke.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            // Registered before the second look, so that a wake in between is not lost.
+            self.attention.register(cx.waker());
+            match self.woke.swap(false, Ordering::AcqRel) {
+                true => std::task::Poll::Ready(()),
+                false => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
 
     pub fn is_killed(&self) -> bool {
@@ -152,7 +168,7 @@ impl ClientSlot {
     /// Resolves once the session is killed.
     pub async fn killed(&self) {
         while !self.is_killed() {
-            self.attention.notified().await;
+            self.woken().await;
         }
     }
 }
@@ -213,6 +229,24 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wake_is_kept_until_the_session_waits_and_one_from_another_thread_reaches_it() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let slot = ClientSlot::new(1, "app", "default");
+        let mut cx = Context::from_waker(Waker::noop());
+        // A wake that came before the wait: the wait ends at once, and only once.
+        slot.wake();
+        assert!(std::pin::pin!(slot.woken()).poll(&mut cx).is_ready());
+        let mut waiting = std::pin::pin!(slot.woken());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        // A kill from another thread while the session waits.
+        let other = slot.clone();
+        std::thread::spawn(move || other.kill()).join().ok();
+        assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(())));
+        assert!(slot.is_killed());
+    }
 
     #[test]
     fn leases_are_sequenced_and_registrations_end_with_their_guard() {

@@ -92,7 +92,7 @@ impl<D: Driver> Conn<D> {
     /// response time runs from now to the first packet back.
     pub(super) fn sent_statement(&mut self) {
         if self.timing && self.db_sent.is_none() {
-            self.db_sent = Some(std::time::Instant::now());
+            self.db_sent = Some(crate::rt::time::now());
         }
     }
 

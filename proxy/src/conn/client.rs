@@ -32,7 +32,7 @@ impl<D: Driver> Conn<D> {
     /// `net_read_timeout` there is given up (`TimedOut`), as MariaDB does.
     pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<Header> {
         let wait = self.shared.config().proxy.net_read_timeout;
-        let deadline = std::time::Instant::now() + wait;
+        let deadline = crate::rt::time::now() + wait;
         read_packet_by(&mut self.client, &mut self.cbuf, limit, Some(deadline)).await
     }
 
@@ -205,7 +205,7 @@ impl<D: Driver> Conn<D> {
             self.peer.ip(),
             self.client.is_tls(),
             self.shared.config().proxy.handshake_timeout,
-            std::time::Instant::now(),
+            crate::rt::time::now(),
             &self.shared.users(),
             &self.shared.throttle,
         );

@@ -277,7 +277,7 @@ impl<D: Driver> Conn<D> {
             let _active = crate::io::Active::enter();
             self.busy = true;
             let byte = command::command_byte(self.cbuf.filled(), h);
-            let timed = command::is_statement(byte).then(std::time::Instant::now);
+            let timed = command::is_statement(byte).then(crate::rt::time::now);
             self.timing = timed.is_some();
             // Enhanced query logging: the statement's text, read before it is consumed.
             let logged = match (timed, self.shared.query_log.until()) {
@@ -347,7 +347,11 @@ impl<D: Driver> Conn<D> {
                 }
             }
             if let Some(t) = timed {
-                self.statement_done(t.elapsed(), succeeded, logged);
+                self.statement_done(
+                    crate::rt::time::now().saturating_duration_since(t),
+                    succeeded,
+                    logged,
+                );
             }
             self.command_done();
         }
@@ -376,7 +380,7 @@ impl<D: Driver> Conn<D> {
             (wait, p.net_read_timeout)
         };
         let holds = self.backend.is_some();
-        let mut idle = Idle::new(wait, rest, MAX_PAYLOAD, holds, std::time::Instant::now());
+        let mut idle = Idle::new(wait, rest, MAX_PAYLOAD, holds, crate::rt::time::now());
         let shared = self.shared.clone();
         // The read also ends when the session is killed, or when a drain starts (for a
         // session in a transaction: at the drain's deadline). Both wake the slot.
@@ -399,7 +403,7 @@ impl<D: Driver> Conn<D> {
         };
         tokio::pin!(stop);
         let end = loop {
-            let h = match idle.on_bytes(self.cbuf.filled(), std::time::Instant::now()) {
+            let h = match idle.on_bytes(self.cbuf.filled(), crate::rt::time::now()) {
                 Heard::Command(h) => return self.unless_paused(h, slot).await,
                 Heard::TooLarge(n) => {
                     tracing::debug!(peer = %self.peer, "client read failed: {}", PacketTooLarge(n));
@@ -415,7 +419,7 @@ impl<D: Driver> Conn<D> {
                 Ok(0) => break idle.on_closed(),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    let now = std::time::Instant::now();
+                    let now = crate::rt::time::now();
                     let now = deadline.map_or(now, |d| now.max(d));
                     break idle.on_timer(now).unwrap_or(NoCommand::Stalled);
                 }

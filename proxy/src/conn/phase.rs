@@ -36,7 +36,7 @@ pub(super) async fn login<D: Driver>(
         }
     };
     let handshake_timeout = shared.config().proxy.handshake_timeout;
-    let now = std::time::Instant::now();
+    let now = crate::rt::time::now();
     let mut phase = ConnectionPhase::start(
         &profile,
         conn_id,
@@ -116,7 +116,7 @@ pub(super) async fn drive_phase<D: Driver>(
                 crate::rt::time::sleep_until(input_at).await;
                 phase.handle(
                     Input::Timer,
-                    std::time::Instant::now(),
+                    crate::rt::time::now(),
                     &shared.users(),
                     &shared.throttle,
                 );
@@ -144,7 +144,7 @@ pub(super) async fn drive_phase<D: Driver>(
             };
             phase.handle(
                 input,
-                std::time::Instant::now(),
+                crate::rt::time::now(),
                 &shared.users(),
                 &shared.throttle,
             );
@@ -175,7 +175,7 @@ pub(super) async fn drive_phase<D: Driver>(
                     Err(_) => &shared.tls_stats.client_handshake_failures,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                let now = std::time::Instant::now();
+                let now = crate::rt::time::now();
                 phase.handle(
                     Input::Secured(result),
                     now,
@@ -187,7 +187,7 @@ pub(super) async fn drive_phase<D: Driver>(
                 let verdict =
                     crate::rt::time::timeout_at(deadline, verify_token(shared, peer, user, token));
                 let ok = verdict.await.unwrap_or(false);
-                let now = std::time::Instant::now();
+                let now = crate::rt::time::now();
                 phase.handle(
                     Input::TokenVerdict(ok),
                     now,

@@ -34,7 +34,11 @@ impl<D: Driver> Conn<D> {
     pub(super) fn first_response(&mut self) {
         if let Some(t) = self.db_sent.take() {
             self.timing = false;
-            self.pool.shared.stats.db_latency.observe(t.elapsed());
+            self.pool
+                .shared
+                .stats
+                .db_latency
+                .observe(crate::rt::time::now().saturating_duration_since(t));
         }
     }
 
@@ -51,7 +55,7 @@ impl<D: Driver> Conn<D> {
         // The client's statement: query_timeout (closing the connection ends the
         // statement: these answers are small), or the target found down.
         let limit = b.conn.limits.statement;
-        let deadline = limit.map(|t| std::time::Instant::now() + t);
+        let deadline = limit.map(|t| crate::rt::time::now() + t);
         let down = self.target_down(b.target);
         let packets = match b.conn.read_response_by(kind, deadline, down).await {
             Ok(p) => p,
@@ -102,7 +106,7 @@ impl<D: Driver> Conn<D> {
             self.retryable,
             limits
                 .statement
-                .map(|limit| StatementWatch::new(limit, limits.own, std::time::Instant::now())),
+                .map(|limit| StatementWatch::new(limit, limits.own, crate::rt::time::now())),
         );
         let res = self
             .relay_with(&mut b, &mut answer, info, prepare.as_deref_mut())
@@ -183,7 +187,7 @@ impl<D: Driver> Conn<D> {
                 if self.db_sent.is_some() {
                     self.first_response();
                 }
-                let by = std::time::Instant::now() + net_write;
+                let by = crate::rt::time::now() + net_write;
                 match pass.rewritten {
                     Some(o) => {
                         let mut ob = Buf::from_vec(o);
@@ -211,7 +215,7 @@ impl<D: Driver> Conn<D> {
                 Next::Read { want } => {
                     b.conn.buf.reserve(want);
                     if answer.watched() {
-                        answer.waiting(std::time::Instant::now());
+                        answer.waiting(crate::rt::time::now());
                     }
                     self.read_answer(b, answer).await?;
                 }
@@ -235,7 +239,7 @@ impl<D: Driver> Conn<D> {
             if group.topology.load().is_down(target) {
                 return Some(GaveUp::TargetDown);
             }
-            match answer.on_timer(std::time::Instant::now())? {
+            match answer.on_timer(crate::rt::time::now())? {
                 Alarm::GiveUp(f) => {
                     let why = f.to_string();
                     gave_up = Some(f);

@@ -653,7 +653,7 @@ impl<D: Driver> CorePool<D> {
             };
             let why = match choice {
                 Choice::Target(t, epoch) if !topo.suspected(t) => {
-                    let begun = *start.get_or_insert_with(std::time::Instant::now);
+                    let begun = *start.get_or_insert_with(crate::rt::time::now);
                     _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
                     let deadline = begun + sh.settings().borrow_timeout;
                     // Boxed: waiting or opening a connection (connect, TLS, login) is a large
@@ -662,7 +662,9 @@ impl<D: Driver> CorePool<D> {
                     // nothing.
                     match Box::pin(self.acquire(key, db, deadline, t, epoch)).await {
                         Ok(c) => {
-                            sh.stats.borrow_wait.observe(begun.elapsed());
+                            sh.stats
+                                .borrow_wait
+                                .observe(crate::rt::time::now().saturating_duration_since(begun));
                             return Ok(self.lend(c));
                         }
                         Err(AcquireError::Moved) => continue,
@@ -691,7 +693,7 @@ impl<D: Driver> CorePool<D> {
                     })
                 }
             };
-            let begun = *start.get_or_insert_with(std::time::Instant::now);
+            let begun = *start.get_or_insert_with(crate::rt::time::now);
             _waiting.get_or_insert_with(|| GaugeGuard::new(&sh.stats.waiting));
             let borrow_timeout = sh.settings().borrow_timeout;
             if crate::rt::time::timeout_at(begun + borrow_timeout, changed)
@@ -1113,7 +1115,8 @@ impl<D: Driver> CorePool<D> {
             return;
         }
         let max_lifetime = self.shared.settings().max_lifetime;
-        if ladder::expired(conn.conn.created.elapsed(), max_lifetime) {
+        let age = crate::rt::time::now().saturating_duration_since(conn.conn.created);
+        if ladder::expired(age, max_lifetime) {
             self.close(conn, "max_connection_lifetime reached");
             return;
         }

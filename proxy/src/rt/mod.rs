@@ -56,6 +56,14 @@ fn current() -> Option<Rc<Core>> {
     CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
 }
 
+/// The time this thread's runtime read at the start of its turn, if it runs one.
+fn turn_time() -> Option<Instant> {
+    CURRENT
+        .try_with(|c| c.borrow().as_ref().map(|core| core.now.get()))
+        .ok()
+        .flatten()
+}
+
 /// Whether this thread runs this runtime (else tokio's serves [`spawn`] and [`time`]).
 pub fn is_current() -> bool {
     CURRENT.try_with(|c| c.borrow().is_some()).unwrap_or(false)
