@@ -135,7 +135,7 @@ impl Driver for Epoll {
             l.reg.ready(Interest::Read).await;
             match l.socket.accept() {
                 Ok((s, peer)) => {
-                    s.set_nodelay(true)?;
+                    // TCP_NODELAY comes from the listener.
                     let stream = EpollStream::new(DetachedSocket::Tcp(s))?;
                     return Ok((MaybeTls::plain(stream), peer));
                 }

@@ -196,8 +196,8 @@ impl Driver for Ring {
         let raw = result(res)?;
         // SAFETY: a successful accept returns a new descriptor owned by nothing else.
         let owned = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        // TCP_NODELAY comes from the listener ([`super::reuseport_listener`]).
         let s = std::net::TcpStream::from(owned);
-        s.set_nodelay(true)?;
         let peer = match held {
             Held::Peer(p) => peer_of(&p.0, p.1),
             _ => None,
