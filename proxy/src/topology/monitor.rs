@@ -469,7 +469,13 @@ mod tests {
     use parking_lot::Mutex;
 
     /// A resolver whose answer the test changes.
-    struct Stub(Mutex<BackendAddr>);
+    /// Resolves every name to one address; each resolution (one per check) is logged
+    /// with the address the topology showed when it was asked.
+    struct Stub {
+        addr: Mutex<BackendAddr>,
+        topo: Arc<Topology>,
+        log: Mutex<Vec<(BackendAddr, Option<BackendAddr>)>>,
+    }
 
     /// What the monitor told the guard.
     #[derive(Default)]
@@ -484,7 +490,10 @@ mod tests {
 
     impl Resolve for Stub {
         fn resolve(&self, _: &str) -> Result<BackendAddr, String> {
-            Ok(self.0.lock().clone())
+            let a = self.addr.lock().clone();
+            let shown = self.topo.load().addr(0).cloned();
+            self.log.lock().push((a.clone(), shown));
+            Ok(a)
         }
     }
 
@@ -497,8 +506,12 @@ mod tests {
         let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        let stub = Arc::new(Stub(Mutex::new(BackendAddr::Tcp(aa))));
         let topo = Topology::new("g", &["db.internal:3306".into()]);
+        let stub = Arc::new(Stub {
+            addr: Mutex::new(BackendAddr::Tcp(aa)),
+            topo: topo.clone(),
+            log: Mutex::default(),
+        });
         let seen: Arc<Told> = Arc::default();
         start(
             vec![GroupMonitor {
@@ -525,13 +538,26 @@ mod tests {
             panic!("not followed to {want}: {:?}", topo.load());
         };
         let e1 = wait(aa);
-        *stub.0.lock() = BackendAddr::Tcp(ba);
-        let moved = Instant::now();
+        *stub.addr.lock() = BackendAddr::Tcp(ba);
         let e2 = wait(ba);
-        assert!(
-            moved.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            moved.elapsed()
+        // Counted in checks, not in time: when the check after the first one that
+        // resolved the new address starts, the topology already shows it.
+        let new = BackendAddr::Tcp(ba);
+        let until = Instant::now() + Duration::from_secs(5);
+        let second = loop {
+            let log = stub.log.lock();
+            let mut moved = log.iter().filter(|(a, _)| *a == new);
+            if let (Some(_), Some((_, shown))) = (moved.next(), moved.next()) {
+                break shown.clone();
+            }
+            drop(log);
+            assert!(Instant::now() < until, "no second check after the move");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            second,
+            Some(new),
+            "followed at the first check after the move"
         );
         assert!(e2 > e1, "a new epoch for the new address");
         assert_eq!(*seen.0.lock(), vec![aa, ba], "the guard follows");
