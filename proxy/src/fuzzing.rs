@@ -27,6 +27,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("session_tracking", session_tracking),
     ("statement_rewrite", statement_rewrite),
     ("serving", serving),
+    ("pg_startup", pg_startup),
+    ("pg_relay", pg_relay),
 ];
 
 /// Splits `data` into physical packets as the relays do (a length of 3 bytes, a sequence
@@ -635,6 +637,72 @@ pub fn statement_rewrite(data: &[u8]) {
     if let Ok(ex) = execute::read(&s, payload) {
         out.clear();
         let _ = execute::build(&mut s, &ex, payload, &mut conn, &mut out);
+    }
+}
+
+/// PostgreSQL: what a client sends before it is logged in (the startup message or a
+/// request in its place, a password, SCRAM's two messages split at the input's first
+/// NUL).
+pub fn pg_startup(data: &[u8]) {
+    use crate::postgres::{frame, messages, scram, startup};
+    static VERIFIER: std::sync::LazyLock<scram::Verifier> =
+        std::sync::LazyLock::new(|| scram::Verifier::from_password(b"pw", b"salt", 16));
+    let _ = startup::parse_startup(data);
+    let _ = frame::message(data);
+    let _ = messages::parse_password(data);
+    let _ = messages::parse_sasl_initial(data);
+    let _ = messages::parse_sasl_response(data);
+    let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    let (first, rest) = data.split_at(split);
+    if let Ok((mut login, _)) = scram::ServerLogin::start(&VERIFIER, first, [0; 18]) {
+        let _ = login.finish(rest.get(1..).unwrap_or(&[]));
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = scram::Verifier::parse(s);
+    }
+    // The login machine, fed the input in two pieces, each credential in turn.
+    use crate::postgres::login::{Credential, Login, Need};
+    for (i, secure) in [(0u8, false), (1, true), (2, true)] {
+        let mut l = Login::new(secure);
+        let mut out = Vec::new();
+        let (head, tail) = data.split_at(split);
+        if matches!(l.on_bytes(head, &mut out), Need::Tls) {
+            l.answer_tls(true, &mut out);
+        }
+        if matches!(l.on_bytes(&[], &mut out), Need::Identify { .. }) {
+            let c = match i {
+                0 => Credential::Md5(crate::postgres::md5::stored(b"pw", b"u")),
+                1 => Credential::ClearText,
+                _ => Credential::Scram(VERIFIER.clone()),
+            };
+            let _ = l.identified(c, [1; 18], &mut out);
+        }
+        if matches!(l.on_bytes(tail, &mut out), Need::CheckPassword(_)) {
+            let _ = l.password_checked(true, &mut out);
+        }
+    }
+}
+
+/// PostgreSQL: an exchange relayed both ways in pieces: each piece's length comes from
+/// its first byte, and pieces alternate between the client's side and the server's. A
+/// tracker that refuses bytes is replaced, as the session would drop the connection.
+pub fn pg_relay(data: &[u8]) {
+    use crate::postgres::tracker::Tracker;
+    let mut t = Tracker::default();
+    let mut rest = data;
+    let mut from_client = true;
+    while let Some((&n, tail)) = rest.split_first() {
+        let (piece, tail) = tail.split_at(usize::from(n % 64 + 1).min(tail.len()));
+        let ok = match from_client {
+            true => t.from_client(piece).is_ok(),
+            false => t.from_server(piece, |_| {}).is_ok(),
+        };
+        if !ok {
+            t = Tracker::default();
+        }
+        let _ = t.releasable();
+        from_client = !from_client;
+        rest = tail;
     }
 }
 

@@ -15,6 +15,7 @@ pub mod guard;
 pub mod io;
 pub mod mysql;
 pub mod pool;
+pub mod postgres;
 pub mod relay;
 pub mod reload;
 pub mod rt;
