@@ -410,6 +410,24 @@ mod tests {
             o.on_bytes(&m, &mut Vec::new()),
             Err(OpenError::Unexpected('Z'))
         );
+        // A server that takes the client's proof but gives none of its own.
+        let (mut o, _) = Opening::start("app", "db", b"pw", &[], false, [0; 18]);
+        let mut m = Vec::new();
+        authentication_sasl(&mut m, &["SCRAM-SHA-256"]);
+        let mut first = Vec::new();
+        o.on_bytes(&m, &mut first).unwrap();
+        let (_, client_first) = parse_sasl_initial(&first).unwrap();
+        let v = Verifier::from_password(b"pw", b"salt", 16);
+        let (_, server_first) = ServerLogin::start(&v, client_first, [1; 18]).unwrap();
+        let mut m = Vec::new();
+        authentication_sasl_continue(&mut m, &server_first);
+        o.on_bytes(&m, &mut Vec::new()).unwrap();
+        let mut m = Vec::new();
+        authentication_ok(&mut m);
+        assert_eq!(
+            o.on_bytes(&m, &mut Vec::new()),
+            Err(OpenError::Scram(ScramError::ServerSignature))
+        );
         assert_eq!(ssl_answer(b'S'), Ok(true));
         assert_eq!(ssl_answer(b'E'), Err(OpenError::SslAnswer('E')));
     }
