@@ -26,6 +26,8 @@ pub mod session;
 pub mod shared;
 pub mod stats;
 pub mod target;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod tls;
 pub mod topology;
 

@@ -40,19 +40,7 @@ mod robustness {
     use super::response::ResponseTracker;
     use super::wire::{terminator_status, ErrPacket};
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn bytes(&mut self, max: usize) -> Vec<u8> {
-            let n = (self.next() as usize) % (max + 1);
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn seeds() -> Vec<Vec<u8>> {
         let hs = ServerHandshake {

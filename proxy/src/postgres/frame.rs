@@ -42,13 +42,21 @@ pub fn header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
     let Some(&[tag, a, b, c, d]) = buf.get(..HEADER_LEN) else {
         return Ok(None);
     };
-    let declared = i32::from_be_bytes([a, b, c, d]);
-    let body = usize::try_from(declared)
+    Ok(Some(Header {
+        tag,
+        body: body_len([a, b, c, d])?,
+    }))
+}
+
+/// The body length a message's 4 length bytes declare (they count themselves), within
+/// [`MAX_MESSAGE`].
+pub fn body_len(length: [u8; 4]) -> Result<usize, FrameError> {
+    let declared = i32::from_be_bytes(length);
+    usize::try_from(declared)
         .ok()
         .and_then(|n| n.checked_sub(4))
         .filter(|&n| n <= MAX_MESSAGE)
-        .ok_or(FrameError::BadLength(i64::from(declared)))?;
-    Ok(Some(Header { tag, body }))
+        .ok_or(FrameError::BadLength(i64::from(declared)))
 }
 
 /// The first whole message in `buf`: its header and body (`Ok(None)` until all of it is

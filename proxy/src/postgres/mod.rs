@@ -41,22 +41,7 @@ mod robustness {
     use super::startup::parse_startup;
     use super::tracker::Tracker;
 
-    /// A small deterministic generator (no dependency, same bytes every run).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn bytes(&mut self, max: usize) -> Vec<u8> {
-            let n = (self.next() as usize) % (max + 1);
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
+    use crate::test_rng::Rng;
 
     static SCRAM: std::sync::LazyLock<Verifier> =
         std::sync::LazyLock::new(|| Verifier::from_password(b"pw", b"salt", 16));

@@ -5,7 +5,7 @@
 //! the last ReadyForQuery `I` (no transaction), no COPY running, and no extended-protocol
 //! messages sent since the last Sync (a Flush without a Sync keeps the link).
 
-use super::frame::{FrameError, HEADER_LEN, MAX_MESSAGE};
+use super::frame::{body_len, FrameError, HEADER_LEN};
 use super::messages::TxStatus;
 
 /// Bodies kept whole for the tracker to read (ParameterStatus, ErrorResponse,
@@ -46,12 +46,7 @@ impl Walker {
                     bytes = rest;
                     if self.have == HEADER_LEN {
                         let [tag, a, b, c, d] = self.head;
-                        let declared = i32::from_be_bytes([a, b, c, d]);
-                        let len = usize::try_from(declared)
-                            .ok()
-                            .and_then(|n| n.checked_sub(4))
-                            .filter(|&n| n <= MAX_MESSAGE)
-                            .ok_or(FrameError::BadLength(i64::from(declared)))?;
+                        let len = body_len([a, b, c, d])?;
                         self.have = 0;
                         self.keeping = len <= KEEP_LIMIT && keep(tag);
                         self.kept.clear();
