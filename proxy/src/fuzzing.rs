@@ -665,8 +665,7 @@ pub fn pg_startup(data: &[u8]) {
     for (i, secure) in [(0u8, false), (1, true), (2, true)] {
         let mut l = Login::new(secure);
         let mut out = Vec::new();
-        let (head, tail) = data.split_at(split);
-        if matches!(l.on_bytes(head, &mut out), Need::Tls) {
+        if matches!(l.on_bytes(first, &mut out), Need::Tls) {
             l.answer_tls(true, &mut out);
         }
         if matches!(l.on_bytes(&[], &mut out), Need::Identify { .. }) {
@@ -677,7 +676,7 @@ pub fn pg_startup(data: &[u8]) {
             };
             let _ = l.identified(c, [1; 18], &mut out);
         }
-        if matches!(l.on_bytes(tail, &mut out), Need::CheckPassword(_)) {
+        if matches!(l.on_bytes(rest, &mut out), Need::CheckPassword(_)) {
             let _ = l.password_checked(true, &mut out);
         }
     }

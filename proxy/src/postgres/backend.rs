@@ -3,7 +3,7 @@
 //! it wants it (SSLRequest, then [`ssl_answer`]).
 
 use super::frame::{message, FrameError, Reader};
-use super::messages::{auth, write_password_message, write_sasl_initial, TxStatus};
+use super::messages::{auth, error_field, write_password_message, write_sasl_initial, TxStatus};
 use super::scram::{ClientLogin, ScramError, MECHANISM, NONCE_BYTES};
 use super::startup::write_startup;
 
@@ -258,16 +258,11 @@ fn utf8(b: &[u8]) -> Result<String, OpenError> {
 
 /// An ErrorResponse's SQLSTATE and message.
 fn refused(body: &[u8]) -> OpenError {
-    let mut code = String::new();
-    let mut message = String::new();
-    for field in body.split(|&b| b == 0) {
-        match field.split_first() {
-            Some((b'C', v)) => code = String::from_utf8_lossy(v).into_owned(),
-            Some((b'M', v)) => message = String::from_utf8_lossy(v).into_owned(),
-            _ => {}
-        }
+    let field = |f| String::from_utf8_lossy(error_field(body, f).unwrap_or_default()).into_owned();
+    OpenError::Refused {
+        code: field(b'C'),
+        message: field(b'M'),
     }
-    OpenError::Refused { code, message }
 }
 
 #[cfg(test)]

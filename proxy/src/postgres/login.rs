@@ -136,8 +136,7 @@ impl Login {
                 self.auth_message(out)
             }
             // The caller's answer is due; a client that sends meanwhile waits.
-            State::TlsAsked | State::Identifying | State::Checking => Need::More,
-            State::Done => Need::More,
+            State::TlsAsked | State::Identifying | State::Checking | State::Done => Need::More,
         }
     }
 

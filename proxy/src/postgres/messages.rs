@@ -149,6 +149,16 @@ impl ErrorResponse<'_> {
     }
 }
 
+/// A field of an ErrorResponse or NoticeResponse body (`C`: the SQLSTATE, `M`: the
+/// message, ...).
+pub fn error_field(body: &[u8], field: u8) -> Option<&[u8]> {
+    body.split(|&b| b == 0).find_map(|f| {
+        f.split_first()
+            .filter(|(k, _)| **k == field)
+            .map(|(_, v)| v)
+    })
+}
+
 /// SQLSTATEs dbproxy says itself.
 pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";

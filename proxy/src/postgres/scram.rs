@@ -72,6 +72,31 @@ fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     out
 }
 
+/// A password's ClientKey, StoredKey (H(ClientKey)) and ServerKey (RFC 5802).
+struct Keys {
+    client: [u8; 32],
+    stored: [u8; 32],
+    server: [u8; 32],
+}
+
+fn keys(password: &[u8], salt: &[u8], iterations: u32) -> Keys {
+    let salted = salted_password(password, salt, iterations);
+    let client = hmac(&salted, &[b"Client Key".as_slice()]);
+    Keys {
+        client,
+        stored: Sha256::digest(client).into(),
+        server: hmac(&salted, &[b"Server Key".as_slice()]),
+    }
+}
+
+/// A proof and a signature give the key, a key and a signature give the proof.
+fn xor(mut a: [u8; 32], b: [u8; 32]) -> [u8; 32] {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
+    }
+    a
+}
+
 /// What a server keeps to check a role's SCRAM logins.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Verifier {
@@ -141,13 +166,12 @@ impl Verifier {
 
     /// A verifier for `password`, as `CREATE ROLE ... PASSWORD` makes it.
     pub fn from_password(password: &[u8], salt: &[u8], iterations: u32) -> Verifier {
-        let salted = salted_password(password, salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key".as_slice()]);
+        let k = keys(password, salt, iterations);
         Verifier {
             iterations,
             salt: salt.to_vec(),
-            stored_key: Sha256::digest(client_key).into(),
-            server_key: hmac(&salted, &[b"Server Key".as_slice()]),
+            stored_key: k.stored,
+            server_key: k.server,
         }
     }
 }
@@ -252,11 +276,7 @@ impl ServerLogin {
             .and_then(|p| p.try_into().ok())
             .ok_or(ScramError::Malformed("proof not 32 bytes of base64"))?;
         let auth: [&[u8]; 3] = [self.auth_start.as_bytes(), b",", without_proof.as_bytes()];
-        let signature = hmac(&self.stored_key, &auth);
-        let mut client_key = proof;
-        for (k, s) in client_key.iter_mut().zip(signature) {
-            *k ^= s;
-        }
+        let client_key = xor(proof, hmac(&self.stored_key, &auth));
         let check: [u8; 32] = Sha256::digest(client_key).into();
         if !bool::from(check.as_slice().ct_eq(self.stored_key.as_slice())) {
             return Err(ScramError::Proof);
@@ -321,9 +341,7 @@ impl ClientLogin {
         if iterations > MAX_ITERATIONS {
             return Err(ScramError::Iterations(iterations));
         }
-        let salted = salted_password(&self.password, &salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key".as_slice()]);
-        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let k = keys(&self.password, &salt, iterations);
         let without_proof = format!("c=biws,r={nonce}");
         let bare = format!("n=,r={}", self.nonce);
         let auth: [&[u8]; 5] = [
@@ -333,13 +351,8 @@ impl ClientLogin {
             b",",
             without_proof.as_bytes(),
         ];
-        let signature = hmac(&stored_key, &auth);
-        let mut proof = client_key;
-        for (p, s) in proof.iter_mut().zip(signature) {
-            *p ^= s;
-        }
-        let server_key = hmac(&salted, &[b"Server Key".as_slice()]);
-        self.expect = Some(hmac(&server_key, &auth));
+        let proof = xor(k.client, hmac(&k.stored, &auth));
+        self.expect = Some(hmac(&k.server, &auth));
         Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
     }
 

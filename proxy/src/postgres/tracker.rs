@@ -6,7 +6,7 @@
 //! messages sent since the last Sync (a Flush without a Sync keeps the link).
 
 use super::frame::{body_len, FrameError, HEADER_LEN};
-use super::messages::TxStatus;
+use super::messages::{error_field, TxStatus};
 
 /// Bodies kept whole for the tracker to read (ParameterStatus, ErrorResponse,
 /// ReadyForQuery) up to this size; a longer one is skipped (and reported as `Oversized`).
@@ -193,7 +193,9 @@ impl Tracker {
                     }
                 }
                 b'E' => {
-                    if let Some(code) = error_code(body) {
+                    if let Some(code) =
+                        error_field(body, b'C').and_then(|c| std::str::from_utf8(c).ok())
+                    {
                         event(ServerEvent::Error { code });
                     }
                 }
@@ -234,13 +236,6 @@ impl Tracker {
     pub fn terminated(&self) -> bool {
         self.terminated
     }
-}
-
-/// The SQLSTATE (`C` field) of an ErrorResponse's body.
-fn error_code(body: &[u8]) -> Option<&str> {
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .and_then(|c| std::str::from_utf8(c).ok())
 }
 
 #[cfg(test)]
