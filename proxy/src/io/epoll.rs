@@ -108,6 +108,34 @@ impl Transport for EpollStream {
         Ok(())
     }
 
+    async fn readable(&self) -> io::Result<()> {
+        let fd = fd_of(&self.socket);
+        loop {
+            self.reg.ready(Interest::Read).await;
+            // The readiness flag stays up until a call would block: a peek says whether
+            // it still holds.
+            let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            // SAFETY: `b` is one writable byte; the result is checked.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => self.reg.would_block(Interest::Read),
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
     fn raw_fd(&self) -> RawFd {
         fd_of(&self.socket)
     }

@@ -168,6 +168,11 @@ pub trait Transport: Sized + 'static {
     /// Writes the first `n` unread bytes of `buf` and consumes them.
     fn write(&mut self, buf: &mut Buf, n: usize) -> impl Future<Output = io::Result<()>>;
 
+    /// Waits until a read would not block (bytes, the end of the stream, or an error).
+    /// Moves no bytes, so it may be dropped unfinished: a relay that serves both
+    /// directions waits on both sockets this way and reads only the one that is ready.
+    fn readable(&self) -> impl Future<Output = io::Result<()>>;
+
     fn raw_fd(&self) -> RawFd;
 }
 
@@ -179,6 +184,10 @@ pub trait Stream: Sized + 'static {
 
     /// Writes the first `n` unread bytes of `buf` and consumes them.
     fn write(&mut self, buf: &mut Buf, n: usize) -> impl Future<Output = io::Result<()>>;
+
+    /// Waits until a read would return something (see [`Transport::readable`]); may be
+    /// dropped unfinished.
+    fn readable(&self) -> impl Future<Output = io::Result<()>>;
 
     fn raw_fd(&self) -> RawFd;
 
@@ -218,6 +227,9 @@ impl<T: Transport> Stream for MaybeTls<T> {
         n: usize,
     ) -> impl Future<Output = io::Result<()>> + use<'s, 'b, T> {
         MaybeTls::write(self, buf, n)
+    }
+    async fn readable(&self) -> io::Result<()> {
+        MaybeTls::readable(self).await
     }
     fn raw_fd(&self) -> RawFd {
         MaybeTls::raw_fd(self)

@@ -134,6 +134,16 @@ impl Transport for RingStream {
         Ok(())
     }
 
+    async fn readable(&self) -> io::Result<()> {
+        let fd = self.raw_fd();
+        let op = rt::start(Held::Nothing, |_| {
+            opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32).build()
+        })
+        .map_err(|_| no_runtime())?;
+        let (res, _) = op.await;
+        result(res).map(drop)
+    }
+
     fn raw_fd(&self) -> RawFd {
         match self {
             RingStream::Tcp(s) => s.as_raw_fd(),

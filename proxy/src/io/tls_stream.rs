@@ -122,6 +122,16 @@ impl<T: Transport> MaybeTls<T> {
         self.raw.raw_fd()
     }
 
+    /// Waits until [`Self::read`] has something: plaintext or ciphertext held here, or
+    /// bytes at the socket. (A partial TLS record held here counts: the read that follows
+    /// may then wait for the rest of it.)
+    pub async fn readable(&self) -> io::Result<()> {
+        match &self.tls {
+            Some(t) if t.plain > 0 || t.closed || !t.rx.is_empty() => Ok(()),
+            _ => self.raw.readable().await,
+        }
+    }
+
     /// Whether an idle connection is still fit: no bytes it was not asked for (plaintext
     /// or ciphertext held here, or waiting in the socket) and not hung up.
     pub fn idle_healthy(&self) -> bool {
@@ -341,6 +351,10 @@ mod tests {
         async fn write(&mut self, buf: &mut Buf, n: usize) -> io::Result<()> {
             self.0.write_all(&buf.filled()[..n]).await?;
             buf.consume(n);
+            Ok(())
+        }
+        /// A pipe cannot be watched: the read that follows waits instead.
+        async fn readable(&self) -> io::Result<()> {
             Ok(())
         }
         fn raw_fd(&self) -> RawFd {

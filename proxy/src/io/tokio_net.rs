@@ -39,6 +39,13 @@ impl Transport for TokioStream {
         Ok(())
     }
 
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            TokioStream::Tcp(s) => s.readable().await,
+            TokioStream::Unix(s) => s.readable().await,
+        }
+    }
+
     fn raw_fd(&self) -> RawFd {
         match self {
             TokioStream::Tcp(s) => s.as_raw_fd(),
