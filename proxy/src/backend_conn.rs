@@ -263,7 +263,7 @@ where
 }
 
 /// Runs the TLS handshake towards a backend as `t` asks, counting it.
-async fn secure<S: Stream>(
+pub(crate) async fn secure<S: Stream>(
     stream: &mut S,
     t: TlsTo<'_>,
     deadline: Deadline,

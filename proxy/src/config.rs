@@ -406,6 +406,29 @@ impl EndpointConfig {
     }
 }
 
+/// A target group's database engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// MySQL and MariaDB.
+    #[default]
+    #[serde(alias = "mariadb")]
+    Mysql,
+    /// PostgreSQL (protocol 3.0).
+    #[serde(alias = "postgres")]
+    Postgresql,
+}
+
+impl Engine {
+    /// The name as configured, and the `engine` label of metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Mysql => "mysql",
+            Engine::Postgresql => "postgresql",
+        }
+    }
+}
+
 /// TLS from dbproxy to the databases of a target group (the `--ssl-mode` of MySQL clients).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -438,6 +461,9 @@ impl BackendTlsMode {
 #[serde(deny_unknown_fields)]
 pub struct TargetGroupConfig {
     pub name: String,
+    /// The protocol its databases and its endpoints speak.
+    #[serde(default)]
+    pub engine: Engine,
     pub targets: Vec<String>,
     /// Backend connections, all cores together.
     #[serde(default = "d_max_connections")]
@@ -488,6 +514,9 @@ pub struct TargetGroupConfig {
     pub monitor_user: Option<Value>,
     #[serde(default)]
     pub monitor_password: Option<Value>,
+    /// PostgreSQL: the database the monitor's checks log in to.
+    #[serde(default = "d_monitor_database")]
+    pub monitor_database: String,
     /// TLS to the databases: disabled | preferred | verify_ca | verify_full.
     #[serde(default)]
     pub backend_tls: BackendTlsMode,
@@ -591,6 +620,10 @@ impl UserConfig {
     pub fn backend_user(&self) -> &str {
         self.backend_user.as_ref().map_or(&self.name, |v| v.text())
     }
+}
+
+fn d_monitor_database() -> String {
+    "postgres".into()
 }
 
 const MAX_DURATION_MS: u64 = 365 * 86_400_000;
@@ -866,6 +899,18 @@ impl Config {
             if g.max_connections == 0 {
                 errs.push(format!("{k}.max_connections: must be at least 1"));
             }
+            if g.engine == Engine::Postgresql {
+                if !g.session_pinning_filters.is_empty() {
+                    errs.push(format!(
+                        "{k}.session_pinning_filters: MySQL only (a PostgreSQL group's session state moves with its clients)"
+                    ));
+                }
+                if g.targets.iter().any(|t| t.starts_with("unix:")) {
+                    errs.push(format!(
+                        "{k}.targets: a PostgreSQL target is host:port (Unix sockets are not served yet)"
+                    ));
+                }
+            }
             if g.max_idle() > g.max_connections {
                 errs.push(format!(
                     "{k}.max_idle_connections: must not exceed max_connections ({})",
@@ -972,7 +1017,15 @@ impl Config {
                         "{k}.password_hash: give password or password_hash, not both"
                     ));
                 }
+                let scram = h.starts_with("SCRAM-SHA-256$");
+                if scram {
+                    if let Err(e) = crate::postgres::scram::Verifier::parse(h) {
+                        errs.push(format!("{k}.password_hash: {e}"));
+                    }
+                }
                 match crate::mysql::auth::PasswordHash::parse(h) {
+                    // A SCRAM verifier serves PostgreSQL clients only.
+                    Err(_) if scram => {}
                     Err(e) => errs.push(format!("{k}.password_hash: {e}")),
                     Ok(h)
                         if u.auth_plugin == UserAuthPlugin::CachingSha2Password

@@ -1,12 +1,13 @@
 //! Worker threads: one runtime per core, SO_REUSEPORT listeners on every worker, per-core
 //! pools; the io backend is chosen here (io_uring, or epoll as the fallback).
 
-use crate::config::{Config, IoMode};
+use crate::config::{Config, Engine, IoMode};
 use crate::guard::Guard;
 use crate::io::epoll::Epoll;
 use crate::io::ring::Ring;
 use crate::io::{reuseport_listener, Driver};
 use crate::mysql::consts::cap;
+use crate::pg_pool::PgPool;
 use crate::pool::CorePool;
 use crate::session::login::ClientTls;
 pub use crate::shared::{ProxyShared, StartError};
@@ -261,10 +262,20 @@ fn run_epoll(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
 
 /// One worker: its pools, its accept loops, until shutdown.
 async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
-    let mut pools: HashMap<String, Rc<CorePool<D>>> = HashMap::new();
+    let mut pools: HashMap<String, CorePools<D>> = HashMap::new();
     for (name, g) in &shared.groups {
-        let pool = CorePool::<D>::new(g.clone());
-        crate::rt::spawn(pool.clone().maintain());
+        let pool = match g.engine {
+            Engine::Mysql => {
+                let pool = CorePool::<D>::new(g.clone());
+                crate::rt::spawn(pool.clone().maintain());
+                CorePools::Mysql(pool)
+            }
+            Engine::Postgresql => {
+                let pool = PgPool::<D>::new(g.clone());
+                crate::rt::spawn(pool.clone().maintain());
+                CorePools::Postgres(pool)
+            }
+        };
         pools.insert(name.clone(), pool);
     }
     let mut accepts = Vec::new();
@@ -289,16 +300,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                     let local = SocketAddr::from(([127, 0, 0, 1], 0));
                     while let Some(d) = inbox.recv().await {
                         match D::attach(d) {
-                            Ok(stream) => {
-                                crate::rt::spawn(crate::conn::serve::<D>(
-                                    sh.clone(),
-                                    pool.clone(),
-                                    stream,
-                                    local,
-                                    tls,
-                                    stats.clone(),
-                                ));
-                            }
+                            Ok(stream) => pool.serve(&sh, stream, local, tls, &stats),
                             Err(e) => tracing::warn!("cannot adopt a Unix socket client: {e}"),
                         }
                     }
@@ -316,16 +318,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
         accepts.push(crate::rt::spawn(async move {
             loop {
                 match D::accept(&listener).await {
-                    Ok((stream, peer)) => {
-                        crate::rt::spawn(crate::conn::serve::<D>(
-                            sh.clone(),
-                            pool.clone(),
-                            stream,
-                            peer,
-                            tls,
-                            stats.clone(),
-                        ));
-                    }
+                    Ok((stream, peer)) => pool.serve(&sh, stream, peer, tls, &stats),
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!("accept failed: {e}");
@@ -345,7 +338,60 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     }
     shared.wait_shutdown().await;
     for pool in pools.values() {
-        pool.close_idle().await;
+        match pool {
+            CorePools::Mysql(p) => p.close_idle().await,
+            CorePools::Postgres(p) => p.close_idle().await,
+        }
+    }
+}
+
+/// A core's pool for one group route, of the group's engine.
+enum CorePools<D: Driver> {
+    Mysql(Rc<CorePool<D>>),
+    Postgres(Rc<PgPool<D>>),
+}
+
+impl<D: Driver> Clone for CorePools<D> {
+    fn clone(&self) -> Self {
+        match self {
+            CorePools::Mysql(p) => CorePools::Mysql(p.clone()),
+            CorePools::Postgres(p) => CorePools::Postgres(p.clone()),
+        }
+    }
+}
+
+impl<D: Driver> CorePools<D> {
+    /// Starts serving a new client of an endpoint on this pool.
+    fn serve(
+        &self,
+        shared: &Arc<ProxyShared>,
+        stream: D::Stream,
+        peer: SocketAddr,
+        tls: ClientTls,
+        stats: &Arc<crate::stats::EndpointStats>,
+    ) {
+        match self {
+            CorePools::Mysql(pool) => {
+                crate::rt::spawn(crate::conn::serve::<D>(
+                    shared.clone(),
+                    pool.clone(),
+                    stream,
+                    peer,
+                    tls,
+                    stats.clone(),
+                ));
+            }
+            CorePools::Postgres(pool) => {
+                crate::rt::spawn(crate::pg_conn::serve::<D>(
+                    shared.clone(),
+                    pool.clone(),
+                    stream,
+                    peer,
+                    tls,
+                    stats.clone(),
+                ));
+            }
+        }
     }
 }
 
@@ -386,6 +432,8 @@ fn start_monitor(
                 .get(&g.name)
                 .map(|p| p.backend_tls.clone())
                 .unwrap_or_else(BackendTls::disabled),
+            engine: g.engine,
+            database: g.monitor_database.clone(),
         });
     }
     let protect: crate::topology::monitor::Protector =
@@ -425,6 +473,10 @@ fn learn_server_profiles(shared: &Arc<ProxyShared>) {
         return;
     };
     for g in shared.groups.values() {
+        if g.engine == crate::config::Engine::Postgresql {
+            // Clients are told the parameters of the connection they are served by.
+            continue;
+        }
         let target = {
             let snap = g.topology.load();
             let up = snap.targets.iter().position(|t| t.up);

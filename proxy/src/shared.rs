@@ -67,6 +67,8 @@ pub struct ProxyShared {
     pub secrets: Option<crate::secrets::SecretStore>,
     /// Verifies IAM and JWT logins (when configured).
     pub tokens: Option<Arc<crate::auth::tokens::TokenVerifier>>,
+    /// PostgreSQL clients' cancel keys.
+    pub pg_cancels: Arc<crate::pg_cancel::CancelKeys>,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
@@ -169,6 +171,7 @@ impl ProxyShared {
             started: std::time::Instant::now(),
             users: arc_swap::ArcSwap::from_pointee(users),
             tokens,
+            pg_cancels: Arc::default(),
             secrets,
             config: arc_swap::ArcSwap::from_pointee(config),
             config_path: parking_lot::Mutex::new(None),

@@ -168,8 +168,9 @@ const DB_TOOLS: [(&str, &str); 3] = [
 
 /// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool, ip and
 /// unshare (guard tests), nft (a black-holed database in a namespace), PyMySQL and a venv for mysql-connector-python, Connector/J and a
-/// JDK, Chromium (the status page), curl (the admin side's login).
-const CLIENT_TOOLS: [(&str, &str); 11] = [
+/// JDK, Chromium (the status page), curl (the admin side's login), PostgreSQL 15 (its
+/// server, psql and pgbench; the tests start their own clusters).
+const CLIENT_TOOLS: [(&str, &str); 12] = [
     ("sysbench", "sysbench"),
     ("curl", "curl"),
     ("chromium", "chromium"),
@@ -184,6 +185,7 @@ const CLIENT_TOOLS: [(&str, &str); 11] = [
     ("/usr/share/doc/python3-venv", "python3-venv"),
     ("/usr/share/java/mariadb-java-client.jar", "libmariadb-java"),
     ("javac", "default-jdk-headless"),
+    ("/usr/lib/postgresql/15/bin/pgbench", "postgresql-15"),
 ];
 
 /// mysql-connector-python for the tests, and moto's server standing in for AWS Secrets

@@ -16,6 +16,7 @@ use crate::config::{UserAuthPlugin, UserConfig, Value};
 use crate::mysql::auth::{PasswordHash, Plugin};
 use crate::mysql::consts::errcode;
 use crate::mysql::wire::ErrPacket;
+use crate::postgres::scram::Verifier;
 use crate::secrets::{BackendLogin, LiveSecret, SecretStore};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -32,6 +33,32 @@ pub struct User {
     /// Identities that may log in as this user with a token.
     pub aws_iam_arns: Vec<String>,
     pub jwt_subjects: Vec<String>,
+    /// What PostgreSQL clients' SCRAM logins are checked against.
+    scram: Scram,
+}
+
+/// A user's SCRAM-SHA-256 verifier: from `password_hash`, from the password (derived at
+/// first use, with a salt of its own), or following a secret.
+#[derive(Debug)]
+enum Scram {
+    Stored(Verifier),
+    Password(String, std::sync::OnceLock<Verifier>),
+    Secret {
+        secret: Arc<LiveSecret>,
+        derived: Mutex<Option<(u64, Verifier)>>,
+    },
+    /// A MySQL `password_hash` only: PostgreSQL clients cannot log in.
+    None,
+}
+
+/// A verifier for `password` with a fresh salt.
+fn derive(password: &str) -> Verifier {
+    let salt = crate::mysql::auth::new_nonce();
+    Verifier::from_password(
+        password.as_bytes(),
+        &salt[..16],
+        crate::postgres::scram::DEFAULT_ITERATIONS,
+    )
 }
 
 /// A token a client sent as its password (never printed).
@@ -56,6 +83,28 @@ enum Password {
 }
 
 impl User {
+    /// The SCRAM-SHA-256 verifier a PostgreSQL client's login is checked against (none
+    /// for a user configured with a MySQL `password_hash` only).
+    pub fn scram_verifier(&self) -> Option<Verifier> {
+        match &self.scram {
+            Scram::Stored(v) => Some(v.clone()),
+            Scram::Password(p, v) => Some(v.get_or_init(|| derive(p)).clone()),
+            Scram::Secret { secret, derived } => {
+                let gen = secret.generation();
+                let mut d = derived.lock();
+                match &*d {
+                    Some((g, v)) if *g == gen => Some(v.clone()),
+                    _ => {
+                        let v = derive(&secret.versions()?.current.password);
+                        *d = Some((gen, v.clone()));
+                        Some(v)
+                    }
+                }
+            }
+            Scram::None => None,
+        }
+    }
+
     /// Whether identities proven by tokens may log in as this user.
     pub fn accepts_tokens(&self) -> bool {
         !self.aws_iam_arns.is_empty() || !self.jwt_subjects.is_empty()
@@ -132,6 +181,16 @@ impl Users {
                     (true, Some(name), Some(store)) => store.get(name),
                     _ => None,
                 };
+                let scram = match (&u.password_hash, &live) {
+                    (Some(h), _) => Verifier::parse(h).map_or(Scram::None, Scram::Stored),
+                    (None, Some(secret)) => Scram::Secret {
+                        secret: secret.clone(),
+                        derived: Mutex::new(None),
+                    },
+                    (None, None) => {
+                        Scram::Password(u.password.text().to_string(), Default::default())
+                    }
+                };
                 let password = match live {
                     Some(secret) => Password::Secret {
                         hashed: Mutex::new((secret.generation(), u.hash())),
@@ -152,6 +211,7 @@ impl Users {
                     backend,
                     aws_iam_arns: u.aws_iam_arns.clone(),
                     jwt_subjects: u.jwt_subjects.clone(),
+                    scram,
                 };
                 (u.name.as_bytes().to_vec(), Arc::new(user))
             })

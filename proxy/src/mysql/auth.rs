@@ -240,7 +240,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Bytes from the kernel's CSPRNG, drawn a block at a time: one `getrandom` serves 51
 /// logins instead of one. Each byte is handed out once, and wiped from the block as it
 /// goes. False when the kernel has none to give.
-fn random_bytes(out: &mut [u8]) -> bool {
+pub fn random_bytes(out: &mut [u8]) -> bool {
     const BLOCK: usize = 1024;
     thread_local! {
         static DRAWN: std::cell::RefCell<([u8; BLOCK], usize)> =

@@ -152,6 +152,8 @@ impl<T> Waiter for oneshot::Sender<T> {
 /// State of a target group shared by all cores.
 pub struct GroupShared {
     pub name: String,
+    /// The protocol the group's databases speak.
+    pub engine: crate::config::Engine,
     /// The pool's key in `ProxyShared::groups`: the group's name, with `/read_only` for
     /// the pool of its read-only endpoints.
     pub id: String,
@@ -185,6 +187,10 @@ pub struct GroupShared {
     pub stats: GroupStats,
     /// TLS to this group's databases.
     pub backend_tls: BackendTls,
+    /// PostgreSQL pools: borrowers that found no budget left; every core's maintenance
+    /// closes an idle connection for each (woken by `wanted_notify`).
+    pub wanted: AtomicUsize,
+    pub wanted_notify: Notify,
 }
 
 impl GroupShared {
@@ -201,6 +207,7 @@ impl GroupShared {
         };
         Arc::new(GroupShared {
             name: cfg.name.clone(),
+            engine: cfg.engine,
             id,
             role,
             route,
@@ -221,6 +228,8 @@ impl GroupShared {
             profile: RwLock::new(ServerProfile::default()),
             stats: GroupStats::default(),
             backend_tls,
+            wanted: AtomicUsize::new(0),
+            wanted_notify: Notify::new(),
         })
     }
 
@@ -355,7 +364,7 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
-    fn of(cfg: &TargetGroupConfig) -> Self {
+    pub fn of(cfg: &TargetGroupConfig) -> Self {
         PoolSettings {
             max_idle: cfg.max_idle(),
             max_lifetime: cfg.max_connection_lifetime,

@@ -123,6 +123,12 @@ impl Login {
         &self.params
     }
 
+    /// Bytes the client sent after its login's last message (a first query sent without
+    /// waiting), for the session to serve.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
     /// Takes the client's bytes.
     pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Need<'_> {
         self.pending.extend_from_slice(bytes);

@@ -164,6 +164,20 @@ impl Verifier {
         })
     }
 
+    /// A verifier that no password matches (its keys are `random`), for a user that
+    /// does not exist: the login then runs the same exchange and fails as a wrong
+    /// password does.
+    pub fn unmatchable(salt: &[u8], random: [u8; 32]) -> Verifier {
+        let mut server_key = random;
+        server_key.reverse();
+        Verifier {
+            iterations: DEFAULT_ITERATIONS,
+            salt: salt.to_vec(),
+            stored_key: random,
+            server_key,
+        }
+    }
+
     /// A verifier for `password`, as `CREATE ROLE ... PASSWORD` makes it.
     pub fn from_password(password: &[u8], salt: &[u8], iterations: u32) -> Verifier {
         let k = keys(password, salt, iterations);

@@ -9,13 +9,19 @@ use super::frame::{body_len, FrameError, HEADER_LEN};
 use super::messages::{error_field, TxStatus};
 
 /// Bodies kept whole for the tracker to read (ParameterStatus, ErrorResponse,
-/// ReadyForQuery) up to this size; a longer one is skipped (and reported as `Oversized`).
+/// ReadyForQuery) up to this size; a longer one is passed without being kept.
 const KEEP_LIMIT: usize = 8 * 1024;
+
+/// The client's Query and Parse bodies are kept up to this size for the session to read
+/// ([`Tracker::from_client_seeing`]); a longer one is seen with an empty body.
+pub const CLIENT_KEEP_LIMIT: usize = 64 * 1024;
 
 /// Walks a stream of typed messages fed in arbitrary pieces, without copying what it does
 /// not keep.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Walker {
+    /// Bodies longer than this are not kept.
+    limit: usize,
     head: [u8; HEADER_LEN],
     have: usize,
     /// The message whose body is being passed: its tag and bytes left.
@@ -24,7 +30,25 @@ pub struct Walker {
     keeping: bool,
 }
 
+impl Default for Walker {
+    fn default() -> Self {
+        Walker::with_limit(KEEP_LIMIT)
+    }
+}
+
 impl Walker {
+    /// A walker that keeps bodies of up to `limit` bytes.
+    pub fn with_limit(limit: usize) -> Walker {
+        Walker {
+            limit,
+            head: [0; HEADER_LEN],
+            have: 0,
+            body: None,
+            kept: Vec::new(),
+            keeping: false,
+        }
+    }
+
     /// Feeds `bytes`; `keep(tag)` says which bodies to gather, and `done(tag, body)` hears
     /// of each message once its last byte is in (`body` empty when not kept).
     pub fn feed(
@@ -48,7 +72,7 @@ impl Walker {
                         let [tag, a, b, c, d] = self.head;
                         let len = body_len([a, b, c, d])?;
                         self.have = 0;
-                        self.keeping = len <= KEEP_LIMIT && keep(tag);
+                        self.keeping = len <= self.limit && keep(tag);
                         self.kept.clear();
                         self.body = Some((tag, len));
                     }
@@ -119,7 +143,7 @@ pub struct Tracker {
 impl Default for Tracker {
     fn default() -> Self {
         Tracker {
-            client: Walker::default(),
+            client: Walker::with_limit(CLIENT_KEEP_LIMIT),
             server: Walker::default(),
             expected: 0,
             unsynced: false,
@@ -133,6 +157,16 @@ impl Default for Tracker {
 impl Tracker {
     /// Bytes the client sent, on their way to the server.
     pub fn from_client(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.from_client_seeing(bytes, |_, _| {})
+    }
+
+    /// [`Self::from_client`], and `seen` hears of each whole Query (`Q`) and Parse (`P`)
+    /// with its body (empty when it is longer than [`CLIENT_KEEP_LIMIT`]).
+    pub fn from_client_seeing(
+        &mut self,
+        bytes: &[u8],
+        mut seen: impl FnMut(u8, &[u8]),
+    ) -> Result<(), FrameError> {
         let (expected, unsynced, copy, terminated) = (
             &mut self.expected,
             &mut self.unsynced,
@@ -141,14 +175,22 @@ impl Tracker {
         );
         self.client.feed(
             bytes,
-            |_| false,
-            |tag, _| match tag {
-                b'Q' | b'F' => *expected += 1,
+            |tag| matches!(tag, b'Q' | b'P'),
+            |tag, body| match tag {
+                b'Q' => {
+                    *expected += 1;
+                    seen(tag, body);
+                }
+                b'F' => *expected += 1,
                 b'S' => {
                     *expected += 1;
                     *unsynced = false;
                 }
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
+                b'P' => {
+                    *unsynced = true;
+                    seen(tag, body);
+                }
+                b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
                 b'c' | b'f' if *copy == CopyState::In => *copy = CopyState::None,
                 b'X' => *terminated = true,
                 _ => {}
@@ -217,6 +259,11 @@ impl Tracker {
             && self.copy == CopyState::None
             && self.client.at_boundary()
             && self.server.at_boundary()
+    }
+
+    /// Between the client's messages (none half-passed).
+    pub fn client_at_boundary(&self) -> bool {
+        self.client.at_boundary()
     }
 
     /// The transaction status the server last reported.

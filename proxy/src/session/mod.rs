@@ -20,6 +20,7 @@ pub mod login;
 pub mod pin_reason;
 pub mod pins;
 pub mod plan;
+pub mod postgres;
 pub mod querylog;
 pub mod relaying;
 pub mod sql;

@@ -29,10 +29,20 @@ pub enum PinReason {
     LoadData,
     /// A change of session state dbproxy cannot classify or replay, for the session.
     Unclassified,
+    /// PostgreSQL: `LISTEN`, for the session (notifications go to the server's session).
+    Listen,
+    /// PostgreSQL: a session-level advisory lock (`pg_advisory_lock` and its kin).
+    AdvisoryLock,
+    /// PostgreSQL: `DECLARE ... WITH HOLD`, a cursor that outlives its transaction.
+    HoldCursor,
+    /// PostgreSQL: `LOAD` of a shared library into the server's session.
+    LoadLibrary,
+    /// PostgreSQL: a named prepared statement of the extended protocol.
+    NamedStatement,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 12] = [
+    pub const ALL: [PinReason; 17] = [
         PinReason::Transaction,
         PinReason::LockTables,
         PinReason::GetLock,
@@ -45,6 +55,11 @@ impl PinReason {
         PinReason::UserVariable,
         PinReason::LoadData,
         PinReason::Unclassified,
+        PinReason::Listen,
+        PinReason::AdvisoryLock,
+        PinReason::HoldCursor,
+        PinReason::LoadLibrary,
+        PinReason::NamedStatement,
     ];
 
     /// The metric label.
@@ -62,6 +77,11 @@ impl PinReason {
             PinReason::UserVariable => "user_variable",
             PinReason::LoadData => "load_data",
             PinReason::Unclassified => "unclassified",
+            PinReason::Listen => "listen",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::LoadLibrary => "load_library",
+            PinReason::NamedStatement => "named_statement",
         }
     }
 

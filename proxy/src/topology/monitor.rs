@@ -9,6 +9,7 @@ use crate::backend_conn::{BackendConn, BackendError};
 use crate::io::tokio_net::TokioNet;
 use crate::io::{Driver, Stream};
 use crate::mysql::consts::cap;
+use crate::pg_server::{PgServer, PgServerError};
 use crate::secrets::BackendLogin;
 use crate::target::BackendAddr;
 use std::io;
@@ -66,6 +67,10 @@ pub struct GroupMonitor {
     pub login: Arc<BackendLogin>,
     /// TLS to the targets, as the pool uses it.
     pub tls: crate::tls::BackendTls,
+    /// The protocol the targets speak.
+    pub engine: crate::config::Engine,
+    /// PostgreSQL: the database the checks log in to.
+    pub database: String,
 }
 
 /// One check's result on its way to the group's decider.
@@ -277,6 +282,9 @@ async fn watch_target(
         name: name.clone(),
         ask_socket: protect.is_some(),
         socket: None,
+        engine: g.engine,
+        database: g.database.clone(),
+        pg: None,
     };
     while !stop.get() {
         let nudged = topo.nudge.notified();
@@ -344,12 +352,19 @@ struct Checker {
     ask_socket: bool,
     /// The socket a new connection's server reported, not yet handed on.
     socket: Option<String>,
+    engine: crate::config::Engine,
+    database: String,
+    /// PostgreSQL: the kept connection.
+    pg: Option<(BackendAddr, PgServer<<TokioNet as Driver>::Stream>)>,
 }
 
 impl Checker {
     /// Probes over the kept connection; when that fails, over a new one (whose outcome
     /// decides: the old one may just have timed out on the server's side).
     async fn check(&mut self, addr: &BackendAddr) -> Check {
+        if self.engine == crate::config::Engine::Postgresql {
+            return self.check_pg(addr).await;
+        }
         if let Some((a, mut c)) = self.conn.take() {
             if a == *addr {
                 if let Ok(Ok(p)) = tokio::time::timeout(self.timeout, self.probe(&mut c)).await {
@@ -424,6 +439,60 @@ impl Checker {
         Ok(Probe { read_only, lag })
     }
 
+    /// A PostgreSQL target: its role from `pg_is_in_recovery()`, a standby's lag from
+    /// its replay position and time.
+    async fn check_pg(&mut self, addr: &BackendAddr) -> Check {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let kept = match self.pg.take() {
+            Some((a, c)) if a == *addr => Some(c),
+            _ => None,
+        };
+        let mut c = match kept {
+            Some(c) => c,
+            None => {
+                let opened = crate::rt::time::timeout_at(deadline, async {
+                    let stream = TokioNet::connect(addr).await?;
+                    let tls = crate::backend_conn::TlsTo::for_addr(&self.tls, &self.name, addr);
+                    crate::pg_server::open(
+                        stream,
+                        addr.clone(),
+                        &self.login,
+                        &self.database,
+                        tls,
+                        deadline,
+                    )
+                    .await
+                })
+                .await;
+                match opened {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return pg_down(&e),
+                    Err(_) => return timed_out(self.timeout),
+                }
+            }
+        };
+        let answer = match c.query(probe::PG_ROLE_SQL, deadline).await {
+            Ok(a) => a,
+            Err(e) => return pg_down(&e),
+        };
+        if let Some(e) = answer.error {
+            return Check::Down {
+                hard: false,
+                why: format!("the health check's query failed: {e}"),
+            };
+        }
+        match probe::pg_role(&answer.rows) {
+            Ok(p) => {
+                self.pg = Some((addr.clone(), c));
+                Check::Up(p)
+            }
+            Err(e) => Check::Down {
+                hard: false,
+                why: e.to_string(),
+            },
+        }
+    }
+
     fn warn_once(&mut self, why: &str) {
         if !self.warned {
             self.warned = true;
@@ -434,6 +503,17 @@ impl Checker {
 
 /// utf8mb4_general_ci: the checks send ASCII only.
 const DEFAULT_COLLATION: u8 = 45;
+
+/// A PostgreSQL target that could not be checked: a refused or reset connection is a
+/// hard failure.
+fn pg_down(e: &PgServerError) -> Check {
+    let hard = matches!(e, PgServerError::Io(io) if matches!(io.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset))
+        || matches!(e, PgServerError::Closed);
+    Check::Down {
+        hard,
+        why: e.to_string(),
+    }
+}
 
 /// A refused or reset connection is a hard failure: the server is gone.
 fn down(e: &BackendError) -> Check {
@@ -522,6 +602,8 @@ mod tests {
                 failure_threshold: 2,
                 login: BackendLogin::fixed("m", "p"),
                 tls: crate::tls::BackendTls::disabled(),
+                engine: crate::config::Engine::Mysql,
+                database: String::new(),
             }],
             stub.clone(),
             Some(seen.clone()),

@@ -1,5 +1,6 @@
 //! The health check's queries and how their answers are read (sans-IO).
 
+use super::decide::Probe;
 use super::Lag;
 use crate::mysql::resultset::{parse_text_row, TextResult};
 
@@ -78,6 +79,29 @@ pub fn replication_lag(r: &TextResult) -> Result<Lag, ProbeError> {
         }
     }
     Ok(Lag::Seconds(worst))
+}
+
+/// PostgreSQL's health check: whether the server is a standby, and if so how far behind
+/// (0 when it has replayed all it received; -1 when it receives nothing).
+pub const PG_ROLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery()::int, \
+    CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN NULL \
+    WHEN pg_catalog.pg_last_wal_receive_lsn() IS NULL THEN -1 \
+    WHEN pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
+    ELSE COALESCE(floor(extract(epoch FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()))::bigint, -1) END";
+
+/// The answer to [`PG_ROLE_SQL`].
+pub fn pg_role(rows: &[Vec<Option<String>>]) -> Result<Probe, ProbeError> {
+    let Some([Some(standby), lag]) = rows.first().map(Vec::as_slice) else {
+        return Err(ProbeError::Unexpected("no row for pg_is_in_recovery()"));
+    };
+    let read_only = standby == "1";
+    let lag = match (read_only, lag.as_deref().map(str::parse::<i64>)) {
+        (false, _) => Lag::None,
+        (true, Some(Ok(s))) if s >= 0 => Lag::Seconds(s.unsigned_abs()),
+        (true, Some(Ok(_))) => Lag::Stopped,
+        (true, _) => Lag::Unknown,
+    };
+    Ok(Probe { read_only, lag })
 }
 
 #[cfg(test)]
@@ -171,5 +195,17 @@ mod tests {
             .unwrap(),
             Lag::Seconds(0)
         );
+    }
+
+    #[test]
+    fn a_postgresql_standby_and_its_lag() {
+        let row = |a: &str, b: Option<&str>| vec![vec![Some(a.to_string()), b.map(str::to_string)]];
+        let p = pg_role(&row("0", None)).unwrap();
+        assert_eq!((p.read_only, p.lag), (false, Lag::None));
+        let p = pg_role(&row("1", Some("3"))).unwrap();
+        assert_eq!((p.read_only, p.lag), (true, Lag::Seconds(3)));
+        let p = pg_role(&row("1", Some("-1"))).unwrap();
+        assert_eq!((p.read_only, p.lag), (true, Lag::Stopped));
+        assert!(pg_role(&[]).is_err());
     }
 }

@@ -1,0 +1,608 @@
+//! The driver of one PostgreSQL client on the worker runtime (rt/).
+//!
+//! First the login: the sans-IO [`Login`] machine over the socket, with TLS, and
+//! CancelRequests sent on to the server process their client holds. Then the session:
+//! between transactions the client holds no server connection; from its next message to
+//! the ReadyForQuery that leaves nothing outstanding (no transaction, no COPY, nothing
+//! unsynced), it holds one, which first takes the client's settings
+//! ([`Settings::replay_sql`]). Bytes pass both ways unchanged; the [`Tracker`] reads
+//! their headers, and the session ([`PgSession`]) the Query and Parse texts, to know when
+//! the connection may go back, whether the settings must be read back first, and what
+//! pins the client.
+
+use crate::io::{Buf, Driver, Stream};
+use crate::pg_cancel::{self, HeldServer, Registration};
+use crate::pg_pool::{BorrowError, Lease, PgPool};
+use crate::pg_server::{nonce, PgServerError};
+use crate::postgres::backend::OpenError;
+use crate::postgres::login::{Credential, Login, Need};
+use crate::postgres::messages::{
+    backend_key_data, parameter_status, ready_for_query, sqlstate, ErrorResponse, TxStatus,
+};
+use crate::postgres::scram::Verifier;
+use crate::postgres::tracker::{ServerEvent, Tracker};
+use crate::session::login::ClientTls;
+use crate::session::postgres::{AtRest, PgSession, Settings};
+use crate::shared::ProxyShared;
+use crate::stats::EndpointStats;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Receive buffer a client keeps between transactions.
+const CLIENT_BUF: usize = 16 * 1024;
+
+/// How long a cancel request may take to reach a server.
+const CANCEL_LIMIT: Duration = Duration::from_secs(2);
+
+/// Why a linked exchange ended.
+enum Unlinked {
+    /// Settled: the connection may serve others.
+    Settled,
+    /// The client left (or sent Terminate); `busy`: with a request still running.
+    ClientGone { busy: bool },
+    /// The server connection failed; the client is told.
+    ServerLost(String),
+    /// dbproxy could not give the server the client's settings; the client is told.
+    Refused(String),
+    /// The client broke the protocol; it is told.
+    Protocol(String),
+}
+
+/// A logged-in client.
+struct PgClient<D: Driver> {
+    shared: Arc<ProxyShared>,
+    pool: Rc<PgPool<D>>,
+    stream: D::Stream,
+    peer: SocketAddr,
+    /// The client's bytes not yet sent to a server.
+    buf: Buf,
+    /// The server's bytes on their way to the client.
+    sbuf: Buf,
+    user: Arc<crate::auth::User>,
+    database: String,
+    session: PgSession,
+    cancel: Registration,
+}
+
+/// Serves one client connection to a PostgreSQL endpoint until it ends.
+pub async fn serve<D: Driver>(
+    shared: Arc<ProxyShared>,
+    pool: Rc<PgPool<D>>,
+    mut stream: D::Stream,
+    peer: SocketAddr,
+    tls: ClientTls,
+    endpoint: Arc<EndpointStats>,
+) {
+    shared.clients.fetch_add(1, Ordering::AcqRel);
+    let _count = ClientCount(shared.clone());
+    let _open = endpoint.connected();
+    if shared.clients.load(Ordering::Acquire) > shared.config().proxy.max_client_connections {
+        let mut out = Vec::new();
+        ErrorResponse::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+        )
+        .write(&mut out);
+        let _ = write_all(&mut stream, &out).await;
+        tracing::warn!(%peer, "refused a client: max_client_connections reached");
+        return;
+    }
+    let Some(logged) = login::<D>(&shared, &mut stream, peer, tls).await else {
+        return;
+    };
+    let pid = i32::try_from(shared.next_connection_id() & 0x7fff_ffff).unwrap_or(1);
+    let key = i32::from_be_bytes(nonce()[..4].try_into().unwrap_or([0; 4]));
+    let cancel = shared.pg_cancels.register(pid, key);
+    let mut buf = Buf::with_capacity(CLIENT_BUF);
+    buf.extend(&logged.pending);
+    let mut c = PgClient {
+        shared,
+        pool,
+        stream,
+        peer,
+        buf,
+        sbuf: Buf::with_capacity(CLIENT_BUF),
+        session: PgSession::new(&logged.params),
+        user: logged.user,
+        database: logged.database,
+        cancel,
+    };
+    if !c.welcome(pid, key).await {
+        return;
+    }
+    endpoint.setup_succeeded.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(peer = %c.peer, user = %c.user.name, "PostgreSQL client logged in");
+    c.run().await;
+    if let Some(p) = c.session.pinned() {
+        c.pool.shared.stats.pin_ended(p);
+    }
+}
+
+struct ClientCount(Arc<ProxyShared>);
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn write_all<S: Stream>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    let mut b = Buf::from_vec(bytes.to_vec());
+    let n = b.len();
+    s.write(&mut b, n).await
+}
+
+/// Who logged in.
+struct LoggedIn {
+    user: Arc<crate::auth::User>,
+    database: String,
+    params: Vec<(String, String)>,
+    /// Bytes the client sent after its last login message.
+    pending: Vec<u8>,
+}
+
+/// What the login machine asks, owned (so the machine can be called again).
+enum Asked {
+    More,
+    Tls,
+    Cancel(i32, i32),
+    Identify(String),
+    CheckPassword,
+    LoggedIn,
+    Close,
+}
+
+impl From<Need<'_>> for Asked {
+    fn from(n: Need<'_>) -> Self {
+        match n {
+            Need::More => Asked::More,
+            Need::Tls => Asked::Tls,
+            Need::Cancel { pid, key } => Asked::Cancel(pid, key),
+            Need::Identify { user, .. } => Asked::Identify(user.to_string()),
+            Need::CheckPassword(_) => Asked::CheckPassword,
+            Need::LoggedIn => Asked::LoggedIn,
+            Need::Close => Asked::Close,
+        }
+    }
+}
+
+/// A verifier for a user that does not exist: its salt is the same at every attempt
+/// for the same name, as a real user's is, so the answer does not tell them apart.
+fn unknown_user(name: &str) -> Verifier {
+    use sha2::{Digest, Sha256};
+    static SECRET: std::sync::OnceLock<[u8; 20]> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(crate::mysql::auth::new_nonce);
+    let salt = Sha256::new()
+        .chain_update(secret)
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut keys = [0u8; 32];
+    keys[..18].copy_from_slice(&nonce());
+    Verifier::unmatchable(salt.get(..16).unwrap_or_default(), keys)
+}
+
+/// The login, up to AuthenticationOk; `None` when the connection ends (refused, a
+/// cancel request, gone, too slow).
+async fn login<D: Driver>(
+    shared: &Arc<ProxyShared>,
+    stream: &mut D::Stream,
+    peer: SocketAddr,
+    tls: ClientTls,
+) -> Option<LoggedIn> {
+    let deadline = crate::rt::time::now() + shared.config().proxy.handshake_timeout;
+    let mut login = Login::new(false);
+    let mut buf = Buf::with_capacity(1024);
+    let mut out = Vec::new();
+    let mut user = None;
+    loop {
+        buf.reserve(1024);
+        match crate::rt::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+        let bytes = buf.filled().to_vec();
+        buf.consume(bytes.len());
+        let mut asked = Asked::from(login.on_bytes(&bytes, &mut out));
+        loop {
+            asked = match asked {
+                Asked::More => break,
+                Asked::Tls => {
+                    let server = shared.tls.as_ref().filter(|_| tls != ClientTls::Off);
+                    login.answer_tls(server.is_some(), &mut out);
+                    write_all(stream, &out).await.ok()?;
+                    out.clear();
+                    if let Some(server) = server {
+                        let handshake = Box::pin(stream.accept_tls(server.config(), &[], deadline));
+                        if let Err(e) = handshake.await {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return None;
+                        }
+                    }
+                    break;
+                }
+                Asked::Cancel(pid, key) => {
+                    if let Some(server) = shared.pg_cancels.cancel(pid, key) {
+                        send_cancel::<D>(&server).await;
+                    }
+                    return None;
+                }
+                Asked::Identify(name) => {
+                    if tls == ClientTls::Required && !stream.is_tls() {
+                        login.refuse(
+                            sqlstate::INVALID_AUTHORIZATION,
+                            "this endpoint requires TLS (sslmode=require)",
+                            &mut out,
+                        );
+                        Asked::Close
+                    } else {
+                        let found = shared.users().get(name.as_bytes());
+                        let verifier = found
+                            .as_ref()
+                            .and_then(|u| u.scram_verifier())
+                            .unwrap_or_else(|| unknown_user(&name));
+                        user = found;
+                        Asked::from(login.identified(
+                            Credential::Scram(verifier),
+                            nonce(),
+                            &mut out,
+                        ))
+                    }
+                }
+                // dbproxy offers no clear-text method yet.
+                Asked::CheckPassword => Asked::from(login.password_checked(false, &mut out)),
+                Asked::LoggedIn => {
+                    write_all(stream, &out).await.ok()?;
+                    shared.throttle.succeeded(peer.ip());
+                    return Some(LoggedIn {
+                        user: user?,
+                        database: login.database().to_string(),
+                        params: login.params().to_vec(),
+                        pending: login.take_pending(),
+                    });
+                }
+                Asked::Close => {
+                    if user.is_some() || !out.is_empty() {
+                        shared.throttle.failed(peer.ip(), crate::rt::time::now());
+                    }
+                    let _ = write_all(stream, &out).await;
+                    return None;
+                }
+            };
+        }
+        if !out.is_empty() {
+            write_all(stream, &out).await.ok()?;
+            out.clear();
+        }
+    }
+}
+
+/// Sends a CancelRequest to `server` and waits until the server has read it (it closes
+/// the connection then), within [`CANCEL_LIMIT`].
+async fn send_cancel<D: Driver>(server: &HeldServer) {
+    let work = async {
+        let mut s = D::connect(&server.addr).await?;
+        write_all(&mut s, &pg_cancel::request(server)).await?;
+        let mut b = Buf::with_capacity(64);
+        while s.read(&mut b).await? > 0 {
+            let n = b.len();
+            b.consume(n);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    if let Ok(Err(e)) = crate::rt::time::timeout(CANCEL_LIMIT, work).await {
+        tracing::debug!("cancel request to the server failed: {e}");
+    }
+}
+
+/// An error for the client, then it is closed.
+fn fatal(code: &'static str, message: impl Into<String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    ErrorResponse::fatal(code, message).write(&mut out);
+    out
+}
+
+/// What a failed borrow tells the client.
+fn borrow_failure(e: &BorrowError) -> Vec<u8> {
+    match e {
+        BorrowError::Connect(PgServerError::Open(OpenError::Refused { code, message })) => {
+            // The server's own refusal (no such database, ...), as the server put it.
+            let mut out = Vec::new();
+            crate::postgres::frame::write(&mut out, b'E', |o| {
+                for (f, v) in [
+                    (b'S', "FATAL"),
+                    (b'V', "FATAL"),
+                    (b'C', code.as_str()),
+                    (b'M', message.as_str()),
+                ] {
+                    o.push(f);
+                    crate::postgres::frame::put_cstr(o, v.as_bytes());
+                }
+                o.push(0);
+            });
+            out
+        }
+        BorrowError::Timeout => fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string()),
+        _ => fatal(sqlstate::CONNECTION_FAILURE, e.to_string()),
+    }
+}
+
+/// Whether `bytes` start with a Terminate message.
+fn starts_with_terminate(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&b'X')
+}
+
+impl<D: Driver> PgClient<D> {
+    fn deadline(&self) -> Instant {
+        crate::rt::time::now() + self.pool.shared.settings().limits.own
+    }
+
+    /// Sends the client what a server says after AuthenticationOk: the parameters (as a
+    /// server connection reports them once it carries the client's startup settings),
+    /// the client's cancel key, ReadyForQuery. False when the client is gone or refused.
+    async fn welcome(&mut self, pid: i32, key: i32) -> bool {
+        let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
+                let _ = write_all(&mut self.stream, &borrow_failure(&e)).await;
+                return false;
+            }
+        };
+        if let Err(why) = self.take_settings(&mut lease).await {
+            let _ = write_all(&mut self.stream, &fatal(sqlstate::CONNECTION_FAILURE, why)).await;
+            self.pool.discard(lease);
+            return false;
+        }
+        let mut out = Vec::new();
+        for (name, value) in &lease.server.reported {
+            parameter_status(&mut out, name, value);
+        }
+        backend_key_data(&mut out, pid, key);
+        ready_for_query(&mut out, TxStatus::Idle);
+        self.pool.release(lease);
+        write_all(&mut self.stream, &out).await.is_ok()
+    }
+
+    /// Gives a borrowed connection the client's settings, and reads them back when the
+    /// client may have changed them (its startup settings, before its first query).
+    async fn take_settings(&mut self, lease: &mut Lease<D::Stream>) -> Result<(), String> {
+        let deadline = self.deadline();
+        let server = &mut lease.server;
+        if let Some(sql) = self.session.settings.replay_sql(&server.settings) {
+            let a = server.query(&sql, deadline).await.map_err(|e| {
+                format!("giving the server connection the client's settings failed: {e}")
+            })?;
+            if let Some(e) = a.error {
+                return Err(format!(
+                    "the client's settings cannot be given to a server connection: {e}"
+                ));
+            }
+            server.settings = self.session.settings.clone();
+        }
+        if let AtRest::ReadBack(sql) = self.session.at_rest() {
+            self.read_back(lease, &sql).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the session's settings back from the server connection.
+    async fn read_back(&mut self, lease: &mut Lease<D::Stream>, sql: &str) -> Result<(), String> {
+        let deadline = self.deadline();
+        let server = &mut lease.server;
+        let a = server
+            .query(sql, deadline)
+            .await
+            .map_err(|e| format!("reading the session's settings back failed: {e}"))?;
+        if let Some(e) = a.error {
+            return Err(format!("reading the session's settings back failed: {e}"));
+        }
+        let rows = a.rows.iter().filter_map(|r| match r.as_slice() {
+            [Some(n), v] => Some((n.as_str(), v.as_deref())),
+            _ => None,
+        });
+        let settings = Settings::from_rows(rows, &server.user);
+        server.settings = settings.clone();
+        self.session.read_back(settings);
+        Ok(())
+    }
+
+    /// The session: an exchange on a borrowed connection per transaction, until the
+    /// client leaves.
+    async fn run(&mut self) {
+        loop {
+            if self.buf.is_empty() {
+                self.buf.shrink(CLIENT_BUF);
+                self.sbuf.shrink(CLIENT_BUF);
+                self.buf.reserve(4096);
+                let read = tokio::select! {
+                    r = self.stream.read(&mut self.buf) => r,
+                    _ = self.shared.wait_shutdown() => {
+                        let bye = fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command");
+                        let _ = write_all(&mut self.stream, &bye).await;
+                        return;
+                    }
+                };
+                match read {
+                    Ok(n) if n > 0 => {}
+                    _ => return,
+                }
+            }
+            if starts_with_terminate(self.buf.filled()) {
+                return;
+            }
+            let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
+                    let _ = write_all(&mut self.stream, &borrow_failure(&e)).await;
+                    return;
+                }
+            };
+            self.cancel.hold(HeldServer {
+                addr: lease.server.addr.clone(),
+                pid: lease.server.pid,
+                key: lease.server.key,
+            });
+            let end = self.linked(&mut lease).await;
+            let clean = self.cancel.let_go();
+            match end {
+                Unlinked::Settled if clean => self.pool.release(lease),
+                Unlinked::Settled => self.pool.discard(lease),
+                Unlinked::ClientGone { busy } => {
+                    if busy {
+                        // Its query would run on for nobody.
+                        let server = HeldServer {
+                            addr: lease.server.addr.clone(),
+                            pid: lease.server.pid,
+                            key: lease.server.key,
+                        };
+                        crate::rt::spawn(async move { send_cancel::<D>(&server).await });
+                    }
+                    self.pool.discard(lease);
+                    return;
+                }
+                Unlinked::ServerLost(why) | Unlinked::Refused(why) => {
+                    tracing::info!(peer = %self.peer, "session ends: {why}");
+                    let _ = write_all(&mut self.stream, &fatal(sqlstate::CONNECTION_FAILURE, why))
+                        .await;
+                    self.pool.discard(lease);
+                    return;
+                }
+                Unlinked::Protocol(why) => {
+                    tracing::info!(peer = %self.peer, "protocol violation: {why}");
+                    let _ = write_all(&mut self.stream, &fatal(sqlstate::PROTOCOL_VIOLATION, why))
+                        .await;
+                    self.pool.discard(lease);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One exchange on a borrowed connection: the client's settings first, then bytes
+    /// both ways until it is settled (and the client not pinned).
+    async fn linked(&mut self, lease: &mut Lease<D::Stream>) -> Unlinked {
+        if let Err(why) = self.take_settings(lease).await {
+            return Unlinked::Refused(why);
+        }
+        let mut tracker = Tracker::default();
+        if let Some(end) = self.forward_client(&mut tracker, lease).await {
+            return end;
+        }
+        loop {
+            if tracker.releasable() && self.buf.is_empty() {
+                match self.session.at_rest() {
+                    AtRest::Keep(_) => {}
+                    AtRest::ReadBack(sql) => {
+                        return match self.read_back(lease, &sql).await {
+                            Ok(()) => Unlinked::Settled,
+                            Err(why) => Unlinked::ServerLost(why),
+                        };
+                    }
+                    AtRest::Release => return Unlinked::Settled,
+                }
+            }
+            let server_ready = tokio::select! {
+                biased;
+                r = lease.server.stream.readable() => r.map(|()| true),
+                r = self.stream.readable() => r.map(|()| false),
+            };
+            match server_ready {
+                Ok(true) => {
+                    if let Some(end) = self.forward_server(&mut tracker, lease).await {
+                        return end;
+                    }
+                }
+                Ok(false) => {
+                    self.buf.reserve(4096);
+                    match self.stream.read(&mut self.buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => {
+                            return Unlinked::ClientGone {
+                                busy: !tracker.releasable(),
+                            }
+                        }
+                    }
+                    if let Some(end) = self.forward_client(&mut tracker, lease).await {
+                        return end;
+                    }
+                }
+                Err(e) => return Unlinked::ServerLost(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends the client's buffered bytes to the server, read on their way.
+    async fn forward_client(
+        &mut self,
+        tracker: &mut Tracker,
+        lease: &mut Lease<D::Stream>,
+    ) -> Option<Unlinked> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        if tracker.client_at_boundary() && starts_with_terminate(self.buf.filled()) {
+            return Some(Unlinked::ClientGone {
+                busy: !tracker.releasable(),
+            });
+        }
+        let session = &mut self.session;
+        let stats = &self.pool.shared.stats;
+        let fed = tracker.from_client_seeing(self.buf.filled(), |tag, body| {
+            if let Some(p) = session.client_sent(tag, body) {
+                tracing::debug!(reason = p.name(), "client pinned");
+                stats.pin_started(p);
+            }
+        });
+        if let Err(e) = fed {
+            return Some(Unlinked::Protocol(e.to_string()));
+        }
+        let n = self.buf.len();
+        if let Err(e) = lease.server.stream.write(&mut self.buf, n).await {
+            return Some(Unlinked::ServerLost(e.to_string()));
+        }
+        if tracker.terminated() {
+            // A Terminate behind other messages went to the server, which closes.
+            return Some(Unlinked::ClientGone { busy: false });
+        }
+        None
+    }
+
+    /// Reads what the server sent and passes it to the client.
+    async fn forward_server(
+        &mut self,
+        tracker: &mut Tracker,
+        lease: &mut Lease<D::Stream>,
+    ) -> Option<Unlinked> {
+        self.sbuf.reserve(8192);
+        match lease.server.stream.read(&mut self.sbuf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => {
+                return Some(Unlinked::ServerLost(
+                    "the server closed the connection".into(),
+                ))
+            }
+            Err(e) => return Some(Unlinked::ServerLost(e.to_string())),
+        }
+        let server = &mut lease.server;
+        let fed = tracker.from_server(self.sbuf.filled(), |ev| {
+            if let ServerEvent::Parameter { name, value } = ev {
+                server.reported(name, value);
+            }
+        });
+        if let Err(e) = fed {
+            return Some(Unlinked::ServerLost(format!(
+                "protocol error from the server: {e}"
+            )));
+        }
+        let n = self.sbuf.len();
+        if self.stream.write(&mut self.sbuf, n).await.is_err() {
+            return Some(Unlinked::ClientGone {
+                busy: !tracker.releasable(),
+            });
+        }
+        None
+    }
+}

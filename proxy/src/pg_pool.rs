@@ -1,0 +1,381 @@
+//! A core's pool of PostgreSQL server connections for one target group's route (its
+//! writer, or its readers): idle connections by login and database, most recently used
+//! first; new ones opened within the group's `max_connections` (shared by every core);
+//! borrowers that find neither wait for a check-in on this core, for budget another core
+//! frees (every core closes an idle connection for each such borrower), or for the
+//! topology to name a target.
+
+use crate::io::Driver;
+use crate::pg_server::{self, PgServer, PgServerError};
+use crate::pool::GroupShared;
+use crate::pool::Permit;
+use crate::secrets::BackendLogin;
+use crate::topology::Choice;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// An idle connection older than this is checked for liveness before it is lent.
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
+
+/// How often a core's maintenance looks at its idle connections without being asked.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Why no connection could be lent.
+#[derive(Debug, thiserror::Error)]
+pub enum BorrowError {
+    #[error("timed out waiting for a database connection (connection_borrow_timeout)")]
+    Timeout,
+    #[error("no database to connect to: {0}")]
+    NoTarget(String),
+    #[error("cannot connect to the database: {0}")]
+    Connect(PgServerError),
+}
+
+/// A connection lent to a client, with its share of the budget.
+pub struct Lease<S> {
+    pub server: PgServer<S>,
+    /// The target it is on, and the target's epoch (a failover makes it stale).
+    pub target: usize,
+    pub epoch: u64,
+    /// When it went idle.
+    idle_since: Instant,
+    _permit: Permit,
+}
+
+/// A borrower waiting on this core for a connection with its login and database.
+struct Waiter<S> {
+    login: u64,
+    database: String,
+    tx: oneshot::Sender<Lease<S>>,
+}
+
+/// One core's pool for one group route.
+pub struct PgPool<D: Driver> {
+    pub shared: Arc<GroupShared>,
+    idle: RefCell<Vec<Lease<D::Stream>>>,
+    waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
+}
+
+impl<D: Driver> PgPool<D> {
+    pub fn new(shared: Arc<GroupShared>) -> Rc<Self> {
+        Rc::new(PgPool {
+            shared,
+            idle: RefCell::default(),
+            waiters: RefCell::default(),
+        })
+    }
+
+    /// Idle connections on this core.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    /// A connection logged in as `login` to `database`, within
+    /// `connection_borrow_timeout`.
+    pub async fn borrow(
+        self: &Rc<Self>,
+        login: &Arc<BackendLogin>,
+        database: &str,
+    ) -> Result<Lease<D::Stream>, BorrowError> {
+        let sh = &self.shared;
+        let settings = sh.settings();
+        if let Some(l) = self.take_idle(login.id, database) {
+            sh.stats.borrow_immediate.add(1);
+            sh.stats.borrowed.add(1);
+            return Ok(l);
+        }
+        let started = crate::rt::time::now();
+        let deadline = started + settings.borrow_timeout;
+        sh.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let got = self.borrow_waiting(login, database, deadline).await;
+        sh.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        match &got {
+            Ok(_) => {
+                sh.stats.borrowed.add(1);
+                sh.stats
+                    .borrow_wait
+                    .observe(crate::rt::time::now().saturating_duration_since(started));
+            }
+            Err(BorrowError::Timeout) => {
+                sh.stats.borrow_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        got
+    }
+
+    async fn borrow_waiting(
+        self: &Rc<Self>,
+        login: &Arc<BackendLogin>,
+        database: &str,
+        deadline: Instant,
+    ) -> Result<Lease<D::Stream>, BorrowError> {
+        let sh = &self.shared;
+        loop {
+            if let Some(l) = self.take_idle(login.id, database) {
+                return Ok(l);
+            }
+            let changed = sh.topology.changed();
+            let choice = sh.topology.load().choose(sh.route, &sh.borrowed_at);
+            let (target, epoch) = match choice {
+                Choice::Target(t, e) => (t, e),
+                Choice::Fail(why) => return Err(BorrowError::NoTarget(why)),
+                Choice::Wait(why) => {
+                    tokio::select! {
+                        _ = changed => continue,
+                        _ = crate::rt::time::sleep_until(deadline) => {
+                            return Err(BorrowError::NoTarget(why));
+                        }
+                    }
+                }
+            };
+            if let Some(permit) = sh.budget.try_take() {
+                return self
+                    .open(permit, target, epoch, login, database, deadline)
+                    .await;
+            }
+            // Budget held by idle connections of other logins here: close one.
+            if self.close_idle_other(login.id, database) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.waiters.borrow_mut().push_back(Waiter {
+                login: login.id,
+                database: database.to_string(),
+                tx,
+            });
+            sh.wanted.fetch_add(1, Ordering::AcqRel);
+            sh.wanted_notify.notify_waiters();
+            let outcome = tokio::select! {
+                l = rx => l.ok().map(Ok),
+                p = sh.budget.take() => match p {
+                    Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
+                    None => None,
+                },
+                _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
+            };
+            let _ = sh
+                .wanted
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+            if let Some(o) = outcome {
+                return o;
+            }
+        }
+    }
+
+    /// Opens a new connection on `target` with `permit`.
+    async fn open(
+        &self,
+        permit: Permit,
+        target: usize,
+        epoch: u64,
+        login: &Arc<BackendLogin>,
+        database: &str,
+        borrow_deadline: Instant,
+    ) -> Result<Lease<D::Stream>, BorrowError> {
+        let sh = &self.shared;
+        let settings = sh.settings();
+        let deadline = (crate::rt::time::now() + settings.connect_timeout).min(borrow_deadline);
+        let addr = sh
+            .topology
+            .load()
+            .addr(target)
+            .cloned()
+            .ok_or_else(|| BorrowError::NoTarget("the target has no address yet".into()))?;
+        let name = sh.target_name(&addr);
+        let opened = async {
+            let stream = crate::rt::time::timeout_at(deadline, D::connect(&addr))
+                .await
+                .map_err(|_| PgServerError::Overdue)??;
+            let tls = crate::backend_conn::TlsTo::for_addr(&sh.backend_tls, &name, &addr);
+            let mut server =
+                pg_server::open(stream, addr.clone(), login, database, tls, deadline).await?;
+            if !sh.init_query.is_empty() {
+                let a = server.query(&sh.init_query, deadline).await?;
+                if let Some(e) = a.error {
+                    return Err(PgServerError::Io(std::io::Error::other(format!(
+                        "init_query failed: {e}"
+                    ))));
+                }
+            }
+            Ok(server)
+        }
+        .await;
+        match opened {
+            Ok(server) => {
+                sh.stats.opened.fetch_add(1, Ordering::Relaxed);
+                Ok(Lease {
+                    server,
+                    target,
+                    epoch,
+                    idle_since: crate::rt::time::now(),
+                    _permit: permit,
+                })
+            }
+            Err(e) => {
+                sh.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, PgServerError::Io(_) | PgServerError::Closed) {
+                    sh.topology.suspect(target);
+                }
+                Err(BorrowError::Connect(e))
+            }
+        }
+    }
+
+    /// The most recently idle connection for this login and database that may still
+    /// serve (its target in the same role and epoch, alive).
+    fn take_idle(&self, login: u64, database: &str) -> Option<Lease<D::Stream>> {
+        let snap = self.shared.topology.load();
+        let now = crate::rt::time::now();
+        let mut idle = self.idle.borrow_mut();
+        while let Some(i) = idle
+            .iter()
+            .rposition(|l| l.server.login.id == login && l.server.database == database)
+        {
+            let l = idle.remove(i);
+            self.shared.idle_total.fetch_sub(1, Ordering::Relaxed);
+            let fit = snap.valid(self.shared.route, l.target, l.epoch)
+                && (now.saturating_duration_since(l.idle_since) < CHECK_IDLE_AFTER
+                    || crate::io::Stream::idle_healthy(&l.server.stream));
+            if fit {
+                return Some(l);
+            }
+            self.closed();
+        }
+        None
+    }
+
+    /// Closes the oldest idle connection of another login or database; true if one was.
+    fn close_idle_other(&self, login: u64, database: &str) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        match idle
+            .iter()
+            .position(|l| l.server.login.id != login || l.server.database != database)
+        {
+            Some(i) => {
+                drop(idle.remove(i));
+                self.shared.idle_total.fetch_sub(1, Ordering::Relaxed);
+                self.closed();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn closed(&self) {
+        self.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection back from a client, settled (no transaction, nothing outstanding):
+    /// to a waiter for it on this core, or idle, or closed (too old, too many idle, the
+    /// budget shrank, its target no longer serves this route).
+    pub fn release(&self, mut lease: Lease<D::Stream>) {
+        let sh = &self.shared;
+        let settings = sh.settings();
+        let now = crate::rt::time::now();
+        let too_old = !settings.max_lifetime.is_zero()
+            && now.saturating_duration_since(lease.server.created) >= settings.max_lifetime;
+        let valid = sh
+            .topology
+            .load()
+            .valid(sh.route, lease.target, lease.epoch);
+        if too_old || !valid || sh.budget.over() {
+            self.discard(lease);
+            return;
+        }
+        lease.idle_since = now;
+        {
+            let mut waiters = self.waiters.borrow_mut();
+            let mut i = 0;
+            while i < waiters.len() {
+                let Some(w) = waiters.get(i) else { break };
+                if w.tx.is_closed() {
+                    waiters.remove(i);
+                    continue;
+                }
+                if w.login == lease.server.login.id && w.database == lease.server.database {
+                    let Some(w) = waiters.remove(i) else { break };
+                    match w.tx.send(lease) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            lease = back;
+                            continue;
+                        }
+                    }
+                }
+                i += 1;
+            }
+        }
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() >= settings.max_idle.max(1) {
+            drop(idle);
+            self.discard(lease);
+            return;
+        }
+        idle.push(lease);
+        sh.idle_total.fetch_add(1, Ordering::Relaxed);
+        drop(idle);
+        // A waiter for another login: free budget for it.
+        if self.waiters.borrow().iter().any(|w| !w.tx.is_closed()) {
+            if let Some(w) = self.waiters.borrow().front() {
+                let (login, db) = (w.login, w.database.clone());
+                self.close_idle_other(login, &db);
+            }
+        }
+    }
+
+    /// Closes a connection that must not serve again.
+    pub fn discard(&self, lease: Lease<D::Stream>) {
+        self.closed();
+        crate::rt::spawn(lease.server.quit());
+    }
+
+    /// This core's upkeep until shutdown: idle connections past their lifetime or dead
+    /// closed, and one closed for each borrower elsewhere that waits for budget.
+    pub async fn maintain(self: Rc<Self>) {
+        let sh = self.shared.clone();
+        loop {
+            let wanted = sh.wanted_notify.notified();
+            tokio::select! {
+                _ = wanted => {}
+                _ = crate::rt::time::sleep(MAINTAIN_EVERY) => {}
+            }
+            let settings = sh.settings();
+            let now = crate::rt::time::now();
+            let mut idle = self.idle.borrow_mut();
+            let before = idle.len();
+            idle.retain(|l| {
+                let old = !settings.max_lifetime.is_zero()
+                    && now.saturating_duration_since(l.server.created) >= settings.max_lifetime;
+                !old && crate::io::Stream::idle_healthy(&l.server.stream)
+            });
+            let mut gone = before - idle.len();
+            let mut wanted = sh.wanted.load(Ordering::Acquire);
+            while wanted > 0 && !idle.is_empty() {
+                idle.remove(0);
+                gone += 1;
+                wanted -= 1;
+            }
+            drop(idle);
+            for _ in 0..gone {
+                sh.idle_total.fetch_sub(1, Ordering::Relaxed);
+                self.closed();
+            }
+        }
+    }
+
+    /// Closes every idle connection (shutdown).
+    pub async fn close_idle(&self) {
+        let idle: Vec<_> = self.idle.borrow_mut().drain(..).collect();
+        for l in idle {
+            self.shared.idle_total.fetch_sub(1, Ordering::Relaxed);
+            self.closed();
+            l.server.quit().await;
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! PostgreSQL through dbproxy: a real PostgreSQL 15 the tests start, real clients (psql,
+//! pgbench, the Rust `postgres` crate), on both io loops, with far fewer server
+//! connections than clients.
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use proxy_tests::pg::{conninfo, group, program, PgDb};
+use proxy_tests::{poll_until, wait_until, Proxy, APP_PASSWORD, DRIVERS};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn proxy(db: &PgDb, io: &str, group_extra: &str) -> Proxy {
+    Proxy::start_at(db.port, io, "", &group(db, group_extra), "")
+}
+
+fn client(port: u16) -> Client {
+    Client::connect(&conninfo(port, "app", APP_PASSWORD, "shop"), NoTls).unwrap()
+}
+
+fn pgbench(port: u16, args: &[&str]) -> Output {
+    program("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+        .args(args)
+        .arg("shop")
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .unwrap()
+}
+
+fn psql(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Output {
+    program("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+        ])
+        .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// pgbench's TPC-B-like books: every delta recorded once in each balance.
+fn books_balance(db: &PgDb) {
+    let sums = db.sql_in(
+        "shop",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts), \
+                (SELECT sum(bbalance) FROM pgbench_branches), \
+                (SELECT sum(tbalance) FROM pgbench_tellers), \
+                (SELECT coalesce(sum(delta), 0) FROM pgbench_history), \
+                (SELECT count(*) FROM pgbench_history)",
+    );
+    let v: Vec<&str> = sums.trim().split('|').collect();
+    assert_eq!(v.len(), 5, "{sums}");
+    assert!(
+        v[..4].iter().all(|x| *x == v[0]),
+        "the books do not balance: {sums}"
+    );
+    assert_ne!(v[4], "0", "no transaction was recorded");
+}
+
+#[test]
+fn psql_and_pgbench_share_two_server_connections_and_the_books_balance() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let o = psql(p.port, "app", APP_PASSWORD, "shop", "SELECT 40 + 2");
+        assert_eq!(text(&o).trim(), "42", "[{io}]");
+
+        let o = pgbench(p.port, &["-i", "-s", "1", "-q"]);
+        assert!(o.status.success(), "[{io}] pgbench -i: {}", text(&o));
+        for mode in ["simple", "extended"] {
+            // -n: no vacuum and no truncation of the history between the runs, so that
+            // the history keeps every delta the balances got.
+            let o = pgbench(
+                p.port,
+                &["-n", "-M", mode, "-c", "8", "-j", "2", "-t", "150"],
+            );
+            let out = text(&o);
+            assert!(o.status.success(), "[{io}] pgbench -M {mode}: {out}");
+            assert!(
+                out.contains("number of transactions actually processed: 1200/1200")
+                    && out.contains("number of failed transactions: 0"),
+                "[{io}] pgbench -M {mode}: {out}"
+            );
+            books_balance(&db);
+            // Two for the clients, one for the health check.
+            let n = db.backends("app");
+            assert!(n <= 3, "[{io}] {n} server connections for app");
+        }
+        let o = pgbench(p.port, &["-S", "-C", "-c", "4", "-j", "2", "-t", "25"]);
+        assert!(
+            o.status.success() && text(&o).contains("number of failed transactions: 0"),
+            "[{io}] pgbench -C: {}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn logins_are_checked_by_dbproxy_and_the_servers_refusals_pass_through() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 2");
+        let o = psql(p.port, "app", "wrong", "shop", "SELECT 1");
+        assert!(!o.status.success(), "[{io}]");
+        assert!(
+            text(&o).contains("password authentication failed for user \"app\""),
+            "[{io}] {}",
+            text(&o)
+        );
+        // A user dbproxy does not know fails the same way, after the same exchange.
+        let o = psql(p.port, "nobody", "wrong", "shop", "SELECT 1");
+        assert!(
+            text(&o).contains("password authentication failed for user \"nobody\""),
+            "[{io}] {}",
+            text(&o)
+        );
+        let o = psql(p.port, "app", APP_PASSWORD, "nosuchdb", "SELECT 1");
+        assert!(
+            text(&o).contains("database \"nosuchdb\" does not exist"),
+            "[{io}] {}",
+            text(&o)
+        );
+        // The password is dbproxy's user's, not the database's.
+        let o = psql(p.port, "app", proxy_tests::DB_PASSWORD, "shop", "SELECT 1");
+        assert!(
+            !o.status.success(),
+            "[{io}] the database's password let a client in"
+        );
+    }
+}
+
+#[test]
+fn every_clients_settings_follow_it_across_four_server_connections() {
+    let db = PgDb::start(&[]);
+    const CLIENTS: usize = 40;
+    let mut setup = String::new();
+    for r in 0..4 {
+        setup.push_str(&format!("CREATE ROLE r{r}; GRANT r{r} TO app; "));
+    }
+    for i in 0..CLIENTS {
+        setup.push_str(&format!(
+            "CREATE SCHEMA s{i} AUTHORIZATION app; CREATE TABLE s{i}.t (v int); \
+             INSERT INTO s{i}.t VALUES ({i}); GRANT USAGE ON SCHEMA s{i} TO PUBLIC; \
+             GRANT SELECT ON s{i}.t TO PUBLIC; "
+        ));
+    }
+    db.sql_in("shop", &setup);
+    let zones = [
+        "UTC",
+        "Europe/Paris",
+        "Asia/Tokyo",
+        "America/New_York",
+        "Australia/Sydney",
+    ];
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 4\nmax_idle_connections = 4");
+        let port = p.port;
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut c = client(port);
+                    let zone = zones[i % zones.len()];
+                    c.batch_execute(&format!(
+                        "SET search_path = s{i}, public; SET TimeZone = '{zone}'; \
+                         SET application_name = 'c{i}'; SET statement_timeout = {}; \
+                         SET myapp.tenant = 't{i}'; SET ROLE r{}",
+                        (i + 1) * 1000,
+                        i % 4
+                    ))
+                    .unwrap();
+                    for round in 0..25 {
+                        if round % 5 == 0 {
+                            // A transaction, and a setting changed inside one that rolls
+                            // back (gone) and one that commits (kept).
+                            c.batch_execute("BEGIN; SET work_mem = '7MB'; ROLLBACK").unwrap();
+                            c.batch_execute(&format!("BEGIN; SET lock_timeout = {}; COMMIT", i + 1))
+                                .unwrap();
+                        }
+                        let row = c
+                            .query_one(
+                                "SELECT current_setting('search_path'), current_setting('TimeZone'), \
+                                 current_setting('application_name'), current_setting('statement_timeout'), \
+                                 current_setting('myapp.tenant'), current_user::text, (SELECT v FROM t), \
+                                 current_setting('work_mem'), current_setting('lock_timeout')",
+                                &[],
+                            )
+                            .unwrap();
+                        let got: Vec<String> = (0..7)
+                            .map(|k| {
+                                if k == 6 {
+                                    row.get::<_, i32>(k).to_string()
+                                } else {
+                                    row.get::<_, String>(k)
+                                }
+                            })
+                            .collect();
+                        let want = [
+                            format!("s{i}, public"),
+                            zone.to_string(),
+                            format!("c{i}"),
+                            format!("{}s", i + 1),
+                            format!("t{i}"),
+                            format!("r{}", i % 4),
+                            i.to_string(),
+                        ];
+                        assert_eq!(got, want, "client {i}, round {round}");
+                        if round >= 5 {
+                            assert_eq!(row.get::<_, String>(7), "4MB", "client {i}: a rolled-back SET leaked");
+                            assert_eq!(row.get::<_, String>(8), format!("{}ms", i + 1), "client {i}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let n = db.backends("app");
+        assert!(n <= 5, "[{io}] {n} server connections for app");
+        // A new client starts clean: nothing of the others' settings.
+        let mut c = client(p.port);
+        let row = c
+            .query_one(
+                "SELECT current_setting('search_path'), current_setting('application_name'), current_user::text, current_setting('myapp.tenant', true)",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "\"$user\", public", "[{io}]");
+        assert_eq!(row.get::<_, String>(1), "", "[{io}]");
+        assert_eq!(row.get::<_, String>(2), "app", "[{io}]");
+        let tenant: Option<String> = row.get(3);
+        assert!(
+            tenant.as_deref().is_none_or(str::is_empty),
+            "[{io}] {tenant:?}"
+        );
+    }
+}
+
+#[test]
+fn a_cancel_stops_its_own_query_and_never_a_bystanders() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 3");
+        let port = p.port;
+        let running = |q: &str| -> u64 {
+            db.sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = '{q}' AND state = 'active'"
+            ))
+            .trim()
+            .parse()
+            .unwrap_or(0)
+        };
+
+        // The client's own cancel (psql's Ctrl-C, libpq's PQcancel).
+        let mut a = client(port);
+        let token = a.cancel_token();
+        let sleeper = std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = a.batch_execute("SELECT pg_sleep(60)");
+            (r, t.elapsed())
+        });
+        wait_until("pg_sleep to run", Duration::from_secs(20), || {
+            running("SELECT pg_sleep(60)") == 1
+        });
+        token.cancel_query(NoTls).unwrap();
+        let (r, took) = sleeper.join().unwrap();
+        let e = r.expect_err("the query was not cancelled");
+        assert_eq!(e.code().map(|c| c.code()), Some("57014"), "[{io}] {e}");
+        assert!(
+            took < Duration::from_secs(30),
+            "[{io}] the cancel took {took:?}"
+        );
+
+        // A storm of cancels for finished queries while a bystander's query runs.
+        let bystander = std::thread::spawn(move || {
+            let mut b = client(port);
+            b.batch_execute("SELECT pg_sleep(3)")
+        });
+        let mut c = client(port);
+        let token = c.cancel_token();
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut n = 0;
+        while Instant::now() < until {
+            c.batch_execute("SELECT 1").unwrap();
+            token.cancel_query(NoTls).unwrap();
+            n += 1;
+        }
+        assert!(n > 10, "[{io}] only {n} rounds");
+        bystander
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("[{io}] a bystander's query was hit: {e}"));
+
+        // A client that vanishes mid-query has its query cancelled.
+        let mut gone = program("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "app",
+                "-d",
+                "shop",
+            ])
+            .args(["-c", "SELECT pg_sleep(61)"])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("pg_sleep(61) to run", Duration::from_secs(20), || {
+            running("SELECT pg_sleep(61)") == 1
+        });
+        gone.kill().unwrap();
+        let _ = gone.wait();
+        assert!(
+            poll_until(Duration::from_secs(10), || running("SELECT pg_sleep(61)")
+                == 0),
+            "[{io}] the vanished client's query runs on"
+        );
+    }
+}
+
+#[test]
+fn listen_pins_its_client_and_notifications_arrive() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 3");
+        let mut l = client(p.port);
+        l.batch_execute("LISTEN news").unwrap();
+        let mut n = client(p.port);
+        for _ in 0..3 {
+            n.batch_execute("SELECT 1").unwrap();
+        }
+        n.batch_execute("NOTIFY news, 'hello'").unwrap();
+        let got = poll_until(Duration::from_secs(10), || {
+            l.batch_execute("SELECT 1").unwrap();
+            l.notifications()
+                .iter()
+                .any(|m| Ok(m.payload() == "hello"))
+                .unwrap_or(false)
+        });
+        assert!(got, "[{io}] the notification did not arrive");
+        assert_eq!(p.pins_started("listen"), 1, "[{io}]");
+        assert_eq!(p.pinned_now("listen"), 1, "[{io}]");
+        drop(l);
+        assert!(
+            poll_until(Duration::from_secs(10), || p.pinned_now("listen") == 0),
+            "[{io}] the pin outlived its client"
+        );
+    }
+}
