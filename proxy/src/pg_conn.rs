@@ -22,6 +22,9 @@ use crate::postgres::messages::{
 use crate::postgres::scram::Verifier;
 use crate::postgres::tracker::{ServerEvent, Tracker};
 use crate::session::login::ClientTls;
+use crate::session::pg_statements::{
+    answer_parses, ClientStatements, Exchange, Forward, MAX_SERVER_STATEMENTS,
+};
 use crate::session::postgres::{AtRest, PgSession, Settings};
 use crate::shared::ProxyShared;
 use crate::stats::EndpointStats;
@@ -64,6 +67,10 @@ struct PgClient<D: Driver> {
     user: Arc<crate::auth::User>,
     database: String,
     session: PgSession,
+    /// The client's named prepared statements.
+    stmts: ClientStatements,
+    /// Bytes rewritten on their way (reused).
+    out: Vec<u8>,
     cancel: Registration,
 }
 
@@ -106,6 +113,8 @@ pub async fn serve<D: Driver>(
         buf,
         sbuf: Buf::with_capacity(CLIENT_BUF),
         session: PgSession::new(&logged.params),
+        stmts: ClientStatements::new(pid),
+        out: Vec::new(),
         user: logged.user,
         database: logged.database,
         cancel,
@@ -338,31 +347,55 @@ impl<D: Driver> PgClient<D> {
         crate::rt::time::now() + self.pool.shared.settings().limits.own
     }
 
-    /// Sends the client what a server says after AuthenticationOk: the parameters (as a
-    /// server connection reports them once it carries the client's startup settings),
-    /// the client's cancel key, ReadyForQuery. False when the client is gone or refused.
+    /// Sends the client what a server says after AuthenticationOk: the parameters, the
+    /// client's cancel key, ReadyForQuery. The parameters are what a new server connection
+    /// of the client's database login reported, with the client's startup settings over
+    /// them; only the first login of a database login borrows a connection to learn them
+    /// (a login never waits for a connection other clients hold). False when the client
+    /// is gone or refused.
     async fn welcome(&mut self, pid: i32, key: i32) -> bool {
+        let known = self
+            .pool
+            .shared
+            .pg_params
+            .lock()
+            .get(&self.user.backend.id)
+            .cloned();
+        let params = match known {
+            Some(p) => self.session.settings.over_reported(p),
+            None => match self.learn_params().await {
+                Some(p) => p,
+                None => return false,
+            },
+        };
+        let mut out = Vec::new();
+        for (name, value) in &params {
+            parameter_status(&mut out, name, value);
+        }
+        backend_key_data(&mut out, pid, key);
+        ready_for_query(&mut out, TxStatus::Idle);
+        write_all(&mut self.stream, &out).await.is_ok()
+    }
+
+    /// The parameters a server connection reports once it carries the client's startup
+    /// settings (the first login of a database login).
+    async fn learn_params(&mut self) -> Option<Vec<(String, String)>> {
         let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
                 let _ = write_all(&mut self.stream, &borrow_failure(&e)).await;
-                return false;
+                return None;
             }
         };
         if let Err(why) = self.take_settings(&mut lease).await {
             let _ = write_all(&mut self.stream, &fatal(sqlstate::CONNECTION_FAILURE, why)).await;
             self.pool.discard(lease);
-            return false;
+            return None;
         }
-        let mut out = Vec::new();
-        for (name, value) in &lease.server.reported {
-            parameter_status(&mut out, name, value);
-        }
-        backend_key_data(&mut out, pid, key);
-        ready_for_query(&mut out, TxStatus::Idle);
+        let params = lease.server.reported.clone();
         self.pool.release(lease);
-        write_all(&mut self.stream, &out).await.is_ok()
+        Some(params)
     }
 
     /// Gives a borrowed connection the client's settings, and reads them back when the
@@ -432,6 +465,17 @@ impl<D: Driver> PgClient<D> {
             if starts_with_terminate(self.buf.filled()) {
                 return;
             }
+            self.out.clear();
+            if let Some(n) = answer_parses(&mut self.stmts, self.buf.filled(), &mut self.out) {
+                self.buf.consume(n);
+                let answer = std::mem::take(&mut self.out);
+                let written = write_all(&mut self.stream, &answer).await;
+                self.out = answer;
+                if written.is_err() {
+                    return;
+                }
+                continue;
+            }
             let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -488,20 +532,30 @@ impl<D: Driver> PgClient<D> {
             return Unlinked::Refused(why);
         }
         let mut tracker = Tracker::default();
-        if let Some(end) = self.forward_client(&mut tracker, lease).await {
+        let mut exchange = Exchange::default();
+        if let Some(end) = self
+            .forward_client(&mut tracker, &mut exchange, lease)
+            .await
+        {
             return end;
         }
         loop {
             if tracker.releasable() && self.buf.is_empty() {
+                if let Some(all) = self.session.take_deallocated() {
+                    lease.server.statements.clear();
+                    if all {
+                        self.stmts.clear();
+                    }
+                }
                 match self.session.at_rest() {
                     AtRest::Keep(_) => {}
                     AtRest::ReadBack(sql) => {
-                        return match self.read_back(lease, &sql).await {
-                            Ok(()) => Unlinked::Settled,
-                            Err(why) => Unlinked::ServerLost(why),
-                        };
+                        if let Err(why) = self.read_back(lease, &sql).await {
+                            return Unlinked::ServerLost(why);
+                        }
+                        return self.tidy(lease).await;
                     }
-                    AtRest::Release => return Unlinked::Settled,
+                    AtRest::Release => return self.tidy(lease).await,
                 }
             }
             let server_ready = tokio::select! {
@@ -511,7 +565,10 @@ impl<D: Driver> PgClient<D> {
             };
             match server_ready {
                 Ok(true) => {
-                    if let Some(end) = self.forward_server(&mut tracker, lease).await {
+                    if let Some(end) = self
+                        .forward_server(&mut tracker, &mut exchange, lease)
+                        .await
+                    {
                         return end;
                     }
                 }
@@ -525,7 +582,10 @@ impl<D: Driver> PgClient<D> {
                             }
                         }
                     }
-                    if let Some(end) = self.forward_client(&mut tracker, lease).await {
+                    if let Some(end) = self
+                        .forward_client(&mut tracker, &mut exchange, lease)
+                        .await
+                    {
                         return end;
                     }
                 }
@@ -534,10 +594,31 @@ impl<D: Driver> PgClient<D> {
         }
     }
 
-    /// Sends the client's buffered bytes to the server, read on their way.
+    /// Before a settled connection goes back: a connection that holds too many of the
+    /// clients' statements is cleared of them.
+    async fn tidy(&mut self, lease: &mut Lease<D::Stream>) -> Unlinked {
+        if lease.server.statements.len() > MAX_SERVER_STATEMENTS {
+            let deadline = self.deadline();
+            match lease.server.query("DEALLOCATE ALL", deadline).await {
+                Ok(a) if a.error.is_none() => lease.server.statements.clear(),
+                Ok(a) => {
+                    return Unlinked::ServerLost(format!(
+                        "clearing the server's prepared statements failed: {}",
+                        a.error.map(|e| e.to_string()).unwrap_or_default()
+                    ))
+                }
+                Err(e) => return Unlinked::ServerLost(e.to_string()),
+            }
+        }
+        Unlinked::Settled
+    }
+
+    /// Sends the client's buffered bytes to the server (statements renamed, missing ones
+    /// prepared first), read on their way.
     async fn forward_client(
         &mut self,
         tracker: &mut Tracker,
+        exchange: &mut Exchange,
         lease: &mut Lease<D::Stream>,
     ) -> Option<Unlinked> {
         if self.buf.is_empty() {
@@ -550,7 +631,26 @@ impl<D: Driver> PgClient<D> {
         }
         let session = &mut self.session;
         let stats = &self.pool.shared.stats;
-        let fed = tracker.from_client_seeing(self.buf.filled(), |tag, body| {
+        let forward = match exchange.from_client(
+            &mut self.stmts,
+            &mut lease.server.statements,
+            self.buf.filled(),
+            &mut self.out,
+            |seen| {
+                if let Some(p) = session.apply(seen.clone()) {
+                    stats.pin_started(p);
+                }
+            },
+        ) {
+            Ok(f) => f,
+            Err(e) => return Some(Unlinked::Protocol(e.to_string())),
+        };
+        let (bytes, consumed) = match forward {
+            Forward::AsIs(n) => (self.buf.filled().get(..n).unwrap_or_default(), n),
+            Forward::Rewritten(n) => (self.out.as_slice(), n),
+        };
+        let session = &mut self.session;
+        let fed = tracker.from_client_seeing(bytes, |tag, body| {
             if let Some(p) = session.client_sent(tag, body) {
                 tracing::debug!(reason = p.name(), "client pinned");
                 stats.pin_started(p);
@@ -559,8 +659,19 @@ impl<D: Driver> PgClient<D> {
         if let Err(e) = fed {
             return Some(Unlinked::Protocol(e.to_string()));
         }
-        let n = self.buf.len();
-        if let Err(e) = lease.server.stream.write(&mut self.buf, n).await {
+        let sent = match forward {
+            Forward::AsIs(n) => lease.server.stream.write(&mut self.buf, n).await,
+            Forward::Rewritten(_) => {
+                self.buf.consume(consumed);
+                let mut b = Buf::from_vec(std::mem::take(&mut self.out));
+                let n = b.len();
+                let r = lease.server.stream.write(&mut b, n).await;
+                self.out = b.into_vec();
+                self.out.clear();
+                r
+            }
+        };
+        if let Err(e) = sent {
             return Some(Unlinked::ServerLost(e.to_string()));
         }
         if tracker.terminated() {
@@ -574,6 +685,7 @@ impl<D: Driver> PgClient<D> {
     async fn forward_server(
         &mut self,
         tracker: &mut Tracker,
+        exchange: &mut Exchange,
         lease: &mut Lease<D::Stream>,
     ) -> Option<Unlinked> {
         self.sbuf.reserve(8192);
@@ -597,8 +709,38 @@ impl<D: Driver> PgClient<D> {
                 "protocol error from the server: {e}"
             )));
         }
-        let n = self.sbuf.len();
-        if self.stream.write(&mut self.sbuf, n).await.is_err() {
+        // Answers to Parses dbproxy sent are dropped.
+        let out = &mut self.out;
+        out.clear();
+        let mut kept_from = 0;
+        let mut dropped = false;
+        let input = self.sbuf.filled();
+        let walked =
+            exchange.from_server(&mut self.stmts, &mut server.statements, input, |a, b| {
+                out.extend_from_slice(input.get(kept_from..a).unwrap_or_default());
+                kept_from = b;
+                dropped = true;
+            });
+        if let Err(e) = walked {
+            return Some(Unlinked::ServerLost(format!(
+                "protocol error from the server: {e}"
+            )));
+        }
+        let written = if dropped {
+            out.extend_from_slice(input.get(kept_from..).unwrap_or_default());
+            let n = self.sbuf.len();
+            self.sbuf.consume(n);
+            let mut b = Buf::from_vec(std::mem::take(&mut self.out));
+            let n = b.len();
+            let r = self.stream.write(&mut b, n).await;
+            self.out = b.into_vec();
+            self.out.clear();
+            r
+        } else {
+            let n = self.sbuf.len();
+            self.stream.write(&mut self.sbuf, n).await
+        };
+        if written.is_err() {
             return Some(Unlinked::ClientGone {
                 busy: !tracker.releasable(),
             });

@@ -209,6 +209,9 @@ impl<D: Driver> PgPool<D> {
         match opened {
             Ok(server) => {
                 sh.stats.opened.fetch_add(1, Ordering::Relaxed);
+                sh.pg_params
+                    .lock()
+                    .insert(login.id, server.reported.clone());
                 Ok(Lease {
                     server,
                     target,

@@ -11,6 +11,7 @@ use crate::postgres::messages::{error_field, TxStatus};
 use crate::postgres::scram::NONCE_BYTES;
 use crate::postgres::startup::write_ssl_request;
 use crate::secrets::BackendLogin;
+use crate::session::pg_statements::ServerStatements;
 use crate::session::postgres::Settings;
 use std::io;
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct PgServer<S> {
     pub reported: Vec<(String, String)>,
     /// The session settings dbproxy left on it.
     pub settings: Settings,
+    /// The clients' prepared statements it holds (dbproxy's names).
+    pub statements: ServerStatements,
     pub created: Instant,
     pub database: String,
     /// The login it was opened with, and the user name that login used.
@@ -185,6 +188,7 @@ pub async fn open<S: Stream>(
         key: opened.key,
         reported: opened.params,
         settings: Settings::default(),
+        statements: ServerStatements::default(),
         created: crate::rt::time::now(),
         database: database.to_string(),
         login: login.clone(),

@@ -367,3 +367,92 @@ fn listen_pins_its_client_and_notifications_arrive() {
         );
     }
 }
+
+#[test]
+fn prepared_statements_move_between_server_connections_without_pinning() {
+    let db = PgDb::start(&[]);
+    db.sql_in(
+        "shop",
+        "CREATE SCHEMA tenant_a AUTHORIZATION app; CREATE SCHEMA tenant_b AUTHORIZATION app; \
+         CREATE TABLE tenant_a.t (v text); CREATE TABLE tenant_b.t (v text); \
+         INSERT INTO tenant_a.t VALUES ('a'); INSERT INTO tenant_b.t VALUES ('b'); \
+         GRANT ALL ON ALL TABLES IN SCHEMA tenant_a, tenant_b TO app",
+    );
+    for io in DRIVERS {
+        let p = proxy(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+
+        // pgbench -M prepared: named statements, 8 clients on 2 server connections.
+        let o = pgbench(p.port, &["-i", "-s", "1", "-q"]);
+        assert!(o.status.success(), "[{io}] pgbench -i: {}", text(&o));
+        let o = pgbench(
+            p.port,
+            &["-n", "-M", "prepared", "-c", "8", "-j", "2", "-t", "150"],
+        );
+        let out = text(&o);
+        assert!(
+            o.status.success()
+                && out.contains("number of transactions actually processed: 1200/1200")
+                && out.contains("number of failed transactions: 0"),
+            "[{io}] pgbench -M prepared: {out}"
+        );
+        books_balance(&db);
+
+        // Two tenants on their own search_path prepare the same text; each reads only its
+        // own rows, whichever server connection serves it.
+        let port = p.port;
+        let tenants: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut c = client(port);
+                    c.batch_execute(&format!("SET search_path = tenant_{t}"))
+                        .unwrap();
+                    let stmt = c.prepare("SELECT v FROM t").unwrap();
+                    for round in 0..1000 {
+                        let v: String = c.query_one(&stmt, &[]).unwrap().get(0);
+                        assert_eq!(v, t, "tenant {t}, round {round}");
+                        if round % 100 == 0 {
+                            // A statement prepared anew under the same text, and closed.
+                            let s2 = c.prepare("SELECT v FROM t").unwrap();
+                            let v: String = c.query_one(&s2, &[]).unwrap().get(0);
+                            assert_eq!(v, t, "tenant {t}, round {round}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Others keep the two server connections changing hands meanwhile.
+        let churn: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = client(port);
+                    for _ in 0..300 {
+                        let n: i64 = c
+                            .query_one("SELECT count(*) FROM pgbench_branches", &[])
+                            .unwrap()
+                            .get(0);
+                        assert_eq!(n, 1);
+                    }
+                })
+            })
+            .collect();
+        for t in tenants.into_iter().chain(churn) {
+            t.join().unwrap();
+        }
+        assert!(db.backends("app") <= 3, "[{io}]");
+
+        // An error inside a pipeline skips to Sync, and a failed Parse never existed.
+        let mut c = client(port);
+        let e = c.prepare("SELEC broken").unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("42601"), "[{io}] {e}");
+        let v: i32 = c.query_one("SELECT 7", &[]).unwrap().get(0);
+        assert_eq!(v, 7, "[{io}]");
+        // DISCARD ALL removes the client's statements (and only its own).
+        let stmt = c.prepare("SELECT 8").unwrap();
+        c.batch_execute("DISCARD ALL").unwrap();
+        let e = c.query_one(&stmt, &[]).unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("26000"), "[{io}] {e}");
+        let v: i32 = client(port).query_one("SELECT 9", &[]).unwrap().get(0);
+        assert_eq!(v, 9, "[{io}]");
+    }
+}

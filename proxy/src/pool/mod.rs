@@ -191,6 +191,10 @@ pub struct GroupShared {
     /// closes an idle connection for each (woken by `wanted_notify`).
     pub wanted: AtomicUsize,
     pub wanted_notify: Notify,
+    /// PostgreSQL pools: what a new server connection of each database login reported
+    /// (ParameterStatus), by login id: a client's login is answered from it without a
+    /// server connection.
+    pub pg_params: Mutex<std::collections::HashMap<u64, Vec<(String, String)>>>,
 }
 
 impl GroupShared {
@@ -230,6 +234,7 @@ impl GroupShared {
             backend_tls,
             wanted: AtomicUsize::new(0),
             wanted_notify: Notify::new(),
+            pg_params: Mutex::default(),
         })
     }
 

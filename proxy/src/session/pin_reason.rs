@@ -37,12 +37,10 @@ pub enum PinReason {
     HoldCursor,
     /// PostgreSQL: `LOAD` of a shared library into the server's session.
     LoadLibrary,
-    /// PostgreSQL: a named prepared statement of the extended protocol.
-    NamedStatement,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 17] = [
+    pub const ALL: [PinReason; 16] = [
         PinReason::Transaction,
         PinReason::LockTables,
         PinReason::GetLock,
@@ -59,7 +57,6 @@ impl PinReason {
         PinReason::AdvisoryLock,
         PinReason::HoldCursor,
         PinReason::LoadLibrary,
-        PinReason::NamedStatement,
     ];
 
     /// The metric label.
@@ -81,7 +78,6 @@ impl PinReason {
             PinReason::AdvisoryLock => "advisory_lock",
             PinReason::HoldCursor => "hold_cursor",
             PinReason::LoadLibrary => "load_library",
-            PinReason::NamedStatement => "named_statement",
         }
     }
 

@@ -85,6 +85,17 @@ impl Settings {
         self.values.len()
     }
 
+    /// What a server reported (`reported`, ParameterStatus), with these settings over
+    /// the parameters they name.
+    pub fn over_reported(&self, mut reported: Vec<(String, String)>) -> Vec<(String, String)> {
+        for (name, value) in &mut reported {
+            if let Some(v) = self.values.get(&name.to_ascii_lowercase()) {
+                v.clone_into(value);
+            }
+        }
+        reported
+    }
+
     /// The custom settings (names with a dot) among these.
     pub fn custom_names(&self) -> impl Iterator<Item = &str> {
         self.values
@@ -259,6 +270,9 @@ pub struct Seen {
     pub pin: Option<PinReason>,
     /// Custom settings it names (`SET myapp.tenant`, `set_config('myapp.tenant', ...)`).
     pub custom: Vec<String>,
+    /// It may remove prepared statements on the server: `DEALLOCATE` (`Some(true)` for
+    /// `DEALLOCATE ALL`) or `DISCARD ALL` (`Some(true)`).
+    pub deallocates: Option<bool>,
 }
 
 /// Reads a client's message: a Query (`Q`) or a Parse (`P`) body, as the tracker hands
@@ -273,14 +287,10 @@ pub fn seen(tag: u8, body: &[u8]) -> Seen {
     match tag {
         b'Q' => scan(body.strip_suffix(&[0]).unwrap_or(body)),
         b'P' => {
+            // Named statements do not pin: they are renamed per client (`pg_statements`).
             let mut parts = body.splitn(3, |&b| b == 0);
-            let name = parts.next().unwrap_or_default();
-            let query = parts.next().unwrap_or_default();
-            let mut s = scan(query);
-            if !name.is_empty() && s.pin.is_none() {
-                s.pin = Some(PinReason::NamedStatement);
-            }
-            s
+            let _name = parts.next();
+            scan(parts.next().unwrap_or_default())
         }
         _ => Seen::default(),
     }
@@ -360,8 +370,13 @@ pub fn scan(sql: &[u8]) -> Seen {
 
 /// What a statement's first word says.
 fn statement_start(w: &[u8], out: &mut Seen) {
-    if is_any(w, &["reset", "discard"]) {
+    if is(w, "reset") {
         out.settings = true;
+    } else if is(w, "discard") {
+        out.settings = true;
+        out.deallocates = Some(false);
+    } else if is(w, "deallocate") {
+        out.deallocates = Some(false);
     } else if is(w, "listen") {
         pin(out, PinReason::Listen);
     } else if is(w, "prepare") {
@@ -374,6 +389,14 @@ fn statement_start(w: &[u8], out: &mut Seen) {
 /// What a statement's second word says, with its first: `SET [SESSION] name`, but not
 /// `SET LOCAL` (gone with its transaction) or `SET TRANSACTION`.
 fn statement_second(first: &[u8], w: &[u8], toks: &mut Tokens<'_>, out: &mut Seen) {
+    if is_any(first, &["discard", "deallocate"]) {
+        let all = is(w, "all")
+            || is(w, "prepare") && matches!(toks.peek(), Some(Tok::Word(n)) if is(n, "all"));
+        if all {
+            out.deallocates = Some(true);
+        }
+        return;
+    }
     if !is(first, "set") || is_any(w, &["local", "transaction"]) {
         return;
     }
@@ -563,6 +586,9 @@ pub struct PgSession {
     touched: bool,
     /// What keeps it on its server connection until it leaves.
     pin: Option<PinReason>,
+    /// Since the last [`PgSession::take_deallocated`]: prepared statements may have gone
+    /// from the server (`Some(true)`: all of the client's too).
+    deallocated: Option<bool>,
 }
 
 /// What to do once the server connection's exchange is settled.
@@ -587,13 +613,22 @@ impl PgSession {
             // each value is what later comparisons use.
             touched: true,
             pin: None,
+            deallocated: None,
         }
     }
 
     /// A Query or Parse the client sent (see [`seen`]); returns a pin it starts.
     pub fn client_sent(&mut self, tag: u8, body: &[u8]) -> Option<PinReason> {
-        let s = seen(tag, body);
+        self.apply(seen(tag, body))
+    }
+
+    /// What a statement the client runs does (read from its text); returns a pin it
+    /// starts.
+    pub fn apply(&mut self, s: Seen) -> Option<PinReason> {
         self.touched |= s.settings;
+        if let Some(all) = s.deallocates {
+            self.deallocated = Some(all || self.deallocated == Some(true));
+        }
         for c in s.custom {
             if self.custom.len() < MAX_CUSTOM {
                 self.custom.insert(c);
@@ -606,6 +641,12 @@ impl PgSession {
             }
             _ => None,
         }
+    }
+
+    /// Whether prepared statements may have gone from the server since the last call
+    /// (`Some(true)`: every one of the client's).
+    pub fn take_deallocated(&mut self) -> Option<bool> {
+        self.deallocated.take()
     }
 
     pub fn pinned(&self) -> Option<PinReason> {
@@ -672,6 +713,27 @@ mod tests {
         );
         assert_eq!(client.replay_sql(&client), None);
         assert_eq!(Settings::default().replay_sql(&Settings::default()), None);
+    }
+
+    #[test]
+    fn a_clients_startup_settings_stand_over_what_the_server_reported() {
+        let st = Settings::from_startup(&[
+            ("TimeZone".to_string(), "Asia/Tokyo".to_string()),
+            ("application_name".to_string(), "app1".to_string()),
+        ]);
+        let reported = vec![
+            ("TimeZone".to_string(), "UTC".to_string()),
+            ("server_version".to_string(), "15.18".to_string()),
+            ("application_name".to_string(), String::new()),
+        ];
+        assert_eq!(
+            st.over_reported(reported),
+            [
+                ("TimeZone".to_string(), "Asia/Tokyo".to_string()),
+                ("server_version".to_string(), "15.18".to_string()),
+                ("application_name".to_string(), "app1".to_string()),
+            ]
+        );
     }
 
     #[test]
@@ -772,6 +834,16 @@ mod tests {
     }
 
     #[test]
+    fn statements_that_remove_prepared_statements() {
+        assert_eq!(scan(b"DISCARD ALL").deallocates, Some(true));
+        assert_eq!(scan(b"discard plans").deallocates, Some(false));
+        assert_eq!(scan(b"DEALLOCATE ALL").deallocates, Some(true));
+        assert_eq!(scan(b"DEALLOCATE PREPARE ALL").deallocates, Some(true));
+        assert_eq!(scan(b"DEALLOCATE p1").deallocates, Some(false));
+        assert_eq!(scan(b"SELECT 1").deallocates, None);
+    }
+
+    #[test]
     fn quoted_text_hides_words() {
         for q in [
             "SELECT 'LISTEN x; SET a = 1'",
@@ -787,12 +859,12 @@ mod tests {
     }
 
     #[test]
-    fn named_parse_pins_and_unnamed_does_not() {
+    fn a_parse_is_read_by_its_text_and_its_name_pins_nothing() {
+        assert_eq!(seen(b'P', b"s1\0SELECT 1\0\0\0").pin, None);
         assert_eq!(
-            seen(b'P', b"s1\0SELECT 1\0\0\0").pin,
-            Some(PinReason::NamedStatement)
+            seen(b'P', b"s1\0LISTEN x\0\0\0").pin,
+            Some(PinReason::Listen)
         );
-        assert_eq!(seen(b'P', b"\0SELECT 1\0\0\0").pin, None);
         assert!(seen(b'P', b"\0SET x = 1\0\0\0").settings);
         // Too long to keep: counted as changing settings.
         assert!(seen(b'Q', b"").settings);

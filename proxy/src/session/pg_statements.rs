@@ -1,0 +1,769 @@
+//! Named prepared statements of the extended protocol without pinning (transaction
+//! pooling). Sans-IO: the client's bytes in, the bytes for the server out; the server's
+//! bytes in, what to drop out.
+//!
+//! A client's statement `s1` is `__dbp<pid>_s1` on the servers (the client's own
+//! namespace: no two clients ever share or collide on a name, so a statement always
+//! means what its client prepared, whatever `search_path` says). A client keeps the
+//! definition of each statement it prepared; when it binds or describes one on a server
+//! connection that lacks it, a Parse goes first, and that Parse's ParseComplete is
+//! dropped from the answer. A Close closes the server's copy on the connection at hand;
+//! copies left on others are bounded ([`MAX_SERVER_STATEMENTS`]) and cleared with
+//! `DEALLOCATE ALL` when a connection has too many.
+//!
+//! Replies are matched to requests in order, with PostgreSQL's rule that an error skips
+//! everything up to the next Sync: a Parse that was skipped (or failed) never existed.
+
+use super::postgres::{seen, Seen};
+use crate::postgres::frame::{body_len, FrameError, HEADER_LEN};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+/// A server connection with more statements of dbproxy's naming than this gets
+/// `DEALLOCATE ALL` when it goes back to the pool.
+pub const MAX_SERVER_STATEMENTS: usize = 1000;
+
+/// One of a client's statements: the Parse body after the name (query text, parameter
+/// types), and what its text does to the session.
+#[derive(Debug)]
+struct Def {
+    rest: Vec<u8>,
+    seen: Seen,
+}
+
+/// The statements a client prepared, by name.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    defs: HashMap<Vec<u8>, Def>,
+    /// `__dbp<pid>_`.
+    prefix: Vec<u8>,
+}
+
+/// The statements of dbproxy's naming a server connection holds.
+#[derive(Debug, Default, Clone)]
+pub struct ServerStatements {
+    known: HashSet<Vec<u8>>,
+}
+
+impl ServerStatements {
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// The server's statements are gone (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub fn clear(&mut self) {
+        self.known.clear();
+    }
+}
+
+/// A request whose answer is matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// A Parse: its ParseComplete is dropped when dbproxy sent it (`injected`).
+    Parse {
+        server_name: Vec<u8>,
+        client_name: Vec<u8>,
+        injected: bool,
+    },
+    /// A Sync: its ReadyForQuery ends the skipping after an error.
+    Sync,
+    /// A simple Query: an error in it skips nothing.
+    Query,
+    /// A FunctionCall (answered up to ReadyForQuery, like a Query).
+    Function,
+}
+
+/// What to send the server for the client's bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The first `n` bytes, as they are.
+    AsIs(usize),
+    /// What `out` holds, instead of the first `n` bytes.
+    Rewritten(usize),
+}
+
+/// One link's matching of requests and answers, and where the walks stand.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    queue: VecDeque<Entry>,
+    /// Bytes of a client message being passed through (its start was forwarded).
+    client_left: usize,
+    /// The server message being walked: its header so far, and its bytes still to come.
+    head: [u8; HEADER_LEN],
+    have: usize,
+    server_left: usize,
+    dropping: bool,
+}
+
+impl ClientStatements {
+    pub fn new(pid: i32) -> ClientStatements {
+        ClientStatements {
+            defs: HashMap::new(),
+            prefix: format!("__dbp{pid}_").into_bytes(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.defs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.defs.is_empty()
+    }
+
+    /// The client's statements are gone (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub fn clear(&mut self) {
+        self.defs.clear();
+    }
+
+    fn define(&mut self, name: &[u8], rest: &[u8]) {
+        let mut parse = Vec::with_capacity(rest.len() + 1);
+        parse.push(0);
+        parse.extend_from_slice(rest);
+        let seen = seen(b'P', &parse);
+        self.defs.insert(
+            name.to_vec(),
+            Def {
+                rest: rest.to_vec(),
+                seen,
+            },
+        );
+    }
+
+    fn server_name(&self, name: &[u8]) -> Vec<u8> {
+        let mut n = Vec::with_capacity(self.prefix.len() + name.len());
+        n.extend_from_slice(&self.prefix);
+        n.extend_from_slice(name);
+        n
+    }
+}
+
+/// Splits a C string off the front of `b`.
+fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((b.get(..end)?, b.get(end + 1..)?))
+}
+
+fn message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
+    let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
+    out.push(tag);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+impl Exchange {
+    /// Whether a request is still waiting for its answer.
+    pub fn outstanding(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Reads the client's bytes on their way to `server`: statements renamed, missing
+    /// ones prepared first. A P, B, D or C message is taken whole (bytes of one that has
+    /// not fully arrived are left for the next call); others pass as they arrive.
+    /// `bound` hears what the text of each named statement bound or described does.
+    pub fn from_client(
+        &mut self,
+        stmts: &mut ClientStatements,
+        server: &mut ServerStatements,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        mut bound: impl FnMut(&Seen),
+    ) -> Result<Forward, FrameError> {
+        out.clear();
+        let mut i = self.client_left.min(input.len());
+        self.client_left -= i;
+        let mut changed = false;
+        while self.client_left == 0 {
+            let Some(head) = input.get(i..i + HEADER_LEN) else {
+                break;
+            };
+            let tag = head[0];
+            let body_len = body_len([head[1], head[2], head[3], head[4]])?;
+            let total = HEADER_LEN + body_len;
+            if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                let Some(body) = input.get(i + HEADER_LEN..i + total) else {
+                    break;
+                };
+                let start = out.len();
+                if self.rewrite(stmts, server, tag, body, out, &mut bound) {
+                    if !changed {
+                        // What came before passes unchanged, ahead of the rewrite.
+                        let rewritten = out.split_off(start);
+                        out.clear();
+                        out.extend_from_slice(input.get(..i).unwrap_or_default());
+                        out.extend_from_slice(&rewritten);
+                        changed = true;
+                    }
+                } else {
+                    out.truncate(start);
+                    if changed {
+                        out.extend_from_slice(input.get(i..i + total).unwrap_or_default());
+                    }
+                }
+                i += total;
+                continue;
+            }
+            match tag {
+                b'S' => self.queue.push_back(Entry::Sync),
+                b'Q' => self.queue.push_back(Entry::Query),
+                b'F' => self.queue.push_back(Entry::Function),
+                _ => {}
+            }
+            let have = total.min(input.len() - i);
+            if changed {
+                out.extend_from_slice(input.get(i..i + have).unwrap_or_default());
+            }
+            i += have;
+            self.client_left = total - have;
+        }
+        Ok(if changed {
+            Forward::Rewritten(i)
+        } else {
+            Forward::AsIs(i)
+        })
+    }
+
+    /// A P, B, D or C message: true when its rewrite (and a Parse ahead of it) went to
+    /// `out`; false when it goes unchanged.
+    fn rewrite(
+        &mut self,
+        stmts: &mut ClientStatements,
+        server: &mut ServerStatements,
+        tag: u8,
+        body: &[u8],
+        out: &mut Vec<u8>,
+        bound: &mut impl FnMut(&Seen),
+    ) -> bool {
+        match tag {
+            b'P' => {
+                let Some((name, rest)) = cstr(body) else {
+                    return false;
+                };
+                if name.is_empty() {
+                    self.queue.push_back(Entry::Parse {
+                        server_name: Vec::new(),
+                        client_name: Vec::new(),
+                        injected: false,
+                    });
+                    return false;
+                }
+                let server_name = stmts.server_name(name);
+                message(out, b'P', &[&server_name, &[0], rest]);
+                stmts.define(name, rest);
+                server.known.insert(server_name.clone());
+                self.queue.push_back(Entry::Parse {
+                    server_name,
+                    client_name: name.to_vec(),
+                    injected: false,
+                });
+                true
+            }
+            b'B' => {
+                let Some((portal, rest)) = cstr(body) else {
+                    return false;
+                };
+                let Some((name, rest)) = cstr(rest) else {
+                    return false;
+                };
+                let Some(server_name) = self.ensure(stmts, server, name, out, bound) else {
+                    return false;
+                };
+                message(out, b'B', &[portal, &[0], &server_name, &[0], rest]);
+                true
+            }
+            b'D' | b'C' => {
+                let (Some(&b'S'), Some((name, _))) = (body.first(), body.get(1..).and_then(cstr))
+                else {
+                    return false;
+                };
+                if tag == b'C' {
+                    if name.is_empty() || stmts.defs.remove(name).is_none() {
+                        return false;
+                    }
+                    let server_name = stmts.server_name(name);
+                    server.known.remove(&server_name);
+                    message(out, b'C', &[b"S", &server_name, &[0]]);
+                    return true;
+                }
+                let Some(server_name) = self.ensure(stmts, server, name, out, bound) else {
+                    return false;
+                };
+                message(out, b'D', &[b"S", &server_name, &[0]]);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The server's name of the client's statement `name`, prepared on `server` first
+    /// (into `out`) when it lacks it; `None` for the unnamed statement or one the client
+    /// never prepared (the message goes unchanged, and the server answers for it).
+    fn ensure(
+        &mut self,
+        stmts: &ClientStatements,
+        server: &mut ServerStatements,
+        name: &[u8],
+        out: &mut Vec<u8>,
+        bound: &mut impl FnMut(&Seen),
+    ) -> Option<Vec<u8>> {
+        if name.is_empty() {
+            return None;
+        }
+        let def = stmts.defs.get(name)?;
+        bound(&def.seen);
+        let server_name = stmts.server_name(name);
+        if !server.known.contains(&server_name) {
+            message(out, b'P', &[&server_name, &[0], &def.rest]);
+            server.known.insert(server_name.clone());
+            self.queue.push_back(Entry::Parse {
+                server_name: server_name.clone(),
+                client_name: name.to_vec(),
+                injected: true,
+            });
+        }
+        Some(server_name)
+    }
+
+    /// Reads the server's bytes on their way to the client; `drop` hears of the byte
+    /// ranges (within `input`) that must not reach the client: the ParseComplete of a
+    /// Parse dbproxy sent.
+    pub fn from_server(
+        &mut self,
+        stmts: &mut ClientStatements,
+        server: &mut ServerStatements,
+        input: &[u8],
+        mut drop: impl FnMut(usize, usize),
+    ) -> Result<(), FrameError> {
+        let mut i = 0;
+        while i < input.len() {
+            if self.server_left > 0 {
+                let k = self.server_left.min(input.len() - i);
+                if self.dropping {
+                    drop(i, i + k);
+                }
+                i += k;
+                self.server_left -= k;
+                if self.server_left == 0 {
+                    self.answered(stmts, server, self.head[0]);
+                }
+                continue;
+            }
+            // A header, byte by byte into `head` (it may be split across reads).
+            let want = HEADER_LEN - self.have;
+            let k = want.min(input.len() - i);
+            if self.have == 0 {
+                let tag = input[i];
+                self.dropping = tag == b'1'
+                    && matches!(
+                        self.queue.front(),
+                        Some(Entry::Parse { injected: true, .. })
+                    );
+            }
+            self.head[self.have..self.have + k].copy_from_slice(&input[i..i + k]);
+            if self.dropping {
+                drop(i, i + k);
+            }
+            self.have += k;
+            i += k;
+            if self.have == HEADER_LEN {
+                let [tag, a, b, c, d] = self.head;
+                self.server_left = body_len([a, b, c, d])?;
+                self.have = 0;
+                if self.server_left == 0 {
+                    self.answered(stmts, server, tag);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole server message with this tag arrived.
+    fn answered(&mut self, stmts: &mut ClientStatements, server: &mut ServerStatements, tag: u8) {
+        match tag {
+            b'1' => {
+                if matches!(self.queue.front(), Some(Entry::Parse { .. })) {
+                    self.queue.pop_front();
+                }
+            }
+            b'E' => {
+                if matches!(self.queue.front(), Some(Entry::Query | Entry::Function)) {
+                    return;
+                }
+                // Everything up to the Sync is skipped: those Parses never happened.
+                while let Some(e) = self.queue.front() {
+                    if *e == Entry::Sync {
+                        break;
+                    }
+                    if let Some(Entry::Parse {
+                        server_name,
+                        client_name,
+                        injected,
+                    }) = self.queue.pop_front()
+                    {
+                        if !server_name.is_empty() {
+                            server.known.remove(&server_name);
+                            if !injected {
+                                stmts.defs.remove(&client_name);
+                            }
+                        }
+                    }
+                }
+            }
+            b'Z' => {
+                if matches!(
+                    self.queue.front(),
+                    Some(Entry::Sync | Entry::Query | Entry::Function)
+                ) {
+                    self.queue.pop_front();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Named Parses a client sends between transactions, up to their Sync, answered without
+/// a server connection (ParseComplete each, ReadyForQuery `I`): the statements are
+/// prepared on a server when first bound there. A client that prepares synchronously
+/// (pgbench -M prepared, PQprepare) thus never waits for a connection that another of
+/// its own sessions holds. Returns the bytes answered (`None`: the input is not such a
+/// sequence, or not whole yet, and goes to a server).
+pub fn answer_parses(
+    stmts: &mut ClientStatements,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    let mut i = 0;
+    let mut names: Vec<(&[u8], &[u8])> = Vec::new();
+    loop {
+        let head = input.get(i..i + HEADER_LEN)?;
+        let len = body_len([head[1], head[2], head[3], head[4]]).ok()?;
+        let body = input.get(i + HEADER_LEN..i + HEADER_LEN + len)?;
+        i += HEADER_LEN + len;
+        match head[0] {
+            b'P' => {
+                let (name, rest) = cstr(body)?;
+                let taken = stmts.defs.contains_key(name) || names.iter().any(|(n, _)| *n == name);
+                if name.is_empty() || taken {
+                    return None;
+                }
+                names.push((name, rest));
+            }
+            b'S' if !names.is_empty() => break,
+            _ => return None,
+        }
+    }
+    for (name, rest) in names {
+        stmts.define(name, rest);
+        message(out, b'1', &[]);
+    }
+    message(out, b'Z', &[b"I"]);
+    Some(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        message(&mut v, tag, &[body]);
+        v
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+
+    fn bind(name: &str) -> Vec<u8> {
+        msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    /// The messages in `b`, as (tag, body).
+    fn split(mut b: &[u8]) -> Vec<(char, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= 5 {
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            v.push((b[0] as char, b[5..1 + len].to_vec()));
+            b = &b[1 + len..];
+        }
+        v
+    }
+
+    fn send(
+        x: &mut Exchange,
+        c: &mut ClientStatements,
+        s: &mut ServerStatements,
+        input: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        match x.from_client(c, s, input, &mut out, |_| {}).unwrap() {
+            Forward::AsIs(n) => input[..n].to_vec(),
+            Forward::Rewritten(n) => {
+                assert_eq!(n, input.len());
+                out
+            }
+        }
+    }
+
+    fn answer(
+        x: &mut Exchange,
+        c: &mut ClientStatements,
+        s: &mut ServerStatements,
+        input: &[u8],
+    ) -> Vec<u8> {
+        let mut dropped = Vec::new();
+        x.from_server(c, s, input, |a, b| dropped.push((a, b)))
+            .unwrap();
+        input
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !dropped.iter().any(|(a, b)| a <= i && i < b))
+            .map(|(_, b)| *b)
+            .collect()
+    }
+
+    #[test]
+    fn unnamed_statements_and_other_messages_pass_as_they_are() {
+        let (mut x, mut c, mut s) = (
+            Exchange::default(),
+            ClientStatements::new(7),
+            ServerStatements::default(),
+        );
+        let mut input = parse("", "SELECT 1");
+        input.extend(bind(""));
+        input.extend(msg(b'E', b"\0\0\0\0\0"));
+        input.extend(msg(b'S', b""));
+        let mut out = Vec::new();
+        assert_eq!(
+            x.from_client(&mut c, &mut s, &input, &mut out, |_| {})
+                .unwrap(),
+            Forward::AsIs(input.len())
+        );
+        assert!(x.outstanding());
+        let reply = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        assert_eq!(answer(&mut x, &mut c, &mut s, &reply), reply);
+        assert!(!x.outstanding());
+    }
+
+    #[test]
+    fn a_statement_is_renamed_and_prepared_again_on_a_connection_that_lacks_it() {
+        let mut c = ClientStatements::new(7);
+        let (mut x, mut s1) = (Exchange::default(), ServerStatements::default());
+        let input = [parse("s1", "SELECT $1"), msg(b'S', b"")].concat();
+        let sent = split(&send(&mut x, &mut c, &mut s1, &input));
+        assert_eq!(sent[0], ('P', b"__dbp7_s1\0SELECT $1\0\0\0".to_vec()));
+        let reply = [msg(b'1', b""), msg(b'Z', b"I")].concat();
+        assert_eq!(
+            answer(&mut x, &mut c, &mut s1, &reply),
+            reply,
+            "the client's own Parse is answered"
+        );
+
+        // Another server connection: a Parse goes first, its answer dropped.
+        let (mut x, mut s2) = (Exchange::default(), ServerStatements::default());
+        let input = [bind("s1"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        let sent = split(&send(&mut x, &mut c, &mut s2, &input));
+        let tags: String = sent.iter().map(|m| m.0).collect();
+        assert_eq!(tags, "PBES");
+        assert_eq!(sent[0].1, b"__dbp7_s1\0SELECT $1\0\0\0");
+        assert!(sent[1].1.starts_with(b"\0__dbp7_s1\0"));
+        let reply = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let to_client = answer(&mut x, &mut c, &mut s2, &reply);
+        assert_eq!(
+            split(&to_client).iter().map(|m| m.0).collect::<String>(),
+            "2CZ"
+        );
+        // Prepared there now: no second Parse.
+        let mut x = Exchange::default();
+        let sent = split(&send(
+            &mut x,
+            &mut c,
+            &mut s2,
+            &[bind("s1"), msg(b'S', b"")].concat(),
+        ));
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "BS");
+    }
+
+    #[test]
+    fn the_dropped_answer_may_arrive_byte_by_byte() {
+        let mut c = ClientStatements::new(1);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
+        );
+        answer(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[bind("a"), msg(b'S', b"")].concat(),
+        );
+        let reply = [msg(b'1', b""), msg(b'2', b""), msg(b'Z', b"I")].concat();
+        let mut got = Vec::new();
+        for b in reply.chunks(1) {
+            got.extend(answer(&mut x, &mut c, &mut s, b));
+        }
+        assert_eq!(got, [msg(b'2', b""), msg(b'Z', b"I")].concat());
+        assert!(!x.outstanding());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_a_failed_parse_never_existed() {
+        let mut c = ClientStatements::new(1);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        let input = [parse("bad", "SELEC"), bind("bad"), msg(b'S', b"")].concat();
+        send(&mut x, &mut c, &mut s, &input);
+        let reply = [msg(b'E', b"SERROR\0C42601\0\0"), msg(b'Z', b"I")].concat();
+        assert_eq!(answer(&mut x, &mut c, &mut s, &reply), reply);
+        assert!(c.is_empty() && s.is_empty() && !x.outstanding());
+        // A Parse dbproxy sent that the error skipped is forgotten too.
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[parse("ok", "SELECT 1"), msg(b'S', b"")].concat(),
+        );
+        answer(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        let mut s2 = ServerStatements::default();
+        let input = [bind("nope"), bind("ok"), msg(b'S', b"")].concat();
+        send(&mut x, &mut c, &mut s2, &input);
+        let reply = [msg(b'E', b"SERROR\0C26000\0\0"), msg(b'Z', b"I")].concat();
+        assert_eq!(answer(&mut x, &mut c, &mut s2, &reply), reply);
+        assert!(s2.is_empty(), "the skipped Parse is not on the server");
+        assert_eq!(c.len(), 1, "the client's statement stays");
+    }
+
+    #[test]
+    fn close_closes_the_servers_copy_and_forgets_the_statement() {
+        let mut c = ClientStatements::new(3);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[parse("q", "SELECT 1"), msg(b'S', b"")].concat(),
+        );
+        answer(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        let sent = split(&send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[msg(b'C', b"Sq\0"), msg(b'S', b"")].concat(),
+        ));
+        assert_eq!(sent[0], ('C', b"S__dbp3_q\0".to_vec()));
+        assert!(c.is_empty() && s.is_empty());
+        // A portal's Close, and a statement's in a partial message, wait or pass.
+        let mut out = Vec::new();
+        let partial = &parse("z", "SELECT 2")[..7];
+        assert_eq!(
+            x.from_client(&mut c, &mut s, partial, &mut out, |_| {})
+                .unwrap(),
+            Forward::AsIs(0)
+        );
+        let portal = msg(b'C', b"Pq\0");
+        assert_eq!(
+            x.from_client(&mut c, &mut s, &portal, &mut out, |_| {})
+                .unwrap(),
+            Forward::AsIs(portal.len())
+        );
+    }
+
+    #[test]
+    fn a_long_message_passes_in_pieces() {
+        let mut c = ClientStatements::new(3);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        let data = msg(b'd', &[7u8; 100]);
+        let mut out = Vec::new();
+        assert_eq!(
+            x.from_client(&mut c, &mut s, &data[..30], &mut out, |_| {})
+                .unwrap(),
+            Forward::AsIs(30)
+        );
+        let rest = [&data[30..], &parse("n", "SELECT 1")[..]].concat();
+        match x
+            .from_client(&mut c, &mut s, &rest, &mut out, |_| {})
+            .unwrap()
+        {
+            Forward::Rewritten(n) => {
+                assert_eq!(n, rest.len());
+                assert_eq!(&out[..data.len() - 30], &data[30..]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_up_to_a_sync_are_answered_without_a_server() {
+        let mut c = ClientStatements::new(2);
+        let input = [
+            parse("a", "SELECT 1"),
+            parse("b", "SET x.y = 1"),
+            msg(b'S', b""),
+            bind("a"),
+        ]
+        .concat();
+        let mut out = Vec::new();
+        let n = answer_parses(&mut c, &input, &mut out).unwrap();
+        assert_eq!(n, input.len() - bind("a").len());
+        assert_eq!(split(&out).iter().map(|m| m.0).collect::<String>(), "11Z");
+        assert_eq!(c.len(), 2);
+        // Bound later on a server: prepared there first, and its text is heard of.
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        let mut heard = Vec::new();
+        let mut out = Vec::new();
+        let input = [bind("b"), msg(b'S', b"")].concat();
+        x.from_client(&mut c, &mut s, &input, &mut out, |seen| {
+            heard.push(seen.settings)
+        })
+        .unwrap();
+        assert_eq!(split(&out).iter().map(|m| m.0).collect::<String>(), "PBS");
+        assert_eq!(heard, [true]);
+        // Not answered here: an unnamed or known name, anything but Parse, no Sync yet.
+        for input in [
+            [parse("", "SELECT 1"), msg(b'S', b"")].concat(),
+            [parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
+            [parse("c", "SELECT 1"), msg(b'D', b"Sc\0"), msg(b'S', b"")].concat(),
+            parse("d", "SELECT 1"),
+            msg(b'S', b""),
+        ] {
+            assert_eq!(answer_parses(&mut c, &input, &mut Vec::new()), None);
+        }
+    }
+}
