@@ -1107,6 +1107,17 @@ backend_password = "db-secret"
         assert_eq!(g.failure_threshold, 2);
         assert_eq!(g.max_replication_lag, None);
         assert_eq!(g.reader_fallback, crate::target::ReaderFallback::Writer);
+        assert_eq!(g.engine, Engine::Mysql);
+        // The PostgreSQL section's block is a whole configuration of its own.
+        let pg = readme
+            .split("```toml\n")
+            .skip(2)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("engine = \"postgresql\""))
+            .expect("the PostgreSQL section's toml block");
+        let c = Config::parse(pg).unwrap_or_else(|e| panic!("README PostgreSQL configuration: {e}"));
+        assert_eq!(c.target_groups[0].engine, Engine::Postgresql);
+        assert_eq!(c.validate(), Vec::<String>::new());
     }
 
     /// The example the Debian package installs is valid as it ships.

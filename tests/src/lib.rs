@@ -5,7 +5,6 @@
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
 pub mod aws;
-#[cfg(feature = "client")]
 pub mod pg;
 pub mod raw;
 pub mod standin;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod pg_bench;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ enum Cmd {
         /// Another dbproxy binary (e.g. the previous commit's) measured in the same run.
         #[arg(long, value_name = "DBPROXY_BINARY")]
         baseline: Option<PathBuf>,
+        /// Which engine's rows: mysql (sysbench; HAProxy as the peer), postgresql
+        /// (pgbench; PgBouncer as the peer), or all.
+        #[arg(long, default_value = "all", value_parser = ["all", "mysql", "postgresql"])]
+        engine: String,
     },
     /// Run every fuzz target in fuzz/ (cargo-fuzz, installed if missing; stable Rust).
     Fuzz {
@@ -63,7 +68,15 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build_release(),
         Cmd::Deb { debug } => deb(debug),
-        Cmd::Bench { quick, baseline } => bench::bench(quick, baseline),
+        Cmd::Bench {
+            quick,
+            baseline,
+            engine,
+        } => match engine.as_str() {
+            "mysql" => bench::bench(quick, baseline),
+            "postgresql" => pg_bench::bench(quick).map(drop),
+            _ => bench::bench(quick, baseline).and_then(|()| pg_bench::bench(quick).map(drop)),
+        },
         Cmd::Fuzz { time, target } => fuzz::fuzz(time, target),
     };
     match result {
