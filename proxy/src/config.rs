@@ -1115,7 +1115,8 @@ backend_password = "db-secret"
             .filter_map(|b| b.split("```").next())
             .find(|b| b.contains("engine = \"postgresql\""))
             .expect("the PostgreSQL section's toml block");
-        let c = Config::parse(pg).unwrap_or_else(|e| panic!("README PostgreSQL configuration: {e}"));
+        let c =
+            Config::parse(pg).unwrap_or_else(|e| panic!("README PostgreSQL configuration: {e}"));
         assert_eq!(c.target_groups[0].engine, Engine::Postgresql);
         assert_eq!(c.validate(), Vec::<String>::new());
     }

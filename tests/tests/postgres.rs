@@ -456,3 +456,29 @@ fn prepared_statements_move_between_server_connections_without_pinning() {
         assert_eq!(v, 9, "[{io}]");
     }
 }
+
+#[test]
+fn asyncpg_and_psycopg_on_two_server_connections() {
+    let db = PgDb::start(&[]);
+    db.sql_in(
+        "shop",
+        "CREATE TABLE clients_log (client text, round int); GRANT ALL ON clients_log TO app",
+    );
+    for io in DRIVERS {
+        db.sql_in("shop", "TRUNCATE clients_log");
+        let p = proxy(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let out = proxy_tests::run_python(
+            "pg_clients.py",
+            &[p.port.to_string(), APP_PASSWORD.to_string()],
+        );
+        assert!(
+            out.contains("asyncpg: 12 clients x 60 rounds ok"),
+            "[{io}] {out}"
+        );
+        assert!(
+            out.contains("psycopg: 12 clients x 60 rounds ok"),
+            "[{io}] {out}"
+        );
+        assert!(db.backends("app") <= 3, "[{io}]");
+    }
+}

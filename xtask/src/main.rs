@@ -201,9 +201,15 @@ const CLIENT_TOOLS: [(&str, &str); 12] = [
     ("/usr/lib/postgresql/15/bin/pgbench", "postgresql-15"),
 ];
 
-/// mysql-connector-python for the tests, and moto's server standing in for AWS Secrets
-/// Manager and STS (with boto3, which drives it), from PyPI (pinned).
-const PYPI_PACKAGES: [&str; 2] = ["mysql-connector-python==26.10.0", "moto[server]==5.2.5"];
+/// mysql-connector-python for the tests, moto's server standing in for AWS Secrets
+/// Manager and STS (with boto3, which drives it), and the PostgreSQL drivers asyncpg and
+/// psycopg 3, from PyPI (pinned).
+const PYPI_PACKAGES: [&str; 4] = [
+    "mysql-connector-python==26.10.0",
+    "moto[server]==5.2.5",
+    "asyncpg==0.30.0",
+    "psycopg[binary]==3.2.3",
+];
 
 /// Makes `target/pyenv`: a venv of Debian's python3 that also sees python3-pymysql, with
 /// mysql-connector-python and moto installed (idempotent).
@@ -212,7 +218,10 @@ fn ensure_python_clients() -> Result {
     let python = venv.join("bin/python");
     let ready = || {
         Command::new(&python)
-            .args(["-c", "import mysql.connector, pymysql, boto3, moto.server"])
+            .args([
+                "-c",
+                "import mysql.connector, pymysql, boto3, moto.server, asyncpg, psycopg",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
             && venv.join("bin/moto_server").exists()
@@ -238,7 +247,7 @@ fn ensure_python_clients() -> Result {
         Ok(())
     } else {
         Err(format!(
-            "{} cannot import mysql.connector, pymysql, boto3 and moto",
+            "{} cannot import mysql.connector, pymysql, boto3, moto, asyncpg and psycopg",
             python.display()
         ))
     }
