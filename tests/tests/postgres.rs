@@ -482,3 +482,95 @@ fn asyncpg_and_psycopg_on_two_server_connections() {
         assert!(db.backends("app") <= 3, "[{io}]");
     }
 }
+
+#[test]
+fn tls_on_both_legs_with_verify_full() {
+    let ca = proxy_tests::tls::TestCa::new("pg");
+    let (db_cert, db_key) = ca.issue("postgres", &["localhost", "127.0.0.1"]);
+    let (px_cert, px_key) = ca.issue("dbproxy", &["localhost", "127.0.0.1"]);
+    // PostgreSQL reads its key only when the server's user owns it, mode 0600.
+    let keys = tempfile::tempdir().unwrap();
+    let own = |from: &std::path::Path, name: &str| {
+        let to = keys.path().join(name);
+        std::fs::copy(from, &to).unwrap();
+        // As root the tests run PostgreSQL as `postgres`, which must own its key.
+        let _ = std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(&to)
+            .status();
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        to
+    };
+    let (cert, key) = (own(&db_cert, "server.crt"), own(&db_key, "server.key"));
+    std::fs::set_permissions(
+        keys.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let db = PgDb::start(&[
+        "ssl=on",
+        &format!("ssl_cert_file={}", cert.display()),
+        &format!("ssl_key_file={}", key.display()),
+    ]);
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            &format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"",
+                px_cert.display(),
+                px_key.display()
+            ),
+            &group(
+                &db,
+                &format!(
+                    "max_connections = 2\nbackend_tls = \"verify_full\"\nbackend_tls_ca = \"{}\"",
+                    ca.ca.display()
+                ),
+            ),
+            "",
+        );
+        let o = program("psql")
+            .arg(format!(
+                "host=localhost port={} user=app dbname=shop sslmode=verify-full sslrootcert={}",
+                p.port,
+                ca.ca.display()
+            ))
+            .args([
+                "-At",
+                "-c",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "[{io}] psql verify-full: {}", text(&o));
+        assert_eq!(
+            text(&o).trim(),
+            "t",
+            "[{io}] the server connection is not under TLS"
+        );
+        // Every server connection dbproxy opened is under TLS.
+        let plain = db.sql(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'app' AND NOT s.ssl",
+        );
+        assert_eq!(plain.trim(), "0", "[{io}]");
+        // A client that trusts another CA refuses dbproxy's certificate.
+        let other = proxy_tests::tls::TestCa::new("other");
+        let o = program("psql")
+            .arg(format!(
+                "host=localhost port={} user=app dbname=shop sslmode=verify-full sslrootcert={}",
+                p.port,
+                other.ca.display()
+            ))
+            .args(["-At", "-c", "SELECT 1"])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success() && text(&o).contains("certificate verify failed"),
+            "[{io}] another CA's client accepted dbproxy: {}",
+            text(&o)
+        );
+    }
+}
