@@ -189,12 +189,14 @@ impl<D: Driver> PgPool<D> {
             .ok_or_else(|| BorrowError::NoTarget("the target has no address yet".into()))?;
         let name = sh.target_name(&addr);
         let opened = async {
-            let stream = crate::rt::time::timeout_at(deadline, D::connect(&addr))
-                .await
-                .map_err(|_| PgServerError::Overdue)??;
             let tls = crate::backend_conn::TlsTo::for_addr(&sh.backend_tls, &name, &addr);
+            let connect = || async {
+                crate::rt::time::timeout_at(deadline, D::connect(&addr))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+            };
             let mut server =
-                pg_server::open(stream, addr.clone(), login, database, tls, deadline).await?;
+                pg_server::connect_login(connect, &addr, login, database, tls, deadline).await?;
             if !sh.init_query.is_empty() {
                 let a = server.query(&sh.init_query, deadline).await?;
                 if let Some(e) = a.error {

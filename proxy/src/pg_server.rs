@@ -5,6 +5,7 @@
 
 use crate::backend_conn::TlsTo;
 use crate::io::{BackendAddr, Buf, Stream};
+use crate::mysql::backend::Credentials;
 use crate::postgres::backend::{ssl_answer, OpenError, Opening};
 use crate::postgres::frame::{message, FrameError, Reader};
 use crate::postgres::messages::{error_field, TxStatus};
@@ -120,12 +121,72 @@ async fn write_all<S: Stream>(stream: &mut S, bytes: &[u8]) -> Result<(), PgServ
     Ok(())
 }
 
-/// Logs in to `database` as `login` on a freshly connected stream (TLS first when `tls`
-/// says so).
+/// Opens a server connection as `login` on streams `connect` makes: with the login's
+/// current credentials, and when the server refuses them and a secret is behind them,
+/// with the secret read again and every other version of it (a rotation in either order
+/// fails no client); the version that works is kept for the next connections.
+pub async fn connect_login<S, F, Fut>(
+    connect: F,
+    addr: &BackendAddr,
+    login: &Arc<BackendLogin>,
+    database: &str,
+    tls: Option<TlsTo<'_>>,
+    deadline: Instant,
+) -> Result<PgServer<S>, PgServerError>
+where
+    S: Stream,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = io::Result<S>>,
+{
+    let first = login.current();
+    let res = open(
+        connect().await?,
+        addr.clone(),
+        login,
+        &first,
+        database,
+        tls,
+        deadline,
+    )
+    .await;
+    let refused = match res {
+        Err(e) if login.rotates() && e.refused_password() => e,
+        other => return other,
+    };
+    let alternatives = login.alternatives(&first).await;
+    tracing::info!(
+        login = %login.label(),
+        others = alternatives.len(),
+        "the database refused the login: secret read again, its other versions tried"
+    );
+    let mut last = refused;
+    for creds in alternatives {
+        match open(
+            connect().await?,
+            addr.clone(),
+            login,
+            &creds,
+            database,
+            tls,
+            deadline,
+        )
+        .await
+        {
+            Ok(s) => return Ok(s),
+            Err(e) if e.refused_password() => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Logs in to `database` as `creds` (a version of `login`) on a freshly connected stream
+/// (TLS first when `tls` says so).
 pub async fn open<S: Stream>(
     mut stream: S,
     addr: BackendAddr,
     login: &Arc<BackendLogin>,
+    creds: &Arc<Credentials>,
     database: &str,
     tls: Option<TlsTo<'_>>,
     deadline: Instant,
@@ -155,7 +216,6 @@ pub async fn open<S: Stream>(
             )));
         }
     }
-    let creds = login.current();
     let (mut opening, first) = Opening::start(
         &creds.user,
         database,
@@ -179,7 +239,7 @@ pub async fn open<S: Stream>(
             break o;
         }
     };
-    login.worked(&creds);
+    login.worked(creds);
     Ok(PgServer {
         stream,
         buf,

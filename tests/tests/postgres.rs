@@ -574,3 +574,86 @@ fn tls_on_both_legs_with_verify_full() {
         );
     }
 }
+
+#[test]
+fn a_secret_rotated_during_pgbench_c_fails_no_client() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = PgDb::start(&[]);
+    let o = pgbench_as(&db, db.port, proxy_tests::DB_PASSWORD, &["-i", "-s", "1", "-q"]);
+    assert!(o.status.success(), "pgbench -i: {}", text(&o));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.json");
+    let write_secret = |pw: &str| {
+        std::fs::write(
+            &file,
+            format!("{{\"username\": \"app\", \"password\": \"{pw}\"}}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    for (n, io) in DRIVERS.iter().enumerate() {
+        let (old, new) = (
+            format!("pg-rot-old-{n}-5d1e"),
+            format!("pg-rot-new-{n}-a93b"),
+        );
+        proxy_tests::never_logged(&old);
+        proxy_tests::never_logged(&new);
+        db.sql(&format!("ALTER ROLE app PASSWORD '{old}'"));
+        write_secret(&old);
+        let sections = format!(
+            "[[secrets]]\nname = \"db\"\nprovider = \"file\"\npath = \"{}\"\nrefresh = \"1s\"\n\n\
+             [[users]]\nname = \"rot\"\npassword = \"rot-client-pw\"\n\
+             backend_user = {{ secret = \"db\" }}\nbackend_password = {{ secret = \"db\" }}\n",
+            file.display()
+        );
+        // Connections live 100 ms, so that new logins to the database go on all along.
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "",
+            &group(
+                &db,
+                "max_connections = 2\nmax_connection_lifetime = \"100ms\"\n\
+                 monitor_user = { secret = \"db\" }\nmonitor_password = { secret = \"db\" }",
+            ),
+            &sections,
+        );
+        let port = p.port;
+        let bench = std::thread::spawn(move || {
+            program("pgbench")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "rot"])
+                .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "7", "shop"])
+                .env("PGPASSWORD", "rot-client-pw")
+                .output()
+                .unwrap()
+        });
+        // The secret first, then the database (the order a rotation with a file takes).
+        std::thread::sleep(Duration::from_millis(2000));
+        write_secret(&new);
+        std::thread::sleep(Duration::from_millis(2500));
+        db.sql(&format!("ALTER ROLE app PASSWORD '{new}'"));
+        let o = bench.join().unwrap();
+        let out = text(&o);
+        assert!(
+            o.status.success() && out.contains("number of failed transactions: 0"),
+            "[{io}] pgbench -C through the rotation: {out}"
+        );
+        let log = p.log();
+        assert!(
+            log.contains("the database refused the login: secret read again"),
+            "[{io}] the rotation met no new login (the test proved nothing): {log}"
+        );
+        assert!(!log.contains(&old) && !log.contains(&new), "[{io}] a password in the log");
+        db.sql(&format!("ALTER ROLE app PASSWORD '{}'", proxy_tests::DB_PASSWORD));
+    }
+}
+
+fn pgbench_as(_db: &PgDb, port: u16, password: &str, args: &[&str]) -> Output {
+    program("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+        .args(args)
+        .arg("shop")
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap()
+}

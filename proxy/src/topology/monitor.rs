@@ -451,11 +451,10 @@ impl Checker {
             Some(c) => c,
             None => {
                 let opened = crate::rt::time::timeout_at(deadline, async {
-                    let stream = TokioNet::connect(addr).await?;
                     let tls = crate::backend_conn::TlsTo::for_addr(&self.tls, &self.name, addr);
-                    crate::pg_server::open(
-                        stream,
-                        addr.clone(),
+                    crate::pg_server::connect_login(
+                        || TokioNet::connect(addr),
+                        addr,
                         &self.login,
                         &self.database,
                         tls,
