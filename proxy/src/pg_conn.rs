@@ -10,7 +10,7 @@
 //! the connection may go back, whether the settings must be read back first, and what
 //! pins the client.
 
-use crate::io::{Buf, Driver, Stream};
+use crate::io::{read_watching_peer, Buf, Driver, Stream};
 use crate::pg_cancel::{self, HeldServer, Registration};
 use crate::pg_pool::{BorrowError, Lease, PgPool};
 use crate::pg_server::{nonce, PgServerError};
@@ -20,7 +20,7 @@ use crate::postgres::messages::{
     backend_key_data, parameter_status, ready_for_query, sqlstate, ErrorResponse, TxStatus,
 };
 use crate::postgres::scram::Verifier;
-use crate::postgres::tracker::{ServerEvent, Tracker};
+use crate::postgres::tracker::{CopyState, ServerEvent, Tracker};
 use crate::session::login::ClientTls;
 use crate::session::pg_statements::{
     answer_parses, ClientStatements, Exchange, Forward, MAX_SERVER_STATEMENTS,
@@ -71,6 +71,10 @@ struct PgClient<D: Driver> {
     stmts: ClientStatements,
     /// Bytes rewritten on their way (reused).
     out: Vec<u8>,
+    /// The exchange on the held connection: what is outstanding, and the requests whose
+    /// answers are matched (kept between exchanges for their buffers).
+    tracker: Tracker,
+    exchange: Exchange,
     cancel: Registration,
 }
 
@@ -115,6 +119,8 @@ pub async fn serve<D: Driver>(
         session: PgSession::new(&logged.params),
         stmts: ClientStatements::new(pid),
         out: Vec::new(),
+        tracker: Tracker::default(),
+        exchange: Exchange::default(),
         user: logged.user,
         database: logged.database,
         cancel,
@@ -531,12 +537,27 @@ impl<D: Driver> PgClient<D> {
         if let Err(why) = self.take_settings(lease).await {
             return Unlinked::Refused(why);
         }
-        let mut tracker = Tracker::default();
-        let mut exchange = Exchange::default();
-        if let Some(end) = self
-            .forward_client(&mut tracker, &mut exchange, lease)
-            .await
-        {
+        let mut tracker = std::mem::take(&mut self.tracker);
+        let mut exchange = std::mem::take(&mut self.exchange);
+        tracker.reset();
+        exchange.reset();
+        let end = self.exchange_on(lease, &mut tracker, &mut exchange).await;
+        self.tracker = tracker;
+        self.exchange = exchange;
+        end
+    }
+
+    /// The bytes both ways until the exchange settles (and the client is not pinned).
+    /// While the server owes answers and no COPY waits for the client's data, the
+    /// server's socket is read directly (the client checked for a hang-up meanwhile);
+    /// otherwise (a Flush, a pinned client, COPY FROM STDIN) both sockets are watched.
+    async fn exchange_on(
+        &mut self,
+        lease: &mut Lease<D::Stream>,
+        tracker: &mut Tracker,
+        exchange: &mut Exchange,
+    ) -> Unlinked {
+        if let Some(end) = self.forward_client(tracker, exchange, lease).await {
             return end;
         }
         loop {
@@ -558,6 +579,12 @@ impl<D: Driver> PgClient<D> {
                     AtRest::Release => return self.tidy(lease).await,
                 }
             }
+            if tracker.expected() > 0 && tracker.copy() != CopyState::In {
+                if let Some(end) = self.forward_server(tracker, exchange, lease, true).await {
+                    return end;
+                }
+                continue;
+            }
             let server_ready = tokio::select! {
                 biased;
                 r = lease.server.stream.readable() => r.map(|()| true),
@@ -565,10 +592,7 @@ impl<D: Driver> PgClient<D> {
             };
             match server_ready {
                 Ok(true) => {
-                    if let Some(end) = self
-                        .forward_server(&mut tracker, &mut exchange, lease)
-                        .await
-                    {
+                    if let Some(end) = self.forward_server(tracker, exchange, lease, false).await {
                         return end;
                     }
                 }
@@ -582,10 +606,7 @@ impl<D: Driver> PgClient<D> {
                             }
                         }
                     }
-                    if let Some(end) = self
-                        .forward_client(&mut tracker, &mut exchange, lease)
-                        .await
-                    {
+                    if let Some(end) = self.forward_client(tracker, exchange, lease).await {
                         return end;
                     }
                 }
@@ -682,14 +703,28 @@ impl<D: Driver> PgClient<D> {
     }
 
     /// Reads what the server sent and passes it to the client.
+    /// `watching`: the read waits with the client checked for a hang-up every
+    /// [`crate::io::PEER_CHECK`] (its query is cancelled then).
     async fn forward_server(
         &mut self,
         tracker: &mut Tracker,
         exchange: &mut Exchange,
         lease: &mut Lease<D::Stream>,
+        watching: bool,
     ) -> Option<Unlinked> {
         self.sbuf.reserve(8192);
-        match lease.server.stream.read(&mut self.sbuf).await {
+        let read = if watching {
+            let client = self.stream.raw_fd();
+            match read_watching_peer(lease.server.stream.read(&mut self.sbuf), client, || None)
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return Some(Unlinked::ClientGone { busy: true }),
+            }
+        } else {
+            lease.server.stream.read(&mut self.sbuf).await
+        };
+        match read {
             Ok(n) if n > 0 => {}
             Ok(_) => {
                 return Some(Unlinked::ServerLost(

@@ -579,7 +579,12 @@ fn tls_on_both_legs_with_verify_full() {
 fn a_secret_rotated_during_pgbench_c_fails_no_client() {
     use std::os::unix::fs::PermissionsExt;
     let db = PgDb::start(&[]);
-    let o = pgbench_as(&db, db.port, proxy_tests::DB_PASSWORD, &["-i", "-s", "1", "-q"]);
+    let o = pgbench_as(
+        &db,
+        db.port,
+        proxy_tests::DB_PASSWORD,
+        &["-i", "-s", "1", "-q"],
+    );
     assert!(o.status.success(), "pgbench -i: {}", text(&o));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.json");
@@ -643,8 +648,14 @@ fn a_secret_rotated_during_pgbench_c_fails_no_client() {
             log.contains("the database refused the login: secret read again"),
             "[{io}] the rotation met no new login (the test proved nothing): {log}"
         );
-        assert!(!log.contains(&old) && !log.contains(&new), "[{io}] a password in the log");
-        db.sql(&format!("ALTER ROLE app PASSWORD '{}'", proxy_tests::DB_PASSWORD));
+        assert!(
+            !log.contains(&old) && !log.contains(&new),
+            "[{io}] a password in the log"
+        );
+        db.sql(&format!(
+            "ALTER ROLE app PASSWORD '{}'",
+            proxy_tests::DB_PASSWORD
+        ));
     }
 }
 

@@ -95,6 +95,14 @@ impl Walker {
         Ok(())
     }
 
+    /// Starts over at a message boundary, keeping its buffer.
+    pub fn reset(&mut self) {
+        self.have = 0;
+        self.body = None;
+        self.kept.clear();
+        self.keeping = false;
+    }
+
     /// Between messages (nothing of one half-read).
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.body.is_none()
@@ -155,6 +163,17 @@ impl Default for Tracker {
 }
 
 impl Tracker {
+    /// Starts over for a new exchange, keeping its buffers.
+    pub fn reset(&mut self) {
+        self.client.reset();
+        self.server.reset();
+        self.expected = 0;
+        self.unsynced = false;
+        self.status = TxStatus::Idle;
+        self.copy = CopyState::None;
+        self.terminated = false;
+    }
+
     /// Bytes the client sent, on their way to the server.
     pub fn from_client(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         self.from_client_seeing(bytes, |_, _| {})

@@ -157,6 +157,15 @@ fn message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
 }
 
 impl Exchange {
+    /// Starts over for a new exchange, keeping its queue's room.
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.client_left = 0;
+        self.have = 0;
+        self.server_left = 0;
+        self.dropping = false;
+    }
+
     /// Whether a request is still waiting for its answer.
     pub fn outstanding(&self) -> bool {
         !self.queue.is_empty()
