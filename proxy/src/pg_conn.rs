@@ -23,7 +23,7 @@ use crate::postgres::scram::Verifier;
 use crate::postgres::tracker::{CopyState, ServerEvent, Tracker};
 use crate::session::login::ClientTls;
 use crate::session::pg_statements::{
-    answer_parses, ClientStatements, Exchange, Forward, MAX_SERVER_STATEMENTS,
+    answer_parses, ClientStatements, Edit, Exchange, Forward, MAX_SERVER_STATEMENTS,
 };
 use crate::session::postgres::{AtRest, PgSession, Settings};
 use crate::shared::ProxyShared;
@@ -48,10 +48,28 @@ enum Unlinked {
     ClientGone { busy: bool },
     /// The server connection failed; the client is told.
     ServerLost(String),
+    /// The connection failed before the client's request went to it: another serves it.
+    Unused(String),
     /// dbproxy could not give the server the client's settings; the client is told.
     Refused(String),
     /// The client broke the protocol; it is told.
     Protocol(String),
+}
+
+/// Why dbproxy's own query on a server connection failed.
+enum OwnQueryError {
+    /// The connection failed (the client's request was not sent: another may serve it).
+    Connection(String),
+    /// The server answered with an error.
+    Refused(String),
+}
+
+impl OwnQueryError {
+    fn text(self) -> String {
+        match self {
+            OwnQueryError::Connection(t) | OwnQueryError::Refused(t) => t,
+        }
+    }
 }
 
 /// A logged-in client.
@@ -343,6 +361,29 @@ fn borrow_failure(e: &BorrowError) -> Vec<u8> {
     }
 }
 
+/// The length of the whole messages at the front of `bytes` up to and including the first
+/// Sync, if it has arrived.
+fn through_sync(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Ok(Some((h, _))) = crate::postgres::frame::message(bytes.get(i..)?) {
+        i += h.total();
+        if h.tag == b'S' {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// The length of the whole messages at the front of `bytes`.
+fn whole_messages(bytes: &[u8]) -> usize {
+    let mut i = 0;
+    while let Ok(Some((h, _))) = crate::postgres::frame::message(bytes.get(i..).unwrap_or_default())
+    {
+        i += h.total();
+    }
+    i
+}
+
 /// Whether `bytes` start with a Terminate message.
 fn starts_with_terminate(bytes: &[u8]) -> bool {
     bytes.first() == Some(&b'X')
@@ -394,7 +435,11 @@ impl<D: Driver> PgClient<D> {
                 return None;
             }
         };
-        if let Err(why) = self.take_settings(&mut lease).await {
+        if let Err(why) = self
+            .take_settings(&mut lease)
+            .await
+            .map_err(OwnQueryError::text)
+        {
             let _ = write_all(&mut self.stream, &fatal(sqlstate::CONNECTION_FAILURE, why)).await;
             self.pool.discard(lease);
             return None;
@@ -406,17 +451,19 @@ impl<D: Driver> PgClient<D> {
 
     /// Gives a borrowed connection the client's settings, and reads them back when the
     /// client may have changed them (its startup settings, before its first query).
-    async fn take_settings(&mut self, lease: &mut Lease<D::Stream>) -> Result<(), String> {
+    async fn take_settings(&mut self, lease: &mut Lease<D::Stream>) -> Result<(), OwnQueryError> {
         let deadline = self.deadline();
         let server = &mut lease.server;
         if let Some(sql) = self.session.settings.replay_sql(&server.settings) {
             let a = server.query(&sql, deadline).await.map_err(|e| {
-                format!("giving the server connection the client's settings failed: {e}")
+                OwnQueryError::Connection(format!(
+                    "giving the server connection the client's settings failed: {e}"
+                ))
             })?;
             if let Some(e) = a.error {
-                return Err(format!(
+                return Err(OwnQueryError::Refused(format!(
                     "the client's settings cannot be given to a server connection: {e}"
-                ));
+                )));
             }
             server.settings = self.session.settings.clone();
         }
@@ -427,15 +474,20 @@ impl<D: Driver> PgClient<D> {
     }
 
     /// Reads the session's settings back from the server connection.
-    async fn read_back(&mut self, lease: &mut Lease<D::Stream>, sql: &str) -> Result<(), String> {
+    async fn read_back(
+        &mut self,
+        lease: &mut Lease<D::Stream>,
+        sql: &str,
+    ) -> Result<(), OwnQueryError> {
         let deadline = self.deadline();
         let server = &mut lease.server;
-        let a = server
-            .query(sql, deadline)
-            .await
-            .map_err(|e| format!("reading the session's settings back failed: {e}"))?;
+        let a = server.query(sql, deadline).await.map_err(|e| {
+            OwnQueryError::Connection(format!("reading the session's settings back failed: {e}"))
+        })?;
         if let Some(e) = a.error {
-            return Err(format!("reading the session's settings back failed: {e}"));
+            return Err(OwnQueryError::Refused(format!(
+                "reading the session's settings back failed: {e}"
+            )));
         }
         let rows = a.rows.iter().filter_map(|r| match r.as_slice() {
             [Some(n), v] => Some((n.as_str(), v.as_deref())),
@@ -513,6 +565,23 @@ impl<D: Driver> PgClient<D> {
                     self.pool.discard(lease);
                     return;
                 }
+                Unlinked::Unused(why) => {
+                    // Nothing of the client's reached it: the next borrow serves it.
+                    tracing::info!(peer = %self.peer, "a server connection failed before use: {why}");
+                    self.pool.discard(lease);
+                }
+                Unlinked::ServerLost(why)
+                    if self.tracker.status() == TxStatus::Idle
+                        && self.tracker.copy() == CopyState::None =>
+                {
+                    // Outside a transaction the client is kept: its requests in flight
+                    // fail, and it goes on with the next connection.
+                    tracing::info!(peer = %self.peer, "a statement failed with its server connection: {why}");
+                    self.pool.discard(lease);
+                    if !self.fail_in_flight(&why).await {
+                        return;
+                    }
+                }
                 Unlinked::ServerLost(why) | Unlinked::Refused(why) => {
                     tracing::info!(peer = %self.peer, "session ends: {why}");
                     let _ = write_all(&mut self.stream, &fatal(sqlstate::CONNECTION_FAILURE, why))
@@ -534,8 +603,10 @@ impl<D: Driver> PgClient<D> {
     /// One exchange on a borrowed connection: the client's settings first, then bytes
     /// both ways until it is settled (and the client not pinned).
     async fn linked(&mut self, lease: &mut Lease<D::Stream>) -> Unlinked {
-        if let Err(why) = self.take_settings(lease).await {
-            return Unlinked::Refused(why);
+        match self.take_settings(lease).await {
+            Ok(()) => {}
+            Err(OwnQueryError::Connection(why)) => return Unlinked::Unused(why),
+            Err(OwnQueryError::Refused(why)) => return Unlinked::Refused(why),
         }
         let mut tracker = std::mem::take(&mut self.tracker);
         let mut exchange = std::mem::take(&mut self.exchange);
@@ -572,7 +643,7 @@ impl<D: Driver> PgClient<D> {
                     AtRest::Keep(_) => {}
                     AtRest::ReadBack(sql) => {
                         if let Err(why) = self.read_back(lease, &sql).await {
-                            return Unlinked::ServerLost(why);
+                            return Unlinked::ServerLost(why.text());
                         }
                         return self.tidy(lease).await;
                     }
@@ -613,6 +684,54 @@ impl<D: Driver> PgClient<D> {
                 Err(e) => return Unlinked::ServerLost(e.to_string()),
             }
         }
+    }
+
+    /// The server connection failed under requests of a client outside a transaction:
+    /// each request still owed an answer gets an error and ReadyForQuery, and messages
+    /// sent since the last Sync are skipped up to the client's next Sync (as a server
+    /// skips after an error). False when the client is gone.
+    async fn fail_in_flight(&mut self, why: &str) -> bool {
+        let message = format!(
+            "the server connection was lost while the statement ran; its outcome is unknown ({why})"
+        );
+        let mut out = Vec::new();
+        let error = |out: &mut Vec<u8>| {
+            ErrorResponse {
+                severity: "ERROR",
+                code: sqlstate::CONNECTION_FAILURE,
+                message: message.as_str().into(),
+            }
+            .write(out)
+        };
+        for _ in 0..self.tracker.expected() {
+            error(&mut out);
+            ready_for_query(&mut out, TxStatus::Idle);
+        }
+        let mut skipping = self.tracker.unsynced();
+        if skipping {
+            error(&mut out);
+        }
+        if write_all(&mut self.stream, &out).await.is_err() {
+            return false;
+        }
+        while skipping {
+            if let Some(n) = through_sync(self.buf.filled()) {
+                self.buf.consume(n);
+                let mut z = Vec::new();
+                ready_for_query(&mut z, TxStatus::Idle);
+                return write_all(&mut self.stream, &z).await.is_ok();
+            }
+            // Whole messages before the Sync go; a partial one waits for the rest.
+            let whole = whole_messages(self.buf.filled());
+            self.buf.consume(whole);
+            self.buf.reserve(4096);
+            match self.stream.read(&mut self.buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return false,
+            }
+            skipping = true;
+        }
+        true
     }
 
     /// Before a settled connection goes back: a connection that holds too many of the
@@ -744,18 +863,26 @@ impl<D: Driver> PgClient<D> {
                 "protocol error from the server: {e}"
             )));
         }
-        // Answers to Parses dbproxy sent are dropped.
+        // Answers to Parses dbproxy sent are dropped; a FATAL error is held back.
         let out = &mut self.out;
         out.clear();
         let mut kept_from = 0;
         let mut dropped = false;
         let input = self.sbuf.filled();
-        let walked =
-            exchange.from_server(&mut self.stmts, &mut server.statements, input, |a, b| {
-                out.extend_from_slice(input.get(kept_from..a).unwrap_or_default());
-                kept_from = b;
-                dropped = true;
-            });
+        let walked = exchange.from_server(&mut self.stmts, &mut server.statements, input, |e| {
+            dropped = true;
+            match e {
+                Edit::Drop(a, b) => {
+                    out.extend_from_slice(input.get(kept_from..a).unwrap_or_default());
+                    kept_from = b;
+                }
+                Edit::Insert(at, bytes) => {
+                    out.extend_from_slice(input.get(kept_from..at).unwrap_or_default());
+                    kept_from = at;
+                    out.extend_from_slice(bytes);
+                }
+            }
+        });
         if let Err(e) = walked {
             return Some(Unlinked::ServerLost(format!(
                 "protocol error from the server: {e}"
@@ -780,6 +907,7 @@ impl<D: Driver> PgClient<D> {
                 busy: !tracker.releasable(),
             });
         }
-        None
+        // The server ends the connection after a FATAL error: its client may go on.
+        exchange.take_fatal().map(Unlinked::ServerLost)
     }
 }

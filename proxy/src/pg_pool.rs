@@ -22,6 +22,26 @@ use tokio::sync::oneshot;
 /// An idle connection older than this is checked for liveness before it is lent.
 const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
 
+/// A connection that could not be opened is tried again after this (or as soon as the
+/// topology changes).
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Whether a failed opening may work a moment later: the server is down, restarting or
+/// shutting down (class 57: operator intervention), rather than refusing the login.
+fn transient(e: &PgServerError) -> bool {
+    match e {
+        PgServerError::Open(crate::postgres::backend::OpenError::Refused { code, .. }) => {
+            code.starts_with("57")
+        }
+        PgServerError::Open(_) | PgServerError::Tls(_) => false,
+        PgServerError::Io(_)
+        | PgServerError::Protocol(_)
+        | PgServerError::Overdue
+        | PgServerError::Closed
+        | PgServerError::Unexpected(_) => true,
+    }
+}
+
 /// How often a core's maintenance looks at its idle connections without being asked.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
@@ -134,36 +154,51 @@ impl<D: Driver> PgPool<D> {
                     }
                 }
             };
-            if let Some(permit) = sh.budget.try_take() {
-                return self
-                    .open(permit, target, epoch, login, database, deadline)
-                    .await;
-            }
-            // Budget held by idle connections of other logins here: close one.
-            if self.close_idle_other(login.id, database) {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            self.waiters.borrow_mut().push_back(Waiter {
-                login: login.id,
-                database: database.to_string(),
-                tx,
-            });
-            sh.wanted.fetch_add(1, Ordering::AcqRel);
-            sh.wanted_notify.notify_waiters();
-            let outcome = tokio::select! {
-                l = rx => l.ok().map(Ok),
-                p = sh.budget.take() => match p {
-                    Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
-                    None => None,
-                },
-                _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
+            let opened = if let Some(permit) = sh.budget.try_take() {
+                self.open(permit, target, epoch, login, database, deadline)
+                    .await
+            } else {
+                // Budget held by idle connections of other logins here: close one.
+                if self.close_idle_other(login.id, database) {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                self.waiters.borrow_mut().push_back(Waiter {
+                    login: login.id,
+                    database: database.to_string(),
+                    tx,
+                });
+                sh.wanted.fetch_add(1, Ordering::AcqRel);
+                sh.wanted_notify.notify_waiters();
+                let outcome = tokio::select! {
+                    l = rx => l.ok().map(Ok),
+                    p = sh.budget.take() => match p {
+                        Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
+                        None => None,
+                    },
+                    _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
+                };
+                let _ = sh
+                    .wanted
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+                match outcome {
+                    Some(o) => o,
+                    None => continue,
+                }
             };
-            let _ = sh
-                .wanted
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
-            if let Some(o) = outcome {
-                return o;
+            match opened {
+                Err(BorrowError::Connect(e)) if transient(&e) => {
+                    // The target is suspected: wait for the monitor's word on it (a
+                    // failover names another), then try again, within the deadline.
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = crate::rt::time::sleep(RETRY_AFTER) => {}
+                    }
+                    if crate::rt::time::now() >= deadline {
+                        return Err(BorrowError::Connect(e));
+                    }
+                }
+                other => return other,
             }
         }
     }
@@ -224,7 +259,7 @@ impl<D: Driver> PgPool<D> {
             }
             Err(e) => {
                 sh.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, PgServerError::Io(_) | PgServerError::Closed) {
+                if transient(&e) {
                     sh.topology.suspect(target);
                 }
                 Err(BorrowError::Connect(e))

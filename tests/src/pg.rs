@@ -141,6 +141,64 @@ impl PgDb {
         );
     }
 
+    /// A streaming standby of this server (`pg_basebackup -R`), started, with the same
+    /// `extra` settings.
+    pub fn standby(&self, extra: &[&str]) -> PgDb {
+        let dir = tempfile::Builder::new()
+            .prefix("dbproxy-pg-standby-")
+            .tempdir()
+            .unwrap();
+        let owner = run_as();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut base = program("pg_basebackup");
+        base.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg("-D")
+        .arg(dir.path().join("data"))
+        .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+        .env("PGPASSWORD", DB_PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some((uid, gid)) = owner {
+            base.uid(uid).gid(gid);
+        }
+        let out = base.output().expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = PgDb {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        db.run_server(extra);
+        db
+    }
+
+    /// Makes a standby the primary (`pg_promote()`, waiting for it).
+    pub fn promote(&self) {
+        assert_eq!(self.sql("SELECT pg_promote(true, 30)").trim(), "t");
+    }
+
+    /// Kills the server at once (SIGKILL to the postmaster), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
     /// Runs SQL as the superuser on `shop` (or `postgres` before it exists) and returns
     /// the rows, `|`-separated.
     pub fn sql(&self, sql: &str) -> String {

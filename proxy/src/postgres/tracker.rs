@@ -294,6 +294,11 @@ impl Tracker {
         self.copy
     }
 
+    /// Extended-protocol messages were sent since the last Sync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
     /// ReadyForQuery messages still due.
     pub fn expected(&self) -> u32 {
         self.expected

@@ -16,6 +16,7 @@
 
 use super::postgres::{seen, Seen};
 use crate::postgres::frame::{body_len, FrameError, HEADER_LEN};
+use crate::postgres::messages::error_field;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// A server connection with more statements of dbproxy's naming than this gets
@@ -96,6 +97,20 @@ pub struct Exchange {
     have: usize,
     server_left: usize,
     dropping: bool,
+    /// An ErrorResponse being held until its severity is known.
+    holding: bool,
+    held: Vec<u8>,
+    /// The server sent a FATAL (or PANIC) error, held back from the client: its message.
+    fatal: Option<String>,
+}
+
+/// A change to the server's bytes on their way to the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Edit<'a> {
+    /// These bytes of the input do not go.
+    Drop(usize, usize),
+    /// These bytes go at this place of the input.
+    Insert(usize, &'a [u8]),
 }
 
 impl ClientStatements {
@@ -164,6 +179,15 @@ impl Exchange {
         self.have = 0;
         self.server_left = 0;
         self.dropping = false;
+        self.holding = false;
+        self.held.clear();
+        self.fatal = None;
+    }
+
+    /// The message of a FATAL error the server sent (held back from the client: the
+    /// server closes the connection after it, and the client need not lose its session).
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
     }
 
     /// Whether a request is still waiting for its answer.
@@ -338,27 +362,26 @@ impl Exchange {
         Some(server_name)
     }
 
-    /// Reads the server's bytes on their way to the client; `drop` hears of the byte
-    /// ranges (within `input`) that must not reach the client: the ParseComplete of a
-    /// Parse dbproxy sent.
+    /// Reads the server's bytes on their way to the client; `edit` hears what changes
+    /// on the way: the ParseComplete of a Parse dbproxy sent is dropped, and each
+    /// ErrorResponse is held until it is whole, then passed on, unless it is FATAL (see
+    /// [`Exchange::take_fatal`]).
     pub fn from_server(
         &mut self,
         stmts: &mut ClientStatements,
         server: &mut ServerStatements,
         input: &[u8],
-        mut drop: impl FnMut(usize, usize),
+        mut edit: impl FnMut(Edit<'_>),
     ) -> Result<(), FrameError> {
         let mut i = 0;
         while i < input.len() {
             if self.server_left > 0 {
                 let k = self.server_left.min(input.len() - i);
-                if self.dropping {
-                    drop(i, i + k);
-                }
+                self.pass(input, i, k, &mut edit);
                 i += k;
                 self.server_left -= k;
                 if self.server_left == 0 {
-                    self.answered(stmts, server, self.head[0]);
+                    self.ended(stmts, server, i, &mut edit);
                 }
                 continue;
             }
@@ -372,23 +395,56 @@ impl Exchange {
                         self.queue.front(),
                         Some(Entry::Parse { injected: true, .. })
                     );
+                self.holding = tag == b'E';
+                self.held.clear();
             }
             self.head[self.have..self.have + k].copy_from_slice(&input[i..i + k]);
-            if self.dropping {
-                drop(i, i + k);
-            }
+            self.pass(input, i, k, &mut edit);
             self.have += k;
             i += k;
             if self.have == HEADER_LEN {
-                let [tag, a, b, c, d] = self.head;
+                let [_, a, b, c, d] = self.head;
                 self.server_left = body_len([a, b, c, d])?;
                 self.have = 0;
                 if self.server_left == 0 {
-                    self.answered(stmts, server, tag);
+                    self.ended(stmts, server, i, &mut edit);
                 }
             }
         }
         Ok(())
+    }
+
+    /// `k` bytes of the current message at `i`: dropped or held, or left to pass.
+    fn pass(&mut self, input: &[u8], i: usize, k: usize, edit: &mut impl FnMut(Edit<'_>)) {
+        if self.dropping || self.holding {
+            edit(Edit::Drop(i, i + k));
+        }
+        if self.holding {
+            self.held
+                .extend_from_slice(input.get(i..i + k).unwrap_or_default());
+        }
+    }
+
+    /// The current message ended at `at` in the input.
+    fn ended(
+        &mut self,
+        stmts: &mut ClientStatements,
+        server: &mut ServerStatements,
+        at: usize,
+        edit: &mut impl FnMut(Edit<'_>),
+    ) {
+        if self.holding {
+            self.holding = false;
+            let body = self.held.get(HEADER_LEN..).unwrap_or_default();
+            let severity = error_field(body, b'V').or_else(|| error_field(body, b'S'));
+            if matches!(severity, Some(b"FATAL" | b"PANIC")) {
+                let message = error_field(body, b'M').unwrap_or_default();
+                self.fatal = Some(String::from_utf8_lossy(message).into_owned());
+            } else {
+                edit(Edit::Insert(at, &self.held));
+            }
+        }
+        self.answered(stmts, server, self.head[0]);
     }
 
     /// A whole server message with this tag arrived.
@@ -526,15 +582,22 @@ mod tests {
         s: &mut ServerStatements,
         input: &[u8],
     ) -> Vec<u8> {
-        let mut dropped = Vec::new();
-        x.from_server(c, s, input, |a, b| dropped.push((a, b)))
-            .unwrap();
-        input
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !dropped.iter().any(|(a, b)| a <= i && i < b))
-            .map(|(_, b)| *b)
-            .collect()
+        let mut out = Vec::new();
+        let mut from = 0;
+        x.from_server(c, s, input, |e| match e {
+            Edit::Drop(a, b) => {
+                out.extend_from_slice(&input[from..a]);
+                from = b;
+            }
+            Edit::Insert(at, bytes) => {
+                out.extend_from_slice(&input[from..at]);
+                from = at;
+                out.extend_from_slice(bytes);
+            }
+        })
+        .unwrap();
+        out.extend_from_slice(&input[from..]);
+        out
     }
 
     #[test]
@@ -774,5 +837,30 @@ mod tests {
         ] {
             assert_eq!(answer_parses(&mut c, &input, &mut Vec::new()), None);
         }
+    }
+
+    #[test]
+    fn a_fatal_error_is_held_back_and_others_pass_whole() {
+        let mut c = ClientStatements::new(1);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        send(&mut x, &mut c, &mut s, &msg(b'Q', b"SELECT 1\0"));
+        let error = msg(b'E', b"SERROR\0VERROR\0C22012\0Mdivision by zero\0\0");
+        let reply = [error.clone(), msg(b'Z', b"I")].concat();
+        let mut got = Vec::new();
+        for piece in reply.chunks(3) {
+            got.extend(answer(&mut x, &mut c, &mut s, piece));
+        }
+        assert_eq!(got, reply);
+        assert_eq!(x.take_fatal(), None);
+        send(&mut x, &mut c, &mut s, &msg(b'Q', b"SELECT 2\0"));
+        let fatal = msg(
+            b'E',
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0",
+        );
+        assert_eq!(answer(&mut x, &mut c, &mut s, &fatal), b"");
+        assert_eq!(
+            x.take_fatal().as_deref(),
+            Some("terminating connection due to unexpected postmaster exit")
+        );
     }
 }
