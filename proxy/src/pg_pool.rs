@@ -5,10 +5,11 @@
 //! frees (every core closes an idle connection for each such borrower), or for the
 //! topology to name a target.
 
+use crate::io::Detached;
 use crate::io::Driver;
 use crate::pg_server::{self, PgServer, PgServerError};
-use crate::pool::GroupShared;
 use crate::pool::Permit;
+use crate::pool::{GroupShared, PgHandoff};
 use crate::secrets::BackendLogin;
 use crate::topology::Choice;
 use std::cell::RefCell;
@@ -168,10 +169,18 @@ impl<D: Driver> PgPool<D> {
                     database: database.to_string(),
                     tx,
                 });
+                // Another core may hand over one it lets go.
+                let (far_tx, far_rx) = oneshot::channel();
+                sh.pg_handoff.lock().push_back(PgHandoff {
+                    login: login.id,
+                    database: database.to_string(),
+                    tx: far_tx,
+                });
                 sh.wanted.fetch_add(1, Ordering::AcqRel);
                 sh.wanted_notify.notify_waiters();
                 let outcome = tokio::select! {
                     l = rx => l.ok().map(Ok),
+                    moved = far_rx => moved.ok().and_then(|m| self.adopt(m)).map(Ok),
                     p = sh.budget.take() => match p {
                         Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
                         None => None,
@@ -351,6 +360,9 @@ impl<D: Driver> PgPool<D> {
                 i += 1;
             }
         }
+        let Some(lease) = self.hand_over(lease) else {
+            return;
+        };
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= settings.max_idle.max(1) {
             drop(idle);
@@ -365,6 +377,83 @@ impl<D: Driver> PgPool<D> {
             if let Some(w) = self.waiters.borrow().front() {
                 let (login, db) = (w.login, w.database.clone());
                 self.close_idle_other(login, &db);
+            }
+        }
+    }
+
+    /// Gives a connection to a borrower on another core that waits for one like it;
+    /// returns it when nobody does.
+    fn hand_over(&self, lease: Lease<D::Stream>) -> Option<Lease<D::Stream>> {
+        let sh = &self.shared;
+        if sh.wanted.load(Ordering::Acquire) == 0 {
+            return Some(lease);
+        }
+        let mut queue = sh.pg_handoff.lock();
+        queue.retain(|w| !w.tx.is_closed());
+        let i = queue
+            .iter()
+            .position(|w| w.login == lease.server.login.id && w.database == lease.server.database);
+        let Some(w) = i.and_then(|i| queue.remove(i)) else {
+            return Some(lease);
+        };
+        drop(queue);
+        let Lease {
+            server,
+            target,
+            epoch,
+            idle_since,
+            _permit,
+        } = lease;
+        let moving = match server.map_stream(D::detach) {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::debug!("cannot move a server connection to another core: {e}");
+                self.closed();
+                return None;
+            }
+        };
+        let moving: Box<dyn std::any::Any + Send> = Box::new(Lease {
+            server: moving,
+            target,
+            epoch,
+            idle_since,
+            _permit,
+        });
+        if w.tx.send(moving).is_err() {
+            // The borrower gave up meanwhile: the connection goes.
+            self.closed();
+        }
+        None
+    }
+
+    /// A connection another core handed over, attached to this core.
+    fn adopt(&self, moved: Box<dyn std::any::Any + Send>) -> Option<Lease<D::Stream>> {
+        let lease = moved.downcast::<Lease<Detached>>().ok()?;
+        let Lease {
+            server,
+            target,
+            epoch,
+            idle_since,
+            _permit,
+        } = *lease;
+        match server.map_stream(D::attach) {
+            Ok(server) => {
+                self.shared
+                    .stats
+                    .moved_between_cores
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(Lease {
+                    server,
+                    target,
+                    epoch,
+                    idle_since,
+                    _permit,
+                })
+            }
+            Err(e) => {
+                tracing::debug!("cannot adopt a server connection from another core: {e}");
+                self.closed();
+                None
             }
         }
     }
@@ -394,17 +483,27 @@ impl<D: Driver> PgPool<D> {
                     && now.saturating_duration_since(l.server.created) >= settings.max_lifetime;
                 !old && crate::io::Stream::idle_healthy(&l.server.stream)
             });
-            let mut gone = before - idle.len();
-            let mut wanted = sh.wanted.load(Ordering::Acquire);
-            while wanted > 0 && !idle.is_empty() {
-                idle.remove(0);
-                gone += 1;
-                wanted -= 1;
-            }
+            let pruned = before - idle.len();
             drop(idle);
-            for _ in 0..gone {
+            for _ in 0..pruned {
                 sh.idle_total.fetch_sub(1, Ordering::Relaxed);
                 self.closed();
+            }
+            // Borrowers elsewhere that wait: an idle connection like theirs moves to them;
+            // failing that, an idle one of another login is closed to free budget.
+            while sh.wanted.load(Ordering::Acquire) > 0 {
+                let Some(lease) = self.idle.borrow_mut().pop() else {
+                    break;
+                };
+                sh.idle_total.fetch_sub(1, Ordering::Relaxed);
+                match self.hand_over(lease) {
+                    None => continue,
+                    Some(lease) => {
+                        drop(lease);
+                        self.closed();
+                        break;
+                    }
+                }
             }
         }
     }

@@ -256,6 +256,26 @@ pub async fn open<S: Stream>(
     })
 }
 
+impl<S> PgServer<S> {
+    /// The same connection over another form of its stream (to move it between cores).
+    pub fn map_stream<T>(self, f: impl FnOnce(S) -> io::Result<T>) -> io::Result<PgServer<T>> {
+        Ok(PgServer {
+            stream: f(self.stream)?,
+            buf: self.buf,
+            addr: self.addr,
+            pid: self.pid,
+            key: self.key,
+            reported: self.reported,
+            settings: self.settings,
+            statements: self.statements,
+            created: self.created,
+            database: self.database,
+            login: self.login,
+            user: self.user,
+        })
+    }
+}
+
 impl<S: Stream> PgServer<S> {
     /// Records a ParameterStatus the server sent.
     pub fn reported(&mut self, name: &str, value: &str) {

@@ -149,6 +149,13 @@ impl<T> Waiter for oneshot::Sender<T> {
     }
 }
 
+/// A PostgreSQL borrower on one core waiting for a connection from another.
+pub struct PgHandoff {
+    pub login: u64,
+    pub database: String,
+    pub tx: oneshot::Sender<Box<dyn std::any::Any + Send>>,
+}
+
 /// State of a target group shared by all cores.
 pub struct GroupShared {
     pub name: String,
@@ -187,10 +194,15 @@ pub struct GroupShared {
     pub stats: GroupStats,
     /// TLS to this group's databases.
     pub backend_tls: BackendTls,
-    /// PostgreSQL pools: borrowers that found no budget left; every core's maintenance
-    /// closes an idle connection for each (woken by `wanted_notify`).
+    /// PostgreSQL pools: borrowers that found no budget left, waiting for a connection
+    /// another core lets go (handed over at its release, or an idle one) or for budget
+    /// (an idle connection of another login closed); `wanted_notify` wakes every core's
+    /// maintenance when one starts waiting. Entries are `(login id, database, sender)`;
+    /// what is sent is the PostgreSQL pool's own lease type, boxed (this room does not
+    /// know it).
     pub wanted: AtomicUsize,
     pub wanted_notify: Notify,
+    pub pg_handoff: Mutex<std::collections::VecDeque<PgHandoff>>,
     /// PostgreSQL pools: what a new server connection of each database login reported
     /// (ParameterStatus), by login id: a client's login is answered from it without a
     /// server connection.
@@ -234,6 +246,7 @@ impl GroupShared {
             backend_tls,
             wanted: AtomicUsize::new(0),
             wanted_notify: Notify::new(),
+            pg_handoff: Mutex::default(),
             pg_params: Mutex::default(),
         })
     }
