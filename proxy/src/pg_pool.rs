@@ -80,6 +80,9 @@ pub struct PgPool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<Vec<Lease<D::Stream>>>,
     waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
+    /// Connections this core has lent and not had back: while there are some, a
+    /// borrower waits for them here rather than asking other cores.
+    lent: std::cell::Cell<usize>,
 }
 
 impl<D: Driver> PgPool<D> {
@@ -88,6 +91,7 @@ impl<D: Driver> PgPool<D> {
             shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
+            lent: std::cell::Cell::new(0),
         })
     }
 
@@ -108,6 +112,7 @@ impl<D: Driver> PgPool<D> {
         if let Some(l) = self.take_idle(login.id, database) {
             sh.stats.borrow_immediate.add(1);
             sh.stats.borrowed.add(1);
+            self.lent.set(self.lent.get() + 1);
             return Ok(l);
         }
         let started = crate::rt::time::now();
@@ -117,6 +122,7 @@ impl<D: Driver> PgPool<D> {
         sh.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         match &got {
             Ok(_) => {
+                self.lent.set(self.lent.get() + 1);
                 sh.stats.borrowed.add(1);
                 sh.stats
                     .borrow_wait
@@ -169,27 +175,40 @@ impl<D: Driver> PgPool<D> {
                     database: database.to_string(),
                     tx,
                 });
-                // Another core may hand over one it lets go.
-                let (far_tx, far_rx) = oneshot::channel();
-                sh.pg_handoff.lock().push_back(PgHandoff {
-                    login: login.id,
-                    database: database.to_string(),
-                    tx: far_tx,
+                // With none of its own out, this core waits for one from another core
+                // (handed over as it is let go) too.
+                let far = (self.lent.get() == 0).then(|| {
+                    let (far_tx, far_rx) = oneshot::channel();
+                    sh.pg_handoff.lock().push_back(PgHandoff {
+                        login: login.id,
+                        database: database.to_string(),
+                        tx: far_tx,
+                    });
+                    sh.wanted.fetch_add(1, Ordering::AcqRel);
+                    sh.wanted_notify.notify_waiters();
+                    far_rx
                 });
-                sh.wanted.fetch_add(1, Ordering::AcqRel);
-                sh.wanted_notify.notify_waiters();
+                let asked_far = far.is_some();
+                let from_far = async {
+                    match far {
+                        Some(rx) => rx.await.ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 let outcome = tokio::select! {
                     l = rx => l.ok().map(Ok),
-                    moved = far_rx => moved.ok().and_then(|m| self.adopt(m)).map(Ok),
+                    moved = from_far => moved.and_then(|m| self.adopt(m)).map(Ok),
                     p = sh.budget.take() => match p {
                         Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
                         None => None,
                     },
                     _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
                 };
-                let _ = sh
-                    .wanted
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+                if asked_far {
+                    let _ = sh
+                        .wanted
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+                }
                 match outcome {
                     Some(o) => o,
                     None => continue,
@@ -324,6 +343,7 @@ impl<D: Driver> PgPool<D> {
     /// to a waiter for it on this core, or idle, or closed (too old, too many idle, the
     /// budget shrank, its target no longer serves this route).
     pub fn release(&self, mut lease: Lease<D::Stream>) {
+        self.lent.set(self.lent.get().saturating_sub(1));
         let sh = &self.shared;
         let settings = sh.settings();
         let now = crate::rt::time::now();
@@ -334,7 +354,7 @@ impl<D: Driver> PgPool<D> {
             .load()
             .valid(sh.route, lease.target, lease.epoch);
         if too_old || !valid || sh.budget.over() {
-            self.discard(lease);
+            self.close_lease(lease);
             return;
         }
         lease.idle_since = now;
@@ -366,7 +386,7 @@ impl<D: Driver> PgPool<D> {
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= settings.max_idle.max(1) {
             drop(idle);
-            self.discard(lease);
+            self.close_lease(lease);
             return;
         }
         idle.push(lease);
@@ -460,6 +480,11 @@ impl<D: Driver> PgPool<D> {
 
     /// Closes a connection that must not serve again.
     pub fn discard(&self, lease: Lease<D::Stream>) {
+        self.lent.set(self.lent.get().saturating_sub(1));
+        self.close_lease(lease);
+    }
+
+    fn close_lease(&self, lease: Lease<D::Stream>) {
         self.closed();
         crate::rt::spawn(lease.server.quit());
     }
