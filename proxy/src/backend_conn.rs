@@ -213,53 +213,26 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = io::Result<S>>,
 {
-    let first = login.current();
-    let stream = connect().await?;
-    let res = BackendConn::login(
-        stream,
-        login.clone(),
-        &first,
-        wanted_caps,
-        wanted_ext,
-        collation,
-        deadline,
-        tls,
-    )
-    .await;
-    let refused = match res {
-        Err(e) if login.rotates() && e.access_denied() => e,
-        other => return other,
-    };
-    let alternatives = login.alternatives(&first).await;
-    tracing::info!(
-        login = %login.label(),
-        others = alternatives.len(),
-        "the database refused the login: secret read again, its other versions tried"
-    );
-    let mut last = refused;
-    for creds in alternatives {
-        let stream = connect().await?;
-        match BackendConn::login(
-            stream,
-            login.clone(),
-            &creds,
-            wanted_caps,
-            wanted_ext,
-            collation,
-            deadline,
-            tls,
+    let connect = &connect;
+    login
+        .log_in(
+            move |creds| async move {
+                let stream = connect().await?;
+                BackendConn::login(
+                    stream,
+                    login.clone(),
+                    &creds,
+                    wanted_caps,
+                    wanted_ext,
+                    collation,
+                    deadline,
+                    tls,
+                )
+                .await
+            },
+            BackendError::access_denied,
         )
         .await
-        {
-            Ok(r) => {
-                login.worked(&creds);
-                return Ok(r);
-            }
-            Err(e) if e.access_denied() => last = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
 }
 
 /// Runs the TLS handshake towards a backend as `t` asks, counting it.

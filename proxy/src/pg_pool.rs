@@ -68,6 +68,20 @@ pub struct Lease<S> {
     _permit: Permit,
 }
 
+impl<S> Lease<S> {
+    /// The same lease over another form of its connection's stream (moving it between
+    /// cores).
+    fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Lease<T>> {
+        Ok(Lease {
+            server: self.server.map_stream(f)?,
+            target: self.target,
+            epoch: self.epoch,
+            idle_since: self.idle_since,
+            _permit: self._permit,
+        })
+    }
+}
+
 /// A borrower waiting on this core for a connection with its login and database.
 struct Waiter<S> {
     login: u64,
@@ -417,28 +431,14 @@ impl<D: Driver> PgPool<D> {
             return Some(lease);
         };
         drop(queue);
-        let Lease {
-            server,
-            target,
-            epoch,
-            idle_since,
-            _permit,
-        } = lease;
-        let moving = match server.map_stream(D::detach) {
-            Ok(server) => server,
+        let moving: Box<dyn std::any::Any + Send> = match lease.map_stream(D::detach) {
+            Ok(l) => Box::new(l),
             Err(e) => {
                 tracing::debug!("cannot move a server connection to another core: {e}");
                 self.closed();
                 return None;
             }
         };
-        let moving: Box<dyn std::any::Any + Send> = Box::new(Lease {
-            server: moving,
-            target,
-            epoch,
-            idle_since,
-            _permit,
-        });
         if w.tx.send(moving).is_err() {
             // The borrower gave up meanwhile: the connection goes.
             self.closed();
@@ -449,26 +449,13 @@ impl<D: Driver> PgPool<D> {
     /// A connection another core handed over, attached to this core.
     fn adopt(&self, moved: Box<dyn std::any::Any + Send>) -> Option<Lease<D::Stream>> {
         let lease = moved.downcast::<Lease<Detached>>().ok()?;
-        let Lease {
-            server,
-            target,
-            epoch,
-            idle_since,
-            _permit,
-        } = *lease;
-        match server.map_stream(D::attach) {
-            Ok(server) => {
+        match lease.map_stream(D::attach) {
+            Ok(l) => {
                 self.shared
                     .stats
                     .moved_between_cores
                     .fetch_add(1, Ordering::Relaxed);
-                Some(Lease {
-                    server,
-                    target,
-                    epoch,
-                    idle_since,
-                    _permit,
-                })
+                Some(l)
             }
             Err(e) => {
                 tracing::debug!("cannot adopt a server connection from another core: {e}");

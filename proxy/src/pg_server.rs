@@ -138,46 +138,16 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = io::Result<S>>,
 {
-    let first = login.current();
-    let res = open(
-        connect().await?,
-        addr.clone(),
-        login,
-        &first,
-        database,
-        tls,
-        deadline,
-    )
-    .await;
-    let refused = match res {
-        Err(e) if login.rotates() && e.refused_password() => e,
-        other => return other,
-    };
-    let alternatives = login.alternatives(&first).await;
-    tracing::info!(
-        login = %login.label(),
-        others = alternatives.len(),
-        "the database refused the login: secret read again, its other versions tried"
-    );
-    let mut last = refused;
-    for creds in alternatives {
-        match open(
-            connect().await?,
-            addr.clone(),
-            login,
-            &creds,
-            database,
-            tls,
-            deadline,
+    let connect = &connect;
+    login
+        .log_in(
+            move |creds| async move {
+                let stream = connect().await?;
+                open(stream, addr.clone(), login, &creds, database, tls, deadline).await
+            },
+            PgServerError::refused_password,
         )
         .await
-        {
-            Ok(s) => return Ok(s),
-            Err(e) if e.refused_password() => last = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
 }
 
 /// Logs in to `database` as `creds` (a version of `login`) on a freshly connected stream
@@ -239,7 +209,6 @@ pub async fn open<S: Stream>(
             break o;
         }
     };
-    login.worked(creds);
     Ok(PgServer {
         stream,
         buf,

@@ -27,8 +27,9 @@ pub fn program(name: &str) -> Command {
     Command::new(bindir().join(name))
 }
 
-/// The system user PostgreSQL's programs run as when the tests run as root.
-fn run_as() -> Option<(u32, u32)> {
+/// The system user PostgreSQL's programs run as when the tests run as root (`initdb`,
+/// `postgres` and PgBouncer refuse root): its user and group ids.
+pub fn run_as() -> Option<(u32, u32)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return None;
@@ -42,6 +43,14 @@ fn run_as() -> Option<(u32, u32)> {
     // SAFETY: non-null, as checked.
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     Some((uid, gid))
+}
+
+/// `cmd` runs as [`run_as`]'s user, when there is one.
+fn as_postgres(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = run_as() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
 }
 
 /// A PostgreSQL server of the test's own.
@@ -123,9 +132,7 @@ impl PgDb {
                 .open(d.join("server.log"))
                 .unwrap(),
         );
-        if let Some((uid, gid)) = run_as() {
-            cmd.uid(uid).gid(gid);
-        }
+        as_postgres(&mut cmd);
         self.child = Some(spawn(cmd));
         let port = self.port;
         wait_until(
@@ -167,10 +174,7 @@ impl PgDb {
         .env("PGPASSWORD", DB_PASSWORD)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        if let Some((uid, gid)) = owner {
-            base.uid(uid).gid(gid);
-        }
-        let out = base.output().expect("pg_basebackup");
+        let out = as_postgres(&mut base).output().expect("pg_basebackup");
         assert!(
             out.status.success(),
             "pg_basebackup failed: {}",

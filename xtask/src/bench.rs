@@ -109,7 +109,7 @@ impl SyscallCount {
 }
 
 /// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -198,7 +198,7 @@ function event()
 end
 "#;
 
-fn wait_listening(port: u16, what: &str) -> Result {
+pub(crate) fn wait_listening(port: u16, what: &str) -> Result {
     if poll_until(Duration::from_secs(15), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     }) {

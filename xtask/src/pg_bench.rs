@@ -3,13 +3,13 @@
 //! transaction mode, the same pool size), interleaved in one run, with the CPU the proxy
 //! process used per transaction. Writes `target/bench/postgres.md`.
 
+use crate::bench::{cpu_seconds, wait_listening};
 use crate::{cargo, ensure_apt, root, run, Result};
-use proxy_tests::pg::{program, PgDb};
+use proxy_tests::pg::{program, run_as, PgDb};
 use proxy_tests::{free_port, spawn, APP_PASSWORD, DB_PASSWORD};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// Server connections each proxy may open.
 const POOL: usize = 20;
@@ -39,43 +39,8 @@ impl Drop for Reaped {
 /// One row: per target, its rate and the proxy's CPU µs per transaction (`None`: n/a).
 type Cells = Vec<Option<(f64, Option<f64>)>>;
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
-}
-
-fn wait_listening(port: u16, what: &str) -> Result {
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("{what} did not listen on {port}"))
-}
-
-/// The `postgres` system user's ids when running as root (PgBouncer refuses root).
-fn postgres_user() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let name = std::ffi::CString::new("postgres").ok()?;
-    // SAFETY: getpwnam returns static storage or null; read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    // SAFETY: checked for null first.
-    (!pw.is_null()).then(|| unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
-}
-
 fn start_pgbouncer(dir: &Path, db_port: u16, port: u16) -> std::result::Result<Reaped, String> {
-    let owner = postgres_user();
+    let owner = run_as();
     let write = |name: &str, text: String| -> std::result::Result<std::path::PathBuf, String> {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| e.to_string())?;
@@ -139,7 +104,7 @@ pub fn bench(quick: bool) -> Result<String> {
         ));
     }
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
-    if let Some((u, g)) = postgres_user() {
+    if let Some((u, g)) = run_as() {
         std::os::unix::fs::chown(work.path(), Some(u), Some(g)).map_err(|e| e.to_string())?;
     }
     let (px_port, pb_port) = (free_port(), free_port());

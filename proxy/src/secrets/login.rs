@@ -130,6 +130,43 @@ impl BackendLogin {
         out
     }
 
+    /// Logs in with `attempt` (a new connection each time) as the current credentials;
+    /// when the database refuses them (`refused`) and a secret is behind them, the secret
+    /// is read again and every other version of it tried, so that a rotation in either
+    /// order fails no client. The version that works is kept for the next connections.
+    pub async fn log_in<T, E, F, Fut>(
+        &self,
+        attempt: F,
+        refused: impl Fn(&E) -> bool,
+    ) -> Result<T, E>
+    where
+        F: Fn(Arc<Credentials>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let first = self.current();
+        let mut last = match attempt(first.clone()).await {
+            Err(e) if self.rotates() && refused(&e) => e,
+            other => return other,
+        };
+        let alternatives = self.alternatives(&first).await;
+        tracing::info!(
+            login = %self.label(),
+            others = alternatives.len(),
+            "the database refused the login: secret read again, its other versions tried"
+        );
+        for creds in alternatives {
+            match attempt(creds.clone()).await {
+                Ok(r) => {
+                    self.worked(&creds);
+                    return Ok(r);
+                }
+                Err(e) if refused(&e) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
     /// `creds` logged in: new connections use them until a secret changes again.
     pub fn worked(&self, creds: &Arc<Credentials>) {
         let gen = self.generation();
