@@ -1149,6 +1149,24 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `tests/node/<script>` with Node.js and `args`, its modules from `target/node` (npm
+/// packages `cargo xtask test` installs); its standard output, or a panic with both streams.
+pub fn run_node(script: &str, args: &[String]) -> String {
+    let modules = workspace().join("target/node/node_modules");
+    assert!(
+        modules.join("pg").exists(),
+        "{} is missing: `cargo xtask test` installs node-postgres there",
+        modules.display()
+    );
+    let out = Command::new("node")
+        .arg(workspace().join("tests/node").join(script))
+        .args(args)
+        .env("NODE_PATH", &modules)
+        .output()
+        .expect("node (Debian's nodejs)");
+    stdout_of(script, out)
+}
+
 /// Runs `tests/python/<script>` with `args`; its standard output, or a panic with both
 /// streams when it fails.
 pub fn run_python(script: &str, args: &[String]) -> String {
@@ -1178,14 +1196,22 @@ pub const CONNECTOR_J: &str = "/usr/share/java/mariadb-java-client.jar";
 /// Compiles `tests/java/<class>.java` against Connector/J and runs it with `args`; its
 /// standard output, or a panic with both streams when it fails.
 pub fn run_java(class: &str, args: &[String]) -> String {
+    run_java_with(CONNECTOR_J, class, args)
+}
+
+/// pgjdbc, from Debian's libpostgresql-jdbc-java.
+pub const PGJDBC: &str = "/usr/share/java/postgresql.jar";
+
+/// [`run_java`] with another driver's jar on the class path.
+pub fn run_java_with(jar: &str, class: &str, args: &[String]) -> String {
     assert!(
-        Path::new(CONNECTOR_J).exists(),
-        "{CONNECTOR_J} is missing: `cargo xtask test` installs libmariadb-java"
+        Path::new(jar).exists(),
+        "{jar} is missing: `cargo xtask test` installs it"
     );
     let dir = tempfile::tempdir().unwrap();
     let src = workspace().join("tests/java").join(format!("{class}.java"));
     let javac = Command::new("javac")
-        .args(["-cp", CONNECTOR_J, "-d"])
+        .args(["-cp", jar, "-d"])
         .arg(dir.path())
         .arg(&src)
         .output()
@@ -1196,7 +1222,7 @@ pub fn run_java(class: &str, args: &[String]) -> String {
         src.display(),
         String::from_utf8_lossy(&javac.stderr)
     );
-    let cp = format!("{}:{CONNECTOR_J}", dir.path().display());
+    let cp = format!("{}:{jar}", dir.path().display());
     let out = Command::new("java")
         .args(["-cp", &cp, class])
         .args(args)

@@ -747,3 +747,62 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
         worst.1
     );
 }
+
+#[test]
+fn pgjdbc_and_node_postgres_on_two_server_connections() {
+    let db = PgDb::start(&[]);
+    db.sql_in(
+        "shop",
+        "CREATE TABLE clients_log (client text, round int); GRANT ALL ON clients_log TO app",
+    );
+    for io in DRIVERS {
+        db.sql_in("shop", "TRUNCATE clients_log");
+        let p = proxy(&db, io, "max_connections = 2\nmax_idle_connections = 2");
+        let args = [p.port.to_string(), APP_PASSWORD.to_string()];
+        let out = proxy_tests::run_java_with(proxy_tests::PGJDBC, "PgJdbc", &args);
+        assert!(
+            out.contains("pgjdbc: 8 threads x 100 rounds ok"),
+            "[{io}] {out}"
+        );
+        let out = proxy_tests::run_node("pg_client.js", &args);
+        assert!(
+            out.contains("node-postgres: 8 clients x 100 rounds ok"),
+            "[{io}] {out}"
+        );
+        assert!(db.backends("app") <= 3, "[{io}]");
+    }
+}
+
+#[test]
+fn a_read_only_endpoint_reads_from_the_standby() {
+    let primary = PgDb::start(&[]);
+    let standby = primary.standby(&[]);
+    for io in DRIVERS {
+        let ro_port = proxy_tests::free_port();
+        let targets = format!(
+            "engine = \"postgresql\"\ntargets = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nmax_connections = 2",
+            primary.port, standby.port
+        );
+        let sections = format!(
+            "[[endpoints]]\nname = \"reads\"\nlisten = \"127.0.0.1:{ro_port}\"\ntarget_group = \"default\"\nrole = \"read_only\"\n"
+        );
+        let p = Proxy::start_at(primary.port, io, "", &targets, &sections);
+        let ask = |port: u16, sql: &str| psql(port, "app", APP_PASSWORD, "shop", sql);
+        assert_eq!(
+            text(&ask(p.port, "SELECT pg_is_in_recovery()")).trim(),
+            "f",
+            "[{io}]"
+        );
+        assert_eq!(
+            text(&ask(ro_port, "SELECT pg_is_in_recovery()")).trim(),
+            "t",
+            "[{io}]"
+        );
+        let o = ask(ro_port, "CREATE TABLE nope (a int)");
+        assert!(
+            !o.status.success() && text(&o).contains("read-only transaction"),
+            "[{io}] a write through the read-only endpoint: {}",
+            text(&o)
+        );
+    }
+}

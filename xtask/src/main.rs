@@ -182,8 +182,9 @@ const DB_TOOLS: [(&str, &str); 3] = [
 /// What the tests drive dbproxy with besides the mariadb CLI: sysbench, bpftool, ip and
 /// unshare (guard tests), nft (a black-holed database in a namespace), PyMySQL and a venv for mysql-connector-python, Connector/J and a
 /// JDK, Chromium (the status page), curl (the admin side's login), PostgreSQL 15 (its
-/// server, psql and pgbench; the tests start their own clusters).
-const CLIENT_TOOLS: [(&str, &str); 12] = [
+/// server, psql and pgbench; the tests start their own clusters), pgjdbc, Node.js and npm
+/// (node-postgres comes from the npm registry).
+const CLIENT_TOOLS: [(&str, &str); 15] = [
     ("sysbench", "sysbench"),
     ("curl", "curl"),
     ("chromium", "chromium"),
@@ -199,6 +200,9 @@ const CLIENT_TOOLS: [(&str, &str); 12] = [
     ("/usr/share/java/mariadb-java-client.jar", "libmariadb-java"),
     ("javac", "default-jdk-headless"),
     ("/usr/lib/postgresql/15/bin/pgbench", "postgresql-15"),
+    ("/usr/share/java/postgresql.jar", "libpostgresql-jdbc-java"),
+    ("node", "nodejs"),
+    ("npm", "npm"),
 ];
 
 /// mysql-connector-python for the tests, moto's server standing in for AWS Secrets
@@ -213,6 +217,25 @@ const PYPI_PACKAGES: [&str; 4] = [
 
 /// Makes `target/pyenv`: a venv of Debian's python3 that also sees python3-pymysql, with
 /// mysql-connector-python and moto installed (idempotent).
+/// node-postgres for the tests, from the npm registry (pinned), in `target/node`.
+const NPM_PACKAGES: [&str; 1] = ["pg@8.13.1"];
+
+/// Makes `target/node/node_modules` with [`NPM_PACKAGES`] (idempotent).
+fn ensure_node_clients() -> Result {
+    let dir = root().join("target/node");
+    if dir.join("node_modules/pg/package.json").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(
+        &format!("npm install {}", NPM_PACKAGES.join(" ")),
+        Command::new("npm")
+            .current_dir(&dir)
+            .args(["install", "--no-audit", "--no-fund", "--silent"])
+            .args(NPM_PACKAGES),
+    )
+}
+
 fn ensure_python_clients() -> Result {
     let venv = root().join("target/pyenv");
     let python = venv.join("bin/python");
@@ -380,6 +403,7 @@ fn test() -> Result {
     ensure_apt(&needed)?;
     ensure_rust_components()?;
     ensure_python_clients()?;
+    ensure_node_clients()?;
     build_ebpf()?;
     run(
         "cargo fmt --check (proxy-ebpf)",
