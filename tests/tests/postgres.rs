@@ -627,16 +627,45 @@ fn a_secret_rotated_during_pgbench_c_fails_no_client() {
         let bench = std::thread::spawn(move || {
             program("pgbench")
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "rot"])
-                .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "7", "shop"])
+                .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "10", "shop"])
                 .env("PGPASSWORD", "rot-client-pw")
                 .output()
                 .unwrap()
         });
-        // The secret first, then the database (the order a rotation with a file takes).
-        std::thread::sleep(Duration::from_millis(2000));
+        // The secret first, then the database (the order a rotation with a file takes),
+        // each once new database logins have gone on under the state before.
+        let opened = || {
+            p.metric(
+                "dbproxy_database_connections_setup_succeeded_total{target_group=\"default\",target_role=\"read_write\"}",
+            )
+        };
+        wait_until(
+            "logins under the old secret",
+            Duration::from_secs(20),
+            || opened() >= 5,
+        );
         write_secret(&new);
-        std::thread::sleep(Duration::from_millis(2500));
+        wait_until(
+            "dbproxy to read the new secret",
+            Duration::from_secs(20),
+            || {
+                p.log()
+                    .contains("secret changed: new database logins use the new value")
+            },
+        );
+        let before = opened();
+        wait_until(
+            "logins after the secret changed",
+            Duration::from_secs(20),
+            || opened() >= before + 5,
+        );
         db.sql(&format!("ALTER ROLE app PASSWORD '{new}'"));
+        let before = opened();
+        wait_until(
+            "logins after the database changed",
+            Duration::from_secs(20),
+            || opened() >= before + 5,
+        );
         let o = bench.join().unwrap();
         let out = text(&o);
         assert!(
@@ -696,10 +725,15 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
     let p = Proxy::start_at(primary.port, io, "", &targets, "");
     const CLIENTS: i32 = 40;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Each client's statements that succeeded so far.
+    let done: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>> =
+        std::sync::Arc::new((0..CLIENTS).map(|_| Default::default()).collect());
+    let written = |i: usize| done[i].load(std::sync::atomic::Ordering::Relaxed);
     let port = p.port;
     let workers: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let stop = stop.clone();
+            let done = done.clone();
             std::thread::spawn(move || {
                 let mut c = client(port);
                 let (mut errors, mut seq, mut last_ok) = (0, 0, Instant::now());
@@ -710,24 +744,35 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
                         Ok(_) => {
                             longest_gap = longest_gap.max(last_ok.elapsed());
                             last_ok = Instant::now();
+                            done[i as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Err(e) => {
                             assert!(!c.is_closed(), "client {i} was disconnected: {e}");
                             errors += 1;
                         }
                     }
+                    // A write every 20 ms per client: 2,000 a second in all.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 (errors, longest_gap)
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(2));
+    let all = CLIENTS as usize;
+    wait_until("every client to write", Duration::from_secs(20), || {
+        (0..all).all(|i| written(i) >= 3)
+    });
     primary.kill();
     let killed = Instant::now();
     standby.promote();
     let promoted = killed.elapsed();
-    std::thread::sleep(Duration::from_secs(4));
+    // Every client writes on the new primary, several times.
+    let at_promotion: Vec<u64> = (0..all).map(written).collect();
+    wait_until(
+        "every client to write on the new primary",
+        Duration::from_secs(30),
+        || (0..all).all(|i| written(i) >= at_promotion[i] + 5),
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut worst = (0, Duration::ZERO);
     for w in workers {
