@@ -13,7 +13,7 @@
 use crate::io::{read_watching_peer, Buf, Driver, Stream};
 use crate::pg_cancel::{self, HeldServer, Registration};
 use crate::pg_pool::{BorrowError, Lease, PgPool};
-use crate::pg_server::{nonce, PgServerError};
+use crate::pg_server::{nonce, write_all, PgServerError};
 use crate::postgres::backend::OpenError;
 use crate::postgres::login::{Credential, Login, Need};
 use crate::postgres::messages::{
@@ -105,10 +105,10 @@ pub async fn serve<D: Driver>(
     tls: ClientTls,
     endpoint: Arc<EndpointStats>,
 ) {
-    shared.clients.fetch_add(1, Ordering::AcqRel);
-    let _count = ClientCount(shared.clone());
+    let counted = shared.clone();
+    let (in_use, _count) = counted.count_client();
     let _open = endpoint.connected();
-    if shared.clients.load(Ordering::Acquire) > shared.config().proxy.max_client_connections {
+    if in_use > shared.config().proxy.max_client_connections {
         let mut out = Vec::new();
         ErrorResponse::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,
@@ -152,19 +152,6 @@ pub async fn serve<D: Driver>(
     if let Some(p) = c.session.pinned() {
         c.pool.shared.stats.pin_ended(p);
     }
-}
-
-struct ClientCount(Arc<ProxyShared>);
-impl Drop for ClientCount {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-async fn write_all<S: Stream>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
-    let mut b = Buf::from_vec(bytes.to_vec());
-    let n = b.len();
-    s.write(&mut b, n).await
 }
 
 /// Who logged in.
@@ -430,8 +417,7 @@ impl<D: Driver> PgClient<D> {
         let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
-                let _ = write_all(&mut self.stream, &borrow_failure(&e)).await;
+                self.refuse(&e).await;
                 return None;
             }
         };
@@ -447,6 +433,12 @@ impl<D: Driver> PgClient<D> {
         let params = lease.server.reported.clone();
         self.pool.release(lease);
         Some(params)
+    }
+
+    /// Tells the client why no connection could serve it (it is closed then).
+    async fn refuse(&mut self, e: &BorrowError) {
+        tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
+        let _ = write_all(&mut self.stream, &borrow_failure(e)).await;
     }
 
     /// Gives a borrowed connection the client's settings, and reads them back when the
@@ -537,8 +529,7 @@ impl<D: Driver> PgClient<D> {
             let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
-                    let _ = write_all(&mut self.stream, &borrow_failure(&e)).await;
+                    self.refuse(&e).await;
                     return;
                 }
             };
@@ -777,7 +768,7 @@ impl<D: Driver> PgClient<D> {
             self.buf.filled(),
             &mut self.out,
             |seen| {
-                if let Some(p) = session.apply(seen.clone()) {
+                if let Some(p) = session.apply(seen) {
                     stats.pin_started(p);
                 }
             },

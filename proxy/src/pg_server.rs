@@ -114,11 +114,11 @@ async fn read_by<S: Stream>(
     }
 }
 
-async fn write_all<S: Stream>(stream: &mut S, bytes: &[u8]) -> Result<(), PgServerError> {
+/// Writes `bytes` whole (a message of dbproxy's own).
+pub async fn write_all<S: Stream>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
     let mut b = Buf::from_vec(bytes.to_vec());
     let n = b.len();
-    stream.write(&mut b, n).await?;
-    Ok(())
+    stream.write(&mut b, n).await
 }
 
 /// Opens a server connection as `login` on streams `connect` makes: with the login's

@@ -302,6 +302,13 @@ impl ProxyShared {
     }
 
     /// A connection id for a client's greeting.
+    /// Counts a new client in `clients` for as long as the guard lives; returns how many
+    /// are connected with it.
+    pub fn count_client(&self) -> (usize, ClientCount<'_>) {
+        let in_use = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
+        (in_use, ClientCount(self))
+    }
+
     pub fn next_connection_id(&self) -> u32 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -382,5 +389,14 @@ impl ProxyShared {
             }
             let _ = crate::rt::time::timeout(Duration::from_millis(500), n).await;
         }
+    }
+}
+
+/// A client counted in [`ProxyShared::clients`]; uncounted when dropped.
+pub struct ClientCount<'a>(&'a ProxyShared);
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
     }
 }

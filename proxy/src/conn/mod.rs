@@ -187,8 +187,7 @@ async fn serve_in_span<D: Driver>(
     endpoint: Arc<EndpointStats>,
     conn_id: u32,
 ) {
-    let in_use = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
-    let _count = ClientCount(&shared);
+    let (in_use, _count) = shared.count_client();
     let _open = endpoint.connected();
     if in_use > shared.config().proxy.max_client_connections {
         let e = ErrPacket::new(errcode::ER_CON_COUNT_ERROR, "08004", "Too many connections");
@@ -219,13 +218,6 @@ async fn serve_in_span<D: Driver>(
     }
     endpoint.setup_succeeded.fetch_add(1, Ordering::Relaxed);
     conn.run().await;
-}
-
-struct ClientCount<'a>(&'a ProxyShared);
-impl Drop for ClientCount<'_> {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// The pool key of a login: its backend credentials and what it negotiated.

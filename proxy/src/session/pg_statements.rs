@@ -29,6 +29,8 @@ pub const MAX_SERVER_STATEMENTS: usize = 1000;
 struct Def {
     rest: Vec<u8>,
     seen: Seen,
+    /// Its name on the servers (made once: a Bind allocates nothing).
+    server_name: Vec<u8>,
 }
 
 /// The statements a client prepared, by name.
@@ -139,11 +141,13 @@ impl ClientStatements {
         parse.push(0);
         parse.extend_from_slice(rest);
         let seen = seen(b'P', &parse);
+        let server_name = self.server_name(name);
         self.defs.insert(
             name.to_vec(),
             Def {
                 rest: rest.to_vec(),
                 seen,
+                server_name,
             },
         );
     }
@@ -306,7 +310,7 @@ impl Exchange {
                 let Some(server_name) = self.ensure(stmts, server, name, out, bound) else {
                     return false;
                 };
-                message(out, b'B', &[portal, &[0], &server_name, &[0], rest]);
+                message(out, b'B', &[portal, &[0], server_name, &[0], rest]);
                 true
             }
             b'D' | b'C' => {
@@ -326,7 +330,7 @@ impl Exchange {
                 let Some(server_name) = self.ensure(stmts, server, name, out, bound) else {
                     return false;
                 };
-                message(out, b'D', &[b"S", &server_name, &[0]]);
+                message(out, b'D', &[b"S", server_name, &[0]]);
                 true
             }
             _ => false,
@@ -336,30 +340,29 @@ impl Exchange {
     /// The server's name of the client's statement `name`, prepared on `server` first
     /// (into `out`) when it lacks it; `None` for the unnamed statement or one the client
     /// never prepared (the message goes unchanged, and the server answers for it).
-    fn ensure(
+    fn ensure<'s>(
         &mut self,
-        stmts: &ClientStatements,
+        stmts: &'s ClientStatements,
         server: &mut ServerStatements,
         name: &[u8],
         out: &mut Vec<u8>,
         bound: &mut impl FnMut(&Seen),
-    ) -> Option<Vec<u8>> {
+    ) -> Option<&'s [u8]> {
         if name.is_empty() {
             return None;
         }
         let def = stmts.defs.get(name)?;
         bound(&def.seen);
-        let server_name = stmts.server_name(name);
-        if !server.known.contains(&server_name) {
-            message(out, b'P', &[&server_name, &[0], &def.rest]);
-            server.known.insert(server_name.clone());
+        if !server.known.contains(&def.server_name) {
+            message(out, b'P', &[&def.server_name, &[0], &def.rest]);
+            server.known.insert(def.server_name.clone());
             self.queue.push_back(Entry::Parse {
-                server_name: server_name.clone(),
+                server_name: def.server_name.clone(),
                 client_name: name.to_vec(),
                 injected: true,
             });
         }
-        Some(server_name)
+        Some(&def.server_name)
     }
 
     /// Reads the server's bytes on their way to the client; `edit` hears what changes

@@ -619,19 +619,19 @@ impl PgSession {
 
     /// A Query or Parse the client sent (see [`seen`]); returns a pin it starts.
     pub fn client_sent(&mut self, tag: u8, body: &[u8]) -> Option<PinReason> {
-        self.apply(seen(tag, body))
+        self.apply(&seen(tag, body))
     }
 
     /// What a statement the client runs does (read from its text); returns a pin it
     /// starts.
-    pub fn apply(&mut self, s: Seen) -> Option<PinReason> {
+    pub fn apply(&mut self, s: &Seen) -> Option<PinReason> {
         self.touched |= s.settings;
         if let Some(all) = s.deallocates {
             self.deallocated = Some(all || self.deallocated == Some(true));
         }
-        for c in s.custom {
-            if self.custom.len() < MAX_CUSTOM {
-                self.custom.insert(c);
+        for c in &s.custom {
+            if self.custom.len() < MAX_CUSTOM && !self.custom.contains(c) {
+                self.custom.insert(c.clone());
             }
         }
         match (self.pin, s.pin) {
