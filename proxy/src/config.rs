@@ -577,6 +577,21 @@ pub enum UserAuthPlugin {
     MysqlClearPassword,
 }
 
+/// How a PostgreSQL client proves it is a user (`postgres_auth`). Users with token
+/// logins (`aws_iam_arns`, `jwt_subjects`) always take a clear-text password, over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum PgAuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// md5 (needs `password`, not `password_hash`: the stored hash involves the name).
+    #[serde(rename = "md5")]
+    Md5,
+    /// The password in clear text, over TLS only.
+    #[serde(rename = "password")]
+    Password,
+}
+
 /// `[[users]]`: who may log in to dbproxy, and as whom dbproxy logs in to the database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -594,6 +609,9 @@ pub struct UserConfig {
     pub backend_password: Value,
     #[serde(default)]
     pub auth_plugin: UserAuthPlugin,
+    /// How PostgreSQL clients log in as this user.
+    #[serde(default)]
+    pub postgres_auth: PgAuthMethod,
     /// AWS identities (ARNs, `*` matches anything) that may log in as this user with an
     /// IAM token (over TLS, mysql_clear_password).
     #[serde(default)]
@@ -1008,6 +1026,11 @@ impl Config {
                     "{k}.auth_plugin: token logins use mysql_clear_password (over TLS)"
                 ));
             }
+            if u.postgres_auth == PgAuthMethod::Md5 && u.password_hash.is_some() {
+                errs.push(format!(
+                    "{k}.postgres_auth: md5 needs `password` (text or secret), not password_hash"
+                ));
+            }
             if self.users[..i].iter().any(|o| o.name == u.name) {
                 errs.push(format!("{k}.name: {:?} is used twice", u.name));
             }
@@ -1264,6 +1287,23 @@ backend_password = "db-secret"
         );
         let err = Config::parse(&sha2).unwrap_err().to_string();
         assert!(err.contains("sha256: part"), "{err}");
+        let md5 = ok.replace(
+            "password_hash =",
+            "postgres_auth = \"md5\"\npassword_hash =",
+        );
+        let err = Config::parse(&md5).unwrap_err().to_string();
+        assert!(err.contains("users[0].postgres_auth: md5 needs"), "{err}");
+        let c = Config::parse(&ok.replace(
+            "password_hash =",
+            "postgres_auth = \"password\"\npassword_hash =",
+        ))
+        .unwrap();
+        assert_eq!(c.users[0].postgres_auth, PgAuthMethod::Password);
+        assert!(Config::parse(&ok.replace(
+            "password_hash =",
+            "postgres_auth = \"trust\"\npassword_hash ="
+        ))
+        .is_err());
     }
 
     #[test]

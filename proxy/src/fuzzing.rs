@@ -117,6 +117,7 @@ fn users() -> crate::auth::Users {
         backend_user: None,
         backend_password: "db".into(),
         auth_plugin: crate::config::UserAuthPlugin::Any,
+        postgres_auth: Default::default(),
         aws_iam_arns: Vec::new(),
         jwt_subjects: Vec::new(),
     }])

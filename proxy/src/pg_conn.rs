@@ -169,7 +169,7 @@ enum Asked {
     Tls,
     Cancel(i32, i32),
     Identify(String),
-    CheckPassword,
+    CheckPassword(Vec<u8>),
     LoggedIn,
     Close,
 }
@@ -181,7 +181,7 @@ impl From<Need<'_>> for Asked {
             Need::Tls => Asked::Tls,
             Need::Cancel { pid, key } => Asked::Cancel(pid, key),
             Need::Identify { user, .. } => Asked::Identify(user.to_string()),
-            Need::CheckPassword(_) => Asked::CheckPassword,
+            Need::CheckPassword(p) => Asked::CheckPassword(p.to_vec()),
             Need::LoggedIn => Asked::LoggedIn,
             Need::Close => Asked::Close,
         }
@@ -258,20 +258,21 @@ async fn login<D: Driver>(
                         Asked::Close
                     } else {
                         let found = shared.users().get(name.as_bytes());
-                        let verifier = found
+                        let credential = found
                             .as_ref()
-                            .and_then(|u| u.scram_verifier())
-                            .unwrap_or_else(|| unknown_user(&name));
+                            .and_then(|u| u.pg_credential())
+                            .unwrap_or_else(|| Credential::Scram(unknown_user(&name)));
                         user = found;
-                        Asked::from(login.identified(
-                            Credential::Scram(verifier),
-                            nonce(),
-                            &mut out,
-                        ))
+                        Asked::from(login.identified(credential, nonce(), &mut out))
                     }
                 }
-                // dbproxy offers no clear-text method yet.
-                Asked::CheckPassword => Asked::from(login.password_checked(false, &mut out)),
+                Asked::CheckPassword(password) => {
+                    let ok = match &user {
+                        Some(u) => check_clear_text(shared, u, &password, peer).await,
+                        None => false,
+                    };
+                    Asked::from(login.password_checked(ok, &mut out))
+                }
                 Asked::LoggedIn => {
                     write_all(stream, &out).await.ok()?;
                     shared.throttle.succeeded(peer.ip());
@@ -294,6 +295,40 @@ async fn login<D: Driver>(
         if !out.is_empty() {
             write_all(stream, &out).await.ok()?;
             out.clear();
+        }
+    }
+}
+
+/// Whether a clear-text password (over TLS: the login machine asks for one only then) is
+/// `user`'s, or a token proving an identity `user` accepts.
+async fn check_clear_text(
+    shared: &ProxyShared,
+    user: &Arc<crate::auth::User>,
+    password: &[u8],
+    peer: SocketAddr,
+) -> bool {
+    if user.password_matches(password) {
+        return true;
+    }
+    if !user.accepts_tokens() {
+        return false;
+    }
+    let Some(verifier) = &shared.tokens else {
+        tracing::info!(%peer, user = %user.name, "a token was sent, and no token login is configured");
+        return false;
+    };
+    let Ok(token) = std::str::from_utf8(password) else {
+        return false;
+    };
+    // Boxed: token logins are rare, and the login future stays small.
+    match Box::pin(verifier.verify(user.clone(), token.to_string())).await {
+        Ok(who) => {
+            tracing::info!(%peer, user = %user.name, identity = %who, "token login");
+            true
+        }
+        Err(why) => {
+            tracing::info!(%peer, user = %user.name, "token login refused: {why}");
+            false
         }
     }
 }

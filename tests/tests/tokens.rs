@@ -286,3 +286,184 @@ jwt_subjects = ["system:serviceaccount:prod:*"]
         "{err}"
     );
 }
+
+/// The first authentication request dbproxy sends a PostgreSQL client logging in as
+/// `user` without TLS: 3 clear text, 5 md5, 10 SASL; or the ErrorResponse's text.
+fn pg_auth_request(port: u16, user: &str) -> Result<i32, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for kv in ["user", user, "database", "shop", ""] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).unwrap();
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).unwrap();
+    match head[0] {
+        b'R' => Ok(i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]])),
+        _ => Err(String::from_utf8_lossy(&rest).into_owned()),
+    }
+}
+
+/// PostgreSQL clients log in with each method a user can be given: md5, clear text
+/// (over TLS only), and IAM and JWT tokens sent as the clear-text password by psql.
+#[test]
+fn postgresql_clients_log_in_with_md5_clear_text_and_tokens() {
+    let db = proxy_tests::pg::PgDb::start(&[]);
+    let moto = Moto::start();
+    let runner = moto.iam_user("app-runner");
+    let ca = TestCa::new("pg-tokens");
+    let (cert, key) = ca.issue("proxy", &["localhost", "127.0.0.1"]);
+    let issuer = Issuer::new();
+    let jwks = ca.dir.path().join("jwks.json");
+    std::fs::write(&jwks, &issuer.jwks).unwrap();
+    let sections = format!(
+        r#"
+[aws_iam]
+sts_endpoint = "{endpoint}"
+region = "us-east-1"
+server_id = "dbproxy-test"
+
+[jwt]
+jwks_file = "{jwks}"
+issuer = "{ISSUER}"
+audience = "dbproxy"
+
+[[users]]
+name = "md5user"
+password = "md5-secret"
+postgres_auth = "md5"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+
+[[users]]
+name = "plain"
+password = "plain-secret"
+postgres_auth = "password"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+
+[[users]]
+name = "iamuser"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+aws_iam_arns = ["arn:aws:iam::123456789012:user/app-*"]
+
+[[users]]
+name = "k8s"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+jwt_subjects = ["system:serviceaccount:prod:*"]
+"#,
+        endpoint = moto.endpoint(),
+        jwks = jwks.display()
+    );
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    for io in DRIVERS {
+        let proxy = Proxy::start_env(
+            db.port,
+            io,
+            &tls,
+            &proxy_tests::pg::group(&db, "max_connections = 2"),
+            &sections,
+            &moto.env(),
+        );
+        let psql = |user: &str, password: &str, sslmode: &str| {
+            let out = proxy_tests::pg::program("psql")
+                .arg(format!(
+                    "host=127.0.0.1 port={} user={user} dbname=shop sslmode={sslmode} sslrootcert={}",
+                    proxy.port,
+                    ca.ca.display()
+                ))
+                .args(["-At", "-c", "SELECT current_user, (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()) IS NOT NULL"])
+                .env("PGPASSWORD", password)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let refused = |what: &str, (ok, text): (bool, String)| {
+            assert!(
+                !ok && text.contains("password authentication failed"),
+                "[{io}] {what}: {text}"
+            );
+        };
+        // Each user is asked for the method it is given; an unknown name for SCRAM.
+        assert_eq!(pg_auth_request(proxy.port, "md5user"), Ok(5), "[{io}]");
+        assert_eq!(pg_auth_request(proxy.port, "app"), Ok(10), "[{io}]");
+        assert_eq!(pg_auth_request(proxy.port, "nobody"), Ok(10), "[{io}]");
+        // Clear text is never asked for without TLS.
+        for user in ["plain", "iamuser"] {
+            let e = pg_auth_request(proxy.port, user).unwrap_err();
+            assert!(e.contains("needs TLS"), "[{io}] {user}: {e}");
+        }
+
+        let (ok, text) = psql("md5user", "md5-secret", "disable");
+        assert!(ok && text.starts_with("app|"), "[{io}] md5: {text}");
+        refused(
+            "a wrong md5 password",
+            psql("md5user", "md5-secreT", "disable"),
+        );
+
+        let (ok, text) = psql("plain", "plain-secret", "verify-full");
+        assert!(ok && text.starts_with("app|"), "[{io}] clear text: {text}");
+        refused(
+            "a wrong clear-text password",
+            psql("plain", "plain", "verify-full"),
+        );
+        let (ok, text) = psql("plain", "plain-secret", "disable");
+        assert!(!ok && text.contains("needs TLS"), "[{io}] {text}");
+
+        let good = token(&proxy.config, "iamuser", &runner, &[]);
+        never_logged(&good);
+        let (ok, text) = psql("iamuser", &good, "verify-full");
+        assert!(ok && text.starts_with("app|"), "[{io}] IAM token: {text}");
+        refused(
+            "an IAM token for another user",
+            psql("k8s", &good, "verify-full"),
+        );
+        refused(
+            "garbage",
+            psql("iamuser", "dbproxy-iam-v1.AAAA", "verify-full"),
+        );
+
+        let jwt = issuer.jwt("system:serviceaccount:prod:api", "dbproxy", 300);
+        never_logged(&jwt);
+        let (ok, text) = psql("k8s", &jwt, "verify-full");
+        assert!(ok && text.starts_with("app|"), "[{io}] JWT: {text}");
+        refused(
+            "an expired JWT",
+            psql(
+                "k8s",
+                &issuer.jwt("system:serviceaccount:prod:api", "dbproxy", -120),
+                "verify-full",
+            ),
+        );
+        refused(
+            "an unmapped subject",
+            psql(
+                "k8s",
+                &issuer.jwt("system:serviceaccount:dev:api", "dbproxy", 300),
+                "verify-full",
+            ),
+        );
+        let log = proxy.log();
+        assert!(log.contains("token login"), "[{io}] {log}");
+        for t in [&good, &jwt] {
+            assert!(!log.contains(t.as_str()), "[{io}] a token in the log");
+        }
+    }
+}

@@ -32,6 +32,7 @@ pub fn admin_users(cfg: &AdminConfig, store: Option<&crate::secrets::SecretStore
         backend_user: None,
         backend_password: Default::default(),
         auth_plugin: Default::default(),
+        postgres_auth: Default::default(),
         aws_iam_arns: Vec::new(),
         jwt_subjects: Vec::new(),
     };

@@ -12,10 +12,11 @@ pub mod jwt;
 pub mod throttle;
 pub mod tokens;
 
-use crate::config::{UserAuthPlugin, UserConfig, Value};
+use crate::config::{PgAuthMethod, UserAuthPlugin, UserConfig, Value};
 use crate::mysql::auth::{PasswordHash, Plugin};
 use crate::mysql::consts::errcode;
 use crate::mysql::wire::ErrPacket;
+use crate::postgres::login::Credential;
 use crate::postgres::scram::Verifier;
 use crate::secrets::{BackendLogin, LiveSecret, SecretStore};
 use parking_lot::Mutex;
@@ -35,6 +36,8 @@ pub struct User {
     pub jwt_subjects: Vec<String>,
     /// What PostgreSQL clients' SCRAM logins are checked against.
     scram: Scram,
+    /// How PostgreSQL clients log in.
+    pg_auth: PgAuthMethod,
 }
 
 /// A user's SCRAM-SHA-256 verifier: from `password_hash`, from the password (derived at
@@ -102,6 +105,38 @@ impl User {
                 }
             }
             Scram::None => None,
+        }
+    }
+
+    /// What a PostgreSQL client's login as this user is checked against: clear text for
+    /// token users and `postgres_auth = "password"`, else an md5 hash or a SCRAM verifier
+    /// (`None`: this user has no password PostgreSQL clients can prove, such as a MySQL
+    /// `password_hash` with SCRAM).
+    pub fn pg_credential(&self) -> Option<Credential> {
+        if self.accepts_tokens() || self.pg_auth == PgAuthMethod::Password {
+            return Some(Credential::ClearText);
+        }
+        match self.pg_auth {
+            PgAuthMethod::Md5 => {
+                let password = match &self.scram {
+                    Scram::Password(p, _) => p.clone(),
+                    Scram::Secret { secret, .. } => secret.versions()?.current.password.clone(),
+                    Scram::Stored(_) | Scram::None => return None,
+                };
+                let stored =
+                    crate::postgres::md5::stored(password.as_bytes(), self.name.as_bytes());
+                Some(Credential::Md5(stored))
+            }
+            _ => self.scram_verifier().map(Credential::Scram),
+        }
+    }
+
+    /// Whether `password`, sent in clear text, is this user's (a stored SCRAM verifier,
+    /// or the password's hashes).
+    pub fn password_matches(&self, password: &[u8]) -> bool {
+        match &self.scram {
+            Scram::Stored(v) => v.matches_password(password),
+            _ => self.hash().verify(Plugin::Clear, &[], password),
         }
     }
 
@@ -212,6 +247,7 @@ impl Users {
                     aws_iam_arns: u.aws_iam_arns.clone(),
                     jwt_subjects: u.jwt_subjects.clone(),
                     scram,
+                    pg_auth: u.postgres_auth,
                 };
                 (u.name.as_bytes().to_vec(), Arc::new(user))
             })
@@ -362,6 +398,7 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: plugin,
+            postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
         }])
@@ -504,6 +541,7 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,
+            postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
         }]);

@@ -188,6 +188,14 @@ impl Verifier {
             server_key: k.server,
         }
     }
+
+    /// Whether `password` (sent in clear text) is the one this verifier was made from
+    /// (compared in constant time).
+    pub fn matches_password(&self, password: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        let k = keys(password, &self.salt, self.iterations);
+        k.stored.ct_eq(&self.stored_key).into()
+    }
 }
 
 /// The comma-separated `k=value` attributes of a SCRAM message.
@@ -420,6 +428,14 @@ mod tests {
         login.auth_start = format!("n=user,r=rOprNGfwEbeRWgbNEkqO,r={NONCE},s={SALT},i=4096");
         let fin = login.finish(CLIENT_FINAL.as_bytes()).unwrap();
         assert_eq!(fin, SERVER_FINAL.as_bytes());
+    }
+
+    #[test]
+    fn a_clear_text_password_is_checked_against_a_verifier() {
+        let v = rfc_verifier();
+        assert!(v.matches_password(b"pencil"));
+        assert!(!v.matches_password(b"pencil "));
+        assert!(!v.matches_password(b""));
     }
 
     #[test]

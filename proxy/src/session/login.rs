@@ -540,6 +540,7 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::CachingSha2Password,
+            postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
         }])
@@ -697,6 +698,7 @@ mod tests {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::MysqlClearPassword,
+            postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
         }]);

@@ -737,6 +737,7 @@ pub(crate) mod testing {
             backend_user: None,
             backend_password: "db".into(),
             auth_plugin: UserAuthPlugin::Any,
+            postgres_auth: Default::default(),
             aws_iam_arns: arns,
             jwt_subjects: Vec::new(),
         }
