@@ -18,6 +18,7 @@ pub mod pg_cancel;
 pub mod pg_conn;
 pub mod pg_pool;
 pub mod pg_server;
+pub mod pg_verify;
 pub mod pool;
 pub mod postgres;
 pub mod relay;

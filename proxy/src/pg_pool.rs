@@ -29,6 +29,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Whether a failed opening may work a moment later: the server is down, restarting or
 /// shutting down (class 57: operator intervention), rather than refusing the login.
+/// How long the test-only check-in verification may take.
+const VERIFY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn transient(e: &PgServerError) -> bool {
     match e {
         PgServerError::Open(crate::postgres::backend::OpenError::Refused { code, .. }) => {
@@ -356,7 +359,50 @@ impl<D: Driver> PgPool<D> {
     /// A connection back from a client, settled (no transaction, nothing outstanding):
     /// to a waiter for it on this core, or idle, or closed (too old, too many idle, the
     /// budget shrank, its target no longer serves this route).
-    pub fn release(&self, mut lease: Lease<D::Stream>) {
+    /// With the test-only `verify_checkin`, the session is first compared with dbproxy's
+    /// record of it ([`crate::pg_verify`]); a connection that differs is logged, counted
+    /// and closed.
+    pub fn release(self: &Rc<Self>, lease: Lease<D::Stream>) {
+        if !self.shared.verify_checkin {
+            self.put_back(lease);
+            return;
+        }
+        let pool = self.clone();
+        crate::rt::spawn(async move { pool.verify_then_put_back(lease).await });
+    }
+
+    async fn verify_then_put_back(&self, mut lease: Lease<D::Stream>) {
+        let stats = &self.shared.stats;
+        let server = &mut lease.server;
+        let deadline = crate::rt::time::now() + VERIFY_LIMIT;
+        let found = match server
+            .query(&crate::pg_verify::sql(&server.settings), deadline)
+            .await
+        {
+            Ok(a) if a.error.is_none() => crate::pg_verify::differences(
+                &a.rows,
+                &server.settings,
+                &server.statements,
+                &server.user,
+            ),
+            Ok(a) => vec![format!("the verification query failed: {:?}", a.error)],
+            Err(e) => {
+                tracing::warn!(group = %self.shared.name, pid = server.pid, "check-in verification could not run: {e}");
+                self.discard(lease);
+                return;
+            }
+        };
+        if found.is_empty() {
+            stats.checkins_verified.fetch_add(1, Ordering::Relaxed);
+            self.put_back(lease);
+        } else {
+            stats.checkin_violations.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(group = %self.shared.name, pid = server.pid, "check-in verification failed: {}", found.join("; "));
+            self.discard(lease);
+        }
+    }
+
+    fn put_back(&self, mut lease: Lease<D::Stream>) {
         self.lent.set(self.lent.get().saturating_sub(1));
         let sh = &self.shared;
         let settings = sh.settings();

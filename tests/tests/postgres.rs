@@ -146,9 +146,10 @@ fn logins_are_checked_by_dbproxy_and_the_servers_refusals_pass_through() {
 }
 
 #[test]
-fn every_clients_settings_follow_it_across_four_server_connections() {
+fn four_hundred_clients_settings_follow_them_across_twenty_server_connections() {
     let db = PgDb::start(&[]);
-    const CLIENTS: usize = 40;
+    const CLIENTS: usize = 400;
+    const ROUNDS: usize = 10;
     let mut setup = String::new();
     for r in 0..4 {
         setup.push_str(&format!("CREATE ROLE r{r}; GRANT r{r} TO app; "));
@@ -169,8 +170,40 @@ fn every_clients_settings_follow_it_across_four_server_connections() {
         "Australia/Sydney",
     ];
     for io in DRIVERS {
-        let p = proxy(&db, io, "max_connections = 4\nmax_idle_connections = 4");
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "verify_checkin = true",
+            &group(&db, "max_connections = 20\nmax_idle_connections = 20"),
+            "",
+        );
         let port = p.port;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let most = {
+            // The server's backends for app, sampled every 50 ms while the clients run.
+            let done = done.clone();
+            let port = db.port;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(
+                    &conninfo(port, "postgres", proxy_tests::DB_PASSWORD, "postgres"),
+                    NoTls,
+                )
+                .unwrap();
+                let mut most = 0i64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n: i64 = c
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+                            &[],
+                        )
+                        .unwrap()
+                        .get(0);
+                    most = most.max(n);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                most
+            })
+        };
         let workers: Vec<_> = (0..CLIENTS)
             .map(|i| {
                 std::thread::spawn(move || {
@@ -180,11 +213,11 @@ fn every_clients_settings_follow_it_across_four_server_connections() {
                         "SET search_path = s{i}, public; SET TimeZone = '{zone}'; \
                          SET application_name = 'c{i}'; SET statement_timeout = {}; \
                          SET myapp.tenant = 't{i}'; SET ROLE r{}",
-                        (i + 1) * 1000,
+                        (i + 1) * 1000 + 7,
                         i % 4
                     ))
                     .unwrap();
-                    for round in 0..25 {
+                    for round in 0..ROUNDS {
                         if round % 5 == 0 {
                             // A transaction, and a setting changed inside one that rolls
                             // back (gone) and one that commits (kept).
@@ -214,7 +247,7 @@ fn every_clients_settings_follow_it_across_four_server_connections() {
                             format!("s{i}, public"),
                             zone.to_string(),
                             format!("c{i}"),
-                            format!("{}s", i + 1),
+                            format!("{}ms", (i + 1) * 1000 + 7),
                             format!("t{i}"),
                             format!("r{}", i % 4),
                             i.to_string(),
@@ -231,8 +264,14 @@ fn every_clients_settings_follow_it_across_four_server_connections() {
         for w in workers {
             w.join().unwrap();
         }
-        let n = db.backends("app");
-        assert!(n <= 5, "[{io}] {n} server connections for app");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let most = most.join().unwrap();
+        println!("[{io}] at most {most} server backends for app");
+        assert!(most <= 23, "[{io}] {most} server connections for app");
+        let (verified, dirty) = p.checkin_verification();
+        println!("[{io}] check-ins verified {verified}, dirty {dirty}");
+        assert!(verified > 1000, "[{io}] the verification ran ({verified})");
+        assert_eq!(dirty, 0, "[{io}] {}", p.log());
         // A new client starts clean: nothing of the others' settings.
         let mut c = client(p.port);
         let row = c

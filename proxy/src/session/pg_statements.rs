@@ -60,6 +60,11 @@ impl ServerStatements {
     pub fn clear(&mut self) {
         self.known.clear();
     }
+
+    /// Whether the server holds a statement of this name (dbproxy's naming).
+    pub fn contains(&self, server_name: &[u8]) -> bool {
+        self.known.contains(server_name)
+    }
 }
 
 /// A request whose answer is matched.
