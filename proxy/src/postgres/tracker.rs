@@ -144,6 +144,11 @@ pub struct Tracker {
     unsynced: bool,
     status: TxStatus,
     copy: CopyState,
+    /// Syncs the client sent right behind its last Execute (nothing else between). When
+    /// that Execute starts a COPY FROM STDIN, the server ignores them (it ignores Sync in
+    /// copy-in mode), so they are due no ReadyForQuery: tokio-postgres sends Bind,
+    /// Execute, Sync, then the data, CopyDone and another Sync.
+    syncs_after_execute: u32,
     /// The client sent Terminate.
     terminated: bool,
 }
@@ -157,6 +162,7 @@ impl Default for Tracker {
             unsynced: false,
             status: TxStatus::Idle,
             copy: CopyState::None,
+            syncs_after_execute: 0,
             terminated: false,
         }
     }
@@ -171,6 +177,7 @@ impl Tracker {
         self.unsynced = false;
         self.status = TxStatus::Idle;
         self.copy = CopyState::None;
+        self.syncs_after_execute = 0;
         self.terminated = false;
     }
 
@@ -186,33 +193,42 @@ impl Tracker {
         bytes: &[u8],
         mut seen: impl FnMut(u8, &[u8]),
     ) -> Result<(), FrameError> {
-        let (expected, unsynced, copy, terminated) = (
+        let (expected, unsynced, copy, after_execute, terminated) = (
             &mut self.expected,
             &mut self.unsynced,
             &mut self.copy,
+            &mut self.syncs_after_execute,
             &mut self.terminated,
         );
         self.client.feed(
             bytes,
             |tag| matches!(tag, b'Q' | b'P'),
-            |tag, body| match tag {
-                b'Q' => {
-                    *expected += 1;
-                    seen(tag, body);
+            |tag, body| {
+                if !matches!(tag, b'S' | b'H') {
+                    *after_execute = 0;
                 }
-                b'F' => *expected += 1,
-                b'S' => {
-                    *expected += 1;
-                    *unsynced = false;
+                match tag {
+                    b'Q' => {
+                        *expected += 1;
+                        seen(tag, body);
+                    }
+                    b'F' => *expected += 1,
+                    // In copy-in mode the server ignores a Sync.
+                    b'S' if *copy == CopyState::In => {}
+                    b'S' => {
+                        *expected += 1;
+                        *after_execute += 1;
+                        *unsynced = false;
+                    }
+                    b'P' => {
+                        *unsynced = true;
+                        seen(tag, body);
+                    }
+                    b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
+                    b'c' | b'f' if *copy == CopyState::In => *copy = CopyState::None,
+                    b'X' => *terminated = true,
+                    _ => {}
                 }
-                b'P' => {
-                    *unsynced = true;
-                    seen(tag, body);
-                }
-                b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
-                b'c' | b'f' if *copy == CopyState::In => *copy = CopyState::None,
-                b'X' => *terminated = true,
-                _ => {}
             },
         )
     }
@@ -224,7 +240,12 @@ impl Tracker {
         bytes: &[u8],
         mut event: impl FnMut(ServerEvent<'_>),
     ) -> Result<(), FrameError> {
-        let (expected, status, copy) = (&mut self.expected, &mut self.status, &mut self.copy);
+        let (expected, status, copy, after_execute) = (
+            &mut self.expected,
+            &mut self.status,
+            &mut self.copy,
+            &mut self.syncs_after_execute,
+        );
         let mut bad = None;
         self.server.feed(
             bytes,
@@ -260,7 +281,11 @@ impl Tracker {
                         event(ServerEvent::Error { code });
                     }
                 }
-                b'G' => *copy = CopyState::In,
+                b'G' => {
+                    *copy = CopyState::In;
+                    // The Syncs behind the Execute that started it are ignored.
+                    *expected = expected.saturating_sub(std::mem::take(after_execute));
+                }
                 b'H' => *copy = CopyState::Out,
                 b'W' => *copy = CopyState::Both,
                 b'c' if *copy == CopyState::Out => *copy = CopyState::None,
@@ -425,6 +450,39 @@ mod tests {
         assert_eq!(t.copy(), CopyState::None);
         t.from_server(&msg(b'C', b"COPY 1\0"), |_| {}).unwrap();
         assert!(!t.releasable());
+        t.from_server(&ready(TxStatus::Idle), |_| {}).unwrap();
+        assert!(t.releasable());
+
+        // Extended protocol, as tokio-postgres sends it: the Sync behind the Execute is
+        // ignored by the server in copy-in mode, and so is one sent during the copy.
+        for (during, late) in [(false, false), (true, false), (false, true)] {
+            t.from_client(&[msg(b'B', b"x"), msg(b'E', b"x"), msg(b'S', b"")].concat())
+                .unwrap();
+            t.from_server(&[msg(b'2', b""), msg(b'G', b"\0\0\0")].concat(), |_| {})
+                .unwrap();
+            t.from_client(&msg(b'd', b"1\n")).unwrap();
+            if during {
+                t.from_client(&msg(b'S', b"")).unwrap();
+            }
+            if late {
+                // A client that waited for CopyInResponse before its Sync.
+                t.from_client(&msg(b'H', b"")).unwrap();
+            }
+            t.from_client(&[msg(b'c', b""), msg(b'S', b"")].concat())
+                .unwrap();
+            t.from_server(&msg(b'C', b"COPY 1\0"), |_| {}).unwrap();
+            assert!(!t.releasable());
+            t.from_server(&ready(TxStatus::Idle), |_| {}).unwrap();
+            assert!(t.releasable(), "{during} {late}");
+        }
+        // An Execute whose Sync is answered (no copy) leaves nothing to discount.
+        t.from_client(&[msg(b'B', b"x"), msg(b'E', b"x"), msg(b'S', b"")].concat())
+            .unwrap();
+        t.from_server(&ready(TxStatus::Idle), |_| {}).unwrap();
+        t.from_client(&query("COPY t FROM STDIN")).unwrap();
+        t.from_server(&msg(b'G', b"\0\0\0"), |_| {}).unwrap();
+        t.from_client(&msg(b'c', b"")).unwrap();
+        assert!(!t.releasable(), "the Query's ReadyForQuery is due");
         t.from_server(&ready(TxStatus::Idle), |_| {}).unwrap();
         assert!(t.releasable());
 

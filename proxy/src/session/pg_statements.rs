@@ -17,7 +17,7 @@
 use super::postgres::{seen, Seen};
 use crate::postgres::frame::{body_len, FrameError, HEADER_LEN};
 use crate::postgres::messages::error_field;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 /// A server connection with more statements of dbproxy's naming than this gets
 /// `DEALLOCATE ALL` when it goes back to the pool.
@@ -31,6 +31,8 @@ struct Def {
     seen: Seen,
     /// Its name on the servers (made once: a Bind allocates nothing).
     server_name: Vec<u8>,
+    /// When it was defined ([`ClientStatements::generation`]).
+    made: u64,
 }
 
 /// The statements a client prepared, by name.
@@ -39,12 +41,17 @@ pub struct ClientStatements {
     defs: HashMap<Vec<u8>, Def>,
     /// `__dbp<pid>_`.
     prefix: Vec<u8>,
+    /// Counts the statements defined and prepared on servers: what a `DEALLOCATE ALL`
+    /// removes is what came before it.
+    generation: u64,
 }
 
-/// The statements of dbproxy's naming a server connection holds.
+/// The statements of dbproxy's naming a server connection holds, each with the
+/// connection's generation when it was prepared there.
 #[derive(Debug, Default, Clone)]
 pub struct ServerStatements {
-    known: HashSet<Vec<u8>>,
+    known: HashMap<Vec<u8>, u64>,
+    generation: u64,
 }
 
 impl ServerStatements {
@@ -61,9 +68,25 @@ impl ServerStatements {
         self.known.clear();
     }
 
+    /// The generation now: statements prepared from here on are younger.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn insert(&mut self, server_name: Vec<u8>) {
+        self.generation += 1;
+        self.known.insert(server_name, self.generation);
+    }
+
+    /// Forgets the statements prepared up to generation `upto` (a `DEALLOCATE ALL` sent
+    /// after them).
+    pub fn clear_upto(&mut self, upto: u64) {
+        self.known.retain(|_, made| *made > upto);
+    }
+
     /// Whether the server holds a statement of this name (dbproxy's naming).
     pub fn contains(&self, server_name: &[u8]) -> bool {
-        self.known.contains(server_name)
+        self.known.contains_key(server_name)
     }
 }
 
@@ -76,6 +99,8 @@ enum Entry {
         client_name: Vec<u8>,
         injected: bool,
     },
+    /// A Close: its CloseComplete is dropped when dbproxy sent it (`injected`).
+    Close { injected: bool },
     /// A Sync: its ReadyForQuery ends the skipping after an error.
     Sync,
     /// A simple Query: an error in it skips nothing.
@@ -109,6 +134,16 @@ pub struct Exchange {
     held: Vec<u8>,
     /// The server sent a FATAL (or PANIC) error, held back from the client: its message.
     fatal: Option<String>,
+    /// The server is in copy-in mode (CopyInResponse, until the client's CopyDone or
+    /// CopyFail, or an error): it ignores Syncs.
+    copy_in: bool,
+    /// Requests answered up to ReadyForQuery (Sync, Query, FunctionCall): queued and done.
+    queued: u64,
+    done: u64,
+    /// A `DEALLOCATE ALL` (or `DISCARD ALL`) in the request numbered `.0`: when it is
+    /// answered without an error, the statements up to generation `.1` are gone (the
+    /// client's and the server connection's generations; `.2`: an error came).
+    deallocating: Option<(u64, (u64, u64), bool)>,
 }
 
 /// A change to the server's bytes on their way to the client.
@@ -125,7 +160,23 @@ impl ClientStatements {
         ClientStatements {
             defs: HashMap::new(),
             prefix: format!("__dbp{pid}_").into_bytes(),
+            generation: 0,
         }
+    }
+
+    /// The generation now: statements defined or prepared from here on are younger.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// Forgets the statements defined up to generation `upto`.
+    pub fn clear_upto(&mut self, upto: u64) {
+        self.defs.retain(|_, d| d.made > upto);
     }
 
     pub fn len(&self) -> usize {
@@ -147,12 +198,14 @@ impl ClientStatements {
         parse.extend_from_slice(rest);
         let seen = seen(b'P', &parse);
         let server_name = self.server_name(name);
+        let made = self.next_generation();
         self.defs.insert(
             name.to_vec(),
             Def {
                 rest: rest.to_vec(),
                 seen,
                 server_name,
+                made,
             },
         );
     }
@@ -191,6 +244,16 @@ impl Exchange {
         self.holding = false;
         self.held.clear();
         self.fatal = None;
+        self.copy_in = false;
+        self.queued = 0;
+        self.done = 0;
+        self.deallocating = None;
+    }
+
+    /// The last request sent deallocates every statement prepared up to `upto` (the
+    /// client's and the server connection's generations), if it succeeds.
+    pub fn deallocates(&mut self, upto: (u64, u64)) {
+        self.deallocating = Some((self.queued, upto, false));
     }
 
     /// The message of a FATAL error the server sent (held back from the client: the
@@ -251,9 +314,21 @@ impl Exchange {
                 continue;
             }
             match tag {
-                b'S' => self.queue.push_back(Entry::Sync),
-                b'Q' => self.queue.push_back(Entry::Query),
-                b'F' => self.queue.push_back(Entry::Function),
+                // The server ignores a Sync in copy-in mode.
+                b'S' if self.copy_in => {}
+                b'S' => {
+                    self.queue.push_back(Entry::Sync);
+                    self.queued += 1;
+                }
+                b'c' | b'f' => self.copy_in = false,
+                b'Q' => {
+                    self.queue.push_back(Entry::Query);
+                    self.queued += 1;
+                }
+                b'F' => {
+                    self.queue.push_back(Entry::Function);
+                    self.queued += 1;
+                }
                 _ => {}
             }
             let have = total.min(input.len() - i);
@@ -297,7 +372,7 @@ impl Exchange {
                 let server_name = stmts.server_name(name);
                 message(out, b'P', &[&server_name, &[0], rest]);
                 stmts.define(name, rest);
-                server.known.insert(server_name.clone());
+                server.insert(server_name.clone());
                 self.queue.push_back(Entry::Parse {
                     server_name,
                     client_name: name.to_vec(),
@@ -319,6 +394,9 @@ impl Exchange {
                 true
             }
             b'D' | b'C' => {
+                if tag == b'C' {
+                    self.queue.push_back(Entry::Close { injected: false });
+                }
                 let (Some(&b'S'), Some((name, _))) = (body.first(), body.get(1..).and_then(cstr))
                 else {
                     return false;
@@ -347,7 +425,7 @@ impl Exchange {
     /// never prepared (the message goes unchanged, and the server answers for it).
     fn ensure<'s>(
         &mut self,
-        stmts: &'s ClientStatements,
+        stmts: &'s mut ClientStatements,
         server: &mut ServerStatements,
         name: &[u8],
         out: &mut Vec<u8>,
@@ -356,18 +434,32 @@ impl Exchange {
         if name.is_empty() {
             return None;
         }
-        let def = stmts.defs.get(name)?;
-        bound(&def.seen);
-        if !server.known.contains(&def.server_name) {
+        let (inject, unsure) = {
+            let def = stmts.defs.get(name)?;
+            bound(&def.seen);
+            // A Parse dbproxy sent ahead of an earlier Sync still unanswered may yet fail
+            // (in a failed transaction, every Parse does): prepared again, behind a Close
+            // that makes the Parse valid either way.
+            let unsure = self.queue.iter().any(|e| {
+                matches!(e, Entry::Parse { server_name, injected: true, .. } if *server_name == def.server_name)
+            });
+            (unsure || !server.contains(&def.server_name), unsure)
+        };
+        if inject {
+            let def = stmts.defs.get(name)?;
+            if unsure {
+                message(out, b'C', &[b"S", &def.server_name, &[0]]);
+                self.queue.push_back(Entry::Close { injected: true });
+            }
             message(out, b'P', &[&def.server_name, &[0], &def.rest]);
-            server.known.insert(def.server_name.clone());
+            server.insert(def.server_name.clone());
             self.queue.push_back(Entry::Parse {
                 server_name: def.server_name.clone(),
                 client_name: name.to_vec(),
                 injected: true,
             });
         }
-        Some(&def.server_name)
+        stmts.defs.get(name).map(|d| d.server_name.as_slice())
     }
 
     /// Reads the server's bytes on their way to the client; `edit` hears what changes
@@ -398,11 +490,11 @@ impl Exchange {
             let k = want.min(input.len() - i);
             if self.have == 0 {
                 let tag = input[i];
-                self.dropping = tag == b'1'
-                    && matches!(
-                        self.queue.front(),
-                        Some(Entry::Parse { injected: true, .. })
-                    );
+                self.dropping = match (tag, self.queue.front()) {
+                    (b'1', Some(Entry::Parse { injected, .. })) => *injected,
+                    (b'3', Some(Entry::Close { injected })) => *injected,
+                    _ => false,
+                };
                 self.holding = tag == b'E';
                 self.held.clear();
             }
@@ -459,11 +551,27 @@ impl Exchange {
     fn answered(&mut self, stmts: &mut ClientStatements, server: &mut ServerStatements, tag: u8) {
         match tag {
             b'1' => {
-                if matches!(self.queue.front(), Some(Entry::Parse { .. })) {
+                if let Some(Entry::Parse { server_name, .. }) = self.queue.front() {
+                    // Known for sure now (an earlier Parse of it may have failed since).
+                    if !server_name.is_empty() && !server.contains(server_name) {
+                        server.insert(server_name.clone());
+                    }
+                    self.queue.pop_front();
+                }
+            }
+            b'3' => {
+                if matches!(self.queue.front(), Some(Entry::Close { .. })) {
                     self.queue.pop_front();
                 }
             }
             b'E' => {
+                // An error ends a copy-in: the server then skips to the next Sync.
+                self.copy_in = false;
+                if let Some((at, _, failed)) = &mut self.deallocating {
+                    if *at == self.done + 1 {
+                        *failed = true;
+                    }
+                }
                 if matches!(self.queue.front(), Some(Entry::Query | Entry::Function)) {
                     return;
                 }
@@ -488,11 +596,31 @@ impl Exchange {
                 }
             }
             b'Z' => {
+                self.copy_in = false;
                 if matches!(
                     self.queue.front(),
                     Some(Entry::Sync | Entry::Query | Entry::Function)
                 ) {
                     self.queue.pop_front();
+                    self.done += 1;
+                }
+                if let Some((at, upto, failed)) = self.deallocating {
+                    if at <= self.done {
+                        self.deallocating = None;
+                        if !failed {
+                            stmts.clear_upto(upto.0);
+                            server.clear_upto(upto.1);
+                        }
+                    }
+                }
+            }
+            b'G' => {
+                // A COPY FROM STDIN started by an Execute: the Syncs the client sent
+                // behind it (tokio-postgres sends one) are ignored, and answered by nothing.
+                self.copy_in = true;
+                while self.queue.front() == Some(&Entry::Sync) {
+                    self.queue.pop_front();
+                    self.done += 1;
                 }
             }
             _ => {}
@@ -680,6 +808,171 @@ mod tests {
             &[bind("s1"), msg(b'S', b"")].concat(),
         ));
         assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "BS");
+    }
+
+    /// tokio-postgres's COPY FROM STDIN: Bind, Execute, Sync (ignored by the server in
+    /// copy-in mode), the data, CopyDone, Sync. On a link that goes on (a pinned client),
+    /// the next injected Parse's answer is still the one dropped.
+    #[test]
+    fn syncs_a_copy_in_ignores_leave_no_answer_due() {
+        let mut c = ClientStatements::new(3);
+        let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
+        );
+        answer(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        let mut s2 = ServerStatements::default();
+        let copy = [bind(""), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        send(&mut x, &mut c, &mut s2, &copy);
+        answer(
+            &mut x,
+            &mut c,
+            &mut s2,
+            &[msg(b'2', b""), msg(b'G', b"\0\0\0")].concat(),
+        );
+        let data = [
+            msg(b'd', b"1\n"),
+            msg(b'S', b""),
+            msg(b'c', b""),
+            msg(b'S', b""),
+        ]
+        .concat();
+        send(&mut x, &mut c, &mut s2, &data);
+        answer(
+            &mut x,
+            &mut c,
+            &mut s2,
+            &[msg(b'C', b"COPY 1\0"), msg(b'Z', b"I")].concat(),
+        );
+        assert!(!x.outstanding(), "every answer due came");
+        let sent = split(&send(
+            &mut x,
+            &mut c,
+            &mut s2,
+            &[bind("a"), msg(b'S', b"")].concat(),
+        ));
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PBS");
+        let reply = [msg(b'1', b""), msg(b'2', b""), msg(b'Z', b"I")].concat();
+        assert_eq!(
+            answer(&mut x, &mut c, &mut s2, &reply),
+            [msg(b'2', b""), msg(b'Z', b"I")].concat()
+        );
+    }
+
+    /// Two Syncs' worth of Binds of a statement this connection lacks, pipelined: the
+    /// second is prepared again behind a Close, so it works whether the first Parse did
+    /// or not (in a failed transaction every Parse fails, as the client's Bind would).
+    #[test]
+    fn a_pipeline_prepares_again_what_an_unanswered_parse_may_not_have_made() {
+        for parse_fails in [true, false] {
+            let mut c = ClientStatements::new(5);
+            let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+            send(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
+            );
+            answer(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+            );
+            let mut s2 = ServerStatements::default();
+            let batch = [bind("a"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+            let sent = split(&send(
+                &mut x,
+                &mut c,
+                &mut s2,
+                &[batch.clone(), batch].concat(),
+            ));
+            assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PBESCPBES");
+            assert_eq!(sent[4].1, b"S__dbp5_a\0");
+            let err = msg(b'E', b"SERROR\0C25P02\0\0");
+            let (reply, want) = if parse_fails {
+                let r = [
+                    err.clone(),
+                    msg(b'Z', b"E"),
+                    msg(b'3', b""),
+                    err.clone(),
+                    msg(b'Z', b"E"),
+                ];
+                let w = [err.clone(), msg(b'Z', b"E"), err, msg(b'Z', b"E")];
+                (r.concat(), w.concat())
+            } else {
+                let ok = [
+                    msg(b'1', b""),
+                    msg(b'2', b""),
+                    msg(b'C', b"SELECT 1\0"),
+                    msg(b'Z', b"I"),
+                ];
+                let r = [ok.concat(), msg(b'3', b""), ok.concat()];
+                let w = [msg(b'2', b""), msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
+                (r.concat(), [w.clone(), w].concat())
+            };
+            assert_eq!(
+                answer(&mut x, &mut c, &mut s2, &reply),
+                want,
+                "{parse_fails}"
+            );
+            assert!(!x.outstanding());
+            assert_eq!(s2.contains(b"__dbp5_a"), !parse_fails, "{parse_fails}");
+        }
+    }
+
+    /// `DEALLOCATE ALL` removes what was prepared before it, once answered without an
+    /// error; a statement prepared behind it (same pipeline) stays.
+    #[test]
+    fn deallocate_all_removes_what_came_before_it_when_it_succeeds() {
+        for fails in [false, true] {
+            let mut c = ClientStatements::new(2);
+            let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
+            send(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[parse("old", "SELECT 1"), msg(b'S', b"")].concat(),
+            );
+            answer(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+            );
+            let before = (c.generation(), s.generation());
+            send(&mut x, &mut c, &mut s, &msg(b'Q', b"DEALLOCATE ALL\0"));
+            x.deallocates(before);
+            send(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[parse("new", "SELECT 2"), msg(b'S', b"")].concat(),
+            );
+            let first = if fails {
+                [msg(b'E', b"SERROR\0C25P02\0\0"), msg(b'Z', b"E")].concat()
+            } else {
+                [msg(b'C', b"DEALLOCATE ALL\0"), msg(b'Z', b"I")].concat()
+            };
+            answer(&mut x, &mut c, &mut s, &first);
+            answer(
+                &mut x,
+                &mut c,
+                &mut s,
+                &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+            );
+            assert_eq!(c.defs.contains_key(&b"old"[..]), fails, "{fails}");
+            assert_eq!(s.contains(b"__dbp2_old"), fails, "{fails}");
+            assert!(c.defs.contains_key(&b"new"[..]) && s.contains(b"__dbp2_new"));
+        }
     }
 
     #[test]
