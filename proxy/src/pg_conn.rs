@@ -659,12 +659,6 @@ impl<D: Driver> PgClient<D> {
         }
         loop {
             if tracker.releasable() && self.buf.is_empty() {
-                if let Some(all) = self.session.take_deallocated() {
-                    lease.server.statements.clear();
-                    if all {
-                        self.stmts.clear();
-                    }
-                }
                 match self.session.at_rest() {
                     AtRest::Keep(_) => {}
                     AtRest::ReadBack(sql) => {
@@ -797,6 +791,10 @@ impl<D: Driver> PgClient<D> {
         }
         let session = &mut self.session;
         let stats = &self.pool.shared.stats;
+        let generation = (
+            self.stmts.generation(),
+            lease.server.statements.generation(),
+        );
         let forward = match exchange.from_client(
             &mut self.stmts,
             &mut lease.server.statements,
@@ -824,6 +822,12 @@ impl<D: Driver> PgClient<D> {
         });
         if let Err(e) = fed {
             return Some(Unlinked::Protocol(e.to_string()));
+        }
+        // `DEALLOCATE ALL` / `DISCARD ALL` remove what was prepared before them, once
+        // the server answers them without an error (`DEALLOCATE name` cannot name a
+        // statement of dbproxy's naming: the server's set stays as it is).
+        if self.session.take_deallocated() == Some(true) {
+            exchange.deallocates(generation);
         }
         let sent = match forward {
             Forward::AsIs(n) => lease.server.stream.write(&mut self.buf, n).await,

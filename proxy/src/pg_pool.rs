@@ -97,9 +97,6 @@ pub struct PgPool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<Vec<Lease<D::Stream>>>,
     waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
-    /// Connections this core has lent and not had back: while there are some, a
-    /// borrower waits for them here rather than asking other cores.
-    lent: std::cell::Cell<usize>,
 }
 
 impl<D: Driver> PgPool<D> {
@@ -108,7 +105,6 @@ impl<D: Driver> PgPool<D> {
             shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
-            lent: std::cell::Cell::new(0),
         })
     }
 
@@ -129,7 +125,6 @@ impl<D: Driver> PgPool<D> {
         if let Some(l) = self.take_idle(login.id, database) {
             sh.stats.borrow_immediate.add(1);
             sh.stats.borrowed.add(1);
-            self.lent.set(self.lent.get() + 1);
             return Ok(l);
         }
         let started = crate::rt::time::now();
@@ -139,7 +134,6 @@ impl<D: Driver> PgPool<D> {
         sh.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         match &got {
             Ok(_) => {
-                self.lent.set(self.lent.get() + 1);
                 sh.stats.borrowed.add(1);
                 sh.stats
                     .borrow_wait
@@ -192,40 +186,29 @@ impl<D: Driver> PgPool<D> {
                     database: database.to_string(),
                     tx,
                 });
-                // With none of its own out, this core waits for one from another core
-                // (handed over as it is let go) too.
-                let far = (self.lent.get() == 0).then(|| {
-                    let (far_tx, far_rx) = oneshot::channel();
-                    sh.pg_handoff.lock().push_back(PgHandoff {
-                        login: login.id,
-                        database: database.to_string(),
-                        tx: far_tx,
-                    });
-                    sh.wanted.fetch_add(1, Ordering::AcqRel);
-                    sh.wanted_notify.notify_waiters();
-                    far_rx
+                // It waits for one from another core too (an idle one there, or one
+                // handed over as it is let go): what this core lent may be held for long
+                // (a pinned client, a long transaction).
+                let (far_tx, far_rx) = oneshot::channel();
+                sh.pg_handoff.lock().push_back(PgHandoff {
+                    login: login.id,
+                    database: database.to_string(),
+                    tx: far_tx,
                 });
-                let asked_far = far.is_some();
-                let from_far = async {
-                    match far {
-                        Some(rx) => rx.await.ok(),
-                        None => std::future::pending().await,
-                    }
-                };
+                sh.wanted.fetch_add(1, Ordering::AcqRel);
+                sh.wanted_notify.notify_waiters();
                 let outcome = tokio::select! {
                     l = rx => l.ok().map(Ok),
-                    moved = from_far => moved.and_then(|m| self.adopt(m)).map(Ok),
+                    moved = far_rx => moved.ok().and_then(|m| self.adopt(m)).map(Ok),
                     p = sh.budget.take() => match p {
                         Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
                         None => None,
                     },
                     _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
                 };
-                if asked_far {
-                    let _ = sh
-                        .wanted
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
-                }
+                let _ = sh
+                    .wanted
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
                 match outcome {
                     Some(o) => o,
                     None => continue,
@@ -403,7 +386,6 @@ impl<D: Driver> PgPool<D> {
     }
 
     fn put_back(&self, mut lease: Lease<D::Stream>) {
-        self.lent.set(self.lent.get().saturating_sub(1));
         let sh = &self.shared;
         let settings = sh.settings();
         let now = crate::rt::time::now();
@@ -513,7 +495,6 @@ impl<D: Driver> PgPool<D> {
 
     /// Closes a connection that must not serve again.
     pub fn discard(&self, lease: Lease<D::Stream>) {
-        self.lent.set(self.lent.get().saturating_sub(1));
         self.close_lease(lease);
     }
 
