@@ -791,3 +791,72 @@ fn the_units_capabilities_are_exactly_what_the_guard_needs() {
         assert!(!cg.attached().contains("connect4"));
     }
 }
+
+/// The same guard in front of PostgreSQL: its TCP port and its Unix socket (learnt from
+/// the server's `unix_socket_directories` and `port`) are refused to the client cgroup,
+/// psql goes through dbproxy.
+#[test]
+fn postgresql_is_guarded_on_its_port_and_its_socket() {
+    let db = proxy_tests::pg::PgDb::start(&[]);
+    // The socket's directory is readable with pg_read_all_settings (without it, dbproxy
+    // protects the port in the packages' directories).
+    db.sql("GRANT pg_read_all_settings TO app");
+    let socket = db.dir.path().join(format!(".s.PGSQL.{}", db.port));
+    assert!(socket.exists(), "{}", socket.display());
+    let psql = |host: &str, port: u16, password: &str| {
+        let mut c = proxy_tests::pg::program("psql");
+        c.arg(format!(
+            "host={host} port={port} user=app dbname=shop sslmode=disable connect_timeout=5"
+        ))
+        .args(["-At", "-c", "SELECT 40 + 2"])
+        .env("PGPASSWORD", password)
+        .stdin(Stdio::null());
+        c
+    };
+    for io in DRIVERS {
+        let cg = TestCgroup::new(&format!("pg-{io}"));
+        let proxy = Proxy::start_at(
+            db.port,
+            io,
+            "",
+            &proxy_tests::pg::group(&db, ""),
+            &guard_section(&cg, db.port, ""),
+        );
+        wait_for(
+            || {
+                proxy.log().contains(&format!(
+                    "protecting the database's Unix socket socket={}",
+                    socket.display()
+                ))
+            },
+            &format!("[{io}] the socket learnt from the server:\n{}", proxy.log()),
+        );
+        let (_, out) = run_in(&cg.client(), psql("127.0.0.1", db.port, DB_PASSWORD));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Operation not permitted"),
+            "[{io}] psql straight to the port: {err}"
+        );
+        assert_refused(&cg, "127.0.0.1", db.port, io);
+        let dir = db.dir.path().display().to_string();
+        let (_, out) = run_in(&cg.client(), psql(&dir, db.port, DB_PASSWORD));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Operation not permitted"),
+            "[{io}] psql to the socket: {err}"
+        );
+        let (_, out) = run_in(&cg.client(), psql("127.0.0.1", proxy.port, APP_PASSWORD));
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "42",
+            "[{io}] psql through dbproxy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // dbproxy's own cgroup reaches the socket.
+        let (_, out) = run_in(&cg.proxy(), psql(&dir, db.port, DB_PASSWORD));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+            "[{io}] dbproxy's cgroup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -49,7 +49,8 @@ impl Resolve for SystemResolver {
 pub trait Protect: Send + Sync {
     /// A TCP address a target is found at.
     fn address(&self, addr: SocketAddr);
-    /// The Unix socket the server at `target` reports (`@@socket`).
+    /// The Unix socket the server at `target` reports (`@@socket`; PostgreSQL's
+    /// `unix_socket_directories` and `port`).
     fn socket(&self, target: &BackendAddr, path: &str);
 }
 
@@ -281,7 +282,7 @@ async fn watch_target(
         warned: false,
         name: name.clone(),
         ask_socket: protect.is_some(),
-        socket: None,
+        socket: Vec::new(),
         engine: g.engine,
         database: g.database.clone(),
         pg: None,
@@ -297,8 +298,10 @@ async fn watch_target(
                 why: e.clone(),
             },
         };
-        if let (Some(p), Ok(a), Some(path)) = (&protect, &addr, checker.socket.take()) {
-            p.socket(a, &path);
+        if let (Some(p), Ok(a)) = (&protect, &addr) {
+            for path in checker.socket.drain(..) {
+                p.socket(a, &path);
+            }
         }
         let report = Report {
             target: i,
@@ -350,8 +353,8 @@ struct Checker {
     name: String,
     /// Ask each new connection's server for its Unix socket (for the guard).
     ask_socket: bool,
-    /// The socket a new connection's server reported, not yet handed on.
-    socket: Option<String>,
+    /// The sockets a new connection's server reported, not yet handed on.
+    socket: Vec<String>,
     engine: crate::config::Engine,
     database: String,
     /// PostgreSQL: the kept connection.
@@ -400,7 +403,7 @@ impl Checker {
                         crate::rt::time::timeout_at(deadline, c.query_result(probe::SOCKET_SQL))
                             .await
                     {
-                        self.socket = probe::socket(&r);
+                        self.socket.extend(probe::socket(&r));
                     }
                 }
                 self.conn = Some((addr.clone(), c));
@@ -463,11 +466,24 @@ impl Checker {
                     .await
                 })
                 .await;
-                match opened {
+                let mut c = match opened {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => return pg_down(&e),
                     Err(_) => return timed_out(self.timeout),
+                };
+                if self.ask_socket {
+                    // The directories need pg_read_all_settings; without it, the port in
+                    // the directories PostgreSQL's packages use.
+                    match c.query(probe::PG_SOCKET_SQL, deadline).await {
+                        Ok(a) if a.error.is_none() => self.socket.extend(probe::pg_socket(&a.rows)),
+                        Ok(_) => match c.query(probe::PG_PORT_SQL, deadline).await {
+                            Ok(a) => self.socket.extend(probe::pg_default_sockets(&a.rows)),
+                            Err(e) => return pg_down(&e),
+                        },
+                        Err(e) => return pg_down(&e),
+                    }
                 }
+                c
             }
         };
         let answer = match c.query(probe::PG_ROLE_SQL, deadline).await {

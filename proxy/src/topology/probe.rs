@@ -89,6 +89,42 @@ pub const PG_ROLE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery()::int, \
     WHEN pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
     ELSE COALESCE(floor(extract(epoch FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()))::bigint, -1) END";
 
+/// What a new PostgreSQL health-check connection asks once, for the guard: where the
+/// server's Unix socket is (`<dir>/.s.PGSQL.<port>`).
+pub const PG_SOCKET_SQL: &str = "SELECT pg_catalog.current_setting('unix_socket_directories'), \
+    pg_catalog.current_setting('port')";
+
+/// The answer to [`PG_SOCKET_SQL`]: the socket in the first directory that is a path
+/// (not an abstract name).
+pub fn pg_socket(rows: &[Vec<Option<String>>]) -> Option<String> {
+    let [Some(dirs), Some(port)] = rows.first().map(Vec::as_slice)? else {
+        return None;
+    };
+    let dir = dirs
+        .split(',')
+        .map(str::trim)
+        .find(|d| d.starts_with('/'))?;
+    Some(format!("{}/.s.PGSQL.{port}", dir.trim_end_matches('/')))
+}
+
+/// The server's port, which every role may read (for [`pg_default_sockets`]).
+pub const PG_PORT_SQL: &str = "SELECT pg_catalog.current_setting('port')";
+
+/// The directories PostgreSQL's packages put the socket in (Debian's, and libpq's
+/// default elsewhere).
+const PG_SOCKET_DIRS: [&str; 3] = ["/var/run/postgresql", "/run/postgresql", "/tmp"];
+
+/// The answer to [`PG_PORT_SQL`]: the socket in each of [`PG_SOCKET_DIRS`].
+pub fn pg_default_sockets(rows: &[Vec<Option<String>>]) -> Vec<String> {
+    match rows.first().map(Vec::as_slice) {
+        Some([Some(port)]) => PG_SOCKET_DIRS
+            .iter()
+            .map(|d| format!("{d}/.s.PGSQL.{port}"))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The answer to [`PG_ROLE_SQL`].
 pub fn pg_role(rows: &[Vec<Option<String>>]) -> Result<Probe, ProbeError> {
     let Some([Some(standby), lag]) = rows.first().map(Vec::as_slice) else {
@@ -107,6 +143,25 @@ pub fn pg_role(rows: &[Vec<Option<String>>]) -> Result<Probe, ProbeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgresql_socket_is_found_in_its_directories() {
+        let row = |d: &str, p: &str| vec![vec![Some(d.to_string()), Some(p.to_string())]];
+        assert_eq!(
+            pg_socket(&row("/var/run/postgresql", "5432")).as_deref(),
+            Some("/var/run/postgresql/.s.PGSQL.5432")
+        );
+        assert_eq!(
+            pg_socket(&row("@abstract, /tmp/pg/", "6000")).as_deref(),
+            Some("/tmp/pg/.s.PGSQL.6000")
+        );
+        assert_eq!(pg_socket(&row("", "5432")), None);
+        assert_eq!(
+            pg_default_sockets(&[vec![Some("6432".into())]])[0],
+            "/var/run/postgresql/.s.PGSQL.6432"
+        );
+        assert_eq!(pg_socket(&[]), None);
+    }
     use crate::mysql::resultset::{encode_text_row, ColumnDef};
 
     fn result(names: &[&str], rows: &[Vec<Option<&str>>]) -> TextResult {
