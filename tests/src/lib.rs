@@ -731,8 +731,17 @@ auth_plugin = "mysql_native_password"
         });
     }
 
-    /// The metrics text from the admin endpoint.
+    /// The metrics text from the admin endpoint, each pool's series without its
+    /// `engine` label (which [`Self::metrics_raw`] keeps), so that tests name a series by
+    /// its group and role.
     pub fn metrics(&self) -> String {
+        self.metrics_raw()
+            .replace(",engine=\"mysql\"", "")
+            .replace(",engine=\"postgresql\"", "")
+    }
+
+    /// The metrics text from the admin endpoint, as it is.
+    pub fn metrics_raw(&self) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.admin)).unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut out = String::new();

@@ -890,3 +890,58 @@ fn a_read_only_endpoint_reads_from_the_standby() {
         );
     }
 }
+
+/// `/status`, the metrics and the SQL console show a PostgreSQL group as such.
+#[test]
+fn status_metrics_and_the_console_show_a_postgresql_group() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let console = proxy_tests::free_port();
+        let p = Proxy::start_admin(
+            db.port,
+            io,
+            "",
+            &group(&db, "max_connections = 2"),
+            &format!(
+                "sql_listen = \"127.0.0.1:{console}\"\nadmin_user = \"admin\"\nadmin_password = \"admin-secret\""
+            ),
+            "",
+            &[],
+        );
+        let mut c = client(p.port);
+        assert_eq!(
+            c.query_one("SELECT 41 + 1", &[]).unwrap().get::<_, i32>(0),
+            42
+        );
+        let (_, _, status) = proxy_tests::http_get(p.admin, "/status");
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        for part in ["pools", "target_groups", "endpoints"] {
+            assert_eq!(v[part][0]["engine"], "postgresql", "[{io}] {part}: {v}");
+        }
+        assert_eq!(
+            v["target_groups"][0]["writer"],
+            format!("127.0.0.1:{}", db.port),
+            "[{io}] {v}"
+        );
+        assert!(v["pools"][0]["open"].as_i64() >= Some(1), "[{io}] {v}");
+        let raw = p.metrics_raw();
+        assert!(
+            raw.contains(
+                "dbproxy_database_connections{target_group=\"default\",target_role=\"read_write\",engine=\"postgresql\"} "
+            ),
+            "[{io}] {raw}"
+        );
+        let pools =
+            proxy_tests::mariadb_cli(console, "admin", "admin-secret", &["--batch"], "SHOW POOLS");
+        let out = String::from_utf8_lossy(&pools.stdout);
+        assert!(
+            out.lines().next().is_some_and(|h| h.ends_with("engine"))
+                && out
+                    .lines()
+                    .nth(1)
+                    .is_some_and(|r| r.ends_with("postgresql")),
+            "[{io}] {out}{}",
+            String::from_utf8_lossy(&pools.stderr)
+        );
+    }
+}

@@ -622,7 +622,7 @@ pub fn bench(quick: bool, baseline: Option<PathBuf>) -> Result {
     let rss1 = rss_kib(proxy.id());
     let backends = metric(
         admin_port,
-        "dbproxy_database_connections{target_group=\"db\",target_role=\"read_write\"}",
+        "dbproxy_database_connections{target_group=\"db\",target_role=\"read_write\",engine=\"mysql\"}",
     )
     .unwrap_or(-1.0);
     let per_client = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / idle.len().max(1) as f64;

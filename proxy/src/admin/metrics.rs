@@ -198,6 +198,7 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
         vec![
             ("target_group", g.name.clone()),
             ("target_role", g.role.to_string()),
+            ("engine", g.engine.name().to_string()),
         ]
     };
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -394,6 +394,7 @@ mod tests {
                 pool: "default".into(),
                 target_group: "default".into(),
                 target_role: "read_write".into(),
+                engine: "mysql".into(),
                 max_connections: 10,
                 open: 3,
                 idle: 2,
@@ -436,7 +437,8 @@ mod tests {
                 "2",
                 "0",
                 "42",
-                "0"
+                "0",
+                "mysql"
             ]
         );
         assert_eq!(show_from(&status(), "NOTHING"), None);

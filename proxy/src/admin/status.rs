@@ -36,6 +36,9 @@ pub struct EndpointStatus {
     pub listen: String,
     pub target_group: String,
     pub role: String,
+    /// `mysql` or `postgresql`: the protocol it speaks.
+    #[serde(default)]
+    pub engine: String,
     pub client_connections: i64,
     pub tls_connections: i64,
     pub received: u64,
@@ -47,6 +50,8 @@ pub struct EndpointStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub name: String,
+    #[serde(default)]
+    pub engine: String,
     pub writer: Option<String>,
     pub failovers: u64,
     pub writer_lost: u64,
@@ -74,6 +79,8 @@ pub struct PoolStatus {
     pub pool: String,
     pub target_group: String,
     pub target_role: String,
+    #[serde(default)]
+    pub engine: String,
     pub max_connections: usize,
     pub open: usize,
     pub idle: usize,
@@ -120,6 +127,13 @@ pub const CLIENTS_LISTED: usize = 1000;
 /// Reads everything now.
 pub fn collect(sh: &ProxyShared) -> Status {
     let now_unix = crate::stats::unix_now();
+    let config = sh.config();
+    let engine = |group: &str| {
+        config
+            .target_group(group)
+            .map_or("", |g| g.engine.name())
+            .to_string()
+    };
     let endpoints = sh
         .endpoints
         .iter()
@@ -128,6 +142,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
             listen: e.listen.clone(),
             target_group: e.target_group.clone(),
             role: e.role.to_string(),
+            engine: engine(&e.target_group),
             client_connections: e.clients.load(Ordering::Relaxed),
             tls_connections: e.tls_clients.load(Ordering::Relaxed),
             received: e.received.load(Ordering::Relaxed),
@@ -148,6 +163,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
             let st = &t.stats;
             GroupStatus {
                 name: t.group.clone(),
+                engine: engine(&t.group),
                 writer: snap
                     .writer
                     .and_then(|w| snap.targets.get(w))
@@ -192,6 +208,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
                 pool: g.id.clone(),
                 target_group: g.name.clone(),
                 target_role: g.role.to_string(),
+                engine: g.engine.name().to_string(),
                 max_connections: g.max_connections(),
                 open,
                 idle,
@@ -278,6 +295,7 @@ pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)
                 "pinned",
                 "requests",
                 "borrow_timeouts",
+                "engine",
             ],
             status
                 .pools
@@ -296,6 +314,7 @@ pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)
                         s(p.pinned),
                         s(p.requests),
                         s(p.borrow_timeouts),
+                        s(&p.engine),
                     ]
                 })
                 .collect(),
