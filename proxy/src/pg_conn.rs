@@ -22,6 +22,7 @@ use crate::postgres::messages::{
 use crate::postgres::scram::Verifier;
 use crate::postgres::tracker::{CopyState, ServerEvent, Tracker};
 use crate::session::login::ClientTls;
+use crate::session::pg_lost_tx::LostTransaction;
 use crate::session::pg_statements::{
     answer_parses, ClientStatements, Edit, Exchange, Forward, MAX_SERVER_STATEMENTS,
 };
@@ -94,6 +95,8 @@ struct PgClient<D: Driver> {
     tracker: Tracker,
     exchange: Exchange,
     cancel: Registration,
+    /// Its transaction was lost with its server connection: answered here until it ends.
+    lost: Option<LostTransaction>,
 }
 
 /// Serves one client connection to a PostgreSQL endpoint until it ends.
@@ -142,6 +145,7 @@ pub async fn serve<D: Driver>(
         user: logged.user,
         database: logged.database,
         cancel,
+        lost: None,
     };
     if !c.welcome(pid, key).await {
         return;
@@ -551,6 +555,28 @@ impl<D: Driver> PgClient<D> {
                 return;
             }
             self.out.clear();
+            if let Some(lost) = &mut self.lost {
+                let a = lost.answer(&mut self.stmts, self.buf.filled(), &mut self.out);
+                self.buf.consume(a.consumed);
+                if a.over {
+                    self.lost = None;
+                }
+                let answer = std::mem::take(&mut self.out);
+                let written = write_all(&mut self.stream, &answer).await;
+                self.out = answer;
+                if written.is_err() {
+                    return;
+                }
+                if self.lost.is_some() && !self.buf.is_empty() {
+                    // A message not whole yet: its rest.
+                    self.buf.reserve(4096);
+                    match self.stream.read(&mut self.buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                }
+                continue;
+            }
             if let Some(n) = answer_parses(&mut self.stmts, self.buf.filled(), &mut self.out) {
                 self.buf.consume(n);
                 let answer = std::mem::take(&mut self.out);
@@ -597,14 +623,16 @@ impl<D: Driver> PgClient<D> {
                     self.pool.discard(lease);
                 }
                 Unlinked::ServerLost(why)
-                    if self.tracker.status() == TxStatus::Idle
-                        && self.tracker.copy() == CopyState::None =>
+                    if self.tracker.copy() == CopyState::None
+                        && self.session.pinned().is_none() =>
                 {
-                    // Outside a transaction the client is kept: its requests in flight
-                    // fail, and it goes on with the next connection.
-                    tracing::info!(peer = %self.peer, "a statement failed with its server connection: {why}");
+                    // The client is kept: its requests in flight fail, and it goes on with
+                    // the next connection; a transaction it had open is lost, and it is
+                    // answered here as in a failed transaction until it ends it.
+                    let in_transaction = self.tracker.status() != TxStatus::Idle;
+                    tracing::info!(peer = %self.peer, in_transaction, "the client's server connection was lost: {why}");
                     self.pool.discard(lease);
-                    if !self.fail_in_flight(&why).await {
+                    if !self.fail_in_flight(&why, in_transaction).await {
                         return;
                     }
                 }
@@ -710,10 +738,19 @@ impl<D: Driver> PgClient<D> {
     /// each request still owed an answer gets an error and ReadyForQuery, and messages
     /// sent since the last Sync are skipped up to the client's next Sync (as a server
     /// skips after an error). False when the client is gone.
-    async fn fail_in_flight(&mut self, why: &str) -> bool {
-        let message = format!(
-            "the server connection was lost while the statement ran; its outcome is unknown ({why})"
-        );
+    async fn fail_in_flight(&mut self, why: &str, in_transaction: bool) -> bool {
+        let message = if in_transaction {
+            format!("the server connection was lost: the open transaction is rolled back (a COMMIT in flight: its outcome is unknown) ({why})")
+        } else {
+            format!(
+                "the server connection was lost while the statement ran; its outcome is unknown ({why})"
+            )
+        };
+        let status = if in_transaction {
+            TxStatus::Failed
+        } else {
+            TxStatus::Idle
+        };
         let mut out = Vec::new();
         let error = |out: &mut Vec<u8>| {
             ErrorResponse {
@@ -723,13 +760,19 @@ impl<D: Driver> PgClient<D> {
             }
             .write(out)
         };
-        for _ in 0..self.tracker.expected() {
+        let due = self.tracker.expected();
+        for _ in 0..due {
             error(&mut out);
-            ready_for_query(&mut out, TxStatus::Idle);
+            ready_for_query(&mut out, status);
         }
         let mut skipping = self.tracker.unsynced();
         if skipping {
             error(&mut out);
+        }
+        if in_transaction {
+            // Nothing was due: the client learns of the loss at its next statement.
+            let told = due > 0 || skipping;
+            self.lost = Some(LostTransaction::new((!told).then_some(message.clone())));
         }
         if write_all(&mut self.stream, &out).await.is_err() {
             return false;
@@ -738,7 +781,7 @@ impl<D: Driver> PgClient<D> {
             if let Some(n) = through_sync(self.buf.filled()) {
                 self.buf.consume(n);
                 let mut z = Vec::new();
-                ready_for_query(&mut z, TxStatus::Idle);
+                ready_for_query(&mut z, status);
                 return write_all(&mut self.stream, &z).await.is_ok();
             }
             // Whole messages before the Sync go; a partial one waits for the rest.

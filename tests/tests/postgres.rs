@@ -758,13 +758,15 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
     let io = DRIVERS[0];
     let targets = format!(
         "engine = \"postgresql\"\ntargets = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
-         max_connections = 4\nhealth_check_interval = \"200ms\"",
+         max_connections = 10\nhealth_check_interval = \"200ms\"",
         primary.port, standby.port
     );
     let p = Proxy::start_at(primary.port, io, "", &targets, "");
-    const CLIENTS: i32 = 40;
+    // Even clients write one row at a time; odd ones in transactions of two rows, open
+    // across round trips (so that the kill finds many of them open).
+    const CLIENTS: i32 = 200;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Each client's statements that succeeded so far.
+    // Each client's statements (or transactions) that succeeded so far.
     let done: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>> =
         std::sync::Arc::new((0..CLIENTS).map(|_| Default::default()).collect());
     let written = |i: usize| done[i].load(std::sync::atomic::Ordering::Relaxed);
@@ -779,8 +781,20 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
                 let mut longest_gap = Duration::ZERO;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     seq += 1;
-                    match c.simple_query(&format!("INSERT INTO writes VALUES ({i}, {seq})")) {
-                        Ok(_) => {
+                    let insert = format!("INSERT INTO writes VALUES ({i}, {seq})");
+                    let r = if i % 2 == 0 {
+                        c.simple_query(&insert).map(drop)
+                    } else {
+                        (|| {
+                            c.simple_query("BEGIN")?;
+                            c.simple_query(&insert)?;
+                            std::thread::sleep(Duration::from_millis(5));
+                            c.simple_query(&insert)?;
+                            c.simple_query("COMMIT").map(drop)
+                        })()
+                    };
+                    match r {
+                        Ok(()) => {
                             longest_gap = longest_gap.max(last_ok.elapsed());
                             last_ok = Instant::now();
                             done[i as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -788,10 +802,16 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
                         Err(e) => {
                             assert!(!c.is_closed(), "client {i} was disconnected: {e}");
                             errors += 1;
+                            if i % 2 == 1 {
+                                // Its transaction is lost: ROLLBACK ends it, and it goes on.
+                                if let Err(e) = c.simple_query("ROLLBACK") {
+                                    panic!("client {i}: ROLLBACK after {errors} errors: {e}");
+                                }
+                            }
                         }
                     }
-                    // A write every 20 ms per client: 2,000 a second in all.
-                    std::thread::sleep(Duration::from_millis(20));
+                    // A write every 50 ms per client: 4,000 a second in all.
+                    std::thread::sleep(Duration::from_millis(50));
                 }
                 (errors, longest_gap)
             })

@@ -17,6 +17,7 @@ pub mod execute;
 pub mod idle;
 pub mod kill;
 pub mod login;
+pub mod pg_lost_tx;
 pub mod pg_statements;
 pub mod pin_reason;
 pub mod pins;

@@ -192,7 +192,21 @@ impl ClientStatements {
         self.defs.clear();
     }
 
-    fn define(&mut self, name: &[u8], rest: &[u8]) {
+    /// The text of the client's statement `name`.
+    pub fn text_of(&self, name: &[u8]) -> Option<&[u8]> {
+        let rest = &self.defs.get(name)?.rest;
+        cstr(rest).map(|(text, _)| text)
+    }
+
+    /// The client closed its statement `name` (on no server: a server connection that
+    /// holds it closes it when the client's next Close or `DEALLOCATE` reaches it, or it
+    /// is cleared as the connection's statements grow).
+    pub fn forget(&mut self, name: &[u8]) {
+        self.defs.remove(name);
+    }
+
+    /// The client's Parse of `name` (after `name`: the text, its parameter types).
+    pub(crate) fn define(&mut self, name: &[u8], rest: &[u8]) {
         let mut parse = Vec::with_capacity(rest.len() + 1);
         parse.push(0);
         parse.extend_from_slice(rest);
