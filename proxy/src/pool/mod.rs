@@ -153,6 +153,8 @@ impl<T> Waiter for oneshot::Sender<T> {
 pub struct PgHandoff {
     pub login: u64,
     pub database: String,
+    /// The borrower's worker thread (its core).
+    pub thread: std::thread::ThreadId,
     pub tx: oneshot::Sender<Box<dyn std::any::Any + Send>>,
 }
 

@@ -2,9 +2,11 @@
 //! pooling). Sans-IO: the client's bytes in, the bytes for the server out; the server's
 //! bytes in, what to drop out.
 //!
-//! A client's statement `s1` is `__dbp<pid>_s1` on the servers (the client's own
-//! namespace: no two clients ever share or collide on a name, so a statement always
-//! means what its client prepared, whatever `search_path` says). A client keeps the
+//! A client's statement is `__dbp<pid>_<n>` on the servers, `n` new for each of the
+//! client's definitions (the client's own namespace: no two clients ever share or collide
+//! on a name, so a statement always means what its client prepared, whatever
+//! `search_path` says, and a name the client closes and prepares again with another text
+//! never meets a copy of the old one left on another connection). A client keeps the
 //! definition of each statement it prepared; when it binds or describes one on a server
 //! connection that lacks it, a Parse goes first, and that Parse's ParseComplete is
 //! dropped from the answer. A Close closes the server's copy on the connection at hand;
@@ -205,30 +207,27 @@ impl ClientStatements {
         self.defs.remove(name);
     }
 
-    /// The client's Parse of `name` (after `name`: the text, its parameter types).
-    pub(crate) fn define(&mut self, name: &[u8], rest: &[u8]) {
+    /// The client's Parse of `name` (after `name`: the text, its parameter types): its
+    /// name on the servers, new for each definition (a name closed and prepared again
+    /// with another text never meets the old text's copy left on another connection).
+    pub(crate) fn define(&mut self, name: &[u8], rest: &[u8]) -> Vec<u8> {
         let mut parse = Vec::with_capacity(rest.len() + 1);
         parse.push(0);
         parse.extend_from_slice(rest);
         let seen = seen(b'P', &parse);
-        let server_name = self.server_name(name);
         let made = self.next_generation();
+        let mut server_name = self.prefix.clone();
+        server_name.extend_from_slice(made.to_string().as_bytes());
         self.defs.insert(
             name.to_vec(),
             Def {
                 rest: rest.to_vec(),
                 seen,
-                server_name,
+                server_name: server_name.clone(),
                 made,
             },
         );
-    }
-
-    fn server_name(&self, name: &[u8]) -> Vec<u8> {
-        let mut n = Vec::with_capacity(self.prefix.len() + name.len());
-        n.extend_from_slice(&self.prefix);
-        n.extend_from_slice(name);
-        n
+        server_name
     }
 }
 
@@ -383,9 +382,22 @@ impl Exchange {
                     });
                     return false;
                 }
-                let server_name = stmts.server_name(name);
+                if stmts.defs.contains_key(name) {
+                    // PostgreSQL refuses a Parse of a name in use (42P05): the server
+                    // answers it so, with the first definition in place there.
+                    let Some(server_name) = self.ensure(stmts, server, name, out, bound) else {
+                        return false;
+                    };
+                    message(out, b'P', &[server_name, &[0], rest]);
+                    self.queue.push_back(Entry::Parse {
+                        server_name: Vec::new(),
+                        client_name: Vec::new(),
+                        injected: false,
+                    });
+                    return true;
+                }
+                let server_name = stmts.define(name, rest);
                 message(out, b'P', &[&server_name, &[0], rest]);
-                stmts.define(name, rest);
                 server.insert(server_name.clone());
                 self.queue.push_back(Entry::Parse {
                     server_name,
@@ -416,10 +428,10 @@ impl Exchange {
                     return false;
                 };
                 if tag == b'C' {
-                    if name.is_empty() || stmts.defs.remove(name).is_none() {
+                    let Some(def) = stmts.defs.remove(name).filter(|_| !name.is_empty()) else {
                         return false;
-                    }
-                    let server_name = stmts.server_name(name);
+                    };
+                    let server_name = def.server_name;
                     server.known.remove(&server_name);
                     message(out, b'C', &[b"S", &server_name, &[0]]);
                     return true;
@@ -602,7 +614,13 @@ impl Exchange {
                     {
                         if !server_name.is_empty() {
                             server.known.remove(&server_name);
-                            if !injected {
+                            // The client's Parse failed: it never defined the name
+                            // (unless it defined it again since).
+                            let same = stmts
+                                .defs
+                                .get(&client_name)
+                                .is_some_and(|d| d.server_name == server_name);
+                            if !injected && same {
                                 stmts.defs.remove(&client_name);
                             }
                         }
@@ -785,7 +803,7 @@ mod tests {
         let (mut x, mut s1) = (Exchange::default(), ServerStatements::default());
         let input = [parse("s1", "SELECT $1"), msg(b'S', b"")].concat();
         let sent = split(&send(&mut x, &mut c, &mut s1, &input));
-        assert_eq!(sent[0], ('P', b"__dbp7_s1\0SELECT $1\0\0\0".to_vec()));
+        assert_eq!(sent[0], ('P', b"__dbp7_1\0SELECT $1\0\0\0".to_vec()));
         let reply = [msg(b'1', b""), msg(b'Z', b"I")].concat();
         assert_eq!(
             answer(&mut x, &mut c, &mut s1, &reply),
@@ -799,8 +817,8 @@ mod tests {
         let sent = split(&send(&mut x, &mut c, &mut s2, &input));
         let tags: String = sent.iter().map(|m| m.0).collect();
         assert_eq!(tags, "PBES");
-        assert_eq!(sent[0].1, b"__dbp7_s1\0SELECT $1\0\0\0");
-        assert!(sent[1].1.starts_with(b"\0__dbp7_s1\0"));
+        assert_eq!(sent[0].1, b"__dbp7_1\0SELECT $1\0\0\0");
+        assert!(sent[1].1.starts_with(b"\0__dbp7_1\0"));
         let reply = [
             msg(b'1', b""),
             msg(b'2', b""),
@@ -910,7 +928,7 @@ mod tests {
                 &[batch.clone(), batch].concat(),
             ));
             assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PBESCPBES");
-            assert_eq!(sent[4].1, b"S__dbp5_a\0");
+            assert_eq!(sent[4].1, b"S__dbp5_1\0");
             let err = msg(b'E', b"SERROR\0C25P02\0\0");
             let (reply, want) = if parse_fails {
                 let r = [
@@ -939,7 +957,7 @@ mod tests {
                 "{parse_fails}"
             );
             assert!(!x.outstanding());
-            assert_eq!(s2.contains(b"__dbp5_a"), !parse_fails, "{parse_fails}");
+            assert_eq!(s2.contains(b"__dbp5_1"), !parse_fails, "{parse_fails}");
         }
     }
 
@@ -984,9 +1002,79 @@ mod tests {
                 &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
             );
             assert_eq!(c.defs.contains_key(&b"old"[..]), fails, "{fails}");
-            assert_eq!(s.contains(b"__dbp2_old"), fails, "{fails}");
-            assert!(c.defs.contains_key(&b"new"[..]) && s.contains(b"__dbp2_new"));
+            assert_eq!(s.contains(b"__dbp2_1"), fails, "{fails}");
+            assert!(c.defs.contains_key(&b"new"[..]) && s.contains(b"__dbp2_2"));
         }
+    }
+
+    /// A name closed and prepared again with another text gets a new server name: a copy
+    /// of the old text left on another connection is never bound for it. A Parse of a
+    /// name still in use is refused by the server (42P05), with the old definition kept.
+    #[test]
+    fn a_name_prepared_again_never_meets_its_old_text() {
+        let mut c = ClientStatements::new(4);
+        let (mut x, mut a) = (Exchange::default(), ServerStatements::default());
+        send(
+            &mut x,
+            &mut c,
+            &mut a,
+            &[parse("s", "SELECT 1"), msg(b'S', b"")].concat(),
+        );
+        answer(
+            &mut x,
+            &mut c,
+            &mut a,
+            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        // Another connection, b: s is closed there (its copy on a stays) and made anew.
+        let mut b = ServerStatements::default();
+        let close = msg(b'C', b"Ss\0");
+        let input = [close, parse("s", "SELECT 2"), msg(b'S', b"")].concat();
+        let sent = split(&send(&mut x, &mut c, &mut b, &input));
+        assert_eq!(sent[0], ('C', b"S__dbp4_1\0".to_vec()));
+        assert_eq!(sent[1].1, b"__dbp4_2\0SELECT 2\0\0\0");
+        answer(
+            &mut x,
+            &mut c,
+            &mut b,
+            &[msg(b'3', b""), msg(b'1', b""), msg(b'Z', b"I")].concat(),
+        );
+        // Back on a: the new text is prepared there, under its own name.
+        let sent = split(&send(
+            &mut x,
+            &mut c,
+            &mut a,
+            &[bind("s"), msg(b'S', b"")].concat(),
+        ));
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PBS");
+        assert_eq!(sent[0].1, b"__dbp4_2\0SELECT 2\0\0\0");
+        answer(
+            &mut x,
+            &mut c,
+            &mut a,
+            &[msg(b'1', b""), msg(b'2', b""), msg(b'Z', b"I")].concat(),
+        );
+        // A Parse of s while it is defined goes to the server under s's name (prepared
+        // there first if missing), which refuses it; s keeps its text.
+        let mut d = ServerStatements::default();
+        let sent = split(&send(
+            &mut x,
+            &mut c,
+            &mut d,
+            &[parse("s", "SELECT 3"), msg(b'S', b"")].concat(),
+        ));
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PPS");
+        assert_eq!(sent[0].1, b"__dbp4_2\0SELECT 2\0\0\0");
+        assert_eq!(sent[1].1, b"__dbp4_2\0SELECT 3\0\0\0");
+        let refused = msg(b'E', b"SERROR\0C42P05\0\0");
+        let to_client = answer(
+            &mut x,
+            &mut c,
+            &mut d,
+            &[msg(b'1', b""), refused.clone(), msg(b'Z', b"I")].concat(),
+        );
+        assert_eq!(to_client, [refused, msg(b'Z', b"I")].concat());
+        assert_eq!(c.text_of(b"s"), Some(&b"SELECT 2"[..]));
     }
 
     #[test]
@@ -1074,7 +1162,7 @@ mod tests {
             &mut s,
             &[msg(b'C', b"Sq\0"), msg(b'S', b"")].concat(),
         ));
-        assert_eq!(sent[0], ('C', b"S__dbp3_q\0".to_vec()));
+        assert_eq!(sent[0], ('C', b"S__dbp3_1\0".to_vec()));
         assert!(c.is_empty() && s.is_empty());
         // A portal's Close, and a statement's in a partial message, wait or pass.
         let mut out = Vec::new();
