@@ -21,6 +21,7 @@ use crate::postgres::messages::{
 };
 use crate::postgres::scram::Verifier;
 use crate::postgres::tracker::{CopyState, ServerEvent, Tracker};
+use crate::session::command::{idle_wait, IdleLimit};
 use crate::session::login::ClientTls;
 use crate::session::pg_lost_tx::LostTransaction;
 use crate::session::pg_statements::{
@@ -55,6 +56,9 @@ enum Unlinked {
     Refused(String),
     /// The client broke the protocol; it is told.
     Protocol(String),
+    /// The client sat idle in its transaction past `idle_transaction_timeout` (or
+    /// `idle_client_timeout`): it is told and closed, its transaction rolled back.
+    Idle(IdleLimit),
 }
 
 /// Why dbproxy's own query on a server connection failed.
@@ -355,6 +359,30 @@ async fn send_cancel<D: Driver>(server: &HeldServer) {
     }
 }
 
+/// Sleeps for `limit`, or for ever.
+async fn sleep_for(limit: Option<std::time::Duration>) {
+    match limit {
+        Some(d) => crate::rt::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a client idle past a limit is told (PostgreSQL's words for its own
+/// `idle_session_timeout` and `idle_in_transaction_session_timeout`).
+fn idle_fatal(why: IdleLimit) -> Vec<u8> {
+    let (code, what) = match why {
+        IdleLimit::Client => ("57P05", "idle-session"),
+        IdleLimit::Transaction => ("25P03", "idle-in-transaction"),
+    };
+    fatal(
+        code,
+        format!(
+            "terminating connection due to {what} timeout (dbproxy {})",
+            why.setting()
+        ),
+    )
+}
+
 /// An error for the client, then it is closed.
 fn fatal(code: &'static str, message: impl Into<String>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -530,6 +558,17 @@ impl<D: Driver> PgClient<D> {
         Ok(())
     }
 
+    /// How long the client may stay idle now, and under which setting
+    /// (`in_transaction`: it holds a connection in a transaction or pinned session).
+    fn idle_limit(&self, in_transaction: bool) -> (Option<std::time::Duration>, IdleLimit) {
+        let p = &self.shared.config().proxy;
+        idle_wait(
+            p.idle_client_timeout,
+            p.idle_transaction_timeout,
+            in_transaction,
+        )
+    }
+
     /// The session: an exchange on a borrowed connection per transaction, until the
     /// client leaves.
     async fn run(&mut self) {
@@ -538,11 +577,17 @@ impl<D: Driver> PgClient<D> {
                 self.buf.shrink(CLIENT_BUF);
                 self.sbuf.shrink(CLIENT_BUF);
                 self.buf.reserve(4096);
+                let (limit, _) = self.idle_limit(false);
                 let read = tokio::select! {
                     r = self.stream.read(&mut self.buf) => r,
                     _ = self.shared.wait_shutdown() => {
                         let bye = fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command");
                         let _ = write_all(&mut self.stream, &bye).await;
+                        return;
+                    }
+                    _ = sleep_for(limit) => {
+                        tracing::info!(peer = %self.peer, user = %self.user.name, "idle_client_timeout: closing an idle client");
+                        let _ = write_all(&mut self.stream, &idle_fatal(IdleLimit::Client)).await;
                         return;
                     }
                 };
@@ -643,6 +688,12 @@ impl<D: Driver> PgClient<D> {
                     self.pool.discard(lease);
                     return;
                 }
+                Unlinked::Idle(why) => {
+                    tracing::info!(peer = %self.peer, user = %self.user.name, "{}: closing a client idle in its transaction or pinned session", why.setting());
+                    let _ = write_all(&mut self.stream, &idle_fatal(why)).await;
+                    self.pool.discard(lease);
+                    return;
+                }
                 Unlinked::Protocol(why) => {
                     tracing::info!(peer = %self.peer, "protocol violation: {why}");
                     let _ = write_all(&mut self.stream, &fatal(sqlstate::PROTOCOL_VIOLATION, why))
@@ -704,10 +755,18 @@ impl<D: Driver> PgClient<D> {
                 }
                 continue;
             }
+            // Waiting for the client with nothing owed: idle (in its transaction, or
+            // pinned).
+            let (limit, why) = if tracker.expected() == 0 && self.buf.is_empty() {
+                self.idle_limit(tracker.status() != TxStatus::Idle)
+            } else {
+                (None, IdleLimit::Client)
+            };
             let server_ready = tokio::select! {
                 biased;
                 r = lease.server.stream.readable() => r.map(|()| true),
                 r = self.stream.readable() => r.map(|()| false),
+                _ = sleep_for(limit) => return Unlinked::Idle(why),
             };
             match server_ready {
                 Ok(true) => {

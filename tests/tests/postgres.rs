@@ -981,3 +981,82 @@ fn status_metrics_and_the_console_show_a_postgresql_group() {
         );
     }
 }
+
+/// `idle_client_timeout` and `idle_transaction_timeout` close idle PostgreSQL clients
+/// with PostgreSQL's own errors; a transaction left idle is rolled back and its server
+/// connection goes.
+#[test]
+fn idle_clients_and_idle_transactions_are_closed() {
+    let db = PgDb::start(&[]);
+    db.sql_in(
+        "shop",
+        "CREATE TABLE idle_rows (v int); GRANT ALL ON idle_rows TO app",
+    );
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "idle_client_timeout = \"3s\"\nidle_transaction_timeout = \"1s\"",
+            &group(&db, "max_connections = 2"),
+            "",
+        );
+        let mut idle = client(p.port);
+        let mut in_tx = client(p.port);
+        in_tx
+            .batch_execute("BEGIN; INSERT INTO idle_rows VALUES (1)")
+            .unwrap();
+        let open_transactions = || {
+            db.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state LIKE 'idle in transaction%'",
+            )
+            .trim()
+            .to_string()
+        };
+        assert_eq!(open_transactions(), "1", "[{io}]");
+        // The client in its transaction goes first (after 1 s), its transaction with it.
+        assert!(
+            poll_until(Duration::from_secs(20), || open_transactions() == "0"),
+            "[{io}] the transaction is still open: {}",
+            p.log()
+        );
+        let e = in_tx.batch_execute("SELECT 1").unwrap_err();
+        assert!(
+            e.to_string().contains("idle-in-transaction timeout") || in_tx.is_closed(),
+            "[{io}] {e}"
+        );
+        assert!(in_tx.is_closed(), "[{io}]");
+        assert_eq!(
+            idle.query_one("SELECT count(*) FROM idle_rows", &[])
+                .unwrap()
+                .get::<_, i64>(0),
+            0,
+            "[{io}] the idle transaction was rolled back"
+        );
+        // Then the idle one (3 s after its last query).
+        assert!(
+            poll_until(Duration::from_secs(20), || p
+                .log()
+                .contains("idle_client_timeout: closing")),
+            "[{io}] {}",
+            p.log()
+        );
+        let e = idle.batch_execute("SELECT 1").unwrap_err();
+        assert!(idle.is_closed(), "[{io}] {e}");
+        assert!(
+            p.log().contains("idle_transaction_timeout: closing"),
+            "[{io}] {}",
+            p.log()
+        );
+        // The rolled-back transaction's connection is not kept.
+        assert!(
+            poll_until(Duration::from_secs(10), || {
+                db.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state LIKE 'idle in transaction%'"
+            )
+            .trim()
+                == "0"
+            }),
+            "[{io}]"
+        );
+    }
+}
