@@ -1020,24 +1020,36 @@ impl<D: Driver> PgClient<D> {
                 "protocol error from the server: {e}"
             )));
         }
+        // A client that stops reading is closed after `net_write_timeout` (its query
+        // cancelled), as for MySQL: the server connection is not held for it for ever.
+        let limit = self.shared.config().proxy.net_write_timeout;
         let written = if dropped {
             out.extend_from_slice(input.get(kept_from..).unwrap_or_default());
             let n = self.sbuf.len();
             self.sbuf.consume(n);
             let mut b = Buf::from_vec(std::mem::take(&mut self.out));
             let n = b.len();
-            let r = self.stream.write(&mut b, n).await;
+            let r = crate::rt::time::timeout(limit, self.stream.write(&mut b, n)).await;
             self.out = b.into_vec();
             self.out.clear();
             r
         } else {
             let n = self.sbuf.len();
-            self.stream.write(&mut self.sbuf, n).await
+            crate::rt::time::timeout(limit, self.stream.write(&mut self.sbuf, n)).await
         };
-        if written.is_err() {
-            return Some(Unlinked::ClientGone {
-                busy: !tracker.releasable(),
-            });
+        match written {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                return Some(Unlinked::ClientGone {
+                    busy: !tracker.releasable(),
+                })
+            }
+            Err(_) => {
+                tracing::info!(peer = %self.peer, user = %self.user.name, "net_write_timeout: closing a client that stopped reading its results");
+                return Some(Unlinked::ClientGone {
+                    busy: !tracker.releasable(),
+                });
+            }
         }
         // The server ends the connection after a FATAL error: its client may go on.
         exchange.take_fatal().map(Unlinked::ServerLost)

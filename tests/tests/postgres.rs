@@ -1060,3 +1060,61 @@ fn idle_clients_and_idle_transactions_are_closed() {
         );
     }
 }
+
+/// A client that stops reading a large result is closed after `net_write_timeout`, its
+/// query cancelled, and the pool's one connection serves the next client.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_net_write_timeout() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "net_write_timeout = \"2s\"",
+            &group(&db, "max_connections = 1"),
+            "",
+        );
+        const BIG: &str = "SELECT repeat('x', 1000) FROM generate_series(1, 5000000)";
+        let mut reader = program("psql")
+            .arg(conninfo(p.port, "app", APP_PASSWORD, "shop"))
+            .args(["-At", "-c", BIG])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // psql stops reading: stopped, with its pipe left unread too.
+        let running = || {
+            db.sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = '{}' AND state = 'active'",
+                BIG.replace('\'', "''")
+            ))
+            .trim()
+            .to_string()
+        };
+        assert!(
+            poll_until(Duration::from_secs(20), || running() == "1"),
+            "[{io}] the big query never ran"
+        );
+        unsafe { libc::kill(reader.id() as i32, libc::SIGSTOP) };
+        assert!(
+            poll_until(Duration::from_secs(60), || p
+                .log()
+                .contains("net_write_timeout: closing")),
+            "[{io}] {}",
+            p.log()
+        );
+        assert!(
+            poll_until(Duration::from_secs(20), || running() == "0"),
+            "[{io}] the query runs on for nobody"
+        );
+        // The one server connection serves the next client.
+        let mut c = client(p.port);
+        assert_eq!(
+            c.query_one("SELECT 7", &[]).unwrap().get::<_, i32>(0),
+            7,
+            "[{io}]"
+        );
+        unsafe { libc::kill(reader.id() as i32, libc::SIGKILL) };
+        let _ = reader.wait();
+    }
+}
