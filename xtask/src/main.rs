@@ -103,6 +103,32 @@ fn cargo() -> Command {
     c
 }
 
+/// The test `tests/tests/pg_differential.rs` holds (skipped in the main run).
+const DIFFERENTIAL_TEST: &str =
+    "sixteen_postgresql_clients_answer_as_if_each_had_its_own_connection";
+
+/// Builds the integration test `name` and returns its executable.
+fn test_executable(name: &str) -> std::result::Result<std::path::PathBuf, String> {
+    let out = cargo()
+        .args(["test", "-p", "proxy-tests", "--test", name, "--no-run"])
+        .args(["--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("building the test {name}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("building the test {name} failed"));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains(&format!("\"name\":\"{name}\"")))
+        .find_map(|l| {
+            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = l[at..].find('"')?;
+            Some(std::path::PathBuf::from(&l[at..at + end]))
+        })
+        .ok_or_else(|| format!("no executable for the test {name}"))
+}
+
 fn run(what: &str, cmd: &mut Command) -> Result {
     eprintln!("xtask: {what}");
     let st = cmd
@@ -442,10 +468,35 @@ fn test() -> Result {
         "no allocation per proxied statement (benches/statement.rs, once)",
         cargo().args(["test", "-p", "proxy-benches", "--bench", "statement"]),
     )?;
-    run(
+    // The PostgreSQL differential test (minutes of round trips to servers of its own, no
+    // server shared with the others) runs beside the other integration tests.
+    let differential = test_executable("pg_differential")?;
+    eprintln!("xtask: the PostgreSQL differential test, beside the others");
+    let mut beside = Command::new(&differential)
+        .current_dir(root().join("tests"))
+        .spawn()
+        .map_err(|e| format!("{}: cannot run: {e}", differential.display()))?;
+    let rest = run(
         "integration tests (uring and epoll)",
-        cargo().args(["test", "-p", "proxy-tests", "--tests"]),
-    )?;
+        cargo().args([
+            "test",
+            "-p",
+            "proxy-tests",
+            "--tests",
+            "--",
+            "--skip",
+            DIFFERENTIAL_TEST,
+        ]),
+    );
+    let beside = beside
+        .wait()
+        .map_err(|e| format!("the PostgreSQL differential test: {e}"))?;
+    rest?;
+    if !beside.success() {
+        return Err(format!(
+            "the PostgreSQL differential test failed ({beside})"
+        ));
+    }
     eprintln!("xtask: all tests passed");
     Ok(())
 }
