@@ -1118,3 +1118,52 @@ fn a_client_that_stops_reading_is_closed_after_net_write_timeout() {
         let _ = reader.wait();
     }
 }
+
+/// After a table changes under a prepared statement, PostgreSQL answers "cached plan must
+/// not change result type" (0A000), and a client prepares the statement again: that new
+/// definition is prepared afresh on every server connection it lands on, and sees the new
+/// column there.
+#[test]
+fn a_statement_prepared_again_after_its_table_changed_sees_the_new_columns() {
+    let db = PgDb::start(&[]);
+    db.sql_in(
+        "shop",
+        "CREATE TABLE shape (a int); INSERT INTO shape VALUES (1); GRANT ALL ON shape TO app",
+    );
+    for io in DRIVERS {
+        db.sql_in("shop", "ALTER TABLE shape DROP COLUMN IF EXISTS b");
+        let p = proxy(&db, io, "max_connections = 2");
+        let mut c = client(p.port);
+        let mut other = client(p.port);
+        let old = c.prepare("SELECT * FROM shape").unwrap();
+        // Used on both server connections (another client holds one of them at times).
+        for _ in 0..4 {
+            let mut t = other.transaction().unwrap();
+            t.query_one("SELECT 1", &[]).unwrap();
+            assert_eq!(c.query(&old, &[]).unwrap()[0].len(), 1, "[{io}]");
+            t.commit().unwrap();
+            assert_eq!(c.query(&old, &[]).unwrap()[0].len(), 1, "[{io}]");
+        }
+        db.sql_in("shop", "ALTER TABLE shape ADD COLUMN b int DEFAULT 2");
+        let e = c.query(&old, &[]).unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "[{io}] {e}");
+        let new = c.prepare("SELECT * FROM shape").unwrap();
+        for _ in 0..4 {
+            let mut t = other.transaction().unwrap();
+            t.query_one("SELECT 1", &[]).unwrap();
+            let row = c.query_one(&new, &[]).unwrap();
+            assert_eq!(
+                (row.get::<_, i32>(0), row.get::<_, i32>(1)),
+                (1, 2),
+                "[{io}]"
+            );
+            t.commit().unwrap();
+            let row = c.query_one(&new, &[]).unwrap();
+            assert_eq!(
+                (row.get::<_, i32>(0), row.get::<_, i32>(1)),
+                (1, 2),
+                "[{io}]"
+            );
+        }
+    }
+}
