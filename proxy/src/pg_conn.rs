@@ -101,6 +101,10 @@ struct PgClient<D: Driver> {
     cancel: Registration,
     /// Its transaction was lost with its server connection: answered here until it ends.
     lost: Option<LostTransaction>,
+    /// Its entry among the process's client sessions (status, `SHOW CLIENTS`, `KILL`,
+    /// the drain's wake).
+    reg: crate::clients::Registration,
+    endpoint: Arc<EndpointStats>,
 }
 
 /// Serves one client connection to a PostgreSQL endpoint until it ends.
@@ -134,6 +138,19 @@ pub async fn serve<D: Driver>(
     let cancel = shared.pg_cancels.register(pid, key);
     let mut buf = Buf::with_capacity(CLIENT_BUF);
     buf.extend(&logged.pending);
+    let origin = crate::clients::Origin {
+        peer: Some(peer),
+        endpoint: Some(endpoint.clone()),
+        tls: stream.is_tls(),
+        since: crate::stats::unix_now(),
+    };
+    let slot = crate::clients::ClientSlot::with_origin(
+        pid.unsigned_abs(),
+        &logged.user.name,
+        &pool.shared.id,
+        origin,
+    );
+    let reg = shared.sessions.register(slot);
     let mut c = PgClient {
         shared,
         pool,
@@ -150,6 +167,8 @@ pub async fn serve<D: Driver>(
         database: logged.database,
         cancel,
         lost: None,
+        reg,
+        endpoint: endpoint.clone(),
     };
     if !c.welcome(pid, key).await {
         return;
@@ -356,6 +375,13 @@ async fn send_cancel<D: Driver>(server: &HeldServer) {
     };
     if let Ok(Err(e)) = crate::rt::time::timeout(CANCEL_LIMIT, work).await {
         tracing::debug!("cancel request to the server failed: {e}");
+    }
+}
+
+/// Resolves when the session is killed (`KILL` in the console) or dbproxy drains or stops.
+async fn told_to_stop(slot: &crate::clients::ClientSlot, shared: &ProxyShared) {
+    while !slot.is_killed() && !shared.is_stopping() {
+        slot.woken().await;
     }
 }
 
@@ -578,9 +604,11 @@ impl<D: Driver> PgClient<D> {
                 self.sbuf.shrink(CLIENT_BUF);
                 self.buf.reserve(4096);
                 let (limit, _) = self.idle_limit(false);
+                let slot = self.reg.slot.clone();
+                let shared = self.shared.clone();
                 let read = tokio::select! {
                     r = self.stream.read(&mut self.buf) => r,
-                    _ = self.shared.wait_shutdown() => {
+                    _ = told_to_stop(&slot, &shared) => {
                         let bye = fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command");
                         let _ = write_all(&mut self.stream, &bye).await;
                         return;
@@ -644,7 +672,11 @@ impl<D: Driver> PgClient<D> {
                 pid: lease.server.pid,
                 key: lease.server.key,
             });
+            self.reg
+                .slot
+                .serve(lease.server.pid.unsigned_abs(), lease.target);
             let end = self.linked(&mut lease).await;
+            self.reg.slot.unserve();
             let clean = self.cancel.let_go();
             match end {
                 Unlinked::Settled if clean => self.pool.release(lease),
@@ -916,6 +948,7 @@ impl<D: Driver> PgClient<D> {
             Forward::Rewritten(n) => (self.out.as_slice(), n),
         };
         let session = &mut self.session;
+        let due = tracker.expected();
         let fed = tracker.from_client_seeing(bytes, |tag, body| {
             if let Some(p) = session.client_sent(tag, body) {
                 tracing::debug!(reason = p.name(), "client pinned");
@@ -924,6 +957,15 @@ impl<D: Driver> PgClient<D> {
         });
         if let Err(e) = fed {
             return Some(Unlinked::Protocol(e.to_string()));
+        }
+        // Requests (a Query, a Sync, a FunctionCall): the endpoint's and the client's.
+        let requests = u64::from(tracker.expected().saturating_sub(due));
+        if requests > 0 {
+            self.endpoint.queries.add(requests);
+            self.reg
+                .slot
+                .queries
+                .fetch_add(requests, std::sync::atomic::Ordering::Relaxed);
         }
         // `DEALLOCATE ALL` / `DISCARD ALL` remove what was prepared before them, once
         // the server answers them without an error (`DEALLOCATE name` cannot name a

@@ -29,6 +29,13 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Whether a failed opening may work a moment later: the server is down, restarting or
 /// shutting down (class 57: operator intervention), rather than refusing the login.
+/// A connection on its way from another core.
+type Moved = Box<dyn std::any::Any + Send>;
+
+/// How long a borrower waits for its own core's connections before it asks the other
+/// cores too (at once when its core holds less than its share).
+const ASK_OTHER_CORES_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// How long the test-only check-in verification may take.
 const VERIFY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -97,15 +104,25 @@ pub struct PgPool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<Vec<Lease<D::Stream>>>,
     waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
+    /// Connections this core has lent and not had back.
+    lent: std::cell::Cell<usize>,
 }
 
 impl<D: Driver> PgPool<D> {
     pub fn new(shared: Arc<GroupShared>) -> Rc<Self> {
+        shared.pg_cores.fetch_add(1, Ordering::Relaxed);
         Rc::new(PgPool {
             shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
+            lent: std::cell::Cell::new(0),
         })
+    }
+
+    /// This core's share of the budget when every core's borrowers wait.
+    fn share(&self) -> usize {
+        let cores = self.shared.pg_cores.load(Ordering::Relaxed).max(1);
+        self.shared.max_connections().div_ceil(cores)
     }
 
     /// Idle connections on this core.
@@ -125,6 +142,7 @@ impl<D: Driver> PgPool<D> {
         if let Some(l) = self.take_idle(login.id, database) {
             sh.stats.borrow_immediate.add(1);
             sh.stats.borrowed.add(1);
+            self.lent.set(self.lent.get() + 1);
             return Ok(l);
         }
         let started = crate::rt::time::now();
@@ -134,6 +152,7 @@ impl<D: Driver> PgPool<D> {
         sh.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         match &got {
             Ok(_) => {
+                self.lent.set(self.lent.get() + 1);
                 sh.stats.borrowed.add(1);
                 sh.stats
                     .borrow_wait
@@ -180,36 +199,65 @@ impl<D: Driver> PgPool<D> {
                 if self.close_idle_other(login.id, database) {
                     continue;
                 }
-                let (tx, rx) = oneshot::channel();
+                let (tx, mut rx) = oneshot::channel();
                 self.waiters.borrow_mut().push_back(Waiter {
                     login: login.id,
                     database: database.to_string(),
                     tx,
                 });
                 // It waits for one from another core too (an idle one there, or one
-                // handed over as it is let go): what this core lent may be held for long
-                // (a pinned client, a long transaction).
-                let (far_tx, far_rx) = oneshot::channel();
-                sh.pg_handoff.lock().push_back(PgHandoff {
-                    login: login.id,
-                    database: database.to_string(),
-                    thread: std::thread::current().id(),
-                    tx: far_tx,
-                });
-                sh.wanted.fetch_add(1, Ordering::AcqRel);
-                sh.wanted_notify.notify_waiters();
+                // handed over as it is let go): at once when this core holds less than
+                // its share of the budget, else once its own have not come back for a
+                // while (they may be held for long: a pinned client, a long transaction).
+                let far: RefCell<Option<oneshot::Receiver<Moved>>> = RefCell::new(None);
+                let from_far = async {
+                    if self.lent.get() >= self.share() {
+                        crate::rt::time::sleep(ASK_OTHER_CORES_AFTER).await;
+                    }
+                    let (far_tx, far_rx) = oneshot::channel();
+                    *far.borrow_mut() = Some(far_rx);
+                    sh.pg_handoff.lock().push_back(PgHandoff {
+                        login: login.id,
+                        database: database.to_string(),
+                        thread: std::thread::current().id(),
+                        tx: far_tx,
+                    });
+                    sh.wanted.fetch_add(1, Ordering::AcqRel);
+                    sh.wanted_notify.notify_waiters();
+                    std::future::poll_fn(|cx| match far.borrow_mut().as_mut() {
+                        Some(r) => {
+                            std::future::Future::poll(std::pin::Pin::new(r), cx).map(Result::ok)
+                        }
+                        None => std::task::Poll::Ready(None),
+                    })
+                    .await
+                };
                 let outcome = tokio::select! {
-                    l = rx => l.ok().map(Ok),
-                    moved = far_rx => moved.ok().and_then(|m| self.adopt(m)).map(Ok),
+                    l = &mut rx => l.ok().map(Ok),
+                    moved = from_far => moved.and_then(|m| self.adopt(m)).map(Ok),
                     p = sh.budget.take() => match p {
                         Some(p) => Some(self.open(p, target, epoch, login, database, deadline).await),
                         None => None,
                     },
                     _ = crate::rt::time::sleep_until(deadline) => Some(Err(BorrowError::Timeout)),
                 };
-                let _ = sh
-                    .wanted
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+                // A connection may have been given on the way that lost the race: it goes
+                // back to the pool rather than being dropped (closed unaccounted).
+                rx.close();
+                if let Ok(extra) = rx.try_recv() {
+                    self.lent.set(self.lent.get() + 1);
+                    self.put_back(extra);
+                }
+                if let Some(mut far_rx) = far.borrow_mut().take() {
+                    let _ = sh
+                        .wanted
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+                    far_rx.close();
+                    if let Some(extra) = far_rx.try_recv().ok().and_then(|m| self.adopt(m)) {
+                        self.lent.set(self.lent.get() + 1);
+                        self.put_back(extra);
+                    }
+                }
                 match outcome {
                     Some(o) => o,
                     None => continue,
@@ -387,6 +435,7 @@ impl<D: Driver> PgPool<D> {
     }
 
     fn put_back(&self, mut lease: Lease<D::Stream>) {
+        self.lent.set(self.lent.get().saturating_sub(1));
         let sh = &self.shared;
         let settings = sh.settings();
         let now = crate::rt::time::now();
@@ -401,10 +450,11 @@ impl<D: Driver> PgPool<D> {
             return;
         }
         lease.idle_since = now;
-        // Every waiting borrower is in the group's queue too, oldest first: when the
-        // oldest one for a connection like this is on another core, it goes there (a
-        // core's own borrowers do not starve the others').
-        if sh.wanted.load(Ordering::Acquire) > 0 {
+        // Borrowers that wait on other cores are in the group's queue, oldest first: a
+        // core that holds its share of the budget or more gives the connection to the
+        // oldest one for a connection like this when it is elsewhere (a core's own
+        // borrowers do not starve the others').
+        if sh.wanted.load(Ordering::Acquire) > 0 && self.lent.get() + 1 >= self.share() {
             let elsewhere = {
                 let mut queue = sh.pg_handoff.lock();
                 queue.retain(|w| !w.tx.is_closed());
@@ -517,6 +567,7 @@ impl<D: Driver> PgPool<D> {
 
     /// Closes a connection that must not serve again.
     pub fn discard(&self, lease: Lease<D::Stream>) {
+        self.lent.set(self.lent.get().saturating_sub(1));
         self.close_lease(lease);
     }
 
@@ -560,8 +611,20 @@ impl<D: Driver> PgPool<D> {
                 match self.hand_over(lease) {
                     None => continue,
                     Some(lease) => {
-                        drop(lease);
-                        self.closed();
+                        // Nobody waits for one like it: it is closed only to free budget
+                        // for a borrower of another login or database, and kept else.
+                        let other = sh.pg_handoff.lock().iter().any(|w| {
+                            !w.tx.is_closed()
+                                && (w.login != lease.server.login.id
+                                    || w.database != lease.server.database)
+                        });
+                        if other {
+                            drop(lease);
+                            self.closed();
+                        } else {
+                            self.idle.borrow_mut().push(lease);
+                            sh.idle_total.fetch_add(1, Ordering::Relaxed);
+                        }
                         break;
                     }
                 }

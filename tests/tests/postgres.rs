@@ -960,6 +960,15 @@ fn status_metrics_and_the_console_show_a_postgresql_group() {
             "[{io}] {v}"
         );
         assert!(v["pools"][0]["open"].as_i64() >= Some(1), "[{io}] {v}");
+        // The client is listed, with its requests counted (and the endpoint's).
+        let clients = v["clients"].as_array().cloned().unwrap_or_default();
+        assert_eq!(clients.len(), 1, "[{io}] {v}");
+        assert_eq!(clients[0]["user"], "app", "[{io}] {v}");
+        assert!(clients[0]["queries"].as_u64() >= Some(1), "[{io}] {v}");
+        assert!(
+            v["endpoints"][0]["queries"].as_u64() >= Some(1),
+            "[{io}] {v}"
+        );
         let raw = p.metrics_raw();
         assert!(
             raw.contains(

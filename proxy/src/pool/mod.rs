@@ -204,6 +204,8 @@ pub struct GroupShared {
     /// know it).
     pub wanted: AtomicUsize,
     pub wanted_notify: Notify,
+    /// PostgreSQL pools of this group route: one per worker core.
+    pub pg_cores: AtomicUsize,
     pub pg_handoff: Mutex<std::collections::VecDeque<PgHandoff>>,
     /// PostgreSQL pools: what a new server connection of each database login reported
     /// (ParameterStatus), by login id: a client's login is answered from it without a
@@ -247,6 +249,7 @@ impl GroupShared {
             stats: GroupStats::default(),
             backend_tls,
             wanted: AtomicUsize::new(0),
+            pg_cores: AtomicUsize::new(0),
             wanted_notify: Notify::new(),
             pg_handoff: Mutex::default(),
             pg_params: Mutex::default(),
