@@ -12,6 +12,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const ISSUER: &str = "https://issuer.dbproxy.test";
 
+/// The `[aws_iam]` (STS at `endpoint`) and `[jwt]` (keys in `jwks`) sections.
+fn token_sections(endpoint: &str, jwks: &Path) -> String {
+    format!(
+        r#"
+[aws_iam]
+sts_endpoint = "{endpoint}"
+region = "us-east-1"
+server_id = "dbproxy-test"
+
+[jwt]
+jwks_file = "{}"
+issuer = "{ISSUER}"
+audience = "dbproxy"
+"#,
+        jwks.display()
+    )
+}
+
 /// `dbproxy token` with `key`'s credentials; the token.
 fn token(config: &Path, user: &str, key: &(String, String), extra: &[&str]) -> String {
     let out = Command::new(dbproxy_bin())
@@ -79,18 +97,9 @@ fn iam_and_jwt_tokens_log_in_over_tls_and_nothing_else_does() {
     let issuer = Issuer::new();
     let jwks = ca.dir.path().join("jwks.json");
     std::fs::write(&jwks, &issuer.jwks).unwrap();
-    let sections = format!(
-        r#"
-[aws_iam]
-sts_endpoint = "{endpoint}"
-region = "us-east-1"
-server_id = "dbproxy-test"
-
-[jwt]
-jwks_file = "{jwks}"
-issuer = "{ISSUER}"
-audience = "dbproxy"
-
+    let sections = token_sections(&moto.endpoint(), &jwks)
+        + &format!(
+            r#"
 [[users]]
 name = "iamuser"
 backend_user = "app"
@@ -102,10 +111,8 @@ name = "k8s"
 backend_user = "app"
 backend_password = "{DB_PASSWORD}"
 jwt_subjects = ["system:serviceaccount:prod:*"]
-"#,
-        endpoint = moto.endpoint(),
-        jwks = jwks.display()
-    );
+"#
+        );
     let tls = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert.display(),
@@ -323,18 +330,9 @@ fn postgresql_clients_log_in_with_md5_clear_text_and_tokens() {
     let issuer = Issuer::new();
     let jwks = ca.dir.path().join("jwks.json");
     std::fs::write(&jwks, &issuer.jwks).unwrap();
-    let sections = format!(
-        r#"
-[aws_iam]
-sts_endpoint = "{endpoint}"
-region = "us-east-1"
-server_id = "dbproxy-test"
-
-[jwt]
-jwks_file = "{jwks}"
-issuer = "{ISSUER}"
-audience = "dbproxy"
-
+    let sections = token_sections(&moto.endpoint(), &jwks)
+        + &format!(
+            r#"
 [[users]]
 name = "md5user"
 password = "md5-secret"
@@ -360,10 +358,8 @@ name = "k8s"
 backend_user = "app"
 backend_password = "{DB_PASSWORD}"
 jwt_subjects = ["system:serviceaccount:prod:*"]
-"#,
-        endpoint = moto.endpoint(),
-        jwks = jwks.display()
-    );
+"#
+        );
     let tls = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert.display(),

@@ -70,6 +70,14 @@ pub fn message(buf: &[u8]) -> Result<Option<(Header, &[u8])>, FrameError> {
 
 /// Appends a typed message: `tag`, then a length patched in once `body` has written the
 /// body into `out`.
+/// A whole message of `tag` with `body` (for tests).
+#[cfg(test)]
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write(&mut out, tag, |b| b.extend_from_slice(body));
+    out
+}
+
 pub fn write(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     out.push(tag);
     write_untyped(out, body);

@@ -337,14 +337,8 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::postgres::frame::{put_cstr, write};
+    use crate::postgres::frame::{msg, put_cstr, write};
     use crate::postgres::messages::{parameter_status, ready_for_query, ErrorResponse};
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        write(&mut out, tag, |b| b.extend_from_slice(body));
-        out
-    }
 
     fn query(sql: &str) -> Vec<u8> {
         let mut out = Vec::new();

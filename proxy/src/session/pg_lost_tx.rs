@@ -208,13 +208,7 @@ impl LostTransaction {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::postgres::frame::msg;
 
     fn tags(out: &[u8]) -> String {
         let mut t = String::new();

@@ -702,12 +702,7 @@ pub fn answer_parses(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        message(&mut v, tag, &[body]);
-        v
-    }
+    use crate::postgres::frame::msg;
 
     fn parse(name: &str, sql: &str) -> Vec<u8> {
         msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
