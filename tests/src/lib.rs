@@ -47,6 +47,34 @@ impl Rng {
     }
 }
 
+/// What a differential test tells when the two sides' answers differ: `client`'s last
+/// steps and everyone's, newest first, and where the whole run was written (`file` in the
+/// temporary directory, a client and its step per line, to replay it by hand).
+pub fn divergence_report(history: &[(usize, String)], client: usize, file: &str) -> String {
+    let recent: Vec<String> = history
+        .iter()
+        .rev()
+        .take(25)
+        .map(|(c, s)| format!("  client {c}: {s}"))
+        .collect();
+    let own: Vec<String> = history
+        .iter()
+        .rev()
+        .filter(|(c, _)| *c == client)
+        .take(20)
+        .map(|(_, s)| format!("  {s}"))
+        .collect();
+    let all: Vec<String> = history.iter().map(|(c, s)| format!("{c}\t{s}")).collect();
+    let path = std::env::temp_dir().join(file);
+    let _ = std::fs::write(&path, all.join("\n"));
+    format!(
+        "client {client}'s last steps, newest first:\n{}\nlast steps, newest first:\n{}\nthe whole run: {}",
+        own.join("\n"),
+        recent.join("\n"),
+        path.display()
+    )
+}
+
 /// Password of the proxy user `app`.
 pub const APP_PASSWORD: &str = "app-secret";
 /// Password of the database user `app` (only dbproxy knows it).

@@ -376,25 +376,6 @@ fn sixteen_clients_answer_as_if_each_had_its_own_connection() {
                 let want = run(d, &step);
                 let got = run(p, &step);
                 if want != got {
-                    let recent: Vec<String> = history
-                        .iter()
-                        .rev()
-                        .take(25)
-                        .map(|(c, s)| format!("  client {c}: {s}"))
-                        .collect();
-                    let own: Vec<String> = history
-                        .iter()
-                        .rev()
-                        .filter(|(c, _)| *c == i)
-                        .take(15)
-                        .map(|(_, s)| format!("  {s}"))
-                        .collect();
-                    // The whole run, for reproducing it by hand.
-                    let all: Vec<String> =
-                        history.iter().map(|(c, s)| format!("{c}\t{s}")).collect();
-                    let path = std::env::temp_dir().join("dbproxy-differential-failure.tsv");
-                    let _ = std::fs::write(&path, all.join("\n"));
-                    eprintln!("the whole run: {}", path.display());
                     let pinned: Vec<String> = proxy
                         .metrics()
                         .lines()
@@ -406,9 +387,8 @@ fn sixteen_clients_answer_as_if_each_had_its_own_connection() {
                         .map(String::from)
                         .collect();
                     panic!(
-                        "[{io}] seed {seed:#x} step {n}, client {i}: {text}\n  direct: {want:?}\n  dbproxy: {got:?}\nclient {i}'s last steps, newest first:\n{}\nlast steps, newest first:\n{}\npinned now:\n{}",
-                        own.join("\n"),
-                        recent.join("\n"),
+                        "[{io}] seed {seed:#x} step {n}, client {i}: {text}\n  direct: {want:?}\n  dbproxy: {got:?}\n{}\npinned now:\n{}",
+                        divergence_report(&history, i, "dbproxy-differential-failure.tsv"),
                         pinned.join("\n")
                     );
                 }

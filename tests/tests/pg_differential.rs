@@ -11,7 +11,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use proxy_tests::pg::{conninfo, group, PgDb};
-use proxy_tests::{Proxy, Rng, APP_PASSWORD, DB_PASSWORD, DRIVERS};
+use proxy_tests::{divergence_report, Proxy, Rng, APP_PASSWORD, DB_PASSWORD, DRIVERS};
 use std::fmt::Write;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage, Statement};
@@ -578,23 +578,6 @@ fn sixteen_postgresql_clients_answer_as_if_each_had_its_own_connection() {
                     p.client.is_closed()
                 );
                 if want != got {
-                    let recent: Vec<String> = history
-                        .iter()
-                        .rev()
-                        .take(30)
-                        .map(|(c, s)| format!("  client {c}: {s}"))
-                        .collect();
-                    let own: Vec<String> = history
-                        .iter()
-                        .rev()
-                        .filter(|(c, _)| *c == i)
-                        .take(20)
-                        .map(|(_, s)| format!("  {s}"))
-                        .collect();
-                    let all: Vec<String> =
-                        history.iter().map(|(c, s)| format!("{c}\t{s}")).collect();
-                    let path = std::env::temp_dir().join("dbproxy-pg-differential-failure.tsv");
-                    let _ = std::fs::write(&path, all.join("\n"));
                     let held: Vec<String> = proxy
                         .metrics()
                         .lines()
@@ -606,10 +589,8 @@ fn sixteen_postgresql_clients_answer_as_if_each_had_its_own_connection() {
                         .map(String::from)
                         .collect();
                     panic!(
-                        "[{io}] seed {seed:#x} step {n}, client {i}: {step:?}\n  direct: {want:?}\n  dbproxy: {got:?}\nclient {i}'s last steps, newest first:\n{}\nlast steps, newest first:\n{}\nthe whole run: {}\npins and connections now:\n{}",
-                        own.join("\n"),
-                        recent.join("\n"),
-                        path.display(),
+                        "[{io}] seed {seed:#x} step {n}, client {i}: {step:?}\n  direct: {want:?}\n  dbproxy: {got:?}\n{}\npins and connections now:\n{}",
+                        divergence_report(&history, i, "dbproxy-pg-differential-failure.tsv"),
                         held.join("\n")
                     );
                 }

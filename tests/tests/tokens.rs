@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const ISSUER: &str = "https://issuer.dbproxy.test";
 
-/// The `[aws_iam]` (STS at `endpoint`) and `[jwt]` (keys in `jwks`) sections.
+/// The `[aws_iam]` (STS at `endpoint`) and `[jwt]` (keys in `jwks`) sections, with a user
+/// for each kind of token: `iamuser` (IAM) and `k8s` (JWT).
 fn token_sections(endpoint: &str, jwks: &Path) -> String {
     format!(
         r#"
@@ -25,6 +26,18 @@ server_id = "dbproxy-test"
 jwks_file = "{}"
 issuer = "{ISSUER}"
 audience = "dbproxy"
+
+[[users]]
+name = "iamuser"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+aws_iam_arns = ["arn:aws:iam::123456789012:user/app-*"]
+
+[[users]]
+name = "k8s"
+backend_user = "app"
+backend_password = "{DB_PASSWORD}"
+jwt_subjects = ["system:serviceaccount:prod:*"]
 "#,
         jwks.display()
     )
@@ -97,22 +110,7 @@ fn iam_and_jwt_tokens_log_in_over_tls_and_nothing_else_does() {
     let issuer = Issuer::new();
     let jwks = ca.dir.path().join("jwks.json");
     std::fs::write(&jwks, &issuer.jwks).unwrap();
-    let sections = token_sections(&moto.endpoint(), &jwks)
-        + &format!(
-            r#"
-[[users]]
-name = "iamuser"
-backend_user = "app"
-backend_password = "{DB_PASSWORD}"
-aws_iam_arns = ["arn:aws:iam::123456789012:user/app-*"]
-
-[[users]]
-name = "k8s"
-backend_user = "app"
-backend_password = "{DB_PASSWORD}"
-jwt_subjects = ["system:serviceaccount:prod:*"]
-"#
-        );
+    let sections = token_sections(&moto.endpoint(), &jwks);
     let tls = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert.display(),
@@ -347,17 +345,6 @@ postgres_auth = "password"
 backend_user = "app"
 backend_password = "{DB_PASSWORD}"
 
-[[users]]
-name = "iamuser"
-backend_user = "app"
-backend_password = "{DB_PASSWORD}"
-aws_iam_arns = ["arn:aws:iam::123456789012:user/app-*"]
-
-[[users]]
-name = "k8s"
-backend_user = "app"
-backend_password = "{DB_PASSWORD}"
-jwt_subjects = ["system:serviceaccount:prod:*"]
 "#
         );
     let tls = format!(

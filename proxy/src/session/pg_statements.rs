@@ -739,6 +739,18 @@ mod tests {
         }
     }
 
+    /// The client prepares `name` with `sql` on `s`, and the server says yes.
+    fn prepare(
+        x: &mut Exchange,
+        c: &mut ClientStatements,
+        s: &mut ServerStatements,
+        name: &str,
+        sql: &str,
+    ) {
+        send(x, c, s, &[parse(name, sql), msg(b'S', b"")].concat());
+        answer(x, c, s, &[msg(b'1', b""), msg(b'Z', b"I")].concat());
+    }
+
     fn answer(
         x: &mut Exchange,
         c: &mut ClientStatements,
@@ -844,18 +856,7 @@ mod tests {
     fn syncs_a_copy_in_ignores_leave_no_answer_due() {
         let mut c = ClientStatements::new(3);
         let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
-        send(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
-        );
-        answer(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-        );
+        prepare(&mut x, &mut c, &mut s, "a", "SELECT 1");
         let mut s2 = ServerStatements::default();
         let copy = [bind(""), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
         send(&mut x, &mut c, &mut s2, &copy);
@@ -902,18 +903,7 @@ mod tests {
         for parse_fails in [true, false] {
             let mut c = ClientStatements::new(5);
             let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
-            send(
-                &mut x,
-                &mut c,
-                &mut s,
-                &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
-            );
-            answer(
-                &mut x,
-                &mut c,
-                &mut s,
-                &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-            );
+            prepare(&mut x, &mut c, &mut s, "a", "SELECT 1");
             let mut s2 = ServerStatements::default();
             let batch = [bind("a"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
             let sent = split(&send(
@@ -963,18 +953,7 @@ mod tests {
         for fails in [false, true] {
             let mut c = ClientStatements::new(2);
             let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
-            send(
-                &mut x,
-                &mut c,
-                &mut s,
-                &[parse("old", "SELECT 1"), msg(b'S', b"")].concat(),
-            );
-            answer(
-                &mut x,
-                &mut c,
-                &mut s,
-                &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-            );
+            prepare(&mut x, &mut c, &mut s, "old", "SELECT 1");
             let before = (c.generation(), s.generation());
             send(&mut x, &mut c, &mut s, &msg(b'Q', b"DEALLOCATE ALL\0"));
             x.deallocates(before);
@@ -1009,18 +988,7 @@ mod tests {
     fn a_name_prepared_again_never_meets_its_old_text() {
         let mut c = ClientStatements::new(4);
         let (mut x, mut a) = (Exchange::default(), ServerStatements::default());
-        send(
-            &mut x,
-            &mut c,
-            &mut a,
-            &[parse("s", "SELECT 1"), msg(b'S', b"")].concat(),
-        );
-        answer(
-            &mut x,
-            &mut c,
-            &mut a,
-            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-        );
+        prepare(&mut x, &mut c, &mut a, "s", "SELECT 1");
         // Another connection, b: s is closed there (its copy on a stays) and made anew.
         let mut b = ServerStatements::default();
         let close = msg(b'C', b"Ss\0");
@@ -1076,18 +1044,7 @@ mod tests {
     fn the_dropped_answer_may_arrive_byte_by_byte() {
         let mut c = ClientStatements::new(1);
         let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
-        send(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[parse("a", "SELECT 1"), msg(b'S', b"")].concat(),
-        );
-        answer(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-        );
+        prepare(&mut x, &mut c, &mut s, "a", "SELECT 1");
         let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
         send(
             &mut x,
@@ -1114,18 +1071,7 @@ mod tests {
         assert_eq!(answer(&mut x, &mut c, &mut s, &reply), reply);
         assert!(c.is_empty() && s.is_empty() && !x.outstanding());
         // A Parse dbproxy sent that the error skipped is forgotten too.
-        send(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[parse("ok", "SELECT 1"), msg(b'S', b"")].concat(),
-        );
-        answer(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-        );
+        prepare(&mut x, &mut c, &mut s, "ok", "SELECT 1");
         let mut s2 = ServerStatements::default();
         let input = [bind("nope"), bind("ok"), msg(b'S', b"")].concat();
         send(&mut x, &mut c, &mut s2, &input);
@@ -1139,18 +1085,7 @@ mod tests {
     fn close_closes_the_servers_copy_and_forgets_the_statement() {
         let mut c = ClientStatements::new(3);
         let (mut x, mut s) = (Exchange::default(), ServerStatements::default());
-        send(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[parse("q", "SELECT 1"), msg(b'S', b"")].concat(),
-        );
-        answer(
-            &mut x,
-            &mut c,
-            &mut s,
-            &[msg(b'1', b""), msg(b'Z', b"I")].concat(),
-        );
+        prepare(&mut x, &mut c, &mut s, "q", "SELECT 1");
         let sent = split(&send(
             &mut x,
             &mut c,
