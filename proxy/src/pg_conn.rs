@@ -59,6 +59,9 @@ enum Unlinked {
     /// The client sat idle in its transaction past `idle_transaction_timeout` (or
     /// `idle_client_timeout`): it is told and closed, its transaction rolled back.
     Idle(IdleLimit),
+    /// The client began a message and sent nothing more within `net_read_timeout`: it is
+    /// told and closed (the server connection, waiting for the rest, with it).
+    ReadTimeout,
 }
 
 /// Why dbproxy's own query on a server connection failed.
@@ -720,6 +723,16 @@ impl<D: Driver> PgClient<D> {
                     self.pool.discard(lease);
                     return;
                 }
+                Unlinked::ReadTimeout => {
+                    tracing::info!(peer = %self.peer, user = %self.user.name, "net_read_timeout: closing a client that went silent in the middle of a message");
+                    let bye = fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "terminating connection: the client sent part of a message and then nothing (dbproxy net_read_timeout)",
+                    );
+                    let _ = write_all(&mut self.stream, &bye).await;
+                    self.pool.discard(lease);
+                    return;
+                }
                 Unlinked::Idle(why) => {
                     tracing::info!(peer = %self.peer, user = %self.user.name, "{}: closing a client idle in its transaction or pinned session", why.setting());
                     let _ = write_all(&mut self.stream, &idle_fatal(why)).await;
@@ -787,18 +800,23 @@ impl<D: Driver> PgClient<D> {
                 }
                 continue;
             }
-            // Waiting for the client with nothing owed: idle (in its transaction, or
-            // pinned).
-            let (limit, why) = if tracker.expected() == 0 && self.buf.is_empty() {
-                self.idle_limit(tracker.status() != TxStatus::Idle)
+            // Waiting for the rest of a message the client began (`net_read_timeout`), or
+            // for the client with nothing owed: idle (in its transaction, or pinned).
+            let partial = !self.buf.is_empty() || !tracker.client_at_boundary();
+            let (limit, why) = if partial {
+                let t = self.shared.config().proxy.net_read_timeout;
+                (Some(t).filter(|t| !t.is_zero()), None)
+            } else if tracker.expected() == 0 {
+                let (limit, why) = self.idle_limit(tracker.status() != TxStatus::Idle);
+                (limit, Some(why))
             } else {
-                (None, IdleLimit::Client)
+                (None, None)
             };
             let server_ready = tokio::select! {
                 biased;
                 r = lease.server.stream.readable() => r.map(|()| true),
                 r = self.stream.readable() => r.map(|()| false),
-                _ = sleep_for(limit) => return Unlinked::Idle(why),
+                _ = sleep_for(limit) => return why.map_or(Unlinked::ReadTimeout, Unlinked::Idle),
             };
             match server_ready {
                 Ok(true) => {

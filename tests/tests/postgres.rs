@@ -1176,3 +1176,77 @@ fn a_statement_prepared_again_after_its_table_changed_sees_the_new_columns() {
         }
     }
 }
+
+/// A client that sends part of a message and then nothing is closed after
+/// `net_read_timeout`, and the server connection it held serves the next client.
+#[test]
+fn a_client_silent_in_the_middle_of_a_message_is_closed_after_net_read_timeout() {
+    let db = PgDb::start(&[]);
+    // A raw client: md5 login (Python computes it), then the first 12 bytes of a Parse.
+    const RAW: &str = r#"
+import hashlib, socket, struct, sys
+port, user, pw = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = socket.create_connection(("127.0.0.1", port))
+body = struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0database\0shop\0\0"
+s.sendall(struct.pack("!i", len(body) + 4) + body)
+def msg():
+    head = b""
+    while len(head) < 5:
+        head += s.recv(5 - len(head))
+    n = struct.unpack("!i", head[1:5])[0] - 4
+    data = b""
+    while len(data) < n:
+        data += s.recv(n - len(data))
+    return head[:1], data
+tag, data = msg()
+assert tag == b"R" and struct.unpack("!i", data[:4])[0] == 5, (tag, data)
+inner = hashlib.md5(pw.encode() + user.encode()).hexdigest()
+answer = b"md5" + hashlib.md5(inner.encode() + data[4:8]).hexdigest().encode() + b"\0"
+s.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
+while True:
+    tag, data = msg()
+    if tag == b"Z":
+        break
+sql = b"\0SELECT 1\0\0\0"
+s.sendall(b"P" + struct.pack("!i", len(sql) + 4) + sql[:7])
+s.settimeout(60)
+got = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+print("closed", got[:1].decode(errors="replace"), b"net_read_timeout" in got)
+"#;
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "net_read_timeout = \"2s\"",
+            &group(&db, "max_connections = 1"),
+            "[[users]]\nname = \"raw\"\npassword = \"raw-secret\"\npostgres_auth = \"md5\"\nbackend_user = \"app\"\nbackend_password = \"db-secret\"\n",
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", RAW, &p.port.to_string(), "raw", "raw-secret"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.trim() == "closed E True",
+            "[{io}] {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            p.log().contains("net_read_timeout: closing"),
+            "[{io}] {}",
+            p.log()
+        );
+        // The one server connection serves the next client.
+        let mut c = client(p.port);
+        assert_eq!(
+            c.query_one("SELECT 8", &[]).unwrap().get::<_, i32>(0),
+            8,
+            "[{io}]"
+        );
+    }
+}
