@@ -27,8 +27,6 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
 /// topology changes).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
-/// Whether a failed opening may work a moment later: the server is down, restarting or
-/// shutting down (class 57: operator intervention), rather than refusing the login.
 /// A connection on its way from another core.
 type Moved = Box<dyn std::any::Any + Send>;
 
@@ -39,6 +37,8 @@ const ASK_OTHER_CORES_AFTER: std::time::Duration = std::time::Duration::from_mil
 /// How long the test-only check-in verification may take.
 const VERIFY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Whether a failed opening may work a moment later: the server is down, restarting or
+/// shutting down (class 57: operator intervention), rather than refusing the login.
 fn transient(e: &PgServerError) -> bool {
     match e {
         PgServerError::Open(crate::postgres::backend::OpenError::Refused { code, .. }) => {
