@@ -24,9 +24,11 @@ use crate::postgres::tracker::{CopyState, ServerEvent, Tracker};
 use crate::session::command::{idle_wait, IdleLimit};
 use crate::session::login::ClientTls;
 use crate::session::pg_lost_tx::LostTransaction;
+use crate::session::pg_sql_statements::READ_BACK_SQL;
 use crate::session::pg_statements::{
     answer_parses, ClientStatements, Edit, Exchange, Forward, MAX_SERVER_STATEMENTS,
 };
+use crate::session::pin_reason::PinReason;
 use crate::session::postgres::{AtRest, PgSession, Settings};
 use crate::shared::ProxyShared;
 use crate::stats::EndpointStats;
@@ -587,6 +589,38 @@ impl<D: Driver> PgClient<D> {
         Ok(())
     }
 
+    /// Reads the SQL-level prepared statements back from the server connection, after
+    /// the client defined or removed some there. One whose defining text cannot be found
+    /// pins the client to the connection.
+    async fn read_back_statements(
+        &mut self,
+        lease: &mut Lease<D::Stream>,
+    ) -> Result<(), OwnQueryError> {
+        let deadline = self.deadline();
+        let server = &mut lease.server;
+        let a = server.query(READ_BACK_SQL, deadline).await.map_err(|e| {
+            OwnQueryError::Connection(format!(
+                "reading the session's prepared statements back failed: {e}"
+            ))
+        })?;
+        if let Some(e) = a.error {
+            return Err(OwnQueryError::Refused(format!(
+                "reading the session's prepared statements back failed: {e}"
+            )));
+        }
+        let rows = a.rows.iter().filter_map(|r| match r.as_slice() {
+            [Some(n), Some(s)] => Some((n.as_bytes(), s.as_bytes())),
+            _ => None,
+        });
+        if let Err(e) = self.stmts.sql.read_back(&mut server.statements.sql, rows) {
+            tracing::info!(peer = %self.peer, "{e}: the client is pinned to its server connection");
+            if let Some(p) = self.session.pin_for(PinReason::TextPrepare) {
+                self.pool.shared.stats.pin_started(p);
+            }
+        }
+        Ok(())
+    }
+
     /// How long the client may stay idle now, and under which setting
     /// (`in_transaction`: it holds a connection in a transaction or pinned session).
     fn idle_limit(&self, in_transaction: bool) -> (Option<std::time::Duration>, IdleLimit) {
@@ -785,13 +819,21 @@ impl<D: Driver> PgClient<D> {
             if tracker.releasable() && self.buf.is_empty() {
                 match self.session.at_rest() {
                     AtRest::Keep(_) => {}
-                    AtRest::ReadBack(sql) => {
-                        if let Err(why) = self.read_back(lease, &sql).await {
-                            return Unlinked::ServerLost(why.text());
+                    rest => {
+                        if let AtRest::ReadBack(sql) = rest {
+                            if let Err(why) = self.read_back(lease, &sql).await {
+                                return Unlinked::ServerLost(why.text());
+                            }
                         }
-                        return self.tidy(lease).await;
+                        if self.stmts.sql.needs_read_back() {
+                            if let Err(why) = self.read_back_statements(lease).await {
+                                return Unlinked::ServerLost(why.text());
+                            }
+                        }
+                        if self.session.pinned().is_none() {
+                            return self.tidy(lease).await;
+                        }
                     }
-                    AtRest::Release => return self.tidy(lease).await,
                 }
             }
             if tracker.expected() > 0 && tracker.copy() != CopyState::In {
@@ -909,7 +951,7 @@ impl<D: Driver> PgClient<D> {
     /// Before a settled connection goes back: a connection that holds too many of the
     /// clients' statements is cleared of them.
     async fn tidy(&mut self, lease: &mut Lease<D::Stream>) -> Unlinked {
-        if lease.server.statements.len() > MAX_SERVER_STATEMENTS {
+        if lease.server.statements.total() > MAX_SERVER_STATEMENTS {
             let deadline = self.deadline();
             match lease.server.query("DEALLOCATE ALL", deadline).await {
                 Ok(a) if a.error.is_none() => lease.server.statements.clear(),

@@ -41,9 +41,14 @@ pub fn differences(
     if &settings != recorded {
         found.push(format!("settings {settings:?}, recorded {recorded:?}"));
     }
+    let mut sql_on_server = Vec::new();
     for r in rows {
         match r.as_slice() {
             [Some(k), Some(name), _] if k == "statement" => {
+                if statements.sql.may_hold(name.as_bytes()) {
+                    sql_on_server.push(name.as_bytes());
+                    continue;
+                }
                 server_statements += 1;
                 if !statements.contains(name.as_bytes()) {
                     found.push(format!("a prepared statement not recorded: {name}"));
@@ -59,6 +64,14 @@ pub fn differences(
             "{} prepared statements recorded, {server_statements} on the server",
             statements.len()
         ));
+    }
+    for name in statements.sql.known_names() {
+        if !sql_on_server.contains(&name) {
+            found.push(format!(
+                "an SQL prepared statement recorded but not on the server: {}",
+                String::from_utf8_lossy(name)
+            ));
+        }
     }
     found
 }
@@ -99,9 +112,20 @@ mod tests {
             let d = differences(&dirty, &recorded, &none, "app");
             assert_eq!(d, vec![format!("a {kind}: {name}")]);
         }
+        let mut sql = ServerStatements::default();
+        sql.sql.holds(
+            b"q1",
+            Some(std::sync::Arc::from(&b"PREPARE q1 AS SELECT 1"[..])),
+        );
+        let d = differences(&clean, &recorded, &sql, "app");
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("recorded but not on the server: q1"), "{d:?}");
+        clean.push(row("statement", "q1", None));
+        assert!(differences(&clean, &recorded, &sql, "app").is_empty());
         clean.push(row("statement", "__dbp1_s1", None));
         let d = differences(&clean, &recorded, &none, "app");
-        assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].contains("not recorded: __dbp1_s1"), "{d:?}");
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].contains("not recorded: q1"), "{d:?}");
+        assert!(d[1].contains("not recorded: __dbp1_s1"), "{d:?}");
     }
 }

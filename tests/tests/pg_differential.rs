@@ -20,7 +20,7 @@ const STEPS: usize = 10_000;
 const SEEDS: [u64; 3] = [0x5eed_0026, 0xfeed_f00d, 0x0123_4567_89ab];
 const CLIENTS: usize = 16;
 /// Clients 0..PINNERS may do what pins (LISTEN, session advisory locks, temporary
-/// tables, SQL PREPARE, cursors WITH HOLD): each holds a server connection to its end.
+/// tables, cursors WITH HOLD): each holds a server connection to its end.
 const PINNERS: usize = 3;
 /// Other clients' transactions open at once (with the pinners, fewer than the 8 server
 /// connections: a client that waits for one would wait for ever in this sequential test).
@@ -431,16 +431,18 @@ fn generate(rng: &mut Rng, i: usize, m: &mut Model, in_tx: usize, prepared: usiz
                 "SELECT pg_notify('ch{other_pinner}', 'via function from {i}')"
             )),
             34 if pinner => Step::Notifications,
-            35 if pinner => q(rng
-                .pick(&[
-                    "PREPARE q1 AS SELECT $1::int + 1",
-                    "EXECUTE q1(41)",
-                    "DEALLOCATE q1",
-                    "DEALLOCATE ALL",
-                    "PREPARE q2 AS SELECT current_setting('search_path')",
-                    "EXECUTE q2",
-                ])
-                .into()),
+            // SQL PREPARE is followed, not pinned: every client, the same names with
+            // texts of their own (another client's q1 must never answer).
+            35 => q(match rng.below(8) {
+                0 => format!("PREPARE q1 AS SELECT $1::int + {i}"),
+                1 => "EXECUTE q1(41)".into(),
+                2 => "DEALLOCATE q1".into(),
+                3 => rng.pick(&["DEALLOCATE ALL", "DEALLOCATE PREPARE q2"]).into(),
+                4 => "PREPARE q2 AS SELECT current_setting('search_path')".into(),
+                5 => "EXECUTE q2".into(),
+                6 => format!("PREPARE q3(text) AS SELECT $1 || ' {i}'; EXECUTE q3('x')"),
+                _ => "EXPLAIN (COSTS OFF) EXECUTE q1(1)".into(),
+            }),
             36 => q("EXECUTE q1(1)".into()),
             37 if m.in_tx => q(rng
                 .pick(&[
@@ -476,7 +478,10 @@ fn generate(rng: &mut Rng, i: usize, m: &mut Model, in_tx: usize, prepared: usiz
             )),
             // Protocol statements show under dbproxy's names, with other clients' (README):
             // the SQL-level ones are the client's own.
-            42 => q("SELECT name, statement FROM pg_prepared_statements WHERE name LIKE 'q%' ORDER BY 1".into()),
+            // A statement dbproxy prepared again shows its own PREPARE as its source, where the
+            // first showed the whole query string (README): the first statement of it is
+            // the same.
+            42 => q("SELECT name, split_part(statement, ';', 1) FROM pg_prepared_statements WHERE name LIKE 'q%' ORDER BY 1".into()),
             43 => q("SELECT count(*) FROM pg_cursors".into()),
             44 if m.in_tx => q(format!(
                 "SELECT set_config('myapp.tenant', 'local-{i}', true), current_setting('myapp.tenant')"
@@ -638,5 +643,10 @@ fn sixteen_postgresql_clients_answer_as_if_each_had_its_own_connection() {
             "[{io}] {pins:?}"
         );
         assert_eq!(proxy.pins_started("unclassified"), 0, "[{io}]");
+        assert_eq!(
+            proxy.pins_started("text_prepare"),
+            0,
+            "[{io}] SQL PREPARE pins nothing"
+        );
     }
 }

@@ -1250,3 +1250,143 @@ print("closed", got[:1].decode(errors="replace"), b"net_read_timeout" in got)
         );
     }
 }
+
+/// The first value of the first row of a simple query, as text.
+fn simple_value(c: &mut Client, sql: &str) -> Result<String, postgres::Error> {
+    let rows = c.simple_query(sql)?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// SQL-level PREPARE / EXECUTE / DEALLOCATE are followed instead of pinned: eight
+/// clients hold statements of the same names with their own texts, on two server
+/// connections, and each always executes its own; a client without one never reaches
+/// another's. The check-in verifier finds every connection as recorded.
+#[test]
+fn sql_prepared_statements_follow_their_client_without_pinning() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "verify_checkin = true",
+            &group(&db, "max_connections = 2\nmax_idle_connections = 2"),
+            "",
+        );
+        let port = p.port;
+        let clients: Vec<_> = (1..=8i64)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut c = client(port);
+                    c.batch_execute(&format!(
+                        "SET search_path = pg_catalog, public, s{i}; \
+                         PREPARE q1(int) AS SELECT $1 + {i}; \
+                         PREPARE q2 AS SELECT current_setting('search_path')"
+                    ))
+                    .unwrap();
+                    let mut plus = i;
+                    for round in 0..200i64 {
+                        // Simple and extended protocol, in and out of transactions.
+                        let v = simple_value(&mut c, &format!("EXECUTE q1({round})")).unwrap();
+                        assert_eq!(v, (round + plus).to_string(), "client {i} round {round}");
+                        let v: i32 = c
+                            .query_one(&format!("EXECUTE q1({round})"), &[])
+                            .unwrap()
+                            .get(0);
+                        assert_eq!(i64::from(v), round + plus, "client {i} round {round}");
+                        let path = simple_value(&mut c, "EXECUTE q2").unwrap();
+                        assert!(path.ends_with(&format!("s{i}")), "client {i}: {path}");
+                        if round % 10 == 0 {
+                            let mut t = c.transaction().unwrap();
+                            let v = t.query_one("EXECUTE q1(1)", &[]).unwrap().get::<_, i32>(0);
+                            assert_eq!(i64::from(v), 1 + plus, "client {i} round {round}");
+                            t.commit().unwrap();
+                            // A name in use is refused, as on a server of its own.
+                            let e = c.batch_execute("PREPARE q1 AS SELECT 0").unwrap_err();
+                            assert_eq!(e.code().map(|c| c.code()), Some("42P05"), "{e}");
+                        }
+                        if round % 50 == 49 {
+                            c.batch_execute("DEALLOCATE q1").unwrap();
+                            let e = simple_value(&mut c, "EXECUTE q1(1)").unwrap_err();
+                            assert_eq!(e.code().map(|c| c.code()), Some("26000"), "{e}");
+                            plus += 100;
+                            c.batch_execute(&format!("PREPARE q1(int) AS SELECT $1 + {plus}"))
+                                .unwrap();
+                        }
+                    }
+                    // DEALLOCATE ALL removes its own statements, in a transaction too.
+                    c.batch_execute("BEGIN; DEALLOCATE ALL; ROLLBACK").unwrap();
+                    let e = simple_value(&mut c, "EXECUTE q2").unwrap_err();
+                    assert_eq!(e.code().map(|c| c.code()), Some("26000"), "client {i}: {e}");
+                })
+            })
+            .collect();
+        // A client that never prepares: another client's q1 is never its own.
+        let mut bystander = client(port);
+        for _ in 0..300 {
+            let e = simple_value(&mut bystander, "EXECUTE q1(1)").unwrap_err();
+            assert_eq!(e.code().map(|c| c.code()), Some("26000"), "[{io}] {e}");
+        }
+        for c in clients {
+            c.join().unwrap();
+        }
+        // psql: a PREPARE among other statements in one query string, then used in the
+        // next queries of the session, wherever they land.
+        let o = psql(
+            port,
+            "app",
+            APP_PASSWORD,
+            "shop",
+            "SELECT 1; PREPARE multi(int) AS SELECT $1 * 2; SELECT 2",
+        );
+        assert!(o.status.success(), "[{io}] {}", text(&o));
+        let o = program("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "app",
+                "-d",
+                "shop",
+            ])
+            .args(["-At", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-c",
+                "SELECT 1; PREPARE multi(int) AS SELECT $1 * 2; SELECT 2",
+            ])
+            .args(["-c", "BEGIN", "-c", "SELECT pg_sleep(0.01)", "-c", "COMMIT"])
+            .args(["-c", "EXECUTE multi(21)"])
+            .args([
+                "-c",
+                "SELECT name, statement FROM pg_prepared_statements WHERE name = 'multi'",
+            ])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .env("PGSSLMODE", "disable")
+            .output()
+            .unwrap();
+        let out = text(&o);
+        assert!(o.status.success(), "[{io}] {out}");
+        assert!(out.contains("\n42\n"), "[{io}] {out}");
+        // Its source as the server keeps it: the whole query string on the connection it
+        // was prepared on, its own statement where dbproxy prepared it again (README).
+        assert!(
+            out.contains("multi|SELECT 1; PREPARE multi(int) AS SELECT $1 * 2; SELECT 2")
+                || out.contains("multi|PREPARE multi(int) AS SELECT $1 * 2\n"),
+            "[{io}] {out}"
+        );
+
+        assert_eq!(p.pins_started("text_prepare"), 0, "[{io}]");
+        assert!(db.backends("app") <= 3, "[{io}]");
+        let (verified, dirty) = p.checkin_verification();
+        println!("[{io}] check-ins verified {verified}, dirty {dirty}");
+        assert!(verified > 500, "[{io}] {verified}");
+        assert_eq!(dirty, 0, "[{io}] {}", p.log());
+    }
+}

@@ -18,6 +18,7 @@ pub mod idle;
 pub mod kill;
 pub mod login;
 pub mod pg_lost_tx;
+pub mod pg_sql_statements;
 pub mod pg_statements;
 pub mod pin_reason;
 pub mod pins;

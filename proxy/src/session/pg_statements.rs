@@ -16,14 +16,20 @@
 //! Replies are matched to requests in order, with PostgreSQL's rule that an error skips
 //! everything up to the next Sync: a Parse that was skipped (or failed) never existed.
 
-use super::postgres::{seen, Seen};
+use super::pg_sql_statements::{ClientSql, Fix, ServerSql};
+use super::postgres::{may_name_sql_statements, seen, sql_names, Seen};
 use crate::postgres::frame::{body_len, FrameError, HEADER_LEN};
 use crate::postgres::messages::error_field;
 use std::collections::{HashMap, VecDeque};
 
-/// A server connection with more statements of dbproxy's naming than this gets
-/// `DEALLOCATE ALL` when it goes back to the pool.
+/// A server connection with more prepared statements than this (dbproxy's names and the
+/// clients' SQL-level ones) gets `DEALLOCATE ALL` when it goes back to the pool.
 pub const MAX_SERVER_STATEMENTS: usize = 1000;
+
+/// A simple Query up to this long is taken whole, to read the SQL-level prepared
+/// statements it names before it goes ([`crate::session::pg_sql_statements`]); a longer
+/// one passes as it arrives.
+pub const WHOLE_QUERY_LIMIT: usize = 64 * 1024;
 
 /// One of a client's statements: the Parse body after the name (query text, parameter
 /// types), and what its text does to the session.
@@ -31,6 +37,9 @@ pub const MAX_SERVER_STATEMENTS: usize = 1000;
 struct Def {
     rest: Vec<u8>,
     seen: Seen,
+    /// Its text may name SQL-level prepared statements (`EXECUTE q1`): they are made to
+    /// agree wherever it is bound or described.
+    names_sql: bool,
     /// Its name on the servers (made once: a Bind allocates nothing).
     server_name: Vec<u8>,
     /// When it was defined ([`ClientStatements::generation`]).
@@ -46,6 +55,8 @@ pub struct ClientStatements {
     /// Counts the statements defined and prepared on servers: what a `DEALLOCATE ALL`
     /// removes is what came before it.
     generation: u64,
+    /// Its SQL-level statements (`PREPARE`).
+    pub sql: ClientSql,
 }
 
 /// The statements of dbproxy's naming a server connection holds, each with the
@@ -54,9 +65,12 @@ pub struct ClientStatements {
 pub struct ServerStatements {
     known: HashMap<Vec<u8>, u64>,
     generation: u64,
+    /// The clients' SQL-level statements it holds (under their own names).
+    pub sql: ServerSql,
 }
 
 impl ServerStatements {
+    /// The statements of dbproxy's naming.
     pub fn len(&self) -> usize {
         self.known.len()
     }
@@ -65,9 +79,15 @@ impl ServerStatements {
         self.known.is_empty()
     }
 
+    /// Every prepared statement it holds: dbproxy's names and the SQL-level ones.
+    pub fn total(&self) -> usize {
+        self.known.len() + self.sql.len()
+    }
+
     /// The server's statements are gone (`DEALLOCATE ALL`, `DISCARD ALL`).
     pub fn clear(&mut self) {
         self.known.clear();
+        self.sql.clear();
     }
 
     /// The generation now: statements prepared from here on are younger.
@@ -109,6 +129,16 @@ enum Entry {
     Query,
     /// A FunctionCall (answered up to ReadyForQuery, like a Query).
     Function,
+    /// A message dbproxy sent to make the SQL-level statement `name` agree with the
+    /// client's (a Close, or the Parse, Bind and Execute of its `PREPARE`): its answer
+    /// (`answer`, the tag) is dropped, and so is an error when `quiet`.
+    Fixup {
+        name: Vec<u8>,
+        answer: u8,
+        quiet: bool,
+    },
+    /// A Sync dbproxy sent behind quiet fixups: its ReadyForQuery is dropped.
+    QuietSync,
 }
 
 /// What to send the server for the client's bytes.
@@ -146,6 +176,8 @@ pub struct Exchange {
     /// answered without an error, the statements up to generation `.1` are gone (the
     /// client's and the server connection's generations; `.2`: an error came).
     deallocating: Option<(u64, (u64, u64), bool)>,
+    /// The client sent extended-protocol messages since its last Sync.
+    extended: bool,
 }
 
 /// A change to the server's bytes on their way to the client.
@@ -163,6 +195,7 @@ impl ClientStatements {
             defs: HashMap::new(),
             prefix: format!("__dbp{pid}_").into_bytes(),
             generation: 0,
+            sql: ClientSql::default(),
         }
     }
 
@@ -215,6 +248,7 @@ impl ClientStatements {
         parse.push(0);
         parse.extend_from_slice(rest);
         let seen = seen(b'P', &parse);
+        let names_sql = may_name_sql_statements(cstr(rest).map_or(rest, |(t, _)| t));
         let made = self.next_generation();
         let mut server_name = self.prefix.clone();
         server_name.extend_from_slice(made.to_string().as_bytes());
@@ -223,6 +257,7 @@ impl ClientStatements {
             Def {
                 rest: rest.to_vec(),
                 seen,
+                names_sql,
                 server_name: server_name.clone(),
                 made,
             },
@@ -261,6 +296,7 @@ impl Exchange {
         self.queued = 0;
         self.done = 0;
         self.deallocating = None;
+        self.extended = false;
     }
 
     /// The last request sent deallocates every statement prepared up to `upto` (the
@@ -303,7 +339,31 @@ impl Exchange {
             let tag = head[0];
             let body_len = body_len([head[1], head[2], head[3], head[4]])?;
             let total = HEADER_LEN + body_len;
+            if tag == b'Q' && total <= WHOLE_QUERY_LIMIT {
+                let Some(body) = input.get(i + HEADER_LEN..i + total) else {
+                    break;
+                };
+                let start = out.len();
+                // Fixups go ahead of the query, behind a Sync of their own (an error
+                // in them skips nothing of the client's). Not inside an unsynced batch.
+                if !self.extended && self.sql_fixups(stmts, server, body, true, out) {
+                    if !changed {
+                        let fixups = out.split_off(start);
+                        out.clear();
+                        out.extend_from_slice(input.get(..i).unwrap_or_default());
+                        out.extend_from_slice(&fixups);
+                        changed = true;
+                    }
+                    out.extend_from_slice(input.get(i..i + total).unwrap_or_default());
+                    self.queue.push_back(Entry::Query);
+                    self.queued += 1;
+                    i += total;
+                    continue;
+                }
+                out.truncate(start);
+            }
             if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                self.extended = true;
                 let Some(body) = input.get(i + HEADER_LEN..i + total) else {
                     break;
                 };
@@ -332,7 +392,9 @@ impl Exchange {
                 b'S' => {
                     self.queue.push_back(Entry::Sync);
                     self.queued += 1;
+                    self.extended = false;
                 }
+                b'E' | b'H' => self.extended = true,
                 b'c' | b'f' => self.copy_in = false,
                 b'Q' => {
                     self.queue.push_back(Entry::Query);
@@ -374,6 +436,18 @@ impl Exchange {
                 let Some((name, rest)) = cstr(body) else {
                     return false;
                 };
+                // SQL-level statements its text names are made to agree first; an error
+                // there is the Parse's, as the server then skips to the Sync.
+                let text = cstr(rest).map_or(rest, |(t, _)| t);
+                if self.sql_fixups(stmts, server, text, false, out) && name.is_empty() {
+                    message(out, b'P', &[body]);
+                    self.queue.push_back(Entry::Parse {
+                        server_name: Vec::new(),
+                        client_name: Vec::new(),
+                        injected: false,
+                    });
+                    return true;
+                }
                 if name.is_empty() {
                     self.queue.push_back(Entry::Parse {
                         server_name: Vec::new(),
@@ -446,6 +520,85 @@ impl Exchange {
         }
     }
 
+    /// Makes `server` agree with the client on the SQL-level statements `text` names,
+    /// into `out` (true when anything went there): another client's statement of a name
+    /// is closed, the client's own prepared again from its `PREPARE`, by an unnamed Parse,
+    /// Bind and Execute whose answers are dropped. `quiet`: a Sync of dbproxy's follows,
+    /// and an error in them is dropped too (ahead of a simple Query, which then answers
+    /// for itself); otherwise an error is the client's next message's, as the server
+    /// skips to the client's Sync.
+    fn sql_fixups(
+        &mut self,
+        stmts: &mut ClientStatements,
+        server: &mut ServerStatements,
+        text: &[u8],
+        quiet: bool,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        if !may_name_sql_statements(text) {
+            return false;
+        }
+        let mut names = sql_names(text);
+        if names.lists || names.all {
+            // It reads `pg_prepared_statements`, or removes every statement: the
+            // connection is to hold the client's own statements and no other client's
+            // (then what the server reads back afterwards is the client's).
+            let every: Vec<Vec<u8>> = stmts
+                .sql
+                .names()
+                .chain(server.sql.names())
+                .map(<[u8]>::to_vec)
+                .collect();
+            for n in every {
+                if !names.used.contains(&n) {
+                    names.used.push(n);
+                }
+            }
+        }
+        let mut any = false;
+        for name in &names.used {
+            let unsure = self
+                .queue
+                .iter()
+                .any(|e| matches!(e, Entry::Fixup { name: n, .. } if n == name));
+            let fix = stmts.sql.fix(&server.sql, name, unsure);
+            let close = match &fix {
+                Fix::Nothing => continue,
+                Fix::Close => true,
+                Fix::Prepare { close, .. } => *close,
+            };
+            any = true;
+            let mut fixup = |answer| {
+                self.queue.push_back(Entry::Fixup {
+                    name: name.clone(),
+                    answer,
+                    quiet,
+                })
+            };
+            if close {
+                message(out, b'C', &[b"S", name, &[0]]);
+                fixup(b'3');
+                server.sql.lacks(name);
+            }
+            if let Fix::Prepare { text, .. } = fix {
+                message(out, b'P', &[&[0], &text, &[0], &[0, 0]]);
+                message(out, b'B', &[&[0, 0], &[0, 0], &[0, 0], &[0, 0]]);
+                message(out, b'E', &[&[0], &[0, 0, 0, 0]]);
+                fixup(b'1');
+                fixup(b'2');
+                fixup(b'C');
+                server.sql.holds(name, Some(text));
+            }
+        }
+        if any && quiet {
+            message(out, b'S', &[]);
+            self.queue.push_back(Entry::QuietSync);
+            self.queued += 1;
+        }
+        stmts.sql.changing(&names);
+        any
+    }
+
     /// The server's name of the client's statement `name`, prepared on `server` first
     /// (into `out`) when it lacks it; `None` for the unnamed statement or one the client
     /// never prepared (the message goes unchanged, and the server answers for it).
@@ -459,6 +612,15 @@ impl Exchange {
     ) -> Option<&'s [u8]> {
         if name.is_empty() {
             return None;
+        }
+        // The SQL-level statements its text names, wherever it runs.
+        let text = stmts
+            .defs
+            .get(name)
+            .filter(|d| d.names_sql)
+            .map(|d| cstr(&d.rest).map_or(&d.rest[..], |(t, _)| t).to_vec());
+        if let Some(text) = text {
+            self.sql_fixups(stmts, server, &text, false, out);
         }
         let (inject, unsure) = {
             let def = stmts.defs.get(name)?;
@@ -519,9 +681,12 @@ impl Exchange {
                 self.dropping = match (tag, self.queue.front()) {
                     (b'1', Some(Entry::Parse { injected, .. })) => *injected,
                     (b'3', Some(Entry::Close { injected })) => *injected,
+                    (b'E', Some(Entry::Fixup { quiet, .. })) => *quiet,
+                    (t, Some(Entry::Fixup { answer, .. })) => t == *answer,
+                    (b'Z', Some(Entry::QuietSync)) => true,
                     _ => false,
                 };
-                self.holding = tag == b'E';
+                self.holding = tag == b'E' && !self.dropping;
                 self.held.clear();
             }
             self.head[self.have..self.have + k].copy_from_slice(&input[i..i + k]);
@@ -575,6 +740,12 @@ impl Exchange {
 
     /// A whole server message with this tag arrived.
     fn answered(&mut self, stmts: &mut ClientStatements, server: &mut ServerStatements, tag: u8) {
+        if let Some(Entry::Fixup { answer, .. }) = self.queue.front() {
+            if tag == *answer {
+                self.queue.pop_front();
+                return;
+            }
+        }
         match tag {
             b'1' => {
                 if let Some(Entry::Parse { server_name, .. }) = self.queue.front() {
@@ -603,14 +774,21 @@ impl Exchange {
                 }
                 // Everything up to the Sync is skipped: those Parses never happened.
                 while let Some(e) = self.queue.front() {
-                    if *e == Entry::Sync {
+                    if matches!(e, Entry::Sync | Entry::QuietSync) {
                         break;
+                    }
+                    let e = self.queue.pop_front();
+                    if let Some(Entry::Fixup { name, .. }) = &e {
+                        // What the connection holds of the name is unknown now, and a
+                        // read-back cannot tell the client's.
+                        server.sql.holds(name, None);
+                        stmts.sql.fixup_failed(name);
                     }
                     if let Some(Entry::Parse {
                         server_name,
                         client_name,
                         injected,
-                    }) = self.queue.pop_front()
+                    }) = e
                     {
                         if !server_name.is_empty() {
                             server.known.remove(&server_name);
@@ -631,7 +809,7 @@ impl Exchange {
                 self.copy_in = false;
                 if matches!(
                     self.queue.front(),
-                    Some(Entry::Sync | Entry::Query | Entry::Function)
+                    Some(Entry::Sync | Entry::QuietSync | Entry::Query | Entry::Function)
                 ) {
                     self.queue.pop_front();
                     self.done += 1;
@@ -1132,6 +1310,160 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        msg(b'Q', format!("{sql}\0").as_bytes())
+    }
+
+    fn tags(b: &[u8]) -> String {
+        split(b).iter().map(|m| m.0).collect()
+    }
+
+    /// The client `c` prepared `q1` with SQL on `s`, and it was read back.
+    fn sql_prepared(c: &mut ClientStatements, s: &mut ServerStatements, text: &str) {
+        let mut x = Exchange::default();
+        send(&mut x, c, s, &query(text));
+        c.sql
+            .read_back(&mut s.sql, [(&b"q1"[..], text.as_bytes())])
+            .unwrap();
+    }
+
+    #[test]
+    fn a_query_naming_an_sql_statement_finds_it_on_any_connection() {
+        let mut c = ClientStatements::new(5);
+        let mut s1 = ServerStatements::default();
+        sql_prepared(&mut c, &mut s1, "PREPARE q1 AS SELECT 1");
+        // The connection it was prepared on needs nothing.
+        let mut x = Exchange::default();
+        let q = query("EXECUTE q1");
+        assert_eq!(send(&mut x, &mut c, &mut s1, &q), q);
+
+        // Another holds another client's q1: closed, then prepared from the client's text,
+        // behind a Sync of dbproxy's; every answer to them is dropped.
+        let mut s2 = ServerStatements::default();
+        s2.sql.holds(
+            b"q1",
+            Some(std::sync::Arc::from(&b"PREPARE q1 AS SELECT 2"[..])),
+        );
+        let mut x = Exchange::default();
+        let sent = send(&mut x, &mut c, &mut s2, &q);
+        assert_eq!(tags(&sent), "CPBESQ");
+        let m = split(&sent);
+        assert_eq!(m[0].1, b"Sq1\0");
+        assert_eq!(m[1].1, b"\0PREPARE q1 AS SELECT 1\0\0\0");
+        let reply = [
+            msg(b'3', b""),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"PREPARE\0"),
+            msg(b'Z', b"I"),
+            msg(b'T', b"\0\0"),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        assert_eq!(tags(&answer(&mut x, &mut c, &mut s2, &reply)), "TCZ");
+        assert!(!x.outstanding());
+        // Now it agrees.
+        let mut x = Exchange::default();
+        assert_eq!(send(&mut x, &mut c, &mut s2, &q), q);
+
+        // A client without q1 gets another client's q1 closed first: its EXECUTE fails as
+        // on a server of its own.
+        let mut other = ClientStatements::new(6);
+        let mut x = Exchange::default();
+        assert_eq!(tags(&send(&mut x, &mut other, &mut s2, &q)), "CSQ");
+        assert!(!s2.sql.may_hold(b"q1"));
+    }
+
+    #[test]
+    fn a_failed_quiet_fixup_is_dropped_and_leaves_the_name_unknown() {
+        let mut c = ClientStatements::new(5);
+        let mut s1 = ServerStatements::default();
+        sql_prepared(&mut c, &mut s1, "PREPARE q1 AS SELECT * FROM gone");
+        let mut s2 = ServerStatements::default();
+        let mut x = Exchange::default();
+        assert_eq!(
+            tags(&send(&mut x, &mut c, &mut s2, &query("EXECUTE q1"))),
+            "PBESQ"
+        );
+        let error = msg(
+            b'E',
+            b"SERROR\0VERROR\0C42P01\0Mrelation \"gone\" does not exist\0\0",
+        );
+        let their_error = msg(
+            b'E',
+            b"SERROR\0VERROR\0C26000\0Mprepared statement \"q1\" does not exist\0\0",
+        );
+        let reply = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error.clone(),
+            msg(b'Z', b"I"),
+            their_error.clone(),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let to_client = answer(&mut x, &mut c, &mut s2, &reply);
+        assert_eq!(to_client, [their_error, msg(b'Z', b"I")].concat());
+        assert!(!x.outstanding());
+        // Unknown: closed before it is prepared again.
+        assert!(s2.sql.may_hold(b"q1"));
+        let mut x = Exchange::default();
+        assert_eq!(
+            tags(&send(&mut x, &mut c, &mut s2, &query("EXECUTE q1"))),
+            "CPBESQ"
+        );
+    }
+
+    #[test]
+    fn a_parse_naming_an_sql_statement_gets_loud_fixups_in_its_batch() {
+        let mut c = ClientStatements::new(5);
+        let mut s1 = ServerStatements::default();
+        sql_prepared(&mut c, &mut s1, "PREPARE q1 AS SELECT 1");
+        let mut s2 = ServerStatements::default();
+        let mut x = Exchange::default();
+        let input = [
+            parse("", "EXECUTE q1"),
+            bind(""),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+        ]
+        .concat();
+        assert_eq!(tags(&send(&mut x, &mut c, &mut s2, &input)), "PBEPBES");
+        // The fixup's error is the client's Parse's: the server skips to the Sync.
+        let error = msg(b'E', b"SERROR\0VERROR\0C25P02\0Maborted\0\0");
+        let reply = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error.clone(),
+            msg(b'Z', b"E"),
+        ]
+        .concat();
+        assert_eq!(
+            answer(&mut x, &mut c, &mut s2, &reply),
+            [error, msg(b'Z', b"E")].concat()
+        );
+        assert!(!x.outstanding());
+    }
+
+    #[test]
+    fn names_the_client_changes_are_left_alone_until_read_back() {
+        let mut c = ClientStatements::new(5);
+        let mut s = ServerStatements::default();
+        s.sql.holds(
+            b"q1",
+            Some(std::sync::Arc::from(&b"PREPARE q1 AS SELECT 2"[..])),
+        );
+        let mut x = Exchange::default();
+        // Another client's q1 is closed ahead of the client's PREPARE, and its EXECUTE
+        // in the same exchange meets the client's own.
+        let sent = send(&mut x, &mut c, &mut s, &query("PREPARE q1 AS SELECT 1"));
+        assert_eq!(tags(&sent), "CSQ");
+        let q = query("EXECUTE q1");
+        assert_eq!(send(&mut x, &mut c, &mut s, &q), q);
+        assert!(c.sql.needs_read_back());
     }
 
     #[test]

@@ -379,8 +379,6 @@ fn statement_start(w: &[u8], out: &mut Seen) {
         out.deallocates = Some(false);
     } else if is(w, "listen") {
         pin(out, PinReason::Listen);
-    } else if is(w, "prepare") {
-        pin(out, PinReason::TextPrepare);
     } else if is(w, "load") {
         pin(out, PinReason::LoadLibrary);
     }
@@ -575,6 +573,163 @@ fn string(s: &[u8], i: usize, escapes: bool) -> (Tok<'_>, usize) {
     (Tok::Str(body), (j + 1).min(s.len()))
 }
 
+/// The SQL-level prepared statements (`PREPARE`, `EXECUTE`, `DEALLOCATE`) a query's text
+/// names, by their names as the server spells them (unquoted names in lower case).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SqlNames {
+    /// Every name it uses, defines or removes.
+    pub used: Vec<Vec<u8>>,
+    /// The names it defines or removes (`PREPARE`, `DEALLOCATE name`).
+    pub changed: Vec<Vec<u8>>,
+    /// It removes every prepared statement (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub all: bool,
+    /// It reads `pg_prepared_statements`: every name is to agree.
+    pub lists: bool,
+}
+
+/// Whether a query's text may name an SQL-level prepared statement: a quick look for the
+/// words before [`sql_names`] reads it.
+pub fn may_name_sql_statements(sql: &[u8]) -> bool {
+    sql.iter().enumerate().any(|(i, b)| {
+        let rest = sql.get(i..).unwrap_or_default();
+        let starts = |w: &[u8]| {
+            rest.get(..w.len())
+                .is_some_and(|r| r.eq_ignore_ascii_case(w))
+        };
+        match b | 0x20 {
+            b'e' => starts(b"execute"),
+            b'p' => starts(b"prepare") || starts(b"pg_prepared_statements"),
+            b'd' => starts(b"deallocate") || starts(b"discard"),
+            _ => false,
+        }
+    })
+}
+
+/// The SQL-level prepared statements a query's text names (see [`SqlNames`]). `EXECUTE`
+/// is read anywhere (`EXPLAIN EXECUTE`, `CREATE TABLE .. AS EXECUTE`); a word after it
+/// that names no statement (`GRANT EXECUTE ON`) costs at most a look at the name.
+pub fn sql_names(sql: &[u8]) -> SqlNames {
+    let mut out = SqlNames::default();
+    let mut toks = Tokens { sql, at: 0 };
+    let mut first: Option<&[u8]> = None;
+    let mut words = 0usize;
+    let mut prev: Option<Tok<'_>> = None;
+    while let Some(t) = toks.next() {
+        if t == Tok::Punct(b';') {
+            first = None;
+            words = 0;
+            prev = None;
+            continue;
+        }
+        if let Tok::Word(w) = t {
+            words += 1;
+            out.lists |= is(w, "pg_prepared_statements");
+            let f = *first.get_or_insert(w);
+            let after = |p: &str| matches!(prev, Some(Tok::Word(x)) if is(x, p));
+            let name = ident(sql, w);
+            if words == 2 && is(f, "prepare") {
+                push_name(&mut out.used, &name);
+                push_name(&mut out.changed, &name);
+            } else if words == 2 && is(f, "discard") && is(w, "all") && !quoted(sql, w) {
+                out.all = true;
+            } else if (words == 2 || words == 3 && after("prepare")) && is(f, "deallocate") {
+                if is(w, "all") && !quoted(sql, w) {
+                    out.all = true;
+                } else if !(words == 2 && is(w, "prepare") && !quoted(sql, w)) {
+                    push_name(&mut out.used, &name);
+                    push_name(&mut out.changed, &name);
+                }
+            } else if after("execute") {
+                push_name(&mut out.used, &name);
+            }
+        }
+        prev = Some(t);
+    }
+    out
+}
+
+fn push_name(names: &mut Vec<Vec<u8>>, name: &[u8]) {
+    if !names.iter().any(|n| n == name) {
+        names.push(name.to_vec());
+    }
+}
+
+/// Whether the word `w` (a slice of `sql`) was written in double quotes.
+fn quoted(sql: &[u8], w: &[u8]) -> bool {
+    let at = (w.as_ptr() as usize).wrapping_sub(sql.as_ptr() as usize);
+    at > 0 && sql.get(at - 1) == Some(&b'"')
+}
+
+/// An identifier as the server reads it: a quoted one as written (`""` a quote), an
+/// unquoted one in lower case.
+fn ident(sql: &[u8], w: &[u8]) -> Vec<u8> {
+    if quoted(sql, w) {
+        let mut out = Vec::with_capacity(w.len());
+        let mut i = 0;
+        while let Some(&b) = w.get(i) {
+            out.push(b);
+            i += if b == b'"' { 2 } else { 1 };
+        }
+        out
+    } else {
+        w.to_ascii_lowercase()
+    }
+}
+
+/// The text that defines the SQL-level prepared statement `name`, from the source a
+/// server keeps for it (`pg_prepared_statements.statement`: the whole query string that
+/// held the `PREPARE`). A source of one statement is kept whole, so that a replay shows
+/// the same source; from several, the last `PREPARE` of the name. `None` when no
+/// `PREPARE` of that name is in it.
+pub fn sql_definition(source: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut toks = Tokens { sql: source, at: 0 };
+    // Each statement's span, and whether it prepares `name`.
+    let mut statements = 0usize;
+    let mut found: Option<(usize, usize)> = None;
+    let mut start = 0usize;
+    let mut words = 0usize;
+    let mut prepares = false;
+    // Where the statement's last token ends.
+    let mut end_of_last = 0usize;
+    loop {
+        let t = toks.next();
+        if matches!(t, None | Some(Tok::Punct(b';'))) {
+            if end_of_last > start {
+                statements += 1;
+                if prepares {
+                    found = Some((start, end_of_last));
+                }
+            }
+            if t.is_none() {
+                break;
+            }
+            start = toks.at;
+            end_of_last = start;
+            words = 0;
+            prepares = false;
+            continue;
+        }
+        end_of_last = toks.at;
+        if let Some(Tok::Word(w)) = t {
+            words += 1;
+            if words == 1 {
+                prepares = is(w, "prepare");
+            } else if words == 2 && prepares {
+                prepares = ident(source, w) == name;
+            }
+        } else if words < 2 {
+            prepares = false;
+        }
+    }
+    let (a, b) = found?;
+    if statements == 1 {
+        return Some(source.to_vec());
+    }
+    let text = source.get(a..b)?;
+    let trimmed = text.trim_ascii();
+    Some(trimmed.to_vec())
+}
+
 /// A client's session as it moves between server connections.
 #[derive(Debug, Default)]
 pub struct PgSession {
@@ -651,6 +806,15 @@ impl PgSession {
 
     pub fn pinned(&self) -> Option<PinReason> {
         self.pin
+    }
+
+    /// Pins the session for `reason` (returned when it starts the pin).
+    pub fn pin_for(&mut self, reason: PinReason) -> Option<PinReason> {
+        if self.pin.is_some() {
+            return None;
+        }
+        self.pin = Some(reason);
+        Some(reason)
     }
 
     /// The exchange on the server connection is settled (nothing outstanding, no
@@ -825,7 +989,7 @@ mod tests {
                 Some(PinReason::HoldCursor),
             ),
             ("DECLARE c CURSOR FOR SELECT 1", None),
-            ("PREPARE p AS SELECT 1", Some(PinReason::TextPrepare)),
+            ("PREPARE p AS SELECT 1", None),
             ("LOAD 'auto_explain'", Some(PinReason::LoadLibrary)),
         ];
         for (q, want) in cases {
@@ -888,6 +1052,109 @@ mod tests {
         assert_eq!(s.at_rest(), AtRest::Keep(PinReason::Listen));
     }
 
+    fn names(sql: &str) -> (Vec<String>, Vec<String>, bool) {
+        let n = sql_names(sql.as_bytes());
+        let s = |v: Vec<Vec<u8>>| {
+            v.into_iter()
+                .map(|x| String::from_utf8(x).unwrap())
+                .collect()
+        };
+        (s(n.used), s(n.changed), n.all)
+    }
+
+    #[test]
+    fn sql_prepared_statements_are_named_as_the_server_spells_them() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(
+            names("PREPARE Q1(int) AS SELECT $1"),
+            (vec!["q1".into()], vec!["q1".into()], false)
+        );
+        assert_eq!(
+            names("prepare \"My\"\"Q\" as select 1"),
+            (vec!["My\"Q".into()], vec!["My\"Q".into()], false)
+        );
+        assert_eq!(
+            names("EXECUTE q1(1)"),
+            (vec!["q1".into()], none.clone(), false)
+        );
+        assert_eq!(
+            names("explain (analyze) execute Q2"),
+            (vec!["q2".into()], none.clone(), false)
+        );
+        assert_eq!(
+            names("CREATE TABLE t AS EXECUTE q3(1)"),
+            (vec!["q3".into()], none.clone(), false)
+        );
+        assert_eq!(
+            names("DEALLOCATE q1; DEALLOCATE PREPARE q2"),
+            (
+                vec!["q1".into(), "q2".into()],
+                vec!["q1".into(), "q2".into()],
+                false
+            )
+        );
+        assert_eq!(names("DEALLOCATE ALL"), (none.clone(), none.clone(), true));
+        assert_eq!(
+            names("deallocate prepare all"),
+            (none.clone(), none.clone(), true)
+        );
+        assert_eq!(names("DISCARD ALL"), (none.clone(), none.clone(), true));
+        assert_eq!(names("DISCARD PLANS"), (none.clone(), none.clone(), false));
+        assert_eq!(
+            names("DEALLOCATE \"all\""),
+            (vec!["all".into()], vec!["all".into()], false)
+        );
+        assert_eq!(
+            names("SELECT 'EXECUTE x'; -- EXECUTE y\nSELECT $$PREPARE z$$"),
+            (none.clone(), none.clone(), false)
+        );
+        assert!(sql_names(b"SELECT * FROM pg_catalog.pg_prepared_statements").lists);
+        assert!(!sql_names(b"SELECT 'pg_prepared_statements'").lists);
+        assert!(may_name_sql_statements(b"TABLE pg_prepared_statements"));
+        assert!(may_name_sql_statements(b"explain Execute q"));
+        assert!(may_name_sql_statements(b"DEALLOCATE q"));
+        assert!(!may_name_sql_statements(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+    }
+
+    #[test]
+    fn an_sql_definition_is_its_whole_source_or_its_own_statement() {
+        let def = |src: &str, name: &str| {
+            sql_definition(src.as_bytes(), name.as_bytes()).map(|d| String::from_utf8(d).unwrap())
+        };
+        assert_eq!(
+            def("PREPARE a(int) AS SELECT $1 + 1;", "a").as_deref(),
+            Some("PREPARE a(int) AS SELECT $1 + 1;")
+        );
+        assert_eq!(
+            def("/* c */ prepare \"Weird\" (int) as select $1", "Weird").as_deref(),
+            Some("/* c */ prepare \"Weird\" (int) as select $1")
+        );
+        assert_eq!(
+            def(
+                "PREPARE b AS SELECT ';'\n;  SELECT 7; PREPARE c AS SELECT 2",
+                "b"
+            )
+            .as_deref(),
+            Some("PREPARE b AS SELECT ';'")
+        );
+        assert_eq!(
+            def("SELECT 7; PREPARE c AS SELECT 2 ;", "c").as_deref(),
+            Some("PREPARE c AS SELECT 2")
+        );
+        assert_eq!(
+            def(
+                "PREPARE c AS SELECT 1; DEALLOCATE c; PREPARE c AS SELECT 2",
+                "c"
+            )
+            .as_deref(),
+            Some("PREPARE c AS SELECT 2")
+        );
+        assert_eq!(def("SELECT 1; SELECT 2", "c"), None);
+        assert_eq!(def("PREPARE d AS SELECT 1", "c"), None);
+    }
+
     #[test]
     fn scanning_never_panics_on_cut_text() {
         let texts = [
@@ -902,10 +1169,16 @@ mod tests {
             "$",
             "$1",
             "set_config(",
+            "PREPARE",
+            "PREPARE \"a",
+            "EXECUTE",
+            "DEALLOCATE PREPARE",
         ];
         for t in texts {
             for cut in 0..=t.len() {
                 let _ = scan(&t.as_bytes()[..cut]);
+                let _ = sql_names(&t.as_bytes()[..cut]);
+                let _ = sql_definition(&t.as_bytes()[..cut], b"a");
             }
         }
     }
