@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("serving", serving),
     ("pg_startup", pg_startup),
     ("pg_relay", pg_relay),
+    ("pg_statements", pg_statements),
 ];
 
 /// Splits `data` into physical packets as the relays do (a length of 3 bytes, a sequence
@@ -701,6 +702,55 @@ pub fn pg_relay(data: &[u8]) {
             t = Tracker::default();
         }
         let _ = t.releasable();
+        from_client = !from_client;
+        rest = tail;
+    }
+}
+
+/// PostgreSQL prepared statements (protocol and SQL level) on an exchange, in pieces as
+/// in [`pg_relay`]: the client's pieces are renamed and given fixups, the server's have
+/// answers dropped; each piece is also read as SQL text, and as a read-back of SQL
+/// statements. A piece the exchange refuses starts a new one, as the session would.
+pub fn pg_statements(data: &[u8]) {
+    use crate::session::pg_statements::{ClientStatements, Exchange, Forward, ServerStatements};
+    use crate::session::postgres::{sql_definition, sql_names};
+    let mut x = Exchange::default();
+    let mut c = ClientStatements::new(1);
+    let mut s = ServerStatements::default();
+    let mut out = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut rest = data;
+    let mut from_client = true;
+    while let Some((&n, tail)) = rest.split_first() {
+        let (piece, tail) = tail.split_at(usize::from(n % 64 + 1).min(tail.len()));
+        let names = sql_names(piece);
+        if let Some(name) = names.used.first() {
+            let _ = sql_definition(piece, name);
+        }
+        if n & 0x80 != 0 {
+            c.sql.changing(&names);
+            let rows = piece.split(|&b| b == b';').filter_map(|r| {
+                let (name, source) = r.split_at(r.len().min(3));
+                (!name.is_empty()).then_some((name, source))
+            });
+            let _ = c.sql.read_back(&mut s.sql, rows);
+        }
+        let ok = if from_client {
+            pending.extend_from_slice(piece);
+            match x.from_client(&mut c, &mut s, &pending, &mut out, |_| {}) {
+                Ok(Forward::AsIs(k) | Forward::Rewritten(k)) => {
+                    pending.drain(..k.min(pending.len()));
+                    true
+                }
+                Err(_) => false,
+            }
+        } else {
+            x.from_server(&mut c, &mut s, piece, |_| {}).is_ok()
+        };
+        if !ok {
+            x.reset();
+            pending.clear();
+        }
         from_client = !from_client;
         rest = tail;
     }
