@@ -10,7 +10,7 @@ use std::time::Duration;
 #[command(
     name = "dbproxy",
     version,
-    about = "MySQL/MariaDB connection proxy with a warm backend pool"
+    about = "MySQL/MariaDB and PostgreSQL connection proxy with a warm backend pool"
 )]
 struct Cli {
     #[command(subcommand)]
