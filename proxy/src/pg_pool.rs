@@ -106,6 +106,8 @@ pub struct PgPool<D: Driver> {
     waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
     /// Connections this core has lent and not had back.
     lent: std::cell::Cell<usize>,
+    /// Startup settings as this group's servers spell them.
+    pub spellings: RefCell<crate::session::postgres::Spellings>,
 }
 
 impl<D: Driver> PgPool<D> {
@@ -116,6 +118,7 @@ impl<D: Driver> PgPool<D> {
             idle: RefCell::default(),
             waiters: RefCell::default(),
             lent: std::cell::Cell::new(0),
+            spellings: RefCell::default(),
         })
     }
 
@@ -522,16 +525,19 @@ impl<D: Driver> PgPool<D> {
         if sh.wanted.load(Ordering::Acquire) == 0 {
             return Some(lease);
         }
-        let mut queue = sh.pg_handoff.lock();
-        queue.retain(|w| !w.tx.is_closed());
-        let i = queue
-            .iter()
-            .position(|w| w.login == lease.server.login.id && w.database == lease.server.database);
-        let Some(w) = i.and_then(|i| queue.remove(i)) else {
+        let (login, database) = (lease.server.login.id, lease.server.database.clone());
+        let next = || {
+            let mut queue = sh.pg_handoff.lock();
+            queue.retain(|w| !w.tx.is_closed());
+            let i = queue
+                .iter()
+                .position(|w| w.login == login && w.database == database);
+            i.and_then(|i| queue.remove(i))
+        };
+        let Some(mut waiter) = next() else {
             return Some(lease);
         };
-        drop(queue);
-        let moving: Box<dyn std::any::Any + Send> = match lease.map_stream(D::detach) {
+        let mut moving: Box<dyn std::any::Any + Send> = match lease.map_stream(D::detach) {
             Ok(l) => Box::new(l),
             Err(e) => {
                 tracing::debug!("cannot move a server connection to another core: {e}");
@@ -539,11 +545,27 @@ impl<D: Driver> PgPool<D> {
                 return None;
             }
         };
-        if w.tx.send(moving).is_err() {
-            // The borrower gave up meanwhile: the connection goes.
-            self.closed();
+        loop {
+            match waiter.tx.send(moving) {
+                Ok(()) => return None,
+                // That borrower was served meanwhile: the next one, or it stays here
+                // (closing it would cost a new connection).
+                Err(back) => moving = back,
+            }
+            match next() {
+                Some(w) => waiter = w,
+                None => break,
+            }
         }
-        None
+        let lease = moving.downcast::<Lease<Detached>>().ok()?;
+        match lease.map_stream(D::attach) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("cannot keep a server connection on its core: {e}");
+                self.closed();
+                None
+            }
+        }
     }
 
     /// A connection another core handed over, attached to this core.

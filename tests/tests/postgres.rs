@@ -102,6 +102,45 @@ fn psql_and_pgbench_share_two_server_connections_and_the_books_balance() {
             let n = db.backends("app");
             assert!(n <= 3, "[{io}] {n} server connections for app");
         }
+        // Many more clients than connections: connections move between the cores' pools
+        // as clients wait, and none is closed on the way (a borrower served meanwhile
+        // leaves the moved one to the next, or to its core).
+        let o = pgbench(p.port, &["-n", "-S", "-c", "64", "-j", "4", "-t", "200"]);
+        assert!(
+            o.status.success() && text(&o).contains("number of failed transactions: 0"),
+            "[{io}] pgbench -S -c 64: {}",
+            text(&o)
+        );
+        assert_eq!(
+            p.metric("dbproxy_database_connections_closed_total{target_group=\"default\",target_role=\"read_write\"}"),
+            0,
+            "[{io}]"
+        );
+        // Startup settings: the second client with the same ones takes the server's
+        // spelling the first read back.
+        for _ in 0..3 {
+            let o = program("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &p.port.to_string(),
+                    "-U",
+                    "app",
+                    "-d",
+                    "shop",
+                ])
+                .args(["-At", "-c", "SHOW DateStyle", "-c", "SHOW search_path"])
+                .env("PGPASSWORD", APP_PASSWORD)
+                .env("PGSSLMODE", "disable")
+                .env(
+                    "PGOPTIONS",
+                    "-c DateStyle=ISO -c search_path=pg_catalog,public",
+                )
+                .output()
+                .unwrap();
+            assert_eq!(text(&o), "ISO, MDY\npg_catalog,public\n", "[{io}]");
+        }
         let o = pgbench(p.port, &["-S", "-C", "-c", "4", "-j", "2", "-t", "25"]);
         assert!(
             o.status.success() && text(&o).contains("number of failed transactions: 0"),
