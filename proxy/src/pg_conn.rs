@@ -543,6 +543,21 @@ impl<D: Driver> PgClient<D> {
     /// client may have changed them (its startup settings, before its first query).
     async fn take_settings(&mut self, lease: &mut Lease<D::Stream>) -> Result<(), OwnQueryError> {
         let deadline = self.deadline();
+        // Startup settings another client started with are taken as the server spelled
+        // them then; new ones are read back once and remembered.
+        let login = lease.server.login.id;
+        let startup = self.session.fresh_startup().cloned();
+        if let Some(startup) = &startup {
+            let known = self
+                .pool
+                .spellings
+                .borrow()
+                .get(login, &self.database, startup)
+                .cloned();
+            if let Some(spelled) = known {
+                self.session.read_back(spelled);
+            }
+        }
         let server = &mut lease.server;
         if let Some(sql) = self.session.settings.replay_sql(&server.settings) {
             let a = server.query(&sql, deadline).await.map_err(|e| {
@@ -559,6 +574,14 @@ impl<D: Driver> PgClient<D> {
         }
         if let AtRest::ReadBack(sql) = self.session.at_rest() {
             self.read_back(lease, &sql).await?;
+            if let Some(startup) = startup.filter(|_| self.session.fresh_startup().is_none()) {
+                self.pool.spellings.borrow_mut().remember(
+                    login,
+                    &self.database,
+                    startup,
+                    self.session.settings.clone(),
+                );
+            }
         }
         Ok(())
     }

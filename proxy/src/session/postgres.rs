@@ -24,7 +24,7 @@ const ROLE: &str = "role";
 pub const MAX_CUSTOM: usize = 64;
 
 /// A session's settings that differ from the server's defaults, by lower-case name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Settings {
     values: BTreeMap<String, String>,
 }
@@ -730,6 +730,41 @@ pub fn sql_definition(source: &[u8], name: &[u8]) -> Option<Vec<u8>> {
     Some(trimmed.to_vec())
 }
 
+/// Startup settings remembered with the server's spelling of them (what a read-back found
+/// after they were applied: `DateStyle=ISO` reads back as `ISO, MDY`), per backend login
+/// and database: a client that starts with settings another client started with needs no
+/// read-back (a new connection per transaction pays no extra query). At most
+/// [`Spellings::LIMIT`] kept; the oldest go first.
+#[derive(Debug, Default)]
+pub struct Spellings {
+    known: std::collections::HashMap<(u64, String, Settings), Settings>,
+    order: std::collections::VecDeque<(u64, String, Settings)>,
+}
+
+impl Spellings {
+    pub const LIMIT: usize = 64;
+
+    pub fn get(&self, login: u64, database: &str, startup: &Settings) -> Option<&Settings> {
+        // The key is built only to look up: a lookup allocates (once per client).
+        self.known
+            .get(&(login, database.to_string(), startup.clone()))
+    }
+
+    pub fn remember(&mut self, login: u64, database: &str, startup: Settings, spelled: Settings) {
+        let key = (login, database.to_string(), startup);
+        if self.known.contains_key(&key) {
+            return;
+        }
+        if self.order.len() >= Self::LIMIT {
+            if let Some(old) = self.order.pop_front() {
+                self.known.remove(&old);
+            }
+        }
+        self.order.push_back(key.clone());
+        self.known.insert(key, spelled);
+    }
+}
+
 /// A client's session as it moves between server connections.
 #[derive(Debug, Default)]
 pub struct PgSession {
@@ -744,6 +779,9 @@ pub struct PgSession {
     /// Since the last [`PgSession::take_deallocated`]: prepared statements may have gone
     /// from the server (`Some(true)`: all of the client's too).
     deallocated: Option<bool>,
+    /// Its startup settings are as the client sent them, not yet as the server spells
+    /// them (no read-back yet).
+    fresh: bool,
 }
 
 /// What to do once the server connection's exchange is settled.
@@ -769,7 +807,14 @@ impl PgSession {
             touched: true,
             pin: None,
             deallocated: None,
+            fresh: true,
         }
+    }
+
+    /// Its startup settings, while they are as the client sent them (before the first
+    /// read-back).
+    pub fn fresh_startup(&self) -> Option<&Settings> {
+        self.fresh.then_some(&self.settings)
     }
 
     /// A Query or Parse the client sent (see [`seen`]); returns a pin it starts.
@@ -831,6 +876,7 @@ impl PgSession {
     pub fn read_back(&mut self, settings: Settings) {
         self.settings = settings;
         self.touched = false;
+        self.fresh = false;
     }
 }
 
@@ -1153,6 +1199,36 @@ mod tests {
         );
         assert_eq!(def("SELECT 1; SELECT 2", "c"), None);
         assert_eq!(def("PREPARE d AS SELECT 1", "c"), None);
+    }
+
+    #[test]
+    fn startup_settings_spelled_once_need_no_read_back_for_the_next_client() {
+        let startup = [("DateStyle".to_string(), "ISO".to_string())];
+        let spelled = Settings::from_rows([("datestyle", Some("ISO, MDY"))], "app");
+        let mut spellings = Spellings::default();
+        let mut first = PgSession::new(&startup);
+        let key = first.fresh_startup().cloned().unwrap();
+        assert!(spellings.get(1, "shop", &key).is_none());
+        first.read_back(spelled.clone());
+        assert!(first.fresh_startup().is_none());
+        spellings.remember(1, "shop", key.clone(), spelled.clone());
+        // Another login or database is another server's spelling.
+        assert!(spellings.get(2, "shop", &key).is_none());
+        assert!(spellings.get(1, "other", &key).is_none());
+        let mut next = PgSession::new(&startup);
+        let known = spellings
+            .get(1, "shop", next.fresh_startup().unwrap())
+            .cloned()
+            .unwrap();
+        next.read_back(known);
+        assert_eq!(next.at_rest(), AtRest::Release);
+        assert_eq!(next.settings.get("datestyle"), Some("ISO, MDY"));
+        // Bounded.
+        for i in 0..Spellings::LIMIT as u64 + 5 {
+            spellings.remember(10 + i, "shop", key.clone(), spelled.clone());
+        }
+        assert!(spellings.known.len() <= Spellings::LIMIT);
+        assert!(spellings.get(1, "shop", &key).is_none(), "the oldest went");
     }
 
     #[test]
