@@ -203,6 +203,14 @@ impl PgDb {
         }
     }
 
+    /// Puts `line` first in the server's pg_hba.conf, and reloads it.
+    pub fn hba_first(&self, line: &str) {
+        let path = self.dir.path().join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{line}\n{old}")).unwrap();
+        self.sql("SELECT pg_reload_conf()");
+    }
+
     /// Runs SQL as the superuser on `shop` (or `postgres` before it exists) and returns
     /// the rows, `|`-separated.
     pub fn sql(&self, sql: &str) -> String {

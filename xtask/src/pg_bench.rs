@@ -14,6 +14,11 @@ use std::process::{Child, Command, Stdio};
 /// Server connections each proxy may open.
 const POOL: usize = 20;
 
+/// The user of the md5 row of `-C`, on the server and on both proxies: a connection's
+/// cost without libpq's SCRAM key derivation (about 5 ms of pgbench's CPU per SCRAM login
+/// here, the same towards every target), which bounds the SCRAM row.
+const MD5_USER: &str = "app_md5";
+
 /// One proxy or the server itself.
 struct Target {
     name: &'static str,
@@ -49,14 +54,23 @@ fn start_pgbouncer(dir: &Path, db_port: u16, port: u16) -> std::result::Result<R
         }
         Ok(p)
     };
-    let users = write("userlist.txt", format!("\"app\" \"{DB_PASSWORD}\"\n"))?;
+    let users = write(
+        "userlist.txt",
+        format!("\"app\" \"{DB_PASSWORD}\"\n\"{MD5_USER}\" \"{DB_PASSWORD}\"\n"),
+    )?;
+    // SCRAM for everybody but the md5 user of the md5 row.
+    let hba = write(
+        "hba.conf",
+        format!("host all {MD5_USER} 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n"),
+    )?;
     let ini = write(
         "pgbouncer.ini",
         format!(
             "[databases]\nshop = host=127.0.0.1 port={db_port} dbname=shop\n\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
+             auth_type = hba\nauth_hba_file = {}\nauth_file = {}\npool_mode = transaction\n\
              default_pool_size = {POOL}\nmax_client_conn = 2000\nlogfile = {}\n",
+            hba.display(),
             users.display(),
             dir.join("pgbouncer.log").display()
         ),
@@ -103,6 +117,12 @@ pub fn bench(quick: bool) -> Result<String> {
             String::from_utf8_lossy(&init.stderr)
         ));
     }
+    // The md5 row's user: a member of app (the tables' owner), its password kept as md5.
+    db.hba_first(&format!("host all {MD5_USER} 127.0.0.1/32 md5"));
+    db.sql(&format!(
+        "SET password_encryption = 'md5'; \
+         CREATE ROLE {MD5_USER} LOGIN PASSWORD '{DB_PASSWORD}' IN ROLE app"
+    ));
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     if let Some((u, g)) = run_as() {
         std::os::unix::fs::chown(work.path(), Some(u), Some(g)).map_err(|e| e.to_string())?;
@@ -113,7 +133,9 @@ pub fn bench(quick: bool) -> Result<String> {
          [[endpoints]]\nname = \"bench\"\nlisten = \"127.0.0.1:{px_port}\"\ntarget_group = \"pg\"\n\n\
          [[target_groups]]\nname = \"pg\"\nengine = \"postgresql\"\ntargets = [\"127.0.0.1:{}\"]\n\
          max_connections = {POOL}\nmax_idle_connections = {POOL}\n\n\
-         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n",
+         [[users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\nbackend_password = \"{DB_PASSWORD}\"\n\n\
+         [[users]]\nname = \"{MD5_USER}\"\npassword = \"{APP_PASSWORD}\"\npostgres_auth = \"md5\"\n\
+         backend_user = \"app\"\nbackend_password = \"{DB_PASSWORD}\"\n",
         db.port
     );
     let cfg = work.path().join("dbproxy.toml");
@@ -155,7 +177,8 @@ pub fn bench(quick: bool) -> Result<String> {
         },
     ];
     let mut rows: Vec<(String, Cells)> = Vec::new();
-    let mut plans: Vec<(String, Vec<String>, bool)> = Vec::new();
+    // (name, pgbench's arguments, `-M prepared`, as the md5 user)
+    let mut plans: Vec<(String, Vec<String>, bool, bool)> = Vec::new();
     for clients in [1, 8, 64] {
         for mode in ["simple", "prepared"] {
             plans.push((
@@ -170,17 +193,27 @@ pub fn bench(quick: bool) -> Result<String> {
                     clients.min(4).to_string(),
                 ],
                 mode == "prepared",
+                false,
             ));
         }
     }
     plans.push((
-        "-S -C (a new connection per transaction), 8 clients".into(),
+        "-S -C (a new connection per transaction, SCRAM), 8 clients".into(),
         ["-S", "-C", "-c", "8", "-j", "4"]
             .map(String::from)
             .to_vec(),
         false,
+        false,
     ));
-    for (name, args, prepared) in plans {
+    plans.push((
+        "-S -C (a new connection per transaction, md5), 8 clients".into(),
+        ["-S", "-C", "-c", "8", "-j", "4"]
+            .map(String::from)
+            .to_vec(),
+        false,
+        true,
+    ));
+    for (name, args, prepared, md5) in plans {
         eprintln!("xtask: pgbench {name}");
         let mut sums: Vec<Option<(f64, f64, f64)>> = vec![Some((0.0, 0.0, 0.0)); targets.len()];
         for _ in 0..rounds {
@@ -191,7 +224,8 @@ pub fn bench(quick: bool) -> Result<String> {
                 }
                 let cpu0 = t.pid.map(cpu_seconds);
                 let out = program("pgbench")
-                    .args(["-h", "127.0.0.1", "-p", &t.port.to_string(), "-U", t.user])
+                    .args(["-h", "127.0.0.1", "-p", &t.port.to_string()])
+                    .args(["-U", if md5 { MD5_USER } else { t.user }])
                     .args(["-n", "-T", &secs.to_string()])
                     .args(&args)
                     .arg("shop")
@@ -232,7 +266,7 @@ pub fn bench(quick: bool) -> Result<String> {
     drop(dbproxy);
 
     let mut o = format!(
-        "## PostgreSQL ({})\n\npgbench against PostgreSQL 15 (scale 10), {secs} s per run, {rounds} interleaved rounds. Each figure: transactions per second (ratio to direct) and the proxy process's CPU per transaction. dbproxy and PgBouncer each have {POOL} server connections; PgBouncer is Debian's 1.18 in transaction mode, which has no prepared statements there (n/a).\n\n|  |",
+        "## PostgreSQL ({})\n\npgbench against PostgreSQL 15 (scale 10), {secs} s per run, {rounds} interleaved rounds. Each figure: transactions per second (ratio to direct) and the proxy process's CPU per transaction. dbproxy and PgBouncer each have {POOL} server connections; PgBouncer is Debian's 1.18 in transaction mode, which has no prepared statements there (n/a). The `-C` rows log in with SCRAM (where libpq's key derivation, about 5 ms of pgbench's own CPU per login on every target, bounds the rate) and with md5 (a member of app; the proxies' and the server's own cost of a connection).\n\n|  |",
         if quick { "quick" } else { "full" }
     );
     for t in &targets {
