@@ -972,22 +972,40 @@ impl<D: Driver> PgClient<D> {
     }
 
     /// Before a settled connection goes back: a connection that holds too many of the
-    /// clients' statements is cleared of them.
+    /// clients' statements closes the least recently used of them (down to three quarters
+    /// of the limit), or all of them when the clients' SQL-level ones are too many alone.
     async fn tidy(&mut self, lease: &mut Lease<D::Stream>) -> Unlinked {
-        if lease.server.statements.total() > MAX_SERVER_STATEMENTS {
-            let deadline = self.deadline();
-            match lease.server.query("DEALLOCATE ALL", deadline).await {
-                Ok(a) if a.error.is_none() => lease.server.statements.clear(),
-                Ok(a) => {
-                    return Unlinked::ServerLost(format!(
-                        "clearing the server's prepared statements failed: {}",
-                        a.error.map(|e| e.to_string()).unwrap_or_default()
-                    ))
-                }
-                Err(e) => return Unlinked::ServerLost(e.to_string()),
-            }
+        let statements = &lease.server.statements;
+        if statements.total() <= MAX_SERVER_STATEMENTS {
+            return Unlinked::Settled;
         }
-        Unlinked::Settled
+        let keep = (MAX_SERVER_STATEMENTS * 3 / 4).saturating_sub(statements.sql.len());
+        let evict = statements.least_used(keep);
+        let sql = if evict.is_empty() {
+            "DEALLOCATE ALL".to_string()
+        } else {
+            // dbproxy's names (`__dbp<pid>_<n>`) need no quoting beyond the quotes.
+            evict
+                .iter()
+                .map(|n| format!("DEALLOCATE \"{}\";", String::from_utf8_lossy(n)))
+                .collect()
+        };
+        let deadline = self.deadline();
+        match lease.server.query(&sql, deadline).await {
+            Ok(a) if a.error.is_none() => {
+                if evict.is_empty() {
+                    lease.server.statements.clear();
+                } else {
+                    lease.server.statements.forget(&evict);
+                }
+                Unlinked::Settled
+            }
+            Ok(a) => Unlinked::ServerLost(format!(
+                "closing the server's prepared statements failed: {}",
+                a.error.map(|e| e.to_string()).unwrap_or_default()
+            )),
+            Err(e) => Unlinked::ServerLost(e.to_string()),
+        }
     }
 
     /// Sends the client's buffered bytes to the server (statements renamed, missing ones

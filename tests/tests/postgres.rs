@@ -1429,3 +1429,47 @@ fn sql_prepared_statements_follow_their_client_without_pinning() {
         assert_eq!(dirty, 0, "[{io}] {}", p.log());
     }
 }
+
+/// A server connection holds at most 1,000 of the clients' statements: past that, the least
+/// recently used are closed as it goes back to the pool, and a client's closed statement is
+/// prepared again where it is used next. The check-in verifier agrees with the record.
+#[test]
+fn a_connection_with_too_many_statements_closes_the_least_recently_used() {
+    let db = PgDb::start(&[]);
+    for io in DRIVERS {
+        let p = Proxy::start_at(
+            db.port,
+            io,
+            "verify_checkin = true",
+            &group(&db, "max_connections = 1\nmax_idle_connections = 1"),
+            "",
+        );
+        let mut c = client(p.port);
+        let stmts: Vec<_> = (0..1100)
+            .map(|i| c.prepare(&format!("SELECT {i}::int")).unwrap())
+            .collect();
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = c.query_one(s, &[]).unwrap().get(0);
+            assert_eq!(v as usize, i, "[{io}]");
+        }
+        let held: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_\\_dbp%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            (750..=1001).contains(&held),
+            "[{io}] {held} statements on the server"
+        );
+        // The least recently used went first: the first ones, prepared again when used.
+        for (i, s) in stmts.iter().enumerate().take(20) {
+            let v: i32 = c.query_one(s, &[]).unwrap().get(0);
+            assert_eq!(v as usize, i, "[{io}]");
+        }
+        let (verified, dirty) = p.checkin_verification();
+        assert!(verified > 1000, "[{io}] {verified}");
+        assert_eq!(dirty, 0, "[{io}] {}", p.log());
+    }
+}

@@ -10,8 +10,8 @@
 //! definition of each statement it prepared; when it binds or describes one on a server
 //! connection that lacks it, a Parse goes first, and that Parse's ParseComplete is
 //! dropped from the answer. A Close closes the server's copy on the connection at hand;
-//! copies left on others are bounded ([`MAX_SERVER_STATEMENTS`]) and cleared with
-//! `DEALLOCATE ALL` when a connection has too many.
+//! copies left on others are bounded: a connection that holds more than
+//! [`MAX_SERVER_STATEMENTS`] closes its least recently used ones as it goes back to the pool.
 //!
 //! Replies are matched to requests in order, with PostgreSQL's rule that an error skips
 //! everything up to the next Sync: a Parse that was skipped (or failed) never existed.
@@ -23,7 +23,7 @@ use crate::postgres::messages::error_field;
 use std::collections::{HashMap, VecDeque};
 
 /// A server connection with more prepared statements than this (dbproxy's names and the
-/// clients' SQL-level ones) gets `DEALLOCATE ALL` when it goes back to the pool.
+/// clients' SQL-level ones) closes the least recently used when it goes back to the pool.
 pub const MAX_SERVER_STATEMENTS: usize = 1000;
 
 /// A simple Query up to this long is taken whole, to read the SQL-level prepared
@@ -60,13 +60,23 @@ pub struct ClientStatements {
 }
 
 /// The statements of dbproxy's naming a server connection holds, each with the
-/// connection's generation when it was prepared there.
+/// connection's generation when it was prepared there and when it was last used there
+/// (the least used go first when the connection holds too many).
 #[derive(Debug, Default, Clone)]
 pub struct ServerStatements {
-    known: HashMap<Vec<u8>, u64>,
+    known: HashMap<Vec<u8>, Held>,
     generation: u64,
+    /// Counts binds and describes: a statement's `used` is the count at its last one.
+    uses: u64,
     /// The clients' SQL-level statements it holds (under their own names).
     pub sql: ServerSql,
+}
+
+/// One statement on a server connection: when it was prepared and last used there.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    made: u64,
+    used: u64,
 }
 
 impl ServerStatements {
@@ -97,13 +107,49 @@ impl ServerStatements {
 
     fn insert(&mut self, server_name: Vec<u8>) {
         self.generation += 1;
-        self.known.insert(server_name, self.generation);
+        self.uses += 1;
+        let held = Held {
+            made: self.generation,
+            used: self.uses,
+        };
+        self.known.insert(server_name, held);
+    }
+
+    /// Whether the server holds a statement of this name, which is being used now.
+    fn touch(&mut self, server_name: &[u8]) -> bool {
+        match self.known.get_mut(server_name) {
+            Some(h) => {
+                self.uses += 1;
+                h.used = self.uses;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The statements of dbproxy's naming beyond the `keep` most recently used, least
+    /// recently used first.
+    pub fn least_used(&self, keep: usize) -> Vec<Vec<u8>> {
+        let mut all: Vec<(u64, &Vec<u8>)> = self.known.iter().map(|(n, h)| (h.used, n)).collect();
+        all.sort_unstable();
+        let evict = all.len().saturating_sub(keep);
+        all.into_iter()
+            .take(evict)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// The server closed these.
+    pub fn forget(&mut self, names: &[Vec<u8>]) {
+        for n in names {
+            self.known.remove(n);
+        }
     }
 
     /// Forgets the statements prepared up to generation `upto` (a `DEALLOCATE ALL` sent
     /// after them).
     pub fn clear_upto(&mut self, upto: u64) {
-        self.known.retain(|_, made| *made > upto);
+        self.known.retain(|_, h| h.made > upto);
     }
 
     /// Whether the server holds a statement of this name (dbproxy's naming).
@@ -631,7 +677,7 @@ impl Exchange {
             let unsure = self.queue.iter().any(|e| {
                 matches!(e, Entry::Parse { server_name, injected: true, .. } if *server_name == def.server_name)
             });
-            (unsure || !server.contains(&def.server_name), unsure)
+            (unsure || !server.touch(&def.server_name), unsure)
         };
         if inject {
             let def = stmts.defs.get(name)?;
@@ -1464,6 +1510,40 @@ mod tests {
         let q = query("EXECUTE q1");
         assert_eq!(send(&mut x, &mut c, &mut s, &q), q);
         assert!(c.sql.needs_read_back());
+    }
+
+    #[test]
+    fn the_least_recently_used_statements_of_a_connection_are_named_for_closing() {
+        let mut c = ClientStatements::new(4);
+        let mut s = ServerStatements::default();
+        let mut x = Exchange::default();
+        for name in ["a", "b", "c"] {
+            prepare(&mut x, &mut c, &mut s, name, "SELECT 1");
+        }
+        // "a" bound again: "b" is now the least recently used.
+        send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[bind("a"), msg(b'S', b"")].concat(),
+        );
+        assert_eq!(s.least_used(2), vec![b"__dbp4_2".to_vec()]);
+        assert_eq!(
+            s.least_used(1),
+            vec![b"__dbp4_2".to_vec(), b"__dbp4_3".to_vec()]
+        );
+        assert!(s.least_used(3).is_empty());
+        s.forget(&s.least_used(2));
+        assert_eq!(s.len(), 2);
+        // The client's "b" is prepared again where it is bound next.
+        let mut x = Exchange::default();
+        let sent = send(
+            &mut x,
+            &mut c,
+            &mut s,
+            &[bind("b"), msg(b'S', b"")].concat(),
+        );
+        assert_eq!(tags(&sent), "PBS");
     }
 
     #[test]
