@@ -10,7 +10,12 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 fn proxy(db: &PgDb, io: &str, group_extra: &str) -> Proxy {
-    Proxy::start_at(db.port, io, "", &group(db, group_extra), "")
+    proxy_with(db, io, "", group_extra)
+}
+
+/// dbproxy in front of `db`, with `[proxy]` and target group settings of the test's.
+fn proxy_with(db: &PgDb, io: &str, proxy_extra: &str, group_extra: &str) -> Proxy {
+    Proxy::start_at(db.port, io, proxy_extra, &group(db, group_extra), "")
 }
 
 fn client(port: u16) -> Client {
@@ -209,12 +214,11 @@ fn four_hundred_clients_settings_follow_them_across_twenty_server_connections() 
         "Australia/Sydney",
     ];
     for io in DRIVERS {
-        let p = Proxy::start_at(
-            db.port,
+        let p = proxy_with(
+            &db,
             io,
             "verify_checkin = true",
-            &group(&db, "max_connections = 20\nmax_idle_connections = 20"),
-            "",
+            "max_connections = 20\nmax_idle_connections = 20",
         );
         let port = p.port;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1041,12 +1045,11 @@ fn idle_clients_and_idle_transactions_are_closed() {
         "CREATE TABLE idle_rows (v int); GRANT ALL ON idle_rows TO app",
     );
     for io in DRIVERS {
-        let p = Proxy::start_at(
-            db.port,
+        let p = proxy_with(
+            &db,
             io,
             "idle_client_timeout = \"3s\"\nidle_transaction_timeout = \"1s\"",
-            &group(&db, "max_connections = 2"),
-            "",
+            "max_connections = 2",
         );
         let mut idle = client(p.port);
         let mut in_tx = client(p.port);
@@ -1115,13 +1118,7 @@ fn idle_clients_and_idle_transactions_are_closed() {
 fn a_client_that_stops_reading_is_closed_after_net_write_timeout() {
     let db = PgDb::start(&[]);
     for io in DRIVERS {
-        let p = Proxy::start_at(
-            db.port,
-            io,
-            "net_write_timeout = \"2s\"",
-            &group(&db, "max_connections = 1"),
-            "",
-        );
+        let p = proxy_with(&db, io, "net_write_timeout = \"2s\"", "max_connections = 1");
         const BIG: &str = "SELECT repeat('x', 1000) FROM generate_series(1, 5000000)";
         let mut reader = program("psql")
             .arg(conninfo(p.port, "app", APP_PASSWORD, "shop"))
@@ -1310,12 +1307,11 @@ fn simple_value(c: &mut Client, sql: &str) -> Result<String, postgres::Error> {
 fn sql_prepared_statements_follow_their_client_without_pinning() {
     let db = PgDb::start(&[]);
     for io in DRIVERS {
-        let p = Proxy::start_at(
-            db.port,
+        let p = proxy_with(
+            &db,
             io,
             "verify_checkin = true",
-            &group(&db, "max_connections = 2\nmax_idle_connections = 2"),
-            "",
+            "max_connections = 2\nmax_idle_connections = 2",
         );
         let port = p.port;
         let clients: Vec<_> = (1..=8i64)
@@ -1437,12 +1433,11 @@ fn sql_prepared_statements_follow_their_client_without_pinning() {
 fn a_connection_with_too_many_statements_closes_the_least_recently_used() {
     let db = PgDb::start(&[]);
     for io in DRIVERS {
-        let p = Proxy::start_at(
-            db.port,
+        let p = proxy_with(
+            &db,
             io,
             "verify_checkin = true",
-            &group(&db, "max_connections = 1\nmax_idle_connections = 1"),
-            "",
+            "max_connections = 1\nmax_idle_connections = 1",
         );
         let mut c = client(p.port);
         let stmts: Vec<_> = (0..1100)

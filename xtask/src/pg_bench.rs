@@ -197,22 +197,16 @@ pub fn bench(quick: bool) -> Result<String> {
             ));
         }
     }
-    plans.push((
-        "-S -C (a new connection per transaction, SCRAM), 8 clients".into(),
-        ["-S", "-C", "-c", "8", "-j", "4"]
-            .map(String::from)
-            .to_vec(),
-        false,
-        false,
-    ));
-    plans.push((
-        "-S -C (a new connection per transaction, md5), 8 clients".into(),
-        ["-S", "-C", "-c", "8", "-j", "4"]
-            .map(String::from)
-            .to_vec(),
-        false,
-        true,
-    ));
+    for (login, md5) in [("SCRAM", false), ("md5", true)] {
+        plans.push((
+            format!("-S -C (a new connection per transaction, {login}), 8 clients"),
+            ["-S", "-C", "-c", "8", "-j", "4"]
+                .map(String::from)
+                .to_vec(),
+            false,
+            md5,
+        ));
+    }
     for (name, args, prepared, md5) in plans {
         eprintln!("xtask: pgbench {name}");
         let mut sums: Vec<Option<(f64, f64, f64)>> = vec![Some((0.0, 0.0, 0.0)); targets.len()];
