@@ -392,7 +392,11 @@ impl Exchange {
                 let start = out.len();
                 // Fixups go ahead of the query, behind a Sync of their own (an error
                 // in them skips nothing of the client's). Not inside an unsynced batch.
-                if !self.extended && self.sql_fixups(stmts, server, body, true, out) {
+                if self.extended && may_name_sql_statements(body) {
+                    // No fixups inside an unsynced batch (an earlier error would skip them
+                    // with the query); what it changes is still read back.
+                    stmts.sql.changing(&sql_names(body));
+                } else if !self.extended && self.sql_fixups(stmts, server, body, true, out) {
                     if !changed {
                         let fixups = out.split_off(start);
                         out.clear();
