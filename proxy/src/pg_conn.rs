@@ -13,7 +13,7 @@
 use crate::io::{read_watching_peer, Buf, Driver, Stream};
 use crate::pg_cancel::{self, HeldServer, Registration};
 use crate::pg_pool::{BorrowError, Lease, PgPool};
-use crate::pg_server::{nonce, write_all, PgServerError};
+use crate::pg_server::{nonce, write_all, Answer, PgServer, PgServerError};
 use crate::postgres::backend::OpenError;
 use crate::postgres::login::{Credential, Login, Need};
 use crate::postgres::messages::{
@@ -400,6 +400,24 @@ async fn sleep_for(limit: Option<std::time::Duration>) {
 
 /// What a client idle past a limit is told (PostgreSQL's words for its own
 /// `idle_session_timeout` and `idle_in_transaction_session_timeout`).
+/// Runs one of dbproxy's own queries on a server connection: a failure of the connection
+/// and an error answer are told apart, each named by `what`.
+async fn own_query<S: crate::io::Stream>(
+    server: &mut PgServer<S>,
+    sql: &str,
+    deadline: Instant,
+    what: &str,
+) -> Result<Answer, OwnQueryError> {
+    let a = server
+        .query(sql, deadline)
+        .await
+        .map_err(|e| OwnQueryError::Connection(format!("{what} failed: {e}")))?;
+    match a.error {
+        Some(e) => Err(OwnQueryError::Refused(format!("{what} failed: {e}"))),
+        None => Ok(a),
+    }
+}
+
 fn idle_fatal(why: IdleLimit) -> Vec<u8> {
     let (code, what) = match why {
         IdleLimit::Client => ("57P05", "idle-session"),
@@ -560,16 +578,8 @@ impl<D: Driver> PgClient<D> {
         }
         let server = &mut lease.server;
         if let Some(sql) = self.session.settings.replay_sql(&server.settings) {
-            let a = server.query(&sql, deadline).await.map_err(|e| {
-                OwnQueryError::Connection(format!(
-                    "giving the server connection the client's settings failed: {e}"
-                ))
-            })?;
-            if let Some(e) = a.error {
-                return Err(OwnQueryError::Refused(format!(
-                    "the client's settings cannot be given to a server connection: {e}"
-                )));
-            }
+            let what = "giving the server connection the client's settings";
+            own_query(server, &sql, deadline, what).await?;
             server.settings = self.session.settings.clone();
         }
         if let AtRest::ReadBack(sql) = self.session.at_rest() {
@@ -594,14 +604,8 @@ impl<D: Driver> PgClient<D> {
     ) -> Result<(), OwnQueryError> {
         let deadline = self.deadline();
         let server = &mut lease.server;
-        let a = server.query(sql, deadline).await.map_err(|e| {
-            OwnQueryError::Connection(format!("reading the session's settings back failed: {e}"))
-        })?;
-        if let Some(e) = a.error {
-            return Err(OwnQueryError::Refused(format!(
-                "reading the session's settings back failed: {e}"
-            )));
-        }
+        let what = "reading the session's settings back";
+        let a = own_query(server, sql, deadline, what).await?;
         let rows = a.rows.iter().filter_map(|r| match r.as_slice() {
             [Some(n), v] => Some((n.as_str(), v.as_deref())),
             _ => None,
@@ -621,16 +625,8 @@ impl<D: Driver> PgClient<D> {
     ) -> Result<(), OwnQueryError> {
         let deadline = self.deadline();
         let server = &mut lease.server;
-        let a = server.query(READ_BACK_SQL, deadline).await.map_err(|e| {
-            OwnQueryError::Connection(format!(
-                "reading the session's prepared statements back failed: {e}"
-            ))
-        })?;
-        if let Some(e) = a.error {
-            return Err(OwnQueryError::Refused(format!(
-                "reading the session's prepared statements back failed: {e}"
-            )));
-        }
+        let what = "reading the session's prepared statements back";
+        let a = own_query(server, READ_BACK_SQL, deadline, what).await?;
         let rows = a.rows.iter().filter_map(|r| match r.as_slice() {
             [Some(n), Some(s)] => Some((n.as_bytes(), s.as_bytes())),
             _ => None,
@@ -991,8 +987,9 @@ impl<D: Driver> PgClient<D> {
                 .collect()
         };
         let deadline = self.deadline();
-        match lease.server.query(&sql, deadline).await {
-            Ok(a) if a.error.is_none() => {
+        let what = "closing the server's prepared statements";
+        match own_query(&mut lease.server, &sql, deadline, what).await {
+            Ok(_) => {
                 if evict.is_empty() {
                     lease.server.statements.clear();
                 } else {
@@ -1000,11 +997,7 @@ impl<D: Driver> PgClient<D> {
                 }
                 Unlinked::Settled
             }
-            Ok(a) => Unlinked::ServerLost(format!(
-                "closing the server's prepared statements failed: {}",
-                a.error.map(|e| e.to_string()).unwrap_or_default()
-            )),
-            Err(e) => Unlinked::ServerLost(e.to_string()),
+            Err(e) => Unlinked::ServerLost(e.text()),
         }
     }
 
