@@ -44,6 +44,62 @@ pub struct Config {
     /// OIDC JWT logins (users' `jwt_subjects`).
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Many dbproxy instances sharing each target group's `max_connections_total`.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: the instances that share one database's connections, coordinated through
+/// etcd. A target group with `max_connections_total` is shared; `max_connections` still
+/// caps this instance.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The fleet's name: its keys live under `/dbproxy/fleet/<name>/`.
+    pub name: String,
+    /// Only `etcd` so far.
+    #[serde(default = "d_fleet_store")]
+    pub store: String,
+    /// etcd's client URLs (`http://` or `https://`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// The most instances that run at once, counting one that crashed until twice the
+    /// lease time has passed. Each may use `max_connections_total / max_instances`
+    /// without the store.
+    pub max_instances: u32,
+    /// This instance's name in the fleet; stable across restarts, so that a restart takes
+    /// over its own entry. Default: the host name and the first endpoint's port.
+    #[serde(default)]
+    pub instance_id: String,
+    /// An instance cut off from etcd is at its floor within this time; a dead one's share
+    /// returns to the others within about twice it.
+    #[serde(default = "d_fleet_lease", deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// What an instance asks for is its peak use over this window: connections it has not
+    /// needed for this long go back to the fleet.
+    #[serde(default = "d_fleet_return_after", deserialize_with = "de_duration")]
+    pub return_after: Duration,
+    /// etcd auth (`etcdctl user add`).
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub password: String,
+    /// PEM: the CA of etcd's certificate; dbproxy's client certificate and key.
+    #[serde(default)]
+    pub ca_file: String,
+    #[serde(default)]
+    pub cert_file: String,
+    #[serde(default)]
+    pub key_file: String,
+}
+
+fn d_fleet_store() -> String {
+    "etcd".into()
+}
+fn d_fleet_lease() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_fleet_return_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[aws_iam]`: logins with a presigned STS GetCallerIdentity request as the password
@@ -468,6 +524,9 @@ pub struct TargetGroupConfig {
     /// Backend connections, all cores together.
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
+    /// With `[fleet]`: the connections of all instances together (health checks apart).
+    #[serde(default)]
+    pub max_connections_total: Option<u32>,
     /// Idle connections kept open; unset: half of `max_connections`, rounded up (RDS
     /// Proxy's `MaxIdleConnectionsPercent` default), so that it follows the budget.
     #[serde(default)]
@@ -786,6 +845,39 @@ impl Config {
             }
             if j.issuer.is_empty() || j.audience.is_empty() {
                 errs.push("jwt.issuer: issuer and audience must be set".into());
+            }
+        }
+        if let Some(f) = &self.fleet {
+            if f.store != "etcd" {
+                errs.push(format!("fleet.store: {:?}: only \"etcd\" so far", f.store));
+            }
+            if f.endpoints.is_empty() {
+                errs.push("fleet.endpoints: give etcd's client URLs".into());
+            }
+            if f.max_instances == 0 {
+                errs.push("fleet.max_instances: must be at least 1".into());
+            }
+            if f.lease_ttl < Duration::from_secs(2) {
+                errs.push("fleet.lease_ttl: at least 2s".into());
+            }
+            if f.cert_file.is_empty() != f.key_file.is_empty() {
+                errs.push("fleet.cert_file: give both cert_file and key_file, or neither".into());
+            }
+            if f.name.is_empty() || f.name.contains('/') {
+                errs.push("fleet.name: a name without '/'".into());
+            }
+        }
+        for g in &self.target_groups {
+            match (g.max_connections_total, &self.fleet) {
+                (Some(_), None) => errs.push(format!(
+                    "target_groups.{}.max_connections_total: needs a [fleet] section",
+                    g.name
+                )),
+                (Some(t), Some(f)) if t < f.max_instances => errs.push(format!(
+                    "target_groups.{}.max_connections_total: less than fleet.max_instances leaves no instance a connection",
+                    g.name
+                )),
+                _ => {}
             }
         }
         if self.proxy.max_client_connections == 0 {
@@ -1142,6 +1234,56 @@ backend_password = "db-secret"
             Config::parse(pg).unwrap_or_else(|e| panic!("README PostgreSQL configuration: {e}"));
         assert_eq!(c.target_groups[0].engine, Engine::Postgresql);
         assert_eq!(c.validate(), Vec::<String>::new());
+    }
+
+    /// The README's commented `[fleet]` block and `max_connections_total`, uncommented, make
+    /// a valid configuration; a total without `[fleet]`, or below `max_instances`, does not.
+    #[test]
+    fn the_readme_fleet_keys_parse_and_are_checked() {
+        let readme = include_str!("../../README.md");
+        let uncomment = |l: &str| -> String {
+            let l = l.trim_start_matches("# ");
+            l.split("  #").next().unwrap_or(l).trim_end().to_string()
+        };
+        let fleet: Vec<String> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("# [fleet]"))
+            .take_while(|l| l.trim_start().starts_with('#'))
+            // Its own lines, not the comments continued below them.
+            .filter(|l| l.starts_with("# "))
+            .map(uncomment)
+            .collect();
+        let total = readme
+            .lines()
+            .find(|l| l.starts_with("# max_connections_total"))
+            .map(uncomment)
+            .expect("max_connections_total in the README");
+        let base = |group_extra: &str, sections: &str| {
+            format!(
+                "[[endpoints]]\nname = \"e\"\nlisten = \"127.0.0.1:3307\"\ntarget_group = \"g\"\n\
+                 [[target_groups]]\nname = \"g\"\ntargets = [\"127.0.0.1:3306\"]\n{group_extra}\n\
+                 [[users]]\nname = \"app\"\npassword = \"x\"\nbackend_password = \"y\"\n{sections}"
+            )
+        };
+        let c = Config::parse(&base(&total, &fleet.join("\n")))
+            .unwrap_or_else(|e| panic!("{e}: {fleet:?}"));
+        let f = c.fleet.as_ref().unwrap();
+        assert_eq!(
+            (f.max_instances, f.lease_ttl),
+            (10, Duration::from_secs(10))
+        );
+        assert_eq!(c.target_groups[0].max_connections_total, Some(300));
+        assert_eq!(c.validate(), Vec::<String>::new());
+        let refused = |text: String| {
+            Config::parse(&text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = refused(base(&total, ""));
+        assert!(e.contains("needs a [fleet] section"), "{e}");
+        let e = refused(base("max_connections_total = 5", &fleet.join("\n")));
+        assert!(e.contains("less than fleet.max_instances"), "{e}");
     }
 
     /// The example the Debian package installs is valid as it ships.

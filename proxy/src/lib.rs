@@ -10,6 +10,7 @@ pub mod clients;
 pub mod config;
 pub mod conn;
 pub mod event_loop;
+pub mod fleet;
 pub mod fuzzing;
 pub mod guard;
 pub mod io;

@@ -126,6 +126,7 @@ pub fn start(
         s.start_refresh();
     }
     start_monitor(&shared, guard.as_ref().map(|g| g.protected.clone()))?;
+    start_fleet(&shared)?;
     learn_server_profiles(&shared);
     let cfg = shared.config();
     let admin_addr = |key: &str, v: &str| -> Result<Option<SocketAddr>, StartError> {
@@ -393,6 +394,40 @@ impl<D: Driver> CorePools<D> {
             }
         }
     }
+}
+
+/// Starts sharing the budgets of the target groups with `max_connections_total` with the
+/// rest of the fleet (`[fleet]`).
+fn start_fleet(shared: &Arc<ProxyShared>) -> Result<(), StartError> {
+    let cfg = shared.config();
+    let Some(fleet) = &cfg.fleet else {
+        return Ok(());
+    };
+    let mut pools = Vec::new();
+    for g in &cfg.target_groups {
+        let Some(total) = g.max_connections_total else {
+            continue;
+        };
+        for (id, pool) in &shared.groups {
+            if pool.name == g.name {
+                pools.push(crate::fleet::SharedPool {
+                    id: id.clone(),
+                    budget: total,
+                    pool: pool.clone(),
+                });
+            }
+        }
+    }
+    let instance = if fleet.instance_id.is_empty() {
+        crate::fleet::driver::default_instance_id(cfg.endpoints.first().map(|e| e.listen.as_str()))
+    } else {
+        fleet.instance_id.clone()
+    };
+    tracing::info!(fleet = %fleet.name, %instance, pools = pools.len(), "joining the fleet");
+    let f = crate::fleet::driver::start(fleet, instance, pools)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    let _ = shared.fleet.set(f);
+    Ok(())
 }
 
 /// Starts the health-check monitor of every target group, and waits (up to each group's

@@ -69,6 +69,8 @@ pub struct ProxyShared {
     pub tokens: Option<Arc<crate::auth::tokens::TokenVerifier>>,
     /// PostgreSQL clients' cancel keys.
     pub pg_cancels: Arc<crate::pg_cancel::CancelKeys>,
+    /// The fleet this instance shares budgets with (`[fleet]`), once started.
+    pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
     next_id: AtomicU32,
     shutdown: AtomicBool,
     shutdown_notify: tokio::sync::Notify,
@@ -172,6 +174,7 @@ impl ProxyShared {
             users: arc_swap::ArcSwap::from_pointee(users),
             tokens,
             pg_cancels: Arc::default(),
+            fleet: std::sync::OnceLock::new(),
             secrets,
             config: arc_swap::ArcSwap::from_pointee(config),
             config_path: parking_lot::Mutex::new(None),

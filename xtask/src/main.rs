@@ -209,8 +209,9 @@ const DB_TOOLS: [(&str, &str); 3] = [
 /// unshare (guard tests), nft (a black-holed database in a namespace), PyMySQL and a venv for mysql-connector-python, Connector/J and a
 /// JDK, Chromium (the status page), curl (the admin side's login), PostgreSQL 15 (its
 /// server, psql and pgbench; the tests start their own clusters), pgjdbc, Node.js and npm
-/// (node-postgres comes from the npm registry).
-const CLIENT_TOOLS: [(&str, &str); 15] = [
+/// (node-postgres comes from the npm registry), etcd (the fleet tests start their own
+/// clusters).
+const CLIENT_TOOLS: [(&str, &str); 17] = [
     ("sysbench", "sysbench"),
     ("curl", "curl"),
     ("chromium", "chromium"),
@@ -229,6 +230,8 @@ const CLIENT_TOOLS: [(&str, &str); 15] = [
     ("/usr/share/java/postgresql.jar", "libpostgresql-jdbc-java"),
     ("node", "nodejs"),
     ("npm", "npm"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
 ];
 
 /// mysql-connector-python for the tests, moto's server standing in for AWS Secrets
@@ -460,6 +463,13 @@ fn test() -> Result {
     )?;
     // The package test installs this (the debug build, packaged as a release would be).
     deb(true)?;
+    // The fleet simulation with 1,000 instances needs the optimized build: it builds and
+    // runs (in target/release, a lock of its own) beside everything below.
+    eprintln!("xtask: the fleet simulation (release build), beside the others");
+    let mut simulation = cargo()
+        .args(["test", "--release", "-p", "proxy", "--lib", "fleet::sim"])
+        .spawn()
+        .map_err(|e| format!("cargo test --release (fleet::sim): {e}"))?;
     run(
         "unit tests",
         cargo().args(["test", "--workspace", "--lib", "--bins"]),
@@ -496,6 +506,12 @@ fn test() -> Result {
         return Err(format!(
             "the PostgreSQL differential test failed ({beside})"
         ));
+    }
+    let simulation = simulation
+        .wait()
+        .map_err(|e| format!("the fleet simulation: {e}"))?;
+    if !simulation.success() {
+        return Err(format!("the fleet simulation failed ({simulation})"));
     }
     eprintln!("xtask: all tests passed");
     Ok(())

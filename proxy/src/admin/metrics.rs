@@ -112,8 +112,76 @@ impl Collector for ProxyCollector {
         database(&mut enc, sh)?;
         targets(&mut enc, sh)?;
         security(&mut enc, sh)?;
+        fleet(&mut enc, sh)?;
         Ok(())
     }
+}
+
+/// The fleet budget: this instance's share of each shared pool, and the fleet's total.
+fn fleet(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
+    let Some(f) = sh.fleet.get() else {
+        return Ok(());
+    };
+    let st = f.status();
+    let pool =
+        |p: &crate::fleet::driver::PoolFleetStatus| -> Labels { vec![("pool", p.pool.clone())] };
+    gauges(
+        enc,
+        "dbproxy_fleet_share",
+        "Connections this instance may have open now (its grant; its floor when cut off from the store).",
+        st.pools.iter().map(|p| (pool(p), i64::from(p.cap))),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_fleet_held",
+        "This instance's entry in the fleet's grant table.",
+        st.pools
+            .iter()
+            .map(|p| (pool(p), i64::from(p.held.unwrap_or(0)))),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_fleet_total_held",
+        "The grant table's sum over all instances.",
+        st.pools.iter().map(|p| (pool(p), i64::from(p.total_held))),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_fleet_max_connections_total",
+        "The fleet's budget.",
+        st.pools
+            .iter()
+            .map(|p| (pool(p), i64::from(p.max_connections_total))),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_fleet_instances",
+        "Instances in the fleet's grant table.",
+        st.pools.iter().map(|p| {
+            let n = p.instances.iter().filter(|i| i.held.is_some()).count();
+            (pool(p), n as i64)
+        }),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_fleet_connected",
+        "1 while this instance is registered and in contact with the store.",
+        st.pools
+            .iter()
+            .map(|p| (pool(p), i64::from(p.contact == "connected"))),
+    )?;
+    counters(
+        enc,
+        "dbproxy_fleet_store_errors",
+        "Requests to the fleet's store that failed or timed out.",
+        [(Vec::new(), f.store_errors.load(Ordering::Relaxed))],
+    )?;
+    counters(
+        enc,
+        "dbproxy_fleet_grant_writes",
+        "Writes of the grant table that landed.",
+        [(Vec::new(), f.grant_writes.load(Ordering::Relaxed))],
+    )
 }
 
 fn endpoint_labels(e: &crate::stats::EndpointStats) -> Labels {

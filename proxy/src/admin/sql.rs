@@ -337,6 +337,10 @@ fn help() -> Answer {
         ),
         ("SHOW PINS", "clients pinned now, by pool and reason"),
         (
+            "SHOW FLEET",
+            "each instance sharing a pool's max_connections_total: its share, want and open connections",
+        ),
+        (
             "SHOW ENDPOINTS",
             "each endpoint: clients, logins, statements",
         ),
@@ -410,6 +414,7 @@ mod tests {
             clients: Vec::new(),
             events: Vec::new(),
             guard: None,
+            fleet: None,
         }
     }
 
@@ -442,6 +447,64 @@ mod tests {
             ]
         );
         assert_eq!(show_from(&status(), "NOTHING"), None);
+    }
+
+    #[test]
+    fn show_fleet_lists_each_instance_of_each_shared_pool() {
+        use crate::fleet::driver::{InstanceStatus, PoolFleetStatus};
+        let mut st = status();
+        let inst = |id: &str, held, this| InstanceStatus {
+            instance: id.into(),
+            host: "h".into(),
+            held,
+            want: 64,
+            open: 3,
+            this,
+        };
+        st.fleet = Some(crate::fleet::FleetStatus {
+            name: "prod".into(),
+            instance: "a".into(),
+            store: "http://e:2379".into(),
+            pools: vec![PoolFleetStatus {
+                pool: "default".into(),
+                max_connections_total: 30,
+                max_instances: 3,
+                floor: 10,
+                contact: "connected".into(),
+                cap: 20,
+                held: Some(20),
+                total_held: 21,
+                instances: vec![inst("a", Some(20), true), inst("b", None, false)],
+            }],
+        });
+        let Some(Answer::Rows { columns, rows }) = show_from(&st, "FLEET") else {
+            panic!("no rows");
+        };
+        assert_eq!(columns[..4], ["pool", "instance", "host", "held"]);
+        let cells = |r: &Vec<Option<String>>| -> Vec<String> {
+            r.iter()
+                .map(|v| v.clone().unwrap_or("NULL".into()))
+                .collect()
+        };
+        assert_eq!(
+            cells(&rows[0]),
+            [
+                "default",
+                "a",
+                "h",
+                "20",
+                "64",
+                "3",
+                "yes",
+                "connected",
+                "30",
+                "21",
+                "10"
+            ]
+        );
+        assert_eq!(cells(&rows[1])[3], "NULL", "b is not registered");
+        assert!(show_from(&status(), "FLEET")
+            .is_some_and(|a| matches!(a, Answer::Rows { rows, .. } if rows.is_empty())));
     }
 
     #[test]

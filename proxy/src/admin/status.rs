@@ -28,6 +28,9 @@ pub struct Status {
     /// The monitors' recent decisions (failovers among them), newest first.
     pub events: Vec<crate::topology::TopologyEvent>,
     pub guard: Option<GuardStatus>,
+    /// The fleet this instance shares budgets with, when `[fleet]` is set.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,6 +268,7 @@ pub fn collect(sh: &ProxyShared) -> Status {
             unix_sockets: g.unix_sockets.lock().clone(),
             recent_denials: g.recent.list(),
         }),
+        fleet: sh.fleet.get().map(|f| f.status()),
     }
 }
 
@@ -277,7 +281,7 @@ fn s<T: ToString>(v: T) -> Option<String> {
 }
 
 /// One of the document's tables (`POOLS`, `CLIENTS`, `TARGETS`, `PINS`, `ENDPOINTS`,
-/// `EVENTS`): its columns and rows, `None` for NULL. The SQL console's `SHOW` and
+/// `EVENTS`, `FLEET`): its columns and rows, `None` for NULL. The SQL console's `SHOW` and
 /// `dbproxy status` print these.
 pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)> {
     let (columns, rows): (Vec<&'static str>, Vec<Row>) = match what {
@@ -420,6 +424,43 @@ pub fn rows(status: &Status, what: &str) -> Option<(Vec<&'static str>, Vec<Row>)
                         s(e.setup_failed_auth),
                         s(e.queries),
                     ]
+                })
+                .collect(),
+        ),
+        "FLEET" => (
+            vec![
+                "pool",
+                "instance",
+                "host",
+                "held",
+                "want",
+                "open",
+                "this",
+                "contact",
+                "max_connections_total",
+                "total_held",
+                "floor",
+            ],
+            status
+                .fleet
+                .iter()
+                .flat_map(|f| &f.pools)
+                .flat_map(|p| {
+                    p.instances.iter().map(move |i| {
+                        vec![
+                            s(&p.pool),
+                            s(&i.instance),
+                            s(&i.host),
+                            i.held.map(|h| h.to_string()),
+                            s(i.want),
+                            s(i.open),
+                            s(if i.this { "yes" } else { "" }),
+                            s(if i.this { p.contact.as_str() } else { "" }),
+                            s(p.max_connections_total),
+                            s(p.total_held),
+                            s(p.floor),
+                        ]
+                    })
                 })
                 .collect(),
         ),

@@ -176,6 +176,10 @@ pub struct GroupShared {
     pub borrowed_at: Vec<AtomicUsize>,
     /// `max_connections`, shared by every core.
     pub budget: Budget,
+    /// `max_connections` as configured, and the fleet's cap on this instance (none:
+    /// `usize::MAX`); the budget is the smaller.
+    configured_max: AtomicUsize,
+    fleet_cap: AtomicUsize,
     /// The settings a reload may change.
     settings: arc_swap::ArcSwap<PoolSettings>,
     pub idle_total: AtomicUsize,
@@ -235,7 +239,18 @@ impl GroupShared {
                 crate::topology::MAX_TARGETS.max(cfg.targets.len()),
             ),
             topology,
-            budget: Budget::new(cfg.max_connections),
+            budget: Budget::new(if cfg.max_connections_total.is_some() {
+                // Nothing until the fleet says how much (or its floor is due).
+                0
+            } else {
+                cfg.max_connections
+            }),
+            configured_max: AtomicUsize::new(cfg.max_connections),
+            fleet_cap: AtomicUsize::new(if cfg.max_connections_total.is_some() {
+                0
+            } else {
+                usize::MAX
+            }),
             settings: arc_swap::ArcSwap::from_pointee(PoolSettings::of(cfg)),
             idle_total: AtomicUsize::new(0),
             cores: Mutex::default(),
@@ -286,7 +301,12 @@ impl GroupShared {
     /// off), and timeouts, idle and lifetime limits apply from the next use.
     pub fn reconfigure(&self, cfg: &TargetGroupConfig) {
         self.settings.store(Arc::new(PoolSettings::of(cfg)));
-        self.resize(cfg.max_connections);
+        self.configured_max
+            .store(cfg.max_connections, Ordering::Release);
+        self.resize(
+            cfg.max_connections
+                .min(self.fleet_cap.load(Ordering::Acquire)),
+        );
     }
 
     fn resize(&self, max: usize) {
@@ -368,6 +388,22 @@ impl GroupShared {
             return false;
         }
         self.starving_queue().claim(pred)
+    }
+}
+
+impl crate::fleet::FleetPool for GroupShared {
+    fn usage(&self) -> (u32, u32) {
+        let open = self.budget.open();
+        let in_use = open.saturating_sub(self.idle_total.load(Ordering::Relaxed));
+        let waiting = self.stats.waiting.load(Ordering::Relaxed).max(0) as usize;
+        (open as u32, (in_use + waiting) as u32)
+    }
+
+    fn set_fleet_cap(&self, cap: usize) {
+        if self.fleet_cap.swap(cap, Ordering::AcqRel) == cap {
+            return;
+        }
+        self.resize(self.configured_max.load(Ordering::Acquire).min(cap));
     }
 }
 
