@@ -5,6 +5,7 @@
 //! test binary that dies takes its servers with it; `Drop` stops them on the normal path.
 
 pub mod aws;
+pub mod etcd;
 pub mod pg;
 pub mod raw;
 pub mod standin;
