@@ -351,6 +351,9 @@ pub struct ProxyConfig {
     /// dbproxy recorded of it (variables, user variables, schema, locks, temporary tables);
     /// a connection that differs is logged and closed. Costs several queries per check-in.
     pub verify_checkin: bool,
+    /// Users' `max_database_connections` only count what would have waited
+    /// (`dbproxy_user_over_limit_total`); nobody waits for them.
+    pub tenant_dry_run: bool,
     /// PEM file with dbproxy's certificate chain, leaf first; with `tls_key`, clients may
     /// use TLS (reloaded on SIGHUP).
     pub tls_cert: String,
@@ -390,6 +393,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             workers: 0,
             io: IoMode::Auto,
+            tenant_dry_run: false,
             idle_client_timeout: Duration::from_secs(30 * 60),
             idle_transaction_timeout: Duration::ZERO,
             handshake_timeout: Duration::from_secs(10),
@@ -679,6 +683,18 @@ pub struct UserConfig {
     /// this user with a JWT (over TLS, mysql_clear_password).
     #[serde(default)]
     pub jwt_subjects: Vec<String>,
+    /// Database connections this user's sessions may hold at once (all pools); unset: no
+    /// limit. Users logging in to the database as the same login count apart.
+    #[serde(default)]
+    pub max_database_connections: Option<usize>,
+    /// This user's share among the users waiting for a saturated pool (weighted fair
+    /// queueing); default 1.
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+}
+
+fn d_weight() -> u32 {
+    1
 }
 
 impl UserConfig {

@@ -121,6 +121,8 @@ fn users() -> crate::auth::Users {
         postgres_auth: Default::default(),
         aws_iam_arns: Vec::new(),
         jwt_subjects: Vec::new(),
+        max_database_connections: None,
+        weight: 1,
     }])
 }
 

@@ -32,6 +32,7 @@ pub mod session;
 pub mod shared;
 pub mod stats;
 pub mod target;
+pub mod tenants;
 #[cfg(test)]
 pub(crate) mod test_rng;
 pub mod tls;

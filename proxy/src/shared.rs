@@ -69,6 +69,8 @@ pub struct ProxyShared {
     pub tokens: Option<Arc<crate::auth::tokens::TokenVerifier>>,
     /// PostgreSQL clients' cancel keys.
     pub pg_cancels: Arc<crate::pg_cancel::CancelKeys>,
+    /// Each user's share of the connections (`max_database_connections`, `weight`).
+    pub tenants: crate::tenants::Tenants,
     /// The fleet this instance shares budgets with (`[fleet]`), once started.
     pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
     next_id: AtomicU32,
@@ -175,6 +177,7 @@ impl ProxyShared {
             tokens,
             pg_cancels: Arc::default(),
             fleet: std::sync::OnceLock::new(),
+            tenants: Default::default(),
             secrets,
             config: arc_swap::ArcSwap::from_pointee(config),
             config_path: parking_lot::Mutex::new(None),

@@ -113,8 +113,57 @@ impl Collector for ProxyCollector {
         targets(&mut enc, sh)?;
         security(&mut enc, sh)?;
         fleet(&mut enc, sh)?;
+        tenants(&mut enc, sh)?;
         Ok(())
     }
+}
+
+/// Each user's share of the connections (`max_database_connections`, `weight`).
+fn tenants(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
+    let ts = sh.tenants.all();
+    let user = |t: &crate::tenants::Tenant| -> Labels { vec![("user", t.name.clone())] };
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    gauges(
+        enc,
+        "dbproxy_user_borrowed",
+        "Database connections the user's sessions hold now.",
+        ts.iter().map(|t| (user(t), t.holding() as i64)),
+    )?;
+    gauges(
+        enc,
+        "dbproxy_user_waiting",
+        "The user's sessions waiting for a database connection now.",
+        ts.iter()
+            .map(|t| (user(t), t.waiting.load(Ordering::Relaxed).max(0))),
+    )?;
+    counters(
+        enc,
+        "dbproxy_user_borrows",
+        "Database connections lent to the user's sessions.",
+        ts.iter().map(|t| (user(t), load(&t.borrows))),
+    )?;
+    counters(
+        enc,
+        "dbproxy_user_refusals",
+        "Borrows that timed out while the user held its max_database_connections.",
+        ts.iter().map(|t| (user(t), load(&t.refusals))),
+    )?;
+    counters(
+        enc,
+        "dbproxy_user_over_limit",
+        "tenant_dry_run: borrows that went over max_database_connections (would have waited).",
+        ts.iter().map(|t| (user(t), load(&t.over_limit))),
+    )?;
+    histograms(
+        enc,
+        "dbproxy_user_borrow_wait_seconds",
+        "How long the user's borrows waited (for its limit and the pool); immediate ones as 0.",
+        ts.iter().map(|t| {
+            let waited = t.wait.snapshot().count;
+            let immediate = load(&t.borrows).saturating_sub(waited);
+            (user(t), t.wait.snapshot_with_zeros(immediate))
+        }),
+    )
 }
 
 /// The fleet budget: this instance's share of each shared pool, and the fleet's total.

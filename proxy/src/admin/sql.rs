@@ -35,6 +35,8 @@ pub fn admin_users(cfg: &AdminConfig, store: Option<&crate::secrets::SecretStore
         postgres_auth: Default::default(),
         aws_iam_arns: Vec::new(),
         jwt_subjects: Vec::new(),
+        max_database_connections: None,
+        weight: 1,
     };
     Users::with_secrets(&[u], store)
 }

@@ -38,6 +38,9 @@ pub struct User {
     scram: Scram,
     /// How PostgreSQL clients log in.
     pg_auth: PgAuthMethod,
+    /// `max_database_connections` and `weight`.
+    pub max_database_connections: Option<usize>,
+    pub weight: u32,
 }
 
 /// A user's SCRAM-SHA-256 verifier: from `password_hash`, from the password (derived at
@@ -248,6 +251,8 @@ impl Users {
                     jwt_subjects: u.jwt_subjects.clone(),
                     scram,
                     pg_auth: u.postgres_auth,
+                    max_database_connections: u.max_database_connections,
+                    weight: u.weight,
                 };
                 (u.name.as_bytes().to_vec(), Arc::new(user))
             })
@@ -401,6 +406,8 @@ mod tests {
             postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
+            max_database_connections: None,
+            weight: 1,
         }])
     }
 
@@ -544,6 +551,8 @@ mod tests {
             postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
+            max_database_connections: None,
+            weight: 1,
         }]);
         let u = us.get(b"app").unwrap();
         let sha2 = Plugin::CachingSha2.scramble(b"s3cret", NONCE);

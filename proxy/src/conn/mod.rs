@@ -137,6 +137,8 @@ struct Conn<D: Driver> {
     timing: bool,
     /// When the statement went to the database (until its first response packet).
     db_sent: Option<std::time::Instant>,
+    /// The user's share of the connections (looked up at the first borrow).
+    tenant: Option<Arc<crate::tenants::Tenant>>,
 }
 
 /// Every exit path, a panic included, gives the backend connection back and ends the

@@ -89,6 +89,7 @@ pub(super) async fn login<D: Driver>(
         in_tx: false,
         timing: false,
         db_sent: None,
+        tenant: None,
     };
     Some((conn, ok_seq))
 }

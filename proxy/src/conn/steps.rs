@@ -93,10 +93,12 @@ impl<D: Driver> Conn<D> {
     fn carry_out_now(&mut self, step: &Step<'_>) -> Option<Result<Got, SessionEnd>> {
         Some(Ok(match step {
             Step::Borrow => {
+                let place = self.tenant().try_take()?;
                 let conn = self
                     .pool
                     .borrow_now(&self.key, self.s.state.schema.as_deref())?;
-                self.lent(conn)
+                place.tenant().borrows.fetch_add(1, Ordering::Relaxed);
+                self.lent(conn, place)
             }
             Step::CheckIn => {
                 if let Some(b) = self.backend.take() {
@@ -327,12 +329,45 @@ impl<D: Driver> Conn<D> {
     /// Borrows a connection for the client, which then holds it, when no idle one could
     /// be lent at once (`carry_out_now` tried).
     pub(super) async fn borrow(&mut self) -> Got {
+        let tenant = self.tenant().clone();
+        let begun = crate::rt::time::now();
+        let _waiting = crate::stats::GaugeGuard::new(&tenant.waiting);
+        let place = match tenant.try_take() {
+            Some(p) => p,
+            None => {
+                let timeout = self.pool.shared.settings().borrow_timeout;
+                match tenant.take(begun + timeout).await {
+                    Some(p) => p,
+                    None => {
+                        let e = crate::pool::BorrowError::Timeout(
+                            timeout,
+                            format!(
+                                "{}: user '{}' holds its max_database_connections",
+                                self.pool.shared.name, tenant.name
+                            ),
+                        );
+                        tracing::warn!(peer = %self.peer, "{e}");
+                        return Got::Refused(e.told());
+                    }
+                }
+            }
+        };
+        let class = if tenant.dry_run() {
+            crate::pool::Class::NONE
+        } else {
+            crate::pool::Class {
+                id: tenant.id,
+                weight: tenant.weight(),
+            }
+        };
         let lent = self
             .pool
-            .borrow_waiting(&self.key, self.s.state.schema.as_deref())
+            .borrow_waiting(&self.key, self.s.state.schema.as_deref(), class)
             .await;
+        tenant.waited(crate::rt::time::now().saturating_duration_since(begun));
+        tenant.borrows.fetch_add(1, Ordering::Relaxed);
         match lent {
-            Ok(conn) => self.lent(conn),
+            Ok(conn) => self.lent(conn, place),
             Err(e) => {
                 tracing::warn!(peer = %self.peer, "{e}");
                 Got::Refused(e.told())
@@ -340,8 +375,24 @@ impl<D: Driver> Conn<D> {
         }
     }
 
-    /// The pool lent `conn`: the client holds it.
-    fn lent(&mut self, mut conn: Pooled<D::Stream>) -> Got {
+    /// The user's share of the connections.
+    fn tenant(&mut self) -> &Arc<crate::tenants::Tenant> {
+        let (shared, user) = (&self.shared, &self.s.user);
+        self.tenant.get_or_insert_with(|| {
+            shared.tenants.get(
+                &user.name,
+                user.max_database_connections,
+                user.weight,
+                shared.config().proxy.tenant_dry_run,
+            )
+        })
+    }
+
+    /// The pool lent `conn`: the client holds it, in `place` under its user's limit.
+    fn lent(&mut self, mut conn: Pooled<D::Stream>, place: crate::tenants::TenantPermit) -> Got {
+        let mut place = place;
+        place.holds();
+        conn.tenant = Some(place);
         conn.hold(&self.reg.slot);
         tracing::trace!(thread_id = conn.thread_id, "borrowed");
         self.backend = Some(conn);

@@ -16,6 +16,7 @@ mod waiting;
 
 pub use budget::{Budget, Permit};
 pub use key::PoolKey;
+pub use waiting::Class;
 
 use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile, TlsTo};
 use crate::clients::ClientSlot;
@@ -455,6 +456,9 @@ pub struct Pooled<S> {
     pub epoch: u64,
     /// Counted in the group's `borrowed_at`.
     lent: bool,
+    /// The client's user's place under its `max_database_connections`, while it holds the
+    /// connection.
+    pub tenant: Option<crate::tenants::TenantPermit>,
 }
 
 /// Monotonic time at the kernel tick's resolution (a few ms): cheap enough to read on
@@ -511,6 +515,7 @@ impl<S> Pooled<S> {
         if let Some(c) = self.holder.take() {
             c.unserve();
         }
+        self.tenant = None;
     }
 
     fn map_stream<T>(self, f: impl FnOnce(S) -> std::io::Result<T>) -> std::io::Result<Pooled<T>> {
@@ -523,6 +528,7 @@ impl<S> Pooled<S> {
             target: self.target,
             epoch: self.epoch,
             lent: self.lent,
+            tenant: self.tenant,
         })
     }
 }
@@ -689,7 +695,7 @@ impl<D: Driver> CorePool<D> {
     ) -> Result<Pooled<D::Stream>, BorrowError> {
         match self.borrow_now(key, db) {
             Some(c) => Ok(c),
-            None => self.borrow_waiting(key, db).await,
+            None => self.borrow_waiting(key, db, Class::NONE).await,
         }
     }
 
@@ -703,6 +709,7 @@ impl<D: Driver> CorePool<D> {
         self: &Rc<Self>,
         key: &PoolKey,
         db: Option<&[u8]>,
+        class: Class,
     ) -> Result<Pooled<D::Stream>, BorrowError> {
         let sh = &self.shared;
         let topo = &sh.topology;
@@ -728,7 +735,7 @@ impl<D: Driver> CorePool<D> {
                     // future, and every session's future would otherwise be sized for it,
                     // idle ones included; a borrow served by an idle connection allocates
                     // nothing.
-                    match Box::pin(self.acquire(key, db, deadline, t, epoch)).await {
+                    match Box::pin(self.acquire(key, db, deadline, t, epoch, class)).await {
                         Ok(c) => {
                             sh.stats
                                 .borrow_wait
@@ -857,6 +864,7 @@ impl<D: Driver> CorePool<D> {
         deadline: std::time::Instant,
         target: usize,
         epoch: u64,
+        class: Class,
     ) -> Result<Pooled<D::Stream>, AcquireError> {
         loop {
             if let Some(c) = self.take_idle(key, db, target, epoch) {
@@ -872,7 +880,9 @@ impl<D: Driver> CorePool<D> {
             // Wait for a connection from this core, one moved from another core, or budget.
             let since = coarse_now();
             let (tx, mut rx) = oneshot::channel();
-            self.waiters.borrow_mut().push(key.clone(), since, tx);
+            self.waiters
+                .borrow_mut()
+                .push(key.clone(), since, class, tx);
             let (rtx, mut rrx) = oneshot::channel();
             {
                 let mut q = self.shared.starving.lock();
@@ -1083,6 +1093,7 @@ impl<D: Driver> CorePool<D> {
                     target,
                     epoch,
                     lent: false,
+                    tenant: None,
                 })
             }
             Err(e) => Err(self.connect_error(addr, e)),

@@ -13,24 +13,49 @@ pub trait Waiter {
     fn gone(&self) -> bool;
 }
 
-/// Borrowers on this core waiting for a connection of their key, oldest first.
+/// Whom a waiting borrower waits for: its tenant (0: none) and the tenant's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub id: u64,
+    pub weight: u32,
+}
+
+impl Class {
+    pub const NONE: Class = Class { id: 0, weight: 1 };
+}
+
+/// A tenant's virtual time grows by this over its weight per connection it is served.
+const STRIDE: u64 = 1 << 20;
+
+/// Borrowers on this core waiting for a connection of their key: served by weighted fair
+/// queueing across tenants (stride scheduling: the tenant served least for its weight goes
+/// first), oldest first within a tenant. With one tenant, plain FIFO.
 #[derive(Debug)]
 pub struct LocalWaiters<K, W, S> {
-    by_key: HashMap<K, VecDeque<(Duration, W)>, S>,
+    by_key: HashMap<K, VecDeque<(Duration, Class, W)>, S>,
+    /// Each tenant's pass (virtual time at which it is next served).
+    pass: HashMap<u64, u64>,
+    /// The pass of the last borrower served: a tenant that was not waiting starts here.
+    vtime: u64,
 }
 
 impl<K, W, S: Default> Default for LocalWaiters<K, W, S> {
     fn default() -> Self {
         LocalWaiters {
             by_key: HashMap::with_hasher(S::default()),
+            pass: HashMap::new(),
+            vtime: 0,
         }
     }
 }
 
 impl<K: Hash + Eq, W: Waiter, S: BuildHasher> LocalWaiters<K, W, S> {
-    /// `w` waits for `key` since `since`.
-    pub fn push(&mut self, key: K, since: Duration, w: W) {
-        self.by_key.entry(key).or_default().push_back((since, w));
+    /// `w`, of tenant `class`, waits for `key` since `since`.
+    pub fn push(&mut self, key: K, since: Duration, class: Class, w: W) {
+        self.by_key
+            .entry(key)
+            .or_default()
+            .push_back((since, class, w));
     }
 
     /// Since when the longest-waiting borrower of `key` that has not given up waits.
@@ -38,30 +63,43 @@ impl<K: Hash + Eq, W: Waiter, S: BuildHasher> LocalWaiters<K, W, S> {
         self.by_key
             .get(key)?
             .iter()
-            .find(|(_, w)| !w.gone())
-            .map(|(t, _)| *t)
+            .find(|(_, _, w)| !w.gone())
+            .map(|(t, _, _)| *t)
     }
 
-    /// The longest-waiting borrower of `key` that has not given up (those that gave up
-    /// before it are dropped).
+    /// The next borrower of `key` to serve: of the tenant with the lowest pass, its
+    /// longest-waiting borrower that has not given up (those that gave up are dropped).
     pub fn pop(&mut self, key: &K) -> Option<W> {
         let q = self.by_key.get_mut(key)?;
-        let w = loop {
-            let (_, w) = q.pop_front()?;
-            if !w.gone() {
-                break w;
+        q.retain(|(_, _, w)| !w.gone());
+        let vtime = self.vtime;
+        let mut best: Option<(u64, usize)> = None;
+        for (i, (_, class, _)) in q.iter().enumerate() {
+            let pass = self
+                .pass
+                .get(&class.id)
+                .copied()
+                .unwrap_or(vtime)
+                .max(vtime);
+            if best.is_none_or(|(b, _)| pass < b) {
+                best = Some((pass, i));
             }
-        };
+        }
+        let picked = best.and_then(|(pass, i)| Some((pass, q.remove(i)?)));
         if q.is_empty() {
             self.by_key.remove(key);
         }
+        let (pass, (_, class, w)) = picked?;
+        self.vtime = pass;
+        self.pass
+            .insert(class.id, pass + STRIDE / u64::from(class.weight.max(1)));
         Some(w)
     }
 
     /// Forgets borrowers that gave up.
     pub fn prune(&mut self) {
         for q in self.by_key.values_mut() {
-            q.retain(|(_, w)| !w.gone());
+            q.retain(|(_, _, w)| !w.gone());
         }
         self.by_key.retain(|_, q| !q.is_empty());
     }
@@ -179,19 +217,49 @@ mod tests {
         let mut l: LocalWaiters<&str, W, std::collections::hash_map::RandomState> =
             LocalWaiters::default();
         let (a, b, c) = (w(1), w(2), w(3));
-        l.push("k", ms(10), a.clone());
-        l.push("k", ms(20), b.clone());
-        l.push("other", ms(5), c);
+        l.push("k", ms(10), Class::NONE, a.clone());
+        l.push("k", ms(20), Class::NONE, b.clone());
+        l.push("other", ms(5), Class::NONE, c);
         assert_eq!(l.oldest(&"k"), Some(ms(10)));
         a.1.set(true);
         assert_eq!(l.oldest(&"k"), Some(ms(20)), "the first one left");
         assert_eq!(l.pop(&"k").map(|w| w.0), Some(2));
         assert_eq!(l.pop(&"k").map(|w| w.0), None);
         assert_eq!(l.len(), 1);
-        l.push("k", ms(30), b.clone());
+        l.push("k", ms(30), Class::NONE, b.clone());
         b.1.set(true);
         l.prune();
         assert_eq!(l.len(), 1, "only other's is left");
+    }
+
+    /// A tenant with 60 borrowers queued ahead does not make another wait behind them all:
+    /// with weights 1:1 they take turns, with 3:1 the heavier gets three of four.
+    #[test]
+    fn tenants_take_turns_by_weight() {
+        let mut l: LocalWaiters<&str, W, std::collections::hash_map::RandomState> =
+            LocalWaiters::default();
+        let a = Class { id: 1, weight: 1 };
+        let b = Class { id: 2, weight: 1 };
+        for i in 0..60 {
+            l.push("k", ms(i), a, w(100 + i as u32));
+        }
+        for i in 0..4 {
+            l.push("k", ms(100 + i), b, w(200 + i as u32));
+        }
+        let order: Vec<u32> = (0..8).filter_map(|_| l.pop(&"k")).map(|w| w.0).collect();
+        assert_eq!(order, [100, 200, 101, 201, 102, 202, 103, 203]);
+        let mut l: LocalWaiters<&str, W, std::collections::hash_map::RandomState> =
+            LocalWaiters::default();
+        let heavy = Class { id: 3, weight: 3 };
+        for i in 0..20 {
+            l.push("k", ms(i), a, w(i as u32));
+            l.push("k", ms(i), heavy, w(1000 + i as u32));
+        }
+        let heavy_served = (0..8)
+            .filter_map(|_| l.pop(&"k"))
+            .filter(|w| w.0 >= 1000)
+            .count();
+        assert_eq!(heavy_served, 6);
     }
 
     #[test]

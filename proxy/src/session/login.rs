@@ -543,6 +543,8 @@ mod tests {
             postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
+            max_database_connections: None,
+            weight: 1,
         }])
     }
 
@@ -701,6 +703,8 @@ mod tests {
             postgres_auth: Default::default(),
             aws_iam_arns: Vec::new(),
             jwt_subjects: Vec::new(),
+            max_database_connections: None,
+            weight: 1,
         }]);
         let nonce = [6u8; 20];
         let (mut l, _) = Login::start(&profile(), 5, nonce, "127.0.0.1".into(), ClientTls::Offered);

@@ -742,6 +742,8 @@ pub(crate) mod testing {
             postgres_auth: Default::default(),
             aws_iam_arns: arns,
             jwt_subjects: Vec::new(),
+            max_database_connections: None,
+            weight: 1,
         }
     }
 
