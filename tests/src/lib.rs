@@ -1032,6 +1032,32 @@ pub fn global_status(c: &mut mysql::Conn, name: &str) -> u64 {
     row.unwrap().1
 }
 
+/// Runs headless Chromium (Debian's `chromium`) on `url` with `args`; its stdout and stderr.
+pub fn chromium(url: &str, args: &[&str]) -> (String, String) {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
+            // Enough of the page's own (virtual) time for several refreshes.
+            "--virtual-time-budget=6000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (apt-get install chromium)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// GET `path` from 127.0.0.1:`port`: the status line, the headers and the body.
 pub fn http_get(port: u16, path: &str) -> (String, String, String) {
     use std::io::{Read, Write};

@@ -454,32 +454,6 @@ fn reload_under_load_changes_the_pool_and_a_password_and_refuses_a_broken_file()
     }
 }
 
-/// Runs headless Chromium (Debian's `chromium`) on `url` with `args`; its stdout and stderr.
-fn chromium(url: &str, args: &[&str]) -> (String, String) {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--hide-scrollbars",
-            "--enable-logging=stderr",
-            "--v=0",
-            // Enough of the page's own (virtual) time for several refreshes.
-            "--virtual-time-budget=6000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("chromium (apt-get install chromium)");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The value of `attr="..."` on the element that has `marker` in its tag.
 fn attr(dom: &str, marker: &str, attr: &str) -> Option<u64> {
     let at = dom.find(marker)?;

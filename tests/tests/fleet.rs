@@ -190,6 +190,15 @@ fn fleet_run(io: &str) {
     assert!(peak <= TOTAL, "[{io}] {peak} connections from dbproxy");
     assert!(caps.iter().sum::<u64>() <= TOTAL, "{caps:?}");
     assert!(caps.iter().all(|c| *c >= FLOOR - 1), "{caps:?}");
+    // The status page shows the fleet.
+    let (dom, _) = chromium(
+        &format!("http://127.0.0.1:{}/", ps[0].admin),
+        &["--dump-dom"],
+    );
+    assert!(
+        dom.contains("fleet t, this instance a") && dom.contains("<td>b</td>"),
+        "[{io}] the status page: {dom}"
+    );
 
     // Only a is busy: b and c give back what they do not use, and a grows into it.
     let run = sysbench(&ps[0], 64, 14);
