@@ -391,7 +391,10 @@ impl<I: Ord + Hash + Clone> Allocator<I> {
             // may still be lent out (its owner held less than the floor); then it takes
             // what is free and grows as the others shrink to their fair shares.
             None if table.len() < p.max_instances as usize => {
-                let others: u32 = table.iter().map(|(id, h)| self.accounted(id, *h)).sum();
+                let others = table
+                    .iter()
+                    .map(|(id, h)| self.accounted(id, *h))
+                    .fold(0, u32::saturating_add);
                 let room = p.shareable(table.len() + 1).saturating_sub(others);
                 room.min(floor).max(using)
             }
@@ -419,7 +422,7 @@ impl<I: Ord + Hash + Clone> Allocator<I> {
             .iter()
             .filter(|(id, _)| **id != self.id)
             .map(|(id, h)| self.accounted(id, *h))
-            .sum();
+            .fold(0, u32::saturating_add);
         let free = shareable.saturating_sub(others.saturating_add(mine));
         let new = if registering {
             mine

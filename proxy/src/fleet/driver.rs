@@ -328,7 +328,7 @@ impl<S: Store> Driver<S> {
                 .into(),
                 cap,
                 held: p.alloc.held(),
-                total_held: p.view.table.values().sum(),
+                total_held: p.view.table.values().fold(0, |a, h| a.saturating_add(*h)),
                 instances,
             });
         }

@@ -178,7 +178,10 @@ impl Etcd {
         let mut errors = Vec::new();
         for k in 0..n {
             let i = (first + k) % n;
-            let base = self.settings.endpoints[i].trim_end_matches('/');
+            let Some(base) = self.settings.endpoints.get(i) else {
+                continue;
+            };
+            let base = base.trim_end_matches('/');
             match self.call_one(base, path, &body).await {
                 Ok(v) => {
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
