@@ -47,6 +47,9 @@ pub struct TenantPermit {
     tenant: Arc<Tenant>,
     /// A connection is attached to it (counted as held).
     holding: bool,
+    /// Counted in `borrowed` (a user with a limit, or in a dry run): a user without one
+    /// pays nothing more per borrow than the held gauge.
+    counted: bool,
 }
 
 impl Drop for TenantPermit {
@@ -54,16 +57,19 @@ impl Drop for TenantPermit {
         if self.holding {
             self.tenant.holding.fetch_sub(1, Ordering::AcqRel);
         }
-        self.tenant.borrowed.fetch_sub(1, Ordering::AcqRel);
-        self.tenant.freed.notify_one();
+        if self.counted {
+            self.tenant.borrowed.fetch_sub(1, Ordering::AcqRel);
+            self.tenant.freed.notify_one();
+        }
     }
 }
 
 impl TenantPermit {
-    fn new(tenant: Arc<Tenant>) -> TenantPermit {
+    fn new(tenant: Arc<Tenant>, counted: bool) -> TenantPermit {
         TenantPermit {
             tenant,
             holding: false,
+            counted,
         }
     }
 
@@ -128,7 +134,8 @@ impl Tenant {
         self.holding.load(Ordering::Acquire)
     }
 
-    /// Places taken under its limit (connections held and borrows waiting for the pool).
+    /// Places taken under its limit (connections held and borrows waiting for the pool);
+    /// counted only while it has a limit.
     pub fn borrowed(&self) -> usize {
         self.borrowed.load(Ordering::Acquire)
     }
@@ -137,21 +144,20 @@ impl Tenant {
     pub fn try_take(self: &Arc<Self>) -> Option<TenantPermit> {
         let limit = self.limit.load(Ordering::Acquire);
         if limit == 0 {
-            self.borrowed.fetch_add(1, Ordering::AcqRel);
-            return Some(TenantPermit::new(self.clone()));
+            return Some(TenantPermit::new(self.clone(), false));
         }
         if self.dry_run.load(Ordering::Acquire) {
             if self.borrowed.fetch_add(1, Ordering::AcqRel) >= limit {
                 self.over_limit.fetch_add(1, Ordering::Relaxed);
             }
-            return Some(TenantPermit::new(self.clone()));
+            return Some(TenantPermit::new(self.clone(), true));
         }
         self.borrowed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| TenantPermit::new(self.clone()))
+            .map(|_| TenantPermit::new(self.clone(), true))
     }
 
     /// A place under its limit, once one is free; `None` at `deadline`.
