@@ -72,7 +72,6 @@ impl EtcdCluster {
             .arg(&self.initial)
             .arg("--initial-cluster-token")
             .arg(self.dir.path().to_string_lossy().as_ref())
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdout(Stdio::null())
             .stderr(log);
         let child = spawn(cmd);
