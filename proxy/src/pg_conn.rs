@@ -110,6 +110,8 @@ struct PgClient<D: Driver> {
     /// the drain's wake).
     reg: crate::clients::Registration,
     endpoint: Arc<EndpointStats>,
+    /// The user's share of the connections (looked up at the first borrow).
+    tenant: Option<Arc<crate::tenants::Tenant>>,
 }
 
 /// Serves one client connection to a PostgreSQL endpoint until it ends.
@@ -174,6 +176,7 @@ pub async fn serve<D: Driver>(
         lost: None,
         reg,
         endpoint: endpoint.clone(),
+        tenant: None,
     };
     if !c.welcome(pid, key).await {
         return;
@@ -530,7 +533,7 @@ impl<D: Driver> PgClient<D> {
     /// The parameters a server connection reports once it carries the client's startup
     /// settings (the first login of a database login).
     async fn learn_params(&mut self) -> Option<Vec<(String, String)>> {
-        let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
+        let mut lease = match self.borrow().await {
             Ok(l) => l,
             Err(e) => {
                 self.refuse(&e).await;
@@ -552,6 +555,41 @@ impl<D: Driver> PgClient<D> {
     }
 
     /// Tells the client why no connection could serve it (it is closed then).
+    /// A server connection for the client, once its user has a place under its
+    /// `max_database_connections` (the place goes with the connection).
+    async fn borrow(&mut self) -> Result<Lease<D::Stream>, BorrowError> {
+        let sh = &self.shared;
+        let tenant = self.tenant.get_or_insert_with(|| {
+            sh.tenants.get(
+                &self.user.name,
+                self.user.max_database_connections,
+                self.user.weight,
+                sh.config().proxy.tenant_dry_run,
+            )
+        });
+        let tenant = tenant.clone();
+        let place = match tenant.try_take() {
+            Some(p) => p,
+            None => {
+                let begun = crate::rt::time::now();
+                let _waiting = crate::stats::GaugeGuard::new(&tenant.waiting);
+                let deadline = begun + self.pool.shared.settings().borrow_timeout;
+                let Some(p) = tenant.take(deadline).await else {
+                    tracing::info!(peer = %self.peer, user = %tenant.name, "the user holds its max_database_connections");
+                    return Err(BorrowError::Timeout);
+                };
+                tenant.waited(crate::rt::time::now().saturating_duration_since(begun));
+                p
+            }
+        };
+        let mut lease = self.pool.borrow(&self.user.backend, &self.database).await?;
+        tenant.borrows.fetch_add(1, Ordering::Relaxed);
+        let mut place = place;
+        place.holds();
+        lease.tenant = Some(place);
+        Ok(lease)
+    }
+
     async fn refuse(&mut self, e: &BorrowError) {
         tracing::info!(peer = %self.peer, user = %self.user.name, "cannot serve the client: {e}");
         let _ = write_all(&mut self.stream, &borrow_failure(e)).await;
@@ -716,7 +754,7 @@ impl<D: Driver> PgClient<D> {
                 }
                 continue;
             }
-            let mut lease = match self.pool.borrow(&self.user.backend, &self.database).await {
+            let mut lease = match self.borrow().await {
                 Ok(l) => l,
                 Err(e) => {
                     self.refuse(&e).await;

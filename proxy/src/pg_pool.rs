@@ -76,6 +76,9 @@ pub struct Lease<S> {
     /// When it went idle.
     idle_since: Instant,
     _permit: Permit,
+    /// The client's user's place under its `max_database_connections`, while it holds the
+    /// connection.
+    pub tenant: Option<crate::tenants::TenantPermit>,
 }
 
 impl<S> Lease<S> {
@@ -88,6 +91,7 @@ impl<S> Lease<S> {
             epoch: self.epoch,
             idle_since: self.idle_since,
             _permit: self._permit,
+            tenant: self.tenant,
         })
     }
 }
@@ -335,6 +339,7 @@ impl<D: Driver> PgPool<D> {
                     epoch,
                     idle_since: crate::rt::time::now(),
                     _permit: permit,
+                    tenant: None,
                 })
             }
             Err(e) => {
@@ -397,7 +402,8 @@ impl<D: Driver> PgPool<D> {
     /// With the test-only `verify_checkin`, the session is first compared with dbproxy's
     /// record of it ([`crate::pg_verify`]); a connection that differs is logged, counted
     /// and closed.
-    pub fn release(self: &Rc<Self>, lease: Lease<D::Stream>) {
+    pub fn release(self: &Rc<Self>, mut lease: Lease<D::Stream>) {
+        lease.tenant = None;
         if !self.shared.verify_checkin {
             self.put_back(lease);
             return;

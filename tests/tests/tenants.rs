@@ -180,3 +180,71 @@ fn a_noisy_tenant_waits_behind_its_own_requests() {
         );
     }
 }
+
+/// A PostgreSQL endpoint holds a user to its `max_database_connections` too: eight clients
+/// of a user limited to 4 all finish their transactions, never more than 4 at once; in a
+/// dry run the same clients use more and the excess is counted.
+#[test]
+fn a_postgresql_user_is_held_to_its_limit() {
+    use proxy_tests::pg::{conninfo, group, PgDb};
+    let db = PgDb::start(&[]);
+    for io in ["uring", "epoll"] {
+        for dry_run in [false, true] {
+            let proxy = Proxy::start_at(
+                db.port,
+                io,
+                if dry_run { "tenant_dry_run = true" } else { "" },
+                &group(&db, "max_connections = 8"),
+                USERS,
+            );
+            let port = proxy.port;
+            let stop = Arc::new(AtomicBool::new(false));
+            let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+            let sampler = {
+                let (stop, peak) = (stop.clone(), peak.clone());
+                let admin = proxy.admin;
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let (_, _, body) = http_get(admin, "/metrics");
+                        let n = body
+                            .lines()
+                            .find(|l| l.starts_with("dbproxy_user_borrowed{user=\"noisy\"}"))
+                            .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                            .unwrap_or(0);
+                        peak.fetch_max(n, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            };
+            let clients: Vec<_> = (0..8)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut c = postgres::Client::connect(
+                            &conninfo(port, "noisy", "noisy-pw", "shop"),
+                            postgres::NoTls,
+                        )
+                        .unwrap();
+                        for _ in 0..3 {
+                            let mut t = c.transaction().unwrap();
+                            t.simple_query("SELECT pg_sleep(0.1)").unwrap();
+                            t.commit().unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for c in clients {
+                c.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            sampler.join().unwrap();
+            let peak = peak.load(Ordering::Relaxed);
+            let over = proxy.metric("dbproxy_user_over_limit_total{user=\"noisy\"}");
+            println!("[{io}] PostgreSQL, dry run {dry_run}: noisy held at most {peak}, {over} over its limit");
+            if dry_run {
+                assert!(peak > 4 && over > 0, "[{io}] {peak} {over}");
+            } else {
+                assert_eq!((peak, over), (4, 0), "[{io}]");
+            }
+        }
+    }
+}
