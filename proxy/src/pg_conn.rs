@@ -14,6 +14,7 @@ use crate::io::{read_watching_peer, Buf, Driver, Stream};
 use crate::pg_cancel::{self, HeldServer, Registration};
 use crate::pg_pool::{BorrowError, Lease, PgPool};
 use crate::pg_server::{nonce, write_all, Answer, PgServer, PgServerError};
+use crate::pool::Class;
 use crate::postgres::backend::OpenError;
 use crate::postgres::login::{Credential, Login, Need};
 use crate::postgres::messages::{
@@ -556,18 +557,14 @@ impl<D: Driver> PgClient<D> {
 
     /// Tells the client why no connection could serve it (it is closed then).
     /// A server connection for the client, once its user has a place under its
-    /// `max_database_connections` (the place goes with the connection).
+    /// `max_database_connections` (the place goes with the connection), served in its
+    /// user's turn among the waiting.
     async fn borrow(&mut self) -> Result<Lease<D::Stream>, BorrowError> {
-        let sh = &self.shared;
-        let tenant = self.tenant.get_or_insert_with(|| {
-            sh.tenants.get(
-                &self.user.name,
-                self.user.max_database_connections,
-                self.user.weight,
-                sh.config().proxy.tenant_dry_run,
-            )
-        });
-        let tenant = tenant.clone();
+        let (sh, user) = (&self.shared, &self.user);
+        let tenant = self
+            .tenant
+            .get_or_insert_with(|| sh.tenant_of(user))
+            .clone();
         let place = match tenant.try_take() {
             Some(p) => p,
             None => {
@@ -582,7 +579,10 @@ impl<D: Driver> PgClient<D> {
                 p
             }
         };
-        let mut lease = self.pool.borrow(&self.user.backend, &self.database).await?;
+        let mut lease = self
+            .pool
+            .borrow(&self.user.backend, &self.database, Class::of(&tenant))
+            .await?;
         tenant.borrows.fetch_add(1, Ordering::Relaxed);
         let mut place = place;
         place.holds();

@@ -100,6 +100,8 @@ impl<S> Lease<S> {
 struct Waiter<S> {
     login: u64,
     database: String,
+    /// Its tenant, for fair turns among the waiters of one login and database.
+    class: crate::pool::Class,
     tx: oneshot::Sender<Lease<S>>,
 }
 
@@ -108,6 +110,8 @@ pub struct PgPool<D: Driver> {
     pub shared: Arc<GroupShared>,
     idle: RefCell<Vec<Lease<D::Stream>>>,
     waiters: RefCell<VecDeque<Waiter<D::Stream>>>,
+    /// Whose turn it is among the waiters' tenants.
+    turns: RefCell<crate::pool::Turns>,
     /// Connections this core has lent and not had back.
     lent: std::cell::Cell<usize>,
     /// Startup settings as this group's servers spell them.
@@ -121,6 +125,7 @@ impl<D: Driver> PgPool<D> {
             shared,
             idle: RefCell::default(),
             waiters: RefCell::default(),
+            turns: RefCell::default(),
             lent: std::cell::Cell::new(0),
             spellings: RefCell::default(),
         })
@@ -143,6 +148,7 @@ impl<D: Driver> PgPool<D> {
         self: &Rc<Self>,
         login: &Arc<BackendLogin>,
         database: &str,
+        class: crate::pool::Class,
     ) -> Result<Lease<D::Stream>, BorrowError> {
         let sh = &self.shared;
         let settings = sh.settings();
@@ -155,7 +161,7 @@ impl<D: Driver> PgPool<D> {
         let started = crate::rt::time::now();
         let deadline = started + settings.borrow_timeout;
         sh.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let got = self.borrow_waiting(login, database, deadline).await;
+        let got = self.borrow_waiting(login, database, deadline, class).await;
         sh.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         match &got {
             Ok(_) => {
@@ -178,6 +184,7 @@ impl<D: Driver> PgPool<D> {
         login: &Arc<BackendLogin>,
         database: &str,
         deadline: Instant,
+        class: crate::pool::Class,
     ) -> Result<Lease<D::Stream>, BorrowError> {
         let sh = &self.shared;
         loop {
@@ -210,6 +217,7 @@ impl<D: Driver> PgPool<D> {
                 self.waiters.borrow_mut().push_back(Waiter {
                     login: login.id,
                     database: database.to_string(),
+                    class,
                     tx,
                 });
                 // It waits for one from another core too (an idle one there, or one
@@ -482,25 +490,26 @@ impl<D: Driver> PgPool<D> {
             }
         }
         {
+            // To a waiter of the same login and database here: the first of the tenant
+            // whose turn it is.
             let mut waiters = self.waiters.borrow_mut();
-            let mut i = 0;
-            while i < waiters.len() {
-                let Some(w) = waiters.get(i) else { break };
-                if w.tx.is_closed() {
-                    waiters.remove(i);
-                    continue;
+            waiters.retain(|w| !w.tx.is_closed());
+            loop {
+                let (login, database) = (lease.server.login.id, &lease.server.database);
+                let picked = self.turns.borrow().pick(
+                    waiters
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, w)| w.login == login && w.database == *database)
+                        .map(|(i, w)| (i, w.class)),
+                );
+                let Some((i, pass)) = picked else { break };
+                let Some(w) = waiters.remove(i) else { break };
+                self.turns.borrow_mut().served(w.class, pass);
+                match w.tx.send(lease) {
+                    Ok(()) => return,
+                    Err(back) => lease = back,
                 }
-                if w.login == lease.server.login.id && w.database == lease.server.database {
-                    let Some(w) = waiters.remove(i) else { break };
-                    match w.tx.send(lease) {
-                        Ok(()) => return,
-                        Err(back) => {
-                            lease = back;
-                            continue;
-                        }
-                    }
-                }
-                i += 1;
             }
         }
         let Some(lease) = self.hand_over(lease) else {

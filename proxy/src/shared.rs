@@ -91,6 +91,16 @@ pub struct ProxyShared {
 }
 
 impl ProxyShared {
+    /// `user`'s share of the connections, with its settings as configured now.
+    pub fn tenant_of(&self, user: &crate::auth::User) -> Arc<crate::tenants::Tenant> {
+        self.tenants.get(
+            &user.name,
+            user.max_database_connections,
+            user.weight,
+            self.config().proxy.tenant_dry_run,
+        )
+    }
+
     pub fn new(
         config: Config,
         secrets: Option<crate::secrets::SecretStore>,

@@ -248,3 +248,75 @@ fn a_postgresql_user_is_held_to_its_limit() {
         }
     }
 }
+
+/// On a PostgreSQL endpoint too, a quiet user's borrowers take turns with a noisy user's
+/// 32 waiting ones (weights 1:1, no limit) instead of queueing behind them as in a dry run.
+#[test]
+fn postgresql_users_take_turns() {
+    use proxy_tests::pg::{conninfo, group, PgDb};
+    let db = PgDb::start(&[]);
+    let users = USERS.replace("max_database_connections = 4\n", "");
+    for io in ["uring", "epoll"] {
+        let mut quiet_selects = Vec::new();
+        for dry_run in [false, true] {
+            let proxy = Proxy::start_at(
+                db.port,
+                io,
+                if dry_run { "tenant_dry_run = true" } else { "" },
+                &group(&db, "max_connections = 4"),
+                &users,
+            );
+            let port = proxy.port;
+            let stop = Arc::new(AtomicBool::new(false));
+            let noisy: Vec<_> = (0..32)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut c = postgres::Client::connect(
+                            &conninfo(port, "noisy", "noisy-pw", "shop"),
+                            postgres::NoTls,
+                        )
+                        .unwrap();
+                        while !stop.load(Ordering::Relaxed) {
+                            let mut t = c.transaction().unwrap();
+                            t.simple_query("SELECT pg_sleep(0.05)").unwrap();
+                            t.commit().unwrap();
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_secs(1));
+            let quiet: Vec<_> = (0..2)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let mut c = postgres::Client::connect(
+                            &conninfo(port, "quiet", "quiet-pw", "shop"),
+                            postgres::NoTls,
+                        )
+                        .unwrap();
+                        let end = Instant::now() + Duration::from_secs(5);
+                        let mut n = 0;
+                        while Instant::now() < end {
+                            c.simple_query("SELECT 1").unwrap();
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let n: usize = quiet.into_iter().map(|t| t.join().unwrap()).sum();
+            stop.store(true, Ordering::Relaxed);
+            for t in noisy {
+                t.join().unwrap();
+            }
+            println!("[{io}] PostgreSQL, dry run {dry_run}: the quiet user ran {n} selects in 5 s");
+            quiet_selects.push(n);
+        }
+        assert!(
+            quiet_selects[0] > quiet_selects[1] * 3,
+            "[{io}] fair turns: {} selects against {} in the dry run",
+            quiet_selects[0],
+            quiet_selects[1]
+        );
+    }
+}

@@ -352,14 +352,7 @@ impl<D: Driver> Conn<D> {
                 }
             }
         };
-        let class = if tenant.dry_run() {
-            crate::pool::Class::NONE
-        } else {
-            crate::pool::Class {
-                id: tenant.id,
-                weight: tenant.weight(),
-            }
-        };
+        let class = crate::pool::Class::of(&tenant);
         let lent = self
             .pool
             .borrow_waiting(&self.key, self.s.state.schema.as_deref(), class)
@@ -378,14 +371,7 @@ impl<D: Driver> Conn<D> {
     /// The user's share of the connections.
     fn tenant(&mut self) -> &Arc<crate::tenants::Tenant> {
         let (shared, user) = (&self.shared, &self.s.user);
-        self.tenant.get_or_insert_with(|| {
-            shared.tenants.get(
-                &user.name,
-                user.max_database_connections,
-                user.weight,
-                shared.config().proxy.tenant_dry_run,
-            )
-        })
+        self.tenant.get_or_insert_with(|| shared.tenant_of(user))
     }
 
     /// The pool lent `conn`: the client holds it, in `place` under its user's limit.

@@ -16,7 +16,7 @@ mod waiting;
 
 pub use budget::{Budget, Permit};
 pub use key::PoolKey;
-pub use waiting::Class;
+pub use waiting::{Class, Turns};
 
 use crate::backend_conn::{self as backend, BackendConn, BackendError, ServerProfile, TlsTo};
 use crate::clients::ClientSlot;

@@ -22,10 +22,59 @@ pub struct Class {
 
 impl Class {
     pub const NONE: Class = Class { id: 0, weight: 1 };
+
+    /// `t`'s turns: none in a dry run (waiting borrowers served in arrival order).
+    pub fn of(t: &crate::tenants::Tenant) -> Class {
+        if t.dry_run() {
+            Class::NONE
+        } else {
+            Class {
+                id: t.id,
+                weight: t.weight(),
+            }
+        }
+    }
 }
 
 /// A tenant's virtual time grows by this over its weight per connection it is served.
 const STRIDE: u64 = 1 << 20;
+
+/// Whose turn it is among waiting tenants (stride scheduling): the tenant served least for
+/// its weight goes first. One per core and pool.
+#[derive(Debug, Default)]
+pub struct Turns {
+    /// Each tenant's pass (virtual time at which it is next served).
+    pass: HashMap<u64, u64>,
+    /// The pass of the last borrower served: a tenant that was not waiting starts here.
+    vtime: u64,
+}
+
+impl Turns {
+    /// Of `waiting` (position, tenant), in arrival order, the one to serve: the first of the
+    /// tenant with the lowest pass. With its pass, for [`Turns::served`].
+    pub fn pick(&self, waiting: impl Iterator<Item = (usize, Class)>) -> Option<(usize, u64)> {
+        let mut best: Option<(u64, usize)> = None;
+        for (i, class) in waiting {
+            let pass = self
+                .pass
+                .get(&class.id)
+                .copied()
+                .unwrap_or(self.vtime)
+                .max(self.vtime);
+            if best.is_none_or(|(b, _)| pass < b) {
+                best = Some((pass, i));
+            }
+        }
+        best.map(|(pass, i)| (i, pass))
+    }
+
+    /// `class`, picked at `pass`, was served.
+    pub fn served(&mut self, class: Class, pass: u64) {
+        self.vtime = pass;
+        self.pass
+            .insert(class.id, pass + STRIDE / u64::from(class.weight.max(1)));
+    }
+}
 
 /// Borrowers on this core waiting for a connection of their key: served by weighted fair
 /// queueing across tenants (stride scheduling: the tenant served least for its weight goes
@@ -33,18 +82,14 @@ const STRIDE: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct LocalWaiters<K, W, S> {
     by_key: HashMap<K, VecDeque<(Duration, Class, W)>, S>,
-    /// Each tenant's pass (virtual time at which it is next served).
-    pass: HashMap<u64, u64>,
-    /// The pass of the last borrower served: a tenant that was not waiting starts here.
-    vtime: u64,
+    turns: Turns,
 }
 
 impl<K, W, S: Default> Default for LocalWaiters<K, W, S> {
     fn default() -> Self {
         LocalWaiters {
             by_key: HashMap::with_hasher(S::default()),
-            pass: HashMap::new(),
-            vtime: 0,
+            turns: Turns::default(),
         }
     }
 }
@@ -72,27 +117,15 @@ impl<K: Hash + Eq, W: Waiter, S: BuildHasher> LocalWaiters<K, W, S> {
     pub fn pop(&mut self, key: &K) -> Option<W> {
         let q = self.by_key.get_mut(key)?;
         q.retain(|(_, _, w)| !w.gone());
-        let vtime = self.vtime;
-        let mut best: Option<(u64, usize)> = None;
-        for (i, (_, class, _)) in q.iter().enumerate() {
-            let pass = self
-                .pass
-                .get(&class.id)
-                .copied()
-                .unwrap_or(vtime)
-                .max(vtime);
-            if best.is_none_or(|(b, _)| pass < b) {
-                best = Some((pass, i));
-            }
-        }
-        let picked = best.and_then(|(pass, i)| Some((pass, q.remove(i)?)));
+        let best = self
+            .turns
+            .pick(q.iter().enumerate().map(|(i, (_, c, _))| (i, *c)));
+        let picked = best.and_then(|(i, pass)| Some((pass, q.remove(i)?)));
         if q.is_empty() {
             self.by_key.remove(key);
         }
         let (pass, (_, class, w)) = picked?;
-        self.vtime = pass;
-        self.pass
-            .insert(class.id, pass + STRIDE / u64::from(class.weight.max(1)));
+        self.turns.served(class, pass);
         Some(w)
     }
 
