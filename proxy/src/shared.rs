@@ -305,6 +305,15 @@ impl ProxyShared {
             }
         }
         self.users.store(Arc::new(users));
+        // Limits and weights apply at once to the sessions already logged in.
+        for u in &plan.config.users {
+            self.tenants.get(
+                &u.name,
+                u.max_database_connections,
+                u.weight,
+                plan.config.proxy.tenant_dry_run,
+            );
+        }
         let report = plan.report();
         for r in &plan.restart_needed {
             tracing::warn!("reload: {r} changed; it takes effect at the next restart");
