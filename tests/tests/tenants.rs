@@ -6,9 +6,16 @@
 
 use mysql::prelude::Queryable;
 use proxy_tests::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// These tests measure waits: one at a time, so that none loads the machine under another.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const USERS: &str = r#"
 [[users]]
@@ -26,6 +33,30 @@ backend_user = "app"
 backend_password = "db-secret"
 weight = 1
 "#;
+
+/// The most connections the noisy user held at once (`dbproxy_user_borrowed`, read every
+/// 20 ms until `stop`).
+fn noisy_peak(
+    proxy: &Proxy,
+    stop: &Arc<AtomicBool>,
+) -> (Arc<AtomicI64>, std::thread::JoinHandle<()>) {
+    let peak = Arc::new(AtomicI64::new(0));
+    let (stop, p) = (stop.clone(), peak.clone());
+    let admin = proxy.admin;
+    let t = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let (_, _, body) = http_get(admin, "/metrics");
+            let n = body
+                .lines()
+                .find(|l| l.starts_with("dbproxy_user_borrowed{user=\"noisy\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            p.fetch_max(n, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (peak, t)
+}
 
 struct Outcome {
     quiet_p99: Duration,
@@ -79,23 +110,7 @@ fn run(db: &MariaDb, io: &str, mode: Mode) -> Outcome {
         })
         .collect();
     // Sample the noisy user's connections while the quiet one runs.
-    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let sampler = {
-        let (stop, peak) = (stop.clone(), peak.clone());
-        let admin = proxy.admin;
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let (_, _, body) = http_get(admin, "/metrics");
-                let n = body
-                    .lines()
-                    .find(|l| l.starts_with("dbproxy_user_borrowed{user=\"noisy\"}"))
-                    .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-                    .unwrap_or(0);
-                peak.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let (peak, sampler) = noisy_peak(&proxy, &stop);
     std::thread::sleep(Duration::from_secs(1));
     let quiet: Vec<_> = (0..4)
         .map(|_| {
@@ -136,6 +151,7 @@ fn run(db: &MariaDb, io: &str, mode: Mode) -> Outcome {
 
 #[test]
 fn a_noisy_tenant_waits_behind_its_own_requests() {
+    let _one = one_at_a_time();
     let db = MariaDb::start();
     for io in ["uring", "epoll"] {
         let fair = run(&db, io, Mode::Limits);
@@ -186,6 +202,7 @@ fn a_noisy_tenant_waits_behind_its_own_requests() {
 /// dry run the same clients use more and the excess is counted.
 #[test]
 fn a_postgresql_user_is_held_to_its_limit() {
+    let _one = one_at_a_time();
     use proxy_tests::pg::{conninfo, group, PgDb};
     let db = PgDb::start(&[]);
     for io in ["uring", "epoll"] {
@@ -199,23 +216,7 @@ fn a_postgresql_user_is_held_to_its_limit() {
             );
             let port = proxy.port;
             let stop = Arc::new(AtomicBool::new(false));
-            let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
-            let sampler = {
-                let (stop, peak) = (stop.clone(), peak.clone());
-                let admin = proxy.admin;
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let (_, _, body) = http_get(admin, "/metrics");
-                        let n = body
-                            .lines()
-                            .find(|l| l.starts_with("dbproxy_user_borrowed{user=\"noisy\"}"))
-                            .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-                            .unwrap_or(0);
-                        peak.fetch_max(n, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                })
-            };
+            let (peak, sampler) = noisy_peak(&proxy, &stop);
             let clients: Vec<_> = (0..8)
                 .map(|_| {
                     std::thread::spawn(move || {
@@ -253,6 +254,7 @@ fn a_postgresql_user_is_held_to_its_limit() {
 /// 32 waiting ones (weights 1:1, no limit) instead of queueing behind them as in a dry run.
 #[test]
 fn postgresql_users_take_turns() {
+    let _one = one_at_a_time();
     use proxy_tests::pg::{conninfo, group, PgDb};
     let db = PgDb::start(&[]);
     let users = USERS.replace("max_database_connections = 4\n", "");
