@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 const TOTAL: u64 = 30;
 const FLOOR: u64 = 10;
-/// Long enough that an etcd leader election on a loaded 2-core machine (CI runs other
+/// The default lease: an etcd leader election on a loaded 2-core machine (CI runs other
 /// suites beside this one) stays within the `lease_ttl / 2` an instance rides out.
-const TTL: Duration = Duration::from_secs(8);
+const TTL: Duration = Duration::from_secs(10);
 
 fn status(p: &Proxy) -> Value {
     let (_, _, body) = http_get(p.admin, "/status");

@@ -61,9 +61,12 @@ impl Params {
         self.ttl / 4
     }
 
-    /// The longest one store request may take before the instance counts as adrift.
+    /// The longest one round of store requests may take. A beat that landed at `t` is
+    /// followed by a round at `t + ttl/4`, failed by `t + 3ttl/8` (ridden out: within
+    /// [`Params::tolerate`]), and one at `t + ttl/2` failed by `t + 5ttl/8`: adrift then,
+    /// well before anyone may collect the entry at `t + ttl`.
     pub fn request_timeout(&self) -> Duration {
-        self.ttl / 4
+        self.ttl / 8
     }
 
     /// How long after its last beat that landed an instance rides out failed requests

@@ -144,7 +144,8 @@ pub fn start(
         user: (!cfg.username.is_empty()).then(|| (cfg.username.clone(), cfg.password.clone())),
         ca_pem: read_file("ca_file", &cfg.ca_file)?,
         client_pem,
-        timeout: ttl / 8,
+        // Each endpoint gets a share of the round (tried in turn when one does not answer).
+        timeout: ttl / 16,
     };
     let instance = instance.replace('/', "_");
     let fleet = Arc::new(Fleet {
