@@ -1199,6 +1199,13 @@ impl<D: Driver> CorePool<D> {
             self.close(conn, "max_connection_lifetime reached");
             return;
         }
+        // The budget shrank below what is open (a reload, the fleet's share): this one
+        // closes rather than go to the next borrower, or a pool kept busy would never
+        // come down to it.
+        if self.shared.over_budget() {
+            self.close(conn, "over max_connections or the fleet's share");
+            return;
+        }
         let remote = self.shared.oldest_starving(&conn.key);
         let local = self.waiters.borrow().oldest(&conn.key);
         if ladder::remote_first(remote, local) {
