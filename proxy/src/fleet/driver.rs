@@ -195,6 +195,7 @@ pub fn start(
                         alloc: Allocator::new(instance.clone(), params, Duration::ZERO),
                         wants: VecDeque::new(),
                         view: View::default(),
+                        records: BTreeMap::new(),
                         beat: 0,
                         pool: p,
                     }
@@ -223,6 +224,8 @@ struct Shared {
     /// Samples of what it wanted, over `return_after`.
     wants: VecDeque<(Duration, u32)>,
     view: View,
+    /// The member records of the last read (hosts and open counts for the status).
+    records: BTreeMap<String, Member>,
     beat: u64,
 }
 
@@ -305,13 +308,13 @@ impl<S: Store> Driver<S> {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .map(|id| {
-                    let m = p.view.members.get(id);
+                    let m = p.records.get(id);
                     InstanceStatus {
                         instance: id.clone(),
-                        host: String::new(),
+                        host: m.map(|m| m.host.clone()).unwrap_or_default(),
                         held: p.view.table.get(id).copied(),
                         want: m.map_or(0, |m| m.want),
-                        open: 0,
+                        open: m.map_or(0, |m| m.open),
                         this: *id == self.instance,
                     }
                 })
@@ -333,17 +336,7 @@ impl<S: Store> Driver<S> {
                 instances,
             });
         }
-        let mut st = self.fleet.status.lock();
-        // Hosts and open counts come from the member records, kept at the last read.
-        for (new, old) in pools.iter_mut().zip(st.pools.iter()) {
-            for i in &mut new.instances {
-                if let Some(o) = old.instances.iter().find(|o| o.instance == i.instance) {
-                    i.host.clone_from(&o.host);
-                    i.open = o.open;
-                }
-            }
-        }
-        st.pools = pools;
+        self.fleet.status.lock().pools = pools;
     }
 
     fn member_key(&self, pool: &str) -> String {
@@ -457,28 +450,23 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
-        self.publish_members(&records);
         for k in 0..self.pools.len() {
             let id = self.pools[k].pool.id.clone();
             let (rev, table) = tables.remove(&id).unwrap_or_default();
-            let members = records
-                .get(&id)
-                .map(|ms| {
-                    ms.iter()
-                        .map(|(i, m)| {
-                            (
-                                i.clone(),
-                                MemberView {
-                                    beat: m.beat,
-                                    want: m.want,
-                                },
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
             let now = self.now();
             let p = &mut self.pools[k];
+            p.records = records.remove(&id).unwrap_or_default();
+            let members = p
+                .records
+                .iter()
+                .map(|(i, m)| {
+                    let view = MemberView {
+                        beat: m.beat,
+                        want: m.want,
+                    };
+                    (i.clone(), view)
+                })
+                .collect();
             p.view = View {
                 rev,
                 table,
@@ -524,22 +512,6 @@ impl<S: Store> Driver<S> {
                     tracing::warn!(pool = %id, "fleet: grant write failed: {e}");
                     let now = self.now();
                     self.pools[k].alloc.failed(now);
-                }
-            }
-        }
-    }
-
-    /// Hosts and open counts for the status.
-    fn publish_members(&self, records: &BTreeMap<String, BTreeMap<String, Member>>) {
-        let mut st = self.fleet.status.lock();
-        for ps in &mut st.pools {
-            let Some(ms) = records.get(&ps.pool) else {
-                continue;
-            };
-            for i in &mut ps.instances {
-                if let Some(m) = ms.get(&i.instance) {
-                    i.host.clone_from(&m.host);
-                    i.open = m.open;
                 }
             }
         }
