@@ -577,17 +577,19 @@ fn a_client_that_vanishes_mid_transaction_is_rolled_back() {
     }
 }
 
-/// A user variable dbproxy cannot read back (its HEX() would exceed the server's
-/// max_allowed_packet, so MariaDB answers NULL) stays on the connection that has it:
+/// A user variable too big to replay (`SET @v = _utf8mb3 X'...'` would not fit in one packet
+/// the server takes, though its hex digits alone would, so every MariaDB release sends them)
+/// stays on the connection that has it:
 /// without the filter the client is pinned there and keeps seeing its value; with
 /// `session_pinning_filters = ["exclude_variable_sets"]` it is not pinned (RDS Proxy's
 /// filter: the client accepts that such a value may not follow it) and the one
 /// connection serves another client at once.
 #[test]
 fn exclude_variable_sets_filter() {
-    // 1 MiB packets: a 600,000-byte variable fits, its 1.2 MB of hex digits do not.
+    // 1 MiB packets: 524,200 bytes give 1,048,400 hex digits, which HEX() returns (they fit
+    // in 1,048,576), and a replay of them does not fit.
     let db = MariaDb::start_with(&["--max-allowed-packet=1M"]);
-    const SET_BIG: &str = "SET @v = REPEAT('x', 600000)";
+    const SET_BIG: &str = "SET @v = REPEAT('x', 524200)";
     let pool = "max_connections = 1\nconnection_borrow_timeout = \"3s\"";
     for io in DRIVERS {
         let proxy = Proxy::start(&db, io, pool);
@@ -602,7 +604,7 @@ fn exclude_variable_sets_filter() {
         let len: Option<u64> = a.query_first("SELECT LENGTH(@v)").unwrap();
         assert_eq!(
             len,
-            Some(600_000),
+            Some(524_200),
             "[{io}] the pinned client keeps its value"
         );
         // The one connection is A's: another client waits for it in vain.

@@ -868,7 +868,9 @@ mod tests {
         let rb = ReadBack::for_statement(&info, false).unwrap();
         assert_eq!(
             rb.sql,
-            "SELECT LAST_INSERT_ID(), @`x`, HEX(@`x`), CHARSET(@`x`), COLLATION(@`x`)"
+            "SELECT LAST_INSERT_ID(), @`x`, \
+             IF(LENGTH(@`x`) * 2 + 1024 < @@max_allowed_packet, HEX(@`x`), NULL), \
+             CHARSET(@`x`), COLLATION(@`x`)"
         );
         let bin = Some(&b"binary"[..]);
         let r = result(

@@ -67,7 +67,11 @@ pub enum ReadBackError {
     Value(&'static str),
 }
 
-/// Columns per variable in the read-back: `@v, HEX(@v), CHARSET(@v), COLLATION(@v)`.
+/// Columns per variable in the read-back: `@v, HEX(@v), CHARSET(@v), COLLATION(@v)`, where
+/// the hex digits are NULL for a value whose replay would not fit in one packet the server
+/// takes (`max_allowed_packet`). Some MariaDB releases answer NULL for such a HEX() by
+/// themselves, not all: a replay built from digits that do not fit would fail. A NULL there
+/// keeps the value on its connection (the client is pinned).
 pub const COLUMNS_PER_VAR: usize = 4;
 
 /// A user variable reference for SQL (`` @`na``me` ``).
@@ -79,13 +83,20 @@ pub fn var_ref(name: &[u8]) -> String {
     s
 }
 
+/// Room left in a replay's packet for everything but one value's hex digits (the command
+/// byte, `SET @name = _charset X'...' COLLATE collation`, other assignments).
+const REPLAY_SLACK: usize = 1024;
+
 /// Appends the select items that read `name` back (see [`COLUMNS_PER_VAR`]).
 pub fn push_read_back(sql: &mut String, name: &[u8]) {
     let v = var_ref(name);
     if !sql.ends_with("SELECT ") {
         sql.push_str(", ");
     }
-    sql.push_str(&format!("{v}, HEX({v}), CHARSET({v}), COLLATION({v})"));
+    sql.push_str(&format!(
+        "{v}, IF(LENGTH({v}) * 2 + {REPLAY_SLACK} < @@max_allowed_packet, HEX({v}), NULL), \
+         CHARSET({v}), COLLATION({v})"
+    ));
 }
 
 fn is_plain_name(s: &[u8]) -> bool {
@@ -310,7 +321,8 @@ mod tests {
         push_read_back(&mut q, b"we`ird");
         assert_eq!(
             q,
-            "SELECT @`a`, HEX(@`a`), CHARSET(@`a`), COLLATION(@`a`), @`we``ird`, HEX(@`we``ird`), CHARSET(@`we``ird`), COLLATION(@`we``ird`)"
+            "SELECT @`a`, IF(LENGTH(@`a`) * 2 + 1024 < @@max_allowed_packet, HEX(@`a`), NULL), CHARSET(@`a`), COLLATION(@`a`), \
+             @`we``ird`, IF(LENGTH(@`we``ird`) * 2 + 1024 < @@max_allowed_packet, HEX(@`we``ird`), NULL), CHARSET(@`we``ird`), COLLATION(@`we``ird`)"
         );
         let mut client = UserVars::new();
         client.insert(b"a".to_vec(), UserValue::int("1"));
