@@ -441,6 +441,47 @@ pub struct EndpointConfig {
     /// TLS from clients; default `optional` when `proxy.tls_cert` is set, else `disabled`.
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// A `read_write` endpoint that sends autocommit reads to readers (within the group's
+    /// `max_replication_lag`) and everything else to the writer.
+    #[serde(default)]
+    pub read_write_split: bool,
+    /// With `read_write_split`: how a client's reads see its own writes.
+    #[serde(default)]
+    pub causal_reads: CausalReads,
+    /// How long a read waits on a reader for the client's last write before it goes to the
+    /// writer instead (`causal_reads = "gtid"`).
+    #[serde(default = "d_causal_reads_timeout", deserialize_with = "de_duration")]
+    pub causal_reads_timeout: Duration,
+}
+
+/// Read-your-writes on a split endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CausalReads {
+    /// Reads go to a reader within `max_replication_lag`, whatever the client wrote.
+    None,
+    /// After a write, the client's reads wait on the reader for the write's GTID
+    /// (`MASTER_GTID_WAIT`, in the same round trip as the read).
+    #[default]
+    Gtid,
+    /// After a write, the client's reads stay on the writer until a reader's measured lag
+    /// is below the time since that write (servers without GTIDs, such as Aurora).
+    Lag,
+}
+
+impl CausalReads {
+    /// As configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            CausalReads::None => "none",
+            CausalReads::Gtid => "gtid",
+            CausalReads::Lag => "lag",
+        }
+    }
+}
+
+fn d_causal_reads_timeout() -> Duration {
+    Duration::from_millis(250)
 }
 
 /// TLS between clients and an endpoint.
@@ -996,6 +1037,22 @@ impl Config {
                     "{k}.target_group: no target group named {:?}",
                     e.target_group
                 ));
+            }
+            if e.read_write_split {
+                if e.role != Role::ReadWrite {
+                    errs.push(format!(
+                        "{k}.read_write_split: only a read_write endpoint splits (a read_only one sends everything to readers)"
+                    ));
+                }
+                let engine = self.target_groups.iter().find(|g| g.name == e.target_group);
+                if engine.is_some_and(|g| g.engine != Engine::Mysql) {
+                    errs.push(format!(
+                        "{k}.read_write_split: MySQL/MariaDB target groups only (PostgreSQL endpoints do not split yet)"
+                    ));
+                }
+                if e.causal_reads_timeout.is_zero() {
+                    errs.push(format!("{k}.causal_reads_timeout: must be more than 0"));
+                }
             }
         }
         for (i, g) in self.target_groups.iter().enumerate() {

@@ -24,6 +24,7 @@ pub mod pool;
 pub mod postgres;
 pub mod relay;
 pub mod reload;
+pub mod routing;
 pub mod rt;
 pub mod runtime;
 pub mod secrets;
