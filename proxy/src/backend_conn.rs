@@ -451,6 +451,40 @@ impl<S: Stream> BackendConn<S> {
         Ok(reply)
     }
 
+    /// Reads the answer to a command of `kind` already sent to its end and drops it (a
+    /// read whose causal wait timed out): its rows are not kept. Gives up as
+    /// [`Self::read_response_until`] does, when `stop` resolves.
+    pub async fn skip_response_until(
+        &mut self,
+        kind: ResponseKind,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
+        let mut collect = Collect::dropping(kind, self.caps);
+        tokio::pin!(stop);
+        loop {
+            let h = crate::io::read_packet_until(
+                &mut self.stream,
+                &mut self.buf,
+                MAX_PAYLOAD,
+                None,
+                stop.as_mut(),
+            )
+            .await?;
+            let fed = collect.feed(&mut self.session, h, &self.buf.filled()[4..h.total()]);
+            self.buf.consume(h.total());
+            match fed? {
+                Collected::More => {}
+                Collected::Infile => {
+                    write_packet(&mut self.stream, h.seq.wrapping_add(1), &[]).await?;
+                }
+                Collected::Done(reply) => {
+                    self.buf.shrink(BACKEND_BUF);
+                    return Ok(reply.map(drop));
+                }
+            }
+        }
+    }
+
     /// Runs one of dbproxy's own conversations with the server (see [`backend_script`]).
     /// Each answer may take `internal_query_timeout`.
     pub async fn run<T>(&mut self, script: impl Script<Output = T>) -> Result<T, BackendError> {

@@ -142,6 +142,8 @@ pub struct Collect {
     caps: u32,
     packets: Vec<Vec<u8>>,
     err: Option<ErrPacket>,
+    /// Packets are not kept (an answer read only to be dropped).
+    drop_packets: bool,
 }
 
 /// What a packet of an answer led to.
@@ -162,6 +164,16 @@ impl Collect {
             caps,
             packets: Vec::new(),
             err: None,
+            drop_packets: false,
+        }
+    }
+
+    /// Follows the answer to its end without keeping its packets (it ends as
+    /// `Done(Ok(Packets(vec![])))` or with the server's ERR).
+    pub fn dropping(kind: ResponseKind, caps: u32) -> Collect {
+        Collect {
+            drop_packets: true,
+            ..Collect::new(kind, caps)
         }
     }
 
@@ -179,7 +191,9 @@ impl Collect {
         if self.tracker.last_ok() {
             apply_ok(session, payload, self.caps)?;
         }
-        self.packets.push(payload.to_vec());
+        if !self.drop_packets {
+            self.packets.push(payload.to_vec());
+        }
         Ok(match step {
             Step::More => Collected::More,
             Step::LocalInfile => {

@@ -193,8 +193,19 @@ pub fn start(
                 crate::config::ClientTls::Optional => ClientTls::Offered,
                 crate::config::ClientTls::Required => ClientTls::Required,
             };
+            let split = e.read_write_split.then(|| {
+                let g = cfg.target_groups.iter().find(|g| g.name == e.target_group);
+                let split = crate::routing::Split {
+                    causal: e.causal_reads,
+                    timeout: e.causal_reads_timeout,
+                    max_lag: g.and_then(|g| g.max_replication_lag),
+                    check_every: g.map_or(Duration::from_secs(1), |g| g.health_check_interval),
+                };
+                (split, format!("{}/read_only", e.target_group))
+            });
             ls.push(Listener {
                 pool,
+                split,
                 tls,
                 socket,
                 stats: stats.clone(),
@@ -231,6 +242,8 @@ pub fn start(
 struct Listener {
     /// The pool it serves ([`GroupShared::id`]).
     pool: String,
+    /// A split endpoint's settings and the pool of its readers.
+    split: Option<(crate::routing::Split, String)>,
     tls: ClientTls,
     socket: ListenSocket,
     stats: Arc<crate::stats::EndpointStats>,
@@ -282,6 +295,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
     let mut accepts = Vec::new();
     for Listener {
         pool,
+        split,
         tls,
         socket,
         stats,
@@ -291,6 +305,10 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
         let Some(pool) = pools.get(&group).cloned() else {
             continue;
         };
+        let split = split.and_then(|(s, readers)| match pools.get(&readers) {
+            Some(CorePools::Mysql(r)) => Some((s, r.clone())),
+            _ => None,
+        });
         let sh = shared.clone();
         let socket = match socket {
             ListenSocket::Tcp(s) => s,
@@ -301,7 +319,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
                     let local = SocketAddr::from(([127, 0, 0, 1], 0));
                     while let Some(d) = inbox.recv().await {
                         match D::attach(d) {
-                            Ok(stream) => pool.serve(&sh, stream, local, tls, &stats),
+                            Ok(stream) => pool.serve(&sh, stream, local, tls, &stats, &split),
                             Err(e) => tracing::warn!("cannot adopt a Unix socket client: {e}"),
                         }
                     }
@@ -319,7 +337,7 @@ async fn worker<D: Driver>(shared: Arc<ProxyShared>, listeners: Vec<Listener>) {
         accepts.push(crate::rt::spawn(async move {
             loop {
                 match D::accept(&listener).await {
-                    Ok((stream, peer)) => pool.serve(&sh, stream, peer, tls, &stats),
+                    Ok((stream, peer)) => pool.serve(&sh, stream, peer, tls, &stats, &split),
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!("accept failed: {e}");
@@ -370,6 +388,7 @@ impl<D: Driver> CorePools<D> {
         peer: SocketAddr,
         tls: ClientTls,
         stats: &Arc<crate::stats::EndpointStats>,
+        split: &Option<(crate::routing::Split, Rc<CorePool<D>>)>,
     ) {
         match self {
             CorePools::Mysql(pool) => {
@@ -380,6 +399,7 @@ impl<D: Driver> CorePools<D> {
                     peer,
                     tls,
                     stats.clone(),
+                    split.clone(),
                 ));
             }
             CorePools::Postgres(pool) => {

@@ -132,11 +132,10 @@ impl ProxyShared {
             }
             let topology = Topology::new(&g.name, &g.targets);
             let mut routes = vec![Route::Writer];
-            if config
-                .endpoints
-                .iter()
-                .any(|e| e.target_group == g.name && e.role == crate::config::Role::ReadOnly)
-            {
+            if config.endpoints.iter().any(|e| {
+                e.target_group == g.name
+                    && (e.role == crate::config::Role::ReadOnly || e.read_write_split)
+            }) {
                 routes.push(Route::Reader {
                     max_lag: g.max_replication_lag,
                     fallback: g.reader_fallback,

@@ -54,6 +54,23 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     2.5, 10.0,
 ];
 
+/// What a split endpoint's routing did (`routing::`), kept by the writer's pool of its
+/// target group.
+#[derive(Debug, Default)]
+pub struct SplitStats {
+    /// Statements sent to a reader.
+    pub to_reader: Counter,
+    /// Statements a split endpoint sent to the writer, by why (`routing::WriterWhy`'s
+    /// order).
+    pub to_writer: [AtomicU64; 7],
+    /// Reads that waited on a reader for the client's causal position.
+    pub causal_waits: AtomicU64,
+    /// Waits that timed out (the read then went to the writer).
+    pub causal_timeouts: AtomicU64,
+    /// How long the waits took (the wait's answer, which comes ahead of the read's).
+    pub causal_wait: Latency,
+}
+
 /// A latency histogram over [`LATENCY_BUCKETS`] (the last slot counts the rest), striped
 /// by worker as [`Counter`] is.
 #[derive(Debug, Default)]

@@ -454,6 +454,55 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
             .iter()
             .map(|g| (labels(g), load(&g.stats.stmt_reprepares))),
     )?;
+    // Split endpoints' routing: kept on the writer's pool of each group.
+    let writers: Vec<_> = pools
+        .iter()
+        .filter(|g| g.route == crate::topology::Route::Writer)
+        .collect();
+    let routed = |g: &crate::pool::GroupShared, to: &str, reason: &str| {
+        let mut l = labels(g);
+        l.push(("to", to.to_string()));
+        l.push(("reason", reason.to_string()));
+        l
+    };
+    counters(
+        enc,
+        "dbproxy_split_statements",
+        "Statements a read_write_split endpoint sent to a reader, or to the writer and why.",
+        writers.iter().flat_map(|g| {
+            let split = &g.stats.split;
+            std::iter::once((routed(g, "reader", "read"), split.to_reader.get())).chain(
+                crate::routing::WriterWhy::ALL.iter().map(move |w| {
+                    let n = split.to_writer.get(w.index()).map_or(0, load);
+                    (routed(g, "writer", w.name()), n)
+                }),
+            )
+        }),
+    )?;
+    counters(
+        enc,
+        "dbproxy_causal_waits",
+        "Reads that first waited on a reader for the client's causal position.",
+        writers
+            .iter()
+            .map(|g| (labels(g), load(&g.stats.split.causal_waits))),
+    )?;
+    counters(
+        enc,
+        "dbproxy_causal_wait_timeouts",
+        "Causal waits that timed out (causal_reads_timeout): the read went to the writer.",
+        writers
+            .iter()
+            .map(|g| (labels(g), load(&g.stats.split.causal_timeouts))),
+    )?;
+    histograms(
+        enc,
+        "dbproxy_causal_wait_seconds",
+        "How long reads waited on a reader for the client's causal position.",
+        writers
+            .iter()
+            .map(|g| (labels(g), g.stats.split.causal_wait.snapshot())),
+    )?;
     let by_reason = |g: &crate::pool::GroupShared, r: PinReason| {
         let mut l = labels(g);
         l.push(("reason", r.name().to_string()));

@@ -111,6 +111,11 @@ impl<D: Driver> Conn<D> {
         if let Some(b) = self.backend.take() {
             self.pool.lost(b, "failed before a statement was sent");
         }
+        if self.on_reader() {
+            // A reader that failed: the read goes to the writer rather than wait for the
+            // monitor to see it.
+            self.reroute_to_writer();
+        }
         Some(SessionEnd::Retry)
     }
 

@@ -12,6 +12,7 @@ mod backend;
 mod client;
 mod phase;
 mod relay;
+mod split;
 mod steps;
 
 use phase::{drive_phase, login, Via};
@@ -139,6 +140,8 @@ struct Conn<D: Driver> {
     db_sent: Option<std::time::Instant>,
     /// The user's share of the connections (looked up at the first borrow).
     tenant: Option<Arc<crate::tenants::Tenant>>,
+    /// A split endpoint's routing (`read_write_split`).
+    split: Option<Box<split::SplitRoute<D>>>,
 }
 
 /// Every exit path, a panic included, gives the backend connection back and ends the
@@ -165,6 +168,7 @@ pub async fn serve<D: Driver>(
     peer: SocketAddr,
     tls: ClientTls,
     endpoint: Arc<EndpointStats>,
+    split: Option<(crate::routing::Split, Rc<CorePool<D>>)>,
 ) {
     use tracing::Instrument;
     let conn_id = shared.next_connection_id();
@@ -175,7 +179,8 @@ pub async fn serve<D: Driver>(
         endpoint = %endpoint.name,
         user = tracing::field::Empty
     );
-    serve_in_span::<D>(shared, pool, client, peer, tls, endpoint, conn_id)
+    let via = Via { tls, endpoint };
+    serve_in_span::<D>(shared, pool, client, peer, via, conn_id, split)
         .instrument(span)
         .await
 }
@@ -185,10 +190,11 @@ async fn serve_in_span<D: Driver>(
     pool: Rc<CorePool<D>>,
     mut client: D::Stream,
     peer: SocketAddr,
-    tls: ClientTls,
-    endpoint: Arc<EndpointStats>,
+    via: Via,
     conn_id: u32,
+    split: Option<(crate::routing::Split, Rc<CorePool<D>>)>,
 ) {
+    let endpoint = via.endpoint.clone();
     let (in_use, _count) = shared.count_client();
     let _open = endpoint.connected();
     if in_use > shared.config().proxy.max_client_connections {
@@ -197,14 +203,18 @@ async fn serve_in_span<D: Driver>(
         tracing::warn!(%peer, "refused a client: max_client_connections reached");
         return;
     }
-    let via = Via {
-        tls,
-        endpoint: endpoint.clone(),
-    };
     // Each stage's future lives in a pooled block only while it runs (see `rt::pooled`):
     // the session's task stays the size of its idle state.
-    let Some((mut conn, seq)) =
-        pooled(login::<D>(shared.clone(), pool, client, peer, conn_id, via)).await
+    let Some((mut conn, seq)) = pooled(login::<D>(
+        shared.clone(),
+        pool,
+        client,
+        peer,
+        conn_id,
+        via,
+        split,
+    ))
+    .await
     else {
         return;
     };
@@ -280,7 +290,7 @@ impl<D: Driver> Conn<D> {
             };
             // A statement that will run on a connection borrowed for it alone is kept, to be
             // sent again if it does not run (see `SessionEnd::Retry`).
-            let writer = self.pool.shared.route == Route::Writer;
+            let writer = self.pool.shared.route == Route::Writer || self.split.is_some();
             let held = self.backend.is_some();
             self.retryable = command::retryable(self.cbuf.filled(), h, held, writer, retries);
             if self.retryable {
@@ -340,6 +350,7 @@ impl<D: Driver> Conn<D> {
                     break;
                 }
             }
+            self.routed_done(succeeded);
             if let Some(t) = timed {
                 self.statement_done(
                     crate::rt::time::now().saturating_duration_since(t),

@@ -20,6 +20,7 @@ pub(super) async fn login<D: Driver>(
     peer: SocketAddr,
     conn_id: u32,
     Via { tls, endpoint }: Via,
+    split: Option<(crate::routing::Split, Rc<CorePool<D>>)>,
 ) -> Option<(Conn<D>, u8)> {
     let tls = if shared.tls.is_some() {
         tls
@@ -90,6 +91,7 @@ pub(super) async fn login<D: Driver>(
         timing: false,
         db_sent: None,
         tenant: None,
+        split: split.map(|(s, reader)| Box::new(super::split::SplitRoute::new(s, reader))),
     };
     Some((conn, ok_seq))
 }

@@ -138,6 +138,16 @@ impl<D: Driver> Conn<D> {
                     .discard(b, &format!("the client left mid-response: {e}"));
                 Err(SessionEnd::Client(e))
             }
+            Err(RelayError::Failed(Failure::Backend(why)))
+                if self.on_reader() && self.retryable && answer.relayed_nothing() =>
+            {
+                // A read on a reader that failed before any of its answer went out: it goes
+                // again, to the writer.
+                tracing::info!(peer = %self.peer, thread_id = b.thread_id, "a reader failed under a read ({why}): the read goes to the writer");
+                self.pool.lost(b, "failed during a read");
+                self.reroute_to_writer();
+                Err(SessionEnd::Retry)
+            }
             Err(RelayError::Failed(Failure::Backend(why))) => {
                 tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "backend connection lost: {why}");
                 self.pool.lost(b, "failed during a statement");

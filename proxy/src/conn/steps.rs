@@ -240,6 +240,8 @@ impl<D: Driver> Conn<D> {
                 }
                 Got::ReadBack
             }
+            Step::CausalWait { .. } => Box::pin(self.causal_wait()).await?,
+            Step::DiscardAnswer { kind, .. } => Box::pin(self.discard_answer(kind)).await?,
             Step::Tell { seq, payload } => {
                 write_packet(&mut self.client, seq, &payload)
                     .await
@@ -423,8 +425,24 @@ impl<D: Driver> Conn<D> {
             // Boxed, as the rare steps of a statement are.
             return Box::pin(self.kill(h.seq, k)).await;
         }
+        let mut wait = None;
+        if self.split.is_some() {
+            if let Some(p) = super::split::position_statement(sql) {
+                return Box::pin(self.position_statement(h, p)).await;
+            }
+            wait = self.route_statement(h);
+        }
+        let sql = self.cbuf.filled().get(5..h.total()).unwrap_or_default();
         let mut flow = Query::new(h.seq, sql, h.continues());
+        if let Some(w) = wait {
+            flow.wait_first(w);
+        }
         self.drive(&mut flow, Some(h)).await?;
+        if flow.rerouted() {
+            // The reader had not caught up: nothing reached the client, and the statement
+            // goes again, to the writer.
+            return Err(SessionEnd::Retry);
+        }
         self.note_temp_tables(flow.info());
         Ok(())
     }
@@ -550,7 +568,21 @@ impl<D: Driver> Conn<D> {
         let read = execute::read(&self.s, &payload);
         self.cmd = payload;
         match read {
-            Ok(ex) => self.drive(&mut ServeExecute::new(h.seq, ex), None).await,
+            Ok(ex) => {
+                let wait = match self.split.is_some() {
+                    true => self.route_execute(&ex.key.sql),
+                    false => None,
+                };
+                let mut flow = ServeExecute::new(h.seq, ex);
+                if let Some(w) = wait {
+                    flow.wait_first(w);
+                }
+                self.drive(&mut flow, None).await?;
+                if flow.rerouted() {
+                    return Err(SessionEnd::Retry);
+                }
+                Ok(())
+            }
             Err(e) => self.refuse(h.seq, e).await,
         }
     }

@@ -161,6 +161,7 @@ pub mod errcode {
     pub const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
     pub const ER_SERVER_SHUTDOWN: u16 = 1053;
     pub const ER_PARSE_ERROR: u16 = 1064;
+    pub const ER_WRONG_VALUE_FOR_VAR: u16 = 1231;
     pub const ER_UNKNOWN_ERROR: u16 = 1105;
     /// A login without TLS where TLS is required.
     pub const ER_SECURE_TRANSPORT_REQUIRED: u16 = 3159;

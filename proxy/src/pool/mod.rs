@@ -112,6 +112,8 @@ pub struct GroupStats {
     /// Prepares of a client's statement on a connection that did not have it (another
     /// connection, or evicted).
     pub stmt_reprepares: AtomicU64,
+    /// A split endpoint's routing (on the writer's pool of the group).
+    pub split: crate::stats::SplitStats,
 }
 
 impl GroupStats {

@@ -24,6 +24,10 @@ pub struct Execute {
     ahead: Option<Replay>,
     answer: Option<Answer>,
     stage: Stage,
+    /// A causal wait to send ahead (an execute on a reader).
+    wait: Option<Vec<u8>>,
+    /// The wait timed out: the execute is to be served again on the writer.
+    rerouted: bool,
 }
 
 // Not boxed: the statement would allocate for every statement; the flow lives on the
@@ -55,7 +59,20 @@ impl Execute {
             ahead: None,
             answer: None,
             stage: Stage::Readying(Ready::new(Borrowing::new(needs, true, true))),
+            wait: None,
+            rerouted: false,
         }
+    }
+
+    /// The execute first waits on its connection with this query (see
+    /// [`crate::serving::query::Query::wait_first`]).
+    pub fn wait_first(&mut self, sql: Vec<u8>) {
+        self.wait = Some(sql);
+    }
+
+    /// The causal wait timed out: the execute is to be served again on the writer.
+    pub fn rerouted(&self) -> bool {
+        self.rerouted
     }
 
     /// What the driver builds the command for the connection from.
@@ -108,14 +125,18 @@ impl Execute {
         // A cursor leaves its statement open: nothing may run after it.
         let read_back = cx.s.read_back(info).filter(|_| !self.ex.cursor);
         let answer = self.answer.take().unwrap_or(Answer::Forward);
-        Statement::new(
+        let mut statement = Statement::new(
             self.seq,
             ResponseKind::Execute,
             text,
             plan::plan(answer, info, read_back),
             self.ahead.take(),
             Send::Built,
-        )
+        );
+        if let Some(wait) = self.wait.take() {
+            statement.wait_first(wait);
+        }
+        statement
     }
 
     fn release(&mut self, cx: &mut Cx<'_>) -> Step<'static> {
@@ -198,6 +219,11 @@ impl Flow for Execute {
                 return Step::Done;
             };
             return statement.step(&self.ex.info);
+        }
+        if statement.rerouted() {
+            // Not run for the client (the reader had not caught up): served again.
+            self.rerouted = true;
+            return self.release(cx);
         }
         let outcome = statement.outcome();
         let pins = cx.s.executed(self.ex.cid, self.ex.cursor, &outcome);

@@ -135,6 +135,11 @@ pub enum Step<'f> {
         sent: bool,
         seq: u8,
     },
+    /// Read the answer to the causal wait sent ahead of the statement: [`Got::Waited`].
+    CausalWait { seq: u8 },
+    /// Read the held connection's answer to a command of `kind` to its end and drop it
+    /// (a read served again elsewhere): [`Got::Discarded`].
+    DiscardAnswer { kind: ResponseKind, seq: u8 },
     /// Send the client this packet: [`Got::Told`].
     Tell { seq: u8, payload: Vec<u8> },
     /// Run these steps on the held connection before it goes back: [`Got::Released`].
@@ -187,6 +192,8 @@ impl Step<'_> {
                 sent,
                 seq,
             },
+            Step::CausalWait { seq } => Step::CausalWait { seq },
+            Step::DiscardAnswer { kind, seq } => Step::DiscardAnswer { kind, seq },
             Step::Tell { seq, payload } => Step::Tell { seq, payload },
             Step::Release(r) => Step::Release(r),
             Step::CheckIn => Step::CheckIn,
@@ -222,6 +229,11 @@ pub enum Got {
     /// The execute is built, or the client gets this error (its parameters are malformed).
     Built(Result<(), ErrPacket>),
     ReadBack,
+    /// The causal wait answered: the reader has the client's position (`false`: it timed
+    /// out, or the wait failed).
+    Waited(bool),
+    /// The answer was read and dropped.
+    Discarded,
     /// The release steps ran (the warning list they read back, if asked), or failed
     /// (the connection was discarded by the driver).
     Released(Result<Option<crate::mysql::resultset::TextResult>, String>),

@@ -23,6 +23,12 @@ pub struct Query {
     info: SqlInfo,
     ahead: Option<Replay>,
     stage: Stage,
+    /// A causal wait to send ahead of the statement (a read on a reader).
+    wait: Option<Vec<u8>>,
+    /// The wait timed out: the statement is to be served again on the writer.
+    rerouted: bool,
+    /// Sent instead of the client's text (`SELECT @@dbproxy_causal_position`).
+    instead: Option<Vec<u8>>,
 }
 
 // Not boxed: the statement would allocate for every statement; the flow lives on the
@@ -52,7 +58,29 @@ impl Query {
             info,
             ahead: None,
             stage: Stage::Readying(Ready::new(Borrowing::new(needs, true, true))),
+            wait: None,
+            rerouted: false,
+            instead: None,
         }
+    }
+
+    /// The COM_QUERY numbered `seq`, answered by sending `text` instead of the client's.
+    pub fn instead(seq: u8, text: Vec<u8>) -> Query {
+        let mut q = Query::new(seq, &text, false);
+        q.instead = Some(text);
+        q
+    }
+
+    /// The statement first waits on its connection with this query (a read on a reader,
+    /// for the client's causal position).
+    pub fn wait_first(&mut self, sql: Vec<u8>) {
+        self.wait = Some(sql);
+    }
+
+    /// The causal wait timed out: the statement did not run for the client, and is to be
+    /// served again on the writer.
+    pub fn rerouted(&self) -> bool {
+        self.rerouted
     }
 
     /// The statement's analysis (the driver notes the temporary tables it creates).
@@ -67,6 +95,9 @@ impl Query {
 
     /// The connection is ready: the statement's answer as the client's diagnostics say.
     fn answer(&mut self, cx: &mut Cx<'_>) -> Option<Answer> {
+        if let Some(text) = self.instead.take() {
+            return Some(Answer::Rewrite(text));
+        }
         if !self.info.readers.diagnostics_any() || self.long {
             return Some(Answer::Forward);
         }
@@ -84,14 +115,18 @@ impl Query {
             Vec::new()
         };
         let read_back = cx.s.read_back(&self.info);
-        Statement::new(
+        let mut statement = Statement::new(
             self.seq,
             ResponseKind::Query,
             text,
             plan::plan(answer, &self.info, read_back),
             self.ahead.take(),
             Send::Client,
-        )
+        );
+        if let Some(wait) = self.wait.take() {
+            statement.wait_first(wait);
+        }
+        statement
     }
 }
 
@@ -139,6 +174,7 @@ impl Flow for Query {
             };
             return statement.step(&self.info);
         }
+        self.rerouted = statement.rerouted();
         self.stage = Stage::Releasing;
         release(cx, Got::Start)
     }
@@ -232,6 +268,58 @@ mod tests {
         let answers = vec![Got::Refused(busy.clone()), Got::Dropped, Got::Told];
         let (steps, _) = run(s, b"SELECT 1", answers);
         assert_eq!(steps, testing::refused(&busy));
+    }
+
+    fn run_waiting(answers: Vec<Got>) -> (Vec<Step<'static>>, bool) {
+        let s = crate::session::testing::session(None);
+        let sql = b"SELECT a FROM t WHERE id = 1";
+        let mut t = Script::new(s, None);
+        let mut command = vec![crate::mysql::consts::com::QUERY];
+        command.extend_from_slice(sql);
+        t.command = command;
+        let mut q = Query::new(0, sql, false);
+        q.wait_first(b"SELECT MASTER_GTID_WAIT('0-1-5', 0.250)".to_vec());
+        let steps = t.run(&mut q, answers).to_vec();
+        (steps, q.rerouted())
+    }
+
+    #[test]
+    fn a_causal_wait_rides_ahead_of_a_read_and_its_answer_comes_first() {
+        let answers = vec![
+            Got::Lent,
+            Got::Sent,
+            Got::Sent,
+            Got::Waited(true),
+            rows(status::AUTOCOMMIT),
+        ];
+        let (steps, rerouted) = run_waiting(answers);
+        let [Step::Borrow, Step::SendQuery { sql: wait, .. }, Step::SendCommand, Step::CausalWait { seq: 0 }, Step::Relay { .. }, Step::CheckIn, Step::Done] =
+            &steps[..]
+        else {
+            panic!("{steps:?}");
+        };
+        assert!(wait.starts_with(b"SELECT MASTER_GTID_WAIT("));
+        assert!(!rerouted);
+    }
+
+    #[test]
+    fn a_wait_that_times_out_drops_the_stale_answer_and_sends_the_read_elsewhere() {
+        let answers = vec![
+            Got::Lent,
+            Got::Sent,
+            Got::Sent,
+            Got::Waited(false),
+            Got::Discarded,
+        ];
+        let (steps, rerouted) = run_waiting(answers);
+        let [Step::Borrow, Step::SendQuery { .. }, Step::SendCommand, Step::CausalWait { .. }, Step::DiscardAnswer {
+            kind: ResponseKind::Query,
+            ..
+        }, Step::CheckIn, Step::Done] = &steps[..]
+        else {
+            panic!("{steps:?}");
+        };
+        assert!(rerouted, "nothing went to the client: served again");
     }
 
     #[test]

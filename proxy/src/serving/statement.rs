@@ -2,6 +2,11 @@
 //! be: a replay ahead of it, the statement (as it came, rewritten, or built by dbproxy),
 //! a read-back behind it; then the answers in that order, the statement's relayed (or
 //! collected and changed), the session learning from each.
+//!
+//! On a split endpoint a read may first wait on a reader for the client's causal position
+//! (a query sent ahead of the statement, in the same round trip). When that wait times
+//! out, the statement's answer (stale, maybe) is read and dropped, and the statement is
+//! over without an outcome: the driver serves it again on the writer.
 
 use super::{Cx, Got, Step};
 use crate::mysql::command::ResponseKind;
@@ -28,6 +33,8 @@ enum Stage {
     Start,
     /// The replay's SET goes ahead of the statement.
     Ahead,
+    /// The causal wait goes ahead of the statement.
+    Wait,
     /// The statement goes (or the client's command is dropped, for a text sent instead).
     Send,
     /// The text sent instead of the client's.
@@ -36,6 +43,11 @@ enum Stage {
     ReadBackSend,
     /// The replay's answer is read.
     FinishAhead,
+    /// The causal wait's answer is read.
+    WaitRead,
+    /// The wait timed out: the statement's answer (and a pipelined read-back's) is
+    /// dropped.
+    Discard,
     /// The statement's answer is relayed.
     Relay,
     /// The read-back's answer is read (sent now, if it was not pipelined).
@@ -49,11 +61,14 @@ impl Stage {
     fn after(self) -> Stage {
         match self {
             Stage::Start => Stage::Ahead,
-            Stage::Ahead => Stage::Send,
+            Stage::Ahead => Stage::Wait,
+            Stage::Wait => Stage::Send,
             Stage::Send => Stage::Replace,
             Stage::Replace => Stage::ReadBackSend,
             Stage::ReadBackSend => Stage::FinishAhead,
-            Stage::FinishAhead => Stage::Relay,
+            Stage::FinishAhead => Stage::WaitRead,
+            Stage::WaitRead => Stage::Relay,
+            Stage::Discard => Stage::Over,
             Stage::Relay => Stage::ReadBack,
             Stage::ReadBack => Stage::Coupled,
             Stage::Coupled | Stage::Over => Stage::Over,
@@ -79,6 +94,12 @@ pub struct Statement {
     coupled: Option<ReadBack>,
     outcome: Option<Outcome>,
     stage: Stage,
+    /// The causal wait sent ahead (it answers one row: 0 when the reader has caught up).
+    wait: Option<Vec<u8>>,
+    /// The wait timed out: the statement is to be served again elsewhere.
+    rerouted: bool,
+    /// Answers still to be dropped after a wait that timed out.
+    to_discard: u8,
 }
 
 impl Statement {
@@ -116,14 +137,46 @@ impl Statement {
             coupled: None,
             outcome: None,
             stage: Stage::Start,
+            wait: None,
+            rerouted: false,
+            to_discard: 0,
         }
+    }
+
+    /// The statement waits first on its (reader's) connection with this query (see
+    /// [`crate::routing::causal::Position::wait_sql`]).
+    pub fn wait_first(&mut self, sql: Vec<u8>) {
+        self.wait = Some(sql);
+    }
+
+    /// The causal wait timed out: the statement did not run for the client.
+    pub fn rerouted(&self) -> bool {
+        self.rerouted
     }
 
     /// Takes `got` ([`Got::Start`] first) for the statement `info` and moves to the next
     /// step ([`Statement::step`]); `false` once the statement is over.
     pub fn advance(&mut self, cx: &mut Cx<'_>, got: Got, info: &SqlInfo) -> bool {
-        if let (Stage::Relay, Got::Relayed(outcome, tracked)) = (self.stage, got) {
-            self.learn(cx, info, outcome, tracked);
+        match (self.stage, got) {
+            (Stage::Relay, Got::Relayed(outcome, tracked)) => {
+                self.learn(cx, info, outcome, tracked);
+            }
+            (Stage::WaitRead, Got::Waited(false)) => {
+                self.rerouted = true;
+                let pipelined_read_back = self.pipelined && self.read_back.is_some();
+                self.to_discard = 1 + u8::from(pipelined_read_back);
+                self.stage = Stage::Discard;
+                return true;
+            }
+            (Stage::Discard, Got::Discarded) => {
+                self.to_discard = self.to_discard.saturating_sub(1);
+                if self.to_discard > 0 {
+                    return true;
+                }
+                self.stage = Stage::Over;
+                return false;
+            }
+            _ => {}
         }
         loop {
             self.stage = self.stage.after();
@@ -138,6 +191,8 @@ impl Statement {
         match self.stage {
             Stage::Start => false,
             Stage::Ahead => self.ahead.as_ref().is_some_and(|a| a.set.is_some()),
+            Stage::Wait | Stage::WaitRead => self.wait.is_some(),
+            Stage::Discard => false,
             Stage::Send | Stage::Relay | Stage::Over => true,
             Stage::Replace => matches!(self.send, Send::Client) && self.replace.is_some(),
             Stage::ReadBackSend => self.pipelined && self.read_back.is_some(),
@@ -167,6 +222,15 @@ impl Statement {
             Stage::Ahead => match self.ahead.as_ref().and_then(|a| a.set.as_ref()) {
                 Some(set) => query(set.as_bytes()),
                 None => Step::Done,
+            },
+            Stage::Wait => match &self.wait {
+                Some(sql) => query(sql),
+                None => Step::Done,
+            },
+            Stage::WaitRead => Step::CausalWait { seq },
+            Stage::Discard => Step::DiscardAnswer {
+                kind: self.kind,
+                seq,
             },
             Stage::Send => match (&self.send, &self.replace) {
                 (Send::Client, Some(_)) => Step::DropCommand,

@@ -239,6 +239,11 @@ impl Relaying {
         self.watch.as_ref()?.poll_timeout()
     }
 
+    /// Nothing of the answer has gone to the client yet.
+    pub fn relayed_nothing(&self) -> bool {
+        self.last_seq == 0
+    }
+
     /// What the client is told when the connection failed under its answer (after what
     /// reached it already), and with which sequence id.
     pub fn told(&self, session: &ClientSession, why: &str) -> (u8, ErrPacket) {

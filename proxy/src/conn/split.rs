@@ -1,0 +1,381 @@
+//! A split endpoint's part of the driver (`read_write_split = true`): the pool that serves
+//! the next statement (routing:: decides, from the statement's class, the session's state,
+//! the readers' lag and the client's causal position), the causal wait's answer, the
+//! client's position learnt from its writes, and `@@dbproxy_causal_position`.
+//!
+//! The session holds one pool at a time (`Conn::pool`) and keeps the other here: they are
+//! swapped only while the client holds no connection, so that every connection goes back
+//! to the pool it came from.
+
+use super::{Conn, SessionEnd};
+use crate::io::Driver;
+use crate::mysql::command::ResponseKind;
+use crate::mysql::consts::{errcode, status};
+use crate::mysql::packet::Header;
+use crate::mysql::wire::ErrPacket;
+use crate::pool::CorePool;
+use crate::routing::causal::{Gtid, Position};
+use crate::routing::classify::{self, Class};
+use crate::routing::{self, Ask, Decision, Split, WriterWhy};
+use crate::serving::forward::{Pong, Refuse};
+use crate::serving::Got;
+use crate::session::sql::{Kind, Tokens};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+/// The split state of one client session.
+pub(crate) struct SplitRoute<D: Driver> {
+    split: Split,
+    /// The pool `Conn::pool` is not: the reader's while the writer's serves, and the other
+    /// way round.
+    other: Rc<CorePool<D>>,
+    on_reader: bool,
+    position: Position,
+    /// The `@@last_gtid` last taken into the position.
+    last_gtid: Vec<u8>,
+    /// The command being served: its class, and where it went.
+    class: Option<Class>,
+    routed: Option<Decision>,
+    /// A causal wait (or the reader) failed the command being served: it goes again, to
+    /// the writer.
+    to_writer: bool,
+    wait_started: Option<std::time::Instant>,
+}
+
+impl<D: Driver> SplitRoute<D> {
+    pub(crate) fn new(split: Split, reader: Rc<CorePool<D>>) -> SplitRoute<D> {
+        SplitRoute {
+            split,
+            other: reader,
+            on_reader: false,
+            position: Position::default(),
+            last_gtid: Vec::new(),
+            class: None,
+            routed: None,
+            to_writer: false,
+            wait_started: None,
+        }
+    }
+}
+
+/// `SELECT @@dbproxy_causal_position` or `SET @@dbproxy_causal_position = '...'`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PositionStatement {
+    Read,
+    Set(Vec<u8>),
+}
+
+const POSITION_VAR: &[u8] = b"dbproxy_causal_position";
+
+/// Recognises the statements that read and set the causal position (dbproxy answers them).
+pub(super) fn position_statement(sql: &[u8]) -> Option<PositionStatement> {
+    let mut toks = Tokens::new(sql).filter(|t| t.kind != Kind::Punct(b';'));
+    let text = |t: &crate::session::sql::Tok| sql.get(t.start..t.end).unwrap_or_default();
+    let first = toks.next()?;
+    let var = toks.next()?;
+    let names_position = var.kind == Kind::SysVar && {
+        let name = text(&var).get(2..).unwrap_or_default();
+        let name = name
+            .strip_prefix(b"session.")
+            .or_else(|| name.strip_prefix(b"SESSION."))
+            .unwrap_or(name);
+        name.eq_ignore_ascii_case(POSITION_VAR)
+    };
+    if !names_position || first.kind != Kind::Word {
+        return None;
+    }
+    if text(&first).eq_ignore_ascii_case(b"SELECT") {
+        return toks.next().is_none().then_some(PositionStatement::Read);
+    }
+    if !text(&first).eq_ignore_ascii_case(b"SET") {
+        return None;
+    }
+    let eq = toks.next()?;
+    if !matches!(eq.kind, Kind::Punct(b'=') | Kind::Assign) {
+        return None;
+    }
+    let value = toks.next()?;
+    if value.kind != Kind::Str || toks.next().is_some() {
+        return None;
+    }
+    let quoted = text(&value);
+    Some(PositionStatement::Set(
+        quoted.get(1..quoted.len().saturating_sub(1))?.to_vec(),
+    ))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl<D: Driver> Conn<D> {
+    /// The writer's pool (its group's counters).
+    fn writer_pool(&self) -> &Rc<CorePool<D>> {
+        match &self.split {
+            Some(sp) if sp.on_reader => &sp.other,
+            _ => &self.pool,
+        }
+    }
+
+    /// Decides where the COM_QUERY `sql` goes and puts that pool in place; returns the
+    /// causal wait to send ahead of it. Nothing changes while the client holds a
+    /// connection (a transaction, a pin): its statements go there. A statement of more
+    /// than one packet (only the first was read) goes to the writer.
+    pub(super) fn route_statement(&mut self, h: Header) -> Option<Vec<u8>> {
+        let (class, hint) = {
+            let sql = self.cbuf.filled().get(5..h.total()).unwrap_or_default();
+            let class = if h.continues() {
+                Class::Write
+            } else {
+                classify::classify(sql)
+            };
+            (class, classify::hint(sql))
+        };
+        self.route(class, hint)
+    }
+
+    /// [`Self::route_statement`] for an execute of the prepared statement `sql`.
+    pub(super) fn route_execute(&mut self, sql: &[u8]) -> Option<Vec<u8>> {
+        self.route(classify::classify(sql), classify::hint(sql))
+    }
+
+    fn route(&mut self, class: Class, hint: Option<classify::Hint>) -> Option<Vec<u8>> {
+        let held = self.backend.is_some();
+        let transaction =
+            self.s.status & status::IN_TRANS != 0 || self.s.status & status::AUTOCOMMIT == 0;
+        let retryable = self.retryable;
+        let sp = self.split.as_deref_mut()?;
+        sp.class = Some(class);
+        if held {
+            sp.routed = Some(Decision::Writer(WriterWhy::Transaction));
+            return None;
+        }
+        let now = now_ms();
+        let ask = Ask {
+            class,
+            hint,
+            transaction,
+            retryable,
+            waited_in_vain: sp.to_writer,
+            position: &sp.position,
+            now_ms: now,
+        };
+        let pool = if sp.on_reader { &self.pool } else { &sp.other };
+        let lag = routing::worst_reader_lag(&pool.shared.topology.load(), sp.split.max_lag);
+        let decision = sp.split.decide(&ask, lag);
+        let wait = match &decision {
+            Decision::Reader { wait } => wait.clone(),
+            Decision::Writer(_) => None,
+        };
+        let reader = matches!(decision, Decision::Reader { .. });
+        sp.routed = Some(decision);
+        // The wait's time runs from here (the borrow is at once, as a rule).
+        sp.wait_started = wait.is_some().then(crate::rt::time::now);
+        if reader != sp.on_reader {
+            sp.on_reader = reader;
+            std::mem::swap(&mut self.pool, &mut sp.other);
+        }
+        wait
+    }
+
+    /// A command was served: the client's causal position takes in what it wrote (the
+    /// GTID its commit reported, or the time of a write without one), and the route is
+    /// counted.
+    pub(super) fn routed_done(&mut self, succeeded: bool) {
+        let Some(sp) = self.split.as_deref_mut() else {
+            return;
+        };
+        let class = sp.class.take();
+        let routed = sp.routed.take();
+        sp.to_writer = false;
+        if !sp.on_reader && class == Some(Class::Write) {
+            // In gtid mode a write that changed rows and reported no GTID (a transaction
+            // not committed yet, a server without GTIDs) is known only by its time; one
+            // that reported a GTID is replaced by it below. In lag mode every write is.
+            let wrote = match sp.split.causal {
+                crate::config::CausalReads::Lag => true,
+                _ => self.s.diag.row_count > 0,
+            };
+            if wrote {
+                sp.position.wrote_at(now_ms());
+            }
+        }
+        if sp.split.causal != crate::config::CausalReads::Lag
+            && self.s.diag.last_gtid != sp.last_gtid
+        {
+            if let Some(g) = Gtid::parse(&self.s.diag.last_gtid) {
+                sp.position.committed(g);
+            }
+            sp.last_gtid.clear();
+            sp.last_gtid.extend_from_slice(&self.s.diag.last_gtid);
+        }
+        if !succeeded {
+            return;
+        }
+        let stats = &self.writer_pool().shared.stats.split;
+        match routed {
+            Some(Decision::Reader { .. }) => stats.to_reader.add(1),
+            Some(Decision::Writer(why)) => {
+                if let Some(c) = stats.to_writer.get(why.index()) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The causal wait's answer (sent ahead of the read): whether the reader has the
+    /// client's position. A connection that fails it is given up, and the read goes to
+    /// the writer (nothing reached the client).
+    pub(super) async fn causal_wait(&mut self) -> Result<Got, SessionEnd> {
+        let Some(mut b) = self.backend.take() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let started = self
+            .split
+            .as_deref_mut()
+            .and_then(|sp| sp.wait_started.take());
+        let down = self.target_down(b.target);
+        let answer = b.conn.read_text_result_until(down).await;
+        let stats = &self.writer_pool().shared.stats.split;
+        stats.causal_waits.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = started {
+            stats
+                .causal_wait
+                .observe(crate::rt::time::now().saturating_duration_since(t));
+        }
+        let caught_up = match answer {
+            Ok(Ok(r)) => {
+                r.rows
+                    .first()
+                    .and_then(|row| crate::mysql::resultset::parse_text_row(row, 1).ok())
+                    .and_then(|v| v.first().copied().flatten())
+                    == Some(&b"0"[..])
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %self.peer, thread_id = b.thread_id, "a causal wait failed on a reader: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.peer, thread_id = b.thread_id, "a reader failed during a causal wait ({e}): the read goes to the writer");
+                self.pool.lost(b, "failed during a causal wait");
+                self.reroute_to_writer();
+                return Err(SessionEnd::Retry);
+            }
+        };
+        if !caught_up {
+            stats.causal_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.reroute_to_writer();
+        }
+        self.backend = Some(b);
+        Ok(Got::Waited(caught_up))
+    }
+
+    /// The command goes again, to the writer.
+    pub(super) fn reroute_to_writer(&mut self) {
+        if let Some(sp) = self.split.as_deref_mut() {
+            sp.to_writer = true;
+        }
+    }
+
+    /// Whether the held connection is a reader's (a read there that failed before any of
+    /// its answer reached the client goes again, to the writer).
+    pub(super) fn on_reader(&self) -> bool {
+        self.split.as_deref().is_some_and(|sp| sp.on_reader)
+    }
+
+    /// Reads the answer to a command of `kind` to its end and drops it (a read whose wait
+    /// timed out). A connection that fails here is given up; the read goes to the writer
+    /// all the same.
+    pub(super) async fn discard_answer(&mut self, kind: ResponseKind) -> Result<Got, SessionEnd> {
+        let Some(mut b) = self.backend.take() else {
+            return Err(SessionEnd::Backend("no backend connection".into()));
+        };
+        let down = self.target_down(b.target);
+        match b.conn.skip_response_until(kind, down).await {
+            Ok(_) => {
+                self.backend = Some(b);
+                Ok(Got::Discarded)
+            }
+            Err(e) => {
+                self.pool
+                    .lost(b, &format!("failed while a stale read was dropped: {e}"));
+                Err(SessionEnd::Retry)
+            }
+        }
+    }
+
+    /// Answers `SELECT @@dbproxy_causal_position` (through the writer, as a one-row result
+    /// of the server's) and `SET @@dbproxy_causal_position = '...'` (here).
+    pub(super) async fn position_statement(
+        &mut self,
+        h: Header,
+        p: PositionStatement,
+    ) -> Result<(), SessionEnd> {
+        let Some(sp) = self.split.as_deref_mut() else {
+            return Ok(());
+        };
+        match p {
+            PositionStatement::Read => {
+                let text = sp.position.to_text();
+                sp.class = Some(Class::Session);
+                sp.routed = None;
+                if sp.on_reader && self.backend.is_none() {
+                    sp.on_reader = false;
+                    std::mem::swap(&mut self.pool, &mut sp.other);
+                }
+                let sql = format!("SELECT '{text}' AS `@@dbproxy_causal_position`");
+                let mut flow = crate::serving::query::Query::instead(h.seq, sql.into_bytes());
+                self.drive(&mut flow, Some(h)).await
+            }
+            PositionStatement::Set(value) => {
+                sp.class = Some(Class::Session);
+                sp.routed = None;
+                match sp.position.merge_text(&value) {
+                    Ok(()) => self.drive(&mut Pong::new(h.seq), Some(h)).await,
+                    Err(e) => {
+                        let e = ErrPacket::new(
+                            errcode::ER_WRONG_VALUE_FOR_VAR,
+                            "42000",
+                            format!("Variable 'dbproxy_causal_position' can't be set: {e}"),
+                        );
+                        self.drive(&mut Refuse::new(h.seq, e), Some(h)).await
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_statements_are_recognised() {
+        assert_eq!(
+            position_statement(b"SELECT @@dbproxy_causal_position"),
+            Some(PositionStatement::Read)
+        );
+        assert_eq!(
+            position_statement(b"select @@session.DBPROXY_CAUSAL_POSITION;"),
+            Some(PositionStatement::Read)
+        );
+        assert_eq!(
+            position_statement(b"SET @@dbproxy_causal_position = '0-1-5,@17'"),
+            Some(PositionStatement::Set(b"0-1-5,@17".to_vec()))
+        );
+        for other in [
+            &b"SELECT @@dbproxy_causal_position, 1"[..],
+            b"SELECT @@server_id",
+            b"SET @@dbproxy_causal_position = 5",
+            b"SET @@dbproxy_causal_position = 'a', @x = 1",
+            b"SET",
+            b"",
+        ] {
+            assert_eq!(position_statement(other), None, "{other:?}");
+        }
+    }
+}
