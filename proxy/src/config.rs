@@ -1540,6 +1540,46 @@ backend_password = "db-secret"
         assert!(parse_size("1T").is_err());
     }
 
+    /// A split endpoint: its defaults, and the settings that cannot work refused by name.
+    #[test]
+    fn read_write_split_settings() {
+        let (_, rest) = CONTRACT.split_once("[[endpoints]]").unwrap();
+        let base = format!("[[endpoints]]{rest}");
+        let with =
+            |lines: &str| base.replacen("[[endpoints]]\n", &format!("[[endpoints]]\n{lines}\n"), 1);
+        let c = Config::parse(&with("read_write_split = true")).unwrap();
+        let e = &c.endpoints[0];
+        assert!(e.read_write_split);
+        assert_eq!(e.causal_reads, CausalReads::Gtid);
+        assert_eq!(e.causal_reads_timeout, Duration::from_millis(250));
+        let c = Config::parse(&with("read_write_split = true\ncausal_reads = \"lag\"")).unwrap();
+        assert_eq!(c.endpoints[0].causal_reads.name(), "lag");
+        let read_only = base.replacen("role = \"read_write\"", "role = \"read_only\"", 1);
+        assert_ne!(read_only, base);
+        let err = Config::parse(&read_only.replacen(
+            "[[endpoints]]\n",
+            "[[endpoints]]\nread_write_split = true\n",
+            1,
+        ))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only a read_write endpoint"), "{err}");
+        for (lines, complaint) in [
+            (
+                "read_write_split = true\ncausal_reads_timeout = \"0\"",
+                "causal_reads_timeout",
+            ),
+            ("causal_reads = \"sometimes\"", "causal_reads"),
+        ] {
+            let err = Config::parse(&with(lines))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(complaint), "{lines}: {err}");
+        }
+    }
+
     /// Zero means off where the README says so, and every other duration and size is
     /// checked: a bare number too, and values that make no sense are refused by name.
     #[test]

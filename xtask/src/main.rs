@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod pg_bench;
+mod split_bench;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -45,9 +46,10 @@ enum Cmd {
         /// Another dbproxy binary (e.g. the previous commit's) measured in the same run.
         #[arg(long, value_name = "DBPROXY_BINARY")]
         baseline: Option<PathBuf>,
-        /// Which engine's rows: mysql (sysbench; HAProxy as the peer), postgresql
-        /// (pgbench; PgBouncer as the peer), or all.
-        #[arg(long, default_value = "all", value_parser = ["all", "mysql", "postgresql"])]
+        /// Which rows: mysql (sysbench; HAProxy as the peer), postgresql (pgbench;
+        /// PgBouncer as the peer), split (a split endpoint against the writer alone, over
+        /// a primary and a replica), or all.
+        #[arg(long, default_value = "all", value_parser = ["all", "mysql", "postgresql", "split"])]
         engine: String,
     },
     /// Run every fuzz target in fuzz/ (cargo-fuzz, installed if missing; stable Rust).
@@ -75,7 +77,10 @@ fn main() -> ExitCode {
         } => match engine.as_str() {
             "mysql" => bench::bench(quick, baseline),
             "postgresql" => pg_bench::bench(quick).map(drop),
-            _ => bench::bench(quick, baseline).and_then(|()| pg_bench::bench(quick).map(drop)),
+            "split" => split_bench::bench(quick).map(drop),
+            _ => bench::bench(quick, baseline)
+                .and_then(|()| pg_bench::bench(quick).map(drop))
+                .and_then(|()| split_bench::bench(quick).map(drop)),
         },
         Cmd::Fuzz { time, target } => fuzz::fuzz(time, target),
     };
