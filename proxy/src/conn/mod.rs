@@ -309,7 +309,10 @@ impl<D: Driver> Conn<D> {
                 (Some(e), _) | (None, Command::Refuse(e)) => {
                     pooled(self.drive(&mut Refuse::new(h.seq, e), Some(h))).await
                 }
-                (None, Command::ChangeUser) => match pooled(self.change_user(h)).await {
+                (None, Command::ChangeUser) => match {
+                    self.use_writer();
+                    pooled(self.change_user(h)).await
+                } {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         // Refused (and told) before anything reached the backend.
@@ -479,6 +482,9 @@ impl<D: Driver> Conn<D> {
     /// Serves a command [`command::dispatch`] chose (QUIT, CHANGE_USER and refusals are
     /// the caller's).
     async fn serve_command(&mut self, cmd: Command, h: Header) -> Result<(), SessionEnd> {
+        if !matches!(cmd, Command::Query | Command::Execute) {
+            self.use_writer();
+        }
         match cmd {
             Command::Query => self.query(h).await,
             Command::ProcessKill(id) => {

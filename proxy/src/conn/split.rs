@@ -149,7 +149,12 @@ impl<D: Driver> Conn<D> {
         let sp = self.split.as_deref_mut()?;
         sp.class = Some(class);
         if held {
-            sp.routed = Some(Decision::Writer(WriterWhy::Transaction));
+            // In a transaction or pinned: where the client is (a read-only transaction's
+            // statements stay on its reader).
+            sp.routed = Some(match sp.on_reader {
+                true => Decision::Reader { wait: None },
+                false => Decision::Writer(WriterWhy::Transaction),
+            });
             return None;
         }
         let now = now_ms();
@@ -273,6 +278,18 @@ impl<D: Driver> Conn<D> {
         Ok(Got::Waited(caught_up))
     }
 
+    /// Commands other than statements (a prepare, COM_INIT_DB, COM_FIELD_LIST, ...) go to
+    /// the writer, which has every table and schema the client may have just created.
+    pub(super) fn use_writer(&mut self) {
+        if self.backend.is_some() {
+            return;
+        }
+        if let Some(sp) = self.split.as_deref_mut().filter(|sp| sp.on_reader) {
+            sp.on_reader = false;
+            std::mem::swap(&mut self.pool, &mut sp.other);
+        }
+    }
+
     /// The command goes again, to the writer.
     pub(super) fn reroute_to_writer(&mut self) {
         if let Some(sp) = self.split.as_deref_mut() {
@@ -322,10 +339,7 @@ impl<D: Driver> Conn<D> {
                 let text = sp.position.to_text();
                 sp.class = Some(Class::Session);
                 sp.routed = None;
-                if sp.on_reader && self.backend.is_none() {
-                    sp.on_reader = false;
-                    std::mem::swap(&mut self.pool, &mut sp.other);
-                }
+                self.use_writer();
                 let sql = format!("SELECT '{text}' AS `@@dbproxy_causal_position`");
                 let mut flow = crate::serving::query::Query::instead(h.seq, sql.into_bytes());
                 self.drive(&mut flow, Some(h)).await
