@@ -183,9 +183,11 @@ fn a_noisy_tenant_waits_behind_its_own_requests() {
         assert!(dry.noisy_peak > 4, "[{io}] the dry run holds nothing back");
         // Without a limit the noisy user takes every connection, but the quiet one's
         // borrowers take turns with its 60 waiting ones instead of queueing behind them.
+        // (10 times the dry run's on an idle host, 3.8 times under CI's other suites; 1
+        // time with the turns replaced by arrival order.)
         assert_eq!(weights.noisy_peak, 8);
         assert!(
-            weights.quiet_queries > dry.quiet_queries * 4,
+            weights.quiet_queries > dry.quiet_queries * 2,
             "[{io}] fair turns: {} point selects against {} in the dry run",
             weights.quiet_queries,
             dry.quiet_queries

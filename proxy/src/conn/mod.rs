@@ -309,10 +309,7 @@ impl<D: Driver> Conn<D> {
                 (Some(e), _) | (None, Command::Refuse(e)) => {
                     pooled(self.drive(&mut Refuse::new(h.seq, e), Some(h))).await
                 }
-                (None, Command::ChangeUser) => match {
-                    self.use_writer();
-                    pooled(self.change_user(h)).await
-                } {
+                (None, Command::ChangeUser) => match self.change_user_on_writer(h).await {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         // Refused (and told) before anything reached the backend.

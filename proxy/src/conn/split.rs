@@ -290,6 +290,12 @@ impl<D: Driver> Conn<D> {
         }
     }
 
+    /// COM_CHANGE_USER, on the writer's pool (see [`Self::use_writer`]).
+    pub(super) async fn change_user_on_writer(&mut self, h: Header) -> Result<bool, SessionEnd> {
+        self.use_writer();
+        crate::rt::pooled(self.change_user(h)).await
+    }
+
     /// The command goes again, to the writer.
     pub(super) fn reroute_to_writer(&mut self) {
         if let Some(sp) = self.split.as_deref_mut() {
