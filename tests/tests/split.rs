@@ -199,13 +199,14 @@ struct Run {
     errors: u64,
 }
 
-/// `clients` clients, each `rounds` times: INSERT its own row, then at once SELECT it.
-/// `connected` runs once every client has logged in, before the first round.
+/// `clients` clients, each `rounds` times: INSERT its own row (numbered from `first`: a
+/// run never reads a row an earlier run wrote), then at once SELECT it. `connected` runs
+/// once every client has logged in, before the first round.
 fn insert_then_read(
     port: u16,
     table: &str,
     clients: u64,
-    rounds: u64,
+    (first, rounds): (u64, u64),
     connected: impl FnOnce(),
 ) -> Run {
     let ready = Arc::new(std::sync::Barrier::new(clients as usize + 1));
@@ -222,7 +223,7 @@ fn insert_then_read(
                 let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
                 ready.wait();
                 go.wait();
-                for i in 0..rounds {
+                for i in first..first + rounds {
                     if let Err(e) = c.query_drop(format!(
                         "INSERT INTO {table} (client, i) VALUES ({client}, {i})"
                     )) {
@@ -286,14 +287,14 @@ fn read_your_writes_holds_with_the_replica_a_second_behind() {
     };
     pair.replica
         .root_sql("STOP SLAVE; CHANGE MASTER TO MASTER_DELAY = 1; START SLAVE");
+    let mut first = 0;
     for io in &io_modes {
         for mode in ["gtid", "lag", "none"] {
-            pair.primary.root_sql("TRUNCATE TABLE shop.ryw");
             // A short wait: a read that would wait the whole second goes to the writer.
             let (proxy, port) = split_proxy(&pair, io, mode, "causal_reads_timeout = \"20ms\"");
             let rounds = if mode == "none" { 20 } else { 320 };
             let mut before = (0, 0);
-            let run = insert_then_read(port, "ryw", 32, rounds, || {
+            let run = insert_then_read(port, "ryw", 32, (first, rounds), || {
                 before = (
                     com_select(&pair.replica),
                     statements(&proxy, "reader", "read"),
@@ -301,6 +302,7 @@ fn read_your_writes_holds_with_the_replica_a_second_behind() {
             });
             let replica_selects = com_select(&pair.replica) - before.0;
             let to_reader = statements(&proxy, "reader", "read") - before.1;
+            first += rounds;
             let causal = statements(&proxy, "writer", "causal");
             let timed_out = statements(&proxy, "writer", "wait_timed_out");
             println!(
@@ -323,10 +325,9 @@ fn read_your_writes_holds_with_the_replica_a_second_behind() {
     pair.sync();
     for io in &io_modes {
         for mode in ["gtid", "lag"] {
-            pair.primary.root_sql("TRUNCATE TABLE shop.ryw");
             let (proxy, port) = split_proxy(&pair, io, mode, "");
             let mut before = (0, 0);
-            let run = insert_then_read(port, "ryw", 32, 100, || {
+            let run = insert_then_read(port, "ryw", 32, (first, 100), || {
                 before = (
                     com_select(&pair.replica),
                     statements(&proxy, "reader", "read"),
@@ -334,6 +335,7 @@ fn read_your_writes_holds_with_the_replica_a_second_behind() {
             });
             let replica_selects = com_select(&pair.replica) - before.0;
             let to_reader = statements(&proxy, "reader", "read") - before.1;
+            first += 100;
             let share = to_reader as f64 / run.reads as f64;
             println!(
                 "[{io}] no delay, causal_reads={mode}: {} reads, {} misses; {:.0} % to the \
@@ -371,13 +373,13 @@ fn a_causal_position_handed_to_another_dbproxy_is_waited_for() {
     pair.sync();
     pair.replica
         .root_sql("STOP SLAVE; CHANGE MASTER TO MASTER_DELAY = 1; START SLAVE");
-    for io in DRIVERS {
-        pair.primary.root_sql("TRUNCATE TABLE shop.handed");
+    for (k, io) in DRIVERS.iter().enumerate() {
+        // Rows of their own per loop (a TRUNCATE would reach the replica a second late).
         let (_a_proxy, a_port) = split_proxy(&pair, io, "gtid", "causal_reads_timeout = \"3s\"");
         let (b_proxy, b_port) = split_proxy(&pair, io, "gtid", "causal_reads_timeout = \"3s\"");
         let mut a = connect(a_port, "app", APP_PASSWORD, "shop").unwrap();
         let mut b = connect(b_port, "app", APP_PASSWORD, "shop").unwrap();
-        for n in 0..5 {
+        for n in k * 100..k * 100 + 5 {
             a.query_drop(format!("INSERT INTO handed VALUES ({n})"))
                 .unwrap();
             let pos: String = a
