@@ -426,7 +426,31 @@ impl<S: Stream> BackendConn<S> {
         deadline: Option<Deadline>,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<Result<Packets, ErrPacket>, BackendError> {
-        let mut collect = Collect::new(kind, self.caps);
+        self.collect(Collect::new(kind, self.caps), deadline, stop)
+            .await
+    }
+
+    /// Reads the answer to a command of `kind` already sent to its end and drops it (a
+    /// read whose causal wait timed out): its rows are not kept. Gives up as
+    /// [`Self::read_response_until`] does, when `stop` resolves.
+    pub async fn skip_response_until(
+        &mut self,
+        kind: ResponseKind,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<(), ErrPacket>, BackendError> {
+        Ok(self
+            .collect(Collect::dropping(kind, self.caps), None, stop)
+            .await?
+            .map(drop))
+    }
+
+    /// Feeds the answer's packets to `collect` until it is complete.
+    async fn collect(
+        &mut self,
+        mut collect: Collect,
+        deadline: Option<Deadline>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<Packets, ErrPacket>, BackendError> {
         tokio::pin!(stop);
         let reply = loop {
             let h = crate::io::read_packet_until(
@@ -449,40 +473,6 @@ impl<S: Stream> BackendConn<S> {
         };
         self.buf.shrink(BACKEND_BUF);
         Ok(reply)
-    }
-
-    /// Reads the answer to a command of `kind` already sent to its end and drops it (a
-    /// read whose causal wait timed out): its rows are not kept. Gives up as
-    /// [`Self::read_response_until`] does, when `stop` resolves.
-    pub async fn skip_response_until(
-        &mut self,
-        kind: ResponseKind,
-        stop: impl std::future::Future<Output = ()>,
-    ) -> Result<Result<(), ErrPacket>, BackendError> {
-        let mut collect = Collect::dropping(kind, self.caps);
-        tokio::pin!(stop);
-        loop {
-            let h = crate::io::read_packet_until(
-                &mut self.stream,
-                &mut self.buf,
-                MAX_PAYLOAD,
-                None,
-                stop.as_mut(),
-            )
-            .await?;
-            let fed = collect.feed(&mut self.session, h, &self.buf.filled()[4..h.total()]);
-            self.buf.consume(h.total());
-            match fed? {
-                Collected::More => {}
-                Collected::Infile => {
-                    write_packet(&mut self.stream, h.seq.wrapping_add(1), &[]).await?;
-                }
-                Collected::Done(reply) => {
-                    self.buf.shrink(BACKEND_BUF);
-                    return Ok(reply.map(drop));
-                }
-            }
-        }
     }
 
     /// Runs one of dbproxy's own conversations with the server (see [`backend_script`]).
