@@ -66,6 +66,92 @@ fn sysbench(port: u16, password: &str, test: &str, secs: u32) -> std::result::Re
         .ok_or_else(|| format!("sysbench {test}: no rate in {text}"))
 }
 
+/// Reads one answer of a raw EOF-style client: an OK, an ERR, or a whole result set.
+fn read_answer(c: &mut proxy_tests::raw::RawClient) -> std::io::Result<()> {
+    let (_, first) = c.try_read()?;
+    if matches!(first.first(), Some(0x00 | 0xff)) {
+        return Ok(());
+    }
+    // Column definitions, then rows, each run up to an EOF.
+    for _ in 0..2 {
+        loop {
+            let (_, p) = c.try_read()?;
+            if p.first() == Some(&0xff) {
+                return Ok(());
+            }
+            if p.first() == Some(&0xfe) && p.len() < 9 {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The causal wait's two forms, straight against the replica (caught up, so every wait
+/// answers at once): the wait pipelined ahead of the read as a statement of its own (what
+/// dbproxy sends), the two as one multi-statement COM_QUERY, and the read alone. Microseconds
+/// per read on one connection, and the replica's CPU per read.
+fn wait_forms(pair: &Pair, n: u32) -> std::result::Result<String, String> {
+    use proxy_tests::raw::RawClient;
+    let pos = pair.primary.root_sql("SELECT @@gtid_binlog_pos");
+    let wait = format!("SELECT MASTER_GTID_WAIT('{}', 0.25)", pos.trim());
+    let read = "SELECT c FROM shop.sbtest1 WHERE id = 42";
+    let query = |sql: &str| {
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        p
+    };
+    let pid = pair.replica.pid().ok_or("the replica has no pid")?;
+    let mut out = String::from(
+        "\nThe causal wait's two forms against the replica (caught up: each wait answers at once), \
+         one connection, one read at a time:\n\n| form | µs per read | replica CPU µs per read |\n|---|---|---|\n",
+    );
+    let io = |e: std::io::Error| e.to_string();
+    for form in [
+        "read alone",
+        "wait pipelined ahead (dbproxy)",
+        "wait; read as one multi-statement",
+    ] {
+        let mut c = RawClient::login(pair.replica.port, "app", DB_PASSWORD).map_err(io)?;
+        // As dbproxy's connections: no Nagle delay on the second of two small writes.
+        c.s.set_nodelay(true).map_err(io)?;
+        if form.starts_with("wait;") {
+            // COM_SET_OPTION: multi-statements on.
+            c.try_write(0, &[0x1b, 0x00, 0x00]).map_err(io)?;
+            c.try_read().map_err(io)?;
+        }
+        let (wait_q, read_q, both) = (query(&wait), query(read), query(&format!("{wait}; {read}")));
+        let cpu0 = cpu_seconds(pid);
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            match form {
+                "read alone" => {
+                    c.try_write(0, &read_q).map_err(io)?;
+                    read_answer(&mut c).map_err(io)?;
+                }
+                "wait pipelined ahead (dbproxy)" => {
+                    c.try_write(0, &wait_q).map_err(io)?;
+                    c.try_write(0, &read_q).map_err(io)?;
+                    read_answer(&mut c).map_err(io)?;
+                    read_answer(&mut c).map_err(io)?;
+                }
+                _ => {
+                    c.try_write(0, &both).map_err(io)?;
+                    read_answer(&mut c).map_err(io)?;
+                    read_answer(&mut c).map_err(io)?;
+                }
+            }
+        }
+        let per = |d: f64| d * 1e6 / f64::from(n);
+        out += &format!(
+            "| {form} | {:.1} | {:.1} |\n",
+            per(t0.elapsed().as_secs_f64()),
+            per(cpu_seconds(pid) - cpu0)
+        );
+    }
+    Ok(out)
+}
+
 pub fn bench(quick: bool) -> Result<String> {
     let mut needed = DB_TOOLS.to_vec();
     needed.push(("sysbench", "sysbench"));
@@ -176,6 +262,7 @@ pub fn bench(quick: bool) -> Result<String> {
             );
         }
     }
+    report += &wait_forms(&pair, if quick { 2_000 } else { 10_000 })?;
     println!("{report}");
     let out_dir = root().join("target/bench");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
