@@ -577,8 +577,12 @@ impl<D: Driver> Conn<D> {
                 if let Some(w) = wait {
                     flow.wait_first(w);
                 }
+                if self.on_reader() && self.backend.is_none() && self.retryable {
+                    flow.on_reader();
+                }
                 self.drive(&mut flow, None).await?;
                 if flow.rerouted() {
+                    self.reroute_to_writer();
                     return Err(SessionEnd::Retry);
                 }
                 Ok(())

@@ -26,8 +26,11 @@ pub struct Execute {
     stage: Stage,
     /// A causal wait to send ahead (an execute on a reader).
     wait: Option<Vec<u8>>,
-    /// The wait timed out: the execute is to be served again on the writer.
+    /// The wait timed out, or a reader could not prepare the statement: the execute is
+    /// to be served again on the writer.
     rerouted: bool,
+    /// It runs on a reader (a split endpoint's read).
+    reader: bool,
 }
 
 // Not boxed: the statement would allocate for every statement; the flow lives on the
@@ -61,7 +64,14 @@ impl Execute {
             stage: Stage::Readying(Ready::new(Borrowing::new(needs, true, true))),
             wait: None,
             rerouted: false,
+            reader: false,
         }
+    }
+
+    /// The execute runs on a reader: one that cannot prepare the statement (a table it has
+    /// not got yet) sends it to the writer instead of failing.
+    pub fn on_reader(&mut self) {
+        self.reader = true;
     }
 
     /// The execute first waits on its connection with this query (see
@@ -70,7 +80,8 @@ impl Execute {
         self.wait = Some(sql);
     }
 
-    /// The causal wait timed out: the execute is to be served again on the writer.
+    /// The causal wait timed out, or the reader could not prepare the statement: the
+    /// execute is to be served again on the writer.
     pub fn rerouted(&self) -> bool {
         self.rerouted
     }
@@ -163,6 +174,11 @@ impl Flow for Execute {
                 },
                 Stage::Refusing(r) => return r.step(cx, got).unwrap_or(Step::Done),
                 Stage::Preparing => match got {
+                    Got::Prepared(Err(_)) if self.reader => {
+                        // Nothing went to the client: the writer has every table.
+                        self.rerouted = true;
+                        return self.release(cx);
+                    }
                     Got::Prepared(Err(e)) => {
                         // The server refused to prepare it here (its table is gone, a READ
                         // ONLY transaction is pending, ...): to the client that is its
@@ -295,6 +311,29 @@ mod tests {
                 Step::Done
             ]
         );
+    }
+
+    #[test]
+    fn a_reader_that_cannot_prepare_sends_the_execute_to_the_writer() {
+        let (mut t, ex) = prepared();
+        let mut f = Execute::new(0, ex.clone());
+        f.on_reader();
+        let gone = ErrPacket::new(1146, "42S02", "Table 'shop.t' doesn't exist");
+        let steps = t.run(&mut f, vec![Got::Lent, Got::Prepared(Err(gone))]);
+        assert_eq!(
+            steps,
+            [
+                Step::Borrow,
+                Step::PrepareStatement {
+                    cid: ex.cid,
+                    seq: 0
+                },
+                Step::CheckIn,
+                Step::Done
+            ],
+            "nothing told: the connection goes back and the execute is served again"
+        );
+        assert!(f.rerouted());
     }
 
     #[test]
