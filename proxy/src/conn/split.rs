@@ -169,13 +169,12 @@ impl<D: Driver> Conn<D> {
         };
         let pool = if sp.on_reader { &self.pool } else { &sp.other };
         let lag = routing::worst_reader_lag(&pool.shared.topology.load(), sp.split.max_lag);
-        let decision = sp.split.decide(&ask, lag);
-        let wait = match &decision {
-            Decision::Reader { wait } => wait.clone(),
-            Decision::Writer(_) => None,
+        let (wait, routed) = match sp.split.decide(&ask, lag) {
+            Decision::Reader { wait } => (wait, Decision::Reader { wait: None }),
+            writer => (None, writer),
         };
-        let reader = matches!(decision, Decision::Reader { .. });
-        sp.routed = Some(decision);
+        let reader = matches!(routed, Decision::Reader { .. });
+        sp.routed = Some(routed);
         // The wait's time runs from here (the borrow is at once, as a rule).
         sp.wait_started = wait.is_some().then(crate::rt::time::now);
         if reader != sp.on_reader {
