@@ -32,13 +32,26 @@ struct Target {
 }
 
 /// A child process stopped and reaped when dropped, on every path.
-struct Reaped(Child);
+pub(crate) struct Reaped(Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The release dbproxy with the configuration `cfg`, once it listens on `port`.
+pub(crate) fn start_dbproxy(cfg: &Path, port: u16) -> std::result::Result<Reaped, String> {
+    let mut cmd = Command::new(root().join("target/release/dbproxy"));
+    cmd.args(["run", "--config"])
+        .arg(cfg)
+        .env("DBPROXY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let dbproxy = Reaped(spawn(cmd));
+    wait_listening(port, "dbproxy")?;
+    Ok(dbproxy)
 }
 
 /// One row: per target, its rate and the proxy's CPU µs per transaction (`None`: n/a).
@@ -140,14 +153,7 @@ pub fn bench(quick: bool) -> Result<String> {
     );
     let cfg = work.path().join("dbproxy.toml");
     std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(root().join("target/release/dbproxy"));
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("DBPROXY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let dbproxy = Reaped(spawn(cmd));
-    wait_listening(px_port, "dbproxy")?;
+    let dbproxy = start_dbproxy(&cfg, px_port)?;
     let pgbouncer = start_pgbouncer(work.path(), db.port, pb_port)?;
     wait_listening(pb_port, "pgbouncer")?;
     let targets = [

@@ -5,20 +5,9 @@
 //! server ran (its `Com_select`, which counts the causal waits too), and the CPU each
 //! server's process used. Writes `target/bench/split.md`.
 
-use crate::bench::{cpu_seconds, wait_listening};
+use crate::bench::cpu_seconds;
 use crate::{cargo, ensure_apt, root, run, Result, DB_TOOLS};
-use proxy_tests::{free_port, spawn, Pair, APP_PASSWORD, DB_PASSWORD};
-use std::process::{Child, Command, Stdio};
-
-/// A child process stopped and reaped when dropped, on every path.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use proxy_tests::{free_port, Pair, APP_PASSWORD, DB_PASSWORD};
 
 fn com_select(db: &proxy_tests::MariaDb) -> f64 {
     db.root_sql("SHOW GLOBAL STATUS LIKE 'Com_select'")
@@ -176,14 +165,7 @@ pub fn bench(quick: bool) -> Result<String> {
     );
     let cfg = work.path().join("split.toml");
     std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(root().join("target/release/dbproxy"));
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("DBPROXY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _proxy = Reaped(spawn(cmd));
-    wait_listening(split_port, "dbproxy")?;
+    let _proxy = crate::pg_bench::start_dbproxy(&cfg, split_port)?;
     let prep = proxy_tests::sysbench_command(pair.primary.port, DB_PASSWORD)
         .args(["oltp_read_write", "prepare"])
         .output()
