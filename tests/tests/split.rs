@@ -527,20 +527,29 @@ fn failover_drill_through_the_split_endpoint() {
         // nothing unreplicated: a row lost with it would be replication's loss, not a stale
         // read).
         let quiet = Arc::new(AtomicBool::new(false));
+        // Clients that have seen `quiet` (their last insert is answered).
+        let quiesced = Arc::new(AtomicUsize::new(0));
         // Per phase: reads answered by server 1 and by server 2, misses, errors.
         let seen = Arc::new(Mutex::new([[0u64; 4]; PHASES]));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let (phase, stop, quiet, seen) =
                     (phase.clone(), stop.clone(), quiet.clone(), seen.clone());
+                let quiesced = quiesced.clone();
                 std::thread::spawn(move || {
                     let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
                     let mut written: Option<u64> = None;
                     let mut i = 0u64;
+                    let mut acked = false;
                     while !stop.load(Ordering::Relaxed) {
                         let p = phase.load(Ordering::Relaxed);
                         let count = |k: usize| seen.lock().unwrap()[p][k] += 1;
-                        if !quiet.load(Ordering::Relaxed) {
+                        let q = quiet.load(Ordering::Relaxed);
+                        if q && !acked {
+                            acked = true;
+                            quiesced.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !q {
                             i += 1;
                             match c.query_drop(format!(
                                 "INSERT INTO drill VALUES ({client}, {i})"
@@ -573,31 +582,31 @@ fn failover_drill_through_the_split_endpoint() {
                 })
             })
             .collect();
-        let during = |secs: u64| std::thread::sleep(Duration::from_secs(secs));
-        during(2);
+        let reads = |p: usize, server: usize| seen.lock().unwrap()[p][server];
+        let long = Duration::from_secs(30);
+        wait_until("reads on the replica", long, || reads(0, 1) > 200);
         phase.store(1, Ordering::Relaxed);
         pair.replica.kill();
-        during(3);
+        wait_until("reads on the writer", long, || reads(1, 0) > 300);
         phase.store(2, Ordering::Relaxed);
         pair.replica.restart();
-        wait_until(
-            "the replica to serve reads again",
-            Duration::from_secs(30),
-            || seen.lock().unwrap()[2][1] > 50,
-        );
+        wait_until("the replica to serve reads again", long, || {
+            reads(2, 1) > 50
+        });
         quiet.store(true, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(300));
+        wait_until("every client's last insert answered", long, || {
+            quiesced.load(Ordering::Relaxed) == CLIENTS
+        });
         pair.sync();
         phase.store(3, Ordering::Relaxed);
         pair.primary.kill();
         pair.promote_replica();
-        during(2);
+        wait_until("reads on the promoted server", long, || reads(3, 1) > 100);
+        let before = reads(3, 1);
         quiet.store(false, Ordering::Relaxed);
-        wait_until(
-            "writes on the promoted server",
-            Duration::from_secs(30),
-            || seen.lock().unwrap()[3][1] > 200,
-        );
+        wait_until("writes on the promoted server", long, || {
+            reads(3, 1) > before + 200
+        });
         stop.store(true, Ordering::Relaxed);
         let alive = clients
             .into_iter()
