@@ -493,10 +493,7 @@ pub fn classify(sql: &[u8]) -> Class {
         Lead::Select | Lead::With => Class::Read { pure },
         Lead::Start => {
             // START TRANSACTION [READ ONLY | READ WRITE | WITH CONSISTENT SNAPSHOT].
-            let read_only = Tokens::new(sql)
-                .collect::<SmallWords>()
-                .has_pair(sql, "READ", "ONLY");
-            if read_only {
+            if has_pair(sql, "READ", "ONLY") {
                 Class::ReadOnlyTransaction
             } else {
                 Class::Session
@@ -536,21 +533,14 @@ impl Lead {
     }
 }
 
-/// The words of a short statement, for two-word checks after the scan.
-struct SmallWords(Vec<Tok>);
-
-impl FromIterator<Tok> for SmallWords {
-    fn from_iter<I: IntoIterator<Item = Tok>>(it: I) -> Self {
-        SmallWords(it.into_iter().take(16).collect())
-    }
-}
-
-impl SmallWords {
-    fn has_pair(&self, sql: &[u8], a: &str, b: &str) -> bool {
-        self.0
-            .windows(2)
-            .any(|w| matches!(w, [x, y] if word_is(sql, x, a) && word_is(sql, y, b)))
-    }
+/// Whether the word `a` is followed by the word `b` somewhere in the statement.
+fn has_pair(sql: &[u8], a: &str, b: &str) -> bool {
+    let mut prev: Option<Tok> = None;
+    Tokens::new(sql).any(|t| {
+        let found = prev.is_some_and(|p| word_is(sql, &p, a)) && word_is(sql, &t, b);
+        prev = Some(t);
+        found
+    })
 }
 
 #[cfg(test)]
