@@ -54,6 +54,10 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     2.5, 10.0,
 ];
 
+/// How many reasons a split endpoint has to send a statement to the writer
+/// (`routing::WriterWhy::ALL` has this length).
+pub const SPLIT_WRITER_REASONS: usize = 8;
+
 /// What a split endpoint's routing did (`routing::`), kept by the writer's pool of its
 /// target group.
 #[derive(Debug, Default)]
@@ -62,7 +66,7 @@ pub struct SplitStats {
     pub to_reader: Counter,
     /// Statements a split endpoint sent to the writer, by why (`routing::WriterWhy`'s
     /// order).
-    pub to_writer: [AtomicU64; 7],
+    pub to_writer: [AtomicU64; SPLIT_WRITER_REASONS],
     /// Reads that waited on a reader for the client's causal position.
     pub causal_waits: AtomicU64,
     /// Waits that timed out (the read then went to the writer).

@@ -103,6 +103,9 @@ fn each_kind_of_statement_goes_where_it_must() {
             "/* dbproxy:writer */ SELECT @@server_id",
             "SELECT @@server_id; SELECT 1",
             "SELECT @@server_id, GET_LOCK('split-test', 0)",
+            // The writer's role and its own global values: a split endpoint is a writer.
+            "SELECT @@server_id, @@read_only",
+            "SELECT @@server_id, @@global.max_connections",
         ];
         for sql in writer {
             // A client of its own each: some of these pin it to the writer for good.
@@ -172,6 +175,31 @@ fn each_kind_of_statement_goes_where_it_must() {
             .unwrap_or_else(|e| panic!("[{io}] the write after a read: {e}"));
         c.query_drop("COMMIT").unwrap();
         c.query_drop("SET autocommit = 1").unwrap();
+        // Writes that skip the binary log never reach the replica: while they are off, the
+        // session reads on the writer (the replica has no such table at all).
+        let mut u = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+        u.query_drop("SET sql_log_bin = 0").unwrap();
+        u.query_drop(format!(
+            "CREATE TABLE primary_only_{io} (a INT); INSERT INTO primary_only_{io} VALUES (1)"
+        ))
+        .unwrap();
+        assert_eq!(
+            server_of(
+                &mut u,
+                &format!("SELECT @@server_id, COUNT(*) FROM primary_only_{io}")
+            ),
+            1,
+            "[{io}] sql_log_bin = 0\n{}",
+            routing(&proxy)
+        );
+        // Only while they are off (a client that has not written, so that no write of
+        // its own holds it on the writer).
+        let mut v = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+        v.query_drop("SET sql_log_bin = 0").unwrap();
+        assert_eq!(server_of(&mut v, "SELECT @@server_id"), 1, "[{io}] off");
+        v.query_drop("SET sql_log_bin = 1").unwrap();
+        assert_eq!(server_of(&mut v, "SELECT @@server_id"), 2, "[{io}] on");
+        assert!(statements(&proxy, "writer", "unreplicated") >= 1);
         // Session state moves with the client to the reader's connection.
         c.query_drop("SET @mine = 42, time_zone = '+03:00'")
             .unwrap();

@@ -146,6 +146,7 @@ impl<D: Driver> Conn<D> {
         let transaction =
             self.s.status & status::IN_TRANS != 0 || self.s.status & status::AUTOCOMMIT == 0;
         let retryable = self.retryable;
+        let unreplicated = self.split.is_some() && self.s.state.writes_unreplicated();
         let sp = self.split.as_deref_mut()?;
         sp.class = Some(class);
         if held {
@@ -164,6 +165,7 @@ impl<D: Driver> Conn<D> {
             transaction,
             retryable,
             waited_in_vain: sp.to_writer,
+            unreplicated,
             position: &sp.position,
             now_ms: now,
         };

@@ -369,9 +369,13 @@ const NOT_CALLS: &[&str] = &[
     "SOUNDS",
 ];
 
-/// System variables whose value belongs to the writer's connection or to one server's
-/// replication state.
+/// System variables whose value belongs to the writer's connection, to one server's
+/// replication state, or to the writer's role (a client reads `@@read_only` to learn
+/// whether it reached a writer; a split endpoint is one).
 const WRITER_VARIABLES: &[&str] = &[
+    "read_only",
+    "innodb_read_only",
+    "super_read_only",
     "last_insert_id",
     "identity",
     "insert_id",
@@ -432,13 +436,19 @@ pub fn classify(sql: &[u8]) -> Class {
             Kind::Assign => return Class::Write,
             Kind::SysVar => {
                 let name = sql.get(t.start + 2..t.end).unwrap_or_default();
-                let name = name
-                    .iter()
-                    .rposition(|b| *b == b'.')
-                    .map_or(name, |dot| name.get(dot + 1..).unwrap_or_default());
-                if WRITER_VARIABLES
-                    .iter()
-                    .any(|v| name.eq_ignore_ascii_case(v.as_bytes()))
+                let (scope, name) = match name.iter().rposition(|b| *b == b'.') {
+                    Some(dot) => (
+                        name.get(..dot).unwrap_or_default(),
+                        name.get(dot + 1..).unwrap_or_default(),
+                    ),
+                    None => (&b""[..], name),
+                };
+                // `@@global.x`: the server's own value, which for this endpoint is the
+                // writer's (a reader's may differ).
+                if scope.eq_ignore_ascii_case(b"global")
+                    || WRITER_VARIABLES
+                        .iter()
+                        .any(|v| name.eq_ignore_ascii_case(v.as_bytes()))
                 {
                     return Class::Write;
                 }
@@ -558,6 +568,7 @@ mod tests {
         for sql in [
             "SELECT 1",
             "select @@server_id",
+            "SELECT @@session.time_zone, @@max_allowed_packet",
             "SELECT id, name FROM t WHERE id IN (1, 2) ORDER BY id LIMIT 10",
             "  (SELECT COUNT(*) FROM t) UNION (SELECT MAX(id) FROM u)",
             "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
@@ -590,6 +601,9 @@ mod tests {
             "SELECT @@last_insert_id",
             "SELECT @@session.warning_count",
             "SELECT @@gtid_current_pos",
+            "SELECT @@read_only",
+            "SELECT @@global.innodb_read_only",
+            "SELECT @@GLOBAL.max_connections",
             "SELECT 1; SELECT 2",
             "INSERT INTO t VALUES (1)",
             "UPDATE t SET a = 1",

@@ -41,6 +41,9 @@ pub enum WriterWhy {
     WaitTimedOut,
     /// Too long to keep for a second try: it cannot wait on a reader first.
     NotRetryable,
+    /// The session's writes do not replicate (`sql_log_bin = 0`, `skip_replication = 1`):
+    /// no reader will ever have them.
+    Unreplicated,
 }
 
 impl WriterWhy {
@@ -54,6 +57,7 @@ impl WriterWhy {
             WriterWhy::Causal => "causal",
             WriterWhy::WaitTimedOut => "wait_timed_out",
             WriterWhy::NotRetryable => "not_retryable",
+            WriterWhy::Unreplicated => "unreplicated",
         }
     }
 
@@ -62,7 +66,7 @@ impl WriterWhy {
         self as usize
     }
 
-    pub const ALL: [WriterWhy; 7] = [
+    pub const ALL: [WriterWhy; crate::stats::SPLIT_WRITER_REASONS] = [
         WriterWhy::NotRead,
         WriterWhy::Transaction,
         WriterWhy::Hint,
@@ -70,6 +74,7 @@ impl WriterWhy {
         WriterWhy::Causal,
         WriterWhy::WaitTimedOut,
         WriterWhy::NotRetryable,
+        WriterWhy::Unreplicated,
     ];
 }
 
@@ -96,6 +101,8 @@ pub struct Ask<'a> {
     pub retryable: bool,
     /// A wait for this command timed out already.
     pub waited_in_vain: bool,
+    /// The session's writes skip the binary log or are marked not to replicate.
+    pub unreplicated: bool,
     pub position: &'a Position,
     /// Milliseconds since the Unix epoch.
     pub now_ms: u64,
@@ -141,6 +148,9 @@ impl Split {
         }
         if ask.waited_in_vain {
             return Decision::Writer(WriterWhy::WaitTimedOut);
+        }
+        if ask.unreplicated && !unwaited {
+            return Decision::Writer(WriterWhy::Unreplicated);
         }
         let Some(lag) = reader_lag else {
             return Decision::Writer(WriterWhy::NoReader);
@@ -197,6 +207,7 @@ mod tests {
             transaction: false,
             retryable: true,
             waited_in_vain: false,
+            unreplicated: false,
             position,
             now_ms: 100_000,
         }
@@ -231,6 +242,18 @@ mod tests {
             s.decide(&ask(Class::ReadOnlyTransaction, &none), UP),
             Decision::Reader { wait: None }
         );
+        // Writes that never reach a reader keep the session's reads on the writer, in
+        // every mode, unless a read is hinted to a reader.
+        for mode in [CausalReads::None, CausalReads::Gtid, CausalReads::Lag] {
+            let mut a = ask(READ, &none);
+            a.unreplicated = true;
+            assert_eq!(
+                split(mode).decide(&a, UP),
+                Decision::Writer(WriterWhy::Unreplicated)
+            );
+            a.hint = Some(Hint::Reader);
+            assert_eq!(split(mode).decide(&a, UP), Decision::Reader { wait: None });
+        }
     }
 
     #[test]

@@ -188,6 +188,20 @@ impl ClientState {
             vars: CONTEXT_VARS.map(|n| self.vars.get(n.as_bytes()).cloned()),
         }
     }
+
+    /// The client's writes do not reach replicas: it turned the binary log off for its
+    /// session (`sql_log_bin = 0`) or marks its events not to replicate
+    /// (`skip_replication = 1`).
+    pub fn writes_unreplicated(&self) -> bool {
+        let is = |name: &str, values: [&str; 2]| {
+            self.vars.get(name.as_bytes()).is_some_and(|v| {
+                values
+                    .iter()
+                    .any(|w| v.trim_ascii().eq_ignore_ascii_case(w.as_bytes()))
+            })
+        };
+        is("sql_log_bin", ["0", "OFF"]) || is("skip_replication", ["1", "ON"])
+    }
 }
 
 /// What it takes to give a backend connection a client's session state.
@@ -471,6 +485,23 @@ mod tests {
             .insert(b"sql_mode".to_vec(), b"STRICT_TRANS_TABLES".to_vec());
         b.vars = b.baseline.clone();
         b
+    }
+
+    #[test]
+    fn unreplicated_writes_are_known_from_the_tracked_variables() {
+        let mut c = ClientState::default();
+        assert!(!c.writes_unreplicated());
+        for (name, value, off) in [
+            ("sql_log_bin", "OFF", true),
+            ("sql_log_bin", "0", true),
+            ("sql_log_bin", "ON", false),
+            ("skip_replication", "ON", true),
+            ("skip_replication", "OFF", false),
+        ] {
+            c.vars.clear();
+            c.vars.insert(name.into(), value.into());
+            assert_eq!(c.writes_unreplicated(), off, "{name} = {value}");
+        }
     }
 
     #[test]
