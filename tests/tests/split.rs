@@ -106,6 +106,9 @@ fn each_kind_of_statement_goes_where_it_must() {
             // The writer's role and its own global values: a split endpoint is a writer.
             "SELECT @@server_id, @@read_only",
             "SELECT @@server_id, @@global.max_connections",
+            // The server's own state: its connections, status, locks.
+            "SELECT @@server_id, COUNT(*) FROM information_schema.PROCESSLIST",
+            "SELECT @@server_id, COUNT(*) FROM performance_schema.threads",
         ];
         for sql in writer {
             // A client of its own each: some of these pin it to the writer for good.
@@ -191,6 +194,12 @@ fn each_kind_of_statement_goes_where_it_must() {
             1,
             "[{io}] sql_log_bin = 0\n{}",
             routing(&proxy)
+        );
+        let mut i = connect(port, "app", APP_PASSWORD, "information_schema").unwrap();
+        assert_eq!(
+            server_of(&mut i, "SELECT @@server_id, COUNT(*) FROM PROCESSLIST"),
+            1,
+            "[{io}] USE information_schema"
         );
         // Only while they are off (a client that has not written, so that no write of
         // its own holds it on the writer).

@@ -142,6 +142,11 @@ impl<D: Driver> Conn<D> {
     }
 
     fn route(&mut self, class: Class, hint: Option<classify::Hint>) -> Option<Vec<u8>> {
+        // Unqualified tables of the server's own schemas (`USE information_schema`).
+        let class = match &self.s.state.schema {
+            Some(schema) if classify::server_local_schema(schema) => Class::Write,
+            _ => class,
+        };
         let held = self.backend.is_some();
         let transaction =
             self.s.status & status::IN_TRANS != 0 || self.s.status & status::AUTOCOMMIT == 0;

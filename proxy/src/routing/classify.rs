@@ -467,6 +467,16 @@ pub fn classify(sql: &[u8]) -> Class {
                     }
                 }
             }
+            Kind::Punct(b'.')
+                if prev.is_some_and(|p| {
+                    matches!(p.kind, Kind::Word | Kind::Ident)
+                        && sql
+                            .get(p.start..p.end)
+                            .is_some_and(|name| server_local_schema(unquote(name)))
+                }) =>
+            {
+                return Class::Write;
+            }
             Kind::Word => {
                 if word_is(sql, &t, "INTO") || word_is(sql, &t, "SQL_CALC_FOUND_ROWS") {
                     return Class::Write;
@@ -543,6 +553,21 @@ impl Lead {
     }
 }
 
+/// A schema whose tables describe the server answering, not the replicated data (its
+/// connections, status, locks and transactions): a read of it is about the writer.
+pub fn server_local_schema(name: &[u8]) -> bool {
+    ["information_schema", "performance_schema", "sys"]
+        .iter()
+        .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+}
+
+/// An identifier without its backquotes.
+fn unquote(name: &[u8]) -> &[u8] {
+    name.strip_prefix(b"`")
+        .and_then(|n| n.strip_suffix(b"`"))
+        .unwrap_or(name)
+}
+
 /// Whether the word `a` is followed by the word `b` somewhere in the statement.
 fn has_pair(sql: &[u8], a: &str, b: &str) -> bool {
     let mut prev: Option<Tok> = None;
@@ -604,6 +629,9 @@ mod tests {
             "SELECT @@read_only",
             "SELECT @@global.innodb_read_only",
             "SELECT @@GLOBAL.max_connections",
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app'",
+            "SELECT * FROM `performance_schema`.threads",
+            "SELECT * FROM sys.session",
             "SELECT 1; SELECT 2",
             "INSERT INTO t VALUES (1)",
             "UPDATE t SET a = 1",
