@@ -209,6 +209,38 @@ fn each_kind_of_statement_goes_where_it_must() {
         v.query_drop("SET sql_log_bin = 1").unwrap();
         assert_eq!(server_of(&mut v, "SELECT @@server_id"), 2, "[{io}] on");
         assert!(statements(&proxy, "writer", "unreplicated") >= 1);
+        // A long read on the replica is killed there: KILL QUERY with the client's id,
+        // from another client (what the mariadb CLI sends on Ctrl-C).
+        let mut long = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+        let long_id = long.connection_id();
+        // Bounded all the same: a kill that misses ends it with 1969 after 60 s.
+        long.query_drop("SET max_statement_time = 60").unwrap();
+        let running = std::thread::spawn(move || {
+            // query_first: the error comes after the column definitions, and a dropped
+            // result set does not report it.
+            long.query_first::<mysql::Row, _>(
+                "SELECT @@server_id, COUNT(*) FROM seq_1_to_1000000 a, seq_1_to_1000000 b \
+                 WHERE a.seq * b.seq = 7",
+            )
+        });
+        wait_until(
+            "the long read to run on the replica",
+            Duration::from_secs(20),
+            || {
+                pair.replica
+                    .root_sql(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                     WHERE INFO LIKE '%a.seq * b.seq%' AND INFO NOT LIKE '%PROCESSLIST%'",
+                    )
+                    .trim()
+                    == "1"
+            },
+        );
+        c.query_drop(format!("KILL QUERY {long_id}")).unwrap();
+        match running.join().unwrap() {
+            Err(mysql::Error::MySqlError(e)) => assert_eq!(e.code, 1317, "[{io}] {e}"),
+            other => panic!("[{io}] the long read was not killed: {other:?}"),
+        }
         // Session state moves with the client to the reader's connection.
         c.query_drop("SET @mine = 42, time_zone = '+03:00'")
             .unwrap();
