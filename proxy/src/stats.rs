@@ -71,6 +71,8 @@ pub struct SplitStats {
     pub causal_waits: AtomicU64,
     /// Waits that timed out (the read then went to the writer).
     pub causal_timeouts: AtomicU64,
+    /// Reads that needed no wait: their reader was known to have the client's position.
+    pub causal_known: AtomicU64,
     /// How long the waits took (the wait's answer, which comes ahead of the read's).
     pub causal_wait: Latency,
 }

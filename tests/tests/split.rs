@@ -254,6 +254,38 @@ fn each_kind_of_statement_goes_where_it_must() {
             "[{io}] state replayed\n{}",
             routing(&proxy)
         );
+        // After a write, the first read waits on the replica; the reads after it find the
+        // replica known to have the position and are not waited on; a new write waits again.
+        let mut w = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+        let counts = || {
+            (
+                proxy.metric("dbproxy_causal_waits_total"),
+                proxy.metric("dbproxy_causal_waits_skipped_total"),
+            )
+        };
+        // A value of this loop's own (the table is shared by both loops' runs).
+        let mark = 990 + u32::from(io == "epoll");
+        for round in 0..2 {
+            w.query_drop(format!("INSERT INTO t (v) VALUES ({mark})"))
+                .unwrap();
+            let (waits, skipped) = counts();
+            for _ in 0..10 {
+                let (id, n): (u32, u32) = w
+                    .query_first(format!(
+                        "SELECT @@server_id, COUNT(*) FROM t WHERE v = {mark}"
+                    ))
+                    .unwrap()
+                    .unwrap();
+                assert_eq!((id, n), (2, round + 1), "[{io}] read after a write");
+            }
+            let (w2, s2) = counts();
+            assert_eq!(
+                (w2 - waits, s2 - skipped),
+                (1, 9),
+                "[{io}] waits and skipped waits\n{}",
+                routing(&proxy)
+            );
+        }
         assert!(statements(&proxy, "reader", "read") >= reader.len() as i64);
         assert!(statements(&proxy, "writer", "hint") >= 1);
         assert_eq!(proxy.checkin_verification().1, 0, "[{io}] check-ins clean");

@@ -495,6 +495,14 @@ fn database(enc: &mut DescriptorEncoder, sh: &ProxyShared) -> fmt::Result {
             .iter()
             .map(|g| (labels(g), load(&g.stats.split.causal_timeouts))),
     )?;
+    counters(
+        enc,
+        "dbproxy_causal_waits_skipped",
+        "Reads sent to a reader without a wait: a wait there had already seen the client's position.",
+        writers
+            .iter()
+            .map(|g| (labels(g), load(&g.stats.split.causal_known))),
+    )?;
     histograms(
         enc,
         "dbproxy_causal_wait_seconds",

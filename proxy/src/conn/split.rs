@@ -40,6 +40,12 @@ pub(crate) struct SplitRoute<D: Driver> {
     /// the writer.
     to_writer: bool,
     wait_started: Option<std::time::Instant>,
+    /// The reader (target and epoch) a wait last succeeded on, and the GTIDs it had
+    /// then: a later read there needs no wait for what they cover. A reader that went
+    /// down comes back in another epoch, so a server rebuilt behind its old position is
+    /// not taken for what it was.
+    reached: Option<(usize, u64)>,
+    reached_gtids: Vec<Gtid>,
 }
 
 impl<D: Driver> SplitRoute<D> {
@@ -54,6 +60,8 @@ impl<D: Driver> SplitRoute<D> {
             routed: None,
             to_writer: false,
             wait_started: None,
+            reached: None,
+            reached_gtids: Vec::new(),
         }
     }
 }
@@ -279,9 +287,38 @@ impl<D: Driver> Conn<D> {
         if !caught_up {
             stats.causal_timeouts.fetch_add(1, Ordering::Relaxed);
             self.reroute_to_writer();
+        } else if let Some(sp) = self.split.as_deref_mut() {
+            // The wait was for the position as it is now (nothing wrote since).
+            sp.reached = Some((b.target, b.epoch));
+            sp.reached_gtids.clear();
+            sp.reached_gtids.extend_from_slice(sp.position.gtids());
         }
         self.backend = Some(b);
         Ok(Got::Waited(caught_up))
+    }
+
+    /// Whether the held (reader's) connection's server is known to have the client's
+    /// position: a wait succeeded there, in this epoch, for GTIDs at least as new in every
+    /// domain. It is then not sent (and counted).
+    pub(super) fn reader_has_position(&self) -> bool {
+        let (Some(sp), Some(b)) = (self.split.as_deref(), self.backend.as_ref()) else {
+            return false;
+        };
+        let known = sp.reached == Some((b.target, b.epoch))
+            && sp.position.gtids().iter().all(|g| {
+                sp.reached_gtids
+                    .iter()
+                    .any(|r| r.domain == g.domain && r.seq >= g.seq)
+            });
+        if known {
+            self.writer_pool()
+                .shared
+                .stats
+                .split
+                .causal_known
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        known
     }
 
     /// Commands other than statements (a prepare, COM_INIT_DB, COM_FIELD_LIST, ...) go to

@@ -240,6 +240,14 @@ impl<D: Driver> Conn<D> {
                 }
                 Got::ReadBack
             }
+            Step::SendWait { sql, seq } => {
+                if self.reader_has_position() {
+                    Got::WaitNeedless
+                } else {
+                    self.send_query(&sql, seq).await?;
+                    Got::Sent
+                }
+            }
             Step::CausalWait { .. } => Box::pin(self.causal_wait()).await?,
             Step::DiscardAnswer { kind, .. } => Box::pin(self.discard_answer(kind)).await?,
             Step::Tell { seq, payload } => {

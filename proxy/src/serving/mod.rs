@@ -135,6 +135,10 @@ pub enum Step<'f> {
         sent: bool,
         seq: u8,
     },
+    /// Send the causal wait ahead of the statement to the held connection: [`Got::Sent`],
+    /// or [`Got::WaitNeedless`] (nothing sent) when that connection's server is known to
+    /// have the client's position already.
+    SendWait { sql: Cow<'f, [u8]>, seq: u8 },
     /// Read the answer to the causal wait sent ahead of the statement: [`Got::Waited`].
     CausalWait { seq: u8 },
     /// Read the held connection's answer to a command of `kind` to its end and drop it
@@ -192,6 +196,10 @@ impl Step<'_> {
                 sent,
                 seq,
             },
+            Step::SendWait { sql, seq } => Step::SendWait {
+                sql: Cow::Owned(sql.into_owned()),
+                seq,
+            },
             Step::CausalWait { seq } => Step::CausalWait { seq },
             Step::DiscardAnswer { kind, seq } => Step::DiscardAnswer { kind, seq },
             Step::Tell { seq, payload } => Step::Tell { seq, payload },
@@ -232,6 +240,8 @@ pub enum Got {
     /// The causal wait answered: the reader has the client's position (`false`: it timed
     /// out, or the wait failed).
     Waited(bool),
+    /// The held connection's server has the client's position: the wait was not sent.
+    WaitNeedless,
     /// The answer was read and dropped.
     Discarded,
     /// The release steps ran (the warning list they read back, if asked), or failed

@@ -293,12 +293,29 @@ mod tests {
             rows(status::AUTOCOMMIT),
         ];
         let (steps, rerouted) = run_waiting(answers);
-        let [Step::Borrow, Step::SendQuery { sql: wait, .. }, Step::SendCommand, Step::CausalWait { seq: 0 }, Step::Relay { .. }, Step::CheckIn, Step::Done] =
+        let [Step::Borrow, Step::SendWait { sql: wait, .. }, Step::SendCommand, Step::CausalWait { seq: 0 }, Step::Relay { .. }, Step::CheckIn, Step::Done] =
             &steps[..]
         else {
             panic!("{steps:?}");
         };
         assert!(wait.starts_with(b"SELECT MASTER_GTID_WAIT("));
+        assert!(!rerouted);
+    }
+
+    #[test]
+    fn a_reader_known_to_have_the_position_is_not_waited_on() {
+        let answers = vec![
+            Got::Lent,
+            Got::WaitNeedless,
+            Got::Sent,
+            rows(status::AUTOCOMMIT),
+        ];
+        let (steps, rerouted) = run_waiting(answers);
+        let [Step::Borrow, Step::SendWait { .. }, Step::SendCommand, Step::Relay { .. }, Step::CheckIn, Step::Done] =
+            &steps[..]
+        else {
+            panic!("{steps:?}");
+        };
         assert!(!rerouted);
     }
 
@@ -312,7 +329,7 @@ mod tests {
             Got::Discarded,
         ];
         let (steps, rerouted) = run_waiting(answers);
-        let [Step::Borrow, Step::SendQuery { .. }, Step::SendCommand, Step::CausalWait { .. }, Step::DiscardAnswer {
+        let [Step::Borrow, Step::SendWait { .. }, Step::SendCommand, Step::CausalWait { .. }, Step::DiscardAnswer {
             kind: ResponseKind::Query,
             ..
         }, Step::CheckIn, Step::Done] = &steps[..]

@@ -161,6 +161,10 @@ impl Statement {
             (Stage::Relay, Got::Relayed(outcome, tracked)) => {
                 self.learn(cx, info, outcome, tracked);
             }
+            (Stage::Wait, Got::WaitNeedless) => {
+                // Nothing to read for it either.
+                self.wait = None;
+            }
             (Stage::WaitRead, Got::Waited(false)) => {
                 self.rerouted = true;
                 let pipelined_read_back = self.pipelined && self.read_back.is_some();
@@ -224,7 +228,10 @@ impl Statement {
                 None => Step::Done,
             },
             Stage::Wait => match &self.wait {
-                Some(sql) => query(sql),
+                Some(sql) => Step::SendWait {
+                    sql: Cow::Borrowed(sql),
+                    seq,
+                },
                 None => Step::Done,
             },
             Stage::WaitRead => Step::CausalWait { seq },
