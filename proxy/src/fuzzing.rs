@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("pg_startup", pg_startup),
     ("pg_relay", pg_relay),
     ("pg_statements", pg_statements),
+    ("routing", routing),
 ];
 
 /// Splits `data` into physical packets as the relays do (a length of 3 bytes, a sequence
@@ -756,6 +757,30 @@ pub fn pg_statements(data: &[u8]) {
         from_client = !from_client;
         rest = tail;
     }
+}
+
+/// A split endpoint's reading of what a client sends: the statement classifier and its
+/// hints on any text, the causal-position statements, and a position handed over as text,
+/// whose text form must read back as the same position and merge into it as a no-op.
+pub fn routing(data: &[u8]) {
+    use crate::routing::causal::{position_statement, Position};
+    use crate::routing::classify;
+    let _ = classify::classify(data);
+    let _ = classify::hint(data);
+    let _ = position_statement(data);
+    let Ok(p) = Position::parse(data) else {
+        return;
+    };
+    let text = p.to_text();
+    assert_eq!(
+        Position::parse(text.as_bytes()).as_ref(),
+        Ok(&p),
+        "{text:?} does not read back"
+    );
+    let mut merged = p.clone();
+    assert_eq!(merged.merge_text(text.as_bytes()), Ok(()));
+    assert_eq!(merged, p, "merging a position into itself changed it");
+    let _ = p.wait_sql(250);
 }
 
 #[cfg(test)]

@@ -14,12 +14,11 @@ use crate::mysql::consts::{errcode, status};
 use crate::mysql::packet::Header;
 use crate::mysql::wire::ErrPacket;
 use crate::pool::CorePool;
-use crate::routing::causal::{Gtid, Position};
+use crate::routing::causal::{Gtid, Position, PositionStatement};
 use crate::routing::classify::{self, Class};
 use crate::routing::{self, Ask, Decision, Split, WriterWhy};
 use crate::serving::forward::{Pong, Refuse};
 use crate::serving::Got;
-use crate::session::sql::{Kind, Tokens};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -64,52 +63,6 @@ impl<D: Driver> SplitRoute<D> {
             reached_gtids: Vec::new(),
         }
     }
-}
-
-/// `SELECT @@dbproxy_causal_position` or `SET @@dbproxy_causal_position = '...'`.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum PositionStatement {
-    Read,
-    Set(Vec<u8>),
-}
-
-const POSITION_VAR: &[u8] = b"dbproxy_causal_position";
-
-/// Recognises the statements that read and set the causal position (dbproxy answers them).
-pub(super) fn position_statement(sql: &[u8]) -> Option<PositionStatement> {
-    let mut toks = Tokens::new(sql).filter(|t| t.kind != Kind::Punct(b';'));
-    let text = |t: &crate::session::sql::Tok| sql.get(t.start..t.end).unwrap_or_default();
-    let first = toks.next()?;
-    let var = toks.next()?;
-    let names_position = var.kind == Kind::SysVar && {
-        let name = text(&var).get(2..).unwrap_or_default();
-        let name = name
-            .strip_prefix(b"session.")
-            .or_else(|| name.strip_prefix(b"SESSION."))
-            .unwrap_or(name);
-        name.eq_ignore_ascii_case(POSITION_VAR)
-    };
-    if !names_position || first.kind != Kind::Word {
-        return None;
-    }
-    if text(&first).eq_ignore_ascii_case(b"SELECT") {
-        return toks.next().is_none().then_some(PositionStatement::Read);
-    }
-    if !text(&first).eq_ignore_ascii_case(b"SET") {
-        return None;
-    }
-    let eq = toks.next()?;
-    if !matches!(eq.kind, Kind::Punct(b'=') | Kind::Assign) {
-        return None;
-    }
-    let value = toks.next()?;
-    if value.kind != Kind::Str || toks.next().is_some() {
-        return None;
-    }
-    let quoted = text(&value);
-    Some(PositionStatement::Set(
-        quoted.get(1..quoted.len().saturating_sub(1))?.to_vec(),
-    ))
 }
 
 fn now_ms() -> u64 {
@@ -408,37 +361,6 @@ impl<D: Driver> Conn<D> {
                     }
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn position_statements_are_recognised() {
-        assert_eq!(
-            position_statement(b"SELECT @@dbproxy_causal_position"),
-            Some(PositionStatement::Read)
-        );
-        assert_eq!(
-            position_statement(b"select @@session.DBPROXY_CAUSAL_POSITION;"),
-            Some(PositionStatement::Read)
-        );
-        assert_eq!(
-            position_statement(b"SET @@dbproxy_causal_position = '0-1-5,@17'"),
-            Some(PositionStatement::Set(b"0-1-5,@17".to_vec()))
-        );
-        for other in [
-            &b"SELECT @@dbproxy_causal_position, 1"[..],
-            b"SELECT @@server_id",
-            b"SET @@dbproxy_causal_position = 5",
-            b"SET @@dbproxy_causal_position = 'a', @x = 1",
-            b"SET",
-            b"",
-        ] {
-            assert_eq!(position_statement(other), None, "{other:?}");
         }
     }
 }

@@ -435,7 +435,7 @@ impl<D: Driver> Conn<D> {
         }
         let mut wait = None;
         if self.split.is_some() {
-            if let Some(p) = super::split::position_statement(sql) {
+            if let Some(p) = crate::routing::causal::position_statement(sql) {
                 return Box::pin(self.position_statement(h, p)).await;
             }
             wait = self.route_statement(h);

@@ -6,8 +6,11 @@
 //! As text (`@@dbproxy_causal_position`, handed from one connection to another, or to a
 //! client of another dbproxy): the GTIDs as MariaDB writes a GTID list, and the time of an
 //! unconfirmed write as `@` and milliseconds since the Unix epoch, all comma-separated,
-//! e.g. `0-1-57,1-3-9,@1765100000123`. Empty: nothing to wait for.
+//! e.g. `0-1-57,1-3-9,@1765100000123`. Empty: nothing to wait for. Clients read and set it
+//! with `SELECT @@dbproxy_causal_position` and `SET @@dbproxy_causal_position = '...'`,
+//! which dbproxy answers itself ([`position_statement`]).
 
+use crate::session::sql::{Kind, Tok, Tokens};
 use std::fmt::Write as _;
 
 /// One GTID: domain, server, sequence number.
@@ -166,6 +169,52 @@ impl Position {
     }
 }
 
+/// `SELECT @@dbproxy_causal_position` or `SET @@dbproxy_causal_position = '...'`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PositionStatement {
+    Read,
+    Set(Vec<u8>),
+}
+
+const POSITION_VAR: &[u8] = b"dbproxy_causal_position";
+
+/// Recognises the statements that read and set the causal position (dbproxy answers them).
+pub fn position_statement(sql: &[u8]) -> Option<PositionStatement> {
+    let mut toks = Tokens::new(sql).filter(|t| t.kind != Kind::Punct(b';'));
+    let text = |t: &Tok| sql.get(t.start..t.end).unwrap_or_default();
+    let first = toks.next()?;
+    let var = toks.next()?;
+    let names_position = var.kind == Kind::SysVar && {
+        let name = text(&var).get(2..).unwrap_or_default();
+        let name = name
+            .strip_prefix(b"session.")
+            .or_else(|| name.strip_prefix(b"SESSION."))
+            .unwrap_or(name);
+        name.eq_ignore_ascii_case(POSITION_VAR)
+    };
+    if !names_position || first.kind != Kind::Word {
+        return None;
+    }
+    if text(&first).eq_ignore_ascii_case(b"SELECT") {
+        return toks.next().is_none().then_some(PositionStatement::Read);
+    }
+    if !text(&first).eq_ignore_ascii_case(b"SET") {
+        return None;
+    }
+    let eq = toks.next()?;
+    if !matches!(eq.kind, Kind::Punct(b'=') | Kind::Assign) {
+        return None;
+    }
+    let value = toks.next()?;
+    if value.kind != Kind::Str || toks.next().is_some() {
+        return None;
+    }
+    let quoted = text(&value);
+    Some(PositionStatement::Set(
+        quoted.get(1..quoted.len().saturating_sub(1))?.to_vec(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +264,31 @@ mod tests {
             Position::parse(many.join(",").as_bytes()),
             Err(PositionError::TooManyDomains)
         );
+    }
+
+    #[test]
+    fn position_statements_are_recognised() {
+        assert_eq!(
+            position_statement(b"SELECT @@dbproxy_causal_position"),
+            Some(PositionStatement::Read)
+        );
+        assert_eq!(
+            position_statement(b"select @@session.DBPROXY_CAUSAL_POSITION;"),
+            Some(PositionStatement::Read)
+        );
+        assert_eq!(
+            position_statement(b"SET @@dbproxy_causal_position = '0-1-5,@17'"),
+            Some(PositionStatement::Set(b"0-1-5,@17".to_vec()))
+        );
+        for other in [
+            &b"SELECT @@dbproxy_causal_position, 1"[..],
+            b"SELECT @@server_id",
+            b"SET @@dbproxy_causal_position = 5",
+            b"SET @@dbproxy_causal_position = 'a', @x = 1",
+            b"SET",
+            b"",
+        ] {
+            assert_eq!(position_statement(other), None, "{other:?}");
+        }
     }
 }
