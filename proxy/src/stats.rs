@@ -56,7 +56,7 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 
 /// How many reasons a split endpoint has to send a statement to the writer
 /// (`routing::WriterWhy::ALL` has this length).
-pub const SPLIT_WRITER_REASONS: usize = 8;
+pub const SPLIT_WRITER_REASONS: usize = 9;
 
 /// What a split endpoint's routing did (`routing::`), kept by the writer's pool of its
 /// target group.

@@ -85,6 +85,17 @@ fn each_kind_of_statement_goes_where_it_must() {
          CREATE FUNCTION shop.f() RETURNS INT DETERMINISTIC RETURN 7; \
          CREATE SEQUENCE shop.s",
     );
+    // A stored function that writes, behind a view (a compound body: not through the CLI).
+    let mut p = connect(pair.primary.port, "app", DB_PASSWORD, "shop").unwrap();
+    p.query_drop("CREATE TABLE bumps (n INT)").unwrap();
+    p.query_drop(
+        "CREATE FUNCTION bump() RETURNS INT DETERMINISTIC MODIFIES SQL DATA \
+         BEGIN INSERT INTO bumps VALUES (1); RETURN 1; END",
+    )
+    .unwrap();
+    p.query_drop("CREATE VIEW v_bump AS SELECT bump() AS b")
+        .unwrap();
+    drop(p);
     pair.sync();
     for io in DRIVERS {
         let (proxy, port) = split_proxy(&pair, io, "gtid", "");
@@ -140,6 +151,29 @@ fn each_kind_of_statement_goes_where_it_must() {
             let got = server_of(&mut c, sql);
             assert_eq!(got, 2, "[{io}] {sql}: a reader\n{}", routing(&proxy));
         }
+        // Reads that write after all (a stored function behind a view, a writing function
+        // hinted to a reader): the replica refuses them as read-only, and they run on the
+        // writer instead of failing.
+        let before = statements(&proxy, "writer", "reader_failed");
+        for sql in [
+            "SELECT @@server_id, b FROM v_bump",
+            "/* dbproxy:reader */ SELECT @@server_id, bump()",
+        ] {
+            // A client each: the write inside leaves a state change that pins its client.
+            let mut r = connect(port, "app", APP_PASSWORD, "shop").unwrap();
+            assert_eq!(
+                server_of(&mut r, sql),
+                1,
+                "[{io}] {sql}\n{}",
+                routing(&proxy)
+            );
+        }
+        assert_eq!(
+            statements(&proxy, "writer", "reader_failed"),
+            before + 2,
+            "[{io}]\n{}",
+            routing(&proxy)
+        );
         // Anything inside a transaction: the writer; a read-only transaction: a reader.
         c.query_drop("BEGIN").unwrap();
         assert_eq!(

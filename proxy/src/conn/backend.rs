@@ -114,7 +114,7 @@ impl<D: Driver> Conn<D> {
         if self.on_reader() {
             // A reader that failed: the read goes to the writer rather than wait for the
             // monitor to see it.
-            self.reroute_to_writer();
+            self.reroute_to_writer(crate::routing::WriterWhy::ReaderFailed);
         }
         Some(SessionEnd::Retry)
     }

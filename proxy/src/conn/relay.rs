@@ -145,7 +145,17 @@ impl<D: Driver> Conn<D> {
                 // again, to the writer.
                 tracing::info!(peer = %self.peer, thread_id = b.thread_id, "a reader failed under a read ({why}): the read goes to the writer");
                 self.pool.lost(b, "failed during a read");
-                self.reroute_to_writer();
+                self.reroute_to_writer(crate::routing::WriterWhy::ReaderFailed);
+                Err(SessionEnd::Retry)
+            }
+            Err(RelayError::Failed(Failure::ReadOnly)) if self.on_reader() => {
+                // A statement taken for a read wrote after all (a stored function behind a
+                // view, a read hinted to a reader): the reader refused it, and it goes to
+                // the writer. The reader is as it should be. A read-back sent behind it is
+                // still on the way: the connection is closed, not reused.
+                tracing::info!(peer = %self.peer, thread_id = b.thread_id, "a reader refused a read as read-only (it writes): it goes to the writer");
+                self.pool.close(b, "a read wrote");
+                self.reroute_to_writer(crate::routing::WriterWhy::ReaderFailed);
                 Err(SessionEnd::Retry)
             }
             Err(RelayError::Failed(Failure::Backend(why))) => {

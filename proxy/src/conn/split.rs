@@ -36,8 +36,8 @@ pub(crate) struct SplitRoute<D: Driver> {
     class: Option<Class>,
     routed: Option<Decision>,
     /// A causal wait (or the reader) failed the command being served: it goes again, to
-    /// the writer.
-    to_writer: bool,
+    /// the writer, for this reason.
+    to_writer: Option<WriterWhy>,
     wait_started: Option<std::time::Instant>,
     /// The reader (target and epoch) a wait last succeeded on, and the GTIDs it had
     /// then: a later read there needs no wait for what they cover. A reader that went
@@ -57,7 +57,7 @@ impl<D: Driver> SplitRoute<D> {
             last_gtid: Vec::new(),
             class: None,
             routed: None,
-            to_writer: false,
+            to_writer: None,
             wait_started: None,
             reached: None,
             reached_gtids: Vec::new(),
@@ -130,7 +130,7 @@ impl<D: Driver> Conn<D> {
             hint,
             transaction,
             retryable,
-            waited_in_vain: sp.to_writer,
+            rerouted: sp.to_writer,
             unreplicated,
             position: &sp.position,
             now_ms: now,
@@ -161,7 +161,7 @@ impl<D: Driver> Conn<D> {
         };
         let class = sp.class.take();
         let routed = sp.routed.take();
-        sp.to_writer = false;
+        sp.to_writer = None;
         if !sp.on_reader && class == Some(Class::Write) {
             // In gtid mode a write that changed rows and reported no GTID (a transaction
             // not committed yet, a server without GTIDs) is known only by its time; one
@@ -233,13 +233,13 @@ impl<D: Driver> Conn<D> {
             Err(e) => {
                 tracing::info!(peer = %self.peer, thread_id = b.thread_id, "a reader failed during a causal wait ({e}): the read goes to the writer");
                 self.pool.lost(b, "failed during a causal wait");
-                self.reroute_to_writer();
+                self.reroute_to_writer(WriterWhy::ReaderFailed);
                 return Err(SessionEnd::Retry);
             }
         };
         if !caught_up {
             stats.causal_timeouts.fetch_add(1, Ordering::Relaxed);
-            self.reroute_to_writer();
+            self.reroute_to_writer(WriterWhy::WaitTimedOut);
         } else if let Some(sp) = self.split.as_deref_mut() {
             // The wait was for the position as it is now (nothing wrote since).
             sp.reached = Some((b.target, b.epoch));
@@ -292,10 +292,10 @@ impl<D: Driver> Conn<D> {
         crate::rt::pooled(self.change_user(h)).await
     }
 
-    /// The command goes again, to the writer.
-    pub(super) fn reroute_to_writer(&mut self) {
+    /// The command goes again, to the writer, for this reason (the first one given).
+    pub(super) fn reroute_to_writer(&mut self, why: WriterWhy) {
         if let Some(sp) = self.split.as_deref_mut() {
-            sp.to_writer = true;
+            sp.to_writer.get_or_insert(why);
         }
     }
 

@@ -590,7 +590,7 @@ impl<D: Driver> Conn<D> {
                 }
                 self.drive(&mut flow, None).await?;
                 if flow.rerouted() {
-                    self.reroute_to_writer();
+                    self.reroute_to_writer(crate::routing::WriterWhy::ReaderFailed);
                     return Err(SessionEnd::Retry);
                 }
                 Ok(())

@@ -44,6 +44,10 @@ pub enum WriterWhy {
     /// The session's writes do not replicate (`sql_log_bin = 0`, `skip_replication = 1`):
     /// no reader will ever have them.
     Unreplicated,
+    /// The reader failed the read before any of its answer reached the client: its
+    /// connection was lost, it could not prepare the statement (a table it has not got
+    /// yet), or it refused the statement as read-only (it writes after all).
+    ReaderFailed,
 }
 
 impl WriterWhy {
@@ -58,6 +62,7 @@ impl WriterWhy {
             WriterWhy::WaitTimedOut => "wait_timed_out",
             WriterWhy::NotRetryable => "not_retryable",
             WriterWhy::Unreplicated => "unreplicated",
+            WriterWhy::ReaderFailed => "reader_failed",
         }
     }
 
@@ -75,6 +80,7 @@ impl WriterWhy {
         WriterWhy::WaitTimedOut,
         WriterWhy::NotRetryable,
         WriterWhy::Unreplicated,
+        WriterWhy::ReaderFailed,
     ];
 }
 
@@ -99,8 +105,9 @@ pub struct Ask<'a> {
     /// The command is kept to be served again (a read that waits may go to the writer
     /// after all).
     pub retryable: bool,
-    /// A wait for this command timed out already.
-    pub waited_in_vain: bool,
+    /// This command was served on a reader already and goes again, to the writer: why
+    /// ([`WriterWhy::WaitTimedOut`] or [`WriterWhy::ReaderFailed`]).
+    pub rerouted: Option<WriterWhy>,
     /// The session's writes skip the binary log or are marked not to replicate.
     pub unreplicated: bool,
     pub position: &'a Position,
@@ -146,8 +153,8 @@ impl Split {
         if ask.transaction {
             return Decision::Writer(WriterWhy::Transaction);
         }
-        if ask.waited_in_vain {
-            return Decision::Writer(WriterWhy::WaitTimedOut);
+        if let Some(why) = ask.rerouted {
+            return Decision::Writer(why);
         }
         if ask.unreplicated && !unwaited {
             return Decision::Writer(WriterWhy::Unreplicated);
@@ -206,7 +213,7 @@ mod tests {
             hint: None,
             transaction: false,
             retryable: true,
-            waited_in_vain: false,
+            rerouted: None,
             unreplicated: false,
             position,
             now_ms: 100_000,
@@ -291,7 +298,7 @@ mod tests {
         a.retryable = false;
         assert_eq!(s.decide(&a, UP), Decision::Writer(WriterWhy::NotRetryable));
         let mut a = ask(READ, &p);
-        a.waited_in_vain = true;
+        a.rerouted = Some(WriterWhy::WaitTimedOut);
         assert_eq!(s.decide(&a, UP), Decision::Writer(WriterWhy::WaitTimedOut));
         // None: no waits.
         assert_eq!(
