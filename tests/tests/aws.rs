@@ -91,17 +91,20 @@ refresh = "2s"
 
         // The load runs in short sysbench runs until both rotations are over, so that it
         // covers them however long moto and the refreshes take.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let finished = std::sync::Arc::new(AtomicUsize::new(0));
         let load = {
-            let (stop, port) = (stop.clone(), proxy.port);
+            let (stop, finished, port) = (stop.clone(), finished.clone(), proxy.port);
             std::thread::spawn(move || {
                 let mut runs = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let mut bench = sysbench_command(port, CLIENT_PW[0]);
                     bench
                         .args(["--mysql-user=rotating", "oltp_read_only", "run"])
                         .args(["--threads=16", "--time=2", "--db-ps-mode=auto"]);
                     runs.push(bench.output().unwrap());
+                    finished.fetch_add(1, Ordering::Relaxed);
                 }
                 runs
             })
@@ -145,8 +148,14 @@ refresh = "2s"
             Duration::from_secs(20),
             || switched() > first,
         );
-        pause(2);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // One whole run after the database has the last password, then the load stops.
+        let at_alter = finished.load(Ordering::Relaxed);
+        wait_until(
+            "a whole sysbench run after the second rotation",
+            Duration::from_secs(30),
+            || finished.load(Ordering::Relaxed) >= at_alter + 2,
+        );
+        stop.store(true, Ordering::Relaxed);
         let runs = load.join().unwrap();
         for (n, out) in runs.iter().enumerate() {
             let text = sysbench_report(&format!("[{io}] run {n}"), out);
