@@ -98,7 +98,9 @@ fn each_kind_of_statement_goes_where_it_must() {
     drop(p);
     pair.sync();
     for io in DRIVERS {
-        let (proxy, port) = split_proxy(&pair, io, "gtid", "");
+        // A timeout long enough that a lag read as a whole second under load (the checks
+        // run every 200 ms) makes a read wait rather than go to the writer at once.
+        let (proxy, port) = split_proxy(&pair, io, "gtid", "causal_reads_timeout = \"5s\"");
         let mut c = connect(port, "app", APP_PASSWORD, "shop").unwrap();
         let writer = [
             "SELECT @@server_id FROM t WHERE id = 1 FOR UPDATE",
