@@ -257,12 +257,8 @@ impl<D: Driver> Conn<D> {
         let (Some(sp), Some(b)) = (self.split.as_deref(), self.backend.as_ref()) else {
             return false;
         };
-        let known = sp.reached == Some((b.target, b.epoch))
-            && sp.position.gtids().iter().all(|g| {
-                sp.reached_gtids
-                    .iter()
-                    .any(|r| r.domain == g.domain && r.seq >= g.seq)
-            });
+        let known =
+            sp.reached == Some((b.target, b.epoch)) && sp.position.covered_by(&sp.reached_gtids);
         if known {
             self.writer_pool()
                 .shared

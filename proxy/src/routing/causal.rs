@@ -68,6 +68,16 @@ impl Position {
         &self.gtids
     }
 
+    /// Whether a server known to have applied `applied` has every GTID of this position
+    /// (the same or a newer sequence number in each of its domains).
+    pub fn covered_by(&self, applied: &[Gtid]) -> bool {
+        self.gtids.iter().all(|g| {
+            applied
+                .iter()
+                .any(|a| a.domain == g.domain && a.seq >= g.seq)
+        })
+    }
+
     /// When the newest write whose GTID is not known happened (ms since the epoch).
     pub fn unconfirmed_at_ms(&self) -> Option<u64> {
         self.unconfirmed_at_ms
@@ -264,6 +274,16 @@ mod tests {
             Position::parse(many.join(",").as_bytes()),
             Err(PositionError::TooManyDomains)
         );
+    }
+
+    #[test]
+    fn a_position_is_covered_by_what_a_server_applied_in_each_of_its_domains() {
+        let p = Position::parse(b"0-1-5,2-1-9").unwrap();
+        let g = |s: &[u8]| Gtid::parse(s).unwrap();
+        assert!(p.covered_by(&[g(b"0-1-5"), g(b"2-3-10")]));
+        assert!(!p.covered_by(&[g(b"0-1-5"), g(b"2-1-8")]));
+        assert!(!p.covered_by(&[g(b"0-1-7")]), "domain 2 not applied");
+        assert!(Position::default().covered_by(&[]));
     }
 
     #[test]
